@@ -1,0 +1,16 @@
+//! Common types of rollguard: the bundle manifest and its scopes, target
+//! matching, the bundle file format, signatures and trust, and (later) the
+//! controller/agent wire protocol.
+//!
+//! Everything here parses untrusted input into typed values; code that runs
+//! bundles only ever sees the typed values.
+#![forbid(unsafe_code)]
+
+pub mod manifest;
+pub mod path;
+pub mod targets;
+pub mod version;
+
+pub use manifest::{Manifest, SourceManifest};
+pub use path::ScopePath;
+pub use targets::{HostIdentity, Targets};
