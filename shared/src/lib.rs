@@ -8,6 +8,7 @@
 
 pub mod manifest;
 pub mod path;
+pub mod report;
 pub mod targets;
 pub mod version;
 

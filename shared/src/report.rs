@@ -1,0 +1,171 @@
+//! The run report: what an agent says about one attempt to run a bundle.
+//!
+//! The same JSON object is printed by `rollguard-agent run --json` and sent
+//! to the controller by the daemon, which halts rollouts on refusals and
+//! denials. Field names are part of the interface; add, never rename.
+
+use serde::{Deserialize, Serialize};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Ran and exited 0 (denials may still be present: see [`RunReport::is_alert`]).
+    Succeeded,
+    /// Ran and exited non-zero or died of a signal.
+    Failed,
+    /// Not run at all: verification or policy said no. Nothing executed.
+    Refused,
+    /// Killed by the agent when the bundle's timeout passed.
+    TimedOut,
+    /// Killed by a kill-switch order.
+    Killed,
+    /// The agent restarted while the run was in progress; it is not re-run.
+    Interrupted,
+}
+
+/// Why a bundle was refused, for machines; `reason` carries the sentence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    /// The file is not a well-formed bundle (tar, manifest, payload digests).
+    BadBundle,
+    /// Fewer valid distinct signers than the host's threshold.
+    Signatures,
+    Expired,
+    /// Version not newer than one already run (rollback protection).
+    Rollback,
+    /// This host is not in the bundle's `[targets]`.
+    NotTarget,
+    /// A scope path overlaps a protected path of the host.
+    ProtectedPath,
+    /// A scope path lies outside the host's `allow_scopes` ceiling.
+    ScopeCeiling,
+    /// The kernel lacks a mechanism needed to confine the bundle.
+    KernelUnsupported,
+    /// A kill-switch order is in force on this host.
+    KillSwitch,
+    /// The host's own state or configuration prevented the run.
+    HostError,
+}
+
+/// One access the kernel refused while the bundle ran.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Denial {
+    /// What was refused, e.g. `fs.remove_file`, `fs.write_file`,
+    /// `net.connect_tcp`, `scope.signal`, `syscall.mount`.
+    pub access: String,
+    /// The object, when the kernel names one (a path, a port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The program that attempted it, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRef {
+    pub name: String,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunReport {
+    pub status: RunStatus,
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<RefusalKind>,
+    /// `None` means the agent could not observe denials on this host (audit
+    /// unavailable): unknown, never "zero".
+    pub denials: Option<Vec<Denial>>,
+    /// Total denials the kernel counted for the run's Landlock domain; may
+    /// exceed `denials.len()` when records were rate-limited or deduplicated.
+    #[serde(default)]
+    pub denial_count: Option<u64>,
+    pub bundle: Option<BundleRef>,
+    pub host: String,
+    pub duration_ms: u64,
+    /// Principals whose signatures met the host's threshold.
+    #[serde(default)]
+    pub signers: Vec<String>,
+    /// Processes still alive in the run's cgroup after the main process
+    /// exited (they were killed).
+    #[serde(default)]
+    pub leftover_processes: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stdout_tail: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr_tail: String,
+}
+
+impl RunReport {
+    /// True when the controller must halt a rollout on this report: the
+    /// bundle was refused, or it attempted something the kernel denied (or
+    /// we cannot tell whether it did).
+    pub fn is_alert(&self) -> bool {
+        match self.status {
+            RunStatus::Refused => true,
+            _ => match &self.denials {
+                None => self.status != RunStatus::Killed,
+                Some(d) => !d.is_empty() || self.denial_count.unwrap_or(0) > 0,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RunReport {
+        RunReport {
+            status: RunStatus::Succeeded,
+            exit_code: Some(0),
+            reason: None,
+            refusal: None,
+            denials: Some(vec![]),
+            denial_count: Some(0),
+            bundle: Some(BundleRef { name: "x".into(), version: 1 }),
+            host: "h".into(),
+            duration_ms: 3,
+            signers: vec!["alice".into()],
+            leftover_processes: 0,
+            run_id: None,
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+        }
+    }
+
+    #[test]
+    fn json_shape_is_stable() {
+        let mut r = base();
+        r.denials = Some(vec![Denial { access: "fs.remove_file".into(), path: Some("/backup/a".into()), exe: None }]);
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["status"], "succeeded");
+        assert_eq!(v["denials"][0]["access"], "fs.remove_file");
+        assert_eq!(v["denials"][0]["path"], "/backup/a");
+        assert_eq!(v["bundle"]["version"], 1);
+        let back: RunReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn alerts() {
+        assert!(!base().is_alert());
+        let mut denied = base();
+        denied.denial_count = Some(2);
+        assert!(denied.is_alert(), "a denial is an alert even when the script exited 0");
+        let mut unknown = base();
+        unknown.denials = None;
+        unknown.denial_count = None;
+        assert!(unknown.is_alert(), "unknown denials are not 'zero'");
+        let mut refused = base();
+        refused.status = RunStatus::Refused;
+        assert!(refused.is_alert());
+        assert_eq!(serde_json::to_value(&unknown).unwrap()["denials"], serde_json::Value::Null);
+    }
+}
