@@ -546,3 +546,6 @@ fn parse_payload(raw: RawPayload) -> Result<Vec<PayloadFile>, ManifestError> {
 
 #[cfg(test)]
 mod tests;
+
+/// The commented manifest `rollguard bundle init` writes.
+pub const SKELETON: &str = include_str!("manifest/skeleton.toml");

@@ -201,3 +201,10 @@ proptest! {
         prop_assert_eq!(m.payload, files);
     }
 }
+
+#[test]
+fn skeleton_parses_and_builds() {
+    let m = SourceManifest::parse(SKELETON).unwrap();
+    assert_eq!(m.run.payload_program(), Some("apply.sh"));
+    assert!(Manifest::parse(built(SKELETON, &[apply_sh()]).as_bytes()).is_ok());
+}
