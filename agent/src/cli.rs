@@ -1,0 +1,100 @@
+//! Command-line interface of `rollguard-agent` (clap definitions only; the
+//! binary in `main.rs` dispatches). Kept in the library so packaging can
+//! generate man pages and shell completions from the same definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+/// The rollguard host agent: verifies signed bundles against this host's
+/// policy and runs them confined by Landlock, seccomp, namespaces and cgroups.
+#[derive(Debug, Parser)]
+#[command(name = "rollguard-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Verify a bundle against the host policy and run it once, confined.
+    ///
+    /// Exit status 0 only when the bundle ran and succeeded without any
+    /// denial; 1 when it failed, timed out, was killed or attempted a denied
+    /// access; 2 when it was refused (nothing ran).
+    Run(RunArgs),
+    /// Validate a host policy and report what the kernel supports.
+    Check(CheckArgs),
+    /// The hash-chained audit log of runs on this host.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Stage 2 of a confined run (internal: started by the agent itself).
+    #[command(name = "__sandbox-exec", hide = true)]
+    SandboxExec {
+        /// The sandbox specification written by the agent.
+        spec: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArg {
+    /// The host policy (TOML).
+    #[arg(long, short = 'p', env = "ROLLGUARD_POLICY", default_value = "/etc/rollguard/agent.toml")]
+    pub policy: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub policy: PolicyArg,
+    /// The bundle file.
+    pub bundle: PathBuf,
+    /// Print the run report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub policy: PolicyArg,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check every entry's hash chain; report the first edited, removed or
+    /// reordered line.
+    Verify {
+        #[command(flatten)]
+        policy: PolicyArg,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The clap command, for man pages and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::command().debug_assert();
+    }
+}
