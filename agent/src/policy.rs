@@ -1,0 +1,621 @@
+//! The host policy (`/etc/rollguard/policy.toml`): who this host is, whose
+//! signatures it trusts, what no bundle may ever touch, and the ceiling on
+//! what any bundle may change.
+//!
+//! The policy is the host's own word and outranks every bundle: a bundle
+//! that names a protected path, or a write/delete path outside the
+//! ceiling, is refused before anything runs (see [`HostPolicy::check_scope`]).
+//!
+//! Parsing is strict (`deny_unknown_fields` on every table, so a typo such as
+//! `[protected]` is an error rather than a silently missing protection) and
+//! produces typed values; nothing downstream handles raw strings.
+//!
+//! ```toml
+//! [host]
+//! name = "mail-03.tokyo"
+//! labels = { role = "mail", site = "tokyo" }
+//! [trust]
+//! allowed_signers = "/etc/rollguard/allowed_signers"
+//! threshold = 1
+//! delete_threshold = 2
+//! [protect]
+//! paths = ["/backup", "/srv/backup"]
+//! [limits]
+//! allow_scopes = ["/etc", "/var", "/srv", "/opt", "/usr/local"]
+//! [state]
+//! dir = "/var/lib/rollguard"
+//! ```
+//!
+//! Extending: a new table (the coming `[controller]`) is one more `Option`
+//! field on [`RawPolicy`] and one more typed field on [`HostPolicy`]; until
+//! then an unknown table is an error, as it must be.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rollguard_shared::manifest::Scope;
+use rollguard_shared::path::{PathError, ScopePath};
+use rollguard_shared::report::RefusalKind;
+use rollguard_shared::targets::{validate_label, HostIdentity, TargetError};
+use serde::Deserialize;
+
+/// Largest policy file we read.
+pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
+/// Where the agent keeps its state when `[state]` is absent.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/rollguard";
+const MAX_LABELS: usize = 64;
+const MAX_PATHS: usize = 1024;
+/// Symlink hops we follow by hand when resolving a path prefix.
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// Everything that can be wrong with a host policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read host policy {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("host policy {0} is larger than {MAX_POLICY_BYTES} bytes")]
+    TooLarge(PathBuf),
+    #[error("host policy is not valid: {0}")]
+    Toml(String),
+    #[error("host.name is empty: the host's name is what bundles target")]
+    EmptyHostName,
+    #[error(
+        "host.name {0:?} is invalid: use 1-253 characters of letters, digits, '-', '.' and '_'"
+    )]
+    BadHostName(String),
+    #[error("host.labels: {0}")]
+    BadLabel(#[from] TargetError),
+    #[error("host.labels has more than {MAX_LABELS} entries")]
+    TooManyLabels,
+    #[error("{key}: {source}")]
+    Path {
+        key: &'static str,
+        source: PathError,
+    },
+    #[error("{0} has more than {MAX_PATHS} entries")]
+    TooManyPaths(&'static str),
+    #[error("trust.threshold must be at least 1 (0 would run unsigned bundles)")]
+    ZeroThreshold,
+    #[error("trust.delete_threshold ({delete}) must be at least trust.threshold ({threshold}): deleting needs more approval, not less")]
+    DeleteThresholdTooLow { threshold: usize, delete: usize },
+    #[error("trust.allowed_signers {path}: {why}")]
+    AllowedSigners { path: PathBuf, why: String },
+}
+
+/// Why a bundle's scope is not acceptable on this host. Each maps to a
+/// [`RefusalKind`] via [`ScopeViolation::refusal_kind`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeViolation {
+    #[error("scope.{key} path {path} overlaps protected path {protected} ({reason}){}", via_note(.via))]
+    ProtectedPath {
+        key: &'static str,
+        path: ScopePath,
+        protected: ScopePath,
+        reason: ProtectionReason,
+        /// The resolved (symlink-free) spelling through which the overlap
+        /// was found, when it differs from what the bundle wrote.
+        via: Option<String>,
+    },
+    #[error("scope.{key} path {path} is outside this host's allow_scopes ceiling {ceiling:?}{}", via_note(.via))]
+    ScopeCeiling {
+        key: &'static str,
+        path: ScopePath,
+        ceiling: Vec<String>,
+        via: Option<String>,
+    },
+}
+
+fn via_note(via: &Option<String>) -> String {
+    match via {
+        Some(v) => format!(" (it resolves to {v})"),
+        None => String::new(),
+    }
+}
+
+impl ScopeViolation {
+    pub fn refusal_kind(&self) -> RefusalKind {
+        match self {
+            ScopeViolation::ProtectedPath { .. } => RefusalKind::ProtectedPath,
+            ScopeViolation::ScopeCeiling { .. } => RefusalKind::ScopeCeiling,
+        }
+    }
+}
+
+/// Why a path is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProtectionReason {
+    /// Listed in `[protect] paths`.
+    Configured,
+    /// The agent's own state directory (rollback versions, audit log, kill
+    /// switch): a bundle that could write there could undo rollback
+    /// protection or rewrite the audit trail.
+    StateDir,
+    /// The allowed-signers file: a bundle that could write it could make
+    /// itself trusted.
+    TrustFile,
+    /// The policy file itself.
+    PolicyFile,
+    /// The running agent executable.
+    AgentExecutable,
+}
+
+impl fmt::Display for ProtectionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProtectionReason::Configured => "listed in [protect]",
+            ProtectionReason::StateDir => "the agent's state directory",
+            ProtectionReason::TrustFile => "the allowed-signers file",
+            ProtectionReason::PolicyFile => "the host policy file",
+            ProtectionReason::AgentExecutable => "the agent executable",
+        })
+    }
+}
+
+/// One protected path: as written, plus every spelling it resolved to when
+/// the policy was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectedPath {
+    pub path: ScopePath,
+    /// Resolved forms (`canonicalize`, or the longest existing prefix
+    /// resolved when the path does not exist yet). Empty when resolution
+    /// yields the path itself.
+    pub resolved: Vec<ScopePath>,
+    pub reason: ProtectionReason,
+}
+
+/// `[trust]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustPolicy {
+    pub allowed_signers: PathBuf,
+    /// Distinct principals required for any bundle (>= 1).
+    pub threshold: usize,
+    /// Required instead when the bundle's `scope.delete` is non-empty
+    /// (>= `threshold`).
+    pub delete_threshold: usize,
+}
+
+/// The parsed host policy.
+#[derive(Debug, Clone)]
+pub struct HostPolicy {
+    host: HostIdentity,
+    trust: TrustPolicy,
+    protect: Vec<ProtectedPath>,
+    allow_scopes: Vec<ScopePath>,
+    state_dir: PathBuf,
+}
+
+// ---- raw serde layer ------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    host: RawHost,
+    trust: RawTrust,
+    protect: RawProtect,
+    limits: RawLimits,
+    state: Option<RawState>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrust {
+    allowed_signers: String,
+    threshold: u32,
+    delete_threshold: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProtect {
+    paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    allow_scopes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: String,
+}
+
+impl HostPolicy {
+    /// Read and parse the policy file. Besides what [`HostPolicy::parse`]
+    /// protects, the policy file itself and the running agent executable are
+    /// protected too.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let read_err = |source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        if meta.len() > MAX_POLICY_BYTES {
+            return Err(PolicyError::TooLarge(path.to_path_buf()));
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let mut policy = Self::parse(&text)?;
+        let absolute = std::path::absolute(path).map_err(read_err)?;
+        if let Some(p) = absolute.to_str().and_then(|s| ScopePath::parse(s).ok()) {
+            policy.add_protected(p, ProtectionReason::PolicyFile);
+        }
+        if let Some(p) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.to_str().and_then(|s| ScopePath::parse(s).ok()))
+        {
+            policy.add_protected(p, ProtectionReason::AgentExecutable);
+        }
+        Ok(policy)
+    }
+
+    /// Parse policy text. Touches the filesystem to resolve protected paths
+    /// and to check that the allowed-signers file exists: a host that cannot
+    /// verify signatures must not start believing it can.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        if text.len() as u64 > MAX_POLICY_BYTES {
+            return Err(PolicyError::TooLarge(PathBuf::from("<text>")));
+        }
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| PolicyError::Toml(e.to_string()))?;
+
+        let host = parse_host(raw.host)?;
+
+        let trust = parse_trust(raw.trust)?;
+
+        let configured = parse_paths("protect.paths", &raw.protect.paths)?;
+        let allow_scopes = parse_paths("limits.allow_scopes", &raw.limits.allow_scopes)?;
+        let state_dir = match raw.state {
+            Some(s) => ScopePath::parse(&s.dir).map_err(|source| PolicyError::Path {
+                key: "state.dir",
+                source,
+            })?,
+            None => ScopePath::parse(DEFAULT_STATE_DIR).map_err(|source| PolicyError::Path {
+                key: "state.dir",
+                source,
+            })?,
+        };
+
+        let mut policy = HostPolicy {
+            host,
+            trust,
+            protect: Vec::new(),
+            allow_scopes,
+            state_dir: state_dir.as_path().to_path_buf(),
+        };
+        for p in configured {
+            policy.add_protected(p, ProtectionReason::Configured);
+        }
+        policy.add_protected(state_dir, ProtectionReason::StateDir);
+        let signers = ScopePath::parse(&policy.trust.allowed_signers.to_string_lossy()).map_err(
+            |source| PolicyError::Path {
+                key: "trust.allowed_signers",
+                source,
+            },
+        )?;
+        policy.add_protected(signers, ProtectionReason::TrustFile);
+        Ok(policy)
+    }
+
+    fn add_protected(&mut self, path: ScopePath, reason: ProtectionReason) {
+        if self.protect.iter().any(|p| p.path == path) {
+            return;
+        }
+        let resolved = resolved_forms(&path);
+        self.protect.push(ProtectedPath {
+            path,
+            resolved,
+            reason,
+        });
+    }
+
+    pub fn identity(&self) -> HostIdentity {
+        self.host.clone()
+    }
+
+    pub fn trust(&self) -> &TrustPolicy {
+        &self.trust
+    }
+
+    /// Every protected path with its resolved forms, including the implicit
+    /// ones (state dir, allowed-signers file, policy file, agent executable).
+    pub fn protected(&self) -> &[ProtectedPath] {
+        &self.protect
+    }
+
+    /// Every spelling of every protected path — as written and resolved —
+    /// deduplicated. The sandbox must keep all of these out of the bundle's
+    /// reach, reads included.
+    pub fn protected_canonical(&self) -> Vec<ScopePath> {
+        let mut out: Vec<ScopePath> = self
+            .protect
+            .iter()
+            .flat_map(|p| std::iter::once(p.path.clone()).chain(p.resolved.iter().cloned()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    pub fn allow_scopes(&self) -> &[ScopePath] {
+        &self.allow_scopes
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Signatures required for a bundle with this scope.
+    pub fn required_threshold(&self, scope: &Scope) -> usize {
+        if scope.delete.is_empty() {
+            self.trust.threshold
+        } else {
+            self.trust.delete_threshold
+        }
+    }
+
+    /// Check a bundle's scope against this host's policy.
+    ///
+    /// - Every scope path (write, delete and read) must not overlap any
+    ///   protected path in either direction — neither inside it nor an
+    ///   ancestor of it, since a Landlock rule on a directory covers its
+    ///   whole subtree. Both sides are compared as written and resolved
+    ///   (resolved again now, so a symlink created since the policy was
+    ///   loaded still counts), so `/srv/data -> /backup` is caught.
+    /// - Write and delete paths must lie within `allow_scopes`, both as
+    ///   written and resolved (a Landlock rule follows the symlink, so the
+    ///   resolved path is what would actually be granted).
+    /// - Read paths are *not* subject to the ceiling: reading changes
+    ///   nothing, and bundles legitimately read configuration outside the
+    ///   directories they change. The protected check still applies to
+    ///   them, so backups cannot be read (or exfiltrated) either.
+    pub fn check_scope(&self, scope: &Scope) -> Result<(), ScopeViolation> {
+        // Protected forms: as written, as resolved at load, as resolved now.
+        let mut protected: Vec<(&ProtectedPath, ScopePath)> = Vec::new();
+        for p in &self.protect {
+            protected.push((p, p.path.clone()));
+            for r in p.resolved.iter().cloned().chain(resolved_forms(&p.path)) {
+                protected.push((p, r));
+            }
+        }
+        for (key, path) in scope.all_paths() {
+            let violation =
+                |p: &ProtectedPath, via: Option<String>| ScopeViolation::ProtectedPath {
+                    key,
+                    path: path.clone(),
+                    protected: p.path.clone(),
+                    reason: p.reason,
+                    via,
+                };
+            if let Some((p, _)) = protected.iter().find(|(_, pf)| path.overlaps(pf)) {
+                return Err(violation(p, None));
+            }
+            match resolve_symlinks(path) {
+                Resolved::Path(r) => {
+                    if let Some((p, _)) = protected.iter().find(|(_, pf)| r.overlaps(pf)) {
+                        return Err(violation(p, Some(r.to_string())));
+                    }
+                }
+                // `/` contains every protected path; an unresolvable path
+                // might be anything. There is always at least one protected
+                // path (the state directory).
+                Resolved::Root => {
+                    if let Some(p) = self.protect.first() {
+                        return Err(violation(p, Some("/".into())));
+                    }
+                }
+                Resolved::Unresolvable => {
+                    if let Some(p) = self.protect.first() {
+                        return Err(violation(p, Some("an unresolvable symlink chain".into())));
+                    }
+                }
+            }
+        }
+        let ceiling_resolved: Vec<ScopePath> = self
+            .allow_scopes
+            .iter()
+            .flat_map(|c| std::iter::once(c.clone()).chain(resolved_forms(c)))
+            .collect();
+        let changing = scope
+            .write
+            .iter()
+            .map(|p| ("write", p))
+            .chain(scope.delete.iter().map(|p| ("delete", p)));
+        for (key, path) in changing {
+            let violation = |via: Option<String>| ScopeViolation::ScopeCeiling {
+                key,
+                path: path.clone(),
+                ceiling: self.allow_scopes.iter().map(|c| c.to_string()).collect(),
+                via,
+            };
+            if !self.allow_scopes.iter().any(|c| path.is_within(c)) {
+                return Err(violation(None));
+            }
+            match resolve_symlinks(path) {
+                Resolved::Path(r) => {
+                    if !ceiling_resolved.iter().any(|c| r.is_within(c)) {
+                        return Err(violation(Some(r.to_string())));
+                    }
+                }
+                Resolved::Root => return Err(violation(Some("/".into()))),
+                Resolved::Unresolvable => {
+                    return Err(violation(Some("an unresolvable symlink chain".into())))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_host(raw: RawHost) -> Result<HostIdentity, PolicyError> {
+    if raw.name.is_empty() {
+        return Err(PolicyError::EmptyHostName);
+    }
+    let name_ok = raw.name.len() <= 253
+        && raw
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        && !raw.name.starts_with(['-', '.']);
+    if !name_ok {
+        return Err(PolicyError::BadHostName(raw.name));
+    }
+    if raw.labels.len() > MAX_LABELS {
+        return Err(PolicyError::TooManyLabels);
+    }
+    for (k, v) in &raw.labels {
+        validate_label(k, v)?;
+    }
+    Ok(HostIdentity {
+        name: raw.name,
+        labels: raw.labels,
+    })
+}
+
+fn parse_trust(raw: RawTrust) -> Result<TrustPolicy, PolicyError> {
+    let path = ScopePath::parse(&raw.allowed_signers).map_err(|source| PolicyError::Path {
+        key: "trust.allowed_signers",
+        source,
+    })?;
+    let signers_err = |why: String| PolicyError::AllowedSigners {
+        path: path.as_path().to_path_buf(),
+        why,
+    };
+    match std::fs::metadata(path.as_path()) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(signers_err("is not a regular file".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(signers_err(
+                "does not exist: without it no signature can be verified, so the agent would refuse every bundle"
+                    .into(),
+            ))
+        }
+        Err(e) => return Err(signers_err(e.to_string())),
+    }
+    let threshold = raw.threshold as usize;
+    let delete = raw.delete_threshold as usize;
+    if threshold == 0 {
+        return Err(PolicyError::ZeroThreshold);
+    }
+    if delete < threshold {
+        return Err(PolicyError::DeleteThresholdTooLow { threshold, delete });
+    }
+    Ok(TrustPolicy {
+        allowed_signers: path.as_path().to_path_buf(),
+        threshold,
+        delete_threshold: delete,
+    })
+}
+
+fn parse_paths(key: &'static str, raw: &[String]) -> Result<Vec<ScopePath>, PolicyError> {
+    if raw.len() > MAX_PATHS {
+        return Err(PolicyError::TooManyPaths(key));
+    }
+    let mut out: Vec<ScopePath> = raw
+        .iter()
+        .map(|p| ScopePath::parse(p).map_err(|source| PolicyError::Path { key, source }))
+        .collect::<Result<_, _>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The resolved forms of a path that differ from it (at most one; a `Vec`
+/// so callers can chain). A path that resolves to `/` or cannot be resolved
+/// is represented by the special forms in [`Resolved`] only at check time.
+fn resolved_forms(path: &ScopePath) -> Vec<ScopePath> {
+    match resolve_symlinks(path) {
+        Resolved::Path(r) if &r != path => vec![r],
+        _ => Vec::new(),
+    }
+}
+
+/// What a path means once every symlink along it is followed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    Path(ScopePath),
+    /// It resolves to the filesystem root, which contains everything.
+    Root,
+    /// Too many symlinks, or a target that is not valid UTF-8: we cannot
+    /// say what it means, so checks treat it as overlapping everything.
+    Unresolvable,
+}
+
+/// Follow every symlink along `path`, component by component, like the
+/// kernel does at lookup time; components that do not exist (yet) are kept
+/// as written. The result is what a Landlock rule created now would cover.
+///
+/// Hand-written rather than `std::fs::canonicalize`, which fails on
+/// non-existent paths — and the interesting case is exactly a bundle scope
+/// that will be created beneath a symlinked directory, or a dangling
+/// symlink whose target the bundle could create.
+pub fn resolve_symlinks(path: &ScopePath) -> Resolved {
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    use std::path::Component;
+
+    fn push_components(front: &mut VecDeque<OsString>, p: &Path) {
+        let comps: Vec<OsString> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                Component::ParentDir => Some(OsString::from("..")),
+                _ => None,
+            })
+            .collect();
+        for c in comps.into_iter().rev() {
+            front.push_front(c);
+        }
+    }
+
+    let mut pending = VecDeque::new();
+    push_components(&mut pending, path.as_path());
+    let mut resolved = PathBuf::from("/");
+    let mut hops = 0;
+    while let Some(c) = pending.pop_front() {
+        if c == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&c);
+        match std::fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > MAX_SYMLINK_HOPS {
+                    return Resolved::Unresolvable;
+                }
+                let Ok(target) = std::fs::read_link(&candidate) else {
+                    return Resolved::Unresolvable;
+                };
+                if target.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                push_components(&mut pending, &target);
+            }
+            // Exists, does not exist yet, or cannot be inspected: as written.
+            _ => resolved = candidate,
+        }
+    }
+    if resolved == Path::new("/") {
+        return Resolved::Root;
+    }
+    match resolved.to_str().map(ScopePath::parse) {
+        Some(Ok(p)) => Resolved::Path(p),
+        _ => Resolved::Unresolvable,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,524 @@
+use super::*;
+use proptest::prelude::*;
+use rollguard_shared::manifest::NetworkEndpoint;
+
+/// A scratch filesystem with an allowed-signers file.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("allowed_signers"), "").unwrap();
+        Fixture { dir }
+    }
+    fn root(&self) -> String {
+        self.dir.path().to_str().unwrap().to_string()
+    }
+    fn p(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.root())
+    }
+    fn policy_text(&self, protect: &[&str], allow: &[&str]) -> String {
+        let list = |v: &[&str]| {
+            v.iter()
+                .map(|s| format!("{:?}", self.p(s)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            r#"
+[host]
+name = "mail-03.tokyo"
+labels = {{ role = "mail", site = "tokyo" }}
+[trust]
+allowed_signers = "{signers}"
+threshold = 1
+delete_threshold = 2
+[protect]
+paths = [{protect}]
+[limits]
+allow_scopes = [{allow}]
+[state]
+dir = "{state}"
+"#,
+            signers = self.p("allowed_signers"),
+            protect = list(protect),
+            allow = list(allow),
+            state = self.p("state"),
+        )
+    }
+    fn policy(&self, protect: &[&str], allow: &[&str]) -> HostPolicy {
+        HostPolicy::parse(&self.policy_text(protect, allow)).unwrap()
+    }
+    fn mkdir(&self, rel: &str) {
+        std::fs::create_dir_all(self.p(rel)).unwrap();
+    }
+    fn symlink(&self, target: &str, link: &str) {
+        std::os::unix::fs::symlink(target, self.p(link)).unwrap();
+    }
+    fn sp(&self, rel: &str) -> ScopePath {
+        ScopePath::parse(&self.p(rel)).unwrap()
+    }
+    fn scope(&self, write: &[&str], delete: &[&str], read: &[&str]) -> Scope {
+        let v = |l: &[&str]| l.iter().map(|r| self.sp(r)).collect();
+        Scope {
+            write: v(write),
+            delete: v(delete),
+            read: v(read),
+            network: Vec::<NetworkEndpoint>::new(),
+        }
+    }
+}
+
+fn err(text: &str) -> String {
+    HostPolicy::parse(text).unwrap_err().to_string()
+}
+
+#[test]
+fn parses_the_documented_example() {
+    let f = Fixture::new();
+    let policy = f.policy(&["backup", "srv/backup"], &["etc", "srv"]);
+    let id = policy.identity();
+    assert_eq!(id.name, "mail-03.tokyo");
+    assert_eq!(id.labels.get("role").map(String::as_str), Some("mail"));
+    assert_eq!(policy.trust().threshold, 1);
+    assert_eq!(policy.trust().delete_threshold, 2);
+    assert_eq!(
+        policy.trust().allowed_signers,
+        PathBuf::from(f.p("allowed_signers"))
+    );
+    assert_eq!(policy.allow_scopes(), &[f.sp("etc"), f.sp("srv")]);
+    assert_eq!(policy.state_dir(), Path::new(&f.p("state")));
+    let reasons: Vec<_> = policy
+        .protected()
+        .iter()
+        .map(|p| (p.path.clone(), p.reason))
+        .collect();
+    assert!(reasons.contains(&(f.sp("backup"), ProtectionReason::Configured)));
+    assert!(reasons.contains(&(f.sp("srv/backup"), ProtectionReason::Configured)));
+    assert!(reasons.contains(&(f.sp("state"), ProtectionReason::StateDir)));
+    assert!(reasons.contains(&(f.sp("allowed_signers"), ProtectionReason::TrustFile)));
+}
+
+#[test]
+fn state_section_is_optional() {
+    let f = Fixture::new();
+    let text = f.policy_text(&[], &["etc"]);
+    let text = text.split("[state]").next().unwrap();
+    let policy = HostPolicy::parse(text).unwrap();
+    assert_eq!(policy.state_dir(), Path::new(DEFAULT_STATE_DIR));
+}
+
+#[test]
+fn unknown_tables_and_keys_are_errors() {
+    let f = Fixture::new();
+    let base = f.policy_text(&["backup"], &["etc"]);
+    // A future table that does not exist yet.
+    let e = err(&format!("{base}\n[controller]\nurl = \"https://c\"\n"));
+    assert!(e.contains("controller"), "{e}");
+    // A typo in a table name must not silently drop protection.
+    let e = err(&base.replace("[protect]", "[protected]"));
+    assert!(e.contains("protected"), "{e}");
+    let e = err(&base.replace("threshold = 1", "threshold = 1\nthreshhold = 3"));
+    assert!(e.contains("threshhold"), "{e}");
+    let e = err(&base.replace("[host]", "[host]\nrole = \"mail\""));
+    assert!(e.contains("role"), "{e}");
+}
+
+#[test]
+fn required_sections() {
+    let f = Fixture::new();
+    let base = f.policy_text(&["backup"], &["etc"]);
+    let without = |section: &str| {
+        let mut out = String::new();
+        let mut skip = false;
+        for line in base.lines() {
+            if line.starts_with('[') {
+                skip = line == section;
+            }
+            if !skip {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    };
+    for section in ["[host]", "[trust]", "[protect]", "[limits]"] {
+        let e = err(&without(section));
+        let name = section.trim_matches(['[', ']']);
+        assert!(e.contains(name), "missing {section}: {e}");
+    }
+    let e = err(&base.replace("delete_threshold = 2\n", ""));
+    assert!(e.contains("delete_threshold"), "{e}");
+    let e = err(&base.replace(
+        &format!("allowed_signers = \"{}\"\n", f.p("allowed_signers")),
+        "",
+    ));
+    assert!(e.contains("allowed_signers"), "{e}");
+}
+
+#[test]
+fn bad_values() {
+    let f = Fixture::new();
+    let base = f.policy_text(&["backup"], &["etc"]);
+    let e = err(&base.replace("name = \"mail-03.tokyo\"", "name = \"\""));
+    assert!(e.contains("host.name is empty"), "{e}");
+    let e = err(&base.replace("name = \"mail-03.tokyo\"", "name = \"mail 03\""));
+    assert!(e.contains("host.name"), "{e}");
+    let e = err(&base.replace("role = \"mail\"", "role = \"ma il\""));
+    assert!(e.contains("label"), "{e}");
+    let e = err(&base.replace("role = \"mail\"", "\"\" = \"mail\""));
+    assert!(e.contains("label"), "{e}");
+    let e = err(&base.replace("threshold = 1", "threshold = 0"));
+    assert!(e.contains("at least 1"), "{e}");
+    let e = err(&base.replace("threshold = 1", "threshold = 3"));
+    assert!(
+        e.contains("delete_threshold (2) must be at least trust.threshold (3)"),
+        "{e}"
+    );
+    let e = err(&base.replace("threshold = 1", "threshold = -1"));
+    assert!(e.contains("threshold"), "{e}");
+    let e = err(&base.replace(&format!("\"{}\"]", f.p("backup")), "\"backup\"]"));
+    assert!(
+        e.contains("protect.paths") && e.contains("not absolute"),
+        "{e}"
+    );
+    let e = err(&base.replace(
+        &format!("allow_scopes = [\"{}\"]", f.p("etc")),
+        "allow_scopes = [\"/\"]",
+    ));
+    assert!(
+        e.contains("limits.allow_scopes") && e.contains("root"),
+        "{e}"
+    );
+    let e = err(&base.replace(&format!("dir = \"{}\"", f.p("state")), "dir = \"var/lib\""));
+    assert!(e.contains("state.dir"), "{e}");
+    let e = err(&base.replace(&f.p("allowed_signers"), "etc/allowed_signers"));
+    assert!(e.contains("trust.allowed_signers"), "{e}");
+}
+
+#[test]
+fn allowed_signers_must_exist() {
+    let f = Fixture::new();
+    let base = f.policy_text(&["backup"], &["etc"]);
+    std::fs::remove_file(f.p("allowed_signers")).unwrap();
+    let e = err(&base);
+    assert!(e.contains("does not exist"), "{e}");
+    std::fs::create_dir(f.p("allowed_signers")).unwrap();
+    let e = err(&base);
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn load_protects_the_policy_file_itself() {
+    let f = Fixture::new();
+    f.mkdir("etc/rollguard");
+    let path = f.p("etc/rollguard/policy.toml");
+    std::fs::write(&path, f.policy_text(&["backup"], &["etc"])).unwrap();
+    let policy = HostPolicy::load(Path::new(&path)).unwrap();
+    let protected = policy.protected();
+    assert!(protected
+        .iter()
+        .any(|p| p.path == f.sp("etc/rollguard/policy.toml")
+            && p.reason == ProtectionReason::PolicyFile));
+    assert!(protected
+        .iter()
+        .any(|p| p.reason == ProtectionReason::AgentExecutable));
+    // So a bundle that wants to write the directory holding it is refused.
+    let e = policy
+        .check_scope(&f.scope(&["etc/rollguard"], &[], &[]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ScopeViolation::ProtectedPath {
+                reason: ProtectionReason::PolicyFile,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let missing = HostPolicy::load(Path::new(&f.p("nope.toml"))).unwrap_err();
+    assert!(missing.to_string().contains("nope.toml"), "{missing}");
+}
+
+#[test]
+fn thresholds() {
+    let f = Fixture::new();
+    let policy = f.policy(&[], &["etc"]);
+    assert_eq!(policy.required_threshold(&f.scope(&["etc/x"], &[], &[])), 1);
+    assert_eq!(
+        policy.required_threshold(&f.scope(&["etc/x"], &["etc/x/old"], &[])),
+        2
+    );
+}
+
+#[test]
+fn protected_overlap_in_both_directions() {
+    let f = Fixture::new();
+    let policy = f.policy(&["srv/backup"], &["srv", "etc"]);
+    // Beneath the protected path.
+    let e = policy
+        .check_scope(&f.scope(&["srv/backup/db"], &[], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    assert!(e.to_string().contains("scope.write"), "{e}");
+    // An ancestor of it: a rule on /srv covers /srv/backup.
+    let e = policy
+        .check_scope(&f.scope(&[], &["srv"], &[]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, ScopeViolation::ProtectedPath { key: "delete", .. }),
+        "{e}"
+    );
+    // Reads too.
+    let e = policy
+        .check_scope(&f.scope(&[], &[], &["srv/backup"]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, ScopeViolation::ProtectedPath { key: "read", .. }),
+        "{e}"
+    );
+    // A sibling with a common prefix is fine.
+    policy
+        .check_scope(&f.scope(&["srv/backup2", "srv/www"], &["srv/www/old"], &["etc"]))
+        .unwrap();
+}
+
+#[test]
+fn state_dir_and_trust_file_are_protected() {
+    let f = Fixture::new();
+    let policy = f.policy(&[], &[""]);
+    // allow_scopes is the whole fixture; still the agent's own files are out of reach.
+    let e = policy
+        .check_scope(&f.scope(&["state"], &[], &[]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ScopeViolation::ProtectedPath {
+                reason: ProtectionReason::StateDir,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = policy
+        .check_scope(&f.scope(&[], &[], &["allowed_signers"]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ScopeViolation::ProtectedPath {
+                reason: ProtectionReason::TrustFile,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = policy.check_scope(&f.scope(&[""], &[], &[])).unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+}
+
+#[test]
+fn ceiling_applies_to_write_and_delete_not_read() {
+    let f = Fixture::new();
+    let policy = f.policy(&[], &["etc", "srv"]);
+    let e = policy
+        .check_scope(&f.scope(&["var/lib/x"], &[], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ScopeCeiling);
+    assert!(
+        e.to_string().contains("outside this host's allow_scopes"),
+        "{e}"
+    );
+    let e = policy
+        .check_scope(&f.scope(&[], &["home"], &[]))
+        .unwrap_err();
+    assert!(
+        matches!(e, ScopeViolation::ScopeCeiling { key: "delete", .. }),
+        "{e}"
+    );
+    // `/etc2` is not within `/etc`.
+    assert!(policy.check_scope(&f.scope(&["etc2"], &[], &[])).is_err());
+    // Reads outside the ceiling are allowed (reading changes nothing).
+    policy
+        .check_scope(&f.scope(&["etc/postfix"], &[], &["usr/share/zoneinfo"]))
+        .unwrap();
+}
+
+#[test]
+fn scope_through_a_symlink_to_a_protected_path_is_caught() {
+    let f = Fixture::new();
+    f.mkdir("backup");
+    f.mkdir("srv");
+    f.symlink(&f.p("backup"), "srv/data");
+    let policy = f.policy(&["backup"], &["srv"]);
+    // The scope as written is inside the ceiling and not protected, but
+    // resolves into /backup.
+    let e = policy
+        .check_scope(&f.scope(&["srv/data"], &[], &[]))
+        .unwrap_err();
+    match &e {
+        ScopeViolation::ProtectedPath {
+            via: Some(via),
+            protected,
+            ..
+        } => {
+            assert_eq!(protected, &f.sp("backup"));
+            assert_eq!(via, &f.p("backup"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Also when the scope names a not-yet-existing path beneath the link.
+    let e = policy
+        .check_scope(&f.scope(&["srv/data/new/dir"], &[], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    // And a relative symlink.
+    f.symlink("../backup", "srv/rel");
+    let e = policy
+        .check_scope(&f.scope(&[], &["srv/rel"], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+}
+
+#[test]
+fn dangling_symlink_into_protected_path_is_caught() {
+    let f = Fixture::new();
+    f.mkdir("srv");
+    // /backup/future does not exist yet; the bundle could create it through the link.
+    f.mkdir("backup");
+    f.symlink(&f.p("backup/future"), "srv/later");
+    let policy = f.policy(&["backup"], &["srv"]);
+    let e = policy
+        .check_scope(&f.scope(&["srv/later"], &[], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+}
+
+#[test]
+fn protected_symlink_protects_its_target_too() {
+    let f = Fixture::new();
+    f.mkdir("mnt/disk1/backup");
+    f.symlink(&f.p("mnt/disk1/backup"), "backup");
+    let policy = f.policy(&["backup"], &["mnt", "srv"]);
+    let canon = policy.protected_canonical();
+    assert!(canon.contains(&f.sp("backup")));
+    assert!(canon.contains(&f.sp("mnt/disk1/backup")));
+    let e = policy
+        .check_scope(&f.scope(&["mnt/disk1"], &[], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    let e = policy
+        .check_scope(&f.scope(&[], &["mnt/disk1/backup/old"], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    policy
+        .check_scope(&f.scope(&["mnt/disk2"], &[], &[]))
+        .unwrap();
+}
+
+#[test]
+fn protected_symlink_created_after_load_is_still_followed() {
+    let f = Fixture::new();
+    f.mkdir("mnt/new");
+    let policy = f.policy(&["backup"], &["mnt"]);
+    // At load time /backup did not exist.
+    assert!(!policy.protected_canonical().contains(&f.sp("mnt/new")));
+    f.symlink(&f.p("mnt/new"), "backup");
+    let e = policy
+        .check_scope(&f.scope(&["mnt/new/x"], &[], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+}
+
+#[test]
+fn ceiling_is_checked_on_the_resolved_path() {
+    let f = Fixture::new();
+    f.mkdir("etc");
+    f.mkdir("root/.ssh");
+    f.symlink(&f.p("root/.ssh"), "etc/keys");
+    let policy = f.policy(&[], &["etc"]);
+    let e = policy
+        .check_scope(&f.scope(&["etc/keys"], &[], &[]))
+        .unwrap_err();
+    match &e {
+        ScopeViolation::ScopeCeiling { via: Some(via), .. } => assert_eq!(via, &f.p("root/.ssh")),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A ceiling entry that is itself a symlink: its target is the ceiling too.
+    f.mkdir("data/var");
+    f.symlink(&f.p("data/var"), "var");
+    let policy = f.policy(&[], &["var"]);
+    policy
+        .check_scope(&f.scope(&["var/lib/app"], &[], &[]))
+        .unwrap();
+}
+
+#[test]
+fn symlink_to_root_and_loops_fail_closed() {
+    let f = Fixture::new();
+    f.mkdir("srv");
+    f.symlink("/", "srv/everything");
+    f.symlink(&f.p("srv/loop2"), "srv/loop1");
+    f.symlink(&f.p("srv/loop1"), "srv/loop2");
+    let policy = f.policy(&[], &["srv"]);
+    assert_eq!(resolve_symlinks(&f.sp("srv/everything")), Resolved::Root);
+    assert_eq!(
+        resolve_symlinks(&f.sp("srv/loop1/x")),
+        Resolved::Unresolvable
+    );
+    let e = policy
+        .check_scope(&f.scope(&[], &[], &["srv/everything"]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    let e = policy
+        .check_scope(&f.scope(&["srv/loop1"], &[], &[]))
+        .unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+}
+
+#[test]
+fn resolve_keeps_missing_components() {
+    let f = Fixture::new();
+    f.mkdir("a");
+    f.symlink(&f.p("a"), "b");
+    assert_eq!(
+        resolve_symlinks(&f.sp("b/c/d")),
+        Resolved::Path(f.sp("a/c/d"))
+    );
+    assert_eq!(resolve_symlinks(&f.sp("x/y")), Resolved::Path(f.sp("x/y")));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Arbitrary text never panics the parser.
+    #[test]
+    fn parse_never_panics_on_text(text in "\\PC{0,400}") {
+        let _ = HostPolicy::parse(&text);
+    }
+
+    /// Mutations of a valid policy never panic either, and a policy that
+    /// parses always has a usable threshold ordering.
+    #[test]
+    fn parse_never_panics_on_mutations(
+        cut in 0usize..2000,
+        insert in "[\\[\\]=\"/a-z0-9 ,{}\n.-]{0,20}",
+    ) {
+        let f = Fixture::new();
+        let mut text = f.policy_text(&["backup"], &["etc"]);
+        let mut at = cut.min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.insert_str(at, &insert);
+        if let Ok(p) = HostPolicy::parse(&text) {
+            prop_assert!(p.trust().threshold >= 1);
+            prop_assert!(p.trust().delete_threshold >= p.trust().threshold);
+            prop_assert!(!p.identity().name.is_empty());
+        }
+    }
+}

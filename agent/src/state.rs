@@ -1,0 +1,588 @@
+//! The agent's state directory (`/var/lib/rollguard` by default).
+//!
+//! Principle: *state changes are durable before they are acted on*. Every
+//! file here is replaced atomically and durably (write a temporary file,
+//! fsync it, rename it over the old one, fsync the directory), so after a
+//! crash or power loss each file holds either the old or the new content,
+//! never a mix, and a change that was reported done survives.
+//!
+//! Layout:
+//!
+//! ```text
+//! lock                   flock(2) target serializing every read-modify-write
+//! versions/<bundle>      last version started per bundle name (rollback protection)
+//! in-progress/<run>.json durable "run in progress" markers
+//! runs/<run>/            per-run scratch directories
+//! kill.json              kill-switch order, when one is in force
+//! audit.log              hash-chained audit log (see `audit_log`)
+//! ```
+//!
+//! The directory is created `0700` if missing, and refused if it is a
+//! symlink, not owned by us, or writable by group or others: whoever can
+//! write here can roll versions back, hide runs or rewrite the audit log.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::fcntl::{Flock, FlockArg};
+use rollguard_shared::manifest::BundleName;
+use rollguard_shared::report::{BundleRef, RefusalKind};
+use rollguard_shared::version::{check_newer, NotNewer};
+use serde::{Deserialize, Serialize};
+
+const LOCK_FILE: &str = "lock";
+const VERSIONS_DIR: &str = "versions";
+const IN_PROGRESS_DIR: &str = "in-progress";
+const RUNS_DIR: &str = "runs";
+const KILL_FILE: &str = "kill.json";
+/// Largest state file we read back (they are all tiny).
+const MAX_STATE_FILE: u64 = 64 * 1024;
+
+/// Problems with the state directory. Any of these makes the agent refuse
+/// to run bundles (`RefusalKind::HostError`): without trustworthy state it
+/// cannot enforce rollback protection.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {path} is unsafe: {why}")]
+    Unsafe { path: PathBuf, why: String },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("state file {path} is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error("cannot lock {path}: {errno}")]
+    Lock {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
+    #[error(
+        "run id {0:?} is invalid: use 1-64 characters of [A-Za-z0-9_-], not starting with '-'"
+    )]
+    BadRunId(String),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
+    let path = path.to_path_buf();
+    move |source| StateError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Why `record_started` did not record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordStartedError {
+    #[error(transparent)]
+    NotNewer(#[from] NotNewer),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl RecordStartedError {
+    pub fn refusal_kind(&self) -> RefusalKind {
+        match self {
+            RecordStartedError::NotNewer(_) => RefusalKind::Rollback,
+            RecordStartedError::State(_) => RefusalKind::HostError,
+        }
+    }
+}
+
+/// Identifies one run: `<UTC time>-<16 random hex digits>`, which sorts by
+/// start time and is safe as a file name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RunId(String);
+
+impl RunId {
+    pub fn parse(raw: &str) -> Result<Self, StateError> {
+        let ok = !raw.is_empty()
+            && raw.len() <= 64
+            && !raw.starts_with('-')
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(RunId(raw.to_string()))
+        } else {
+            Err(StateError::BadRunId(raw.to_string()))
+        }
+    }
+
+    /// A fresh id. Randomness comes from `/dev/urandom` (no extra crate
+    /// needed for 8 bytes).
+    pub fn generate() -> Result<Self, StateError> {
+        let mut bytes = [0u8; 8];
+        let path = Path::new("/dev/urandom");
+        File::open(path)
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .map_err(io_err("read", path))?;
+        let now = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
+        Ok(RunId(format!("{now}-{}", hex::encode(bytes))))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RunId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for RunId {
+    type Error = StateError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        RunId::parse(&s)
+    }
+}
+
+impl From<RunId> for String {
+    fn from(r: RunId) -> String {
+        r.0
+    }
+}
+
+/// The agent process that owns a run, so a restarted agent can tell an
+/// interrupted run from one another live agent is still running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentProcess {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22):
+    /// with `pid` and `boot_id` it names one process, even after pid reuse.
+    pub start_time: u64,
+    pub boot_id: String,
+}
+
+impl AgentProcess {
+    pub fn current() -> Result<Self, StateError> {
+        let pid = std::process::id();
+        let start_time = process_start_time(pid).ok_or_else(|| StateError::Corrupt {
+            path: PathBuf::from("/proc/self/stat"),
+            why: "cannot read this process's start time".into(),
+        })?;
+        Ok(AgentProcess {
+            pid,
+            start_time,
+            boot_id: boot_id()?,
+        })
+    }
+
+    /// True when this process is still alive (same boot, same pid, same
+    /// start time).
+    pub fn is_alive(&self) -> bool {
+        matches!(boot_id(), Ok(b) if b == self.boot_id)
+            && process_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+fn boot_id() -> Result<String, StateError> {
+    let path = Path::new("/proc/sys/kernel/random/boot_id");
+    let text = fs::read_to_string(path).map_err(io_err("read", path))?;
+    Ok(text.trim().to_string())
+}
+
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `comm` (field 2) may contain spaces and parentheses: the fields we
+    // want follow the *last* ')'. Field 3 is index 0 there, so 22 is 19.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A durable record that a run has started and not yet been reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunMarker {
+    pub run_id: RunId,
+    pub bundle: BundleRef,
+    /// Hex SHA-256 of the bundle's manifest bytes.
+    pub manifest_sha256: String,
+    pub started: jiff::Timestamp,
+    pub agent: AgentProcess,
+}
+
+impl RunMarker {
+    /// A marker for a run started now by this process.
+    pub fn new(
+        run_id: RunId,
+        bundle: BundleRef,
+        manifest_sha256: String,
+    ) -> Result<Self, StateError> {
+        Ok(RunMarker {
+            run_id,
+            bundle,
+            manifest_sha256,
+            started: jiff::Timestamp::now(),
+            agent: AgentProcess::current()?,
+        })
+    }
+}
+
+/// A kill-switch order in force on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillOrder {
+    pub reason: String,
+    /// When it was set; `None` when the order file could not be read (it is
+    /// then still in force: see [`StateDir::kill_in_force`]).
+    pub since: Option<jiff::Timestamp>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionFile {
+    version: u64,
+    time: jiff::Timestamp,
+}
+
+/// Held while a read-modify-write of the state directory is in progress.
+/// Dropping it releases the lock. Not re-entrant: flock(2) locks belong to
+/// an open file description, so taking a second one in the same process
+/// while holding the first deadlocks.
+#[derive(Debug)]
+pub struct StateLock {
+    _flock: Flock<File>,
+}
+
+/// The opened, checked state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Open the state directory, creating it `0700` if it does not exist.
+    pub fn open(root: &Path) -> Result<Self, StateError> {
+        if !root.is_absolute() {
+            return Err(StateError::Unsafe {
+                path: root.to_path_buf(),
+                why: "path is not absolute".into(),
+            });
+        }
+        match fs::symlink_metadata(root) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(root)
+                    .map_err(io_err("create", root))?;
+                fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+                    .map_err(io_err("chmod", root))?;
+                tracing::info!(path = %root.display(), "created state directory");
+            }
+            Err(e) => return Err(io_err("inspect", root)(e)),
+        }
+        check_private_dir(root)?;
+        let dir = StateDir {
+            root: root.to_path_buf(),
+        };
+        for sub in [VERSIONS_DIR, IN_PROGRESS_DIR, RUNS_DIR] {
+            let path = dir.root.join(sub);
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => fsync_dir(&dir.root)?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err("create", &path)(e)),
+            }
+            check_private_dir(&path)?;
+        }
+        Ok(dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Take the state lock, waiting for other agent processes to release it.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        let path = self.root.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(o_nofollow())
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        let flock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| StateError::Lock { path, errno })?;
+        Ok(StateLock { _flock: flock })
+    }
+
+    // ---- rollback protection -------------------------------------------
+
+    /// The last version of `name` started on this host.
+    pub fn last_version(&self, name: &BundleName) -> Result<Option<u64>, StateError> {
+        let path = self.root.join(VERSIONS_DIR).join(name.as_str());
+        Ok(read_json::<VersionFile>(&path)?.map(|v| v.version))
+    }
+
+    /// Record that `version` of `name` is about to start. Call this *before*
+    /// running the bundle: once it returns, this version (and every older
+    /// one) can never run again here, even if the agent crashes mid-run.
+    ///
+    /// The check against the last version and the update happen under the
+    /// state lock, so two concurrent agents cannot both pass.
+    pub fn record_started(
+        &self,
+        name: &BundleName,
+        version: u64,
+    ) -> Result<(), RecordStartedError> {
+        let _lock = self.lock()?;
+        let last = self.last_version(name)?;
+        check_newer(name.as_str(), last, version)?;
+        let body = serde_json::to_vec(&VersionFile {
+            version,
+            time: jiff::Timestamp::now(),
+        })
+        .map_err(|e| corrupt(&self.root, e))?;
+        write_durable(&self.root.join(VERSIONS_DIR), name.as_str(), &body)?;
+        Ok(())
+    }
+
+    // ---- per-run directories -------------------------------------------
+
+    pub fn run_dir(&self, id: &RunId) -> PathBuf {
+        self.root.join(RUNS_DIR).join(id.as_str())
+    }
+
+    /// Create `runs/<id>/` (mode 0700). Fails if it already exists.
+    pub fn create_run_dir(&self, id: &RunId) -> Result<PathBuf, StateError> {
+        let path = self.run_dir(id);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(io_err("create", &path))?;
+        fsync_dir(&self.root.join(RUNS_DIR))?;
+        Ok(path)
+    }
+
+    /// Remove `runs/<id>/` and everything in it (missing is fine).
+    pub fn remove_run_dir(&self, id: &RunId) -> Result<(), StateError> {
+        let path = self.run_dir(id);
+        match fs::remove_dir_all(&path) {
+            Ok(()) => fsync_dir(&self.root.join(RUNS_DIR)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
+    }
+
+    // ---- in-progress markers -------------------------------------------
+
+    /// Durably mark a run as in progress. Write it before the bundle is
+    /// executed; remove it with [`StateDir::clear_in_progress`] only after
+    /// the run's report has been recorded.
+    pub fn mark_in_progress(&self, marker: &RunMarker) -> Result<(), StateError> {
+        let body = serde_json::to_vec(marker).map_err(|e| corrupt(&self.root, e))?;
+        write_durable(
+            &self.root.join(IN_PROGRESS_DIR),
+            &marker_name(&marker.run_id),
+            &body,
+        )
+    }
+
+    pub fn clear_in_progress(&self, id: &RunId) -> Result<(), StateError> {
+        remove_durable(&self.root.join(IN_PROGRESS_DIR), &marker_name(id))
+    }
+
+    /// Runs that were started and never reported, whose agent process is
+    /// gone (a crash, a reboot, a kill). Runs owned by a live agent process
+    /// are not included. Sorted by run id (that is, by start time).
+    pub fn interrupted_runs(&self) -> Result<Vec<RunMarker>, StateError> {
+        let dir = self.root.join(IN_PROGRESS_DIR);
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+            let entry = entry.map_err(io_err("list", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            // Skip our own temporary files (a crash between write and rename).
+            let Some(stem) = name
+                .strip_suffix(".json")
+                .filter(|_| !name.starts_with('.'))
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let marker: RunMarker = read_json(&path)?.ok_or_else(|| StateError::Corrupt {
+                path: path.clone(),
+                why: "vanished while listing".into(),
+            })?;
+            if marker.run_id.as_str() != stem {
+                return Err(StateError::Corrupt {
+                    path,
+                    why: format!("names run {}", marker.run_id),
+                });
+            }
+            if !marker.agent.is_alive() {
+                out.push(marker);
+            }
+        }
+        out.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+        Ok(out)
+    }
+
+    // ---- kill switch ---------------------------------------------------
+
+    /// Durably put a kill-switch order in force.
+    pub fn set_kill(&self, reason: &str) -> Result<KillOrder, StateError> {
+        let order = KillOrder {
+            reason: reason.to_string(),
+            since: Some(jiff::Timestamp::now()),
+        };
+        let body = serde_json::to_vec(&order).map_err(|e| corrupt(&self.root, e))?;
+        let _lock = self.lock()?;
+        write_durable(&self.root, KILL_FILE, &body)?;
+        Ok(order)
+    }
+
+    /// Durably lift the kill-switch order (no-op when none is in force).
+    pub fn clear_kill(&self) -> Result<(), StateError> {
+        let _lock = self.lock()?;
+        remove_durable(&self.root, KILL_FILE)
+    }
+
+    /// The order in force, if any. Fails closed: an order file that exists
+    /// but cannot be parsed is still an order in force.
+    pub fn kill_in_force(&self) -> Result<Option<KillOrder>, StateError> {
+        let path = self.root.join(KILL_FILE);
+        match read_json::<KillOrder>(&path) {
+            Ok(order) => Ok(order),
+            Err(StateError::Corrupt { why, .. }) => Ok(Some(KillOrder {
+                reason: format!(
+                    "kill-switch file {} is unreadable ({why}); treated as in force",
+                    path.display()
+                ),
+                since: None,
+            })),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn marker_name(id: &RunId) -> String {
+    format!("{id}.json")
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> StateError {
+    StateError::Corrupt {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    }
+}
+
+/// `O_NOFOLLOW`, so a symlink planted where a state file should be is an
+/// error rather than followed.
+fn o_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
+/// A directory only we can change: a real directory (not a symlink), owned
+/// by our effective uid, not writable by group or others.
+fn check_private_dir(path: &Path) -> Result<(), StateError> {
+    let unsafe_dir = |why: String| StateError::Unsafe {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir("it is a symlink".into()));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not by the agent (uid {euid})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "mode {:04o} lets group or others write it (use chmod 0700)",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Read a small JSON state file; `None` when it does not exist.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(o_nofollow())
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("read", path))?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(corrupt(path, format!("larger than {MAX_STATE_FILE} bytes")));
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| corrupt(path, e))
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Replace `dir/name` with `bytes`, atomically and durably.
+pub(crate) fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    let target = dir.join(name);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(o_nofollow())
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        f.write_all(bytes).map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("fsync", &tmp))?;
+        fs::rename(&tmp, &target).map_err(io_err("rename into place", &target))?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Remove `dir/name` durably (missing is fine).
+pub(crate) fn remove_durable(dir: &Path, name: &str) -> Result<(), StateError> {
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Ok(()) => fsync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", &path)(e)),
+    }
+}
+
+/// fsync a directory so that entries created, renamed or removed in it are
+/// on disk.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StateError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+#[cfg(test)]
+mod tests;

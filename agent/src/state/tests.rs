@@ -1,0 +1,342 @@
+use super::*;
+use std::os::unix::fs::symlink;
+use std::sync::{Arc, Barrier};
+
+fn name(s: &str) -> BundleName {
+    BundleName::parse(s).unwrap()
+}
+
+fn fresh() -> (tempfile::TempDir, StateDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::open(&tmp.path().join("state")).unwrap();
+    (tmp, state)
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn creates_private_directory() {
+    let (_tmp, state) = fresh();
+    assert_eq!(mode(state.root()), 0o700);
+    for sub in [VERSIONS_DIR, IN_PROGRESS_DIR, RUNS_DIR] {
+        assert_eq!(mode(&state.root().join(sub)), 0o700, "{sub}");
+    }
+    // Opening again is fine.
+    StateDir::open(state.root()).unwrap();
+}
+
+#[test]
+fn refuses_unsafe_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real");
+    fs::create_dir(&real).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+    let link = tmp.path().join("link");
+    symlink(&real, &link).unwrap();
+    let e = StateDir::open(&link).unwrap_err();
+    assert!(e.to_string().contains("symlink"), "{e}");
+
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o777)).unwrap();
+    let e = StateDir::open(&real).unwrap_err();
+    assert!(e.to_string().contains("lets group or others write"), "{e}");
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o770)).unwrap();
+    assert!(StateDir::open(&real).is_err());
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+    StateDir::open(&real).unwrap();
+
+    let file = tmp.path().join("file");
+    fs::write(&file, "").unwrap();
+    let e = StateDir::open(&file).unwrap_err();
+    assert!(e.to_string().contains("not a directory"), "{e}");
+
+    let e = StateDir::open(Path::new("relative/state")).unwrap_err();
+    assert!(e.to_string().contains("not absolute"), "{e}");
+
+    // A subdirectory replaced by a symlink is refused too.
+    let state = tmp.path().join("s2");
+    StateDir::open(&state).unwrap();
+    fs::remove_dir(state.join(RUNS_DIR)).unwrap();
+    symlink(&real, state.join(RUNS_DIR)).unwrap();
+    let e = StateDir::open(&state).unwrap_err();
+    assert!(e.to_string().contains("symlink"), "{e}");
+}
+
+#[test]
+fn refuses_directory_owned_by_someone_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("other");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let me = nix::unistd::geteuid().as_raw();
+    let other = if me == 0 { 65534 } else { me };
+    if me == 0 {
+        nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(other)), None).unwrap();
+        let e = StateDir::open(&dir).unwrap_err();
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+    } else {
+        // Not root: we cannot give a directory away; check our own is accepted.
+        StateDir::open(&dir).unwrap();
+    }
+}
+
+#[test]
+fn record_started_enforces_increasing_versions() {
+    let (_tmp, state) = fresh();
+    let n = name("postfix-tls");
+    assert_eq!(state.last_version(&n).unwrap(), None);
+    state.record_started(&n, 3).unwrap();
+    assert_eq!(state.last_version(&n).unwrap(), Some(3));
+    let e = state.record_started(&n, 3).unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::Rollback);
+    assert!(
+        matches!(
+            &e,
+            RecordStartedError::NotNewer(NotNewer {
+                candidate: 3,
+                last: 3,
+                ..
+            })
+        ),
+        "{e}"
+    );
+    assert!(state.record_started(&n, 2).is_err());
+    state.record_started(&n, 4).unwrap();
+    // Other names are independent.
+    state.record_started(&name("other"), 1).unwrap();
+    // Durable across reopening, and no temporary files left behind.
+    let again = StateDir::open(state.root()).unwrap();
+    assert_eq!(again.last_version(&n).unwrap(), Some(4));
+    let names: Vec<_> = fs::read_dir(state.root().join(VERSIONS_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec!["other".to_string(), "postfix-tls".to_string()]);
+    assert_eq!(
+        mode(&state.root().join(VERSIONS_DIR).join("postfix-tls")),
+        0o600
+    );
+}
+
+#[test]
+fn corrupt_version_file_is_a_host_error() {
+    let (_tmp, state) = fresh();
+    let n = name("x");
+    fs::write(state.root().join(VERSIONS_DIR).join("x"), "seven").unwrap();
+    assert!(matches!(
+        state.last_version(&n),
+        Err(StateError::Corrupt { .. })
+    ));
+    let e = state.record_started(&n, 8).unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::HostError);
+    // A symlink planted as a version file is not followed.
+    fs::remove_file(state.root().join(VERSIONS_DIR).join("x")).unwrap();
+    let elsewhere = state.root().join("elsewhere");
+    fs::write(&elsewhere, r#"{"version":1,"time":"2026-01-01T00:00:00Z"}"#).unwrap();
+    symlink(&elsewhere, state.root().join(VERSIONS_DIR).join("x")).unwrap();
+    assert!(matches!(state.last_version(&n), Err(StateError::Io { .. })));
+}
+
+#[test]
+fn lock_is_exclusive_across_open_file_descriptions() {
+    let (_tmp, state) = fresh();
+    let held = state.lock().unwrap();
+    let path = state.root().join(LOCK_FILE);
+    let other = File::open(&path).unwrap();
+    match Flock::lock(other, FlockArg::LockExclusiveNonblock) {
+        Err((_, errno)) => assert_eq!(errno, nix::errno::Errno::EWOULDBLOCK),
+        Ok(_) => panic!("a second exclusive lock succeeded while the state lock was held"),
+    }
+    drop(held);
+    let other = File::open(&path).unwrap();
+    assert!(Flock::lock(other, FlockArg::LockExclusiveNonblock).is_ok());
+}
+
+#[test]
+fn concurrent_record_started_lets_exactly_one_through() {
+    let (_tmp, state) = fresh();
+    let n = name("race");
+    let threads = 8;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let state = StateDir::open(state.root()).unwrap();
+            let barrier = barrier.clone();
+            let n = n.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                state.record_started(&n, 1).is_ok()
+            })
+        })
+        .collect();
+    let ok = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(ok, 1);
+    assert_eq!(state.last_version(&n).unwrap(), Some(1));
+}
+
+#[test]
+fn run_directories() {
+    let (_tmp, state) = fresh();
+    let id = RunId::generate().unwrap();
+    let dir = state.create_run_dir(&id).unwrap();
+    assert_eq!(dir, state.run_dir(&id));
+    assert_eq!(mode(&dir), 0o700);
+    fs::create_dir(dir.join("sub")).unwrap();
+    fs::write(dir.join("sub/file"), "x").unwrap();
+    assert!(
+        state.create_run_dir(&id).is_err(),
+        "creating twice must fail"
+    );
+    state.remove_run_dir(&id).unwrap();
+    assert!(!dir.exists());
+    state.remove_run_dir(&id).unwrap();
+}
+
+#[test]
+fn run_ids() {
+    let a = RunId::generate().unwrap();
+    let b = RunId::generate().unwrap();
+    assert_ne!(a, b);
+    assert_eq!(RunId::parse(a.as_str()).unwrap(), a);
+    assert!(RunId::parse("").is_err());
+    assert!(RunId::parse("../etc").is_err());
+    assert!(RunId::parse("-x").is_err());
+    assert!(RunId::parse("a/b").is_err());
+    assert!(RunId::parse(&"a".repeat(65)).is_err());
+    let json = serde_json::to_string(&a).unwrap();
+    assert_eq!(serde_json::from_str::<RunId>(&json).unwrap(), a);
+    assert!(serde_json::from_str::<RunId>("\"../x\"").is_err());
+}
+
+fn marker(id: &str, agent: AgentProcess) -> RunMarker {
+    RunMarker {
+        run_id: RunId::parse(id).unwrap(),
+        bundle: BundleRef {
+            name: "postfix".into(),
+            version: 7,
+        },
+        manifest_sha256: "ab".repeat(32),
+        started: jiff::Timestamp::now(),
+        agent,
+    }
+}
+
+#[test]
+fn interrupted_runs_are_those_whose_agent_is_gone() {
+    let (_tmp, state) = fresh();
+    assert!(state.interrupted_runs().unwrap().is_empty());
+    let me = AgentProcess::current().unwrap();
+    assert!(me.is_alive());
+
+    // Our own live run: not interrupted.
+    let live = RunMarker::new(
+        RunId::parse("2-live").unwrap(),
+        BundleRef {
+            name: "a".into(),
+            version: 1,
+        },
+        "00".repeat(32),
+    )
+    .unwrap();
+    state.mark_in_progress(&live).unwrap();
+    // Same pid but a different start time: the pid was reused, the agent is gone.
+    let reused = marker(
+        "1-reused",
+        AgentProcess {
+            start_time: me.start_time + 1,
+            ..me.clone()
+        },
+    );
+    state.mark_in_progress(&reused).unwrap();
+    // A previous boot.
+    let rebooted = marker(
+        "3-rebooted",
+        AgentProcess {
+            boot_id: "not-this-boot".into(),
+            ..me.clone()
+        },
+    );
+    state.mark_in_progress(&rebooted).unwrap();
+    // A process that has exited.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let child_pid = child.id();
+    child.wait().unwrap();
+    let exited = marker(
+        "4-exited",
+        AgentProcess {
+            pid: child_pid,
+            ..me.clone()
+        },
+    );
+    state.mark_in_progress(&exited).unwrap();
+
+    let found = state.interrupted_runs().unwrap();
+    let ids: Vec<_> = found
+        .iter()
+        .map(|m| m.run_id.as_str().to_string())
+        .collect();
+    assert_eq!(ids, vec!["1-reused", "3-rebooted", "4-exited"]);
+    assert_eq!(found[0], reused);
+
+    // Durable across reopening; cleared markers disappear.
+    let again = StateDir::open(state.root()).unwrap();
+    again.clear_in_progress(&reused.run_id).unwrap();
+    again.clear_in_progress(&reused.run_id).unwrap();
+    let ids: Vec<_> = again
+        .interrupted_runs()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.run_id.to_string())
+        .collect();
+    assert_eq!(ids, vec!["3-rebooted", "4-exited"]);
+}
+
+#[test]
+fn corrupt_marker_is_an_error_not_ignored() {
+    let (_tmp, state) = fresh();
+    fs::write(state.root().join(IN_PROGRESS_DIR).join("x.json"), "{").unwrap();
+    assert!(matches!(
+        state.interrupted_runs(),
+        Err(StateError::Corrupt { .. })
+    ));
+    // A leftover temporary file from a crash between write and rename is skipped.
+    fs::remove_file(state.root().join(IN_PROGRESS_DIR).join("x.json")).unwrap();
+    fs::write(
+        state.root().join(IN_PROGRESS_DIR).join(".x.json.tmp-1-0"),
+        "{",
+    )
+    .unwrap();
+    assert!(state.interrupted_runs().unwrap().is_empty());
+}
+
+#[test]
+fn kill_switch() {
+    let (_tmp, state) = fresh();
+    assert_eq!(state.kill_in_force().unwrap(), None);
+    let order = state.set_kill("wave 2 reported denials").unwrap();
+    assert_eq!(order.reason, "wave 2 reported denials");
+    let again = StateDir::open(state.root()).unwrap();
+    assert_eq!(again.kill_in_force().unwrap(), Some(order));
+    again.clear_kill().unwrap();
+    assert_eq!(state.kill_in_force().unwrap(), None);
+    again.clear_kill().unwrap();
+}
+
+#[test]
+fn unreadable_kill_order_is_still_in_force() {
+    let (_tmp, state) = fresh();
+    fs::write(state.root().join(KILL_FILE), "garbage").unwrap();
+    let order = state
+        .kill_in_force()
+        .unwrap()
+        .expect("a corrupt order must count as in force");
+    assert!(order.reason.contains("unreadable"), "{}", order.reason);
+    assert_eq!(order.since, None);
+}
