@@ -1,1 +1,15 @@
+//! The rollguard controller: a mutual-TLS HTTPS server that keeps a fleet of
+//! agents connected, rolls signed bundles out to them in waves, halts on its
+//! own when something looks wrong, and pushes kill orders; plus the client
+//! side used by the `rollguard` operator CLI.
+//!
+//! The controller never signs or authorizes code: agents run only bundles
+//! whose signatures meet their own policy's threshold. A compromised
+//! controller can delay or withhold, not make a host run unsigned code.
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod pki;
+pub mod store;
+pub mod tls;

@@ -8,6 +8,7 @@
 
 pub mod manifest;
 pub mod path;
+pub mod protocol;
 pub mod report;
 pub mod targets;
 pub mod version;

@@ -1,0 +1,3 @@
+//! The `rollguard` operator CLI (subcommand implementations).
+
+pub mod bundle;

@@ -1,0 +1,285 @@
+//! `controller.toml` (the server) and `cli.toml` (the operator CLI).
+//!
+//! Relative paths are resolved against the directory of the file that names
+//! them, so a CA directory can be moved as a whole. Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawController {
+    listen: String,
+    tls: RawTls,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    rollouts: RawRollouts,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    agents_ca: PathBuf,
+    operators_ca: PathBuf,
+    revoked: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+enum RawStorage {
+    Sqlite { path: PathBuf },
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage::Sqlite {
+            path: "controller.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollouts {
+    #[serde(default = "default_margin")]
+    result_margin: String,
+    #[serde(default = "default_kill_ack")]
+    kill_ack_timeout: String,
+}
+
+impl Default for RawRollouts {
+    fn default() -> Self {
+        RawRollouts {
+            result_margin: default_margin(),
+            kill_ack_timeout: default_kill_ack(),
+        }
+    }
+}
+
+fn default_margin() -> String {
+    "60s".into()
+}
+fn default_kill_ack() -> String {
+    "3s".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_bundle")]
+    max_bundle_bytes: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_bundle_bytes: default_max_bundle(),
+        }
+    }
+}
+
+fn default_max_bundle() -> u64 {
+    256 * 1024 * 1024
+}
+
+#[derive(Debug, Clone)]
+pub enum Storage {
+    Sqlite(PathBuf),
+}
+
+/// The parsed, resolved server configuration.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub agents_ca: PathBuf,
+    pub operators_ca: PathBuf,
+    pub revoked: PathBuf,
+    pub storage: Storage,
+    /// Added to a bundle's own timeout to get the per-host result deadline.
+    pub result_margin: Duration,
+    /// How long `kill` waits for agents to acknowledge before answering.
+    pub kill_ack_timeout: Duration,
+    pub max_bundle_bytes: u64,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+impl ControllerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let raw: RawController = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let listen = raw
+            .listen
+            .parse()
+            .map_err(|_| invalid(format!("listen {:?} is not ip:port", raw.listen)))?;
+        let dur = |key: &str, v: &str| {
+            humantime::parse_duration(v).map_err(|e| invalid(format!("rollouts.{key} {v:?}: {e}")))
+        };
+        Ok(ControllerConfig {
+            listen,
+            cert: resolve(base, &raw.tls.cert),
+            key: resolve(base, &raw.tls.key),
+            agents_ca: resolve(base, &raw.tls.agents_ca),
+            operators_ca: resolve(base, &raw.tls.operators_ca),
+            revoked: resolve(base, &raw.tls.revoked),
+            storage: match raw.storage {
+                RawStorage::Sqlite { path } => Storage::Sqlite(resolve(base, &path)),
+            },
+            result_margin: dur("result_margin", &raw.rollouts.result_margin)?,
+            kill_ack_timeout: dur("kill_ack_timeout", &raw.rollouts.kill_ack_timeout)?,
+            max_bundle_bytes: raw.limits.max_bundle_bytes,
+        })
+    }
+
+    /// The file `rollguard-controller init` writes.
+    pub fn commented_template(listen: &str) -> String {
+        format!(
+            r#"# rollguard controller configuration (written by `rollguard-controller init`).
+# Relative paths are relative to this file's directory.
+
+# Address of the HTTPS server (mutual TLS: agents and operators both present
+# certificates issued by this directory's CAs).
+listen = "{listen}"
+
+[tls]
+# The controller's server certificate (signed by ca/root.crt, which agents
+# and operators trust as `ca`).
+cert = "server.crt"
+key = "server.key"
+# Client certificates are accepted only from these two issuing CAs; which one
+# signed a certificate decides its role (agent or operator).
+agents_ca = "ca/agents-ca.crt"
+operators_ca = "ca/operators-ca.crt"
+# Serial numbers refused even though their certificates verify
+# (`rollguard-controller revoke NAME` appends to it; re-read while running).
+revoked = "revoked.list"
+
+[storage]
+# Rollouts, dispatches, reports, kill orders and the operator audit log.
+kind = "sqlite"
+path = "controller.db"
+
+[rollouts]
+# A host that has not reported within the bundle's own timeout plus this
+# margin counts as timed out, which halts its rollout.
+result_margin = "60s"
+# `rollguard kill` waits this long for agents to confirm their bundles are dead.
+kill_ack_timeout = "3s"
+
+[limits]
+# Largest bundle an operator may upload.
+max_bundle_bytes = 268435456
+"#
+        )
+    }
+}
+
+/// `~/.config/rollguard/cli.toml`: where the controller is and which
+/// operator certificate to use.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliConfig {
+    pub url: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl CliConfig {
+    /// The default location, if `$HOME` is known.
+    pub fn default_path() -> Option<PathBuf> {
+        if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+            return Some(PathBuf::from(x).join("rollguard/cli.toml"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/rollguard/cli.toml"))
+    }
+
+    /// Load a file; a missing default file is an empty configuration.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                return Ok(Self::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut c: CliConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.ca, &mut c.cert, &mut c.key].into_iter().flatten() {
+            *p = resolve(base, p);
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_and_resolves() {
+        let text = ControllerConfig::commented_template("127.0.0.1:9443");
+        let c = ControllerConfig::parse(&text, Path::new("/etc/rg/controller.toml")).unwrap();
+        assert_eq!(c.listen.port(), 9443);
+        assert_eq!(c.cert, PathBuf::from("/etc/rg/server.crt"));
+        assert!(
+            matches!(c.storage, Storage::Sqlite(ref p) if p == Path::new("/etc/rg/controller.db"))
+        );
+        assert_eq!(c.result_margin, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = ControllerConfig::commented_template("127.0.0.1:9443") + "\nsurprise = 1\n";
+        assert!(ControllerConfig::parse(&text, Path::new("/x/c.toml")).is_err());
+        let bad_listen = ControllerConfig::commented_template("nowhere");
+        assert!(ControllerConfig::parse(&bad_listen, Path::new("/x/c.toml")).is_err());
+    }
+}

@@ -1,0 +1,619 @@
+//! The fleet's small certificate authority: `init`, `enroll`, `revoke`, and
+//! how a verified peer certificate is turned into a [`Peer`] (who is calling,
+//! in which role).
+//!
+//! Layout (one root, two issuing CAs, so a role is a matter of *which key
+//! signed the certificate*, not of a field a client could choose):
+//!
+//! ```text
+//! root CA  (ca/root.crt; signs the server cert and the two issuing CAs at init only)
+//! ├── controller server cert (server.crt, EKU serverAuth, SANs localhost/127.0.0.1/::1/--san)
+//! ├── agents issuing CA     (ca/agents-ca.crt,    pathlen 0) → agent certs    (CN = SAN = host name, EKU clientAuth)
+//! └── operators issuing CA  (ca/operators-ca.crt, pathlen 0) → operator certs (OU = rollguard-operator)
+//!                                                            → alert sources  (OU = rollguard-alert-source)
+//! ```
+//!
+//! The controller's TLS client verifier trusts *only* the two issuing CAs
+//! (not the root), and clients present just their leaf certificate; leaf
+//! certificates are `CA:FALSE`, so a chain is always leaf → issuing CA. After
+//! rustls has verified that chain, [`classify`] compares the leaf's issuer
+//! name with the two issuing CAs' subject names (distinct by construction) to
+//! decide the role, and checks the role marker (OU) as a second, independent
+//! signal. An agent key therefore cannot mint or present an operator
+//! certificate, and an operator certificate is never accepted on agent
+//! endpoints. Revocation is a deny list of serial numbers (`revoked.list`),
+//! checked on the handshake and again on every request.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use sha2::Digest;
+
+/// Organisational unit marking an operator certificate.
+pub const OU_OPERATOR: &str = "rollguard-operator";
+/// Organisational unit marking an alert-source certificate (may only post
+/// alerts and read metrics).
+pub const OU_ALERT_SOURCE: &str = "rollguard-alert-source";
+/// Organisational unit of agent certificates.
+pub const OU_AGENT: &str = "rollguard-agent";
+const ORG: &str = "rollguard";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} already exists: refusing to overwrite an existing CA (use another --dir)")]
+    Exists(PathBuf),
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{0}: not a PEM certificate")]
+    BadPem(PathBuf),
+    #[error(
+        "{0:?} is not a valid host name for a certificate: use letters, digits, '-', '.' and '_'"
+    )]
+    BadName(String),
+    #[error("no certificate was issued to {0:?} (looked in {1})")]
+    UnknownHost(String, PathBuf),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Agent,
+    Operator,
+    AlertSource,
+}
+
+/// The caller of a request, as proven by its verified client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub role: Role,
+    /// The certificate's common name: the host name for agents.
+    pub name: String,
+    /// Serial number, lowercase hex (the revocation key).
+    pub serial: String,
+}
+
+/// The files of a CA directory.
+#[derive(Debug, Clone)]
+pub struct CaDir {
+    pub dir: PathBuf,
+}
+
+impl CaDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        CaDir { dir: dir.into() }
+    }
+    pub fn root_cert(&self) -> PathBuf {
+        self.dir.join("ca/root.crt")
+    }
+    fn root_key(&self) -> PathBuf {
+        self.dir.join("ca/root.key")
+    }
+    pub fn agents_ca_cert(&self) -> PathBuf {
+        self.dir.join("ca/agents-ca.crt")
+    }
+    fn agents_ca_key(&self) -> PathBuf {
+        self.dir.join("ca/agents-ca.key")
+    }
+    pub fn operators_ca_cert(&self) -> PathBuf {
+        self.dir.join("ca/operators-ca.crt")
+    }
+    fn operators_ca_key(&self) -> PathBuf {
+        self.dir.join("ca/operators-ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    pub fn operator_cert(&self) -> PathBuf {
+        self.dir.join("operator.crt")
+    }
+    pub fn operator_key(&self) -> PathBuf {
+        self.dir.join("operator.key")
+    }
+    pub fn revoked_list(&self) -> PathBuf {
+        self.dir.join("revoked.list")
+    }
+    pub fn issued_dir(&self) -> PathBuf {
+        self.dir.join("issued")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("controller.toml")
+    }
+}
+
+fn ca_params(cn: &str, pathlen: u8) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, ORG);
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(pathlen));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    p
+}
+
+const ROOT_CN: &str = "rollguard root CA";
+const AGENTS_CN: &str = "rollguard agents CA";
+const OPERATORS_CN: &str = "rollguard operators CA";
+
+/// Serial numbers derive from the subject key (unique per issued key) so
+/// that no random source is needed and a serial names one key.
+fn serial_for(key: &KeyPair) -> SerialNumber {
+    let digest = sha2::Sha256::digest(key.public_key_der());
+    let mut bytes = digest[..16].to_vec();
+    bytes[0] &= 0x7f; // positive INTEGER
+    bytes[0] |= 0x01; // no leading zero byte to strip
+    SerialNumber::from_slice(&bytes)
+}
+
+fn leaf_validity(p: &mut CertificateParams, days: i64) {
+    let today = jiff::Zoned::now().date();
+    let start = today
+        .checked_sub(jiff::Span::new().days(1))
+        .unwrap_or(today);
+    let end = today
+        .checked_add(jiff::Span::new().days(days))
+        .unwrap_or(today);
+    p.not_before =
+        rcgen::date_time_ymd(start.year() as i32, start.month() as u8, start.day() as u8);
+    p.not_after = rcgen::date_time_ymd(end.year() as i32, end.month() as u8, end.day() as u8);
+}
+
+/// A loaded issuing CA. rcgen signs with the issuer's name, key-identifier
+/// method and key, so re-deriving the same parameters and self-signing them
+/// with the stored key gives an issuer identical to the one on disk (this
+/// avoids parsing the CA certificate back, which would pull a second crypto
+/// library into the build).
+struct Issuer {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Issuer {
+    fn load(key_path: &Path, cn: &str, pathlen: u8) -> Result<Self, PkiError> {
+        let pem = fs::read_to_string(key_path).map_err(io(key_path))?;
+        let key = KeyPair::from_pem(&pem)?;
+        let cert = ca_params(cn, pathlen).self_signed(&key)?;
+        Ok(Issuer { cert, key })
+    }
+}
+
+fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
+/// Options of `rollguard-controller init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Extra DNS names or IP addresses of the controller.
+    pub extra_sans: Vec<String>,
+    /// Address the server will listen on (written into controller.toml).
+    pub listen: String,
+    /// Name of the first operator certificate.
+    pub operator_name: String,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            extra_sans: vec![],
+            listen: "127.0.0.1:8443".into(),
+            operator_name: "admin".into(),
+        }
+    }
+}
+
+/// Create the CA hierarchy, the server certificate, the first operator
+/// certificate and a commented `controller.toml`.
+pub fn init(ca: &CaDir, opts: &InitOptions) -> Result<(), PkiError> {
+    if ca.root_cert().exists() || ca.config().exists() {
+        return Err(PkiError::Exists(ca.root_cert()));
+    }
+    fs::create_dir_all(ca.dir.join("ca")).map_err(io(&ca.dir))?;
+    fs::set_permissions(ca.dir.join("ca"), fs::Permissions::from_mode(0o700))
+        .map_err(io(&ca.dir))?;
+
+    let root_key = KeyPair::generate()?;
+    let root = ca_params(ROOT_CN, 1).self_signed(&root_key)?;
+    let agents_key = KeyPair::generate()?;
+    let agents = ca_params(AGENTS_CN, 0).signed_by(&agents_key, &root, &root_key)?;
+    let operators_key = KeyPair::generate()?;
+    let operators = ca_params(OPERATORS_CN, 0).signed_by(&operators_key, &root, &root_key)?;
+
+    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    sans.extend(opts.extra_sans.iter().cloned());
+    let mut server = CertificateParams::new(sans)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, ORG);
+    dn.push(DnType::CommonName, "rollguard controller");
+    server.distinguished_name = dn;
+    server.is_ca = IsCa::ExplicitNoCa;
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf_validity(&mut server, 3650);
+    let server_key = KeyPair::generate()?;
+    server.serial_number = Some(serial_for(&server_key));
+    let server = server.signed_by(&server_key, &root, &root_key)?;
+
+    write_file(&ca.root_key(), &root_key.serialize_pem(), 0o600)?;
+    write_file(&ca.root_cert(), &root.pem(), 0o644)?;
+    write_file(&ca.agents_ca_key(), &agents_key.serialize_pem(), 0o600)?;
+    write_file(&ca.agents_ca_cert(), &agents.pem(), 0o644)?;
+    write_file(
+        &ca.operators_ca_key(),
+        &operators_key.serialize_pem(),
+        0o600,
+    )?;
+    write_file(&ca.operators_ca_cert(), &operators.pem(), 0o644)?;
+    write_file(&ca.server_key(), &server_key.serialize_pem(), 0o600)?;
+    write_file(&ca.server_cert(), &server.pem(), 0o644)?;
+    write_file(&ca.dir.join("ca.crt"), &root.pem(), 0o644)?;
+    write_file(&ca.revoked_list(), REVOKED_HEADER, 0o644)?;
+
+    let (cert, key) = issue(ca, Role::Operator, &opts.operator_name)?;
+    write_file(&ca.operator_cert(), &cert, 0o644)?;
+    write_file(&ca.operator_key(), &key, 0o600)?;
+    write_file(
+        &ca.config(),
+        &crate::config::ControllerConfig::commented_template(&opts.listen),
+        0o644,
+    )?;
+    Ok(())
+}
+
+const REVOKED_HEADER: &str = "# Revoked certificate serial numbers (hex), one per line, then the name.\n# Written by `rollguard-controller revoke`; read by the running controller.\n";
+
+fn valid_cert_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with(['-', '.'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
+/// Issue a certificate for `name` in `role`; returns (cert PEM, key PEM) and
+/// records the certificate under `issued/` so it can be revoked by name.
+pub fn issue(ca: &CaDir, role: Role, name: &str) -> Result<(String, String), PkiError> {
+    if !valid_cert_name(name) {
+        return Err(PkiError::BadName(name.to_string()));
+    }
+    let (issuer, ou, eku_days) = match role {
+        Role::Agent => (
+            Issuer::load(&ca.agents_ca_key(), AGENTS_CN, 0)?,
+            OU_AGENT,
+            825,
+        ),
+        Role::Operator => (
+            Issuer::load(&ca.operators_ca_key(), OPERATORS_CN, 0)?,
+            OU_OPERATOR,
+            825,
+        ),
+        Role::AlertSource => (
+            Issuer::load(&ca.operators_ca_key(), OPERATORS_CN, 0)?,
+            OU_ALERT_SOURCE,
+            825,
+        ),
+    };
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, ORG);
+    dn.push(DnType::OrganizationalUnitName, ou);
+    dn.push(DnType::CommonName, name);
+    p.distinguished_name = dn;
+    if role == Role::Agent {
+        p.subject_alt_names = vec![SanType::DnsName(name.try_into()?)];
+    }
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.use_authority_key_identifier_extension = true;
+    leaf_validity(&mut p, eku_days);
+    let key = KeyPair::generate()?;
+    p.serial_number = Some(serial_for(&key));
+    let cert = p.signed_by(&key, &issuer.cert, &issuer.key)?;
+    let role_dir = match role {
+        Role::Agent => "agents",
+        Role::Operator => "operators",
+        Role::AlertSource => "alert-sources",
+    };
+    let serial = hex::encode(serial_for(&key).to_bytes());
+    write_file(
+        &ca.issued_dir()
+            .join(role_dir)
+            .join(format!("{name}.{serial}.crt")),
+        &cert.pem(),
+        0o644,
+    )?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Write an issued certificate and key as `OUT/NAME.crt` and `OUT/NAME.key`.
+pub fn issue_to(
+    ca: &CaDir,
+    role: Role,
+    name: &str,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let (cert, key) = issue(ca, role, name)?;
+    let cert_path = out.join(format!("{name}.crt"));
+    let key_path = out.join(format!("{name}.key"));
+    write_file(&cert_path, &cert, 0o644)?;
+    write_file(&key_path, &key, 0o600)?;
+    Ok((cert_path, key_path))
+}
+
+/// Revoke every certificate issued to `name` (any role): their serials are
+/// appended to `revoked.list`, which the running controller re-reads.
+/// Returns the revoked serials.
+pub fn revoke(ca: &CaDir, name: &str) -> Result<Vec<String>, PkiError> {
+    if !valid_cert_name(name) {
+        return Err(PkiError::BadName(name.to_string()));
+    }
+    let mut serials = Vec::new();
+    for role_dir in ["agents", "operators", "alert-sources"] {
+        let dir = ca.issued_dir().join(role_dir);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(PkiError::Io {
+                    path: dir,
+                    source: e,
+                })
+            }
+        };
+        for entry in entries {
+            let entry = entry.map_err(io(&dir))?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = file.strip_prefix(&format!("{name}.")) {
+                if let Some(serial) = rest.strip_suffix(".crt") {
+                    serials.push(serial.to_string());
+                }
+            }
+        }
+    }
+    if serials.is_empty() {
+        return Err(PkiError::UnknownHost(name.to_string(), ca.issued_dir()));
+    }
+    let path = ca.revoked_list();
+    let mut text = fs::read_to_string(&path).unwrap_or_else(|_| REVOKED_HEADER.to_string());
+    let already = RevocationList::parse(&text);
+    for s in &serials {
+        if !already.serials.contains_key(s) {
+            text.push_str(&format!("{s} {name}\n"));
+        }
+    }
+    write_file(&path, &text, 0o644)?;
+    Ok(serials)
+}
+
+/// The parsed deny list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevocationList {
+    /// serial (hex) → name
+    pub serials: BTreeMap<String, String>,
+}
+
+impl RevocationList {
+    pub fn parse(text: &str) -> Self {
+        let mut serials = BTreeMap::new();
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let mut parts = line.split_whitespace();
+            if let Some(serial) = parts.next() {
+                let name = parts.next().unwrap_or("").to_string();
+                serials.insert(serial.to_ascii_lowercase(), name);
+            }
+        }
+        RevocationList { serials }
+    }
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.serials.contains_key(serial)
+    }
+}
+
+/// The subject names of the two issuing CAs, for [`classify`].
+#[derive(Debug, Clone)]
+pub struct Issuers {
+    agents_subject: Vec<u8>,
+    operators_subject: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerError {
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("client certificate cannot be parsed")]
+    Unparsable,
+    #[error("client certificate was not issued by the agents or operators CA")]
+    UnknownIssuer,
+    #[error("client certificate has no usable common name")]
+    NoName,
+    #[error("client certificate's role marker (OU) does not match its issuer")]
+    RoleMismatch,
+}
+
+impl Issuers {
+    pub fn from_pem_files(agents_ca: &Path, operators_ca: &Path) -> Result<Self, PkiError> {
+        Ok(Issuers {
+            agents_subject: subject_of_pem(agents_ca)?,
+            operators_subject: subject_of_pem(operators_ca)?,
+        })
+    }
+}
+
+fn subject_of_pem(path: &Path) -> Result<Vec<u8>, PkiError> {
+    let der = crate::tls::load_certs(path)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .ok_or_else(|| PkiError::BadPem(path.to_path_buf()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|_| PkiError::BadPem(path.to_path_buf()))?;
+    Ok(cert.subject().as_raw().to_vec())
+}
+
+/// Decide who a *verified* leaf certificate belongs to.
+pub fn classify(issuers: &Issuers, leaf_der: &[u8]) -> Result<Peer, PeerError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf_der).map_err(|_| PeerError::Unparsable)?;
+    let issuer = cert.issuer().as_raw();
+    let ou: Vec<&str> = cert
+        .subject()
+        .iter_organizational_unit()
+        .filter_map(|a| a.as_str().ok())
+        .collect();
+    let role = if issuer == issuers.agents_subject.as_slice() {
+        if ou != [OU_AGENT] {
+            return Err(PeerError::RoleMismatch);
+        }
+        Role::Agent
+    } else if issuer == issuers.operators_subject.as_slice() {
+        match ou.as_slice() {
+            [o] if *o == OU_OPERATOR => Role::Operator,
+            [o] if *o == OU_ALERT_SOURCE => Role::AlertSource,
+            _ => return Err(PeerError::RoleMismatch),
+        }
+    } else {
+        return Err(PeerError::UnknownIssuer);
+    };
+    let mut cns = cert.subject().iter_common_name();
+    let name = cns
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or(PeerError::NoName)?
+        .to_string();
+    if cns.next().is_some() || !valid_cert_name(&name) {
+        return Err(PeerError::NoName);
+    }
+    Ok(Peer {
+        role,
+        name,
+        serial: hex::encode(cert.raw_serial()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der_of(pem: &str) -> Vec<u8> {
+        let mut r = pem.as_bytes();
+        let der = rustls_pemfile::certs(&mut r)
+            .next()
+            .unwrap()
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        der
+    }
+
+    #[test]
+    fn roles_follow_the_issuing_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CaDir::new(dir.path());
+        init(&ca, &InitOptions::default()).unwrap();
+        assert!(matches!(
+            init(&ca, &InitOptions::default()),
+            Err(PkiError::Exists(_))
+        ));
+        let issuers =
+            Issuers::from_pem_files(&ca.agents_ca_cert(), &ca.operators_ca_cert()).unwrap();
+
+        let (agent, _) = issue(&ca, Role::Agent, "mail-01").unwrap();
+        let peer = classify(&issuers, &der_of(&agent)).unwrap();
+        assert_eq!((peer.role, peer.name.as_str()), (Role::Agent, "mail-01"));
+
+        let op = fs::read_to_string(ca.operator_cert()).unwrap();
+        let peer = classify(&issuers, &der_of(&op)).unwrap();
+        assert_eq!((peer.role, peer.name.as_str()), (Role::Operator, "admin"));
+
+        let (alerts, _) = issue(&ca, Role::AlertSource, "alertmanager").unwrap();
+        assert_eq!(
+            classify(&issuers, &der_of(&alerts)).unwrap().role,
+            Role::AlertSource
+        );
+
+        // The server certificate is signed by the root, which is not a client issuer.
+        let server = fs::read_to_string(ca.server_cert()).unwrap();
+        assert_eq!(
+            classify(&issuers, &der_of(&server)),
+            Err(PeerError::UnknownIssuer)
+        );
+        assert_eq!(classify(&issuers, b"garbage"), Err(PeerError::Unparsable));
+        assert!(matches!(
+            issue(&ca, Role::Agent, "../x"),
+            Err(PkiError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn revoke_lists_every_serial_of_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CaDir::new(dir.path());
+        init(&ca, &InitOptions::default()).unwrap();
+        let issuers =
+            Issuers::from_pem_files(&ca.agents_ca_cert(), &ca.operators_ca_cert()).unwrap();
+        let (c1, _) = issue(&ca, Role::Agent, "web-1").unwrap();
+        let (c2, _) = issue(&ca, Role::Agent, "web-2").unwrap();
+        let s1 = classify(&issuers, &der_of(&c1)).unwrap().serial;
+        let s2 = classify(&issuers, &der_of(&c2)).unwrap().serial;
+        assert_ne!(s1, s2);
+        assert_eq!(revoke(&ca, "web-1").unwrap(), vec![s1.clone()]);
+        revoke(&ca, "web-1").unwrap(); // idempotent
+        let list = RevocationList::parse(&fs::read_to_string(ca.revoked_list()).unwrap());
+        assert!(list.is_revoked(&s1));
+        assert!(!list.is_revoked(&s2));
+        assert_eq!(list.serials.len(), 1);
+        assert!(matches!(
+            revoke(&ca, "nobody"),
+            Err(PkiError::UnknownHost(..))
+        ));
+    }
+}

@@ -1,0 +1,231 @@
+//! Durable controller state behind one trait, so a PostgreSQL backend can
+//! be added next to [`sqlite::SqliteStore`] without touching the engine.
+//!
+//! The rule the engine relies on: a dispatch is committed here *before* the
+//! order is sent, and every state change that forbids further dispatch
+//! (halt, kill) is a conditional update, so "halted" can never be overwritten
+//! by a racing wave transition.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use rollguard_shared::protocol::{
+    KillOrder, KillScope, KillState, Plan, RolloutId, RolloutState, Sha256Hex, WavePhase,
+};
+use rollguard_shared::report::RunReport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+pub fn now_ms() -> Millis {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+pub fn rfc3339(ms: Millis) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleMeta {
+    pub sha256: Sha256Hex,
+    pub name: String,
+    pub version: u64,
+    pub size: u64,
+    /// The signed manifest bytes, re-parsed when needed.
+    pub manifest: Vec<u8>,
+    pub signers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutRecord {
+    pub id: RolloutId,
+    pub bundle_sha256: Sha256Hex,
+    pub state: RolloutState,
+    pub phase: WavePhase,
+    pub current_wave: u32,
+    pub plan: Plan,
+    pub bake_until: Option<Millis>,
+    pub halt_reason: Option<String>,
+    /// Failures already seen when an operator last resumed: only failures
+    /// beyond these count against `max_failures`.
+    pub ack_failures: u32,
+    /// Alerting reports already seen when an operator last resumed.
+    pub ack_alerts: u32,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// Where one host stands in one rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Order recorded (and sent when the agent is connected); no result yet.
+    Dispatched,
+    /// No result within the deadline.
+    TimedOut,
+    Reported(Box<RunReport>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchRecord {
+    pub rollout_id: RolloutId,
+    pub host: String,
+    pub wave: u32,
+    pub dispatched_at: Millis,
+    pub outcome: Outcome,
+}
+
+/// A run order still owed to a host (its rollout is running and it has not
+/// reported).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingOrder {
+    pub rollout_id: RolloutId,
+    pub bundle_sha256: Sha256Hex,
+    pub bundle_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportOutcome {
+    Stored,
+    /// Already stored (the agent re-sent it after a reconnect): ignored.
+    Duplicate,
+    /// No dispatch of this rollout to this host exists.
+    NotDispatched,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at: Millis,
+    pub actor: String,
+    pub action: String,
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn upsert_agent(&self, agent: &AgentRecord) -> Result<()>;
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
+
+    async fn put_bundle(&self, meta: &BundleMeta, bytes: &[u8]) -> Result<()>;
+    async fn bundle_meta(&self, sha: &Sha256Hex) -> Result<Option<BundleMeta>>;
+    async fn bundle_bytes(&self, sha: &Sha256Hex) -> Result<Option<Vec<u8>>>;
+
+    async fn create_rollout(&self, r: &RolloutRecord) -> Result<()>;
+    async fn rollout(&self, id: &RolloutId) -> Result<Option<RolloutRecord>>;
+    async fn rollouts(&self) -> Result<Vec<RolloutRecord>>;
+    async fn rollouts_in_state(&self, state: RolloutState) -> Result<Vec<RolloutRecord>>;
+    /// Move a *running* rollout's wave/phase; false if it is not running.
+    async fn update_progress(
+        &self,
+        id: &RolloutId,
+        phase: WavePhase,
+        wave: u32,
+        bake_until: Option<Millis>,
+    ) -> Result<bool>;
+    /// Halt a running rollout; false if it was not running.
+    async fn halt(&self, id: &RolloutId, reason: &str) -> Result<bool>;
+    /// Resume a halted rollout, acknowledging the failures and alerts seen
+    /// so far; false if it was not halted.
+    async fn resume(&self, id: &RolloutId, ack_failures: u32, ack_alerts: u32) -> Result<bool>;
+    async fn complete(&self, id: &RolloutId) -> Result<bool>;
+
+    /// Durably record dispatches of `hosts` in `wave`, in one transaction,
+    /// only while the rollout is running. Hosts already dispatched are left
+    /// as they are. Returns false (and records nothing) if not running.
+    async fn record_dispatches(
+        &self,
+        id: &RolloutId,
+        wave: u32,
+        hosts: &[String],
+        at: Millis,
+    ) -> Result<bool>;
+    async fn dispatches(&self, id: &RolloutId) -> Result<Vec<DispatchRecord>>;
+    async fn record_report(
+        &self,
+        id: &RolloutId,
+        host: &str,
+        report: &RunReport,
+        at: Millis,
+    ) -> Result<ReportOutcome>;
+    async fn mark_timed_out(&self, id: &RolloutId, hosts: &[String]) -> Result<()>;
+    async fn pending_orders(&self, host: &str) -> Result<Vec<PendingOrder>>;
+
+    async fn kill_state(&self) -> Result<KillState>;
+    async fn add_kill(&self, scope: &KillScope, order: &KillOrder) -> Result<KillState>;
+    /// Lift one kill order, or all of them when `scope` is `None`.
+    async fn lift_kill(&self, scope: Option<&KillScope>) -> Result<KillState>;
+
+    /// Append to the hash-chained operator audit log.
+    async fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        detail: &serde_json::Value,
+    ) -> Result<AuditEntry>;
+    async fn audit_entries(&self) -> Result<Vec<AuditEntry>>;
+}
+
+/// The hash of an audit entry: SHA-256 over the previous hash and the
+/// entry's fields, one per line, so editing, removing or reordering any
+/// entry breaks every later hash.
+pub fn audit_hash(
+    prev_hash: &str,
+    seq: i64,
+    at: Millis,
+    actor: &str,
+    action: &str,
+    detail: &str,
+) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [
+        prev_hash,
+        &seq.to_string(),
+        &at.to_string(),
+        actor,
+        action,
+        detail,
+    ] {
+        h.update(part.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// The all-zero hash the first entry chains to.
+pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Check an audit chain; returns the sequence number of the first bad entry.
+pub fn verify_audit(entries: &[AuditEntry]) -> std::result::Result<(), i64> {
+    let mut prev = AUDIT_GENESIS.to_string();
+    for (expected_seq, e) in (1..).zip(entries) {
+        let h = audit_hash(&prev, e.seq, e.at, &e.actor, &e.action, &e.detail);
+        if e.seq != expected_seq || e.prev_hash != prev || e.hash != h {
+            return Err(e.seq);
+        }
+        prev = h;
+    }
+    Ok(())
+}

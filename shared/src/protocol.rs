@@ -1,0 +1,613 @@
+//! The controller ⇄ agent ⇄ operator wire protocol (JSON over mutual-TLS
+//! HTTP/2).
+//!
+//! Transport, and why: each agent keeps **one** HTTP/2 connection to the
+//! controller. On it, one long-lived `POST /v1/agent/connect` request carries
+//! the agent's registration in its body and receives the controller's
+//! [`Order`]s as newline-delimited JSON in its streaming response; run
+//! reports, kill acknowledgements and bundle downloads are ordinary requests
+//! multiplexed on the same connection. Compared with WebSocket this needs no
+//! extra protocol or crate on either side, every report gets a real HTTP
+//! status as its acknowledgement, and an idle agent costs the controller one
+//! TLS session and one HTTP/2 stream (no thread).
+//!
+//! Endpoints (all need a client certificate; the role is decided by the
+//! issuing CA, see `controller/src/pki.rs`):
+//!
+//! | method and path | who | body → answer |
+//! | --- | --- | --- |
+//! | `POST /v1/agent/connect` | agent | [`Register`] → stream of [`Order`] lines |
+//! | `POST /v1/agent/reports` | agent | [`AgentReport`] → 204 |
+//! | `POST /v1/agent/kill-ack` | agent | [`KillAck`] → 204 |
+//! | `GET /v1/bundles/{sha256}` | agent, operator | → bundle bytes |
+//! | `PUT /v1/bundles/{sha256}` | operator | bundle bytes → [`BundleSummary`] |
+//! | `POST /v1/rollouts/plan` | operator | [`RolloutRequest`] → [`Plan`] |
+//! | `POST /v1/rollouts` | operator | [`RolloutRequest`] → [`RolloutStatus`] |
+//! | `GET /v1/rollouts` | operator | → `[RolloutStatus]` |
+//! | `GET /v1/rollouts/{id}` | operator | → [`RolloutStatus`] |
+//! | `POST /v1/rollouts/{id}/halt` | operator | [`HaltRequest`] → [`RolloutStatus`] |
+//! | `POST /v1/rollouts/{id}/resume` | operator | → [`RolloutStatus`] |
+//! | `POST /v1/kill` | operator | [`KillRequest`] → [`KillResponse`] |
+//! | `POST /v1/kill/lift` | operator | [`LiftRequest`] → [`KillResponse`] |
+//! | `GET /v1/kill` | operator | → [`KillState`] |
+//! | `GET /v1/agents` | operator | → `[AgentInfo]` |
+//! | `POST /v1/alerts/alertmanager` | operator, alert source | Alertmanager webhook → [`AlertResponse`] |
+//! | `GET /metrics` | operator, alert source | → Prometheus text |
+//!
+//! Errors are `{"error": "..."}` with a 4xx/5xx status.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::report::RunReport;
+
+/// Largest JSON body any endpoint accepts (bundle uploads have their own
+/// limit).
+pub const MAX_JSON_BODY: usize = 256 * 1024;
+/// Longest line of the order stream an agent accepts.
+pub const MAX_ORDER_LINE: usize = 64 * 1024;
+/// Seconds between keep-alive [`Order::Ping`]s on an idle order stream.
+pub const PING_INTERVAL_SECS: u64 = 20;
+
+/// A rollout identifier: `r-` followed by lowercase hex/digits, or any
+/// `[a-z0-9-]{1,64}`. Agents use it as a file name, so it is parsed, never
+/// trusted.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RolloutId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rollout id {0:?} is invalid: use 1-64 characters of [a-z0-9-]")]
+pub struct BadRolloutId(pub String);
+
+impl RolloutId {
+    pub fn parse(raw: &str) -> Result<Self, BadRolloutId> {
+        let ok = !raw.is_empty()
+            && raw.len() <= 64
+            && !raw.starts_with('-')
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(RolloutId(raw.to_string()))
+        } else {
+            Err(BadRolloutId(raw.to_string()))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RolloutId {
+    type Error = BadRolloutId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        RolloutId::parse(&s)
+    }
+}
+
+impl From<RolloutId> for String {
+    fn from(id: RolloutId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for RolloutId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A SHA-256 digest as 64 lowercase hex digits (bundle identity).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Sha256Hex(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a SHA-256 digest (64 lowercase hex digits)")]
+pub struct BadDigest(pub String);
+
+impl Sha256Hex {
+    pub fn parse(raw: &str) -> Result<Self, BadDigest> {
+        if raw.len() == 64
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(Sha256Hex(raw.to_string()))
+        } else {
+            Err(BadDigest(raw.to_string()))
+        }
+    }
+    pub fn of(bytes: &[u8]) -> Self {
+        use sha2::Digest;
+        Sha256Hex(hex::encode(sha2::Sha256::digest(bytes)))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Sha256Hex {
+    type Error = BadDigest;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Sha256Hex::parse(&s)
+    }
+}
+
+impl From<Sha256Hex> for String {
+    fn from(d: Sha256Hex) -> String {
+        d.0
+    }
+}
+
+impl fmt::Display for Sha256Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// ---- agent side -------------------------------------------------------------
+
+/// Body of `POST /v1/agent/connect`. The name must equal the certificate's
+/// common name: an agent cannot register as another host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+/// One line of the order stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Order {
+    /// Run this rollout's bundle once. Agents dedupe by `rollout_id`: a
+    /// second order for a rollout already started is answered with the
+    /// stored report (or `interrupted`), never a second run.
+    Run {
+        rollout_id: RolloutId,
+        bundle_sha256: Sha256Hex,
+        bundle_size: u64,
+    },
+    /// The complete fleet kill state. Sent on connect and on every change;
+    /// the agent replaces its stored fleet kill state with it, kills running
+    /// bundles newly in scope, then acknowledges `generation`.
+    KillState(KillState),
+    /// Keep-alive; carries nothing.
+    Ping,
+}
+
+/// The kill orders in force, as a whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillState {
+    /// Increases with every change; acknowledgements name it.
+    pub generation: u64,
+    /// A fleet-wide kill: every bundle, every rollout.
+    #[serde(default)]
+    pub all: Option<KillOrder>,
+    /// Kills limited to one rollout each.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutKill>,
+}
+
+impl KillState {
+    /// The kill order that forbids running `rollout`, if any.
+    pub fn covering(&self, rollout: &RolloutId) -> Option<&KillOrder> {
+        self.all.as_ref().or_else(|| {
+            self.rollouts
+                .iter()
+                .find(|k| &k.rollout_id == rollout)
+                .map(|k| &k.order)
+        })
+    }
+    pub fn is_empty(&self) -> bool {
+        self.all.is_none() && self.rollouts.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillOrder {
+    pub reason: String,
+    /// Who ordered it (operator certificate name, or `local` on a host).
+    pub by: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutKill {
+    pub rollout_id: RolloutId,
+    #[serde(flatten)]
+    pub order: KillOrder,
+}
+
+/// Body of `POST /v1/agent/reports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentReport {
+    pub rollout_id: RolloutId,
+    pub report: RunReport,
+}
+
+/// Body of `POST /v1/agent/kill-ack`: the agent applied this kill state (all
+/// running bundles it covers are dead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillAck {
+    pub generation: u64,
+    /// Bundles killed while applying it.
+    #[serde(default)]
+    pub killed: u32,
+}
+
+// ---- operator side ------------------------------------------------------------
+
+/// One wave size as the operator wrote it: an absolute count or a percentage
+/// of the in-scope hosts; sizes are cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WaveSize {
+    Count(u32),
+    Percent(u8),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("wave size {0:?} is invalid: use a host count (1, 5, ...) or a percentage from 1% to 100%")]
+pub struct BadWaveSize(pub String);
+
+impl WaveSize {
+    pub fn parse(raw: &str) -> Result<Self, BadWaveSize> {
+        let bad = || BadWaveSize(raw.to_string());
+        let raw_t = raw.trim();
+        if let Some(p) = raw_t.strip_suffix('%') {
+            let p: u8 = p.trim().parse().map_err(|_| bad())?;
+            if p == 0 || p > 100 {
+                return Err(bad());
+            }
+            Ok(WaveSize::Percent(p))
+        } else {
+            let n: u32 = raw_t.parse().map_err(|_| bad())?;
+            if n == 0 {
+                return Err(bad());
+            }
+            Ok(WaveSize::Count(n))
+        }
+    }
+
+    /// Parse a comma-separated list such as `1,5%,25%,100%`.
+    pub fn parse_list(raw: &str) -> Result<Vec<Self>, BadWaveSize> {
+        raw.split(',').map(WaveSize::parse).collect()
+    }
+
+    /// The cumulative number of hosts this size means out of `total`
+    /// (percentages round up, so 1% of 5 hosts is 1 host, not 0).
+    pub fn cumulative(&self, total: usize) -> usize {
+        match *self {
+            WaveSize::Count(n) => (n as usize).min(total),
+            WaveSize::Percent(p) => (total * p as usize).div_ceil(100),
+        }
+    }
+}
+
+impl fmt::Display for WaveSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaveSize::Count(n) => write!(f, "{n}"),
+            WaveSize::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// Body of `POST /v1/rollouts` and `POST /v1/rollouts/plan`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    pub bundle_sha256: Sha256Hex,
+    pub waves: Vec<WaveSize>,
+    /// Seconds to watch halt conditions after a wave before the next.
+    pub bake_secs: u64,
+    pub max_failures: u32,
+    #[serde(default)]
+    pub canaries: Vec<String>,
+    /// `key=value` pairs an alert's labels must all carry to halt this
+    /// rollout; empty means the default `severity=critical`.
+    #[serde(default)]
+    pub halt_on: BTreeMap<String, String>,
+}
+
+/// Answer of `PUT /v1/bundles/{sha256}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleSummary {
+    pub sha256: Sha256Hex,
+    pub name: String,
+    pub version: u64,
+    pub size: u64,
+}
+
+/// What a rollout will touch, shown before anything runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub bundle: BundleSummary,
+    pub targets: serde_json::Value,
+    pub scope: serde_json::Value,
+    /// Signer identities found in the bundle, as the bundle names them. The
+    /// controller does not verify them: each agent does, against its own
+    /// policy.
+    pub signers: Vec<String>,
+    pub timeout_secs: u64,
+    pub bake_secs: u64,
+    pub max_failures: u32,
+    pub halt_on: BTreeMap<String, String>,
+    /// Hosts per wave, in dispatch order.
+    pub waves: Vec<Vec<String>>,
+    /// Registered agents that are not in the bundle's targets.
+    pub out_of_scope: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Running,
+    Halted,
+    Completed,
+}
+
+impl RolloutState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Halted => "halted",
+            RolloutState::Completed => "completed",
+        }
+    }
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "running" => Some(RolloutState::Running),
+            "halted" => Some(RolloutState::Halted),
+            "completed" => Some(RolloutState::Completed),
+            _ => None,
+        }
+    }
+}
+
+/// Where a running rollout is inside its current wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WavePhase {
+    Dispatching,
+    Awaiting,
+    Baking,
+}
+
+/// One host's part in a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRun {
+    pub host: String,
+    pub wave: u32,
+    /// `pending` (not dispatched), `dispatched`, `timed_out`, or the
+    /// reported [`crate::report::RunStatus`] in snake case.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<RunReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub id: RolloutId,
+    pub state: RolloutState,
+    pub phase: WavePhase,
+    /// Index of the current wave (0-based); equals the wave count when done.
+    pub current_wave: u32,
+    pub wave_count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_until: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_reason: Option<String>,
+    pub plan: Plan,
+    pub hosts: Vec<HostRun>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaltRequest {
+    pub reason: String,
+}
+
+/// What a kill order covers: `"all"` or `{"rollout": "r-..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KillScope {
+    All,
+    Rollout(RolloutId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillRequest {
+    pub scope: KillScope,
+    pub reason: String,
+}
+
+/// Lifts the kill orders in force: all of them (`scope` absent) or one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiftRequest {
+    #[serde(default)]
+    pub scope: Option<KillScope>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillResponse {
+    pub state: KillState,
+    pub halted_rollouts: Vec<RolloutId>,
+    /// Agents connected when the order was pushed.
+    pub agents_sent: u32,
+    /// Agents that acknowledged (their covered bundles are dead) before the
+    /// controller answered.
+    pub agents_acked: u32,
+    /// Agents that had not acknowledged in time, by name.
+    pub agents_pending: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub connected: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertResponse {
+    pub firing: u32,
+    pub halted_rollouts: Vec<RolloutId>,
+}
+
+/// Error body of every endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Parse `key=value,key=value` (a halt selector).
+pub fn parse_selector(raw: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("selector entry {part:?} is not key=value"))?;
+        let (k, v) = (k.trim(), v.trim());
+        crate::targets::validate_label(k, v).map_err(|e| e.to_string())?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "selector {raw:?} is empty: use key=value[,key=value...]"
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollout_ids_are_file_name_safe() {
+        assert!(RolloutId::parse("r-20261123-abc").is_ok());
+        for bad in ["", "../x", "a/b", "A", "-x", &"a".repeat(65)] {
+            assert!(RolloutId::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(serde_json::from_str::<RolloutId>("\"../../etc\"").is_err());
+    }
+
+    #[test]
+    fn wave_sizes() {
+        let w = WaveSize::parse_list("1,5%,25%,100%").unwrap();
+        assert_eq!(
+            w,
+            vec![
+                WaveSize::Count(1),
+                WaveSize::Percent(5),
+                WaveSize::Percent(25),
+                WaveSize::Percent(100)
+            ]
+        );
+        assert_eq!(WaveSize::Percent(5).cumulative(10), 1);
+        assert_eq!(WaveSize::Percent(25).cumulative(10), 3);
+        assert_eq!(WaveSize::Percent(100).cumulative(10), 10);
+        assert_eq!(WaveSize::Count(50).cumulative(10), 10);
+        for bad in ["0", "0%", "101%", "x", "", "-1", "5 %%"] {
+            assert!(WaveSize::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn orders_round_trip_as_lines() {
+        let orders = vec![
+            Order::Run {
+                rollout_id: RolloutId::parse("r-1").unwrap(),
+                bundle_sha256: Sha256Hex::of(b"x"),
+                bundle_size: 1,
+            },
+            Order::KillState(KillState {
+                generation: 3,
+                all: Some(KillOrder {
+                    reason: "stop".into(),
+                    by: "op".into(),
+                    at: "2026-01-01T00:00:00Z".into(),
+                }),
+                rollouts: vec![RolloutKill {
+                    rollout_id: RolloutId::parse("r-2").unwrap(),
+                    order: KillOrder {
+                        reason: "x".into(),
+                        by: "op".into(),
+                        at: "t".into(),
+                    },
+                }],
+            }),
+            Order::Ping,
+        ];
+        for o in orders {
+            let line = serde_json::to_string(&o).unwrap();
+            assert!(!line.contains('\n'));
+            assert_eq!(serde_json::from_str::<Order>(&line).unwrap(), o);
+        }
+        assert!(serde_json::from_str::<Order>(r#"{"type":"run","rollout_id":"r-1"}"#).is_err());
+        assert!(serde_json::from_str::<Order>(r#"{"type":"format_disk"}"#).is_err());
+    }
+
+    #[test]
+    fn kill_scope_coverage() {
+        let order = KillOrder {
+            reason: "r".into(),
+            by: "op".into(),
+            at: "t".into(),
+        };
+        let r1 = RolloutId::parse("r-1").unwrap();
+        let r2 = RolloutId::parse("r-2").unwrap();
+        let mut k = KillState::default();
+        assert!(k.covering(&r1).is_none());
+        k.rollouts.push(RolloutKill {
+            rollout_id: r1.clone(),
+            order: order.clone(),
+        });
+        assert!(k.covering(&r1).is_some());
+        assert!(k.covering(&r2).is_none());
+        k.all = Some(order);
+        assert!(k.covering(&r2).is_some());
+    }
+
+    #[test]
+    fn kill_requests() {
+        let all: KillRequest = serde_json::from_str(r#"{"scope":"all","reason":"x"}"#).unwrap();
+        assert_eq!(all.scope, KillScope::All);
+        let one: KillRequest =
+            serde_json::from_str(r#"{"scope":{"rollout":"r-1"},"reason":"x"}"#).unwrap();
+        assert!(matches!(one.scope, KillScope::Rollout(_)));
+        assert!(serde_json::from_str::<KillRequest>(
+            r#"{"scope":{"rollout":"../x"},"reason":"x"}"#
+        )
+        .is_err());
+        let lift_all: LiftRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(lift_all.scope, None);
+    }
+
+    #[test]
+    fn selectors() {
+        let s = parse_selector("severity=critical, service=mail").unwrap();
+        assert_eq!(s.get("service").map(String::as_str), Some("mail"));
+        assert!(parse_selector("").is_err());
+        assert!(parse_selector("severity").is_err());
+    }
+}
