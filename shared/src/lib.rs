@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod path;
 pub mod protocol;
 pub mod report;
+pub mod signature;
 pub mod targets;
 pub mod version;
 
