@@ -1,0 +1,235 @@
+//! The per-run cgroup (cgroup v2): the one handle that reaches every
+//! process a bundle starts, however it forks, daemonizes or re-parents.
+//!
+//! Runs live at `<cgroup2 mount><agent's own cgroup>/rollguard-runs/<run-id>`.
+//! No controllers are enabled, so the cgroup v2 "no internal processes" rule
+//! does not apply and the agent may stay in its own cgroup. Killing uses
+//! `cgroup.kill` (Linux 5.14), which SIGKILLs every member atomically, with
+//! no race against forks; without it we refuse to run.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Directory, beneath the agent's own cgroup, holding one cgroup per run.
+pub const RUNS_DIR: &str = "rollguard-runs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 filesystem is mounted (looked in /proc/self/mountinfo); rollguard needs cgroup v2 to contain and kill runs")]
+    NoCgroup2,
+    #[error("cannot find this process's cgroup v2 membership in /proc/self/cgroup")]
+    NoOwnCgroup,
+    #[error("the kernel has no cgroup.kill in {0} (needs Linux 5.14+); refusing to run without a reliable kill")]
+    NoCgroupKill(PathBuf),
+    #[error("cgroup {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cgroup {path} still has processes after {waited:?}")]
+    NotEmpty { path: PathBuf, waited: Duration },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The mount point of the cgroup v2 hierarchy, and the path of the
+/// hierarchy's root within it (`/` unless mounted from a sub-cgroup).
+pub fn cgroup2_mount() -> Result<(PathBuf, String), CgroupError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err(Path::new("/proc/self/mountinfo")))?;
+    parse_cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2)
+}
+
+/// `/proc/self/mountinfo`: `id parent maj:min root mount-point opts [optional...] - fstype source superopts`.
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, String)> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mut fields = left.split_whitespace();
+        let root = unescape_mountinfo(fields.nth(3)?);
+        let mount_point = unescape_mountinfo(fields.next()?);
+        Some((PathBuf::from(mount_point), root))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let digits = &bytes[i + 1..i + 4];
+            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
+                let value = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                if let Ok(v) = u8::try_from(value) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// This process's cgroup v2 path (the `0::` line of `/proc/self/cgroup`).
+pub fn own_cgroup() -> Result<String, CgroupError> {
+    let text =
+        fs::read_to_string("/proc/self/cgroup").map_err(io_err(Path::new("/proc/self/cgroup")))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim_end_matches(" (deleted)").to_string())
+        .ok_or(CgroupError::NoOwnCgroup)
+}
+
+/// The directory under which run cgroups are created.
+pub fn runs_parent() -> Result<PathBuf, CgroupError> {
+    let (mount, root) = cgroup2_mount()?;
+    let own = own_cgroup()?;
+    // With a mount of a sub-hierarchy, /proc/self/cgroup is still relative
+    // to the hierarchy root; strip the mounted root to get a path below the
+    // mount point.
+    let relative = if root == "/" {
+        own.as_str()
+    } else {
+        own.strip_prefix(root.as_str()).unwrap_or(own.as_str())
+    };
+    let mut dir = mount;
+    for part in relative.split('/').filter(|p| !p.is_empty()) {
+        dir.push(part);
+    }
+    dir.push(RUNS_DIR);
+    Ok(dir)
+}
+
+/// One run's cgroup directory.
+#[derive(Debug, Clone)]
+pub struct RunCgroup {
+    dir: PathBuf,
+}
+
+impl RunCgroup {
+    /// Create the cgroup for `run_id` (which must be a single path
+    /// component; [`super::SandboxSpec::validate`] checks it). Fails if it
+    /// already exists: a run id is used once.
+    pub fn create(run_id: &str) -> Result<Self, CgroupError> {
+        let parent = runs_parent()?;
+        fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        let dir = parent.join(run_id);
+        fs::create_dir(&dir).map_err(io_err(&dir))?;
+        let cgroup = RunCgroup { dir };
+        if !cgroup.dir.join("cgroup.kill").exists() {
+            let _ = fs::remove_dir(&cgroup.dir);
+            return Err(CgroupError::NoCgroupKill(cgroup.dir));
+        }
+        Ok(cgroup)
+    }
+
+    /// An existing run cgroup (stage 2 gets its path from the plan).
+    pub fn open(dir: &Path) -> Result<Self, CgroupError> {
+        if !dir.join("cgroup.kill").exists() {
+            return Err(CgroupError::NoCgroupKill(dir.to_path_buf()));
+        }
+        Ok(RunCgroup {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Move a process (and all its threads) into this cgroup.
+    pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
+        let file = self.dir.join("cgroup.procs");
+        fs::write(&file, pid.to_string()).map_err(io_err(&file))
+    }
+
+    /// Processes currently in the cgroup (thread-group ids).
+    pub fn processes(&self) -> Result<Vec<u32>, CgroupError> {
+        let file = self.dir.join("cgroup.procs");
+        let text = fs::read_to_string(&file).map_err(io_err(&file))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// Whether any live process is in the cgroup (`populated` in
+    /// `cgroup.events`, which ignores zombies).
+    pub fn is_populated(&self) -> Result<bool, CgroupError> {
+        let file = self.dir.join("cgroup.events");
+        let text = fs::read_to_string(&file).map_err(io_err(&file))?;
+        Ok(text.lines().any(|l| l.trim() == "populated 1"))
+    }
+
+    /// SIGKILL every process in the cgroup, atomically.
+    pub fn kill(&self) -> Result<(), CgroupError> {
+        let file = self.dir.join("cgroup.kill");
+        fs::write(&file, "1").map_err(io_err(&file))
+    }
+
+    /// Wait until no live process is left; `false` on timeout.
+    pub fn wait_empty(&self, timeout: Duration) -> Result<bool, CgroupError> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if !self.is_populated()? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill whatever is left, wait for it to die, and remove the cgroup.
+    pub fn kill_and_remove(self, grace: Duration) -> Result<(), CgroupError> {
+        if self.is_populated()? {
+            self.kill()?;
+            if !self.wait_empty(grace)? {
+                return Err(CgroupError::NotEmpty {
+                    path: self.dir,
+                    waited: grace,
+                });
+            }
+        }
+        fs::remove_dir(&self.dir).map_err(io_err(&self.dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let info = "\
+25 1 0:23 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some((PathBuf::from("/sys/fs/cgroup/unified"), "/".to_string()))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("25 1 0:23 / /sys/fs/cgroup rw - cgroup cgroup rw\n"),
+            None
+        );
+        let escaped = "41 31 0:38 / /mnt/cg\\040two rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(escaped).unwrap().0,
+            PathBuf::from("/mnt/cg two")
+        );
+    }
+}

@@ -1,0 +1,428 @@
+//! The agent's side of a confined run: create the run cgroup, start stage 2,
+//! enforce the timeout, kill on demand, and account for every process the
+//! bundle left behind.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::cgroup::{CgroupError, RunCgroup};
+use super::spec::{SandboxSpec, SpecError, Stage2Plan};
+use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE};
+use super::STAGE2_COMMAND;
+
+pub const PLAN_FILE: &str = "sandbox-plan.json";
+pub const STDOUT_FILE: &str = "stdout";
+pub const STDERR_FILE: &str = "stderr";
+
+/// How long processes get to die after `cgroup.kill` before we give up
+/// (they can only outlive it in uninterruptible sleep).
+const KILL_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid sandbox spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("starting {agent}: {source}")]
+    Spawn { agent: PathBuf, source: io::Error },
+    #[error("lost track of the run's main process: {0}")]
+    Wait(String),
+    #[error("processes of run {run_id} did not die within {KILL_GRACE:?} of cgroup.kill")]
+    Unkillable { run_id: String },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SandboxError + 'a {
+    move |source| SandboxError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Starts confined runs by re-executing the agent binary as stage 2.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    agent_exe: PathBuf,
+}
+
+impl Launcher {
+    /// `agent_exe` must be a `rollguard-agent` binary that dispatches
+    /// [`STAGE2_COMMAND`] (tests pass `env!("CARGO_BIN_EXE_rollguard-agent")`).
+    pub fn new(agent_exe: impl Into<PathBuf>) -> Self {
+        Launcher {
+            agent_exe: agent_exe.into(),
+        }
+    }
+
+    /// The running executable (the agent itself).
+    pub fn current() -> io::Result<Self> {
+        Ok(Launcher::new(std::env::current_exe()?))
+    }
+
+    /// Create the run cgroup and start stage 2 in it. The run directory must
+    /// exist and belong to the agent; the plan, stdout, stderr and stage-2
+    /// status are written there.
+    pub fn spawn(&self, spec: &SandboxSpec) -> Result<ConfinedChild, SandboxError> {
+        spec.validate()?;
+        let run_dir = &spec.run_dir;
+        for stale in [status::STATUS_FILE, AUDIT_SESSION_FILE] {
+            match fs::remove_file(run_dir.join(stale)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("removing", &run_dir.join(stale))(e))
+                }
+                _ => {}
+            }
+        }
+        let cgroup = RunCgroup::create(&spec.run_id)?;
+        match self.start(spec, &cgroup) {
+            Ok(child) => Ok(child),
+            Err(e) => {
+                let _ = cgroup.kill_and_remove(KILL_GRACE);
+                Err(e)
+            }
+        }
+    }
+
+    fn start(&self, spec: &SandboxSpec, cgroup: &RunCgroup) -> Result<ConfinedChild, SandboxError> {
+        let run_dir = &spec.run_dir;
+        let plan = Stage2Plan {
+            spec: spec.clone(),
+            cgroup_dir: cgroup.path().to_path_buf(),
+        };
+        let plan_path = run_dir.join(PLAN_FILE);
+        write_private(
+            &plan_path,
+            &serde_json::to_vec_pretty(&plan).map_err(|e| SandboxError::Io {
+                what: "serializing",
+                path: plan_path.clone(),
+                source: io::Error::other(e),
+            })?,
+        )?;
+        let stdout_path = run_dir.join(STDOUT_FILE);
+        let stderr_path = run_dir.join(STDERR_FILE);
+        let stdout = create_private(&stdout_path)?;
+        let stderr = create_private(&stderr_path)?;
+
+        let started = Instant::now();
+        let mut child = Command::new(&self.agent_exe)
+            .arg(STAGE2_COMMAND)
+            .arg(&plan_path)
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| SandboxError::Spawn {
+                agent: self.agent_exe.clone(),
+                source,
+            })?;
+        let pid = child.id();
+        // Stage 2 joins the cgroup itself as its very first step; doing it
+        // here too covers the window before that (it cannot fork before).
+        // ESRCH just means it already exited.
+        if let Err(e) = cgroup.add_process(pid) {
+            if !matches!(&e, CgroupError::Io { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
+            {
+                let _ = cgroup.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        }
+        tracing::info!(run_id = %spec.run_id, pid, cgroup = %cgroup.path().display(), "confined run started");
+
+        let (tx, exit) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("wait-{}", spec.run_id))
+            .spawn(move || {
+                let _ = tx.send(child.wait());
+            })
+            .map_err(|source| SandboxError::Spawn {
+                agent: self.agent_exe.clone(),
+                source,
+            })?;
+
+        Ok(ConfinedChild {
+            run_id: spec.run_id.clone(),
+            pid,
+            run_dir: run_dir.clone(),
+            stdout: stdout_path,
+            stderr: stderr_path,
+            cgroup: cgroup.clone(),
+            exit,
+            started,
+            kill_state: Arc::new(KillState::default()),
+        })
+    }
+}
+
+fn create_private(path: &Path) -> Result<File, SandboxError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("creating", path))?;
+    // `mode` applies only on creation; a leftover file keeps its mode.
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io_err("chmod", path))?;
+    Ok(file)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
+    use std::io::Write;
+    let mut file = create_private(path)?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .map_err(io_err("writing", path))
+}
+
+#[derive(Debug, Default)]
+struct KillState {
+    killed: AtomicBool,
+    /// Processes alive when the kill switch was first used.
+    processes: AtomicUsize,
+}
+
+/// A clonable handle for the kill switch.
+#[derive(Debug, Clone)]
+pub struct KillHandle {
+    cgroup: RunCgroup,
+    state: Arc<KillState>,
+}
+
+impl KillHandle {
+    /// SIGKILL every process of the run (main process and descendants).
+    pub fn kill(&self) -> Result<(), CgroupError> {
+        let alive = self.cgroup.processes()?.len();
+        if !self.state.killed.swap(true, Ordering::SeqCst) {
+            self.state.processes.store(alive, Ordering::SeqCst);
+        }
+        self.cgroup.kill()
+    }
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Termination {
+    /// The bundle's main process exited with this code.
+    Exited { code: i32 },
+    /// The bundle's main process was killed by this signal (not by us).
+    Signaled { signal: i32 },
+    /// The timeout expired; every process of the run was killed.
+    TimedOut,
+    /// The kill switch was used; every process of the run was killed.
+    Killed,
+    /// Stage 2 could not confine itself; nothing of the bundle ran.
+    SetupFailed { step: String, error: String },
+    /// Confinement succeeded but the command could not be executed.
+    ExecFailed { error: String },
+}
+
+/// Everything the runner needs to report a confined run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunOutcome {
+    pub run_id: String,
+    pub termination: Termination,
+    /// Pid of stage 2, which became the bundle's main process; the Landlock
+    /// domain allocation record in the audit log carries this pid.
+    pub pid: u32,
+    /// Audit session of the run (`ses=` in seccomp audit records).
+    pub audit_session: Option<u32>,
+    /// What stage 2 applied, if it got that far.
+    pub confinement: Option<Confinement>,
+    /// Processes alive in the cgroup when the timeout or kill switch fired.
+    pub killed_processes: usize,
+    /// Processes still alive in the cgroup after the main process exited
+    /// on its own (daemonized leftovers); all were killed.
+    pub leftover_processes: usize,
+    #[serde(with = "duration_ms")]
+    pub duration: Duration,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+mod duration_ms {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u128(d.as_millis())
+    }
+}
+
+/// A running confined bundle.
+#[derive(Debug)]
+pub struct ConfinedChild {
+    run_id: String,
+    pid: u32,
+    run_dir: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    cgroup: RunCgroup,
+    exit: mpsc::Receiver<io::Result<ExitStatus>>,
+    started: Instant,
+    kill_state: Arc<KillState>,
+}
+
+impl ConfinedChild {
+    /// Pid of the main process (stage 2, then the bundle itself).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn cgroup(&self) -> &RunCgroup {
+        &self.cgroup
+    }
+
+    /// The run's audit session id, once stage 2 has written it.
+    pub fn audit_session(&self) -> Option<u32> {
+        read_session(&self.run_dir)
+    }
+
+    pub fn kill_handle(&self) -> KillHandle {
+        KillHandle {
+            cgroup: self.cgroup.clone(),
+            state: self.kill_state.clone(),
+        }
+    }
+
+    /// Kill every process of the run now (the kill switch).
+    pub fn kill(&self) -> Result<(), CgroupError> {
+        self.kill_handle().kill()
+    }
+
+    /// Wait for the main process for at most `timeout` (counted from the
+    /// start), kill everything left in the cgroup, remove the cgroup and
+    /// report.
+    pub fn wait(self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
+        let remaining = timeout.saturating_sub(self.started.elapsed());
+        let mut killed_processes = 0;
+        let mut timed_out = false;
+        let status = match self.exit.recv_timeout(remaining) {
+            Ok(status) => status,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                killed_processes = self.cgroup.processes()?.len();
+                tracing::warn!(run_id = %self.run_id, processes = killed_processes, "run timed out; killing its cgroup");
+                self.cgroup.kill()?;
+                self.exit
+                    .recv_timeout(KILL_GRACE)
+                    .map_err(|_| SandboxError::Unkillable { run_id: self.run_id.clone() })?
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(SandboxError::Wait("waiter thread vanished".into())),
+        }
+        .map_err(|e| SandboxError::Wait(e.to_string()))?;
+        let duration = self.started.elapsed();
+        let killed_by_switch = self.kill_state.killed.load(Ordering::SeqCst);
+
+        // Whatever is still in the cgroup outlived the main process.
+        let mut leftover_processes = 0;
+        if !timed_out && !killed_by_switch {
+            leftover_processes = self.cgroup.processes()?.len();
+            if leftover_processes > 0 {
+                tracing::warn!(run_id = %self.run_id, processes = leftover_processes, "processes outlived the run; killing them");
+            }
+        } else if killed_by_switch && !timed_out {
+            killed_processes = self.kill_state.processes.load(Ordering::SeqCst);
+        }
+        let run_id = self.run_id.clone();
+        self.cgroup
+            .clone()
+            .kill_and_remove(KILL_GRACE)
+            .map_err(|e| match e {
+                CgroupError::NotEmpty { .. } => SandboxError::Unkillable {
+                    run_id: run_id.clone(),
+                },
+                other => other.into(),
+            })?;
+
+        let events =
+            status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
+        let confinement = events.iter().find_map(|e| match e {
+            Event::Exec { confinement, .. } => Some(confinement.clone()),
+            _ => None,
+        });
+        let termination = if killed_by_switch {
+            Termination::Killed
+        } else if timed_out {
+            Termination::TimedOut
+        } else {
+            termination_from(&events, status, &self.stderr)
+        };
+        Ok(RunOutcome {
+            run_id: self.run_id,
+            termination,
+            pid: self.pid,
+            audit_session: read_session(&self.run_dir),
+            confinement,
+            killed_processes,
+            leftover_processes,
+            duration,
+            stdout: self.stdout,
+            stderr: self.stderr,
+        })
+    }
+}
+
+fn termination_from(events: &[Event], status: ExitStatus, stderr: &Path) -> Termination {
+    for event in events {
+        match event {
+            Event::SetupFailed { step, error } => {
+                return Termination::SetupFailed {
+                    step: step.to_string(),
+                    error: error.clone(),
+                }
+            }
+            Event::ExecFailed { error, .. } => {
+                return Termination::ExecFailed {
+                    error: error.clone(),
+                }
+            }
+            Event::Exec { .. } => {}
+        }
+    }
+    if !events.iter().any(|e| matches!(e, Event::Exec { .. })) {
+        // No report at all: stage 2 died before it could write one. Treat
+        // it as a failed setup (nothing of the bundle can have run, since
+        // the `exec` event precedes exec).
+        return Termination::SetupFailed {
+            step: Step::Start.to_string(),
+            error: format!(
+                "stage 2 ended ({status}) without reporting; see {}",
+                stderr.display()
+            ),
+        };
+    }
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Termination::Exited { code },
+        (None, Some(signal)) => Termination::Signaled { signal },
+        (None, None) => Termination::Signaled { signal: 0 },
+    }
+}
+
+fn read_session(run_dir: &Path) -> Option<u32> {
+    fs::read_to_string(run_dir.join(AUDIT_SESSION_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -1,0 +1,246 @@
+//! Private mount (and, without a network scope, network) namespace, and the
+//! private scratch and device mounts inside it.
+//!
+//! Mounts made here are visible only to the run: `/` is first made
+//! recursively private so nothing propagates back to the host.
+//!
+//! - `/tmp`, `/var/tmp`: fresh tmpfs scratch (the bundle may write there
+//!   freely; it vanishes with the run).
+//! - `/run`: an empty tmpfs, which hides systemd's private socket, D-Bus,
+//!   and other daemons' sockets, so `systemctl`/`systemd-run` cannot ask the
+//!   host's init to run something outside the sandbox. (Socket creation is
+//!   also blocked by seccomp; this is the second layer.) With a network
+//!   scope, `/run/systemd/resolve` is bound back read-only so DNS via
+//!   systemd-resolved's stub `resolv.conf` keeps working.
+//! - `/dev`: a tmpfs with only null, zero, full, random, urandom and tty,
+//!   the usual symlinks and a small `/dev/shm`. No block devices, so there
+//!   is no `/dev/sda` to write to.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::socket::{
+    self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    #[error("unshare({flags}): {source}")]
+    Unshare {
+        flags: &'static str,
+        source: nix::Error,
+    },
+    #[error("{what}: {source}")]
+    Mount { what: String, source: nix::Error },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("bringing up the loopback interface: {0}")]
+    Loopback(String),
+}
+
+fn mount_err(what: impl Into<String>) -> impl FnOnce(nix::Error) -> NamespaceError {
+    let what = what.into();
+    move |source| NamespaceError::Mount { what, source }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NamespaceError {
+    let what = what.into();
+    move |source| NamespaceError::Io { what, source }
+}
+
+/// Enter a new mount namespace (and a new network namespace when
+/// `private_network`), and stop mount propagation to the host.
+pub fn enter(private_network: bool) -> Result<(), NamespaceError> {
+    let (flags, name) = if private_network {
+        (
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET,
+            "CLONE_NEWNS|CLONE_NEWNET",
+        )
+    } else {
+        (CloneFlags::CLONE_NEWNS, "CLONE_NEWNS")
+    };
+    unshare(flags).map_err(|source| NamespaceError::Unshare {
+        flags: name,
+        source,
+    })?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(mount_err("making / recursively private"))?;
+    if private_network {
+        loopback_up()?;
+    }
+    Ok(())
+}
+
+/// Set `lo` up in the new network namespace with one RTM_NEWLINK message.
+///
+/// Hand-built because no dependency we have speaks rtnetlink, and pulling
+/// an async netlink stack into stage 2 for 32 bytes is not worth it. Safe
+/// code only: nix sockets and a byte buffer laid out as `struct nlmsghdr`
+/// followed by `struct ifinfomsg` (native endian, as netlink requires).
+fn loopback_up() -> Result<(), NamespaceError> {
+    let index =
+        nix::net::if_::if_nametoindex("lo").map_err(|e| NamespaceError::Loopback(e.to_string()))?;
+    let fd = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .map_err(|e| NamespaceError::Loopback(format!("netlink socket: {e}")))?;
+    let mut msg = Vec::with_capacity(32);
+    // struct nlmsghdr
+    msg.extend_from_slice(&32u32.to_ne_bytes()); // nlmsg_len
+    msg.extend_from_slice(&(libc::RTM_NEWLINK).to_ne_bytes()); // nlmsg_type (u16)
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes()); // nlmsg_flags
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
+                                                // struct ifinfomsg
+    msg.push(libc::AF_UNSPEC as u8); // ifi_family
+    msg.push(0); // padding
+    msg.extend_from_slice(&0u16.to_ne_bytes()); // ifi_type
+    msg.extend_from_slice(&(index as i32).to_ne_bytes()); // ifi_index
+    msg.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes()); // ifi_flags
+    msg.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes()); // ifi_change
+    debug_assert_eq!(msg.len(), 32);
+    use std::os::fd::AsRawFd;
+    socket::sendto(
+        fd.as_raw_fd(),
+        &msg,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(|e| NamespaceError::Loopback(format!("send: {e}")))?;
+    let mut reply = [0u8; 1024];
+    let n = socket::recv(fd.as_raw_fd(), &mut reply, MsgFlags::empty())
+        .map_err(|e| NamespaceError::Loopback(format!("receive: {e}")))?;
+    // The ACK is an NLMSG_ERROR message whose first payload field is the
+    // (negated) errno, 0 for success.
+    if n < 20 {
+        return Err(NamespaceError::Loopback("short netlink reply".into()));
+    }
+    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+    let error = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+    if kind != libc::NLMSG_ERROR as u16 || error != 0 {
+        return Err(NamespaceError::Loopback(format!(
+            "kernel answered type {kind}, error {}",
+            io::Error::from_raw_os_error(-error)
+        )));
+    }
+    Ok(())
+}
+
+fn mount_tmpfs(target: &str, flags: MsFlags, options: &str) -> Result<(), NamespaceError> {
+    mount(Some("tmpfs"), target, Some("tmpfs"), flags, Some(options))
+        .map_err(mount_err(format!("mounting tmpfs on {target}")))
+}
+
+/// Mount the private `/tmp`, `/var/tmp`, `/run` and `/dev`.
+pub fn mount_private_dirs(keep_resolver: bool) -> Result<(), NamespaceError> {
+    let scratch = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount_tmpfs("/tmp", scratch, "mode=1777")?;
+    if Path::new("/var/tmp").is_dir() {
+        mount_tmpfs("/var/tmp", scratch, "mode=1777")?;
+    }
+    mount_run(keep_resolver)?;
+    mount_dev()
+}
+
+fn mount_run(keep_resolver: bool) -> Result<(), NamespaceError> {
+    const RESOLVE: &str = "/run/systemd/resolve";
+    // Open the resolver directory before it is hidden, to bind it back.
+    let resolver = if keep_resolver && Path::new(RESOLVE).is_dir() {
+        Some(fs::File::open(RESOLVE).map_err(io_err(format!("opening {RESOLVE}")))?)
+    } else {
+        None
+    };
+    mount_tmpfs(
+        "/run",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        "mode=0755",
+    )?;
+    if let Some(dir) = resolver {
+        use std::os::fd::AsRawFd;
+        fs::create_dir_all(RESOLVE).map_err(io_err(format!("creating {RESOLVE}")))?;
+        let source = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        mount(
+            Some(source.as_str()),
+            RESOLVE,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(mount_err(format!("binding {RESOLVE}")))?;
+        mount(
+            None::<&str>,
+            RESOLVE,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(mount_err(format!("making {RESOLVE} read-only")))?;
+    }
+    Ok(())
+}
+
+/// The character devices a maintenance script may legitimately use.
+const DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+fn mount_dev() -> Result<(), NamespaceError> {
+    // Not nodev: the nodes below live on this tmpfs. Nobody can add nodes
+    // later (CAP_MKNOD dropped, mknod of devices blocked by seccomp,
+    // Landlock MAKE_CHAR/MAKE_BLOCK never granted).
+    mount_tmpfs(
+        "/dev",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "mode=0755,size=1m",
+    )?;
+    for (name, major, minor) in DEVICES {
+        let path = format!("/dev/{name}");
+        mknod(
+            path.as_str(),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(mount_err(format!("creating {path}")))?;
+        // mknod's mode is filtered by the umask; set it exactly.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666))
+            .map_err(io_err(format!("chmod {path}")))?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(target, format!("/dev/{link}")).map_err(io_err(format!("creating /dev/{link}")))?;
+    }
+    fs::create_dir("/dev/shm").map_err(io_err("creating /dev/shm"))?;
+    mount_tmpfs(
+        "/dev/shm",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=1777,size=64m",
+    )
+}

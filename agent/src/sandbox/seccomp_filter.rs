@@ -1,0 +1,253 @@
+//! The syscall deny-list of a run, compiled with seccompiler.
+//!
+//! Default allow, EPERM for what a maintenance script never needs and an
+//! escape or a kernel attack would: mounting and namespace games, module
+//! and kexec loading, BPF and perf, ptrace and cross-process memory access,
+//! io_uring (which bypasses syscall filtering for the I/O it performs),
+//! file handles (`open_by_handle_at` escapes mount-based confinement), the
+//! kernel keyring, userfaultfd, clock and swap changes, raw device nodes.
+//! Sockets are limited by family to IPv4, IPv6 and NETLINK_ROUTE: in
+//! particular no `AF_UNIX` socket can be created, because Landlock (before
+//! ABI 9) cannot filter connecting to a pathname socket such as
+//! `/run/systemd/private`, and seccomp cannot inspect `connect`'s address.
+//! `socketpair` stays allowed (it has no address). `AF_VSOCK` (the
+//! hypervisor channel), `AF_PACKET`, `AF_ALG` etc. are blocked too.
+//!
+//! Architecture mismatch kills the process (seccompiler's preamble), so the
+//! 32-bit syscall table cannot be used to dodge the list. On x86_64 a
+//! second, hand-written four-instruction filter also denies the x32 ABI
+//! (syscall numbers with bit 30 set share the x86_64 audit arch): the
+//! deny-list is keyed by exact syscall number, so it cannot express
+//! "every number with that bit" itself.
+//!
+//! Installed last (after Landlock) with `SECCOMP_FILTER_FLAG_LOG`, so each
+//! EPERM is audited ([`super::seccomp_install`]).
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("seccomp filters are not built for the {0} architecture")]
+    UnsupportedArch(&'static str),
+    #[error("compiling the seccomp filter: {0}")]
+    Compile(#[from] seccompiler::BackendError),
+}
+
+fn target_arch() -> Result<TargetArch, FilterError> {
+    TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|_| FilterError::UnsupportedArch(std::env::consts::ARCH))
+}
+
+/// Denied whatever their arguments.
+fn denied_syscalls() -> Vec<libc::c_long> {
+    let mut list = vec![
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_move_mount,
+        libc::SYS_open_tree,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_mount_setattr,
+        libc::SYS_chroot,
+        libc::SYS_unshare,
+        libc::SYS_setns,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_reboot,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_userfaultfd,
+        libc::SYS_acct,
+        libc::SYS_quotactl,
+        libc::SYS_quotactl_fd,
+        libc::SYS_syslog,
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_clock_adjtime,
+        libc::SYS_adjtimex,
+        libc::SYS_lookup_dcookie,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    list.extend([libc::SYS_iopl, libc::SYS_ioperm]);
+    list
+}
+
+fn cond(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, FilterError> {
+    Ok(SeccompCondition::new(arg, len, op, value)?)
+}
+
+/// `(mode & S_IFMT) == S_IFCHR` or `S_IFBLK`: creating device nodes
+/// (FIFOs and regular files via mknod stay allowed).
+fn device_node_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
+    let fmt = u64::from(libc::S_IFMT);
+    [libc::S_IFCHR, libc::S_IFBLK]
+        .into_iter()
+        .map(|kind| {
+            Ok(SeccompRule::new(vec![cond(
+                mode_arg,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(fmt),
+                u64::from(kind),
+            )?])?)
+        })
+        .collect()
+}
+
+/// Any socket family other than IPv4/IPv6/netlink, and netlink other than
+/// NETLINK_ROUTE (reading addresses for getaddrinfo; changing them needs
+/// CAP_NET_ADMIN, which is dropped). Audit netlink is thus unreachable.
+fn socket_rules() -> Result<Vec<SeccompRule>, FilterError> {
+    let family = |op, value: libc::c_int| cond(0, SeccompCmpArgLen::Dword, op, value as u64);
+    Ok(vec![
+        SeccompRule::new(vec![
+            family(SeccompCmpOp::Ne, libc::AF_INET)?,
+            family(SeccompCmpOp::Ne, libc::AF_INET6)?,
+            family(SeccompCmpOp::Ne, libc::AF_NETLINK)?,
+        ])?,
+        SeccompRule::new(vec![
+            family(SeccompCmpOp::Eq, libc::AF_NETLINK)?,
+            cond(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Ne,
+                libc::NETLINK_ROUTE as u64,
+            )?,
+        ])?,
+    ])
+}
+
+/// `clone` with any namespace flag (CLONE_NEWTIME shares its bit with
+/// CSIGNAL in `clone`, so it can only be requested via clone3/unshare,
+/// both of which are handled elsewhere).
+fn clone_rules() -> Result<Vec<SeccompRule>, FilterError> {
+    [
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWCGROUP,
+    ]
+    .into_iter()
+    .map(|flag| {
+        let flag = flag as u64;
+        Ok(SeccompRule::new(vec![cond(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )?])?)
+    })
+    .collect()
+}
+
+/// The deny-list: EPERM on match, allow otherwise.
+pub fn deny_list() -> Result<BpfProgram, FilterError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = denied_syscalls()
+        .into_iter()
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    rules.insert(libc::SYS_mknod, device_node_rules(1)?);
+    rules.insert(libc::SYS_mknodat, device_node_rules(2)?);
+    rules.insert(libc::SYS_socket, socket_rules()?);
+    rules.insert(libc::SYS_clone, clone_rules()?);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        target_arch()?,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// clone3 answers ENOSYS: its flags live in a struct seccomp cannot read,
+/// and ENOSYS makes glibc fall back to `clone`, whose flags we can check.
+pub fn clone3_fallback() -> Result<BpfProgram, FilterError> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        target_arch()?,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// x86_64 only: deny every x32-ABI syscall (number with bit 30 set).
+#[cfg(target_arch = "x86_64")]
+pub fn x32_guard() -> BpfProgram {
+    const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const BPF_JMP_JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const BPF_JMP_JSET_K: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+    const BPF_RET_K: u16 = 0x06;
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    const OFFSET_NR: u32 = 0;
+    const OFFSET_ARCH: u32 = 4;
+    let ins = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        ins(BPF_LD_W_ABS, 0, 0, OFFSET_ARCH),
+        // Other architectures: leave to the deny-list's arch check (kill).
+        ins(BPF_JMP_JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+        ins(BPF_LD_W_ABS, 0, 0, OFFSET_NR),
+        ins(BPF_JMP_JSET_K, 0, 1, X32_SYSCALL_BIT),
+        ins(
+            BPF_RET_K,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        ins(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
+/// Every filter to install, in order.
+pub fn all_filters() -> Result<Vec<BpfProgram>, FilterError> {
+    #[allow(unused_mut)]
+    let mut filters = vec![deny_list()?, clone3_fallback()?];
+    #[cfg(target_arch = "x86_64")]
+    filters.push(x32_guard());
+    Ok(filters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_for_this_architecture() {
+        let filters = all_filters().unwrap();
+        assert!(filters.iter().all(|f| !f.is_empty() && f.len() < 4096));
+    }
+}

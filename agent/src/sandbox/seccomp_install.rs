@@ -1,0 +1,56 @@
+//! Installing a compiled seccomp filter with `SECCOMP_FILTER_FLAG_LOG`.
+//!
+//! seccompiler compiles our filters but its `apply_filter` passes no flags.
+//! We need `SECCOMP_FILTER_FLAG_LOG` so every non-allow result (our EPERMs)
+//! is written to the kernel audit log (type 1326, `AUDIT_SECCOMP`, with the
+//! run's `ses=`): an attempt is an alert. That is one `seccomp(2)` call
+//! with a pointer to the program, hence this tiny unsafe module.
+#![allow(unsafe_code)]
+
+use seccompiler::sock_filter;
+
+/// `struct sock_fprog` from `<linux/filter.h>`, pointing at seccompiler's
+/// `#[repr(C)]` `sock_filter` (same layout as the kernel's).
+#[repr(C)]
+struct SockFprog {
+    len: libc::c_ushort,
+    filter: *const sock_filter,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("the seccomp program is empty or longer than 65535 instructions")]
+    BadLength,
+    #[error("seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_LOG) failed: {0}")]
+    Syscall(std::io::Error),
+}
+
+/// Install `program` on the calling thread (stage 2 is single-threaded and
+/// checks it). Requires `PR_SET_NO_NEW_PRIVS` (or CAP_SYS_ADMIN).
+pub fn install_logged(program: &[sock_filter]) -> Result<(), InstallError> {
+    let len = libc::c_ushort::try_from(program.len()).map_err(|_| InstallError::BadLength)?;
+    if len == 0 {
+        return Err(InstallError::BadLength);
+    }
+    let fprog = SockFprog {
+        len,
+        filter: program.as_ptr(),
+    };
+    // SAFETY: `fprog` points at `program`, a live slice of exactly `len`
+    // instructions, for the whole call; the kernel copies the program
+    // (copy_from_user) before returning and keeps no pointer to our memory.
+    // The flags and operation are plain integers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_LOG,
+            &fprog as *const SockFprog,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(InstallError::Syscall(std::io::Error::last_os_error()))
+    }
+}

@@ -1,0 +1,257 @@
+//! What one confined run is allowed to do: the contract between the agent
+//! and stage 2, written as JSON into the run directory.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use rollguard_shared::manifest::Scope;
+use rollguard_shared::path::ScopePath;
+use serde::{Deserialize, Serialize};
+
+/// Oldest Landlock ABI we run under: ABI 3 adds `LANDLOCK_ACCESS_FS_TRUNCATE`,
+/// without which a read-only file could still be emptied with `O_TRUNC`.
+pub const MIN_LANDLOCK_ABI: u32 = 3;
+/// Landlock ABI that can filter TCP by port (needed for a network scope).
+pub const NETWORK_LANDLOCK_ABI: u32 = 4;
+
+const MAX_RUN_ID: usize = 64;
+const MAX_ENV_VARS: usize = 64;
+const MAX_ENV_VALUE: usize = 4096;
+const MAX_PROTECTED: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("run id {0:?} is invalid: use 1-64 characters of [A-Za-z0-9_-]")]
+    BadRunId(String),
+    #[error("{what} {path:?} must be an absolute path without '.' or '..' components")]
+    BadPath { what: &'static str, path: PathBuf },
+    #[error("the command is empty or has an argument with a NUL byte")]
+    BadCommand,
+    #[error("environment variable {0:?} is not allowed: extra variables must match ROLLGUARD_[A-Z0-9_]+ and have no NUL byte")]
+    BadEnv(String),
+    #[error("too many {0}")]
+    TooMany(&'static str),
+    #[error("landlock minimum ABI {0} is below the supported floor of {MIN_LANDLOCK_ABI}")]
+    AbiTooLow(u32),
+}
+
+/// An allowed TCP egress endpoint. Landlock filters TCP by port only, so
+/// the host is kept for reports but not enforced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpEndpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+/// The bundle's scope, in the form stage 2 needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxScope {
+    /// Create, modify, truncate beneath these.
+    pub write: Vec<ScopePath>,
+    /// Unlink, rmdir, rename-away beneath these.
+    pub delete: Vec<ScopePath>,
+    /// When non-empty, reads are confined to these plus system directories.
+    pub read: Vec<ScopePath>,
+    /// TCP egress; empty means a private network namespace with only `lo`.
+    pub network: Vec<TcpEndpoint>,
+}
+
+impl From<&Scope> for SandboxScope {
+    fn from(scope: &Scope) -> Self {
+        SandboxScope {
+            write: scope.write.clone(),
+            delete: scope.delete.clone(),
+            read: scope.read.clone(),
+            network: scope
+                .network
+                .iter()
+                .map(|e| TcpEndpoint {
+                    host: e.host.clone(),
+                    port: e.port,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One confined run. The timeout is not here: it is enforced by the parent
+/// ([`super::ConfinedChild::wait`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// Names the run cgroup (`.../rollguard-runs/<run_id>`).
+    pub run_id: String,
+    /// The unpacked payload; readable and executable, and the working directory.
+    pub payload_dir: PathBuf,
+    /// Agent-owned directory for the plan, stdout/stderr and stage-2 status.
+    /// Must not be writable by the bundle.
+    pub run_dir: PathBuf,
+    /// `command[0]` is absolute (`/bin/sh`) or a payload file (`./apply.sh`).
+    pub command: Vec<String>,
+    /// Extra environment (`ROLLGUARD_*` only) on top of the fixed clean set.
+    pub env: BTreeMap<String, String>,
+    pub scope: SandboxScope,
+    /// Host-protected paths, canonicalized by the caller: nothing at all is
+    /// granted on or beneath them.
+    pub protected: Vec<PathBuf>,
+    /// Lowest Landlock ABI accepted (at least [`MIN_LANDLOCK_ABI`]).
+    pub landlock_min_abi: u32,
+}
+
+impl SandboxSpec {
+    /// The Landlock ABI this spec needs: the floor, raised to 4 for TCP rules.
+    pub fn required_landlock_abi(&self) -> u32 {
+        let mut abi = self.landlock_min_abi.max(MIN_LANDLOCK_ABI);
+        if !self.scope.network.is_empty() {
+            abi = abi.max(NETWORK_LANDLOCK_ABI);
+        }
+        abi
+    }
+
+    /// Structural checks; both the parent and stage 2 run them.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let id_ok = !self.run_id.is_empty()
+            && self.run_id.len() <= MAX_RUN_ID
+            && self
+                .run_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !id_ok {
+            return Err(SpecError::BadRunId(self.run_id.clone()));
+        }
+        check_path("payload_dir", &self.payload_dir)?;
+        check_path("run_dir", &self.run_dir)?;
+        if self.protected.len() > MAX_PROTECTED {
+            return Err(SpecError::TooMany("protected paths"));
+        }
+        for p in &self.protected {
+            check_path("protected path", p)?;
+        }
+        if self.command.is_empty()
+            || self.command[0].is_empty()
+            || self.command.iter().any(|a| a.contains('\0'))
+        {
+            return Err(SpecError::BadCommand);
+        }
+        if self.env.len() > MAX_ENV_VARS {
+            return Err(SpecError::TooMany("environment variables"));
+        }
+        for (key, value) in &self.env {
+            let key_ok = key.len() > "ROLLGUARD_".len()
+                && key.starts_with("ROLLGUARD_")
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            if !key_ok || value.contains('\0') || value.len() > MAX_ENV_VALUE {
+                return Err(SpecError::BadEnv(key.clone()));
+            }
+        }
+        if self.landlock_min_abi < MIN_LANDLOCK_ABI {
+            return Err(SpecError::AbiTooLow(self.landlock_min_abi));
+        }
+        Ok(())
+    }
+
+    /// The program to exec: absolute as given, or resolved in the payload.
+    pub fn program(&self) -> PathBuf {
+        let first = &self.command[0];
+        if first.starts_with('/') {
+            PathBuf::from(first)
+        } else {
+            self.payload_dir
+                .join(first.strip_prefix("./").unwrap_or(first))
+        }
+    }
+}
+
+/// What the parent writes for stage 2: the spec plus where the parent put
+/// the run cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage2Plan {
+    pub spec: SandboxSpec,
+    pub cgroup_dir: PathBuf,
+}
+
+fn check_path(what: &'static str, path: &Path) -> Result<(), SpecError> {
+    let ok = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::BadPath {
+            what,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec {
+            run_id: "run-1".into(),
+            payload_dir: "/var/lib/rollguard/runs/run-1/payload".into(),
+            run_dir: "/var/lib/rollguard/runs/run-1".into(),
+            command: vec!["./apply.sh".into()],
+            env: BTreeMap::new(),
+            scope: SandboxScope::default(),
+            protected: vec!["/srv/backup".into()],
+            landlock_min_abi: MIN_LANDLOCK_ABI,
+        }
+    }
+
+    #[test]
+    fn accepts_a_plain_spec() {
+        spec().validate().unwrap();
+        assert_eq!(
+            spec().program(),
+            PathBuf::from("/var/lib/rollguard/runs/run-1/payload/apply.sh")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_fields() {
+        let mut s = spec();
+        s.run_id = "../x".into();
+        assert!(matches!(s.validate(), Err(SpecError::BadRunId(_))));
+        let mut s = spec();
+        s.protected = vec!["/srv/../etc".into()];
+        assert!(matches!(s.validate(), Err(SpecError::BadPath { .. })));
+        let mut s = spec();
+        s.env.insert("LD_PRELOAD".into(), "/tmp/x.so".into());
+        assert!(matches!(s.validate(), Err(SpecError::BadEnv(_))));
+        let mut s = spec();
+        s.command = vec![];
+        assert!(matches!(s.validate(), Err(SpecError::BadCommand)));
+        let mut s = spec();
+        s.landlock_min_abi = 2;
+        assert!(matches!(s.validate(), Err(SpecError::AbiTooLow(2))));
+    }
+
+    #[test]
+    fn network_raises_the_required_abi() {
+        let mut s = spec();
+        assert_eq!(s.required_landlock_abi(), 3);
+        s.scope.network.push(TcpEndpoint {
+            host: "10.0.0.1".into(),
+            port: 443,
+        });
+        assert_eq!(s.required_landlock_abi(), 4);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let mut v = serde_json::to_value(spec()).unwrap();
+        v.as_object_mut()
+            .unwrap()
+            .insert("timeout".into(), 5.into());
+        assert!(serde_json::from_value::<SandboxSpec>(v).is_err());
+    }
+}

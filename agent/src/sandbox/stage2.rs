@@ -1,0 +1,291 @@
+//! Stage 2: the process that confines itself and becomes the bundle.
+//!
+//! Runs as `rollguard-agent __sandbox-exec PLAN.json`, single-threaded,
+//! before anything else in `main`. The order is fixed and each step
+//! depends on the ones before:
+//!
+//! 0. checks: one thread (Landlock and seccomp apply per thread), umask
+//!    022, every inherited fd above 2 marked close-on-exec, plan valid;
+//! 1. join the run cgroup, *first*, so nothing this process becomes can
+//!    escape `cgroup.kill`;
+//! 2. new audit session (needs CAP_AUDIT_CONTROL, dropped in 4), its id
+//!    written to `<run_dir>/audit-session`;
+//! 3. `unshare(CLONE_NEWNS[|CLONE_NEWNET])`, `/` rprivate, `lo` up, private
+//!    `/tmp`, `/var/tmp`, `/run`, minimal `/dev` (needs CAP_SYS_ADMIN and
+//!    CAP_MKNOD, dropped in 4; must precede 6 because Landlock rules attach
+//!    to the inodes of these new mounts);
+//! 4. capabilities cut to the keep-list;
+//! 5. `PR_SET_NO_NEW_PRIVS` (required by 6 and 7 without CAP_SYS_ADMIN);
+//! 6. Landlock, hard requirement;
+//! 7. seccomp, last, so that nothing above is blocked by it (e.g. mount,
+//!    unshare) and so the filter also covers everything that follows;
+//! 8. verify in `/proc/self/status` (NoNewPrivs 1, Seccomp 2, no capability
+//!    outside the keep-list), clean environment, `chdir` to the payload,
+//!    `exec` in place: no fork, so the pid that created the Landlock domain
+//!    is the bundle's pid.
+//!
+//! Any failure: a `setup-failed` status event, a message on stderr, exit
+//! 125, and nothing executed.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::stat::{umask, Mode};
+
+use super::cgroup::RunCgroup;
+use super::spec::{SandboxSpec, Stage2Plan};
+use super::status::{
+    Confinement, Event, StatusWriter, Step, AUDIT_SESSION_FILE, EXIT_EXEC_FAILED, EXIT_NOT_FOUND,
+    EXIT_SETUP_FAILED,
+};
+use super::{
+    audit_session, capabilities, landlock_rules, namespaces, seccomp_filter, seccomp_install,
+};
+
+/// `PATH` of the bundle: the standard Debian root path.
+pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+struct Failure {
+    step: Step,
+    error: String,
+}
+
+fn at<E: std::fmt::Display>(step: Step) -> impl FnOnce(E) -> Failure {
+    move |e| Failure {
+        step,
+        error: e.to_string(),
+    }
+}
+
+/// Entry point of `rollguard-agent __sandbox-exec PLAN.json`. Returns only
+/// on failure (on success the process has become the bundle).
+pub fn stage2_main(plan_path: &Path) -> ExitCode {
+    let plan = match load_plan(plan_path) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!(
+                "rollguard sandbox: cannot load the plan {}: {e}; nothing was run",
+                plan_path.display()
+            );
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
+    let mut status = match StatusWriter::create(&plan.spec.run_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "rollguard sandbox: cannot open the status file in {}: {e}; nothing was run",
+                plan.spec.run_dir.display()
+            );
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
+    match confine(&plan) {
+        Ok(confinement) => exec(&plan.spec, confinement, &mut status),
+        Err(Failure { step, error }) => setup_failed(&mut status, step, error),
+    }
+}
+
+fn setup_failed(status: &mut StatusWriter, step: Step, error: String) -> ExitCode {
+    eprintln!("rollguard sandbox: {step}: {error}; nothing was run");
+    status.record(&Event::SetupFailed { step, error });
+    ExitCode::from(EXIT_SETUP_FAILED)
+}
+
+fn load_plan(path: &Path) -> Result<Stage2Plan, String> {
+    let bytes = fs::read(path).map_err(|e| e.to_string())?;
+    let plan: Stage2Plan = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    plan.spec.validate().map_err(|e| e.to_string())?;
+    Ok(plan)
+}
+
+/// Steps 0-7.
+fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
+    let spec = &plan.spec;
+
+    // 0. Preconditions.
+    require_single_thread().map_err(at(Step::Start))?;
+    umask(Mode::from_bits_truncate(0o022));
+    close_inherited_fds().map_err(at(Step::Start))?;
+    // Compile the filters now: a compile error should stop us before any
+    // change to the process.
+    let filters = seccomp_filter::all_filters().map_err(at(Step::Seccomp))?;
+
+    // 1. cgroup.
+    let cgroup = RunCgroup::open(&plan.cgroup_dir).map_err(at(Step::Cgroup))?;
+    cgroup
+        .add_process(std::process::id())
+        .map_err(at(Step::Cgroup))?;
+    let own = super::cgroup::own_cgroup().map_err(at(Step::Cgroup))?;
+    if !plan.cgroup_dir.ends_with(own.trim_start_matches('/')) {
+        return Err(Failure {
+            step: Step::Cgroup,
+            error: format!(
+                "joined {} but /proc/self/cgroup says {own}",
+                plan.cgroup_dir.display()
+            ),
+        });
+    }
+
+    // 2. Audit session.
+    let session = audit_session::start_new().map_err(at(Step::AuditSession))?;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(spec.run_dir.join(AUDIT_SESSION_FILE))
+        .and_then(|mut f| io::Write::write_all(&mut f, session.to_string().as_bytes()))
+        .map_err(at(Step::AuditSession))?;
+
+    // 3. Namespaces and private mounts.
+    let private_network = spec.scope.network.is_empty();
+    namespaces::enter(private_network).map_err(at(Step::Namespaces))?;
+    namespaces::mount_private_dirs(!private_network).map_err(at(Step::Mounts))?;
+
+    // 4. Capabilities.
+    capabilities::drop_to_keep_list().map_err(at(Step::Capabilities))?;
+
+    // 5. No new privileges.
+    nix::sys::prctl::set_no_new_privs().map_err(at(Step::NoNewPrivs))?;
+
+    // 6. Landlock.
+    let enforced = landlock_rules::restrict_self(spec).map_err(at(Step::Landlock))?;
+
+    // 7. seccomp, last.
+    for filter in &filters {
+        seccomp_install::install_logged(filter).map_err(at(Step::Seccomp))?;
+    }
+
+    // 8a. Verify what the kernel reports.
+    verify_status().map_err(at(Step::Verify))?;
+
+    Ok(Confinement {
+        landlock_abi: enforced.abi,
+        landlock_fs_rules: enforced.fs_rules,
+        tcp_connect_ports: enforced.tcp_ports,
+        landlock_scoped: enforced.scoped,
+        landlock_log_new_exec: enforced.log_new_exec,
+        private_network,
+        seccomp_filters: filters.len(),
+        audit_session: session,
+    })
+}
+
+/// Step 8: clean environment, payload as working directory, exec in place.
+/// Returns only if `exec` failed.
+fn exec(spec: &SandboxSpec, confinement: Confinement, status: &mut StatusWriter) -> ExitCode {
+    if let Err(e) = nix::unistd::chdir(&spec.payload_dir) {
+        return setup_failed(
+            status,
+            Step::Exec,
+            format!("chdir to the payload {}: {e}", spec.payload_dir.display()),
+        );
+    }
+    let program = spec.program();
+    status.record(&Event::Exec {
+        program: program.clone(),
+        confinement,
+    });
+    let error = Command::new(&program)
+        .arg0(&spec.command[0])
+        .args(&spec.command[1..])
+        .env_clear()
+        .envs(clean_env(spec))
+        .exec();
+    // Confinement is complete here; a command that cannot start is the
+    // bundle's problem, reported with the shell's conventional codes.
+    let code = if error.kind() == io::ErrorKind::NotFound {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_EXEC_FAILED
+    };
+    let message = format!("cannot execute {}: {error}", program.display());
+    eprintln!("rollguard sandbox: {message}");
+    status.record(&Event::ExecFailed {
+        program,
+        error: message,
+    });
+    ExitCode::from(code)
+}
+
+/// The bundle's whole environment. HOME is the private `/tmp`: tools that
+/// write caches or dotfiles succeed, nothing written there persists, and
+/// tools are not pointed at root's credential files.
+fn clean_env(spec: &SandboxSpec) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PATH".to_string(), PATH.to_string()),
+        ("TMPDIR".to_string(), "/tmp".to_string()),
+        ("HOME".to_string(), "/tmp".to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("ROLLGUARD_RUN_ID".to_string(), spec.run_id.clone()),
+        (
+            "ROLLGUARD_PAYLOAD_DIR".to_string(),
+            spec.payload_dir.display().to_string(),
+        ),
+    ];
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+fn status_field(status: &str, name: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+}
+
+fn require_single_thread() -> Result<(), String> {
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    match status_field(&status, "Threads:").as_deref() {
+        Some("1") => Ok(()),
+        other => Err(format!(
+            "stage 2 must be single-threaded, found Threads: {other:?}"
+        )),
+    }
+}
+
+/// Mark every fd above stderr close-on-exec, so nothing the agent leaked
+/// (an audit socket, a state file) reaches the bundle.
+fn close_inherited_fds() -> Result<(), String> {
+    let fds: Vec<i32> = fs::read_dir("/proc/self/fd")
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds.into_iter().filter(|fd| *fd > 2) {
+        match fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            // The directory fd used for listing is already closed.
+            Ok(_) | Err(nix::errno::Errno::EBADF) => {}
+            Err(e) => return Err(format!("fd {fd}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn verify_status() -> Result<(), String> {
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let nnp = status_field(&status, "NoNewPrivs:");
+    let seccomp = status_field(&status, "Seccomp:");
+    if nnp.as_deref() != Some("1") || seccomp.as_deref() != Some("2") {
+        return Err(format!(
+            "kernel reports NoNewPrivs {nnp:?}, Seccomp {seccomp:?}; expected 1 and 2"
+        ));
+    }
+    let keep = capabilities::keep_mask();
+    for name in ["CapBnd:", "CapPrm:", "CapEff:", "CapInh:", "CapAmb:"] {
+        let value = status_field(&status, name)
+            .and_then(|v| u64::from_str_radix(&v, 16).ok())
+            .ok_or_else(|| format!("no {name} in /proc/self/status"))?;
+        if value & !keep != 0 {
+            return Err(format!(
+                "{name} {value:016x} has capabilities outside the keep-list {keep:016x}"
+            ));
+        }
+    }
+    Ok(())
+}
