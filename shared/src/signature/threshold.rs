@@ -347,8 +347,9 @@ pub fn evaluate(
     }
 }
 
-/// Everything about one signature: armor, claim, namespace, algorithm,
-/// cryptography, then trust. On success, its key and candidate principals.
+/// Everything about one signature: armor (first, so that diagnostics can
+/// name the key), claim, namespace, algorithm, cryptography, then trust.
+/// On success, its key and candidate principals.
 fn judge(
     raw: &RawSignature,
     message: &[u8],
@@ -356,14 +357,14 @@ fn judge(
     now: Timestamp,
     diag: &mut SignatureDiagnostic,
 ) -> Result<(KeyData, BTreeSet<String>), Rejection> {
+    let sig = sshsig::parse(&raw.armored)?;
+    diag.key_fingerprint = Some(sig.public_key().fingerprint(HashAlg::Sha256).to_string());
+    diag.key_algorithm = Some(sig.public_key().algorithm().to_string());
     if let Some(signer) = &raw.signer {
         validate_principal(signer).map_err(|e| Rejection::InvalidSigner {
             detail: e.to_string(),
         })?;
     }
-    let sig = sshsig::parse(&raw.armored)?;
-    diag.key_fingerprint = Some(sig.public_key().fingerprint(HashAlg::Sha256).to_string());
-    diag.key_algorithm = Some(sig.public_key().algorithm().to_string());
     let key = sshsig::check(&sig, message)?;
     let principals = trusted_principals(&key, raw.signer.as_deref(), allowed, now)?;
     Ok((key, principals))

@@ -501,6 +501,11 @@ fn invalid_claims_are_rejected_and_unsignable() {
     ] {
         let mut raw = signed(&alice);
         raw.signer = Some(bad.to_string());
+        let e = evaluate(MANIFEST, std::slice::from_ref(&raw), &allowed, now());
+        assert!(
+            e.signatures[0].key_fingerprint.is_some(),
+            "the key is still named"
+        );
         assert!(
             matches!(rejection(raw, &allowed), Rejection::InvalidSigner { .. }),
             "{bad:?}"
