@@ -97,9 +97,12 @@ fn unknown_keys_are_errors_everywhere() {
     assert!(matches!(Manifest::parse(text.as_bytes()), Err(ManifestError::Toml(_))));
 }
 
+/// (text to replace, replacement, expected error)
+type Case = (&'static str, &'static str, fn(&ManifestError) -> bool);
+
 #[test]
 fn bad_values_have_specific_errors() {
-    let cases: &[(&str, &str, fn(&ManifestError) -> bool)] = &[
+    let cases: &[Case] = &[
         ("name = \"fix-mail-queue\"", "name = \"Fix_Mail\"", |e| matches!(e, ManifestError::BadName(_))),
         ("name = \"fix-mail-queue\"", "name = \"-x\"", |e| matches!(e, ManifestError::BadName(_))),
         ("version = 7", "version = -1", |e| matches!(e, ManifestError::Toml(_))),
