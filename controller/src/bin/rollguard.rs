@@ -1,1 +1,23 @@
-fn main() {}
+//! `rollguard`: the operator CLI (bundles, rollouts, kill switch).
+//! A thin binary: the subcommands live in `rollguard_controller::cli`.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use rollguard_controller::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    rollguard_controller::cli::init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Bundle(cmd) => rollguard_controller::cli::bundle::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

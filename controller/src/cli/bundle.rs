@@ -1,11 +1,419 @@
-//! `rollguard bundle ...` — placeholder; the integrator owns this file and
-//! replaces its contents.
+//! `rollguard bundle ...`: build, sign, verify and inspect bundles.
+//!
+//! Everything here works on local files; nothing talks to the controller.
+//! `inspect` is what a reviewer reads before signing, so it puts the blast
+//! radius (targets, scopes, command) first and flags anything broad.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use rollguard_shared::archive::{self, BuildOptions, Limits, OpenedBundle, StoredSignature};
+use rollguard_shared::manifest::{Manifest, SKELETON};
+use rollguard_shared::signature::{self, AllowedSigners, RawSignature, VerifyError};
+use serde_json::json;
+use sha2::{Digest, Sha256};
 
 /// Bundle subcommands.
-#[derive(Debug, clap::Subcommand)]
-pub enum BundleCommand {}
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Write a commented bundle skeleton (bundle.toml + apply.sh) into DIR.
+    Init {
+        /// New or empty directory.
+        dir: PathBuf,
+    },
+    /// Build a bundle file from a source directory (bundle.toml + payload).
+    Build {
+        /// Directory holding bundle.toml and the files to ship.
+        src: PathBuf,
+        /// The bundle file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// zstd-compress the bundle.
+        #[arg(long)]
+        zstd: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the exact manifest bytes that signatures cover (for `ssh-keygen -Y sign`).
+    Manifest { bundle: PathBuf },
+    /// Sign a bundle with an OpenSSH ed25519 private key.
+    Sign {
+        bundle: PathBuf,
+        /// OpenSSH private key (passphrase from ROLLGUARD_KEY_PASSPHRASE if encrypted).
+        #[arg(long)]
+        key: PathBuf,
+        /// The principal you sign as (as listed in allowed_signers).
+        #[arg(long)]
+        signer: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach a signature made with `ssh-keygen -Y sign -n rollguard-bundle` over `bundle manifest`.
+    AttachSignature {
+        bundle: PathBuf,
+        /// The .sig file ssh-keygen wrote.
+        signature: PathBuf,
+        /// The principal the signature claims.
+        #[arg(long)]
+        signer: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify signatures (distinct principals), expiry and payload digests.
+    ///
+    /// Exit status 0 when the bundle is valid; 1 with a specific message when
+    /// it is not.
+    Verify {
+        bundle: PathBuf,
+        /// OpenSSH allowed_signers file that decides which signatures count.
+        #[arg(long)]
+        allowed_signers: PathBuf,
+        /// Distinct principals required.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the blast radius a reviewer signs off on.
+    Inspect {
+        bundle: PathBuf,
+        /// Also say which signatures this trust file accepts.
+        #[arg(long)]
+        allowed_signers: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 /// Run a bundle subcommand.
-pub fn run(command: BundleCommand) -> anyhow::Result<()> {
-    match command {}
+pub fn run(command: BundleCommand) -> Result<ExitCode> {
+    match command {
+        BundleCommand::Init { dir } => init(&dir).map(|_| ExitCode::SUCCESS),
+        BundleCommand::Build { src, output, zstd, json } => build(&src, &output, zstd, json),
+        BundleCommand::Manifest { bundle } => {
+            let opened = open(&bundle)?;
+            std::io::stdout().write_all(&opened.manifest_bytes)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BundleCommand::Sign { bundle, key, signer, json } => sign(&bundle, &key, signer, json),
+        BundleCommand::AttachSignature { bundle, signature, signer, json } => {
+            attach(&bundle, &signature, signer, json)
+        }
+        BundleCommand::Verify { bundle, allowed_signers, threshold, json } => {
+            verify(&bundle, &allowed_signers, threshold, json)
+        }
+        BundleCommand::Inspect { bundle, allowed_signers, json } => {
+            inspect(&bundle, allowed_signers.as_deref(), json)
+        }
+    }
+}
+
+const SKELETON_SCRIPT: &str = "#!/bin/sh\n\
+# Runs confined: only the paths in bundle.toml's [scope] can change.\n\
+set -eu\n\
+echo \"hello from $ROLLGUARD_BUNDLE on $ROLLGUARD_HOST\"\n";
+
+fn init(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if std::fs::read_dir(dir)?.next().is_some() {
+        bail!("{} is not empty; `bundle init` only writes into a new or empty directory", dir.display());
+    }
+    for (name, text, mode) in [("bundle.toml", SKELETON, 0o644), ("apply.sh", SKELETON_SCRIPT, 0o755)] {
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(text.as_bytes())?;
+    }
+    println!("wrote {0}/bundle.toml and {0}/apply.sh; edit both, then `rollguard bundle build {0} -o NAME.bundle`", dir.display());
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn open(path: &Path) -> Result<OpenedBundle<'static>> {
+    archive::open_file(path, &Limits::default()).with_context(|| format!("{} is not a valid bundle", path.display()))
+}
+
+fn raw_signatures(stored: &[StoredSignature]) -> Vec<RawSignature> {
+    stored.iter().map(|s| RawSignature { armored: s.armored.clone(), signer: s.signer.clone() }).collect()
+}
+
+fn build(src: &Path, output: &Path, zstd: bool, json: bool) -> Result<ExitCode> {
+    let built = archive::build(src, &BuildOptions { zstd, limits: Limits::default() })
+        .with_context(|| format!("building a bundle from {}", src.display()))?;
+    archive::write_bundle_file(output, &built.bytes).with_context(|| format!("writing {}", output.display()))?;
+    let m = &built.manifest;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "bundle": output,
+                "name": m.bundle.name,
+                "version": m.bundle.version,
+                "files": m.payload.len(),
+                "payload_bytes": m.payload_size(),
+                "manifest_sha256": sha256_hex(&built.manifest_bytes),
+                "bundle_sha256": sha256_hex(&built.bytes),
+                "compressed": zstd,
+            })
+        );
+    } else {
+        println!(
+            "built {} ({} v{}, {} files, {} bytes of payload); unsigned: sign it with `rollguard bundle sign {} --key KEY`",
+            output.display(),
+            m.bundle.name,
+            m.bundle.version,
+            m.payload.len(),
+            m.payload_size(),
+            output.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn add_signature(bundle: &Path, sig: RawSignature, json: bool) -> Result<ExitCode> {
+    let bytes = std::fs::read(bundle).with_context(|| format!("reading {}", bundle.display()))?;
+    let fingerprint = signature::public_key_fingerprint(&sig).unwrap_or_else(|_| "unknown key".into());
+    let signer = sig.signer.clone();
+    let new = archive::add_signature(&bytes, StoredSignature { armored: sig.armored, signer: sig.signer }, &Limits::default())
+        .with_context(|| format!("adding the signature to {}", bundle.display()))?;
+    archive::write_bundle_file(bundle, &new).with_context(|| format!("writing {}", bundle.display()))?;
+    let count = archive::open(new.as_slice(), &Limits::default())?.signatures.len();
+    if json {
+        println!("{}", json!({"bundle": bundle, "key": fingerprint, "signer": signer, "signatures": count}));
+    } else {
+        println!(
+            "signed {} with {}{} ({} signature{} now)",
+            bundle.display(),
+            fingerprint,
+            signer.map(|s| format!(" as {s}")).unwrap_or_default(),
+            count,
+            if count == 1 { "" } else { "s" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sign(bundle: &Path, key: &Path, signer: Option<String>, json: bool) -> Result<ExitCode> {
+    let opened = open(bundle)?;
+    let key = signature::load_private_key(key).with_context(|| format!("loading key {}", key.display()))?;
+    let sig = signature::sign(&opened.manifest_bytes, &key, signer)?;
+    drop(opened);
+    add_signature(bundle, sig, json)
+}
+
+fn attach(bundle: &Path, sig_file: &Path, signer: Option<String>, json: bool) -> Result<ExitCode> {
+    let armored = std::fs::read_to_string(sig_file).with_context(|| format!("reading {}", sig_file.display()))?;
+    let sig = RawSignature { armored, signer };
+    // Refuse a signature that does not even verify over these bytes (wrong
+    // file signed, wrong namespace): attaching it could only confuse
+    // reviewers. Whether its key is trusted is each host's decision.
+    let opened = open(bundle)?;
+    let evaluation = signature::evaluate(&opened.manifest_bytes, std::slice::from_ref(&sig), &AllowedSigners::default(), jiff::Timestamp::now());
+    if let Some(diag) = evaluation.signatures.first() {
+        use signature::Rejection;
+        match diag.rejection() {
+            None | Some(Rejection::KeyNotAllowed) | Some(Rejection::SignerNotListed { .. }) => {}
+            Some(_) => bail!("{} does not verify over this bundle's manifest: {diag}", sig_file.display()),
+        }
+    }
+    drop(opened);
+    add_signature(bundle, sig, json)
+}
+
+/// Why `verify` failed; the JSON `failure` field.
+fn verify(bundle: &Path, allowed: &Path, threshold: usize, json: bool) -> Result<ExitCode> {
+    let fail = |kind: &str, message: String, extra: serde_json::Value| -> Result<ExitCode> {
+        if json {
+            println!("{}", json!({"valid": false, "failure": kind, "error": message, "details": extra}));
+        } else {
+            eprintln!("invalid bundle: {message}");
+        }
+        Ok(ExitCode::from(1))
+    };
+    let opened = match archive::open_file(bundle, &Limits::default()) {
+        Ok(o) => o,
+        Err(e) => return fail("bad_bundle", e.to_string(), json!(null)),
+    };
+    let allowed_signers = AllowedSigners::load(allowed).with_context(|| format!("loading {}", allowed.display()))?;
+    let now = jiff::Timestamp::now();
+    let sigs = raw_signatures(&opened.signatures);
+    let verified = match signature::verify_threshold(&opened.manifest_bytes, &sigs, &allowed_signers, now, threshold) {
+        Ok(v) => v,
+        Err(VerifyError::ZeroThreshold) => bail!("--threshold must be at least 1"),
+        Err(e) => {
+            let details = serde_json::to_value(e.diagnostics())?;
+            return fail("signatures", e.to_string(), details);
+        }
+    };
+    let manifest: Manifest = opened.manifest.clone();
+    if manifest.is_expired(now) {
+        return fail("expired", format!("bundle expired at {}", manifest.bundle.expires), json!(null));
+    }
+    let summary = match opened.verify_payload() {
+        Ok(s) => s,
+        Err(e) => return fail("payload", e.to_string(), json!(null)),
+    };
+    if json {
+        println!(
+            "{}",
+            json!({
+                "valid": true,
+                "name": manifest.bundle.name,
+                "version": manifest.bundle.version,
+                "signers": verified.principals,
+                "threshold": threshold,
+                "expires": manifest.bundle.expires,
+                "files": summary.files,
+                "payload_bytes": summary.bytes,
+                "signatures": verified.signatures,
+            })
+        );
+    } else {
+        println!(
+            "valid: {} v{} signed by {} (threshold {}), expires {}, {} payload files verified",
+            manifest.bundle.name,
+            manifest.bundle.version,
+            verified.principals.join(", "),
+            threshold,
+            manifest.bundle.expires,
+            summary.files
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let opened = open(bundle)?;
+    let allowed_signers = match allowed {
+        Some(p) => AllowedSigners::load(p).with_context(|| format!("loading {}", p.display()))?,
+        None => AllowedSigners::default(),
+    };
+    let now = jiff::Timestamp::now();
+    let sigs = raw_signatures(&opened.signatures);
+    let evaluation = signature::evaluate(&opened.manifest_bytes, &sigs, &allowed_signers, now);
+    let m = &opened.manifest;
+    let warnings = blast_radius_warnings(m, now);
+    if json {
+        println!(
+            "{}",
+            json!({
+                "name": m.bundle.name,
+                "version": m.bundle.version,
+                "description": m.bundle.description,
+                "expires": m.bundle.expires,
+                "expired": m.is_expired(now),
+                "manifest_sha256": sha256_hex(&opened.manifest_bytes),
+                "targets": m.targets,
+                "scope": m.scope,
+                "run": m.run,
+                "payload": m.payload,
+                "signatures": evaluation.signatures,
+                "trusted_principals": allowed.map(|_| &evaluation.principals),
+                "warnings": warnings,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = String::new();
+    let list = |v: Vec<String>| if v.is_empty() { "(none)".to_string() } else { v.join(", ") };
+    out.push_str(&format!("bundle      {} v{}\n", m.bundle.name, m.bundle.version));
+    if !m.bundle.description.is_empty() {
+        out.push_str(&format!("            {}\n", m.bundle.description));
+    }
+    out.push_str(&format!(
+        "expires     {}{}\n",
+        m.bundle.expires,
+        if m.is_expired(now) { "  (EXPIRED)" } else { "" }
+    ));
+    out.push_str(&format!("manifest    sha256:{}\n\n", sha256_hex(&opened.manifest_bytes)));
+    out.push_str("WHERE it runs\n");
+    out.push_str(&format!(
+        "  hosts     {}\n",
+        list(m.targets.hosts().iter().map(|h| h.as_str().to_string()).collect())
+    ));
+    out.push_str(&format!(
+        "  labels    {}\n\n",
+        list(m.targets.labels().iter().map(|(k, v)| format!("{k}={v}")).collect())
+    ));
+    out.push_str("WHAT it may change (everything else is read-only; host-protected paths are always off limits)\n");
+    out.push_str(&format!("  write     {}\n", list(m.scope.write.iter().map(|p| p.to_string()).collect())));
+    out.push_str(&format!("  delete    {}\n", list(m.scope.delete.iter().map(|p| p.to_string()).collect())));
+    out.push_str(&format!(
+        "  read      {}\n",
+        if m.scope.read.is_empty() {
+            "everything except host-protected paths".to_string()
+        } else {
+            list(m.scope.read.iter().map(|p| p.to_string()).collect())
+        }
+    ));
+    out.push_str(&format!(
+        "  network   {}\n\n",
+        if m.scope.network.is_empty() {
+            "none (private network namespace)".to_string()
+        } else {
+            list(m.scope.network.iter().map(|e| format!("tcp {e}")).collect())
+        }
+    ));
+    out.push_str("WHAT it runs\n");
+    out.push_str(&format!("  command   {:?}\n", m.run.command));
+    out.push_str(&format!("  timeout   {}\n", humantime::format_duration(m.run.timeout)));
+    out.push_str(&format!("  payload   {} files, {} bytes\n", m.payload.len(), m.payload_size()));
+    for f in &m.payload {
+        out.push_str(&format!("    {:04o} {:>10}  {}  sha256:{}\n", f.mode, f.size, f.path, &hex::encode(f.sha256)[..16]));
+    }
+    out.push_str(&format!("\nSIGNATURES ({})\n", evaluation.signatures.len()));
+    if evaluation.signatures.is_empty() {
+        out.push_str("  (none: no host will run this bundle)\n");
+    }
+    for d in &evaluation.signatures {
+        out.push_str(&format!("  {d}\n"));
+    }
+    if allowed.is_some() {
+        out.push_str(&format!("  trusted principals: {}\n", list(evaluation.principals.clone())));
+    }
+    if !warnings.is_empty() {
+        out.push_str("\nWARNINGS\n");
+        for w in &warnings {
+            out.push_str(&format!("  ! {w}\n"));
+        }
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Things a reviewer should look at twice.
+fn blast_radius_warnings(m: &Manifest, now: jiff::Timestamp) -> Vec<String> {
+    let mut w = Vec::new();
+    if m.targets.matches_every_name() {
+        w.push("a host pattern matches EVERY host name".to_string());
+    }
+    if !m.scope.delete.is_empty() {
+        w.push(format!(
+            "deletes beneath {} (hosts may require more signers for deleting bundles)",
+            m.scope.delete.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    for p in m.scope.write.iter().chain(&m.scope.delete) {
+        if p.as_path().components().count() <= 2 {
+            w.push(format!("{p} is a top-level directory: a broad scope"));
+        }
+    }
+    if !m.scope.network.is_empty() {
+        w.push("has network access (TCP ports are enforced; addresses and UDP are not)".to_string());
+    }
+    if m.is_expired(now) {
+        w.push("expired: agents will refuse it".to_string());
+    }
+    w
 }

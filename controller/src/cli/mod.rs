@@ -1,3 +1,58 @@
-//! The `rollguard` operator CLI (subcommand implementations).
+//! The `rollguard` operator CLI: clap definitions and subcommand
+//! implementations. Kept in the library so packaging can generate man pages
+//! and completions from the same definitions.
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 pub mod bundle;
+
+/// rollguard operator CLI: build, sign and inspect bundles; roll them out in
+/// waves; stop everything with the kill switch.
+#[derive(Debug, Parser)]
+#[command(name = "rollguard", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build, sign, verify and inspect bundle files.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+}
+
+/// Logs go to stderr (stdout is for results and `--json`); `RUST_LOG`
+/// overrides the default level.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// The clap command of `rollguard`, for man pages and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::command().debug_assert();
+    }
+}
