@@ -6,6 +6,7 @@
 //! bundles only ever sees the typed values.
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod manifest;
 pub mod path;
 pub mod protocol;
