@@ -40,8 +40,9 @@ pub const SIGNATURES_DIR: &str = "signatures";
 pub const PAYLOAD_DIR: &str = "payload";
 /// Name of the source manifest in a source directory.
 pub const SOURCE_MANIFEST: &str = "bundle.toml";
-/// Longest signer line (the claimed principal), without its newline.
-pub const MAX_SIGNER_BYTES: usize = 255;
+/// Longest signer line (the claimed principal), without its newline; the
+/// same bound as `signature::MAX_PRINCIPAL_BYTES`.
+pub const MAX_SIGNER_BYTES: usize = 256;
 /// At most this many bytes of zero padding may follow the end-of-archive
 /// block (tar writers pad to their record size, 10 KiB for GNU tar).
 pub const MAX_TRAILING_ZEROS: u64 = 64 * 1024;

@@ -222,7 +222,7 @@ pub(super) fn check_signer(path: &str, bytes: &[u8]) -> Result<String, ArchiveEr
     };
     let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
     if line.len() > super::MAX_SIGNER_BYTES {
-        return Err(bad("longer than 255 bytes"));
+        return Err(bad("longer than 256 bytes"));
     }
     let text = std::str::from_utf8(line).map_err(|_| bad("not UTF-8"))?;
     if text.is_empty() {

@@ -134,7 +134,7 @@ pub fn open<'a, R: std::io::Read + Send + 'a>(
                 if entry.size > MAX_SIGNER_BYTES as u64 + 1 {
                     return Err(ArchiveError::BadSigner {
                         path: entry.path,
-                        reason: "longer than 255 bytes",
+                        reason: "longer than 256 bytes",
                     });
                 }
                 let bytes = tar.read_small(entry.size)?;
