@@ -8,3 +8,6 @@ pub mod cli;
 pub mod policy;
 pub mod state;
 pub mod sandbox;
+pub mod audit_log;
+pub mod kernel_audit;
+pub mod runner;

@@ -1,8 +1,22 @@
+//! `rollguard-agent`: a thin binary over the `rollguard_agent` library.
+#![forbid(unsafe_code)]
+
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::ExitCode;
 
-use rollguard_agent::sandbox::{stage2_main, STAGE2_COMMAND};
+use clap::Parser;
+use rollguard_agent::cli::{AuditCommand, Cli, Command, LogFormat};
+use rollguard_agent::policy::HostPolicy;
+use rollguard_agent::runner::{run_bundle, RunOptions};
+use rollguard_agent::sandbox::{stage2_main, KernelSupport, STAGE2_COMMAND};
+use rollguard_agent::{audit_log, state::StateDir};
+use rollguard_shared::report::{RunReport, RunStatus};
+
+/// Exit statuses of `run`.
+const EXIT_FAILED: u8 = 1;
+const EXIT_REFUSED: u8 = 2;
+const EXIT_ERROR: u8 = 3;
 
 fn main() -> ExitCode {
     // Sandbox stage 2 (`__sandbox-exec PLAN.json`) must be dispatched before
@@ -18,6 +32,155 @@ fn main() -> ExitCode {
             }
         };
     }
-    println!("rollguard-agent: not yet built");
-    ExitCode::SUCCESS
+
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => run(&args.policy.policy, &args.bundle, args.json),
+        Command::Check(args) => check(&args.policy.policy, args.json),
+        Command::Audit(AuditCommand::Verify { policy, json }) => audit_verify(&policy.policy, json),
+        Command::SandboxExec { .. } => unreachable!("dispatched before argument parsing"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load_policy(path: &Path) -> anyhow::Result<HostPolicy> {
+    HostPolicy::load(path).map_err(|e| anyhow::anyhow!("policy {}: {e}", path.display()))
+}
+
+fn run(policy: &Path, bundle: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let policy = load_policy(policy)?;
+    let report = run_bundle(&policy, bundle, &RunOptions::current()?);
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::from(match report.status {
+        RunStatus::Succeeded if !report.is_alert() => 0,
+        RunStatus::Refused => EXIT_REFUSED,
+        _ => EXIT_FAILED,
+    }))
+}
+
+fn print_report(r: &RunReport) {
+    let bundle = r.bundle.as_ref().map(|b| format!("{} v{}", b.name, b.version)).unwrap_or_else(|| "bundle".into());
+    let status = serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(str::to_uppercase)).unwrap_or_default();
+    println!("{bundle} on {}: {status} ({} ms)", r.host, r.duration_ms);
+    if let Some(reason) = &r.reason {
+        println!("  reason: {reason}");
+    }
+    if let Some(code) = r.exit_code {
+        println!("  exit code: {code}");
+    }
+    if !r.signers.is_empty() {
+        println!("  signed by: {}", r.signers.join(", "));
+    }
+    match &r.denials {
+        None => println!("  denials: UNKNOWN (kernel audit unavailable on this host)"),
+        Some(d) if d.is_empty() => println!("  denials: none"),
+        Some(d) => {
+            println!("  DENIED ({} in total): the bundle attempted accesses outside its scope", r.denial_count.unwrap_or(d.len() as u64));
+            for denial in d {
+                println!("    {} {}", denial.access, denial.path.as_deref().unwrap_or(""));
+            }
+        }
+    }
+    for (name, text) in [("stdout", &r.stdout_tail), ("stderr", &r.stderr_tail)] {
+        if !text.is_empty() {
+            println!("  {name} (tail):");
+            for line in text.lines() {
+                println!("    | {line}");
+            }
+        }
+    }
+}
+
+fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let kernel = KernelSupport::probe();
+    let policy = HostPolicy::load(policy_path);
+    let kernel_ok = kernel.require(false);
+    let state = policy.as_ref().ok().map(|p| StateDir::open(p.state_dir()));
+    let ok = policy.is_ok() && kernel_ok.is_ok() && matches!(state, Some(Ok(_)));
+    if json {
+        let v = serde_json::json!({
+            "ok": ok,
+            "policy": policy_path,
+            "policy_error": policy.as_ref().err().map(|e| e.to_string()),
+            "host": policy.as_ref().ok().map(|p| p.identity()),
+            "state_error": state.as_ref().and_then(|s| s.as_ref().err()).map(|e| e.to_string()),
+            "kernel": kernel,
+            "kernel_error": kernel_ok.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{v}");
+    } else {
+        match &policy {
+            Ok(p) => {
+                let id = p.identity();
+                println!("policy {}: ok (host {}, {} protected paths)", policy_path.display(), id.name, p.protected().len());
+            }
+            Err(e) => println!("policy {}: ERROR: {e}", policy_path.display()),
+        }
+        if let Some(Err(e)) = &state {
+            println!("state directory: ERROR: {e}");
+        }
+        println!("kernel {}:", kernel.kernel_release);
+        println!("  landlock ABI      {}", kernel.landlock_abi.map(|v| v.to_string()).unwrap_or_else(|| "unavailable".into()));
+        println!("  seccomp filters   {}", yes(kernel.seccomp_filter));
+        println!("  cgroup v2 + kill  {}", yes(kernel.cgroup_kill));
+        println!("  audit sessions    {}", yes(kernel.audit_sessions));
+        match &kernel_ok {
+            Ok(()) => println!("  => bundles can be confined"),
+            Err(e) => println!("  => REFUSING to run bundles: {e}"),
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) })
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "NO"
+    }
+}
+
+fn audit_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let policy = load_policy(policy)?;
+    let state = StateDir::open(policy.state_dir())?;
+    let log = audit_log::AuditLog::new(&state);
+    match audit_log::verify(log.path()) {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::json!({"ok": true, "entries": report.entries, "head": report.head}));
+            } else {
+                println!("audit log {}: {} entries, chain intact", log.path().display(), report.entries);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
+            } else {
+                println!("audit log {}: TAMPERED OR DAMAGED: {e}", log.path().display());
+            }
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+    }
 }

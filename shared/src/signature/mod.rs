@@ -134,3 +134,9 @@ pub enum SignatureError {
     #[error("malformed signature: {0}")]
     Armor(String),
 }
+
+impl From<crate::archive::StoredSignature> for RawSignature {
+    fn from(s: crate::archive::StoredSignature) -> Self {
+        RawSignature { armored: s.armored, signer: s.signer }
+    }
+}

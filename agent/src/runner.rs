@@ -1,0 +1,348 @@
+//! One run of one bundle: verify, refuse or run confined, report.
+//!
+//! This is where the host's policy meets the bundle. The order matters and
+//! is the same for `rollguard-agent run` and the daemon:
+//!
+//! 1. kill switch in force → refuse;
+//! 2. open the bundle as hostile input (manifest + signatures only);
+//! 3. signatures: distinct principals ≥ the host's threshold (the stricter
+//!    `delete_threshold` when the bundle deletes);
+//! 4. expiry; 5. this host in `[targets]`; 6. scopes against protected
+//!    paths and the host's ceiling; 7. the kernel can confine it; 8. version
+//!    newer than any run here (cheap check, before unpacking);
+//! 9. unpack the payload (digests checked) into a private run directory;
+//! 10. record the version as started, durably, under the state lock (the
+//!     atomic rollback check), mark the run in progress, log it;
+//! 11. start the audit listener, launch the sandbox, wait (timeout kills
+//!     the cgroup), collect denials;
+//! 12. log the result, clear the in-progress marker, remove the run dir.
+//!
+//! Every refusal happens before step 10, so a refused bundle never burns a
+//! version and never executes anything.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rollguard_shared::archive::{self, Limits};
+use rollguard_shared::report::{BundleRef, RefusalKind, RunReport, RunStatus};
+use rollguard_shared::signature::{self, AllowedSigners, RawSignature};
+use sha2::{Digest, Sha256};
+
+use crate::audit_log::{AuditEvent, AuditLog};
+use crate::kernel_audit::AuditListener;
+use crate::policy::HostPolicy;
+use crate::sandbox::spec::MIN_LANDLOCK_ABI;
+use crate::sandbox::{KernelSupport, KillHandle, Launcher, SandboxSpec, Termination};
+use crate::state::{RunId, RunMarker, StateDir};
+
+/// How long to wait after the bundle ends for its Landlock domain to be
+/// deallocated (the record that carries the authoritative denial count).
+const AUDIT_SETTLE: Duration = Duration::from_secs(2);
+/// How much of stdout/stderr goes into the report.
+const TAIL_BYTES: u64 = 4096;
+
+/// Called with the run's kill handle as soon as the bundle is running (the
+/// daemon keeps it for kill-switch orders).
+pub type OnStart = Arc<dyn Fn(&str, KillHandle) + Send + Sync>;
+
+/// Options of one run.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// The `rollguard-agent` binary that runs stage 2 of the sandbox.
+    pub agent_exe: PathBuf,
+    /// The rollout this run belongs to (daemon runs), passed to the bundle
+    /// as `ROLLGUARD_ROLLOUT`.
+    pub rollout_id: Option<String>,
+    pub on_start: Option<OnStart>,
+}
+
+impl RunOptions {
+    /// Options for the running agent binary itself.
+    pub fn current() -> std::io::Result<Self> {
+        Ok(RunOptions { agent_exe: std::env::current_exe()?, rollout_id: None, on_start: None })
+    }
+}
+
+/// A refusal: the kind and the sentence.
+struct Refusal(RefusalKind, String);
+
+impl Refusal {
+    fn new(kind: RefusalKind, why: impl std::fmt::Display) -> Self {
+        Refusal(kind, why.to_string())
+    }
+}
+
+/// What we know about the bundle once its manifest parsed.
+struct Known {
+    bundle: BundleRef,
+    manifest_sha256: String,
+}
+
+fn empty_report(host: &str, started: Instant) -> RunReport {
+    RunReport {
+        status: RunStatus::Refused,
+        exit_code: None,
+        reason: None,
+        refusal: None,
+        denials: Some(vec![]),
+        denial_count: Some(0),
+        bundle: None,
+        host: host.to_string(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        signers: vec![],
+        leftover_processes: 0,
+        run_id: None,
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+    }
+}
+
+/// Verify `bundle_path` against `policy` and run it once, confined. Never
+/// panics on bad input; every outcome is a report.
+pub fn run_bundle(policy: &HostPolicy, bundle_path: &Path, opts: &RunOptions) -> RunReport {
+    let started = Instant::now();
+    let host = policy.identity().name;
+    let state = match StateDir::open(policy.state_dir()) {
+        Ok(s) => s,
+        Err(e) => {
+            let mut r = empty_report(&host, started);
+            r.refusal = Some(RefusalKind::HostError);
+            r.reason = Some(format!("state directory: {e}"));
+            return r;
+        }
+    };
+    let log = AuditLog::new(&state);
+    let mut known = None;
+    let result = prepare_and_run(policy, &state, &log, bundle_path, opts, &mut known, started);
+    match result {
+        Ok(report) => report,
+        Err(Refusal(kind, reason)) => {
+            tracing::warn!(bundle = %bundle_path.display(), ?kind, %reason, "bundle refused");
+            let mut r = empty_report(&host, started);
+            r.refusal = Some(kind);
+            r.reason = Some(reason.clone());
+            r.bundle = known.as_ref().map(|k: &Known| k.bundle.clone());
+            let event = AuditEvent::Refused {
+                bundle: r.bundle.clone(),
+                manifest_sha256: known.map(|k| k.manifest_sha256),
+                refusal: kind,
+                reason,
+            };
+            if let Err(e) = log.append(event) {
+                tracing::error!("cannot record the refusal in the audit log: {e}");
+            }
+            r
+        }
+    }
+}
+
+fn prepare_and_run(
+    policy: &HostPolicy,
+    state: &StateDir,
+    log: &AuditLog,
+    bundle_path: &Path,
+    opts: &RunOptions,
+    known: &mut Option<Known>,
+    started: Instant,
+) -> Result<RunReport, Refusal> {
+    let host = policy.identity();
+    if let Some(order) = state.kill_in_force().map_err(|e| Refusal::new(RefusalKind::HostError, e))? {
+        return Err(Refusal::new(
+            RefusalKind::KillSwitch,
+            format!("a kill-switch order is in force on this host: {}", order.reason),
+        ));
+    }
+
+    let opened = archive::open_file(bundle_path, &Limits::default())
+        .map_err(|e| Refusal::new(RefusalKind::BadBundle, format!("{}: {e}", bundle_path.display())))?;
+    let manifest = opened.manifest.clone();
+    let manifest_sha256 = hex::encode(Sha256::digest(&opened.manifest_bytes));
+    let bundle = BundleRef { name: manifest.bundle.name.to_string(), version: manifest.bundle.version };
+    *known = Some(Known { bundle: bundle.clone(), manifest_sha256: manifest_sha256.clone() });
+
+    // Trust: the host's own threshold, stricter for bundles that delete.
+    let allowed = AllowedSigners::load(&policy.trust().allowed_signers)
+        .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
+    let threshold = policy.required_threshold(&manifest.scope);
+    let signatures: Vec<RawSignature> = opened.signatures.iter().cloned().map(Into::into).collect();
+    let now = jiff::Timestamp::now();
+    let verified = signature::verify_threshold(&opened.manifest_bytes, &signatures, &allowed, now, threshold)
+        .map_err(|e| Refusal::new(RefusalKind::Signatures, e))?;
+
+    if manifest.is_expired(now) {
+        return Err(Refusal::new(RefusalKind::Expired, format!("bundle expired at {}", manifest.bundle.expires)));
+    }
+    manifest.targets.check(&host).map_err(|e| Refusal::new(RefusalKind::NotTarget, e))?;
+    policy.check_scope(&manifest.scope).map_err(|e| Refusal::new(e.refusal_kind(), e))?;
+    KernelSupport::probe()
+        .require(!manifest.scope.network.is_empty())
+        .map_err(|e| Refusal::new(RefusalKind::KernelUnsupported, e))?;
+    let last = state.last_version(&manifest.bundle.name).map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    rollguard_shared::version::check_newer(bundle.name.as_str(), last, bundle.version)
+        .map_err(|e| Refusal::new(RefusalKind::Rollback, e))?;
+
+    // Unpack into a private run directory; digests are checked on the way.
+    let run_id = RunId::generate().map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let run_dir = state.create_run_dir(&run_id).map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let cleanup = |state: &StateDir| {
+        if let Err(e) = state.remove_run_dir(&run_id) {
+            tracing::warn!(run_id = %run_id, "cannot remove the run directory: {e}");
+        }
+    };
+    let payload_dir = run_dir.join("payload");
+    if let Err(e) = std::fs::create_dir(&payload_dir) {
+        cleanup(state);
+        return Err(Refusal::new(RefusalKind::HostError, format!("{}: {e}", payload_dir.display())));
+    }
+    if let Err(e) = opened.unpack_payload(&payload_dir) {
+        cleanup(state);
+        return Err(Refusal::new(RefusalKind::BadBundle, format!("payload: {e}")));
+    }
+
+    // Point of no return: durable before acted upon.
+    if let Err(e) = state.record_started(&manifest.bundle.name, bundle.version) {
+        cleanup(state);
+        return Err(Refusal::new(e.refusal_kind(), e));
+    }
+    let marker = RunMarker::new(run_id.clone(), bundle.clone(), manifest_sha256.clone())
+        .and_then(|m| state.mark_in_progress(&m));
+    if let Err(e) = marker {
+        cleanup(state);
+        return Err(Refusal::new(RefusalKind::HostError, e));
+    }
+    let logged = log.append(AuditEvent::RunStarted {
+        run_id: run_id.to_string(),
+        bundle: bundle.clone(),
+        manifest_sha256: manifest_sha256.clone(),
+        signers: verified.principals.clone(),
+        scope: (&manifest.scope).into(),
+    });
+    if let Err(e) = logged {
+        // No unlogged runs: an audit log we cannot write is a host error.
+        let _ = state.clear_in_progress(&run_id);
+        cleanup(state);
+        return Err(Refusal::new(RefusalKind::HostError, format!("audit log: {e}")));
+    }
+
+    let mut report = empty_report(&host.name, started);
+    report.bundle = Some(bundle.clone());
+    report.signers = verified.principals;
+    report.run_id = Some(run_id.to_string());
+
+    let env = [
+        ("ROLLGUARD_BUNDLE", bundle.name.clone()),
+        ("ROLLGUARD_BUNDLE_VERSION", bundle.version.to_string()),
+        ("ROLLGUARD_HOST", host.name.clone()),
+        ("ROLLGUARD_RUN_ID", run_id.to_string()),
+    ]
+    .into_iter()
+    .chain(opts.rollout_id.clone().map(|r| ("ROLLGUARD_ROLLOUT", r)))
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let spec = SandboxSpec {
+        run_id: run_id.to_string(),
+        payload_dir: payload_dir.clone(),
+        run_dir: run_dir.clone(),
+        command: manifest.run.command.clone(),
+        env,
+        scope: (&manifest.scope).into(),
+        protected: policy.protected_canonical().iter().map(|p| p.as_path().to_path_buf()).collect(),
+        landlock_min_abi: MIN_LANDLOCK_ABI,
+    };
+
+    execute(&spec, opts, manifest.run.timeout, &mut report);
+    report.duration_ms = started.elapsed().as_millis() as u64;
+
+    if let Err(e) = log.append(AuditEvent::run_finished(&report, run_id.as_str(), bundle, &manifest_sha256)) {
+        tracing::error!(run_id = %run_id, "cannot record the result in the audit log: {e}");
+    }
+    if let Err(e) = state.clear_in_progress(&run_id) {
+        tracing::error!(run_id = %run_id, "cannot clear the in-progress marker: {e}");
+    }
+    cleanup(state);
+    Ok(report)
+}
+
+/// Launch the sandbox, wait, and fill in status, exit code, denials and
+/// output tails.
+fn execute(spec: &SandboxSpec, opts: &RunOptions, timeout: Duration, report: &mut RunReport) {
+    // Listen before spawning so no record of this run can be missed.
+    let audit = AuditListener::start().map_err(|e| {
+        tracing::warn!("denials cannot be observed on this host: {e}");
+        e.to_string()
+    });
+    let child = match Launcher::new(&opts.agent_exe).spawn(spec) {
+        Ok(c) => c,
+        Err(e) => {
+            report.status = RunStatus::Failed;
+            report.reason = Some(format!("could not start the sandbox: {e}"));
+            return;
+        }
+    };
+    if let Some(on_start) = &opts.on_start {
+        on_start(&spec.run_id, child.kill_handle());
+    }
+    let outcome = match child.wait(timeout) {
+        Ok(o) => o,
+        Err(e) => {
+            report.status = RunStatus::Failed;
+            report.reason = Some(format!("lost track of the run: {e}"));
+            return;
+        }
+    };
+    report.leftover_processes = outcome.leftover_processes as u32;
+    report.stdout_tail = tail(&outcome.stdout);
+    report.stderr_tail = tail(&outcome.stderr);
+    let (status, exit_code, reason) = match &outcome.termination {
+        Termination::Exited { code: 0 } => (RunStatus::Succeeded, Some(0), None),
+        Termination::Exited { code } => (RunStatus::Failed, Some(*code), Some(format!("exited with status {code}"))),
+        Termination::Signaled { signal } => (RunStatus::Failed, None, Some(format!("killed by signal {signal}"))),
+        Termination::TimedOut => {
+            (RunStatus::TimedOut, None, Some(format!("timed out after {}", humantime::format_duration(timeout))))
+        }
+        Termination::Killed => (RunStatus::Killed, None, Some("killed by a kill-switch order".to_string())),
+        Termination::SetupFailed { step, error } => (
+            RunStatus::Failed,
+            None,
+            Some(format!("sandbox setup failed at {step}: {error}; nothing was executed")),
+        ),
+        Termination::ExecFailed { error } => (RunStatus::Failed, None, Some(format!("could not execute the command: {error}"))),
+    };
+    report.status = status;
+    report.exit_code = exit_code;
+    report.reason = reason;
+    if outcome.leftover_processes > 0 {
+        let note = format!("{} process(es) left behind were killed", outcome.leftover_processes);
+        report.reason = Some(match report.reason.take() {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
+    }
+    match audit {
+        Ok(listener) => {
+            let denials = listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);
+            if !denials.is_complete() {
+                tracing::warn!(gaps = ?denials.gaps, "denial records may be incomplete");
+            }
+            let (list, count) = denials.report_fields();
+            report.denials = list;
+            report.denial_count = count;
+        }
+        Err(_) => {
+            report.denials = None;
+            report.denial_count = None;
+        }
+    }
+}
+
+/// The last [`TAIL_BYTES`] of a file, lossily decoded.
+fn tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+    let mut buf = Vec::new();
+    let _ = f.take(TAIL_BYTES).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
