@@ -291,9 +291,10 @@ impl Manifest {
         self.payload.iter().find(|f| f.path.as_str() == path)
     }
 
-    /// Total payload size in bytes.
+    /// Total payload size in bytes (saturating: sizes are untrusted until
+    /// the archive reader has checked them against its limits).
     pub fn payload_size(&self) -> u64 {
-        self.payload.iter().map(|f| f.size).sum()
+        self.payload.iter().fold(0u64, |acc, f| acc.saturating_add(f.size))
     }
 
     pub fn is_expired(&self, now: jiff::Timestamp) -> bool {
