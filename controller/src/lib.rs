@@ -8,8 +8,14 @@
 //! controller can delay or withhold, not make a host run unsigned code.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
+pub mod bundle;
 pub mod cli;
 pub mod config;
+pub mod engine;
+pub mod hub;
+pub mod metrics;
 pub mod pki;
+pub mod server;
 pub mod store;
 pub mod tls;

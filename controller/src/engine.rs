@@ -1,0 +1,815 @@
+//! The rollout engine: plans waves, dispatches them durably, awaits
+//! results, bakes, and halts on its own.
+//!
+//! Each running rollout has one task ([`Engine::drive`]) that re-reads the
+//! rollout from the store on every step and moves it forward by at most one
+//! transition, so a controller restart simply starts the tasks again and
+//! they continue from the database: hosts with a stored result are never
+//! dispatched again, and orders recorded but unanswered are re-sent (agents
+//! dedupe by rollout id, so a re-sent order never causes a second run).
+//!
+//! Halting is the store's conditional `running → halted` update; a task
+//! that finds its rollout not running stops, and dispatch is recorded only
+//! inside a transaction that checks the rollout is still running.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rollguard_shared::manifest::Manifest;
+use rollguard_shared::protocol::{
+    AgentReport, AlertResponse, BundleSummary, HostRun, KillOrder, KillResponse, KillScope,
+    KillState, Order, Plan, RolloutId, RolloutRequest, RolloutState, RolloutStatus, Sha256Hex,
+    WavePhase, WaveSize,
+};
+use rollguard_shared::report::RunStatus;
+use rollguard_shared::targets::HostIdentity;
+use tokio::sync::Notify;
+
+use crate::alerts::AlertmanagerPayload;
+use crate::hub::{encode, Hub};
+use crate::metrics::Metrics;
+use crate::store::{
+    now_ms, rfc3339, AgentRecord, BundleMeta, DispatchRecord, Millis, Outcome, ReportOutcome,
+    RolloutRecord, Store, StoreError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+/// The default halt selector: any firing alert with `severity=critical`.
+pub fn default_halt_on() -> BTreeMap<String, String> {
+    BTreeMap::from([("severity".to_string(), "critical".to_string())])
+}
+
+/// Split the in-scope hosts into cumulative waves. Canaries (which must be
+/// in scope) come first in the order given, then the rest by name; empty
+/// waves (a percentage that rounds to no new host) are dropped.
+pub fn compute_waves(
+    mut in_scope: Vec<String>,
+    canaries: &[String],
+    sizes: &[WaveSize],
+) -> std::result::Result<Vec<Vec<String>>, String> {
+    if sizes.is_empty() {
+        return Err("no waves given".into());
+    }
+    in_scope.sort();
+    in_scope.dedup();
+    let mut order = Vec::with_capacity(in_scope.len());
+    let mut seen = HashSet::new();
+    for c in canaries {
+        if !in_scope.contains(c) {
+            return Err(format!(
+                "canary {c:?} is not a registered agent in the bundle's targets"
+            ));
+        }
+        if seen.insert(c.clone()) {
+            order.push(c.clone());
+        }
+    }
+    order.extend(in_scope.into_iter().filter(|h| !seen.contains(h)));
+    let total = order.len();
+    let mut waves = Vec::new();
+    let mut done = 0;
+    for size in sizes {
+        let upto = size.cumulative(total).max(done);
+        if upto > done {
+            waves.push(order[done..upto].to_vec());
+            done = upto;
+        }
+    }
+    Ok(waves)
+}
+
+/// Counters over a rollout's results, as the halt rules see them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Runs that did not succeed, timeouts included.
+    pub failures: u32,
+    /// Refusals, denials (or unknown denials) and timeouts: each halts.
+    pub alarms: u32,
+}
+
+pub fn tally(dispatches: &[DispatchRecord]) -> Tally {
+    let mut t = Tally::default();
+    for d in dispatches {
+        match &d.outcome {
+            Outcome::Dispatched => {}
+            Outcome::TimedOut => {
+                t.failures += 1;
+                t.alarms += 1;
+            }
+            Outcome::Reported(r) => {
+                if r.status != RunStatus::Succeeded {
+                    t.failures += 1;
+                }
+                if r.is_alert() {
+                    t.alarms += 1;
+                }
+            }
+        }
+    }
+    t
+}
+
+fn describe_alarm(d: &DispatchRecord) -> Option<String> {
+    match &d.outcome {
+        Outcome::Dispatched => None,
+        Outcome::TimedOut => Some(format!("{} sent no result in time", d.host)),
+        Outcome::Reported(r) if r.is_alert() => Some(if r.status == RunStatus::Refused {
+            format!(
+                "{} refused the bundle: {}",
+                d.host,
+                r.reason.as_deref().unwrap_or("no reason given")
+            )
+        } else {
+            match &r.denials {
+                None => format!("{} could not observe denials (unknown is not zero)", d.host),
+                Some(list) => {
+                    let first = list
+                        .first()
+                        .map(|x| format!(" ({} {})", x.access, x.path.as_deref().unwrap_or("")))
+                        .unwrap_or_default();
+                    let n = r.denial_count.unwrap_or(0).max(list.len() as u64);
+                    format!("{} reported {n} denied access(es){first}", d.host)
+                }
+            }
+        }),
+        Outcome::Reported(_) => None,
+    }
+}
+
+/// Why a rollout must halt now, if it must.
+pub fn halt_reason(r: &RolloutRecord, dispatches: &[DispatchRecord]) -> Option<String> {
+    let t = tally(dispatches);
+    if t.alarms > r.ack_alarms() {
+        let what: Vec<String> = dispatches.iter().filter_map(describe_alarm).collect();
+        let shown = what
+            .iter()
+            .rev()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Some(format!("alarm: {shown}"));
+    }
+    let new_failures = t.failures.saturating_sub(r.ack_failures);
+    if new_failures > r.plan.max_failures {
+        return Some(format!(
+            "{new_failures} failed host(s) exceed --max-failures {}",
+            r.plan.max_failures
+        ));
+    }
+    None
+}
+
+impl RolloutRecord {
+    fn ack_alarms(&self) -> u32 {
+        self.ack_alerts
+    }
+}
+
+pub struct Engine {
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    margin: Duration,
+    kill_ack_timeout: Duration,
+    /// Hosts dispatched before this instant get their deadline counted from
+    /// it: results sent while the controller was down arrive late.
+    started_at: Millis,
+    wakers: Mutex<HashMap<RolloutId, Arc<Notify>>>,
+    /// Registered agents' labels, so a reconnect with unchanged labels
+    /// costs no database write.
+    known_agents: tokio::sync::Mutex<Option<HashMap<String, BTreeMap<String, String>>>>,
+}
+
+enum Step {
+    Done,
+    Again,
+    WaitUntil(Option<Millis>),
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        margin: Duration,
+        kill_ack_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Engine {
+            store,
+            hub,
+            metrics,
+            margin,
+            kill_ack_timeout,
+            started_at: now_ms(),
+            wakers: Mutex::new(HashMap::new()),
+            known_agents: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    fn waker(&self, id: &RolloutId) -> Arc<Notify> {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn wake(&self, id: &RolloutId) {
+        self.waker(id).notify_one();
+    }
+
+    /// Start the tasks of every running rollout (after a restart).
+    pub async fn resume_all(self: &Arc<Self>) -> Result<()> {
+        for r in self.store.rollouts_in_state(RolloutState::Running).await? {
+            tracing::info!(rollout = %r.id, wave = r.current_wave, "continuing rollout from the database");
+            self.spawn(r.id);
+        }
+        Ok(())
+    }
+
+    fn spawn(self: &Arc<Self>, id: RolloutId) {
+        let me = self.clone();
+        tokio::spawn(async move { me.drive(id).await });
+    }
+
+    async fn drive(self: Arc<Self>, id: RolloutId) {
+        let notify = self.waker(&id);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wait = match self.step(&id).await {
+                Ok(Step::Done) => break,
+                Ok(Step::Again) => continue,
+                Ok(Step::WaitUntil(at)) => at,
+                Err(e) => {
+                    tracing::error!(rollout = %id, error = %e, "rollout step failed; retrying");
+                    Some(now_ms() + 1000)
+                }
+            };
+            match wait {
+                Some(at) => {
+                    let delay = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+        tracing::debug!(rollout = %id, "rollout task finished");
+    }
+
+    fn deadline(&self, r: &RolloutRecord, d: &DispatchRecord) -> Millis {
+        let budget = (r.plan.timeout_secs as i64) * 1000 + self.margin.as_millis() as i64;
+        d.dispatched_at.max(self.started_at) + budget
+    }
+
+    async fn step(&self, id: &RolloutId) -> Result<Step> {
+        let Some(r) = self.store.rollout(id).await? else {
+            return Ok(Step::Done);
+        };
+        if r.state != RolloutState::Running {
+            return Ok(Step::Done);
+        }
+        let wave = r.current_wave as usize;
+        if wave >= r.plan.waves.len() {
+            if self.store.complete(id).await? {
+                tracing::info!(rollout = %id, "rollout completed");
+            }
+            return Ok(Step::Done);
+        }
+        let dispatches = self.store.dispatches(id).await?;
+        if let Some(reason) = halt_reason(&r, &dispatches) {
+            self.halt_internal(id, &reason).await?;
+            return Ok(Step::Done);
+        }
+        let now = now_ms();
+        match r.phase {
+            WavePhase::Dispatching => {
+                let hosts = &r.plan.waves[wave];
+                if !self
+                    .store
+                    .record_dispatches(id, wave as u32, hosts, now)
+                    .await?
+                {
+                    return Ok(Step::Again);
+                }
+                self.store
+                    .update_progress(id, WavePhase::Awaiting, wave as u32, None)
+                    .await?;
+                tracing::info!(rollout = %id, wave = wave + 1, hosts = hosts.len(), "wave dispatched");
+                self.send_runs(&r, hosts);
+                Ok(Step::Again)
+            }
+            WavePhase::Awaiting => {
+                let in_wave: Vec<&DispatchRecord> = dispatches
+                    .iter()
+                    .filter(|d| d.wave as usize == wave)
+                    .collect();
+                let pending: Vec<&DispatchRecord> = in_wave
+                    .iter()
+                    .copied()
+                    .filter(|d| d.outcome == Outcome::Dispatched)
+                    .collect();
+                let late: Vec<String> = pending
+                    .iter()
+                    .filter(|d| now >= self.deadline(&r, d))
+                    .map(|d| d.host.clone())
+                    .collect();
+                if !late.is_empty() {
+                    tracing::warn!(rollout = %id, hosts = ?late, "hosts timed out");
+                    self.store.mark_timed_out(id, &late).await?;
+                    return Ok(Step::Again);
+                }
+                if pending.is_empty() {
+                    let until = now + (r.plan.bake_secs as i64) * 1000;
+                    self.store
+                        .update_progress(id, WavePhase::Baking, wave as u32, Some(until))
+                        .await?;
+                    tracing::info!(rollout = %id, wave = wave + 1, bake_secs = r.plan.bake_secs, "wave finished; baking");
+                    return Ok(Step::Again);
+                }
+                Ok(Step::WaitUntil(
+                    pending.iter().map(|d| self.deadline(&r, d)).min(),
+                ))
+            }
+            WavePhase::Baking => {
+                let until = r.bake_until.unwrap_or(now);
+                if now < until {
+                    return Ok(Step::WaitUntil(Some(until)));
+                }
+                self.store
+                    .update_progress(id, WavePhase::Dispatching, wave as u32 + 1, None)
+                    .await?;
+                Ok(Step::Again)
+            }
+        }
+    }
+
+    fn send_runs(&self, r: &RolloutRecord, hosts: &[String]) {
+        let line = encode(&Order::Run {
+            rollout_id: r.id.clone(),
+            bundle_sha256: r.bundle_sha256.clone(),
+            bundle_size: r.plan.bundle.size,
+        });
+        for h in hosts {
+            self.hub.send(h, line.clone());
+        }
+    }
+
+    async fn halt_internal(&self, id: &RolloutId, reason: &str) -> Result<bool> {
+        let halted = self.store.halt(id, reason).await?;
+        if halted {
+            tracing::warn!(rollout = %id, %reason, "rollout halted");
+            self.store
+                .append_audit(
+                    "controller",
+                    "rollout.halted",
+                    &serde_json::json!({ "rollout": id, "reason": reason }),
+                )
+                .await?;
+            self.wake(id);
+        }
+        Ok(halted)
+    }
+
+    // ---- operator actions ---------------------------------------------------
+
+    /// Compute the plan of a rollout without starting it.
+    pub async fn plan(&self, req: &RolloutRequest) -> Result<(Plan, BundleMeta)> {
+        let meta = self
+            .store
+            .bundle_meta(&req.bundle_sha256)
+            .await?
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("bundle {} was not uploaded", req.bundle_sha256))
+            })?;
+        let manifest = Manifest::parse(&meta.manifest).map_err(|e| {
+            EngineError::BadRequest(format!("stored bundle manifest is invalid: {e}"))
+        })?;
+        let agents = self.store.list_agents().await?;
+        let in_scope: Vec<String> = agents
+            .iter()
+            .filter(|a| {
+                manifest.targets.matches(&HostIdentity {
+                    name: a.name.clone(),
+                    labels: a.labels.clone(),
+                })
+            })
+            .map(|a| a.name.clone())
+            .collect();
+        if in_scope.is_empty() {
+            return Err(EngineError::BadRequest(format!(
+                "no registered agent matches the bundle's targets ({} agents registered)",
+                agents.len()
+            )));
+        }
+        let out_of_scope = agents.len() - in_scope.len();
+        let waves =
+            compute_waves(in_scope, &req.canaries, &req.waves).map_err(EngineError::BadRequest)?;
+        let halt_on = if req.halt_on.is_empty() {
+            default_halt_on()
+        } else {
+            req.halt_on.clone()
+        };
+        let plan = Plan {
+            bundle: BundleSummary {
+                sha256: meta.sha256.clone(),
+                name: meta.name.clone(),
+                version: meta.version,
+                size: meta.size,
+            },
+            targets: serde_json::to_value(&manifest.targets).unwrap_or_default(),
+            scope: serde_json::to_value(&manifest.scope).unwrap_or_default(),
+            signers: meta.signers.clone(),
+            timeout_secs: manifest.run.timeout.as_secs(),
+            bake_secs: req.bake_secs,
+            max_failures: req.max_failures,
+            halt_on,
+            waves,
+            out_of_scope,
+        };
+        Ok((plan, meta))
+    }
+
+    pub async fn start(
+        self: &Arc<Self>,
+        req: &RolloutRequest,
+        actor: &str,
+    ) -> Result<RolloutStatus> {
+        let (plan, meta) = self.plan(req).await?;
+        let now = now_ms();
+        let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
+        let id = RolloutId::parse(&format!(
+            "r-{stamp}-{:03}-{}",
+            now.rem_euclid(1000),
+            &meta.sha256.as_str()[..8]
+        ))
+        .map_err(|e| EngineError::BadRequest(e.to_string()))?;
+        let record = RolloutRecord {
+            id: id.clone(),
+            bundle_sha256: meta.sha256.clone(),
+            state: RolloutState::Running,
+            phase: WavePhase::Dispatching,
+            current_wave: 0,
+            plan,
+            bake_until: None,
+            halt_reason: None,
+            ack_failures: 0,
+            ack_alerts: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store
+            .append_audit(
+                actor,
+                "rollout.start",
+                &serde_json::json!({ "rollout": id, "bundle": meta.sha256, "name": meta.name, "version": meta.version,
+                                     "waves": record.plan.waves }),
+            )
+            .await?;
+        self.store.create_rollout(&record).await?;
+        tracing::info!(rollout = %id, bundle = %meta.name, version = meta.version, "rollout started");
+        self.spawn(id.clone());
+        self.status(&id).await
+    }
+
+    pub async fn status(&self, id: &RolloutId) -> Result<RolloutStatus> {
+        let r = self
+            .store
+            .rollout(id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no rollout {id}")))?;
+        let dispatches = self.store.dispatches(id).await?;
+        Ok(status_of(r, dispatches))
+    }
+
+    pub async fn list(&self) -> Result<Vec<RolloutStatus>> {
+        let mut out = Vec::new();
+        for r in self.store.rollouts().await? {
+            let d = self.store.dispatches(&r.id).await?;
+            out.push(status_of(r, d));
+        }
+        Ok(out)
+    }
+
+    pub async fn halt(&self, id: &RolloutId, reason: &str, actor: &str) -> Result<RolloutStatus> {
+        let r = self
+            .store
+            .rollout(id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no rollout {id}")))?;
+        if r.state != RolloutState::Running {
+            return Err(EngineError::Conflict(format!(
+                "rollout {id} is {}, not running",
+                r.state.as_str()
+            )));
+        }
+        let reason = format!("halted by {actor}: {reason}");
+        self.store
+            .append_audit(
+                actor,
+                "rollout.halt",
+                &serde_json::json!({ "rollout": id, "reason": reason }),
+            )
+            .await?;
+        self.store.halt(id, &reason).await?;
+        self.wake(id);
+        self.status(id).await
+    }
+
+    pub async fn resume(self: &Arc<Self>, id: &RolloutId, actor: &str) -> Result<RolloutStatus> {
+        let r = self
+            .store
+            .rollout(id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no rollout {id}")))?;
+        if r.state != RolloutState::Halted {
+            return Err(EngineError::Conflict(format!(
+                "rollout {id} is {}, not halted",
+                r.state.as_str()
+            )));
+        }
+        if let Some(k) = self.store.kill_state().await?.covering(id) {
+            return Err(EngineError::Conflict(format!(
+                "a kill order is in force for rollout {id} ({}); lift it first",
+                k.reason
+            )));
+        }
+        let t = tally(&self.store.dispatches(id).await?);
+        self.store
+            .append_audit(
+                actor,
+                "rollout.resume",
+                &serde_json::json!({ "rollout": id, "acknowledged_failures": t.failures, "acknowledged_alarms": t.alarms,
+                                     "halt_reason": r.halt_reason }),
+            )
+            .await?;
+        if !self.store.resume(id, t.failures, t.alarms).await? {
+            return Err(EngineError::Conflict(format!(
+                "rollout {id} changed state; try again"
+            )));
+        }
+        tracing::info!(rollout = %id, by = %actor, "rollout resumed");
+        self.spawn(id.clone());
+        self.status(id).await
+    }
+
+    /// A run report from `host`.
+    pub async fn ingest_report(&self, host: &str, report: AgentReport) -> Result<ReportOutcome> {
+        if report.report.host != host {
+            return Err(EngineError::Forbidden(format!(
+                "report names host {:?} but the certificate is {host:?}",
+                report.report.host
+            )));
+        }
+        let outcome = self
+            .store
+            .record_report(&report.rollout_id, host, &report.report, now_ms())
+            .await?;
+        match outcome {
+            ReportOutcome::Stored => {
+                self.metrics.observe_report(&report.report);
+                tracing::info!(rollout = %report.rollout_id, %host, status = ?report.report.status, "run report");
+                self.wake(&report.rollout_id);
+            }
+            ReportOutcome::Duplicate => {}
+            ReportOutcome::NotDispatched => {
+                return Err(EngineError::NotFound(format!(
+                    "rollout {} was never dispatched to {host}",
+                    report.rollout_id
+                )))
+            }
+        }
+        Ok(outcome)
+    }
+
+    // ---- kill switch ----------------------------------------------------------
+
+    pub async fn kill(&self, scope: KillScope, reason: &str, actor: &str) -> Result<KillResponse> {
+        if reason.trim().is_empty() {
+            return Err(EngineError::BadRequest("a kill needs a --reason".into()));
+        }
+        if let KillScope::Rollout(id) = &scope {
+            if self.store.rollout(id).await?.is_none() {
+                return Err(EngineError::NotFound(format!("no rollout {id}")));
+            }
+        }
+        let order = KillOrder {
+            reason: reason.to_string(),
+            by: actor.to_string(),
+            at: jiff::Timestamp::now().to_string(),
+        };
+        // Durable first: a controller restart keeps the kill in force.
+        self.store
+            .append_audit(
+                actor,
+                "kill",
+                &serde_json::json!({ "scope": scope, "reason": reason }),
+            )
+            .await?;
+        let state = self.store.add_kill(&scope, &order).await?;
+        let (sent, pending) = self.push_kill_state(&state).await;
+        self.metrics.kill_orders.inc();
+        let mut halted = Vec::new();
+        let running = self.store.rollouts_in_state(RolloutState::Running).await?;
+        for r in running {
+            let covered = match &scope {
+                KillScope::All => true,
+                KillScope::Rollout(id) => *id == r.id,
+            };
+            if covered
+                && self
+                    .halt_internal(&r.id, &format!("kill switch by {actor}: {reason}"))
+                    .await?
+            {
+                halted.push(r.id.clone());
+            }
+        }
+        tracing::warn!(?scope, %reason, by = %actor, agents = sent, pending = pending.len(), "kill order pushed");
+        Ok(KillResponse {
+            state,
+            halted_rollouts: halted,
+            agents_sent: sent as u32,
+            agents_acked: (sent - pending.len()) as u32,
+            agents_pending: pending,
+        })
+    }
+
+    pub async fn lift(&self, scope: Option<KillScope>, actor: &str) -> Result<KillResponse> {
+        self.store
+            .append_audit(actor, "kill.lift", &serde_json::json!({ "scope": scope }))
+            .await?;
+        let state = self.store.lift_kill(scope.as_ref()).await?;
+        let (sent, pending) = self.push_kill_state(&state).await;
+        tracing::warn!(?scope, by = %actor, "kill order lifted");
+        Ok(KillResponse {
+            state,
+            halted_rollouts: vec![],
+            agents_sent: sent as u32,
+            agents_acked: (sent - pending.len()) as u32,
+            agents_pending: pending,
+        })
+    }
+
+    /// Push the kill state to every connected agent and wait (bounded) for
+    /// their acknowledgements. Returns (agents sent to, agents pending).
+    async fn push_kill_state(&self, state: &KillState) -> (usize, Vec<String>) {
+        let sent = self.hub.broadcast(encode(&Order::KillState(state.clone())));
+        let pending = self
+            .hub
+            .wait_acks(&sent, state.generation, self.kill_ack_timeout)
+            .await;
+        (sent.len(), pending)
+    }
+
+    // ---- alerts -----------------------------------------------------------------
+
+    pub async fn alert(&self, payload: &AlertmanagerPayload, actor: &str) -> Result<AlertResponse> {
+        let firing: Vec<_> = payload.firing().collect();
+        let mut halted = Vec::new();
+        if !firing.is_empty() {
+            for r in self.store.rollouts_in_state(RolloutState::Running).await? {
+                if let Some(alert) = firing.iter().find(|a| a.matches(&r.plan.halt_on)) {
+                    let reason = format!("alert {} fired ({})", alert.name(), alert.describe());
+                    self.store
+                        .append_audit(
+                            actor,
+                            "alert.halt",
+                            &serde_json::json!({ "rollout": r.id, "alert": alert.labels }),
+                        )
+                        .await?;
+                    if self.halt_internal(&r.id, &reason).await? {
+                        halted.push(r.id.clone());
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            firing = firing.len(),
+            halted = halted.len(),
+            "alertmanager webhook"
+        );
+        Ok(AlertResponse {
+            firing: firing.len() as u32,
+            halted_rollouts: halted,
+        })
+    }
+
+    // ---- agents -------------------------------------------------------------------
+
+    /// Register (or refresh) an agent; the database is written only when its
+    /// labels changed, so reconnect storms cost no writes.
+    pub async fn register_agent(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let known = {
+            let mut cache = self.known_agents.lock().await;
+            if cache.is_none() {
+                let all = self.store.list_agents().await?;
+                *cache = Some(all.into_iter().map(|a| (a.name, a.labels)).collect());
+            }
+            cache.as_ref().and_then(|c| c.get(name).cloned())
+        };
+        if known.as_ref() != Some(labels) {
+            self.store
+                .upsert_agent(&AgentRecord {
+                    name: name.to_string(),
+                    labels: labels.clone(),
+                })
+                .await?;
+            if let Some(cache) = self.known_agents.lock().await.as_mut() {
+                cache.insert(name.to_string(), labels.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// What to send a freshly connected agent: the kill state, then every
+    /// run order it is still owed.
+    pub async fn greeting(&self, host: &str) -> Result<Vec<Order>> {
+        let mut out = vec![Order::KillState(self.store.kill_state().await?)];
+        for p in self.store.pending_orders(host).await? {
+            out.push(Order::Run {
+                rollout_id: p.rollout_id,
+                bundle_sha256: p.bundle_sha256,
+                bundle_size: p.bundle_size,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn bundle_bytes(&self, sha: &Sha256Hex) -> Result<Vec<u8>> {
+        self.store
+            .bundle_bytes(sha)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no bundle {sha}")))
+    }
+}
+
+pub fn status_of(r: RolloutRecord, dispatches: Vec<DispatchRecord>) -> RolloutStatus {
+    let mut by_host: HashMap<String, DispatchRecord> = dispatches
+        .into_iter()
+        .map(|d| (d.host.clone(), d))
+        .collect();
+    let mut hosts = Vec::new();
+    for (w, wave) in r.plan.waves.iter().enumerate() {
+        for h in wave {
+            let (state, report) = match by_host.remove(h).map(|d| d.outcome) {
+                None => ("pending".to_string(), None),
+                Some(Outcome::Dispatched) => ("dispatched".to_string(), None),
+                Some(Outcome::TimedOut) => ("timed_out".to_string(), None),
+                Some(Outcome::Reported(rep)) => {
+                    let s = serde_json::to_value(rep.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from));
+                    (s.unwrap_or_else(|| "reported".into()), Some(*rep))
+                }
+            };
+            hosts.push(HostRun {
+                host: h.clone(),
+                wave: w as u32,
+                state,
+                report,
+            });
+        }
+    }
+    RolloutStatus {
+        id: r.id,
+        state: r.state,
+        phase: r.phase,
+        current_wave: r.current_wave,
+        wave_count: r.plan.waves.len() as u32,
+        bake_until: r.bake_until.map(rfc3339),
+        halt_reason: r.halt_reason,
+        plan: r.plan,
+        hosts,
+        created_at: rfc3339(r.created_at),
+        updated_at: rfc3339(r.updated_at),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,504 @@
+use std::time::Duration;
+
+use rollguard_shared::manifest::{PayloadFile, PayloadPath, SourceManifest};
+use rollguard_shared::protocol::{KillScope, Order, RolloutStatus};
+use rollguard_shared::report::{Denial, RunReport, RunStatus};
+
+use super::*;
+use crate::hub::Registration;
+use crate::store::sqlite::SqliteStore;
+
+const SOURCE: &str = r#"
+[bundle]
+name = "fix-web"
+version = 3
+expires = 2099-12-31T00:00:00Z
+
+[targets]
+hosts = ["web-*"]
+
+[scope]
+write = ["/srv/www/"]
+
+[run]
+command = ["./apply.sh"]
+timeout = "TIMEOUT"
+"#;
+
+fn manifest_bytes(timeout: &str) -> Vec<u8> {
+    let file = PayloadFile {
+        path: PayloadPath::parse("apply.sh").unwrap(),
+        size: 1,
+        mode: 0o755,
+        sha256: [1; 32],
+    };
+    SourceManifest::render_built(&SOURCE.replace("TIMEOUT", timeout), &[file]).into_bytes()
+}
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    engine: Arc<Engine>,
+    agents: BTreeMap<String, Registration>,
+    sha: Sha256Hex,
+}
+
+async fn fleet(hosts: &[&str], timeout: &str, margin: Duration) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let engine = engine_on(&path, margin).await;
+    let sha = Sha256Hex::of(b"bundle");
+    let meta = BundleMeta {
+        sha256: sha.clone(),
+        name: "fix-web".into(),
+        version: 3,
+        size: 6,
+        manifest: manifest_bytes(timeout),
+        signers: vec!["alice".into()],
+    };
+    engine.store.put_bundle(&meta, b"bundle").await.unwrap();
+    let mut agents = BTreeMap::new();
+    for h in hosts {
+        engine.register_agent(h, &BTreeMap::new()).await.unwrap();
+        agents.insert(h.to_string(), engine.hub.connect(h, BTreeMap::new()));
+    }
+    Fleet {
+        _dir: dir,
+        path,
+        engine,
+        agents,
+        sha,
+    }
+}
+
+async fn engine_on(path: &std::path::Path, margin: Duration) -> Arc<Engine> {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).await.unwrap());
+    Engine::new(
+        store,
+        Hub::new(),
+        Arc::new(Metrics::new()),
+        margin,
+        Duration::from_millis(200),
+    )
+}
+
+fn request(sha: &Sha256Hex, waves: &str, max_failures: u32) -> RolloutRequest {
+    RolloutRequest {
+        bundle_sha256: sha.clone(),
+        waves: WaveSize::parse_list(waves).unwrap(),
+        bake_secs: 0,
+        max_failures,
+        canaries: vec![],
+        halt_on: BTreeMap::new(),
+    }
+}
+
+fn report(host: &str, status: RunStatus) -> RunReport {
+    RunReport {
+        status,
+        exit_code: Some(if status == RunStatus::Succeeded { 0 } else { 1 }),
+        reason: None,
+        refusal: None,
+        denials: Some(vec![]),
+        denial_count: Some(0),
+        bundle: None,
+        host: host.into(),
+        duration_ms: 5,
+        signers: vec!["alice".into()],
+        leftover_processes: 0,
+        run_id: None,
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+    }
+}
+
+/// Orders queued for `host` right now (without waiting).
+fn drain(f: &mut Fleet, host: &str) -> Vec<Order> {
+    let reg = f.agents.get_mut(host).unwrap();
+    let mut out = Vec::new();
+    while let Ok(line) = reg.rx.try_recv() {
+        out.push(serde_json::from_slice(&line).unwrap());
+    }
+    out
+}
+
+fn runs(orders: &[Order]) -> usize {
+    orders
+        .iter()
+        .filter(|o| matches!(o, Order::Run { .. }))
+        .count()
+}
+
+/// Poll the rollout until `pred` holds (the engine runs in its own task).
+async fn wait_status(
+    engine: &Engine,
+    id: &RolloutId,
+    pred: impl Fn(&RolloutStatus) -> bool,
+) -> RolloutStatus {
+    for _ in 0..500 {
+        let s = engine.status(id).await.unwrap();
+        if pred(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "rollout {id} never reached the expected state: {:#?}",
+        engine.status(id).await.unwrap()
+    );
+}
+
+fn host_state<'a>(s: &'a RolloutStatus, host: &str) -> &'a str {
+    &s.hosts.iter().find(|h| h.host == host).unwrap().state
+}
+
+async fn succeed(f: &Fleet, id: &RolloutId, host: &str) {
+    let r = AgentReport {
+        rollout_id: id.clone(),
+        report: report(host, RunStatus::Succeeded),
+    };
+    f.engine.ingest_report(host, r).await.unwrap();
+}
+
+#[test]
+fn waves_are_cumulative_canaries_first() {
+    let hosts: Vec<String> = ["e", "b", "a", "d", "c", "f"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let w = compute_waves(
+        hosts.clone(),
+        &[],
+        &WaveSize::parse_list("1,2,100%").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(w, vec![vec!["a"], vec!["b"], vec!["c", "d", "e", "f"]]);
+    let w = compute_waves(
+        hosts.clone(),
+        &["d".into()],
+        &WaveSize::parse_list("1,50%,100%").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(w, vec![vec!["d"], vec!["a", "b"], vec!["c", "e", "f"]]);
+    // 1% of 6 is one host, the same as wave 1: that empty wave is dropped.
+    let w = compute_waves(
+        hosts.clone(),
+        &[],
+        &WaveSize::parse_list("1,1%,100%").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(w.len(), 2);
+    assert!(compute_waves(hosts.clone(), &["zz".into()], &[WaveSize::Percent(100)]).is_err());
+    // Waves that stop short leave the rest out; nothing is added silently.
+    let w = compute_waves(hosts, &[], &WaveSize::parse_list("2").unwrap()).unwrap();
+    assert_eq!(w, vec![vec!["a", "b"]]);
+}
+
+#[tokio::test]
+async fn good_rollout_goes_wave_by_wave_and_skips_out_of_scope_hosts() {
+    let mut f = fleet(
+        &["web-1", "web-2", "web-3", "web-4", "db-1"],
+        "1m",
+        Duration::from_secs(60),
+    )
+    .await;
+    let (plan, _) = f
+        .engine
+        .plan(&request(&f.sha, "1,2,100%", 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        plan.waves,
+        vec![vec!["web-1"], vec!["web-2"], vec!["web-3", "web-4"]]
+    );
+    assert_eq!(plan.out_of_scope, 1);
+    assert_eq!(plan.signers, vec!["alice"]);
+
+    let st = f
+        .engine
+        .start(&request(&f.sha, "1,2,100%", 0), "admin")
+        .await
+        .unwrap();
+    let id = st.id.clone();
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    assert_eq!(runs(&drain(&mut f, "web-1")), 1);
+    assert_eq!(runs(&drain(&mut f, "web-2")), 0, "wave 2 waits for wave 1");
+    succeed(&f, &id, "web-1").await;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-2") == "dispatched").await;
+    assert_eq!(runs(&drain(&mut f, "web-3")), 0);
+    succeed(&f, &id, "web-2").await;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-4") == "dispatched").await;
+    succeed(&f, &id, "web-3").await;
+    succeed(&f, &id, "web-4").await;
+    let s = wait_status(&f.engine, &id, |s| s.state == RolloutState::Completed).await;
+    assert!(s.hosts.iter().all(|h| h.state == "succeeded"));
+    assert_eq!(
+        runs(&drain(&mut f, "db-1")),
+        0,
+        "out-of-scope host never gets the bundle"
+    );
+    // A duplicate report (agent re-sent after reconnect) changes nothing.
+    succeed(&f, &id, "web-1").await;
+    // A report for a host never dispatched is refused.
+    let stray = AgentReport {
+        rollout_id: id.clone(),
+        report: report("db-1", RunStatus::Succeeded),
+    };
+    assert!(matches!(
+        f.engine.ingest_report("db-1", stray).await,
+        Err(EngineError::NotFound(_))
+    ));
+    // A host cannot report for another.
+    let forged = AgentReport {
+        rollout_id: id.clone(),
+        report: report("web-2", RunStatus::Failed),
+    };
+    assert!(matches!(
+        f.engine.ingest_report("web-1", forged).await,
+        Err(EngineError::Forbidden(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_denial_on_the_canary_halts_before_wave_two() {
+    let mut f = fleet(&["web-1", "web-2", "web-3"], "1m", Duration::from_secs(60)).await;
+    let mut req = request(&f.sha, "1,100%", 5);
+    req.canaries = vec!["web-3".into()];
+    let id = f.engine.start(&req, "admin").await.unwrap().id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-3") == "dispatched").await;
+    let mut r = report("web-3", RunStatus::Succeeded);
+    r.denials = Some(vec![Denial {
+        access: "fs.remove_file".into(),
+        path: Some("/backup/x".into()),
+        exe: None,
+    }]);
+    r.denial_count = Some(1);
+    f.engine
+        .ingest_report(
+            "web-3",
+            AgentReport {
+                rollout_id: id.clone(),
+                report: r,
+            },
+        )
+        .await
+        .unwrap();
+    let s = wait_status(&f.engine, &id, |s| s.state == RolloutState::Halted).await;
+    let reason = s.halt_reason.unwrap();
+    assert!(
+        reason.contains("web-3") && reason.contains("/backup/x"),
+        "{reason}"
+    );
+    assert_eq!(
+        runs(&drain(&mut f, "web-1")) + runs(&drain(&mut f, "web-2")),
+        0
+    );
+    assert_eq!(
+        host_state(&f.engine.status(&id).await.unwrap(), "web-1"),
+        "pending"
+    );
+    // The halt is audited.
+    let audit = f.engine.store.audit_entries().await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "rollout.halted"));
+}
+
+#[tokio::test]
+async fn failures_beyond_the_threshold_halt_and_resume_continues() {
+    let mut f = fleet(
+        &["web-1", "web-2", "web-3", "web-4"],
+        "1m",
+        Duration::from_secs(60),
+    )
+    .await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "2,100%", 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-2") == "dispatched").await;
+    succeed(&f, &id, "web-1").await;
+    let failed = AgentReport {
+        rollout_id: id.clone(),
+        report: report("web-2", RunStatus::Failed),
+    };
+    f.engine.ingest_report("web-2", failed).await.unwrap();
+    let s = wait_status(&f.engine, &id, |s| s.state == RolloutState::Halted).await;
+    assert!(s.halt_reason.unwrap().contains("max-failures"));
+    assert_eq!(runs(&drain(&mut f, "web-3")), 0);
+    assert!(matches!(
+        f.engine
+            .resume(&RolloutId::parse("r-none").unwrap(), "admin")
+            .await,
+        Err(EngineError::NotFound(_))
+    ));
+    f.engine.resume(&id, "admin").await.unwrap();
+    wait_status(&f.engine, &id, |s| host_state(s, "web-4") == "dispatched").await;
+    assert_eq!(runs(&drain(&mut f, "web-3")), 1);
+    succeed(&f, &id, "web-3").await;
+    succeed(&f, &id, "web-4").await;
+    wait_status(&f.engine, &id, |s| s.state == RolloutState::Completed).await;
+    assert!(matches!(
+        f.engine.resume(&id, "admin").await,
+        Err(EngineError::Conflict(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_host_that_never_answers_times_out_and_halts() {
+    let f = fleet(&["web-1", "web-2"], "1s", Duration::ZERO).await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "1,100%", 10), "admin")
+        .await
+        .unwrap()
+        .id;
+    let s = wait_status(&f.engine, &id, |s| s.state == RolloutState::Halted).await;
+    assert_eq!(host_state(&s, "web-1"), "timed_out");
+    assert_eq!(host_state(&s, "web-2"), "pending");
+}
+
+#[tokio::test]
+async fn restart_resumes_from_the_database_without_rerunning() {
+    let mut f = fleet(&["web-1", "web-2", "web-3"], "1m", Duration::from_secs(60)).await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "1,100%", 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    assert_eq!(runs(&drain(&mut f, "web-1")), 1);
+    // "Crash": a second engine on the same database takes over (the first
+    // one's task keeps running in this test, which is harmless: every step
+    // is a conditional update).
+    let engine2 = engine_on(&f.path, Duration::from_secs(60)).await;
+    let greeting = engine2.greeting("web-1").await.unwrap();
+    assert_eq!(runs(&greeting), 1, "the owed order is re-sent on reconnect");
+    engine2.resume_all().await.unwrap();
+    let r = AgentReport {
+        rollout_id: id.clone(),
+        report: report("web-1", RunStatus::Succeeded),
+    };
+    engine2.ingest_report("web-1", r).await.unwrap();
+    let s = wait_status(&engine2, &id, |s| host_state(s, "web-3") == "dispatched").await;
+    assert_eq!(host_state(&s, "web-1"), "succeeded");
+    assert_eq!(
+        runs(&engine2.greeting("web-1").await.unwrap()),
+        0,
+        "a host that reported is never owed again"
+    );
+    assert_eq!(runs(&engine2.greeting("web-2").await.unwrap()), 1);
+}
+
+#[tokio::test]
+async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
+    let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "1,100%", 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    drain(&mut f, "web-1");
+    let engine = f.engine.clone();
+    let acker = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            // Agents acknowledge once they have applied the kill state.
+            for _ in 0..100 {
+                let st = engine.store.kill_state().await.unwrap();
+                if st.generation > 0 {
+                    engine.hub.record_kill_ack("web-1", st.generation);
+                    engine.hub.record_kill_ack("web-2", st.generation);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let resp = f
+        .engine
+        .kill(KillScope::All, "stop everything", "admin")
+        .await
+        .unwrap();
+    acker.await.unwrap();
+    assert_eq!(resp.halted_rollouts, vec![id.clone()]);
+    assert_eq!(resp.agents_sent, 2);
+    assert!(resp.state.all.is_some());
+    let orders = drain(&mut f, "web-2");
+    assert!(orders
+        .iter()
+        .any(|o| matches!(o, Order::KillState(k) if k.all.is_some())));
+    assert!(matches!(
+        f.engine.resume(&id, "admin").await,
+        Err(EngineError::Conflict(_))
+    ));
+    assert!(matches!(
+        f.engine.kill(KillScope::All, " ", "admin").await,
+        Err(EngineError::BadRequest(_))
+    ));
+    // Greeting of a (re)connecting agent carries the kill state first.
+    assert!(
+        matches!(&f.engine.greeting("web-2").await.unwrap()[0], Order::KillState(k) if k.all.is_some())
+    );
+    let lifted = f.engine.lift(None, "admin").await.unwrap();
+    assert!(lifted.state.is_empty());
+    f.engine.resume(&id, "admin").await.unwrap();
+    let actions: Vec<String> = f
+        .engine
+        .store
+        .audit_entries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    for a in ["rollout.start", "kill", "kill.lift", "rollout.resume"] {
+        assert!(
+            actions.iter().any(|x| x == a),
+            "{a} not audited: {actions:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn matching_alerts_halt_running_rollouts() {
+    let f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
+    let mut req = request(&f.sha, "1,100%", 0);
+    req.halt_on = BTreeMap::from([("service".into(), "mail".into())]);
+    let mail = f.engine.start(&req, "admin").await.unwrap().id;
+    let default = f
+        .engine
+        .start(&request(&f.sha, "1,100%", 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    let payload = |labels: &str| {
+        AlertmanagerPayload::parse(
+            format!(r#"{{"version":"4","status":"firing","alerts":[{{"status":"firing","labels":{labels}}}]}}"#).as_bytes(),
+        )
+        .unwrap()
+    };
+    let r = f
+        .engine
+        .alert(&payload(r#"{"alertname":"X","severity":"warning"}"#), "am")
+        .await
+        .unwrap();
+    assert!(r.halted_rollouts.is_empty());
+    let r = f
+        .engine
+        .alert(&payload(r#"{"alertname":"X","severity":"critical"}"#), "am")
+        .await
+        .unwrap();
+    assert_eq!(r.halted_rollouts, vec![default.clone()]);
+    let r = f
+        .engine
+        .alert(&payload(r#"{"alertname":"Q","service":"mail"}"#), "am")
+        .await
+        .unwrap();
+    assert_eq!(r.halted_rollouts, vec![mail.clone()]);
+    let s = f.engine.status(&mail).await.unwrap();
+    assert!(s.halt_reason.unwrap().contains("alert Q fired"));
+}

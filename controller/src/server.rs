@@ -1,0 +1,665 @@
+//! The HTTPS server: one TCP listener, rustls with mandatory client
+//! certificates, HTTP/1.1 and HTTP/2 (agents use HTTP/2), axum routes.
+//!
+//! Every connection's verified client certificate is classified once
+//! ([`crate::pki::classify`]) and attached to each request; every handler
+//! states which roles may call it and re-checks the revocation list, so a
+//! certificate revoked while its connection is open stops working at its
+//! next request (and an agent's order stream closes at its next tick).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rollguard_shared::protocol::{
+    AgentInfo, AgentReport, ErrorBody, HaltRequest, KillAck, KillRequest, LiftRequest, Order,
+    Register, RolloutId, RolloutRequest, RolloutState, Sha256Hex, MAX_JSON_BODY,
+    PING_INTERVAL_SECS,
+};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::alerts::AlertmanagerPayload;
+use crate::config::{ControllerConfig, Storage};
+use crate::engine::{Engine, EngineError};
+use crate::hub::{encode, Hub};
+use crate::metrics::Metrics;
+use crate::pki::{classify, Issuers, Peer, RevocationList, Role};
+use crate::store::{BundleMeta, Store};
+
+/// What the controller learns from a bundle's bytes (the archive is parsed
+/// by `rollguard_shared::archive`; see [`crate::bundle::inspect`]).
+pub type BundleInspector = fn(&[u8]) -> Result<BundleMeta, String>;
+
+/// The deny list, re-read when its file changes (checked at most once a
+/// second). If the file disappears the last list stays in force: deleting
+/// it must not un-revoke anyone.
+pub struct Revocations {
+    path: PathBuf,
+    state: RwLock<(Option<SystemTime>, RevocationList)>,
+    last_check: Mutex<Instant>,
+}
+
+impl Revocations {
+    pub fn load(path: PathBuf) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(&path)?;
+        let mtime = std::fs::metadata(&path)?.modified().ok();
+        Ok(Revocations {
+            path,
+            state: RwLock::new((mtime, RevocationList::parse(&text))),
+            last_check: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn refresh(&self) {
+        {
+            let mut last = self.last_check.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() < Duration::from_secs(1) {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let Ok(mtime) = std::fs::metadata(&self.path).and_then(|m| m.modified()) else {
+            return;
+        };
+        if self.state.read().unwrap_or_else(|e| e.into_inner()).0 == Some(mtime) {
+            return;
+        }
+        if let Ok(text) = std::fs::read_to_string(&self.path) {
+            let list = RevocationList::parse(&text);
+            tracing::info!(revoked = list.serials.len(), "revocation list reloaded");
+            *self.state.write().unwrap_or_else(|e| e.into_inner()) = (Some(mtime), list);
+        }
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.refresh();
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .is_revoked(serial)
+    }
+}
+
+pub struct App {
+    pub engine: Arc<Engine>,
+    pub revocations: Revocations,
+    pub max_bundle_bytes: u64,
+    pub inspect: BundleInspector,
+}
+
+/// The classification of the connection's client certificate.
+#[derive(Clone)]
+struct PeerInfo(Result<Peer, String>);
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ErrorBody {
+            error: self.message,
+        })
+        .unwrap_or_default();
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let status = match &e {
+            EngineError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            EngineError::NotFound(_) => StatusCode::NOT_FOUND,
+            EngineError::Conflict(_) => StatusCode::CONFLICT,
+            EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
+            EngineError::Store(err) => {
+                tracing::error!(error = %err, "storage error");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn require(app: &App, peer: &PeerInfo, roles: &[Role]) -> ApiResult<Peer> {
+    let peer = peer
+        .0
+        .clone()
+        .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, why))?;
+    if app.revocations.is_revoked(&peer.serial) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("certificate of {} has been revoked", peer.name),
+        ));
+    }
+    if !roles.contains(&peer.role) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} certificates may not call this endpoint",
+                role_name(peer.role)
+            ),
+        ));
+    }
+    Ok(peer)
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Agent => "agent",
+        Role::Operator => "operator",
+        Role::AlertSource => "alert-source",
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn rollout_id(raw: &str) -> ApiResult<RolloutId> {
+    RolloutId::parse(raw).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+type S = State<Arc<App>>;
+type P = Extension<PeerInfo>;
+
+// ---- agent endpoints ------------------------------------------------------------
+
+async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
+    let me = require(&app, &peer, &[Role::Agent])?;
+    let reg: Register = parse_json(&body)?;
+    if reg.name != me.name {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "agent certificate is for {:?}, cannot register as {:?}",
+                me.name, reg.name
+            ),
+        ));
+    }
+    for (k, v) in &reg.labels {
+        rollguard_shared::targets::validate_label(k, v)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    }
+    app.engine.register_agent(&me.name, &reg.labels).await?;
+    let registration = app.engine.hub.connect(&me.name, reg.labels.clone());
+    let greeting: Vec<Bytes> = app
+        .engine
+        .greeting(&me.name)
+        .await?
+        .iter()
+        .map(encode)
+        .collect();
+    tracing::info!(agent = %me.name, version = %reg.agent_version, "agent connected");
+
+    struct StreamState {
+        registration: crate::hub::Registration,
+        greeting: std::vec::IntoIter<Bytes>,
+        ticker: tokio::time::Interval,
+        app: Arc<App>,
+        serial: String,
+    }
+    let mut ticker = tokio::time::interval(Duration::from_secs(PING_INTERVAL_SECS));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = StreamState {
+        registration,
+        greeting: greeting.into_iter(),
+        ticker,
+        app: app.clone(),
+        serial: me.serial,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        if let Some(line) = st.greeting.next() {
+            return Some((Ok::<Bytes, Infallible>(line), st));
+        }
+        tokio::select! {
+            line = st.registration.rx.recv() => line.map(|l| (Ok(l), st)),
+            _ = st.ticker.tick() => {
+                if st.app.revocations.is_revoked(&st.serial) {
+                    tracing::warn!("closing the order stream of a revoked certificate");
+                    return None;
+                }
+                Some((Ok(encode(&Order::Ping)), st))
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn agent_report(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<StatusCode> {
+    let me = require(&app, &peer, &[Role::Agent])?;
+    let report: AgentReport = parse_json(&body)?;
+    app.engine.ingest_report(&me.name, report).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn agent_kill_ack(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<StatusCode> {
+    let me = require(&app, &peer, &[Role::Agent])?;
+    let ack: KillAck = parse_json(&body)?;
+    tracing::info!(agent = %me.name, generation = ack.generation, killed = ack.killed, "kill state acknowledged");
+    app.engine.hub.record_kill_ack(&me.name, ack.generation);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_bundle(
+    State(app): S,
+    Extension(peer): P,
+    Path(sha): Path<String>,
+) -> ApiResult<Response> {
+    require(&app, &peer, &[Role::Agent, Role::Operator])?;
+    let sha = Sha256Hex::parse(&sha)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let bytes = app.engine.bundle_bytes(&sha).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+// ---- operator endpoints -----------------------------------------------------------
+
+async fn put_bundle(
+    State(app): S,
+    Extension(peer): P,
+    Path(sha): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let me = require(&app, &peer, &[Role::Operator])?;
+    let sha = Sha256Hex::parse(&sha)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if Sha256Hex::of(&body) != sha {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the uploaded bytes do not have the SHA-256 named in the URL",
+        ));
+    }
+    let inspect = app.inspect;
+    let bytes = body.clone();
+    let meta = tokio::task::spawn_blocking(move || inspect(&bytes))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("not a valid bundle: {e}")))?;
+    app.engine
+        .store
+        .put_bundle(&meta, &body)
+        .await
+        .map_err(EngineError::from)?;
+    app.engine
+        .store
+        .append_audit(
+            &me.name,
+            "bundle.upload",
+            &serde_json::json!({ "sha256": sha, "name": meta.name, "version": meta.version }),
+        )
+        .await
+        .map_err(EngineError::from)?;
+    Ok(json(&rollguard_shared::protocol::BundleSummary {
+        sha256: meta.sha256,
+        name: meta.name,
+        version: meta.version,
+        size: meta.size,
+    }))
+}
+
+async fn plan_rollout(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
+    require(&app, &peer, &[Role::Operator])?;
+    let req: RolloutRequest = parse_json(&body)?;
+    let (plan, _) = app.engine.plan(&req).await?;
+    Ok(json(&plan))
+}
+
+async fn start_rollout(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
+    let me = require(&app, &peer, &[Role::Operator])?;
+    let req: RolloutRequest = parse_json(&body)?;
+    Ok(json(&app.engine.start(&req, &me.name).await?))
+}
+
+async fn list_rollouts(State(app): S, Extension(peer): P) -> ApiResult<Response> {
+    require(&app, &peer, &[Role::Operator])?;
+    Ok(json(&app.engine.list().await?))
+}
+
+async fn rollout_status(
+    State(app): S,
+    Extension(peer): P,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require(&app, &peer, &[Role::Operator])?;
+    Ok(json(&app.engine.status(&rollout_id(&id)?).await?))
+}
+
+async fn halt_rollout(
+    State(app): S,
+    Extension(peer): P,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let me = require(&app, &peer, &[Role::Operator])?;
+    let req: HaltRequest = parse_json(&body)?;
+    if req.reason.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "a halt needs a reason",
+        ));
+    }
+    Ok(json(
+        &app.engine
+            .halt(&rollout_id(&id)?, &req.reason, &me.name)
+            .await?,
+    ))
+}
+
+async fn resume_rollout(
+    State(app): S,
+    Extension(peer): P,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let me = require(&app, &peer, &[Role::Operator])?;
+    Ok(json(&app.engine.resume(&rollout_id(&id)?, &me.name).await?))
+}
+
+async fn kill(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
+    let me = require(&app, &peer, &[Role::Operator])?;
+    let req: KillRequest = parse_json(&body)?;
+    Ok(json(
+        &app.engine.kill(req.scope, &req.reason, &me.name).await?,
+    ))
+}
+
+async fn lift(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
+    let me = require(&app, &peer, &[Role::Operator])?;
+    let req: LiftRequest = if body.is_empty() {
+        LiftRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    Ok(json(&app.engine.lift(req.scope, &me.name).await?))
+}
+
+async fn kill_state(State(app): S, Extension(peer): P) -> ApiResult<Response> {
+    require(&app, &peer, &[Role::Operator])?;
+    Ok(json(
+        &app.engine
+            .store
+            .kill_state()
+            .await
+            .map_err(EngineError::from)?,
+    ))
+}
+
+async fn list_agents(State(app): S, Extension(peer): P) -> ApiResult<Response> {
+    require(&app, &peer, &[Role::Operator])?;
+    let registered = app
+        .engine
+        .store
+        .list_agents()
+        .await
+        .map_err(EngineError::from)?;
+    let agents: Vec<AgentInfo> = registered
+        .into_iter()
+        .map(|a| AgentInfo {
+            connected: app.engine.hub.is_connected(&a.name),
+            name: a.name,
+            labels: a.labels,
+        })
+        .collect();
+    Ok(json(&agents))
+}
+
+async fn alertmanager(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
+    let me = require(&app, &peer, &[Role::Operator, Role::AlertSource])?;
+    let payload = AlertmanagerPayload::parse(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(json(&app.engine.alert(&payload, &me.name).await?))
+}
+
+async fn metrics(State(app): S, Extension(peer): P) -> ApiResult<Response> {
+    require(&app, &peer, &[Role::Operator, Role::AlertSource])?;
+    let mut counts: BTreeMap<&'static str, (RolloutState, usize)> = BTreeMap::new();
+    for s in [
+        RolloutState::Running,
+        RolloutState::Halted,
+        RolloutState::Completed,
+    ] {
+        counts.insert(s.as_str(), (s, 0));
+    }
+    for r in app
+        .engine
+        .store
+        .rollouts()
+        .await
+        .map_err(EngineError::from)?
+    {
+        if let Some(c) = counts.get_mut(r.state.as_str()) {
+            c.1 += 1;
+        }
+    }
+    let by_state: Vec<_> = counts.into_values().collect();
+    let text = app
+        .engine
+        .metrics
+        .render(app.engine.hub.connected_count(), &by_state);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let bundle_limit = usize::try_from(app.max_bundle_bytes).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/v1/agent/connect", post(agent_connect))
+        .route("/v1/agent/reports", post(agent_report))
+        .route("/v1/agent/kill-ack", post(agent_kill_ack))
+        .route(
+            "/v1/bundles/{sha}",
+            get(get_bundle)
+                .put(put_bundle)
+                .layer(DefaultBodyLimit::max(bundle_limit)),
+        )
+        .route("/v1/rollouts/plan", post(plan_rollout))
+        .route("/v1/rollouts", post(start_rollout).get(list_rollouts))
+        .route("/v1/rollouts/{id}", get(rollout_status))
+        .route("/v1/rollouts/{id}/halt", post(halt_rollout))
+        .route("/v1/rollouts/{id}/resume", post(resume_rollout))
+        .route("/v1/kill", post(kill).get(kill_state))
+        .route("/v1/kill/lift", post(lift))
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/alerts/alertmanager", post(alertmanager))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(app)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("revocation list {path}: {source}")]
+    Revocations {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A bound, ready server; `run` serves until the process ends.
+pub struct Server {
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    issuers: Arc<Issuers>,
+    router: Router,
+    pub app: Arc<App>,
+}
+
+impl Server {
+    pub async fn bind(
+        config: &ControllerConfig,
+        inspect: BundleInspector,
+    ) -> Result<Self, ServeError> {
+        let tls = crate::tls::server_config(
+            &config.cert,
+            &config.key,
+            &[&config.agents_ca, &config.operators_ca],
+        )?;
+        let issuers = Arc::new(Issuers::from_pem_files(
+            &config.agents_ca,
+            &config.operators_ca,
+        )?);
+        let revocations = Revocations::load(config.revoked.clone()).map_err(|source| {
+            ServeError::Revocations {
+                path: config.revoked.clone(),
+                source,
+            }
+        })?;
+        let store: Arc<dyn Store> = match &config.storage {
+            Storage::Sqlite(path) => Arc::new(crate::store::sqlite::SqliteStore::open(path).await?),
+        };
+        let engine = Engine::new(
+            store,
+            Hub::new(),
+            Arc::new(Metrics::new()),
+            config.result_margin,
+            config.kill_ack_timeout,
+        );
+        let app = Arc::new(App {
+            engine,
+            revocations,
+            max_bundle_bytes: config.max_bundle_bytes,
+            inspect,
+        });
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Server {
+            listener,
+            tls: tokio_rustls::TlsAcceptor::from(tls),
+            issuers,
+            router: router(app.clone()),
+            app,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run(self) -> Result<(), ServeError> {
+        self.app.engine.resume_all().await?;
+        tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "controller listening");
+        loop {
+            let (tcp, addr) = match self.listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let tls = self.tls.clone();
+            let issuers = self.issuers.clone();
+            let router = self.router.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::info!(%addr, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let peer = match stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                {
+                    Some(cert) => classify(&issuers, cert.as_ref()).map_err(|e| e.to_string()),
+                    None => Err("no client certificate".to_string()),
+                };
+                let peer = PeerInfo(peer);
+                let service =
+                    hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(peer.clone());
+                        router.clone().oneshot(req.map(Body::new))
+                    });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(%addr, error = %e, "connection ended");
+                }
+            });
+        }
+    }
+}
