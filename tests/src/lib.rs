@@ -1,1 +1,54 @@
+//! Helpers for rollguard's end-to-end tests: they drive the real binaries
+//! (`rollguard`, `rollguard-agent`) against real directory trees, real keys
+//! (made by `ssh-keygen`) and the real kernel, and then look at the disk.
 #![forbid(unsafe_code)]
+
+pub mod host;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Path of a workspace binary. Integration tests of this crate cannot use
+/// `CARGO_BIN_EXE_*` for other packages' binaries, so we look next to the
+/// test executable (`target/<profile>/deps/..`). `cargo test --workspace`
+/// builds them (the agent and controller packages have integration tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Run a command, returning its output; panics with stdout/stderr if it
+/// could not start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Run and require exit status 0.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The `rollguard` CLI.
+pub fn rollguard() -> Command {
+    Command::new(bin("rollguard"))
+}
+
+/// The `rollguard-agent` binary.
+pub fn agent() -> Command {
+    Command::new(bin("rollguard-agent"))
+}

@@ -1,0 +1,181 @@
+//! A test host: a directory tree standing in for a server's filesystem
+//! (customer data, a backup volume, config dirs), a host policy, signing
+//! keys and helpers to build, sign and run bundles on it.
+//!
+//! Trees live under `/var/lib/rollguard-tests`, not `/tmp`: the sandbox gives
+//! every bundle a private `/tmp`, so a tree there would be invisible to it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::{agent, rollguard, run, run_ok};
+
+const BASE: &str = "/var/lib/rollguard-tests";
+
+/// Signing keys and the matching `allowed_signers` file, shared by hosts.
+pub struct Keys {
+    dir: tempfile::TempDir,
+}
+
+impl Keys {
+    /// Create ed25519 keys with `ssh-keygen` for each principal.
+    pub fn new(principals: &[&str]) -> Self {
+        fs::create_dir_all(BASE).unwrap();
+        let dir = tempfile::Builder::new().prefix("keys-").tempdir_in(BASE).unwrap();
+        let mut allowed = String::new();
+        for p in principals {
+            let key = dir.path().join(p);
+            run_ok(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", p, "-f"]).arg(&key));
+            let public = fs::read_to_string(key.with_extension("pub")).unwrap();
+            let mut fields = public.split_whitespace();
+            allowed.push_str(&format!("{p} {} {}\n", fields.next().unwrap(), fields.next().unwrap()));
+        }
+        fs::write(dir.path().join("allowed_signers"), allowed).unwrap();
+        Keys { dir }
+    }
+
+    pub fn key(&self, principal: &str) -> PathBuf {
+        self.dir.path().join(principal)
+    }
+
+    pub fn allowed_signers(&self) -> PathBuf {
+        self.dir.path().join("allowed_signers")
+    }
+}
+
+/// One simulated host.
+pub struct Host {
+    dir: tempfile::TempDir,
+    pub name: String,
+}
+
+/// Policy knobs a test may change.
+pub struct PolicyOptions {
+    pub labels: BTreeMap<String, String>,
+    pub threshold: u32,
+    pub delete_threshold: u32,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        PolicyOptions {
+            labels: BTreeMap::from([("role".to_string(), "mail".to_string())]),
+            threshold: 1,
+            delete_threshold: 1,
+        }
+    }
+}
+
+impl Host {
+    /// A host tree with customer data and a protected backup volume:
+    /// `root/home/customers/{alice,bob}/…`, `root/backup/…` (protected),
+    /// `root/etc/mail` (config), `root/var/spool/tmp`.
+    pub fn new(name: &str, keys: &Keys, opts: PolicyOptions) -> Self {
+        fs::create_dir_all(BASE).unwrap();
+        let dir = tempfile::Builder::new().prefix("host-").tempdir_in(BASE).unwrap();
+        let host = Host { dir, name: name.to_string() };
+        let r = host.root();
+        for (path, body) in [
+            ("home/customers/alice/mail/inbox", "alice's mail\n"),
+            ("home/customers/alice/site/index.html", "<h1>alice</h1>\n"),
+            ("home/customers/bob/db.sql", "INSERT INTO t VALUES (1);\n"),
+            ("backup/daily/customers.tar", "backup of every customer\n"),
+            ("etc/mail/main.cf", "queue_lifetime = 5d\n"),
+            ("var/spool/tmp/stale-1", "stale\n"),
+        ] {
+            let p = r.join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, body).unwrap();
+        }
+        let labels: Vec<String> = opts.labels.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+        let policy = format!(
+            "[host]\nname = {name:?}\nlabels = {{ {} }}\n\n[trust]\nallowed_signers = {:?}\nthreshold = {}\ndelete_threshold = {}\n\n[protect]\npaths = [{:?}]\n\n[limits]\nallow_scopes = [{:?}]\n\n[state]\ndir = {:?}\n",
+            labels.join(", "),
+            keys.allowed_signers(),
+            opts.threshold,
+            opts.delete_threshold,
+            r.join("backup"),
+            r,
+            host.dir.path().join("state"),
+        );
+        fs::write(host.policy(), policy).unwrap();
+        host
+    }
+
+    /// The host's filesystem root (absolute).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn policy(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Every file under the root with its bytes, for before/after checks.
+    pub fn snapshot(&self, sub: &str) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![self.root().join(sub)];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for e in entries {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.insert(p.clone(), fs::read(&p).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    /// Write a bundle source (manifest text with `@ROOT@` replaced by this
+    /// host's root, plus a `run.sh` script) into a fresh directory.
+    pub fn bundle_source(&self, label: &str, manifest: &str, script: &str) -> PathBuf {
+        let src = self.dir.path().join(format!("src-{label}"));
+        fs::create_dir_all(&src).unwrap();
+        let root = self.root();
+        let root = root.to_str().unwrap();
+        fs::write(src.join("bundle.toml"), manifest.replace("@ROOT@", root)).unwrap();
+        let script_path = src.join("run.sh");
+        fs::write(&script_path, script.replace("@ROOT@", root)).unwrap();
+        fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755)).unwrap();
+        src
+    }
+
+    /// Build a bundle from `src` and sign it with each of `signers`.
+    pub fn build_signed(&self, src: &Path, keys: &Keys, signers: &[&str]) -> PathBuf {
+        let out = src.with_extension("bundle");
+        run_ok(rollguard().args(["bundle", "build"]).arg(src).arg("-o").arg(&out));
+        for s in signers {
+            run_ok(rollguard().args(["bundle", "sign"]).arg(&out).arg("--key").arg(keys.key(s)).args(["--signer", s]));
+        }
+        out
+    }
+
+    /// `rollguard-agent run --json`: the report and the exit code.
+    pub fn run(&self, bundle: &Path) -> (Value, i32) {
+        let out = run(agent().args(["run", "--json", "--policy"]).arg(self.policy()).arg(bundle));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!("agent printed no JSON report ({e}):\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+        });
+        (report, out.status.code().unwrap_or(-1))
+    }
+}
+
+/// A manifest with the given targets/scope lines; `@ROOT@` is the host root.
+pub fn manifest(name: &str, version: u64, hosts: &str, scope: &str) -> String {
+    format!(
+        "[bundle]\nname = {name:?}\nversion = {version}\ndescription = \"test\"\nexpires = 2099-01-01T00:00:00Z\n\n[targets]\nhosts = [{hosts}]\n\n[scope]\n{scope}\n\n[run]\ncommand = [\"./run.sh\"]\ntimeout = \"30s\"\n"
+    )
+}
