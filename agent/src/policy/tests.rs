@@ -522,3 +522,73 @@ proptest! {
         }
     }
 }
+
+/// The shipped examples in `policy-examples/` parse (with the signers file
+/// pointed at a scratch file) and mean what their comments say.
+#[test]
+fn shipped_policy_examples_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy-examples");
+    let f = Fixture::new();
+    let mut parsed = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"/etc/rollguard/allowed_signers\""),
+            "{}",
+            path.display()
+        );
+        let text = text.replace(
+            "\"/etc/rollguard/allowed_signers\"",
+            &format!("{:?}", f.p("allowed_signers")),
+        );
+        let policy = HostPolicy::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        parsed.insert(
+            path.file_name().unwrap().to_str().unwrap().to_string(),
+            policy,
+        );
+    }
+    for name in ["minimal.toml", "mail-host.toml", "db-host.toml"] {
+        assert!(parsed.contains_key(name), "{name} missing");
+    }
+    let scope = |write: &[&str], delete: &[&str]| Scope {
+        write: write.iter().map(|p| ScopePath::parse(p).unwrap()).collect(),
+        delete: delete
+            .iter()
+            .map(|p| ScopePath::parse(p).unwrap())
+            .collect(),
+        read: vec![],
+        network: vec![],
+    };
+    let mail = &parsed["mail-host.toml"];
+    assert_eq!(
+        mail.identity().labels.get("role").map(String::as_str),
+        Some("mail")
+    );
+    // The incident script: delete everything under /var.
+    let e = mail.check_scope(&scope(&[], &["/var"])).unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    assert_eq!(
+        mail.required_threshold(&scope(&[], &["/var/spool/postfix/old"])),
+        2
+    );
+    assert!(mail
+        .check_scope(&scope(&["/etc/postfix"], &["/var/spool/postfix/deferred"]))
+        .is_ok());
+    let e = mail.check_scope(&scope(&["/etc/nginx"], &[])).unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ScopeCeiling);
+    let db = &parsed["db-host.toml"];
+    assert_eq!(
+        db.required_threshold(&scope(&[], &["/var/log/postgresql/old"])),
+        3
+    );
+    let e = db.check_scope(&scope(&["/var/lib"], &[])).unwrap_err();
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    assert_eq!(
+        parsed["minimal.toml"].state_dir(),
+        Path::new(DEFAULT_STATE_DIR)
+    );
+}
