@@ -80,15 +80,8 @@ impl Launcher {
     /// status are written there.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<ConfinedChild, SandboxError> {
         spec.validate()?;
-        let run_dir = &spec.run_dir;
-        for stale in [status::STATUS_FILE, AUDIT_SESSION_FILE] {
-            match fs::remove_file(run_dir.join(stale)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("removing", &run_dir.join(stale))(e))
-                }
-                _ => {}
-            }
-        }
+        // The cgroup first: it also claims the run id (creation fails if it
+        // exists), before anything in the run directory is touched.
         let cgroup = RunCgroup::create(&spec.run_id)?;
         match self.start(spec, &cgroup) {
             Ok(child) => Ok(child),
@@ -101,6 +94,14 @@ impl Launcher {
 
     fn start(&self, spec: &SandboxSpec, cgroup: &RunCgroup) -> Result<ConfinedChild, SandboxError> {
         let run_dir = &spec.run_dir;
+        for stale in [status::STATUS_FILE, AUDIT_SESSION_FILE] {
+            match fs::remove_file(run_dir.join(stale)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("removing", &run_dir.join(stale))(e))
+                }
+                _ => {}
+            }
+        }
         let plan = Stage2Plan {
             spec: spec.clone(),
             cgroup_dir: cgroup.path().to_path_buf(),

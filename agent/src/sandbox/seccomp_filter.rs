@@ -12,6 +12,10 @@
 //! `/run/systemd/private`, and seccomp cannot inspect `connect`'s address.
 //! `socketpair` stays allowed (it has no address). `AF_VSOCK` (the
 //! hypervisor channel), `AF_PACKET`, `AF_ALG` etc. are blocked too.
+//! Setting the setuid/setgid bit (chmod family, or creating a file with
+//! such a mode) is denied: Landlock does not cover file metadata, and a
+//! root bundle could otherwise plant a setuid-root binary for the host's
+//! users. `clone3` and `openat2` answer ENOSYS (see [`enosys_fallbacks`]).
 //!
 //! Architecture mismatch kills the process (seccompiler's preamble), so the
 //! 32-bit syscall table cannot be used to dodge the list. On x86_64 a
@@ -105,11 +109,59 @@ fn cond(
     Ok(SeccompCondition::new(arg, len, op, value)?)
 }
 
+/// `(mode & bit) == bit` for the setuid and setgid bits.
+fn setid_conditions(mode_arg: u8) -> Result<Vec<SeccompCondition>, FilterError> {
+    [libc::S_ISUID, libc::S_ISGID]
+        .into_iter()
+        .map(|bit| {
+            let bit = u64::from(bit);
+            cond(
+                mode_arg,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(bit),
+                bit,
+            )
+        })
+        .collect()
+}
+
+/// chmod-family calls that set the setuid or setgid bit. Landlock (up to
+/// ABI 7) does not cover file metadata, and a root bundle owns every
+/// root-owned file, so without this a bundle could turn any binary into a
+/// setuid-root one for the host's users. Normal chmod stays allowed.
+fn setid_chmod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
+    setid_conditions(mode_arg)?
+        .into_iter()
+        .map(|c| Ok(SeccompRule::new(vec![c])?))
+        .collect()
+}
+
+/// File creation (`O_CREAT` or `O_TMPFILE`) with the setuid or setgid bit
+/// in the mode, which open(2) honours.
+fn setid_create_rules(flags_arg: u8, mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
+    const O_TMPFILE_BIT: u64 = 0o20000000; // __O_TMPFILE, without O_DIRECTORY
+    let mut rules = Vec::new();
+    for flag in [libc::O_CREAT as u64, O_TMPFILE_BIT] {
+        for mode in setid_conditions(mode_arg)? {
+            rules.push(SeccompRule::new(vec![
+                cond(
+                    flags_arg,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(flag),
+                    flag,
+                )?,
+                mode,
+            ])?);
+        }
+    }
+    Ok(rules)
+}
+
 /// `(mode & S_IFMT) == S_IFCHR` or `S_IFBLK`: creating device nodes
-/// (FIFOs and regular files via mknod stay allowed).
-fn device_node_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
+/// (FIFOs and regular files via mknod stay allowed), plus set-id modes.
+fn mknod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
     let fmt = u64::from(libc::S_IFMT);
-    [libc::S_IFCHR, libc::S_IFBLK]
+    let mut rules = [libc::S_IFCHR, libc::S_IFBLK]
         .into_iter()
         .map(|kind| {
             Ok(SeccompRule::new(vec![cond(
@@ -119,7 +171,9 @@ fn device_node_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
                 u64::from(kind),
             )?])?)
         })
-        .collect()
+        .collect::<Result<Vec<_>, FilterError>>()?;
+    rules.extend(setid_chmod_rules(mode_arg)?);
+    Ok(rules)
 }
 
 /// Any socket family other than IPv4/IPv6/netlink, and netlink other than
@@ -178,8 +232,17 @@ pub fn deny_list() -> Result<BpfProgram, FilterError> {
         .map(|nr| (nr, Vec::new()))
         .collect();
     #[cfg(target_arch = "x86_64")]
-    rules.insert(libc::SYS_mknod, device_node_rules(1)?);
-    rules.insert(libc::SYS_mknodat, device_node_rules(2)?);
+    {
+        rules.insert(libc::SYS_mknod, mknod_rules(1)?);
+        rules.insert(libc::SYS_chmod, setid_chmod_rules(1)?);
+        rules.insert(libc::SYS_open, setid_create_rules(1, 2)?);
+        rules.insert(libc::SYS_creat, setid_chmod_rules(1)?);
+    }
+    rules.insert(libc::SYS_mknodat, mknod_rules(2)?);
+    rules.insert(libc::SYS_fchmod, setid_chmod_rules(1)?);
+    rules.insert(libc::SYS_fchmodat, setid_chmod_rules(2)?);
+    rules.insert(libc::SYS_fchmodat2, setid_chmod_rules(2)?);
+    rules.insert(libc::SYS_openat, setid_create_rules(2, 3)?);
     rules.insert(libc::SYS_socket, socket_rules()?);
     rules.insert(libc::SYS_clone, clone_rules()?);
     let filter = SeccompFilter::new(
@@ -191,10 +254,14 @@ pub fn deny_list() -> Result<BpfProgram, FilterError> {
     Ok(filter.try_into()?)
 }
 
-/// clone3 answers ENOSYS: its flags live in a struct seccomp cannot read,
-/// and ENOSYS makes glibc fall back to `clone`, whose flags we can check.
-pub fn clone3_fallback() -> Result<BpfProgram, FilterError> {
-    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+/// ENOSYS for calls whose arguments live in a struct seccomp cannot read:
+/// `clone3` (namespace flags) and `openat2` (file mode). ENOSYS makes glibc
+/// and most runtimes fall back to `clone`/`openat`, which we can check.
+pub fn enosys_fallbacks() -> Result<BpfProgram, FilterError> {
+    let rules = BTreeMap::from([
+        (libc::SYS_clone3, Vec::new()),
+        (libc::SYS_openat2, Vec::new()),
+    ]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -235,7 +302,7 @@ pub fn x32_guard() -> BpfProgram {
 /// Every filter to install, in order.
 pub fn all_filters() -> Result<Vec<BpfProgram>, FilterError> {
     #[allow(unused_mut)]
-    let mut filters = vec![deny_list()?, clone3_fallback()?];
+    let mut filters = vec![deny_list()?, enosys_fallbacks()?];
     #[cfg(target_arch = "x86_64")]
     filters.push(x32_guard());
     Ok(filters)

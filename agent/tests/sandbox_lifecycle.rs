@@ -1,0 +1,171 @@
+//! The parent side: cgroup containment, timeout, kill switch, leftovers,
+//! reporting (pid, audit session), failures, and the kernel probe.
+
+mod sandbox_support;
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use rollguard_agent::sandbox::{KernelSupport, Termination};
+use sandbox_support::{is_alive, launcher, processes_with_cmdline, Tree};
+
+#[test]
+fn timeout_kills_double_forked_children() {
+    let t = Tree::new();
+    // The background sleep is re-parented away from the shell (double
+    // fork); only the cgroup still ties it to the run.
+    let spec = t.spec("(sleep 1001 &) ; sleep 1001");
+    let child = launcher().spawn(&spec).unwrap();
+    let cgroup = child.cgroup().path().to_path_buf();
+    // Wait until both sleeps run, so the kill has something to find.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processes_with_cmdline(&["sleep", "1001"]).len() < 2 {
+        assert!(Instant::now() < deadline, "the sleeps never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sleepers = processes_with_cmdline(&["sleep", "1001"]);
+    let outcome = child.wait(Duration::from_secs(2)).unwrap();
+    assert_eq!(outcome.termination, Termination::TimedOut);
+    // sh + two sleeps (dash does not exec the last command).
+    assert!(
+        outcome.killed_processes >= 2,
+        "killed {}",
+        outcome.killed_processes
+    );
+    for pid in sleepers {
+        assert!(!is_alive(pid), "sleep {pid} survived");
+    }
+    assert!(processes_with_cmdline(&["sleep", "1001"]).is_empty());
+    assert!(!cgroup.exists(), "the run cgroup was not removed");
+}
+
+#[test]
+fn processes_left_behind_are_counted_and_killed() {
+    let t = Tree::new();
+    let run = t.sh("(sleep 1002 &); (sleep 1002 &); echo started=yes");
+    assert_eq!(run.exit_code(), 0);
+    assert_eq!(run.outcome.leftover_processes, 2);
+    assert!(processes_with_cmdline(&["sleep", "1002"]).is_empty());
+}
+
+#[test]
+fn kill_switch_kills_the_whole_run() {
+    let t = Tree::new();
+    let marker = t.p("etc/app/started");
+    let spec = t.spec(&format!(
+        "(sleep 1003 &); touch {}; sleep 1003",
+        marker.display()
+    ));
+    let child = launcher().spawn(&spec).unwrap();
+    let handle = child.kill_handle();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the run never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killer = std::thread::spawn(move || handle.kill().unwrap());
+    let outcome = child.wait(Duration::from_secs(600)).unwrap();
+    killer.join().unwrap();
+    assert_eq!(outcome.termination, Termination::Killed);
+    assert!(
+        outcome.killed_processes >= 2,
+        "killed {}",
+        outcome.killed_processes
+    );
+    assert!(processes_with_cmdline(&["sleep", "1003"]).is_empty());
+}
+
+#[test]
+fn the_bundle_is_the_process_that_created_the_domain_and_has_its_own_audit_session() {
+    let t = Tree::new();
+    let run = t.sh("echo pid=$$; echo ses=$(cat /proc/self/sessionid); echo cgroup=$(cat /proc/self/cgroup | grep '^0::')");
+    assert_eq!(run.exit_code(), 0);
+    // exec in place: the shell's pid is the pid stage 2 had.
+    assert_eq!(run.value("pid"), run.outcome.pid.to_string());
+    let session = run.outcome.audit_session.expect("audit session reported");
+    assert_eq!(run.value("ses"), session.to_string());
+    let own = fs::read_to_string("/proc/self/sessionid").unwrap();
+    assert_ne!(
+        own.trim(),
+        session.to_string(),
+        "the run shares the test's audit session"
+    );
+    assert!(run
+        .value("cgroup")
+        .ends_with(&format!("/rollguard-runs/{}", run.outcome.run_id)));
+    let confinement = run.outcome.confinement.as_ref().unwrap();
+    assert_eq!(confinement.audit_session, session);
+    assert!(confinement.landlock_abi >= 3);
+    assert!(confinement.landlock_fs_rules > 0);
+    assert_eq!(
+        confinement.seccomp_filters,
+        if cfg!(target_arch = "x86_64") { 3 } else { 2 }
+    );
+
+    // Two runs never share a session.
+    let other = t.sh("true");
+    assert_ne!(other.outcome.audit_session, Some(session));
+}
+
+#[test]
+fn exit_codes_and_exec_failures_are_reported() {
+    let t = Tree::new();
+    assert_eq!(t.sh("exit 7").exit_code(), 7);
+    let run = t.sh("kill -TERM $$");
+    assert_eq!(
+        run.outcome.termination,
+        Termination::Signaled {
+            signal: libc::SIGTERM
+        }
+    );
+    let mut spec = t.spec("");
+    spec.command = vec!["/nonexistent/program".into()];
+    let run = t.run(&spec);
+    assert!(
+        matches!(&run.outcome.termination, Termination::ExecFailed { error } if error.contains("/nonexistent/program")),
+        "{:?}",
+        run.outcome.termination
+    );
+    // Confinement was complete when exec failed.
+    assert!(run.outcome.confinement.is_some());
+}
+
+#[test]
+fn a_missing_scope_path_fails_closed_before_anything_runs() {
+    let t = Tree::new();
+    let mut spec = t.spec(&format!("touch {}", t.p("spool/tmp/marker").display()));
+    spec.scope.write = t.scope(&["etc/does-not-exist"]);
+    let run = t.run(&spec);
+    assert!(
+        matches!(&run.outcome.termination, Termination::SetupFailed { step, error } if step == "landlock" && error.contains("does not exist")),
+        "{:?}",
+        run.outcome.termination
+    );
+    assert!(!t.p("spool/tmp/marker").exists());
+    assert!(run.stderr.contains("nothing was run"), "{}", run.stderr);
+}
+
+#[test]
+fn the_run_cgroup_is_unique_per_run_id() {
+    let t = Tree::new();
+    let spec = t.spec("sleep 1004");
+    let first = launcher().spawn(&spec).unwrap();
+    let second = launcher().spawn(&spec);
+    assert!(second.is_err(), "a second run with the same id was started");
+    first.kill().unwrap();
+    assert_eq!(
+        first.wait(Duration::from_secs(600)).unwrap().termination,
+        Termination::Killed
+    );
+}
+
+#[test]
+fn this_kernel_supports_everything_the_sandbox_needs() {
+    let support = KernelSupport::probe();
+    support.require(false).unwrap();
+    support.require(true).unwrap();
+    assert!(support.landlock_abi.unwrap() >= 4);
+    assert!(support.cgroup_kill && support.seccomp_filter && support.audit_sessions);
+    let json = serde_json::to_value(&support).unwrap();
+    assert!(json.get("landlock_abi").is_some());
+}
