@@ -6,7 +6,7 @@ mod sandbox_support;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use rollguard_agent::sandbox::{KernelSupport, Termination};
+use rollguard_agent::sandbox::{KernelSupport, RunCgroup, Termination};
 use sandbox_support::{is_alive, launcher, processes_with_cmdline, Tree};
 
 #[test]
@@ -168,4 +168,31 @@ fn this_kernel_supports_everything_the_sandbox_needs() {
     assert!(support.cgroup_kill && support.seccomp_filter && support.audit_sessions);
     let json = serde_json::to_value(&support).unwrap();
     assert!(json.get("landlock_abi").is_some());
+}
+
+#[test]
+fn an_unsupervised_run_is_killed_and_recoverable() {
+    let t = Tree::new();
+    let spec = t.spec("(sleep 1005 &); sleep 1005");
+    let child = launcher().spawn(&spec).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processes_with_cmdline(&["sleep", "1005"]).len() < 2 {
+        assert!(Instant::now() < deadline, "the sleeps never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Dropping the handle without waiting kills the whole run.
+    drop(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !processes_with_cmdline(&["sleep", "1005"]).is_empty() {
+        assert!(Instant::now() < deadline, "the dropped run kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Recovery (e.g. after an agent crash) finds the run's cgroup by id
+    // and removes it.
+    assert!(RunCgroup::list_run_ids().unwrap().contains(&spec.run_id));
+    let cgroup = RunCgroup::existing(&spec.run_id)
+        .unwrap()
+        .expect("cgroup left for recovery");
+    cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
+    assert!(RunCgroup::existing(&spec.run_id).unwrap().is_none());
 }

@@ -239,3 +239,12 @@ fn environment_is_clean() {
     );
     assert!(run.stdout.contains(&format!("PWD={}", t.s("payload"))));
 }
+
+#[test]
+fn stdio_can_be_reopened_by_path() {
+    let t = Tree::new();
+    let run = t.sh("echo to-stderr > /dev/stderr; echo err=$?; cat /dev/stdin; echo in=$?");
+    assert_eq!(run.value("err"), "0");
+    assert_eq!(run.value("in"), "0");
+    assert_eq!(run.stderr, "to-stderr\n");
+}

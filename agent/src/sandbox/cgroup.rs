@@ -146,6 +146,41 @@ impl RunCgroup {
         })
     }
 
+    /// The cgroup of an earlier run, if it still exists: after an agent
+    /// crash, recovery finds runs it started and kills what is left of them
+    /// ([`RunCgroup::kill_and_remove`]).
+    pub fn existing(run_id: &str) -> Result<Option<Self>, CgroupError> {
+        let dir = runs_parent()?.join(run_id);
+        if run_id.is_empty() || run_id.contains('/') || !dir.is_dir() {
+            return Ok(None);
+        }
+        Ok(Some(RunCgroup { dir }))
+    }
+
+    /// Run ids with a cgroup under this agent's cgroup.
+    pub fn list_run_ids() -> Result<Vec<String>, CgroupError> {
+        let parent = runs_parent()?;
+        let entries = match fs::read_dir(&parent) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(CgroupError::Io {
+                    path: parent,
+                    source: e,
+                })
+            }
+        };
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&parent))?;
+            if entry.file_type().map_err(io_err(&parent))?.is_dir() {
+                ids.extend(entry.file_name().to_str().map(str::to_string));
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
     pub fn path(&self) -> &Path {
         &self.dir
     }

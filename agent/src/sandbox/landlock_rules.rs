@@ -121,7 +121,8 @@ const NETWORK_READ: &[&str] = &[
     "/run/systemd/resolve",
 ];
 
-/// Private scratch mounted by [`super::namespaces`].
+/// Private scratch mounted by [`super::namespaces`] (fresh tmpfs: full
+/// rights except device nodes, sockets and device ioctls).
 const SCRATCH: &[&str] = &["/tmp", "/var/tmp", "/dev/shm"];
 
 /// Device nodes the bundle may write (and ioctl, e.g. `isatty`).
@@ -265,6 +266,42 @@ impl Builder<'_> {
             }
             // Symlinks, sockets, FIFOs and device nodes next to a protected
             // path get nothing.
+        }
+        Ok(())
+    }
+
+    /// Let the bundle reopen its own stdin/stdout/stderr by path
+    /// (`echo x > /dev/stderr` reopens `/proc/self/fd/2`): read/write on the
+    /// files the agent opened for them (not on their directory). Pipes need
+    /// nothing (Landlock does not restrict pseudo filesystems).
+    fn grant_stdio(&mut self) -> Result<(), LandlockError> {
+        for fd in 0..=2 {
+            let link = PathBuf::from(format!("/proc/self/fd/{fd}"));
+            // Following the magic link opens the very file behind the fd.
+            let file = match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(&link)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(LandlockError::Io {
+                        path: link,
+                        source: e,
+                    })
+                }
+            };
+            let kind = file.metadata().map_err(io_err(&link))?.file_type();
+            let access = if kind.is_file() {
+                AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate
+            } else if std::os::unix::fs::FileTypeExt::is_char_device(&kind) {
+                AccessFs::ReadFile | AccessFs::WriteFile
+            } else {
+                continue;
+            };
+            (&mut self.ruleset).add_rule(PathBeneath::new(file, access & self.rights.file))?;
+            self.rules += 1;
         }
         Ok(())
     }
@@ -447,7 +484,16 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
     }
     // The payload is read and executed even if it lies beneath a protected
     // path (e.g. the agent's state directory): the rule is on its own inode.
-    b.add("payload directory", &spec.payload_dir, rights.read)?;
+    // (A protected path beneath the payload still gets nothing.)
+    if spec
+        .protected
+        .iter()
+        .any(|p| spec.payload_dir.starts_with(p))
+    {
+        b.add("payload directory", &spec.payload_dir, rights.read)?;
+    } else {
+        b.grant_excluding("payload directory", &spec.payload_dir, rights.read)?;
+    }
 
     for scope in &spec.scope.write {
         b.add("scope.write", scope.as_path(), rights.write)?;
@@ -455,12 +501,16 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
     for scope in &spec.scope.delete {
         b.add("scope.delete", scope.as_path(), rights.delete)?;
     }
+    // The private scratch tmpfs never holds host files, protected or not.
     for path in SCRATCH {
-        b.grant_optional(path, rights.scratch)?;
+        if Path::new(path).is_dir() {
+            b.add("scratch directory", Path::new(path), rights.scratch)?;
+        }
     }
     for path in WRITABLE_DEVICES {
         b.add("device", Path::new(path), rights.device)?;
     }
+    b.grant_stdio()?;
 
     let fs_rules = b.rules;
     let mut created = b.ruleset;

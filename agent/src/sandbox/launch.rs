@@ -169,6 +169,7 @@ impl Launcher {
             exit,
             started,
             kill_state: Arc::new(KillState::default()),
+            armed: true,
         })
     }
 }
@@ -282,6 +283,18 @@ pub struct ConfinedChild {
     exit: mpsc::Receiver<io::Result<ExitStatus>>,
     started: Instant,
     kill_state: Arc<KillState>,
+    /// Kill the run if this handle is dropped without a successful `wait`:
+    /// a run nobody supervises must not keep running.
+    armed: bool,
+}
+
+impl Drop for ConfinedChild {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::warn!(run_id = %self.run_id, "confined run dropped unsupervised; killing it");
+            let _ = self.cgroup.kill();
+        }
+    }
 }
 
 impl ConfinedChild {
@@ -314,7 +327,14 @@ impl ConfinedChild {
     /// Wait for the main process for at most `timeout` (counted from the
     /// start), kill everything left in the cgroup, remove the cgroup and
     /// report.
-    pub fn wait(self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
+    pub fn wait(mut self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
+        let outcome = self.finish(timeout)?;
+        // Only a clean finish disarms the kill-on-drop below.
+        self.armed = false;
+        Ok(outcome)
+    }
+
+    fn finish(&mut self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
         let remaining = timeout.saturating_sub(self.started.elapsed());
         let mut killed_processes = 0;
         let mut timed_out = false;
@@ -370,7 +390,7 @@ impl ConfinedChild {
             termination_from(&events, status, &self.stderr)
         };
         Ok(RunOutcome {
-            run_id: self.run_id,
+            run_id: self.run_id.clone(),
             termination,
             pid: self.pid,
             audit_session: read_session(&self.run_dir),
@@ -378,8 +398,8 @@ impl ConfinedChild {
             killed_processes,
             leftover_processes,
             duration,
-            stdout: self.stdout,
-            stderr: self.stderr,
+            stdout: self.stdout.clone(),
+            stderr: self.stderr.clone(),
         })
     }
 }
