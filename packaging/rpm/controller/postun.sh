@@ -1,0 +1,13 @@
+# rollguard-controller %postun ($1: 0 = erase, 1 = upgrade).
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload >/dev/null 2>&1 || :
+    if [ "$1" -ge 1 ]; then
+        systemctl try-restart rollguard-controller.service >/dev/null 2>&1 || :
+    fi
+fi
+if [ "$1" -eq 0 ]; then
+    # RPM has no purge: the CA and database are kept unless empty, and so is
+    # the system user that owns them. Remove /var/lib/rollguard-controller
+    # (and the user) by hand to purge.
+    rmdir /var/lib/rollguard-controller 2>/dev/null || :
+fi
