@@ -11,3 +11,4 @@ pub mod sandbox;
 pub mod audit_log;
 pub mod kernel_audit;
 pub mod runner;
+pub mod daemon;

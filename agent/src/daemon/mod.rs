@@ -1,0 +1,652 @@
+//! `rollguard-agent serve`: the long-running agent.
+//!
+//! It connects out to the controller (one mutual-TLS HTTP/2 connection,
+//! see `rollguard_shared::protocol`), registers this host's name and
+//! labels, and receives orders on one long-lived stream:
+//!
+//! - **run**: download the bundle, then run it exactly as
+//!   `rollguard-agent run` does (the same runner: signatures against this
+//!   host's own threshold, targets, scopes, kernel confinement) and report
+//!   the same JSON report. The controller cannot make this host run
+//!   anything its policy would refuse. Each rollout runs at most once: the
+//!   rollout id is recorded durably before the run, a repeated order is
+//!   answered from the record, and a run that was in progress when the
+//!   agent died is reported `interrupted`, never started again.
+//! - **kill state**: the fleet's kill orders. Covered running bundles are
+//!   killed at once (cgroup.kill) and new runs refused while in force; the
+//!   state is durable, so a restarted agent still refuses. A fleet-wide kill
+//!   (or a local one, from `rollguard-agent kill` over the local socket) is
+//!   also written to the state directory's kill switch, which the runner
+//!   itself checks, so even a manual `rollguard-agent run` is refused.
+//!
+//! The agent reconnects with exponential backoff (1 s to 30 s, jittered),
+//! and sends reports it could not deliver when it is back. It is a single
+//! thread (tokio current-thread runtime) plus one blocking thread per
+//! running bundle, to stay small on every host.
+
+pub mod config;
+pub mod executor;
+pub mod local;
+pub mod records;
+pub mod transport;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::Method;
+use rollguard_shared::protocol::{
+    AgentReport, KillAck, KillOrder, KillState, Order, Register, RolloutId, Sha256Hex,
+    MAX_ORDER_LINE, PING_INTERVAL_SECS,
+};
+use rollguard_shared::report::{RefusalKind, RunReport, RunStatus};
+use rollguard_shared::targets::HostIdentity;
+use tokio::sync::Notify;
+
+use crate::state::StateDir;
+pub use config::ControllerSection;
+pub use executor::{BundleExecutor, KillSignal, RunnerExecutor};
+use local::{LocalControl, LocalRequest, LocalResponse};
+use records::{KillFile, Phase, Records, RolloutRecord};
+use transport::{Session, Transport, TransportError};
+
+/// Largest bundle the agent downloads.
+pub const MAX_BUNDLE_BYTES: u64 = 1024 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The local control socket.
+    pub socket: PathBuf,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions {
+            socket: PathBuf::from(local::DEFAULT_SOCKET),
+        }
+    }
+}
+
+pub struct Daemon {
+    identity: HostIdentity,
+    records: Records,
+    state: StateDir,
+    executor: Arc<dyn BundleExecutor>,
+    running: Mutex<HashMap<RolloutId, KillSignal>>,
+    kill: Mutex<KillFile>,
+    /// Finished runs whose report the controller has not accepted yet.
+    unacked: Mutex<BTreeSet<RolloutId>>,
+    outbox: Notify,
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    /// Open the daemon's state: recover the kill state (a corrupt kill file
+    /// counts as a kill in force) and turn runs left "started" by a previous
+    /// process into `interrupted` reports.
+    pub fn open(
+        identity: HostIdentity,
+        state_dir: &std::path::Path,
+        executor: Arc<dyn BundleExecutor>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let state = StateDir::open(state_dir).context("opening the state directory")?;
+        let records = Records::open(state_dir).context("opening the daemon records")?;
+        let mut kill = match records.kill() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "kill state unreadable: treating it as a local kill in force");
+                KillFile {
+                    fleet: KillState::default(),
+                    local: Some(KillOrder {
+                        reason: format!("unreadable kill state ({e})"),
+                        by: "local".into(),
+                        at: now(),
+                    }),
+                }
+            }
+        };
+        // A host-wide kill set without the daemon (e.g. `rollguard-agent kill`
+        // while it was stopped) is adopted, never silently cleared.
+        if kill.host_wide().is_none() {
+            if let Some(order) = state.kill_in_force().context("reading the kill switch")? {
+                kill.local = Some(KillOrder {
+                    reason: order.reason,
+                    by: "local".into(),
+                    at: now(),
+                });
+            }
+        }
+        records.put_kill(&kill)?;
+        let mut unacked = BTreeSet::new();
+        for mut rec in records.all()? {
+            if rec.phase == Phase::Started {
+                tracing::warn!(rollout = %rec.rollout_id, "run was in progress when the agent stopped; reporting it interrupted");
+                rec.phase = Phase::Finished;
+                rec.report = Some(interrupted_report(&identity.name));
+                rec.acked = false;
+                records.put(&rec)?;
+            }
+            if !rec.acked {
+                unacked.insert(rec.rollout_id.clone());
+            }
+        }
+        let daemon = Arc::new(Daemon {
+            identity,
+            records,
+            state,
+            executor,
+            running: Mutex::new(HashMap::new()),
+            kill: Mutex::new(kill),
+            unacked: Mutex::new(unacked),
+            outbox: Notify::new(),
+        });
+        daemon.sync_host_kill()?;
+        Ok(daemon)
+    }
+
+    /// Make the state directory's kill switch match our host-wide kill.
+    fn sync_host_kill(&self) -> anyhow::Result<()> {
+        let wanted = lock(&self.kill).host_wide().cloned();
+        let current = self.state.kill_in_force()?;
+        match (wanted, current) {
+            (Some(order), None) => {
+                self.state
+                    .set_kill(&format!("{} (by {})", order.reason, order.by))?;
+            }
+            (None, Some(_)) => self.state.clear_kill()?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn kill_file(&self) -> KillFile {
+        lock(&self.kill).clone()
+    }
+
+    pub fn running(&self) -> Vec<RolloutId> {
+        lock(&self.running).keys().cloned().collect()
+    }
+
+    /// Kill every running bundle covered by the current kill state;
+    /// returns how many.
+    fn kill_covered(&self) -> u32 {
+        let kill = lock(&self.kill).clone();
+        let running = lock(&self.running);
+        let mut n = 0;
+        for (id, signal) in running.iter() {
+            if kill.covering(id).is_some() {
+                tracing::warn!(rollout = %id, "killing running bundle (kill order in force)");
+                signal.kill();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// A new fleet kill state from the controller: durable first, then
+    /// enforced. Returns the number of bundles killed.
+    pub fn apply_fleet_kill(&self, state: KillState) -> anyhow::Result<u32> {
+        {
+            let mut kill = lock(&self.kill);
+            kill.fleet = state;
+            self.records.put_kill(&kill)?;
+        }
+        self.sync_host_kill()?;
+        Ok(self.kill_covered())
+    }
+
+    fn finish(&self, id: &RolloutId, sha: &Sha256Hex, report: RunReport) {
+        let rec = RolloutRecord {
+            rollout_id: id.clone(),
+            bundle_sha256: sha.clone(),
+            phase: Phase::Finished,
+            report: Some(report),
+            acked: false,
+        };
+        if let Err(e) = self.records.put(&rec) {
+            tracing::error!(rollout = %id, error = %e, "cannot record the run's report");
+        }
+        lock(&self.unacked).insert(id.clone());
+        self.outbox.notify_one();
+    }
+
+    /// Handle a run order. `fetch` downloads the bundle to a path.
+    pub async fn run_order<F, Fut>(self: Arc<Self>, id: RolloutId, sha: Sha256Hex, fetch: F)
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let signal = KillSignal::new();
+        {
+            let mut running = lock(&self.running);
+            if running.contains_key(&id) {
+                return; // already running in this process; its report will come
+            }
+            match self.records.get(&id) {
+                Err(e) => {
+                    tracing::error!(rollout = %id, error = %e, "cannot read the rollout record; not running it");
+                    return;
+                }
+                Ok(Some(rec)) => {
+                    // Never a second run: answer from the record.
+                    tracing::info!(rollout = %id, phase = ?rec.phase, "order for a rollout already handled; re-sending its report");
+                    if rec.phase == Phase::Started {
+                        drop(running);
+                        self.finish(&id, &sha, interrupted_report(&self.identity.name));
+                        return;
+                    }
+                    lock(&self.unacked).insert(id.clone());
+                    self.outbox.notify_one();
+                    return;
+                }
+                Ok(None) => {}
+            }
+            running.insert(id.clone(), signal.clone());
+        }
+        let result = self.clone().run_inner(&id, &sha, signal, fetch).await;
+        lock(&self.running).remove(&id);
+        match result {
+            Ok(report) => self.finish(&id, &sha, report),
+            Err(e) => {
+                tracing::error!(rollout = %id, error = %e, "could not start the run; the controller will re-send the order")
+            }
+        }
+    }
+
+    async fn run_inner<F, Fut>(
+        self: Arc<Self>,
+        id: &RolloutId,
+        sha: &Sha256Hex,
+        signal: KillSignal,
+        fetch: F,
+    ) -> anyhow::Result<RunReport>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        if let Some(order) = lock(&self.kill).covering(id).cloned() {
+            return Ok(refused_report(&self.identity.name, &order));
+        }
+        let path = self.records.bundle_path(sha);
+        fetch(path.clone()).await?;
+        if let Some(order) = lock(&self.kill).covering(id).cloned() {
+            let _ = std::fs::remove_file(&path);
+            return Ok(refused_report(&self.identity.name, &order));
+        }
+        // Durable before anything runs: from here on this rollout never
+        // runs again on this host.
+        self.records.put(&RolloutRecord {
+            rollout_id: id.clone(),
+            bundle_sha256: sha.clone(),
+            phase: Phase::Started,
+            report: None,
+            acked: false,
+        })?;
+        tracing::info!(rollout = %id, bundle = %sha, "running bundle");
+        let me = self.clone();
+        let id2 = id.clone();
+        let p2 = path.clone();
+        let report = tokio::task::spawn_blocking(move || me.executor.run(&p2, &id2, signal))
+            .await
+            .unwrap_or_else(|e| {
+                let mut r = interrupted_report(&self.identity.name);
+                r.status = RunStatus::Failed;
+                r.reason = Some(format!("the run crashed inside the agent: {e}"));
+                r
+            });
+        let _ = std::fs::remove_file(&path);
+        tracing::info!(rollout = %id, status = ?report.status, "run finished");
+        Ok(report)
+    }
+
+    /// Send every report the controller has not accepted yet.
+    async fn flush_reports(&self, session: &Session) -> Result<(), TransportError> {
+        let pending: Vec<RolloutId> = lock(&self.unacked).iter().cloned().collect();
+        for id in pending {
+            let rec = match self.records.get(&id) {
+                Ok(Some(r)) if r.phase == Phase::Finished => r,
+                _ => continue,
+            };
+            let Some(report) = rec.report.clone() else {
+                continue;
+            };
+            let body = serde_json::to_vec(&AgentReport {
+                rollout_id: id.clone(),
+                report,
+            })
+            .unwrap_or_default();
+            match session
+                .call(Method::POST, "/v1/agent/reports", Some(body), 64 * 1024)
+                .await
+            {
+                Ok(_) => {}
+                Err(TransportError::Status { status, body })
+                    if status == hyper::StatusCode::NOT_FOUND
+                        || status == hyper::StatusCode::BAD_REQUEST =>
+                {
+                    tracing::error!(rollout = %id, %status, %body, "controller rejected the report; dropping it");
+                }
+                Err(e) => return Err(e),
+            }
+            let mut acked = rec;
+            acked.acked = true;
+            if let Err(e) = self.records.put(&acked) {
+                tracing::error!(rollout = %id, error = %e, "cannot record the report as delivered");
+            }
+            lock(&self.unacked).remove(&id);
+        }
+        Ok(())
+    }
+
+    /// One connection's life: register, then follow the order stream until
+    /// it ends or fails.
+    async fn session(self: &Arc<Self>, transport: &Transport) -> anyhow::Result<()> {
+        let session = transport.connect().await?;
+        let register = Register {
+            name: self.identity.name.clone(),
+            labels: self.identity.labels.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let resp = session
+            .request(
+                Method::POST,
+                "/v1/agent/connect",
+                Some(serde_json::to_vec(&register)?),
+            )
+            .await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = http_body_util::Limited::new(resp.into_body(), 4096)
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            anyhow::bail!("controller refused registration ({status}): {body}");
+        }
+        tracing::info!(host = %self.identity.name, "connected to the controller");
+
+        // Deliver reports on this connection whenever one is due.
+        let outbox = {
+            let me = self.clone();
+            let s = session.clone();
+            tokio::spawn(async move {
+                loop {
+                    let notified = me.outbox.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if let Err(e) = me.flush_reports(&s).await {
+                        tracing::warn!(error = %e, "could not deliver reports; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        continue;
+                    }
+                    notified.await;
+                }
+            })
+        };
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _outbox = AbortOnDrop(outbox);
+
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        let idle = Duration::from_secs(PING_INTERVAL_SECS * 3);
+        loop {
+            let frame = match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => anyhow::bail!("no word from the controller for {}s", idle.as_secs()),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                self.handle_line(&session, &line[..line.len() - 1]);
+            }
+            if buf.len() > MAX_ORDER_LINE {
+                anyhow::bail!("order line longer than {MAX_ORDER_LINE} bytes");
+            }
+        }
+    }
+
+    fn handle_line(self: &Arc<Self>, session: &Session, line: &[u8]) {
+        let order: Order = match serde_json::from_slice(line) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "ignoring an order the agent does not understand");
+                return;
+            }
+        };
+        match order {
+            Order::Ping => {}
+            Order::KillState(state) => {
+                let generation = state.generation;
+                let killed = match self.apply_fleet_kill(state) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Not acknowledged: the controller reports this host as pending.
+                        tracing::error!(error = %e, "could not apply the kill state");
+                        self.kill_covered();
+                        return;
+                    }
+                };
+                let s = session.clone();
+                tokio::spawn(async move {
+                    let body =
+                        serde_json::to_vec(&KillAck { generation, killed }).unwrap_or_default();
+                    if let Err(e) = s
+                        .call(Method::POST, "/v1/agent/kill-ack", Some(body), 4096)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not acknowledge the kill state");
+                    }
+                });
+            }
+            Order::Run {
+                rollout_id,
+                bundle_sha256,
+                bundle_size,
+            } => {
+                let s = session.clone();
+                let sha = bundle_sha256.clone();
+                let fetch = move |path: PathBuf| download(s, sha, bundle_size, path);
+                tokio::spawn(self.clone().run_order(rollout_id, bundle_sha256, fetch));
+            }
+        }
+    }
+
+    /// Connect, follow orders, reconnect with backoff; forever.
+    pub async fn run_forever(self: Arc<Self>, transport: Transport) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let started = std::time::Instant::now();
+            match self.session(&transport).await {
+                Ok(()) => tracing::warn!("the controller closed the order stream"),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "controller connection failed"),
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_secs(1);
+            }
+            tokio::time::sleep(backoff + jitter(backoff)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Up to a quarter of `d`, from the clock's nanoseconds: spreads a fleet's
+/// reconnects after a controller restart. Not security relevant, so no
+/// random-number crate for it.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d.mul_f64((nanos % 1000) as f64 / 4000.0)
+}
+
+async fn download(
+    session: Session,
+    sha: Sha256Hex,
+    size: u64,
+    path: PathBuf,
+) -> anyhow::Result<()> {
+    if size > MAX_BUNDLE_BYTES {
+        anyhow::bail!("bundle of {size} bytes exceeds the agent's limit of {MAX_BUNDLE_BYTES}");
+    }
+    let bytes: Bytes = session
+        .call(
+            Method::GET,
+            &format!("/v1/bundles/{sha}"),
+            None,
+            size as usize + 1,
+        )
+        .await?;
+    if Sha256Hex::of(&bytes) != sha {
+        anyhow::bail!("downloaded bundle does not have SHA-256 {sha}");
+    }
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", path.display()))?;
+    Ok(())
+}
+
+fn base_report(host: &str, status: RunStatus) -> RunReport {
+    RunReport {
+        status,
+        exit_code: None,
+        reason: None,
+        refusal: None,
+        denials: None,
+        denial_count: None,
+        bundle: None,
+        host: host.to_string(),
+        duration_ms: 0,
+        signers: vec![],
+        leftover_processes: 0,
+        run_id: None,
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+    }
+}
+
+fn interrupted_report(host: &str) -> RunReport {
+    let mut r = base_report(host, RunStatus::Interrupted);
+    r.reason = Some("the agent stopped while this run was in progress; it is not run again".into());
+    r
+}
+
+fn refused_report(host: &str, order: &KillOrder) -> RunReport {
+    let mut r = base_report(host, RunStatus::Refused);
+    r.refusal = Some(RefusalKind::KillSwitch);
+    r.reason = Some(format!(
+        "a kill order is in force: {} (by {})",
+        order.reason, order.by
+    ));
+    r.denials = Some(vec![]);
+    r.denial_count = Some(0);
+    r
+}
+
+impl LocalControl for Daemon {
+    fn handle(&self, req: LocalRequest) -> LocalResponse {
+        let mut resp = LocalResponse {
+            ok: true,
+            error: None,
+            killed: 0,
+            running: vec![],
+            kill: KillFile::default(),
+        };
+        let result: anyhow::Result<()> = (|| {
+            match req {
+                LocalRequest::Kill { reason } => {
+                    {
+                        let mut kill = lock(&self.kill);
+                        kill.local = Some(KillOrder {
+                            reason,
+                            by: "local".into(),
+                            at: now(),
+                        });
+                        self.records.put_kill(&kill)?;
+                    }
+                    self.sync_host_kill()?;
+                    resp.killed = self.kill_covered();
+                }
+                LocalRequest::Lift => {
+                    {
+                        let mut kill = lock(&self.kill);
+                        kill.local = None;
+                        self.records.put_kill(&kill)?;
+                    }
+                    self.sync_host_kill()?;
+                }
+                LocalRequest::Status => {}
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            resp.ok = false;
+            resp.error = Some(format!("{e:#}"));
+            // Whatever failed, a kill request still kills.
+            resp.killed = self.kill_covered();
+        }
+        resp.running = self.running().iter().map(|r| r.to_string()).collect();
+        resp.kill = self.kill_file();
+        resp
+    }
+}
+
+/// Run the daemon until the process is stopped.
+pub fn serve(
+    identity: HostIdentity,
+    state_dir: &std::path::Path,
+    controller: &ControllerSection,
+    executor: Arc<dyn BundleExecutor>,
+    opts: &DaemonOptions,
+) -> anyhow::Result<()> {
+    let transport = Transport::new(controller)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let daemon = Daemon::open(identity, state_dir, executor)?;
+        let listener = local::bind(&opts.socket)
+            .with_context(|| format!("binding {}", opts.socket.display()))?;
+        tokio::spawn(local::serve(listener, daemon.clone()));
+        tracing::info!(socket = %opts.socket.display(), "local control socket ready");
+        daemon.run_forever(transport).await;
+        anyhow::Ok(())
+    })
+}
+
+/// `rollguard-agent serve --policy PATH`: load the policy and its
+/// `[controller]` section, run the daemon with the real runner.
+pub fn serve_policy(policy_path: &std::path::Path, opts: &DaemonOptions) -> anyhow::Result<()> {
+    let policy = crate::policy::HostPolicy::load(policy_path)?;
+    let controller = ControllerSection::from_policy_file(policy_path)?;
+    let agent_exe = std::env::current_exe().context("locating the rollguard-agent binary")?;
+    let identity = policy.identity();
+    let state_dir = policy.state_dir().to_path_buf();
+    let executor = Arc::new(RunnerExecutor { policy, agent_exe });
+    serve(identity, &state_dir, &controller, executor, opts)
+}
+
+#[cfg(test)]
+mod tests;

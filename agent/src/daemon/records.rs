@@ -1,0 +1,274 @@
+//! The daemon's durable records, under `<state dir>/daemon/`:
+//!
+//! ```text
+//! rollouts/<rollout id>.json  one per rollout this host was ordered to run:
+//!                             started → finished (with the report) → acked
+//! kill.json                   the fleet kill state last received + any local kill
+//! bundles/<sha256>.bundle     downloads in progress (removed after the run)
+//! ```
+//!
+//! "Started" is written (fsync'd, atomically renamed) before the bundle
+//! runs, so after a crash the daemon knows the run may have happened and
+//! reports it `interrupted` instead of running it again; "finished" is
+//! written before the report is sent, so no report is lost.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rollguard_shared::protocol::{KillOrder, KillState, RolloutId, Sha256Hex};
+use rollguard_shared::report::RunReport;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("daemon record {path} is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecordError {
+    let path = path.to_path_buf();
+    move |source| RecordError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Started,
+    Finished,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRecord {
+    pub rollout_id: RolloutId,
+    pub bundle_sha256: Sha256Hex,
+    pub phase: Phase,
+    #[serde(default)]
+    pub report: Option<RunReport>,
+    /// The controller accepted the report.
+    #[serde(default)]
+    pub acked: bool,
+}
+
+/// What is in force on this host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillFile {
+    /// As last received from the controller.
+    #[serde(default)]
+    pub fleet: KillState,
+    /// Set by `rollguard-agent kill` on this host; lifted only there.
+    #[serde(default)]
+    pub local: Option<KillOrder>,
+}
+
+impl KillFile {
+    /// The order that forbids running `rollout` here, if any.
+    pub fn covering(&self, rollout: &RolloutId) -> Option<&KillOrder> {
+        self.local.as_ref().or_else(|| self.fleet.covering(rollout))
+    }
+    /// The order that forbids running anything here, if any.
+    pub fn host_wide(&self) -> Option<&KillOrder> {
+        self.local.as_ref().or(self.fleet.all.as_ref())
+    }
+}
+
+pub struct Records {
+    root: PathBuf,
+}
+
+const MAX_RECORD: u64 = 1024 * 1024;
+
+fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), RecordError> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    f.write_all(bytes).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))?;
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, RecordError> {
+    let f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_RECORD + 1), &mut bytes)
+        .map_err(io_err("read", path))?;
+    if bytes.len() as u64 > MAX_RECORD {
+        return Err(RecordError::Corrupt {
+            path: path.to_path_buf(),
+            why: "too large".into(),
+        });
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| RecordError::Corrupt {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })
+}
+
+impl Records {
+    /// Open (creating, mode 0700) `<state dir>/daemon`.
+    pub fn open(state_dir: &Path) -> Result<Self, RecordError> {
+        let root = state_dir.join("daemon");
+        for sub in ["", "rollouts", "bundles"] {
+            let p = root.join(sub);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&p)
+                .map_err(io_err("create", &p))?;
+        }
+        Ok(Records { root })
+    }
+
+    fn rollouts_dir(&self) -> PathBuf {
+        self.root.join("rollouts")
+    }
+
+    pub fn bundle_path(&self, sha: &Sha256Hex) -> PathBuf {
+        self.root.join("bundles").join(format!("{sha}.bundle"))
+    }
+
+    pub fn get(&self, id: &RolloutId) -> Result<Option<RolloutRecord>, RecordError> {
+        let path = self.rollouts_dir().join(format!("{id}.json"));
+        let rec: Option<RolloutRecord> = read_json(&path)?;
+        if let Some(r) = &rec {
+            if &r.rollout_id != id {
+                return Err(RecordError::Corrupt {
+                    path,
+                    why: format!("names rollout {}", r.rollout_id),
+                });
+            }
+        }
+        Ok(rec)
+    }
+
+    pub fn put(&self, rec: &RolloutRecord) -> Result<(), RecordError> {
+        let bytes = serde_json::to_vec(rec).map_err(|e| RecordError::Corrupt {
+            path: self.root.clone(),
+            why: e.to_string(),
+        })?;
+        write_durable(
+            &self.rollouts_dir(),
+            &format!("{}.json", rec.rollout_id),
+            &bytes,
+        )
+    }
+
+    /// Every record, in file-name order.
+    pub fn all(&self) -> Result<Vec<RolloutRecord>, RecordError> {
+        let dir = self.rollouts_dir();
+        let mut out = Vec::new();
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .map_err(io_err("list", &dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        for name in names {
+            let Some(id) = name
+                .strip_suffix(".json")
+                .filter(|_| !name.starts_with('.'))
+            else {
+                continue;
+            };
+            let Ok(id) = RolloutId::parse(id) else {
+                continue;
+            };
+            if let Some(rec) = self.get(&id)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn kill(&self) -> Result<KillFile, RecordError> {
+        Ok(read_json(&self.root.join("kill.json"))?.unwrap_or_default())
+    }
+
+    pub fn put_kill(&self, kill: &KillFile) -> Result<(), RecordError> {
+        let bytes = serde_json::to_vec(kill).map_err(|e| RecordError::Corrupt {
+            path: self.root.clone(),
+            why: e.to_string(),
+        })?;
+        write_durable(&self.root, "kill.json", &bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = RolloutId::parse("r-1").unwrap();
+        {
+            let r = Records::open(dir.path()).unwrap();
+            assert!(r.get(&id).unwrap().is_none());
+            r.put(&RolloutRecord {
+                rollout_id: id.clone(),
+                bundle_sha256: Sha256Hex::of(b"x"),
+                phase: Phase::Started,
+                report: None,
+                acked: false,
+            })
+            .unwrap();
+            let k = KillFile {
+                local: Some(KillOrder {
+                    reason: "r".into(),
+                    by: "local".into(),
+                    at: "t".into(),
+                }),
+                ..Default::default()
+            };
+            r.put_kill(&k).unwrap();
+        }
+        let r = Records::open(dir.path()).unwrap();
+        assert_eq!(r.get(&id).unwrap().unwrap().phase, Phase::Started);
+        assert_eq!(r.all().unwrap().len(), 1);
+        let k = r.kill().unwrap();
+        assert!(k.host_wide().is_some());
+        assert!(k.covering(&id).is_some());
+    }
+
+    #[test]
+    fn a_corrupt_record_is_an_error_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Records::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("daemon/rollouts/r-2.json"), b"{garbage").unwrap();
+        assert!(matches!(
+            r.get(&RolloutId::parse("r-2").unwrap()),
+            Err(RecordError::Corrupt { .. })
+        ));
+        std::fs::write(dir.path().join("daemon/kill.json"), b"{garbage").unwrap();
+        assert!(r.kill().is_err());
+    }
+}

@@ -1,0 +1,281 @@
+//! The daemon's ordering, dedupe and kill logic with a fake executor (the
+//! real runner is exercised end to end in `tests/tests/fleet_*.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Condvar;
+
+use super::*;
+
+/// Counts runs; a run named "block" waits until killed.
+#[derive(Default)]
+struct FakeExecutor {
+    runs: AtomicUsize,
+    started: Mutex<Vec<String>>,
+    started_cv: Condvar,
+}
+
+impl FakeExecutor {
+    fn wait_started(&self, id: &str) {
+        let mut started = lock(&self.started);
+        while !started.iter().any(|s| s == id) {
+            started = self
+                .started_cv
+                .wait(started)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl BundleExecutor for FakeExecutor {
+    fn run(&self, bundle: &std::path::Path, rollout_id: &RolloutId, kill: KillSignal) -> RunReport {
+        assert!(bundle.exists(), "the bundle is downloaded before the run");
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let dead = Arc::new((Mutex::new(false), Condvar::new()));
+        let d2 = dead.clone();
+        kill.attach(Box::new(move || {
+            *lock(&d2.0) = true;
+            d2.1.notify_all();
+        }));
+        lock(&self.started).push(rollout_id.to_string());
+        self.started_cv.notify_all();
+        let mut report = base_report("web-1", RunStatus::Succeeded);
+        report.denials = Some(vec![]);
+        report.denial_count = Some(0);
+        if rollout_id.as_str().starts_with("block") {
+            let mut killed = lock(&dead.0);
+            while !*killed {
+                killed = dead.1.wait(killed).unwrap_or_else(|e| e.into_inner());
+            }
+            report.status = RunStatus::Killed;
+        }
+        report
+    }
+}
+
+fn identity() -> HostIdentity {
+    HostIdentity {
+        name: "web-1".into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn id(s: &str) -> RolloutId {
+    RolloutId::parse(s).unwrap()
+}
+
+async fn fake_fetch(path: PathBuf) -> anyhow::Result<()> {
+    std::fs::write(path, b"bundle")?;
+    Ok(())
+}
+
+fn report_of(d: &Daemon, rollout: &str) -> Option<RunReport> {
+    d.records.get(&id(rollout)).unwrap().and_then(|r| r.report)
+}
+
+#[tokio::test]
+async fn each_rollout_runs_at_most_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
+    let sha = Sha256Hex::of(b"bundle");
+    d.clone()
+        .run_order(id("r-1"), sha.clone(), fake_fetch)
+        .await;
+    assert_eq!(report_of(&d, "r-1").unwrap().status, RunStatus::Succeeded);
+    d.clone()
+        .run_order(id("r-1"), sha.clone(), fake_fetch)
+        .await;
+    assert_eq!(
+        exec.runs.load(Ordering::SeqCst),
+        1,
+        "a repeated order is answered from the record"
+    );
+    assert!(
+        lock(&d.unacked).contains(&id("r-1")),
+        "and its report is sent again"
+    );
+    assert!(
+        !d.records.bundle_path(&sha).exists(),
+        "the downloaded bundle is removed after the run"
+    );
+}
+
+#[tokio::test]
+async fn a_run_in_progress_at_restart_is_reported_interrupted_not_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    {
+        let records = Records::open(dir.path()).unwrap();
+        records
+            .put(&RolloutRecord {
+                rollout_id: id("r-7"),
+                bundle_sha256: Sha256Hex::of(b"bundle"),
+                phase: Phase::Started,
+                report: None,
+                acked: false,
+            })
+            .unwrap();
+    }
+    let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
+    assert_eq!(report_of(&d, "r-7").unwrap().status, RunStatus::Interrupted);
+    d.clone()
+        .run_order(id("r-7"), Sha256Hex::of(b"bundle"), fake_fetch)
+        .await;
+    assert_eq!(exec.runs.load(Ordering::SeqCst), 0);
+    assert!(
+        report_of(&d, "r-7").unwrap().is_alert(),
+        "an interrupted run halts the rollout"
+    );
+}
+
+#[tokio::test]
+async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
+    let sha = Sha256Hex::of(b"bundle");
+    let running = tokio::spawn(d.clone().run_order(id("block-1"), sha.clone(), fake_fetch));
+    let e2 = exec.clone();
+    tokio::task::spawn_blocking(move || e2.wait_started("block-1"))
+        .await
+        .unwrap();
+    assert_eq!(d.running(), vec![id("block-1")]);
+
+    let order = KillOrder {
+        reason: "incident".into(),
+        by: "admin".into(),
+        at: now(),
+    };
+    let killed = d
+        .apply_fleet_kill(KillState {
+            generation: 1,
+            all: Some(order),
+            rollouts: vec![],
+        })
+        .unwrap();
+    assert_eq!(killed, 1);
+    running.await.unwrap();
+    assert_eq!(report_of(&d, "block-1").unwrap().status, RunStatus::Killed);
+    assert!(
+        d.state.kill_in_force().unwrap().is_some(),
+        "a fleet-wide kill arms the runner's own kill switch"
+    );
+
+    d.clone()
+        .run_order(id("r-2"), sha.clone(), fake_fetch)
+        .await;
+    let refused = report_of(&d, "r-2").unwrap();
+    assert_eq!(
+        (refused.status, refused.refusal),
+        (RunStatus::Refused, Some(RefusalKind::KillSwitch))
+    );
+    assert_eq!(exec.runs.load(Ordering::SeqCst), 1);
+
+    // Restarted during the kill: still refuses.
+    drop(d);
+    let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
+    d.clone()
+        .run_order(id("r-3"), sha.clone(), fake_fetch)
+        .await;
+    assert_eq!(report_of(&d, "r-3").unwrap().status, RunStatus::Refused);
+
+    // Lifted by the controller: runs again, and the runner's switch is off.
+    assert_eq!(
+        d.apply_fleet_kill(KillState {
+            generation: 2,
+            all: None,
+            rollouts: vec![]
+        })
+        .unwrap(),
+        0
+    );
+    assert!(d.state.kill_in_force().unwrap().is_none());
+    d.clone().run_order(id("r-4"), sha, fake_fetch).await;
+    assert_eq!(report_of(&d, "r-4").unwrap().status, RunStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn local_kill_is_independent_of_the_fleet_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
+    let sha = Sha256Hex::of(b"bundle");
+    let running = tokio::spawn(d.clone().run_order(id("block-2"), sha.clone(), fake_fetch));
+    let e2 = exec.clone();
+    tokio::task::spawn_blocking(move || e2.wait_started("block-2"))
+        .await
+        .unwrap();
+
+    let resp = d.handle(LocalRequest::Kill {
+        reason: "controller down, stop".into(),
+    });
+    assert!(resp.ok, "{resp:?}");
+    assert_eq!(resp.killed, 1);
+    running.await.unwrap();
+    // The controller lifting its (fleet) kill does not lift the local one.
+    d.apply_fleet_kill(KillState {
+        generation: 9,
+        all: None,
+        rollouts: vec![],
+    })
+    .unwrap();
+    d.clone()
+        .run_order(id("r-5"), sha.clone(), fake_fetch)
+        .await;
+    assert_eq!(report_of(&d, "r-5").unwrap().status, RunStatus::Refused);
+    assert!(d.handle(LocalRequest::Lift).ok);
+    d.clone().run_order(id("r-6"), sha, fake_fetch).await;
+    assert_eq!(report_of(&d, "r-6").unwrap().status, RunStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn rollout_scoped_kill_spares_other_rollouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
+    let order = KillOrder {
+        reason: "bad rollout".into(),
+        by: "admin".into(),
+        at: now(),
+    };
+    let state = KillState {
+        generation: 1,
+        all: None,
+        rollouts: vec![rollguard_shared::protocol::RolloutKill {
+            rollout_id: id("r-bad"),
+            order,
+        }],
+    };
+    d.apply_fleet_kill(state).unwrap();
+    assert!(
+        d.state.kill_in_force().unwrap().is_none(),
+        "a rollout kill is not host-wide"
+    );
+    let sha = Sha256Hex::of(b"bundle");
+    d.clone()
+        .run_order(id("r-bad"), sha.clone(), fake_fetch)
+        .await;
+    d.clone().run_order(id("r-good"), sha, fake_fetch).await;
+    assert_eq!(report_of(&d, "r-bad").unwrap().status, RunStatus::Refused);
+    assert_eq!(
+        report_of(&d, "r-good").unwrap().status,
+        RunStatus::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn a_host_kill_set_while_the_daemon_was_down_is_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    StateDir::open(dir.path())
+        .unwrap()
+        .set_kill("set by hand")
+        .unwrap();
+    let d = Daemon::open(identity(), dir.path(), Arc::new(FakeExecutor::default())).unwrap();
+    assert!(d.kill_file().local.unwrap().reason.contains("set by hand"));
+    d.apply_fleet_kill(KillState::default()).unwrap();
+    assert!(
+        d.state.kill_in_force().unwrap().is_some(),
+        "the controller cannot lift a local kill"
+    );
+}
