@@ -83,6 +83,10 @@ pub const MAX_DISTINCT_DENIALS: usize = 256;
 /// Records kept in the listener's buffer (oldest dropped first, and the
 /// drop is reported as a gap).
 pub const BUFFER_RECORDS: usize = 32 * 1024;
+/// How far back a `SYSCALL` record looks for the Landlock record of its event.
+const RECENT_FOR_SYSCALL: usize = 512;
+/// Text of the sync markers the listener sends itself.
+const MARKER_PREFIX: &str = "rollguard-agent audit sync ";
 /// Backlog we ask for when we enable audit ourselves (the kernel default,
 /// 64, overflows on a burst of denials such as `rm -rf` on a protected tree).
 const MIN_BACKLOG: u32 = 8192;
@@ -436,7 +440,27 @@ struct Buffer {
 }
 
 impl Buffer {
+    /// Whether a record is worth keeping. On a host whose auditd loads
+    /// syscall rules, `SYSCALL` records arrive by the thousand; keeping them
+    /// all would push the records we need out of the buffer. We keep only
+    /// the `SYSCALL` records of events that carry a Landlock denial (they
+    /// follow it, at syscall exit), and only our own sync markers.
+    fn wanted(&self, record: &AuditRecord) -> bool {
+        match &record.body {
+            RecordBody::Syscall(_) => self.records.iter().rev().take(RECENT_FOR_SYSCALL).any(|r| {
+                r.event == record.event && matches!(r.body, RecordBody::LandlockAccess(_))
+            }),
+            RecordBody::User { msg } => {
+                msg.as_deref().is_some_and(|m| m.starts_with(MARKER_PREFIX))
+            }
+            _ => true,
+        }
+    }
+
     fn push(&mut self, record: AuditRecord) {
+        if !self.wanted(&record) {
+            return;
+        }
         if self.records.len() >= BUFFER_RECORDS {
             self.records.pop_front();
             self.dropped += 1;
@@ -607,7 +631,7 @@ impl AuditListener {
     /// that, every record logged before the call has been received.
     fn sync(&self, deadline: Instant) -> Result<(), String> {
         let n = MARKER_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let marker = format!("rollguard-agent audit sync {}-{n}", std::process::id());
+        let marker = format!("{MARKER_PREFIX}{}-{n}", std::process::id());
         // The kernel overwrites the last byte with a NUL terminator
         // (audit_receive_msg), so send one.
         let mut payload = marker.clone().into_bytes();

@@ -281,11 +281,45 @@ fn buffer_drops_oldest_and_counts() {
     assert_eq!(b.dropped, 5);
     assert_eq!(b.records.front().map(|r| r.event.serial), Some(5));
     assert_eq!(b.deallocated(1), Some(5), "first remaining record wins");
-    assert!(!b.has_marker("m"));
+    let marker = format!("{MARKER_PREFIX}1-2");
+    assert!(!b.has_marker(&marker));
     b.push(rec(
         AUDIT_TRUSTED_APP,
-        "audit(2.0:1): pid=1 uid=0 auid=0 ses=1 msg='m'",
+        &format!("audit(2.0:1): pid=1 uid=0 auid=0 ses=1 msg='{marker}'"),
     ));
-    assert!(b.has_marker("m"));
-    assert!(!b.has_marker("m2"));
+    assert!(b.has_marker(&marker));
+    assert!(!b.has_marker(&format!("{MARKER_PREFIX}1-3")));
+}
+
+#[test]
+fn buffer_keeps_only_what_collection_can_use() {
+    let mut b = Buffer::default();
+    // Another application's trusted-app message, and SYSCALL records of
+    // events without a Landlock denial (auditd rules on a busy host).
+    b.push(rec(
+        AUDIT_TRUSTED_APP,
+        "audit(2.0:1): pid=1 uid=0 auid=0 ses=1 msg='op=login acct=root'",
+    ));
+    for i in 0..1000 {
+        b.push(rec(
+            AUDIT_SYSCALL,
+            &format!("audit(3.0:{i}): arch=c000003e syscall=2 pid=5 ses=1 exe=\"/bin/x\""),
+        ));
+    }
+    assert!(b.records.is_empty());
+    // The SYSCALL record of a Landlock denial's event is kept.
+    b.push(rec(
+        AUDIT_LANDLOCK_ACCESS,
+        "audit(4.0:7): domain=1 blockers=fs.remove_file path=\"/backup\"",
+    ));
+    b.push(rec(
+        AUDIT_SYSCALL,
+        "audit(4.0:8): arch=c000003e syscall=87 pid=5 ses=1 exe=\"/bin/rm\"",
+    ));
+    b.push(rec(
+        AUDIT_SYSCALL,
+        "audit(4.0:7): arch=c000003e syscall=87 pid=5 ses=1 exe=\"/bin/rm\"",
+    ));
+    let serials: Vec<_> = b.records.iter().map(|r| r.event.serial).collect();
+    assert_eq!(serials, vec![7, 7]);
 }
