@@ -65,9 +65,11 @@ impl Launcher {
     /// `agent_exe` must be a `rollguard-agent` binary that dispatches
     /// [`STAGE2_COMMAND`] (tests pass `env!("CARGO_BIN_EXE_rollguard-agent")`).
     pub fn new(agent_exe: impl Into<PathBuf>) -> Self {
-        Launcher {
-            agent_exe: agent_exe.into(),
-        }
+        let agent_exe = agent_exe.into();
+        // Stage 2 starts with `/` as its working directory, so a relative
+        // path must be resolved now.
+        let agent_exe = std::path::absolute(&agent_exe).unwrap_or(agent_exe);
+        Launcher { agent_exe }
     }
 
     /// The running executable (the agent itself).
