@@ -248,3 +248,29 @@ fn stdio_can_be_reopened_by_path() {
     assert_eq!(run.value("in"), "0");
     assert_eq!(run.stderr, "to-stderr\n");
 }
+
+#[test]
+fn host_processes_cannot_be_signalled_or_inspected() {
+    let t = Tree::new();
+    let mut host = std::process::Command::new("sleep")
+        .arg("1006")
+        .env("ROLLGUARD_TEST_SECRET", "hunter2")
+        .spawn()
+        .unwrap();
+    let pid = host.id();
+    let run = t.sh(&format!(
+        "kill -TERM {pid} 2>/dev/null; echo kill=$?; kill -0 {pid} 2>/dev/null; echo probe=$?; \
+         cat /proc/{pid}/environ > /dev/null 2>&1; echo environ=$?; \
+         ls -l /proc/{pid}/root/ > /dev/null 2>&1; echo root=$?"
+    ));
+    assert_ne!(run.value("kill"), "0");
+    assert_ne!(run.value("probe"), "0");
+    assert_ne!(run.value("environ"), "0");
+    assert_ne!(run.value("root"), "0");
+    assert!(
+        host.try_wait().unwrap().is_none(),
+        "the host process was killed from inside the sandbox"
+    );
+    host.kill().unwrap();
+    host.wait().unwrap();
+}

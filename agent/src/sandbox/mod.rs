@@ -25,6 +25,30 @@
 //! Any failure makes stage 2 exit with [`status::EXIT_SETUP_FAILED`] without
 //! running anything: the sandbox fails closed.
 //!
+//! What this does **not** cover (known and deliberate, or not yet done):
+//!
+//! - File metadata outside the scopes: Landlock (up to ABI 7) has no right
+//!   for chmod, chown, utime or (user.*) xattrs, so a root bundle can
+//!   change owner/mode/times of any file it can reach by path, protected
+//!   ones included (their content stays intact). Only set-id bits are
+//!   refused (seccomp). Read-only mounts outside the scopes would block
+//!   these, but the mount check (EROFS) runs before the Landlock hook, so
+//!   every out-of-scope write attempt would then go unaudited; left open.
+//! - Aliases: a pre-existing hard link to a protected file, or another
+//!   mount of a protected subtree, is reachable by its other path
+//!   (read-only unless the alias lies in a write scope). Protection is by
+//!   path, as Landlock is.
+//! - Network: TCP is filtered by destination *port* only, UDP not at all
+//!   (in the private namespace of a no-network run only `lo` exists).
+//! - No PID namespace: host processes are visible in `/proc` (command
+//!   lines included). Signals and ptrace-style access (`/proc/<pid>/environ`,
+//!   `.../root`) to them are denied by Landlock scoping (ABI 6+) and the
+//!   ptrace checks; on ABI 3-5 signals to host processes are *not* blocked.
+//! - Resources: no memory, CPU, pids or disk limits (the run cgroup enables
+//!   no controllers); stdout/stderr files are not size-capped.
+//! - Listing an ancestor of a protected path (`ls /`) is denied (see
+//!   [`landlock_rules`]).
+//!
 //! Only two tiny modules use `unsafe` ([`landlock_abi`] and
 //! [`seccomp_install`]): the two raw system calls no safe crate API exposes.
 
