@@ -114,9 +114,9 @@ fn state_section_is_optional() {
 fn unknown_tables_and_keys_are_errors() {
     let f = Fixture::new();
     let base = f.policy_text(&["backup"], &["etc"]);
-    // A future table that does not exist yet.
-    let e = err(&format!("{base}\n[controller]\nurl = \"https://c\"\n"));
-    assert!(e.contains("controller"), "{e}");
+    // A table this version does not know.
+    let e = err(&format!("{base}\n[updates]\nchannel = \"beta\"\n"));
+    assert!(e.contains("updates"), "{e}");
     // A typo in a table name must not silently drop protection.
     let e = err(&base.replace("[protect]", "[protected]"));
     assert!(e.contains("protected"), "{e}");
