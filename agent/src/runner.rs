@@ -39,6 +39,8 @@ use crate::state::{RunId, RunMarker, StateDir};
 /// How long to wait after the bundle ends for its Landlock domain to be
 /// deallocated (the record that carries the authoritative denial count).
 const AUDIT_SETTLE: Duration = Duration::from_secs(2);
+/// The Landlock ABI whose restrict_self can log denials after exec.
+const LANDLOCK_LOG_EXEC_ABI: u32 = 7;
 /// How much of stdout/stderr goes into the report.
 const TAIL_BYTES: u64 = 4096;
 
@@ -319,7 +321,10 @@ fn execute(spec: &SandboxSpec, opts: &RunOptions, timeout: Duration, report: &mu
             None => note,
         });
     }
-    match audit {
+    // Without Landlock's log-after-exec flag (ABI 7), denials by the bundle
+    // are never audited, so "none seen" would be a false zero.
+    let landlock_logs_exec = KernelSupport::probe().landlock_abi.is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
+    match audit.ok().filter(|_| landlock_logs_exec).ok_or(()) {
         Ok(listener) => {
             let denials = listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);
             if !denials.is_complete() {
