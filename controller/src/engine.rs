@@ -457,6 +457,12 @@ impl Engine {
         req: &RolloutRequest,
         actor: &str,
     ) -> Result<RolloutStatus> {
+        if let Some(k) = self.store.kill_state().await?.all {
+            return Err(EngineError::Conflict(format!(
+                "a fleet-wide kill is in force ({}, by {}); lift it before starting rollouts",
+                k.reason, k.by
+            )));
+        }
         let (plan, meta) = self.plan(req).await?;
         let now = now_ms();
         let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();

@@ -11,6 +11,7 @@
 pub mod alerts;
 pub mod bundle;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod hub;

@@ -12,6 +12,9 @@ fn main() -> ExitCode {
     rollguard_controller::cli::init_logging(cli.log_format);
     let result = match cli.command {
         Command::Bundle(cmd) => rollguard_controller::cli::bundle::run(cmd),
+        Command::Rollout(cmd) => rollguard_controller::cli::rollout::run(cmd),
+        Command::Kill(args) => rollguard_controller::cli::kill::run(args),
+        Command::Agents(args) => rollguard_controller::cli::rollout::agents(args),
     };
     match result {
         Ok(code) => code,

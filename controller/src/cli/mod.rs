@@ -5,6 +5,8 @@
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 pub mod bundle;
+pub mod kill;
+pub mod rollout;
 
 /// rollguard operator CLI: build, sign and inspect bundles; roll them out in
 /// waves; stop everything with the kill switch.
@@ -30,6 +32,14 @@ pub enum Command {
     /// Build, sign, verify and inspect bundle files.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Plan, start, follow, halt and resume staged rollouts.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
+    /// The kill switch: kill running bundles fleet-wide (or one rollout's)
+    /// and refuse new runs until `--lift`.
+    Kill(kill::KillArgs),
+    /// Registered agents and whether they are connected.
+    Agents(rollout::AgentsArgs),
 }
 
 /// Logs go to stderr (stdout is for results and `--json`); `RUST_LOG`

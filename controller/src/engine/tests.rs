@@ -439,6 +439,13 @@ async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
         f.engine.kill(KillScope::All, " ", "admin").await,
         Err(EngineError::BadRequest(_))
     ));
+    assert!(
+        matches!(
+            f.engine.start(&request(&f.sha, "100%", 0), "admin").await,
+            Err(EngineError::Conflict(_))
+        ),
+        "no new rollout while a fleet-wide kill is in force"
+    );
     // Greeting of a (re)connecting agent carries the kill state first.
     assert!(
         matches!(&f.engine.greeting("web-2").await.unwrap()[0], Order::KillState(k) if k.all.is_some())

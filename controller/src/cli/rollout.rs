@@ -1,0 +1,428 @@
+//! `rollguard rollout ...` and `rollguard agents`: plan, start and follow
+//! rollouts.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use rollguard_shared::protocol::{
+    parse_selector, AgentInfo, BundleSummary, HaltRequest, Plan, RolloutId, RolloutRequest,
+    RolloutState, RolloutStatus, Sha256Hex, WavePhase, WaveSize,
+};
+
+use crate::client::{Client, ConnectArgs};
+
+#[derive(Debug, Args)]
+pub struct WaveArgs {
+    /// Cumulative wave sizes: host counts or percentages of the in-scope
+    /// hosts, e.g. 1,5%,25%,100%.
+    #[arg(long, default_value = "1,5%,25%,100%", value_parser = parse_waves)]
+    pub waves: Waves,
+    /// How long to watch halt conditions after each wave before the next.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub bake: Duration,
+    /// Failed hosts tolerated before the rollout halts.
+    #[arg(long, default_value_t = 0)]
+    pub max_failures: u32,
+    /// Hosts that go first, in this order (comma-separated or repeated).
+    #[arg(long = "canary", value_delimiter = ',')]
+    pub canaries: Vec<String>,
+    /// Alert labels that halt this rollout, e.g. 'severity=critical,service=mail'
+    /// (default: any firing alert with severity=critical).
+    #[arg(long)]
+    pub halt_on: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Waves(pub Vec<WaveSize>);
+
+fn parse_waves(raw: &str) -> Result<Waves, String> {
+    WaveSize::parse_list(raw)
+        .map(Waves)
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Show which hosts would get the bundle in which wave, its scopes and
+    /// signers — the blast radius — without starting anything.
+    Plan {
+        bundle: PathBuf,
+        #[command(flatten)]
+        waves: WaveArgs,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Upload the bundle and start rolling it out in waves.
+    Start {
+        bundle: PathBuf,
+        #[command(flatten)]
+        waves: WaveArgs,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// One rollout's state and every host's result.
+    Status {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Follow a rollout live, wave by wave, until it completes or halts.
+    Watch {
+        id: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// All rollouts.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Stop dispatching a rollout (running bundles finish; use `kill` to stop them).
+    Halt {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Continue a halted rollout (failures and alarms so far are acknowledged).
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+/// `rollguard agents`
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn rollout_id(raw: &str) -> Result<RolloutId> {
+    Ok(RolloutId::parse(raw)?)
+}
+
+fn upload(client: &Client, bundle: &Path) -> Result<BundleSummary> {
+    let bytes = std::fs::read(bundle).with_context(|| format!("reading {}", bundle.display()))?;
+    let sha = Sha256Hex::of(&bytes);
+    client.put_bytes(&format!("/v1/bundles/{sha}"), bytes)
+}
+
+fn request(summary: &BundleSummary, w: &WaveArgs) -> Result<RolloutRequest> {
+    let halt_on = match &w.halt_on {
+        Some(s) => parse_selector(s)
+            .map_err(anyhow::Error::msg)
+            .context("--halt-on")?,
+        None => Default::default(),
+    };
+    Ok(RolloutRequest {
+        bundle_sha256: summary.sha256.clone(),
+        waves: w.waves.0.clone(),
+        bake_secs: w.bake.as_secs(),
+        max_failures: w.max_failures,
+        canaries: w.canaries.clone(),
+        halt_on,
+    })
+}
+
+fn print_plan(plan: &Plan) {
+    println!(
+        "bundle   {} version {} ({} bytes, sha256 {})",
+        plan.bundle.name, plan.bundle.version, plan.bundle.size, plan.bundle.sha256
+    );
+    println!("targets  {}", plan.targets);
+    println!("scope    {}", plan.scope);
+    if plan.signers.is_empty() {
+        println!("signers  NONE (every agent will refuse this bundle)");
+    } else {
+        println!(
+            "signers  {} (not verified by the controller: each agent checks its own threshold)",
+            plan.signers.join(", ")
+        );
+    }
+    println!(
+        "timeout  {}s per host; bake {}s after each wave; halt after {} failure(s)",
+        plan.timeout_secs, plan.bake_secs, plan.max_failures
+    );
+    let sel: Vec<String> = plan
+        .halt_on
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!("halt on  firing alerts with {}", sel.join(","));
+    let total: usize = plan.waves.iter().map(Vec::len).sum();
+    println!(
+        "hosts    {total} in scope, {} registered agent(s) out of scope",
+        plan.out_of_scope
+    );
+    for (i, wave) in plan.waves.iter().enumerate() {
+        println!(
+            "wave {}  ({} host(s)): {}",
+            i + 1,
+            wave.len(),
+            wave.join(", ")
+        );
+    }
+}
+
+fn print_status(s: &RolloutStatus) {
+    println!("rollout {}  {}", s.id, state_line(s));
+    println!(
+        "bundle  {} version {}",
+        s.plan.bundle.name, s.plan.bundle.version
+    );
+    if let Some(r) = &s.halt_reason {
+        println!("halted  {r}");
+    }
+    for (i, wave) in s.plan.waves.iter().enumerate() {
+        println!("wave {} ({} host(s))", i + 1, wave.len());
+        for h in s.hosts.iter().filter(|h| h.wave as usize == i) {
+            let detail = h
+                .report
+                .as_ref()
+                .and_then(|r| r.reason.clone())
+                .map(|r| format!("  {r}"))
+                .unwrap_or_default();
+            println!("  {:<32} {}{}", h.host, h.state, detail);
+        }
+    }
+}
+
+fn state_line(s: &RolloutStatus) -> String {
+    match s.state {
+        RolloutState::Running => {
+            let phase = match s.phase {
+                WavePhase::Dispatching => "dispatching",
+                WavePhase::Awaiting => "awaiting results",
+                WavePhase::Baking => "baking",
+            };
+            format!(
+                "running: wave {}/{} {phase}",
+                s.current_wave + 1,
+                s.wave_count
+            )
+        }
+        RolloutState::Halted => "HALTED".to_string(),
+        RolloutState::Completed => "completed".to_string(),
+    }
+}
+
+fn exit_for(s: &RolloutStatus) -> ExitCode {
+    if s.state == RolloutState::Halted {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+pub fn run(cmd: RolloutCommand) -> Result<ExitCode> {
+    match cmd {
+        RolloutCommand::Plan {
+            bundle,
+            waves,
+            json,
+            connect,
+        } => {
+            let client = Client::connect(&connect)?;
+            let summary = upload(&client, &bundle)?;
+            let plan: Plan = client.post("/v1/rollouts/plan", &request(&summary, &waves)?)?;
+            if json {
+                print_json(&plan)?;
+            } else {
+                print_plan(&plan);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Start {
+            bundle,
+            waves,
+            json,
+            connect,
+        } => {
+            let client = Client::connect(&connect)?;
+            let summary = upload(&client, &bundle)?;
+            let status: RolloutStatus = client.post("/v1/rollouts", &request(&summary, &waves)?)?;
+            if json {
+                print_json(&status)?;
+            } else {
+                print_plan(&status.plan);
+                println!("started rollout {}", status.id);
+                println!("follow it with: rollguard rollout watch {}", status.id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Status { id, json, connect } => {
+            let client = Client::connect(&connect)?;
+            let status: RolloutStatus =
+                client.get(&format!("/v1/rollouts/{}", rollout_id(&id)?))?;
+            if json {
+                print_json(&status)?;
+            } else {
+                print_status(&status);
+            }
+            Ok(exit_for(&status))
+        }
+        RolloutCommand::Watch { id, connect } => {
+            let client = Client::connect(&connect)?;
+            watch(&client, &rollout_id(&id)?)
+        }
+        RolloutCommand::List { json, connect } => {
+            let client = Client::connect(&connect)?;
+            let list: Vec<RolloutStatus> = client.get("/v1/rollouts")?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for s in &list {
+                    println!(
+                        "{:<36} {:<24} v{:<6} {}",
+                        s.id,
+                        s.plan.bundle.name,
+                        s.plan.bundle.version,
+                        state_line(s)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Halt {
+            id,
+            reason,
+            json,
+            connect,
+        } => {
+            let client = Client::connect(&connect)?;
+            let status: RolloutStatus = client.post(
+                &format!("/v1/rollouts/{}/halt", rollout_id(&id)?),
+                &HaltRequest { reason },
+            )?;
+            if json {
+                print_json(&status)?;
+            } else {
+                println!("rollout {} {}", status.id, state_line(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Resume { id, json, connect } => {
+            let client = Client::connect(&connect)?;
+            let status: RolloutStatus = client.post(
+                &format!("/v1/rollouts/{}/resume", rollout_id(&id)?),
+                &serde_json::json!({}),
+            )?;
+            if json {
+                print_json(&status)?;
+            } else {
+                println!("rollout {} {}", status.id, state_line(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn agents(args: AgentsArgs) -> Result<ExitCode> {
+    let client = Client::connect(&args.connect)?;
+    let agents: Vec<AgentInfo> = client.get("/v1/agents")?;
+    if args.json {
+        print_json(&agents)?;
+    } else {
+        for a in &agents {
+            let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let state = if a.connected {
+                "connected"
+            } else {
+                "disconnected"
+            };
+            println!("{:<32} {:<13} {}", a.name, state, labels.join(","));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Live progress, one bar per wave (hosts with a result / hosts in the wave).
+fn watch(client: &Client, id: &RolloutId) -> Result<ExitCode> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let first: RolloutStatus = client.get(&format!("/v1/rollouts/{id}"))?;
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let bars: Vec<ProgressBar> = first
+        .plan
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let bar = multi.add(ProgressBar::new(w.len() as u64));
+            bar.set_style(style.clone());
+            bar.set_prefix(format!("wave {}", i + 1));
+            bar
+        })
+        .collect();
+    let header = multi.insert(0, ProgressBar::new_spinner());
+    loop {
+        let s: RolloutStatus = client.get(&format!("/v1/rollouts/{id}"))?;
+        header.set_message(format!(
+            "{} {} v{}: {}",
+            s.id,
+            s.plan.bundle.name,
+            s.plan.bundle.version,
+            state_line(&s)
+        ));
+        for (i, bar) in bars.iter().enumerate() {
+            let hosts: Vec<_> = s.hosts.iter().filter(|h| h.wave as usize == i).collect();
+            let done = hosts
+                .iter()
+                .filter(|h| h.state != "pending" && h.state != "dispatched")
+                .count();
+            let bad: Vec<String> = hosts
+                .iter()
+                .filter(|h| !matches!(h.state.as_str(), "pending" | "dispatched" | "succeeded"))
+                .map(|h| format!("{}={}", h.host, h.state))
+                .collect();
+            bar.set_position(done as u64);
+            let dispatched = hosts.iter().any(|h| h.state != "pending");
+            bar.set_message(if !bad.is_empty() {
+                bad.join(" ")
+            } else if !dispatched {
+                "waiting".to_string()
+            } else {
+                String::new()
+            });
+        }
+        if s.state != RolloutState::Running {
+            header.finish();
+            for b in &bars {
+                b.abandon();
+            }
+            match &s.halt_reason {
+                Some(r) => eprintln!("rollout {} HALTED: {r}", s.id),
+                None => eprintln!("rollout {} completed", s.id),
+            }
+            return Ok(exit_for(&s));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

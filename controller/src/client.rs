@@ -1,0 +1,203 @@
+//! The operator CLI's connection to the controller: mutual TLS with the
+//! operator certificate, HTTP/2, blocking calls (a private current-thread
+//! runtime), JSON in and out.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http2;
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rollguard_shared::protocol::ErrorBody;
+use rustls::pki_types::ServerName;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::CliConfig;
+
+/// Where the controller is and which operator certificate to present:
+/// flags, then environment, then `~/.config/rollguard/cli.toml`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// Controller URL, e.g. https://controller:8443.
+    #[arg(long, env = "ROLLGUARD_URL")]
+    pub url: Option<String>,
+    /// The fleet CA certificate (ca.crt from `rollguard-controller init`).
+    #[arg(long, env = "ROLLGUARD_CA")]
+    pub ca: Option<PathBuf>,
+    /// Operator certificate.
+    #[arg(long, env = "ROLLGUARD_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Operator private key.
+    #[arg(long, env = "ROLLGUARD_KEY")]
+    pub key: Option<PathBuf>,
+    /// CLI configuration file (default ~/.config/rollguard/cli.toml).
+    #[arg(long, env = "ROLLGUARD_CLI_CONFIG")]
+    pub cli_config: Option<PathBuf>,
+}
+
+/// Largest answer the CLI reads.
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
+
+pub struct Client {
+    runtime: tokio::runtime::Runtime,
+    sender: http2::SendRequest<Full<Bytes>>,
+    base: String,
+}
+
+impl Client {
+    pub fn connect(args: &ConnectArgs) -> Result<Self> {
+        let file = match &args.cli_config {
+            Some(p) => CliConfig::load(p, true)?,
+            None => match CliConfig::default_path() {
+                Some(p) => CliConfig::load(&p, false)?,
+                None => CliConfig::default(),
+            },
+        };
+        let need = |flag: &str, v: Option<PathBuf>| {
+            v.ok_or_else(|| {
+                anyhow!(
+                    "no {flag}: pass --{flag}, set ROLLGUARD_{}, or put it in cli.toml",
+                    flag.to_uppercase()
+                )
+            })
+        };
+        let url = args.url.clone().or(file.url).ok_or_else(|| {
+            anyhow!("no controller URL: pass --url, set ROLLGUARD_URL, or put url in cli.toml")
+        })?;
+        let ca = need("ca", args.ca.clone().or(file.ca))?;
+        let cert = need("cert", args.cert.clone().or(file.cert))?;
+        let key = need("key", args.key.clone().or(file.key))?;
+        Self::connect_with(&url, &ca, &cert, &key)
+    }
+
+    pub fn connect_with(url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Self> {
+        Self::open(url, crate::tls::client_config(ca, cert, key)?)
+    }
+
+    /// A client that presents no certificate (diagnostics and tests: the
+    /// controller must refuse it during the handshake).
+    pub fn connect_anonymous(url: &str, ca: &Path) -> Result<Self> {
+        Self::open(url, crate::tls::anonymous_client_config(ca)?)
+    }
+
+    fn open(url: &str, config: std::sync::Arc<rustls::ClientConfig>) -> Result<Self> {
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("controller url {url:?}"))?;
+        if uri.scheme_str() != Some("https") {
+            bail!("controller url {url:?} must start with https://");
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| anyhow!("controller url {url:?} has no host"))?;
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let authority = if bare.contains(':') {
+            format!("[{bare}]:{port}")
+        } else {
+            format!("{bare}:{port}")
+        };
+        let server_name =
+            ServerName::try_from(bare).map_err(|e| anyhow!("controller host: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let addr = authority.clone();
+        let sender = runtime.block_on(async move {
+            let connect = async {
+                let tcp = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .with_context(|| format!("connecting to {addr}"))?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(server_name, tcp)
+                    .await
+                    .with_context(|| format!("TLS with {addr}"))?;
+                let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .context("HTTP/2 handshake (is the operator certificate accepted?)")?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                anyhow::Ok(sender)
+            };
+            tokio::time::timeout(Duration::from_secs(15), connect)
+                .await
+                .map_err(|_| anyhow!("connecting to {addr} timed out"))?
+        })?;
+        Ok(Client {
+            runtime,
+            sender,
+            base: format!("https://{authority}"),
+        })
+    }
+
+    fn call(&self, method: Method, path: &str, body: Option<(Vec<u8>, &str)>) -> Result<Bytes> {
+        let mut builder = Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.base));
+        let body = match body {
+            Some((bytes, content_type)) => {
+                builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Vec::new(),
+        };
+        let req = builder.body(Full::new(Bytes::from(body)))?;
+        let mut sender = self.sender.clone();
+        self.runtime.block_on(async move {
+            sender.ready().await.context("controller connection")?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .with_context(|| format!("{method} {path}"))?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| anyhow!("reading the answer to {method} {path}: {e}"))?
+                .to_bytes();
+            if !status.is_success() {
+                let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+                bail!("controller refused {method} {path} ({status}): {msg}");
+            }
+            Ok(bytes)
+        })
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let bytes = self.call(Method::GET, path, None)?;
+        serde_json::from_slice(&bytes).with_context(|| format!("answer to GET {path}"))
+    }
+
+    pub fn get_text(&self, path: &str) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.call(Method::GET, path, None)?).into_owned())
+    }
+
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let bytes = self.call(
+            Method::POST,
+            path,
+            Some((serde_json::to_vec(body)?, "application/json")),
+        )?;
+        serde_json::from_slice(&bytes).with_context(|| format!("answer to POST {path}"))
+    }
+
+    /// POST arbitrary bytes (tests of malformed and oversized bodies).
+    pub fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<Bytes> {
+        self.call(Method::POST, path, Some((body, "application/json")))
+    }
+
+    pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T> {
+        let bytes = self.call(Method::PUT, path, Some((body, "application/octet-stream")))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("answer to PUT {path}"))
+    }
+}
