@@ -38,6 +38,14 @@ pub enum Command {
     /// The hash-chained audit log of runs on this host.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Run as the fleet daemon: connect to the controller named in the
+    /// policy's [controller] section, run the bundles it orders (each
+    /// verified against this policy, exactly like `run`), obey kill orders.
+    Serve(ServeArgs),
+    /// Kill every running bundle on this host now and refuse new runs until
+    /// `--lift` (talks to the daemon over its local socket; works when the
+    /// controller is unreachable).
+    Kill(KillArgs),
     /// Stage 2 of a confined run (internal: started by the agent itself).
     #[command(name = "__sandbox-exec", hide = true)]
     SandboxExec {
@@ -69,6 +77,34 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub policy: PolicyArg,
     /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub policy: PolicyArg,
+    /// The local control socket (root only) used by `rollguard-agent kill`.
+    #[arg(long, env = "ROLLGUARD_AGENT_SOCKET", default_value = "/run/rollguard/agent.sock")]
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["reason", "lift", "status"])))]
+pub struct KillArgs {
+    /// Why (kept in the daemon's state and shown in every refusal).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Lift the local kill (a fleet-wide kill stays until the controller lifts it).
+    #[arg(long)]
+    pub lift: bool,
+    /// Show the kill orders in force and the running bundles.
+    #[arg(long)]
+    pub status: bool,
+    /// The daemon's local control socket.
+    #[arg(long, env = "ROLLGUARD_AGENT_SOCKET", default_value = "/run/rollguard/agent.sock")]
+    pub socket: PathBuf,
     #[arg(long)]
     pub json: bool,
 }

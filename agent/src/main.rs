@@ -39,6 +39,12 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args.policy.policy, &args.bundle, args.json),
         Command::Check(args) => check(&args.policy.policy, args.json),
         Command::Audit(AuditCommand::Verify { policy, json }) => audit_verify(&policy.policy, json),
+        Command::Serve(args) => rollguard_agent::daemon::serve_policy(
+            &args.policy.policy,
+            &rollguard_agent::daemon::DaemonOptions { socket: args.socket },
+        )
+        .map(|()| ExitCode::SUCCESS),
+        Command::Kill(args) => local_kill(args),
         Command::SandboxExec { .. } => unreachable!("dispatched before argument parsing"),
     };
     match result {
@@ -183,4 +189,43 @@ fn audit_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(EXIT_FAILED))
         }
     }
+}
+
+/// `rollguard-agent kill`: ask the running daemon over its local socket.
+fn local_kill(args: rollguard_agent::cli::KillArgs) -> anyhow::Result<ExitCode> {
+    use rollguard_agent::daemon::local::{request, LocalRequest};
+    let req = match (args.reason, args.lift) {
+        (_, true) => LocalRequest::Lift,
+        (Some(reason), false) if !reason.trim().is_empty() => LocalRequest::Kill { reason },
+        (Some(_), false) => anyhow::bail!("--reason must not be empty"),
+        (None, false) => LocalRequest::Status,
+    };
+    let resp = request(&args.socket, &req)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+    } else {
+        if let Some(e) = &resp.error {
+            eprintln!("error: {e}");
+        }
+        if matches!(req, LocalRequest::Kill { .. }) {
+            println!("killed {} running bundle(s); new runs are refused until `rollguard-agent kill --lift`", resp.killed);
+        }
+        match (&resp.kill.local, &resp.kill.fleet.all) {
+            (None, None) if resp.kill.fleet.rollouts.is_empty() => println!("no kill order in force"),
+            _ => {}
+        }
+        if let Some(k) = &resp.kill.local {
+            println!("local kill in force: {} (at {})", k.reason, k.at);
+        }
+        if let Some(k) = &resp.kill.fleet.all {
+            println!("fleet-wide kill in force: {} (by {} at {})", k.reason, k.by, k.at);
+        }
+        for k in &resp.kill.fleet.rollouts {
+            println!("kill in force for rollout {}: {}", k.rollout_id, k.order.reason);
+        }
+        if !resp.running.is_empty() {
+            println!("running: {}", resp.running.join(", "));
+        }
+    }
+    Ok(if resp.ok { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ERROR) })
 }

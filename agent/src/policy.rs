@@ -84,6 +84,8 @@ pub enum PolicyError {
     DeleteThresholdTooLow { threshold: usize, delete: usize },
     #[error("trust.allowed_signers {path}: {why}")]
     AllowedSigners { path: PathBuf, why: String },
+    #[error("[controller]: {0}")]
+    Controller(String),
 }
 
 /// Why a bundle's scope is not acceptable on this host. Each maps to a
@@ -141,6 +143,9 @@ pub enum ProtectionReason {
     PolicyFile,
     /// The running agent executable.
     AgentExecutable,
+    /// The agent's controller credentials (`[controller]` cert, key, CA): a
+    /// bundle that could read the key could impersonate this host.
+    ControllerCredentials,
 }
 
 impl fmt::Display for ProtectionReason {
@@ -151,6 +156,7 @@ impl fmt::Display for ProtectionReason {
             ProtectionReason::TrustFile => "the allowed-signers file",
             ProtectionReason::PolicyFile => "the host policy file",
             ProtectionReason::AgentExecutable => "the agent executable",
+            ProtectionReason::ControllerCredentials => "the agent's controller credentials",
         })
     }
 }
@@ -186,6 +192,7 @@ pub struct HostPolicy {
     protect: Vec<ProtectedPath>,
     allow_scopes: Vec<ScopePath>,
     state_dir: PathBuf,
+    controller: Option<crate::daemon::config::ControllerSection>,
 }
 
 // ---- raw serde layer ------------------------------------------------------
@@ -198,6 +205,7 @@ struct RawPolicy {
     protect: RawProtect,
     limits: RawLimits,
     state: Option<RawState>,
+    controller: Option<crate::daemon::config::ControllerSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,6 +302,7 @@ impl HostPolicy {
             protect: Vec::new(),
             allow_scopes,
             state_dir: state_dir.as_path().to_path_buf(),
+            controller: None,
         };
         for p in configured {
             policy.add_protected(p, ProtectionReason::Configured);
@@ -306,6 +315,15 @@ impl HostPolicy {
             },
         )?;
         policy.add_protected(signers, ProtectionReason::TrustFile);
+        if let Some(controller) = raw.controller {
+            controller.validate().map_err(PolicyError::Controller)?;
+            for p in [&controller.key, &controller.cert, &controller.ca] {
+                let path = ScopePath::parse(&p.to_string_lossy())
+                    .map_err(|source| PolicyError::Path { key: "controller", source })?;
+                policy.add_protected(path, ProtectionReason::ControllerCredentials);
+            }
+            policy.controller = Some(controller);
+        }
         Ok(policy)
     }
 
@@ -355,6 +373,11 @@ impl HostPolicy {
 
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// `[controller]`: where the daemon (`rollguard-agent serve`) connects.
+    pub fn controller(&self) -> Option<&crate::daemon::config::ControllerSection> {
+        self.controller.as_ref()
     }
 
     /// Signatures required for a bundle with this scope.

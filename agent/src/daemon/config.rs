@@ -59,25 +59,23 @@ impl ControllerSection {
             .clone()
             .try_into()
             .map_err(|e: toml::de::Error| invalid(format!("[controller]: {e}")))?;
-        if !section.url.starts_with("https://") {
-            return Err(invalid(format!(
-                "[controller] url {:?} must start with https://",
-                section.url
-            )));
+        section
+            .validate()
+            .map_err(|e| invalid(format!("[controller]: {e}")))?;
+        Ok(section)
+    }
+
+    /// The checks `HostPolicy` applies when it parses `[controller]`.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.url.starts_with("https://") {
+            return Err(format!("url {:?} must start with https://", self.url));
         }
-        for (key, p) in [
-            ("ca", &section.ca),
-            ("cert", &section.cert),
-            ("key", &section.key),
-        ] {
+        for (key, p) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
             if !p.is_absolute() {
-                return Err(invalid(format!(
-                    "[controller] {key} {:?} must be an absolute path",
-                    p
-                )));
+                return Err(format!("{key} {p:?} must be an absolute path"));
             }
         }
-        Ok(section)
+        Ok(())
     }
 }
 

@@ -640,7 +640,12 @@ pub fn serve(
 /// `[controller]` section, run the daemon with the real runner.
 pub fn serve_policy(policy_path: &std::path::Path, opts: &DaemonOptions) -> anyhow::Result<()> {
     let policy = crate::policy::HostPolicy::load(policy_path)?;
-    let controller = ControllerSection::from_policy_file(policy_path)?;
+    let controller = policy.controller().cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: the policy has no [controller] section (url, ca, cert, key): `serve` needs one",
+            policy_path.display()
+        )
+    })?;
     let agent_exe = std::env::current_exe().context("locating the rollguard-agent binary")?;
     let identity = policy.identity();
     let state_dir = policy.state_dir().to_path_buf();
