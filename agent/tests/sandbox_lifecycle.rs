@@ -196,3 +196,35 @@ fn an_unsupervised_run_is_killed_and_recoverable() {
     cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
     assert!(RunCgroup::existing(&spec.run_id).unwrap().is_none());
 }
+
+#[test]
+fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
+    // Run stage 2 directly (no launcher): it starts in the test's cgroup
+    // and must move itself before anything else.
+    let t = Tree::new();
+    let spec = t.spec("cat /proc/self/cgroup");
+    let cgroup = RunCgroup::create(&spec.run_id).unwrap();
+    let plan = rollguard_agent::sandbox::spec::Stage2Plan {
+        spec: spec.clone(),
+        cgroup_dir: cgroup.path().to_path_buf(),
+    };
+    let plan_path = t.p("run/plan.json");
+    fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-agent"))
+        .arg(rollguard_agent::sandbox::STAGE2_COMMAND)
+        .arg(&plan_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let line = stdout.lines().find(|l| l.starts_with("0::")).unwrap();
+    assert!(
+        line.ends_with(&format!("/rollguard-runs/{}", spec.run_id)),
+        "{line}"
+    );
+    cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
+}

@@ -93,8 +93,8 @@ pub fn own_cgroup() -> Result<String, CgroupError> {
         .ok_or(CgroupError::NoOwnCgroup)
 }
 
-/// The directory under which run cgroups are created.
-pub fn runs_parent() -> Result<PathBuf, CgroupError> {
+/// The directory of this process's own cgroup.
+pub fn own_cgroup_dir() -> Result<PathBuf, CgroupError> {
     let (mount, root) = cgroup2_mount()?;
     let own = own_cgroup()?;
     // With a mount of a sub-hierarchy, /proc/self/cgroup is still relative
@@ -109,8 +109,12 @@ pub fn runs_parent() -> Result<PathBuf, CgroupError> {
     for part in relative.split('/').filter(|p| !p.is_empty()) {
         dir.push(part);
     }
-    dir.push(RUNS_DIR);
     Ok(dir)
+}
+
+/// The directory under which run cgroups are created.
+pub fn runs_parent() -> Result<PathBuf, CgroupError> {
+    Ok(own_cgroup_dir()?.join(RUNS_DIR))
 }
 
 /// One run's cgroup directory.
@@ -183,6 +187,11 @@ impl RunCgroup {
 
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether the calling process is a member of exactly this cgroup.
+    pub fn contains_self(&self) -> Result<bool, CgroupError> {
+        Ok(own_cgroup_dir()? == self.dir)
     }
 
     /// Move a process (and all its threads) into this cgroup.

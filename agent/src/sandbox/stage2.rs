@@ -118,15 +118,19 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
 
     // 1. cgroup.
     let cgroup = RunCgroup::open(&plan.cgroup_dir).map_err(at(Step::Cgroup))?;
-    cgroup
-        .add_process(std::process::id())
-        .map_err(at(Step::Cgroup))?;
-    let own = super::cgroup::own_cgroup().map_err(at(Step::Cgroup))?;
-    if !plan.cgroup_dir.ends_with(own.trim_start_matches('/')) {
+    // The launcher normally moved us already (before it could ever issue a
+    // kill); a migration waits for an RCU grace period (~15 ms here), so
+    // only join when we are not a member yet.
+    if !cgroup.contains_self().map_err(at(Step::Cgroup))? {
+        cgroup
+            .add_process(std::process::id())
+            .map_err(at(Step::Cgroup))?;
+    }
+    if !cgroup.contains_self().map_err(at(Step::Cgroup))? {
         return Err(Failure {
             step: Step::Cgroup,
             error: format!(
-                "joined {} but /proc/self/cgroup says {own}",
+                "joined {} but /proc/self/cgroup says otherwise",
                 plan.cgroup_dir.display()
             ),
         });
