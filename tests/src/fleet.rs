@@ -1,0 +1,473 @@
+//! A fleet on loopback for the end-to-end tests: a real controller
+//! (`rollguard-controller serve`) and real agent daemons
+//! (`rollguard-agent serve`), each agent with its own policy, state
+//! directory, certificate and local socket, driven with the real `rollguard`
+//! CLI.
+//!
+//! One bundle is rolled out to every host, so the hosts' trees share a
+//! layout keyed by host name (the runner gives each run `ROLLGUARD_HOST`):
+//!
+//! ```text
+//! FLEET/mail/<host>/          what a mail fix may change (scope.write = FLEET/mail)
+//! FLEET/customers/<host>/     customer data: outside every bundle's scope
+//! FLEET/backup/<host>/        backups: protected by every host's policy
+//! FLEET/agents/<host>/        policy, state dir, credentials, socket, log
+//! FLEET/ctl/                  the controller's CA directory, config, database, log
+//! ```
+//!
+//! Everything lives under `/var/lib/rollguard-tests` (the sandbox gives each
+//! bundle a private `/tmp`). Processes are killed when the [`Fleet`] drops.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::host::Keys;
+use crate::{bin, rollguard, run, run_ok};
+
+const BASE: &str = "/var/lib/rollguard-tests";
+/// Upper bound for anything the tests wait for (a failure, not a timing
+/// assertion: tests wait for states, and give up only after this).
+pub const PATIENCE: Duration = Duration::from_secs(180);
+
+pub struct AgentProc {
+    pub name: String,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    pub fn policy(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+}
+
+pub struct Fleet {
+    dir: tempfile::TempDir,
+    pub keys: Keys,
+    pub port: u16,
+    controller: Option<Child>,
+    pub agents: BTreeMap<String, AgentProc>,
+}
+
+/// A free loopback port (bound, then released for the controller to take).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let err = out.try_clone().unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("RUST_LOG", "info");
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Poll `f` until it returns `Some`, or panic with `what` after [`PATIENCE`].
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Fleet {
+    /// A CA, a controller config and one agent per `(name, labels)`; nothing
+    /// is started yet.
+    pub fn new(hosts: &[(&str, &[(&str, &str)])]) -> Self {
+        fs::create_dir_all(BASE).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-")
+            .tempdir_in(BASE)
+            .unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let keys = Keys::new(&["alice", "bob"]);
+        let port = free_port();
+        let ctl = dir.path().join("ctl");
+        run_ok(
+            Command::new(bin("rollguard-controller"))
+                .args(["init", "--dir"])
+                .arg(&ctl)
+                .args(["--listen", &format!("127.0.0.1:{port}")]),
+        );
+        // Short result margin: a host that never answers times out soon.
+        let config = fs::read_to_string(ctl.join("controller.toml")).unwrap();
+        fs::write(
+            ctl.join("controller.toml"),
+            config.replace("result_margin = \"60s\"", "result_margin = \"20s\""),
+        )
+        .unwrap();
+        let mut fleet = Fleet {
+            dir,
+            keys,
+            port,
+            controller: None,
+            agents: BTreeMap::new(),
+        };
+        for (name, labels) in hosts {
+            fleet.add_agent(name, labels);
+        }
+        fleet
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn ctl(&self) -> PathBuf {
+        self.root().join("ctl")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn mail(&self, host: &str) -> PathBuf {
+        self.root().join("mail").join(host)
+    }
+    pub fn customers(&self, host: &str) -> PathBuf {
+        self.root().join("customers").join(host)
+    }
+    pub fn backup(&self, host: &str) -> PathBuf {
+        self.root().join("backup").join(host)
+    }
+
+    fn add_agent(&mut self, name: &str, labels: &[(&str, &str)]) {
+        let root = self.root().to_path_buf();
+        for (path, body) in [
+            (self.mail(name).join("main.cf"), "queue_lifetime = 5d\n"),
+            (self.customers(name).join("alice/inbox"), "alice's mail\n"),
+            (
+                self.customers(name).join("bob/db.sql"),
+                "INSERT INTO t VALUES (1);\n",
+            ),
+            (
+                self.backup(name).join("daily/customers.tar"),
+                "backup of every customer\n",
+            ),
+        ] {
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, body).unwrap();
+        }
+        let dir = root.join("agents").join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let creds = dir.join("creds");
+        run_ok(
+            Command::new(bin("rollguard-controller"))
+                .args(["enroll", "--dir"])
+                .arg(self.ctl())
+                .arg(name)
+                .arg("--out")
+                .arg(&creds),
+        );
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+        let policy = format!(
+            "[host]\nname = {name:?}\nlabels = {{ {labels} }}\n\n\
+             [trust]\nallowed_signers = {signers:?}\nthreshold = 1\ndelete_threshold = 1\n\n\
+             [protect]\npaths = [{backup:?}]\n\n\
+             [limits]\nallow_scopes = [{mail:?}, {customers:?}]\n\n\
+             [state]\ndir = {state:?}\n\n\
+             [controller]\nurl = {url:?}\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+            labels = labels.join(", "),
+            signers = self.keys.allowed_signers(),
+            backup = root.join("backup"),
+            mail = root.join("mail"),
+            customers = root.join("customers"),
+            state = dir.join("state"),
+            url = self.url(),
+            ca = self.ctl().join("ca.crt"),
+            cert = creds.join(format!("{name}.crt")),
+            key = creds.join(format!("{name}.key")),
+        );
+        fs::write(dir.join("agent.toml"), policy).unwrap();
+        self.agents.insert(
+            name.to_string(),
+            AgentProc {
+                name: name.to_string(),
+                dir,
+                child: None,
+            },
+        );
+    }
+
+    /// Start (or restart) the controller and wait until it answers.
+    pub fn start_controller(&mut self) {
+        assert!(self.controller.is_none(), "controller already running");
+        let child = spawn_logged(
+            Command::new(bin("rollguard-controller"))
+                .arg("serve")
+                .arg("--config")
+                .arg(self.ctl().join("controller.toml")),
+            &self.ctl().join("controller.log"),
+        );
+        self.controller = Some(child);
+        wait_for("the controller to answer", || {
+            let out = run(self.cli().args(["agents", "--json"]));
+            out.status.success().then_some(())
+        });
+    }
+
+    /// SIGKILL the controller (no shutdown of any kind) and reap it.
+    pub fn kill_controller(&mut self) {
+        let mut child = self.controller.take().expect("controller not running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn start_agent(&mut self, name: &str) {
+        let agent = self
+            .agents
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no agent {name}"));
+        assert!(agent.child.is_none(), "agent {name} already running");
+        let child = spawn_logged(
+            Command::new(bin("rollguard-agent"))
+                .args(["serve", "--policy"])
+                .arg(agent.policy())
+                .arg("--socket")
+                .arg(agent.socket()),
+            &agent.log(),
+        );
+        agent.child = Some(child);
+    }
+
+    /// Start every agent and wait until all are connected.
+    pub fn start_agents(&mut self) {
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        for n in &names {
+            self.start_agent(n);
+        }
+        for n in &names {
+            self.wait_connected(n);
+        }
+    }
+
+    pub fn stop_agent(&mut self, name: &str) {
+        let agent = self.agents.get_mut(name).unwrap();
+        let mut child = agent.child.take().expect("agent not running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn wait_connected(&self, name: &str) {
+        wait_for(&format!("agent {name} to connect"), || {
+            let agents = self.cli_json(&["agents"]);
+            agents
+                .as_array()?
+                .iter()
+                .any(|a| a["name"] == name && a["connected"] == true)
+                .then_some(())
+        });
+    }
+
+    /// The `rollguard` CLI with the operator certificate.
+    pub fn cli(&self) -> Command {
+        let mut cmd = rollguard();
+        cmd.env("ROLLGUARD_URL", self.url())
+            .env("ROLLGUARD_CA", self.ctl().join("ca.crt"))
+            .env("ROLLGUARD_CERT", self.ctl().join("operator.crt"))
+            .env("ROLLGUARD_KEY", self.ctl().join("operator.key"))
+            .env("ROLLGUARD_CLI_CONFIG", self.root().join("no-cli.toml"));
+        fs::write(self.root().join("no-cli.toml"), "").unwrap();
+        cmd
+    }
+
+    /// Run `rollguard ARGS --json`, requiring success, and parse stdout.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let out = run_ok(self.cli().args(args).arg("--json"));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "rollguard {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Write a bundle source whose manifest and script may use `@FLEET@`
+    /// (the fleet directory), then build and sign it.
+    pub fn bundle(&self, label: &str, manifest: &str, script: &str) -> PathBuf {
+        let src = self.root().join(format!("src-{label}"));
+        fs::create_dir_all(&src).unwrap();
+        let fleet = self.root().to_str().unwrap();
+        fs::write(src.join("bundle.toml"), manifest.replace("@FLEET@", fleet)).unwrap();
+        let script_path = src.join("run.sh");
+        fs::write(&script_path, script.replace("@FLEET@", fleet)).unwrap();
+        fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755)).unwrap();
+        let out = self.root().join(format!("{label}.bundle"));
+        run_ok(
+            rollguard()
+                .args(["bundle", "build"])
+                .arg(&src)
+                .arg("-o")
+                .arg(&out),
+        );
+        run_ok(
+            rollguard()
+                .args(["bundle", "sign"])
+                .arg(&out)
+                .arg("--key")
+                .arg(self.keys.key("alice"))
+                .args(["--signer", "alice"]),
+        );
+        out
+    }
+
+    /// `rollguard rollout start BUNDLE ARGS --json`; returns the rollout id.
+    pub fn start_rollout(&self, bundle: &Path, args: &[&str]) -> String {
+        let out = run_ok(
+            self.cli()
+                .args(["rollout", "start"])
+                .arg(bundle)
+                .args(args)
+                .arg("--json"),
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["id"].as_str().expect("rollout id").to_string()
+    }
+
+    pub fn status(&self, id: &str) -> Value {
+        // `status` exits 1 for a halted rollout; the JSON is what we want.
+        let out = run(self.cli().args(["rollout", "status", id, "--json"]));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "rollout status printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Wait until the rollout's state is `state` ("completed", "halted").
+    pub fn wait_state(&self, id: &str, state: &str) -> Value {
+        wait_for(&format!("rollout {id} to be {state}"), || {
+            let s = self.status(id);
+            if s["state"] == state {
+                return Some(s);
+            }
+            assert!(
+                s["state"] == "running" || s["state"] == state,
+                "rollout {id} became {} (expected {state}): {s:#}\n{}",
+                s["state"],
+                self.logs()
+            );
+            None
+        })
+    }
+
+    /// Hosts of a status document with their state, in plan order.
+    pub fn host_states(status: &Value) -> BTreeMap<String, String> {
+        status["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h["host"].as_str().unwrap().to_string(),
+                    h["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Lines a host's runs recorded in `FLEET/mail/<host>/runs` (each run
+    /// of a test bundle appends its rollout id).
+    pub fn runs_on(&self, host: &str) -> Vec<String> {
+        fs::read_to_string(self.mail(host).join("runs"))
+            .map(|t| t.lines().map(String::from).collect())
+            .unwrap_or_default()
+    }
+
+    /// Controller and agent logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut add = |label: &str, path: PathBuf| {
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out.push_str(&format!("--- {label} ---\n"));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        };
+        add("controller", self.ctl().join("controller.log"));
+        for a in self.agents.values() {
+            add(&a.name, a.log());
+        }
+        out
+    }
+
+    /// Every file under `dir` with its bytes.
+    pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(bytes) = fs::read(&p) {
+                    out.insert(p, bytes);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for a in self.agents.values_mut() {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A manifest for fleet bundles: targets `hosts`, writes `FLEET/mail`.
+pub fn manifest(name: &str, version: u64, hosts: &str, timeout: &str) -> String {
+    format!(
+        "[bundle]\nname = {name:?}\nversion = {version}\ndescription = \"fleet test\"\nexpires = 2099-01-01T00:00:00Z\n\n\
+         [targets]\nhosts = [{hosts}]\n\n[scope]\nwrite = [\"@FLEET@/mail\"]\n\n\
+         [run]\ncommand = [\"./run.sh\"]\ntimeout = {timeout:?}\n"
+    )
+}
+
+/// A script that records the run in `FLEET/mail/$ROLLGUARD_HOST/runs` and
+/// then does `rest`.
+pub fn script(rest: &str) -> String {
+    format!("#!/bin/sh\nset -u\nH=\"@FLEET@/mail/$ROLLGUARD_HOST\"\necho \"$ROLLGUARD_ROLLOUT\" >> \"$H/runs\"\n{rest}\n")
+}

@@ -1,0 +1,168 @@
+//! End to end: a real controller and six real agent daemons on loopback.
+//! Staged waves on a good bundle, and the 2012 incident replayed through
+//! the fleet: the canary's stray delete is denied and the rollout halts
+//! before any other host receives the bundle.
+
+use rollguard_tests::fleet::{manifest, script, Fleet};
+
+const HOSTS: &[(&str, &[(&str, &str)])] = &[
+    ("mail-01", &[("role", "mail")]),
+    ("mail-02", &[("role", "mail")]),
+    ("mail-03", &[("role", "mail")]),
+    ("mail-04", &[("role", "mail")]),
+    ("mail-05", &[("role", "mail")]),
+    ("web-01", &[("role", "web")]),
+];
+
+#[test]
+fn good_bundle_rolls_out_in_waves_to_in_scope_hosts_only() {
+    let mut fleet = Fleet::new(HOSTS);
+    fleet.start_controller();
+    fleet.start_agents();
+    let bundle = fleet.bundle(
+        "good",
+        &manifest("mail-fix", 1, "\"mail-*\"", "1m"),
+        &script("echo 'queue_lifetime = 2d' > \"$H/main.cf\""),
+    );
+
+    let plan = fleet.cli_json(&[
+        "rollout",
+        "plan",
+        bundle.to_str().unwrap(),
+        "--waves",
+        "1,2,100%",
+        "--bake",
+        "1s",
+    ]);
+    assert_eq!(
+        plan["waves"],
+        serde_json::json!([["mail-01"], ["mail-02"], ["mail-03", "mail-04", "mail-05"]]),
+        "{plan:#}"
+    );
+    assert_eq!(plan["out_of_scope"], 1);
+    assert!(
+        plan["signers"][0].as_str().unwrap().starts_with("alice"),
+        "{plan:#}"
+    );
+    assert!(fleet.runs_on("mail-01").is_empty(), "plan runs nothing");
+
+    let id = fleet.start_rollout(
+        &bundle,
+        &["--waves", "1,2,100%", "--bake", "1s", "--max-failures", "0"],
+    );
+    let status = fleet.wait_state(&id, "completed");
+    let states = Fleet::host_states(&status);
+    assert_eq!(states.len(), 5, "{status:#}");
+    assert!(states.values().all(|s| s == "succeeded"), "{status:#}");
+    for h in ["mail-01", "mail-02", "mail-03", "mail-04", "mail-05"] {
+        assert_eq!(fleet.runs_on(h), vec![id.clone()], "{h} ran exactly once");
+        assert_eq!(
+            std::fs::read_to_string(fleet.mail(h).join("main.cf")).unwrap(),
+            "queue_lifetime = 2d\n"
+        );
+    }
+    assert!(
+        fleet.runs_on("web-01").is_empty(),
+        "out-of-scope host never ran it"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fleet.mail("web-01").join("main.cf")).unwrap(),
+        "queue_lifetime = 5d\n"
+    );
+    // Each host's report is the agent's own run report.
+    let first = &status["hosts"][0]["report"];
+    assert_eq!(first["bundle"]["name"], "mail-fix");
+    assert_eq!(first["denials"], serde_json::json!([]));
+
+    // The list, and the operator audit log's hash chain.
+    let list = fleet.cli_json(&["rollout", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let audit = rollguard_tests::run_ok(
+        std::process::Command::new(rollguard_tests::bin("rollguard-controller"))
+            .args(["audit", "verify", "--json", "--config"])
+            .arg(fleet.ctl().join("controller.toml")),
+    );
+    let audit: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    assert_eq!(audit["ok"], true, "{audit:#}");
+}
+
+#[test]
+fn incident_replay_canary_denial_halts_after_wave_one() {
+    let mut fleet = Fleet::new(HOSTS);
+    fleet.start_controller();
+    fleet.start_agents();
+    let protected_before: Vec<_> = [
+        "mail-01", "mail-02", "mail-03", "mail-04", "mail-05", "web-01",
+    ]
+    .iter()
+    .map(|h| {
+        (
+            Fleet::snapshot(&fleet.customers(h)),
+            Fleet::snapshot(&fleet.backup(h)),
+        )
+    })
+    .collect();
+    // The 2012 program: a mail fix with a stray line deleting customer data
+    // and backups on the host it runs on.
+    let bundle = fleet.bundle(
+        "incident",
+        &manifest("mail-fix-2012", 1, "\"mail-*\"", "1m"),
+        &script(
+            "touch \"$H/enabled\"\nrm -rf \"@FLEET@/customers/$ROLLGUARD_HOST\" \"@FLEET@/backup/$ROLLGUARD_HOST\"\necho done",
+        ),
+    );
+    let id = fleet.start_rollout(
+        &bundle,
+        &["--waves", "1,100%", "--bake", "1s", "--canary", "mail-03"],
+    );
+    let status = fleet.wait_state(&id, "halted");
+    let states = Fleet::host_states(&status);
+    assert_eq!(
+        states["mail-03"], "succeeded",
+        "the script exits 0, but its deletes were denied: {status:#}"
+    );
+    let reason = status["halt_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("mail-03") && reason.contains("denied"),
+        "{reason}"
+    );
+    let canary = status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "mail-03")
+        .unwrap();
+    let denials = canary["report"]["denials"]
+        .as_array()
+        .expect("denials observed");
+    assert!(
+        denials
+            .iter()
+            .any(|d| d["path"].as_str().unwrap_or("").contains("customers")),
+        "the denied delete is reported with its path: {canary:#}"
+    );
+    for h in ["mail-01", "mail-02", "mail-04", "mail-05"] {
+        assert_eq!(states[h], "pending", "{h} never received the bundle");
+        assert!(fleet.runs_on(h).is_empty());
+    }
+    assert!(fleet.runs_on("web-01").is_empty());
+    let protected_after: Vec<_> = [
+        "mail-01", "mail-02", "mail-03", "mail-04", "mail-05", "web-01",
+    ]
+    .iter()
+    .map(|h| {
+        (
+            Fleet::snapshot(&fleet.customers(h)),
+            Fleet::snapshot(&fleet.backup(h)),
+        )
+    })
+    .collect();
+    assert_eq!(
+        protected_before, protected_after,
+        "no customer or backup file changed anywhere"
+    );
+    assert!(
+        fleet.mail("mail-03").join("enabled").exists(),
+        "the in-scope part of the canary run happened"
+    );
+}
