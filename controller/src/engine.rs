@@ -635,8 +635,9 @@ impl Engine {
             )
             .await?;
         let state = self.store.add_kill(&scope, &order).await?;
-        let (sent, pending) = self.push_kill_state(&state).await;
-        self.metrics.kill_orders.inc();
+        // Halt first (a few conditional updates), so no further wave is
+        // dispatched and the halt reason is the kill, not the `killed`
+        // reports that follow; then push to the agents.
         let mut halted = Vec::new();
         let running = self.store.rollouts_in_state(RolloutState::Running).await?;
         for r in running {
@@ -652,6 +653,8 @@ impl Engine {
                 halted.push(r.id.clone());
             }
         }
+        let (sent, pending) = self.push_kill_state(&state).await;
+        self.metrics.kill_orders.inc();
         tracing::warn!(?scope, %reason, by = %actor, agents = sent, pending = pending.len(), "kill order pushed");
         Ok(KillResponse {
             state,

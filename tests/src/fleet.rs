@@ -469,5 +469,5 @@ pub fn manifest(name: &str, version: u64, hosts: &str, timeout: &str) -> String 
 /// A script that records the run in `FLEET/mail/$ROLLGUARD_HOST/runs` and
 /// then does `rest`.
 pub fn script(rest: &str) -> String {
-    format!("#!/bin/sh\nset -u\nH=\"@FLEET@/mail/$ROLLGUARD_HOST\"\necho \"$ROLLGUARD_ROLLOUT\" >> \"$H/runs\"\n{rest}\n")
+    format!("#!/bin/sh\nset -u\nH=\"@FLEET@/mail/$ROLLGUARD_HOST\"\necho \"${{ROLLGUARD_ROLLOUT:-manual}}\" >> \"$H/runs\"\n{rest}\n")
 }
