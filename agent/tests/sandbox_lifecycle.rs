@@ -78,10 +78,12 @@ fn kill_switch_kills_the_whole_run() {
 #[test]
 fn the_bundle_is_the_process_that_created_the_domain_and_has_its_own_audit_session() {
     let t = Tree::new();
-    let run = t.sh("echo pid=$$; echo ses=$(cat /proc/self/sessionid); echo cgroup=$(cat /proc/self/cgroup | grep '^0::')");
+    let run = t.sh("echo pid=$$; echo session=$(cut -d' ' -f6 /proc/$$/stat); echo ses=$(cat /proc/self/sessionid); echo cgroup=$(cat /proc/self/cgroup | grep '^0::')");
     assert_eq!(run.exit_code(), 0);
     // exec in place: the shell's pid is the pid stage 2 had.
     assert_eq!(run.value("pid"), run.outcome.pid.to_string());
+    // A session of its own: no controlling terminal to inject into.
+    assert_eq!(run.value("session"), run.outcome.pid.to_string());
     let session = run.outcome.audit_session.expect("audit session reported");
     assert_eq!(run.value("ses"), session.to_string());
     let own = fs::read_to_string("/proc/self/sessionid").unwrap();

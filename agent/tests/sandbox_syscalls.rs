@@ -59,6 +59,8 @@ results = {
     "fchmodat_setgid": call(268, -100, b"/tmp/f", 0o2755),
     "open_creat_setuid": call(2, b"/tmp/suid", os.O_CREAT | os.O_WRONLY, 0o4755),
     "x32_getpid": call(0x40000000 | 39),
+    "ioctl_tiocsti": call(16, 0, 0x5412, buf),
+    "ioctl_tioclinux": call(16, 0, 0x541C, buf),
 }
 import socket
 def sock(family, kind, proto=0):

@@ -199,6 +199,24 @@ fn socket_rules() -> Result<Vec<SeccompRule>, FilterError> {
     ])
 }
 
+/// Terminal input injection: `TIOCSTI` (push characters into a terminal's
+/// input queue, run by the shell that owns it) and `TIOCLINUX` (same for
+/// virtual consoles). Stage 2 also starts a new session without a
+/// controlling terminal; this is the second layer.
+fn tty_injection_rules() -> Result<Vec<SeccompRule>, FilterError> {
+    [libc::TIOCSTI, libc::TIOCLINUX]
+        .into_iter()
+        .map(|request| {
+            Ok(SeccompRule::new(vec![cond(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                request as u64,
+            )?])?)
+        })
+        .collect()
+}
+
 /// `clone` with any namespace flag (CLONE_NEWTIME shares its bit with
 /// CSIGNAL in `clone`, so it can only be requested via clone3/unshare,
 /// both of which are handled elsewhere).
@@ -245,6 +263,7 @@ pub fn deny_list() -> Result<BpfProgram, FilterError> {
     rules.insert(libc::SYS_openat, setid_create_rules(2, 3)?);
     rules.insert(libc::SYS_socket, socket_rules()?);
     rules.insert(libc::SYS_clone, clone_rules()?);
+    rules.insert(libc::SYS_ioctl, tty_injection_rules()?);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,

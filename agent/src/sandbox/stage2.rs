@@ -5,7 +5,8 @@
 //! depends on the ones before:
 //!
 //! 0. checks: one thread (Landlock and seccomp apply per thread), umask
-//!    022, every inherited fd above 2 marked close-on-exec, plan valid;
+//!    022, a new session (no controlling terminal), every inherited fd
+//!    above 2 marked close-on-exec, plan valid;
 //! 1. join the run cgroup, *first*, so nothing this process becomes can
 //!    escape `cgroup.kill`;
 //! 2. new audit session (needs CAP_AUDIT_CONTROL, dropped in 4), its id
@@ -111,6 +112,10 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
     // 0. Preconditions.
     require_single_thread().map_err(at(Step::Start))?;
     umask(Mode::from_bits_truncate(0o022));
+    // A new session without a controlling terminal: if the agent was
+    // started from a terminal, the bundle must not reach it (/dev/tty,
+    // TIOCSTI injection into the operator's shell).
+    nix::unistd::setsid().map_err(at(Step::Start))?;
     close_inherited_fds().map_err(at(Step::Start))?;
     // Compile the filters now: a compile error should stop us before any
     // change to the process.
