@@ -207,11 +207,14 @@ fn tty_injection_rules() -> Result<Vec<SeccompRule>, FilterError> {
     [libc::TIOCSTI, libc::TIOCLINUX]
         .into_iter()
         .map(|request| {
+            // libc's ioctl request type is c_ulong on glibc, c_int on musl.
+            #[allow(clippy::unnecessary_cast)]
+            let request = request as u64;
             Ok(SeccompRule::new(vec![cond(
                 1,
                 SeccompCmpArgLen::Dword,
                 SeccompCmpOp::Eq,
-                request as u64,
+                request,
             )?])?)
         })
         .collect()
