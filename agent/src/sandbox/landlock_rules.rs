@@ -503,7 +503,7 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
     }
     // The private scratch tmpfs never holds host files, protected or not.
     for path in SCRATCH {
-        if Path::new(path).is_dir() {
+        if super::namespaces::is_real_dir(path) {
             b.add("scratch directory", Path::new(path), rights.scratch)?;
         }
     }

@@ -149,7 +149,9 @@ fn mount_tmpfs(target: &str, flags: MsFlags, options: &str) -> Result<(), Namesp
 pub fn mount_private_dirs(keep_resolver: bool) -> Result<(), NamespaceError> {
     let scratch = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount_tmpfs("/tmp", scratch, "mode=1777")?;
-    if Path::new("/var/tmp").is_dir() {
+    // A real directory only: on hosts where /var/tmp is a symlink to /tmp
+    // it is already covered.
+    if is_real_dir("/var/tmp") {
         mount_tmpfs("/var/tmp", scratch, "mode=1777")?;
     }
     mount_run(keep_resolver)?;
@@ -243,4 +245,9 @@ fn mount_dev() -> Result<(), NamespaceError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         "mode=1777,size=64m",
     )
+}
+
+/// A directory that is not reached through a symlink at its last component.
+pub fn is_real_dir(path: &str) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
