@@ -74,6 +74,28 @@ fn good_bundle_rolls_out_in_waves_to_in_scope_hosts_only() {
     assert_eq!(first["bundle"]["name"], "mail-fix");
     assert_eq!(first["denials"], serde_json::json!([]));
 
+    // `watch` follows it to the end (no terminal here: only the outcome).
+    let watch = rollguard_tests::run_ok(fleet.cli().args(["rollout", "watch", &id]));
+    assert!(String::from_utf8_lossy(&watch.stderr).contains("completed"));
+    let agents = rollguard_tests::run_ok(fleet.cli().args(["agents"]));
+    assert!(String::from_utf8_lossy(&agents.stdout).contains("web-01"));
+    let op = rollguard_controller::client::Client::connect_with(
+        &fleet.url(),
+        &fleet.ctl().join("ca.crt"),
+        &fleet.ctl().join("operator.crt"),
+        &fleet.ctl().join("operator.key"),
+    )
+    .unwrap();
+    let metrics = op.get_text("/metrics").unwrap();
+    for line in [
+        "rollguard_connected_agents 6",
+        "rollguard_runs_total{result=\"succeeded\"} 5",
+        "rollguard_rollouts{state=\"completed\"} 1",
+        "rollguard_denials_total 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
+
     // The list, and the operator audit log's hash chain.
     let list = fleet.cli_json(&["rollout", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 1);

@@ -43,7 +43,12 @@ enum Command {
     /// Create the CA hierarchy, the server certificate, the first operator
     /// certificate and a commented controller.toml in DIR.
     Init {
-        #[arg(long, env = "ROLLGUARD_CONTROLLER_DIR")]
+        /// The CA directory (`init` creates it).
+        #[arg(
+            long,
+            env = "ROLLGUARD_CONTROLLER_DIR",
+            default_value = "/var/lib/rollguard-controller"
+        )]
         dir: PathBuf,
         /// Extra DNS name or IP address of the controller (repeatable).
         #[arg(long = "san")]
@@ -58,7 +63,12 @@ enum Command {
     /// Issue a certificate and key: for an agent (CN = SAN = host name) by
     /// default, or an operator or an alert source (e.g. Alertmanager).
     Enroll {
-        #[arg(long, env = "ROLLGUARD_CONTROLLER_DIR")]
+        /// The CA directory (`init` creates it).
+        #[arg(
+            long,
+            env = "ROLLGUARD_CONTROLLER_DIR",
+            default_value = "/var/lib/rollguard-controller"
+        )]
         dir: PathBuf,
         /// Host name (agents) or person/service name.
         name: String,
@@ -71,7 +81,12 @@ enum Command {
     /// Revoke every certificate issued to NAME; the running controller
     /// refuses them from its next request on.
     Revoke {
-        #[arg(long, env = "ROLLGUARD_CONTROLLER_DIR")]
+        /// The CA directory (`init` creates it).
+        #[arg(
+            long,
+            env = "ROLLGUARD_CONTROLLER_DIR",
+            default_value = "/var/lib/rollguard-controller"
+        )]
         dir: PathBuf,
         name: String,
     },
