@@ -197,6 +197,9 @@ pub struct Engine {
     known_agents: tokio::sync::Mutex<Option<HashMap<String, BTreeMap<String, String>>>>,
 }
 
+/// How long a woken rollout task waits for more news before stepping.
+const COALESCE: Duration = Duration::from_millis(50);
+
 enum Step {
     Done,
     Again,
@@ -265,15 +268,23 @@ impl Engine {
                     Some(now_ms() + 1000)
                 }
             };
-            match wait {
+            let woken = match wait {
                 Some(at) => {
                     let delay = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
                     tokio::select! {
-                        _ = &mut notified => {}
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = &mut notified => true,
+                        _ = tokio::time::sleep(delay) => false,
                     }
                 }
-                None => notified.await,
+                None => {
+                    notified.await;
+                    true
+                }
+            };
+            if woken {
+                // Coalesce: a wave of N hosts reports N times in a burst;
+                // one step afterwards reads the results once, not N times.
+                tokio::time::sleep(COALESCE).await;
             }
         }
         tracing::debug!(rollout = %id, "rollout task finished");

@@ -652,7 +652,16 @@ impl Server {
                         req.extensions_mut().insert(peer.clone());
                         router.clone().oneshot(req.map(Body::new))
                     });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // HTTP/2 pings find agents that vanished without closing
+                // their connection (power loss, network cut), so they stop
+                // counting as connected and their memory is freed.
+                builder
+                    .http2()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(20));
                 if let Err(e) = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .await

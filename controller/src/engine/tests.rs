@@ -122,6 +122,19 @@ fn drain(f: &mut Fleet, host: &str) -> Vec<Order> {
     out
 }
 
+/// Wait for the next order to `host` (the engine sends just after it
+/// records the dispatch), then take whatever else is queued.
+async fn next_orders(f: &mut Fleet, host: &str) -> Vec<Order> {
+    let reg = f.agents.get_mut(host).unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), reg.rx.recv())
+        .await
+        .expect("an order within 10s")
+        .expect("stream open");
+    let mut out = vec![serde_json::from_slice(&first).unwrap()];
+    out.extend(drain(f, host));
+    out
+}
+
 fn runs(orders: &[Order]) -> usize {
     orders
         .iter()
@@ -221,7 +234,7 @@ async fn good_rollout_goes_wave_by_wave_and_skips_out_of_scope_hosts() {
         .unwrap();
     let id = st.id.clone();
     wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
-    assert_eq!(runs(&drain(&mut f, "web-1")), 1);
+    assert_eq!(runs(&next_orders(&mut f, "web-1").await), 1);
     assert_eq!(runs(&drain(&mut f, "web-2")), 0, "wave 2 waits for wave 1");
     succeed(&f, &id, "web-1").await;
     wait_status(&f.engine, &id, |s| host_state(s, "web-2") == "dispatched").await;
@@ -334,7 +347,7 @@ async fn failures_beyond_the_threshold_halt_and_resume_continues() {
     ));
     f.engine.resume(&id, "admin").await.unwrap();
     wait_status(&f.engine, &id, |s| host_state(s, "web-4") == "dispatched").await;
-    assert_eq!(runs(&drain(&mut f, "web-3")), 1);
+    assert_eq!(runs(&next_orders(&mut f, "web-3").await), 1);
     succeed(&f, &id, "web-3").await;
     succeed(&f, &id, "web-4").await;
     wait_status(&f.engine, &id, |s| s.state == RolloutState::Completed).await;
@@ -368,7 +381,7 @@ async fn restart_resumes_from_the_database_without_rerunning() {
         .unwrap()
         .id;
     wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
-    assert_eq!(runs(&drain(&mut f, "web-1")), 1);
+    assert_eq!(runs(&next_orders(&mut f, "web-1").await), 1);
     // "Crash": a second engine on the same database takes over (the first
     // one's task keeps running in this test, which is harmless: every step
     // is a conditional update).
