@@ -30,8 +30,8 @@ use crate::alerts::AlertmanagerPayload;
 use crate::hub::{encode, Hub};
 use crate::metrics::Metrics;
 use crate::store::{
-    now_ms, rfc3339, AgentRecord, BundleMeta, DispatchRecord, Millis, Outcome, ReportOutcome,
-    RolloutRecord, Store, StoreError,
+    now_ms, rfc3339, AgentRecord, BundleMeta, DispatchRecord, Millis, NewReport, Outcome,
+    ReportOutcome, RolloutRecord, Store, StoreError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +195,60 @@ pub struct Engine {
     /// Registered agents' labels, so a reconnect with unchanged labels
     /// costs no database write.
     known_agents: tokio::sync::Mutex<Option<HashMap<String, BTreeMap<String, String>>>>,
+    /// Run reports on their way to the store (see [`report_writer`]).
+    report_tx: tokio::sync::mpsc::Sender<ReportJob>,
+}
+
+/// Reports waiting for the writer, at most.
+const REPORT_QUEUE: usize = 4096;
+/// Reports stored per transaction, at most.
+const REPORT_BATCH: usize = 512;
+
+struct ReportJob {
+    item: NewReport,
+    done: tokio::sync::oneshot::Sender<std::result::Result<ReportOutcome, String>>,
+}
+
+/// Stores run reports in batches: whatever has queued up while the previous
+/// transaction committed goes into the next one, so a wave of N hosts
+/// reporting at once costs a few fsyncs, not N. Each agent's POST is
+/// answered only after its report is committed.
+async fn report_writer(
+    engine: std::sync::Weak<Engine>,
+    mut rx: tokio::sync::mpsc::Receiver<ReportJob>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < REPORT_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        let items: Vec<NewReport> = jobs.iter().map(|j| j.item.clone()).collect();
+        match engine.store.record_reports(&items).await {
+            Ok(outcomes) => {
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    if outcome == ReportOutcome::Stored {
+                        let r = &job.item;
+                        engine.metrics.observe_report(&r.report);
+                        tracing::info!(rollout = %r.rollout_id, host = %r.host, status = ?r.report.status, "run report");
+                        engine.wake(&r.rollout_id);
+                    }
+                    let _ = job.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, reports = jobs.len(), "cannot store run reports");
+                for job in jobs {
+                    let _ = job.done.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
 }
 
 /// How long a woken rollout task waits for more news before stepping.
@@ -214,7 +268,8 @@ impl Engine {
         margin: Duration,
         kill_ack_timeout: Duration,
     ) -> Arc<Self> {
-        Arc::new(Engine {
+        let (report_tx, report_rx) = tokio::sync::mpsc::channel(REPORT_QUEUE);
+        let engine = Arc::new(Engine {
             store,
             hub,
             metrics,
@@ -223,7 +278,10 @@ impl Engine {
             started_at: now_ms(),
             wakers: Mutex::new(HashMap::new()),
             known_agents: tokio::sync::Mutex::new(None),
-        })
+            report_tx,
+        });
+        tokio::spawn(report_writer(Arc::downgrade(&engine), report_rx));
+        engine
     }
 
     fn waker(&self, id: &RolloutId) -> Arc<Notify> {
@@ -600,17 +658,24 @@ impl Engine {
                 report.report.host
             )));
         }
-        let outcome = self
-            .store
-            .record_report(&report.rollout_id, host, &report.report, now_ms())
-            .await?;
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let item = NewReport {
+            rollout_id: report.rollout_id.clone(),
+            host: host.to_string(),
+            report: report.report,
+            at: now_ms(),
+        };
+        let unavailable = || StoreError::Unavailable("the report writer stopped".into());
+        self.report_tx
+            .send(ReportJob { item, done })
+            .await
+            .map_err(|_| unavailable())?;
+        let outcome = answer
+            .await
+            .map_err(|_| unavailable())?
+            .map_err(StoreError::Unavailable)?;
         match outcome {
-            ReportOutcome::Stored => {
-                self.metrics.observe_report(&report.report);
-                tracing::info!(rollout = %report.rollout_id, %host, status = ?report.report.status, "run report");
-                self.wake(&report.rollout_id);
-            }
-            ReportOutcome::Duplicate => {}
+            ReportOutcome::Stored | ReportOutcome::Duplicate => {}
             ReportOutcome::NotDispatched => {
                 return Err(EngineError::NotFound(format!(
                     "rollout {} was never dispatched to {host}",

@@ -22,6 +22,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -103,6 +105,15 @@ pub struct PendingOrder {
     pub bundle_size: u64,
 }
 
+/// A run report to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewReport {
+    pub rollout_id: RolloutId,
+    pub host: String,
+    pub report: RunReport,
+    pub at: Millis,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportOutcome {
     Stored,
@@ -162,13 +173,25 @@ pub trait Store: Send + Sync + 'static {
         at: Millis,
     ) -> Result<bool>;
     async fn dispatches(&self, id: &RolloutId) -> Result<Vec<DispatchRecord>>;
+    /// Store a batch of run reports in one transaction; one outcome per item.
+    async fn record_reports(&self, items: &[NewReport]) -> Result<Vec<ReportOutcome>>;
     async fn record_report(
         &self,
         id: &RolloutId,
         host: &str,
         report: &RunReport,
         at: Millis,
-    ) -> Result<ReportOutcome>;
+    ) -> Result<ReportOutcome> {
+        let item = NewReport {
+            rollout_id: id.clone(),
+            host: host.to_string(),
+            report: report.clone(),
+            at,
+        };
+        let mut out = self.record_reports(std::slice::from_ref(&item)).await?;
+        out.pop()
+            .ok_or_else(|| StoreError::Corrupt("no outcome for a stored report".into()))
+    }
     async fn mark_timed_out(&self, id: &RolloutId, hosts: &[String]) -> Result<()>;
     async fn pending_orders(&self, host: &str) -> Result<Vec<PendingOrder>>;
 

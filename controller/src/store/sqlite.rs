@@ -12,7 +12,6 @@ use async_trait::async_trait;
 use rollguard_shared::protocol::{
     KillOrder, KillScope, KillState, RolloutId, RolloutKill, RolloutState, Sha256Hex, WavePhase,
 };
-use rollguard_shared::report::RunReport;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -440,40 +439,42 @@ impl Store for SqliteStore {
         rows.iter().map(Self::dispatch_from_row).collect()
     }
 
-    async fn record_report(
-        &self,
-        id: &RolloutId,
-        host: &str,
-        report: &RunReport,
-        at: Millis,
-    ) -> Result<ReportOutcome> {
-        let text = serde_json::to_string(report).map_err(corrupt)?;
-        // A late report after a timeout is still recorded (the timeout has
-        // already counted), so the status shows what really happened.
-        let done = sqlx::query(
-            "UPDATE dispatches SET outcome = 'reported', report = ?, reported_at = ?
-             WHERE rollout_id = ? AND host = ? AND outcome != 'reported'",
-        )
-        .bind(text)
-        .bind(at)
-        .bind(id.as_str())
-        .bind(host)
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 1 {
-            return Ok(ReportOutcome::Stored);
+    async fn record_reports(&self, items: &[NewReport]) -> Result<Vec<ReportOutcome>> {
+        // One transaction (one fsync) for a whole burst of reports.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let text = serde_json::to_string(&item.report).map_err(corrupt)?;
+            // A late report after a timeout is still recorded (the timeout
+            // has already counted), so the status shows what really happened.
+            let done = sqlx::query(
+                "UPDATE dispatches SET outcome = 'reported', report = ?, reported_at = ?
+                 WHERE rollout_id = ? AND host = ? AND outcome != 'reported'",
+            )
+            .bind(text)
+            .bind(item.at)
+            .bind(item.rollout_id.as_str())
+            .bind(&item.host)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                out.push(ReportOutcome::Stored);
+                continue;
+            }
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM dispatches WHERE rollout_id = ? AND host = ?")
+                    .bind(item.rollout_id.as_str())
+                    .bind(&item.host)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            out.push(if exists.is_some() {
+                ReportOutcome::Duplicate
+            } else {
+                ReportOutcome::NotDispatched
+            });
         }
-        let exists: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM dispatches WHERE rollout_id = ? AND host = ?")
-                .bind(id.as_str())
-                .bind(host)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(if exists.is_some() {
-            ReportOutcome::Duplicate
-        } else {
-            ReportOutcome::NotDispatched
-        })
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn mark_timed_out(&self, id: &RolloutId, hosts: &[String]) -> Result<()> {
@@ -645,7 +646,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use rollguard_shared::protocol::{BundleSummary, Plan};
-    use rollguard_shared::report::RunStatus;
+    use rollguard_shared::report::{RunReport, RunStatus};
 
     fn plan() -> Plan {
         Plan {
@@ -790,6 +791,34 @@ mod tests {
             Outcome::Reported(rep) => assert_eq!(rep.host, "a"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_reports_gets_one_outcome_each() {
+        let (_d, store, id) = setup().await;
+        store
+            .record_dispatches(&id, 0, &["a".into(), "b".into()], 10)
+            .await
+            .unwrap();
+        let item = |host: &str| NewReport {
+            rollout_id: id.clone(),
+            host: host.into(),
+            report: report(host, RunStatus::Succeeded),
+            at: 20,
+        };
+        let out = store
+            .record_reports(&[item("a"), item("zz"), item("b"), item("a")])
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                ReportOutcome::Stored,
+                ReportOutcome::NotDispatched,
+                ReportOutcome::Stored,
+                ReportOutcome::Duplicate
+            ]
+        );
     }
 
     #[tokio::test]
