@@ -86,7 +86,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub policy: PolicyArg,
     /// The local control socket (root only) used by `rollguard-agent kill`.
-    #[arg(long, env = "ROLLGUARD_AGENT_SOCKET", default_value = "/run/rollguard/agent.sock")]
+    #[arg(
+        long,
+        env = "ROLLGUARD_AGENT_SOCKET",
+        default_value = "/run/rollguard/agent.sock"
+    )]
     pub socket: PathBuf,
 }
 
@@ -103,7 +107,11 @@ pub struct KillArgs {
     #[arg(long)]
     pub status: bool,
     /// The daemon's local control socket.
-    #[arg(long, env = "ROLLGUARD_AGENT_SOCKET", default_value = "/run/rollguard/agent.sock")]
+    #[arg(
+        long,
+        env = "ROLLGUARD_AGENT_SOCKET",
+        default_value = "/run/rollguard/agent.sock"
+    )]
     pub socket: PathBuf,
     #[arg(long)]
     pub json: bool,

@@ -318,8 +318,11 @@ impl HostPolicy {
         if let Some(controller) = raw.controller {
             controller.validate().map_err(PolicyError::Controller)?;
             for p in [&controller.key, &controller.cert, &controller.ca] {
-                let path = ScopePath::parse(&p.to_string_lossy())
-                    .map_err(|source| PolicyError::Path { key: "controller", source })?;
+                let path =
+                    ScopePath::parse(&p.to_string_lossy()).map_err(|source| PolicyError::Path {
+                        key: "controller",
+                        source,
+                    })?;
                 policy.add_protected(path, ProtectionReason::ControllerCredentials);
             }
             policy.controller = Some(controller);
