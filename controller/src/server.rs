@@ -49,6 +49,8 @@ pub struct Revocations {
     path: PathBuf,
     state: RwLock<(Option<SystemTime>, RevocationList)>,
     last_check: Mutex<Instant>,
+    /// Bumped on every reload, so open order streams re-check at once.
+    reloaded: tokio::sync::watch::Sender<u64>,
 }
 
 impl Revocations {
@@ -59,10 +61,12 @@ impl Revocations {
             path,
             state: RwLock::new((mtime, RevocationList::parse(&text))),
             last_check: Mutex::new(Instant::now()),
+            reloaded: tokio::sync::watch::Sender::new(0),
         })
     }
 
-    fn refresh(&self) {
+    /// Re-read the list if its file changed (at most once a second).
+    pub fn refresh(&self) {
         {
             let mut last = self.last_check.lock().unwrap_or_else(|e| e.into_inner());
             if last.elapsed() < Duration::from_secs(1) {
@@ -80,7 +84,12 @@ impl Revocations {
             let list = RevocationList::parse(&text);
             tracing::info!(revoked = list.serials.len(), "revocation list reloaded");
             *self.state.write().unwrap_or_else(|e| e.into_inner()) = (Some(mtime), list);
+            self.reloaded.send_modify(|n| *n += 1);
         }
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloaded.subscribe()
     }
 
     pub fn is_revoked(&self, serial: &str) -> bool {
@@ -237,6 +246,7 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
         ticker: tokio::time::Interval,
         app: Arc<App>,
         serial: String,
+        revocations: tokio::sync::watch::Receiver<u64>,
     }
     let mut ticker = tokio::time::interval(Duration::from_secs(PING_INTERVAL_SECS));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -246,6 +256,7 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
         ticker,
         app: app.clone(),
         serial: me.serial,
+        revocations: app.revocations.subscribe(),
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         if let Some(line) = st.greeting.next() {
@@ -253,6 +264,13 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
         }
         tokio::select! {
             line = st.registration.rx.recv() => line.map(|l| (Ok(l), st)),
+            _ = st.revocations.changed() => {
+                if st.app.revocations.is_revoked(&st.serial) {
+                    tracing::warn!("closing the order stream of a revoked certificate");
+                    return None;
+                }
+                Some((Ok(encode(&Order::Ping)), st))
+            }
             _ = st.ticker.tick() => {
                 if st.app.revocations.is_revoked(&st.serial) {
                     tracing::warn!("closing the order stream of a revoked certificate");
@@ -609,6 +627,15 @@ impl Server {
 
     pub async fn run(self) -> Result<(), ServeError> {
         self.app.engine.resume_all().await?;
+        // Revocations take effect within a second, open streams included.
+        let app = self.app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                app.revocations.refresh();
+            }
+        });
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "controller listening");
         loop {
             let (tcp, addr) = match self.listener.accept().await {

@@ -258,6 +258,15 @@ impl Daemon {
         lock(&self.running).remove(&id);
         match result {
             Ok(report) => self.finish(&id, &sha, report),
+            Err(e) if e.downcast_ref::<BadDownload>().is_some() => {
+                tracing::error!(rollout = %id, error = %e, "refusing the order");
+                let mut r = base_report(&self.identity.name, RunStatus::Refused);
+                r.refusal = Some(RefusalKind::BadBundle);
+                r.reason = Some(e.to_string());
+                r.denials = Some(vec![]);
+                r.denial_count = Some(0);
+                self.finish(&id, &sha, r);
+            }
             Err(e) => {
                 tracing::error!(rollout = %id, error = %e, "could not start the run; the controller will re-send the order")
             }
@@ -501,6 +510,12 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64((nanos % 1000) as f64 / 4000.0)
 }
 
+/// What the controller sent is not the bundle it named: a refusal, not a
+/// network hiccup to retry.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadDownload(String);
+
 async fn download(
     session: Session,
     sha: Sha256Hex,
@@ -508,18 +523,32 @@ async fn download(
     path: PathBuf,
 ) -> anyhow::Result<()> {
     if size > MAX_BUNDLE_BYTES {
-        anyhow::bail!("bundle of {size} bytes exceeds the agent's limit of {MAX_BUNDLE_BYTES}");
+        return Err(BadDownload(format!(
+            "bundle of {size} bytes exceeds the agent's limit of {MAX_BUNDLE_BYTES}"
+        ))
+        .into());
     }
-    let bytes: Bytes = session
-        .call(
-            Method::GET,
-            &format!("/v1/bundles/{sha}"),
-            None,
-            size as usize + 1,
-        )
-        .await?;
+    let url = format!("/v1/bundles/{sha}");
+    let mut attempt = 0;
+    let bytes: Bytes = loop {
+        attempt += 1;
+        match session
+            .call(Method::GET, &url, None, size as usize + 1)
+            .await
+        {
+            Ok(b) => break b,
+            Err(e) if attempt < 3 => {
+                tracing::warn!(bundle = %sha, error = %e, "bundle download failed; retrying");
+                tokio::time::sleep(Duration::from_secs(attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if Sha256Hex::of(&bytes) != sha {
-        anyhow::bail!("downloaded bundle does not have SHA-256 {sha}");
+        return Err(BadDownload(format!(
+            "the controller sent a bundle that does not have SHA-256 {sha}"
+        ))
+        .into());
     }
     let tmp = path.with_extension("part");
     std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;

@@ -279,3 +279,30 @@ async fn a_host_kill_set_while_the_daemon_was_down_is_adopted() {
         "the controller cannot lift a local kill"
     );
 }
+
+#[tokio::test]
+async fn a_wrong_bundle_from_the_controller_is_refused_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
+    let bad = |_path: PathBuf| async { Err::<(), _>(BadDownload("not the bundle".into()).into()) };
+    d.clone()
+        .run_order(id("r-8"), Sha256Hex::of(b"bundle"), bad)
+        .await;
+    let r = report_of(&d, "r-8").unwrap();
+    assert_eq!(
+        (r.status, r.refusal),
+        (RunStatus::Refused, Some(RefusalKind::BadBundle))
+    );
+    assert_eq!(exec.runs.load(Ordering::SeqCst), 0);
+    // A transient failure leaves no record: the re-sent order runs it.
+    let flaky = |_path: PathBuf| async { Err::<(), _>(anyhow::anyhow!("connection reset")) };
+    d.clone()
+        .run_order(id("r-9"), Sha256Hex::of(b"bundle"), flaky)
+        .await;
+    assert!(d.records.get(&id("r-9")).unwrap().is_none());
+    d.clone()
+        .run_order(id("r-9"), Sha256Hex::of(b"bundle"), fake_fetch)
+        .await;
+    assert_eq!(report_of(&d, "r-9").unwrap().status, RunStatus::Succeeded);
+}
