@@ -189,14 +189,37 @@ fn an_unsupervised_run_is_killed_and_recoverable() {
         assert!(Instant::now() < deadline, "the dropped run kept running");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Recovery (e.g. after an agent crash) finds the run's cgroup by id
-    // and removes it.
-    assert!(RunCgroup::list_run_ids().unwrap().contains(&spec.run_id));
-    let cgroup = RunCgroup::existing(&spec.run_id)
+    // The dropped run's cgroup is removed in the background.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while RunCgroup::existing(&spec.run_id).unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the dropped run's cgroup stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn recovery_finds_and_removes_a_run_cgroup_left_behind() {
+    // What an agent restarted after a crash sees: a run cgroup with a
+    // process still in it.
+    let run_id = sandbox_support::unique_run_id();
+    let cgroup = RunCgroup::create(&run_id).unwrap();
+    let mut orphan = std::process::Command::new("sleep")
+        .arg("1007")
+        .spawn()
+        .unwrap();
+    cgroup.add_process(orphan.id()).unwrap();
+    assert!(RunCgroup::list_run_ids().unwrap().contains(&run_id));
+    let found = RunCgroup::existing(&run_id)
         .unwrap()
-        .expect("cgroup left for recovery");
-    cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
-    assert!(RunCgroup::existing(&spec.run_id).unwrap().is_none());
+        .expect("run cgroup found by id");
+    assert_eq!(found.processes().unwrap(), vec![orphan.id()]);
+    found.kill_and_remove(Duration::from_secs(60)).unwrap();
+    assert!(RunCgroup::existing(&run_id).unwrap().is_none());
+    let status = orphan.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
 }
 
 #[test]

@@ -295,6 +295,13 @@ impl Drop for ConfinedChild {
         if self.armed {
             tracing::warn!(run_id = %self.run_id, "confined run dropped unsupervised; killing it");
             let _ = self.cgroup.kill();
+            // Remove the cgroup once its processes are gone, without
+            // blocking the dropping thread; if the agent exits first, the
+            // empty cgroup is left for recovery (`RunCgroup::existing`).
+            let cgroup = self.cgroup.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("reap-{}", self.run_id))
+                .spawn(move || cgroup.kill_and_remove(KILL_GRACE));
         }
     }
 }
