@@ -1,0 +1,130 @@
+//! The controller binaries as an operator uses them: `rollguard-controller
+//! init/enroll/revoke` on a fresh directory, and the `rollguard` command
+//! tree. (Also makes `cargo test` build both binaries, which the fleet
+//! tests in `tests/` drive.)
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn controller() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rollguard-controller"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn init_enroll_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca-dir");
+    ok(controller()
+        .arg("init")
+        .arg("--dir")
+        .arg(&ca)
+        .args(["--san", "controller.example"]));
+    for (file, mode) in [
+        ("ca/root.key", 0o600),
+        ("ca/agents-ca.key", 0o600),
+        ("ca/operators-ca.key", 0o600),
+        ("server.key", 0o600),
+        ("operator.key", 0o600),
+        ("ca.crt", 0o644),
+        ("controller.toml", 0o644),
+    ] {
+        let meta = std::fs::metadata(ca.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
+    let config = std::fs::read_to_string(ca.join("controller.toml")).unwrap();
+    assert!(
+        config.contains("agents_ca") && config.starts_with('#'),
+        "commented config"
+    );
+
+    // A second init must not overwrite the CA.
+    let again = controller()
+        .arg("init")
+        .arg("--dir")
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let out = dir.path().join("out");
+    ok(controller()
+        .args(["enroll", "--dir"])
+        .arg(&ca)
+        .arg("mail-01.tokyo")
+        .arg("--out")
+        .arg(&out));
+    assert!(out.join("mail-01.tokyo.crt").exists());
+    assert_eq!(
+        std::fs::metadata(out.join("mail-01.tokyo.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let bad = controller()
+        .args(["enroll", "--dir"])
+        .arg(&ca)
+        .arg("../etc")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a valid host name"));
+
+    let revoked = ok(controller()
+        .args(["revoke", "--dir"])
+        .arg(&ca)
+        .arg("mail-01.tokyo"));
+    let serial = revoked.split_whitespace().last().unwrap().to_string();
+    let list = std::fs::read_to_string(ca.join("revoked.list")).unwrap();
+    assert!(list.contains(&serial), "{list}");
+    let unknown = controller()
+        .args(["revoke", "--dir"])
+        .arg(&ca)
+        .arg("nobody")
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+}
+
+#[test]
+fn operator_cli_has_rollout_and_kill() {
+    let help = ok(Command::new(env!("CARGO_BIN_EXE_rollguard")).arg("--help"));
+    for cmd in ["bundle", "rollout", "kill", "agents"] {
+        assert!(help.contains(cmd), "{cmd} missing from:\n{help}");
+    }
+    // Without a controller URL the CLI says how to give one.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cli.toml"), "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rollguard"))
+        .args(["rollout", "list"])
+        .env_remove("ROLLGUARD_URL")
+        .env("ROLLGUARD_CLI_CONFIG", dir.path().join("cli.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no controller URL") && err.contains("--url"),
+        "{err}"
+    );
+    // An unknown key in cli.toml is an error, not silently ignored.
+    std::fs::write(dir.path().join("cli.toml"), "urll = \"https://x\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rollguard"))
+        .args(["rollout", "list"])
+        .env("ROLLGUARD_CLI_CONFIG", dir.path().join("cli.toml"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
+}
