@@ -82,6 +82,12 @@ fn denied_syscalls() -> Vec<libc::c_long> {
         libc::SYS_open_by_handle_at,
         libc::SYS_name_to_handle_at,
         libc::SYS_keyctl,
+        // A bundle must not stack its own Landlock domain: the kernel counts
+        // a denial only in the youngest denying domain, so a nested domain
+        // created without audit logging would hide the bundle's attempts.
+        libc::SYS_landlock_create_ruleset,
+        libc::SYS_landlock_add_rule,
+        libc::SYS_landlock_restrict_self,
         libc::SYS_add_key,
         libc::SYS_request_key,
         libc::SYS_userfaultfd,
