@@ -28,7 +28,10 @@ const BASE: &str = "/var/lib/rollguard-bench";
 const FILES: u32 = 20_000;
 
 fn main() {
-    let runs: usize = std::env::var("ROLLGUARD_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
+    let runs: usize = std::env::var("ROLLGUARD_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_rollguard-agent"));
     let _ = fs::remove_dir_all(BASE);
     fs::create_dir_all(BASE).unwrap();
@@ -46,7 +49,11 @@ fn main() {
     assert!(status.success());
     let public = fs::read_to_string(key.with_extension("pub")).unwrap();
     let mut f = public.split_whitespace();
-    fs::write(base.join("allowed_signers"), format!("bench {} {}\n", f.next().unwrap(), f.next().unwrap())).unwrap();
+    fs::write(
+        base.join("allowed_signers"),
+        format!("bench {} {}\n", f.next().unwrap(), f.next().unwrap()),
+    )
+    .unwrap();
     let private = signature::load_private_key_with_passphrase(&key, None).unwrap();
     fs::write(
         base.join("agent.toml"),
@@ -64,8 +71,24 @@ fn main() {
     let workload = format!(
         "import os, sys\nd = sys.argv[1]\nfor i in range({FILES}):\n    p = os.path.join(d, 'f%d' % i)\n    with open(p, 'w') as f: f.write('x')\nfor i in range({FILES}):\n    os.unlink(os.path.join(d, 'f%d' % i))\n"
     );
-    let files_bundles = build_bundles(base, &private, "files", runs + 1, &work, &format!("#!/bin/sh\nexec python3 ./work.py {}\n", work.display()), Some(&workload));
-    let trivial_bundles = build_bundles(base, &private, "trivial", runs + 1, &work, "#!/bin/sh\ntrue\n", None);
+    let files_bundles = build_bundles(
+        base,
+        &private,
+        "files",
+        runs + 1,
+        &work,
+        &format!("#!/bin/sh\nexec python3 ./work.py {}\n", work.display()),
+        Some(&workload),
+    );
+    let trivial_bundles = build_bundles(
+        base,
+        &private,
+        "trivial",
+        runs + 1,
+        &work,
+        "#!/bin/sh\ntrue\n",
+        None,
+    );
     fs::write(base.join("work.py"), &workload).unwrap();
     let trivial_script = base.join("trivial.sh");
     fs::write(&trivial_script, "#!/bin/sh\ntrue\n").unwrap();
@@ -74,7 +97,15 @@ fn main() {
     let policy = base.join("agent.toml");
     let sandboxed = |bundle: &Path| {
         let t = Instant::now();
-        let out = Command::new(&agent).arg("run").arg("--policy").arg(&policy).arg(bundle).arg("--json").stderr(Stdio::null()).output().unwrap();
+        let out = Command::new(&agent)
+            .arg("run")
+            .arg("--policy")
+            .arg(&policy)
+            .arg(bundle)
+            .arg("--json")
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
         let elapsed = t.elapsed();
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
         assert_eq!(report["status"], "succeeded", "{report}");
@@ -96,8 +127,16 @@ fn main() {
         tr_sb.push(sandboxed(&trivial_bundles[i]));
         tr_bare.push(bare_trivial());
     }
-    let ratios: Vec<f64> = fs_sb.iter().zip(&fs_bare).map(|(s, b)| s.as_secs_f64() / b.as_secs_f64()).collect();
-    let added: Vec<f64> = tr_sb.iter().zip(&tr_bare).map(|(s, b)| (s.as_secs_f64() - b.as_secs_f64()) * 1000.0).collect();
+    let ratios: Vec<f64> = fs_sb
+        .iter()
+        .zip(&fs_bare)
+        .map(|(s, b)| s.as_secs_f64() / b.as_secs_f64())
+        .collect();
+    let added: Vec<f64> = tr_sb
+        .iter()
+        .zip(&tr_bare)
+        .map(|(s, b)| (s.as_secs_f64() - b.as_secs_f64()) * 1000.0)
+        .collect();
 
     println!("sandbox overhead, {runs} interleaved runs each (median [min .. max])");
     println!("  create+delete {FILES} files  bare       {}", ms(&fs_bare));
@@ -118,7 +157,15 @@ fn timed(cmd: &mut Command) -> Duration {
 
 /// Build `count` signed bundles with versions 1..=count (each run needs a
 /// newer version: rollback protection).
-fn build_bundles(base: &Path, key: &signature::PrivateKey, name: &str, count: usize, work: &Path, script: &str, workload: Option<&str>) -> Vec<PathBuf> {
+fn build_bundles(
+    base: &Path,
+    key: &signature::PrivateKey,
+    name: &str,
+    count: usize,
+    work: &Path,
+    script: &str,
+    workload: Option<&str>,
+) -> Vec<PathBuf> {
     let src = base.join(format!("src-{name}"));
     fs::create_dir_all(&src).unwrap();
     let run = src.join("run.sh");

@@ -57,7 +57,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct PolicyArg {
     /// The host policy (TOML).
-    #[arg(long, short = 'p', env = "ROLLGUARD_POLICY", default_value = "/etc/rollguard/agent.toml")]
+    #[arg(
+        long,
+        short = 'p',
+        env = "ROLLGUARD_POLICY",
+        default_value = "/etc/rollguard/agent.toml"
+    )]
     pub policy: PathBuf,
 }
 

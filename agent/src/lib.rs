@@ -4,11 +4,11 @@
 // seccomp(2) with SECCOMP_FILTER_FLAG_LOG). Everything else stays safe.
 #![deny(unsafe_code)]
 
-pub mod cli;
-pub mod policy;
-pub mod state;
-pub mod sandbox;
 pub mod audit_log;
-pub mod kernel_audit;
-pub mod runner;
+pub mod cli;
 pub mod daemon;
+pub mod kernel_audit;
+pub mod policy;
+pub mod runner;
+pub mod sandbox;
+pub mod state;

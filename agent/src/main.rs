@@ -41,7 +41,9 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify { policy, json }) => audit_verify(&policy.policy, json),
         Command::Serve(args) => rollguard_agent::daemon::serve_policy(
             &args.policy.policy,
-            &rollguard_agent::daemon::DaemonOptions { socket: args.socket },
+            &rollguard_agent::daemon::DaemonOptions {
+                socket: args.socket,
+            },
         )
         .map(|()| ExitCode::SUCCESS),
         Command::Kill(args) => local_kill(args),
@@ -59,7 +61,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -86,8 +90,15 @@ fn run(policy: &Path, bundle: &Path, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn print_report(r: &RunReport) {
-    let bundle = r.bundle.as_ref().map(|b| format!("{} v{}", b.name, b.version)).unwrap_or_else(|| "bundle".into());
-    let status = serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(str::to_uppercase)).unwrap_or_default();
+    let bundle = r
+        .bundle
+        .as_ref()
+        .map(|b| format!("{} v{}", b.name, b.version))
+        .unwrap_or_else(|| "bundle".into());
+    let status = serde_json::to_value(r.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_uppercase))
+        .unwrap_or_default();
     println!("{bundle} on {}: {status} ({} ms)", r.host, r.duration_ms);
     if let Some(reason) = &r.reason {
         println!("  reason: {reason}");
@@ -102,9 +113,16 @@ fn print_report(r: &RunReport) {
         None => println!("  denials: UNKNOWN (kernel audit unavailable on this host)"),
         Some(d) if d.is_empty() => println!("  denials: none"),
         Some(d) => {
-            println!("  DENIED ({} in total): the bundle attempted accesses outside its scope", r.denial_count.unwrap_or(d.len() as u64));
+            println!(
+                "  DENIED ({} in total): the bundle attempted accesses outside its scope",
+                r.denial_count.unwrap_or(d.len() as u64)
+            );
             for denial in d {
-                println!("    {} {}", denial.access, denial.path.as_deref().unwrap_or(""));
+                println!(
+                    "    {} {}",
+                    denial.access,
+                    denial.path.as_deref().unwrap_or("")
+                );
             }
         }
     }
@@ -139,7 +157,12 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         match &policy {
             Ok(p) => {
                 let id = p.identity();
-                println!("policy {}: ok (host {}, {} protected paths)", policy_path.display(), id.name, p.protected().len());
+                println!(
+                    "policy {}: ok (host {}, {} protected paths)",
+                    policy_path.display(),
+                    id.name,
+                    p.protected().len()
+                );
             }
             Err(e) => println!("policy {}: ERROR: {e}", policy_path.display()),
         }
@@ -147,7 +170,13 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             println!("state directory: ERROR: {e}");
         }
         println!("kernel {}:", kernel.kernel_release);
-        println!("  landlock ABI      {}", kernel.landlock_abi.map(|v| v.to_string()).unwrap_or_else(|| "unavailable".into()));
+        println!(
+            "  landlock ABI      {}",
+            kernel
+                .landlock_abi
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "unavailable".into())
+        );
         println!("  seccomp filters   {}", yes(kernel.seccomp_filter));
         println!("  cgroup v2 + kill  {}", yes(kernel.cgroup_kill));
         println!("  audit sessions    {}", yes(kernel.audit_sessions));
@@ -156,7 +185,11 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             Err(e) => println!("  => REFUSING to run bundles: {e}"),
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
 }
 
 fn yes(b: bool) -> &'static str {
@@ -174,17 +207,30 @@ fn audit_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
     match audit_log::verify(log.path()) {
         Ok(report) => {
             if json {
-                println!("{}", serde_json::json!({"ok": true, "entries": report.entries, "head": report.head}));
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": true, "entries": report.entries, "head": report.head})
+                );
             } else {
-                println!("audit log {}: {} entries, chain intact", log.path().display(), report.entries);
+                println!(
+                    "audit log {}: {} entries, chain intact",
+                    log.path().display(),
+                    report.entries
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": e.to_string()})
+                );
             } else {
-                println!("audit log {}: TAMPERED OR DAMAGED: {e}", log.path().display());
+                println!(
+                    "audit log {}: TAMPERED OR DAMAGED: {e}",
+                    log.path().display()
+                );
             }
             Ok(ExitCode::from(EXIT_FAILED))
         }
@@ -211,21 +257,33 @@ fn local_kill(args: rollguard_agent::cli::KillArgs) -> anyhow::Result<ExitCode> 
             println!("killed {} running bundle(s); new runs are refused until `rollguard-agent kill --lift`", resp.killed);
         }
         match (&resp.kill.local, &resp.kill.fleet.all) {
-            (None, None) if resp.kill.fleet.rollouts.is_empty() => println!("no kill order in force"),
+            (None, None) if resp.kill.fleet.rollouts.is_empty() => {
+                println!("no kill order in force")
+            }
             _ => {}
         }
         if let Some(k) = &resp.kill.local {
             println!("local kill in force: {} (at {})", k.reason, k.at);
         }
         if let Some(k) = &resp.kill.fleet.all {
-            println!("fleet-wide kill in force: {} (by {} at {})", k.reason, k.by, k.at);
+            println!(
+                "fleet-wide kill in force: {} (by {} at {})",
+                k.reason, k.by, k.at
+            );
         }
         for k in &resp.kill.fleet.rollouts {
-            println!("kill in force for rollout {}: {}", k.rollout_id, k.order.reason);
+            println!(
+                "kill in force for rollout {}: {}",
+                k.rollout_id, k.order.reason
+            );
         }
         if !resp.running.is_empty() {
             println!("running: {}", resp.running.join(", "));
         }
     }
-    Ok(if resp.ok { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ERROR) })
+    Ok(if resp.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR)
+    })
 }

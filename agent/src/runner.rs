@@ -62,7 +62,11 @@ pub struct RunOptions {
 impl RunOptions {
     /// Options for the running agent binary itself.
     pub fn current() -> std::io::Result<Self> {
-        Ok(RunOptions { agent_exe: std::env::current_exe()?, rollout_id: None, on_start: None })
+        Ok(RunOptions {
+            agent_exe: std::env::current_exe()?,
+            rollout_id: None,
+            on_start: None,
+        })
     }
 }
 
@@ -149,19 +153,35 @@ fn prepare_and_run(
     started: Instant,
 ) -> Result<RunReport, Refusal> {
     let host = policy.identity();
-    if let Some(order) = state.kill_in_force().map_err(|e| Refusal::new(RefusalKind::HostError, e))? {
+    if let Some(order) = state
+        .kill_in_force()
+        .map_err(|e| Refusal::new(RefusalKind::HostError, e))?
+    {
         return Err(Refusal::new(
             RefusalKind::KillSwitch,
-            format!("a kill-switch order is in force on this host: {}", order.reason),
+            format!(
+                "a kill-switch order is in force on this host: {}",
+                order.reason
+            ),
         ));
     }
 
-    let opened = archive::open_file(bundle_path, &Limits::default())
-        .map_err(|e| Refusal::new(RefusalKind::BadBundle, format!("{}: {e}", bundle_path.display())))?;
+    let opened = archive::open_file(bundle_path, &Limits::default()).map_err(|e| {
+        Refusal::new(
+            RefusalKind::BadBundle,
+            format!("{}: {e}", bundle_path.display()),
+        )
+    })?;
     let manifest = opened.manifest.clone();
     let manifest_sha256 = hex::encode(Sha256::digest(&opened.manifest_bytes));
-    let bundle = BundleRef { name: manifest.bundle.name.to_string(), version: manifest.bundle.version };
-    *known = Some(Known { bundle: bundle.clone(), manifest_sha256: manifest_sha256.clone() });
+    let bundle = BundleRef {
+        name: manifest.bundle.name.to_string(),
+        version: manifest.bundle.version,
+    };
+    *known = Some(Known {
+        bundle: bundle.clone(),
+        manifest_sha256: manifest_sha256.clone(),
+    });
 
     // Trust: the host's own threshold, stricter for bundles that delete.
     let allowed = AllowedSigners::load(&policy.trust().allowed_signers)
@@ -169,24 +189,42 @@ fn prepare_and_run(
     let threshold = policy.required_threshold(&manifest.scope);
     let signatures: Vec<RawSignature> = opened.signatures.iter().cloned().map(Into::into).collect();
     let now = jiff::Timestamp::now();
-    let verified = signature::verify_threshold(&opened.manifest_bytes, &signatures, &allowed, now, threshold)
-        .map_err(|e| Refusal::new(RefusalKind::Signatures, e))?;
+    let verified = signature::verify_threshold(
+        &opened.manifest_bytes,
+        &signatures,
+        &allowed,
+        now,
+        threshold,
+    )
+    .map_err(|e| Refusal::new(RefusalKind::Signatures, e))?;
 
     if manifest.is_expired(now) {
-        return Err(Refusal::new(RefusalKind::Expired, format!("bundle expired at {}", manifest.bundle.expires)));
+        return Err(Refusal::new(
+            RefusalKind::Expired,
+            format!("bundle expired at {}", manifest.bundle.expires),
+        ));
     }
-    manifest.targets.check(&host).map_err(|e| Refusal::new(RefusalKind::NotTarget, e))?;
-    policy.check_scope(&manifest.scope).map_err(|e| Refusal::new(e.refusal_kind(), e))?;
+    manifest
+        .targets
+        .check(&host)
+        .map_err(|e| Refusal::new(RefusalKind::NotTarget, e))?;
+    policy
+        .check_scope(&manifest.scope)
+        .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     KernelSupport::probe()
         .require(!manifest.scope.network.is_empty())
         .map_err(|e| Refusal::new(RefusalKind::KernelUnsupported, e))?;
-    let last = state.last_version(&manifest.bundle.name).map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let last = state
+        .last_version(&manifest.bundle.name)
+        .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
     rollguard_shared::version::check_newer(bundle.name.as_str(), last, bundle.version)
         .map_err(|e| Refusal::new(RefusalKind::Rollback, e))?;
 
     // Unpack into a private run directory; digests are checked on the way.
     let run_id = RunId::generate().map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
-    let run_dir = state.create_run_dir(&run_id).map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let run_dir = state
+        .create_run_dir(&run_id)
+        .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
     let cleanup = |state: &StateDir| {
         if let Err(e) = state.remove_run_dir(&run_id) {
             tracing::warn!(run_id = %run_id, "cannot remove the run directory: {e}");
@@ -195,11 +233,17 @@ fn prepare_and_run(
     let payload_dir = run_dir.join("payload");
     if let Err(e) = std::fs::create_dir(&payload_dir) {
         cleanup(state);
-        return Err(Refusal::new(RefusalKind::HostError, format!("{}: {e}", payload_dir.display())));
+        return Err(Refusal::new(
+            RefusalKind::HostError,
+            format!("{}: {e}", payload_dir.display()),
+        ));
     }
     if let Err(e) = opened.unpack_payload(&payload_dir) {
         cleanup(state);
-        return Err(Refusal::new(RefusalKind::BadBundle, format!("payload: {e}")));
+        return Err(Refusal::new(
+            RefusalKind::BadBundle,
+            format!("payload: {e}"),
+        ));
     }
 
     // Point of no return: durable before acted upon.
@@ -224,7 +268,10 @@ fn prepare_and_run(
         // No unlogged runs: an audit log we cannot write is a host error.
         let _ = state.clear_in_progress(&run_id);
         cleanup(state);
-        return Err(Refusal::new(RefusalKind::HostError, format!("audit log: {e}")));
+        return Err(Refusal::new(
+            RefusalKind::HostError,
+            format!("audit log: {e}"),
+        ));
     }
 
     let mut report = empty_report(&host.name, started);
@@ -249,14 +296,23 @@ fn prepare_and_run(
         command: manifest.run.command.clone(),
         env,
         scope: (&manifest.scope).into(),
-        protected: policy.protected_canonical().iter().map(|p| p.as_path().to_path_buf()).collect(),
+        protected: policy
+            .protected_canonical()
+            .iter()
+            .map(|p| p.as_path().to_path_buf())
+            .collect(),
         landlock_min_abi: MIN_LANDLOCK_ABI,
     };
 
     execute(&spec, opts, manifest.run.timeout, &mut report);
     report.duration_ms = started.elapsed().as_millis() as u64;
 
-    if let Err(e) = log.append(AuditEvent::run_finished(&report, run_id.as_str(), bundle, &manifest_sha256)) {
+    if let Err(e) = log.append(AuditEvent::run_finished(
+        &report,
+        run_id.as_str(),
+        bundle,
+        &manifest_sha256,
+    )) {
         tracing::error!(run_id = %run_id, "cannot record the result in the audit log: {e}");
     }
     if let Err(e) = state.clear_in_progress(&run_id) {
@@ -298,24 +354,50 @@ fn execute(spec: &SandboxSpec, opts: &RunOptions, timeout: Duration, report: &mu
     report.stderr_tail = tail(&outcome.stderr);
     let (status, exit_code, reason) = match &outcome.termination {
         Termination::Exited { code: 0 } => (RunStatus::Succeeded, Some(0), None),
-        Termination::Exited { code } => (RunStatus::Failed, Some(*code), Some(format!("exited with status {code}"))),
-        Termination::Signaled { signal } => (RunStatus::Failed, None, Some(format!("killed by signal {signal}"))),
-        Termination::TimedOut => {
-            (RunStatus::TimedOut, None, Some(format!("timed out after {}", humantime::format_duration(timeout))))
-        }
-        Termination::Killed => (RunStatus::Killed, None, Some("killed by a kill-switch order".to_string())),
+        Termination::Exited { code } => (
+            RunStatus::Failed,
+            Some(*code),
+            Some(format!("exited with status {code}")),
+        ),
+        Termination::Signaled { signal } => (
+            RunStatus::Failed,
+            None,
+            Some(format!("killed by signal {signal}")),
+        ),
+        Termination::TimedOut => (
+            RunStatus::TimedOut,
+            None,
+            Some(format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            )),
+        ),
+        Termination::Killed => (
+            RunStatus::Killed,
+            None,
+            Some("killed by a kill-switch order".to_string()),
+        ),
         Termination::SetupFailed { step, error } => (
             RunStatus::Failed,
             None,
-            Some(format!("sandbox setup failed at {step}: {error}; nothing was executed")),
+            Some(format!(
+                "sandbox setup failed at {step}: {error}; nothing was executed"
+            )),
         ),
-        Termination::ExecFailed { error } => (RunStatus::Failed, None, Some(format!("could not execute the command: {error}"))),
+        Termination::ExecFailed { error } => (
+            RunStatus::Failed,
+            None,
+            Some(format!("could not execute the command: {error}")),
+        ),
     };
     report.status = status;
     report.exit_code = exit_code;
     report.reason = reason;
     if outcome.leftover_processes > 0 {
-        let note = format!("{} process(es) left behind were killed", outcome.leftover_processes);
+        let note = format!(
+            "{} process(es) left behind were killed",
+            outcome.leftover_processes
+        );
         report.reason = Some(match report.reason.take() {
             Some(r) => format!("{r}; {note}"),
             None => note,
@@ -323,10 +405,13 @@ fn execute(spec: &SandboxSpec, opts: &RunOptions, timeout: Duration, report: &mu
     }
     // Without Landlock's log-after-exec flag (ABI 7), denials by the bundle
     // are never audited, so "none seen" would be a false zero.
-    let landlock_logs_exec = KernelSupport::probe().landlock_abi.is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
+    let landlock_logs_exec = KernelSupport::probe()
+        .landlock_abi
+        .is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
     match audit.ok().filter(|_| landlock_logs_exec).ok_or(()) {
         Ok(listener) => {
-            let denials = listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);
+            let denials =
+                listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);
             if !denials.is_complete() {
                 tracing::warn!(gaps = ?denials.gaps, "denial records may be incomplete");
             }
@@ -344,7 +429,9 @@ fn execute(spec: &SandboxSpec, opts: &RunOptions, timeout: Duration, report: &mu
 /// The last [`TAIL_BYTES`] of a file, lossily decoded.
 fn tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
     let mut buf = Vec::new();

@@ -118,29 +118,58 @@ mod tests {
 
     #[test]
     fn normalizes_spelling() {
-        assert_eq!(ScopePath::parse("/etc//postfix/").unwrap().to_string(), "/etc/postfix");
-        assert_eq!(ScopePath::parse("/etc/./postfix").unwrap().to_string(), "/etc/postfix");
+        assert_eq!(
+            ScopePath::parse("/etc//postfix/").unwrap().to_string(),
+            "/etc/postfix"
+        );
+        assert_eq!(
+            ScopePath::parse("/etc/./postfix").unwrap().to_string(),
+            "/etc/postfix"
+        );
         assert_eq!(ScopePath::parse("//var").unwrap().to_string(), "/var");
     }
 
     #[test]
     fn rejects_bad_paths() {
         assert_eq!(ScopePath::parse(""), Err(PathError::Empty));
-        assert!(matches!(ScopePath::parse("etc"), Err(PathError::NotAbsolute(_))));
-        assert!(matches!(ScopePath::parse("./etc"), Err(PathError::NotAbsolute(_))));
-        assert!(matches!(ScopePath::parse("/etc/../root"), Err(PathError::ParentComponent(_))));
-        assert!(matches!(ScopePath::parse("/.."), Err(PathError::ParentComponent(_))));
+        assert!(matches!(
+            ScopePath::parse("etc"),
+            Err(PathError::NotAbsolute(_))
+        ));
+        assert!(matches!(
+            ScopePath::parse("./etc"),
+            Err(PathError::NotAbsolute(_))
+        ));
+        assert!(matches!(
+            ScopePath::parse("/etc/../root"),
+            Err(PathError::ParentComponent(_))
+        ));
+        assert!(matches!(
+            ScopePath::parse("/.."),
+            Err(PathError::ParentComponent(_))
+        ));
         assert!(matches!(ScopePath::parse("/"), Err(PathError::Root(_))));
         assert!(matches!(ScopePath::parse("/./"), Err(PathError::Root(_))));
-        assert!(matches!(ScopePath::parse("/etc/\0x"), Err(PathError::ControlCharacter(_))));
-        assert!(matches!(ScopePath::parse("/etc/\nx"), Err(PathError::ControlCharacter(_))));
-        assert_eq!(ScopePath::parse(&format!("/{}", "a".repeat(5000))), Err(PathError::TooLong));
+        assert!(matches!(
+            ScopePath::parse("/etc/\0x"),
+            Err(PathError::ControlCharacter(_))
+        ));
+        assert!(matches!(
+            ScopePath::parse("/etc/\nx"),
+            Err(PathError::ControlCharacter(_))
+        ));
+        assert_eq!(
+            ScopePath::parse(&format!("/{}", "a".repeat(5000))),
+            Err(PathError::TooLong)
+        );
     }
 
     #[test]
     fn containment_is_per_component() {
         let backup = ScopePath::parse("/srv/backup").unwrap();
-        assert!(ScopePath::parse("/srv/backup/db").unwrap().is_within(&backup));
+        assert!(ScopePath::parse("/srv/backup/db")
+            .unwrap()
+            .is_within(&backup));
         assert!(ScopePath::parse("/srv/backup").unwrap().is_within(&backup));
         assert!(!ScopePath::parse("/srv/backup2").unwrap().is_within(&backup));
         assert!(ScopePath::parse("/srv").unwrap().overlaps(&backup));

@@ -129,7 +129,10 @@ mod tests {
             refusal: None,
             denials: Some(vec![]),
             denial_count: Some(0),
-            bundle: Some(BundleRef { name: "x".into(), version: 1 }),
+            bundle: Some(BundleRef {
+                name: "x".into(),
+                version: 1,
+            }),
             host: "h".into(),
             duration_ms: 3,
             signers: vec!["alice".into()],
@@ -143,7 +146,11 @@ mod tests {
     #[test]
     fn json_shape_is_stable() {
         let mut r = base();
-        r.denials = Some(vec![Denial { access: "fs.remove_file".into(), path: Some("/backup/a".into()), exe: None }]);
+        r.denials = Some(vec![Denial {
+            access: "fs.remove_file".into(),
+            path: Some("/backup/a".into()),
+            exe: None,
+        }]);
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["status"], "succeeded");
         assert_eq!(v["denials"][0]["access"], "fs.remove_file");
@@ -158,7 +165,10 @@ mod tests {
         assert!(!base().is_alert());
         let mut denied = base();
         denied.denial_count = Some(2);
-        assert!(denied.is_alert(), "a denial is an alert even when the script exited 0");
+        assert!(
+            denied.is_alert(),
+            "a denial is an alert even when the script exited 0"
+        );
         let mut unknown = base();
         unknown.denials = None;
         unknown.denial_count = None;
@@ -166,6 +176,9 @@ mod tests {
         let mut refused = base();
         refused.status = RunStatus::Refused;
         assert!(refused.is_alert());
-        assert_eq!(serde_json::to_value(&unknown).unwrap()["denials"], serde_json::Value::Null);
+        assert_eq!(
+            serde_json::to_value(&unknown).unwrap()["denials"],
+            serde_json::Value::Null
+        );
     }
 }

@@ -19,7 +19,9 @@ pub enum TargetError {
     NoHosts,
     #[error("host pattern {0:?} is invalid: {1}")]
     BadPattern(String, String),
-    #[error("label {0:?} is invalid: label keys and values are non-empty and printable, without spaces")]
+    #[error(
+        "label {0:?} is invalid: label keys and values are non-empty and printable, without spaces"
+    )]
     BadLabel(String),
     #[error("too many {0} (at most {1})")]
     TooMany(&'static str, usize),
@@ -56,7 +58,10 @@ impl HostPattern {
             .literal_separator(false)
             .build()
             .map_err(|e| bad(&e.kind().to_string()))?;
-        Ok(HostPattern { source: raw.to_string(), matcher: glob.compile_matcher() })
+        Ok(HostPattern {
+            source: raw.to_string(),
+            matcher: glob.compile_matcher(),
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -113,7 +118,12 @@ pub enum TargetMismatch {
     #[error("host {host:?} matches none of the bundle's host patterns {patterns:?}")]
     HostName { host: String, patterns: Vec<String> },
     #[error("host {host:?} label {key:?} is {actual:?}, the bundle requires {expected:?}")]
-    Label { host: String, key: String, expected: String, actual: Option<String> },
+    Label {
+        host: String,
+        key: String,
+        expected: String,
+        actual: Option<String>,
+    },
 }
 
 pub fn validate_label(key: &str, value: &str) -> Result<(), TargetError> {
@@ -139,7 +149,10 @@ impl Targets {
         for (k, v) in &labels {
             validate_label(k, v)?;
         }
-        let hosts = hosts.iter().map(|h| HostPattern::parse(h)).collect::<Result<_, _>>()?;
+        let hosts = hosts
+            .iter()
+            .map(|h| HostPattern::parse(h))
+            .collect::<Result<_, _>>()?;
         Ok(Targets { hosts, labels })
     }
 
@@ -191,20 +204,29 @@ mod tests {
     fn host(name: &str, labels: &[(&str, &str)]) -> HostIdentity {
         HostIdentity {
             name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
     #[test]
     fn empty_targets_mean_no_host() {
-        assert_eq!(Targets::new(&[], BTreeMap::new()), Err(TargetError::NoHosts));
+        assert_eq!(
+            Targets::new(&[], BTreeMap::new()),
+            Err(TargetError::NoHosts)
+        );
     }
 
     #[test]
     fn glob_and_labels() {
         let labels = BTreeMap::from([("role".to_string(), "mail".to_string())]);
         let t = Targets::new(&["mail-*.tokyo".into()], labels).unwrap();
-        assert!(t.matches(&host("mail-03.tokyo", &[("role", "mail"), ("site", "tokyo")])));
+        assert!(t.matches(&host(
+            "mail-03.tokyo",
+            &[("role", "mail"), ("site", "tokyo")]
+        )));
         assert!(t.matches(&host("MAIL-03.Tokyo", &[("role", "mail")])));
         assert!(!t.matches(&host("mail-03.osaka", &[("role", "mail")])));
         assert!(!t.matches(&host("web-01.tokyo", &[("role", "mail")])));
@@ -212,7 +234,10 @@ mod tests {
             t.check(&host("mail-03.tokyo", &[("role", "web")])),
             Err(TargetMismatch::Label { .. })
         ));
-        assert!(matches!(t.check(&host("mail-03.tokyo", &[])), Err(TargetMismatch::Label { .. })));
+        assert!(matches!(
+            t.check(&host("mail-03.tokyo", &[])),
+            Err(TargetMismatch::Label { .. })
+        ));
     }
 
     #[test]

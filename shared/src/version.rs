@@ -14,7 +14,11 @@ pub struct NotNewer {
 /// `Ok` when `candidate` is strictly greater than the last version run.
 pub fn check_newer(name: &str, last: Option<u64>, candidate: u64) -> Result<(), NotNewer> {
     match last {
-        Some(last) if candidate <= last => Err(NotNewer { name: name.to_string(), candidate, last }),
+        Some(last) if candidate <= last => Err(NotNewer {
+            name: name.to_string(),
+            candidate,
+            last,
+        }),
         _ => Ok(()),
     }
 }

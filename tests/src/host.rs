@@ -26,14 +26,25 @@ impl Keys {
     /// Create ed25519 keys with `ssh-keygen` for each principal.
     pub fn new(principals: &[&str]) -> Self {
         fs::create_dir_all(BASE).unwrap();
-        let dir = tempfile::Builder::new().prefix("keys-").tempdir_in(BASE).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("keys-")
+            .tempdir_in(BASE)
+            .unwrap();
         let mut allowed = String::new();
         for p in principals {
             let key = dir.path().join(p);
-            run_ok(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", p, "-f"]).arg(&key));
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-C", p, "-f"])
+                    .arg(&key),
+            );
             let public = fs::read_to_string(key.with_extension("pub")).unwrap();
             let mut fields = public.split_whitespace();
-            allowed.push_str(&format!("{p} {} {}\n", fields.next().unwrap(), fields.next().unwrap()));
+            allowed.push_str(&format!(
+                "{p} {} {}\n",
+                fields.next().unwrap(),
+                fields.next().unwrap()
+            ));
         }
         fs::write(dir.path().join("allowed_signers"), allowed).unwrap();
         Keys { dir }
@@ -77,8 +88,14 @@ impl Host {
     /// `root/etc/mail` (config), `root/var/spool/tmp`.
     pub fn new(name: &str, keys: &Keys, opts: PolicyOptions) -> Self {
         fs::create_dir_all(BASE).unwrap();
-        let dir = tempfile::Builder::new().prefix("host-").tempdir_in(BASE).unwrap();
-        let host = Host { dir, name: name.to_string() };
+        let dir = tempfile::Builder::new()
+            .prefix("host-")
+            .tempdir_in(BASE)
+            .unwrap();
+        let host = Host {
+            dir,
+            name: name.to_string(),
+        };
         let r = host.root();
         for (path, body) in [
             ("home/customers/alice/mail/inbox", "alice's mail\n"),
@@ -92,7 +109,11 @@ impl Host {
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(&p, body).unwrap();
         }
-        let labels: Vec<String> = opts.labels.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+        let labels: Vec<String> = opts
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k} = {v:?}"))
+            .collect();
         let policy = format!(
             "[host]\nname = {name:?}\nlabels = {{ {} }}\n\n[trust]\nallowed_signers = {:?}\nthreshold = {}\ndelete_threshold = {}\n\n[protect]\npaths = [{:?}]\n\n[limits]\nallow_scopes = [{:?}]\n\n[state]\ndir = {:?}\n",
             labels.join(", "),
@@ -125,7 +146,9 @@ impl Host {
         let mut out = BTreeMap::new();
         let mut stack = vec![self.root().join(sub)];
         while let Some(dir) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
             for e in entries {
                 let p = e.unwrap().path();
                 if p.is_dir() {
@@ -155,19 +178,38 @@ impl Host {
     /// Build a bundle from `src` and sign it with each of `signers`.
     pub fn build_signed(&self, src: &Path, keys: &Keys, signers: &[&str]) -> PathBuf {
         let out = src.with_extension("bundle");
-        run_ok(rollguard().args(["bundle", "build"]).arg(src).arg("-o").arg(&out));
+        run_ok(
+            rollguard()
+                .args(["bundle", "build"])
+                .arg(src)
+                .arg("-o")
+                .arg(&out),
+        );
         for s in signers {
-            run_ok(rollguard().args(["bundle", "sign"]).arg(&out).arg("--key").arg(keys.key(s)).args(["--signer", s]));
+            run_ok(
+                rollguard()
+                    .args(["bundle", "sign"])
+                    .arg(&out)
+                    .arg("--key")
+                    .arg(keys.key(s))
+                    .args(["--signer", s]),
+            );
         }
         out
     }
 
     /// `rollguard-agent run --json`: the report and the exit code.
     pub fn run(&self, bundle: &Path) -> (Value, i32) {
-        let out = run(agent().args(["run", "--json", "--policy"]).arg(self.policy()).arg(bundle));
+        let out = run(agent()
+            .args(["run", "--json", "--policy"])
+            .arg(self.policy())
+            .arg(bundle));
         let stdout = String::from_utf8_lossy(&out.stdout);
         let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!("agent printed no JSON report ({e}):\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+            panic!(
+                "agent printed no JSON report ({e}):\nstdout: {stdout}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
         });
         (report, out.status.code().unwrap_or(-1))
     }

@@ -15,7 +15,10 @@ use std::process::{Command, Output};
 /// builds them (the agent and controller packages have integration tests).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
@@ -28,7 +31,8 @@ pub fn bin(name: &str) -> PathBuf {
 /// Run a command, returning its output; panics with stdout/stderr if it
 /// could not start.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
 }
 
 /// Run and require exit status 0.

@@ -13,7 +13,12 @@ fn denied_paths(report: &Value) -> Vec<(String, String)> {
         .as_array()
         .expect("denials must be known on this kernel")
         .iter()
-        .map(|d| (d["access"].as_str().unwrap().to_string(), d["path"].as_str().unwrap_or("").to_string()))
+        .map(|d| {
+            (
+                d["access"].as_str().unwrap().to_string(),
+                d["path"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect()
 }
 
@@ -35,7 +40,10 @@ fn scoped_bundle_succeeds_and_changes_only_its_scope() {
     assert_eq!(report["bundle"]["name"], "fix-mail");
     assert_eq!(report["signers"], serde_json::json!(["alice"]));
     assert!(report["stdout_tail"].as_str().unwrap().contains("ok"));
-    assert_eq!(fs::read_to_string(host.root().join("etc/mail/main.cf")).unwrap(), "queue_lifetime = 2d\n");
+    assert_eq!(
+        fs::read_to_string(host.root().join("etc/mail/main.cf")).unwrap(),
+        "queue_lifetime = 2d\n"
+    );
     assert!(!host.root().join("var/spool/tmp/stale-1").exists());
     assert_eq!(host.snapshot("home"), customers);
 }
@@ -48,7 +56,12 @@ fn incident_replay_target_denied_and_non_target_refused() {
     let target = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
     let other = Host::new("web-07.tokyo", &keys, PolicyOptions::default());
     let script = "#!/bin/sh\ntouch @ROOT@/etc/mail/enabled\nrm -rf @ROOT@/home/customers @ROOT@/backup\nfind @ROOT@/home -delete\necho done\n";
-    let man = manifest("mail-fix-2012", 1, "\"mail-*.tokyo\"", "write = [\"@ROOT@/etc/mail\"]");
+    let man = manifest(
+        "mail-fix-2012",
+        1,
+        "\"mail-*.tokyo\"",
+        "write = [\"@ROOT@/etc/mail\"]",
+    );
 
     for host in [&target, &other] {
         let before_home = host.snapshot("home");
@@ -61,7 +74,10 @@ fn incident_replay_target_denied_and_non_target_refused() {
             assert_eq!(report["status"], "refused", "{report:#}");
             assert_eq!(report["refusal"], "not_target");
             assert_eq!(code, 2);
-            assert!(!host.root().join("etc/mail/enabled").exists(), "nothing may run on a non-target");
+            assert!(
+                !host.root().join("etc/mail/enabled").exists(),
+                "nothing may run on a non-target"
+            );
         } else {
             // Target: the intended change happens, the stray delete is
             // denied by the kernel and reported with its path.
@@ -69,25 +85,43 @@ fn incident_replay_target_denied_and_non_target_refused() {
             let denials = denied_paths(&report);
             let home = host.root().join("home/customers");
             assert!(
-                denials.iter().any(|(a, p)| a.starts_with("fs.remove") && p.starts_with(home.to_str().unwrap())),
+                denials
+                    .iter()
+                    .any(|(a, p)| a.starts_with("fs.remove")
+                        && p.starts_with(home.to_str().unwrap())),
                 "customer delete not reported: {report:#}"
             );
             assert!(
-                denials.iter().any(|(_, p)| p.starts_with(host.root().join("backup").to_str().unwrap())),
+                denials
+                    .iter()
+                    .any(|(_, p)| p.starts_with(host.root().join("backup").to_str().unwrap())),
                 "backup access not reported: {report:#}"
             );
             assert!(report["denial_count"].as_u64().unwrap() >= denials.len() as u64);
             assert_eq!(code, 1, "a run with denials is not a success");
         }
-        assert_eq!(host.snapshot("home"), before_home, "customer data changed on {}", host.name);
-        assert_eq!(host.snapshot("backup"), before_backup, "backup changed on {}", host.name);
+        assert_eq!(
+            host.snapshot("home"),
+            before_home,
+            "customer data changed on {}",
+            host.name
+        );
+        assert_eq!(
+            host.snapshot("backup"),
+            before_backup,
+            "backup changed on {}",
+            host.name
+        );
     }
 }
 
 #[test]
 fn refusals_execute_nothing() {
     let keys = Keys::new(&["alice", "bob", "mallory"]);
-    let opts = PolicyOptions { delete_threshold: 2, ..PolicyOptions::default() };
+    let opts = PolicyOptions {
+        delete_threshold: 2,
+        ..PolicyOptions::default()
+    };
     let host = Host::new("mail-02.tokyo", &keys, opts);
     // The first thing every script does is leave a mark.
     let script = "#!/bin/sh\ntouch @ROOT@/etc/mail/ran-$ROLLGUARD_BUNDLE_VERSION\n";
@@ -102,31 +136,63 @@ fn refusals_execute_nothing() {
     // Expired.
     let expired = manifest("r", 1, "\"mail-*\"", write).replace("2099-01-01", "2001-01-01");
     let (report, code) = case("expired", expired, &["alice"]);
-    assert_eq!((report["refusal"].as_str(), code), (Some("expired"), 2), "{report:#}");
+    assert_eq!(
+        (report["refusal"].as_str(), code),
+        (Some("expired"), 2),
+        "{report:#}"
+    );
     assert!(!ran(1));
 
     // Unsigned, and signed by a key not in allowed_signers.
     let (report, _) = case("unsigned", manifest("r", 1, "\"mail-*\"", write), &[]);
     assert_eq!(report["refusal"], "signatures", "{report:#}");
-    fs::write(keys.allowed_signers(), fs::read_to_string(keys.allowed_signers()).unwrap().lines().filter(|l| !l.starts_with("mallory")).collect::<Vec<_>>().join("\n") + "\n").unwrap();
-    let (report, _) = case("untrusted", manifest("r", 1, "\"mail-*\"", write), &["mallory"]);
+    fs::write(
+        keys.allowed_signers(),
+        fs::read_to_string(keys.allowed_signers())
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("mallory"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n",
+    )
+    .unwrap();
+    let (report, _) = case(
+        "untrusted",
+        manifest("r", 1, "\"mail-*\"", write),
+        &["mallory"],
+    );
     assert_eq!(report["refusal"], "signatures", "{report:#}");
     assert!(!ran(1));
 
     // A deleting bundle needs delete_threshold (2) distinct principals: the
     // same signer twice does not count twice.
-    let deleting = manifest("r", 1, "\"mail-*\"", &format!("{write}\ndelete = [\"@ROOT@/var/spool/tmp\"]"));
+    let deleting = manifest(
+        "r",
+        1,
+        "\"mail-*\"",
+        &format!("{write}\ndelete = [\"@ROOT@/var/spool/tmp\"]"),
+    );
     let (report, _) = case("delete-1", deleting.clone(), &["alice"]);
     assert_eq!(report["refusal"], "signatures", "{report:#}");
     assert!(!ran(1));
 
     // Scope touching the protected backup, and scope above the ceiling.
-    let (report, _) = case("protected", manifest("r", 1, "\"mail-*\"", "write = [\"@ROOT@/backup/daily\"]"), &["alice"]);
+    let (report, _) = case(
+        "protected",
+        manifest("r", 1, "\"mail-*\"", "write = [\"@ROOT@/backup/daily\"]"),
+        &["alice"],
+    );
     assert_eq!(report["refusal"], "protected_path", "{report:#}");
-    let (report, _) = case("ceiling", manifest("r", 1, "\"mail-*\"", "write = [\"/etc\"]"), &["alice"]);
+    let (report, _) = case(
+        "ceiling",
+        manifest("r", 1, "\"mail-*\"", "write = [\"/etc\"]"),
+        &["alice"],
+    );
     assert_eq!(report["refusal"], "scope_ceiling", "{report:#}");
     // Labels must match too: this host is role=mail.
-    let web_only = manifest("r", 1, "\"mail-*\"", write).replace("[scope]", "labels = { role = \"web\" }\n\n[scope]");
+    let web_only = manifest("r", 1, "\"mail-*\"", write)
+        .replace("[scope]", "labels = { role = \"web\" }\n\n[scope]");
     let (report, _) = case("labels", web_only, &["alice"]);
     assert_eq!(report["refusal"], "not_target", "{report:#}");
     assert!(!ran(1));
@@ -134,7 +200,11 @@ fn refusals_execute_nothing() {
     // Two distinct signers: runs. Then rollback protection: the same version
     // again, and an older one, are refused and do not run.
     let (report, code) = case("delete-2", deleting, &["alice", "bob"]);
-    assert_eq!((report["status"].as_str(), code), (Some("succeeded"), 0), "{report:#}");
+    assert_eq!(
+        (report["status"].as_str(), code),
+        (Some("succeeded"), 0),
+        "{report:#}"
+    );
     assert!(ran(1));
     fs::remove_file(host.root().join("etc/mail/ran-1")).unwrap();
     let (report, _) = case("again", manifest("r", 1, "\"mail-*\"", write), &["alice"]);
@@ -147,7 +217,10 @@ fn refusals_execute_nothing() {
     let src = host.bundle_source("tamper", &manifest("r", 5, "\"mail-*\"", write), script);
     let bundle = host.build_signed(&src, &keys, &["alice"]);
     let mut bytes = fs::read(&bundle).unwrap();
-    let at = bytes.windows(6).rposition(|w| w == b"touch ").expect("script in the tar");
+    let at = bytes
+        .windows(6)
+        .rposition(|w| w == b"touch ")
+        .expect("script in the tar");
     bytes[at] = b'T';
     fs::write(&bundle, bytes).unwrap();
     let (report, _) = host.run(&bundle);
@@ -159,7 +232,8 @@ fn refusals_execute_nothing() {
 fn timeout_kills_the_whole_tree() {
     let keys = Keys::new(&["alice"]);
     let host = Host::new("mail-03.tokyo", &keys, PolicyOptions::default());
-    let man = manifest("slow", 1, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]").replace("\"30s\"", "\"2s\"");
+    let man = manifest("slow", 1, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]")
+        .replace("\"30s\"", "\"2s\"");
     // A double-forked daemon writes its pid, then everything sleeps.
     let script = "#!/bin/sh\n(setsid sh -c 'echo $$ > @ROOT@/etc/mail/daemon.pid; exec sleep 1000' &)\nsleep 1000\n";
     let src = host.bundle_source("slow", &man, script);
@@ -174,8 +248,14 @@ fn timeout_kills_the_whole_tree() {
     // left its cgroup and runs nothing).
     let state = fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next().unwrap_or('?')));
-    assert!(matches!(state, None | Some('Z')), "double-forked daemon {pid} survived the timeout (state {state:?})");
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next().unwrap_or('?'))
+        });
+    assert!(
+        matches!(state, None | Some('Z')),
+        "double-forked daemon {pid} survived the timeout (state {state:?})"
+    );
 }
 
 #[test]
@@ -183,13 +263,25 @@ fn audit_log_detects_edits_and_removals() {
     let keys = Keys::new(&["alice"]);
     let host = Host::new("mail-04.tokyo", &keys, PolicyOptions::default());
     for v in 1..=3 {
-        let src = host.bundle_source(&format!("v{v}"), &manifest("logged", v, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]"), "#!/bin/sh\ntrue\n");
+        let src = host.bundle_source(
+            &format!("v{v}"),
+            &manifest("logged", v, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]"),
+            "#!/bin/sh\ntrue\n",
+        );
         let bundle = host.build_signed(&src, &keys, &["alice"]);
         assert_eq!(host.run(&bundle).0["status"], "succeeded");
     }
-    let verify = || run(agent().args(["audit", "verify", "--json", "--policy"]).arg(host.policy()));
+    let verify = || {
+        run(agent()
+            .args(["audit", "verify", "--json", "--policy"])
+            .arg(host.policy()))
+    };
     let out = verify();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["entries"], 6, "started + finished per run");
 
@@ -199,11 +291,22 @@ fn audit_log_detects_edits_and_removals() {
     let edited = original.replacen("\"succeeded\"", "\"failed\"", 1);
     assert_ne!(edited, original);
     fs::write(&log, &edited).unwrap();
-    assert!(!verify().status.success(), "an edited line must be detected");
+    assert!(
+        !verify().status.success(),
+        "an edited line must be detected"
+    );
     // Remove one line.
-    let removed: Vec<&str> = original.lines().enumerate().filter(|(i, _)| *i != 2).map(|(_, l)| l).collect();
+    let removed: Vec<&str> = original
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, l)| l)
+        .collect();
     fs::write(&log, removed.join("\n") + "\n").unwrap();
-    assert!(!verify().status.success(), "a removed line must be detected");
+    assert!(
+        !verify().status.success(),
+        "a removed line must be detected"
+    );
     fs::write(&log, &original).unwrap();
     assert!(verify().status.success());
 }

@@ -92,22 +92,40 @@ pub enum BundleCommand {
 pub fn run(command: BundleCommand) -> Result<ExitCode> {
     match command {
         BundleCommand::Init { dir } => init(&dir).map(|_| ExitCode::SUCCESS),
-        BundleCommand::Build { src, output, zstd, json } => build(&src, &output, zstd, json),
+        BundleCommand::Build {
+            src,
+            output,
+            zstd,
+            json,
+        } => build(&src, &output, zstd, json),
         BundleCommand::Manifest { bundle } => {
             let opened = open(&bundle)?;
             std::io::stdout().write_all(&opened.manifest_bytes)?;
             Ok(ExitCode::SUCCESS)
         }
-        BundleCommand::Sign { bundle, key, signer, json } => sign(&bundle, &key, signer, json),
-        BundleCommand::AttachSignature { bundle, signature, signer, json } => {
-            attach(&bundle, &signature, signer, json)
-        }
-        BundleCommand::Verify { bundle, allowed_signers, threshold, json } => {
-            verify(&bundle, &allowed_signers, threshold, json)
-        }
-        BundleCommand::Inspect { bundle, allowed_signers, json } => {
-            inspect(&bundle, allowed_signers.as_deref(), json)
-        }
+        BundleCommand::Sign {
+            bundle,
+            key,
+            signer,
+            json,
+        } => sign(&bundle, &key, signer, json),
+        BundleCommand::AttachSignature {
+            bundle,
+            signature,
+            signer,
+            json,
+        } => attach(&bundle, &signature, signer, json),
+        BundleCommand::Verify {
+            bundle,
+            allowed_signers,
+            threshold,
+            json,
+        } => verify(&bundle, &allowed_signers, threshold, json),
+        BundleCommand::Inspect {
+            bundle,
+            allowed_signers,
+            json,
+        } => inspect(&bundle, allowed_signers.as_deref(), json),
     }
 }
 
@@ -120,9 +138,15 @@ fn init(dir: &Path) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if std::fs::read_dir(dir)?.next().is_some() {
-        bail!("{} is not empty; `bundle init` only writes into a new or empty directory", dir.display());
+        bail!(
+            "{} is not empty; `bundle init` only writes into a new or empty directory",
+            dir.display()
+        );
     }
-    for (name, text, mode) in [("bundle.toml", SKELETON, 0o644), ("apply.sh", SKELETON_SCRIPT, 0o755)] {
+    for (name, text, mode) in [
+        ("bundle.toml", SKELETON, 0o644),
+        ("apply.sh", SKELETON_SCRIPT, 0o755),
+    ] {
         let path = dir.join(name);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -141,17 +165,31 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn open(path: &Path) -> Result<OpenedBundle<'static>> {
-    archive::open_file(path, &Limits::default()).with_context(|| format!("{} is not a valid bundle", path.display()))
+    archive::open_file(path, &Limits::default())
+        .with_context(|| format!("{} is not a valid bundle", path.display()))
 }
 
 fn raw_signatures(stored: &[StoredSignature]) -> Vec<RawSignature> {
-    stored.iter().map(|s| RawSignature { armored: s.armored.clone(), signer: s.signer.clone() }).collect()
+    stored
+        .iter()
+        .map(|s| RawSignature {
+            armored: s.armored.clone(),
+            signer: s.signer.clone(),
+        })
+        .collect()
 }
 
 fn build(src: &Path, output: &Path, zstd: bool, json: bool) -> Result<ExitCode> {
-    let built = archive::build(src, &BuildOptions { zstd, limits: Limits::default() })
-        .with_context(|| format!("building a bundle from {}", src.display()))?;
-    archive::write_bundle_file(output, &built.bytes).with_context(|| format!("writing {}", output.display()))?;
+    let built = archive::build(
+        src,
+        &BuildOptions {
+            zstd,
+            limits: Limits::default(),
+        },
+    )
+    .with_context(|| format!("building a bundle from {}", src.display()))?;
+    archive::write_bundle_file(output, &built.bytes)
+        .with_context(|| format!("writing {}", output.display()))?;
     let m = &built.manifest;
     if json {
         println!(
@@ -183,14 +221,28 @@ fn build(src: &Path, output: &Path, zstd: bool, json: bool) -> Result<ExitCode> 
 
 fn add_signature(bundle: &Path, sig: RawSignature, json: bool) -> Result<ExitCode> {
     let bytes = std::fs::read(bundle).with_context(|| format!("reading {}", bundle.display()))?;
-    let fingerprint = signature::public_key_fingerprint(&sig).unwrap_or_else(|_| "unknown key".into());
+    let fingerprint =
+        signature::public_key_fingerprint(&sig).unwrap_or_else(|_| "unknown key".into());
     let signer = sig.signer.clone();
-    let new = archive::add_signature(&bytes, StoredSignature { armored: sig.armored, signer: sig.signer }, &Limits::default())
-        .with_context(|| format!("adding the signature to {}", bundle.display()))?;
-    archive::write_bundle_file(bundle, &new).with_context(|| format!("writing {}", bundle.display()))?;
-    let count = archive::open(new.as_slice(), &Limits::default())?.signatures.len();
+    let new = archive::add_signature(
+        &bytes,
+        StoredSignature {
+            armored: sig.armored,
+            signer: sig.signer,
+        },
+        &Limits::default(),
+    )
+    .with_context(|| format!("adding the signature to {}", bundle.display()))?;
+    archive::write_bundle_file(bundle, &new)
+        .with_context(|| format!("writing {}", bundle.display()))?;
+    let count = archive::open(new.as_slice(), &Limits::default())?
+        .signatures
+        .len();
     if json {
-        println!("{}", json!({"bundle": bundle, "key": fingerprint, "signer": signer, "signatures": count}));
+        println!(
+            "{}",
+            json!({"bundle": bundle, "key": fingerprint, "signer": signer, "signatures": count})
+        );
     } else {
         println!(
             "signed {} with {}{} ({} signature{} now)",
@@ -206,25 +258,35 @@ fn add_signature(bundle: &Path, sig: RawSignature, json: bool) -> Result<ExitCod
 
 fn sign(bundle: &Path, key: &Path, signer: Option<String>, json: bool) -> Result<ExitCode> {
     let opened = open(bundle)?;
-    let key = signature::load_private_key(key).with_context(|| format!("loading key {}", key.display()))?;
+    let key = signature::load_private_key(key)
+        .with_context(|| format!("loading key {}", key.display()))?;
     let sig = signature::sign(&opened.manifest_bytes, &key, signer)?;
     drop(opened);
     add_signature(bundle, sig, json)
 }
 
 fn attach(bundle: &Path, sig_file: &Path, signer: Option<String>, json: bool) -> Result<ExitCode> {
-    let armored = std::fs::read_to_string(sig_file).with_context(|| format!("reading {}", sig_file.display()))?;
+    let armored = std::fs::read_to_string(sig_file)
+        .with_context(|| format!("reading {}", sig_file.display()))?;
     let sig = RawSignature { armored, signer };
     // Refuse a signature that does not even verify over these bytes (wrong
     // file signed, wrong namespace): attaching it could only confuse
     // reviewers. Whether its key is trusted is each host's decision.
     let opened = open(bundle)?;
-    let evaluation = signature::evaluate(&opened.manifest_bytes, std::slice::from_ref(&sig), &AllowedSigners::default(), jiff::Timestamp::now());
+    let evaluation = signature::evaluate(
+        &opened.manifest_bytes,
+        std::slice::from_ref(&sig),
+        &AllowedSigners::default(),
+        jiff::Timestamp::now(),
+    );
     if let Some(diag) = evaluation.signatures.first() {
         use signature::Rejection;
         match diag.rejection() {
             None | Some(Rejection::KeyNotAllowed) | Some(Rejection::SignerNotListed { .. }) => {}
-            Some(_) => bail!("{} does not verify over this bundle's manifest: {diag}", sig_file.display()),
+            Some(_) => bail!(
+                "{} does not verify over this bundle's manifest: {diag}",
+                sig_file.display()
+            ),
         }
     }
     drop(opened);
@@ -235,7 +297,10 @@ fn attach(bundle: &Path, sig_file: &Path, signer: Option<String>, json: bool) ->
 fn verify(bundle: &Path, allowed: &Path, threshold: usize, json: bool) -> Result<ExitCode> {
     let fail = |kind: &str, message: String, extra: serde_json::Value| -> Result<ExitCode> {
         if json {
-            println!("{}", json!({"valid": false, "failure": kind, "error": message, "details": extra}));
+            println!(
+                "{}",
+                json!({"valid": false, "failure": kind, "error": message, "details": extra})
+            );
         } else {
             eprintln!("invalid bundle: {message}");
         }
@@ -245,10 +310,17 @@ fn verify(bundle: &Path, allowed: &Path, threshold: usize, json: bool) -> Result
         Ok(o) => o,
         Err(e) => return fail("bad_bundle", e.to_string(), json!(null)),
     };
-    let allowed_signers = AllowedSigners::load(allowed).with_context(|| format!("loading {}", allowed.display()))?;
+    let allowed_signers =
+        AllowedSigners::load(allowed).with_context(|| format!("loading {}", allowed.display()))?;
     let now = jiff::Timestamp::now();
     let sigs = raw_signatures(&opened.signatures);
-    let verified = match signature::verify_threshold(&opened.manifest_bytes, &sigs, &allowed_signers, now, threshold) {
+    let verified = match signature::verify_threshold(
+        &opened.manifest_bytes,
+        &sigs,
+        &allowed_signers,
+        now,
+        threshold,
+    ) {
         Ok(v) => v,
         Err(VerifyError::ZeroThreshold) => bail!("--threshold must be at least 1"),
         Err(e) => {
@@ -258,7 +330,11 @@ fn verify(bundle: &Path, allowed: &Path, threshold: usize, json: bool) -> Result
     };
     let manifest: Manifest = opened.manifest.clone();
     if manifest.is_expired(now) {
-        return fail("expired", format!("bundle expired at {}", manifest.bundle.expires), json!(null));
+        return fail(
+            "expired",
+            format!("bundle expired at {}", manifest.bundle.expires),
+            json!(null),
+        );
     }
     let summary = match opened.verify_payload() {
         Ok(s) => s,
@@ -326,8 +402,17 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
         return Ok(ExitCode::SUCCESS);
     }
     let mut out = String::new();
-    let list = |v: Vec<String>| if v.is_empty() { "(none)".to_string() } else { v.join(", ") };
-    out.push_str(&format!("bundle      {} v{}\n", m.bundle.name, m.bundle.version));
+    let list = |v: Vec<String>| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    out.push_str(&format!(
+        "bundle      {} v{}\n",
+        m.bundle.name, m.bundle.version
+    ));
     if !m.bundle.description.is_empty() {
         out.push_str(&format!("            {}\n", m.bundle.description));
     }
@@ -336,19 +421,40 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
         m.bundle.expires,
         if m.is_expired(now) { "  (EXPIRED)" } else { "" }
     ));
-    out.push_str(&format!("manifest    sha256:{}\n\n", sha256_hex(&opened.manifest_bytes)));
+    out.push_str(&format!(
+        "manifest    sha256:{}\n\n",
+        sha256_hex(&opened.manifest_bytes)
+    ));
     out.push_str("WHERE it runs\n");
     out.push_str(&format!(
         "  hosts     {}\n",
-        list(m.targets.hosts().iter().map(|h| h.as_str().to_string()).collect())
+        list(
+            m.targets
+                .hosts()
+                .iter()
+                .map(|h| h.as_str().to_string())
+                .collect()
+        )
     ));
     out.push_str(&format!(
         "  labels    {}\n\n",
-        list(m.targets.labels().iter().map(|(k, v)| format!("{k}={v}")).collect())
+        list(
+            m.targets
+                .labels()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect()
+        )
     ));
     out.push_str("WHAT it may change (everything else is read-only; host-protected paths are always off limits)\n");
-    out.push_str(&format!("  write     {}\n", list(m.scope.write.iter().map(|p| p.to_string()).collect())));
-    out.push_str(&format!("  delete    {}\n", list(m.scope.delete.iter().map(|p| p.to_string()).collect())));
+    out.push_str(&format!(
+        "  write     {}\n",
+        list(m.scope.write.iter().map(|p| p.to_string()).collect())
+    ));
+    out.push_str(&format!(
+        "  delete    {}\n",
+        list(m.scope.delete.iter().map(|p| p.to_string()).collect())
+    ));
     out.push_str(&format!(
         "  read      {}\n",
         if m.scope.read.is_empty() {
@@ -367,10 +473,23 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
     ));
     out.push_str("WHAT it runs\n");
     out.push_str(&format!("  command   {:?}\n", m.run.command));
-    out.push_str(&format!("  timeout   {}\n", humantime::format_duration(m.run.timeout)));
-    out.push_str(&format!("  payload   {} files, {} bytes\n", m.payload.len(), m.payload_size()));
+    out.push_str(&format!(
+        "  timeout   {}\n",
+        humantime::format_duration(m.run.timeout)
+    ));
+    out.push_str(&format!(
+        "  payload   {} files, {} bytes\n",
+        m.payload.len(),
+        m.payload_size()
+    ));
     for f in &m.payload {
-        out.push_str(&format!("    {:04o} {:>10}  {}  sha256:{}\n", f.mode, f.size, f.path, &hex::encode(f.sha256)[..16]));
+        out.push_str(&format!(
+            "    {:04o} {:>10}  {}  sha256:{}\n",
+            f.mode,
+            f.size,
+            f.path,
+            &hex::encode(f.sha256)[..16]
+        ));
     }
     out.push_str(&format!("\nSIGNATURES ({})\n", evaluation.signatures.len()));
     if evaluation.signatures.is_empty() {
@@ -380,7 +499,10 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
         out.push_str(&format!("  {d}\n"));
     }
     if allowed.is_some() {
-        out.push_str(&format!("  trusted principals: {}\n", list(evaluation.principals.clone())));
+        out.push_str(&format!(
+            "  trusted principals: {}\n",
+            list(evaluation.principals.clone())
+        ));
     }
     if !warnings.is_empty() {
         out.push_str("\nWARNINGS\n");
@@ -401,7 +523,12 @@ fn blast_radius_warnings(m: &Manifest, now: jiff::Timestamp) -> Vec<String> {
     if !m.scope.delete.is_empty() {
         w.push(format!(
             "deletes beneath {} (hosts may require more signers for deleting bundles)",
-            m.scope.delete.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+            m.scope
+                .delete
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     for p in m.scope.write.iter().chain(&m.scope.delete) {
@@ -410,7 +537,9 @@ fn blast_radius_warnings(m: &Manifest, now: jiff::Timestamp) -> Vec<String> {
         }
     }
     if !m.scope.network.is_empty() {
-        w.push("has network access (TCP ports are enforced; addresses and UDP are not)".to_string());
+        w.push(
+            "has network access (TCP ports are enforced; addresses and UDP are not)".to_string(),
+        );
     }
     if m.is_expired(now) {
         w.push("expired: agents will refuse it".to_string());

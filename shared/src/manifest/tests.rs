@@ -32,7 +32,12 @@ fn built(source: &str, files: &[PayloadFile]) -> String {
 }
 
 fn apply_sh() -> PayloadFile {
-    PayloadFile { path: PayloadPath::parse("apply.sh").unwrap(), size: 12, mode: 0o755, sha256: digest(1) }
+    PayloadFile {
+        path: PayloadPath::parse("apply.sh").unwrap(),
+        size: 12,
+        mode: 0o755,
+        sha256: digest(1),
+    }
 }
 
 #[test]
@@ -50,12 +55,15 @@ fn parses_the_documented_example() {
 
 #[test]
 fn built_manifest_round_trips() {
-    let files = vec![apply_sh(), PayloadFile {
-        path: PayloadPath::parse("conf/main.cf").unwrap(),
-        size: 0,
-        mode: 0o644,
-        sha256: digest(2),
-    }];
+    let files = vec![
+        apply_sh(),
+        PayloadFile {
+            path: PayloadPath::parse("conf/main.cf").unwrap(),
+            size: 0,
+            mode: 0o644,
+            sha256: digest(2),
+        },
+    ];
     let text = built(SOURCE, &files);
     assert!(text.starts_with(SOURCE), "source bytes are kept verbatim");
     let m = Manifest::parse(text.as_bytes()).unwrap();
@@ -66,18 +74,36 @@ fn built_manifest_round_trips() {
 #[test]
 fn source_may_not_carry_payload_and_built_must() {
     let text = built(SOURCE, &[apply_sh()]);
-    assert!(matches!(SourceManifest::parse(&text), Err(ManifestError::PayloadInSource)));
-    assert!(matches!(Manifest::parse(SOURCE.as_bytes()), Err(ManifestError::MissingPayload)));
+    assert!(matches!(
+        SourceManifest::parse(&text),
+        Err(ManifestError::PayloadInSource)
+    ));
+    assert!(matches!(
+        Manifest::parse(SOURCE.as_bytes()),
+        Err(ManifestError::MissingPayload)
+    ));
 }
 
 #[test]
 fn missing_or_empty_targets_are_errors() {
-    let no_targets = SOURCE.replace("[targets]\nhosts = [\"mail-*.tokyo\"]\nlabels = { role = \"mail\" }\n", "");
-    assert!(matches!(SourceManifest::parse(&no_targets), Err(ManifestError::Targets(TargetError::NoHosts))));
+    let no_targets = SOURCE.replace(
+        "[targets]\nhosts = [\"mail-*.tokyo\"]\nlabels = { role = \"mail\" }\n",
+        "",
+    );
+    assert!(matches!(
+        SourceManifest::parse(&no_targets),
+        Err(ManifestError::Targets(TargetError::NoHosts))
+    ));
     let empty = SOURCE.replace("hosts = [\"mail-*.tokyo\"]", "hosts = []");
-    assert!(matches!(SourceManifest::parse(&empty), Err(ManifestError::Targets(TargetError::NoHosts))));
+    assert!(matches!(
+        SourceManifest::parse(&empty),
+        Err(ManifestError::Targets(TargetError::NoHosts))
+    ));
     let labels_only = SOURCE.replace("hosts = [\"mail-*.tokyo\"]\n", "");
-    assert!(matches!(SourceManifest::parse(&labels_only), Err(ManifestError::Targets(TargetError::NoHosts))));
+    assert!(matches!(
+        SourceManifest::parse(&labels_only),
+        Err(ManifestError::Targets(TargetError::NoHosts))
+    ));
 }
 
 #[test]
@@ -91,10 +117,16 @@ fn unknown_keys_are_errors_everywhere() {
     ] {
         let text = SOURCE.replace(from, to);
         let err = SourceManifest::parse(&text).unwrap_err();
-        assert!(matches!(err, ManifestError::Toml(ref m) if m.contains("unknown field")), "{from}: {err}");
+        assert!(
+            matches!(err, ManifestError::Toml(ref m) if m.contains("unknown field")),
+            "{from}: {err}"
+        );
     }
     let text = built(SOURCE, &[apply_sh()]).replace("sha256 = ", "owner = 0, sha256 = ");
-    assert!(matches!(Manifest::parse(text.as_bytes()), Err(ManifestError::Toml(_))));
+    assert!(matches!(
+        Manifest::parse(text.as_bytes()),
+        Err(ManifestError::Toml(_))
+    ));
 }
 
 /// (text to replace, replacement, expected error)
@@ -103,22 +135,54 @@ type Case = (&'static str, &'static str, fn(&ManifestError) -> bool);
 #[test]
 fn bad_values_have_specific_errors() {
     let cases: &[Case] = &[
-        ("name = \"fix-mail-queue\"", "name = \"Fix_Mail\"", |e| matches!(e, ManifestError::BadName(_))),
-        ("name = \"fix-mail-queue\"", "name = \"-x\"", |e| matches!(e, ManifestError::BadName(_))),
-        ("version = 7", "version = -1", |e| matches!(e, ManifestError::Toml(_))),
-        ("2026-12-31T00:00:00Z", "2026-12-31T00:00:00", |e| matches!(e, ManifestError::BadExpiry(_))),
-        ("2026-12-31T00:00:00Z", "2026-12-31", |e| matches!(e, ManifestError::BadExpiry(_))),
-        ("\"/var/spool/postfix/tmp\"", "\"var/spool\"", |e| matches!(e, ManifestError::ScopePath { key: "delete", .. })),
-        ("\"/var/spool/postfix/tmp\"", "\"/var/../etc\"", |e| matches!(e, ManifestError::ScopePath { key: "delete", .. })),
-        ("\"/var/spool/postfix/tmp\"", "\"/\"", |e| matches!(e, ManifestError::ScopePath { key: "delete", .. })),
-        ("network = []", "network = [\"example.com\"]", |e| matches!(e, ManifestError::BadEndpoint(_))),
-        ("network = []", "network = [\"example.com:0\"]", |e| matches!(e, ManifestError::BadEndpoint(_))),
-        ("network = []", "network = [\"example.com:70000\"]", |e| matches!(e, ManifestError::BadEndpoint(_))),
-        ("[\"./apply.sh\", \"--now\"]", "[]", |e| matches!(e, ManifestError::EmptyCommand)),
-        ("[\"./apply.sh\", \"--now\"]", "[\"../apply.sh\"]", |e| matches!(e, ManifestError::BadProgram(_))),
-        ("timeout = \"5m\"", "timeout = \"0s\"", |e| matches!(e, ManifestError::BadTimeout(..))),
-        ("timeout = \"5m\"", "timeout = \"48h\"", |e| matches!(e, ManifestError::BadTimeout(..))),
-        ("timeout = \"5m\"", "timeout = \"soon\"", |e| matches!(e, ManifestError::BadTimeout(..))),
+        ("name = \"fix-mail-queue\"", "name = \"Fix_Mail\"", |e| {
+            matches!(e, ManifestError::BadName(_))
+        }),
+        ("name = \"fix-mail-queue\"", "name = \"-x\"", |e| {
+            matches!(e, ManifestError::BadName(_))
+        }),
+        ("version = 7", "version = -1", |e| {
+            matches!(e, ManifestError::Toml(_))
+        }),
+        ("2026-12-31T00:00:00Z", "2026-12-31T00:00:00", |e| {
+            matches!(e, ManifestError::BadExpiry(_))
+        }),
+        ("2026-12-31T00:00:00Z", "2026-12-31", |e| {
+            matches!(e, ManifestError::BadExpiry(_))
+        }),
+        ("\"/var/spool/postfix/tmp\"", "\"var/spool\"", |e| {
+            matches!(e, ManifestError::ScopePath { key: "delete", .. })
+        }),
+        ("\"/var/spool/postfix/tmp\"", "\"/var/../etc\"", |e| {
+            matches!(e, ManifestError::ScopePath { key: "delete", .. })
+        }),
+        ("\"/var/spool/postfix/tmp\"", "\"/\"", |e| {
+            matches!(e, ManifestError::ScopePath { key: "delete", .. })
+        }),
+        ("network = []", "network = [\"example.com\"]", |e| {
+            matches!(e, ManifestError::BadEndpoint(_))
+        }),
+        ("network = []", "network = [\"example.com:0\"]", |e| {
+            matches!(e, ManifestError::BadEndpoint(_))
+        }),
+        ("network = []", "network = [\"example.com:70000\"]", |e| {
+            matches!(e, ManifestError::BadEndpoint(_))
+        }),
+        ("[\"./apply.sh\", \"--now\"]", "[]", |e| {
+            matches!(e, ManifestError::EmptyCommand)
+        }),
+        ("[\"./apply.sh\", \"--now\"]", "[\"../apply.sh\"]", |e| {
+            matches!(e, ManifestError::BadProgram(_))
+        }),
+        ("timeout = \"5m\"", "timeout = \"0s\"", |e| {
+            matches!(e, ManifestError::BadTimeout(..))
+        }),
+        ("timeout = \"5m\"", "timeout = \"48h\"", |e| {
+            matches!(e, ManifestError::BadTimeout(..))
+        }),
+        ("timeout = \"5m\"", "timeout = \"soon\"", |e| {
+            matches!(e, ManifestError::BadTimeout(..))
+        }),
     ];
     for (from, to, check) in cases {
         let text = SOURCE.replace(from, to);
@@ -141,28 +205,53 @@ fn network_endpoints() {
 fn payload_rules() {
     let text = |files: &[PayloadFile]| built(SOURCE, files);
     // program must be in the payload and executable
-    assert!(matches!(Manifest::parse(text(&[]).as_bytes()), Err(ManifestError::ProgramNotInPayload(_))));
+    assert!(matches!(
+        Manifest::parse(text(&[]).as_bytes()),
+        Err(ManifestError::ProgramNotInPayload(_))
+    ));
     let mut noexec = apply_sh();
     noexec.mode = 0o644;
-    assert!(matches!(Manifest::parse(text(&[noexec]).as_bytes()), Err(ManifestError::ProgramNotExecutable(..))));
+    assert!(matches!(
+        Manifest::parse(text(&[noexec]).as_bytes()),
+        Err(ManifestError::ProgramNotExecutable(..))
+    ));
     // duplicates, file-as-directory
     assert!(matches!(
         Manifest::parse(text(&[apply_sh(), apply_sh()]).as_bytes()),
         Err(ManifestError::Payload(PayloadError::Duplicate(_)))
     ));
-    let dir_clash = PayloadFile { path: PayloadPath::parse("apply.sh/x").unwrap(), ..apply_sh() };
+    let dir_clash = PayloadFile {
+        path: PayloadPath::parse("apply.sh/x").unwrap(),
+        ..apply_sh()
+    };
     assert!(matches!(
         Manifest::parse(text(&[apply_sh(), dir_clash]).as_bytes()),
         Err(ManifestError::Payload(PayloadError::FileIsDirectory(_)))
     ));
     // hand-edited modes and digests
     let good = text(&[apply_sh()]);
-    for (from, to) in [("\"0755\"", "\"4755\""), ("\"0755\"", "\"rwx\""), ("\"0755\"", "\"0\"")] {
+    for (from, to) in [
+        ("\"0755\"", "\"4755\""),
+        ("\"0755\"", "\"rwx\""),
+        ("\"0755\"", "\"0\""),
+    ] {
         let bad = good.replace(from, to);
-        assert!(matches!(Manifest::parse(bad.as_bytes()), Err(ManifestError::Payload(PayloadError::BadMode { .. }))), "{to}");
+        assert!(
+            matches!(
+                Manifest::parse(bad.as_bytes()),
+                Err(ManifestError::Payload(PayloadError::BadMode { .. }))
+            ),
+            "{to}"
+        );
     }
-    let upper = good.replace(&hex::encode(digest(1)), &hex::encode(digest(1)).replace('1', "A"));
-    assert!(matches!(Manifest::parse(upper.as_bytes()), Err(ManifestError::Payload(PayloadError::BadDigest { .. }))));
+    let upper = good.replace(
+        &hex::encode(digest(1)),
+        &hex::encode(digest(1)).replace('1', "A"),
+    );
+    assert!(matches!(
+        Manifest::parse(upper.as_bytes()),
+        Err(ManifestError::Payload(PayloadError::BadDigest { .. }))
+    ));
 }
 
 #[test]
@@ -170,7 +259,9 @@ fn payload_paths() {
     for ok in ["a", "a/b", "apply.sh", ".hidden", "a/.b/c"] {
         assert!(PayloadPath::parse(ok).is_ok(), "{ok}");
     }
-    for bad in ["", "/a", "a/", "a//b", "./a", "a/./b", "../a", "a/../b", "a\\b", "a\nb"] {
+    for bad in [
+        "", "/a", "a/", "a//b", "./a", "a/./b", "../a", "a/../b", "a\\b", "a\nb",
+    ] {
         assert!(PayloadPath::parse(bad).is_err(), "{bad:?}");
     }
     let p = PayloadPath::parse("a/b/c").unwrap();
@@ -180,8 +271,14 @@ fn payload_paths() {
 #[test]
 fn oversized_and_non_utf8_manifests() {
     let big = vec![b'#'; MAX_MANIFEST_BYTES + 1];
-    assert!(matches!(Manifest::parse(&big), Err(ManifestError::TooLarge)));
-    assert!(matches!(Manifest::parse(&[0xff, 0xfe]), Err(ManifestError::NotUtf8)));
+    assert!(matches!(
+        Manifest::parse(&big),
+        Err(ManifestError::TooLarge)
+    ));
+    assert!(matches!(
+        Manifest::parse(&[0xff, 0xfe]),
+        Err(ManifestError::NotUtf8)
+    ));
 }
 
 proptest! {

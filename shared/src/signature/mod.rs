@@ -137,6 +137,9 @@ pub enum SignatureError {
 
 impl From<crate::archive::StoredSignature> for RawSignature {
     fn from(s: crate::archive::StoredSignature) -> Self {
-        RawSignature { armored: s.armored, signer: s.signer }
+        RawSignature {
+            armored: s.armored,
+            signer: s.signer,
+        }
     }
 }
