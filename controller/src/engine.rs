@@ -195,10 +195,14 @@ pub struct Engine {
     /// Registered agents' labels, so a reconnect with unchanged labels
     /// costs no database write.
     known_agents: tokio::sync::Mutex<Option<HashMap<String, BTreeMap<String, String>>>>,
+    /// Recently served bundles (content-addressed, so never stale).
+    bundle_cache: Mutex<HashMap<Sha256Hex, bytes::Bytes>>,
     /// Run reports on their way to the store (see [`report_writer`]).
     report_tx: tokio::sync::mpsc::Sender<ReportJob>,
 }
 
+/// Bundles kept in memory for download, at most.
+const BUNDLE_CACHE: usize = 4;
 /// Reports waiting for the writer, at most.
 const REPORT_QUEUE: usize = 4096;
 /// Reports stored per transaction, at most.
@@ -278,6 +282,7 @@ impl Engine {
             started_at: now_ms(),
             wakers: Mutex::new(HashMap::new()),
             known_agents: tokio::sync::Mutex::new(None),
+            bundle_cache: Mutex::new(HashMap::new()),
             report_tx,
         });
         tokio::spawn(report_writer(Arc::downgrade(&engine), report_rx));
@@ -846,11 +851,29 @@ impl Engine {
         Ok(out)
     }
 
-    pub async fn bundle_bytes(&self, sha: &Sha256Hex) -> Result<Vec<u8>> {
-        self.store
+    /// A bundle's bytes, shared: a wave of agents downloading the same
+    /// bundle at once costs one copy in memory, not one per agent.
+    pub async fn bundle_bytes(&self, sha: &Sha256Hex) -> Result<bytes::Bytes> {
+        if let Some(b) = self
+            .bundle_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sha)
+        {
+            return Ok(b.clone());
+        }
+        let bytes: bytes::Bytes = self
+            .store
             .bundle_bytes(sha)
             .await?
-            .ok_or_else(|| EngineError::NotFound(format!("no bundle {sha}")))
+            .ok_or_else(|| EngineError::NotFound(format!("no bundle {sha}")))?
+            .into();
+        let mut cache = self.bundle_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= BUNDLE_CACHE {
+            cache.clear();
+        }
+        cache.insert(sha.clone(), bytes.clone());
+        Ok(bytes)
     }
 }
 
