@@ -51,21 +51,26 @@ pub fn programs() -> Vec<Program> {
 
 /// The controller package's programs.
 ///
-/// TODO(integrator): the controller crate does not expose its clap
-/// definitions yet. Once `rollguard_controller::cli` exists, add
-/// `rollguard-controller.workspace = true` to packaging/Cargo.toml and return:
+/// TODO(integrator): `rollguard-controller`'s clap definitions live in its
+/// binary (controller/src/bin/rollguard-controller.rs), out of reach of this
+/// crate. Once they move to the library (e.g. a `pub fn server_command()`
+/// next to `rollguard_controller::cli::command`), add:
 ///
 /// ```text
 /// Program { name: "rollguard-controller", bin_dir: "/usr/sbin", section: "8",
 ///           package: "rollguard-controller", command: rollguard_controller::cli::server_command },
-/// Program { name: "rollguard", bin_dir: "/usr/bin", section: "1",
-///           package: "rollguard-controller", command: rollguard_controller::cli::command },
 /// ```
 ///
-/// Until then the controller package ships no man pages or completions, and
-/// `check-exec` refuses the controller unit (its binary is unknown here).
+/// Until then `rollguard-controller` has no man page or completions, and
+/// `check-exec` refuses the controller unit (its program is unknown here).
 fn controller_programs() -> Vec<Program> {
-    Vec::new()
+    vec![Program {
+        name: "rollguard",
+        bin_dir: "/usr/bin",
+        section: "1",
+        package: "rollguard-controller",
+        command: rollguard_controller::cli::command,
+    }]
 }
 
 /// Errors of asset generation and unit checks.

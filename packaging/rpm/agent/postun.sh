@@ -7,7 +7,14 @@ if [ -d /run/systemd/system ]; then
     fi
 fi
 if [ "$1" -eq 0 ]; then
-    # RPM has no purge: state (the hash-chained run log is evidence) is kept
-    # unless it is empty. Remove /var/lib/rollguard by hand to purge.
-    rmdir /var/lib/rollguard 2>/dev/null || :
+    # RPM has no purge: state is kept as long as it holds any file (the
+    # hash-chained run log is evidence). Remove /var/lib/rollguard by hand to
+    # purge.
+    if [ -d /var/lib/rollguard ] && [ -z "$(find /var/lib/rollguard -type f -print -quit 2>/dev/null)" ]; then
+        rm -rf /var/lib/rollguard
+    fi
+    # cargo-generate-rpm cannot list directories, so RPM does not own (nor
+    # remove) the ones this package's files live in: remove them when empty.
+    find /usr/share/doc/rollguard-agent -depth -type d -empty -delete 2>/dev/null || :
+    rmdir /etc/rollguard 2>/dev/null || :
 fi

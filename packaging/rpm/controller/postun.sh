@@ -10,4 +10,8 @@ if [ "$1" -eq 0 ]; then
     # the system user that owns them. Remove /var/lib/rollguard-controller
     # (and the user) by hand to purge.
     rmdir /var/lib/rollguard-controller 2>/dev/null || :
+    # cargo-generate-rpm cannot list directories, so RPM does not own (nor
+    # remove) the ones this package's files live in: remove them when empty.
+    rmdir /usr/share/doc/rollguard-controller 2>/dev/null || :
+    rmdir /etc/rollguard 2>/dev/null || :
 fi
