@@ -278,6 +278,8 @@ mod tests {
             assert!(text.contains(".TH"), "{page}.8 is not roff");
             assert!(text.contains(page), "{page}.8 does not name its command");
         }
+        let cli_page = dir.path().join("rollguard-controller/man/man1/rollguard.1");
+        assert!(files.contains(&cli_page), "rollguard.1 not generated");
         assert!(
             !files
                 .iter()
