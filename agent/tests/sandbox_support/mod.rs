@@ -58,7 +58,10 @@ fn content(name: &str) -> Vec<u8> {
 
 impl Tree {
     pub fn new() -> Tree {
-        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        // Not under the target dir or /tmp: the checkout may itself live
+        // under /tmp or /var/tmp, which the sandbox replaces with private
+        // tmpfs mounts, so trees there would be invisible to the bundle.
+        let base = PathBuf::from("/var/lib/rollguard-tests/sandbox");
         fs::create_dir_all(&base).unwrap();
         let tmp = tempfile::Builder::new()
             .prefix("sandbox-")
