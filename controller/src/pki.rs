@@ -47,10 +47,10 @@ const ORG: &str = "rollguard";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0} already exists: refusing to overwrite an existing CA (use another --dir)")]
     Exists(PathBuf),
@@ -69,7 +69,7 @@ pub enum PkiError {
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     move |source| PkiError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     }
 }
 
@@ -402,7 +402,7 @@ pub fn revoke(ca: &CaDir, name: &str) -> Result<Vec<String>, PkiError> {
             Err(e) => {
                 return Err(PkiError::Io {
                     path: dir,
-                    source: e,
+                    error: e,
                 })
             }
         };

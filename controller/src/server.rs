@@ -540,23 +540,23 @@ pub fn router(app: Arc<App>) -> Router {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("revocation list {path}: {source}")]
+    #[error("revocation list {path}: {error}")]
     Revocations {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -586,7 +586,7 @@ impl Server {
         let revocations = Revocations::load(config.revoked.clone()).map_err(|source| {
             ServeError::Revocations {
                 path: config.revoked.clone(),
-                source,
+                error: source,
             }
         })?;
         let store: Arc<dyn Store> = match &config.storage {
@@ -610,7 +610,7 @@ impl Server {
                 .await
                 .map_err(|source| ServeError::Listen {
                     addr: config.listen,
-                    source,
+                    error: source,
                 })?;
         Ok(Server {
             listener,

@@ -8,11 +8,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{0}: no PEM certificate found")]
     NoCert(String),
     #[error("{0}: no PEM private key found")]
@@ -30,7 +27,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let text = std::fs::read(path).map_err(|source| TlsError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     })?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut text.as_slice())
         .filter_map(Result::ok)
@@ -44,7 +41,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let text = std::fs::read(path).map_err(|source| TlsError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     })?;
     rustls_pemfile::private_key(&mut text.as_slice())
         .ok()

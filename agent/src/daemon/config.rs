@@ -24,10 +24,10 @@ pub struct ControllerSection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerConfigError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -41,7 +41,7 @@ impl ControllerSection {
     pub fn from_policy_file(path: &Path) -> Result<Self, ControllerConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ControllerConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         Self::from_policy_text(&text, path)
     }

@@ -54,11 +54,11 @@ pub trait LocalControl: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     #[error(
-        "cannot reach the agent daemon at {path}: {source} (is `rollguard-agent serve` running?)"
+        "cannot reach the agent daemon at {path}: {error} (is `rollguard-agent serve` running?)"
     )]
     Connect {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("talking to the agent daemon: {0}")]
     Io(#[from] std::io::Error),
@@ -71,7 +71,7 @@ pub fn request(socket: &Path, req: &LocalRequest) -> Result<LocalResponse, Local
     let mut stream =
         std::os::unix::net::UnixStream::connect(socket).map_err(|source| LocalError::Connect {
             path: socket.to_path_buf(),
-            source,
+            error: source,
         })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line = serde_json::to_vec(req).map_err(|e| LocalError::Answer(e.to_string()))?;

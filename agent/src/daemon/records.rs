@@ -23,11 +23,11 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("daemon record {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
@@ -38,7 +38,7 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> R
     move |source| RecordError::Io {
         action,
         path,
-        source,
+        error: source,
     }
 }
 

@@ -20,16 +20,13 @@ pub enum TransportError {
     Credentials { path: String, message: String },
     #[error("controller url {0:?} is invalid: use https://HOST[:PORT]")]
     BadUrl(String),
-    #[error("TLS configuration: {0}")]
+    #[error(transparent)]
     Tls(#[from] rustls::Error),
-    #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("cannot connect to {addr}: {error}")]
+    Connect { addr: String, error: std::io::Error },
     #[error("connecting to {0} timed out")]
     Timeout(String),
-    #[error("HTTP: {0}")]
+    #[error(transparent)]
     Http(#[from] hyper::Error),
     #[error("request: {0}")]
     Request(String),
@@ -122,7 +119,7 @@ impl Transport {
                 .await
                 .map_err(|source| TransportError::Connect {
                     addr: self.addr.clone(),
-                    source,
+                    error: source,
                 })?;
             let _ = tcp.set_nodelay(true);
             let tls = self
@@ -131,7 +128,7 @@ impl Transport {
                 .await
                 .map_err(|source| TransportError::Connect {
                     addr: self.addr.clone(),
-                    source,
+                    error: source,
                 })?;
             let mut builder = http2::Builder::new(TokioExecutor::new());
             // HTTP/2 pings notice a dead peer even when no order is due.
