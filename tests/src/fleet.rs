@@ -117,12 +117,14 @@ impl Fleet {
                 .args(["--listen", &format!("127.0.0.1:{port}")]),
         );
         // Short result margin: a host that never answers times out soon.
+        // Generous kill acknowledgement wait: `kill` returns as soon as every
+        // agent confirmed, and a loaded CI machine must not turn a slow
+        // confirmation into a failure.
         let config = fs::read_to_string(ctl.join("controller.toml")).unwrap();
-        fs::write(
-            ctl.join("controller.toml"),
-            config.replace("result_margin = \"60s\"", "result_margin = \"20s\""),
-        )
-        .unwrap();
+        let config = config
+            .replace("result_margin = \"60s\"", "result_margin = \"20s\"")
+            .replace("kill_ack_timeout = \"3s\"", "kill_ack_timeout = \"20s\"");
+        fs::write(ctl.join("controller.toml"), config).unwrap();
         let mut fleet = Fleet {
             dir,
             keys,
