@@ -499,8 +499,15 @@ impl Engine {
             )));
         }
         let out_of_scope = agents.len() - in_scope.len();
+        let total = in_scope.len();
         let waves =
             compute_waves(in_scope, &req.canaries, &req.waves).map_err(EngineError::BadRequest)?;
+        if total > 1 && waves.first().map(Vec::len) == Some(total) && !req.all_at_once {
+            return Err(EngineError::BadRequest(format!(
+                "the first wave would be every in-scope host ({total}): no canary. \
+                 Start smaller (e.g. --waves 1,25%,100%) or pass --all-at-once"
+            )));
+        }
         let halt_on = if req.halt_on.is_empty() {
             default_halt_on()
         } else {

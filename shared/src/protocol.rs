@@ -322,6 +322,11 @@ pub struct RolloutRequest {
     /// rollout; empty means the default `severity=critical`.
     #[serde(default)]
     pub halt_on: BTreeMap<String, String>,
+    /// Allow a first wave that is every in-scope host (no canary). Refused
+    /// otherwise: sending to every server at once is how the 2012 incident
+    /// destroyed backups along with everything else.
+    #[serde(default)]
+    pub all_at_once: bool,
 }
 
 /// Answer of `PUT /v1/bundles/{sha256}`.

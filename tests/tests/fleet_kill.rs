@@ -49,7 +49,10 @@ fn kill_all_kills_everywhere_and_refuses_until_lifted() {
         &manifest("mail-long", 1, "\"mail-*\"", "10m"),
         &script(&marker),
     );
-    let id = fleet.start_rollout(&bundle, &["--waves", "100%", "--bake", "1s"]);
+    let id = fleet.start_rollout(
+        &bundle,
+        &["--waves", "100%", "--all-at-once", "--bake", "1s"],
+    );
     wait_for("the bundle to run on every host", || {
         ALL.iter()
             .all(|h| !fleet.runs_on(h).is_empty())
@@ -148,7 +151,10 @@ fn kill_all_kills_everywhere_and_refuses_until_lifted() {
         &manifest("mail-after", 1, "\"mail-*\"", "1m"),
         &script("true"),
     );
-    let id2 = fleet.start_rollout(&again, &["--waves", "100%", "--bake", "1s"]);
+    let id2 = fleet.start_rollout(
+        &again,
+        &["--waves", "100%", "--all-at-once", "--bake", "1s"],
+    );
     fleet.wait_state(&id2, "completed");
 }
 

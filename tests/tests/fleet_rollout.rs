@@ -45,6 +45,20 @@ fn good_bundle_rolls_out_in_waves_to_in_scope_hosts_only() {
         "{plan:#}"
     );
     assert!(fleet.runs_on("mail-01").is_empty(), "plan runs nothing");
+    // Everything at once (the 2012 mistake) needs an explicit flag.
+    let out = rollguard_tests::run(
+        fleet
+            .cli()
+            .args(["rollout", "start"])
+            .arg(&bundle)
+            .args(["--waves", "100%"]),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no canary"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let id = fleet.start_rollout(
         &bundle,

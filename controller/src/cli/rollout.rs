@@ -33,6 +33,9 @@ pub struct WaveArgs {
     /// (default: any firing alert with severity=critical).
     #[arg(long)]
     pub halt_on: Option<String>,
+    /// Allow a first wave that is every in-scope host (no canary).
+    #[arg(long)]
+    pub all_at_once: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +149,7 @@ fn request(summary: &BundleSummary, w: &WaveArgs) -> Result<RolloutRequest> {
         max_failures: w.max_failures,
         canaries: w.canaries.clone(),
         halt_on,
+        all_at_once: w.all_at_once,
     })
 }
 

@@ -90,6 +90,7 @@ fn request(sha: &Sha256Hex, waves: &str, max_failures: u32) -> RolloutRequest {
         max_failures,
         canaries: vec![],
         halt_on: BTreeMap::new(),
+        all_at_once: false,
     }
 }
 
@@ -270,6 +271,22 @@ async fn good_rollout_goes_wave_by_wave_and_skips_out_of_scope_hosts() {
         f.engine.ingest_report("web-1", forged).await,
         Err(EngineError::Forbidden(_))
     ));
+}
+
+#[tokio::test]
+async fn everything_at_once_needs_an_explicit_flag() {
+    let f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
+    let mut req = request(&f.sha, "100%", 0);
+    let err = f.engine.plan(&req).await.unwrap_err();
+    assert!(
+        matches!(&err, EngineError::BadRequest(m) if m.contains("no canary")),
+        "{err}"
+    );
+    req.all_at_once = true;
+    assert_eq!(f.engine.plan(&req).await.unwrap().0.waves.len(), 1);
+    // A single in-scope host is its own canary.
+    let one = fleet(&["web-1"], "1m", Duration::from_secs(60)).await;
+    assert!(one.engine.plan(&request(&one.sha, "100%", 0)).await.is_ok());
 }
 
 #[tokio::test]
