@@ -45,6 +45,25 @@ fn good_bundle_rolls_out_in_waves_to_in_scope_hosts_only() {
         "{plan:#}"
     );
     assert!(fleet.runs_on("mail-01").is_empty(), "plan runs nothing");
+    // The human-readable plan leads with the blast radius.
+    let text = rollguard_tests::run_ok(
+        fleet
+            .cli()
+            .args(["rollout", "plan"])
+            .arg(&bundle)
+            .args(["--waves", "1,2,100%"]),
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    let mail = fleet.root().join("mail");
+    for line in [
+        "targets  hosts mail-*; labels (any)".to_string(),
+        format!("writes   {}", mail.display()),
+        "deletes  nothing".to_string(),
+        "network  none".to_string(),
+        "wave 3  (3 host(s)): mail-03, mail-04, mail-05".to_string(),
+    ] {
+        assert!(text.contains(&line), "{line:?} not in:\n{text}");
+    }
     // Everything at once (the 2012 mistake) needs an explicit flag.
     let out = rollguard_tests::run(
         fleet

@@ -153,13 +153,57 @@ fn request(summary: &BundleSummary, w: &WaveArgs) -> Result<RolloutRequest> {
     })
 }
 
+/// Strings of a JSON array (paths, patterns), or `network` endpoints.
+fn list(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| match (x.as_str(), x.get("host"), x.get("port")) {
+                    (Some(s), _, _) => s.to_string(),
+                    (None, Some(h), Some(p)) => format!("{}:{p}", h.as_str().unwrap_or("?")),
+                    _ => x.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn print_blast_radius(targets: &serde_json::Value, scope: &serde_json::Value) {
+    let labels: Vec<String> = targets["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let or = |v: Vec<String>, none: &str| {
+        if v.is_empty() {
+            none.to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!(
+        "targets  hosts {}; labels {}",
+        or(list(&targets["hosts"]), "(none)"),
+        or(labels, "(any)")
+    );
+    println!("writes   {}", or(list(&scope["write"]), "nothing"));
+    println!("deletes  {}", or(list(&scope["delete"]), "nothing"));
+    println!(
+        "reads    {}",
+        or(list(&scope["read"]), "anything not protected by the host")
+    );
+    println!("network  {}", or(list(&scope["network"]), "none"));
+}
+
 fn print_plan(plan: &Plan) {
     println!(
         "bundle   {} version {} ({} bytes, sha256 {})",
         plan.bundle.name, plan.bundle.version, plan.bundle.size, plan.bundle.sha256
     );
-    println!("targets  {}", plan.targets);
-    println!("scope    {}", plan.scope);
+    print_blast_radius(&plan.targets, &plan.scope);
     if plan.signers.is_empty() {
         println!("signers  NONE (every agent will refuse this bundle)");
     } else {
