@@ -81,7 +81,13 @@ pub struct Daemon {
     /// Finished runs whose report the controller has not accepted yet.
     unacked: Mutex<BTreeSet<RolloutId>>,
     outbox: Notify,
+    /// Bounds concurrent downloads and runs: the controller is trusted to
+    /// order, not to exhaust the host.
+    run_slots: tokio::sync::Semaphore,
 }
+
+/// Bundles downloading or running at once, at most.
+pub const MAX_CONCURRENT_RUNS: usize = 4;
 
 fn now() -> String {
     jiff::Timestamp::now().to_string()
@@ -150,6 +156,7 @@ impl Daemon {
             kill: Mutex::new(kill),
             unacked: Mutex::new(unacked),
             outbox: Notify::new(),
+            run_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_RUNS),
         });
         daemon.sync_host_kill()?;
         Ok(daemon)
@@ -254,7 +261,10 @@ impl Daemon {
             }
             running.insert(id.clone(), signal.clone());
         }
-        let result = self.clone().run_inner(&id, &sha, signal, fetch).await;
+        let result = match self.run_slots.acquire().await {
+            Ok(_slot) => self.clone().run_inner(&id, &sha, signal, fetch).await,
+            Err(e) => Err(e.into()),
+        };
         lock(&self.running).remove(&id);
         match result {
             Ok(report) => self.finish(&id, &sha, report),
