@@ -73,7 +73,7 @@ fn controller_sigkill_mid_rollout_resumes_without_rerunning_any_host() {
     let bundle = fleet.bundle(
         "slow",
         &manifest("mail-slow", 1, "\"mail-*\"", "2m"),
-        &script("sleep 3"),
+        &script("sleep 3\ntouch \"$H/done\""),
     );
     let id = fleet.start_rollout(&bundle, &["--waves", "1,2,100%", "--bake", "2s"]);
     // Kill the controller while wave 2 is running on its host.
@@ -84,7 +84,7 @@ fn controller_sigkill_mid_rollout_resumes_without_rerunning_any_host() {
     fleet.kill_controller();
     // mail-02 finishes its run while the controller is down.
     wait_for("mail-02's run to finish", || {
-        (!fleet.runs_on("mail-02").is_empty()).then_some(())
+        fleet.mail("mail-02").join("done").exists().then_some(())
     });
     fleet.start_controller();
     let status = fleet.wait_state(&id, "completed");
