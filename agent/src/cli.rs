@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+pub use rollguard_shared::logging::LogFormat;
 
 /// The rollguard host agent: verifies signed bundles against this host's
 /// policy and runs them confined by Landlock, seccomp, namespaces and cgroups.
@@ -17,12 +18,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]

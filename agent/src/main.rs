@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rollguard_agent::cli::{AuditCommand, Cli, Command, LogFormat};
+use rollguard_agent::cli::{AuditCommand, Cli, Command};
 use rollguard_agent::policy::HostPolicy;
 use rollguard_agent::runner::{run_bundle, RunOptions};
 use rollguard_agent::sandbox::{stage2_main, KernelSupport, STAGE2_COMMAND};
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     }
 
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    rollguard_shared::logging::init(cli.log_format, "warn");
     let result = match cli.command {
         Command::Run(args) => run(&args.policy.policy, &args.bundle, args.json),
         Command::Check(args) => check(&args.policy.policy, args.json),
@@ -55,18 +55,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_ERROR)
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }
 

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod logging;
 pub mod manifest;
 pub mod path;
 pub mod protocol;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rollguard_controller::config::{ControllerConfig, Storage};
 use rollguard_controller::pki::{self, CaDir, InitOptions, Role};
 use rollguard_controller::store::{verify_audit, Store};
+use rollguard_shared::logging::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,12 +24,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,18 +106,6 @@ enum AuditCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -187,7 +170,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Serve { config } => {
-            init_logging(cli.log_format);
+            rollguard_shared::logging::init(cli.log_format, "info");
             let config = ControllerConfig::load(&config)?;
             runtime()?.block_on(async move {
                 let server = rollguard_controller::server::Server::bind(

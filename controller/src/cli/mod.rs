@@ -2,7 +2,8 @@
 //! implementations. Kept in the library so packaging can generate man pages
 //! and completions from the same definitions.
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand};
+pub use rollguard_shared::logging::LogFormat;
 
 pub mod bundle;
 pub mod kill;
@@ -21,12 +22,6 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build, sign, verify and inspect bundle files.
@@ -42,18 +37,9 @@ pub enum Command {
     Agents(rollout::AgentsArgs),
 }
 
-/// Logs go to stderr (stdout is for results and `--json`); `RUST_LOG`
-/// overrides the default level.
+/// Logs go to stderr (stdout is for results and `--json`).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    rollguard_shared::logging::init(format, "warn");
 }
 
 /// The clap command of `rollguard`, for man pages and completions.
