@@ -211,7 +211,8 @@ fn prepare_and_run(
     policy
         .check_scope(&manifest.scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
-    KernelSupport::probe()
+    let kernel = KernelSupport::probe();
+    kernel
         .require(!manifest.scope.network.is_empty())
         .map_err(|e| Refusal::new(RefusalKind::KernelUnsupported, e))?;
     let last = state
@@ -304,7 +305,7 @@ fn prepare_and_run(
         landlock_min_abi: MIN_LANDLOCK_ABI,
     };
 
-    execute(&spec, opts, manifest.run.timeout, &mut report);
+    execute(&spec, opts, manifest.run.timeout, &kernel, &mut report);
     report.duration_ms = started.elapsed().as_millis() as u64;
 
     if let Err(e) = log.append(AuditEvent::run_finished(
@@ -324,7 +325,13 @@ fn prepare_and_run(
 
 /// Launch the sandbox, wait, and fill in status, exit code, denials and
 /// output tails.
-fn execute(spec: &SandboxSpec, opts: &RunOptions, timeout: Duration, report: &mut RunReport) {
+fn execute(
+    spec: &SandboxSpec,
+    opts: &RunOptions,
+    timeout: Duration,
+    kernel: &KernelSupport,
+    report: &mut RunReport,
+) {
     // Listen before spawning so no record of this run can be missed.
     let audit = AuditListener::start().map_err(|e| {
         tracing::warn!("denials cannot be observed on this host: {e}");
@@ -405,7 +412,7 @@ fn execute(spec: &SandboxSpec, opts: &RunOptions, timeout: Duration, report: &mu
     }
     // Without Landlock's log-after-exec flag (ABI 7), denials by the bundle
     // are never audited, so "none seen" would be a false zero.
-    let landlock_logs_exec = KernelSupport::probe()
+    let landlock_logs_exec = kernel
         .landlock_abi
         .is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
     match audit.ok().filter(|_| landlock_logs_exec).ok_or(()) {
