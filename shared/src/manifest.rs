@@ -98,6 +98,17 @@ pub enum PayloadError {
     TooMany,
 }
 
+/// `[a-z0-9-]{1,64}`, not starting with '-': the form of names that end up
+/// in file names (bundle names, rollout ids).
+pub(crate) fn is_slug(raw: &str) -> bool {
+    !raw.is_empty()
+        && raw.len() <= 64
+        && !raw.starts_with('-')
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// `[a-z0-9-]+`, at most 64, not starting with '-'.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
@@ -105,13 +116,7 @@ pub struct BundleName(String);
 
 impl BundleName {
     pub fn parse(raw: &str) -> Result<Self, ManifestError> {
-        let ok = !raw.is_empty()
-            && raw.len() <= 64
-            && !raw.starts_with('-')
-            && raw
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if ok {
+        if is_slug(raw) {
             Ok(BundleName(raw.to_string()))
         } else {
             Err(ManifestError::BadName(raw.to_string()))

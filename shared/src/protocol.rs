@@ -64,13 +64,7 @@ pub struct BadRolloutId(pub String);
 
 impl RolloutId {
     pub fn parse(raw: &str) -> Result<Self, BadRolloutId> {
-        let ok = !raw.is_empty()
-            && raw.len() <= 64
-            && !raw.starts_with('-')
-            && raw
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if ok {
+        if crate::manifest::is_slug(raw) {
             Ok(RolloutId(raw.to_string()))
         } else {
             Err(BadRolloutId(raw.to_string()))
