@@ -425,22 +425,7 @@ impl Fleet {
 
     /// Every file under `dir` with its bytes.
     pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-        let mut out = BTreeMap::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&d) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if let Ok(bytes) = fs::read(&p) {
-                    out.insert(p, bytes);
-                }
-            }
-        }
-        out
+        crate::snapshot(dir)
     }
 }
 

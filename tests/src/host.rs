@@ -143,22 +143,7 @@ impl Host {
 
     /// Every file under the root with its bytes, for before/after checks.
     pub fn snapshot(&self, sub: &str) -> BTreeMap<PathBuf, Vec<u8>> {
-        let mut out = BTreeMap::new();
-        let mut stack = vec![self.root().join(sub)];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    out.insert(p.clone(), fs::read(&p).unwrap());
-                }
-            }
-        }
-        out
+        crate::snapshot(&self.root().join(sub))
     }
 
     /// Write a bundle source (manifest text with `@ROOT@` replaced by this

@@ -6,6 +6,7 @@
 pub mod fleet;
 pub mod host;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -56,4 +57,26 @@ pub fn rollguard() -> Command {
 /// The `rollguard-agent` binary.
 pub fn agent() -> Command {
     Command::new(bin("rollguard-agent"))
+}
+
+/// Every file beneath `dir` with its bytes, for before/after comparisons
+/// (a missing directory is empty).
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let p = e.expect("directory entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                out.insert(p, bytes);
+            }
+        }
+    }
+    out
 }
