@@ -1,4 +1,4 @@
-//! The host policy (`/etc/rollguard/policy.toml`): who this host is, whose
+//! The host policy (`/etc/rollguard/agent.toml`): who this host is, whose
 //! signatures it trusts, what no bundle may ever touch, and the ceiling on
 //! what any bundle may change.
 //!

@@ -18,5 +18,6 @@ pub mod hub;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod server_cli;
 pub mod store;
 pub mod tls;

@@ -49,28 +49,24 @@ pub fn programs() -> Vec<Program> {
     all
 }
 
-/// The controller package's programs.
-///
-/// TODO(integrator): `rollguard-controller`'s clap definitions live in its
-/// binary (controller/src/bin/rollguard-controller.rs), out of reach of this
-/// crate. Once they move to the library (e.g. a `pub fn server_command()`
-/// next to `rollguard_controller::cli::command`), add:
-///
-/// ```text
-/// Program { name: "rollguard-controller", bin_dir: "/usr/sbin", section: "8",
-///           package: "rollguard-controller", command: rollguard_controller::cli::server_command },
-/// ```
-///
-/// Until then `rollguard-controller` has no man page or completions, and
-/// `check-exec` refuses the controller unit (its program is unknown here).
+/// The controller package's programs: the server and the operator CLI.
 fn controller_programs() -> Vec<Program> {
-    vec![Program {
-        name: "rollguard",
-        bin_dir: "/usr/bin",
-        section: "1",
-        package: "rollguard-controller",
-        command: rollguard_controller::cli::command,
-    }]
+    vec![
+        Program {
+            name: "rollguard-controller",
+            bin_dir: "/usr/sbin",
+            section: "8",
+            package: "rollguard-controller",
+            command: rollguard_controller::server_cli::command,
+        },
+        Program {
+            name: "rollguard",
+            bin_dir: "/usr/bin",
+            section: "1",
+            package: "rollguard-controller",
+            command: rollguard_controller::cli::command,
+        },
+    ]
 }
 
 /// Errors of asset generation and unit checks.
@@ -280,6 +276,12 @@ mod tests {
         }
         let cli_page = dir.path().join("rollguard-controller/man/man1/rollguard.1");
         assert!(files.contains(&cli_page), "rollguard.1 not generated");
+        for page in ["rollguard-controller", "rollguard-controller-serve"] {
+            let path = dir
+                .path()
+                .join(format!("rollguard-controller/man/man8/{page}.8"));
+            assert!(files.contains(&path), "{page}.8 not generated");
+        }
         assert!(
             !files
                 .iter()
@@ -362,6 +364,18 @@ mod tests {
             "ExecStart=/usr/sbin/rollguard-agent check --policy \"/etc/a b.toml\"",
         );
         assert!(check_unit_exec_lines(&unit).is_err());
+    }
+
+    /// The units shipped in packaging/systemd/ start valid command lines of
+    /// installed programs (the same check packaging/check runs on them).
+    #[test]
+    fn shipped_units_run_valid_command_lines() {
+        let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+        for unit in ["rollguard-agent.service", "rollguard-controller.service"] {
+            let checked =
+                check_unit_exec_lines(&units.join(unit)).unwrap_or_else(|e| panic!("{unit}: {e}"));
+            assert!(checked >= 1, "{unit} has no Exec line");
+        }
     }
 
     #[test]

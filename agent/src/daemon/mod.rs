@@ -28,6 +28,7 @@ pub mod config;
 pub mod executor;
 pub mod local;
 pub mod records;
+pub mod simulate;
 pub mod transport;
 
 use std::collections::{BTreeSet, HashMap};
@@ -670,6 +671,12 @@ pub fn serve(
             .with_context(|| format!("binding {}", opts.socket.display()))?;
         tokio::spawn(local::serve(listener, daemon.clone()));
         tracing::info!(socket = %opts.socket.display(), "local control socket ready");
+        // State open and the local socket (kill switch) bound: ready for
+        // systemd (Type=notify), even while the controller is unreachable.
+        // Outside systemd this does nothing.
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "could not notify the service manager");
+        }
         daemon.run_forever(transport).await;
         anyhow::Ok(())
     })

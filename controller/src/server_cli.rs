@@ -1,0 +1,243 @@
+//! The `rollguard-controller` command line: create the fleet CA, enroll and
+//! revoke certificates, serve the controller, verify the operator audit log.
+//!
+//! Kept in the library (the binary is one line) so packaging generates the
+//! man page and completions from these very definitions and checks the
+//! systemd unit's command line against them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::{ControllerConfig, Storage};
+use crate::pki::{self, CaDir, InitOptions, Role};
+use crate::store::{verify_audit, Store};
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use rollguard_shared::logging::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rollguard-controller",
+    version,
+    about = "rollguard controller: fleet CA and rollout server"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CertRole {
+    Agent,
+    Operator,
+    AlertSource,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the CA hierarchy, the server certificate, the first operator
+    /// certificate and a commented controller.toml in DIR.
+    Init {
+        /// The CA directory (`init` creates it).
+        #[arg(
+            long,
+            env = "ROLLGUARD_CONTROLLER_DIR",
+            default_value = "/var/lib/rollguard-controller"
+        )]
+        dir: PathBuf,
+        /// Extra DNS name or IP address of the controller (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Address the server will listen on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// Name of the first operator certificate.
+        #[arg(long, default_value = "admin")]
+        operator: String,
+    },
+    /// Issue a certificate and key: for an agent (CN = SAN = host name) by
+    /// default, or an operator or an alert source (e.g. Alertmanager).
+    Enroll {
+        /// The CA directory (`init` creates it).
+        #[arg(
+            long,
+            env = "ROLLGUARD_CONTROLLER_DIR",
+            default_value = "/var/lib/rollguard-controller"
+        )]
+        dir: PathBuf,
+        /// Host name (agents) or person/service name.
+        name: String,
+        #[arg(long, value_enum, default_value_t = CertRole::Agent)]
+        role: CertRole,
+        /// Where to write NAME.crt and NAME.key (default DIR/enrolled).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke every certificate issued to NAME; the running controller
+    /// refuses them from its next request on.
+    Revoke {
+        /// The CA directory (`init` creates it).
+        #[arg(
+            long,
+            env = "ROLLGUARD_CONTROLLER_DIR",
+            default_value = "/var/lib/rollguard-controller"
+        )]
+        dir: PathBuf,
+        name: String,
+    },
+    /// Serve agents and operators.
+    Serve {
+        #[arg(long, env = "ROLLGUARD_CONTROLLER_CONFIG")]
+        config: PathBuf,
+    },
+    /// The operator audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of the operator audit log.
+    Verify {
+        #[arg(long, env = "ROLLGUARD_CONTROLLER_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Carry out one parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init {
+            dir,
+            sans,
+            listen,
+            operator,
+        } => {
+            let ca = CaDir::new(&dir);
+            pki::init(
+                &ca,
+                &InitOptions {
+                    extra_sans: sans,
+                    listen,
+                    operator_name: operator,
+                },
+            )?;
+            println!("created the fleet CA in {}", dir.display());
+            println!(
+                "  agents and operators trust: {}",
+                dir.join("ca.crt").display()
+            );
+            println!(
+                "  operator certificate:      {} / {}",
+                ca.operator_cert().display(),
+                ca.operator_key().display()
+            );
+            println!("  server configuration:      {}", ca.config().display());
+            println!(
+                "keep {} offline once the issuing CAs exist",
+                dir.join("ca/root.key").display()
+            );
+        }
+        Command::Enroll {
+            dir,
+            name,
+            role,
+            out,
+        } => {
+            let ca = CaDir::new(&dir);
+            let role = match role {
+                CertRole::Agent => Role::Agent,
+                CertRole::Operator => Role::Operator,
+                CertRole::AlertSource => Role::AlertSource,
+            };
+            let out = out.unwrap_or_else(|| dir.join("enrolled"));
+            let (cert, key) = pki::issue_to(&ca, role, &name, &out)?;
+            println!("{}", cert.display());
+            println!("{}", key.display());
+        }
+        Command::Revoke { dir, name } => {
+            let serials = pki::revoke(&CaDir::new(&dir), &name)?;
+            for s in serials {
+                println!("revoked {name} serial {s}");
+            }
+        }
+        Command::Serve { config } => {
+            rollguard_shared::logging::init(cli.log_format, "info");
+            let config = ControllerConfig::load(&config)?;
+            runtime()?.block_on(async move {
+                let server = crate::server::Server::bind(&config, crate::bundle::inspect).await?;
+                // Listening and the store open: ready (Type=notify units
+                // start dependants only now). Outside systemd this does
+                // nothing; failing to notify is not a reason to stop serving.
+                if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+                    tracing::warn!(error = %e, "could not notify the service manager");
+                }
+                server.run().await?;
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Audit(AuditCommand::Verify { config, json }) => {
+            let config = ControllerConfig::load(&config)?;
+            let entries = runtime()?.block_on(async move {
+                let store = match &config.storage {
+                    Storage::Sqlite(p) => crate::store::sqlite::SqliteStore::open(p).await?,
+                };
+                anyhow::Ok(store.audit_entries().await?)
+            })?;
+            let result = verify_audit(&entries);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "entries": entries.len(), "ok": result.is_ok(), "first_bad": result.err() })
+                );
+            } else {
+                match result {
+                    Ok(()) => println!("audit log intact: {} entries", entries.len()),
+                    Err(seq) => println!("audit log BROKEN at entry {seq}"),
+                }
+            }
+            if result.is_err() {
+                anyhow::bail!("audit log hash chain is broken");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The clap command of `rollguard-controller`, for man pages and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// `rollguard-controller`'s `main`: parse, run, print the error chain, exit 2
+/// on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::command().debug_assert();
+    }
+}
