@@ -12,7 +12,7 @@ use crate::config::{ControllerConfig, Storage};
 use crate::pki::{self, CaDir, InitOptions, Role};
 use crate::store::{verify_audit, Store};
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use rollguard_shared::logging::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -36,18 +36,28 @@ pub enum CertRole {
     AlertSource,
 }
 
+/// `--dir`: where the fleet CA lives (the same for init, enroll, revoke).
+#[derive(Debug, Args)]
+pub struct CaDirArg {
+    /// The CA directory (`init` creates it).
+    #[arg(
+        long,
+        env = "ROLLGUARD_CONTROLLER_DIR",
+        default_value = "/var/lib/rollguard-controller"
+    )]
+    dir: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the CA hierarchy, the server certificate, the first operator
     /// certificate and a commented controller.toml in DIR.
     Init {
-        /// The CA directory (`init` creates it).
-        #[arg(
-            long,
-            env = "ROLLGUARD_CONTROLLER_DIR",
-            default_value = "/var/lib/rollguard-controller"
-        )]
-        dir: PathBuf,
+        #[command(flatten)]
+        ca: CaDirArg,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
         /// Extra DNS name or IP address of the controller (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
@@ -61,13 +71,11 @@ pub enum Command {
     /// Issue a certificate and key: for an agent (CN = SAN = host name) by
     /// default, or an operator or an alert source (e.g. Alertmanager).
     Enroll {
-        /// The CA directory (`init` creates it).
-        #[arg(
-            long,
-            env = "ROLLGUARD_CONTROLLER_DIR",
-            default_value = "/var/lib/rollguard-controller"
-        )]
-        dir: PathBuf,
+        #[command(flatten)]
+        ca: CaDirArg,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
         /// Host name (agents) or person/service name.
         name: String,
         #[arg(long, value_enum, default_value_t = CertRole::Agent)]
@@ -79,13 +87,11 @@ pub enum Command {
     /// Revoke every certificate issued to NAME; the running controller
     /// refuses them from its next request on.
     Revoke {
-        /// The CA directory (`init` creates it).
-        #[arg(
-            long,
-            env = "ROLLGUARD_CONTROLLER_DIR",
-            default_value = "/var/lib/rollguard-controller"
-        )]
-        dir: PathBuf,
+        #[command(flatten)]
+        ca: CaDirArg,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
         name: String,
     },
     /// Serve agents and operators.
@@ -120,7 +126,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init {
-            dir,
+            ca: CaDirArg { dir },
+            json,
             sans,
             listen,
             operator,
@@ -134,24 +141,40 @@ pub fn run(cli: Cli) -> Result<()> {
                     operator_name: operator,
                 },
             )?;
-            println!("created the fleet CA in {}", dir.display());
-            println!(
-                "  agents and operators trust: {}",
-                dir.join("ca.crt").display()
-            );
-            println!(
-                "  operator certificate:      {} / {}",
-                ca.operator_cert().display(),
-                ca.operator_key().display()
-            );
-            println!("  server configuration:      {}", ca.config().display());
-            println!(
-                "keep {} offline once the issuing CAs exist",
-                dir.join("ca/root.key").display()
-            );
+            let root_key = dir.join("ca/root.key");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "dir": dir,
+                        "ca": dir.join("ca.crt"),
+                        "operator_cert": ca.operator_cert(),
+                        "operator_key": ca.operator_key(),
+                        "config": ca.config(),
+                        "root_key": root_key,
+                    })
+                );
+            } else {
+                println!("created the fleet CA in {}", dir.display());
+                println!(
+                    "  agents and operators trust: {}",
+                    dir.join("ca.crt").display()
+                );
+                println!(
+                    "  operator certificate:      {} / {}",
+                    ca.operator_cert().display(),
+                    ca.operator_key().display()
+                );
+                println!("  server configuration:      {}", ca.config().display());
+                println!(
+                    "keep {} offline once the issuing CAs exist",
+                    root_key.display()
+                );
+            }
         }
         Command::Enroll {
-            dir,
+            ca: CaDirArg { dir },
+            json,
             name,
             role,
             out,
@@ -164,13 +187,31 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let out = out.unwrap_or_else(|| dir.join("enrolled"));
             let (cert, key) = pki::issue_to(&ca, role, &name, &out)?;
-            println!("{}", cert.display());
-            println!("{}", key.display());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "name": name, "cert": cert, "key": key })
+                );
+            } else {
+                println!("{}", cert.display());
+                println!("{}", key.display());
+            }
         }
-        Command::Revoke { dir, name } => {
+        Command::Revoke {
+            ca: CaDirArg { dir },
+            json,
+            name,
+        } => {
             let serials = pki::revoke(&CaDir::new(&dir), &name)?;
-            for s in serials {
-                println!("revoked {name} serial {s}");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "name": name, "revoked_serials": serials })
+                );
+            } else {
+                for s in serials {
+                    println!("revoked {name} serial {s}");
+                }
             }
         }
         Command::Serve { config } => {

@@ -98,6 +98,38 @@ fn init_enroll_revoke() {
     assert!(!unknown.status.success());
 }
 
+/// The same commands with `--json`, as an enrollment script would call them.
+#[test]
+fn init_enroll_revoke_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca-dir");
+    let parse = |text: String| -> serde_json::Value {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    };
+    let init = parse(ok(controller().args(["init", "--json", "--dir"]).arg(&ca)));
+    assert_eq!(init["ca"], ca.join("ca.crt").to_str().unwrap());
+    assert!(std::path::Path::new(init["operator_key"].as_str().unwrap()).exists());
+
+    let enrolled = parse(ok(controller()
+        .args(["enroll", "--json", "--dir"])
+        .arg(&ca)
+        .arg("web-07")));
+    assert_eq!(enrolled["name"], "web-07");
+    for field in ["cert", "key"] {
+        let path = enrolled[field].as_str().unwrap();
+        assert!(std::path::Path::new(path).exists(), "{field}: {path}");
+    }
+
+    let revoked = parse(ok(controller()
+        .args(["revoke", "--json", "--dir"])
+        .arg(&ca)
+        .arg("web-07")));
+    let serials = revoked["revoked_serials"].as_array().unwrap();
+    assert_eq!(serials.len(), 1, "{revoked}");
+    let list = std::fs::read_to_string(ca.join("revoked.list")).unwrap();
+    assert!(list.contains(serials[0].as_str().unwrap()), "{list}");
+}
+
 #[test]
 fn operator_cli_has_rollout_and_kill() {
     let help = ok(Command::new(env!("CARGO_BIN_EXE_rollguard")).arg("--help"));
