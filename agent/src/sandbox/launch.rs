@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::cgroup::{CgroupError, RunCgroup};
+use super::clone_into_cgroup;
 use super::spec::{SandboxSpec, SpecError, Stage2Plan};
 use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE};
 use super::STAGE2_COMMAND;
@@ -122,44 +123,42 @@ impl Launcher {
         let stdout = create_private(&stdout_path)?;
         let stderr = create_private(&stderr_path)?;
 
+        let stdin = File::open("/dev/null").map_err(io_err("opening", Path::new("/dev/null")))?;
+
         let started = Instant::now();
-        let mut child = Command::new(&self.agent_exe)
-            .arg(STAGE2_COMMAND)
-            .arg(&plan_path)
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|source| SandboxError::Spawn {
-                agent: self.agent_exe.clone(),
-                source,
-            })?;
-        let pid = child.id();
-        // Stage 2 joins the cgroup itself as its very first step; doing it
-        // here too covers the window before that (it cannot fork before).
-        // ESRCH just means it already exited.
-        if let Err(e) = cgroup.add_process(pid) {
-            if !matches!(&e, CgroupError::Io { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
-            {
-                let _ = cgroup.kill();
-                let _ = child.wait();
-                return Err(e.into());
-            }
-        }
+        // Born inside the run cgroup (no migration, no moment outside it);
+        // stage 2 still checks its membership before anything else.
+        let pid = clone_into_cgroup::spawn(
+            &self.agent_exe,
+            &[STAGE2_COMMAND.as_ref(), plan_path.as_os_str()],
+            cgroup.path(),
+            clone_into_cgroup::Stdio {
+                stdin: &stdin,
+                stdout: &stdout,
+                stderr: &stderr,
+            },
+        )
+        .map_err(|source| SandboxError::Spawn {
+            agent: self.agent_exe.clone(),
+            source,
+        })?;
         tracing::info!(run_id = %spec.run_id, pid, cgroup = %cgroup.path().display(), "confined run started");
 
         let (tx, exit) = mpsc::channel();
-        std::thread::Builder::new()
+        let waiter = std::thread::Builder::new()
             .name(format!("wait-{}", spec.run_id))
             .spawn(move || {
-                let _ = tx.send(child.wait());
-            })
-            .map_err(|source| SandboxError::Spawn {
+                let _ = tx.send(clone_into_cgroup::wait(pid));
+            });
+        if let Err(source) = waiter {
+            // Nobody could reap or supervise it: kill it now.
+            let _ = cgroup.kill();
+            let _ = clone_into_cgroup::wait(pid);
+            return Err(SandboxError::Spawn {
                 agent: self.agent_exe.clone(),
                 source,
-            })?;
+            });
+        }
 
         Ok(ConfinedChild {
             run_id: spec.run_id.clone(),
@@ -190,12 +189,14 @@ fn create_private(path: &Path) -> Result<File, SandboxError> {
     Ok(file)
 }
 
+/// Write a private file for stage 2. Not fsynced: the plan is read back by
+/// stage 2 through the page cache within milliseconds and means nothing
+/// after a crash (the durable record of a run is its in-progress marker),
+/// so a flush here would only add a disk round trip to every run.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
     use std::io::Write;
     let mut file = create_private(path)?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(io_err("writing", path))
+    file.write_all(bytes).map_err(io_err("writing", path))
 }
 
 #[derive(Debug, Default)]

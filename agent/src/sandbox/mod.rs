@@ -49,12 +49,13 @@
 //! - Listing an ancestor of a protected path (`ls /`) is denied (see
 //!   [`landlock_rules`]).
 //!
-//! Only two tiny modules use `unsafe` ([`landlock_abi`] and
-//! [`seccomp_install`]): the two raw system calls no safe crate API exposes.
+//! Only three tiny modules use `unsafe` ([`landlock_abi`], [`seccomp_install`]
+//! and [`clone_into_cgroup`]): the raw system calls no safe crate API exposes.
 
 pub mod audit_session;
 pub mod capabilities;
 pub mod cgroup;
+pub mod clone_into_cgroup;
 pub mod kernel;
 pub mod landlock_abi;
 pub mod landlock_rules;
