@@ -559,7 +559,14 @@ impl AuditListener {
                  (it stays enabled; without auditd the kernel also copies records to its log)"
             );
         }
-        let status = control.status()?;
+        // Each AUDIT_GET costs a kernel thread spawn (audit_send_reply), a
+        // few milliseconds on a busy host: re-read the status only when we
+        // changed it.
+        let status = if enabled_by_us {
+            control.status()?
+        } else {
+            status
+        };
         if status.enabled == 0 {
             return Err(AuditUnavailable::Protocol {
                 what: "enable",
