@@ -36,7 +36,7 @@ use rollguard_shared::report::{BundleRef, Denial, RefusalKind, RunReport, RunSta
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::state::{fsync_dir, StateDir, StateError};
+use crate::state::{fsync_dir, StateDir, StateError, StateLock};
 
 pub const AUDIT_LOG_FILE: &str = "audit.log";
 /// `prev` of the first entry.
@@ -218,7 +218,17 @@ impl AuditLog {
 
     /// Append an entry durably; returns the new head.
     pub fn append(&self, event: AuditEvent) -> Result<Head, AuditLogError> {
-        let _lock = self.state.lock()?;
+        let lock = self.state.lock()?;
+        self.append_locked(&lock, event)
+    }
+
+    /// [`AuditLog::append`] for a caller that already holds the state lock
+    /// (see [`StateDir::begin_run`]).
+    pub fn append_locked(
+        &self,
+        _lock: &StateLock,
+        event: AuditEvent,
+    ) -> Result<Head, AuditLogError> {
         let io_err = |action| {
             let path = self.path.clone();
             move |source| AuditLogError::Io {

@@ -34,7 +34,7 @@ use crate::kernel_audit::AuditListener;
 use crate::policy::HostPolicy;
 use crate::sandbox::spec::MIN_LANDLOCK_ABI;
 use crate::sandbox::{KernelSupport, KillHandle, Launcher, SandboxSpec, Termination};
-use crate::state::{RunId, RunMarker, StateDir};
+use crate::state::{BeginRunError, RunId, RunMarker, StateDir};
 
 /// How long to wait after the bundle ends for its Landlock domain to be
 /// deallocated (the record that carries the authoritative denial count).
@@ -221,6 +221,14 @@ fn prepare_and_run(
     rollguard_shared::version::check_newer(bundle.name.as_str(), last, bundle.version)
         .map_err(|e| Refusal::new(RefusalKind::Rollback, e))?;
 
+    // Every check that needs no disk write has passed: start listening for
+    // the run's audit records now, on another thread. Its kernel round trips
+    // (each status request spawns a kernel thread) then overlap with the
+    // unpacking and the durable state writes below instead of adding to
+    // them. It is joined before the sandbox starts, so no record of the run
+    // can be missed.
+    let audit = StartingListener::spawn();
+
     // Unpack into a private run directory; digests are checked on the way.
     let run_id = RunId::generate().map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
     let run_dir = state
@@ -247,32 +255,40 @@ fn prepare_and_run(
         ));
     }
 
-    // Point of no return: durable before acted upon.
-    if let Err(e) = state.record_started(&manifest.bundle.name, bundle.version) {
-        cleanup(state);
-        return Err(Refusal::new(e.refusal_kind(), e));
-    }
-    let marker = RunMarker::new(run_id.clone(), bundle.clone(), manifest_sha256.clone())
-        .and_then(|m| state.mark_in_progress(&m));
-    if let Err(e) = marker {
-        cleanup(state);
-        return Err(Refusal::new(RefusalKind::HostError, e));
-    }
-    let logged = log.append(AuditEvent::RunStarted {
+    // Point of no return: durable before acted upon. The version (the
+    // atomic rollback check), the in-progress marker and the audit log entry
+    // are flushed together (see `StateDir::begin_run`).
+    let marker = match RunMarker::new(run_id.clone(), bundle.clone(), manifest_sha256.clone()) {
+        Ok(m) => m,
+        Err(e) => {
+            cleanup(state);
+            return Err(Refusal::new(RefusalKind::HostError, e));
+        }
+    };
+    let started_event = AuditEvent::RunStarted {
         run_id: run_id.to_string(),
         bundle: bundle.clone(),
         manifest_sha256: manifest_sha256.clone(),
         signers: verified.principals.clone(),
         scope: (&manifest.scope).into(),
+    };
+    let begun = state.begin_run(&manifest.bundle.name, &marker, |lock| {
+        log.append_locked(lock, started_event).map(drop)
     });
-    if let Err(e) = logged {
+    match begun {
+        Ok(()) => {}
+        Err(BeginRunError::Record(e)) => {
+            cleanup(state);
+            return Err(Refusal::new(e.refusal_kind(), e));
+        }
         // No unlogged runs: an audit log we cannot write is a host error.
-        let _ = state.clear_in_progress(&run_id);
-        cleanup(state);
-        return Err(Refusal::new(
-            RefusalKind::HostError,
-            format!("audit log: {e}"),
-        ));
+        Err(BeginRunError::Alongside(e)) => {
+            cleanup(state);
+            return Err(Refusal::new(
+                RefusalKind::HostError,
+                format!("audit log: {e}"),
+            ));
+        }
     }
 
     let mut report = empty_report(&host.name, started);
@@ -305,21 +321,42 @@ fn prepare_and_run(
         landlock_min_abi: MIN_LANDLOCK_ABI,
     };
 
-    execute(&spec, opts, manifest.run.timeout, &kernel, &mut report);
+    execute(
+        &spec,
+        opts,
+        manifest.run.timeout,
+        &kernel,
+        audit,
+        &mut report,
+    );
     report.duration_ms = started.elapsed().as_millis() as u64;
 
-    if let Err(e) = log.append(AuditEvent::run_finished(
-        &report,
-        run_id.as_str(),
-        bundle,
-        &manifest_sha256,
-    )) {
-        tracing::error!(run_id = %run_id, "cannot record the result in the audit log: {e}");
-    }
-    if let Err(e) = state.clear_in_progress(&run_id) {
-        tracing::error!(run_id = %run_id, "cannot clear the in-progress marker: {e}");
-    }
-    cleanup(state);
+    // The scratch directory goes on another thread: removing it is not
+    // state (see `StateDir::remove_run_dir`) and on a journaling file
+    // system it can wait for the flushes below.
+    std::thread::scope(|scope| {
+        scope.spawn(|| cleanup(state));
+        // The result first, then the marker: a crash in between leaves a
+        // marker, and recovery records the run as interrupted.
+        match log.append(AuditEvent::run_finished(
+            &report,
+            run_id.as_str(),
+            bundle,
+            &manifest_sha256,
+        )) {
+            Ok(_) => {
+                if let Err(e) = state.clear_in_progress(&run_id) {
+                    tracing::error!(run_id = %run_id, "cannot clear the in-progress marker: {e}");
+                }
+            }
+            // Keeping the marker keeps the run from being lost: recovery
+            // records it as interrupted.
+            Err(e) => tracing::error!(
+                run_id = %run_id,
+                "cannot record the result in the audit log (the in-progress marker stays): {e}"
+            ),
+        }
+    });
     Ok(report)
 }
 
@@ -330,12 +367,13 @@ fn execute(
     opts: &RunOptions,
     timeout: Duration,
     kernel: &KernelSupport,
+    audit: StartingListener,
     report: &mut RunReport,
 ) {
-    // Listen before spawning so no record of this run can be missed.
-    let audit = AuditListener::start().map_err(|e| {
+    // Listening before spawning, so no record of this run can be missed.
+    let audit = audit.join().map_err(|e| {
         tracing::warn!("denials cannot be observed on this host: {e}");
-        e.to_string()
+        e
     });
     let child = match Launcher::new(&opts.agent_exe).spawn(spec) {
         Ok(c) => c,
@@ -429,6 +467,31 @@ fn execute(
         Err(_) => {
             report.denials = None;
             report.denial_count = None;
+        }
+    }
+}
+
+/// An [`AuditListener`] being started on its own thread.
+enum StartingListener {
+    Thread(std::thread::JoinHandle<Result<AuditListener, String>>),
+    /// The thread could not be spawned: start inline at `join`.
+    Inline,
+}
+
+impl StartingListener {
+    fn spawn() -> Self {
+        std::thread::Builder::new()
+            .name("audit-start".into())
+            .spawn(|| AuditListener::start().map_err(|e| e.to_string()))
+            .map_or(StartingListener::Inline, StartingListener::Thread)
+    }
+
+    fn join(self) -> Result<AuditListener, String> {
+        match self {
+            StartingListener::Thread(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err("the audit listener start panicked".into())),
+            StartingListener::Inline => AuditListener::start().map_err(|e| e.to_string()),
         }
     }
 }
