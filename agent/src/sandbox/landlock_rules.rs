@@ -226,16 +226,25 @@ impl Builder<'_> {
             return self.add(what, path, access);
         }
         // `path` is a proper ancestor of a protected path: grant on its
-        // entries, never on itself.
-        let entries = fs::read_dir(path).map_err(io_err(path))?;
+        // entries, never on itself. The directory is opened (and its real
+        // path checked) once; its entries are listed and opened relative to
+        // that descriptor, each with O_NOFOLLOW, so an entry's real path is
+        // by construction `path/name` and needs no check of its own. This
+        // walk visits every entry of every ancestor (`/`, `/var`, ...), so
+        // it is kept to three system calls per entry (open, fstat, add).
+        let (dir, _) = open_real(what, path)?;
+        let dir_path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let entries = fs::read_dir(&dir_path).map_err(io_err(path))?;
         for entry in entries {
             let entry = entry.map_err(io_err(path))?;
-            let child = path.join(entry.file_name());
+            let name = entry.file_name();
+            let child = path.join(&name);
             if self.protected.iter().any(|p| p == &child) {
                 continue;
             }
-            let kind = match fs::symlink_metadata(&child) {
-                Ok(m) => m.file_type(),
+            // From the directory entry itself (d_type): no stat.
+            let kind = match entry.file_type() {
+                Ok(kind) => kind,
                 // Vanished since readdir: nothing to grant.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {
@@ -245,28 +254,56 @@ impl Builder<'_> {
                     })
                 }
             };
-            if kind.is_dir() {
-                match self.grant_excluding(what, &child, access) {
-                    Err(LandlockError::Io { source, .. })
-                        if source.kind() == io::ErrorKind::NotFound =>
-                    {
-                        continue
-                    }
-                    other => other?,
+            let result = if kind.is_dir() && self.protected.iter().any(|p| p.starts_with(&child)) {
+                self.grant_excluding(what, &child, access)
+            } else if kind.is_dir() || kind.is_file() {
+                self.add_entry(&dir_path, &name, &child, access)
+            } else {
+                // Symlinks, sockets, FIFOs and device nodes next to a
+                // protected path get nothing.
+                Ok(())
+            };
+            match result {
+                Err(LandlockError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
+                    continue
                 }
-            } else if kind.is_file() {
-                match self.add(what, &child, access) {
-                    Err(LandlockError::Io { source, .. })
-                        if source.kind() == io::ErrorKind::NotFound =>
-                    {
-                        continue
-                    }
-                    other => other?,
-                }
+                other => other?,
             }
-            // Symlinks, sockets, FIFOs and device nodes next to a protected
-            // path get nothing.
         }
+        Ok(())
+    }
+
+    /// Add one rule on the entry `name` of the directory open at
+    /// `dir_path` (a `/proc/self/fd/N` path), never following a symlink.
+    /// An entry that became something other than a file or directory since
+    /// it was listed gets nothing.
+    fn add_entry(
+        &mut self,
+        dir_path: &Path,
+        name: &std::ffi::OsStr,
+        child: &Path,
+        access: BitFlags<AccessFs>,
+    ) -> Result<(), LandlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+            .open(dir_path.join(name))
+            .map_err(io_err(child))?;
+        let meta = file.metadata().map_err(io_err(child))?;
+        let access = if meta.is_dir() {
+            access
+        } else if meta.is_file() {
+            access & self.rights.file
+        } else {
+            return Ok(());
+        };
+        if access.is_empty() {
+            return Ok(());
+        }
+        (&mut self.ruleset).add_rule(PathBeneath::new(file, access))?;
+        self.rules += 1;
         Ok(())
     }
 
