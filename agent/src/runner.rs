@@ -11,11 +11,14 @@
 //!    paths and the host's ceiling; 7. the kernel can confine it; 8. version
 //!    newer than any run here (cheap check, before unpacking);
 //! 9. unpack the payload (digests checked) into a private run directory;
-//! 10. record the version as started, durably, under the state lock (the
-//!     atomic rollback check), mark the run in progress, log it;
-//! 11. start the audit listener, launch the sandbox, wait (timeout kills
-//!     the cgroup), collect denials;
-//! 12. log the result, clear the in-progress marker, remove the run dir.
+//! 10. record the version as started (the atomic rollback check), mark the
+//!     run in progress and log it, under the state lock, all three durable
+//!     before step 11 (flushed together: `StateDir::begin_run`);
+//! 11. launch the sandbox (the audit listener, started on another thread
+//!     after step 8, is running by then), wait (timeout kills the cgroup),
+//!     collect denials;
+//! 12. log the result, then clear the in-progress marker; remove the run
+//!     dir.
 //!
 //! Every refusal happens before step 10, so a refused bundle never burns a
 //! version and never executes anything.

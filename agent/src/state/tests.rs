@@ -340,3 +340,94 @@ fn unreadable_kill_order_is_still_in_force() {
     assert!(order.reason.contains("unreadable"), "{}", order.reason);
     assert_eq!(order.since, None);
 }
+
+/// Every file in `dir` (temporary files included).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn begin_run_records_version_and_marker_with_the_lock_held_alongside() {
+    let (_tmp, state) = fresh();
+    let me = AgentProcess::current().unwrap();
+    let m = marker("1-run", me.clone());
+    let root = state.root().to_path_buf();
+    state
+        .begin_run(&name("postfix"), &m, |_lock: &StateLock| {
+            // The state lock is held for the concurrent step: another open
+            // file description cannot take it.
+            let other = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(root.join(LOCK_FILE))
+                .unwrap();
+            let busy = Flock::lock(other, FlockArg::LockExclusiveNonblock).is_err();
+            if busy {
+                Ok(())
+            } else {
+                Err("the state lock was not held")
+            }
+        })
+        .unwrap();
+    assert_eq!(state.last_version(&name("postfix")).unwrap(), Some(7));
+    let interrupted: Vec<RunMarker> = fs::read_dir(root.join(IN_PROGRESS_DIR))
+        .unwrap()
+        .map(|e| read_json(&e.unwrap().path()).unwrap().unwrap())
+        .collect();
+    assert_eq!(interrupted, vec![m.clone()]);
+    // No temporary file left behind.
+    assert_eq!(entries(&root.join(VERSIONS_DIR)), vec!["postfix"]);
+    assert_eq!(entries(&root.join(IN_PROGRESS_DIR)), vec!["1-run.json"]);
+
+    // The same version again: refused as a rollback, nothing run alongside.
+    let again = marker("2-run", me);
+    let mut called = false;
+    let e = state
+        .begin_run(&name("postfix"), &again, |_| {
+            called = true;
+            Ok::<(), &str>(())
+        })
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        BeginRunError::Record(RecordStartedError::NotNewer(_))
+    ));
+    assert!(!called);
+    assert_eq!(entries(&root.join(IN_PROGRESS_DIR)), vec!["1-run.json"]);
+}
+
+#[test]
+fn begin_run_records_nothing_when_the_step_alongside_fails() {
+    let (_tmp, state) = fresh();
+    let m = marker("1-run", AgentProcess::current().unwrap());
+    let e = state
+        .begin_run(&name("postfix"), &m, |_| Err("audit log is full"))
+        .unwrap_err();
+    assert!(matches!(e, BeginRunError::Alongside("audit log is full")));
+    // The version is not used up, no marker, no temporary files.
+    assert_eq!(state.last_version(&name("postfix")).unwrap(), None);
+    assert!(entries(&state.root().join(VERSIONS_DIR)).is_empty());
+    assert!(entries(&state.root().join(IN_PROGRESS_DIR)).is_empty());
+    // So the same version can still run.
+    state
+        .begin_run(&name("postfix"), &m, |_| Ok::<(), &str>(()))
+        .unwrap();
+    assert_eq!(state.last_version(&name("postfix")).unwrap(), Some(7));
+}
+
+#[test]
+fn begin_run_refuses_a_marker_for_another_bundle() {
+    let (_tmp, state) = fresh();
+    let m = marker("1-run", AgentProcess::current().unwrap());
+    let e = state
+        .begin_run(&name("other"), &m, |_| Ok::<(), &str>(()))
+        .unwrap_err();
+    assert!(e.to_string().contains("names bundle"), "{e}");
+    assert_eq!(state.last_version(&name("other")).unwrap(), None);
+    assert_eq!(state.last_version(&name("postfix")).unwrap(), None);
+}
