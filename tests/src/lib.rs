@@ -5,6 +5,7 @@
 
 pub mod fleet;
 pub mod host;
+pub mod scale;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

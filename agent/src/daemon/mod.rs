@@ -85,6 +85,9 @@ pub struct Daemon {
     /// Bounds concurrent downloads and runs: the controller is trusted to
     /// order, not to exhaust the host.
     run_slots: tokio::sync::Semaphore,
+    /// A bound shared with other daemons in the same process (`simulate`:
+    /// many hosts on one kernel), taken after `run_slots`.
+    shared_slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Bundles downloading or running at once, at most.
@@ -106,6 +109,17 @@ impl Daemon {
         identity: HostIdentity,
         state_dir: &std::path::Path,
         executor: Arc<dyn BundleExecutor>,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::open_with(identity, state_dir, executor, None)
+    }
+
+    /// [`Daemon::open`], with runs also bounded by `shared_slots` (shared by
+    /// several daemons in one process).
+    pub fn open_with(
+        identity: HostIdentity,
+        state_dir: &std::path::Path,
+        executor: Arc<dyn BundleExecutor>,
+        shared_slots: Option<Arc<tokio::sync::Semaphore>>,
     ) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(state_dir).context("opening the state directory")?;
         let records = Records::open(state_dir).context("opening the daemon records")?;
@@ -158,6 +172,7 @@ impl Daemon {
             unacked: Mutex::new(unacked),
             outbox: Notify::new(),
             run_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_RUNS),
+            shared_slots,
         });
         daemon.sync_host_kill()?;
         Ok(daemon)
@@ -263,7 +278,16 @@ impl Daemon {
             running.insert(id.clone(), signal.clone());
         }
         let result = match self.run_slots.acquire().await {
-            Ok(_slot) => self.clone().run_inner(&id, &sha, signal, fetch).await,
+            Ok(_slot) => {
+                let shared = match &self.shared_slots {
+                    Some(s) => s.clone().acquire_owned().await.map(Some),
+                    None => Ok(None),
+                };
+                match shared {
+                    Ok(_shared) => self.clone().run_inner(&id, &sha, signal, fetch).await,
+                    Err(e) => Err(e.into()),
+                }
+            }
             Err(e) => Err(e.into()),
         };
         lock(&self.running).remove(&id);

@@ -1,0 +1,366 @@
+//! Scale benchmarks (figures, never pass/fail thresholds): a real controller
+//! and N real agent daemons (`rollguard-agent simulate`, a few processes, each
+//! host with its own certificate, policy, state directory, mutual-TLS
+//! connection and real sandboxed runs) on loopback. See docs/scale.md.
+//!
+//! ```text
+//! cargo build --release -p rollguard-agent -p rollguard-controller
+//! cargo run --release -p rollguard-tests --example scale -- rollout 1000 10000
+//! cargo run --release -p rollguard-tests --example scale -- ansible 100
+//! cargo run --release -p rollguard-tests --example scale -- kill 1000
+//! cargo run --release -p rollguard-tests --example scale -- memory 10000
+//! ```
+//!
+//! Options (environment): `SCALE_PROCESSES` simulate processes (default 4),
+//! `SCALE_MAX_RUNNING` bundles running at once per simulate process (default
+//! 16; see `rollguard-agent simulate --help`).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rollguard_tests::scale::{is_dead, poll, processes_with, rss_kib, ScaleFleet, BASE};
+use rollguard_tests::{bin, run_ok};
+
+const PATIENCE: Duration = Duration::from_secs(3600);
+
+fn processes() -> usize {
+    std::env::var("SCALE_PROCESSES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+fn fleet(n: usize, extra: usize, kill_ack: &str) -> ScaleFleet {
+    let t = Instant::now();
+    let f = ScaleFleet::new(n + extra, kill_ack);
+    eprintln!(
+        "[setup] {} hosts enrolled (certificates, policies) in {:.1}s under {}",
+        n + extra,
+        t.elapsed().as_secs_f64(),
+        f.root().display()
+    );
+    f
+}
+
+fn max_running() -> usize {
+    std::env::var("SCALE_MAX_RUNNING")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
+fn start(f: &mut ScaleFleet, n: usize, max_running: usize) {
+    f.start_controller();
+    let took = f.start_agents_of(n, processes(), max_running);
+    eprintln!(
+        "[setup] {n} agents connected in {:.1}s ({} simulate processes, at most {max_running} bundles running per process)",
+        took.as_secs_f64(),
+        processes()
+    );
+}
+
+/// Seconds between two RFC 3339 UTC timestamps of the same run (the
+/// controller's `created_at`/`updated_at`), e.g. 2026-11-23T19:40:01.123Z.
+fn seconds_between(a: &str, b: &str) -> Option<f64> {
+    fn secs(t: &str) -> Option<f64> {
+        let (date, time) = t.trim_end_matches('Z').split_once('T')?;
+        let day: f64 = date.rsplit('-').next()?.parse().ok()?;
+        let mut parts = time.split(':');
+        let h: f64 = parts.next()?.parse().ok()?;
+        let m: f64 = parts.next()?.parse().ok()?;
+        let s: f64 = parts.next()?.parse().ok()?;
+        Some(day * 86400.0 + h * 3600.0 + m * 60.0 + s)
+    }
+    Some(secs(b)? - secs(a)?)
+}
+
+/// Roll a no-op bundle (`/bin/true`, sandboxed) out to every connected
+/// host; returns (seconds, as the controller recorded it).
+fn rollout(f: &ScaleFleet, n: usize, label: &str) -> f64 {
+    let bundle = f.bundle(label, &["/bin/true"], "5m");
+    let done_before = f
+        .metric("rollguard_rollouts{state=\"completed\"}")
+        .unwrap_or(0.0);
+    let wall = Instant::now();
+    let id = f.start_rollout(&bundle, &["--waves", "1,1%,10%,100%", "--bake", "0s"]);
+    poll(
+        "the rollout to complete",
+        PATIENCE,
+        Duration::from_millis(50),
+        || {
+            let done = f.metric("rollguard_rollouts{state=\"completed\"}")?;
+            if done > done_before {
+                return Some(());
+            }
+            let halted = f
+                .metric("rollguard_rollouts{state=\"halted\"}")
+                .unwrap_or(0.0);
+            if halted > 0.0 {
+                let status = f.status(&id);
+                let bad: Vec<&serde_json::Value> = status["hosts"]
+                    .as_array()
+                    .map(|h| {
+                        h.iter()
+                            .filter(|h| h["state"] != "succeeded")
+                            .take(3)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                panic!(
+                    "rollout halted after {:.1}s: {}\n{bad:#?}\n{}",
+                    wall.elapsed().as_secs_f64(),
+                    status["halt_reason"],
+                    f.logs()
+                );
+            }
+            None
+        },
+    );
+    let wall = wall.elapsed().as_secs_f64();
+    let status = f.status(&id);
+    let hosts = status["hosts"].as_array().expect("hosts");
+    let ok = hosts.iter().filter(|h| h["state"] == "succeeded").count();
+    assert_eq!(ok, n, "every host succeeded: {}", status["halt_reason"]);
+    let mut durations: Vec<f64> = hosts
+        .iter()
+        .filter_map(|h| h["report"]["duration_ms"].as_f64())
+        .collect();
+    durations.sort_by(f64::total_cmp);
+    println!(
+        "         N={n:>6}  one host's run (agent-side duration_ms: verify + sandbox + audit): p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
+        percentile(&durations, 50.0),
+        percentile(&durations, 99.0),
+        durations.last().copied().unwrap_or(f64::NAN)
+    );
+    let recorded = seconds_between(
+        status["created_at"].as_str().unwrap_or(""),
+        status["updated_at"].as_str().unwrap_or(""),
+    )
+    .unwrap_or(wall);
+    println!(
+        "rollout  N={n:>6}  waves [1,1%,10%,100%] bake 0: {recorded:.2} s (wall incl. CLI {wall:.2} s)  \
+         per host {:.2} ms  ({} waves: {:?} hosts)",
+        recorded * 1000.0 / n as f64,
+        status["plan"]["waves"].as_array().map_or(0, Vec::len),
+        status["plan"]["waves"]
+            .as_array()
+            .map(|w| w.iter().map(|x| x.as_array().map_or(0, Vec::len)).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    );
+    recorded
+}
+
+fn bench_rollout(sizes: &[usize]) {
+    for &n in sizes {
+        let mut f = fleet(n, 0, "60s");
+        start(&mut f, n, max_running());
+        report_controller_rss(&f, n);
+        rollout(&f, n, "noop");
+    }
+}
+
+fn report_controller_rss(f: &ScaleFleet, n: usize) {
+    std::thread::sleep(Duration::from_secs(3));
+    let ctl = rss_kib(f.controller_pid()).unwrap_or(0);
+    let sims: u64 = f.sim_pids().iter().filter_map(|p| rss_kib(*p)).sum();
+    println!(
+        "memory   N={n:>6}  controller RSS {:.1} MiB ({:.1} KiB/agent)  simulate processes {:.1} MiB total ({:.1} KiB/agent)",
+        ctl as f64 / 1024.0,
+        ctl as f64 / n as f64,
+        sims as f64 / 1024.0,
+        sims as f64 / n as f64
+    );
+}
+
+/// The same job with ansible-core: N hosts in the inventory, all
+/// `ansible_connection=local`, serial [1, "1%", "10%", "100%"], forks 50,
+/// `command: /bin/true`.
+fn ansible(n: usize) -> f64 {
+    let venv = std::path::Path::new(BASE).join("ansible-venv");
+    let playbook_bin = venv.join("bin/ansible-playbook");
+    if !playbook_bin.exists() {
+        run_ok(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+        run_ok(Command::new(venv.join("bin/pip")).args(["install", "-q", "ansible-core"]));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("ansible-")
+        .tempdir_in(BASE)
+        .expect("ansible dir");
+    let mut inventory = String::from("[fleet]\n");
+    for i in 0..n {
+        inventory.push_str(&format!("host-{i:05} ansible_connection=local\n"));
+    }
+    std::fs::write(dir.path().join("inventory.ini"), inventory).expect("inventory");
+    std::fs::write(
+        dir.path().join("playbook.yml"),
+        "- hosts: fleet\n  gather_facts: false\n  serial: [1, \"1%\", \"10%\", \"100%\"]\n  tasks:\n    - command: /bin/true\n",
+    )
+    .expect("playbook");
+    std::fs::write(
+        dir.path().join("ansible.cfg"),
+        "[defaults]\nforks = 50\nhost_key_checking = False\ninterpreter_python = auto_silent\n",
+    )
+    .expect("ansible.cfg");
+    let t = Instant::now();
+    let out = Command::new(&playbook_bin)
+        .args(["-i", "inventory.ini", "playbook.yml"])
+        .current_dir(dir.path())
+        .env("ANSIBLE_CONFIG", dir.path().join("ansible.cfg"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("ansible-playbook");
+    let secs = t.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ansible-playbook failed:\n{text}");
+    let recap_ok = text
+        .lines()
+        .filter(|l| l.starts_with("host-") && l.contains("ok=1") && l.contains("failed=0"))
+        .count();
+    assert_eq!(recap_ok, n, "every host ran /bin/true once:\n{text}");
+    println!(
+        "ansible  N={n:>6}  serial [1,1%,10%,100%] forks 50 connection=local command /bin/true: {secs:.2} s  per host {:.2} ms",
+        secs * 1000.0 / n as f64
+    );
+    secs
+}
+
+fn bench_ansible(n: usize) {
+    let mut f = fleet(n, 0, "60s");
+    start(&mut f, n, max_running());
+    let rg = rollout(&f, n, "noop");
+    drop(f);
+    let an = ansible(n);
+    println!(
+        "ratio    N={n:>6}  per-host cost ansible / rollguard = {:.1}x (rollguard {:.2} ms/host, ansible {:.2} ms/host)",
+        an / rg,
+        rg * 1000.0 / n as f64,
+        an * 1000.0 / n as f64
+    );
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[idx.clamp(1, sorted.len()) - 1]
+}
+
+fn bench_kill(n: usize) {
+    let mut f = fleet(n, 0, "120s");
+    // Every host's long bundle runs at once: no bound per process.
+    start(&mut f, n, 0);
+    let marker = format!("87{}", f.port);
+    let bundle = f.bundle("long", &["/bin/sleep", &marker], "30m");
+    let t = Instant::now();
+    f.start_rollout(
+        &bundle,
+        &["--waves", "100%", "--all-at-once", "--bake", "0s"],
+    );
+    let pattern = format!("sleep {marker}");
+    let pids = poll(
+        "a bundle process on every host",
+        PATIENCE,
+        Duration::from_secs(2),
+        || {
+            let p = processes_with(&pattern);
+            eprintln!("[kill] {} of {n} bundles running", p.len());
+            (p.len() >= n).then_some(p)
+        },
+    );
+    eprintln!(
+        "[kill] all {n} long bundles running (sandboxed) after {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    let cli = f
+        .cli()
+        .args(["kill", "--all", "--reason", "benchmark", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("rollguard kill");
+    let mut alive: Vec<u32> = pids.clone();
+    let mut deaths: Vec<f64> = Vec::with_capacity(n);
+    let mut rounds = 0u64;
+    while !alive.is_empty() && t0.elapsed() < PATIENCE {
+        let now = t0.elapsed().as_secs_f64();
+        alive.retain(|p| {
+            if is_dead(*p) {
+                deaths.push(now);
+                false
+            } else {
+                true
+            }
+        });
+        rounds += 1;
+    }
+    let cli_out = cli.wait_with_output().expect("rollguard kill output");
+    let cli_secs = t0.elapsed().as_secs_f64();
+    let v: serde_json::Value = serde_json::from_slice(&cli_out.stdout).unwrap_or_default();
+    deaths.sort_by(f64::total_cmp);
+    let resolution = t0.elapsed().as_secs_f64() / rounds.max(1) as f64;
+    println!(
+        "kill     N={n:>6}  kill --all -> bundle process dead: p50 {:.3} s  p99 {:.3} s  max {:.3} s  \
+         (poll resolution ~{:.0} ms; {} of {n} dead; agents acked {}/{}; CLI returned within {cli_secs:.2} s)",
+        percentile(&deaths, 50.0),
+        percentile(&deaths, 99.0),
+        deaths.last().copied().unwrap_or(f64::NAN),
+        resolution * 1000.0,
+        deaths.len(),
+        v["agents_acked"],
+        v["agents_sent"],
+    );
+}
+
+fn bench_memory(n: usize) {
+    // Host n is a standalone `rollguard-agent serve`; 0..n are simulated.
+    let mut f = fleet(n, 1, "60s");
+    f.start_controller();
+    let agent = f.start_serve(n, 1);
+    std::thread::sleep(Duration::from_secs(5));
+    let idle = rss_kib(agent).unwrap_or(0);
+    println!(
+        "memory   idle agent daemon (rollguard-agent serve, connected): RSS {:.1} MiB",
+        idle as f64 / 1024.0
+    );
+    let took = f.start_agents_of(n, processes(), max_running());
+    eprintln!(
+        "[setup] {n} more agents connected in {:.1}s",
+        took.as_secs_f64()
+    );
+    report_controller_rss(&f, n + 1);
+    let idle_after = rss_kib(agent).unwrap_or(0);
+    println!(
+        "memory   idle agent daemon after the fleet connected: RSS {:.1} MiB",
+        idle_after as f64 / 1024.0
+    );
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let what = args.next().unwrap_or_default();
+    let sizes: Vec<usize> = args.filter_map(|a| a.parse().ok()).collect();
+    let one = |default: usize| sizes.first().copied().unwrap_or(default);
+    // Each host's sandbox needs processes and descriptors; make sure the
+    // binaries exist before spending minutes on setup.
+    let _ = (
+        bin("rollguard-agent"),
+        bin("rollguard-controller"),
+        bin("rollguard"),
+    );
+    match what.as_str() {
+        "rollout" => bench_rollout(if sizes.is_empty() {
+            &[1000, 10000]
+        } else {
+            &sizes
+        }),
+        "ansible" => bench_ansible(one(100)),
+        "kill" => bench_kill(one(1000)),
+        "memory" => bench_memory(one(10000)),
+        _ => {
+            eprintln!("usage: scale rollout N... | ansible N | kill N | memory N");
+            std::process::exit(2);
+        }
+    }
+}
