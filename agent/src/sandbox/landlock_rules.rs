@@ -40,6 +40,9 @@ use landlock::{
     RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use std::os::unix::ffi::OsStrExt;
+
 use super::spec::SandboxSpec;
 
 #[derive(Debug, thiserror::Error)]
@@ -233,35 +236,47 @@ impl Builder<'_> {
         // walk visits every entry of every ancestor (`/`, `/var`, ...), so
         // it is kept to three system calls per entry (open, fstat, add).
         let (dir, _) = open_real(what, path)?;
-        let dir_path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-        let entries = fs::read_dir(&dir_path).map_err(io_err(path))?;
+        let listing = rustix::fs::openat(
+            &dir,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err(path)(e.into()))?;
+        let entries = rustix::fs::Dir::new(listing).map_err(|e| io_err(path)(e.into()))?;
         for entry in entries {
-            let entry = entry.map_err(io_err(path))?;
+            let entry = entry.map_err(|e| io_err(path)(e.into()))?;
             let name = entry.file_name();
-            let child = path.join(&name);
+            if name == c"." || name == c".." {
+                continue;
+            }
+            let child = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
             if self.protected.iter().any(|p| p == &child) {
                 continue;
             }
-            // From the directory entry itself (d_type): no stat.
+            // From the directory entry itself (d_type), without a stat
+            // unless the file system does not fill it in.
             let kind = match entry.file_type() {
-                Ok(kind) => kind,
-                // Vanished since readdir: nothing to grant.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(LandlockError::Io {
-                        path: child,
-                        source: e,
-                    })
+                FileType::Unknown => {
+                    match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st) => FileType::from_raw_mode(st.st_mode),
+                        // Vanished since readdir: nothing to grant.
+                        Err(rustix::io::Errno::NOENT) => continue,
+                        Err(e) => return Err(io_err(&child)(e.into())),
+                    }
                 }
+                kind => kind,
             };
-            let result = if kind.is_dir() && self.protected.iter().any(|p| p.starts_with(&child)) {
-                self.grant_excluding(what, &child, access)
-            } else if kind.is_dir() || kind.is_file() {
-                self.add_entry(&dir_path, &name, &child, access)
-            } else {
+            let result = match kind {
+                FileType::Directory if self.protected.iter().any(|p| p.starts_with(&child)) => {
+                    self.grant_excluding(what, &child, access)
+                }
+                FileType::Directory | FileType::RegularFile => {
+                    self.add_entry(&dir, name, &child, access)
+                }
                 // Symlinks, sockets, FIFOs and device nodes next to a
                 // protected path get nothing.
-                Ok(())
+                _ => Ok(()),
             };
             match result {
                 Err(LandlockError::Io { source, .. })
@@ -275,34 +290,35 @@ impl Builder<'_> {
         Ok(())
     }
 
-    /// Add one rule on the entry `name` of the directory open at
-    /// `dir_path` (a `/proc/self/fd/N` path), never following a symlink.
-    /// An entry that became something other than a file or directory since
-    /// it was listed gets nothing.
+    /// Add one rule on the entry `name` of the directory `dir`, never
+    /// following a symlink. An entry that became something other than a
+    /// file or directory since it was listed gets nothing.
     fn add_entry(
         &mut self,
-        dir_path: &Path,
-        name: &std::ffi::OsStr,
+        dir: &File,
+        name: &std::ffi::CStr,
         child: &Path,
         access: BitFlags<AccessFs>,
     ) -> Result<(), LandlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
-            .open(dir_path.join(name))
-            .map_err(io_err(child))?;
-        let meta = file.metadata().map_err(io_err(child))?;
-        let access = if meta.is_dir() {
-            access
-        } else if meta.is_file() {
-            access & self.rights.file
-        } else {
-            return Ok(());
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err(child)(e.into()))?;
+        let kind = rustix::fs::fstat(&fd)
+            .map(|st| FileType::from_raw_mode(st.st_mode))
+            .map_err(|e| io_err(child)(e.into()))?;
+        let access = match kind {
+            FileType::Directory => access,
+            FileType::RegularFile => access & self.rights.file,
+            _ => return Ok(()),
         };
         if access.is_empty() {
             return Ok(());
         }
-        (&mut self.ruleset).add_rule(PathBeneath::new(file, access))?;
+        (&mut self.ruleset).add_rule(PathBeneath::new(fd, access))?;
         self.rules += 1;
         Ok(())
     }
