@@ -7,7 +7,8 @@
 //! 0. checks: one thread (Landlock and seccomp apply per thread), umask
 //!    022, a new session (no controlling terminal), every inherited fd
 //!    above 2 marked close-on-exec, plan valid;
-//! 1. join the run cgroup, *first*, so nothing this process becomes can
+//! 1. check membership of the run cgroup (the launcher starts us in it;
+//!    join it otherwise), *first*, so nothing this process becomes can
 //!    escape `cgroup.kill`;
 //! 2. new audit session (needs CAP_AUDIT_CONTROL, dropped in 4), its id
 //!    written to `<run_dir>/audit-session`;
@@ -123,9 +124,9 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
 
     // 1. cgroup.
     let cgroup = RunCgroup::open(&plan.cgroup_dir).map_err(at(Step::Cgroup))?;
-    // The launcher normally moved us already (before it could ever issue a
-    // kill); a migration waits for an RCU grace period (~15 ms here), so
-    // only join when we are not a member yet.
+    // The launcher starts us inside it (clone3 with CLONE_INTO_CGROUP); a
+    // migration waits for an RCU grace period (~15 ms here), so only join
+    // when we are somehow not a member.
     if !cgroup.contains_self().map_err(at(Step::Cgroup))? {
         cgroup
             .add_process(std::process::id())
