@@ -14,7 +14,14 @@
 //!    does the same work, so the ratio is the cost the sandbox adds to file
 //!    system syscalls (Landlock path checks on each create/unlink, the
 //!    seccomp filter on each syscall) plus the fixed cost of a run.
-//!    `ROLLGUARD_BENCH_WORK_ON_DISK=1` runs it on the disk instead.
+//!    `ROLLGUARD_BENCH_WORK_ON_DISK=1` runs it on the disk instead. Both
+//!    sides run `/usr/bin/python3` in a session of their own (see below).
+//!    Wall-clock time on a machine shared with other work swings with CPU
+//!    contention (0.5-1.7 s for the same 0.55 s of CPU), so the CPU time
+//!    (user + system) of each side's whole process tree is reported too:
+//!    the sandbox's cost is CPU work (in-kernel Landlock checks, the seccomp
+//!    filter, the agent itself), and CPU time does not count time spent
+//!    waiting for a core.
 //! 2. A trivial bundle (`/bin/true`-like script) through `rollguard-agent
 //!    run` vs running its script directly: the added latency, twice: with
 //!    the state directory on the disk (the real configuration: three
@@ -42,6 +49,11 @@ use rollguard_shared::signature;
 
 const BASE: &str = "/var/lib/rollguard-bench";
 const FILES: u32 = 20_000;
+/// The same interpreter on both sides: a `python3` found through the
+/// bench's own PATH (a pyenv shim, say) would be a different program, with
+/// a different start-up cost, from the one the bundle finds on the
+/// sandbox's standard PATH.
+const PYTHON: &str = "/usr/bin/python3";
 
 /// A tmpfs mounted for the bench, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -134,7 +146,7 @@ fn main() {
         "files",
         runs + 1,
         &work,
-        &format!("#!/bin/sh\nexec python3 ./work.py {}\n", work.display()),
+        &format!("#!/bin/sh\nexec {PYTHON} ./work.py {}\n", work.display()),
         Some(&workload),
     );
     // Used with both state directories (each keeps its own versions).
@@ -153,6 +165,7 @@ fn main() {
     fs::set_permissions(&trivial_script, fs::Permissions::from_mode(0o755)).unwrap();
 
     let sandboxed = |policy: &Path, bundle: &Path| {
+        let cpu = children_cpu();
         let t = Instant::now();
         let out = Command::new(&agent)
             .arg("run")
@@ -163,7 +176,10 @@ fn main() {
             .stderr(Stdio::null())
             .output()
             .unwrap();
-        let elapsed = t.elapsed();
+        let elapsed = Sample {
+            wall: t.elapsed(),
+            cpu: children_cpu() - cpu,
+        };
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
         assert_eq!(report["status"], "succeeded", "{report}");
         elapsed
@@ -177,7 +193,7 @@ fn main() {
         timed(
             Command::new("setsid")
                 .arg("--wait")
-                .arg("python3")
+                .arg(PYTHON)
                 .arg(base.join("work.py"))
                 .arg(&work),
         )
@@ -208,47 +224,65 @@ fn main() {
     );
     let flush = fsync_latency(&base.join("fsync-probe"), runs.max(9));
 
-    let on = if work_on_disk { "disk " } else { "tmpfs" };
+    let on = if work_on_disk { "disk" } else { "tmpfs" };
+    let wall = |s: &Sample| s.wall;
+    let cpu = |s: &Sample| s.cpu;
     println!("sandbox overhead, {runs} interleaved pairs each: median [min .. max]");
     println!("create+delete {FILES} files (on {on})");
-    println!("  bare                                 {}", ms(&files.bare));
     println!(
-        "  sandboxed                            {}",
-        ms(&files.sandboxed)
+        "  bare, wall clock                      {}",
+        ms(&Pairs::wall(&files.bare))
     );
     println!(
-        "  ratio sandboxed/bare, per pair       {}",
-        stat(&files.ratios(), "")
+        "  sandboxed, wall clock                 {}",
+        ms(&Pairs::wall(&files.sandboxed))
     );
     println!(
-        "  ratio of the best runs               {:.3}",
-        best(&files.sandboxed) / best(&files.bare)
+        "  ratio sandboxed/bare, wall, per pair  {}",
+        stat(&files.ratios(wall), "")
+    );
+    println!(
+        "  ratio of the best wall-clock runs     {:.3}",
+        best(&Pairs::wall(&files.sandboxed)) / best(&Pairs::wall(&files.bare))
+    );
+    println!(
+        "  bare, CPU time                        {}",
+        ms(&Pairs::cpu(&files.bare))
+    );
+    println!(
+        "  sandboxed, CPU time (agent included)  {}",
+        ms(&Pairs::cpu(&files.sandboxed))
+    );
+    println!(
+        "  ratio sandboxed/bare, CPU, per pair   {}",
+        stat(&files.ratios(cpu), "")
     );
     println!("trivial bundle");
     println!(
-        "  script bare                          {}",
-        ms(&trivial.bare)
+        "  script bare                           {}",
+        ms(&Pairs::wall(&trivial.bare))
     );
     println!(
-        "  agent run, state on disk             {}",
-        ms(&trivial.sandboxed)
+        "  agent run, state on disk              {}",
+        ms(&Pairs::wall(&trivial.sandboxed))
     );
     println!(
-        "  added latency, state on disk         {}",
+        "  added latency, state on disk          {}",
         stat(&trivial.differences_ms(), " ms")
     );
     println!(
-        "  agent run, state on tmpfs            {}",
-        ms(&trivial_tmpfs.sandboxed)
+        "  agent run, state on tmpfs             {}",
+        ms(&Pairs::wall(&trivial_tmpfs.sandboxed))
     );
     println!(
-        "  added latency, state on tmpfs        {}",
+        "  added latency, state on tmpfs         {}",
         stat(&trivial_tmpfs.differences_ms(), " ms")
     );
     println!(
-        "  durable replace (fsync, rename, fsync dir) {}",
-        ms(&flush)
+        "  agent run CPU time (whole tree)       {}",
+        ms(&Pairs::cpu(&trivial_tmpfs.sandboxed))
     );
+    println!("  durable replace on the state's disk   {}", ms(&flush));
     drop(_work_mount);
     drop(_state_mount);
     let _ = fs::remove_dir_all(BASE);
@@ -257,15 +291,15 @@ fn main() {
 /// Interleaved sandboxed/bare pairs; even pairs run the sandboxed side
 /// first, odd pairs the bare side.
 struct Pairs {
-    sandboxed: Vec<Duration>,
-    bare: Vec<Duration>,
+    sandboxed: Vec<Sample>,
+    bare: Vec<Sample>,
 }
 
 impl Pairs {
     fn measure(
         runs: usize,
-        mut sandboxed: impl FnMut(usize) -> Duration,
-        mut bare: impl FnMut(usize) -> Duration,
+        mut sandboxed: impl FnMut(usize) -> Sample,
+        mut bare: impl FnMut(usize) -> Sample,
     ) -> Pairs {
         let mut p = Pairs {
             sandboxed: vec![],
@@ -283,19 +317,29 @@ impl Pairs {
         p
     }
 
-    fn ratios(&self) -> Vec<f64> {
+    fn wall(side: &[Sample]) -> Vec<Duration> {
+        side.iter().map(|s| s.wall).collect()
+    }
+
+    fn cpu(side: &[Sample]) -> Vec<Duration> {
+        side.iter().map(|s| s.cpu).collect()
+    }
+
+    /// Per-pair ratios sandboxed / bare of `measure`.
+    fn ratios(&self, measure: fn(&Sample) -> Duration) -> Vec<f64> {
         self.sandboxed
             .iter()
             .zip(&self.bare)
-            .map(|(s, b)| s.as_secs_f64() / b.as_secs_f64())
+            .map(|(s, b)| measure(s).as_secs_f64() / measure(b).as_secs_f64())
             .collect()
     }
 
+    /// Per-pair wall-clock differences sandboxed - bare, in ms.
     fn differences_ms(&self) -> Vec<f64> {
         self.sandboxed
             .iter()
             .zip(&self.bare)
-            .map(|(s, b)| (s.as_secs_f64() - b.as_secs_f64()) * 1000.0)
+            .map(|(s, b)| (s.wall.as_secs_f64() - b.wall.as_secs_f64()) * 1000.0)
             .collect()
     }
 }
@@ -327,11 +371,32 @@ fn best(v: &[Duration]) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn timed(cmd: &mut Command) -> Duration {
+/// Wall-clock time, and CPU time (user + system) of the whole process
+/// tree (the agent, stage 2 and the bundle, or the bare process).
+#[derive(Clone, Copy)]
+struct Sample {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// CPU time of every waited-for descendant so far.
+fn children_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).unwrap();
+    let d =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    d(usage.user_time()) + d(usage.system_time())
+}
+
+fn timed(cmd: &mut Command) -> Sample {
+    let cpu = children_cpu();
     let t = Instant::now();
     let status = cmd.stdout(Stdio::null()).status().unwrap();
     assert!(status.success());
-    t.elapsed()
+    Sample {
+        wall: t.elapsed(),
+        cpu: children_cpu() - cpu,
+    }
 }
 
 /// Build `count` signed bundles with versions 1..=count (each run needs a
