@@ -210,3 +210,90 @@ pub fn wait(pid: u32) -> io::Result<std::process::ExitStatus> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::RunCgroup;
+
+    fn null() -> File {
+        File::open("/dev/null").unwrap()
+    }
+
+    #[test]
+    fn the_child_is_born_in_the_cgroup_with_the_given_stdio() {
+        let id = format!("clone-test-{}", std::process::id());
+        let cgroup = RunCgroup::create(&id).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out_path = dir.path().join("out");
+        let out = File::create(&out_path).unwrap();
+        let pid = spawn(
+            Path::new("/bin/sh"),
+            &[
+                OsStr::new("-c"),
+                OsStr::new("cat /proc/self/cgroup; pwd; env | wc -l; exit 3"),
+            ],
+            cgroup.path(),
+            Stdio {
+                stdin: &null(),
+                stdout: &out,
+                stderr: &null(),
+            },
+        )
+        .unwrap();
+        let status = wait(pid).unwrap();
+        assert_eq!(status.code(), Some(3));
+        let text = std::fs::read_to_string(&out_path).unwrap();
+        let v2 = text.lines().find(|l| l.starts_with("0::")).unwrap();
+        assert!(v2.ends_with(&format!("/rollguard-runs/{id}")), "{text}");
+        let mut lines = text.lines().skip_while(|l| !l.starts_with("0::")).skip(1);
+        assert_eq!(lines.next(), Some("/"), "working directory: {text}");
+        // sh itself sets a few variables (PWD, ...); nothing is inherited.
+        let env_count: usize = lines.next().unwrap().trim().parse().unwrap();
+        assert!(env_count <= 4, "{text}");
+        cgroup
+            .kill_and_remove(std::time::Duration::from_secs(5))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_exec_failure_is_returned_not_hidden_in_an_exit_status() {
+        let id = format!("clone-test-fail-{}", std::process::id());
+        let cgroup = RunCgroup::create(&id).unwrap();
+        let e = spawn(
+            Path::new("/nonexistent/rollguard-agent"),
+            &[],
+            cgroup.path(),
+            Stdio {
+                stdin: &null(),
+                stdout: &null(),
+                stderr: &null(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        // The failed child was reaped and is gone from the cgroup.
+        assert!(cgroup.processes().unwrap().is_empty());
+        cgroup
+            .kill_and_remove(std::time::Duration::from_secs(5))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_missing_cgroup_is_an_error() {
+        let e = spawn(
+            Path::new("/bin/true"),
+            &[],
+            &crate::sandbox::cgroup::runs_parent()
+                .unwrap()
+                .join("does-not-exist"),
+            Stdio {
+                stdin: &null(),
+                stdout: &null(),
+                stderr: &null(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+    }
+}
