@@ -368,7 +368,7 @@ impl StateDir {
     /// version is not used up and no marker exists. A crash part-way can
     /// leave the run's audit entry without a marker, which reads as a run
     /// that started and never executed (as a crash just before `exec`
-    /// always could).
+    /// always could); so can an I/O error while renaming into place.
     pub fn begin_run<E>(
         &self,
         name: &BundleName,
@@ -405,25 +405,51 @@ impl StateDir {
             Staged::write(&in_progress, &marker_name(&marker.run_id), &marker_body)?,
         ];
         // Step 1: file contents (and the audit entry) on disk.
+        // (If no thread can be started, the step runs here, after the
+        // flushes: slower, same result.)
+        let alongside = std::sync::Mutex::new(Some(alongside));
+        let run_alongside = || {
+            let step = alongside.lock().ok().and_then(|mut f| f.take());
+            step.map(|f| f(&lock))
+        };
+        let staged: Vec<(&File, &Path)> =
+            files.iter().map(|f| (&f.file, f.tmp.as_path())).collect();
         let (synced, alongside) = std::thread::scope(|scope| {
-            let other = scope.spawn(|| alongside(&lock));
-            let synced = sync_all_concurrently(files.iter().map(|f| &f.file));
-            let alongside = other
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let other = std::thread::Builder::new()
+                .name("state-alongside".into())
+                .spawn_scoped(scope, run_alongside);
+            let synced = sync_all_concurrently(&staged);
+            let alongside = match other {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(_) => run_alongside(),
+            };
             (synced, alongside)
         });
+        drop(staged);
+        let alongside = alongside.ok_or_else(|| StateError::Corrupt {
+            path: self.root.clone(),
+            why: "the step alongside the state writes did not run".into(),
+        })?;
         alongside.map_err(BeginRunError::Alongside)?;
         synced?;
         // Step 2: the new names on disk.
         for f in &mut files {
             f.rename_into_place()?;
         }
-        let dirs: Vec<File> = [&versions, &in_progress]
-            .into_iter()
-            .map(|d| File::open(d).map_err(io_err("fsync", d)))
-            .collect::<Result<_, _>>()?;
-        sync_all_concurrently(dirs.iter())?;
+        let dirs = [
+            (
+                File::open(&versions).map_err(io_err("fsync", &versions))?,
+                &versions,
+            ),
+            (
+                File::open(&in_progress).map_err(io_err("fsync", &in_progress))?,
+                &in_progress,
+            ),
+        ];
+        let dirs: Vec<(&File, &Path)> = dirs.iter().map(|(f, p)| (f, p.as_path())).collect();
+        sync_all_concurrently(&dirs)?;
         Ok(())
     }
 
@@ -712,25 +738,30 @@ impl Drop for Staged {
 /// fsync every file, all at once (one thread each but the last): flushes
 /// issued together are committed together by journaling file systems, so
 /// this costs about one disk round trip instead of one per file.
-fn sync_all_concurrently<'a>(files: impl Iterator<Item = &'a File>) -> Result<(), StateError> {
-    let files: Vec<&File> = files.collect();
-    let sync = |f: &File| {
-        f.sync_all().map_err(|source| StateError::Io {
-            action: "fsync",
-            path: PathBuf::from(format!("(fd {})", std::os::fd::AsRawFd::as_raw_fd(f))),
-            source,
-        })
-    };
+fn sync_all_concurrently(files: &[(&File, &Path)]) -> Result<(), StateError> {
+    let sync = |(f, path): &(&File, &Path)| f.sync_all().map_err(io_err("fsync", path));
     let Some((last, rest)) = files.split_last() else {
         return Ok(());
     };
     std::thread::scope(|scope| {
-        let others: Vec<_> = rest.iter().map(|f| scope.spawn(move || sync(f))).collect();
+        let others: Vec<_> = rest
+            .iter()
+            .map(|entry| {
+                std::thread::Builder::new()
+                    .name("state-fsync".into())
+                    .spawn_scoped(scope, move || sync(entry))
+                    // No thread: flush here instead (slower, same result).
+                    .map_err(|_| sync(entry))
+            })
+            .collect();
         let mut result = sync(last);
-        for handle in others {
-            let r = handle
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        for other in others {
+            let r = match other {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(inline) => inline,
+            };
             result = result.and(r);
         }
         result
