@@ -156,6 +156,15 @@ fn prepare_and_run(
     started: Instant,
 ) -> Result<RunReport, Refusal> {
     let host = policy.identity();
+    // Runs of a dead agent first: their leftovers killed, their end logged.
+    // A leftover that cannot be killed is a host error: nothing new runs
+    // beside an unsupervised bundle.
+    crate::recovery::recover_interrupted_runs(state, log).map_err(|e| {
+        Refusal::new(
+            RefusalKind::HostError,
+            format!("recovering interrupted runs: {e}"),
+        )
+    })?;
     if let Some(order) = state
         .kill_in_force()
         .map_err(|e| Refusal::new(RefusalKind::HostError, e))?

@@ -122,6 +122,20 @@ impl Daemon {
         shared_slots: Option<Arc<tokio::sync::Semaphore>>,
     ) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(state_dir).context("opening the state directory")?;
+        // Bundles left running by a previous agent process are killed and
+        // logged now, not at the next run. If that fails the daemon still
+        // starts (kill switch and reporting keep working) and every run is
+        // refused until recovery succeeds (the runner retries it first).
+        let log = crate::audit_log::AuditLog::new(&state);
+        match crate::recovery::recover_interrupted_runs(&state, &log) {
+            Ok(runs) if !runs.is_empty() => {
+                tracing::warn!(count = runs.len(), "recovered interrupted runs");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                "recovering interrupted runs: {e}; runs are refused until it succeeds"
+            ),
+        }
         let records = Records::open(state_dir).context("opening the daemon records")?;
         let mut kill = match records.kill() {
             Ok(k) => k,

@@ -1,0 +1,108 @@
+//! Runs whose agent died: found, killed, logged, cleared.
+//!
+//! A run is marked in progress, durably, before its bundle starts, and the
+//! marker is cleared only after its result is in the audit log. A marker
+//! whose agent process is gone (a crash, SIGKILL, a reboot) is a run that
+//! nobody supervises any more: no timeout, no denial collection, no report.
+//! Recovery, for each such run:
+//!
+//! 1. kills whatever is left of it (its cgroup, if it still exists): a
+//!    bundle must not go on running unsupervised;
+//! 2. appends `run_interrupted` to the audit log (the run is never retried:
+//!    its version stays used, as for any run that started);
+//! 3. removes its scratch directory, then its marker.
+//!
+//! Every step may be repeated, so a crash during recovery is finished by the
+//! next one (at worst the log holds the interruption twice). A run whose
+//! leftovers cannot be killed keeps its marker and is an error: it is
+//! retried next time, never forgotten.
+//!
+//! `rollguard-agent run` and the daemon call this before running anything.
+
+use crate::audit_log::{AuditEvent, AuditLog, AuditLogError};
+use crate::sandbox::cgroup::{CgroupError, RunCgroup};
+use crate::state::{RunMarker, StateDir, StateError};
+use std::time::Duration;
+
+/// How long the leftovers of an interrupted run get to die after SIGKILL
+/// (`cgroup.kill`) before recovery reports them as unkillable.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("state directory: {0}")]
+    State(#[from] StateError),
+    #[error("audit log: {0}")]
+    AuditLog(#[from] AuditLogError),
+    #[error("leftovers of interrupted run {run_id}: {source}")]
+    Cgroup { run_id: String, source: CgroupError },
+}
+
+/// One interrupted run, now recorded and cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub marker: RunMarker,
+    /// Whether its cgroup still existed (and was killed and removed).
+    pub cgroup_removed: bool,
+}
+
+/// Record and clean up every run of `state` whose agent process is gone.
+/// Runs of live agents (another `rollguard-agent run` in progress) are not
+/// touched.
+pub fn recover_interrupted_runs(
+    state: &StateDir,
+    log: &AuditLog,
+) -> Result<Vec<Recovered>, RecoveryError> {
+    // The common case, nothing to do, costs one directory listing and no
+    // lock; otherwise look again under the lock so two agents starting at
+    // once do not both recover the same run.
+    if state.interrupted_runs()?.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lock = state.lock()?;
+    let mut recovered = Vec::new();
+    for marker in state.interrupted_runs()? {
+        let run_id = marker.run_id.to_string();
+        tracing::warn!(
+            run_id,
+            bundle = %marker.bundle.name,
+            version = marker.bundle.version,
+            "run was in progress when its agent stopped: killing what is left of it, recording it interrupted"
+        );
+        let cgroup = RunCgroup::existing(&run_id).map_err(|source| RecoveryError::Cgroup {
+            run_id: run_id.clone(),
+            source,
+        })?;
+        let cgroup_removed = cgroup.is_some();
+        if let Some(cgroup) = cgroup {
+            cgroup
+                .kill_and_remove(KILL_GRACE)
+                .map_err(|source| RecoveryError::Cgroup {
+                    run_id: run_id.clone(),
+                    source,
+                })?;
+        }
+        log.append_locked(
+            &lock,
+            AuditEvent::RunInterrupted {
+                run_id: run_id.clone(),
+                bundle: marker.bundle.clone(),
+                manifest_sha256: marker.manifest_sha256.clone(),
+            },
+        )?;
+        if let Err(e) = state.remove_run_dir(&marker.run_id) {
+            // Scratch only: the bundle's unpacked payload. Worth a warning,
+            // not worth keeping the run unrecorded.
+            tracing::warn!(run_id, "cannot remove the run directory: {e}");
+        }
+        state.clear_in_progress(&marker.run_id)?;
+        recovered.push(Recovered {
+            marker,
+            cgroup_removed,
+        });
+    }
+    Ok(recovered)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,115 @@
+//! Needs root and cgroup v2 (like every sandbox test): a real leftover
+//! process in a real run cgroup must be dead afterwards.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+
+use rollguard_shared::report::BundleRef;
+
+use super::*;
+use crate::audit_log;
+use crate::state::{AgentProcess, RunId};
+
+fn fresh() -> (tempfile::TempDir, StateDir, AuditLog) {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::open(&tmp.path().join("state")).unwrap();
+    let log = AuditLog::new(&state);
+    (tmp, state, log)
+}
+
+/// A marker of a run started by an agent of an earlier boot (so certainly
+/// dead).
+fn dead_agents_marker() -> RunMarker {
+    let mut agent = AgentProcess::current().unwrap();
+    agent.boot_id = "an-earlier-boot".into();
+    RunMarker {
+        run_id: RunId::generate().unwrap(),
+        bundle: BundleRef {
+            name: "mail-fix".into(),
+            version: 3,
+        },
+        manifest_sha256: "cd".repeat(32),
+        started: jiff::Timestamp::now(),
+        agent,
+    }
+}
+
+fn log_lines(log: &AuditLog) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log.path())
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn nothing_to_recover_writes_nothing() {
+    let (_tmp, state, log) = fresh();
+    assert!(recover_interrupted_runs(&state, &log).unwrap().is_empty());
+    assert!(
+        !log.path().exists(),
+        "an empty recovery wrote the audit log"
+    );
+}
+
+#[test]
+fn leftover_process_is_killed_and_the_run_logged_once() {
+    let (_tmp, state, log) = fresh();
+    let marker = dead_agents_marker();
+    state.mark_in_progress(&marker).unwrap();
+    state.create_run_dir(&marker.run_id).unwrap();
+
+    // What a crashed agent leaves behind: its bundle still running in the
+    // run's cgroup.
+    let cgroup = RunCgroup::create(marker.run_id.as_str()).unwrap();
+    let mut leftover = Command::new("sleep").arg("600").spawn().unwrap();
+    cgroup.add_process(leftover.id()).unwrap();
+    let cgroup_dir = cgroup.path().to_path_buf();
+
+    let recovered = recover_interrupted_runs(&state, &log).unwrap();
+    assert_eq!(recovered.len(), 1);
+    assert_eq!(recovered[0].marker, marker);
+    assert!(recovered[0].cgroup_removed);
+
+    let status = leftover.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "leftover not SIGKILLed: {status}");
+    assert!(!cgroup_dir.exists(), "run cgroup left behind");
+    assert!(
+        !state.run_dir(&marker.run_id).exists(),
+        "run dir left behind"
+    );
+    assert!(state.interrupted_runs().unwrap().is_empty(), "marker left");
+
+    let lines = log_lines(&log);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let event = &lines[0];
+    assert_eq!(event["event"]["type"], "run_interrupted", "{event}");
+    assert_eq!(event["event"]["run_id"], marker.run_id.as_str());
+    audit_log::verify(log.path()).expect("chain intact");
+
+    // Done is done: a second recovery finds nothing.
+    assert!(recover_interrupted_runs(&state, &log).unwrap().is_empty());
+    assert_eq!(log_lines(&log).len(), 1);
+}
+
+#[test]
+fn a_live_agents_run_is_left_alone() {
+    let (_tmp, state, log) = fresh();
+    let mut marker = dead_agents_marker();
+    marker.agent = AgentProcess::current().unwrap(); // this test process: alive
+    state.mark_in_progress(&marker).unwrap();
+    assert!(recover_interrupted_runs(&state, &log).unwrap().is_empty());
+    assert_eq!(state.interrupted_runs().unwrap().len(), 0);
+    assert!(!log.path().exists());
+}
+
+#[test]
+fn run_without_cgroup_is_still_recorded() {
+    let (_tmp, state, log) = fresh();
+    let marker = dead_agents_marker();
+    state.mark_in_progress(&marker).unwrap();
+    let recovered = recover_interrupted_runs(&state, &log).unwrap();
+    assert_eq!(recovered.len(), 1);
+    assert!(!recovered[0].cgroup_removed);
+    assert_eq!(log_lines(&log).len(), 1);
+}
