@@ -310,3 +310,102 @@ fn audit_log_detects_edits_and_removals() {
     fs::write(&log, &original).unwrap();
     assert!(verify().status.success());
 }
+
+/// The agent dies (SIGKILL) while its bundle runs: the bundle does not go on
+/// unsupervised past the next agent start. The next `rollguard-agent run`
+/// kills what is left, logs the run as interrupted, never runs it again, and
+/// then runs the new bundle.
+#[test]
+fn crashed_agents_bundle_is_killed_and_logged_at_the_next_run() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-05.tokyo", &keys, PolicyOptions::default());
+    let pid_file = host.root().join("etc/mail/sleeper.pid");
+    let man = manifest("long", 1, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]")
+        .replace("\"30s\"", "\"10m\"");
+    let script = "#!/bin/sh\necho $$ > @ROOT@/etc/mail/sleeper.pid\nexec sleep 1000\n";
+    let src = host.bundle_source("long", &man, script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+
+    let mut first = Command::new(rollguard_tests::bin("rollguard-agent"))
+        .args(["run", "--json", "--policy"])
+        .arg(host.policy())
+        .arg(&bundle)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the bundle runs (it wrote its pid), then kill the agent.
+    let start = Instant::now();
+    let pid = loop {
+        if let Ok(p) = fs::read_to_string(&pid_file) {
+            if p.ends_with('\n') {
+                break p.trim().to_string();
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the bundle never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let alive = |pid: &str| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .map(|zombie| !zombie)
+            .unwrap_or(false)
+    };
+    assert!(
+        alive(&pid),
+        "the bundle died with its agent: nothing to recover"
+    );
+
+    // The next run, of another bundle, recovers first.
+    let src = host.bundle_source(
+        "next",
+        &manifest("next", 1, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]"),
+        "#!/bin/sh\ntrue\n",
+    );
+    let next = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&next);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0);
+    assert!(
+        !alive(&pid),
+        "the crashed agent's bundle {pid} is still running"
+    );
+
+    let log = fs::read_to_string(host.state_dir().join("audit.log")).unwrap();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "run_started",
+            "run_interrupted",
+            "run_started",
+            "run_finished"
+        ],
+        "{log}"
+    );
+    assert_eq!(events[0]["event"]["run_id"], events[1]["event"]["run_id"]);
+
+    // Never again: the interrupted version stays used.
+    let (report, _) = host.run(&bundle);
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["refusal"], "rollback", "{report:#}");
+}
