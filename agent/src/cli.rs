@@ -139,7 +139,7 @@ pub struct SimulateArgs {
     /// Bundles running at once in this process, at most (0: unbounded).
     /// All simulated hosts share one kernel audit subsystem, which does not
     /// keep up with hundreds of runs at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 4)]
     pub max_running: usize,
 }
 

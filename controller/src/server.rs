@@ -560,6 +560,16 @@ pub enum ServeError {
     },
 }
 
+/// HTTP/2 streams one connection may have open at once (an agent uses one
+/// long-lived order stream plus a few short requests).
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Flow-control windows: what one peer may make us buffer, per stream and
+/// per connection. Enough for bundle uploads at LAN speed.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 512 * 1024;
+/// Bytes buffered per stream before the sender waits.
+const SEND_BUFFER: usize = 64 * 1024;
+
 /// A bound, ready server; `run` serves until the process ends.
 pub struct Server {
     listener: TcpListener,
@@ -688,7 +698,19 @@ impl Server {
                     .http2()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .keep_alive_interval(Some(Duration::from_secs(30)))
-                    .keep_alive_timeout(Duration::from_secs(20));
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    // Per-connection bounds sized for 10,000 mostly idle
+                    // agents (see docs/scale.md): an agent keeps one order
+                    // stream open and makes a few small requests, so a few
+                    // concurrent streams suffice; smaller flow-control
+                    // windows and send buffer cap what one connection can
+                    // make us buffer (1 MiB windows × 10,000 agents would
+                    // allow 10 GiB).
+                    .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_send_buf_size(SEND_BUFFER)
+                    .max_header_list_size(16 * 1024);
                 if let Err(e) = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .await

@@ -13,7 +13,7 @@
 //!
 //! Options (environment): `SCALE_PROCESSES` simulate processes (default 4),
 //! `SCALE_MAX_RUNNING` bundles running at once per simulate process (default
-//! 16; see `rollguard-agent simulate --help`).
+//! 4; see `rollguard-agent simulate --help`).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,7 +46,7 @@ fn max_running() -> usize {
     std::env::var("SCALE_MAX_RUNNING")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(16)
+        .unwrap_or(4)
 }
 
 fn start(f: &mut ScaleFleet, n: usize, max_running: usize) {
@@ -190,6 +190,11 @@ fn ansible(n: usize) -> f64 {
     for i in 0..n {
         inventory.push_str(&format!("host-{i:05} ansible_connection=local\n"));
     }
+    // The venv's own Python (interpreter discovery may find a shim).
+    inventory.push_str(&format!(
+        "\n[fleet:vars]\nansible_python_interpreter={}\n",
+        venv.join("bin/python").display()
+    ));
     std::fs::write(dir.path().join("inventory.ini"), inventory).expect("inventory");
     std::fs::write(
         dir.path().join("playbook.yml"),
@@ -273,6 +278,7 @@ fn bench_kill(n: usize) {
         t.elapsed().as_secs_f64()
     );
     std::thread::sleep(Duration::from_secs(2));
+    let t0_day = day_seconds_now();
     let t0 = Instant::now();
     let cli = f
         .cli()
@@ -311,6 +317,61 @@ fn bench_kill(n: usize) {
         v["agents_acked"],
         v["agents_sent"],
     );
+    // Where the time went: when the agents' cgroup.kill calls happened
+    // (their "killing running bundle" log lines), relative to the command.
+    let mut signalled: Vec<f64> = log_times(f.root(), "killing running bundle")
+        .into_iter()
+        .map(|t| t - t0_day)
+        .collect();
+    signalled.sort_by(f64::total_cmp);
+    let pushed = log_times(&f.root().join("ctl"), "kill order pushed");
+    println!(
+        "         N={n:>6}  kill --all -> agent's cgroup.kill: p50 {:.3} s  p99 {:.3} s  max {:.3} s  ({} logged); controller logged the push at {:?} s",
+        percentile(&signalled, 50.0),
+        percentile(&signalled, 99.0),
+        signalled.last().copied().unwrap_or(f64::NAN),
+        signalled.len(),
+        pushed.iter().map(|t| ((t - t0_day) * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+    );
+}
+
+/// Seconds since midnight UTC now.
+fn day_seconds_now() -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    now % 86400.0
+}
+
+/// Seconds since midnight UTC of every log line (tracing text format,
+/// RFC 3339 timestamp first) containing `what`, in `*.log` files of `dir`.
+fn log_times(dir: &std::path::Path, what: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        if e.path().extension().is_none_or(|x| x != "log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains(what)) {
+            let Some(t) = line.find('T').map(|i| &line[i + 1..]) else {
+                continue;
+            };
+            let Some(end) = t.find('Z') else { continue };
+            let mut parts = t[..end].split(':');
+            let secs = (|| {
+                let h: f64 = parts.next()?.parse().ok()?;
+                let m: f64 = parts.next()?.parse().ok()?;
+                let s: f64 = parts.next()?.parse().ok()?;
+                Some(h * 3600.0 + m * 60.0 + s)
+            })();
+            out.extend(secs);
+        }
+    }
+    out
 }
 
 fn bench_memory(n: usize) {

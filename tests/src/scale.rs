@@ -219,8 +219,13 @@ impl ScaleFleet {
     /// Start the controller and wait until it answers.
     pub fn start_controller(&mut self) {
         assert!(self.controller.is_none(), "controller already running");
+        // SCALE_CONTROLLER_CMD: a wrapper to run the controller under (a
+        // profiler), given the controller's arguments.
+        let program = std::env::var_os("SCALE_CONTROLLER_CMD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin("rollguard-controller"));
         let child = spawn_logged(
-            Command::new(bin("rollguard-controller"))
+            Command::new(program)
                 .arg("serve")
                 .arg("--config")
                 .arg(self.ctl().join("controller.toml")),

@@ -88,6 +88,13 @@ pub struct Daemon {
     /// A bound shared with other daemons in the same process (`simulate`:
     /// many hosts on one kernel), taken after `run_slots`.
     shared_slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Fleet kill states enforced in memory so far (see
+    /// [`Daemon::enforce_fleet_kill`]) ...
+    kill_changes: std::sync::atomic::AtomicU64,
+    /// ... and how many of them are durable; runs wait for the two to meet.
+    kill_durable: tokio::sync::watch::Sender<u64>,
+    /// Serializes writes of the kill state (one temporary file name).
+    kill_persist: Mutex<()>,
 }
 
 /// Bundles downloading or running at once, at most.
@@ -187,6 +194,9 @@ impl Daemon {
             outbox: Notify::new(),
             run_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_RUNS),
             shared_slots,
+            kill_changes: std::sync::atomic::AtomicU64::new(0),
+            kill_durable: tokio::sync::watch::Sender::new(0),
+            kill_persist: Mutex::new(()),
         });
         daemon.sync_host_kill()?;
         Ok(daemon)
@@ -231,16 +241,57 @@ impl Daemon {
         n
     }
 
-    /// A new fleet kill state from the controller: durable first, then
-    /// enforced. Returns the number of bundles killed.
+    /// A new fleet kill state from the controller, enforced and made
+    /// durable. Returns the number of bundles killed.
     pub fn apply_fleet_kill(&self, state: KillState) -> anyhow::Result<u32> {
+        let killed = self.enforce_fleet_kill(state);
+        self.persist_kill()?;
+        Ok(killed)
+    }
+
+    /// Enforce a new fleet kill state at once, in memory: covered running
+    /// bundles are killed now, new runs see it. Returns how many were
+    /// killed. It is not durable until [`Daemon::persist_kill`]; until then
+    /// runs wait (see `run_inner`), so a lift never lets a run start that
+    /// the state directory's kill switch would still refuse, and a crash
+    /// before persisting leaves the older state, which the controller
+    /// re-sends first on reconnect.
+    ///
+    /// Killing before writing is the safe order for a kill: the write is
+    /// several fsyncs, and a kill must not wait for the disk (at 10,000
+    /// hosts in one process it was seconds; see docs/scale.md).
+    pub fn enforce_fleet_kill(&self, state: KillState) -> u32 {
         {
             let mut kill = lock(&self.kill);
             kill.fleet = state;
-            self.records.put_kill(&kill)?;
+            self.kill_changes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+        self.kill_covered()
+    }
+
+    /// Write the kill state in force (daemon record, then the state
+    /// directory's kill switch), durably. Blocking.
+    pub fn persist_kill(&self) -> anyhow::Result<()> {
+        let _one_writer = lock(&self.kill_persist);
+        let (kill, epoch) = {
+            let kill = lock(&self.kill);
+            (
+                kill.clone(),
+                self.kill_changes.load(std::sync::atomic::Ordering::SeqCst),
+            )
+        };
+        self.records.put_kill(&kill)?;
         self.sync_host_kill()?;
-        Ok(self.kill_covered())
+        self.kill_durable.send_modify(|d| *d = (*d).max(epoch));
+        Ok(())
+    }
+
+    /// Wait until every kill state enforced so far is durable.
+    async fn kill_state_durable(&self) {
+        let wanted = self.kill_changes.load(std::sync::atomic::Ordering::SeqCst);
+        let mut rx = self.kill_durable.subscribe();
+        let _ = rx.wait_for(|d| *d >= wanted).await;
     }
 
     fn finish(&self, id: &RolloutId, sha: &Sha256Hex, report: RunReport) {
@@ -333,6 +384,7 @@ impl Daemon {
         F: FnOnce(PathBuf) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
     {
+        self.kill_state_durable().await;
         if let Some(order) = lock(&self.kill).covering(id).cloned() {
             return Ok(refused_report(&self.identity.name, &order));
         }
@@ -496,17 +548,22 @@ impl Daemon {
             Order::Ping => {}
             Order::KillState(state) => {
                 let generation = state.generation;
-                let killed = match self.apply_fleet_kill(state) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        // Not acknowledged: the controller reports this host as pending.
-                        tracing::error!(error = %e, "could not apply the kill state");
-                        self.kill_covered();
-                        return;
-                    }
-                };
+                // Kill now; write it down off this thread (it serves every
+                // order of this host, and of every host in `simulate`);
+                // acknowledge once durable.
+                let killed = self.enforce_fleet_kill(state);
+                let me = self.clone();
                 let s = session.clone();
                 tokio::spawn(async move {
+                    let persisted = tokio::task::spawn_blocking(move || me.persist_kill())
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|r| r);
+                    if let Err(e) = persisted {
+                        // Not acknowledged: the controller reports this host as pending.
+                        tracing::error!(error = %e, "could not record the kill state");
+                        return;
+                    }
                     let body =
                         serde_json::to_vec(&KillAck { generation, killed }).unwrap_or_default();
                     if let Err(e) = s
