@@ -357,7 +357,18 @@ impl Daemon {
         };
         lock(&self.running).remove(&id);
         match result {
-            Ok(report) => self.finish(&id, &sha, report),
+            Ok(report) => {
+                // The record is several fsyncs: off the thread that reads
+                // the orders, so a kill arriving while many runs end (a
+                // kill ends them all at once) is not queued behind them.
+                let me = self.clone();
+                let (id2, sha2) = (id.clone(), sha.clone());
+                if let Err(e) =
+                    tokio::task::spawn_blocking(move || me.finish(&id2, &sha2, report)).await
+                {
+                    tracing::error!(rollout = %id, error = %e, "recording the report failed");
+                }
+            }
             Err(e) if e.downcast_ref::<BadDownload>().is_some() => {
                 tracing::error!(rollout = %id, error = %e, "refusing the order");
                 let mut r = base_report(&self.identity.name, RunStatus::Refused);
