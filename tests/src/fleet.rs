@@ -322,22 +322,7 @@ impl Fleet {
         fs::write(&script_path, script.replace("@FLEET@", fleet)).unwrap();
         fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755)).unwrap();
         let out = self.root().join(format!("{label}.bundle"));
-        run_ok(
-            rollguard()
-                .args(["bundle", "build"])
-                .arg(&src)
-                .arg("-o")
-                .arg(&out),
-        );
-        run_ok(
-            rollguard()
-                .args(["bundle", "sign"])
-                .arg(&out)
-                .arg("--key")
-                .arg(self.keys.key("alice"))
-                .args(["--signer", "alice"]),
-        );
-        out
+        crate::build_and_sign(&src, &out, &self.keys.key("alice"), "alice")
     }
 
     /// `rollguard rollout start BUNDLE ARGS --json`; returns the rollout id.

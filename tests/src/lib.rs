@@ -55,6 +55,27 @@ pub fn rollguard() -> Command {
     Command::new(bin("rollguard"))
 }
 
+/// `rollguard bundle build SRC -o OUT`, then `rollguard bundle sign OUT`
+/// with `key` as `signer`. Returns `out`.
+pub fn build_and_sign(src: &Path, out: &Path, key: &Path, signer: &str) -> PathBuf {
+    run_ok(
+        rollguard()
+            .args(["bundle", "build"])
+            .arg(src)
+            .arg("-o")
+            .arg(out),
+    );
+    run_ok(
+        rollguard()
+            .args(["bundle", "sign"])
+            .arg(out)
+            .arg("--key")
+            .arg(key)
+            .args(["--signer", signer]),
+    );
+    out.to_path_buf()
+}
+
 /// The `rollguard-agent` binary.
 pub fn agent() -> Command {
     Command::new(bin("rollguard-agent"))

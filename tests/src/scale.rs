@@ -401,22 +401,7 @@ impl ScaleFleet {
         fs::write(src.join("bundle.toml"), manifest).expect("write manifest");
         fs::write(src.join("README"), "nothing to unpack but this\n").expect("write payload");
         let out = self.root().join(format!("{name}.bundle"));
-        run_ok(
-            rollguard()
-                .args(["bundle", "build"])
-                .arg(&src)
-                .arg("-o")
-                .arg(&out),
-        );
-        run_ok(
-            rollguard()
-                .args(["bundle", "sign"])
-                .arg(&out)
-                .arg("--key")
-                .arg(self.root().join("keys/alice"))
-                .args(["--signer", "alice"]),
-        );
-        out
+        crate::build_and_sign(&src, &out, &self.root().join("keys/alice"), "alice")
     }
 
     /// `rollguard rollout start BUNDLE ARGS --json`; returns the rollout id.
