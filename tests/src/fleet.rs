@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::host::Keys;
-use crate::{bin, rollguard, run, run_ok};
+use crate::{bin, run, run_ok};
 
 const BASE: &str = "/var/lib/rollguard-tests";
 /// Upper bound for anything the tests wait for (a failure, not a timing
@@ -290,25 +290,12 @@ impl Fleet {
 
     /// The `rollguard` CLI with the operator certificate.
     pub fn cli(&self) -> Command {
-        let mut cmd = rollguard();
-        cmd.env("ROLLGUARD_URL", self.url())
-            .env("ROLLGUARD_CA", self.ctl().join("ca.crt"))
-            .env("ROLLGUARD_CERT", self.ctl().join("operator.crt"))
-            .env("ROLLGUARD_KEY", self.ctl().join("operator.key"))
-            .env("ROLLGUARD_CLI_CONFIG", self.root().join("no-cli.toml"));
-        fs::write(self.root().join("no-cli.toml"), "").unwrap();
-        cmd
+        crate::operator_cli(&self.url(), &self.ctl(), self.root())
     }
 
     /// Run `rollguard ARGS --json`, requiring success, and parse stdout.
     pub fn cli_json(&self, args: &[&str]) -> Value {
-        let out = run_ok(self.cli().args(args).arg("--json"));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "rollguard {args:?} printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        crate::cli_json(self.cli(), args)
     }
 
     /// Write a bundle source whose manifest and script may use `@FLEET@`

@@ -76,6 +76,34 @@ pub fn build_and_sign(src: &Path, out: &Path, key: &Path, signer: &str) -> PathB
     out.to_path_buf()
 }
 
+/// The `rollguard` CLI as the operator of the controller whose CA directory
+/// is `ctl` (created by `rollguard-controller init`), at `url`. No CLI
+/// configuration file is read: `scratch/no-cli.toml` is an empty one.
+pub fn operator_cli(url: &str, ctl: &Path, scratch: &Path) -> Command {
+    let no_config = scratch.join("no-cli.toml");
+    if !no_config.exists() {
+        std::fs::write(&no_config, "").expect("write no-cli.toml");
+    }
+    let mut cmd = rollguard();
+    cmd.env("ROLLGUARD_URL", url)
+        .env("ROLLGUARD_CA", ctl.join("ca.crt"))
+        .env("ROLLGUARD_CERT", ctl.join("operator.crt"))
+        .env("ROLLGUARD_KEY", ctl.join("operator.key"))
+        .env("ROLLGUARD_CLI_CONFIG", no_config);
+    cmd
+}
+
+/// Run `cmd ARGS --json`, requiring success, and parse stdout.
+pub fn cli_json(mut cmd: Command, args: &[&str]) -> serde_json::Value {
+    let out = run_ok(cmd.args(args).arg("--json"));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "rollguard {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// The `rollguard-agent` binary.
 pub fn agent() -> Command {
     Command::new(bin("rollguard-agent"))

@@ -26,7 +26,7 @@ use rollguard_controller::client::Client;
 use rollguard_controller::pki::{issue, CaDir, Role};
 use serde_json::Value;
 
-use crate::{bin, rollguard, run, run_ok};
+use crate::{bin, run, run_ok};
 
 pub const BASE: &str = "/var/lib/rollguard-scale";
 /// Host directory prefix (`rollguard-agent simulate --prefix`).
@@ -362,28 +362,12 @@ impl ScaleFleet {
 
     /// The `rollguard` CLI with the operator certificate.
     pub fn cli(&self) -> Command {
-        let mut cmd = rollguard();
-        let no_config = self.root().join("no-cli.toml");
-        if !no_config.exists() {
-            fs::write(&no_config, "").expect("write no-cli.toml");
-        }
-        cmd.env("ROLLGUARD_URL", self.url())
-            .env("ROLLGUARD_CA", self.ctl().join("ca.crt"))
-            .env("ROLLGUARD_CERT", self.ctl().join("operator.crt"))
-            .env("ROLLGUARD_KEY", self.ctl().join("operator.key"))
-            .env("ROLLGUARD_CLI_CONFIG", no_config);
-        cmd
+        crate::operator_cli(&self.url(), &self.ctl(), self.root())
     }
 
     /// Run `rollguard ARGS --json`, requiring success, and parse stdout.
     pub fn cli_json(&self, args: &[&str]) -> Value {
-        let out = run_ok(self.cli().args(args).arg("--json"));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "rollguard {args:?} printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        crate::cli_json(self.cli(), args)
     }
 
     /// Build and sign a bundle targeting every simulated host that runs
