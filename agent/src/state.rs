@@ -651,26 +651,14 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Replace `dir/name` with `bytes`, atomically and durably.
 pub(crate) fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
-    let target = dir.join(name);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(o_nofollow())
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-        fs::rename(&tmp, &target).map_err(io_err("rename into place", &target))?;
-        fsync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    // A failure before the rename removes the temporary file (Staged's drop).
+    let mut staged = Staged::write(dir, name, bytes)?;
+    staged
+        .file
+        .sync_all()
+        .map_err(io_err("fsync", &staged.tmp))?;
+    staged.rename_into_place()?;
+    fsync_dir(dir)
 }
 
 /// Why [`StateDir::begin_run`] did not record the run.

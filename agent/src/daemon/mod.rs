@@ -93,7 +93,8 @@ pub struct Daemon {
     kill_changes: std::sync::atomic::AtomicU64,
     /// ... and how many of them are durable; runs wait for the two to meet.
     kill_durable: tokio::sync::watch::Sender<u64>,
-    /// Serializes writes of the kill state (one temporary file name).
+    /// Serializes writes of the kill state, so the newest state is the one
+    /// renamed into place last.
     kill_persist: Mutex<()>,
 }
 

@@ -13,8 +13,7 @@
 //! written before the report is sent, so no report is lost.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use rollguard_shared::protocol::{KillOrder, KillState, RolloutId, Sha256Hex};
@@ -31,6 +30,9 @@ pub enum RecordError {
     },
     #[error("daemon record {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
+    /// From the one durable-write helper shared with the state directory.
+    #[error(transparent)]
+    Write(#[from] crate::state::StateError),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecordError {
@@ -90,25 +92,6 @@ pub struct Records {
 }
 
 const MAX_RECORD: u64 = 1024 * 1024;
-
-fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), RecordError> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let path = dir.join(name);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    f.write_all(bytes).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
-    fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))?;
-    Ok(())
-}
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, RecordError> {
     let f = match fs::File::open(path) {
@@ -175,11 +158,12 @@ impl Records {
             path: self.root.clone(),
             why: e.to_string(),
         })?;
-        write_durable(
+        crate::state::write_durable(
             &self.rollouts_dir(),
             &format!("{}.json", rec.rollout_id),
             &bytes,
-        )
+        )?;
+        Ok(())
     }
 
     /// Every record, in file-name order.
@@ -218,7 +202,8 @@ impl Records {
             path: self.root.clone(),
             why: e.to_string(),
         })?;
-        write_durable(&self.root, "kill.json", &bytes)
+        crate::state::write_durable(&self.root, "kill.json", &bytes)?;
+        Ok(())
     }
 }
 
