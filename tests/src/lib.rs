@@ -104,6 +104,31 @@ pub fn cli_json(mut cmd: Command, args: &[&str]) -> serde_json::Value {
     })
 }
 
+/// `rollguard rollout start BUNDLE ARGS --json` with `cli`; returns the
+/// rollout id.
+pub fn start_rollout(mut cli: Command, bundle: &Path, args: &[&str]) -> String {
+    let out = run_ok(
+        cli.args(["rollout", "start"])
+            .arg(bundle)
+            .args(args)
+            .arg("--json"),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("rollout start JSON");
+    v["id"].as_str().expect("rollout id").to_string()
+}
+
+/// `rollguard rollout status ID --json` with `cli`. It exits 1 for a halted
+/// rollout; the JSON is what we want.
+pub fn rollout_status(mut cli: Command, id: &str) -> serde_json::Value {
+    let out = run(cli.args(["rollout", "status", id, "--json"]));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "rollout status printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// The `rollguard-agent` binary.
 pub fn agent() -> Command {
     Command::new(bin("rollguard-agent"))

@@ -390,26 +390,11 @@ impl ScaleFleet {
 
     /// `rollguard rollout start BUNDLE ARGS --json`; returns the rollout id.
     pub fn start_rollout(&self, bundle: &Path, args: &[&str]) -> String {
-        let out = run_ok(
-            self.cli()
-                .args(["rollout", "start"])
-                .arg(bundle)
-                .args(args)
-                .arg("--json"),
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).expect("rollout start JSON");
-        v["id"].as_str().expect("rollout id").to_string()
+        crate::start_rollout(self.cli(), bundle, args)
     }
 
     pub fn status(&self, id: &str) -> Value {
-        // `status` exits 1 for a halted rollout; the JSON is what we want.
-        let out = run(self.cli().args(["rollout", "status", id, "--json"]));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "rollout status printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        crate::rollout_status(self.cli(), id)
     }
 
     /// Wait (polling every `every`) until the rollout is `state`; panics if
