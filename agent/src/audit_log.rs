@@ -216,6 +216,53 @@ impl AuditLog {
         &self.path
     }
 
+    /// Whether the log holds the result (`run_finished`) of run `run_id`.
+    ///
+    /// Recovery asks this of an in-progress marker whose agent is gone: the
+    /// runner clears a run's marker only after its result is durable here,
+    /// but does not wait for that removal to reach the disk (see
+    /// [`StateDir::clear_logged_in_progress`]), so after a crash a marker can
+    /// reappear for a run that finished. Reads the whole file, parsing only
+    /// the lines that mention the run; it runs only for markers of dead
+    /// agents. A line that does not parse counts as no result (recovery then
+    /// records the run as interrupted: a duplicate record, never a lost one).
+    pub fn has_run_finished(&self, run_id: &str) -> Result<bool, AuditLogError> {
+        let io_err = |source| AuditLogError::Io {
+            action: "read",
+            path: self.path.clone(),
+            source,
+        };
+        let file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err(e)),
+        };
+        let needle = run_id.as_bytes();
+        let mut reader = BufReader::new(file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(io_err)?;
+            if n == 0 {
+                return Ok(false);
+            }
+            if needle.is_empty() || !line.windows(needle.len()).any(|w| w == needle) {
+                continue;
+            }
+            let Ok(entry) = serde_json::from_slice::<RawEntry>(&line) else {
+                continue;
+            };
+            if entry.event.get("type").and_then(|t| t.as_str()) == Some("run_finished")
+                && entry.event.get("run_id").and_then(|r| r.as_str()) == Some(run_id)
+            {
+                return Ok(true);
+            }
+        }
+    }
+
     /// Append an entry durably; returns the new head.
     pub fn append(&self, event: AuditEvent) -> Result<Head, AuditLogError> {
         let lock = self.state.lock()?;

@@ -9,8 +9,11 @@
 //! 1. kills whatever is left of it (its cgroup, if it still exists): a
 //!    bundle must not go on running unsupervised;
 //! 2. appends `run_interrupted` to the audit log (the run is never retried:
-//!    its version stays used, as for any run that started);
-//! 3. removes its scratch directory, then its marker.
+//!    its version stays used, as for any run that started), unless the log
+//!    already holds the run's result: the runner removes a finished run's
+//!    marker without flushing the removal, so a crash can bring the marker
+//!    of a finished run back ([`AuditLog::has_run_finished`]);
+//! 3. removes its scratch directory, then its marker (durably).
 //!
 //! Every step may be repeated, so a crash during recovery is finished by the
 //! next one (at worst the log holds the interruption twice). A run whose
@@ -44,6 +47,9 @@ pub struct Recovered {
     pub marker: RunMarker,
     /// Whether its cgroup still existed (and was killed and removed).
     pub cgroup_removed: bool,
+    /// Whether the audit log already held its result (only the marker was
+    /// left over; no `run_interrupted` was recorded).
+    pub already_finished: bool,
 }
 
 /// Record and clean up every run of `state` whose agent process is gone.
@@ -63,12 +69,21 @@ pub fn recover_interrupted_runs(
     let mut recovered = Vec::new();
     for marker in state.interrupted_runs()? {
         let run_id = marker.run_id.to_string();
-        tracing::warn!(
-            run_id,
-            bundle = %marker.bundle.name,
-            version = marker.bundle.version,
-            "run was in progress when its agent stopped: killing what is left of it, recording it interrupted"
-        );
+        let finished = log.has_run_finished(&run_id)?;
+        if finished {
+            tracing::info!(
+                run_id,
+                bundle = %marker.bundle.name,
+                "in-progress marker of a run whose result is logged (its removal was lost): clearing it"
+            );
+        } else {
+            tracing::warn!(
+                run_id,
+                bundle = %marker.bundle.name,
+                version = marker.bundle.version,
+                "run was in progress when its agent stopped: killing what is left of it, recording it interrupted"
+            );
+        }
         let cgroup = RunCgroup::existing(&run_id).map_err(|source| RecoveryError::Cgroup {
             run_id: run_id.clone(),
             source,
@@ -82,14 +97,16 @@ pub fn recover_interrupted_runs(
                     source,
                 })?;
         }
-        log.append_locked(
-            &lock,
-            AuditEvent::RunInterrupted {
-                run_id: run_id.clone(),
-                bundle: marker.bundle.clone(),
-                manifest_sha256: marker.manifest_sha256.clone(),
-            },
-        )?;
+        if !finished {
+            log.append_locked(
+                &lock,
+                AuditEvent::RunInterrupted {
+                    run_id: run_id.clone(),
+                    bundle: marker.bundle.clone(),
+                    manifest_sha256: marker.manifest_sha256.clone(),
+                },
+            )?;
+        }
         if let Err(e) = state.remove_run_dir(&marker.run_id) {
             // Scratch only: the bundle's unpacked payload. Worth a warning,
             // not worth keeping the run unrecorded.
@@ -99,6 +116,7 @@ pub fn recover_interrupted_runs(
         recovered.push(Recovered {
             marker,
             cgroup_removed,
+            already_finished: finished,
         });
     }
     Ok(recovered)

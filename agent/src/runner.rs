@@ -357,7 +357,7 @@ fn prepare_and_run(
             &manifest_sha256,
         )) {
             Ok(_) => {
-                if let Err(e) = state.clear_in_progress(&run_id) {
+                if let Err(e) = state.clear_logged_in_progress(&run_id) {
                     tracing::error!(run_id = %run_id, "cannot clear the in-progress marker: {e}");
                 }
             }

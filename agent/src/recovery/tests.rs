@@ -113,3 +113,61 @@ fn run_without_cgroup_is_still_recorded() {
     assert!(!recovered[0].cgroup_removed);
     assert_eq!(log_lines(&log).len(), 1);
 }
+
+/// What a crash can leave after a run that finished: its result in the log
+/// and its marker back (the runner does not flush the marker's removal).
+fn finished_event(marker: &RunMarker) -> audit_log::AuditEvent {
+    audit_log::AuditEvent::RunFinished {
+        run_id: marker.run_id.to_string(),
+        bundle: marker.bundle.clone(),
+        manifest_sha256: marker.manifest_sha256.clone(),
+        status: rollguard_shared::report::RunStatus::Succeeded,
+        exit_code: Some(0),
+        reason: None,
+        denials: Some(Vec::new()),
+        denial_count: Some(0),
+        duration_ms: 9,
+    }
+}
+
+#[test]
+fn marker_of_a_logged_run_is_cleared_without_an_interruption() {
+    let (_tmp, state, log) = fresh();
+    let marker = dead_agents_marker();
+    state.mark_in_progress(&marker).unwrap();
+    log.append(finished_event(&marker)).unwrap();
+
+    let recovered = recover_interrupted_runs(&state, &log).unwrap();
+    assert_eq!(recovered.len(), 1);
+    assert!(recovered[0].already_finished);
+    assert!(state.interrupted_runs().unwrap().is_empty(), "marker left");
+    let lines = log_lines(&log);
+    assert_eq!(lines.len(), 1, "recovery wrote to the log: {lines:?}");
+    assert_eq!(lines[0]["event"]["type"], "run_finished");
+}
+
+#[test]
+fn another_runs_result_does_not_count() {
+    let (_tmp, state, log) = fresh();
+    let marker = dead_agents_marker();
+    state.mark_in_progress(&marker).unwrap();
+    // A run of the same bundle with another id, and an entry that merely
+    // mentions this run's id in a reason: neither is this run's result.
+    let other = dead_agents_marker();
+    log.append(finished_event(&other)).unwrap();
+    log.append(audit_log::AuditEvent::Refused {
+        bundle: Some(marker.bundle.clone()),
+        manifest_sha256: None,
+        refusal: rollguard_shared::report::RefusalKind::Rollback,
+        reason: format!("not {}", marker.run_id),
+    })
+    .unwrap();
+
+    let recovered = recover_interrupted_runs(&state, &log).unwrap();
+    assert_eq!(recovered.len(), 1);
+    assert!(!recovered[0].already_finished);
+    let lines = log_lines(&log);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[2]["event"]["type"], "run_interrupted");
+    assert_eq!(lines[2]["event"]["run_id"], marker.run_id.as_str());
+}

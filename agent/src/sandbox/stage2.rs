@@ -126,20 +126,21 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
     let cgroup = RunCgroup::open(&plan.cgroup_dir).map_err(at(Step::Cgroup))?;
     // The launcher starts us inside it (clone3 with CLONE_INTO_CGROUP); a
     // migration waits for an RCU grace period (~15 ms here), so only join
-    // when we are somehow not a member.
+    // when we are somehow not a member, and then check again (each check
+    // reads /proc/self/mountinfo and /proc/self/cgroup).
     if !cgroup.contains_self().map_err(at(Step::Cgroup))? {
         cgroup
             .add_process(std::process::id())
             .map_err(at(Step::Cgroup))?;
-    }
-    if !cgroup.contains_self().map_err(at(Step::Cgroup))? {
-        return Err(Failure {
-            step: Step::Cgroup,
-            error: format!(
-                "joined {} but /proc/self/cgroup says otherwise",
-                plan.cgroup_dir.display()
-            ),
-        });
+        if !cgroup.contains_self().map_err(at(Step::Cgroup))? {
+            return Err(Failure {
+                step: Step::Cgroup,
+                error: format!(
+                    "joined {} but /proc/self/cgroup says otherwise",
+                    plan.cgroup_dir.display()
+                ),
+            });
+        }
     }
 
     // 2. Audit session.
