@@ -46,12 +46,6 @@ pub enum Command {
     /// name, certificate, state directory), each with its own connection to the controller and
     /// running bundles through the real verifier and sandbox.
     Simulate(SimulateArgs),
-    /// Stage 2 of a confined run (internal: started by the agent itself).
-    #[command(name = "__sandbox-exec", hide = true)]
-    SandboxExec {
-        /// The sandbox specification written by the agent.
-        spec: PathBuf,
-    },
 }
 
 #[derive(Debug, Args)]

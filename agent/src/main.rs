@@ -1,7 +1,6 @@
 //! `rollguard-agent`: a thin binary over the `rollguard_agent` library.
 #![forbid(unsafe_code)]
 
-use std::ffi::OsStr;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -9,7 +8,7 @@ use clap::Parser;
 use rollguard_agent::cli::{AuditCommand, Cli, Command};
 use rollguard_agent::policy::HostPolicy;
 use rollguard_agent::runner::{run_bundle, RunOptions};
-use rollguard_agent::sandbox::{stage2_main, KernelSupport, STAGE2_COMMAND};
+use rollguard_agent::sandbox::{KernelSupport, Launcher};
 use rollguard_agent::{audit_log, state::StateDir};
 use rollguard_shared::report::{RunReport, RunStatus};
 
@@ -19,20 +18,6 @@ const EXIT_REFUSED: u8 = 2;
 const EXIT_ERROR: u8 = 3;
 
 fn main() -> ExitCode {
-    // Sandbox stage 2 (`__sandbox-exec PLAN.json`) must be dispatched before
-    // anything else runs: it has to stay single-threaded and untouched by
-    // CLI or logging setup.
-    let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(OsStr::new(STAGE2_COMMAND)) {
-        return match (args.next(), args.next()) {
-            (Some(plan), None) => stage2_main(Path::new(&plan)),
-            _ => {
-                eprintln!("usage: rollguard-agent {STAGE2_COMMAND} PLAN.json");
-                ExitCode::from(rollguard_agent::sandbox::status::EXIT_SETUP_FAILED)
-            }
-        };
-    }
-
     let cli = Cli::parse();
     rollguard_shared::logging::init(cli.log_format, "warn");
     let result = match cli.command {
@@ -57,7 +42,6 @@ fn main() -> ExitCode {
             },
         )
         .map(|()| ExitCode::SUCCESS),
-        Command::SandboxExec { .. } => unreachable!("dispatched before argument parsing"),
     };
     match result {
         Ok(code) => code,
@@ -139,7 +123,9 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let policy = HostPolicy::load(policy_path);
     let kernel_ok = kernel.require(false);
     let state = policy.as_ref().ok().map(|p| StateDir::open(p.state_dir()));
-    let ok = policy.is_ok() && kernel_ok.is_ok() && matches!(state, Some(Ok(_)));
+    // The program every run is confined by, as a run would find it.
+    let stage2 = Launcher::current();
+    let ok = policy.is_ok() && kernel_ok.is_ok() && matches!(state, Some(Ok(_))) && stage2.is_ok();
     if json {
         let v = serde_json::json!({
             "ok": ok,
@@ -149,6 +135,8 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "state_error": state.as_ref().and_then(|s| s.as_ref().err()).map(|e| e.to_string()),
             "kernel": kernel,
             "kernel_error": kernel_ok.as_ref().err().map(|e| e.to_string()),
+            "stage2_program": stage2.as_ref().ok().map(|l| l.stage2_exe()),
+            "stage2_error": stage2.as_ref().err().map(|e| e.to_string()),
         });
         println!("{v}");
     } else {
@@ -166,6 +154,10 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
         if let Some(Err(e)) = &state {
             println!("state directory: ERROR: {e}");
+        }
+        match &stage2 {
+            Ok(l) => println!("sandbox program {}: ok", l.stage2_exe().display()),
+            Err(e) => println!("sandbox program: ERROR: {e}"),
         }
         println!("kernel {}:", kernel.kernel_release);
         println!(

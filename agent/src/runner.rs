@@ -54,7 +54,8 @@ pub type OnStart = Arc<dyn Fn(&str, KillHandle) + Send + Sync>;
 /// Options of one run.
 #[derive(Clone)]
 pub struct RunOptions {
-    /// The `rollguard-agent` binary that runs stage 2 of the sandbox.
+    /// The `rollguard-agent` binary; the sandbox's stage-2 program is the
+    /// one installed beside it ([`Launcher::beside`]).
     pub agent_exe: PathBuf,
     /// The rollout this run belongs to (daemon runs), passed to the bundle
     /// as `ROLLGUARD_ROLLOUT`.
@@ -232,6 +233,11 @@ fn prepare_and_run(
         .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
     rollguard_shared::version::check_newer(bundle.name.as_str(), last, bundle.version)
         .map_err(|e| Refusal::new(RefusalKind::Rollback, e))?;
+    // The stage-2 program, found (and checked) before anything is written:
+    // without it nothing can be confined, and the version must not be used
+    // up by a run that cannot start.
+    let launcher =
+        Launcher::beside(&opts.agent_exe).map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
 
     // Every check that needs no disk write has passed: start listening for
     // the run's audit records now, on another thread. Its kernel round trips
@@ -335,6 +341,7 @@ fn prepare_and_run(
 
     execute(
         &spec,
+        &launcher,
         opts,
         manifest.run.timeout,
         &kernel,
@@ -376,6 +383,7 @@ fn prepare_and_run(
 /// output tails.
 fn execute(
     spec: &SandboxSpec,
+    launcher: &Launcher,
     opts: &RunOptions,
     timeout: Duration,
     kernel: &KernelSupport,
@@ -387,7 +395,7 @@ fn execute(
         tracing::warn!("denials cannot be observed on this host: {e}");
         e
     });
-    let child = match Launcher::new(&opts.agent_exe).spawn(spec) {
+    let child = match launcher.spawn(spec) {
         Ok(c) => c,
         Err(e) => {
             report.status = RunStatus::Failed;

@@ -235,8 +235,7 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
     };
     let plan_path = t.p("run/plan.json");
     fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-agent"))
-        .arg(rollguard_agent::sandbox::STAGE2_COMMAND)
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
         .arg(&plan_path)
         .output()
         .unwrap();

@@ -18,7 +18,7 @@ use super::cgroup::{CgroupError, RunCgroup};
 use super::clone_into_cgroup;
 use super::spec::{SandboxSpec, SpecError, Stage2Plan};
 use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE};
-use super::STAGE2_COMMAND;
+use super::STAGE2_PROGRAM;
 
 pub const PLAN_FILE: &str = "sandbox-plan.json";
 pub const STDOUT_FILE: &str = "stdout";
@@ -40,8 +40,12 @@ pub enum SandboxError {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("starting {agent}: {source}")]
-    Spawn { agent: PathBuf, source: io::Error },
+    #[error("starting {program}: {source}")]
+    Spawn { program: PathBuf, source: io::Error },
+    #[error("the sandbox's stage-2 program {STAGE2_PROGRAM} is not installed beside {agent} (looked for {looked}); no bundle can be confined")]
+    Stage2Missing { agent: PathBuf, looked: String },
+    #[error("refusing the stage-2 program {path}: {why}")]
+    Stage2Unsafe { path: PathBuf, why: String },
     #[error("lost track of the run's main process: {0}")]
     Wait(String),
     #[error("processes of run {run_id} did not die within {KILL_GRACE:?} of cgroup.kill")]
@@ -56,26 +60,79 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
-/// Starts confined runs by re-executing the agent binary as stage 2.
+/// Where the stage-2 program is looked for, relative to the directory of
+/// the `rollguard-agent` binary: beside it (a build tree: `target/release/`),
+/// then the packages' private directories (`/usr/sbin/../lib/rollguard/` for
+/// the .deb, `/usr/sbin/../libexec/rollguard/` for the .rpm).
+const STAGE2_DIRS: [&str; 3] = [".", "../lib/rollguard", "../libexec/rollguard"];
+
+/// Starts confined runs: executes the stage-2 program ([`STAGE2_PROGRAM`])
+/// in each run's cgroup.
 #[derive(Debug, Clone)]
 pub struct Launcher {
-    agent_exe: PathBuf,
+    stage2_exe: PathBuf,
 }
 
 impl Launcher {
-    /// `agent_exe` must be a `rollguard-agent` binary that dispatches
-    /// [`STAGE2_COMMAND`] (tests pass `env!("CARGO_BIN_EXE_rollguard-agent")`).
-    pub fn new(agent_exe: impl Into<PathBuf>) -> Self {
-        let agent_exe = agent_exe.into();
+    /// `stage2_exe` must be the `rollguard-sandbox-exec` program (tests pass
+    /// `env!("CARGO_BIN_EXE_rollguard-sandbox-exec")`).
+    pub fn new(stage2_exe: impl Into<PathBuf>) -> Self {
+        let stage2_exe = stage2_exe.into();
         // Stage 2 starts with `/` as its working directory, so a relative
         // path must be resolved now.
-        let agent_exe = std::path::absolute(&agent_exe).unwrap_or(agent_exe);
-        Launcher { agent_exe }
+        let stage2_exe = std::path::absolute(&stage2_exe).unwrap_or(stage2_exe);
+        Launcher { stage2_exe }
     }
 
-    /// The running executable (the agent itself).
-    pub fn current() -> io::Result<Self> {
-        Ok(Launcher::new(std::env::current_exe()?))
+    /// The stage-2 program installed with the `rollguard-agent` binary
+    /// `agent_exe` (see [`STAGE2_DIRS`]). It runs as root before any
+    /// confinement, so one that group or others could have replaced is
+    /// refused, as is a missing one: without it nothing can be confined.
+    pub fn beside(agent_exe: &Path) -> Result<Self, SandboxError> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = agent_exe.parent().unwrap_or(Path::new("/"));
+        let candidates: Vec<PathBuf> = STAGE2_DIRS
+            .iter()
+            .map(|d| dir.join(d).join(STAGE2_PROGRAM))
+            .collect();
+        for path in &candidates {
+            let Ok(meta) = fs::metadata(path) else {
+                continue;
+            };
+            if !meta.is_file() || meta.mode() & 0o111 == 0 {
+                continue;
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(SandboxError::Stage2Unsafe {
+                    path: path.clone(),
+                    why: format!(
+                        "writable by group or others (mode {:o})",
+                        meta.mode() & 0o7777
+                    ),
+                });
+            }
+            return Ok(Launcher::new(path));
+        }
+        Err(SandboxError::Stage2Missing {
+            agent: agent_exe.to_path_buf(),
+            looked: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// The stage-2 program installed with the running agent.
+    pub fn current() -> Result<Self, SandboxError> {
+        let exe =
+            std::env::current_exe().map_err(io_err("locating", Path::new("/proc/self/exe")))?;
+        Launcher::beside(&exe)
+    }
+
+    /// The stage-2 program this launcher starts.
+    pub fn stage2_exe(&self) -> &Path {
+        &self.stage2_exe
     }
 
     /// Create the run cgroup and start stage 2 in it. The run directory must
@@ -129,8 +186,8 @@ impl Launcher {
         // Born inside the run cgroup (no migration, no moment outside it);
         // stage 2 still checks its membership before anything else.
         let pid = clone_into_cgroup::spawn(
-            &self.agent_exe,
-            &[STAGE2_COMMAND.as_ref(), plan_path.as_os_str()],
+            &self.stage2_exe,
+            &[plan_path.as_os_str()],
             cgroup.path(),
             clone_into_cgroup::Stdio {
                 stdin: &stdin,
@@ -139,7 +196,7 @@ impl Launcher {
             },
         )
         .map_err(|source| SandboxError::Spawn {
-            agent: self.agent_exe.clone(),
+            program: self.stage2_exe.clone(),
             source,
         })?;
         tracing::info!(run_id = %spec.run_id, pid, cgroup = %cgroup.path().display(), "confined run started");
@@ -155,7 +212,7 @@ impl Launcher {
             let _ = cgroup.kill();
             let _ = clone_into_cgroup::wait(pid);
             return Err(SandboxError::Spawn {
-                agent: self.agent_exe.clone(),
+                program: self.stage2_exe.clone(),
                 source,
             });
         }
@@ -456,4 +513,62 @@ fn read_session(run_dir: &Path) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake install: `sbin/rollguard-agent` and, if `stage2` is given,
+    /// the stage-2 program at that path (relative to the root) with `mode`.
+    fn install(stage2: Option<(&str, u32)>) -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let agent = root.path().join("sbin/rollguard-agent");
+        fs::create_dir_all(agent.parent().unwrap()).unwrap();
+        fs::write(&agent, "").unwrap();
+        if let Some((rel, mode)) = stage2 {
+            let path = root.path().join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, "").unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        (root, agent)
+    }
+
+    #[test]
+    fn stage2_is_found_beside_the_agent_or_in_the_package_directories() {
+        for rel in [
+            "sbin/rollguard-sandbox-exec",
+            "lib/rollguard/rollguard-sandbox-exec",
+            "libexec/rollguard/rollguard-sandbox-exec",
+        ] {
+            let (root, agent) = install(Some((rel, 0o755)));
+            let launcher = Launcher::beside(&agent).unwrap();
+            assert_eq!(
+                fs::canonicalize(launcher.stage2_exe()).unwrap(),
+                fs::canonicalize(root.path().join(rel)).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn missing_or_unexecutable_stage2_is_an_error() {
+        let (_root, agent) = install(None);
+        let err = Launcher::beside(&agent).unwrap_err();
+        assert!(matches!(err, SandboxError::Stage2Missing { .. }), "{err}");
+        assert!(err.to_string().contains("rollguard-sandbox-exec"), "{err}");
+
+        let (_root, agent) = install(Some(("sbin/rollguard-sandbox-exec", 0o644)));
+        let err = Launcher::beside(&agent).unwrap_err();
+        assert!(matches!(err, SandboxError::Stage2Missing { .. }), "{err}");
+    }
+
+    #[test]
+    fn stage2_writable_by_others_is_refused() {
+        for mode in [0o775, 0o757] {
+            let (_root, agent) = install(Some(("lib/rollguard/rollguard-sandbox-exec", mode)));
+            let err = Launcher::beside(&agent).unwrap_err();
+            assert!(matches!(err, SandboxError::Stage2Unsafe { .. }), "{err}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Stage 2: the process that confines itself and becomes the bundle.
 //!
-//! Runs as `rollguard-agent __sandbox-exec PLAN.json`, single-threaded,
-//! before anything else in `main`. The order is fixed and each step
+//! Runs as `rollguard-sandbox-exec PLAN.json` (its own small program, see
+//! `src/bin/rollguard-sandbox-exec.rs`), single-threaded, before anything
+//! else in `main`. The order is fixed and each step
 //! depends on the ones before:
 //!
 //! 0. checks: one thread (Landlock and seccomp apply per thread), umask
@@ -29,6 +30,7 @@
 //! Any failure: a `setup-failed` status event, a message on stderr, exit
 //! 125, and nothing executed.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -47,6 +49,7 @@ use super::status::{
 };
 use super::{
     audit_session, capabilities, landlock_rules, namespaces, seccomp_filter, seccomp_install,
+    STAGE2_PROGRAM,
 };
 
 /// `PATH` of the bundle: the standard Debian root path.
@@ -64,8 +67,24 @@ fn at<E: std::fmt::Display>(step: Step) -> impl FnOnce(E) -> Failure {
     }
 }
 
-/// Entry point of `rollguard-agent __sandbox-exec PLAN.json`. Returns only
-/// on failure (on success the process has become the bundle).
+/// The command line of `rollguard-sandbox-exec`: exactly one argument, the
+/// plan. Returns only on failure (on success the process has become the
+/// bundle).
+pub fn stage2_command(mut args: impl Iterator<Item = OsString>) -> ExitCode {
+    let _program = args.next();
+    match (args.next(), args.next()) {
+        (Some(plan), None) => stage2_main(Path::new(&plan)),
+        _ => {
+            eprintln!(
+                "usage: {STAGE2_PROGRAM} PLAN.json (stage 2 of a confined run, started by rollguard-agent; not for use by hand)"
+            );
+            ExitCode::from(EXIT_SETUP_FAILED)
+        }
+    }
+}
+
+/// Stage 2 with the plan at `plan_path`. Returns only on failure (on
+/// success the process has become the bundle).
 pub fn stage2_main(plan_path: &Path) -> ExitCode {
     let plan = match load_plan(plan_path) {
         Ok(plan) => plan,

@@ -154,7 +154,7 @@ impl Tree {
 }
 
 pub fn launcher() -> Launcher {
-    Launcher::new(env!("CARGO_BIN_EXE_rollguard-agent"))
+    Launcher::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
 }
 
 #[derive(Debug)]
