@@ -16,5 +16,6 @@ if [ "$1" -eq 0 ]; then
     # cargo-generate-rpm cannot list directories, so RPM does not own (nor
     # remove) the ones this package's files live in: remove them when empty.
     find /usr/share/doc/rollguard-agent -depth -type d -empty -delete 2>/dev/null || :
+    rmdir /usr/libexec/rollguard 2>/dev/null || :
     rmdir /etc/rollguard 2>/dev/null || :
 fi
