@@ -241,12 +241,7 @@ impl AuditLog {
         let mut reader = BufReader::new(file);
         let mut line = Vec::new();
         loop {
-            line.clear();
-            let n = (&mut reader)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut line)
-                .map_err(io_err)?;
-            if n == 0 {
+            if !read_line(&mut reader, &mut line).map_err(io_err)? {
                 return Ok(false);
             }
             if needle.is_empty() || !line.windows(needle.len()).any(|w| w == needle) {
@@ -381,6 +376,14 @@ pub fn head(path: &Path) -> Result<Option<Head>, AuditLogError> {
     Ok(verify(path)?.head)
 }
 
+/// Read the next line into `buf` (replacing its contents), newline
+/// included, at most `MAX_LINE + 1` bytes of it (a longer line is left
+/// without its newline for the caller to reject). `false` at end of file.
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<bool> {
+    buf.clear();
+    Ok(reader.take(MAX_LINE as u64 + 1).read_until(b'\n', buf)? > 0)
+}
+
 /// Entries as `verify` reads them: the event is kept as raw JSON so a log
 /// written by a newer agent (with event types this one does not know)
 /// still verifies.
@@ -442,12 +445,7 @@ fn walk(
     let mut prev_hash = GENESIS_PREV.to_string();
     let mut head = None;
     loop {
-        buf.clear();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .map_err(io_err)?;
-        if n == 0 {
+        if !read_line(&mut reader, &mut buf).map_err(io_err)? {
             break;
         }
         line_no += 1;
