@@ -86,8 +86,8 @@ impl Launcher {
 
     /// The stage-2 program installed with the `rollguard-agent` binary
     /// `agent_exe` (see [`STAGE2_DIRS`]). It runs as root before any
-    /// confinement, so one that group or others could have replaced is
-    /// refused, as is a missing one: without it nothing can be confined.
+    /// confinement, so one that another user could replace is refused, as
+    /// is a missing one: without it nothing can be confined.
     pub fn beside(agent_exe: &Path) -> Result<Self, SandboxError> {
         use std::os::unix::fs::MetadataExt;
         let dir = agent_exe.parent().unwrap_or(Path::new("/"));
@@ -102,15 +102,12 @@ impl Launcher {
             if !meta.is_file() || meta.mode() & 0o111 == 0 {
                 continue;
             }
-            if meta.mode() & 0o022 != 0 {
-                return Err(SandboxError::Stage2Unsafe {
-                    path: path.clone(),
-                    why: format!(
-                        "writable by group or others (mode {:o})",
-                        meta.mode() & 0o7777
-                    ),
-                });
-            }
+            check_replaceable_only_by_us(path, &meta)?;
+            // Its directory too: whoever can write there can rename another
+            // file over it.
+            let parent = path.parent().unwrap_or(Path::new("/"));
+            let parent_meta = fs::metadata(parent).map_err(io_err("inspecting", parent))?;
+            check_replaceable_only_by_us(parent, &parent_meta)?;
             return Ok(Launcher::new(path));
         }
         Err(SandboxError::Stage2Missing {
@@ -230,6 +227,31 @@ impl Launcher {
             armed: true,
         })
     }
+}
+
+/// The stage-2 program runs as root before any confinement: refuse it (or
+/// its directory) when anyone but root or the agent's own user owns it, or
+/// group or others may write to it.
+fn check_replaceable_only_by_us(path: &Path, meta: &fs::Metadata) -> Result<(), SandboxError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_because = |why: String| SandboxError::Stage2Unsafe {
+        path: path.to_path_buf(),
+        why,
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Err(unsafe_because(format!(
+            "owned by uid {}, not root",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_because(format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 fn create_private(path: &Path) -> Result<File, SandboxError> {
@@ -570,5 +592,21 @@ mod tests {
             let err = Launcher::beside(&agent).unwrap_err();
             assert!(matches!(err, SandboxError::Stage2Unsafe { .. }), "{err}");
         }
+        // Or whose directory is.
+        let (root, agent) = install(Some(("lib/rollguard/rollguard-sandbox-exec", 0o755)));
+        let dir = root.path().join("lib/rollguard");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Launcher::beside(&agent).unwrap_err();
+        assert!(err.to_string().contains("lib/rollguard:"), "{err}");
+    }
+
+    #[test]
+    fn stage2_owned_by_another_user_is_refused() {
+        let (root, agent) = install(Some(("sbin/rollguard-sandbox-exec", 0o755)));
+        let path = root.path().join("sbin/rollguard-sandbox-exec");
+        // The tests run as root (the sandbox needs it): hand it to nobody.
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let err = Launcher::beside(&agent).unwrap_err();
+        assert!(err.to_string().contains("owned by uid 65534"), "{err}");
     }
 }
