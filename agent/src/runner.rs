@@ -9,7 +9,8 @@
 //!    `delete_threshold` when the bundle deletes);
 //! 4. expiry; 5. this host in `[targets]`; 6. scopes against protected
 //!    paths and the host's ceiling; 7. the kernel can confine it; 8. version
-//!    newer than any run here (cheap check, before unpacking);
+//!    newer than any run here (cheap check, before unpacking), and the
+//!    sandbox's stage-2 program installed and safe;
 //! 9. unpack the payload (digests checked) into a private run directory;
 //! 10. record the version as started (the atomic rollback check), mark the
 //!     run in progress and log it, under the state lock, all three durable

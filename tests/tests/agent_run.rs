@@ -409,3 +409,47 @@ fn crashed_agents_bundle_is_killed_and_logged_at_the_next_run() {
     assert_eq!(report["status"], "refused", "{report:#}");
     assert_eq!(report["refusal"], "rollback", "{report:#}");
 }
+
+/// An agent installed without its stage-2 program cannot confine anything:
+/// it refuses (a host error) before recording anything, so the bundle runs
+/// once the installation is repaired.
+#[test]
+fn missing_stage2_program_refuses_and_uses_up_nothing() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-03.tokyo", &keys, PolicyOptions::default());
+    let src = host.bundle_source(
+        "lone",
+        &manifest("fix-mail", 1, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]"),
+        "#!/bin/sh\ntouch @ROOT@/etc/mail/ran\n",
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+
+    // The agent binary alone, in a directory of its own.
+    let lone = host.root().join("lone-install/sbin/rollguard-agent");
+    fs::create_dir_all(lone.parent().unwrap()).unwrap();
+    fs::copy(rollguard_tests::bin("rollguard-agent"), &lone).unwrap();
+    let out = run(std::process::Command::new(&lone)
+        .args(["run", "--json", "--policy"])
+        .arg(host.policy())
+        .arg(&bundle));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["refusal"], "host_error", "{report:#}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rollguard-sandbox-exec"),
+        "{report:#}"
+    );
+    assert!(!host.root().join("etc/mail/ran").exists());
+
+    // The installed agent (stage 2 beside it) runs the same version.
+    let (report, code) = host.run(&bundle);
+    assert_eq!(
+        (report["status"].as_str(), code),
+        (Some("succeeded"), 0),
+        "{report:#}"
+    );
+    assert!(host.root().join("etc/mail/ran").exists());
+}
