@@ -453,3 +453,45 @@ fn missing_stage2_program_refuses_and_uses_up_nothing() {
     );
     assert!(host.root().join("etc/mail/ran").exists());
 }
+
+/// `rollguard-agent check` says whether bundles can be confined here: the
+/// policy, the kernel's mechanisms and the stage-2 program, as a run would
+/// find them.
+#[test]
+fn check_reports_the_kernel_and_the_stage2_program() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-04.tokyo", &keys, PolicyOptions::default());
+    let check = |agent: &std::path::Path| {
+        let out = run(std::process::Command::new(agent)
+            .args(["check", "--json", "--policy"])
+            .arg(host.policy()));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, out.status.code())
+    };
+
+    let (v, code) = check(&rollguard_tests::bin("rollguard-agent"));
+    assert_eq!((v["ok"].as_bool(), code), (Some(true), Some(0)), "{v:#}");
+    assert!(v["kernel"]["landlock_abi"].as_u64().unwrap() >= 3, "{v:#}");
+    assert!(
+        v["stage2_program"]
+            .as_str()
+            .unwrap()
+            .ends_with("/rollguard-sandbox-exec"),
+        "{v:#}"
+    );
+
+    let lone = host.root().join("lone-install/sbin/rollguard-agent");
+    fs::create_dir_all(lone.parent().unwrap()).unwrap();
+    fs::copy(rollguard_tests::bin("rollguard-agent"), &lone).unwrap();
+    let (v, code) = check(&lone);
+    assert_eq!(v["ok"], false, "{v:#}");
+    assert_ne!(code, Some(0));
+    assert!(v["stage2_program"].is_null(), "{v:#}");
+    assert!(
+        v["stage2_error"]
+            .as_str()
+            .unwrap()
+            .contains("rollguard-sandbox-exec"),
+        "{v:#}"
+    );
+}
