@@ -26,6 +26,7 @@
 //!   entries off the host as they are written (the controller will receive
 //!   them in a later issue).
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -216,46 +217,54 @@ impl AuditLog {
         &self.path
     }
 
-    /// Whether the log holds the result (`run_finished`) of run `run_id`.
+    /// Which of `run_ids` have their result (`run_finished`) in the log.
     ///
-    /// Recovery asks this of an in-progress marker whose agent is gone: the
+    /// Recovery asks this of in-progress markers whose agent is gone: the
     /// runner clears a run's marker only after its result is durable here,
     /// but does not wait for that removal to reach the disk (see
     /// [`StateDir::clear_logged_in_progress`]), so after a crash a marker can
-    /// reappear for a run that finished. Reads the whole file, parsing only
-    /// the lines that mention the run; it runs only for markers of dead
-    /// agents. A line that does not parse counts as no result (recovery then
-    /// records the run as interrupted: a duplicate record, never a lost one).
-    pub fn has_run_finished(&self, run_id: &str) -> Result<bool, AuditLogError> {
+    /// reappear for a run that finished. Reads the whole file once, parsing
+    /// only the lines that mention one of the runs; it runs only for markers
+    /// of dead agents. A line that does not parse counts as no result
+    /// (recovery then records the run as interrupted: a duplicate record,
+    /// never a lost one).
+    pub fn finished_runs(
+        &self,
+        run_ids: &BTreeSet<String>,
+    ) -> Result<BTreeSet<String>, AuditLogError> {
         let io_err = |source| AuditLogError::Io {
             action: "read",
             path: self.path.clone(),
             source,
         };
+        let mut found = BTreeSet::new();
         let file = match File::open(&self.path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
             Err(e) => return Err(io_err(e)),
         };
-        let needle = run_id.as_bytes();
+        let mentions = |line: &[u8], id: &str| {
+            !id.is_empty() && line.windows(id.len()).any(|w| w == id.as_bytes())
+        };
         let mut reader = BufReader::new(file);
         let mut line = Vec::new();
-        loop {
-            if !read_line(&mut reader, &mut line).map_err(io_err)? {
-                return Ok(false);
-            }
-            if needle.is_empty() || !line.windows(needle.len()).any(|w| w == needle) {
+        while found.len() < run_ids.len() && read_line(&mut reader, &mut line).map_err(io_err)? {
+            if !run_ids.iter().any(|id| mentions(&line, id)) {
                 continue;
             }
             let Ok(entry) = serde_json::from_slice::<RawEntry>(&line) else {
                 continue;
             };
-            if entry.event.get("type").and_then(|t| t.as_str()) == Some("run_finished")
-                && entry.event.get("run_id").and_then(|r| r.as_str()) == Some(run_id)
-            {
-                return Ok(true);
+            if entry.event.get("type").and_then(|t| t.as_str()) != Some("run_finished") {
+                continue;
+            }
+            if let Some(id) = entry.event.get("run_id").and_then(|r| r.as_str()) {
+                if run_ids.contains(id) {
+                    found.insert(id.to_string());
+                }
             }
         }
+        Ok(found)
     }
 
     /// Append an entry durably; returns the new head.

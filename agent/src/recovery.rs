@@ -12,7 +12,7 @@
 //!    its version stays used, as for any run that started), unless the log
 //!    already holds the run's result: the runner removes a finished run's
 //!    marker without flushing the removal, so a crash can bring the marker
-//!    of a finished run back ([`AuditLog::has_run_finished`]);
+//!    of a finished run back ([`AuditLog::finished_runs`]);
 //! 3. removes its scratch directory, then its marker (durably).
 //!
 //! Every step may be repeated, so a crash during recovery is finished by the
@@ -66,10 +66,13 @@ pub fn recover_interrupted_runs(
         return Ok(Vec::new());
     }
     let lock = state.lock()?;
+    let markers = state.interrupted_runs()?;
+    let finished_runs =
+        log.finished_runs(&markers.iter().map(|m| m.run_id.to_string()).collect())?;
     let mut recovered = Vec::new();
-    for marker in state.interrupted_runs()? {
+    for marker in markers {
         let run_id = marker.run_id.to_string();
-        let finished = log.has_run_finished(&run_id)?;
+        let finished = finished_runs.contains(&run_id);
         if finished {
             tracing::info!(
                 run_id,

@@ -507,7 +507,7 @@ impl StateDir {
     /// audit log, without waiting for the removal to reach the disk (no
     /// directory fsync: one disk flush less on every run). A crash can bring
     /// the marker back; recovery then finds the run's `run_finished` in the
-    /// log ([`crate::audit_log::AuditLog::has_run_finished`]) and only
+    /// log ([`crate::audit_log::AuditLog::finished_runs`]) and only
     /// clears it. Only for a marker whose run's result is logged: any other
     /// marker must go with [`StateDir::clear_in_progress`].
     pub fn clear_logged_in_progress(&self, id: &RunId) -> Result<(), StateError> {

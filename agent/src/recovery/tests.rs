@@ -171,3 +171,32 @@ fn another_runs_result_does_not_count() {
     assert_eq!(lines[2]["event"]["type"], "run_interrupted");
     assert_eq!(lines[2]["event"]["run_id"], marker.run_id.as_str());
 }
+
+#[test]
+fn several_markers_are_told_apart_in_one_pass() {
+    let (_tmp, state, log) = fresh();
+    let done = dead_agents_marker();
+    let cut = dead_agents_marker();
+    state.mark_in_progress(&done).unwrap();
+    state.mark_in_progress(&cut).unwrap();
+    log.append(finished_event(&done)).unwrap();
+
+    let recovered = recover_interrupted_runs(&state, &log).unwrap();
+    let finished: Vec<(String, bool)> = recovered
+        .iter()
+        .map(|r| (r.marker.run_id.to_string(), r.already_finished))
+        .collect();
+    assert!(
+        finished.contains(&(done.run_id.to_string(), true)),
+        "{finished:?}"
+    );
+    assert!(
+        finished.contains(&(cut.run_id.to_string(), false)),
+        "{finished:?}"
+    );
+    assert!(state.interrupted_runs().unwrap().is_empty(), "markers left");
+    let lines = log_lines(&log);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["event"]["type"], "run_interrupted");
+    assert_eq!(lines[1]["event"]["run_id"], cut.run_id.as_str());
+}

@@ -74,7 +74,7 @@ pub use cgroup::{CgroupError, RunCgroup};
 pub use kernel::{KernelSupport, KernelUnsupported};
 pub use launch::{ConfinedChild, KillHandle, Launcher, RunOutcome, SandboxError, Termination};
 pub use spec::{SandboxScope, SandboxSpec, SpecError, TcpEndpoint};
-pub use stage2::{stage2_command, stage2_main};
+pub use stage2::stage2_command;
 pub use status::Confinement;
 
 /// The program that runs stage 2 (`rollguard-sandbox-exec PLAN.json`).

@@ -85,7 +85,7 @@ pub fn stage2_command(mut args: impl Iterator<Item = OsString>) -> ExitCode {
 
 /// Stage 2 with the plan at `plan_path`. Returns only on failure (on
 /// success the process has become the bundle).
-pub fn stage2_main(plan_path: &Path) -> ExitCode {
+fn stage2_main(plan_path: &Path) -> ExitCode {
     let plan = match load_plan(plan_path) {
         Ok(plan) => plan,
         Err(e) => {
