@@ -11,18 +11,20 @@
 //!    paths and the host's ceiling; 7. the kernel can confine it; 8. version
 //!    newer than any run here (cheap check, before unpacking), and the
 //!    sandbox's stage-2 program installed and safe;
-//! 9. unpack the payload (digests checked) into a private run directory;
+//! 9. start the sandbox *held* (stage 2 confines itself meanwhile but
+//!    executes nothing until step 11), unpack the payload (digests
+//!    checked) into a private run directory;
 //! 10. record the version as started (the atomic rollback check), mark the
 //!     run in progress and log it, under the state lock, all three durable
 //!     before step 11 (flushed together: `StateDir::begin_run`);
-//! 11. launch the sandbox (the audit listener, started on another thread
+//! 11. release the sandbox (the audit listener, started on another thread
 //!     after step 8, is running by then), wait (timeout kills the cgroup),
 //!     collect denials;
 //! 12. log the result, then clear the in-progress marker; remove the run
 //!     dir.
 //!
-//! Every refusal happens before step 10, so a refused bundle never burns a
-//! version and never executes anything.
+//! Every refusal happens before step 11 and withdraws a held sandbox, so a
+//! refused bundle never burns a version and never executes anything.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,7 +39,7 @@ use crate::audit_log::{AuditEvent, AuditLog};
 use crate::kernel_audit::AuditListener;
 use crate::policy::HostPolicy;
 use crate::sandbox::spec::MIN_LANDLOCK_ABI;
-use crate::sandbox::{KernelSupport, KillHandle, Launcher, SandboxSpec, Termination};
+use crate::sandbox::{HeldChild, KernelSupport, KillHandle, Launcher, SandboxSpec, Termination};
 use crate::state::{BeginRunError, RunId, RunMarker, StateDir};
 
 /// How long to wait after the bundle ends for its Landlock domain to be
@@ -244,11 +246,11 @@ fn prepare_and_run(
     // the run's audit records now, on another thread. Its kernel round trips
     // (each status request spawns a kernel thread) then overlap with the
     // unpacking and the durable state writes below instead of adding to
-    // them. It is joined before the sandbox starts, so no record of the run
-    // can be missed.
+    // them. It is joined before the sandbox is released, so no record of the
+    // run can be missed.
     let audit = StartingListener::spawn();
 
-    // Unpack into a private run directory; digests are checked on the way.
+    // A private run directory: the payload, the plan, the bundle's output.
     let run_id = RunId::generate().map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
     let run_dir = state
         .create_run_dir(&run_id)
@@ -266,54 +268,6 @@ fn prepare_and_run(
             format!("{}: {e}", payload_dir.display()),
         ));
     }
-    if let Err(e) = opened.unpack_payload(&payload_dir) {
-        cleanup(state);
-        return Err(Refusal::new(
-            RefusalKind::BadBundle,
-            format!("payload: {e}"),
-        ));
-    }
-
-    // Point of no return: durable before acted upon. The version (the
-    // atomic rollback check), the in-progress marker and the audit log entry
-    // are flushed together (see `StateDir::begin_run`).
-    let marker = match RunMarker::new(run_id.clone(), bundle.clone(), manifest_sha256.clone()) {
-        Ok(m) => m,
-        Err(e) => {
-            cleanup(state);
-            return Err(Refusal::new(RefusalKind::HostError, e));
-        }
-    };
-    let started_event = AuditEvent::RunStarted {
-        run_id: run_id.to_string(),
-        bundle: bundle.clone(),
-        manifest_sha256: manifest_sha256.clone(),
-        signers: verified.principals.clone(),
-        scope: (&manifest.scope).into(),
-    };
-    let begun = state.begin_run(&manifest.bundle.name, &marker, |lock| {
-        log.append_locked(lock, started_event).map(drop)
-    });
-    match begun {
-        Ok(()) => {}
-        Err(BeginRunError::Record(e)) => {
-            cleanup(state);
-            return Err(Refusal::new(e.refusal_kind(), e));
-        }
-        // No unlogged runs: an audit log we cannot write is a host error.
-        Err(BeginRunError::Alongside(e)) => {
-            cleanup(state);
-            return Err(Refusal::new(
-                RefusalKind::HostError,
-                format!("audit log: {e}"),
-            ));
-        }
-    }
-
-    let mut report = empty_report(&host.name, started);
-    report.bundle = Some(bundle.clone());
-    report.signers = verified.principals;
-    report.run_id = Some(run_id.to_string());
 
     let env = [
         ("ROLLGUARD_BUNDLE", bundle.name.clone()),
@@ -340,9 +294,74 @@ fn prepare_and_run(
         landlock_min_abi: MIN_LANDLOCK_ABI,
     };
 
+    // Stage 2 starts now, held: it confines itself (about 2 ms of CPU) on
+    // the other core while the payload is unpacked and the start is made
+    // durable below, and executes nothing until it is released after that.
+    // A refusal from here on withdraws it (nothing of the bundle ran).
+    let held = launcher.spawn_held(&spec).map_err(|e| {
+        cleanup(state);
+        Refusal::new(
+            RefusalKind::HostError,
+            format!("could not start the sandbox: {e}"),
+        )
+    })?;
+    let refuse = |held: HeldChild, refusal: Refusal| {
+        if let Err(e) = held.withdraw() {
+            tracing::error!(run_id = %run_id, "withdrawing the held sandbox: {e}");
+        }
+        cleanup(state);
+        refusal
+    };
+
+    // Unpack into the private run directory; digests are checked on the
+    // way. The held stage 2's Landlock rule for the payload directory
+    // covers what is unpacked into it afterwards.
+    if let Err(e) = opened.unpack_payload(&payload_dir) {
+        return Err(refuse(
+            held,
+            Refusal::new(RefusalKind::BadBundle, format!("payload: {e}")),
+        ));
+    }
+
+    // Point of no return: durable before acted upon. The version (the
+    // atomic rollback check), the in-progress marker and the audit log entry
+    // are flushed together (see `StateDir::begin_run`).
+    let marker = match RunMarker::new(run_id.clone(), bundle.clone(), manifest_sha256.clone()) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(held, Refusal::new(RefusalKind::HostError, e))),
+    };
+    let started_event = AuditEvent::RunStarted {
+        run_id: run_id.to_string(),
+        bundle: bundle.clone(),
+        manifest_sha256: manifest_sha256.clone(),
+        signers: verified.principals.clone(),
+        scope: (&manifest.scope).into(),
+    };
+    let begun = state.begin_run(&manifest.bundle.name, &marker, |lock| {
+        log.append_locked(lock, started_event).map(drop)
+    });
+    match begun {
+        Ok(()) => {}
+        Err(BeginRunError::Record(e)) => {
+            return Err(refuse(held, Refusal::new(e.refusal_kind(), e)));
+        }
+        // No unlogged runs: an audit log we cannot write is a host error.
+        Err(BeginRunError::Alongside(e)) => {
+            return Err(refuse(
+                held,
+                Refusal::new(RefusalKind::HostError, format!("audit log: {e}")),
+            ));
+        }
+    }
+
+    let mut report = empty_report(&host.name, started);
+    report.bundle = Some(bundle.clone());
+    report.signers = verified.principals;
+    report.run_id = Some(run_id.to_string());
+
     execute(
-        &spec,
-        &launcher,
+        held,
+        &spec.run_id,
         opts,
         manifest.run.timeout,
         &kernel,
@@ -383,20 +402,22 @@ fn prepare_and_run(
 /// Launch the sandbox, wait, and fill in status, exit code, denials and
 /// output tails.
 fn execute(
-    spec: &SandboxSpec,
-    launcher: &Launcher,
+    held: HeldChild,
+    run_id: &str,
     opts: &RunOptions,
     timeout: Duration,
     kernel: &KernelSupport,
     audit: StartingListener,
     report: &mut RunReport,
 ) {
-    // Listening before spawning, so no record of this run can be missed.
+    // Listening before the release: stage 2 does nothing Landlock or
+    // seccomp could deny before it executes the bundle, so no record of
+    // this run can be missed.
     let audit = audit.join().map_err(|e| {
         tracing::warn!("denials cannot be observed on this host: {e}");
         e
     });
-    let child = match launcher.spawn(spec) {
+    let child = match held.release() {
         Ok(c) => c,
         Err(e) => {
             report.status = RunStatus::Failed;
@@ -405,7 +426,7 @@ fn execute(
         }
     };
     if let Some(on_start) = &opts.on_start {
-        on_start(&spec.run_id, child.kill_handle());
+        on_start(run_id, child.kill_handle());
     }
     let outcome = match child.wait(timeout) {
         Ok(o) => o,

@@ -4,8 +4,10 @@
 mod sandbox_support;
 
 use std::fs;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
+use rollguard_agent::sandbox::status::{self, Event, Step, RELEASE_BYTE};
 use rollguard_agent::sandbox::{KernelSupport, RunCgroup, Termination};
 use sandbox_support::{is_alive, launcher, processes_with_cmdline, Tree};
 
@@ -235,10 +237,21 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
     };
     let plan_path = t.p("run/plan.json");
     fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
+    let mut stage2 = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
         .arg(&plan_path)
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // The release byte, as the launcher sends it once the run is durable.
+    stage2
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[RELEASE_BYTE])
+        .unwrap();
+    let out = stage2.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -249,6 +262,77 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
     assert!(
         line.ends_with(&format!("/rollguard-runs/{}", spec.run_id)),
         "{line}"
+    );
+    cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
+}
+
+#[test]
+fn a_held_run_executes_nothing_until_released() {
+    let t = Tree::new();
+    let ran = t.p("etc/app/ran");
+    let spec = t.spec(&format!("echo ran > {}", ran.display()));
+    let held = launcher().spawn_held(&spec).unwrap();
+    let pid = held.pid();
+    // Time enough for stage 2 to confine itself and reach the gate: held,
+    // it is still the stage-2 program, and the bundle has not run.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!ran.exists());
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe.file_name().unwrap(), "rollguard-sandbox-exec");
+    let outcome = held
+        .release()
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(outcome.termination, Termination::Exited { code: 0 });
+    assert_eq!(fs::read_to_string(&ran).unwrap(), "ran\n");
+    assert!(outcome.confinement.is_some());
+}
+
+#[test]
+fn a_withdrawn_run_executes_nothing_and_leaves_no_cgroup() {
+    let t = Tree::new();
+    let ran = t.p("etc/app/ran");
+    let spec = t.spec(&format!("echo ran > {}", ran.display()));
+    let held = launcher().spawn_held(&spec).unwrap();
+    let pid = held.pid();
+    held.withdraw().unwrap();
+    assert!(!is_alive(pid));
+    assert!(RunCgroup::existing(&spec.run_id).unwrap().is_none());
+    assert!(!ran.exists());
+}
+
+#[test]
+fn stage2_executes_nothing_when_the_agent_goes_away_before_the_release() {
+    // The agent died (or withdrew) before releasing the run: end-of-file on
+    // the gate. Stage 2 confines itself, then exits without executing.
+    let t = Tree::new();
+    let ran = t.p("etc/app/ran");
+    let spec = t.spec(&format!("echo ran > {}", ran.display()));
+    let cgroup = RunCgroup::create(&spec.run_id).unwrap();
+    let plan = rollguard_agent::sandbox::spec::Stage2Plan {
+        spec: spec.clone(),
+        cgroup_dir: cgroup.path().to_path_buf(),
+    };
+    let plan_path = t.p("run/plan.json");
+    fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
+        .arg(&plan_path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(!ran.exists());
+    let events = status::read_events(&spec.run_dir).unwrap();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [Event::SetupFailed {
+                step: Step::Release,
+                ..
+            }]
+        ),
+        "{events:?}"
     );
     cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
 }

@@ -1,9 +1,20 @@
 //! The agent's side of a confined run: create the run cgroup, start stage 2,
-//! enforce the timeout, kill on demand, and account for every process the
-//! bundle left behind.
+//! release it, enforce the timeout, kill on demand, and account for every
+//! process the bundle left behind.
+//!
+//! Stage 2 starts *held* ([`Launcher::spawn_held`]): it confines itself
+//! (namespaces, mounts, capabilities, Landlock, seccomp: about 2 ms of CPU)
+//! and then waits on its stdin, a pipe, for the agent's release byte before
+//! it executes the bundle. The agent meanwhile unpacks the payload and
+//! makes the run's start durable; only then does it release the run
+//! ([`HeldChild::release`]). So the setup overlaps the agent's own work and
+//! its disk flush instead of following them, while the rule "durable before
+//! acted upon" still holds: nothing of the bundle executes before the
+//! release. If the agent withdraws the run ([`HeldChild::withdraw`]), or
+//! dies, stage 2 reads end-of-file and exits without executing anything.
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +28,7 @@ use serde::Serialize;
 use super::cgroup::{CgroupError, RunCgroup};
 use super::clone_into_cgroup;
 use super::spec::{SandboxSpec, SpecError, Stage2Plan};
-use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE};
+use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE, RELEASE_BYTE};
 use super::STAGE2_PROGRAM;
 
 pub const PLAN_FILE: &str = "sandbox-plan.json";
@@ -136,6 +147,12 @@ impl Launcher {
     /// exist and belong to the agent; the plan, stdout, stderr and stage-2
     /// status are written there.
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<ConfinedChild, SandboxError> {
+        self.spawn_held(spec)?.release()
+    }
+
+    /// Like [`Launcher::spawn`], but stage 2 stops, fully confined, just
+    /// before it executes the bundle, until [`HeldChild::release`].
+    pub fn spawn_held(&self, spec: &SandboxSpec) -> Result<HeldChild, SandboxError> {
         spec.validate()?;
         // The cgroup first: it also claims the run id (creation fails if it
         // exists), before anything in the run directory is touched.
@@ -149,7 +166,7 @@ impl Launcher {
         }
     }
 
-    fn start(&self, spec: &SandboxSpec, cgroup: &RunCgroup) -> Result<ConfinedChild, SandboxError> {
+    fn start(&self, spec: &SandboxSpec, cgroup: &RunCgroup) -> Result<HeldChild, SandboxError> {
         let run_dir = &spec.run_dir;
         for stale in [status::STATUS_FILE, AUDIT_SESSION_FILE] {
             match fs::remove_file(run_dir.join(stale)) {
@@ -177,7 +194,14 @@ impl Launcher {
         let stdout = create_private(&stdout_path)?;
         let stderr = create_private(&stderr_path)?;
 
-        let stdin = File::open("/dev/null").map_err(io_err("opening", Path::new("/dev/null")))?;
+        // Stage 2's stdin is the release gate; its write end is
+        // close-on-exec, so neither stage 2 nor any later child holds it.
+        let (gate_read, gate_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SandboxError::Spawn {
+                program: self.stage2_exe.clone(),
+                source: e.into(),
+            })?;
+        let stdin = File::from(gate_read);
 
         let started = Instant::now();
         // Born inside the run cgroup (no migration, no moment outside it);
@@ -214,17 +238,78 @@ impl Launcher {
             });
         }
 
-        Ok(ConfinedChild {
-            run_id: spec.run_id.clone(),
-            pid,
-            run_dir: run_dir.clone(),
-            stdout: stdout_path,
-            stderr: stderr_path,
-            cgroup: cgroup.clone(),
-            exit,
-            started,
-            kill_state: Arc::new(KillState::default()),
-            armed: true,
+        Ok(HeldChild {
+            gate: File::from(gate_write),
+            child: ConfinedChild {
+                run_id: spec.run_id.clone(),
+                pid,
+                run_dir: run_dir.clone(),
+                stdout: stdout_path,
+                stderr: stderr_path,
+                cgroup: cgroup.clone(),
+                exit,
+                started,
+                kill_state: Arc::new(KillState::default()),
+                armed: true,
+            },
+        })
+    }
+}
+
+/// Stage 2 started and confining itself, not yet allowed to execute the
+/// bundle. Dropping it withdraws the run (end-of-file on the gate, then the
+/// cgroup is killed) like [`HeldChild::withdraw`], without waiting.
+#[derive(Debug)]
+pub struct HeldChild {
+    /// Write end of stage 2's stdin.
+    gate: File,
+    child: ConfinedChild,
+}
+
+impl HeldChild {
+    pub fn pid(&self) -> u32 {
+        self.child.pid
+    }
+
+    /// Let stage 2 execute the bundle (once its confinement is complete;
+    /// if its setup failed, [`ConfinedChild::wait`] reports why). The
+    /// timeout counts from here.
+    pub fn release(self) -> Result<ConfinedChild, SandboxError> {
+        let HeldChild {
+            mut gate,
+            mut child,
+        } = self;
+        match gate.write_all(&[RELEASE_BYTE]) {
+            Ok(()) => {}
+            // Stage 2 has already exited: its setup failed, and its status
+            // file says where.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            // The child is dropped armed: killed, nothing executed.
+            Err(source) => {
+                return Err(SandboxError::Spawn {
+                    program: PathBuf::from(STAGE2_PROGRAM),
+                    source,
+                })
+            }
+        }
+        child.started = Instant::now();
+        Ok(child)
+    }
+
+    /// Do not run after all: stage 2 reads end-of-file and exits without
+    /// executing anything; its cgroup is killed and removed before this
+    /// returns, and the process reaped.
+    pub fn withdraw(self) -> Result<(), SandboxError> {
+        let HeldChild { gate, mut child } = self;
+        drop(gate);
+        child.armed = false;
+        let killed = child.cgroup.clone().kill_and_remove(KILL_GRACE);
+        let _ = child.exit.recv_timeout(KILL_GRACE);
+        killed.map_err(|e| match e {
+            CgroupError::NotEmpty { .. } => SandboxError::Unkillable {
+                run_id: child.run_id.clone(),
+            },
+            other => other.into(),
         })
     }
 }

@@ -72,7 +72,9 @@ pub mod status;
 
 pub use cgroup::{CgroupError, RunCgroup};
 pub use kernel::{KernelSupport, KernelUnsupported};
-pub use launch::{ConfinedChild, KillHandle, Launcher, RunOutcome, SandboxError, Termination};
+pub use launch::{
+    ConfinedChild, HeldChild, KillHandle, Launcher, RunOutcome, SandboxError, Termination,
+};
 pub use spec::{SandboxScope, SandboxSpec, SpecError, TcpEndpoint};
 pub use stage2::stage2_command;
 pub use status::Confinement;

@@ -23,16 +23,20 @@
 //! 7. seccomp, last, so that nothing above is blocked by it (e.g. mount,
 //!    unshare) and so the filter also covers everything that follows;
 //! 8. verify in `/proc/self/status` (NoNewPrivs 1, Seccomp 2, no capability
-//!    outside the keep-list), clean environment, `chdir` to the payload,
-//!    `exec` in place: no fork, so the pid that created the Landlock domain
-//!    is the bundle's pid.
+//!    outside the keep-list);
+//! 9. wait for the agent's release byte on stdin (a pipe: the agent makes
+//!    the run's start durable meanwhile; end-of-file means withdrawn, exit
+//!    without executing anything), then stdin becomes `/dev/null`;
+//! 10. clean environment, `chdir` to the payload, `exec` in place: no fork,
+//!     so the pid that created the Landlock domain is the bundle's pid.
 //!
 //! Any failure: a `setup-failed` status event, a message on stderr, exit
 //! 125, and nothing executed.
 
 use std::ffi::OsString;
-use std::fs;
-use std::io;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -45,7 +49,7 @@ use super::cgroup::RunCgroup;
 use super::spec::{SandboxSpec, Stage2Plan};
 use super::status::{
     Confinement, Event, StatusWriter, Step, AUDIT_SESSION_FILE, EXIT_EXEC_FAILED, EXIT_NOT_FOUND,
-    EXIT_SETUP_FAILED,
+    EXIT_SETUP_FAILED, RELEASE_BYTE,
 };
 use super::{
     audit_session, capabilities, landlock_rules, namespaces, seccomp_filter, seccomp_install,
@@ -106,10 +110,39 @@ fn stage2_main(plan_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    match confine(&plan) {
+    // The bundle's stdin once released, opened before any confinement.
+    let devnull = match File::open("/dev/null") {
+        Ok(f) => f,
+        Err(e) => return setup_failed(&mut status, Step::Start, format!("/dev/null: {e}")),
+    };
+    match confine(&plan).and_then(|c| wait_for_release(&devnull).map(|()| c)) {
         Ok(confinement) => exec(&plan.spec, confinement, &mut status),
         Err(Failure { step, error }) => setup_failed(&mut status, step, error),
     }
+}
+
+/// Step 9: block until the agent releases the run (its start is durable),
+/// then give the bundle `/dev/null` as stdin in place of the gate.
+fn wait_for_release(devnull: &File) -> Result<(), Failure> {
+    let mut byte = [0u8; 1];
+    match io::stdin().lock().read_exact(&mut byte) {
+        Ok(()) if byte[0] == RELEASE_BYTE => {}
+        Ok(()) => {
+            return Err(Failure {
+                step: Step::Release,
+                error: format!("unexpected byte {:#04x} on the release gate", byte[0]),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(Failure {
+                step: Step::Release,
+                error: "the agent withdrew the run before it started".to_string(),
+            })
+        }
+        Err(e) => return Err(at(Step::Release)(e)),
+    }
+    nix::unistd::dup2(devnull.as_raw_fd(), 0).map_err(at(Step::Release))?;
+    Ok(())
 }
 
 fn setup_failed(status: &mut StatusWriter, step: Step, error: String) -> ExitCode {
@@ -125,7 +158,7 @@ fn load_plan(path: &Path) -> Result<Stage2Plan, String> {
     Ok(plan)
 }
 
-/// Steps 0-7.
+/// Steps 0-8.
 fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
     let spec = &plan.spec;
 
@@ -192,7 +225,7 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
         seccomp_install::install_logged(filter).map_err(at(Step::Seccomp))?;
     }
 
-    // 8a. Verify what the kernel reports.
+    // 8. Verify what the kernel reports.
     verify_status().map_err(at(Step::Verify))?;
 
     Ok(Confinement {
@@ -207,7 +240,7 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
     })
 }
 
-/// Step 8: clean environment, payload as working directory, exec in place.
+/// Step 10: clean environment, payload as working directory, exec in place.
 /// Returns only if `exec` failed.
 fn exec(spec: &SandboxSpec, confinement: Confinement, status: &mut StatusWriter) -> ExitCode {
     if let Err(e) = nix::unistd::chdir(&spec.payload_dir) {

@@ -22,6 +22,9 @@ pub const EXIT_EXEC_FAILED: u8 = 126;
 pub const EXIT_NOT_FOUND: u8 = 127;
 
 pub const STATUS_FILE: &str = "stage2-status.jsonl";
+/// The byte the agent writes to stage 2's stdin to release a held run
+/// (see `launch.rs`); end-of-file instead means the run was withdrawn.
+pub const RELEASE_BYTE: u8 = b'R';
 /// The audit session id of the run, as decimal text.
 pub const AUDIT_SESSION_FILE: &str = "audit-session";
 
@@ -39,6 +42,7 @@ pub enum Step {
     Landlock,
     Seccomp,
     Verify,
+    Release,
     Exec,
 }
 
@@ -55,6 +59,7 @@ impl std::fmt::Display for Step {
             Step::Landlock => "landlock",
             Step::Seccomp => "seccomp",
             Step::Verify => "verify",
+            Step::Release => "release",
             Step::Exec => "exec",
         };
         f.write_str(name)
