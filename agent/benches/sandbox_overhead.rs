@@ -31,6 +31,14 @@
 //!    latency itself (a durable replace: write, fsync, rename, fsync the
 //!    directory) is printed too.
 //!
+//! 3. Where the 20k-file ratio goes: the same workload under each per-syscall
+//!    mechanism alone, with none of the rest of a run (no agent, no
+//!    namespaces, no cgroup): the bench re-executes itself, applies the
+//!    run's Landlock rules (`landlock_rules::restrict_self`, the same spec
+//!    as the bundle's), its seccomp filters, both or neither, then execs the
+//!    same python. Ratios are against "neither" (same re-exec path), so
+//!    they are the cost of the checks on each create/open/unlink alone.
+//!
 //! Runs are interleaved, alternating which side goes first (A B B A ...),
 //! so drift in machine speed hits both sides alike. Reported: median [min
 //! .. max] of each side, and the median and the best of the per-pair
@@ -81,7 +89,91 @@ impl Drop for Tmpfs {
     }
 }
 
+/// First argument of the bench re-executed as an ablation child (see 3.).
+const CONFINE_ONLY: &str = "__confine-only";
+
+/// Which per-syscall mechanisms an ablation child applies.
+#[derive(Clone, Copy, PartialEq)]
+enum Mechanisms {
+    Neither,
+    Landlock,
+    Seccomp,
+    Both,
+}
+
+impl Mechanisms {
+    const ALL: [Mechanisms; 4] = [
+        Mechanisms::Neither,
+        Mechanisms::Landlock,
+        Mechanisms::Seccomp,
+        Mechanisms::Both,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mechanisms::Neither => "neither",
+            Mechanisms::Landlock => "landlock",
+            Mechanisms::Seccomp => "seccomp",
+            Mechanisms::Both => "both",
+        }
+    }
+}
+
+/// The ablation child: `__confine-only MECHANISMS WORK BACKUP SCRIPT`.
+/// Applies the run's Landlock rules and/or seccomp filters to itself, then
+/// becomes `python3 SCRIPT WORK` in a session of its own, like the bare
+/// side.
+fn confine_only(args: &[String]) -> ! {
+    use rollguard_agent::sandbox::spec::MIN_LANDLOCK_ABI;
+    use rollguard_agent::sandbox::{landlock_rules, seccomp_filter, seccomp_install};
+    use rollguard_agent::sandbox::{SandboxScope, SandboxSpec};
+    use rollguard_shared::path::ScopePath;
+    use std::os::unix::process::CommandExt;
+
+    let [mechanisms, work, backup, script] = args else {
+        panic!("usage: {CONFINE_ONLY} MECHANISMS WORK BACKUP SCRIPT");
+    };
+    let mechanisms = Mechanisms::ALL
+        .into_iter()
+        .find(|m| m.name() == mechanisms)
+        .expect("mechanisms");
+    // A session of its own, like the bare side; EPERM if we already lead
+    // a process group (started by hand), which is as good.
+    let _ = nix::unistd::setsid();
+    nix::sys::prctl::set_no_new_privs().unwrap();
+    if matches!(mechanisms, Mechanisms::Landlock | Mechanisms::Both) {
+        let scope = vec![ScopePath::parse(work).unwrap()];
+        let spec = SandboxSpec {
+            run_id: "ablation".into(),
+            payload_dir: Path::new(BASE).join("src-files"),
+            run_dir: Path::new(BASE).join("ablation-run"),
+            command: vec![PYTHON.into()],
+            env: Default::default(),
+            scope: SandboxScope {
+                write: scope.clone(),
+                delete: scope,
+                read: vec![],
+                network: vec![],
+            },
+            protected: vec![PathBuf::from(backup)],
+            landlock_min_abi: MIN_LANDLOCK_ABI,
+        };
+        landlock_rules::restrict_self(&spec).unwrap();
+    }
+    if matches!(mechanisms, Mechanisms::Seccomp | Mechanisms::Both) {
+        for filter in seccomp_filter::all_filters().unwrap() {
+            seccomp_install::install_logged(&filter).unwrap();
+        }
+    }
+    let error = Command::new(PYTHON).arg(script).arg(work).exec();
+    panic!("exec {PYTHON}: {error}");
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(CONFINE_ONLY) {
+        confine_only(&args[2..]);
+    }
     let runs: usize = std::env::var("ROLLGUARD_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -224,6 +316,29 @@ fn main() {
     );
     let flush = fsync_latency(&base.join("fsync-probe"), runs.max(9));
 
+    // 3. Each mechanism alone, rounds rotating which goes first.
+    fs::create_dir_all(base.join("ablation-run")).unwrap();
+    let confined_only = |m: Mechanisms| {
+        timed(
+            Command::new(std::env::current_exe().unwrap())
+                .arg(CONFINE_ONLY)
+                .arg(m.name())
+                .arg(&work)
+                .arg(base.join("backup"))
+                .arg(base.join("work.py")),
+        )
+    };
+    for m in Mechanisms::ALL {
+        confined_only(m);
+    }
+    let mut ablation: Vec<Vec<Sample>> = vec![Vec::new(); Mechanisms::ALL.len()];
+    for round in 0..runs {
+        for k in 0..Mechanisms::ALL.len() {
+            let i = (round + k) % Mechanisms::ALL.len();
+            ablation[i].push(confined_only(Mechanisms::ALL[i]));
+        }
+    }
+
     let on = if work_on_disk { "disk" } else { "tmpfs" };
     let wall = |s: &Sample| s.wall;
     let cpu = |s: &Sample| s.cpu;
@@ -283,6 +398,21 @@ fn main() {
         ms(&Pairs::cpu(&trivial_tmpfs.sandboxed))
     );
     println!("  durable replace on the state's disk   {}", ms(&flush));
+    println!("create+delete {FILES} files, one mechanism at a time (CPU time)");
+    for (i, m) in Mechanisms::ALL.into_iter().enumerate() {
+        let cpu: Vec<Duration> = ablation[i].iter().map(|s| s.cpu).collect();
+        let ratios: Vec<f64> = ablation[i]
+            .iter()
+            .zip(&ablation[0])
+            .map(|(s, n)| s.cpu.as_secs_f64() / n.cpu.as_secs_f64())
+            .collect();
+        println!(
+            "  {:<9} {}  ratio to neither, per round {}",
+            m.name(),
+            ms(&cpu),
+            stat(&ratios, "")
+        );
+    }
     drop(_work_mount);
     drop(_state_mount);
     let _ = fs::remove_dir_all(BASE);
