@@ -24,9 +24,11 @@
 //!    unshare) and so the filter also covers everything that follows;
 //! 8. verify in `/proc/self/status` (NoNewPrivs 1, Seccomp 2, no capability
 //!    outside the keep-list);
-//! 9. wait for the agent's release byte on stdin (a pipe: the agent makes
-//!    the run's start durable meanwhile; end-of-file means withdrawn, exit
-//!    without executing anything), then stdin becomes `/dev/null`;
+//! 9. wait for the agent's release byte on the gate, a pipe that arrives
+//!    as stdin and is moved aside at the start (stdin becomes `/dev/null`
+//!    before any confinement): the agent makes the run's start durable
+//!    meanwhile; end-of-file means withdrawn, exit without executing
+//!    anything;
 //! 10. clean environment, `chdir` to the payload, `exec` in place: no fork,
 //!     so the pid that created the Landlock domain is the bundle's pid.
 //!
@@ -36,7 +38,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -110,39 +112,46 @@ fn stage2_main(plan_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    // The bundle's stdin once released, opened before any confinement.
-    let devnull = match File::open("/dev/null") {
-        Ok(f) => f,
-        Err(e) => return setup_failed(&mut status, Step::Start, format!("/dev/null: {e}")),
+    // The release gate arrives as stdin. Move it to a close-on-exec
+    // descriptor of its own and give stdin `/dev/null` right away, so the
+    // confinement is built around the bundle's real stdin (Landlock lets
+    // the bundle reopen its stdio by path, see `landlock_rules`).
+    let gate = match take_gate() {
+        Ok(gate) => gate,
+        Err(Failure { step, error }) => return setup_failed(&mut status, step, error),
     };
-    match confine(&plan).and_then(|c| wait_for_release(&devnull).map(|()| c)) {
+    match confine(&plan).and_then(|c| wait_for_release(gate).map(|()| c)) {
         Ok(confinement) => exec(&plan.spec, confinement, &mut status),
         Err(Failure { step, error }) => setup_failed(&mut status, step, error),
     }
 }
 
-/// Step 9: block until the agent releases the run (its start is durable),
-/// then give the bundle `/dev/null` as stdin in place of the gate.
-fn wait_for_release(devnull: &File) -> Result<(), Failure> {
+/// The release gate (stdin as started), with `/dev/null` put in its place.
+fn take_gate() -> Result<File, Failure> {
+    let gate = io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(at(Step::Start))?;
+    let devnull = File::open("/dev/null").map_err(at(Step::Start))?;
+    nix::unistd::dup2(devnull.as_raw_fd(), 0).map_err(at(Step::Start))?;
+    Ok(File::from(gate))
+}
+
+/// Step 9: block until the agent releases the run (its start is durable).
+fn wait_for_release(mut gate: File) -> Result<(), Failure> {
     let mut byte = [0u8; 1];
-    match io::stdin().lock().read_exact(&mut byte) {
-        Ok(()) if byte[0] == RELEASE_BYTE => {}
-        Ok(()) => {
-            return Err(Failure {
-                step: Step::Release,
-                error: format!("unexpected byte {:#04x} on the release gate", byte[0]),
-            })
-        }
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return Err(Failure {
-                step: Step::Release,
-                error: "the agent withdrew the run before it started".to_string(),
-            })
-        }
-        Err(e) => return Err(at(Step::Release)(e)),
+    match gate.read_exact(&mut byte) {
+        Ok(()) if byte[0] == RELEASE_BYTE => Ok(()),
+        Ok(()) => Err(Failure {
+            step: Step::Release,
+            error: format!("unexpected byte {:#04x} on the release gate", byte[0]),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Failure {
+            step: Step::Release,
+            error: "the agent withdrew the run before it started".to_string(),
+        }),
+        Err(e) => Err(at(Step::Release)(e)),
     }
-    nix::unistd::dup2(devnull.as_raw_fd(), 0).map_err(at(Step::Release))?;
-    Ok(())
 }
 
 fn setup_failed(status: &mut StatusWriter, step: Step, error: String) -> ExitCode {
