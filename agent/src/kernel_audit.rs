@@ -3,18 +3,23 @@
 //! with the path — even when the bundle's script exits 0.
 //!
 //! How it works:
-//! - [`AuditListener::start`] opens a `NETLINK_AUDIT` socket, makes sure
-//!   audit is enabled (Landlock only logs when it is; if it was off we turn
-//!   it on and say so in the log — we never turn it off again, another run
-//!   may rely on it), and joins the `AUDIT_NLGRP_READLOG` multicast group.
-//!   That group receives every record alongside auditd (if any), without
-//!   taking auditd's place. A reader thread parses the records we use into
-//!   [`AuditRecord`]s and keeps them in a bounded buffer.
-//!   Start it *before* spawning the bundle so that nothing is missed.
+//! - One `NETLINK_AUDIT` socket per agent process, shared by its runs: the
+//!   first [`AuditListener::start`] makes sure audit is enabled (Landlock
+//!   only logs when it is; if it was off we turn it on and say so in the
+//!   log — we never turn it off again, another run may rely on it), and
+//!   joins the `AUDIT_NLGRP_READLOG` multicast group. That group receives
+//!   every record alongside auditd (if any), without taking auditd's place.
+//!   A reader thread parses the records we use into [`AuditRecord`]s and
+//!   keeps them in a bounded buffer, from the start of the oldest run still
+//!   listening; it stops after a while with nobody listening. Every socket
+//!   in the group gets every record of the host, so a socket per run would
+//!   cost R deliveries and parses of each record with R runs at once.
+//!   Start listening *before* the bundle executes so that nothing is missed.
 //! - [`AuditListener::collect_for_run`] is called after the bundle's
-//!   processes are gone. It first sends itself a marker record through the
+//!   processes are gone. It first sends a marker record through the
 //!   kernel: records are delivered in order, so once the marker arrives
-//!   every record the bundle caused has arrived too. It then finds the
+//!   (the reader wakes the one collector waiting for it) every record the
+//!   bundle caused has arrived too. It then finds the
 //!   Landlock domain created by the sandbox's stage-2 process (the
 //!   `status=allocated` record whose `pid` is stage 2), gathers that
 //!   domain's denials, waits for the `status=deallocated` record whose
@@ -53,11 +58,11 @@
 //! filter should deny the `landlock_*` system calls to bundles, which turns
 //! such an attempt into a reported `syscall.landlock_*` denial.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -425,53 +430,101 @@ fn libc_eproto() -> i32 {
 
 // ---- the listener -----------------------------------------------------------
 
+/// How long the shared reader keeps running with no run listening before it
+/// stops (and closes its socket); the next run starts it again.
+const IDLE_STOP: Duration = Duration::from_secs(10);
+
+/// The records of one process's audit socket, shared by every run of the
+/// process that is listening.
+///
+/// One socket per process, not per run: every socket in the multicast group
+/// receives every record on the host, so with one per run a host running R
+/// bundles at once would have the kernel deliver, and the agent parse, each
+/// record R times (a million deliveries at 1,000 runs).
 #[derive(Default)]
 struct Buffer {
     records: VecDeque<AuditRecord>,
-    /// Records dropped because the buffer was full.
+    /// Sequence number of `records[0]`; `records[i]` has `first_seq + i`.
+    first_seq: u64,
+    /// The first sequence number of every live listener (by listener id):
+    /// records before the oldest are of no use to anyone and are let go.
+    cursors: BTreeMap<u64, u64>,
+    /// Records dropped because the buffer was full, and the sequence number
+    /// of the last one: a listener that started at or before it lost some.
     dropped: u64,
+    dropped_through: Option<u64>,
     /// Times the socket reported ENOBUFS (the kernel dropped multicast
-    /// records for us because we did not read fast enough).
+    /// records for us because we did not read fast enough), and the
+    /// sequence number when it last did.
     overruns: u64,
+    last_overrun_seq: Option<u64>,
     unparsable: u64,
     /// Datagrams that claimed to come from a userspace process.
     forged: u64,
     reader_failed: Option<String>,
+    /// The reader went idle and stopped; a new hub must be started.
+    stopped: bool,
+    /// Sync markers of this process being waited for, and whom to wake.
+    marker_waiters: HashMap<String, SyncSender<()>>,
 }
 
 impl Buffer {
+    fn next_seq(&self) -> u64 {
+        self.first_seq + self.records.len() as u64
+    }
+
     /// Whether a record is worth keeping. On a host whose auditd loads
     /// syscall rules, `SYSCALL` records arrive by the thousand; keeping them
     /// all would push the records we need out of the buffer. We keep only
     /// the `SYSCALL` records of events that carry a Landlock denial (they
-    /// follow it, at syscall exit), and only our own sync markers.
+    /// follow it, at syscall exit). Sync markers wake their waiter and are
+    /// not kept.
     fn wanted(&self, record: &AuditRecord) -> bool {
         match &record.body {
             RecordBody::Syscall(_) => self.records.iter().rev().take(RECENT_FOR_SYSCALL).any(|r| {
                 r.event == record.event && matches!(r.body, RecordBody::LandlockAccess(_))
             }),
-            RecordBody::User { msg } => {
-                msg.as_deref().is_some_and(|m| m.starts_with(MARKER_PREFIX))
-            }
+            RecordBody::User { .. } => false,
             _ => true,
         }
     }
 
     fn push(&mut self, record: AuditRecord) {
+        if let RecordBody::User { msg: Some(m) } = &record.body {
+            if let Some(waiter) = self.marker_waiters.remove(m.as_str()) {
+                let _ = waiter.try_send(());
+            }
+        }
         if !self.wanted(&record) {
             return;
         }
         if self.records.len() >= BUFFER_RECORDS {
             self.records.pop_front();
+            self.dropped_through = Some(self.first_seq);
+            self.first_seq += 1;
             self.dropped += 1;
         }
         self.records.push_back(record);
+        self.prune();
     }
 
-    fn has_marker(&self, marker: &str) -> bool {
-        self.records
-            .iter()
-            .any(|r| matches!(&r.body, RecordBody::User { msg: Some(m) } if m == marker))
+    /// Let go of the records every live listener started after.
+    fn prune(&mut self) {
+        let keep_from = self
+            .cursors
+            .values()
+            .min()
+            .copied()
+            .unwrap_or_else(|| self.next_seq());
+        while self.first_seq < keep_from && self.records.pop_front().is_some() {
+            self.first_seq += 1;
+        }
+    }
+
+    /// The records from sequence number `seq` on.
+    fn since(&self, seq: u64) -> impl Iterator<Item = &AuditRecord> {
+        let skip = usize::try_from(seq.saturating_sub(self.first_seq)).unwrap_or(usize::MAX);
+        self.records.iter().skip(skip)
     }
 
     fn deallocated(&self, domain: u64) -> Option<u64> {
@@ -484,12 +537,17 @@ impl Buffer {
             _ => None,
         })
     }
+
+    /// The reader is gone: nobody will be woken by a marker again.
+    fn fail(&mut self, why: String) {
+        self.reader_failed = Some(why);
+        self.marker_waiters.clear();
+    }
 }
 
 struct Shared {
     buffer: Mutex<Buffer>,
     changed: Condvar,
-    stop: AtomicBool,
 }
 
 impl Shared {
@@ -518,28 +576,22 @@ impl Shared {
     }
 }
 
-/// Listens to the kernel's audit records for the lifetime of a run.
-pub struct AuditListener {
+/// The process's audit socket, its reader thread and the records they keep.
+struct Hub {
     shared: Arc<Shared>,
-    control: Mutex<Control>,
-    reader: Option<JoinHandle<()>>,
-    lost_at_start: u32,
+    /// The kernel's lost-record counter as last read (see
+    /// [`AuditListener::start`]).
+    last_lost: AtomicU32,
     enabled_by_us: bool,
 }
 
-impl std::fmt::Debug for AuditListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditListener")
-            .field("lost_at_start", &self.lost_at_start)
-            .finish_non_exhaustive()
-    }
-}
+/// The hub of this process, started by the first run that listens.
+static HUB: Mutex<Option<Arc<Hub>>> = Mutex::new(None);
+static LISTENER_IDS: AtomicU64 = AtomicU64::new(0);
 
-static MARKER_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-impl AuditListener {
-    /// Open the audit sockets, enable audit if needed, and start reading.
-    pub fn start() -> Result<Self, AuditUnavailable> {
+impl Hub {
+    /// Enable audit if needed, join the multicast group, start the reader.
+    fn start() -> Result<Self, AuditUnavailable> {
         let mut control = Control::open()?;
         let status = control.status()?;
         let mut enabled_by_us = false;
@@ -601,56 +653,122 @@ impl AuditListener {
         let shared = Arc::new(Shared {
             buffer: Mutex::new(Buffer::default()),
             changed: Condvar::new(),
-            stop: AtomicBool::new(false),
         });
         let reader_shared = shared.clone();
-        let reader = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("audit-reader".into())
             .spawn(move || read_loop(fd, &reader_shared))
             .map_err(|e| AuditUnavailable::Protocol {
                 what: "start reader thread",
                 why: e.to_string(),
             })?;
-        Ok(AuditListener {
+        Ok(Hub {
             shared,
-            control: Mutex::new(control),
-            reader: Some(reader),
-            lost_at_start: status.lost,
+            last_lost: AtomicU32::new(status.lost),
             enabled_by_us,
         })
     }
+}
 
-    /// True when this listener had to enable kernel audit.
+/// Listens to the kernel's audit records for the lifetime of a run.
+pub struct AuditListener {
+    hub: Arc<Hub>,
+    id: u64,
+    /// Sequence number of the first record this run may own.
+    start_seq: u64,
+    lost_at_start: u32,
+}
+
+impl std::fmt::Debug for AuditListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditListener")
+            .field("start_seq", &self.start_seq)
+            .field("lost_at_start", &self.lost_at_start)
+            .finish_non_exhaustive()
+    }
+}
+
+static MARKER_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl AuditListener {
+    /// Start listening: every record the kernel sends from now on is kept
+    /// until this listener is dropped. The first listener of the process
+    /// opens the audit socket (enabling audit if needed) and starts the
+    /// reader; later ones join it, with no kernel round trip.
+    ///
+    /// The kernel's lost counter at the start is the last value this
+    /// process read, not a fresh one (each read spawns a kernel thread): if
+    /// the counter moved since, the run reports a gap it may not have had,
+    /// which errs on the side of "unknown", never of a false zero.
+    pub fn start() -> Result<Self, AuditUnavailable> {
+        let mut slot = HUB.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(hub) = slot.as_ref() {
+                let mut buffer = hub.shared.lock();
+                if !buffer.stopped && buffer.reader_failed.is_none() {
+                    let id = LISTENER_IDS.fetch_add(1, Ordering::Relaxed);
+                    let start_seq = buffer.next_seq();
+                    buffer.cursors.insert(id, start_seq);
+                    drop(buffer);
+                    return Ok(AuditListener {
+                        hub: hub.clone(),
+                        id,
+                        start_seq,
+                        lost_at_start: hub.last_lost.load(Ordering::Relaxed),
+                    });
+                }
+            }
+            *slot = Some(Arc::new(Hub::start()?));
+        }
+    }
+
+    /// True when this process had to enable kernel audit.
     pub fn enabled_audit(&self) -> bool {
-        self.enabled_by_us
+        self.hub.enabled_by_us
     }
 
-    /// A copy of the records received so far (for diagnostics and tests).
+    /// A copy of the records received since this listener started (for
+    /// diagnostics and tests).
     pub fn records(&self) -> Vec<AuditRecord> {
-        self.shared.lock().records.iter().cloned().collect()
-    }
-
-    fn control(&self) -> MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|e| e.into_inner())
+        self.hub
+            .shared
+            .lock()
+            .since(self.start_seq)
+            .cloned()
+            .collect()
     }
 
     /// Send a marker through the kernel and wait for it to come back: after
     /// that, every record logged before the call has been received.
-    fn sync(&self, deadline: Instant) -> Result<(), String> {
+    fn sync(&self, control: &mut Control, deadline: Instant) -> Result<(), String> {
         let n = MARKER_COUNTER.fetch_add(1, Ordering::Relaxed);
         let marker = format!("{MARKER_PREFIX}{}-{n}", std::process::id());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let mut buffer = self.hub.shared.lock();
+            if let Some(why) = &buffer.reader_failed {
+                return Err(format!("the audit reader stopped: {why}"));
+            }
+            buffer.marker_waiters.insert(marker.clone(), tx);
+        }
         // The kernel overwrites the last byte with a NUL terminator
         // (audit_receive_msg), so send one.
         let mut payload = marker.clone().into_bytes();
         payload.push(0);
-        self.control()
+        let sent = control
             .request_ack("send a sync marker", AUDIT_TRUSTED_APP, &payload)
-            .map_err(|e| e.to_string())?;
-        if self.shared.wait_until(deadline, |b| b.has_marker(&marker)) {
-            Ok(())
-        } else {
-            Err("the sync marker did not come back in time: records may still be in flight".into())
+            .map_err(|e| e.to_string());
+        let back = sent.and_then(|()| {
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .map_err(|_| {
+                    "the sync marker did not come back in time: records may still be in flight"
+                        .to_string()
+                })
+        });
+        if back.is_err() {
+            self.hub.shared.lock().marker_waiters.remove(&marker);
         }
+        back
     }
 
     /// Everything the kernel denied the run whose stage-2 process (the one
@@ -666,29 +784,37 @@ impl AuditListener {
         wait: Duration,
     ) -> RunDenials {
         let deadline = Instant::now() + wait;
-        let synced = self.sync(deadline);
+        let mut control = Control::open();
+        let synced = match &mut control {
+            Ok(control) => self.sync(control, deadline),
+            Err(e) => Err(e.to_string()),
+        };
+        let shared = &self.hub.shared;
 
-        let domains = domains_of(&self.shared.lock().records, stage2_pid);
+        let domains = domains_of(shared.lock().since(self.start_seq), stage2_pid);
         // The deallocation record follows the last process's exit
         // asynchronously (the kernel frees the domain from a work queue).
-        self.shared.wait_until(deadline, |b| {
-            domains.iter().all(|d| b.deallocated(*d).is_some())
-        });
+        if !domains.is_empty() {
+            shared.wait_until(deadline, |b| {
+                domains.iter().all(|d| b.deallocated(*d).is_some())
+            });
+        }
 
-        let buffer = self.shared.lock();
-        let mut out = attribute(&buffer.records, stage2_pid, audit_session);
+        let buffer = shared.lock();
+        let mine: VecDeque<AuditRecord> = buffer.since(self.start_seq).cloned().collect();
+        let mut out = attribute(&mine, stage2_pid, audit_session);
         if let Err(why) = synced {
             out.gaps.insert(0, why);
         }
-        if buffer.dropped > 0 {
+        if buffer.dropped_through >= Some(self.start_seq) {
             out.gaps.push(format!(
-                "{} audit records were dropped from the listener's buffer",
+                "audit records were dropped from the listener's buffer ({} so far)",
                 buffer.dropped
             ));
         }
-        if buffer.overruns > 0 {
+        if buffer.last_overrun_seq >= Some(self.start_seq) {
             out.gaps.push(format!(
-                "the audit socket overflowed {} times",
+                "the audit socket overflowed during the run ({} times so far)",
                 buffer.overruns
             ));
         }
@@ -697,25 +823,37 @@ impl AuditListener {
         }
         drop(buffer);
 
-        match self.control().status() {
-            Ok(s) if s.enabled == 0 => out
-                .gaps
-                .push("kernel audit was disabled during the run".into()),
-            Ok(s) if s.lost != self.lost_at_start => out.gaps.push(format!(
-                "the kernel dropped audit records during the run (lost counter {} -> {})",
-                self.lost_at_start, s.lost
-            )),
-            Ok(_) => {}
+        match control.and_then(|mut c| c.status()) {
+            Ok(s) => {
+                self.hub.last_lost.store(s.lost, Ordering::Relaxed);
+                if s.enabled == 0 {
+                    out.gaps
+                        .push("kernel audit was disabled during the run".into());
+                } else if s.lost != self.lost_at_start {
+                    out.gaps.push(format!(
+                        "the kernel dropped audit records during the run (lost counter {} -> {})",
+                        self.lost_at_start, s.lost
+                    ));
+                }
+            }
             Err(e) => out.gaps.push(format!("cannot re-check audit status: {e}")),
         }
         out
     }
 }
 
+impl Drop for AuditListener {
+    fn drop(&mut self) {
+        let mut buffer = self.hub.shared.lock();
+        buffer.cursors.remove(&self.id);
+        buffer.prune();
+    }
+}
+
 /// The Landlock domains created by process `pid`.
-fn domains_of(records: &VecDeque<AuditRecord>, pid: u32) -> BTreeSet<u64> {
+fn domains_of<'a>(records: impl IntoIterator<Item = &'a AuditRecord>, pid: u32) -> BTreeSet<u64> {
     records
-        .iter()
+        .into_iter()
         .filter_map(|r| match r.body {
             RecordBody::LandlockDomain(LandlockDomain::Allocated { domain, pid: p, .. })
                 if p == pid =>
@@ -820,22 +958,13 @@ fn attribute(
     out
 }
 
-impl Drop for AuditListener {
-    fn drop(&mut self) {
-        // Tell the reader to stop, but do not join it: it notices within one
-        // receive tick (READER_TICK_MS), and waiting for that would add up to
-        // a tick of latency to every run. The thread owns its socket and an
-        // Arc of the shared state, so nothing it touches outlives it.
-        self.shared.stop.store(true, Ordering::Relaxed);
-        drop(self.reader.take());
-    }
-}
-
 /// The reader thread: receive, check the sender is the kernel, parse, store.
+/// It stops, closing the socket, after [`IDLE_STOP`] with no run listening.
 fn read_loop(fd: OwnedFd, shared: &Shared) {
     // Audit records are at most MAX_AUDIT_MESSAGE_LENGTH (8970) bytes.
     let mut buf = vec![0u8; 64 * 1024];
-    while !shared.stop.load(Ordering::Relaxed) {
+    let mut idle_since: Option<Instant> = None;
+    loop {
         match recvfrom::<NetlinkAddr>(fd.as_raw_fd(), &mut buf) {
             Ok((n, from)) => {
                 let mut b = shared.lock();
@@ -855,8 +984,14 @@ fn read_loop(fd: OwnedFd, shared: &Shared) {
                 let text = String::from_utf8_lossy(payload);
                 match parse_record(msg_type, text.trim_end_matches(['\0', '\n'])) {
                     Ok(Some(record)) => {
+                        let domain_record = matches!(record.body, RecordBody::LandlockDomain(_));
                         b.push(record);
-                        shared.changed.notify_all();
+                        // Only waits for a domain's release use the
+                        // condition variable (markers wake their waiter
+                        // directly): no herd of collectors per record.
+                        if domain_record {
+                            shared.changed.notify_all();
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -867,15 +1002,23 @@ fn read_loop(fd: OwnedFd, shared: &Shared) {
             }
             Err(Errno::EAGAIN | Errno::EINTR) => {}
             Err(Errno::ENOBUFS) => {
-                shared.lock().overruns += 1;
-                shared.changed.notify_all();
+                let mut b = shared.lock();
+                b.overruns += 1;
+                b.last_overrun_seq = Some(b.next_seq());
             }
             Err(e) => {
-                shared.lock().reader_failed = Some(e.to_string());
+                shared.lock().fail(e.to_string());
                 shared.changed.notify_all();
                 tracing::error!(error = %e, "audit reader stopped");
                 return;
             }
+        }
+        let mut b = shared.lock();
+        if !b.cursors.is_empty() {
+            idle_since = None;
+        } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_STOP {
+            b.stopped = true;
+            return;
         }
     }
 }

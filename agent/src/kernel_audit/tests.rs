@@ -271,6 +271,8 @@ fn distinct_denials_are_bounded() {
 #[test]
 fn buffer_drops_oldest_and_counts() {
     let mut b = Buffer::default();
+    // A listener from the start: nothing is let go as no longer needed.
+    b.cursors.insert(1, 0);
     for i in 0..(BUFFER_RECORDS + 5) {
         b.push(rec(
             AUDIT_LANDLOCK_DOMAIN,
@@ -279,21 +281,75 @@ fn buffer_drops_oldest_and_counts() {
     }
     assert_eq!(b.records.len(), BUFFER_RECORDS);
     assert_eq!(b.dropped, 5);
+    assert_eq!(b.dropped_through, Some(4));
+    assert_eq!(b.first_seq, 5);
     assert_eq!(b.records.front().map(|r| r.event.serial), Some(5));
     assert_eq!(b.deallocated(1), Some(5), "first remaining record wins");
+    assert_eq!(
+        b.since(BUFFER_RECORDS as u64 + 3)
+            .map(|r| r.event.serial)
+            .collect::<Vec<_>>(),
+        vec![BUFFER_RECORDS as u64 + 3, BUFFER_RECORDS as u64 + 4]
+    );
+}
+
+#[test]
+fn records_no_listener_needs_are_let_go() {
+    let mut b = Buffer::default();
+    let alloc = |i: u64| {
+        rec(
+            AUDIT_LANDLOCK_DOMAIN,
+            &format!("audit(1.0:{i}): domain={i} status=deallocated denials=0"),
+        )
+    };
+    // Nobody listening: nothing is kept.
+    b.push(alloc(1));
+    assert!(b.records.is_empty());
+    assert_eq!(b.next_seq(), 1);
+    // Listeners from sequence 1 and 2: records from 1 on are kept.
+    b.cursors.insert(7, 1);
+    b.push(alloc(2));
+    b.cursors.insert(8, 2);
+    b.push(alloc(3));
+    assert_eq!(b.since(1).count(), 2);
+    assert_eq!(
+        b.since(2).map(|r| r.event.serial).collect::<Vec<_>>(),
+        vec![3]
+    );
+    // The older listener goes: its record goes with it.
+    b.cursors.remove(&7);
+    b.prune();
+    assert_eq!(b.first_seq, 2);
+    assert_eq!(b.records.len(), 1);
+    assert_eq!(b.dropped, 0, "letting go is not dropping");
+}
+
+#[test]
+fn a_sync_marker_wakes_only_its_waiter() {
+    let mut b = Buffer::default();
     let marker = format!("{MARKER_PREFIX}1-2");
-    assert!(!b.has_marker(&marker));
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    b.marker_waiters.insert(marker.clone(), tx);
+    let (other_tx, other_rx) = std::sync::mpsc::sync_channel(1);
+    b.marker_waiters
+        .insert(format!("{MARKER_PREFIX}1-3"), other_tx);
     b.push(rec(
         AUDIT_TRUSTED_APP,
         &format!("audit(2.0:1): pid=1 uid=0 auid=0 ses=1 msg='{marker}'"),
     ));
-    assert!(b.has_marker(&marker));
-    assert!(!b.has_marker(&format!("{MARKER_PREFIX}1-3")));
+    assert!(rx.try_recv().is_ok());
+    assert!(other_rx.try_recv().is_err());
+    assert_eq!(b.marker_waiters.len(), 1);
+    assert!(b.records.is_empty(), "markers are not kept");
+    // A reader that fails wakes every waiter with an error.
+    b.fail("gone".into());
+    assert!(matches!(other_rx.recv(), Err(std::sync::mpsc::RecvError)));
 }
 
 #[test]
 fn buffer_keeps_only_what_collection_can_use() {
     let mut b = Buffer::default();
+    b.cursors.insert(1, 0);
     // Another application's trusted-app message, and SYSCALL records of
     // events without a Landlock denial (auditd rules on a busy host).
     b.push(rec(
