@@ -229,16 +229,8 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
     // Run stage 2 directly (no launcher): it starts in the test's cgroup
     // and must move itself before anything else.
     let t = Tree::new();
-    let spec = t.spec("cat /proc/self/cgroup");
-    let cgroup = RunCgroup::create(&spec.run_id).unwrap();
-    let plan = rollguard_agent::sandbox::spec::Stage2Plan {
-        spec: spec.clone(),
-        cgroup_dir: cgroup.path().to_path_buf(),
-    };
-    let plan_path = t.p("run/plan.json");
-    fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let mut stage2 = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
-        .arg(&plan_path)
+    let (spec, cgroup, mut stage2) = stage2_by_hand(&t, "cat /proc/self/cgroup");
+    let mut stage2 = stage2
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -269,8 +261,7 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
 #[test]
 fn a_held_run_executes_nothing_until_released() {
     let t = Tree::new();
-    let ran = t.p("etc/app/ran");
-    let spec = t.spec(&format!("echo ran > {}", ran.display()));
+    let (ran, spec) = leaves_a_file(&t);
     let held = launcher().spawn_held(&spec).unwrap();
     let pid = held.pid();
     // Time enough for stage 2 to confine itself and reach the gate: held,
@@ -292,8 +283,7 @@ fn a_held_run_executes_nothing_until_released() {
 #[test]
 fn a_withdrawn_run_executes_nothing_and_leaves_no_cgroup() {
     let t = Tree::new();
-    let ran = t.p("etc/app/ran");
-    let spec = t.spec(&format!("echo ran > {}", ran.display()));
+    let (ran, spec) = leaves_a_file(&t);
     let held = launcher().spawn_held(&spec).unwrap();
     let pid = held.pid();
     held.withdraw().unwrap();
@@ -308,19 +298,8 @@ fn stage2_executes_nothing_when_the_agent_goes_away_before_the_release() {
     // the gate. Stage 2 confines itself, then exits without executing.
     let t = Tree::new();
     let ran = t.p("etc/app/ran");
-    let spec = t.spec(&format!("echo ran > {}", ran.display()));
-    let cgroup = RunCgroup::create(&spec.run_id).unwrap();
-    let plan = rollguard_agent::sandbox::spec::Stage2Plan {
-        spec: spec.clone(),
-        cgroup_dir: cgroup.path().to_path_buf(),
-    };
-    let plan_path = t.p("run/plan.json");
-    fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
-        .arg(&plan_path)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    let (spec, cgroup, mut stage2) = stage2_by_hand(&t, &format!("echo ran > {}", ran.display()));
+    let out = stage2.stdin(std::process::Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(!ran.exists());
     let events = status::read_events(&spec.run_dir).unwrap();
@@ -335,4 +314,34 @@ fn stage2_executes_nothing_when_the_agent_goes_away_before_the_release() {
         "{events:?}"
     );
     cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
+}
+
+/// A run that leaves `etc/app/ran` behind if it executes.
+fn leaves_a_file(t: &Tree) -> (std::path::PathBuf, rollguard_agent::sandbox::SandboxSpec) {
+    let ran = t.p("etc/app/ran");
+    let spec = t.spec(&format!("echo ran > {}", ran.display()));
+    (ran, spec)
+}
+
+/// Stage 2 started by hand (no launcher, so in the test's own cgroup),
+/// with a plan for `script` and its run cgroup created.
+fn stage2_by_hand(
+    t: &Tree,
+    script: &str,
+) -> (
+    rollguard_agent::sandbox::SandboxSpec,
+    RunCgroup,
+    std::process::Command,
+) {
+    let spec = t.spec(script);
+    let cgroup = RunCgroup::create(&spec.run_id).unwrap();
+    let plan = rollguard_agent::sandbox::spec::Stage2Plan {
+        spec: spec.clone(),
+        cgroup_dir: cgroup.path().to_path_buf(),
+    };
+    let plan_path = t.p("run/plan.json");
+    fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();
+    let mut stage2 = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"));
+    stage2.arg(&plan_path);
+    (spec, cgroup, stage2)
 }
