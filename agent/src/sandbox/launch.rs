@@ -4,8 +4,8 @@
 //!
 //! Stage 2 starts *held* ([`Launcher::spawn_held`]): it confines itself
 //! (namespaces, mounts, capabilities, Landlock, seccomp: about 2 ms of CPU)
-//! and then waits on its stdin, a pipe, for the agent's release byte before
-//! it executes the bundle. The agent meanwhile unpacks the payload and
+//! and then waits for the agent's release byte on a pipe (handed over as
+//! its stdin, moved aside at its start) before it executes the bundle. The agent meanwhile unpacks the payload and
 //! makes the run's start durable; only then does it release the run
 //! ([`HeldChild::release`]). So the setup overlaps the agent's own work and
 //! its disk flush instead of following them, while the rule "durable before
