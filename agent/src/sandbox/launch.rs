@@ -303,14 +303,9 @@ impl HeldChild {
         let HeldChild { gate, mut child } = self;
         drop(gate);
         child.armed = false;
-        let killed = child.cgroup.clone().kill_and_remove(KILL_GRACE);
+        let removed = child.kill_and_remove_cgroup();
         let _ = child.exit.recv_timeout(KILL_GRACE);
-        killed.map_err(|e| match e {
-            CgroupError::NotEmpty { .. } => SandboxError::Unkillable {
-                run_id: child.run_id.clone(),
-            },
-            other => other.into(),
-        })
+        removed
     }
 }
 
@@ -508,6 +503,20 @@ impl ConfinedChild {
         Ok(outcome)
     }
 
+    /// Kill whatever is left in the run's cgroup and remove it; processes
+    /// that outlive [`KILL_GRACE`] make the run unkillable.
+    fn kill_and_remove_cgroup(&self) -> Result<(), SandboxError> {
+        self.cgroup
+            .clone()
+            .kill_and_remove(KILL_GRACE)
+            .map_err(|e| match e {
+                CgroupError::NotEmpty { .. } => SandboxError::Unkillable {
+                    run_id: self.run_id.clone(),
+                },
+                other => other.into(),
+            })
+    }
+
     fn finish(&mut self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
         let remaining = timeout.saturating_sub(self.started.elapsed());
         let mut killed_processes = 0;
@@ -539,16 +548,7 @@ impl ConfinedChild {
         } else if killed_by_switch && !timed_out {
             killed_processes = self.kill_state.processes.load(Ordering::SeqCst);
         }
-        let run_id = self.run_id.clone();
-        self.cgroup
-            .clone()
-            .kill_and_remove(KILL_GRACE)
-            .map_err(|e| match e {
-                CgroupError::NotEmpty { .. } => SandboxError::Unkillable {
-                    run_id: run_id.clone(),
-                },
-                other => other.into(),
-            })?;
+        self.kill_and_remove_cgroup()?;
 
         let events =
             status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
