@@ -522,20 +522,13 @@ impl Buffer {
     }
 
     /// The records from sequence number `seq` on.
-    fn since(&self, seq: u64) -> impl Iterator<Item = &AuditRecord> {
+    fn since(&self, seq: u64) -> std::collections::vec_deque::Iter<'_, AuditRecord> {
         let skip = usize::try_from(seq.saturating_sub(self.first_seq)).unwrap_or(usize::MAX);
-        self.records.iter().skip(skip)
+        self.records.range(skip.min(self.records.len())..)
     }
 
     fn deallocated(&self, domain: u64) -> Option<u64> {
-        self.records.iter().find_map(|r| match r.body {
-            RecordBody::LandlockDomain(LandlockDomain::Deallocated { domain: d, denials })
-                if d == domain =>
-            {
-                Some(denials)
-            }
-            _ => None,
-        })
+        deallocated_in(&self.records, domain)
     }
 
     /// The reader is gone: nobody will be woken by a marker again.
@@ -801,8 +794,7 @@ impl AuditListener {
         }
 
         let buffer = shared.lock();
-        let mine: VecDeque<AuditRecord> = buffer.since(self.start_seq).cloned().collect();
-        let mut out = attribute(&mine, stage2_pid, audit_session);
+        let mut out = attribute(buffer.since(self.start_seq), stage2_pid, audit_session);
         if let Err(why) = synced {
             out.gaps.insert(0, why);
         }
@@ -850,6 +842,21 @@ impl Drop for AuditListener {
     }
 }
 
+/// The kernel's denial count for `domain`, from its deallocation record.
+fn deallocated_in<'a>(
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+    domain: u64,
+) -> Option<u64> {
+    records.into_iter().find_map(|r| match r.body {
+        RecordBody::LandlockDomain(LandlockDomain::Deallocated { domain: d, denials })
+            if d == domain =>
+        {
+            Some(denials)
+        }
+        _ => None,
+    })
+}
+
 /// The Landlock domains created by process `pid`.
 fn domains_of<'a>(records: impl IntoIterator<Item = &'a AuditRecord>, pid: u32) -> BTreeSet<u64> {
     records
@@ -873,40 +880,32 @@ fn domains_of<'a>(records: impl IntoIterator<Item = &'a AuditRecord>, pid: u32) 
 ///
 /// The Landlock count is the kernel's deallocation count where present,
 /// else the records seen, with a gap saying it is a lower bound.
-fn attribute(
-    records: &VecDeque<AuditRecord>,
-    stage2_pid: u32,
-    audit_session: Option<u32>,
-) -> RunDenials {
+fn attribute<'a, R>(records: R, stage2_pid: u32, audit_session: Option<u32>) -> RunDenials
+where
+    R: IntoIterator<Item = &'a AuditRecord>,
+    R::IntoIter: Clone,
+{
+    let records = records.into_iter();
     let mut out = RunDenials::default();
-    let domains = domains_of(records, stage2_pid);
+    let domains = domains_of(records.clone(), stage2_pid);
     let session_events: BTreeSet<EventId> = match audit_session {
         Some(ses) => records
-            .iter()
+            .clone()
             .filter(|r| matches!(&r.body, RecordBody::Syscall(s) if s.ses == Some(ses)))
             .map(|r| r.event)
             .collect(),
         None => BTreeSet::new(),
     };
     let exe_of = |event: EventId| {
-        records.iter().find_map(|r| match &r.body {
+        records.clone().find_map(|r| match &r.body {
             RecordBody::Syscall(s) if r.event == event => s.exe.clone(),
             _ => None,
         })
     };
-    let deallocated = |domain: u64| {
-        records.iter().find_map(|r| match r.body {
-            RecordBody::LandlockDomain(LandlockDomain::Deallocated { domain: d, denials })
-                if d == domain =>
-            {
-                Some(denials)
-            }
-            _ => None,
-        })
-    };
+    let deallocated = |domain: u64| deallocated_in(records.clone(), domain);
     let mut records_per_domain: std::collections::BTreeMap<u64, u64> = Default::default();
     let mut other_domain_records = 0;
-    for r in records {
+    for r in records.clone() {
         match &r.body {
             RecordBody::LandlockAccess(a)
                 if domains.contains(&a.domain) || session_events.contains(&r.event) =>
