@@ -44,9 +44,14 @@ fn bad_clients_get_clear_errors_and_the_controller_keeps_serving() {
     let anon =
         Client::connect_anonymous(&url, &ca).and_then(|c| c.get::<serde_json::Value>("/v1/agents"));
     let e = err_text(anon);
-    // TLS 1.3: the client may see the server's alert or just the close.
+    // TLS 1.3: the client finishes its side of the handshake before the
+    // server checks its certificate, so it may see the server's alert, the
+    // close, or a broken pipe while it is still sending the request. That
+    // the refusal was the handshake's is checked on the server's side below.
     assert!(
-        e.contains("CertificateRequired") || e.contains("connection closed"),
+        e.contains("CertificateRequired")
+            || e.contains("connection closed")
+            || e.contains("broken pipe"),
         "{e}"
     );
     wait_for("the controller to log the refused handshake", || {
