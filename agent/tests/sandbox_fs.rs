@@ -31,14 +31,15 @@ fn rm_rf_of_protected_dirs_fails_and_every_byte_survives() {
     let t = Tree::new();
     let before = t.snapshot();
     let run = t.sh(&format!(
-        "rm -rf {c} {b}; echo rm_status=$?; rm -f {c}/index; echo rm_file_status=$?",
+        "rm -rf {c} {b}; echo rm_status=$?; rm {c}/index; echo rm_file_status=$?",
         c = t.s("customers"),
         b = t.s("backup")
     ));
     assert_ne!(run.value("rm_status"), "0");
     assert_ne!(run.value("rm_file_status"), "0");
+    // Covered by a read-only mount: refused before Landlock is asked.
     assert!(
-        run.stderr.contains("Permission denied"),
+        run.stderr.contains("Read-only file system") || run.stderr.contains("Permission denied"),
         "stderr: {}",
         run.stderr
     );
@@ -287,7 +288,7 @@ fn a_scope_overlapping_a_protected_path_is_refused_and_nothing_runs() {
     spec.scope.delete.extend(t.scope(&["customers/a"]));
     let run = t.run(&spec);
     assert!(
-        matches!(&run.outcome.termination, Termination::SetupFailed { step, error } if step == "landlock" && error.contains("protected")),
+        matches!(&run.outcome.termination, Termination::SetupFailed { step, error } if (step == "mounts" || step == "landlock") && error.contains("protected")),
         "{:?}",
         run.outcome.termination
     );

@@ -54,8 +54,8 @@ use super::status::{
     EXIT_SETUP_FAILED, RELEASE_BYTE,
 };
 use super::{
-    audit_session, capabilities, landlock_rules, namespaces, seccomp_filter, seccomp_install,
-    STAGE2_PROGRAM,
+    audit_session, capabilities, landlock_rules, namespaces, readonly_mounts, seccomp_filter,
+    seccomp_install, STAGE2_PROGRAM,
 };
 
 /// `PATH` of the bundle: the standard Debian root path.
@@ -218,6 +218,9 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
     // 3. Namespaces and private mounts.
     let private_network = spec.scope.network.is_empty();
     namespaces::enter(private_network).map_err(at(Step::Namespaces))?;
+    // Everything outside the write/delete scopes read-only and nodev,
+    // protected paths covered; then the private scratch mounts on top.
+    let read_only = readonly_mounts::apply(spec).map_err(at(Step::Mounts))?;
     namespaces::mount_private_dirs(!private_network).map_err(at(Step::Mounts))?;
 
     // 4. Capabilities.
@@ -246,6 +249,7 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
         private_network,
         seccomp_filters: filters.len(),
         audit_session: session,
+        masked_paths: read_only.masked.len(),
     })
 }
 

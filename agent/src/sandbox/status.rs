@@ -83,6 +83,10 @@ pub struct Confinement {
     /// Number of seccomp filters installed.
     pub seccomp_filters: usize,
     pub audit_session: u32,
+    /// Protected paths (and other mounts of their data) covered by an
+    /// empty read-only node; everything outside the scopes is read-only.
+    #[serde(default)]
+    pub masked_paths: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
