@@ -73,13 +73,14 @@ use nix::sys::socket::{
 use nix::sys::time::{TimeVal, TimeValLike};
 use rollguard_shared::report::Denial;
 
+pub mod exit_rules;
 mod record;
 mod syscalls;
 
 pub use record::{
-    parse_record, AuditRecord, EventId, LandlockAccess, LandlockDomain, RecordBody, RecordError,
-    SeccompAction, SeccompRecord, SyscallRecord, AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN,
-    AUDIT_SECCOMP, AUDIT_SYSCALL, AUDIT_TRUSTED_APP,
+    parse_record, AuditRecord, EventId, LandlockAccess, LandlockDomain, PathRecord, RecordBody,
+    RecordError, SeccompAction, SeccompRecord, SyscallRecord, AUDIT_CWD, AUDIT_LANDLOCK_ACCESS,
+    AUDIT_LANDLOCK_DOMAIN, AUDIT_PATH, AUDIT_SECCOMP, AUDIT_SYSCALL, AUDIT_TRUSTED_APP,
 };
 pub use syscalls::{syscall_name, AUDIT_ARCH_AARCH64, AUDIT_ARCH_X86_64};
 
@@ -164,6 +165,9 @@ pub struct RunDenials {
     pub landlock_count_final: bool,
     /// seccomp records that were denials.
     pub seccomp_denials: u64,
+    /// Calls refused without an LSM record (a read-only mount's `EROFS`),
+    /// seen through our syscall-exit rules ([`exit_rules`]).
+    pub syscall_exit_denials: u64,
     /// Reasons the picture may be incomplete; empty when it is complete.
     pub gaps: Vec<String>,
 }
@@ -173,9 +177,9 @@ impl RunDenials {
         self.gaps.is_empty()
     }
 
-    /// Total denials known: Landlock plus seccomp.
+    /// Total denials known: Landlock, seccomp and syscall-exit rules.
     pub fn total(&self) -> u64 {
-        self.landlock_denials + self.seccomp_denials
+        self.landlock_denials + self.seccomp_denials + self.syscall_exit_denials
     }
 
     pub fn denial_list(&self) -> Vec<Denial> {
@@ -481,9 +485,24 @@ impl Buffer {
     /// not kept.
     fn wanted(&self, record: &AuditRecord) -> bool {
         match &record.body {
+            // Asked for by one of our syscall-exit rules.
+            RecordBody::Syscall(s)
+                if s.key
+                    .as_deref()
+                    .is_some_and(|k| exit_rules::label_of(k).is_some()) =>
+            {
+                true
+            }
             RecordBody::Syscall(_) => self.records.iter().rev().take(RECENT_FOR_SYSCALL).any(|r| {
                 r.event == record.event && matches!(r.body, RecordBody::LandlockAccess(_))
             }),
+            // The names of an event we keep (they follow its SYSCALL record).
+            RecordBody::Path(_) | RecordBody::Cwd { .. } => self
+                .records
+                .iter()
+                .rev()
+                .take(RECENT_FOR_SYSCALL)
+                .any(|r| r.event == record.event && matches!(r.body, RecordBody::Syscall(_))),
             RecordBody::User { .. } => false,
             _ => true,
         }
@@ -925,6 +944,28 @@ where
                     });
                 }
             }
+            RecordBody::Syscall(s) => {
+                let label = s.key.as_deref().and_then(exit_rules::label_of);
+                let (Some(label), Some(ses), Some(exit)) = (label, audit_session, s.exit) else {
+                    continue;
+                };
+                if s.ses != Some(ses) || !exit_rules::watches(label, exit) {
+                    continue;
+                }
+                out.syscall_exit_denials += 1;
+                let name = s
+                    .arch
+                    .zip(s.syscall)
+                    .and_then(|(arch, nr)| syscall_name(arch, nr))
+                    .map(str::to_string)
+                    .or_else(|| s.syscall.map(|n| n.to_string()))
+                    .unwrap_or_else(|| "unknown".into());
+                out.add(Denial {
+                    access: format!("{label}.{name}"),
+                    path: path_of(records.clone(), r.event),
+                    exe: s.exe.clone(),
+                });
+            }
             RecordBody::Seccomp(s) if s.is_denial() => {
                 let ours = match audit_session {
                     Some(ses) => s.ses == Some(ses),
@@ -955,6 +996,37 @@ where
         out.gaps.push("a Landlock domain of the run was not released in time: its denial count is a lower bound".into());
     }
     out
+}
+
+/// The file an event's system call was refused on, from its `PATH`
+/// records: the name created, deleted or acted on (not its parent
+/// directory), made absolute with the event's `CWD`. A call on a file
+/// descriptor has no name: its inode and device are given instead, and a
+/// call with no `PATH` record at all (`ioctl`) has no path.
+fn path_of<'a>(records: impl Iterator<Item = &'a AuditRecord>, event: EventId) -> Option<String> {
+    let mut cwd = None;
+    let mut items: Vec<&PathRecord> = Vec::new();
+    for r in records.filter(|r| r.event == event) {
+        match &r.body {
+            RecordBody::Cwd { cwd: c } => cwd = c.clone(),
+            RecordBody::Path(p) => items.push(p),
+            _ => {}
+        }
+    }
+    let item = items
+        .iter()
+        .find(|p| p.nametype.as_deref() != Some("PARENT"))
+        .or_else(|| items.first())?;
+    match (&item.name, &cwd) {
+        (Some(name), _) if name.starts_with('/') => Some(name.clone()),
+        (Some(name), Some(cwd)) => Some(format!("{}/{name}", cwd.trim_end_matches('/'))),
+        (Some(name), None) => Some(name.clone()),
+        (None, _) => Some(format!(
+            "inode {} on device {}",
+            item.inode.map_or("?".to_string(), |i| i.to_string()),
+            item.dev.as_deref().unwrap_or("?")
+        )),
+    }
 }
 
 /// The reader thread: receive, check the sender is the kernel, parse, store.

@@ -110,6 +110,8 @@ pub fn recover_interrupted_runs(
                 },
             )?;
         }
+        // Its audit rules, if the agent died before removing them.
+        crate::sandbox::launch::remove_exit_rules(&state.run_dir(&marker.run_id));
         if let Err(e) = state.remove_run_dir(&marker.run_id) {
             // Scratch only: the bundle's unpacked payload. Worth a warning,
             // not worth keeping the run unrecorded.

@@ -497,8 +497,16 @@ fn execute(
         .is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
     match audit.ok().filter(|_| landlock_logs_exec).ok_or(()) {
         Ok(listener) => {
-            let denials =
+            let mut denials =
                 listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);
+            // Writes refused by the read-only mounts are seen only through
+            // the run's audit rules; the bundle ran without them.
+            if outcome.confinement.as_ref().is_some_and(|c| !c.exit_audit) {
+                denials.gaps.push(
+                    "the audit rules reporting writes refused by read-only mounts could not be added"
+                        .into(),
+                );
+            }
             if !denials.is_complete() {
                 tracing::warn!(gaps = ?denials.gaps, "denial records may be incomplete");
             }

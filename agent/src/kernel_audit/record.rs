@@ -17,7 +17,12 @@
 //!   arch=%x syscall=%ld compat=%d ip=0x%lx code=0x%x`.
 //! - `AUDIT_SYSCALL` (1300): the syscall record of the same event, emitted
 //!   at syscall exit for processes that have an audit context, for `exe`
-//!   and `ses`.
+//!   and `ses`; and, for events our own syscall-exit rules asked for
+//!   ([`super::exit_rules`]), `arch`, `syscall`, `exit` and `key`.
+//! - `AUDIT_CWD` (1307) `cwd=…` and `AUDIT_PATH` (1302) `item=%d name=…
+//!   inode=… dev=… … nametype=…`, kernel/auditsc.c `audit_log_exit` /
+//!   `audit_log_name`: the names the call looked up (`name=(null)` for a
+//!   call on a file descriptor).
 //!
 //! Strings that come from userspace (paths, `comm`, `exe`, device names)
 //! are written by `audit_log_untrustedstring`: in double quotes when they
@@ -30,6 +35,10 @@
 
 /// Record types we use (include/uapi/linux/audit.h).
 pub const AUDIT_SYSCALL: u16 = 1300;
+/// A path a system call looked up (one per name, `item=` numbered).
+pub const AUDIT_PATH: u16 = 1302;
+/// The working directory of the process, for relative `PATH` names.
+pub const AUDIT_CWD: u16 = 1307;
 pub const AUDIT_SECCOMP: u16 = 1326;
 pub const AUDIT_LANDLOCK_ACCESS: u16 = 1423;
 pub const AUDIT_LANDLOCK_DOMAIN: u16 = 1424;
@@ -61,6 +70,10 @@ pub enum RecordBody {
     LandlockDomain(LandlockDomain),
     Seccomp(SeccompRecord),
     Syscall(SyscallRecord),
+    Path(PathRecord),
+    Cwd {
+        cwd: Option<String>,
+    },
     /// A userspace message (`msg='…'`), used for synchronization markers.
     User {
         msg: Option<String>,
@@ -213,6 +226,25 @@ pub struct SyscallRecord {
     pub ses: Option<u32>,
     pub exe: Option<String>,
     pub comm: Option<String>,
+    pub arch: Option<u32>,
+    pub syscall: Option<u64>,
+    /// The return value (`-30` for `EROFS`).
+    pub exit: Option<i64>,
+    /// The key of the audit rule that asked for the record, if any.
+    pub key: Option<String>,
+}
+
+/// One name a system call looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRecord {
+    pub item: u32,
+    /// As the process passed it (relative to `AUDIT_CWD` when relative);
+    /// `None` for a call on a file descriptor.
+    pub name: Option<String>,
+    pub inode: Option<u64>,
+    pub dev: Option<String>,
+    /// `NORMAL`, `PARENT`, `CREATE`, `DELETE`, `UNKNOWN`.
+    pub nametype: Option<String>,
 }
 
 /// Why a record could not be parsed.
@@ -229,6 +261,8 @@ pub fn parse_record(msg_type: u16, text: &str) -> Result<Option<AuditRecord>, Re
     if !matches!(
         msg_type,
         AUDIT_SYSCALL
+            | AUDIT_PATH
+            | AUDIT_CWD
             | AUDIT_SECCOMP
             | AUDIT_LANDLOCK_ACCESS
             | AUDIT_LANDLOCK_DOMAIN
@@ -302,7 +336,21 @@ pub fn parse_record(msg_type: u16, text: &str) -> Result<Option<AuditRecord>, Re
             ses: f.id("ses"),
             exe: f.untrusted("exe"),
             comm: f.untrusted("comm"),
+            arch: f.raw("arch").and_then(|a| u32::from_str_radix(a, 16).ok()),
+            syscall: f.dec("syscall"),
+            exit: f.dec("exit"),
+            key: f.untrusted("key"),
         }),
+        AUDIT_PATH => RecordBody::Path(PathRecord {
+            item: f.dec("item").ok_or(missing("item"))?,
+            name: f.untrusted("name"),
+            inode: f.dec("inode"),
+            dev: f.raw("dev").map(str::to_string),
+            nametype: f.raw("nametype").map(str::to_string),
+        }),
+        AUDIT_CWD => RecordBody::Cwd {
+            cwd: f.untrusted("cwd"),
+        },
         _ => RecordBody::User {
             msg: f.untrusted("msg"),
         },

@@ -305,6 +305,7 @@ impl HeldChild {
         child.armed = false;
         let removed = child.kill_and_remove_cgroup();
         let _ = child.exit.recv_timeout(KILL_GRACE);
+        remove_exit_rules(&child.run_dir);
         removed
     }
 }
@@ -459,9 +460,13 @@ impl Drop for ConfinedChild {
             // blocking the dropping thread; if the agent exits first, the
             // empty cgroup is left for recovery (`RunCgroup::existing`).
             let cgroup = self.cgroup.clone();
+            let run_dir = self.run_dir.clone();
             let _ = std::thread::Builder::new()
                 .name(format!("reap-{}", self.run_id))
-                .spawn(move || cgroup.kill_and_remove(KILL_GRACE));
+                .spawn(move || {
+                    let _ = cgroup.kill_and_remove(KILL_GRACE);
+                    remove_exit_rules(&run_dir);
+                });
         }
     }
 }
@@ -549,6 +554,7 @@ impl ConfinedChild {
             killed_processes = self.kill_state.processes.load(Ordering::SeqCst);
         }
         self.kill_and_remove_cgroup()?;
+        remove_exit_rules(&self.run_dir);
 
         let events =
             status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
@@ -611,6 +617,17 @@ fn termination_from(events: &[Event], status: ExitStatus, stderr: &Path) -> Term
         (Some(code), _) => Termination::Exited { code },
         (None, Some(signal)) => Termination::Signaled { signal },
         (None, None) => Termination::Signaled { signal: 0 },
+    }
+}
+
+/// Remove the run's audit syscall-exit rules (stage 2 added them, keyed on
+/// its audit session): while any exists, every system call on the host
+/// takes audit's slow path. Called once the run's processes are gone.
+pub fn remove_exit_rules(run_dir: &Path) {
+    if let Some(session) = read_session(run_dir) {
+        if let Err(e) = crate::kernel_audit::exit_rules::remove(session) {
+            tracing::warn!(session, "cannot remove the run's audit rules: {e}");
+        }
     }
 }
 

@@ -12,8 +12,11 @@
 //!    join it otherwise), *first*, so nothing this process becomes can
 //!    escape `cgroup.kill`;
 //! 2. new audit session (needs CAP_AUDIT_CONTROL, dropped in 4), its id
-//!    written to `<run_dir>/audit-session`;
-//! 3. `unshare(CLONE_NEWNS[|CLONE_NEWNET])`, `/` rprivate, `lo` up, private
+//!    written to `<run_dir>/audit-session`, and the session's audit
+//!    syscall-exit rules (`kernel_audit::exit_rules`; the agent removes them);
+//! 3. `unshare(CLONE_NEWNS[|CLONE_NEWNET])`, `/` rprivate, `lo` up,
+//!    everything outside the scopes read-only and nodev, protected paths
+//!    covered (`readonly_mounts`), private
 //!    `/tmp`, `/var/tmp`, `/run`, minimal `/dev` (needs CAP_SYS_ADMIN and
 //!    CAP_MKNOD, dropped in 4; must precede 6 because Landlock rules attach
 //!    to the inodes of these new mounts);
@@ -214,6 +217,18 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
         .open(spec.run_dir.join(AUDIT_SESSION_FILE))
         .and_then(|mut f| io::Write::write_all(&mut f, session.to_string().as_bytes()))
         .map_err(at(Step::AuditSession))?;
+    // Audit rules for this session that report what the read-only mounts
+    // (step 3) refuse: EROFS is decided before Landlock, which never logs
+    // it. Needs CAP_AUDIT_CONTROL and the host's network namespace, so it
+    // is done here; the agent removes them after the run. Not fatal:
+    // without them the run's denials are reported as unknown.
+    let exit_audit = match crate::kernel_audit::exit_rules::install(session) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("rollguard sandbox: cannot add the audit rules for refused writes: {e}; this run's denials will be reported as unknown");
+            false
+        }
+    };
 
     // 3. Namespaces and private mounts.
     let private_network = spec.scope.network.is_empty();
@@ -250,6 +265,7 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
         seccomp_filters: filters.len(),
         audit_session: session,
         masked_paths: read_only.masked.len(),
+        exit_audit,
     })
 }
 

@@ -237,8 +237,56 @@ fn syscall_and_user_records() {
             pid: Some(289),
             ses: Some(1),
             exe: Some("/usr/bin/dash".into()),
-            comm: Some("sh".into())
+            comm: Some("sh".into()),
+            arch: Some(0xc000_003e),
+            syscall: Some(257),
+            exit: Some(-13),
+            key: None,
         })
+    );
+    let r = parse(
+        AUDIT_SYSCALL,
+        "audit(1729738800.221:40): arch=c000003e syscall=268 success=no exit=-30 a0=ffffff9c a1=55d1 a2=0 a3=0 items=1 ppid=272 pid=290 auid=0 uid=0 gid=0 euid=0 suid=0 fsuid=0 egid=0 sgid=0 fsgid=0 tty=(none) ses=7 comm=\"chmod\" exe=\"/usr/bin/chmod\" key=\"rollguard:erofs\"",
+    );
+    let RecordBody::Syscall(s) = r.body else {
+        panic!("{r:?}")
+    };
+    assert_eq!(
+        (s.exit, s.syscall, s.key.as_deref()),
+        (Some(-30), Some(268), Some("rollguard:erofs"))
+    );
+    let r = parse(
+        AUDIT_PATH,
+        "audit(1729738800.221:40): item=0 name=\"../other/notes.txt\" inode=1234 dev=fe:00 mode=0100644 ouid=0 ogid=0 rdev=00:00 nametype=NORMAL cap_fp=0 cap_fi=0 cap_fe=0 cap_fver=0 cap_frootid=0",
+    );
+    assert_eq!(
+        r.body,
+        RecordBody::Path(PathRecord {
+            item: 0,
+            name: Some("../other/notes.txt".into()),
+            inode: Some(1234),
+            dev: Some("fe:00".into()),
+            nametype: Some("NORMAL".into()),
+        })
+    );
+    let r = parse(
+        AUDIT_PATH,
+        "audit(1.0:4): item=0 name=(null) inode=9 dev=00:1f nametype=UNKNOWN",
+    );
+    assert!(matches!(
+        r.body,
+        RecordBody::Path(PathRecord {
+            name: None,
+            inode: Some(9),
+            ..
+        })
+    ));
+    let r = parse(AUDIT_CWD, "audit(1.0:4): cwd=2F7661722F6C6962");
+    assert_eq!(
+        r.body,
+        RecordBody::Cwd {
+            cwd: Some("/var/lib".into())
+        }
     );
     let r = parse(
         AUDIT_TRUSTED_APP,

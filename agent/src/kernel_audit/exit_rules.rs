@@ -1,0 +1,241 @@
+//! Refusals no security module audits: "report these system calls when they
+//! fail with these errors, for this run".
+//!
+//! A read-only mount answers `EROFS` before Landlock is consulted, so
+//! Landlock never logs the attempt; a cgroup BPF program answering `EPERM`
+//! to `connect` logs nothing either. The kernel's audit *syscall-exit
+//! filter* can: a rule `-a always,exit -F arch=… -S chmod,… -F exit=-EROFS
+//! -F sessionid=N -k rollguard:erofs` makes the kernel emit, for every
+//! matching call of the run's audit session, a `SYSCALL` record (`syscall=`,
+//! `exit=`, `key=`) followed by `CWD` and `PATH` records naming the file.
+//! The listener keeps those (`key` starts with [`KEY_PREFIX`]) and turns
+//! each into a denial `<label>.<syscall>` with the path.
+//!
+//! Rules are per run, keyed on the run's audit session (stage 2 adds them
+//! right after starting the session, while it still holds
+//! CAP_AUDIT_CONTROL; the agent removes them when the run is over): while
+//! *any* syscall rule exists, every system call of every process on the
+//! host takes audit's slow path (names collected, rules walked at exit),
+//! so rules exist only while a run does. A run whose rules could not be
+//! added reports its denials as unknown.
+//!
+//! To report another kind of refusal, add an [`ExitWatch`] to [`WATCHES`]
+//! (one kernel rule per exit code). Pick calls and codes that no LSM
+//! already audits for the run (Landlock denies with `EACCES`/`EXDEV`,
+//! seccomp with `EPERM` on its own calls), or they are reported twice.
+
+use nix::errno::Errno;
+
+use super::syscalls::{self, AUDIT_ARCH_AARCH64, AUDIT_ARCH_X86_64};
+use super::{AuditUnavailable, Control};
+
+/// Every rule key we add starts with this.
+pub const KEY_PREFIX: &str = "rollguard:";
+
+/// One kind of refusal to report: `syscalls` failing with one of `exits`,
+/// reported as `<label>.<syscall>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitWatch {
+    pub label: &'static str,
+    pub syscalls: &'static [&'static str],
+    pub exits: &'static [Errno],
+}
+
+/// Writes and metadata changes refused by a read-only mount
+/// ([`crate::sandbox::readonly_mounts`]). Calls absent on an architecture
+/// (`chmod` on aarch64) are skipped there.
+pub const READ_ONLY_MOUNT: ExitWatch = ExitWatch {
+    label: "erofs",
+    syscalls: &[
+        // metadata
+        "chmod",
+        "fchmod",
+        "fchmodat",
+        "fchmodat2",
+        "chown",
+        "fchown",
+        "lchown",
+        "fchownat",
+        "utime",
+        "utimes",
+        "futimesat",
+        "utimensat",
+        "setxattr",
+        "lsetxattr",
+        "fsetxattr",
+        "setxattrat",
+        "removexattr",
+        "lremovexattr",
+        "fremovexattr",
+        "removexattrat",
+        // chattr (FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR)
+        "ioctl",
+        // contents and names
+        "open",
+        "openat",
+        "creat",
+        "truncate",
+        "unlink",
+        "unlinkat",
+        "rename",
+        "renameat",
+        "renameat2",
+        "mkdir",
+        "mkdirat",
+        "rmdir",
+        "link",
+        "linkat",
+        "symlink",
+        "symlinkat",
+        "mknod",
+        "mknodat",
+    ],
+    exits: &[Errno::EROFS],
+};
+
+/// The watches every run gets.
+pub const WATCHES: &[ExitWatch] = &[READ_ONLY_MOUNT];
+
+// include/uapi/linux/audit.h
+const AUDIT_ADD_RULE: u16 = 1011;
+const AUDIT_DEL_RULE: u16 = 1012;
+const AUDIT_FILTER_EXIT: u32 = 0x04;
+const AUDIT_ALWAYS: u32 = 2;
+const AUDIT_BITMASK_SIZE: usize = 64;
+const AUDIT_MAX_FIELDS: usize = 64;
+const AUDIT_ARCH: u32 = 11;
+const AUDIT_SESSIONID: u32 = 25;
+const AUDIT_EXIT: u32 = 103;
+const AUDIT_FILTERKEY: u32 = 210;
+const AUDIT_EQUAL: u32 = 0x4000_0000;
+
+/// The running architecture's audit arch and syscall table.
+fn native() -> (u32, &'static [(u32, &'static str)]) {
+    if cfg!(target_arch = "aarch64") {
+        (AUDIT_ARCH_AARCH64, syscalls::AARCH64)
+    } else {
+        (AUDIT_ARCH_X86_64, syscalls::X86_64)
+    }
+}
+
+/// `struct audit_rule_data` for one watch, one exit code, one session.
+fn rule(watch: &ExitWatch, exit: Errno, session: u32) -> Vec<u8> {
+    let (arch, table) = native();
+    let mut mask = [0u32; AUDIT_BITMASK_SIZE];
+    for name in watch.syscalls {
+        if let Some((nr, _)) = table.iter().find(|(_, n)| n == name) {
+            let nr = *nr as usize;
+            mask[nr / 32] |= 1 << (nr % 32);
+        }
+    }
+    let key = format!("{KEY_PREFIX}{}", watch.label);
+    let fields = [
+        (AUDIT_ARCH, arch),
+        (AUDIT_EXIT, (-(exit as i32)) as u32),
+        (AUDIT_SESSIONID, session),
+        (AUDIT_FILTERKEY, key.len() as u32),
+    ];
+    let mut words: Vec<u32> = vec![AUDIT_FILTER_EXIT, AUDIT_ALWAYS, fields.len() as u32];
+    words.extend_from_slice(&mask);
+    let mut f = [0u32; AUDIT_MAX_FIELDS];
+    let mut v = [0u32; AUDIT_MAX_FIELDS];
+    let mut ops = [0u32; AUDIT_MAX_FIELDS];
+    for (i, (field, value)) in fields.iter().enumerate() {
+        f[i] = *field;
+        v[i] = *value;
+        ops[i] = AUDIT_EQUAL;
+    }
+    words.extend_from_slice(&f);
+    words.extend_from_slice(&v);
+    words.extend_from_slice(&ops);
+    words.push(key.len() as u32);
+    let mut out: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+/// Add every watch's rules for `session`. On failure the rules added so
+/// far are removed again.
+pub fn install(session: u32) -> Result<(), AuditUnavailable> {
+    let mut control = Control::open()?;
+    let mut added: Vec<Vec<u8>> = Vec::new();
+    for watch in WATCHES {
+        for exit in watch.exits {
+            let data = rule(watch, *exit, session);
+            if let Err(e) = control.request_ack("add a syscall-exit rule", AUDIT_ADD_RULE, &data) {
+                for done in &added {
+                    let _ = control.request_ack("remove a syscall-exit rule", AUDIT_DEL_RULE, done);
+                }
+                return Err(e);
+            }
+            added.push(data);
+        }
+    }
+    Ok(())
+}
+
+/// Remove every watch's rules for `session`; a rule that is not there
+/// (never added, or already removed) is not an error.
+pub fn remove(session: u32) -> Result<(), AuditUnavailable> {
+    let mut control = Control::open()?;
+    let mut first_error = None;
+    for watch in WATCHES {
+        for exit in watch.exits {
+            match control.request_ack(
+                "remove a syscall-exit rule",
+                AUDIT_DEL_RULE,
+                &rule(watch, *exit, session),
+            ) {
+                Ok(()) => {}
+                Err(AuditUnavailable::Protocol { why, .. }) if why == Errno::ENOENT.to_string() => {
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// The label of a watch from a record's `key=`, if the rule was ours.
+pub fn label_of(key: &str) -> Option<&str> {
+    key.strip_prefix(KEY_PREFIX)
+}
+
+/// Whether `exit` is one of the codes `label`'s watch reports.
+pub fn watches(label: &str, exit: i64) -> bool {
+    WATCHES
+        .iter()
+        .filter(|w| w.label == label)
+        .any(|w| w.exits.iter().any(|e| -(*e as i64) == exit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_is_laid_out_as_struct_audit_rule_data() {
+        let r = rule(&READ_ONLY_MOUNT, Errno::EROFS, 42);
+        let word = |i: usize| u32::from_ne_bytes(r[i * 4..i * 4 + 4].try_into().unwrap());
+        assert_eq!(r.len(), 1040 + "rollguard:erofs".len());
+        assert_eq!(
+            (word(0), word(1), word(2)),
+            (AUDIT_FILTER_EXIT, AUDIT_ALWAYS, 4)
+        );
+        let (_, table) = native();
+        let chmod = table.iter().find(|(_, n)| *n == "fchmodat").unwrap().0 as usize;
+        assert_ne!(word(3 + chmod / 32) & (1 << (chmod % 32)), 0);
+        let fields = 3 + 64;
+        let values = fields + 64;
+        assert_eq!(word(fields + 1), AUDIT_EXIT);
+        assert_eq!(word(values + 1) as i32, -30);
+        assert_eq!(word(values + 2), 42);
+        assert_eq!(word(values + 3) as usize, "rollguard:erofs".len());
+        assert_eq!(&r[1040..], b"rollguard:erofs");
+        assert!(watches("erofs", -30));
+        assert!(!watches("erofs", -13));
+        assert_eq!(label_of("rollguard:erofs"), Some("erofs"));
+    }
+}
