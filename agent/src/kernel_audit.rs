@@ -960,9 +960,16 @@ where
                     .map(str::to_string)
                     .or_else(|| s.syscall.map(|n| n.to_string()))
                     .unwrap_or_else(|| "unknown".into());
+                // A name relative to a directory descriptor (`rm -r`, `find
+                // -delete` work that way) cannot be made absolute: audit
+                // logs the working directory as its parent.
+                let dirfd =
+                    s.a0.filter(|_| DIRFD_FIRST.contains(&name.as_str()))
+                        .map(|a0| a0 as u32 as i32)
+                        .filter(|fd| *fd != libc::AT_FDCWD);
                 out.add(Denial {
                     access: format!("{label}.{name}"),
-                    path: path_of(records.clone(), r.event),
+                    path: path_of(records.clone(), r.event, dirfd),
                     exe: s.exe.clone(),
                 });
             }
@@ -1003,7 +1010,30 @@ where
 /// directory), made absolute with the event's `CWD`. A call on a file
 /// descriptor has no name: its inode and device are given instead, and a
 /// call with no `PATH` record at all (`ioctl`) has no path.
-fn path_of<'a>(records: impl Iterator<Item = &'a AuditRecord>, event: EventId) -> Option<String> {
+/// Calls whose first argument is a directory descriptor the name is
+/// relative to.
+const DIRFD_FIRST: &[&str] = &[
+    "openat",
+    "fchmodat",
+    "fchmodat2",
+    "fchownat",
+    "futimesat",
+    "utimensat",
+    "unlinkat",
+    "renameat",
+    "renameat2",
+    "mkdirat",
+    "linkat",
+    "mknodat",
+    "setxattrat",
+    "removexattrat",
+];
+
+fn path_of<'a>(
+    records: impl Iterator<Item = &'a AuditRecord>,
+    event: EventId,
+    dirfd: Option<i32>,
+) -> Option<String> {
     let mut cwd = None;
     let mut items: Vec<&PathRecord> = Vec::new();
     for r in records.filter(|r| r.event == event) {
@@ -1017,6 +1047,20 @@ fn path_of<'a>(records: impl Iterator<Item = &'a AuditRecord>, event: EventId) -
         .iter()
         .find(|p| p.nametype.as_deref() != Some("PARENT"))
         .or_else(|| items.first())?;
+    if let Some(fd) = dirfd {
+        let relative = item.name.as_deref().filter(|n| !n.starts_with('/'));
+        if relative.is_some() || item.nametype.as_deref() == Some("PARENT") {
+            return Some(format!(
+                "{} in the directory open as descriptor {fd} (inode {} on device {})",
+                match (item.nametype.as_deref(), relative) {
+                    (Some("PARENT"), _) | (_, None) => "an entry",
+                    (_, Some(n)) => n,
+                },
+                item.inode.map_or("?".to_string(), |i| i.to_string()),
+                item.dev.as_deref().unwrap_or("?")
+            ));
+        }
+    }
     match (&item.name, &cwd) {
         (Some(name), _) if name.starts_with('/') => Some(name.clone()),
         (Some(name), Some(cwd)) => Some(format!("{}/{name}", cwd.trim_end_matches('/'))),

@@ -227,6 +227,7 @@ fn prepare_and_run(
     policy
         .check_scope(&manifest.scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
+    check_mount_aliases(policy, &manifest.scope)?;
     let kernel = KernelSupport::probe();
     kernel
         .require(!manifest.scope.network.is_empty())
@@ -519,6 +520,31 @@ fn execute(
             report.denial_count = None;
         }
     }
+}
+
+/// A write or delete scope must not hold another mount of protected data
+/// (a backup volume bind-mounted beneath a spool directory): the path
+/// checks above cannot see it, and deleting beneath the scope would delete
+/// the protected data. Read from the agent's own mount table, which the
+/// sandbox's namespace copies (stage 2 checks its copy again).
+fn check_mount_aliases(
+    policy: &HostPolicy,
+    scope: &rollguard_shared::manifest::Scope,
+) -> Result<(), Refusal> {
+    use crate::sandbox::mountinfo;
+    let mounts = mountinfo::read_self().map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let protected: Vec<PathBuf> = policy
+        .protected_canonical()
+        .iter()
+        .map(|p| p.as_path().to_path_buf())
+        .collect();
+    let scopes = scope
+        .write
+        .iter()
+        .map(|p| ("write", p.as_path()))
+        .chain(scope.delete.iter().map(|p| ("delete", p.as_path())));
+    mountinfo::check_scopes(&mounts, &protected, scopes)
+        .map_err(|e| Refusal::new(RefusalKind::ProtectedPath, e))
 }
 
 /// An [`AuditListener`] being started on its own thread.

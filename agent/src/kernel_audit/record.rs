@@ -232,6 +232,8 @@ pub struct SyscallRecord {
     pub exit: Option<i64>,
     /// The key of the audit rule that asked for the record, if any.
     pub key: Option<String>,
+    /// The first argument (a directory descriptor for the `*at` calls).
+    pub a0: Option<u64>,
 }
 
 /// One name a system call looked up.
@@ -340,6 +342,7 @@ pub fn parse_record(msg_type: u16, text: &str) -> Result<Option<AuditRecord>, Re
             syscall: f.dec("syscall"),
             exit: f.dec("exit"),
             key: f.untrusted("key"),
+            a0: f.raw("a0").and_then(|a| u64::from_str_radix(a, 16).ok()),
         }),
         AUDIT_PATH => RecordBody::Path(PathRecord {
             item: f.dec("item").ok_or(missing("item"))?,

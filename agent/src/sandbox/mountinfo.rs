@@ -199,7 +199,12 @@ pub fn aliases(mounts: &[MountEntry], protected: &[PathBuf]) -> Vec<Alias> {
                 continue;
             }
             let exposed_at = if let Ok(below) = in_fs.strip_prefix(&m.root) {
-                m.mount_point.join(below)
+                // (joining an empty path would add a trailing slash)
+                if below.as_os_str().is_empty() {
+                    m.mount_point.clone()
+                } else {
+                    m.mount_point.join(below)
+                }
             } else if m.root.starts_with(&in_fs) {
                 m.mount_point.clone()
             } else {
@@ -225,6 +230,43 @@ pub fn alias_in_scope<'a>(aliases: &'a [Alias], scope: &Path) -> Option<&'a Alia
     aliases
         .iter()
         .find(|a| a.exposed_at.starts_with(scope) || scope.starts_with(&a.exposed_at))
+}
+
+/// A write or delete scope that reaches another mount of protected data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("scope.{key} path {} contains another mount of protected data: {alias}", scope.display())]
+pub struct AliasedScope {
+    pub key: &'static str,
+    pub scope: PathBuf,
+    pub alias: Box<Alias>,
+}
+
+/// The agent's check before a run: no write or delete scope may contain
+/// (or lie within) another mount of a protected path's data, in `mounts`
+/// (the agent's own mount table, which stage 2's namespace copies).
+pub fn check_scopes<'a>(
+    mounts: &[MountEntry],
+    protected: &[PathBuf],
+    scopes: impl IntoIterator<Item = (&'static str, &'a Path)>,
+) -> Result<(), AliasedScope> {
+    let aliases = aliases(mounts, protected);
+    if aliases.is_empty() {
+        return Ok(());
+    }
+    for (key, scope) in scopes {
+        // Symlinks resolved where possible, as the policy's own check does.
+        let real = std::fs::canonicalize(scope).unwrap_or_else(|_| scope.to_path_buf());
+        for path in [scope, real.as_path()] {
+            if let Some(alias) = alias_in_scope(&aliases, path) {
+                return Err(AliasedScope {
+                    key,
+                    scope: scope.to_path_buf(),
+                    alias: Box::new(alias.clone()),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -282,6 +324,19 @@ mod tests {
             Some(60)
         );
         assert!(alias_in_scope(&a, Path::new("/etc")).is_none());
+        let protected = [PathBuf::from("/srv/backup")];
+        let err = check_scopes(&m, &protected, [("delete", Path::new("/var/spool/tmp"))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/var/spool/tmp/d") && err.contains("mount 62"),
+            "{err}"
+        );
+        assert!(
+            err.contains("protected path /srv/backup") && err.contains("mount 27"),
+            "{err}"
+        );
+        assert!(check_scopes(&m, &protected, [("write", Path::new("/etc"))]).is_ok());
         // A path on another file system has no alias.
         assert!(aliases(&m, &[PathBuf::from("/srv/backup/extra/x")]).is_empty());
     }

@@ -242,6 +242,7 @@ fn syscall_and_user_records() {
             syscall: Some(257),
             exit: Some(-13),
             key: None,
+            a0: Some(0xffffff9c),
         })
     );
     let r = parse(
