@@ -379,3 +379,62 @@ fn buffer_keeps_only_what_collection_can_use() {
     let serials: Vec<_> = b.records.iter().map(|r| r.event.serial).collect();
     assert_eq!(serials, vec![7, 7]);
 }
+
+#[test]
+fn refusals_seen_by_our_exit_rules_become_denials_with_their_path() {
+    let sys = |serial: u32, nr: u32, a0: &str, ses: u32, key: &str| {
+        format!("audit(200.000:{serial}): arch=c000003e syscall={nr} success=no exit=-30 a0={a0} a1=1 a2=2 a3=3 items=1 ppid=1 pid=301 auid=0 uid=0 gid=0 euid=0 suid=0 fsuid=0 egid=0 sgid=0 fsgid=0 tty=(none) ses={ses} comm=\"chmod\" exe=\"/usr/bin/chmod\" key={key}")
+    };
+    let records = [
+        // chmod of a relative name: made absolute with the cwd.
+        (
+            AUDIT_SYSCALL,
+            sys(1, 268, "ffffff9c", 7, "\"rollguard:erofs\""),
+        ),
+        (AUDIT_CWD, "audit(200.000:1): cwd=\"/srv\"".to_string()),
+        (
+            AUDIT_PATH,
+            "audit(200.000:1): item=0 name=\"data/x\" inode=5 dev=fe:00 nametype=NORMAL"
+                .to_string(),
+        ),
+        // unlinkat relative to a directory descriptor: named by inode.
+        (AUDIT_SYSCALL, sys(2, 263, "5", 7, "\"rollguard:erofs\"")),
+        (AUDIT_CWD, "audit(200.000:2): cwd=\"/srv\"".to_string()),
+        (
+            AUDIT_PATH,
+            "audit(200.000:2): item=0 name=\"/srv\" inode=77 dev=fe:00 nametype=PARENT".to_string(),
+        ),
+        // Another session, and a record no rule of ours asked for.
+        (
+            AUDIT_SYSCALL,
+            sys(3, 268, "ffffff9c", 8, "\"rollguard:erofs\""),
+        ),
+        (AUDIT_SYSCALL, sys(4, 268, "ffffff9c", 7, "(null)")),
+    ];
+    let records: Vec<AuditRecord> = records.iter().map(|(t, s)| rec(*t, s)).collect();
+    let out = attribute(&records, 301, Some(7));
+    assert_eq!(out.syscall_exit_denials, 2);
+    assert_eq!(out.total(), 2);
+    assert_eq!(
+        out.denial_list(),
+        vec![
+            denial(
+                "erofs.fchmodat",
+                Some("/srv/data/x"),
+                Some("/usr/bin/chmod")
+            ),
+            denial(
+                "erofs.unlinkat",
+                Some("an entry in the directory open as descriptor 5 (inode 77 on device fe:00)"),
+                Some("/usr/bin/chmod")
+            ),
+        ]
+    );
+    // The buffer keeps them (and their names), not other SYSCALL records.
+    let mut b = Buffer::default();
+    b.cursors.insert(0, 0);
+    for r in records {
+        b.push(r);
+    }
+    assert_eq!(b.records.len(), 7);
+}
