@@ -74,6 +74,7 @@ use nix::sys::time::{TimeVal, TimeValLike};
 use rollguard_shared::report::Denial;
 
 pub mod exit_rules;
+mod handle;
 mod record;
 mod syscalls;
 
@@ -813,7 +814,12 @@ impl AuditListener {
         }
 
         let buffer = shared.lock();
-        let mut out = attribute(buffer.since(self.start_seq), stage2_pid, audit_session);
+        let mut out = attribute_resolving(
+            buffer.since(self.start_seq),
+            stage2_pid,
+            audit_session,
+            &handle::dir_path,
+        );
         if let Err(why) = synced {
             out.gaps.insert(0, why);
         }
@@ -899,7 +905,25 @@ fn domains_of<'a>(records: impl IntoIterator<Item = &'a AuditRecord>, pid: u32) 
 ///
 /// The Landlock count is the kernel's deallocation count where present,
 /// else the records seen, with a gap saying it is a lower bound.
+#[cfg(test)]
 fn attribute<'a, R>(records: R, stage2_pid: u32, audit_session: Option<u32>) -> RunDenials
+where
+    R: IntoIterator<Item = &'a AuditRecord>,
+    R::IntoIter: Clone,
+{
+    attribute_resolving(records, stage2_pid, audit_session, &|_, _, _| None)
+}
+
+/// A directory's current path from its device (major, minor) and inode.
+type ResolveDir<'r> = &'r dyn Fn(u32, u32, u64) -> Option<std::path::PathBuf>;
+
+/// [`attribute`], naming directories known only by inode with `resolve`.
+fn attribute_resolving<'a, R>(
+    records: R,
+    stage2_pid: u32,
+    audit_session: Option<u32>,
+    resolve: ResolveDir<'_>,
+) -> RunDenials
 where
     R: IntoIterator<Item = &'a AuditRecord>,
     R::IntoIter: Clone,
@@ -969,7 +993,7 @@ where
                         .filter(|fd| *fd != libc::AT_FDCWD);
                 out.add(Denial {
                     access: format!("{label}.{name}"),
-                    path: path_of(records.clone(), r.event, dirfd),
+                    path: path_of(records.clone(), r.event, dirfd, resolve),
                     exe: s.exe.clone(),
                 });
             }
@@ -1033,6 +1057,7 @@ fn path_of<'a>(
     records: impl Iterator<Item = &'a AuditRecord>,
     event: EventId,
     dirfd: Option<i32>,
+    resolve: ResolveDir<'_>,
 ) -> Option<String> {
     let mut cwd = None;
     let mut items: Vec<&PathRecord> = Vec::new();
@@ -1050,6 +1075,24 @@ fn path_of<'a>(
     if let Some(fd) = dirfd {
         let relative = item.name.as_deref().filter(|n| !n.starts_with('/'));
         if relative.is_some() || item.nametype.as_deref() == Some("PARENT") {
+            // The directory the name is relative to is the PARENT item.
+            let dir = items
+                .iter()
+                .find(|p| p.nametype.as_deref() == Some("PARENT"))
+                .and_then(|p| {
+                    let (major, minor) = p.dev.as_deref()?.split_once(':')?;
+                    resolve(
+                        u32::from_str_radix(major, 16).ok()?,
+                        u32::from_str_radix(minor, 16).ok()?,
+                        p.inode?,
+                    )
+                });
+            if let Some(dir) = dir {
+                return Some(match (item.nametype.as_deref(), relative) {
+                    (Some("PARENT"), _) | (_, None) => dir.display().to_string(),
+                    (_, Some(name)) => dir.join(name).display().to_string(),
+                });
+            }
             return Some(format!(
                 "{} in the directory open as descriptor {fd} (inode {} on device {})",
                 match (item.nametype.as_deref(), relative) {
