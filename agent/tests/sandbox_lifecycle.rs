@@ -256,6 +256,8 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
         "{line}"
     );
     cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
+    // No launcher: remove the run's audit rules as it would.
+    rollguard_agent::sandbox::launch::remove_exit_rules(&spec.run_dir);
 }
 
 #[test]
@@ -314,6 +316,7 @@ fn stage2_executes_nothing_when_the_agent_goes_away_before_the_release() {
         "{events:?}"
     );
     cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
+    rollguard_agent::sandbox::launch::remove_exit_rules(&spec.run_dir);
 }
 
 /// A run that leaves `etc/app/ran` behind if it executes.

@@ -144,6 +144,15 @@ impl Daemon {
                 "recovering interrupted runs: {e}; runs are refused until it succeeds"
             ),
         }
+        // Audit rules of runs whose agent died before recording them.
+        match crate::kernel_audit::exit_rules::sweep_orphans() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                count = n,
+                "removed audit rules left behind by runs of a previous agent"
+            ),
+            Err(e) => tracing::warn!("cannot check for audit rules left behind: {e}"),
+        }
         let records = Records::open(state_dir).context("opening the daemon records")?;
         let mut kill = match records.kill() {
             Ok(k) => k,

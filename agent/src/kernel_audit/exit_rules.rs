@@ -26,8 +26,10 @@
 
 use nix::errno::Errno;
 
+use std::os::fd::AsRawFd;
+
 use super::syscalls::{self, AUDIT_ARCH_AARCH64, AUDIT_ARCH_X86_64};
-use super::{AuditUnavailable, Control};
+use super::{decode_nlmsgs, u32_at, AuditUnavailable, Control, NLMSG_ERROR, NLM_F_REQUEST};
 
 /// Every rule key we add starts with this.
 pub const KEY_PREFIX: &str = "rollguard:";
@@ -99,6 +101,15 @@ pub const WATCHES: &[ExitWatch] = &[READ_ONLY_MOUNT];
 // include/uapi/linux/audit.h
 const AUDIT_ADD_RULE: u16 = 1011;
 const AUDIT_DEL_RULE: u16 = 1012;
+const AUDIT_LIST_RULES: u16 = 1013;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
+/// Byte offsets in `struct audit_rule_data`.
+const FIELD_COUNT_AT: usize = 8;
+const FIELDS_AT: usize = 4 * (3 + AUDIT_BITMASK_SIZE);
+const VALUES_AT: usize = FIELDS_AT + 4 * AUDIT_MAX_FIELDS;
+const BUFLEN_AT: usize = VALUES_AT + 8 * AUDIT_MAX_FIELDS;
+const BUF_AT: usize = BUFLEN_AT + 4;
 const AUDIT_FILTER_EXIT: u32 = 0x04;
 const AUDIT_ALWAYS: u32 = 2;
 const AUDIT_BITMASK_SIZE: usize = 64;
@@ -198,6 +209,100 @@ pub fn remove(session: u32) -> Result<(), AuditUnavailable> {
     first_error.map_or(Ok(()), Err)
 }
 
+/// Remove our rules whose audit session no live process has any more:
+/// left behind by an agent killed between starting stage 2 and recording
+/// the run (recovery removes those of recorded runs), or by stage 2 run
+/// by hand. Rules of runs still going (another `rollguard-agent run`) are
+/// kept. Called when the daemon starts; returns how many were removed.
+pub fn sweep_orphans() -> Result<usize, AuditUnavailable> {
+    let mut control = Control::open()?;
+    let sessions = list_sessions(&mut control)?;
+    if sessions.is_empty() {
+        return Ok(0);
+    }
+    let live = live_sessions();
+    let mut removed = 0;
+    for session in sessions.into_iter().filter(|s| !live.contains(s)) {
+        remove(session)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// The sessions of the rules with our key prefix (AUDIT_LIST_RULES dump).
+fn list_sessions(control: &mut Control) -> Result<Vec<u32>, AuditUnavailable> {
+    let what = "list the audit rules";
+    let seq = control.send(what, AUDIT_LIST_RULES, NLM_F_REQUEST | NLM_F_DUMP, &[])?;
+    let mut sessions = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match nix::sys::socket::recv(
+            control.fd.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        ) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(AuditUnavailable::Protocol {
+                    what,
+                    why: e.to_string(),
+                })
+            }
+        };
+        for msg in decode_nlmsgs(&buf[..n])
+            .into_iter()
+            .filter(|m| m.seq == seq)
+        {
+            match msg.msg_type {
+                NLMSG_DONE => return Ok(sessions),
+                NLMSG_ERROR => {
+                    let code = u32_at(msg.payload, 0).unwrap_or(0) as i32;
+                    if code != 0 {
+                        return Err(AuditUnavailable::Protocol {
+                            what,
+                            why: Errno::from_raw(-code).to_string(),
+                        });
+                    }
+                }
+                AUDIT_LIST_RULES => sessions.extend(session_of_rule(msg.payload)),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The session of one of our rules, from its `struct audit_rule_data`.
+fn session_of_rule(rule: &[u8]) -> Option<u32> {
+    let count = (u32_at(rule, FIELD_COUNT_AT)? as usize).min(AUDIT_MAX_FIELDS);
+    let buflen = u32_at(rule, BUFLEN_AT)? as usize;
+    let key = rule.get(BUF_AT..BUF_AT + buflen)?;
+    if !key.starts_with(KEY_PREFIX.as_bytes()) {
+        return None;
+    }
+    (0..count).find_map(|i| {
+        (u32_at(rule, FIELDS_AT + 4 * i)? == AUDIT_SESSIONID)
+            .then(|| u32_at(rule, VALUES_AT + 4 * i))?
+    })
+}
+
+/// Audit sessions of the live processes.
+fn live_sessions() -> std::collections::BTreeSet<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.file_name().to_str()?.parse::<u32>().ok()?;
+            std::fs::read_to_string(e.path().join("sessionid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// The label of a watch from a record's `key=`, if the rule was ours.
 pub fn label_of(key: &str) -> Option<&str> {
     key.strip_prefix(KEY_PREFIX)
@@ -237,5 +342,24 @@ mod tests {
         assert!(watches("erofs", -30));
         assert!(!watches("erofs", -13));
         assert_eq!(label_of("rollguard:erofs"), Some("erofs"));
+        assert_eq!(session_of_rule(&r), Some(42));
+        let mut other = r.clone();
+        other[BUF_AT] = b'x';
+        assert_eq!(session_of_rule(&other), None);
+    }
+
+    /// Real kernel, as root: a rule of a session no process has is swept;
+    /// one of a live session (ours, once set) is kept.
+    #[test]
+    fn rules_of_dead_sessions_are_swept() {
+        // Session ids count up from 1 per boot; this one is never reached.
+        let dead = 3_999_999_999;
+        install(dead).unwrap();
+        let mut control = Control::open().unwrap();
+        assert!(list_sessions(&mut control).unwrap().contains(&dead));
+        assert!(sweep_orphans().unwrap() >= 1);
+        assert!(!list_sessions(&mut control).unwrap().contains(&dead));
+        // Removing what is not there is not an error.
+        remove(dead).unwrap();
     }
 }
