@@ -14,3 +14,4 @@ pub mod recovery;
 pub mod runner;
 pub mod sandbox;
 pub mod state;
+pub mod trust_path;

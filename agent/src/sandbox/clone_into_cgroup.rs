@@ -1,5 +1,7 @@
 //! Starting stage 2 directly inside the run cgroup: `clone3(2)` with
-//! `CLONE_INTO_CGROUP`, then `execve(2)`.
+//! `CLONE_INTO_CGROUP`, then `execveat(2)` of an already opened and checked
+//! file (`AT_EMPTY_PATH`), so no path is looked up between the check and
+//! the exec.
 //!
 //! Why not `std::process::Command` and a write to `cgroup.procs`: moving a
 //! process between cgroups takes the kernel's cgroup threadgroup rwsem for
@@ -16,7 +18,7 @@
 //! async-signal-safe calls, so everything it needs (C strings, pointer
 //! arrays, file descriptors, the empty signal mask) is prepared before the
 //! clone, and the child does nothing but `sigprocmask`, `dup2`, `chdir`,
-//! `execve`, `write` and `_exit`. Like `std::process::Command`, an exec
+//! `execveat`, `write` and `_exit`. Like `std::process::Command`, an exec
 //! failure travels back over a close-on-exec pipe, so `spawn` returns only
 //! once the child has either become the new program or failed to.
 #![allow(unsafe_code)]
@@ -24,7 +26,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -64,12 +66,20 @@ pub struct Stdio<'a> {
     pub stderr: &'a File,
 }
 
-/// Start `program` with `args` (after `argv[0]`, which is `program`), an
-/// empty environment and `/` as working directory, as a child of the
-/// calling process inside the cgroup directory `cgroup_dir`. Returns its
-/// pid once it has exec'd; reap it with [`wait`].
+/// Start the program open at `exe` (`argv[0]` is `program`, then `args`),
+/// with an empty environment and `/` as working directory, as a child of
+/// the calling process inside the cgroup directory `cgroup_dir`. Returns
+/// its pid once it has exec'd; reap it with [`wait`].
+///
+/// `exe` is executed with `execveat(exe, "", ..., AT_EMPTY_PATH)`: the
+/// file checked by the caller is the file that runs, whatever happened to
+/// its path since. It may be close-on-exec (it should be, so the program
+/// does not inherit it): the kernel opens an ELF binary before it closes
+/// those descriptors. (A `#!` script would fail with ENOENT, since its
+/// interpreter would need `/dev/fd/N`; stage 2 is ELF.)
 pub fn spawn(
     program: &Path,
+    exe: BorrowedFd<'_>,
     args: &[&OsStr],
     cgroup_dir: &Path,
     stdio: Stdio<'_>,
@@ -100,6 +110,8 @@ pub fn spawn(
     let raw_fds: [RawFd; 3] = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
     let (err_read, err_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let err_write_fd = err_write.as_raw_fd();
+    let exe_fd = exe.as_raw_fd();
+    let empty = c"";
     // SAFETY: sigemptyset only initializes the set we own.
     let empty_mask = unsafe {
         let mut set = std::mem::zeroed::<libc::sigset_t>();
@@ -141,7 +153,14 @@ pub fn spawn(
             if libc::chdir(root.as_ptr()) < 0 {
                 child_fail(err_write_fd);
             }
-            libc::execve(c_program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::syscall(
+                libc::SYS_execveat,
+                exe_fd,
+                empty.as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
             child_fail(err_write_fd);
         }
     }
@@ -215,6 +234,7 @@ pub fn wait(pid: u32) -> io::Result<std::process::ExitStatus> {
 mod tests {
     use super::*;
     use crate::sandbox::RunCgroup;
+    use std::os::fd::AsFd;
 
     fn null() -> File {
         File::open("/dev/null").unwrap()
@@ -227,8 +247,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out_path = dir.path().join("out");
         let out = File::create(&out_path).unwrap();
+        let sh = File::open("/bin/sh").unwrap();
         let pid = spawn(
             Path::new("/bin/sh"),
+            sh.as_fd(),
             &[
                 OsStr::new("-c"),
                 OsStr::new("cat /proc/self/cgroup; pwd; env | wc -l; exit 3"),
@@ -260,8 +282,11 @@ mod tests {
     fn an_exec_failure_is_returned_not_hidden_in_an_exit_status() {
         let id = format!("clone-test-fail-{}", std::process::id());
         let cgroup = RunCgroup::create(&id).unwrap();
+        // Not executable: the exec itself fails in the child.
+        let not_exe = File::open("/dev/null").unwrap();
         let e = spawn(
-            Path::new("/nonexistent/rollguard-agent"),
+            Path::new("/dev/null"),
+            not_exe.as_fd(),
             &[],
             cgroup.path(),
             Stdio {
@@ -271,7 +296,7 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         // The failed child was reaped and is gone from the cgroup.
         assert!(cgroup.processes().unwrap().is_empty());
         cgroup
@@ -281,8 +306,10 @@ mod tests {
 
     #[test]
     fn a_missing_cgroup_is_an_error() {
+        let t = File::open("/bin/true").unwrap();
         let e = spawn(
             Path::new("/bin/true"),
+            t.as_fd(),
             &[],
             &crate::sandbox::cgroup::runs_parent()
                 .unwrap()
