@@ -503,11 +503,26 @@ fn execute(
         });
     }
     // Without Landlock's log-after-exec flag (ABI 7), denials by the bundle
-    // are never audited, so "none seen" would be a false zero.
+    // are never audited, so "none seen" would be a false zero. Likewise
+    // when the kernel does not log seccomp's errno results (checked before
+    // the run and again after it, since an administrator can change it at
+    // any time): a refused syscall would leave no record.
     let landlock_logs_exec = kernel
         .landlock_abi
         .is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
-    match audit.ok().filter(|_| landlock_logs_exec).ok_or(()) {
+    let seccomp_logs_errno =
+        kernel.seccomp_errno_logged && crate::sandbox::kernel::seccomp_errno_logged();
+    if !seccomp_logs_errno {
+        tracing::warn!(
+            "seccomp does not log errno actions (/proc/sys/kernel/seccomp/actions_logged): \
+             refused syscalls leave no record, so this run's denials are unknown"
+        );
+    }
+    match audit
+        .ok()
+        .filter(|_| landlock_logs_exec && seccomp_logs_errno)
+        .ok_or(())
+    {
         Ok(listener) => {
             let denials =
                 listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);
