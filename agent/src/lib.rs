@@ -14,3 +14,5 @@ pub mod recovery;
 pub mod runner;
 pub mod sandbox;
 pub mod state;
+pub mod terminal;
+pub mod trust_path;

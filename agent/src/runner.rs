@@ -64,6 +64,9 @@ pub struct RunOptions {
     /// as `ROLLGUARD_ROLLOUT`.
     pub rollout_id: Option<String>,
     pub on_start: Option<OnStart>,
+    /// The stage-2 program opened and checked once (the daemon, at start);
+    /// `None`: look for it beside `agent_exe` on this run.
+    pub launcher: Option<Launcher>,
 }
 
 impl RunOptions {
@@ -73,6 +76,7 @@ impl RunOptions {
             agent_exe: std::env::current_exe()?,
             rollout_id: None,
             on_start: None,
+            launcher: None,
         })
     }
 }
@@ -200,6 +204,11 @@ fn prepare_and_run(
     });
 
     // Trust: the host's own threshold, stricter for bundles that delete.
+    // The file is checked again on every run (the daemon loaded the policy
+    // long ago, and chmod/chown are beyond Landlock): if anyone but root
+    // could have edited it since, nothing it says counts.
+    crate::trust_path::check(&policy.trust().allowed_signers, "trust.allowed_signers")
+        .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
     let allowed = AllowedSigners::load(&policy.trust().allowed_signers)
         .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
     let threshold = policy.required_threshold(&manifest.scope);
@@ -239,8 +248,11 @@ fn prepare_and_run(
     // The stage-2 program, found (and checked) before anything is written:
     // without it nothing can be confined, and the version must not be used
     // up by a run that cannot start.
-    let launcher =
-        Launcher::beside(&opts.agent_exe).map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let launcher = match &opts.launcher {
+        Some(l) => l.clone(),
+        None => Launcher::beside(&opts.agent_exe)
+            .map_err(|e| Refusal::new(RefusalKind::HostError, e))?,
+    };
 
     // Every check that needs no disk write has passed: start listening for
     // the run's audit records now, on another thread. Its kernel round trips
@@ -491,11 +503,26 @@ fn execute(
         });
     }
     // Without Landlock's log-after-exec flag (ABI 7), denials by the bundle
-    // are never audited, so "none seen" would be a false zero.
+    // are never audited, so "none seen" would be a false zero. Likewise
+    // when the kernel does not log seccomp's errno results (checked before
+    // the run and again after it, since an administrator can change it at
+    // any time): a refused syscall would leave no record.
     let landlock_logs_exec = kernel
         .landlock_abi
         .is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
-    match audit.ok().filter(|_| landlock_logs_exec).ok_or(()) {
+    let seccomp_logs_errno =
+        kernel.seccomp_errno_logged && crate::sandbox::kernel::seccomp_errno_logged();
+    if !seccomp_logs_errno {
+        tracing::warn!(
+            "seccomp does not log errno actions (/proc/sys/kernel/seccomp/actions_logged): \
+             refused syscalls leave no record, so this run's denials are unknown"
+        );
+    }
+    match audit
+        .ok()
+        .filter(|_| landlock_logs_exec && seccomp_logs_errno)
+        .ok_or(())
+    {
         Ok(listener) => {
             let denials =
                 listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);

@@ -102,6 +102,7 @@ impl Fleet {
     /// is started yet.
     pub fn new(hosts: &[(&str, &[(&str, &str)])]) -> Self {
         fs::create_dir_all(BASE).unwrap();
+        crate::root_only(Path::new(BASE), 0o755);
         let dir = tempfile::Builder::new()
             .prefix("fleet-")
             .tempdir_in(BASE)
@@ -208,6 +209,7 @@ impl Fleet {
             key = creds.join(format!("{name}.key")),
         );
         fs::write(dir.join("agent.toml"), policy).unwrap();
+        crate::root_only(&dir.join("agent.toml"), 0o600);
         self.agents.insert(
             name.to_string(),
             AgentProc {

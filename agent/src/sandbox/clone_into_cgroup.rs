@@ -1,7 +1,9 @@
 //! Starting stage 2 directly inside the run cgroup: `clone3(2)` with
-//! `CLONE_INTO_CGROUP`, then `execve(2)`; where `clone3` is refused with
-//! `ENOSYS`, `clone(2)` and a write to the cgroup's `cgroup.procs` by the
-//! child itself before its `execve`.
+//! `CLONE_INTO_CGROUP`, then `execveat(2)` of an already opened and checked
+//! file (`AT_EMPTY_PATH`), so no path is looked up between the check and
+//! the exec; where `clone3` is refused with `ENOSYS`, `clone(2)` and a
+//! write to the cgroup's `cgroup.procs` by the child itself before its
+//! `execveat`.
 //!
 //! Why not `std::process::Command` and a write to `cgroup.procs`: moving a
 //! process between cgroups takes the kernel's cgroup threadgroup rwsem for
@@ -18,7 +20,7 @@
 //! async-signal-safe calls, so everything it needs (C strings, pointer
 //! arrays, file descriptors, the empty signal mask) is prepared before the
 //! clone, and the child does nothing but `sigaction`, `sigprocmask`,
-//! `openat`, `write`, `close`, `dup2`, `chdir`, `execve` and `_exit`.
+//! `openat`, `write`, `close`, `dup2`, `chdir`, `execveat` and `_exit`.
 //!
 //! **The `clone(2)` fallback.** A seccomp filter cannot read `clone3`'s
 //! flags (they are behind a pointer), so filters that restrict namespace
@@ -28,7 +30,7 @@
 //! agent then clones with `clone(2)` (the same flags but
 //! `CLONE_INTO_CGROUP` and `CLONE_CLEAR_SIGHAND`) and the child moves
 //! itself into the run cgroup (`openat` + `write("0")` on its
-//! `cgroup.procs`) before its `execve`: stage 2 never runs outside the
+//! `cgroup.procs`) before its `execveat`: stage 2 never runs outside the
 //! cgroup, it only pays the migration's RCU grace period. Without
 //! `CLONE_CLEAR_SIGHAND` the parent's signal handlers would be inherited,
 //! so the parent blocks every signal around the clone and the child resets
@@ -41,7 +43,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -81,12 +83,20 @@ pub struct Stdio<'a> {
     pub stderr: &'a File,
 }
 
-/// Start `program` with `args` (after `argv[0]`, which is `program`), an
-/// empty environment and `/` as working directory, as a child of the
-/// calling process inside the cgroup directory `cgroup_dir`. Returns its
-/// pid once it has exec'd; reap it with [`wait`].
+/// Start the program open at `exe` (`argv[0]` is `program`, then `args`),
+/// with an empty environment and `/` as working directory, as a child of
+/// the calling process inside the cgroup directory `cgroup_dir`. Returns
+/// its pid once it has exec'd; reap it with [`wait`].
+///
+/// `exe` is executed with `execveat(exe, "", ..., AT_EMPTY_PATH)`: the
+/// file checked by the caller is the file that runs, whatever happened to
+/// its path since. It may be close-on-exec (it should be, so the program
+/// does not inherit it): the kernel opens an ELF binary before it closes
+/// those descriptors. (A `#!` script would fail with ENOENT, since its
+/// interpreter would need `/dev/fd/N`; stage 2 is ELF.)
 pub fn spawn(
     program: &Path,
+    exe: BorrowedFd<'_>,
     args: &[&OsStr],
     cgroup_dir: &Path,
     stdio: Stdio<'_>,
@@ -117,6 +127,8 @@ pub fn spawn(
     let raw_fds: [RawFd; 3] = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
     let (err_read, err_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let err_write_fd = err_write.as_raw_fd();
+    let exe_fd = exe.as_raw_fd();
+    let empty = c"";
     // SAFETY: sigemptyset only initializes the set we own.
     let empty_mask = unsafe {
         let mut set = std::mem::zeroed::<libc::sigset_t>();
@@ -182,7 +194,14 @@ pub fn spawn(
             if libc::chdir(root.as_ptr()) < 0 {
                 child_fail(err_write_fd);
             }
-            libc::execve(c_program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::syscall(
+                libc::SYS_execveat,
+                exe_fd,
+                empty.as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
             child_fail(err_write_fd);
         }
     }
@@ -312,6 +331,7 @@ pub fn wait(pid: u32) -> io::Result<std::process::ExitStatus> {
 mod tests {
     use super::*;
     use crate::sandbox::RunCgroup;
+    use std::os::fd::AsFd;
 
     fn null() -> File {
         File::open("/dev/null").unwrap()
@@ -324,8 +344,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out_path = dir.path().join("out");
         let out = File::create(&out_path).unwrap();
+        let sh = File::open("/bin/sh").unwrap();
         let pid = spawn(
             Path::new("/bin/sh"),
+            sh.as_fd(),
             &[
                 OsStr::new("-c"),
                 OsStr::new("cat /proc/self/cgroup; pwd; env | wc -l; exit 3"),
@@ -384,8 +406,10 @@ mod tests {
                 io::Error::last_os_error().raw_os_error(),
                 Some(libc::ENOSYS)
             );
+            let sh = File::open("/bin/sh").unwrap();
             spawn(
                 Path::new("/bin/sh"),
+                sh.as_fd(),
                 &[
                     OsStr::new("-c"),
                     OsStr::new("cat /proc/self/cgroup; exit 4"),
@@ -414,8 +438,11 @@ mod tests {
     fn an_exec_failure_is_returned_not_hidden_in_an_exit_status() {
         let id = format!("clone-test-fail-{}", std::process::id());
         let cgroup = RunCgroup::create(&id).unwrap();
+        // Not executable: the exec itself fails in the child.
+        let not_exe = File::open("/dev/null").unwrap();
         let e = spawn(
-            Path::new("/nonexistent/rollguard-agent"),
+            Path::new("/dev/null"),
+            not_exe.as_fd(),
             &[],
             cgroup.path(),
             Stdio {
@@ -425,7 +452,7 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         // The failed child was reaped and is gone from the cgroup.
         assert!(cgroup.processes().unwrap().is_empty());
         cgroup
@@ -435,8 +462,10 @@ mod tests {
 
     #[test]
     fn a_missing_cgroup_is_an_error() {
+        let t = File::open("/bin/true").unwrap();
         let e = spawn(
             Path::new("/bin/true"),
+            t.as_fd(),
             &[],
             &crate::sandbox::cgroup::runs_parent()
                 .unwrap()

@@ -43,6 +43,16 @@ pub struct KernelUnsupported {
     pub missing: Vec<String>,
 }
 
+/// Whether the kernel writes our seccomp filters' EPERM results to the
+/// audit log now: `errno` in `/proc/sys/kernel/seccomp/actions_logged`
+/// (`SECCOMP_FILTER_FLAG_LOG` only logs the actions listed there). Without
+/// it a refused syscall leaves no record, so a run's denials are unknown.
+/// Unreadable counts as not logged.
+pub fn seccomp_errno_logged() -> bool {
+    fs::read_to_string("/proc/sys/kernel/seccomp/actions_logged")
+        .is_ok_and(|logged| logged.split_whitespace().any(|a| a == "errno"))
+}
+
 impl KernelSupport {
     pub fn probe() -> Self {
         let (landlock_abi, landlock_unavailable) = match landlock_abi::probe() {
@@ -50,8 +60,6 @@ impl KernelSupport {
             Err(e) => (None, Some(e)),
         };
         let seccomp_dir = Path::new("/proc/sys/kernel/seccomp");
-        let actions_logged =
-            fs::read_to_string(seccomp_dir.join("actions_logged")).unwrap_or_default();
         let cgroup2_mount = super::cgroup::cgroup2_mount().ok().map(|(m, _)| m);
         let cgroup_kill = cgroup2_mount.as_deref().is_some_and(has_cgroup_kill);
         KernelSupport {
@@ -59,7 +67,7 @@ impl KernelSupport {
             landlock_abi,
             landlock_unavailable,
             seccomp_filter: seccomp_dir.join("actions_avail").exists(),
-            seccomp_errno_logged: actions_logged.split_whitespace().any(|a| a == "errno"),
+            seccomp_errno_logged: seccomp_errno_logged(),
             cgroup2_mount,
             cgroup_kill,
             mount_namespaces: Path::new("/proc/self/ns/mnt").exists(),
