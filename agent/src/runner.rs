@@ -108,6 +108,7 @@ fn empty_report(host: &str, started: Instant) -> RunReport {
         run_id: None,
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        network: vec![],
     }
 }
 

@@ -68,7 +68,7 @@ impl From<&Scope> for SandboxScope {
                 .network
                 .iter()
                 .map(|e| TcpEndpoint {
-                    host: e.host.clone(),
+                    host: e.host.to_string(),
                     port: e.port,
                 })
                 .collect(),
