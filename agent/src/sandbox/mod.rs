@@ -56,14 +56,20 @@
 //! and [`clone_into_cgroup`]): the raw system calls no safe crate API exposes.
 
 pub mod audit_session;
+pub mod bpf_asm;
+pub mod bpf_sys;
 pub mod capabilities;
 pub mod cgroup;
+pub mod cgroup_filters;
 pub mod clone_into_cgroup;
+pub mod device_filter;
 pub mod kernel;
 pub mod landlock_abi;
 pub mod landlock_rules;
 pub mod launch;
 pub mod namespaces;
+pub mod net_filter;
+pub mod net_scope;
 pub mod seccomp_filter;
 pub mod seccomp_install;
 pub mod spec;
@@ -71,11 +77,12 @@ pub mod stage2;
 pub mod status;
 
 pub use cgroup::{CgroupError, RunCgroup};
+pub use cgroup_filters::{FilterDenial, FilterDenials};
 pub use kernel::{KernelSupport, KernelUnsupported};
 pub use launch::{
     ConfinedChild, HeldChild, KillHandle, Launcher, RunOutcome, SandboxError, Termination,
 };
-pub use spec::{SandboxScope, SandboxSpec, SpecError, TcpEndpoint};
+pub use spec::{NetRule, SandboxScope, SandboxSpec, SpecError};
 pub use stage2::stage2_command;
 pub use status::Confinement;
 
