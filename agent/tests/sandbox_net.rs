@@ -183,6 +183,8 @@ attempt('udp_connect', lambda: udp_connect('127.0.0.1', {u}))
 attempt('udp_bind', lambda: bind(socket.SOCK_DGRAM, '127.0.0.1', 0))
 attempt('tcp_bind', lambda: bind(socket.SOCK_STREAM, '127.0.0.1', 0))
 attempt('udp_bind_any', lambda: bind(socket.SOCK_DGRAM, '0.0.0.0', 0))
+attempt('listen', lambda: socket.socket().listen(1))
+attempt('listen6', lambda: socket.socket(socket.AF_INET6).listen(1))
 "#
     );
     let run = python(&t, rules(&[format!("tcp:127.0.0.1:{a}")]), &body);
@@ -213,6 +215,10 @@ attempt('udp_bind_any', lambda: bind(socket.SOCK_DGRAM, '0.0.0.0', 0))
     }
     assert_eq!(run.value("tcp_bind"), EACCES.to_string());
     assert_eq!(run.value("udp_bind_any"), "ok");
+    // listen(2) binds an ephemeral port on every address by itself, past
+    // Landlock's and the cgroup programs' bind hooks: seccomp refuses it.
+    assert_eq!(run.value("listen"), EPERM.to_string());
+    assert_eq!(run.value("listen6"), EPERM.to_string());
 
     assert_received_hello(&allowed);
     assert_never_accepted(&other_port, "other port");

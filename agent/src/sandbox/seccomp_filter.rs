@@ -6,6 +6,7 @@
 //! io_uring (which bypasses syscall filtering for the I/O it performs),
 //! file handles (`open_by_handle_at` escapes mount-based confinement), the
 //! kernel keyring, userfaultfd, clock and swap changes, raw device nodes.
+//! No `listen` (an unbound socket that listens gets a port by itself).
 //! Sockets are limited by family to IPv4, IPv6 and NETLINK_ROUTE, and
 //! under IPv4/IPv6 to TCP and UDP (no raw sockets, no MPTCP): in
 //! particular no `AF_UNIX` socket can be created, because Landlock (before
@@ -101,6 +102,13 @@ fn denied_syscalls() -> Vec<libc::c_long> {
         libc::SYS_clock_adjtime,
         libc::SYS_adjtimex,
         libc::SYS_lookup_dcookie,
+        // A socket that listens without bind(2) gets an ephemeral port on
+        // every address, past Landlock's and the run cgroup's bind hooks;
+        // in the host's network namespace (a network scope) that would be
+        // an inbound channel whose replies no connect/sendmsg check sees.
+        // A bundle never serves: no listen at all (unix sockets cannot be
+        // created anyway).
+        libc::SYS_listen,
     ];
     #[cfg(target_arch = "x86_64")]
     list.extend([libc::SYS_iopl, libc::SYS_ioperm]);
