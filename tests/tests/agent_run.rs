@@ -472,6 +472,7 @@ fn check_reports_the_kernel_and_the_stage2_program() {
     let (v, code) = check(&rollguard_tests::bin("rollguard-agent"));
     assert_eq!((v["ok"].as_bool(), code), (Some(true), Some(0)), "{v:#}");
     assert!(v["kernel"]["landlock_abi"].as_u64().unwrap() >= 3, "{v:#}");
+    assert_eq!(v["kernel"]["cgroup_bpf"], true, "{v:#}");
     assert!(
         v["stage2_program"]
             .as_str()

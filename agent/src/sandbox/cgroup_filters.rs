@@ -142,6 +142,24 @@ pub fn attach(cgroup_dir: &Path, network: &[NetRule]) -> Result<CgroupFilters, F
     Ok(CgroupFilters { denials, net_hooks })
 }
 
+/// Whether this process can load a cgroup BPF program at all (the kernel
+/// has CONFIG_CGROUP_BPF, the agent CAP_BPF or CAP_SYS_ADMIN, and no
+/// seccomp filter of the service refuses `bpf(2)`). Loads the smallest
+/// device program ("allow") and drops it: nothing is attached.
+pub fn can_load() -> bool {
+    let mut asm = Asm::new();
+    asm.ret(1);
+    asm.finish().is_ok_and(|insns| {
+        bpf_sys::load_program(
+            "rg_probe",
+            bpf_sys::BPF_PROG_TYPE_CGROUP_DEVICE,
+            AttachType::CgroupDevice,
+            &insns,
+        )
+        .is_ok()
+    })
+}
+
 impl CgroupFilters {
     /// What the programs refused (read once the run's processes are gone).
     pub fn read_denials(&self) -> Result<FilterDenials, BpfError> {
