@@ -246,6 +246,10 @@ fn prepare_and_run(
     // report shows them. A name that does not resolve refuses the run.
     let network = net_scope::resolve(&manifest.scope.network, net_scope::system_lookup)
         .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    // The host's ceiling applies to what the names resolved to.
+    policy
+        .check_network(&network.by_entry)
+        .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     // The stage-2 program, found (and checked) before anything is written:
     // without it nothing can be confined, and the version must not be used
     // up by a run that cannot start.

@@ -634,3 +634,43 @@ attempt('mptcp', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
         "the other UDP port got a datagram"
     );
 }
+
+/// The host's `allow_network` ceiling outranks the bundle: a destination
+/// outside it (here a name resolving outside it) refuses the run before
+/// anything executes.
+#[test]
+fn network_outside_the_hosts_ceiling_is_refused() {
+    use std::io::ErrorKind;
+    use std::net::TcpListener;
+
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let a = listener.local_addr().unwrap().port();
+    let policy = fs::read_to_string(host.policy()).unwrap().replace(
+        "[state]",
+        &format!("allow_network = [\"tcp:127.0.0.2:{a}\"]\n\n[state]"),
+    );
+    fs::write(host.policy(), policy).unwrap();
+    let script = format!(
+        "#!/usr/bin/python3\nimport socket\nsocket.create_connection(('127.0.0.1', {a}), timeout=5).sendall(b'x')\nopen('@ROOT@/etc/mail/ran', 'w').write('ran')\n"
+    );
+    let scope = format!("write = [\"@ROOT@/etc/mail\"]\nnetwork = [\"tcp:localhost:{a}\"]");
+    let src = host.bundle_source(
+        "ceiling",
+        &manifest("net-ceiling", 1, "\"mail-*.tokyo\"", &scope),
+        &script,
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["refusal"], "scope_ceiling", "{report:#}");
+    assert!(
+        report["reason"].as_str().unwrap().contains("allow_network"),
+        "{report:#}"
+    );
+    assert_ne!(code, 0);
+    assert!(!host.root().join("etc/mail/ran").exists());
+    assert!(matches!(listener.accept(), Err(ref e) if e.kind() == ErrorKind::WouldBlock));
+}

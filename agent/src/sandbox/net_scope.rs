@@ -34,8 +34,13 @@ pub enum ResolveError {
 /// The run's rules and the report's view of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resolved {
+    /// What the kernel enforces (each rule once).
     pub rules: Vec<NetRule>,
+    /// Each entry with its addresses, for the report.
     pub grants: Vec<NetworkGrant>,
+    /// Each entry (canonical text) with each rule it yields, for the host
+    /// policy's ceiling check ([`crate::policy::HostPolicy::check_network`]).
+    pub by_entry: Vec<(String, NetRule)>,
 }
 
 /// The system resolver (`getaddrinfo`: `/etc/hosts`, then DNS).
@@ -80,6 +85,7 @@ pub fn resolve(
                 net: *net,
                 port: endpoint.port,
             };
+            out.by_entry.push((entry.clone(), rule.clone()));
             if !out.rules.contains(&rule) {
                 out.rules.push(rule);
             }
