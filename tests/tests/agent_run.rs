@@ -554,6 +554,30 @@ attempt('mptcp', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
         &script,
     );
     let bundle = host.build_signed(&src, &keys, &["alice"]);
+    // `rollguard bundle inspect` shows the entries in canonical form, and
+    // says which are names.
+    let inspect = rollguard_tests::run_ok(
+        rollguard_tests::rollguard()
+            .args(["bundle", "inspect", "--json"])
+            .arg(&bundle),
+    );
+    let meta: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        meta["scope"]["network"],
+        serde_json::json!([format!("tcp:localhost:{a}"), format!("udp:127.0.0.1:{u}")])
+    );
+    let inspect = rollguard_tests::run_ok(
+        rollguard_tests::rollguard()
+            .args(["bundle", "inspect"])
+            .arg(&bundle),
+    );
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains(&format!(
+            "tcp:localhost:{a} (name: resolved by each agent at run start)"
+        )),
+        "{text}"
+    );
     let (report, code) = host.run(&bundle);
     let stdout = report["stdout_tail"]
         .as_str()
