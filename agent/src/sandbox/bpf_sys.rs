@@ -10,7 +10,7 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::bpf_asm::Insn;
 
@@ -155,41 +155,52 @@ fn object_name(name: &str) -> [u8; BPF_OBJ_NAME_LEN] {
     out
 }
 
-/// A `BPF_MAP_TYPE_ARRAY` of `max_entries` values of `value_size` bytes,
-/// zero-filled, with `u32` keys.
-pub fn create_array_map(
-    name: &str,
+/// A `BPF_MAP_TYPE_ARRAY` with `u32` keys: the map's descriptor and its
+/// value size, kept together so a lookup always has room for a value.
+#[derive(Debug)]
+pub struct ArrayMap {
+    fd: OwnedFd,
     value_size: u32,
-    max_entries: u32,
-) -> Result<OwnedFd, BpfError> {
-    let mut attr = MapCreateAttr {
-        map_type: BPF_MAP_TYPE_ARRAY,
-        key_size: 4,
-        value_size,
-        max_entries,
-        map_name: object_name(name),
-        ..Default::default()
-    };
-    // SAFETY: the attr holds no pointers.
-    let ret = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }.map_err(BpfError::MapCreate)?;
-    owned(ret).map_err(BpfError::MapCreate)
 }
 
-/// Copy element `key` of an array map into `value` (its exact size).
-pub fn lookup(map: BorrowedFd<'_>, key: u32, value: &mut [u8]) -> Result<(), BpfError> {
-    let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        key: &key as *const u32 as u64,
-        value: value.as_mut_ptr() as u64,
-        ..Default::default()
-    };
-    // SAFETY: `key` lives on our stack and `value` is an exclusively
-    // borrowed buffer for the call; the kernel writes exactly the map's
-    // value size into it, and callers pass a buffer of that size (the map
-    // is created by this module's caller with the same constant).
-    unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) }
-        .map(drop)
-        .map_err(BpfError::MapLookup)
+impl ArrayMap {
+    /// `max_entries` values of `value_size` bytes, zero-filled.
+    pub fn create(name: &str, value_size: u32, max_entries: u32) -> Result<Self, BpfError> {
+        let mut attr = MapCreateAttr {
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size,
+            max_entries,
+            map_name: object_name(name),
+            ..Default::default()
+        };
+        // SAFETY: the attr holds no pointers.
+        let ret = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }.map_err(BpfError::MapCreate)?;
+        let fd = owned(ret).map_err(BpfError::MapCreate)?;
+        Ok(ArrayMap { fd, value_size })
+    }
+
+    /// The descriptor, for a program's map reference.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// A copy of element `key`.
+    pub fn get(&self, key: u32) -> Result<Vec<u8>, BpfError> {
+        let mut value = vec![0u8; self.value_size as usize];
+        let mut attr = MapElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: &key as *const u32 as u64,
+            value: value.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: `key` lives on our stack and `value` is a buffer of
+        // exactly the map's value size (the size it was created with), both
+        // alive and not otherwise borrowed for the call; the kernel reads 4
+        // key bytes and writes `value_size` bytes.
+        unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) }.map_err(BpfError::MapLookup)?;
+        Ok(value)
+    }
 }
 
 /// Load `insns` as a program of `prog_type` for `attach`. On failure, load

@@ -22,13 +22,13 @@
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use serde::Serialize;
 
 use super::bpf_asm::{self, Asm, AsmError, Label, Reg, R0, R1, R10, R2, R6, R7};
-use super::bpf_sys::{self, AttachType, BpfError};
+use super::bpf_sys::{self, ArrayMap, AttachType, BpfError};
 use super::spec::NetRule;
 use super::{device_filter, net_filter};
 
@@ -106,7 +106,7 @@ pub struct FilterDenials {
 /// What is attached to one run's cgroup, and the map to read afterwards.
 #[derive(Debug)]
 pub struct CgroupFilters {
-    denials: OwnedFd,
+    denials: ArrayMap,
     /// Network hooks attached (0 without a network scope: the run has a
     /// private network namespace then).
     pub net_hooks: usize,
@@ -115,12 +115,12 @@ pub struct CgroupFilters {
 /// Load and attach the device program, and the network programs when
 /// `network` is not empty, to the cgroup at `cgroup_dir`.
 pub fn attach(cgroup_dir: &Path, network: &[NetRule]) -> Result<CgroupFilters, FilterError> {
-    let denials = bpf_sys::create_array_map("rg_denials", VALUE_SIZE, MAX_RECORDS + 1)?;
+    let denials = ArrayMap::create("rg_denials", VALUE_SIZE, MAX_RECORDS + 1)?;
     let cgroup = File::open(cgroup_dir).map_err(|source| FilterError::Cgroup {
         path: cgroup_dir.display().to_string(),
         source,
     })?;
-    let map_fd = denials.as_raw_fd();
+    let map_fd = denials.fd().as_raw_fd();
     let mut programs = vec![(
         "rg_device",
         bpf_sys::BPF_PROG_TYPE_CGROUP_DEVICE,
@@ -163,13 +163,12 @@ pub fn can_load() -> bool {
 impl CgroupFilters {
     /// What the programs refused (read once the run's processes are gone).
     pub fn read_denials(&self) -> Result<FilterDenials, BpfError> {
-        let mut value = [0u8; VALUE_SIZE as usize];
-        bpf_sys::lookup(self.denials.as_fd(), 0, &mut value)?;
-        let count = u64::from_ne_bytes(value[..8].try_into().unwrap_or_default());
+        let header = self.denials.get(0)?;
+        let count = u64::from_ne_bytes(header[..8].try_into().unwrap_or_default());
         let kept = count.min(u64::from(MAX_RECORDS)) as u32;
         let mut records = Vec::with_capacity(kept as usize);
         for key in 1..=kept {
-            bpf_sys::lookup(self.denials.as_fd(), key, &mut value)?;
+            let value = self.denials.get(key)?;
             // A slot claimed but not yet written when the run was killed
             // reads as zeros (hook 0): counted, not described.
             if let Some(record) = decode(&value) {
