@@ -182,6 +182,7 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("  seccomp filters   {}", yes(kernel.seccomp_filter));
         println!("  cgroup v2 + kill  {}", yes(kernel.cgroup_kill));
         println!("  audit sessions    {}", yes(kernel.audit_sessions));
+        println!("  cgroup BPF        {}", yes(kernel.cgroup_bpf));
         match &kernel_ok {
             Ok(()) => println!("  => bundles can be confined"),
             Err(e) => println!("  => REFUSING to run bundles: {e}"),

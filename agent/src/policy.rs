@@ -22,6 +22,7 @@
 //! paths = ["/backup", "/srv/backup"]
 //! [limits]
 //! allow_scopes = ["/etc", "/var", "/srv", "/opt", "/usr/local"]
+//! allow_network = ["tcp:10.0.0.0/8:443", "udp:10.0.0.53:53"]   # optional
 //! [state]
 //! dir = "/var/lib/rollguard"
 //! ```
@@ -34,11 +35,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use rollguard_shared::endpoint::{EndpointHost, IpNet, NetworkEndpoint, Protocol};
 use rollguard_shared::manifest::Scope;
 use rollguard_shared::path::{PathError, ScopePath};
 use rollguard_shared::report::RefusalKind;
 use rollguard_shared::targets::{validate_label, HostIdentity, TargetError};
 use serde::Deserialize;
+
+use crate::sandbox::NetRule;
 
 /// Largest policy file we read.
 pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
@@ -89,6 +93,8 @@ pub enum PolicyError {
     /// A file the agent trusts that someone else could replace.
     #[error(transparent)]
     Untrusted(#[from] crate::trust_path::TrustPathError),
+    #[error("limits.allow_network entry {entry:?}: {why}")]
+    NetworkCeiling { entry: String, why: String },
 }
 
 /// Why a bundle's scope is not acceptable on this host. Each maps to a
@@ -112,6 +118,14 @@ pub enum ScopeViolation {
         ceiling: Vec<String>,
         via: Option<String>,
     },
+    #[error("scope.network entry {entry} allows {protocol}:{net}:{port}, outside this host's allow_network ceiling {ceiling:?}")]
+    NetworkCeiling {
+        entry: String,
+        protocol: Protocol,
+        net: IpNet,
+        port: u16,
+        ceiling: Vec<String>,
+    },
 }
 
 fn via_note(via: &Option<String>) -> String {
@@ -125,7 +139,9 @@ impl ScopeViolation {
     pub fn refusal_kind(&self) -> RefusalKind {
         match self {
             ScopeViolation::ProtectedPath { .. } => RefusalKind::ProtectedPath,
-            ScopeViolation::ScopeCeiling { .. } => RefusalKind::ScopeCeiling,
+            ScopeViolation::ScopeCeiling { .. } | ScopeViolation::NetworkCeiling { .. } => {
+                RefusalKind::ScopeCeiling
+            }
         }
     }
 }
@@ -266,6 +282,8 @@ pub struct HostPolicy {
     trust: TrustPolicy,
     protect: Vec<ProtectedPath>,
     allow_scopes: Vec<ScopePath>,
+    /// `None`: no network ceiling (any destination a bundle names).
+    allow_network: Option<Vec<NetworkEndpoint>>,
     state_dir: PathBuf,
     controller: Option<crate::daemon::config::ControllerSection>,
 }
@@ -309,6 +327,7 @@ struct RawProtect {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     allow_scopes: Vec<String>,
+    allow_network: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,6 +429,12 @@ impl HostPolicy {
 
         let configured = parse_paths("protect.paths", &raw.protect.paths)?;
         let allow_scopes = parse_paths("limits.allow_scopes", &raw.limits.allow_scopes)?;
+        let allow_network = raw
+            .limits
+            .allow_network
+            .as_deref()
+            .map(parse_network_ceiling)
+            .transpose()?;
         let state_dir = match raw.state {
             Some(s) => ScopePath::parse(&s.dir).map_err(|source| PolicyError::Path {
                 key: "state.dir",
@@ -426,6 +451,7 @@ impl HostPolicy {
             trust,
             protect: Vec::new(),
             allow_scopes,
+            allow_network,
             state_dir: state_dir.as_path().to_path_buf(),
             controller: None,
         };
@@ -523,6 +549,39 @@ impl HostPolicy {
         } else {
             self.trust.delete_threshold
         }
+    }
+
+    /// Check a run's network rules (the bundle's `scope.network` with its
+    /// names resolved, so a name cannot point past the ceiling) against
+    /// `limits.allow_network`: each rule's protocol and port must equal a
+    /// ceiling entry's, and its address block lie within that entry's.
+    /// Without `allow_network` there is no ceiling; an empty one allows no
+    /// network at all.
+    pub fn check_network(&self, grants: &[(String, NetRule)]) -> Result<(), ScopeViolation> {
+        let Some(ceiling) = &self.allow_network else {
+            return Ok(());
+        };
+        for (entry, rule) in grants {
+            let within = ceiling.iter().any(|c| match &c.host {
+                EndpointHost::Net(block) => {
+                    c.protocol == rule.protocol
+                        && c.port == rule.port
+                        && block.prefix() <= rule.net.prefix()
+                        && block.contains(rule.net.addr())
+                }
+                EndpointHost::Name(_) => false,
+            });
+            if !within {
+                return Err(ScopeViolation::NetworkCeiling {
+                    entry: entry.clone(),
+                    protocol: rule.protocol,
+                    net: rule.net,
+                    port: rule.port,
+                    ceiling: ceiling.iter().map(|c| c.to_string()).collect(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Check a bundle's scope against this host's policy.
@@ -683,6 +742,30 @@ fn parse_trust(raw: RawTrust) -> Result<TrustPolicy, PolicyError> {
         threshold,
         delete_threshold: delete,
     })
+}
+
+/// `limits.allow_network`: scope-entry syntax with addresses or blocks
+/// only. A name is refused: the host's ceiling must not depend on what a
+/// resolver answers.
+fn parse_network_ceiling(raw: &[String]) -> Result<Vec<NetworkEndpoint>, PolicyError> {
+    if raw.len() > MAX_PATHS {
+        return Err(PolicyError::TooManyPaths("limits.allow_network"));
+    }
+    raw.iter()
+        .map(|entry| {
+            let bad = |why: String| PolicyError::NetworkCeiling {
+                entry: entry.clone(),
+                why,
+            };
+            let e = NetworkEndpoint::parse(entry).map_err(|e| bad(e.to_string()))?;
+            match e.host {
+                EndpointHost::Net(_) => Ok(e),
+                EndpointHost::Name(_) => Err(bad(
+                    "a ceiling names addresses or blocks, not host names".into(),
+                )),
+            }
+        })
+        .collect()
 }
 
 fn parse_paths(key: &'static str, raw: &[String]) -> Result<Vec<ScopePath>, PolicyError> {

@@ -31,15 +31,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rollguard_shared::archive::{self, Limits};
-use rollguard_shared::report::{BundleRef, RefusalKind, RunReport, RunStatus};
+use rollguard_shared::report::{BundleRef, Denial, RefusalKind, RunReport, RunStatus};
 use rollguard_shared::signature::{self, AllowedSigners, RawSignature};
 use sha2::{Digest, Sha256};
 
 use crate::audit_log::{AuditEvent, AuditLog};
 use crate::kernel_audit::AuditListener;
 use crate::policy::HostPolicy;
+use crate::sandbox::net_scope;
 use crate::sandbox::spec::MIN_LANDLOCK_ABI;
-use crate::sandbox::{HeldChild, KernelSupport, KillHandle, Launcher, SandboxSpec, Termination};
+use crate::sandbox::{
+    HeldChild, KernelSupport, KillHandle, Launcher, RunOutcome, SandboxScope, SandboxSpec,
+    Termination,
+};
 use crate::state::{BeginRunError, RunId, RunMarker, StateDir};
 
 /// How long to wait after the bundle ends for its Landlock domain to be
@@ -112,6 +116,7 @@ fn empty_report(host: &str, started: Instant) -> RunReport {
         run_id: None,
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        network: vec![],
     }
 }
 
@@ -245,6 +250,15 @@ fn prepare_and_run(
         .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
     rollguard_shared::version::check_newer(bundle.name.as_str(), last, bundle.version)
         .map_err(|e| Refusal::new(RefusalKind::Rollback, e))?;
+    // Names in the network scope are resolved now, once: the kernel then
+    // enforces the addresses they had at the start of the run, and the
+    // report shows them. A name that does not resolve refuses the run.
+    let network = net_scope::resolve(&manifest.scope.network, net_scope::system_lookup)
+        .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    // The host's ceiling applies to what the names resolved to.
+    policy
+        .check_network(&network.by_entry)
+        .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     // The stage-2 program, found (and checked) before anything is written:
     // without it nothing can be confined, and the version must not be used
     // up by a run that cannot start.
@@ -297,7 +311,7 @@ fn prepare_and_run(
         run_dir: run_dir.clone(),
         command: manifest.run.command.clone(),
         env,
-        scope: (&manifest.scope).into(),
+        scope: SandboxScope::new(&manifest.scope, network.rules),
         protected: policy
             .protected_canonical()
             .iter()
@@ -370,6 +384,7 @@ fn prepare_and_run(
     report.bundle = Some(bundle.clone());
     report.signers = verified.principals;
     report.run_id = Some(run_id.to_string());
+    report.network = network.grants;
 
     execute(
         held,
@@ -537,6 +552,32 @@ fn execute(
             report.denials = None;
             report.denial_count = None;
         }
+    }
+    add_filter_denials(&outcome, report);
+}
+
+/// Add what the run cgroup's BPF programs refused (network destinations,
+/// devices) to the kernel audit's denials. If their record could not be
+/// read, the run's denials are unknown.
+fn add_filter_denials(outcome: &RunOutcome, report: &mut RunReport) {
+    let Some(filtered) = &outcome.filter_denials else {
+        tracing::warn!(run_id = %outcome.run_id, "the run cgroup's BPF denial record could not be read; denials are unknown");
+        report.denials = None;
+        report.denial_count = None;
+        return;
+    };
+    for d in &filtered.records {
+        tracing::warn!(run_id = %outcome.run_id, access = %d.access, object = %d.object, "denied by the run cgroup's BPF program");
+    }
+    if let Some(list) = report.denials.as_mut() {
+        list.extend(filtered.records.iter().map(|d| Denial {
+            access: d.access.clone(),
+            path: Some(d.object.clone()),
+            exe: None,
+        }));
+    }
+    if let Some(count) = report.denial_count.as_mut() {
+        *count += filtered.count;
     }
 }
 

@@ -690,6 +690,7 @@ fn base_report(host: &str, status: RunStatus) -> RunReport {
         run_id: None,
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        network: vec![],
     }
 }
 

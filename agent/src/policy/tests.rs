@@ -733,3 +733,69 @@ fn a_trust_file_others_could_edit_is_refused_at_load() {
     let e = HostPolicy::load(Path::new(&path)).unwrap_err().to_string();
     assert!(e.contains("etc/rollguard is writable by group"), "{e}");
 }
+
+#[test]
+fn network_ceiling_applies_to_resolved_rules() {
+    use crate::sandbox::net_scope;
+    let f = Fixture::new();
+    let with = |ceiling: &str| {
+        HostPolicy::parse(
+            &f.policy_text(&[], &["etc"])
+                .replace("[state]", &format!("allow_network = [{ceiling}]\n[state]")),
+        )
+    };
+    let rules = |entries: &[&str]| {
+        let endpoints: Vec<NetworkEndpoint> = entries
+            .iter()
+            .map(|e| NetworkEndpoint::parse(e).unwrap())
+            .collect();
+        net_scope::resolve(&endpoints, |name, _| match name {
+            "mirror.internal" => Ok(vec!["10.0.0.7".parse().unwrap()]),
+            _ => Ok(vec!["192.0.2.1".parse().unwrap()]),
+        })
+        .unwrap()
+        .by_entry
+    };
+    // No ceiling: anything.
+    let open = f.policy(&[], &["etc"]);
+    open.check_network(&rules(&["tcp:192.0.2.9:25"])).unwrap();
+
+    let p = with(r#""tcp:10.0.0.0/24:443", "udp:10.0.0.53:53", "tcp:[2001:db8::/32]:80""#).unwrap();
+    for ok in [
+        "tcp:10.0.0.5:443",
+        "tcp:10.0.0.128/25:443",
+        "udp:10.0.0.53:53",
+        "tcp:mirror.internal:443",
+        "tcp:[2001:db8::1]:80",
+    ] {
+        p.check_network(&rules(&[ok]))
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for refused in [
+        "tcp:10.0.1.5:443",      // outside the block
+        "tcp:10.0.0.0/16:443",   // wider than the block
+        "udp:10.0.0.5:443",      // other protocol
+        "tcp:10.0.0.5:8443",     // other port
+        "tcp:other.example:443", // a name resolving outside
+        "tcp:[2001:db9::1]:80",
+    ] {
+        let err = p.check_network(&rules(&[refused])).unwrap_err();
+        assert_eq!(err.refusal_kind(), RefusalKind::ScopeCeiling, "{refused}");
+        assert!(err.to_string().contains("allow_network"), "{err}");
+    }
+    // An empty ceiling allows no network at all.
+    let none = with("").unwrap();
+    assert!(none.check_network(&rules(&["tcp:10.0.0.5:443"])).is_err());
+    none.check_network(&[]).unwrap();
+
+    // The ceiling itself must not depend on a resolver, and must parse.
+    let e = with(r#""tcp:mirror.internal:443""#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("limits.allow_network") && e.contains("host names"),
+        "{e}"
+    );
+    let e = with(r#""tcp:10.0.0.5/24:443""#).unwrap_err().to_string();
+    assert!(e.contains("limits.allow_network"), "{e}");
+}

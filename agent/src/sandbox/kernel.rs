@@ -34,6 +34,9 @@ pub struct KernelSupport {
     /// Audit sessions can be assigned (`/proc/self/loginuid` and
     /// `/proc/self/sessionid` exist: CONFIG_AUDITSYSCALL).
     pub audit_sessions: bool,
+    /// BPF programs can be loaded for the run cgroup's device and network
+    /// allow-lists (a trial load, nothing attached).
+    pub cgroup_bpf: bool,
 }
 
 /// The kernel lacks something a run needs; each entry says what and why.
@@ -75,6 +78,7 @@ impl KernelSupport {
             user_namespaces: Path::new("/proc/self/ns/user").exists(),
             audit_sessions: Path::new("/proc/self/loginuid").exists()
                 && Path::new("/proc/self/sessionid").exists(),
+            cgroup_bpf: super::cgroup_filters::can_load(),
         }
     }
 
@@ -118,6 +122,9 @@ impl KernelSupport {
         if !network_scope && !self.network_namespaces {
             missing
                 .push("network namespaces are unavailable (needed to run without network)".into());
+        }
+        if !self.cgroup_bpf {
+            missing.push("cgroup BPF programs cannot be loaded (needs CONFIG_CGROUP_BPF, CAP_BPF or CAP_SYS_ADMIN, and bpf(2) not filtered by the service); the device and network allow-lists could not be enforced".into());
         }
         if !self.audit_sessions {
             missing.push("audit sessions are unavailable (CONFIG_AUDITSYSCALL); denials could not be attributed".into());

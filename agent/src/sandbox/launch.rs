@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::cgroup::{CgroupError, RunCgroup};
+use super::cgroup_filters::{self, CgroupFilters, FilterDenials, FilterError};
 use super::clone_into_cgroup;
 use super::spec::{SandboxSpec, SpecError, Stage2Plan};
 use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE, RELEASE_BYTE};
@@ -46,6 +47,8 @@ pub enum SandboxError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Filters(#[from] FilterError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -207,7 +210,17 @@ impl Launcher {
         // The cgroup first: it also claims the run id (creation fails if it
         // exists), before anything in the run directory is touched.
         let cgroup = RunCgroup::create(&spec.run_id)?;
-        match self.start(spec, &cgroup) {
+        // The device and network programs go on the empty cgroup, before
+        // stage 2 is born in it: nothing of the run exists without them. A
+        // kernel or agent that cannot load them refuses the run.
+        let filters = match cgroup_filters::attach(cgroup.path(), &spec.scope.network) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = cgroup.kill_and_remove(KILL_GRACE);
+                return Err(e.into());
+            }
+        };
+        match self.start(spec, &cgroup, filters) {
             Ok(child) => Ok(child),
             Err(e) => {
                 let _ = cgroup.kill_and_remove(KILL_GRACE);
@@ -216,7 +229,12 @@ impl Launcher {
         }
     }
 
-    fn start(&self, spec: &SandboxSpec, cgroup: &RunCgroup) -> Result<HeldChild, SandboxError> {
+    fn start(
+        &self,
+        spec: &SandboxSpec,
+        cgroup: &RunCgroup,
+        filters: CgroupFilters,
+    ) -> Result<HeldChild, SandboxError> {
         let run_dir = &spec.run_dir;
         for stale in [status::STATUS_FILE, AUDIT_SESSION_FILE] {
             match fs::remove_file(run_dir.join(stale)) {
@@ -302,6 +320,7 @@ impl Launcher {
                 started,
                 kill_state: Arc::new(KillState::default()),
                 armed: true,
+                filters,
             },
         })
     }
@@ -468,6 +487,9 @@ pub struct RunOutcome {
     /// Processes still alive in the cgroup after the main process exited
     /// on its own (daemonized leftovers); all were killed.
     pub leftover_processes: usize,
+    /// What the run cgroup's BPF programs refused (network destinations,
+    /// devices); `None` if their record could not be read (unknown).
+    pub filter_denials: Option<FilterDenials>,
     #[serde(with = "duration_ms")]
     pub duration: Duration,
     pub stdout: PathBuf,
@@ -498,6 +520,8 @@ pub struct ConfinedChild {
     /// Kill the run if this handle is dropped without a successful `wait`:
     /// a run nobody supervises must not keep running.
     armed: bool,
+    /// The run cgroup's BPF programs' denial record.
+    filters: CgroupFilters,
 }
 
 impl Drop for ConfinedChild {
@@ -599,6 +623,12 @@ impl ConfinedChild {
             killed_processes = self.kill_state.processes.load(Ordering::SeqCst);
         }
         self.kill_and_remove_cgroup()?;
+        // Every process of the run is gone: the record is complete.
+        let filter_denials = self
+            .filters
+            .read_denials()
+            .map_err(|e| tracing::warn!(run_id = %self.run_id, "reading the cgroup filters' denials: {e}"))
+            .ok();
 
         let events =
             status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
@@ -621,6 +651,7 @@ impl ConfinedChild {
             confinement,
             killed_processes,
             leftover_processes,
+            filter_denials,
             duration,
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
