@@ -180,6 +180,17 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| "unavailable".into())
         );
         println!("  seccomp filters   {}", yes(kernel.seccomp_filter));
+        // Without it the sandbox still works, but refused syscalls leave no
+        // record and every report's denials are unknown.
+        println!(
+            "  seccomp logging   {}{}",
+            yes(kernel.seccomp_errno_logged),
+            if kernel.seccomp_errno_logged {
+                ""
+            } else {
+                " (add errno to /proc/sys/kernel/seccomp/actions_logged, or denials are unknown)"
+            }
+        );
         println!("  cgroup v2 + kill  {}", yes(kernel.cgroup_kill));
         println!("  audit sessions    {}", yes(kernel.audit_sessions));
         println!("  cgroup BPF        {}", yes(kernel.cgroup_bpf));

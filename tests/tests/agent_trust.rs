@@ -322,3 +322,40 @@ fn denials_are_unknown_when_seccomp_does_not_log_errno() {
         "{report:#}"
     );
 }
+
+/// The daemon opens and checks its stage-2 program once, at start, and
+/// every run executes that file: a program renamed over its path later
+/// (as a bundle with write access there could have done before the path
+/// was protected) never runs, and the runs stay confined.
+#[test]
+fn the_daemon_runs_the_stage2_program_it_checked_at_start() {
+    use rollguard_tests::fleet::{manifest as fleet_manifest, script, Fleet};
+    let mut fleet = Fleet::new(&[("mail-01", &[("role", "mail")])]);
+    // A separate installation, so its stage 2 can be replaced.
+    let bin = fleet.root().join("install/bin");
+    fs::create_dir_all(&bin).unwrap();
+    for name in ["rollguard-agent", "rollguard-sandbox-exec"] {
+        fs::copy(rollguard_tests::bin(name), bin.join(name)).unwrap();
+        fs::set_permissions(bin.join(name), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fleet.start_controller();
+    fleet.start_agent_with("mail-01", &bin.join("rollguard-agent"));
+    fleet.wait_connected("mail-01");
+
+    let marker = fleet.root().join("replacement-ran");
+    let fake = bin.join(".fake");
+    fs::write(&fake, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&fake, bin.join("rollguard-sandbox-exec")).unwrap();
+
+    let bundle = fleet.bundle(
+        "pinned",
+        &fleet_manifest("pinned", 1, "\"mail-*\"", "1m"),
+        &script("grep '^Seccomp:' /proc/self/status > \"$H/seccomp\""),
+    );
+    let id = fleet.start_rollout(&bundle, &["--waves", "100%", "--bake", "1s"]);
+    let status = fleet.wait_state(&id, "completed");
+    assert!(!marker.exists(), "the replaced program ran: {status:#}");
+    let seccomp = fs::read_to_string(fleet.mail("mail-01").join("seccomp")).unwrap();
+    assert!(seccomp.trim_end().ends_with('2'), "{seccomp}");
+}
