@@ -217,7 +217,7 @@ fn metadata_changes_outside_the_scopes_and_on_protected_paths_fail_unchanged_and
 fn a_block_device_in_a_write_scope_cannot_be_opened() {
     let t = Tree::new();
     // A loop device number no loop device uses (so nothing is at risk if
-    // this test were wrong): without nodev the open fails with ENXIO.
+    // this test were wrong): unconfined, the open fails with ENXIO.
     let dev = t.p("etc/app/disk");
     let status = Command::new("mknod")
         .arg(&dev)
@@ -233,8 +233,14 @@ fn a_block_device_in_a_write_scope_cannot_be_opened() {
     );
     let run = t.sh(&script);
     assert_eq!(run.exit_code(), 0, "{}", run.stderr);
-    // EACCES from nodev, before the driver is asked.
-    assert_eq!(run.value("open"), "13", "{}", run.stdout);
+    // EPERM from the run cgroup's device program, before the driver is
+    // asked (which would say ENXIO), and recorded.
+    assert_eq!(run.value("open"), "1", "{}", run.stdout);
+    let denials = run.outcome.filter_denials.clone().unwrap();
+    assert!(
+        denials.records.iter().any(|d| d.object == "block 7:250"),
+        "{denials:?}"
+    );
     assert_eq!(run.value("write"), "0");
     assert_eq!(fs::read(t.p("etc/app/new")).unwrap(), b"x");
 }

@@ -63,6 +63,16 @@ pub struct Denial {
     pub exe: Option<String>,
 }
 
+/// One `scope.network` entry and the addresses the kernel allowed for it
+/// in this run: a host name is resolved by the agent when the run starts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NetworkGrant {
+    /// The entry in canonical form, e.g. `tcp:mirror.internal:80`.
+    pub entry: String,
+    /// Address blocks allowed for it, e.g. `10.0.0.7`, `10.0.0.0/24`.
+    pub addresses: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleRef {
     pub name: String,
@@ -100,6 +110,9 @@ pub struct RunReport {
     pub stdout_tail: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stderr_tail: String,
+    /// The run's network scope as enforced (names resolved at run start).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<NetworkGrant>,
 }
 
 impl RunReport {
@@ -140,6 +153,7 @@ mod tests {
             run_id: None,
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            network: vec![],
         }
     }
 

@@ -146,6 +146,7 @@ fn run_finished_from_a_report() {
         run_id: Some("r9".into()),
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        network: vec![],
     };
     let e = AuditEvent::run_finished(&report, "r9", bundle(), "ee");
     let v = serde_json::to_value(&e).unwrap();

@@ -9,13 +9,14 @@
 //! 1. each write/delete scope is bind-mounted onto itself, recursively (so
 //!    the mounts beneath it come along);
 //! 2. the whole tree from `/` is made read-only and `nodev` in one
-//!    `mount_setattr(AT_RECURSIVE)` call: scopes included, so no device
-//!    node anywhere (a block device placed in a write scope, say) can be
-//!    opened; only the sandbox's own minimal `/dev`, mounted afterwards by
-//!    [`super::namespaces`], has devices;
+//!    `mount_setattr(AT_RECURSIVE)` call; only the sandbox's own minimal
+//!    `/dev`, mounted afterwards by [`super::namespaces`], is not `nodev`;
 //! 3. the scope binds, and the mounts beneath them that were writable on
 //!    the host, are made writable again (one mount each; a mount that was
-//!    read-only on the host stays so: a scope never widens the host);
+//!    read-only on the host stays so: a scope never widens the host), and
+//!    lose `nodev`: a device node placed in a scope is refused by the run
+//!    cgroup's device program, which records the attempt, where a `nodev`
+//!    refusal (it comes first) would be recorded nowhere;
 //! 4. every protected path, and every other mount of a protected path's
 //!    data ([`super::mountinfo::aliases`]), is covered by an empty
 //!    read-only node (a mode-000 directory or file on a private tmpfs, as
@@ -160,9 +161,12 @@ pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
         Path::new("/"),
     ))?;
 
-    // 3. Scopes writable again (still nodev).
+    // 3. Scopes writable again, and without nodev: a device node in a
+    // scope is refused by the run cgroup's device program instead, which
+    // records the attempt (a nodev refusal comes first and is recorded
+    // nowhere). Outside the scopes nodev stays, a second layer.
     for path in &writable {
-        mount_setattr::set(path, Depth::This, 0, MOUNT_ATTR_RDONLY)
+        mount_setattr::set(path, Depth::This, 0, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV)
             .map_err(io_err("making writable again", path))?;
     }
 

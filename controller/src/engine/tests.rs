@@ -110,6 +110,7 @@ fn report(host: &str, status: RunStatus) -> RunReport {
         run_id: None,
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        network: vec![],
     }
 }
 

@@ -684,6 +684,7 @@ mod tests {
             run_id: None,
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            network: vec![],
         }
     }
 
