@@ -38,6 +38,9 @@ use nix::unistd::Pid;
 const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
 /// `CLONE_INTO_CGROUP` (Linux 5.7): start the child in `cgroup`.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+/// The child is PID 1 of a new PID namespace: stage 2 is the run's init
+/// (see `pid_init`), and no host process has a pid the bundle can name.
+const CLONE_NEWPID: u64 = libc::CLONE_NEWPID as u64;
 
 /// `struct clone_args` from `<linux/sched.h>` up to `cgroup`
 /// (`CLONE_ARGS_SIZE_VER2`, 88 bytes).
@@ -66,7 +69,8 @@ pub struct Stdio<'a> {
 
 /// Start `program` with `args` (after `argv[0]`, which is `program`), an
 /// empty environment and `/` as working directory, as a child of the
-/// calling process inside the cgroup directory `cgroup_dir`. Returns its
+/// calling process inside the cgroup directory `cgroup_dir`, as PID 1 of a
+/// new PID namespace. Returns its
 /// pid once it has exec'd; reap it with [`wait`].
 pub fn spawn(
     program: &Path,
@@ -108,7 +112,7 @@ pub fn spawn(
     };
 
     let mut clone_args = CloneArgs {
-        flags: CLONE_CLEAR_SIGHAND | CLONE_INTO_CGROUP,
+        flags: CLONE_CLEAR_SIGHAND | CLONE_INTO_CGROUP | CLONE_NEWPID,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: cgroup.as_raw_fd() as u64,
         ..CloneArgs::default()

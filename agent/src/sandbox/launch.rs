@@ -538,10 +538,24 @@ impl ConfinedChild {
         let duration = self.started.elapsed();
         let killed_by_switch = self.kill_state.killed.load(Ordering::SeqCst);
 
-        // Whatever is still in the cgroup outlived the main process.
+        let events =
+            status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
+
+        // Whatever outlived the main process: counted by stage 2, the run's
+        // init, when the main process exited (its own exit then killed them
+        // all, see `pid_init`); anything still in the cgroup is counted too.
         let mut leftover_processes = 0;
         if !timed_out && !killed_by_switch {
-            leftover_processes = self.cgroup.processes()?.len();
+            let counted_by_init = events
+                .iter()
+                .find_map(|e| match e {
+                    Event::MainExited {
+                        leftover_processes, ..
+                    } => Some(*leftover_processes),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            leftover_processes = counted_by_init.max(self.cgroup.processes()?.len());
             if leftover_processes > 0 {
                 tracing::warn!(run_id = %self.run_id, processes = leftover_processes, "processes outlived the run; killing them");
             }
@@ -549,9 +563,6 @@ impl ConfinedChild {
             killed_processes = self.kill_state.processes.load(Ordering::SeqCst);
         }
         self.kill_and_remove_cgroup()?;
-
-        let events =
-            status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
         let confinement = events.iter().find_map(|e| match e {
             Event::Exec { confinement, .. } => Some(confinement.clone()),
             _ => None,
@@ -592,7 +603,7 @@ fn termination_from(events: &[Event], status: ExitStatus, stderr: &Path) -> Term
                     error: error.clone(),
                 }
             }
-            Event::Exec { .. } => {}
+            Event::Exec { .. } | Event::MainExited { .. } => {}
         }
     }
     if !events.iter().any(|e| matches!(e, Event::Exec { .. })) {
@@ -606,6 +617,18 @@ fn termination_from(events: &[Event], status: ExitStatus, stderr: &Path) -> Term
                 stderr.display()
             ),
         };
+    }
+    // Stage 2 is the run's init: its own status only mirrors the main
+    // process's (128 + signal for a signal), so its report is preferred.
+    if let Some((code, signal)) = events.iter().find_map(|e| match e {
+        Event::MainExited { code, signal, .. } => Some((*code, *signal)),
+        _ => None,
+    }) {
+        match (code, signal) {
+            (Some(code), _) => return Termination::Exited { code },
+            (None, Some(signal)) => return Termination::Signaled { signal },
+            (None, None) => {}
+        }
     }
     match (status.code(), status.signal()) {
         (Some(code), _) => Termination::Exited { code },

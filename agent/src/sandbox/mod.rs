@@ -64,6 +64,7 @@ pub mod landlock_abi;
 pub mod landlock_rules;
 pub mod launch;
 pub mod namespaces;
+pub mod pid_init;
 pub mod seccomp_filter;
 pub mod seccomp_install;
 pub mod spec;

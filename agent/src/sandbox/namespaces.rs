@@ -155,7 +155,26 @@ pub fn mount_private_dirs(keep_resolver: bool) -> Result<(), NamespaceError> {
         mount_tmpfs("/var/tmp", scratch, "mode=1777")?;
     }
     mount_run(keep_resolver)?;
+    mount_proc()?;
     mount_dev()
+}
+
+/// A procfs of the run's own PID namespace over `/proc` (stage 2 is PID 1
+/// of it, see `pid_init`), so `/proc` lists only the run's processes: no
+/// host command lines, environments or pids. Not `subset=pid`: scripts
+/// legitimately read `/proc/meminfo`, `/proc/mounts`, `/proc/cpuinfo`;
+/// writes to `/proc/sys` stay denied by Landlock as before. The host's
+/// procfs underneath cannot be uncovered: umount needs CAP_SYS_ADMIN
+/// (dropped) and is refused by seccomp.
+fn mount_proc() -> Result<(), NamespaceError> {
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(mount_err("mounting the run's procfs on /proc"))
 }
 
 fn mount_run(keep_resolver: bool) -> Result<(), NamespaceError> {
