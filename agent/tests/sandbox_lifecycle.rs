@@ -337,9 +337,13 @@ fn stage2_by_hand(
 ) {
     let spec = t.spec(script);
     let cgroup = RunCgroup::create(&spec.run_id).unwrap();
+    let enforcement =
+        rollguard_agent::sandbox::cgroup_limits::apply(&cgroup, &spec.run_id, &spec.limits)
+            .unwrap();
     let plan = rollguard_agent::sandbox::spec::Stage2Plan {
         spec: spec.clone(),
         cgroup_dir: cgroup.path().to_path_buf(),
+        cgroup_v1_dirs: enforcement.v1_dirs(),
     };
     let plan_path = t.p("run/plan.json");
     fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();

@@ -100,6 +100,20 @@ pub struct RunReport {
     pub stdout_tail: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stderr_tail: String,
+    /// Resource limits the run ran into (`pids`, `memory`, `tmp`); a run
+    /// that hit one failed, and it is an alert.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits_hit: Vec<String>,
+    /// Bytes of stdout / stderr beyond the host's output limit, dropped
+    /// between the kept head and tail.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stdout_dropped_bytes: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stderr_dropped_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl RunReport {
@@ -107,6 +121,10 @@ impl RunReport {
     /// bundle was refused, or it attempted something the kernel denied (or
     /// we cannot tell whether it did).
     pub fn is_alert(&self) -> bool {
+        if !self.limits_hit.is_empty() {
+            // Exhausting the host's resources is an attempt, too.
+            return true;
+        }
         match self.status {
             RunStatus::Refused => true,
             _ => match &self.denials {
@@ -140,6 +158,9 @@ mod tests {
             run_id: None,
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            limits_hit: vec![],
+            stdout_dropped_bytes: 0,
+            stderr_dropped_bytes: 0,
         }
     }
 

@@ -26,7 +26,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::cgroup::{CgroupError, RunCgroup};
+use super::cgroup_limits::{self, Enforcement};
 use super::clone_into_cgroup;
+use super::limits::LimitHit;
+use super::output::{self, Capture};
 use super::spec::{SandboxSpec, SpecError, Stage2Plan};
 use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE, RELEASE_BYTE};
 use super::STAGE2_PROGRAM;
@@ -157,7 +160,12 @@ impl Launcher {
         // The cgroup first: it also claims the run id (creation fails if it
         // exists), before anything in the run directory is touched.
         let cgroup = RunCgroup::create(&spec.run_id)?;
-        match self.start(spec, &cgroup) {
+        // Limits before stage 2 exists: no moment of the run is unlimited,
+        // and a host that cannot limit refuses the run (fail closed).
+        let started = cgroup_limits::apply(&cgroup, &spec.run_id, &spec.limits)
+            .map_err(SandboxError::from)
+            .and_then(|enforcement| self.start(spec, &cgroup, enforcement));
+        match started {
             Ok(child) => Ok(child),
             Err(e) => {
                 let _ = cgroup.kill_and_remove(KILL_GRACE);
@@ -166,7 +174,12 @@ impl Launcher {
         }
     }
 
-    fn start(&self, spec: &SandboxSpec, cgroup: &RunCgroup) -> Result<HeldChild, SandboxError> {
+    fn start(
+        &self,
+        spec: &SandboxSpec,
+        cgroup: &RunCgroup,
+        enforcement: Enforcement,
+    ) -> Result<HeldChild, SandboxError> {
         let run_dir = &spec.run_dir;
         for stale in [status::STATUS_FILE, AUDIT_SESSION_FILE] {
             match fs::remove_file(run_dir.join(stale)) {
@@ -179,6 +192,7 @@ impl Launcher {
         let plan = Stage2Plan {
             spec: spec.clone(),
             cgroup_dir: cgroup.path().to_path_buf(),
+            cgroup_v1_dirs: enforcement.v1_dirs(),
         };
         let plan_path = run_dir.join(PLAN_FILE);
         write_private(
@@ -191,8 +205,15 @@ impl Launcher {
         )?;
         let stdout_path = run_dir.join(STDOUT_FILE);
         let stderr_path = run_dir.join(STDERR_FILE);
-        let stdout = create_private(&stdout_path)?;
-        let stderr = create_private(&stderr_path)?;
+        // Bounded: the bundle writes into pipes, the agent keeps head and
+        // tail (see `output`). Our copies of the write ends go at the end
+        // of this function, so only the run holds them.
+        let capture = |path: &Path, name: &str| {
+            output::start(create_private(path)?, spec.limits.output_bytes, name)
+                .map_err(io_err("capturing output into", path))
+        };
+        let (stdout, stdout_capture) = capture(&stdout_path, "stdout")?;
+        let (stderr, stderr_capture) = capture(&stderr_path, "stderr")?;
 
         // Stage 2's stdin is the release gate; its write end is
         // close-on-exec, so neither stage 2 nor any later child holds it.
@@ -247,6 +268,8 @@ impl Launcher {
                 stdout: stdout_path,
                 stderr: stderr_path,
                 cgroup: cgroup.clone(),
+                enforcement,
+                captures: Some((stdout_capture, stderr_capture)),
                 exit,
                 started,
                 kill_state: Arc::new(KillState::default()),
@@ -418,6 +441,12 @@ pub struct RunOutcome {
     /// Processes still alive in the cgroup after the main process exited
     /// on its own (daemonized leftovers); all were killed.
     pub leftover_processes: usize,
+    /// Resource limits the run ran into (pids, memory, tmp).
+    pub limits_hit: Vec<LimitHit>,
+    /// Bytes of stdout / stderr beyond the output limit, dropped between
+    /// the kept head and tail (`None`: the capture did not finish).
+    pub stdout_dropped: Option<u64>,
+    pub stderr_dropped: Option<u64>,
     #[serde(with = "duration_ms")]
     pub duration: Duration,
     pub stdout: PathBuf,
@@ -442,6 +471,10 @@ pub struct ConfinedChild {
     stdout: PathBuf,
     stderr: PathBuf,
     cgroup: RunCgroup,
+    /// Where the run's resource limits are (v2 or v1 cgroups).
+    enforcement: Enforcement,
+    /// The stdout and stderr captures, until `finish` collects them.
+    captures: Option<(Capture, Capture)>,
     exit: mpsc::Receiver<io::Result<ExitStatus>>,
     started: Instant,
     kill_state: Arc<KillState>,
@@ -562,7 +595,32 @@ impl ConfinedChild {
         } else if killed_by_switch && !timed_out {
             killed_processes = self.kill_state.processes.load(Ordering::SeqCst);
         }
+        // The cgroups' counters, before the cgroups go.
+        let mut limits_hit = cgroup_limits::limits_hit(&self.cgroup, &self.enforcement);
+        if events
+            .iter()
+            .any(|e| matches!(e, Event::MainExited { tmp_full: true, .. }))
+        {
+            limits_hit.push(LimitHit::Tmp);
+        }
+        if !limits_hit.is_empty() {
+            tracing::warn!(run_id = %self.run_id, ?limits_hit, "the run hit its resource limits");
+        }
         self.kill_and_remove_cgroup()?;
+        // Every writer is gone with the cgroup: the captures end now.
+        let (stdout_dropped, stderr_dropped) = match self.captures.take() {
+            Some((out, err)) => {
+                let dropped = |c: Capture| match c.finish(KILL_GRACE) {
+                    Ok(c) => Some(c.dropped),
+                    Err(e) => {
+                        tracing::warn!(run_id = %self.run_id, "output capture: {e}");
+                        None
+                    }
+                };
+                (dropped(out), dropped(err))
+            }
+            None => (None, None),
+        };
         let confinement = events.iter().find_map(|e| match e {
             Event::Exec { confinement, .. } => Some(confinement.clone()),
             _ => None,
@@ -582,6 +640,9 @@ impl ConfinedChild {
             confinement,
             killed_processes,
             leftover_processes,
+            limits_hit,
+            stdout_dropped,
+            stderr_dropped,
             duration,
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),

@@ -58,12 +58,15 @@
 pub mod audit_session;
 pub mod capabilities;
 pub mod cgroup;
+pub mod cgroup_limits;
 pub mod clone_into_cgroup;
 pub mod kernel;
 pub mod landlock_abi;
 pub mod landlock_rules;
 pub mod launch;
+pub mod limits;
 pub mod namespaces;
+pub mod output;
 pub mod pid_init;
 pub mod seccomp_filter;
 pub mod seccomp_install;

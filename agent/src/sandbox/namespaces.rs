@@ -145,14 +145,16 @@ fn mount_tmpfs(target: &str, flags: MsFlags, options: &str) -> Result<(), Namesp
         .map_err(mount_err(format!("mounting tmpfs on {target}")))
 }
 
-/// Mount the private `/tmp`, `/var/tmp`, `/run` and `/dev`.
-pub fn mount_private_dirs(keep_resolver: bool) -> Result<(), NamespaceError> {
+/// Mount the private `/tmp`, `/var/tmp` (each at most `tmp_bytes`: tmpfs
+/// lives in the host's RAM), `/run` and `/dev`.
+pub fn mount_private_dirs(keep_resolver: bool, tmp_bytes: u64) -> Result<(), NamespaceError> {
     let scratch = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mount_tmpfs("/tmp", scratch, "mode=1777")?;
+    let options = format!("mode=1777,size={tmp_bytes}");
+    mount_tmpfs("/tmp", scratch, &options)?;
     // A real directory only: on hosts where /var/tmp is a symlink to /tmp
     // it is already covered.
     if is_real_dir("/var/tmp") {
-        mount_tmpfs("/var/tmp", scratch, "mode=1777")?;
+        mount_tmpfs("/var/tmp", scratch, &options)?;
     }
     mount_run(keep_resolver)?;
     mount_proc()?;

@@ -40,6 +40,8 @@ pub struct MainExit {
     /// Processes of the run still alive when it exited (they die with
     /// this init).
     pub leftover_processes: usize,
+    /// `/tmp` or `/var/tmp` full when it exited.
+    pub tmp_full: bool,
 }
 
 impl MainExit {
@@ -115,7 +117,16 @@ pub fn reap_until_main_exits(main: Pid) -> Result<MainExit, Errno> {
         code,
         signal,
         leftover_processes: live_processes_besides_init(),
+        tmp_full: ["/tmp", "/var/tmp"].iter().any(|p| is_full(p)),
     })
+}
+
+/// Whether the tmpfs at `path` has no block or no inode left: a write
+/// there got ENOSPC. Seen at the end of the run only (a bundle that fills
+/// it and then deletes its files is not seen; the kernel keeps no peak).
+fn is_full(path: &str) -> bool {
+    nix::sys::statvfs::statvfs(path)
+        .is_ok_and(|s| s.blocks() > 0 && (s.blocks_available() == 0 || s.files_available() == 0))
 }
 
 /// Processes in this namespace's `/proc` other than init itself.
@@ -140,6 +151,7 @@ mod tests {
             code,
             signal,
             leftover_processes: 0,
+            tmp_full: false,
         };
         assert_eq!(exit(Some(7), None).init_exit_code(), 7);
         assert_eq!(exit(None, Some(9)).init_exit_code(), 137);

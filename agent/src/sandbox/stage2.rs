@@ -58,8 +58,8 @@ use super::status::{
     EXIT_SETUP_FAILED, RELEASE_BYTE,
 };
 use super::{
-    audit_session, capabilities, landlock_rules, namespaces, pid_init, seccomp_filter,
-    seccomp_install, STAGE2_PROGRAM,
+    audit_session, capabilities, cgroup_limits, landlock_rules, namespaces, pid_init,
+    seccomp_filter, seccomp_install, STAGE2_PROGRAM,
 };
 use pid_init::Forked;
 
@@ -146,6 +146,7 @@ fn fork_and_exec(
                     code: exit.code,
                     signal: exit.signal,
                     leftover_processes: exit.leftover_processes,
+                    tmp_full: exit.tmp_full,
                 });
                 ExitCode::from(exit.init_exit_code())
             }
@@ -238,6 +239,10 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
         }
     }
 
+    // The resource limits of hosts whose controllers live in cgroup v1,
+    // before anything of the run can fork.
+    cgroup_limits::join_v1(&plan.cgroup_v1_dirs).map_err(at(Step::Cgroup))?;
+
     // 2. Audit session.
     let session = audit_session::start_new().map_err(at(Step::AuditSession))?;
     fs::OpenOptions::new()
@@ -252,7 +257,8 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
     // 3. Namespaces and private mounts.
     let private_network = spec.scope.network.is_empty();
     namespaces::enter(private_network).map_err(at(Step::Namespaces))?;
-    namespaces::mount_private_dirs(!private_network).map_err(at(Step::Mounts))?;
+    namespaces::mount_private_dirs(!private_network, spec.limits.tmp_bytes)
+        .map_err(at(Step::Mounts))?;
 
     // 4. Capabilities.
     capabilities::drop_to_keep_list().map_err(at(Step::Capabilities))?;

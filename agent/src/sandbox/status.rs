@@ -108,6 +108,9 @@ pub enum Event {
         code: Option<i32>,
         signal: Option<i32>,
         leftover_processes: usize,
+        /// The private `/tmp` or `/var/tmp` was full (its size limit hit).
+        #[serde(default)]
+        tmp_full: bool,
     },
 }
 
