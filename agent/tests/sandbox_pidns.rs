@@ -69,6 +69,12 @@ fn host_processes_cannot_be_signalled_relimited_reniced_or_pinned() {
              test -e /proc/{pid}/status; echo {name}_visible=$?\n"
         ));
     }
+    // Nor the run's own init (stage 2), which writes the run's status.
+    script.push_str(
+        "prlimit --pid 1 --fsize=0:0; echo init_prlimit=$?\n\
+         ulimit -n 64; echo own_ulimit=$?\n\
+         echo init_fsize=$(grep 'Max file size' /proc/1/limits | awk '{print $4}')\n",
+    );
     script.push_str("echo pids=$(ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' ')\n");
     let run = t.sh(&script);
     assert_eq!(run.exit_code(), 0, "{}", run.stderr);
@@ -85,6 +91,10 @@ fn host_processes_cannot_be_signalled_relimited_reniced_or_pinned() {
         // Not even visible in the run's /proc.
         assert_eq!(run.value(&format!("{name}_visible")), "1");
     }
+    assert_ne!(run.value("init_prlimit"), "0");
+    assert_eq!(run.value("init_fsize"), "unlimited");
+    // Limiting itself stays allowed.
+    assert_eq!(run.value("own_ulimit"), "0");
     assert!(is_alive(host), "the host process was killed");
     assert_eq!([observe(host), observe(agent)], before);
 
