@@ -115,9 +115,24 @@ pub fn own_cgroup_dir() -> Result<PathBuf, CgroupError> {
     Ok(dir)
 }
 
-/// The directory under which run cgroups are created.
+/// The leaf the agent lives in when its service manager delegates it a
+/// cgroup with the agent in a subgroup (systemd's `Delegate=yes` with
+/// `DelegateSubgroup=rollguard-agent`).
+pub const AGENT_LEAF: &str = "rollguard-agent";
+
+/// The directory under which run cgroups are created: beside the agent's
+/// leaf when it lives in [`AGENT_LEAF`], so that their common parent holds
+/// no process and may enable the resource controllers (the cgroup v2 "no
+/// internal processes" rule); beneath the agent's own cgroup otherwise.
 pub fn runs_parent() -> Result<PathBuf, CgroupError> {
-    Ok(own_cgroup_dir()?.join(RUNS_DIR))
+    Ok(runs_parent_of(own_cgroup_dir()?))
+}
+
+fn runs_parent_of(own: PathBuf) -> PathBuf {
+    match (own.file_name(), own.parent()) {
+        (Some(leaf), Some(base)) if leaf == AGENT_LEAF => base.join(RUNS_DIR),
+        _ => own.join(RUNS_DIR),
+    }
 }
 
 /// One run's cgroup directory.
@@ -263,6 +278,20 @@ impl RunCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_live_beside_a_delegated_agent_leaf() {
+        let service = PathBuf::from("/sys/fs/cgroup/system.slice/rollguard-agent.service");
+        assert_eq!(
+            runs_parent_of(service.join(AGENT_LEAF)),
+            service.join(RUNS_DIR)
+        );
+        assert_eq!(runs_parent_of(service.clone()), service.join(RUNS_DIR));
+        assert_eq!(
+            runs_parent_of(PathBuf::from("/sys/fs/cgroup/unified")),
+            PathBuf::from("/sys/fs/cgroup/unified").join(RUNS_DIR)
+        );
+    }
 
     #[test]
     fn finds_the_cgroup2_mount() {

@@ -2,10 +2,12 @@
 //! of them the run ran into.
 //!
 //! cgroup v2 first: the controllers are enabled in
-//! `<own>/rollguard-runs/cgroup.subtree_control` (and, if they are not yet
-//! available there, in `<own>/cgroup.subtree_control`, which the kernel
-//! allows only when the agent's own cgroup holds no process: the cgroup
-//! root, or a delegated cgroup whose processes live in a leaf). Then
+//! `<base>/rollguard-runs/cgroup.subtree_control` (and, if they are not yet
+//! available there, in `<base>/cgroup.subtree_control`, which the kernel
+//! allows only when `<base>` holds no process: the cgroup root, or a
+//! delegated cgroup whose agent lives in the leaf `rollguard-agent`, see
+//! [`super::cgroup::runs_parent`]). `<base>` is the agent's own cgroup, or
+//! the parent of that leaf. Then
 //! `pids.max`, `memory.max`, `memory.swap.max` and `cpu.max` of the run
 //! cgroup are written before stage 2 is cloned into it.
 //!
