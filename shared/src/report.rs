@@ -182,6 +182,21 @@ mod tests {
     }
 
     #[test]
+    fn a_resource_limit_hit_is_an_alert() {
+        let mut r = base();
+        r.status = RunStatus::Failed;
+        r.limits_hit = vec!["pids".into()];
+        assert!(r.is_alert());
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["limits_hit"], serde_json::json!(["pids"]));
+        // Absent when empty: older readers see the same JSON as before.
+        assert!(serde_json::to_value(base())
+            .unwrap()
+            .get("limits_hit")
+            .is_none());
+    }
+
+    #[test]
     fn alerts() {
         assert!(!base().is_alert());
         let mut denied = base();
