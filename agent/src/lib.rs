@@ -2,8 +2,9 @@
 // `#![allow(unsafe_code)]` for raw system calls no safe crate exposes
 // (sandbox::landlock_abi: the Landlock ABI probe; sandbox::seccomp_install:
 // seccomp(2) with SECCOMP_FILTER_FLAG_LOG; sandbox::clone_into_cgroup:
-// clone3 with CLONE_INTO_CGROUP; sandbox::pid_init: fork of the main
-// process by single-threaded stage 2). Everything else stays safe.
+// clone3 with CLONE_INTO_CGROUP, execveat of the checked stage-2 program;
+// sandbox::pid_init: fork of the main process by single-threaded stage 2).
+// Everything else stays safe.
 #![deny(unsafe_code)]
 
 pub mod audit_log;
@@ -15,3 +16,5 @@ pub mod recovery;
 pub mod runner;
 pub mod sandbox;
 pub mod state;
+pub mod terminal;
+pub mod trust_path;

@@ -9,6 +9,7 @@ use rollguard_agent::cli::{AuditCommand, Cli, Command};
 use rollguard_agent::policy::HostPolicy;
 use rollguard_agent::runner::{run_bundle, RunOptions};
 use rollguard_agent::sandbox::{KernelSupport, Launcher};
+use rollguard_agent::terminal::printable;
 use rollguard_agent::{audit_log, state::StateDir};
 use rollguard_shared::report::{RunReport, RunStatus};
 
@@ -71,6 +72,10 @@ fn run(policy: &Path, bundle: &Path, json: bool) -> anyhow::Result<ExitCode> {
     }))
 }
 
+/// The human-readable report. Everything a bundle can influence (its
+/// output, the paths it touched, reasons quoting them) is printed through
+/// [`printable`], so no escape sequence in it can move the cursor over the
+/// DENIED block or rewrite it.
 fn print_report(r: &RunReport) {
     let bundle = r
         .bundle
@@ -81,18 +86,25 @@ fn print_report(r: &RunReport) {
         .ok()
         .and_then(|v| v.as_str().map(str::to_uppercase))
         .unwrap_or_default();
-    println!("{bundle} on {}: {status} ({} ms)", r.host, r.duration_ms);
+    println!(
+        "{} on {}: {status} ({} ms)",
+        printable(&bundle),
+        printable(&r.host),
+        r.duration_ms
+    );
     if let Some(reason) = &r.reason {
-        println!("  reason: {reason}");
+        println!("  reason: {}", printable(reason));
     }
     if let Some(code) = r.exit_code {
         println!("  exit code: {code}");
     }
     if !r.signers.is_empty() {
-        println!("  signed by: {}", r.signers.join(", "));
+        println!("  signed by: {}", printable(&r.signers.join(", ")));
     }
     match &r.denials {
-        None => println!("  denials: UNKNOWN (kernel audit unavailable on this host)"),
+        None => println!(
+            "  denials: UNKNOWN (this host cannot observe every denial: kernel audit, Landlock or seccomp logging is missing)"
+        ),
         Some(d) if d.is_empty() => println!("  denials: none"),
         Some(d) => {
             println!(
@@ -102,8 +114,8 @@ fn print_report(r: &RunReport) {
             for denial in d {
                 println!(
                     "    {} {}",
-                    denial.access,
-                    denial.path.as_deref().unwrap_or("")
+                    printable(&denial.access),
+                    printable(denial.path.as_deref().unwrap_or(""))
                 );
             }
         }
@@ -112,7 +124,7 @@ fn print_report(r: &RunReport) {
         if !text.is_empty() {
             println!("  {name} (tail):");
             for line in text.lines() {
-                println!("    | {line}");
+                println!("    | {}", printable(line));
             }
         }
     }
@@ -168,8 +180,20 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| "unavailable".into())
         );
         println!("  seccomp filters   {}", yes(kernel.seccomp_filter));
+        // Without it the sandbox still works, but refused syscalls leave no
+        // record and every report's denials are unknown.
+        println!(
+            "  seccomp logging   {}{}",
+            yes(kernel.seccomp_errno_logged),
+            if kernel.seccomp_errno_logged {
+                ""
+            } else {
+                " (add errno to /proc/sys/kernel/seccomp/actions_logged, or denials are unknown)"
+            }
+        );
         println!("  cgroup v2 + kill  {}", yes(kernel.cgroup_kill));
         println!("  audit sessions    {}", yes(kernel.audit_sessions));
+        println!("  cgroup BPF        {}", yes(kernel.cgroup_bpf));
         match &kernel_ok {
             Ok(()) => println!("  => bundles can be confined"),
             Err(e) => println!("  => REFUSING to run bundles: {e}"),

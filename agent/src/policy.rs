@@ -22,6 +22,7 @@
 //! paths = ["/backup", "/srv/backup"]
 //! [limits]
 //! allow_scopes = ["/etc", "/var", "/srv", "/opt", "/usr/local"]
+//! allow_network = ["tcp:10.0.0.0/8:443", "udp:10.0.0.53:53"]   # optional
 //! [state]
 //! dir = "/var/lib/rollguard"
 //! # Optional: per-run resource limits (unset keys: the built-in defaults
@@ -43,6 +44,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use rollguard_shared::endpoint::{EndpointHost, IpNet, NetworkEndpoint, Protocol};
 use rollguard_shared::manifest::{ResourceRequest, Scope};
 use rollguard_shared::path::{PathError, ScopePath};
 use rollguard_shared::report::RefusalKind;
@@ -50,6 +52,7 @@ use rollguard_shared::targets::{validate_label, HostIdentity, TargetError};
 use serde::Deserialize;
 
 use crate::sandbox::limits::{LimitsError, RunLimits, KIB, MIB};
+use crate::sandbox::NetRule;
 
 /// Largest policy file we read.
 pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
@@ -99,6 +102,11 @@ pub enum PolicyError {
     AllowedSigners { path: PathBuf, why: String },
     #[error("[controller]: {0}")]
     Controller(String),
+    /// A file the agent trusts that someone else could replace.
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust_path::TrustPathError),
+    #[error("limits.allow_network entry {entry:?}: {why}")]
+    NetworkCeiling { entry: String, why: String },
 }
 
 /// Why a bundle's scope is not acceptable on this host. Each maps to a
@@ -122,6 +130,14 @@ pub enum ScopeViolation {
         ceiling: Vec<String>,
         via: Option<String>,
     },
+    #[error("scope.network entry {entry} allows {protocol}:{net}:{port}, outside this host's allow_network ceiling {ceiling:?}")]
+    NetworkCeiling {
+        entry: String,
+        protocol: Protocol,
+        net: IpNet,
+        port: u16,
+        ceiling: Vec<String>,
+    },
 }
 
 fn via_note(via: &Option<String>) -> String {
@@ -135,7 +151,9 @@ impl ScopeViolation {
     pub fn refusal_kind(&self) -> RefusalKind {
         match self {
             ScopeViolation::ProtectedPath { .. } => RefusalKind::ProtectedPath,
-            ScopeViolation::ScopeCeiling { .. } => RefusalKind::ScopeCeiling,
+            ScopeViolation::ScopeCeiling { .. } | ScopeViolation::NetworkCeiling { .. } => {
+                RefusalKind::ScopeCeiling
+            }
         }
     }
 }
@@ -159,7 +177,75 @@ pub enum ProtectionReason {
     /// The agent's controller credentials (`[controller]` cert, key, CA): a
     /// bundle that could read the key could impersonate this host.
     ControllerCredentials,
+    /// The agent's programs (its binary's directory, the stage-2 program
+    /// at every place it is looked for, and those directories): a bundle
+    /// that could replace stage 2 would make the next run unconfined.
+    /// Readable (they are public), never writable.
+    AgentPrograms,
+    /// The agent's configuration directory (`/etc/rollguard`). Readable
+    /// except for the files protected in full, never writable.
+    AgentConfigDir,
+    /// The dynamic loader's configuration (`/etc/ld.so.preload`, its cache
+    /// and `ld.so.conf`): a bundle that could write them would run its code
+    /// inside the next (unconfined) agent or stage-2 process. Readable
+    /// (every dynamically linked program reads the cache), never writable.
+    DynamicLoader,
+    /// The agent's systemd unit and its drop-ins (and the drop-ins that
+    /// apply to every service): a bundle that could write them would
+    /// decide how the agent starts next. Readable, never writable.
+    ServiceUnit,
 }
+
+impl ProtectionReason {
+    /// Whether bundles may still read (and execute) the path: only its
+    /// write and delete scopes are refused, and the sandbox grants no write
+    /// beneath it. The others are neither readable nor writable.
+    pub fn bundles_may_read(self) -> bool {
+        matches!(
+            self,
+            ProtectionReason::AgentPrograms
+                | ProtectionReason::AgentConfigDir
+                | ProtectionReason::DynamicLoader
+                | ProtectionReason::ServiceUnit
+        )
+    }
+}
+
+/// The agent's configuration directory (the packages put the policy and
+/// `allowed_signers` there).
+pub const AGENT_CONFIG_DIR: &str = "/etc/rollguard";
+
+/// The dynamic loader's files every process started by the agent trusts.
+pub const DYNAMIC_LOADER_PATHS: [&str; 4] = [
+    "/etc/ld.so.preload",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+];
+
+/// Where systemd looks for the agent's unit and drop-ins (`systemd.unit(5)`
+/// load path, system manager: configuration, runtime, control, transient,
+/// local and vendor directories).
+const SYSTEMD_UNIT_DIRS: [&str; 8] = [
+    "/etc/systemd/system",
+    "/etc/systemd/system.control",
+    "/run/systemd/system",
+    "/run/systemd/system.control",
+    "/run/systemd/transient",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+];
+
+/// Unit file and drop-in directories that configure `rollguard-agent.service`:
+/// its own, the prefix drop-ins (`rollguard-.service.d`) and the drop-ins
+/// for every service (`service.d`, systemd 246+).
+const SYSTEMD_UNIT_NAMES: [&str; 4] = [
+    "rollguard-agent.service",
+    "rollguard-agent.service.d",
+    "rollguard-.service.d",
+    "service.d",
+];
 
 impl fmt::Display for ProtectionReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -170,6 +256,10 @@ impl fmt::Display for ProtectionReason {
             ProtectionReason::PolicyFile => "the host policy file",
             ProtectionReason::AgentExecutable => "the agent executable",
             ProtectionReason::ControllerCredentials => "the agent's controller credentials",
+            ProtectionReason::AgentPrograms => "the agent's programs (stage 2 runs unconfined)",
+            ProtectionReason::AgentConfigDir => "the agent's configuration directory",
+            ProtectionReason::DynamicLoader => "the dynamic loader's configuration",
+            ProtectionReason::ServiceUnit => "the agent's systemd unit",
         })
     }
 }
@@ -204,6 +294,8 @@ pub struct HostPolicy {
     trust: TrustPolicy,
     protect: Vec<ProtectedPath>,
     allow_scopes: Vec<ScopePath>,
+    /// `None`: no network ceiling (any destination a bundle names).
+    allow_network: Option<Vec<NetworkEndpoint>>,
     state_dir: PathBuf,
     resources: HostResources,
     controller: Option<crate::daemon::config::ControllerSection>,
@@ -317,6 +409,7 @@ struct RawProtect {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     allow_scopes: Vec<String>,
+    allow_network: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,6 +428,9 @@ impl HostPolicy {
             source,
         };
         let meta = std::fs::metadata(path).map_err(read_err)?;
+        // Whoever can write the policy decides what is protected and whose
+        // signatures count: it must be root's alone.
+        crate::trust_path::check(path, "host policy")?;
         if meta.len() > MAX_POLICY_BYTES {
             return Err(PolicyError::TooLarge(path.to_path_buf()));
         }
@@ -344,13 +440,60 @@ impl HostPolicy {
         if let Some(p) = absolute.to_str().and_then(|s| ScopePath::parse(s).ok()) {
             policy.add_protected(p, ProtectionReason::PolicyFile);
         }
-        if let Some(p) = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.to_str().and_then(|s| ScopePath::parse(s).ok()))
-        {
-            policy.add_protected(p, ProtectionReason::AgentExecutable);
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(p) = exe.to_str().and_then(|s| ScopePath::parse(s).ok()) {
+                policy.add_protected(p, ProtectionReason::AgentExecutable);
+            }
+            policy.protect_agent_programs(&exe);
         }
         Ok(policy)
+    }
+
+    /// Protect (from writes) what every run trusts besides the policy: the
+    /// programs installed with the agent binary `agent_exe` (its directory,
+    /// each place the stage-2 program is looked for, those directories),
+    /// the agent's configuration directory, the dynamic loader's files and
+    /// the agent's systemd unit with its drop-ins. Paths that do not exist
+    /// are protected too: a bundle must not create a stage-2 program where
+    /// the agent would look for one first, or a drop-in.
+    pub fn protect_agent_programs(&mut self, agent_exe: &Path) {
+        let mut programs: Vec<PathBuf> = agent_exe
+            .parent()
+            .into_iter()
+            .map(Path::to_path_buf)
+            .collect();
+        for candidate in crate::sandbox::launch::stage2_candidates(agent_exe) {
+            programs.extend(candidate.parent().map(Path::to_path_buf));
+            programs.push(candidate);
+        }
+        let fixed = std::iter::once((
+            PathBuf::from(AGENT_CONFIG_DIR),
+            ProtectionReason::AgentConfigDir,
+        ))
+        .chain(
+            DYNAMIC_LOADER_PATHS
+                .iter()
+                .map(|p| (PathBuf::from(p), ProtectionReason::DynamicLoader)),
+        )
+        .chain(SYSTEMD_UNIT_DIRS.iter().flat_map(|dir| {
+            SYSTEMD_UNIT_NAMES
+                .iter()
+                .map(move |name| (Path::new(dir).join(name), ProtectionReason::ServiceUnit))
+        }));
+        let all = programs
+            .into_iter()
+            .map(|p| (p, ProtectionReason::AgentPrograms))
+            .chain(fixed);
+        for (path, reason) in all {
+            match path.to_str().map(ScopePath::parse) {
+                Some(Ok(p)) => self.add_protected(p, reason),
+                // `/` or a non-UTF-8 install path: nothing sensible to add;
+                // say so rather than pretend.
+                _ => {
+                    tracing::warn!(path = %path.display(), "cannot protect this path (not a valid scope path)")
+                }
+            }
+        }
     }
 
     /// Parse policy text. Touches the filesystem to resolve protected paths
@@ -368,6 +511,12 @@ impl HostPolicy {
 
         let configured = parse_paths("protect.paths", &raw.protect.paths)?;
         let allow_scopes = parse_paths("limits.allow_scopes", &raw.limits.allow_scopes)?;
+        let allow_network = raw
+            .limits
+            .allow_network
+            .as_deref()
+            .map(parse_network_ceiling)
+            .transpose()?;
         let state_dir = match raw.state {
             Some(s) => ScopePath::parse(&s.dir).map_err(|source| PolicyError::Path {
                 key: "state.dir",
@@ -386,6 +535,7 @@ impl HostPolicy {
             trust,
             protect: Vec::new(),
             allow_scopes,
+            allow_network,
             state_dir: state_dir.as_path().to_path_buf(),
             resources,
             controller: None,
@@ -442,14 +592,22 @@ impl HostPolicy {
         &self.protect
     }
 
-    /// Every spelling of every protected path — as written and resolved —
-    /// deduplicated. The sandbox must keep all of these out of the bundle's
-    /// reach, reads included.
+    /// Every spelling of every protected path that bundles may not read —
+    /// as written, as resolved at load and as resolved *now* — deduplicated.
+    /// The sandbox must keep all of these out of the bundle's reach, reads
+    /// included. Resolving again on each call matters for the daemon, which
+    /// loads the policy once: a protected symlink re-pointed since then
+    /// protects its new target from the next run on.
     pub fn protected_canonical(&self) -> Vec<ScopePath> {
         let mut out: Vec<ScopePath> = self
             .protect
             .iter()
-            .flat_map(|p| std::iter::once(p.path.clone()).chain(p.resolved.iter().cloned()))
+            .filter(|p| !p.reason.bundles_may_read())
+            .flat_map(|p| {
+                std::iter::once(p.path.clone())
+                    .chain(p.resolved.iter().cloned())
+                    .chain(resolved_forms(&p.path))
+            })
             .collect();
         out.sort();
         out.dedup();
@@ -483,6 +641,39 @@ impl HostPolicy {
         }
     }
 
+    /// Check a run's network rules (the bundle's `scope.network` with its
+    /// names resolved, so a name cannot point past the ceiling) against
+    /// `limits.allow_network`: each rule's protocol and port must equal a
+    /// ceiling entry's, and its address block lie within that entry's.
+    /// Without `allow_network` there is no ceiling; an empty one allows no
+    /// network at all.
+    pub fn check_network(&self, grants: &[(String, NetRule)]) -> Result<(), ScopeViolation> {
+        let Some(ceiling) = &self.allow_network else {
+            return Ok(());
+        };
+        for (entry, rule) in grants {
+            let within = ceiling.iter().any(|c| match &c.host {
+                EndpointHost::Net(block) => {
+                    c.protocol == rule.protocol
+                        && c.port == rule.port
+                        && block.prefix() <= rule.net.prefix()
+                        && block.contains(rule.net.addr())
+                }
+                EndpointHost::Name(_) => false,
+            });
+            if !within {
+                return Err(ScopeViolation::NetworkCeiling {
+                    entry: entry.clone(),
+                    protocol: rule.protocol,
+                    net: rule.net,
+                    port: rule.port,
+                    ceiling: ceiling.iter().map(|c| c.to_string()).collect(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Check a bundle's scope against this host's policy.
     ///
     /// - Every scope path (write, delete and read) must not overlap any
@@ -508,6 +699,11 @@ impl HostPolicy {
             }
         }
         for (key, path) in scope.all_paths() {
+            // Paths bundles may read are only guarded against writes.
+            let protected: Vec<&(&ProtectedPath, ScopePath)> = protected
+                .iter()
+                .filter(|(p, _)| key != "read" || !p.reason.bundles_may_read())
+                .collect();
             let violation =
                 |p: &ProtectedPath, via: Option<String>| ScopeViolation::ProtectedPath {
                     key,
@@ -621,6 +817,8 @@ fn parse_trust(raw: RawTrust) -> Result<TrustPolicy, PolicyError> {
         }
         Err(e) => return Err(signers_err(e.to_string())),
     }
+    // Whoever can write it can make their own key trusted.
+    crate::trust_path::check(path.as_path(), "trust.allowed_signers")?;
     let threshold = raw.threshold as usize;
     let delete = raw.delete_threshold as usize;
     if threshold == 0 {
@@ -634,6 +832,30 @@ fn parse_trust(raw: RawTrust) -> Result<TrustPolicy, PolicyError> {
         threshold,
         delete_threshold: delete,
     })
+}
+
+/// `limits.allow_network`: scope-entry syntax with addresses or blocks
+/// only. A name is refused: the host's ceiling must not depend on what a
+/// resolver answers.
+fn parse_network_ceiling(raw: &[String]) -> Result<Vec<NetworkEndpoint>, PolicyError> {
+    if raw.len() > MAX_PATHS {
+        return Err(PolicyError::TooManyPaths("limits.allow_network"));
+    }
+    raw.iter()
+        .map(|entry| {
+            let bad = |why: String| PolicyError::NetworkCeiling {
+                entry: entry.clone(),
+                why,
+            };
+            let e = NetworkEndpoint::parse(entry).map_err(|e| bad(e.to_string()))?;
+            match e.host {
+                EndpointHost::Net(_) => Ok(e),
+                EndpointHost::Name(_) => Err(bad(
+                    "a ceiling names addresses or blocks, not host names".into(),
+                )),
+            }
+        })
+        .collect()
 }
 
 fn parse_paths(key: &'static str, raw: &[String]) -> Result<Vec<ScopePath>, PolicyError> {

@@ -31,15 +31,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rollguard_shared::archive::{self, Limits};
-use rollguard_shared::report::{BundleRef, RefusalKind, RunReport, RunStatus};
+use rollguard_shared::report::{BundleRef, Denial, RefusalKind, RunReport, RunStatus};
 use rollguard_shared::signature::{self, AllowedSigners, RawSignature};
 use sha2::{Digest, Sha256};
 
 use crate::audit_log::{AuditEvent, AuditLog};
 use crate::kernel_audit::AuditListener;
 use crate::policy::HostPolicy;
+use crate::sandbox::net_scope;
 use crate::sandbox::spec::MIN_LANDLOCK_ABI;
-use crate::sandbox::{HeldChild, KernelSupport, KillHandle, Launcher, SandboxSpec, Termination};
+use crate::sandbox::{
+    HeldChild, KernelSupport, KillHandle, Launcher, RunOutcome, SandboxScope, SandboxSpec,
+    Termination,
+};
 use crate::state::{BeginRunError, RunId, RunMarker, StateDir};
 
 /// How long to wait after the bundle ends for its Landlock domain to be
@@ -64,6 +68,9 @@ pub struct RunOptions {
     /// as `ROLLGUARD_ROLLOUT`.
     pub rollout_id: Option<String>,
     pub on_start: Option<OnStart>,
+    /// The stage-2 program opened and checked once (the daemon, at start);
+    /// `None`: look for it beside `agent_exe` on this run.
+    pub launcher: Option<Launcher>,
 }
 
 impl RunOptions {
@@ -73,6 +80,7 @@ impl RunOptions {
             agent_exe: std::env::current_exe()?,
             rollout_id: None,
             on_start: None,
+            launcher: None,
         })
     }
 }
@@ -111,6 +119,7 @@ fn empty_report(host: &str, started: Instant) -> RunReport {
         limits_hit: vec![],
         stdout_dropped_bytes: 0,
         stderr_dropped_bytes: 0,
+        network: vec![],
     }
 }
 
@@ -203,6 +212,11 @@ fn prepare_and_run(
     });
 
     // Trust: the host's own threshold, stricter for bundles that delete.
+    // The file is checked again on every run (the daemon loaded the policy
+    // long ago, and chmod/chown are beyond Landlock): if anyone but root
+    // could have edited it since, nothing it says counts.
+    crate::trust_path::check(&policy.trust().allowed_signers, "trust.allowed_signers")
+        .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
     let allowed = AllowedSigners::load(&policy.trust().allowed_signers)
         .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
     let threshold = policy.required_threshold(&manifest.scope);
@@ -245,11 +259,23 @@ fn prepare_and_run(
         .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
     rollguard_shared::version::check_newer(bundle.name.as_str(), last, bundle.version)
         .map_err(|e| Refusal::new(RefusalKind::Rollback, e))?;
+    // Names in the network scope are resolved now, once: the kernel then
+    // enforces the addresses they had at the start of the run, and the
+    // report shows them. A name that does not resolve refuses the run.
+    let network = net_scope::resolve(&manifest.scope.network, net_scope::system_lookup)
+        .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    // The host's ceiling applies to what the names resolved to.
+    policy
+        .check_network(&network.by_entry)
+        .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     // The stage-2 program, found (and checked) before anything is written:
     // without it nothing can be confined, and the version must not be used
     // up by a run that cannot start.
-    let launcher =
-        Launcher::beside(&opts.agent_exe).map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let launcher = match &opts.launcher {
+        Some(l) => l.clone(),
+        None => Launcher::beside(&opts.agent_exe)
+            .map_err(|e| Refusal::new(RefusalKind::HostError, e))?,
+    };
 
     // Every check that needs no disk write has passed: start listening for
     // the run's audit records now, on another thread. Its kernel round trips
@@ -294,7 +320,7 @@ fn prepare_and_run(
         run_dir: run_dir.clone(),
         command: manifest.run.command.clone(),
         env,
-        scope: (&manifest.scope).into(),
+        scope: SandboxScope::new(&manifest.scope, network.rules),
         protected: policy
             .protected_canonical()
             .iter()
@@ -368,6 +394,7 @@ fn prepare_and_run(
     report.bundle = Some(bundle.clone());
     report.signers = verified.principals;
     report.run_id = Some(run_id.to_string());
+    report.network = network.grants;
 
     execute(
         held,
@@ -520,11 +547,26 @@ fn execute(
         });
     }
     // Without Landlock's log-after-exec flag (ABI 7), denials by the bundle
-    // are never audited, so "none seen" would be a false zero.
+    // are never audited, so "none seen" would be a false zero. Likewise
+    // when the kernel does not log seccomp's errno results (checked before
+    // the run and again after it, since an administrator can change it at
+    // any time): a refused syscall would leave no record.
     let landlock_logs_exec = kernel
         .landlock_abi
         .is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
-    match audit.ok().filter(|_| landlock_logs_exec).ok_or(()) {
+    let seccomp_logs_errno =
+        kernel.seccomp_errno_logged && crate::sandbox::kernel::seccomp_errno_logged();
+    if !seccomp_logs_errno {
+        tracing::warn!(
+            "seccomp does not log errno actions (/proc/sys/kernel/seccomp/actions_logged): \
+             refused syscalls leave no record, so this run's denials are unknown"
+        );
+    }
+    match audit
+        .ok()
+        .filter(|_| landlock_logs_exec && seccomp_logs_errno)
+        .ok_or(())
+    {
         Ok(listener) => {
             let denials =
                 listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);
@@ -539,6 +581,32 @@ fn execute(
             report.denials = None;
             report.denial_count = None;
         }
+    }
+    add_filter_denials(&outcome, report);
+}
+
+/// Add what the run cgroup's BPF programs refused (network destinations,
+/// devices) to the kernel audit's denials. If their record could not be
+/// read, the run's denials are unknown.
+fn add_filter_denials(outcome: &RunOutcome, report: &mut RunReport) {
+    let Some(filtered) = &outcome.filter_denials else {
+        tracing::warn!(run_id = %outcome.run_id, "the run cgroup's BPF denial record could not be read; denials are unknown");
+        report.denials = None;
+        report.denial_count = None;
+        return;
+    };
+    for d in &filtered.records {
+        tracing::warn!(run_id = %outcome.run_id, access = %d.access, object = %d.object, "denied by the run cgroup's BPF program");
+    }
+    if let Some(list) = report.denials.as_mut() {
+        list.extend(filtered.records.iter().map(|d| Denial {
+            access: d.access.clone(),
+            path: Some(d.object.clone()),
+            exe: None,
+        }));
+    }
+    if let Some(count) = report.denial_count.as_mut() {
+        *count += filtered.count;
     }
 }
 

@@ -48,6 +48,8 @@ const MAX_STATE_FILE: u64 = 64 * 1024;
 pub enum StateError {
     #[error("state directory {path} is unsafe: {why}")]
     Unsafe { path: PathBuf, why: String },
+    #[error(transparent)]
+    Untrusted(crate::trust_path::TrustPathError),
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -284,6 +286,10 @@ impl StateDir {
             Err(e) => return Err(io_err("inspect", root)(e)),
         }
         check_private_dir(root)?;
+        // The directories above it too: whoever can write one of them can
+        // move the state directory aside and put their own in its place
+        // (an empty version record, a forged audit log).
+        crate::trust_path::check(root, "state directory").map_err(StateError::Untrusted)?;
         let dir = StateDir {
             root: root.to_path_buf(),
         };

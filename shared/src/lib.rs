@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod endpoint;
 pub mod logging;
 pub mod manifest;
 pub mod path;

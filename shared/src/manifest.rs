@@ -55,8 +55,11 @@ pub enum ManifestError {
     },
     #[error("scope.{0} has more than {MAX_SCOPE_ENTRIES} entries")]
     ScopeTooLarge(&'static str),
-    #[error("scope.network entry {0:?} is invalid: use \"host:port\" with a port from 1 to 65535")]
-    BadEndpoint(String),
+    #[error("scope.network entry {entry:?} is invalid: {source}")]
+    BadEndpoint {
+        entry: String,
+        source: EndpointError,
+    },
     #[error("run.command is empty")]
     EmptyCommand,
     #[error(
@@ -188,47 +191,7 @@ mod hex_digest {
     }
 }
 
-/// An egress endpoint; Landlock can only restrict TCP by port, which is what
-/// the agent enforces (see docs/bundle-format.md).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NetworkEndpoint {
-    pub host: String,
-    pub port: u16,
-}
-
-impl NetworkEndpoint {
-    pub fn parse(raw: &str) -> Result<Self, ManifestError> {
-        let bad = || ManifestError::BadEndpoint(raw.to_string());
-        let (host, port) = raw.rsplit_once(':').ok_or_else(bad)?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        let host_ok = !host.is_empty()
-            && host.len() <= 253
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".-:_".contains(c));
-        if port == 0 || !host_ok {
-            return Err(bad());
-        }
-        Ok(NetworkEndpoint {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for NetworkEndpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
+pub use crate::endpoint::{EndpointError, EndpointHost, NetworkEndpoint, Protocol};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BundleInfo {
@@ -250,7 +213,8 @@ pub struct Scope {
     /// If non-empty, reads are confined to these (plus the system
     /// directories needed to run a program).
     pub read: Vec<ScopePath>,
-    /// TCP egress allowed; empty means no network at all.
+    /// Destinations allowed (protocol, address or name, port); empty
+    /// means no network at all.
     pub network: Vec<NetworkEndpoint>,
 }
 
@@ -526,7 +490,12 @@ impl RawManifest {
                 self.scope
                     .network
                     .iter()
-                    .map(|e| NetworkEndpoint::parse(e))
+                    .map(|e| {
+                        NetworkEndpoint::parse(e).map_err(|source| ManifestError::BadEndpoint {
+                            entry: e.clone(),
+                            source,
+                        })
+                    })
                     .collect::<Result<_, _>>()?
             },
         };

@@ -63,6 +63,16 @@ pub struct Denial {
     pub exe: Option<String>,
 }
 
+/// One `scope.network` entry and the addresses the kernel allowed for it
+/// in this run: a host name is resolved by the agent when the run starts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NetworkGrant {
+    /// The entry in canonical form, e.g. `tcp:mirror.internal:80`.
+    pub entry: String,
+    /// Address blocks allowed for it, e.g. `10.0.0.7`, `10.0.0.0/24`.
+    pub addresses: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleRef {
     pub name: String,
@@ -110,6 +120,9 @@ pub struct RunReport {
     pub stdout_dropped_bytes: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stderr_dropped_bytes: u64,
+    /// The run's network scope as enforced (names resolved at run start).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<NetworkGrant>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -161,6 +174,7 @@ mod tests {
             limits_hit: vec![],
             stdout_dropped_bytes: 0,
             stderr_dropped_bytes: 0,
+            network: vec![],
         }
     }
 

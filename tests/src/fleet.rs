@@ -102,6 +102,7 @@ impl Fleet {
     /// is started yet.
     pub fn new(hosts: &[(&str, &[(&str, &str)])]) -> Self {
         fs::create_dir_all(BASE).unwrap();
+        crate::root_only(Path::new(BASE), 0o755);
         let dir = tempfile::Builder::new()
             .prefix("fleet-")
             .tempdir_in(BASE)
@@ -208,6 +209,7 @@ impl Fleet {
             key = creds.join(format!("{name}.key")),
         );
         fs::write(dir.join("agent.toml"), policy).unwrap();
+        crate::root_only(&dir.join("agent.toml"), 0o600);
         self.agents.insert(
             name.to_string(),
             AgentProc {
@@ -243,13 +245,19 @@ impl Fleet {
     }
 
     pub fn start_agent(&mut self, name: &str) {
+        self.start_agent_with(name, &bin("rollguard-agent"));
+    }
+
+    /// Start agent `name` from the `rollguard-agent` binary `program` (an
+    /// installation elsewhere, with its stage-2 program beside it).
+    pub fn start_agent_with(&mut self, name: &str, program: &Path) {
         let agent = self
             .agents
             .get_mut(name)
             .unwrap_or_else(|| panic!("no agent {name}"));
         assert!(agent.child.is_none(), "agent {name} already running");
         let child = spawn_logged(
-            Command::new(bin("rollguard-agent"))
+            Command::new(program)
                 .args(["serve", "--policy"])
                 .arg(agent.policy())
                 .arg("--socket")

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::{agent, rollguard, run, run_ok};
+use crate::{agent, rollguard, root_only, run, run_ok};
 
 const BASE: &str = "/var/lib/rollguard-tests";
 
@@ -26,6 +26,7 @@ impl Keys {
     /// Create ed25519 keys with `ssh-keygen` for each principal.
     pub fn new(principals: &[&str]) -> Self {
         fs::create_dir_all(BASE).unwrap();
+        root_only(Path::new(BASE), 0o755);
         let dir = tempfile::Builder::new()
             .prefix("keys-")
             .tempdir_in(BASE)
@@ -47,6 +48,7 @@ impl Keys {
             ));
         }
         fs::write(dir.path().join("allowed_signers"), allowed).unwrap();
+        root_only(&dir.path().join("allowed_signers"), 0o644);
         Keys { dir }
     }
 
@@ -88,6 +90,7 @@ impl Host {
     /// `root/etc/mail` (config), `root/var/spool/tmp`.
     pub fn new(name: &str, keys: &Keys, opts: PolicyOptions) -> Self {
         fs::create_dir_all(BASE).unwrap();
+        root_only(Path::new(BASE), 0o755);
         let dir = tempfile::Builder::new()
             .prefix("host-")
             .tempdir_in(BASE)
@@ -125,6 +128,7 @@ impl Host {
             host.dir.path().join("state"),
         );
         fs::write(host.policy(), policy).unwrap();
+        root_only(&host.policy(), 0o600);
         host
     }
 

@@ -30,6 +30,17 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Give a file or directory the agent trusts (a policy, `allowed_signers`,
+/// a directory above them) a mode only root may change it under, whatever
+/// the umask: the agent refuses trust files that group or others may write
+/// (docs/sandbox.md).
+pub fn root_only(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode & 0o022, 0, "{mode:o} is writable by group or others");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
 /// Run a command, returning its output; panics with stdout/stderr if it
 /// could not start.
 pub fn run(cmd: &mut Command) -> Output {

@@ -99,6 +99,7 @@ fn make_keys(dir: &Path) {
         fields.next().expect("key")
     );
     fs::write(dir.join("allowed_signers"), allowed).expect("allowed_signers");
+    crate::root_only(&dir.join("allowed_signers"), 0o644);
 }
 
 /// The name of host `i`.
@@ -112,6 +113,7 @@ impl ScaleFleet {
     /// `rollguard kill` waits for the agents' confirmations.
     pub fn new(count: usize, kill_ack_timeout: &str) -> Self {
         fs::create_dir_all(BASE).expect("create the scale base directory");
+        crate::root_only(Path::new(BASE), 0o755);
         let dir = tempfile::Builder::new()
             .prefix("fleet-")
             .tempdir_in(BASE)
@@ -214,6 +216,7 @@ impl ScaleFleet {
             key = creds.join("agent.key"),
         );
         fs::write(dir.join("agent.toml"), policy).expect("write policy");
+        crate::root_only(&dir.join("agent.toml"), 0o600);
     }
 
     /// Start the controller and wait until it answers.

@@ -186,7 +186,9 @@ fn refusals_execute_nothing() {
     assert_eq!(report["refusal"], "protected_path", "{report:#}");
     let (report, _) = case(
         "ceiling",
-        manifest("r", 1, "\"mail-*\"", "write = [\"/etc\"]"),
+        // (Not /etc: that now overlaps protected paths, /etc/ld.so.preload
+        // and the agent's unit among them, and is refused as such.)
+        manifest("r", 1, "\"mail-*\"", "write = [\"/srv/www\"]"),
         &["alice"],
     );
     assert_eq!(report["refusal"], "scope_ceiling", "{report:#}");
@@ -483,6 +485,7 @@ fn check_reports_the_kernel_and_the_stage2_program() {
     let (v, code) = check(&rollguard_tests::bin("rollguard-agent"));
     assert_eq!((v["ok"].as_bool(), code), (Some(true), Some(0)), "{v:#}");
     assert!(v["kernel"]["landlock_abi"].as_u64().unwrap() >= 3, "{v:#}");
+    assert_eq!(v["kernel"]["cgroup_bpf"], true, "{v:#}");
     assert!(
         v["stage2_program"]
             .as_str()
@@ -505,4 +508,206 @@ fn check_reports_the_kernel_and_the_stage2_program() {
             .contains("rollguard-sandbox-exec"),
         "{v:#}"
     );
+}
+
+/// The network scope end to end: a signed bundle with a host name and a
+/// UDP entry. The name is resolved at run start and shown in the report;
+/// only the listed protocol, address and port get through; every refusal
+/// is in the report with its address and port (or its system call), and
+/// the listeners outside the scope receive nothing. Loopback only.
+#[test]
+fn network_scope_is_enforced_and_every_refusal_reported() {
+    use std::io::{ErrorKind, Read};
+    use std::net::{TcpListener, UdpSocket};
+    use std::time::Duration;
+
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let tcp = |addr: &str| {
+        let l = TcpListener::bind(addr).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        (l, port)
+    };
+    let udp = |addr: &str| {
+        let s = UdpSocket::bind(addr).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let port = s.local_addr().unwrap().port();
+        (s, port)
+    };
+    let (allowed, a) = tcp("127.0.0.1:0");
+    let (other_port, b) = tcp("127.0.0.1:0");
+    let (other_addr, _) = tcp(&format!("127.0.0.3:{a}"));
+    let (dns, u) = udp("127.0.0.1:0");
+    let (other_udp, u2) = udp("127.0.0.1:0");
+    let script = format!(
+        r#"#!/usr/bin/python3
+import socket
+def attempt(name, f):
+    try:
+        f(); print(name + '=ok')
+    except OSError as e:
+        print('%s=%s' % (name, e.errno))
+def tcp(host, port):
+    s = socket.create_connection((host, port), timeout=5); s.sendall(b'hello'); s.close()
+def udp(host, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'hello', (host, port)); s.close()
+attempt('tcp_allowed', lambda: tcp('127.0.0.1', {a}))
+attempt('tcp_other_port', lambda: tcp('127.0.0.1', {b}))
+attempt('tcp_other_addr', lambda: tcp('127.0.0.3', {a}))
+attempt('udp_allowed', lambda: udp('127.0.0.1', {u}))
+attempt('udp_other_port', lambda: udp('127.0.0.1', {u2}))
+attempt('mptcp', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
+"#
+    );
+    let scope = format!("network = [\"tcp:localhost:{a}\", \"udp:127.0.0.1:{u}\"]");
+    let src = host.bundle_source(
+        "net",
+        &manifest("net-check", 1, "\"mail-*.tokyo\"", &scope),
+        &script,
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    // `rollguard bundle inspect` shows the entries in canonical form, and
+    // says which are names.
+    let inspect = rollguard_tests::run_ok(
+        rollguard_tests::rollguard()
+            .args(["bundle", "inspect", "--json"])
+            .arg(&bundle),
+    );
+    let meta: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        meta["scope"]["network"],
+        serde_json::json!([format!("tcp:localhost:{a}"), format!("udp:127.0.0.1:{u}")])
+    );
+    let inspect = rollguard_tests::run_ok(
+        rollguard_tests::rollguard()
+            .args(["bundle", "inspect"])
+            .arg(&bundle),
+    );
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains(&format!(
+            "tcp:localhost:{a} (name: resolved by each agent at run start)"
+        )),
+        "{text}"
+    );
+    let (report, code) = host.run(&bundle);
+    let stdout = report["stdout_tail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let value = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name}= in {report:#}"))
+            .to_string()
+    };
+    assert_eq!(value("tcp_allowed"), "ok", "{report:#}");
+    assert_eq!(value("udp_allowed"), "ok", "{report:#}");
+    // EACCES from Landlock's TCP port rule; EPERM from the cgroup's
+    // address filter and from seccomp.
+    const EPERM: &str = "1";
+    const EACCES: &str = "13";
+    assert_eq!(value("tcp_other_port"), EACCES);
+    for name in ["tcp_other_addr", "udp_other_port", "mptcp"] {
+        assert_eq!(value(name), EPERM, "{name}");
+    }
+
+    // The name, resolved at run start, with what it resolved to.
+    let grants = report["network"].as_array().expect("network in the report");
+    let localhost = grants
+        .iter()
+        .find(|g| g["entry"] == format!("tcp:localhost:{a}"))
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert!(
+        localhost["addresses"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("127.0.0.1")),
+        "{report:#}"
+    );
+
+    // Every refusal, with its address and port or its system call.
+    let denials = denied_paths(&report);
+    for expected in [
+        ("net.connect_tcp", format!("127.0.0.1:{b}")),
+        ("net.connect_tcp", format!("127.0.0.3:{a}")),
+        ("net.sendmsg_udp", format!("127.0.0.1:{u2}")),
+    ] {
+        assert!(
+            denials.contains(&(expected.0.to_string(), expected.1.clone())),
+            "{expected:?} not in {denials:?}"
+        );
+    }
+    assert!(
+        denials.iter().any(|(access, _)| access == "syscall.socket"),
+        "{denials:?}"
+    );
+    assert!(report["denial_count"].as_u64().unwrap() >= 4, "{report:#}");
+    assert_eq!(code, 1, "a run with denials is not a success");
+
+    // Only the listed destinations received anything.
+    allowed.set_nonblocking(false).unwrap();
+    let (mut conn, _) = allowed.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hello");
+    dns.set_nonblocking(false).unwrap();
+    dns.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = dns.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello");
+    for (l, what) in [(&other_port, "other port"), (&other_addr, "other address")] {
+        assert!(
+            matches!(l.accept(), Err(ref e) if e.kind() == ErrorKind::WouldBlock),
+            "{what} got a connection"
+        );
+    }
+    assert!(
+        matches!(other_udp.recv(&mut buf), Err(ref e) if e.kind() == ErrorKind::WouldBlock),
+        "the other UDP port got a datagram"
+    );
+}
+
+/// The host's `allow_network` ceiling outranks the bundle: a destination
+/// outside it (here a name resolving outside it) refuses the run before
+/// anything executes.
+#[test]
+fn network_outside_the_hosts_ceiling_is_refused() {
+    use std::io::ErrorKind;
+    use std::net::TcpListener;
+
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let a = listener.local_addr().unwrap().port();
+    let policy = fs::read_to_string(host.policy()).unwrap().replace(
+        "[state]",
+        &format!("allow_network = [\"tcp:127.0.0.2:{a}\"]\n\n[state]"),
+    );
+    fs::write(host.policy(), policy).unwrap();
+    let script = format!(
+        "#!/usr/bin/python3\nimport socket\nsocket.create_connection(('127.0.0.1', {a}), timeout=5).sendall(b'x')\nopen('@ROOT@/etc/mail/ran', 'w').write('ran')\n"
+    );
+    let scope = format!("write = [\"@ROOT@/etc/mail\"]\nnetwork = [\"tcp:localhost:{a}\"]");
+    let src = host.bundle_source(
+        "ceiling",
+        &manifest("net-ceiling", 1, "\"mail-*.tokyo\"", &scope),
+        &script,
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["refusal"], "scope_ceiling", "{report:#}");
+    assert!(
+        report["reason"].as_str().unwrap().contains("allow_network"),
+        "{report:#}"
+    );
+    assert_ne!(code, 0);
+    assert!(!host.root().join("etc/mail/ran").exists());
+    assert!(matches!(listener.accept(), Err(ref e) if e.kind() == ErrorKind::WouldBlock));
 }

@@ -149,6 +149,7 @@ fn run_finished_from_a_report() {
         limits_hit: vec![],
         stdout_dropped_bytes: 0,
         stderr_dropped_bytes: 0,
+        network: vec![],
     };
     let e = AuditEvent::run_finished(&report, "r9", bundle(), "ee");
     let v = serde_json::to_value(&e).unwrap();

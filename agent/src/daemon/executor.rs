@@ -63,6 +63,10 @@ pub struct RunnerExecutor {
     pub policy: HostPolicy,
     /// The `rollguard-agent` binary (stage 2 of the sandbox).
     pub agent_exe: PathBuf,
+    /// The stage-2 program, opened and checked when the daemon started
+    /// ([`crate::sandbox::Launcher::current`]); `None` if that failed, and
+    /// then each run looks again (and is refused while it is missing).
+    pub launcher: Option<crate::sandbox::Launcher>,
 }
 
 impl BundleExecutor for RunnerExecutor {
@@ -82,6 +86,7 @@ impl BundleExecutor for RunnerExecutor {
             agent_exe: self.agent_exe.clone(),
             rollout_id: Some(rollout_id.to_string()),
             on_start: Some(on_start),
+            launcher: self.launcher.clone(),
         };
         run_bundle(&self.policy, bundle, &opts)
     }

@@ -693,6 +693,7 @@ fn base_report(host: &str, status: RunStatus) -> RunReport {
         limits_hit: vec![],
         stdout_dropped_bytes: 0,
         stderr_dropped_bytes: 0,
+        network: vec![],
     }
 }
 
@@ -805,8 +806,30 @@ pub fn serve_policy(policy_path: &std::path::Path, opts: &DaemonOptions) -> anyh
     let agent_exe = std::env::current_exe().context("locating the rollguard-agent binary")?;
     let identity = policy.identity();
     let state_dir = policy.state_dir().to_path_buf();
-    let executor = Arc::new(RunnerExecutor { policy, agent_exe });
+    let launcher = open_launcher(&agent_exe);
+    let executor = Arc::new(RunnerExecutor {
+        policy,
+        agent_exe,
+        launcher,
+    });
     serve(identity, &state_dir, &controller, executor, opts)
+}
+
+/// The stage-2 program, opened and checked once for the daemon's lifetime:
+/// every run executes that file, whatever happens to its path later. If it
+/// is missing or unsafe now, runs look again each time (and are refused
+/// until it is fixed), so a fixed install needs no restart.
+pub fn open_launcher(agent_exe: &std::path::Path) -> Option<crate::sandbox::Launcher> {
+    match crate::sandbox::Launcher::beside(agent_exe) {
+        Ok(l) => {
+            tracing::info!(program = %l.stage2_exe().display(), "stage-2 program opened and checked");
+            Some(l)
+        }
+        Err(e) => {
+            tracing::error!("no usable stage-2 program; every run is refused until there is: {e}");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

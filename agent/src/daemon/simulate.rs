@@ -94,6 +94,7 @@ pub fn simulate(opts: &SimulateOptions) -> anyhow::Result<()> {
     // runs in flight per process instead.
     let shared_slots =
         (opts.max_running > 0).then(|| Arc::new(tokio::sync::Semaphore::new(opts.max_running)));
+    let launcher = super::open_launcher(&agent_exe);
     runtime.block_on(async move {
         for (policy, transport) in hosts {
             let identity = policy.identity();
@@ -101,6 +102,7 @@ pub fn simulate(opts: &SimulateOptions) -> anyhow::Result<()> {
             let executor = Arc::new(RunnerExecutor {
                 policy,
                 agent_exe: agent_exe.clone(),
+                launcher: launcher.clone(),
             });
             let daemon = Daemon::open_with(identity, &state_dir, executor, shared_slots.clone())
                 .with_context(|| format!("state directory {}", state_dir.display()))?;

@@ -656,3 +656,210 @@ fn resources_table_sets_defaults_and_max() {
         assert!(HostPolicy::parse(&text).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn the_agents_programs_loader_and_unit_are_protected_from_writes_not_reads() {
+    let f = Fixture::new();
+    let mut policy = f.policy(&[], &["opt"]);
+    // A source install under a tree bundles may change (the attack: a
+    // bundle scoped to the stage-2 program replaced it).
+    f.mkdir("opt/rollguard/bin");
+    policy.protect_agent_programs(Path::new(&f.p("opt/rollguard/bin/rollguard-agent")));
+    let refused = |write: &str| {
+        let scope = Scope {
+            write: vec![ScopePath::parse(write).unwrap()],
+            delete: vec![],
+            read: vec![],
+            network: vec![],
+        };
+        policy.check_scope(&scope).unwrap_err()
+    };
+    for (path, reason) in [
+        (
+            f.p("opt/rollguard/bin/rollguard-sandbox-exec"),
+            ProtectionReason::AgentPrograms,
+        ),
+        // Where it would be looked for next, and not there yet.
+        (
+            f.p("opt/rollguard/lib/rollguard/rollguard-sandbox-exec"),
+            ProtectionReason::AgentPrograms,
+        ),
+        (
+            f.p("opt/rollguard/bin/other"),
+            ProtectionReason::AgentPrograms,
+        ),
+        ("/etc/ld.so.preload".into(), ProtectionReason::DynamicLoader),
+        (
+            "/etc/ld.so.conf.d/evil.conf".into(),
+            ProtectionReason::DynamicLoader,
+        ),
+        (
+            "/etc/systemd/system/rollguard-agent.service".into(),
+            ProtectionReason::ServiceUnit,
+        ),
+        (
+            "/etc/systemd/system/rollguard-agent.service.d/override.conf".into(),
+            ProtectionReason::ServiceUnit,
+        ),
+        (
+            "/usr/lib/systemd/system/rollguard-agent.service".into(),
+            ProtectionReason::ServiceUnit,
+        ),
+        (
+            "/etc/systemd/system/service.d/all.conf".into(),
+            ProtectionReason::ServiceUnit,
+        ),
+        (
+            "/etc/rollguard/new".into(),
+            ProtectionReason::AgentConfigDir,
+        ),
+    ] {
+        let e = refused(&path);
+        assert!(
+            matches!(&e, ScopeViolation::ProtectedPath { reason: r, .. } if *r == reason),
+            "{path}: {e}"
+        );
+        assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    }
+    // An ancestor of the install is refused too (a rule there covers it).
+    let e = refused(&f.p("opt"));
+    assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath, "{e}");
+    // The message says why.
+    let e = refused(&f.p("opt/rollguard/bin/rollguard-sandbox-exec"));
+    assert!(e.to_string().contains("stage 2 runs unconfined"), "{e}");
+
+    // Reading them is fine, and the sandbox does not hide them.
+    let read = Scope {
+        write: vec![],
+        delete: vec![],
+        read: vec![
+            ScopePath::parse("/etc/ld.so.cache").unwrap(),
+            f.sp("opt/rollguard/bin"),
+        ],
+        network: vec![],
+    };
+    policy.check_scope(&read).unwrap();
+    let canon = policy.protected_canonical();
+    assert!(!canon.contains(&ScopePath::parse("/etc/ld.so.cache").unwrap()));
+    assert!(!canon.contains(&f.sp("opt/rollguard/bin")));
+    assert!(canon.contains(&f.sp("allowed_signers")));
+}
+
+#[test]
+fn protected_canonical_follows_a_symlink_repointed_after_load() {
+    // The daemon loads the policy once; the sandbox of each later run must
+    // hide the protected symlink's *current* target.
+    let f = Fixture::new();
+    f.mkdir("mnt/old");
+    f.mkdir("mnt/new");
+    f.symlink(&f.p("mnt/old"), "backup");
+    let policy = f.policy(&["backup"], &["srv"]);
+    assert!(policy.protected_canonical().contains(&f.sp("mnt/old")));
+    std::fs::remove_file(f.p("backup")).unwrap();
+    f.symlink(&f.p("mnt/new"), "backup");
+    let canon = policy.protected_canonical();
+    assert!(canon.contains(&f.sp("mnt/new")), "{canon:?}");
+    // The old target stays protected too (it may hold the same data).
+    assert!(canon.contains(&f.sp("mnt/old")), "{canon:?}");
+}
+
+#[test]
+fn a_trust_file_others_could_edit_is_refused_at_load() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let signers = f.p("allowed_signers");
+    std::fs::set_permissions(&signers, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let e = HostPolicy::parse(&f.policy_text(&[], &["etc"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&signers), "{e}");
+    assert!(e.contains("mode 0664"), "{e}");
+    assert!(e.contains("chmod go-w"), "{e}");
+    std::fs::set_permissions(&signers, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&signers, Some(65534), None).unwrap();
+    let e = HostPolicy::parse(&f.policy_text(&[], &["etc"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("owned by uid 65534"), "{e}");
+    assert!(e.contains("chown root"), "{e}");
+    std::os::unix::fs::chown(&signers, Some(0), None).unwrap();
+
+    // The policy file itself, and its directory.
+    f.mkdir("etc/rollguard");
+    let path = f.p("etc/rollguard/agent.toml");
+    std::fs::write(&path, f.policy_text(&[], &["etc"])).unwrap();
+    HostPolicy::load(Path::new(&path)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = HostPolicy::load(Path::new(&path)).unwrap_err().to_string();
+    assert!(e.contains("host policy") && e.contains("mode 0666"), "{e}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(f.p("etc/rollguard"), std::fs::Permissions::from_mode(0o775)).unwrap();
+    let e = HostPolicy::load(Path::new(&path)).unwrap_err().to_string();
+    assert!(e.contains("etc/rollguard is writable by group"), "{e}");
+}
+
+#[test]
+fn network_ceiling_applies_to_resolved_rules() {
+    use crate::sandbox::net_scope;
+    let f = Fixture::new();
+    let with = |ceiling: &str| {
+        HostPolicy::parse(
+            &f.policy_text(&[], &["etc"])
+                .replace("[state]", &format!("allow_network = [{ceiling}]\n[state]")),
+        )
+    };
+    let rules = |entries: &[&str]| {
+        let endpoints: Vec<NetworkEndpoint> = entries
+            .iter()
+            .map(|e| NetworkEndpoint::parse(e).unwrap())
+            .collect();
+        net_scope::resolve(&endpoints, |name, _| match name {
+            "mirror.internal" => Ok(vec!["10.0.0.7".parse().unwrap()]),
+            _ => Ok(vec!["192.0.2.1".parse().unwrap()]),
+        })
+        .unwrap()
+        .by_entry
+    };
+    // No ceiling: anything.
+    let open = f.policy(&[], &["etc"]);
+    open.check_network(&rules(&["tcp:192.0.2.9:25"])).unwrap();
+
+    let p = with(r#""tcp:10.0.0.0/24:443", "udp:10.0.0.53:53", "tcp:[2001:db8::/32]:80""#).unwrap();
+    for ok in [
+        "tcp:10.0.0.5:443",
+        "tcp:10.0.0.128/25:443",
+        "udp:10.0.0.53:53",
+        "tcp:mirror.internal:443",
+        "tcp:[2001:db8::1]:80",
+    ] {
+        p.check_network(&rules(&[ok]))
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for refused in [
+        "tcp:10.0.1.5:443",      // outside the block
+        "tcp:10.0.0.0/16:443",   // wider than the block
+        "udp:10.0.0.5:443",      // other protocol
+        "tcp:10.0.0.5:8443",     // other port
+        "tcp:other.example:443", // a name resolving outside
+        "tcp:[2001:db9::1]:80",
+    ] {
+        let err = p.check_network(&rules(&[refused])).unwrap_err();
+        assert_eq!(err.refusal_kind(), RefusalKind::ScopeCeiling, "{refused}");
+        assert!(err.to_string().contains("allow_network"), "{err}");
+    }
+    // An empty ceiling allows no network at all.
+    let none = with("").unwrap();
+    assert!(none.check_network(&rules(&["tcp:10.0.0.5:443"])).is_err());
+    none.check_network(&[]).unwrap();
+
+    // The ceiling itself must not depend on a resolver, and must parse.
+    let e = with(r#""tcp:mirror.internal:443""#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("limits.allow_network") && e.contains("host names"),
+        "{e}"
+    );
+    let e = with(r#""tcp:10.0.0.5/24:443""#).unwrap_err().to_string();
+    assert!(e.contains("limits.allow_network"), "{e}");
+}

@@ -1,5 +1,9 @@
 //! Starting stage 2 directly inside the run cgroup: `clone3(2)` with
-//! `CLONE_INTO_CGROUP`, then `execve(2)`.
+//! `CLONE_INTO_CGROUP`, then `execveat(2)` of an already opened and checked
+//! file (`AT_EMPTY_PATH`), so no path is looked up between the check and
+//! the exec; where `clone3` is refused with `ENOSYS`, `clone(2)` and a
+//! write to the cgroup's `cgroup.procs` by the child itself before its
+//! `execveat`.
 //!
 //! Why not `std::process::Command` and a write to `cgroup.procs`: moving a
 //! process between cgroups takes the kernel's cgroup threadgroup rwsem for
@@ -15,8 +19,23 @@
 //! `CLONE_VM`): between `clone3` and `execve` it may only make
 //! async-signal-safe calls, so everything it needs (C strings, pointer
 //! arrays, file descriptors, the empty signal mask) is prepared before the
-//! clone, and the child does nothing but `sigprocmask`, `dup2`, `chdir`,
-//! `execve`, `write` and `_exit`. Like `std::process::Command`, an exec
+//! clone, and the child does nothing but `sigaction`, `sigprocmask`,
+//! `openat`, `write`, `close`, `dup2`, `chdir`, `execveat` and `_exit`.
+//!
+//! **The `clone(2)` fallback.** A seccomp filter cannot read `clone3`'s
+//! flags (they are behind a pointer), so filters that restrict namespace
+//! creation make `clone3` fail with `ENOSYS` for libc to fall back to
+//! `clone`: systemd does so for any unit with `RestrictNamespaces=`
+//! (ours has it), and so do container runtimes' default profiles. The
+//! agent then clones with `clone(2)` (the same flags but
+//! `CLONE_INTO_CGROUP` and `CLONE_CLEAR_SIGHAND`) and the child moves
+//! itself into the run cgroup (`openat` + `write("0")` on its
+//! `cgroup.procs`) before its `execveat`: stage 2 never runs outside the
+//! cgroup, it only pays the migration's RCU grace period. Without
+//! `CLONE_CLEAR_SIGHAND` the parent's signal handlers would be inherited,
+//! so the parent blocks every signal around the clone and the child resets
+//! each caught signal to its default before unblocking, as
+//! `posix_spawn(3)` does. Like `std::process::Command`, an exec
 //! failure travels back over a close-on-exec pipe, so `spawn` returns only
 //! once the child has either become the new program or failed to.
 #![allow(unsafe_code)]
@@ -24,7 +43,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -67,13 +86,21 @@ pub struct Stdio<'a> {
     pub stderr: &'a File,
 }
 
-/// Start `program` with `args` (after `argv[0]`, which is `program`), an
-/// empty environment and `/` as working directory, as a child of the
-/// calling process inside the cgroup directory `cgroup_dir`, as PID 1 of a
-/// new PID namespace. Returns its
-/// pid once it has exec'd; reap it with [`wait`].
+/// Start the program open at `exe` (`argv[0]` is `program`, then `args`),
+/// with an empty environment and `/` as working directory, as a child of
+/// the calling process inside the cgroup directory `cgroup_dir`, as PID 1 of
+/// a new PID namespace (with `clone3` or the `clone` fallback). Returns
+/// its pid once it has exec'd; reap it with [`wait`].
+///
+/// `exe` is executed with `execveat(exe, "", ..., AT_EMPTY_PATH)`: the
+/// file checked by the caller is the file that runs, whatever happened to
+/// its path since. It may be close-on-exec (it should be, so the program
+/// does not inherit it): the kernel opens an ELF binary before it closes
+/// those descriptors. (A `#!` script would fail with ENOENT, since its
+/// interpreter would need `/dev/fd/N`; stage 2 is ELF.)
 pub fn spawn(
     program: &Path,
+    exe: BorrowedFd<'_>,
     args: &[&OsStr],
     cgroup_dir: &Path,
     stdio: Stdio<'_>,
@@ -104,6 +131,8 @@ pub fn spawn(
     let raw_fds: [RawFd; 3] = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
     let (err_read, err_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let err_write_fd = err_write.as_raw_fd();
+    let exe_fd = exe.as_raw_fd();
+    let empty = c"";
     // SAFETY: sigemptyset only initializes the set we own.
     let empty_mask = unsafe {
         let mut set = std::mem::zeroed::<libc::sigset_t>();
@@ -111,10 +140,15 @@ pub fn spawn(
         set
     };
 
+    let procs_name = c"cgroup.procs";
+    // glibc's SIGRTMAX is a function; read it here, not in the child.
+    let last_signal = libc::SIGRTMAX();
+    let cgroup_fd = cgroup.as_raw_fd();
+
     let mut clone_args = CloneArgs {
         flags: CLONE_CLEAR_SIGHAND | CLONE_INTO_CGROUP | CLONE_NEWPID,
         exit_signal: libc::SIGCHLD as u64,
-        cgroup: cgroup.as_raw_fd() as u64,
+        cgroup: cgroup_fd as u64,
         ..CloneArgs::default()
     };
     // SAFETY: `clone_args` is a valid, fully initialized `struct
@@ -124,18 +158,37 @@ pub fn spawn(
     // 0) only async-signal-safe system calls follow, on data prepared
     // above, ending in execve or _exit: no allocation, no lock, no return
     // into Rust code that could observe a half-copied multi-threaded state.
-    let ret = unsafe {
+    let mut ret = unsafe {
         libc::syscall(
             libc::SYS_clone3,
             &mut clone_args as *mut CloneArgs,
             std::mem::size_of::<CloneArgs>(),
         )
     };
+    let mut join_cgroup = false;
+    if ret < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        join_cgroup = true;
+        ret = clone_fallback();
+    }
     if ret == 0 {
         // Child.
         // SAFETY: see above; every pointer refers to memory prepared before
         // the clone and still alive in this copy of the address space.
         unsafe {
+            if join_cgroup {
+                reset_signal_handlers(last_signal);
+                // "0" moves the writer itself; the descriptor is the
+                // cgroup directory opened above.
+                let procs = libc::openat(
+                    cgroup_fd,
+                    procs_name.as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                    child_fail(err_write_fd);
+                }
+                libc::close(procs);
+            }
             libc::sigprocmask(libc::SIG_SETMASK, &empty_mask, std::ptr::null_mut());
             for (from, to) in raw_fds.iter().zip(0..) {
                 if libc::dup2(*from, to) < 0 {
@@ -145,7 +198,14 @@ pub fn spawn(
             if libc::chdir(root.as_ptr()) < 0 {
                 child_fail(err_write_fd);
             }
-            libc::execve(c_program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::syscall(
+                libc::SYS_execveat,
+                exe_fd,
+                empty.as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
             child_fail(err_write_fd);
         }
     }
@@ -173,6 +233,64 @@ pub fn spawn(
     }
     let _ = wait(pid);
     Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+}
+
+/// `clone(2)` as `fork(2)` would, with every signal blocked across it in the
+/// calling thread (restored before returning in the parent; the child
+/// unblocks once its handlers are reset). Returns like the system call:
+/// the child's pid, 0 in the child, -1 with `errno` set on failure.
+fn clone_fallback() -> libc::c_long {
+    // SAFETY: sigfillset/pthread_sigmask only touch the sets we own. The
+    // raw clone(2) without CLONE_VM and with a null stack is fork(2):
+    // the child runs on its own copy of this address space and stack and,
+    // like the clone3 child, makes only async-signal-safe calls (see
+    // `spawn`). The raw system call, unlike glibc's fork(), runs no
+    // atfork handlers, which could take locks held by other threads.
+    unsafe {
+        let mut all = std::mem::zeroed::<libc::sigset_t>();
+        let mut old = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        // flags, then stack, tids and tls, all unused (their order
+        // differs between architectures).
+        let ret = libc::syscall(
+            libc::SYS_clone,
+            // PID 1 of a new PID namespace, as with clone3 (see
+            // CLONE_NEWPID above).
+            (libc::SIGCHLD | libc::CLONE_NEWPID) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        );
+        let errno = *libc::__errno_location();
+        if ret != 0 {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            *libc::__errno_location() = errno;
+        }
+        ret
+    }
+}
+
+/// In the `clone(2)` child, with every signal blocked: reset each signal
+/// the parent catches to its default, so no handler of the agent can run
+/// here (what `CLONE_CLEAR_SIGHAND` does for `clone3`; ignored signals stay
+/// ignored in both cases, as across `execve`).
+///
+/// # Safety
+/// Only async-signal-safe calls (`sigaction`).
+unsafe fn reset_signal_handlers(last_signal: libc::c_int) {
+    for signal in 1..=last_signal {
+        let mut current = std::mem::zeroed::<libc::sigaction>();
+        if libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction != libc::SIG_IGN
+            && current.sa_sigaction != libc::SIG_DFL
+        {
+            let mut default = std::mem::zeroed::<libc::sigaction>();
+            default.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(signal, &default, std::ptr::null_mut());
+        }
+    }
 }
 
 /// In the child: report errno over the pipe and exit.
@@ -219,6 +337,7 @@ pub fn wait(pid: u32) -> io::Result<std::process::ExitStatus> {
 mod tests {
     use super::*;
     use crate::sandbox::RunCgroup;
+    use std::os::fd::AsFd;
 
     fn null() -> File {
         File::open("/dev/null").unwrap()
@@ -231,8 +350,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out_path = dir.path().join("out");
         let out = File::create(&out_path).unwrap();
+        let sh = File::open("/bin/sh").unwrap();
         let pid = spawn(
             Path::new("/bin/sh"),
+            sh.as_fd(),
             &[
                 OsStr::new("-c"),
                 OsStr::new("cat /proc/self/cgroup; pwd; env | wc -l; exit 3"),
@@ -260,12 +381,74 @@ mod tests {
             .unwrap();
     }
 
+    /// What systemd's `RestrictNamespaces=` (and container runtimes'
+    /// default seccomp profiles) do: `clone3` answers ENOSYS. The child must
+    /// still start inside the cgroup, through `clone(2)`.
+    #[test]
+    fn with_clone3_refused_the_child_still_starts_in_the_cgroup() {
+        let id = format!("clone-test-enosys-{}", std::process::id());
+        let cgroup = RunCgroup::create(&id).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out_path = dir.path().join("out");
+        let out = File::create(&out_path).unwrap();
+        let cgroup_dir = cgroup.path().to_path_buf();
+        // A thread of its own: the filter stays on that thread (no TSYNC).
+        let pid = std::thread::spawn(move || {
+            let filter = seccompiler::SeccompFilter::new(
+                [(libc::SYS_clone3, vec![])].into_iter().collect(),
+                seccompiler::SeccompAction::Allow,
+                seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+                std::env::consts::ARCH.try_into().unwrap(),
+            )
+            .unwrap();
+            let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+            seccompiler::apply_filter(&program).unwrap();
+            // The filter is in force: clone3 itself says ENOSYS here.
+            // SAFETY: a null clone_args with size 0 only makes the kernel
+            // (or here, the filter) return an error.
+            let probe = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+            assert_eq!(probe, -1);
+            assert_eq!(
+                io::Error::last_os_error().raw_os_error(),
+                Some(libc::ENOSYS)
+            );
+            let sh = File::open("/bin/sh").unwrap();
+            spawn(
+                Path::new("/bin/sh"),
+                sh.as_fd(),
+                &[
+                    OsStr::new("-c"),
+                    OsStr::new("cat /proc/self/cgroup; exit 4"),
+                ],
+                &cgroup_dir,
+                Stdio {
+                    stdin: &null(),
+                    stdout: &out,
+                    stderr: &null(),
+                },
+            )
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(wait(pid).unwrap().code(), Some(4));
+        let text = std::fs::read_to_string(&out_path).unwrap();
+        let v2 = text.lines().find(|l| l.starts_with("0::")).unwrap();
+        assert!(v2.ends_with(&format!("/rollguard-runs/{id}")), "{text}");
+        cgroup
+            .kill_and_remove(std::time::Duration::from_secs(5))
+            .unwrap();
+    }
+
     #[test]
     fn an_exec_failure_is_returned_not_hidden_in_an_exit_status() {
         let id = format!("clone-test-fail-{}", std::process::id());
         let cgroup = RunCgroup::create(&id).unwrap();
+        // Not executable: the exec itself fails in the child.
+        let not_exe = File::open("/dev/null").unwrap();
         let e = spawn(
-            Path::new("/nonexistent/rollguard-agent"),
+            Path::new("/dev/null"),
+            not_exe.as_fd(),
             &[],
             cgroup.path(),
             Stdio {
@@ -275,7 +458,7 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         // The failed child was reaped and is gone from the cgroup.
         assert!(cgroup.processes().unwrap().is_empty());
         cgroup
@@ -285,8 +468,10 @@ mod tests {
 
     #[test]
     fn a_missing_cgroup_is_an_error() {
+        let t = File::open("/bin/true").unwrap();
         let e = spawn(
             Path::new("/bin/true"),
+            t.as_fd(),
             &[],
             &crate::sandbox::cgroup::runs_parent()
                 .unwrap()

@@ -34,6 +34,9 @@ pub struct KernelSupport {
     /// Audit sessions can be assigned (`/proc/self/loginuid` and
     /// `/proc/self/sessionid` exist: CONFIG_AUDITSYSCALL).
     pub audit_sessions: bool,
+    /// BPF programs can be loaded for the run cgroup's device and network
+    /// allow-lists (a trial load, nothing attached).
+    pub cgroup_bpf: bool,
 }
 
 /// The kernel lacks something a run needs; each entry says what and why.
@@ -43,6 +46,16 @@ pub struct KernelUnsupported {
     pub missing: Vec<String>,
 }
 
+/// Whether the kernel writes our seccomp filters' EPERM results to the
+/// audit log now: `errno` in `/proc/sys/kernel/seccomp/actions_logged`
+/// (`SECCOMP_FILTER_FLAG_LOG` only logs the actions listed there). Without
+/// it a refused syscall leaves no record, so a run's denials are unknown.
+/// Unreadable counts as not logged.
+pub fn seccomp_errno_logged() -> bool {
+    fs::read_to_string("/proc/sys/kernel/seccomp/actions_logged")
+        .is_ok_and(|logged| logged.split_whitespace().any(|a| a == "errno"))
+}
+
 impl KernelSupport {
     pub fn probe() -> Self {
         let (landlock_abi, landlock_unavailable) = match landlock_abi::probe() {
@@ -50,8 +63,6 @@ impl KernelSupport {
             Err(e) => (None, Some(e)),
         };
         let seccomp_dir = Path::new("/proc/sys/kernel/seccomp");
-        let actions_logged =
-            fs::read_to_string(seccomp_dir.join("actions_logged")).unwrap_or_default();
         let cgroup2_mount = super::cgroup::cgroup2_mount().ok().map(|(m, _)| m);
         let cgroup_kill = cgroup2_mount.as_deref().is_some_and(has_cgroup_kill);
         KernelSupport {
@@ -59,7 +70,7 @@ impl KernelSupport {
             landlock_abi,
             landlock_unavailable,
             seccomp_filter: seccomp_dir.join("actions_avail").exists(),
-            seccomp_errno_logged: actions_logged.split_whitespace().any(|a| a == "errno"),
+            seccomp_errno_logged: seccomp_errno_logged(),
             cgroup2_mount,
             cgroup_kill,
             mount_namespaces: Path::new("/proc/self/ns/mnt").exists(),
@@ -67,6 +78,7 @@ impl KernelSupport {
             user_namespaces: Path::new("/proc/self/ns/user").exists(),
             audit_sessions: Path::new("/proc/self/loginuid").exists()
                 && Path::new("/proc/self/sessionid").exists(),
+            cgroup_bpf: super::cgroup_filters::can_load(),
         }
     }
 
@@ -110,6 +122,9 @@ impl KernelSupport {
         if !network_scope && !self.network_namespaces {
             missing
                 .push("network namespaces are unavailable (needed to run without network)".into());
+        }
+        if !self.cgroup_bpf {
+            missing.push("cgroup BPF programs cannot be loaded (needs CONFIG_CGROUP_BPF, CAP_BPF or CAP_SYS_ADMIN, and bpf(2) not filtered by the service); the device and network allow-lists could not be enforced".into());
         }
         if !self.audit_sessions {
             missing.push("audit sessions are unavailable (CONFIG_AUDITSYSCALL); denials could not be attributed".into());

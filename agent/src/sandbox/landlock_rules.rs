@@ -485,8 +485,8 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
         .handle_access(AccessFs::from_all(abi))?;
     // TCP is handled whenever the kernel can (ABI 4): with no network scope
     // that denies all TCP bind/connect even inside the private namespace.
-    // UDP rights (newer ABIs) are deliberately not handled: the manifest
-    // model is TCP egress by port, and handling UDP would break DNS.
+    // UDP (and addresses) are filtered by the run cgroup's BPF programs
+    // (`net_filter`), which the agent attaches before stage 2 starts.
     let handles_tcp = abi >= ABI::V4;
     if handles_tcp {
         ruleset = ruleset.handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)?;
@@ -567,9 +567,7 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
 
     let fs_rules = b.rules;
     let mut created = b.ruleset;
-    let mut tcp_ports: Vec<u16> = spec.scope.network.iter().map(|e| e.port).collect();
-    tcp_ports.sort_unstable();
-    tcp_ports.dedup();
+    let tcp_ports = spec.scope.tcp_ports();
     for port in &tcp_ports {
         created = created.add_rule(NetPort::new(*port, AccessNet::ConnectTcp))?;
     }

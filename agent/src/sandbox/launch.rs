@@ -15,7 +15,8 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::cgroup::{CgroupError, RunCgroup};
+use super::cgroup_filters::{self, CgroupFilters, FilterDenials, FilterError};
 use super::cgroup_limits::{self, Enforcement};
 use super::clone_into_cgroup;
 use super::limits::LimitHit;
@@ -48,6 +50,8 @@ pub enum SandboxError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Filters(#[from] FilterError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -60,6 +64,10 @@ pub enum SandboxError {
     Stage2Missing { agent: PathBuf, looked: String },
     #[error("refusing the stage-2 program {path}: {why}")]
     Stage2Unsafe { path: PathBuf, why: String },
+    /// The stage-2 program, or a directory above it, could be replaced by
+    /// someone other than root.
+    #[error(transparent)]
+    Stage2Untrusted(#[from] crate::trust_path::TrustPathError),
     #[error("lost track of the run's main process: {0}")]
     Wait(String),
     #[error("processes of run {run_id} did not die within {KILL_GRACE:?} of cgroup.kill")]
@@ -80,22 +88,67 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
 /// the .deb, `/usr/sbin/../libexec/rollguard/` for the .rpm).
 const STAGE2_DIRS: [&str; 3] = [".", "../lib/rollguard", "../libexec/rollguard"];
 
+/// Every path the stage-2 program is looked for at, in order, for the
+/// `rollguard-agent` binary `agent_exe` ([`STAGE2_DIRS`], `..` resolved
+/// lexically). The host policy protects all of them, existing or not.
+pub fn stage2_candidates(agent_exe: &Path) -> Vec<PathBuf> {
+    let dir = agent_exe.parent().unwrap_or(Path::new("/"));
+    STAGE2_DIRS
+        .iter()
+        .map(|d| match d.strip_prefix("../") {
+            Some(sub) => dir.parent().unwrap_or(Path::new("/")).join(sub),
+            None => dir.to_path_buf(),
+        })
+        .map(|d| d.join(STAGE2_PROGRAM))
+        .collect()
+}
+
 /// Starts confined runs: executes the stage-2 program ([`STAGE2_PROGRAM`])
 /// in each run's cgroup.
+///
+/// The program is opened once, checked through that descriptor, and every
+/// run executes the descriptor (`execveat(fd, "", AT_EMPTY_PATH)`), never
+/// the path: whatever happens to the path after the check (a rename over
+/// it, a replaced directory) cannot change what runs. The daemon keeps one
+/// `Launcher` for its lifetime, so the program it runs is the one it
+/// checked at start (and the one built with it); each run checks the open
+/// file again ([`Launcher::spawn_held`]), since its owner and mode can
+/// still change.
 #[derive(Debug, Clone)]
 pub struct Launcher {
     stage2_exe: PathBuf,
+    /// The checked program, opened `O_RDONLY | O_CLOEXEC` (close-on-exec is
+    /// fine for `execveat` of an ELF binary, and keeps it out of bundles).
+    stage2: Arc<File>,
 }
 
 impl Launcher {
-    /// `stage2_exe` must be the `rollguard-sandbox-exec` program (tests pass
-    /// `env!("CARGO_BIN_EXE_rollguard-sandbox-exec")`).
-    pub fn new(stage2_exe: impl Into<PathBuf>) -> Self {
+    /// Open and check the stage-2 program at `stage2_exe` (tests pass
+    /// `env!("CARGO_BIN_EXE_rollguard-sandbox-exec")`). It runs as root
+    /// before any confinement, so it is refused unless it and every
+    /// directory above it belong to root and are not writable by group or
+    /// others ([`crate::trust_path`]).
+    pub fn new(stage2_exe: impl Into<PathBuf>) -> Result<Self, SandboxError> {
         let stage2_exe = stage2_exe.into();
-        // Stage 2 starts with `/` as its working directory, so a relative
-        // path must be resolved now.
-        let stage2_exe = std::path::absolute(&stage2_exe).unwrap_or(stage2_exe);
-        Launcher { stage2_exe }
+        let path = std::path::absolute(&stage2_exe).unwrap_or(stage2_exe);
+        let file = File::open(&path).map_err(io_err("opening", &path))?;
+        let meta = file.metadata().map_err(io_err("inspecting", &path))?;
+        if !meta.is_file() || meta.mode() & 0o111 == 0 {
+            return Err(SandboxError::Stage2Unsafe {
+                path,
+                why: "not an executable regular file".into(),
+            });
+        }
+        check_replaceable_only_by_us(&path, &meta)?;
+        // Every directory above it too (whoever can write one can rename
+        // another file over it before the next start), checked by path
+        // after the open: the descriptor is what runs, so what matters is
+        // that no one but root could have put it there.
+        crate::trust_path::check(&path, "stage-2 program")?;
+        Ok(Launcher {
+            stage2_exe: path,
+            stage2: Arc::new(file),
+        })
     }
 
     /// The stage-2 program installed with the `rollguard-agent` binary
@@ -103,12 +156,7 @@ impl Launcher {
     /// confinement, so one that another user could replace is refused, as
     /// is a missing one: without it nothing can be confined.
     pub fn beside(agent_exe: &Path) -> Result<Self, SandboxError> {
-        use std::os::unix::fs::MetadataExt;
-        let dir = agent_exe.parent().unwrap_or(Path::new("/"));
-        let candidates: Vec<PathBuf> = STAGE2_DIRS
-            .iter()
-            .map(|d| dir.join(d).join(STAGE2_PROGRAM))
-            .collect();
+        let candidates = stage2_candidates(agent_exe);
         for path in &candidates {
             let Ok(meta) = fs::metadata(path) else {
                 continue;
@@ -116,13 +164,7 @@ impl Launcher {
             if !meta.is_file() || meta.mode() & 0o111 == 0 {
                 continue;
             }
-            check_replaceable_only_by_us(path, &meta)?;
-            // Its directory too: whoever can write there can rename another
-            // file over it.
-            let parent = path.parent().unwrap_or(Path::new("/"));
-            let parent_meta = fs::metadata(parent).map_err(io_err("inspecting", parent))?;
-            check_replaceable_only_by_us(parent, &parent_meta)?;
-            return Ok(Launcher::new(path));
+            return Launcher::new(path);
         }
         Err(SandboxError::Stage2Missing {
             agent: agent_exe.to_path_buf(),
@@ -141,9 +183,19 @@ impl Launcher {
         Launcher::beside(&exe)
     }
 
-    /// The stage-2 program this launcher starts.
+    /// The stage-2 program this launcher starts (where it was opened).
     pub fn stage2_exe(&self) -> &Path {
         &self.stage2_exe
+    }
+
+    /// Check the opened program again: its owner or mode may have changed
+    /// since it was opened (Landlock does not cover chmod or chown).
+    fn recheck(&self) -> Result<(), SandboxError> {
+        let meta = self
+            .stage2
+            .metadata()
+            .map_err(io_err("inspecting", &self.stage2_exe))?;
+        check_replaceable_only_by_us(&self.stage2_exe, &meta)
     }
 
     /// Create the run cgroup and start stage 2 in it. The run directory must
@@ -157,15 +209,30 @@ impl Launcher {
     /// before it executes the bundle, until [`HeldChild::release`].
     pub fn spawn_held(&self, spec: &SandboxSpec) -> Result<HeldChild, SandboxError> {
         spec.validate()?;
+        self.recheck()?;
         // The cgroup first: it also claims the run id (creation fails if it
         // exists), before anything in the run directory is touched.
         let cgroup = RunCgroup::create(&spec.run_id)?;
         // Limits before stage 2 exists: no moment of the run is unlimited,
         // and a host that cannot limit refuses the run (fail closed).
-        let started = cgroup_limits::apply(&cgroup, &spec.run_id, &spec.limits)
-            .map_err(SandboxError::from)
-            .and_then(|enforcement| self.start(spec, &cgroup, enforcement));
-        match started {
+        let enforcement = match cgroup_limits::apply(&cgroup, &spec.run_id, &spec.limits) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = cgroup.kill_and_remove(KILL_GRACE);
+                return Err(e.into());
+            }
+        };
+        // The device and network programs go on the empty cgroup, before
+        // stage 2 is born in it: nothing of the run exists without them. A
+        // kernel or agent that cannot load them refuses the run.
+        let filters = match cgroup_filters::attach(cgroup.path(), &spec.scope.network) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = cgroup.kill_and_remove(KILL_GRACE);
+                return Err(e.into());
+            }
+        };
+        match self.start(spec, &cgroup, enforcement, filters) {
             Ok(child) => Ok(child),
             Err(e) => {
                 let _ = cgroup.kill_and_remove(KILL_GRACE);
@@ -179,6 +246,7 @@ impl Launcher {
         spec: &SandboxSpec,
         cgroup: &RunCgroup,
         enforcement: Enforcement,
+        filters: CgroupFilters,
     ) -> Result<HeldChild, SandboxError> {
         let run_dir = &spec.run_dir;
         for stale in [status::STATUS_FILE, AUDIT_SESSION_FILE] {
@@ -229,6 +297,7 @@ impl Launcher {
         // stage 2 still checks its membership before anything else.
         let pid = clone_into_cgroup::spawn(
             &self.stage2_exe,
+            self.stage2.as_fd(),
             &[plan_path.as_os_str()],
             cgroup.path(),
             clone_into_cgroup::Stdio {
@@ -274,6 +343,7 @@ impl Launcher {
                 started,
                 kill_state: Arc::new(KillState::default()),
                 armed: true,
+                filters,
             },
         })
     }
@@ -336,7 +406,6 @@ impl HeldChild {
 /// its directory) when anyone but root or the agent's own user owns it, or
 /// group or others may write to it.
 fn check_replaceable_only_by_us(path: &Path, meta: &fs::Metadata) -> Result<(), SandboxError> {
-    use std::os::unix::fs::MetadataExt;
     let unsafe_because = |why: String| SandboxError::Stage2Unsafe {
         path: path.to_path_buf(),
         why,
@@ -447,6 +516,9 @@ pub struct RunOutcome {
     /// the kept head and tail (`None`: the capture did not finish).
     pub stdout_dropped: Option<u64>,
     pub stderr_dropped: Option<u64>,
+    /// What the run cgroup's BPF programs refused (network destinations,
+    /// devices); `None` if their record could not be read (unknown).
+    pub filter_denials: Option<FilterDenials>,
     #[serde(with = "duration_ms")]
     pub duration: Duration,
     pub stdout: PathBuf,
@@ -481,6 +553,8 @@ pub struct ConfinedChild {
     /// Kill the run if this handle is dropped without a successful `wait`:
     /// a run nobody supervises must not keep running.
     armed: bool,
+    /// The run cgroup's BPF programs' denial record.
+    filters: CgroupFilters,
 }
 
 impl Drop for ConfinedChild {
@@ -621,6 +695,12 @@ impl ConfinedChild {
             }
             None => (None, None),
         };
+        // Every process of the run is gone: the record is complete.
+        let filter_denials = self
+            .filters
+            .read_denials()
+            .map_err(|e| tracing::warn!(run_id = %self.run_id, "reading the cgroup filters' denials: {e}"))
+            .ok();
         let confinement = events.iter().find_map(|e| match e {
             Event::Exec { confinement, .. } => Some(confinement.clone()),
             _ => None,
@@ -643,6 +723,7 @@ impl ConfinedChild {
             limits_hit,
             stdout_dropped,
             stderr_dropped,
+            filter_denials,
             duration,
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
@@ -766,7 +847,10 @@ mod tests {
         let dir = root.path().join("lib/rollguard");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
         let err = Launcher::beside(&agent).unwrap_err();
-        assert!(err.to_string().contains("lib/rollguard:"), "{err}");
+        assert!(
+            err.to_string().contains("lib/rollguard is writable"),
+            "{err}"
+        );
     }
 
     #[test]

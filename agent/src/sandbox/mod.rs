@@ -47,29 +47,39 @@
 //!   mount of a protected subtree, is reachable by its other path
 //!   (read-only unless the alias lies in a write scope). Protection is by
 //!   path, as Landlock is.
-//! - Network: TCP is filtered by destination *port* only, UDP not at all
-//!   (in the private namespace of a no-network run only `lo` exists).
+//! - Network: names in the scope are resolved once, at run start; a UDP
+//!   socket bound implicitly receives from anyone (see [`net_filter`]).
 //! - Resources: a full `/tmp` is seen only at the end of the run (tmpfs
 //!   keeps no peak); CPU is throttled, never reported; disk I/O and space
 //!   outside `/tmp` (beyond the write scopes) are not limited.
 //! - Listing an ancestor of a protected path (`ls /`) is denied (see
 //!   [`landlock_rules`]).
 //!
-//! Only four tiny modules use `unsafe` ([`landlock_abi`], [`seccomp_install`],
-//! [`clone_into_cgroup`] and [`pid_init`]'s fork): the raw system calls no
-//! safe crate API exposes.
+//! Before stage 2 starts, the agent attaches BPF programs to the run cgroup
+//! ([`cgroup_filters`]): a device allow-list ([`device_filter`]) and, with a
+//! network scope, the protocol/address/port allow-list ([`net_filter`]).
+//!
+//! Only five tiny modules use `unsafe` ([`landlock_abi`], [`seccomp_install`],
+//! [`clone_into_cgroup`], [`bpf_sys`] and [`pid_init`]'s fork): the raw
+//! system calls no safe crate API exposes.
 
 pub mod audit_session;
+pub mod bpf_asm;
+pub mod bpf_sys;
 pub mod capabilities;
 pub mod cgroup;
+pub mod cgroup_filters;
 pub mod cgroup_limits;
 pub mod clone_into_cgroup;
+pub mod device_filter;
 pub mod kernel;
 pub mod landlock_abi;
 pub mod landlock_rules;
 pub mod launch;
 pub mod limits;
 pub mod namespaces;
+pub mod net_filter;
+pub mod net_scope;
 pub mod output;
 pub mod pid_init;
 pub mod seccomp_filter;
@@ -79,11 +89,12 @@ pub mod stage2;
 pub mod status;
 
 pub use cgroup::{CgroupError, RunCgroup};
+pub use cgroup_filters::{FilterDenial, FilterDenials};
 pub use kernel::{KernelSupport, KernelUnsupported};
 pub use launch::{
     ConfinedChild, HeldChild, KillHandle, Launcher, RunOutcome, SandboxError, Termination,
 };
-pub use spec::{SandboxScope, SandboxSpec, SpecError, TcpEndpoint};
+pub use spec::{NetRule, SandboxScope, SandboxSpec, SpecError};
 pub use stage2::stage2_command;
 pub use status::Confinement;
 

@@ -221,7 +221,7 @@ fn mount_run(keep_resolver: bool) -> Result<(), NamespaceError> {
 }
 
 /// The character devices a maintenance script may legitimately use.
-const DEVICES: [(&str, u64, u64); 6] = [
+pub const DEVICES: [(&str, u64, u64); 6] = [
     ("null", 1, 3),
     ("zero", 1, 5),
     ("full", 1, 7),

@@ -6,7 +6,9 @@
 //! io_uring (which bypasses syscall filtering for the I/O it performs),
 //! file handles (`open_by_handle_at` escapes mount-based confinement), the
 //! kernel keyring, userfaultfd, clock and swap changes, raw device nodes.
-//! Sockets are limited by family to IPv4, IPv6 and NETLINK_ROUTE: in
+//! No `listen` (an unbound socket that listens gets a port by itself).
+//! Sockets are limited by family to IPv4, IPv6 and NETLINK_ROUTE, and
+//! under IPv4/IPv6 to TCP and UDP (no raw sockets, no MPTCP): in
 //! particular no `AF_UNIX` socket can be created, because Landlock (before
 //! ABI 9) cannot filter connecting to a pathname socket such as
 //! `/run/systemd/private`, and seccomp cannot inspect `connect`'s address.
@@ -100,6 +102,13 @@ fn denied_syscalls() -> Vec<libc::c_long> {
         libc::SYS_clock_adjtime,
         libc::SYS_adjtimex,
         libc::SYS_lookup_dcookie,
+        // A socket that listens without bind(2) gets an ephemeral port on
+        // every address, past Landlock's and the run cgroup's bind hooks;
+        // in the host's network namespace (a network scope) that would be
+        // an inbound channel whose replies no connect/sendmsg check sees.
+        // A bundle never serves: no listen at all (unix sockets cannot be
+        // created anyway).
+        libc::SYS_listen,
     ];
     #[cfg(target_arch = "x86_64")]
     list.extend([libc::SYS_iopl, libc::SYS_ioperm]);
@@ -185,9 +194,15 @@ fn mknod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
 /// Any socket family other than IPv4/IPv6/netlink, and netlink other than
 /// NETLINK_ROUTE (reading addresses for getaddrinfo; changing them needs
 /// CAP_NET_ADMIN, which is dropped). Audit netlink is thus unreachable.
+/// Under IPv4/IPv6 only TCP and UDP sockets: type stream or datagram,
+/// protocol 0, TCP or UDP. No raw sockets, and no MPTCP (`IPPROTO_MPTCP`
+/// stream sockets), SCTP or UDP-Lite, whose connects neither Landlock's TCP
+/// rules nor the run cgroup's address filter are written for.
+/// (`socket` is not a hot syscall: checking its arguments costs nothing
+/// that matters, unlike `read` or `openat`.)
 fn socket_rules() -> Result<Vec<SeccompRule>, FilterError> {
     let family = |op, value: libc::c_int| cond(0, SeccompCmpArgLen::Dword, op, value as u64);
-    Ok(vec![
+    let mut rules = vec![
         SeccompRule::new(vec![
             family(SeccompCmpOp::Ne, libc::AF_INET)?,
             family(SeccompCmpOp::Ne, libc::AF_INET6)?,
@@ -202,7 +217,42 @@ fn socket_rules() -> Result<Vec<SeccompRule>, FilterError> {
                 libc::NETLINK_ROUTE as u64,
             )?,
         ])?,
-    ])
+    ];
+    // The type's low four bits (SOCK_NONBLOCK and SOCK_CLOEXEC live above
+    // them) must be SOCK_STREAM (1) or SOCK_DGRAM (2): refuse 0 and 3
+    // (SOCK_RAW), and anything with bit 2 or 3 set (4-15: SOCK_RDM,
+    // SOCK_SEQPACKET, SOCK_DCCP, SOCK_PACKET, ...).
+    let type_is = |mask: u64, value: u64| {
+        cond(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(mask),
+            value,
+        )
+    };
+    for inet in [libc::AF_INET, libc::AF_INET6] {
+        for kind in [
+            type_is(0xf, 0)?,
+            type_is(0xf, libc::SOCK_RAW as u64)?,
+            type_is(0xc, 0x4)?,
+            type_is(0xc, 0x8)?,
+            type_is(0xc, 0xc)?,
+        ] {
+            rules.push(SeccompRule::new(vec![
+                family(SeccompCmpOp::Eq, inet)?,
+                kind,
+            ])?);
+        }
+        let protocol =
+            |value: libc::c_int| cond(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, value as u64);
+        rules.push(SeccompRule::new(vec![
+            family(SeccompCmpOp::Eq, inet)?,
+            protocol(0)?,
+            protocol(libc::IPPROTO_TCP)?,
+            protocol(libc::IPPROTO_UDP)?,
+        ])?);
+    }
+    Ok(rules)
 }
 
 /// Terminal input injection: `TIOCSTI` (push characters into a terminal's

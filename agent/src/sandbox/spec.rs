@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
+use rollguard_shared::endpoint::{IpNet, Protocol};
 use rollguard_shared::manifest::Scope;
 use rollguard_shared::path::ScopePath;
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,8 @@ const MAX_RUN_ID: usize = 64;
 const MAX_ENV_VARS: usize = 64;
 const MAX_ENV_VALUE: usize = 4096;
 const MAX_PROTECTED: usize = 1024;
+/// Most network rules in one run (every address a name resolved to is one).
+pub const MAX_NET_RULES: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -37,14 +40,19 @@ pub enum SpecError {
     AbiTooLow(u32),
     #[error("resource limits: {0}")]
     Limits(#[from] LimitsError),
+    #[error("network rule with port 0")]
+    PortZero,
 }
 
-/// An allowed TCP egress endpoint. Landlock filters TCP by port only, so
-/// the host is kept for reports but not enforced.
+/// One destination the kernel lets the run reach: a `scope.network` entry
+/// with its name (if any) resolved. Enforced on address and port by the
+/// run cgroup's BPF programs ([`super::net_filter`]); TCP ports also by
+/// Landlock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TcpEndpoint {
-    pub host: String,
+pub struct NetRule {
+    pub protocol: Protocol,
+    pub net: IpNet,
     pub port: u16,
 }
 
@@ -58,25 +66,34 @@ pub struct SandboxScope {
     pub delete: Vec<ScopePath>,
     /// When non-empty, reads are confined to these plus system directories.
     pub read: Vec<ScopePath>,
-    /// TCP egress; empty means a private network namespace with only `lo`.
-    pub network: Vec<TcpEndpoint>,
+    /// Allowed destinations; empty means a private network namespace with
+    /// only `lo`.
+    pub network: Vec<NetRule>,
 }
 
-impl From<&Scope> for SandboxScope {
-    fn from(scope: &Scope) -> Self {
+impl SandboxScope {
+    /// The manifest's paths with `network`, the manifest's network scope
+    /// as resolved for this run ([`super::net_scope::resolve`]).
+    pub fn new(scope: &Scope, network: Vec<NetRule>) -> Self {
         SandboxScope {
             write: scope.write.clone(),
             delete: scope.delete.clone(),
             read: scope.read.clone(),
-            network: scope
-                .network
-                .iter()
-                .map(|e| TcpEndpoint {
-                    host: e.host.clone(),
-                    port: e.port,
-                })
-                .collect(),
+            network,
         }
+    }
+
+    /// TCP ports of the network rules, sorted, once each (Landlock's part).
+    pub fn tcp_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .network
+            .iter()
+            .filter(|r| r.protocol == Protocol::Tcp)
+            .map(|r| r.port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
     }
 }
 
@@ -159,6 +176,12 @@ impl SandboxSpec {
             return Err(SpecError::AbiTooLow(self.landlock_min_abi));
         }
         self.limits.validate()?;
+        if self.scope.network.len() > MAX_NET_RULES {
+            return Err(SpecError::TooMany("network rules"));
+        }
+        if self.scope.network.iter().any(|r| r.port == 0) {
+            return Err(SpecError::PortZero);
+        }
         Ok(())
     }
 
@@ -252,8 +275,9 @@ mod tests {
     fn network_raises_the_required_abi() {
         let mut s = spec();
         assert_eq!(s.required_landlock_abi(), 3);
-        s.scope.network.push(TcpEndpoint {
-            host: "10.0.0.1".into(),
+        s.scope.network.push(NetRule {
+            protocol: Protocol::Tcp,
+            net: IpNet::parse("10.0.0.1").unwrap(),
             port: 443,
         });
         assert_eq!(s.required_landlock_abi(), 4);

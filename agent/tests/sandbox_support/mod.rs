@@ -155,7 +155,7 @@ impl Tree {
 }
 
 pub fn launcher() -> Launcher {
-    Launcher::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
+    Launcher::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec")).expect("the stage-2 program")
 }
 
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use rollguard_shared::archive::{self, BuildOptions, Limits, OpenedBundle, StoredSignature};
-use rollguard_shared::manifest::{Manifest, SKELETON};
+use rollguard_shared::manifest::{EndpointHost, Manifest, SKELETON};
 use rollguard_shared::signature::{self, AllowedSigners, RawSignature, VerifyError};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -468,7 +468,18 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
         if m.scope.network.is_empty() {
             "none (private network namespace)".to_string()
         } else {
-            list(m.scope.network.iter().map(|e| format!("tcp {e}")).collect())
+            list(
+                m.scope
+                    .network
+                    .iter()
+                    .map(|e| match e.host {
+                        EndpointHost::Name(_) => {
+                            format!("{e} (name: resolved by each agent at run start)")
+                        }
+                        EndpointHost::Net(_) => e.to_string(),
+                    })
+                    .collect(),
+            )
         }
     ));
     out.push_str("WHAT it runs\n");
@@ -538,7 +549,8 @@ fn blast_radius_warnings(m: &Manifest, now: jiff::Timestamp) -> Vec<String> {
     }
     if !m.scope.network.is_empty() {
         w.push(
-            "has network access (TCP ports are enforced; addresses and UDP are not)".to_string(),
+            "has network access (to the listed protocol, address and port only, enforced by the kernel)"
+                .to_string(),
         );
     }
     if m.is_expired(now) {

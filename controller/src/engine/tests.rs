@@ -113,6 +113,7 @@ fn report(host: &str, status: RunStatus) -> RunReport {
         limits_hit: vec![],
         stdout_dropped_bytes: 0,
         stderr_dropped_bytes: 0,
+        network: vec![],
     }
 }
 

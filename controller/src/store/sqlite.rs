@@ -687,6 +687,7 @@ mod tests {
             limits_hit: vec![],
             stdout_dropped_bytes: 0,
             stderr_dropped_bytes: 0,
+            network: vec![],
         }
     }
 

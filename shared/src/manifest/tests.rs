@@ -160,13 +160,13 @@ fn bad_values_have_specific_errors() {
             matches!(e, ManifestError::ScopePath { key: "delete", .. })
         }),
         ("network = []", "network = [\"example.com\"]", |e| {
-            matches!(e, ManifestError::BadEndpoint(_))
+            matches!(e, ManifestError::BadEndpoint { .. })
         }),
         ("network = []", "network = [\"example.com:0\"]", |e| {
-            matches!(e, ManifestError::BadEndpoint(_))
+            matches!(e, ManifestError::BadEndpoint { .. })
         }),
         ("network = []", "network = [\"example.com:70000\"]", |e| {
-            matches!(e, ManifestError::BadEndpoint(_))
+            matches!(e, ManifestError::BadEndpoint { .. })
         }),
         ("[\"./apply.sh\", \"--now\"]", "[]", |e| {
             matches!(e, ManifestError::EmptyCommand)
@@ -194,11 +194,21 @@ fn bad_values_have_specific_errors() {
 
 #[test]
 fn network_endpoints() {
+    // Every form and every malformed form: see `endpoint::tests`. Here:
+    // the manifest keeps the parsed, canonical entries.
     let e = NetworkEndpoint::parse("mirror.example.com:443").unwrap();
-    assert_eq!((e.host.as_str(), e.port), ("mirror.example.com", 443));
-    let v6 = NetworkEndpoint::parse("[2001:db8::1]:80").unwrap();
-    assert_eq!(v6.host, "2001:db8::1");
-    assert_eq!(v6.to_string(), "[2001:db8::1]:80");
+    assert_eq!(e.to_string(), "tcp:mirror.example.com:443");
+    let text = SOURCE.replace(
+        "network = []",
+        "network = [\"udp:10.0.0.53:53\", \"[2001:db8::1]:80\"]",
+    );
+    let m = SourceManifest::parse(&text).unwrap();
+    let shown: Vec<String> = m.scope.network.iter().map(|e| e.to_string()).collect();
+    assert_eq!(shown, ["udp:10.0.0.53:53", "tcp:[2001:db8::1]:80"]);
+    let err =
+        SourceManifest::parse(&SOURCE.replace("network = []", "network = [\"10.0.0.5/24:443\"]"))
+            .unwrap_err();
+    assert!(err.to_string().contains("10.0.0.5/24:443"), "{err}");
 }
 
 #[test]

@@ -9,6 +9,17 @@
 //! counts at most once (two keys of the same person). The number of
 //! principals proved is therefore the size of a maximum matching between
 //! keys and the principals they may stand for.
+//!
+//! A key listed under a wildcard pattern (`*@example.com`) and trusted
+//! through the name its signature claims is not known to be that person:
+//! the host only knows it belongs to *someone* the pattern matches, and
+//! whoever holds two such keys can claim two names. So every signature
+//! trusted only through a pattern stands for one shared identity,
+//! [`WILDCARD_IDENTITY`]: all of them together count once. And since that
+//! someone may be a principal listed by name, the wildcard identity does
+//! not count at all when a named principal that one of its patterns
+//! matches is counted too. (Named principals are the way to require two
+//! people.)
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -20,6 +31,11 @@ use ssh_key::HashAlg;
 
 use super::allowed_signers::{AllowedSigner, AllowedSigners};
 use super::{sshsig, validate_principal, RawSignature, NAMESPACE};
+
+/// The identity of every signature trusted only through a wildcard
+/// pattern (see the module documentation). No claimed signer or literal
+/// principal can be spelled this way (`*` makes a pattern).
+const WILDCARD_IDENTITY: &str = "*";
 
 /// Most signatures a bundle may carry; more is refused outright rather
 /// than spending time on them.
@@ -318,7 +334,33 @@ pub fn evaluate(
         diagnostics.push(diag);
     }
 
-    let assignment = match_keys_to_principals(&keys);
+    let mut assignment = match_keys_to_principals(&keys);
+    // The wildcard identity is credited with the name its signature claimed
+    // (for the report), unless a named principal it could be was counted.
+    for slot in 0..assignment.len() {
+        if assignment[slot].as_deref() != Some(WILDCARD_IDENTITY) {
+            continue;
+        }
+        let claim = key_of
+            .iter()
+            .zip(signatures)
+            .find(|(k, _)| **k == Some(slot))
+            .and_then(|(_, raw)| raw.signer.clone())
+            .unwrap_or_default();
+        let patterns: Vec<&AllowedSigner> = allowed
+            .entries()
+            .iter()
+            .filter(|e| e.public_key().key_data() == &keys[slot].0)
+            .filter(|e| e.principals().matches(&claim))
+            .collect();
+        let shadowed = assignment.iter().flatten().any(|named| {
+            named != WILDCARD_IDENTITY && patterns.iter().any(|e| e.principals().matches(named))
+        });
+        assignment[slot] = (!shadowed).then(|| wildcard_name(&claim, &patterns));
+        if let Some(name) = &assignment[slot] {
+            keys[slot].1.insert(name.clone());
+        }
+    }
     // Credit each matched principal to the first signature of its key that
     // may stand for it.
     for (slot, principal) in assignment.iter().enumerate() {
@@ -332,7 +374,10 @@ pub fn evaluate(
                 counted_as,
             } = &mut diag.outcome
             {
-                if principals.contains(principal) {
+                if principals.contains(principal)
+                    || (principals.iter().any(|p| p == WILDCARD_IDENTITY)
+                        && keys[slot].1.contains(principal))
+                {
                     *counted_as = Some(principal.clone());
                     break;
                 }
@@ -345,6 +390,13 @@ pub fn evaluate(
         principals,
         signatures: diagnostics,
     }
+}
+
+/// How a signature counted for the wildcard identity is named in reports:
+/// the name it claimed and the patterns that vouch for it.
+fn wildcard_name(claim: &str, entries: &[&AllowedSigner]) -> String {
+    let lists: Vec<String> = entries.iter().map(|e| e.principals().to_string()).collect();
+    format!("{claim} (by pattern {})", lists.join(" / "))
 }
 
 /// Everything about one signature: armor (first, so that diagnostics can
@@ -418,7 +470,10 @@ fn entry_principals(
         return Err(Rejection::CertAuthorityOnly { line });
     }
     let candidates: Vec<String> = match claim {
-        Some(c) if entry.principals().matches(c) => vec![c.to_string()],
+        // Named on this line: that principal.
+        Some(c) if entry.principals().literals().any(|l| l == c) => vec![c.to_string()],
+        // Only matched by a pattern: someone the pattern matches.
+        Some(c) if entry.principals().matches(c) => vec![WILDCARD_IDENTITY.to_string()],
         Some(c) => {
             return Err(Rejection::SignerNotListed {
                 signer: c.to_string(),

@@ -446,13 +446,78 @@ fn wildcard_principals_need_a_matching_claim() {
             signer: "alice@example.org".into()
         }
     );
+    // One pattern-vouched signature counts, named by its claim and pattern.
+    assert_eq!(
+        verify(&[signed_as(&k2, "bob@example.com")], &allowed, 1).unwrap(),
+        vec!["bob@example.com (by pattern *@example.com)"]
+    );
+}
+
+/// Two keys vouched for only by `*@example.com` lines may be one person's:
+/// claiming two names does not make two signers.
+#[test]
+fn keys_vouched_for_by_wildcards_count_once() {
+    let (k1, k2, k3) = (keypair(1), keypair(2), keypair(3));
+    let allowed = trust(&format!(
+        "*@example.com {}
+*@example.com {}
+*@example.org {}
+",
+        public_line(&k1),
+        public_line(&k2),
+        public_line(&k3)
+    ));
     let sigs = [
         signed_as(&k1, "alice@example.com"),
         signed_as(&k2, "bob@example.com"),
     ];
+    let (valid, required, principals) = below(verify(&sigs, &allowed, 2));
+    assert_eq!((valid, required), (1, 2));
+    assert_eq!(
+        principals,
+        vec!["alice@example.com (by pattern *@example.com)"]
+    );
+    // Different patterns do not help either: all of them are one identity.
+    let sigs = [
+        signed_as(&k1, "alice@example.com"),
+        signed_as(&k3, "bob@example.org"),
+    ];
+    assert_eq!(below(verify(&sigs, &allowed, 2)).0, 1);
+    // The same key claiming two names is one key, as before.
+    let sigs = [
+        signed_as(&k1, "alice@example.com"),
+        signed_as(&k1, "bob@example.com"),
+    ];
+    assert_eq!(below(verify(&sigs, &allowed, 2)).0, 1);
+}
+
+/// A named principal and a pattern that matches that name may be the same
+/// person: the pattern's signature does not add a second signer. A pattern
+/// that cannot be the named principal does.
+#[test]
+fn a_wildcard_key_is_not_a_second_signer_beside_a_name_it_matches() {
+    let (alice, other, outsider) = (keypair(1), keypair(2), keypair(3));
+    let allowed = trust(&format!(
+        "alice@example.com {}
+*@example.com {}
+*@partner.org {}
+",
+        public_line(&alice),
+        public_line(&other),
+        public_line(&outsider)
+    ));
+    let sigs = [signed(&alice), signed_as(&other, "bob@example.com")];
+    assert_eq!(
+        below(verify(&sigs, &allowed, 2)),
+        (1, 2, vec!["alice@example.com".to_string()])
+    );
+    let sigs = [signed(&alice), signed_as(&outsider, "carol@partner.org")];
     assert_eq!(
         verify(&sigs, &allowed, 2).unwrap(),
-        vec!["alice@example.com", "bob@example.com"]
+        vec![
+            "alice@example.com",
+            "carol@partner.org (by pattern *@partner.org)"
+        ]
     );
 }
 
