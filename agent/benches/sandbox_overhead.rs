@@ -157,6 +157,7 @@ fn confine_only(args: &[String]) -> ! {
             },
             protected: vec![PathBuf::from(backup)],
             landlock_min_abi: MIN_LANDLOCK_ABI,
+            limits: Default::default(),
         };
         landlock_rules::restrict_self(&spec).unwrap();
     }

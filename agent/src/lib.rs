@@ -1,8 +1,9 @@
-// `deny`, not `forbid`: three small modules opt back in with
+// `deny`, not `forbid`: four small modules opt back in with
 // `#![allow(unsafe_code)]` for raw system calls no safe crate exposes
 // (sandbox::landlock_abi: the Landlock ABI probe; sandbox::seccomp_install:
 // seccomp(2) with SECCOMP_FILTER_FLAG_LOG; sandbox::clone_into_cgroup:
-// clone3 with CLONE_INTO_CGROUP, execveat of the checked stage-2 program).
+// clone3 with CLONE_INTO_CGROUP, execveat of the checked stage-2 program;
+// sandbox::pid_init: fork of the main process by single-threaded stage 2).
 // Everything else stays safe.
 #![deny(unsafe_code)]
 

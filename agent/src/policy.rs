@@ -25,6 +25,15 @@
 //! allow_network = ["tcp:10.0.0.0/8:443", "udp:10.0.0.53:53"]   # optional
 //! [state]
 //! dir = "/var/lib/rollguard"
+//! # Optional: per-run resource limits (unset keys: the built-in defaults
+//! # 512 pids, 1024 MiB, 1000 millicores, 256 MiB /tmp, 1024 KiB output),
+//! # and what a bundle's `[run.resources]` may ask for at most (unset keys:
+//! # the host's default, so a bundle can only lower them).
+//! [resources]
+//! pids = 512
+//! memory_mib = 1024
+//! [resources.max]
+//! memory_mib = 4096
 //! ```
 //!
 //! Extending: a new table (the coming `[controller]`) is one more `Option`
@@ -36,12 +45,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use rollguard_shared::endpoint::{EndpointHost, IpNet, NetworkEndpoint, Protocol};
-use rollguard_shared::manifest::Scope;
+use rollguard_shared::manifest::{ResourceRequest, Scope};
 use rollguard_shared::path::{PathError, ScopePath};
 use rollguard_shared::report::RefusalKind;
 use rollguard_shared::targets::{validate_label, HostIdentity, TargetError};
 use serde::Deserialize;
 
+use crate::sandbox::limits::{LimitsError, RunLimits, KIB, MIB};
 use crate::sandbox::NetRule;
 
 /// Largest policy file we read.
@@ -80,6 +90,8 @@ pub enum PolicyError {
         key: &'static str,
         source: PathError,
     },
+    #[error("resources: {0}")]
+    Resources(#[from] crate::sandbox::limits::LimitsError),
     #[error("{0} has more than {MAX_PATHS} entries")]
     TooManyPaths(&'static str),
     #[error("trust.threshold must be at least 1 (0 would run unsigned bundles)")]
@@ -285,7 +297,53 @@ pub struct HostPolicy {
     /// `None`: no network ceiling (any destination a bundle names).
     allow_network: Option<Vec<NetworkEndpoint>>,
     state_dir: PathBuf,
+    resources: HostResources,
     controller: Option<crate::daemon::config::ControllerSection>,
+}
+
+/// `[resources]`: every run's limits, and the most a bundle may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostResources {
+    pub default: RunLimits,
+    pub max: RunLimits,
+}
+
+impl HostResources {
+    fn parse(raw: Option<RawResources>) -> Result<Self, PolicyError> {
+        let raw = raw.unwrap_or_default();
+        let default = overlay(RunLimits::default(), &raw.defaults());
+        let max = overlay(default, &raw.max.unwrap_or_default());
+        default.validate()?;
+        max.validate()?;
+        default.within(&max)?;
+        Ok(HostResources { default, max })
+    }
+
+    /// The limits of a run whose bundle asks for `request`: the host's
+    /// defaults with the request applied, refused above the host's max.
+    pub fn for_run(&self, request: &ResourceRequest) -> Result<RunLimits, LimitsError> {
+        let limits = overlay(self.default, request);
+        limits.within(&self.max)?;
+        limits.validate()?;
+        Ok(limits)
+    }
+}
+
+/// `base` with the keys set in `request` replaced.
+fn overlay(base: RunLimits, request: &ResourceRequest) -> RunLimits {
+    RunLimits {
+        pids: request.pids.unwrap_or(base.pids),
+        memory_bytes: request
+            .memory_mib
+            .map_or(base.memory_bytes, |m| m.saturating_mul(MIB)),
+        cpu_millicores: request.cpu_millicores.unwrap_or(base.cpu_millicores),
+        tmp_bytes: request
+            .tmp_mib
+            .map_or(base.tmp_bytes, |m| m.saturating_mul(MIB)),
+        output_bytes: request
+            .output_kib
+            .map_or(base.output_bytes, |k| k.saturating_mul(KIB)),
+    }
 }
 
 // ---- raw serde layer ------------------------------------------------------
@@ -298,7 +356,31 @@ struct RawPolicy {
     protect: RawProtect,
     limits: RawLimits,
     state: Option<RawState>,
+    resources: Option<RawResources>,
     controller: Option<crate::daemon::config::ControllerSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    pids: Option<u32>,
+    memory_mib: Option<u64>,
+    cpu_millicores: Option<u32>,
+    tmp_mib: Option<u64>,
+    output_kib: Option<u64>,
+    max: Option<ResourceRequest>,
+}
+
+impl RawResources {
+    fn defaults(&self) -> ResourceRequest {
+        ResourceRequest {
+            pids: self.pids,
+            memory_mib: self.memory_mib,
+            cpu_millicores: self.cpu_millicores,
+            tmp_mib: self.tmp_mib,
+            output_kib: self.output_kib,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -446,6 +528,8 @@ impl HostPolicy {
             })?,
         };
 
+        let resources = HostResources::parse(raw.resources)?;
+
         let mut policy = HostPolicy {
             host,
             trust,
@@ -453,6 +537,7 @@ impl HostPolicy {
             allow_scopes,
             allow_network,
             state_dir: state_dir.as_path().to_path_buf(),
+            resources,
             controller: None,
         };
         for p in configured {
@@ -535,6 +620,11 @@ impl HostPolicy {
 
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// `[resources]`: run limits and the ceiling for bundles.
+    pub fn resources(&self) -> &HostResources {
+        &self.resources
     }
 
     /// `[controller]`: where the daemon (`rollguard-agent serve`) connects.

@@ -116,6 +116,9 @@ fn empty_report(host: &str, started: Instant) -> RunReport {
         run_id: None,
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        limits_hit: vec![],
+        stdout_dropped_bytes: 0,
+        stderr_dropped_bytes: 0,
         network: vec![],
     }
 }
@@ -242,6 +245,12 @@ fn prepare_and_run(
         .check_scope(&manifest.scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     check_mount_aliases(policy, &manifest.scope)?;
+    // Resource limits: the host's, or the bundle's request within the
+    // host's ceiling (beyond it, refused like a scope beyond the ceiling).
+    let limits = policy
+        .resources()
+        .for_run(&manifest.run.resources)
+        .map_err(|e| Refusal::new(RefusalKind::ScopeCeiling, format!("run.resources: {e}")))?;
     let kernel = KernelSupport::probe();
     kernel
         .require(!manifest.scope.network.is_empty())
@@ -319,6 +328,7 @@ fn prepare_and_run(
             .map(|p| p.as_path().to_path_buf())
             .collect(),
         landlock_min_abi: MIN_LANDLOCK_ABI,
+        limits,
     };
 
     // Stage 2 starts now, held: it confines itself (about 2 ms of CPU) on
@@ -467,6 +477,13 @@ fn execute(
     report.leftover_processes = outcome.leftover_processes as u32;
     report.stdout_tail = tail(&outcome.stdout);
     report.stderr_tail = tail(&outcome.stderr);
+    report.limits_hit = outcome
+        .limits_hit
+        .iter()
+        .map(|l| l.as_str().to_string())
+        .collect();
+    report.stdout_dropped_bytes = outcome.stdout_dropped.unwrap_or(0);
+    report.stderr_dropped_bytes = outcome.stderr_dropped.unwrap_or(0);
     let (status, exit_code, reason) = match &outcome.termination {
         Termination::Exited { code: 0 } => (RunStatus::Succeeded, Some(0), None),
         Termination::Exited { code } => (
@@ -508,6 +525,18 @@ fn execute(
     report.status = status;
     report.exit_code = exit_code;
     report.reason = reason;
+    // A resource limit hit fails the run (the controller counts it as a
+    // failure and, through `is_alert`, halts): what it did is incomplete.
+    if !report.limits_hit.is_empty() {
+        if report.status == RunStatus::Succeeded {
+            report.status = RunStatus::Failed;
+        }
+        let note = format!("resource limit hit: {}", report.limits_hit.join(", "));
+        report.reason = Some(match report.reason.take() {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
+    }
     if outcome.leftover_processes > 0 {
         let note = format!(
             "{} process(es) left behind were killed",

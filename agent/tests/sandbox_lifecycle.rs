@@ -80,12 +80,14 @@ fn kill_switch_kills_the_whole_run() {
 #[test]
 fn the_bundle_is_the_process_that_created_the_domain_and_has_its_own_audit_session() {
     let t = Tree::new();
-    let run = t.sh("echo pid=$$; echo session=$(cut -d' ' -f6 /proc/$$/stat); echo ses=$(cat /proc/self/sessionid); echo cgroup=$(cat /proc/self/cgroup | grep '^0::')");
+    let run = t.sh("echo pid=$$; echo parent=$PPID; echo session=$(cut -d' ' -f6 /proc/$$/stat); echo ses=$(cat /proc/self/sessionid); echo cgroup=$(cat /proc/self/cgroup | grep '^0::')");
     assert_eq!(run.exit_code(), 0);
-    // exec in place: the shell's pid is the pid stage 2 had.
-    assert_eq!(run.value("pid"), run.outcome.pid.to_string());
-    // A session of its own: no controlling terminal to inject into.
-    assert_eq!(run.value("session"), run.outcome.pid.to_string());
+    // Stage 2 (PID 1 of the run's PID namespace, `outcome.pid` on the
+    // host) created the domain and forked the main process, pid 2.
+    assert_eq!(run.value("pid"), "2");
+    assert_eq!(run.value("parent"), "1");
+    // A session of its own (stage 2's): no controlling terminal.
+    assert_eq!(run.value("session"), "1");
     let session = run.outcome.audit_session.expect("audit session reported");
     assert_eq!(run.value("ses"), session.to_string());
     let own = fs::read_to_string("/proc/self/sessionid").unwrap();
@@ -338,13 +340,23 @@ fn stage2_by_hand(
 ) {
     let spec = t.spec(script);
     let cgroup = RunCgroup::create(&spec.run_id).unwrap();
+    let enforcement =
+        rollguard_agent::sandbox::cgroup_limits::apply(&cgroup, &spec.run_id, &spec.limits)
+            .unwrap();
     let plan = rollguard_agent::sandbox::spec::Stage2Plan {
         spec: spec.clone(),
         cgroup_dir: cgroup.path().to_path_buf(),
+        cgroup_v1_dirs: enforcement.v1_dirs(),
     };
     let plan_path = t.p("run/plan.json");
     fs::write(&plan_path, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let mut stage2 = std::process::Command::new(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"));
-    stage2.arg(&plan_path);
+    // Stage 2 insists on being PID 1 of a new PID namespace, as the
+    // launcher's CLONE_NEWPID makes it: util-linux `unshare --fork` does
+    // the same by hand and passes its exit status on.
+    let mut stage2 = std::process::Command::new("unshare");
+    stage2
+        .args(["--pid", "--fork", "--kill-child"])
+        .arg(env!("CARGO_BIN_EXE_rollguard-sandbox-exec"))
+        .arg(&plan_path);
     (spec, cgroup, stage2)
 }

@@ -135,6 +135,12 @@ fn describe_alarm(d: &DispatchRecord) -> Option<String> {
                 d.host,
                 r.reason.as_deref().unwrap_or("no reason given")
             )
+        } else if !r.limits_hit.is_empty() && r.denial_count.unwrap_or(0) == 0 {
+            format!(
+                "{} hit resource limits: {}",
+                d.host,
+                r.limits_hit.join(", ")
+            )
         } else {
             match &r.denials {
                 None => format!("{} could not observe denials (unknown is not zero)", d.host),

@@ -234,6 +234,41 @@ pub struct Run {
     pub command: Vec<String>,
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+    /// `[run.resources]`: limits the bundle asks for instead of the host's
+    /// defaults; each must be within the host's ceiling, or the bundle is
+    /// refused (the host outranks the bundle).
+    #[serde(skip_serializing_if = "ResourceRequest::is_empty")]
+    pub resources: ResourceRequest,
+}
+
+/// Resource limits a bundle asks for (`[run.resources]`), or a host sets
+/// (`[resources]` and `[resources.max]` of the host policy). Unset keys
+/// keep the host's default. Plain integers in fixed units, no size strings
+/// to parse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceRequest {
+    /// Tasks (processes and threads) alive at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+    /// Memory, page cache and tmpfs included, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// CPU bandwidth in thousandths of a core (1000 = one core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millicores: Option<u32>,
+    /// Size of each of the private /tmp and /var/tmp, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_mib: Option<u64>,
+    /// Bytes of each of stdout and stderr kept, in KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_kib: Option<u64>,
+}
+
+impl ResourceRequest {
+    pub fn is_empty(&self) -> bool {
+        *self == ResourceRequest::default()
+    }
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -405,6 +440,8 @@ struct RawScope {
 struct RawRun {
     command: Vec<String>,
     timeout: String,
+    #[serde(default)]
+    resources: ResourceRequest,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -524,6 +561,7 @@ fn parse_run(raw: RawRun) -> Result<Run, ManifestError> {
     Ok(Run {
         command: raw.command,
         timeout,
+        resources: raw.resources,
     })
 }
 

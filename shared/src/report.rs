@@ -110,9 +110,23 @@ pub struct RunReport {
     pub stdout_tail: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stderr_tail: String,
+    /// Resource limits the run ran into (`pids`, `memory`, `tmp`); a run
+    /// that hit one failed, and it is an alert.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits_hit: Vec<String>,
+    /// Bytes of stdout / stderr beyond the host's output limit, dropped
+    /// between the kept head and tail.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stdout_dropped_bytes: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stderr_dropped_bytes: u64,
     /// The run's network scope as enforced (names resolved at run start).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<NetworkGrant>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl RunReport {
@@ -120,6 +134,10 @@ impl RunReport {
     /// bundle was refused, or it attempted something the kernel denied (or
     /// we cannot tell whether it did).
     pub fn is_alert(&self) -> bool {
+        if !self.limits_hit.is_empty() {
+            // Exhausting the host's resources is an attempt, too.
+            return true;
+        }
         match self.status {
             RunStatus::Refused => true,
             _ => match &self.denials {
@@ -153,6 +171,9 @@ mod tests {
             run_id: None,
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            limits_hit: vec![],
+            stdout_dropped_bytes: 0,
+            stderr_dropped_bytes: 0,
             network: vec![],
         }
     }
@@ -172,6 +193,21 @@ mod tests {
         assert_eq!(v["bundle"]["version"], 1);
         let back: RunReport = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_resource_limit_hit_is_an_alert() {
+        let mut r = base();
+        r.status = RunStatus::Failed;
+        r.limits_hit = vec!["pids".into()];
+        assert!(r.is_alert());
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["limits_hit"], serde_json::json!(["pids"]));
+        // Absent when empty: older readers see the same JSON as before.
+        assert!(serde_json::to_value(base())
+            .unwrap()
+            .get("limits_hit")
+            .is_none());
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn scoped_bundle_succeeds_and_changes_only_its_scope() {
     let bundle = host.build_signed(&src, &keys, &["alice"]);
     let (report, code) = host.run(&bundle);
     assert_eq!(report["status"], "succeeded", "{report:#}");
-    assert_eq!(code, 0);
+    assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["denials"], serde_json::json!([]), "{report:#}");
     assert_eq!(report["bundle"]["name"], "fix-mail");
     assert_eq!(report["signers"], serde_json::json!(["alice"]));
@@ -239,27 +239,32 @@ fn timeout_kills_the_whole_tree() {
     let host = Host::new("mail-03.tokyo", &keys, PolicyOptions::default());
     let man = manifest("slow", 1, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]")
         .replace("\"30s\"", "\"2s\"");
-    // A double-forked daemon writes its pid, then everything sleeps.
-    let script = "#!/bin/sh\n(setsid sh -c 'echo $$ > @ROOT@/etc/mail/daemon.pid; exec sleep 1000' &)\nsleep 1000\n";
+    // A double-forked daemon says it started, then everything sleeps. The
+    // run has its own PID namespace (`$$` is not a host pid), so the daemon
+    // is found on the host by its command line.
+    let script = "#!/bin/sh\n(setsid sh -c 'echo started > @ROOT@/etc/mail/daemon.started; exec sleep 1019' &)\nsleep 1000\n";
     let src = host.bundle_source("slow", &man, script);
     let bundle = host.build_signed(&src, &keys, &["alice"]);
     let (report, code) = host.run(&bundle);
     assert_eq!(report["status"], "timed_out", "{report:#}");
     assert_eq!(code, 1);
-    let pid = fs::read_to_string(host.root().join("etc/mail/daemon.pid")).unwrap();
-    let pid = pid.trim();
-    assert!(!pid.is_empty());
-    // Dead means gone, or a zombie waiting for init to reap it (a zombie has
-    // left its cgroup and runs nothing).
-    let state = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().chars().next().unwrap_or('?'))
-        });
+    assert!(host.root().join("etc/mail/daemon.started").exists());
+    // Dead means gone, or a zombie (it has left its cgroup and runs nothing).
+    let survivors: Vec<String> = fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let cmdline = fs::read(path.join("cmdline")).ok()?;
+            (cmdline == b"sleep\x001019\x00").then(|| {
+                let stat = fs::read_to_string(path.join("stat")).unwrap_or_default();
+                format!("{}: {stat}", path.display())
+            })
+        })
+        .filter(|s| !s.contains(") Z "))
+        .collect();
     assert!(
-        matches!(state, None | Some('Z')),
-        "double-forked daemon {pid} survived the timeout (state {state:?})"
+        survivors.is_empty(),
+        "the double-forked daemon survived the timeout: {survivors:?}"
     );
 }
 
@@ -330,7 +335,9 @@ fn crashed_agents_bundle_is_killed_and_logged_at_the_next_run() {
     let pid_file = host.root().join("etc/mail/sleeper.pid");
     let man = manifest("long", 1, "\"mail-*\"", "write = [\"@ROOT@/etc/mail\"]")
         .replace("\"30s\"", "\"10m\"");
-    let script = "#!/bin/sh\necho $$ > @ROOT@/etc/mail/sleeper.pid\nexec sleep 1000\n";
+    // `$$` is the pid in the run's own PID namespace, not the host's: the
+    // bundle is found on the host by its command line once it says it runs.
+    let script = "#!/bin/sh\necho $$ > @ROOT@/etc/mail/sleeper.pid\nexec sleep 1021\n";
     let src = host.bundle_source("long", &man, script);
     let bundle = host.build_signed(&src, &keys, &["alice"]);
 
@@ -345,9 +352,13 @@ fn crashed_agents_bundle_is_killed_and_logged_at_the_next_run() {
     // Wait until the bundle runs (it wrote its pid), then kill the agent.
     let start = Instant::now();
     let pid = loop {
-        if let Ok(p) = fs::read_to_string(&pid_file) {
-            if p.ends_with('\n') {
-                break p.trim().to_string();
+        if fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n')) {
+            if let Some(pid) = fs::read_dir("/proc").unwrap().find_map(|e| {
+                let e = e.ok()?;
+                (fs::read(e.path().join("cmdline")).ok()? == b"sleep\x001021\x00")
+                    .then(|| e.file_name().to_string_lossy().into_owned())
+            }) {
+                break pid;
             }
         }
         assert!(

@@ -146,6 +146,9 @@ fn run_finished_from_a_report() {
         run_id: Some("r9".into()),
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        limits_hit: vec![],
+        stdout_dropped_bytes: 0,
+        stderr_dropped_bytes: 0,
         network: vec![],
     };
     let e = AuditEvent::run_finished(&report, "r9", bundle(), "ee");

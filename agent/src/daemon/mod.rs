@@ -699,6 +699,9 @@ fn base_report(host: &str, status: RunStatus) -> RunReport {
         run_id: None,
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        limits_hit: vec![],
+        stdout_dropped_bytes: 0,
+        stderr_dropped_bytes: 0,
         network: vec![],
     }
 }

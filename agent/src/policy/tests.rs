@@ -594,6 +594,70 @@ fn shipped_policy_examples_are_valid() {
 }
 
 #[test]
+fn resources_default_to_the_built_in_limits_and_a_bundle_can_only_lower_them() {
+    let f = Fixture::new();
+    let policy = HostPolicy::parse(&f.policy_text(&[], &["etc"])).unwrap();
+    let r = policy.resources();
+    assert_eq!(r.default, RunLimits::default());
+    assert_eq!(r.max, RunLimits::default());
+    let lower = ResourceRequest {
+        pids: Some(64),
+        ..Default::default()
+    };
+    assert_eq!(r.for_run(&lower).unwrap().pids, 64);
+    let higher = ResourceRequest {
+        memory_mib: Some(2048),
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.for_run(&higher),
+        Err(LimitsError::AboveCeiling { name: "memory", .. })
+    ));
+    let absurd = ResourceRequest {
+        pids: Some(1),
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.for_run(&absurd),
+        Err(LimitsError::TooLow { name: "pids", .. })
+    ));
+}
+
+#[test]
+fn resources_table_sets_defaults_and_max() {
+    let f = Fixture::new();
+    let text = format!(
+        "{}\n[resources]\npids = 100\ntmp_mib = 8\n[resources.max]\npids = 1000\nmemory_mib = 4096\n",
+        f.policy_text(&[], &["etc"])
+    );
+    let policy = HostPolicy::parse(&text).unwrap();
+    let r = policy.resources();
+    assert_eq!(r.default.pids, 100);
+    assert_eq!(r.default.tmp_bytes, 8 * MIB);
+    assert_eq!(r.max.pids, 1000);
+    assert_eq!(r.max.memory_bytes, 4096 * MIB);
+    // Unset max keys are the host's default: tmp cannot be raised.
+    assert_eq!(r.max.tmp_bytes, 8 * MIB);
+    let asks = ResourceRequest {
+        pids: Some(1000),
+        memory_mib: Some(3000),
+        ..Default::default()
+    };
+    let limits = r.for_run(&asks).unwrap();
+    assert_eq!((limits.pids, limits.memory_bytes), (1000, 3000 * MIB));
+
+    // A default above the max, a typo, a zero: errors, not silently ignored.
+    for bad in [
+        "[resources]\npids = 100\n[resources.max]\npids = 50\n",
+        "[resources]\npid = 100\n",
+        "[resources]\nmemory_mib = 0\n",
+    ] {
+        let text = format!("{}\n{bad}", f.policy_text(&[], &["etc"]));
+        assert!(HostPolicy::parse(&text).is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn the_agents_programs_loader_and_unit_are_protected_from_writes_not_reads() {
     let f = Fixture::new();
     let mut policy = f.policy(&[], &["opt"]);

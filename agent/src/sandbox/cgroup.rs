@@ -2,8 +2,9 @@
 //! process a bundle starts, however it forks, daemonizes or re-parents.
 //!
 //! Runs live at `<cgroup2 mount><agent's own cgroup>/rollguard-runs/<run-id>`.
-//! No controllers are enabled, so the cgroup v2 "no internal processes" rule
-//! does not apply and the agent may stay in its own cgroup. Killing uses
+//! Controllers (pids, memory, cpu) are enabled only below `rollguard-runs`
+//! (see `cgroup_limits`), which holds no process itself, so the agent may
+//! stay in its own cgroup. Killing uses
 //! `cgroup.kill` (Linux 5.14), which SIGKILLs every member atomically, with
 //! no race against forks; without it we refuse to run.
 
@@ -25,6 +26,8 @@ pub enum CgroupError {
     NoCgroupKill(PathBuf),
     #[error("cgroup {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("the {0} controller is available neither in cgroup v2 (for the runs' parent) nor in a cgroup v1 hierarchy; refusing to run without resource limits")]
+    NoController(&'static str),
     #[error("cgroup {path} still has processes after {waited:?}")]
     NotEmpty { path: PathBuf, waited: Duration },
 }
@@ -59,7 +62,7 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, String)> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
+pub(crate) fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -112,9 +115,24 @@ pub fn own_cgroup_dir() -> Result<PathBuf, CgroupError> {
     Ok(dir)
 }
 
-/// The directory under which run cgroups are created.
+/// The leaf the agent lives in when its service manager delegates it a
+/// cgroup with the agent in a subgroup (systemd's `Delegate=yes` with
+/// `DelegateSubgroup=rollguard-agent`).
+pub const AGENT_LEAF: &str = "rollguard-agent";
+
+/// The directory under which run cgroups are created: beside the agent's
+/// leaf when it lives in [`AGENT_LEAF`], so that their common parent holds
+/// no process and may enable the resource controllers (the cgroup v2 "no
+/// internal processes" rule); beneath the agent's own cgroup otherwise.
 pub fn runs_parent() -> Result<PathBuf, CgroupError> {
-    Ok(own_cgroup_dir()?.join(RUNS_DIR))
+    Ok(runs_parent_of(own_cgroup_dir()?))
+}
+
+fn runs_parent_of(own: PathBuf) -> PathBuf {
+    match (own.file_name(), own.parent()) {
+        (Some(leaf), Some(base)) if leaf == AGENT_LEAF => base.join(RUNS_DIR),
+        _ => own.join(RUNS_DIR),
+    }
 }
 
 /// One run's cgroup directory.
@@ -248,13 +266,32 @@ impl RunCgroup {
                 });
             }
         }
-        fs::remove_dir(&self.dir).map_err(io_err(&self.dir))
+        fs::remove_dir(&self.dir).map_err(io_err(&self.dir))?;
+        // The run's v1 cgroups (hybrid hosts), if any: empty now.
+        match self.dir.file_name().and_then(|n| n.to_str()) {
+            Some(run_id) => super::cgroup_limits::remove_v1(run_id, grace),
+            None => Ok(()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_live_beside_a_delegated_agent_leaf() {
+        let service = PathBuf::from("/sys/fs/cgroup/system.slice/rollguard-agent.service");
+        assert_eq!(
+            runs_parent_of(service.join(AGENT_LEAF)),
+            service.join(RUNS_DIR)
+        );
+        assert_eq!(runs_parent_of(service.clone()), service.join(RUNS_DIR));
+        assert_eq!(
+            runs_parent_of(PathBuf::from("/sys/fs/cgroup/unified")),
+            PathBuf::from("/sys/fs/cgroup/unified").join(RUNS_DIR)
+        );
+    }
 
     #[test]
     fn finds_the_cgroup2_mount() {

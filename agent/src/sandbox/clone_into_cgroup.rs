@@ -57,6 +57,9 @@ use nix::unistd::Pid;
 const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
 /// `CLONE_INTO_CGROUP` (Linux 5.7): start the child in `cgroup`.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+/// The child is PID 1 of a new PID namespace: stage 2 is the run's init
+/// (see `pid_init`), and no host process has a pid the bundle can name.
+const CLONE_NEWPID: u64 = libc::CLONE_NEWPID as u64;
 
 /// `struct clone_args` from `<linux/sched.h>` up to `cgroup`
 /// (`CLONE_ARGS_SIZE_VER2`, 88 bytes).
@@ -85,7 +88,8 @@ pub struct Stdio<'a> {
 
 /// Start the program open at `exe` (`argv[0]` is `program`, then `args`),
 /// with an empty environment and `/` as working directory, as a child of
-/// the calling process inside the cgroup directory `cgroup_dir`. Returns
+/// the calling process inside the cgroup directory `cgroup_dir`, as PID 1 of
+/// a new PID namespace (with `clone3` or the `clone` fallback). Returns
 /// its pid once it has exec'd; reap it with [`wait`].
 ///
 /// `exe` is executed with `execveat(exe, "", ..., AT_EMPTY_PATH)`: the
@@ -142,7 +146,7 @@ pub fn spawn(
     let cgroup_fd = cgroup.as_raw_fd();
 
     let mut clone_args = CloneArgs {
-        flags: CLONE_CLEAR_SIGHAND | CLONE_INTO_CGROUP,
+        flags: CLONE_CLEAR_SIGHAND | CLONE_INTO_CGROUP | CLONE_NEWPID,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: cgroup_fd as u64,
         ..CloneArgs::default()
@@ -251,7 +255,9 @@ fn clone_fallback() -> libc::c_long {
         // differs between architectures).
         let ret = libc::syscall(
             libc::SYS_clone,
-            libc::SIGCHLD as libc::c_ulong,
+            // PID 1 of a new PID namespace, as with clone3 (see
+            // CLONE_NEWPID above).
+            (libc::SIGCHLD | libc::CLONE_NEWPID) as libc::c_ulong,
             0usize,
             0usize,
             0usize,

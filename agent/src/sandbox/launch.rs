@@ -28,7 +28,10 @@ use serde::Serialize;
 
 use super::cgroup::{CgroupError, RunCgroup};
 use super::cgroup_filters::{self, CgroupFilters, FilterDenials, FilterError};
+use super::cgroup_limits::{self, Enforcement};
 use super::clone_into_cgroup;
+use super::limits::LimitHit;
+use super::output::{self, Capture};
 use super::spec::{SandboxSpec, SpecError, Stage2Plan};
 use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE, RELEASE_BYTE};
 use super::STAGE2_PROGRAM;
@@ -210,6 +213,15 @@ impl Launcher {
         // The cgroup first: it also claims the run id (creation fails if it
         // exists), before anything in the run directory is touched.
         let cgroup = RunCgroup::create(&spec.run_id)?;
+        // Limits before stage 2 exists: no moment of the run is unlimited,
+        // and a host that cannot limit refuses the run (fail closed).
+        let enforcement = match cgroup_limits::apply(&cgroup, &spec.run_id, &spec.limits) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = cgroup.kill_and_remove(KILL_GRACE);
+                return Err(e.into());
+            }
+        };
         // The device and network programs go on the empty cgroup, before
         // stage 2 is born in it: nothing of the run exists without them. A
         // kernel or agent that cannot load them refuses the run.
@@ -220,7 +232,7 @@ impl Launcher {
                 return Err(e.into());
             }
         };
-        match self.start(spec, &cgroup, filters) {
+        match self.start(spec, &cgroup, enforcement, filters) {
             Ok(child) => Ok(child),
             Err(e) => {
                 let _ = cgroup.kill_and_remove(KILL_GRACE);
@@ -233,6 +245,7 @@ impl Launcher {
         &self,
         spec: &SandboxSpec,
         cgroup: &RunCgroup,
+        enforcement: Enforcement,
         filters: CgroupFilters,
     ) -> Result<HeldChild, SandboxError> {
         let run_dir = &spec.run_dir;
@@ -247,6 +260,7 @@ impl Launcher {
         let plan = Stage2Plan {
             spec: spec.clone(),
             cgroup_dir: cgroup.path().to_path_buf(),
+            cgroup_v1_dirs: enforcement.v1_dirs(),
         };
         let plan_path = run_dir.join(PLAN_FILE);
         write_private(
@@ -259,8 +273,15 @@ impl Launcher {
         )?;
         let stdout_path = run_dir.join(STDOUT_FILE);
         let stderr_path = run_dir.join(STDERR_FILE);
-        let stdout = create_private(&stdout_path)?;
-        let stderr = create_private(&stderr_path)?;
+        // Bounded: the bundle writes into pipes, the agent keeps head and
+        // tail (see `output`). Our copies of the write ends go at the end
+        // of this function, so only the run holds them.
+        let capture = |path: &Path, name: &str| {
+            output::start(create_private(path)?, spec.limits.output_bytes, name)
+                .map_err(io_err("capturing output into", path))
+        };
+        let (stdout, stdout_capture) = capture(&stdout_path, "stdout")?;
+        let (stderr, stderr_capture) = capture(&stderr_path, "stderr")?;
 
         // Stage 2's stdin is the release gate; its write end is
         // close-on-exec, so neither stage 2 nor any later child holds it.
@@ -316,6 +337,8 @@ impl Launcher {
                 stdout: stdout_path,
                 stderr: stderr_path,
                 cgroup: cgroup.clone(),
+                enforcement,
+                captures: Some((stdout_capture, stderr_capture)),
                 exit,
                 started,
                 kill_state: Arc::new(KillState::default()),
@@ -488,6 +511,12 @@ pub struct RunOutcome {
     /// Processes still alive in the cgroup after the main process exited
     /// on its own (daemonized leftovers); all were killed.
     pub leftover_processes: usize,
+    /// Resource limits the run ran into (pids, memory, tmp).
+    pub limits_hit: Vec<LimitHit>,
+    /// Bytes of stdout / stderr beyond the output limit, dropped between
+    /// the kept head and tail (`None`: the capture did not finish).
+    pub stdout_dropped: Option<u64>,
+    pub stderr_dropped: Option<u64>,
     /// What the run cgroup's BPF programs refused (network destinations,
     /// devices); `None` if their record could not be read (unknown).
     pub filter_denials: Option<FilterDenials>,
@@ -515,6 +544,10 @@ pub struct ConfinedChild {
     stdout: PathBuf,
     stderr: PathBuf,
     cgroup: RunCgroup,
+    /// Where the run's resource limits are (v2 or v1 cgroups).
+    enforcement: Enforcement,
+    /// The stdout and stderr captures, until `finish` collects them.
+    captures: Option<(Capture, Capture)>,
     exit: mpsc::Receiver<io::Result<ExitStatus>>,
     started: Instant,
     kill_state: Arc<KillState>,
@@ -617,27 +650,63 @@ impl ConfinedChild {
         let duration = self.started.elapsed();
         let killed_by_switch = self.kill_state.killed.load(Ordering::SeqCst);
 
-        // Whatever is still in the cgroup outlived the main process.
+        let events =
+            status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
+
+        // Whatever outlived the main process: counted by stage 2, the run's
+        // init, when the main process exited (its own exit then killed them
+        // all, see `pid_init`); anything still in the cgroup is counted too.
         let mut leftover_processes = 0;
         if !timed_out && !killed_by_switch {
-            leftover_processes = self.cgroup.processes()?.len();
+            let counted_by_init = events
+                .iter()
+                .find_map(|e| match e {
+                    Event::MainExited {
+                        leftover_processes, ..
+                    } => Some(*leftover_processes),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            leftover_processes = counted_by_init.max(self.cgroup.processes()?.len());
             if leftover_processes > 0 {
                 tracing::warn!(run_id = %self.run_id, processes = leftover_processes, "processes outlived the run; killing them");
             }
         } else if killed_by_switch && !timed_out {
             killed_processes = self.kill_state.processes.load(Ordering::SeqCst);
         }
+        // The cgroups' counters, before the cgroups go.
+        let mut limits_hit = cgroup_limits::limits_hit(&self.cgroup, &self.enforcement);
+        if events
+            .iter()
+            .any(|e| matches!(e, Event::MainExited { tmp_full: true, .. }))
+        {
+            limits_hit.push(LimitHit::Tmp);
+        }
+        if !limits_hit.is_empty() {
+            tracing::warn!(run_id = %self.run_id, ?limits_hit, "the run hit its resource limits");
+        }
         self.kill_and_remove_cgroup()?;
         remove_exit_rules(&self.run_dir);
+        // Every writer is gone with the cgroup: the captures end now.
+        let (stdout_dropped, stderr_dropped) = match self.captures.take() {
+            Some((out, err)) => {
+                let dropped = |c: Capture| match c.finish(KILL_GRACE) {
+                    Ok(c) => Some(c.dropped),
+                    Err(e) => {
+                        tracing::warn!(run_id = %self.run_id, "output capture: {e}");
+                        None
+                    }
+                };
+                (dropped(out), dropped(err))
+            }
+            None => (None, None),
+        };
         // Every process of the run is gone: the record is complete.
         let filter_denials = self
             .filters
             .read_denials()
             .map_err(|e| tracing::warn!(run_id = %self.run_id, "reading the cgroup filters' denials: {e}"))
             .ok();
-
-        let events =
-            status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
         let confinement = events.iter().find_map(|e| match e {
             Event::Exec { confinement, .. } => Some(confinement.clone()),
             _ => None,
@@ -657,6 +726,9 @@ impl ConfinedChild {
             confinement,
             killed_processes,
             leftover_processes,
+            limits_hit,
+            stdout_dropped,
+            stderr_dropped,
             filter_denials,
             duration,
             stdout: self.stdout.clone(),
@@ -679,7 +751,7 @@ fn termination_from(events: &[Event], status: ExitStatus, stderr: &Path) -> Term
                     error: error.clone(),
                 }
             }
-            Event::Exec { .. } => {}
+            Event::Exec { .. } | Event::MainExited { .. } => {}
         }
     }
     if !events.iter().any(|e| matches!(e, Event::Exec { .. })) {
@@ -693,6 +765,18 @@ fn termination_from(events: &[Event], status: ExitStatus, stderr: &Path) -> Term
                 stderr.display()
             ),
         };
+    }
+    // Stage 2 is the run's init: its own status only mirrors the main
+    // process's (128 + signal for a signal), so its report is preferred.
+    if let Some((code, signal)) = events.iter().find_map(|e| match e {
+        Event::MainExited { code, signal, .. } => Some((*code, *signal)),
+        _ => None,
+    }) {
+        match (code, signal) {
+            (Some(code), _) => return Termination::Exited { code },
+            (None, Some(signal)) => return Termination::Signaled { signal },
+            (None, None) => {}
+        }
     }
     match (status.code(), status.signal()) {
         (Some(code), _) => Termination::Exited { code },

@@ -13,7 +13,10 @@
 //! Stage 2 applies the mechanisms in this fixed order (see [`stage2`] for
 //! the reasons behind the order):
 //!
-//! 1. [`cgroup`]: join the run cgroup first, so nothing can escape the kill;
+//! 1. [`cgroup`]: join the run cgroup first, so nothing can escape the kill
+//!    (stage 2 is cloned into it as PID 1 of a new PID namespace, see
+//!    [`pid_init`]; its resource limits are set by then, see
+//!    [`cgroup_limits`] and [`limits`]);
 //! 2. [`audit_session`]: start a fresh audit session, so kernel audit records
 //!    (which carry `ses=`) can be attributed to this run;
 //! 3. [`namespaces`]: private mount namespace (and network namespace when the
@@ -23,7 +26,10 @@
 //! 5. `PR_SET_NO_NEW_PRIVS`;
 //! 6. [`landlock_rules`]: filesystem, TCP and scoping rules (hard requirement);
 //! 7. [`seccomp_filter`]: syscall deny-list, installed last;
-//! 8. clean environment, `chdir` to the payload, `exec`.
+//! 8. fork the bundle's main process (clean environment, `chdir` to the
+//!    payload, `exec`); stage 2 stays as the namespace's init
+//!    ([`pid_init`]). stdout and stderr go through the agent's bounded
+//!    capture ([`output`]).
 //!
 //! Any failure makes stage 2 exit with [`status::EXIT_SETUP_FAILED`] without
 //! running anything: the sandbox fails closed.
@@ -43,12 +49,9 @@
 //!   path, as Landlock is.
 //! - Network: names in the scope are resolved once, at run start; a UDP
 //!   socket bound implicitly receives from anyone (see [`net_filter`]).
-//! - No PID namespace: host processes are visible in `/proc` (command
-//!   lines included). Signals and ptrace-style access (`/proc/<pid>/environ`,
-//!   `.../root`) to them are denied by Landlock scoping (ABI 6+) and the
-//!   ptrace checks; on ABI 3-5 signals to host processes are *not* blocked.
-//! - Resources: no memory, CPU, pids or disk limits (the run cgroup enables
-//!   no controllers); stdout/stderr files are not size-capped.
+//! - Resources: a full `/tmp` is seen only at the end of the run (tmpfs
+//!   keeps no peak); CPU is throttled, never reported; disk I/O and space
+//!   outside `/tmp` (beyond the write scopes) are not limited.
 //! - Listing an ancestor of a protected path (`ls /`) is denied (see
 //!   [`landlock_rules`]).
 //!
@@ -56,9 +59,9 @@
 //! ([`cgroup_filters`]): a device allow-list ([`device_filter`]) and, with a
 //! network scope, the protocol/address/port allow-list ([`net_filter`]).
 //!
-//! Only four tiny modules use `unsafe` ([`landlock_abi`], [`seccomp_install`],
-//! [`clone_into_cgroup`] and [`bpf_sys`]): the raw system calls no safe
-//! crate API exposes.
+//! Only five tiny modules use `unsafe` ([`landlock_abi`], [`seccomp_install`],
+//! [`clone_into_cgroup`], [`bpf_sys`] and [`pid_init`]'s fork): the raw
+//! system calls no safe crate API exposes.
 
 pub mod audit_session;
 pub mod bpf_asm;
@@ -66,17 +69,21 @@ pub mod bpf_sys;
 pub mod capabilities;
 pub mod cgroup;
 pub mod cgroup_filters;
+pub mod cgroup_limits;
 pub mod clone_into_cgroup;
 pub mod device_filter;
 pub mod kernel;
 pub mod landlock_abi;
 pub mod landlock_rules;
 pub mod launch;
+pub mod limits;
 pub mod mount_setattr;
 pub mod mountinfo;
 pub mod namespaces;
 pub mod net_filter;
 pub mod net_scope;
+pub mod output;
+pub mod pid_init;
 pub mod readonly_mounts;
 pub mod seccomp_filter;
 pub mod seccomp_install;

@@ -145,17 +145,38 @@ fn mount_tmpfs(target: &str, flags: MsFlags, options: &str) -> Result<(), Namesp
         .map_err(mount_err(format!("mounting tmpfs on {target}")))
 }
 
-/// Mount the private `/tmp`, `/var/tmp`, `/run` and `/dev`.
-pub fn mount_private_dirs(keep_resolver: bool) -> Result<(), NamespaceError> {
+/// Mount the private `/tmp`, `/var/tmp` (each at most `tmp_bytes`: tmpfs
+/// lives in the host's RAM), `/run` and `/dev`.
+pub fn mount_private_dirs(keep_resolver: bool, tmp_bytes: u64) -> Result<(), NamespaceError> {
     let scratch = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mount_tmpfs("/tmp", scratch, "mode=1777")?;
+    let options = format!("mode=1777,size={tmp_bytes}");
+    mount_tmpfs("/tmp", scratch, &options)?;
     // A real directory only: on hosts where /var/tmp is a symlink to /tmp
     // it is already covered.
     if is_real_dir("/var/tmp") {
-        mount_tmpfs("/var/tmp", scratch, "mode=1777")?;
+        mount_tmpfs("/var/tmp", scratch, &options)?;
     }
     mount_run(keep_resolver)?;
+    mount_proc()?;
     mount_dev()
+}
+
+/// A procfs of the run's own PID namespace over `/proc` (stage 2 is PID 1
+/// of it, see `pid_init`), so `/proc` lists only the run's processes: no
+/// host command lines, environments or pids. Not `subset=pid`: scripts
+/// legitimately read `/proc/meminfo`, `/proc/mounts`, `/proc/cpuinfo`;
+/// writes to `/proc/sys` stay denied by Landlock as before. The host's
+/// procfs underneath cannot be uncovered: umount needs CAP_SYS_ADMIN
+/// (dropped) and is refused by seccomp.
+fn mount_proc() -> Result<(), NamespaceError> {
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(mount_err("mounting the run's procfs on /proc"))
 }
 
 fn mount_run(keep_resolver: bool) -> Result<(), NamespaceError> {

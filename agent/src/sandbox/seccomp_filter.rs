@@ -302,6 +302,19 @@ fn clone_rules() -> Result<Vec<SeccompRule>, FilterError> {
     .collect()
 }
 
+/// `prlimit64` on another process with a new limit (pid != 0, new_limit
+/// != NULL). Host processes have no pid in the run's namespace anyway; this
+/// keeps the bundle from lowering the limits of stage 2, the run's init
+/// (RLIMIT_FSIZE would stop it from writing the run's final status), and
+/// makes the attempt an audited denial. `setrlimit` and `ulimit` on oneself
+/// use pid 0 and stay allowed.
+fn prlimit_rules() -> Result<Vec<SeccompRule>, FilterError> {
+    Ok(vec![SeccompRule::new(vec![
+        cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, 0)?,
+        cond(2, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0)?,
+    ])?])
+}
+
 /// The deny-list: EPERM on match, allow otherwise.
 pub fn deny_list() -> Result<BpfProgram, FilterError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = denied_syscalls()
@@ -323,6 +336,7 @@ pub fn deny_list() -> Result<BpfProgram, FilterError> {
     rules.insert(libc::SYS_socket, socket_rules()?);
     rules.insert(libc::SYS_clone, clone_rules()?);
     rules.insert(libc::SYS_ioctl, tty_injection_rules()?);
+    rules.insert(libc::SYS_prlimit64, prlimit_rules()?);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,

@@ -9,6 +9,8 @@ use rollguard_shared::manifest::Scope;
 use rollguard_shared::path::ScopePath;
 use serde::{Deserialize, Serialize};
 
+use super::limits::{LimitsError, RunLimits};
+
 /// Oldest Landlock ABI we run under: ABI 3 adds `LANDLOCK_ACCESS_FS_TRUNCATE`,
 /// without which a read-only file could still be emptied with `O_TRUNC`.
 pub const MIN_LANDLOCK_ABI: u32 = 3;
@@ -36,6 +38,8 @@ pub enum SpecError {
     TooMany(&'static str),
     #[error("landlock minimum ABI {0} is below the supported floor of {MIN_LANDLOCK_ABI}")]
     AbiTooLow(u32),
+    #[error("resource limits: {0}")]
+    Limits(#[from] LimitsError),
     #[error("network rule with port 0")]
     PortZero,
 }
@@ -115,6 +119,9 @@ pub struct SandboxSpec {
     pub protected: Vec<PathBuf>,
     /// Lowest Landlock ABI accepted (at least [`MIN_LANDLOCK_ABI`]).
     pub landlock_min_abi: u32,
+    /// Resource limits of the run (the host's, or the bundle's within the
+    /// host's ceiling).
+    pub limits: RunLimits,
 }
 
 impl SandboxSpec {
@@ -168,6 +175,7 @@ impl SandboxSpec {
         if self.landlock_min_abi < MIN_LANDLOCK_ABI {
             return Err(SpecError::AbiTooLow(self.landlock_min_abi));
         }
+        self.limits.validate()?;
         if self.scope.network.len() > MAX_NET_RULES {
             return Err(SpecError::TooMany("network rules"));
         }
@@ -196,6 +204,10 @@ impl SandboxSpec {
 pub struct Stage2Plan {
     pub spec: SandboxSpec,
     pub cgroup_dir: PathBuf,
+    /// Per-run cgroup v1 directories (pids, memory, cpu) stage 2 joins on
+    /// hosts whose controllers live in v1 (see `cgroup_limits`).
+    #[serde(default)]
+    pub cgroup_v1_dirs: Vec<PathBuf>,
 }
 
 fn check_path(what: &'static str, path: &Path) -> Result<(), SpecError> {
@@ -227,6 +239,7 @@ mod tests {
             scope: SandboxScope::default(),
             protected: vec!["/srv/backup".into()],
             landlock_min_abi: MIN_LANDLOCK_ABI,
+            limits: RunLimits::default(),
         }
     }
 

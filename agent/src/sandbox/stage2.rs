@@ -5,7 +5,8 @@
 //! else in `main`. The order is fixed and each step
 //! depends on the ones before:
 //!
-//! 0. checks: one thread (Landlock and seccomp apply per thread), umask
+//! 0. checks: one thread (Landlock and seccomp apply per thread), PID 1
+//!    of a new PID namespace, umask
 //!    022, a new session (no controlling terminal), every inherited fd
 //!    above 2 marked close-on-exec, plan valid;
 //! 1. check membership of the run cgroup (the launcher starts us in it;
@@ -32,8 +33,11 @@
 //!    before any confinement): the agent makes the run's start durable
 //!    meanwhile; end-of-file means withdrawn, exit without executing
 //!    anything;
-//! 10. clean environment, `chdir` to the payload, `exec` in place: no fork,
-//!     so the pid that created the Landlock domain is the bundle's pid.
+//! 10. fork the bundle's main process (clean environment, `chdir` to the
+//!     payload, `exec`); stage 2 stays as PID 1 of the run's PID namespace
+//!     (the launcher cloned it with `CLONE_NEWPID`), reaps orphans, and
+//!     exits with the main process's status ([`pid_init`]). The pid that
+//!     created the Landlock domain is stage 2's, the one the agent knows.
 //!
 //! Any failure: a `setup-failed` status event, a message on stderr, exit
 //! 125, and nothing executed.
@@ -57,9 +61,10 @@ use super::status::{
     EXIT_SETUP_FAILED, RELEASE_BYTE,
 };
 use super::{
-    audit_session, capabilities, landlock_rules, namespaces, readonly_mounts, seccomp_filter,
-    seccomp_install, STAGE2_PROGRAM,
+    audit_session, capabilities, cgroup_limits, landlock_rules, namespaces, pid_init,
+    readonly_mounts, seccomp_filter, seccomp_install, STAGE2_PROGRAM,
 };
+use pid_init::Forked;
 
 /// `PATH` of the bundle: the standard Debian root path.
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -124,8 +129,37 @@ fn stage2_main(plan_path: &Path) -> ExitCode {
         Err(Failure { step, error }) => return setup_failed(&mut status, step, error),
     };
     match confine(&plan).and_then(|c| wait_for_release(gate).map(|()| c)) {
-        Ok(confinement) => exec(&plan.spec, confinement, &mut status),
+        Ok(confinement) => fork_and_exec(&plan.spec, confinement, &mut status),
         Err(Failure { step, error }) => setup_failed(&mut status, step, error),
+    }
+}
+
+/// Step 10: fork the bundle's main process, which execs the bundle; stay
+/// behind as the namespace's init until it exits (see [`pid_init`]).
+fn fork_and_exec(
+    spec: &SandboxSpec,
+    confinement: Confinement,
+    status: &mut StatusWriter,
+) -> ExitCode {
+    match pid_init::fork_main() {
+        Ok(Forked::Main) => exec(spec, confinement, status),
+        Ok(Forked::Init { main }) => match pid_init::reap_until_main_exits(main) {
+            Ok(exit) => {
+                status.record(&Event::MainExited {
+                    code: exit.code,
+                    signal: exit.signal,
+                    leftover_processes: exit.leftover_processes,
+                    tmp_full: exit.tmp_full,
+                });
+                ExitCode::from(exit.init_exit_code())
+            }
+            Err(e) => {
+                let error = format!("lost the main process {main}: {e}");
+                eprintln!("rollguard sandbox: {error}");
+                ExitCode::from(EXIT_SETUP_FAILED)
+            }
+        },
+        Err(e) => setup_failed(status, Step::Exec, format!("fork of the main process: {e}")),
     }
 }
 
@@ -176,6 +210,7 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
 
     // 0. Preconditions.
     require_single_thread().map_err(at(Step::Start))?;
+    pid_init::require_pid1().map_err(at(Step::Start))?;
     umask(Mode::from_bits_truncate(0o022));
     // A new session without a controlling terminal: if the agent was
     // started from a terminal, the bundle must not reach it (/dev/tty,
@@ -207,6 +242,10 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
         }
     }
 
+    // The resource limits of hosts whose controllers live in cgroup v1,
+    // before anything of the run can fork.
+    cgroup_limits::join_v1(&plan.cgroup_v1_dirs).map_err(at(Step::Cgroup))?;
+
     // 2. Audit session.
     let session = audit_session::start_new().map_err(at(Step::AuditSession))?;
     fs::OpenOptions::new()
@@ -234,9 +273,11 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
     let private_network = spec.scope.network.is_empty();
     namespaces::enter(private_network).map_err(at(Step::Namespaces))?;
     // Everything outside the write/delete scopes read-only and nodev,
-    // protected paths covered; then the private scratch mounts on top.
+    // protected paths covered; then the private scratch mounts (and the
+    // run's own /proc) on top.
     let read_only = readonly_mounts::apply(spec).map_err(at(Step::Mounts))?;
-    namespaces::mount_private_dirs(!private_network).map_err(at(Step::Mounts))?;
+    namespaces::mount_private_dirs(!private_network, spec.limits.tmp_bytes)
+        .map_err(at(Step::Mounts))?;
 
     // 4. Capabilities.
     capabilities::drop_to_keep_list().map_err(at(Step::Capabilities))?;

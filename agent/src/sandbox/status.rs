@@ -109,6 +109,17 @@ pub enum Event {
         program: PathBuf,
         error: String,
     },
+    /// Written by stage 2, the run's init, when the bundle's main process
+    /// ended: its exit code or signal, and the processes it left behind
+    /// (killed when init exits).
+    MainExited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        leftover_processes: usize,
+        /// The private `/tmp` or `/var/tmp` was full (its size limit hit).
+        #[serde(default)]
+        tmp_full: bool,
+    },
 }
 
 /// Stage 2's side: an append-only, close-on-exec status file.

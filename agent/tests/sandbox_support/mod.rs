@@ -122,6 +122,7 @@ impl Tree {
             },
             protected: vec![self.p("customers"), self.p("backup")],
             landlock_min_abi: MIN_LANDLOCK_ABI,
+            limits: Default::default(),
         }
     }
 

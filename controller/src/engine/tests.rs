@@ -110,6 +110,9 @@ fn report(host: &str, status: RunStatus) -> RunReport {
         run_id: None,
         stdout_tail: String::new(),
         stderr_tail: String::new(),
+        limits_hit: vec![],
+        stdout_dropped_bytes: 0,
+        stderr_dropped_bytes: 0,
         network: vec![],
     }
 }

@@ -684,6 +684,9 @@ mod tests {
             run_id: None,
             stdout_tail: String::new(),
             stderr_tail: String::new(),
+            limits_hit: vec![],
+            stdout_dropped_bytes: 0,
+            stderr_dropped_bytes: 0,
             network: vec![],
         }
     }

@@ -318,3 +318,16 @@ fn skeleton_parses_and_builds() {
     assert_eq!(m.run.payload_program(), Some("apply.sh"));
     assert!(Manifest::parse(built(SKELETON, &[apply_sh()]).as_bytes()).is_ok());
 }
+
+#[test]
+fn run_resources_are_optional_typed_and_strict() {
+    let m = SourceManifest::parse(SOURCE).unwrap();
+    assert!(m.run.resources.is_empty());
+    let with = format!("{SOURCE}\n[run.resources]\npids = 64\ntmp_mib = 16\n");
+    let m = SourceManifest::parse(&with).unwrap();
+    assert_eq!(m.run.resources.pids, Some(64));
+    assert_eq!(m.run.resources.tmp_mib, Some(16));
+    assert_eq!(m.run.resources.memory_mib, None);
+    let typo = format!("{SOURCE}\n[run.resources]\nmemory = 64\n");
+    assert!(SourceManifest::parse(&typo).is_err());
+}
