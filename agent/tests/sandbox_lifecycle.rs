@@ -232,19 +232,17 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
     // and must move itself before anything else.
     let t = Tree::new();
     let (spec, cgroup, mut stage2) = stage2_by_hand(&t, "cat /proc/self/cgroup");
-    let mut stage2 = stage2
-        .stdin(std::process::Stdio::piped())
+    let (mut agent_end, stage2_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let stage2 = stage2
+        .stdin(std::os::fd::OwnedFd::from(stage2_end))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The release byte, as the launcher sends it once the run is durable.
-    stage2
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&[RELEASE_BYTE])
-        .unwrap();
+    // The session id, then the release byte, as the launcher reads and
+    // sends them once the run is durable.
+    read_session_line(&mut agent_end);
+    agent_end.write_all(&[RELEASE_BYTE]).unwrap();
     let out = stage2.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -258,8 +256,6 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
         "{line}"
     );
     cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
-    // No launcher: remove the run's audit rules as it would.
-    rollguard_agent::sandbox::launch::remove_exit_rules(&spec.run_dir);
 }
 
 #[test]
@@ -303,7 +299,20 @@ fn stage2_executes_nothing_when_the_agent_goes_away_before_the_release() {
     let t = Tree::new();
     let ran = t.p("etc/app/ran");
     let (spec, cgroup, mut stage2) = stage2_by_hand(&t, &format!("echo ran > {}", ran.display()));
-    let out = stage2.stdin(std::process::Stdio::null()).output().unwrap();
+    // The gate is a socket pair: stage 2 sends its audit session id on it,
+    // then waits for the release byte. The agent's end goes away once the
+    // id has arrived.
+    let (mut agent_end, stage2_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let child = stage2
+        .stdin(std::os::fd::OwnedFd::from(stage2_end))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(stage2);
+    read_session_line(&mut agent_end);
+    drop(agent_end);
+    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(!ran.exists());
     let events = status::read_events(&spec.run_dir).unwrap();
@@ -318,7 +327,17 @@ fn stage2_executes_nothing_when_the_agent_goes_away_before_the_release() {
         "{events:?}"
     );
     cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
-    rollguard_agent::sandbox::launch::remove_exit_rules(&spec.run_dir);
+}
+
+/// The audit session id stage 2 sends on its gate (one decimal line).
+fn read_session_line(gate: &mut std::os::unix::net::UnixStream) {
+    let mut byte = [0u8; 1];
+    let mut line = Vec::new();
+    while std::io::Read::read(gate, &mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8(line).unwrap();
+    assert!(line.parse::<u32>().is_ok(), "session line {line:?}");
 }
 
 /// A run that leaves `etc/app/ran` behind if it executes.

@@ -11,9 +11,10 @@
 //! The listener keeps those (`key` starts with [`KEY_PREFIX`]) and turns
 //! each into a denial `<label>.<syscall>` with the path.
 //!
-//! Rules are per run, keyed on the run's audit session (stage 2 adds them
-//! right after starting the session, while it still holds
-//! CAP_AUDIT_CONTROL; the agent removes them when the run is over): while
+//! Rules are per run, keyed on the run's audit session (the agent adds them
+//! once stage 2 has sent it the session id, before it releases the run:
+//! audit takes rule changes only from the initial PID namespace, and stage
+//! 2 lives in the run's; the agent removes them when the run is over): while
 //! *any* syscall rule exists, every system call of every process on the
 //! host takes audit's slow path (names collected, rules walked at exit),
 //! so rules exist only while a run does. A run whose rules could not be

@@ -17,6 +17,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -43,6 +44,10 @@ pub const STDERR_FILE: &str = "stderr";
 /// How long processes get to die after `cgroup.kill` before we give up
 /// (they can only outlive it in uninterruptible sleep).
 const KILL_GRACE: Duration = Duration::from_secs(10);
+/// How long the release waits for stage 2's audit session id. Stage 2
+/// sends it within a millisecond or so of its start; this bounds a stage 2
+/// stuck before (the run then goes ahead with its denials unknown).
+const SESSION_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -283,14 +288,15 @@ impl Launcher {
         let (stdout, stdout_capture) = capture(&stdout_path, "stdout")?;
         let (stderr, stderr_capture) = capture(&stderr_path, "stderr")?;
 
-        // Stage 2's stdin is the release gate; its write end is
+        // Stage 2's stdin is the release gate, one end of a socket pair:
+        // stage 2 sends its audit session id on it as soon as it has one,
+        // and waits on it for the release byte. The agent's end is
         // close-on-exec, so neither stage 2 nor any later child holds it.
-        let (gate_read, gate_write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SandboxError::Spawn {
-                program: self.stage2_exe.clone(),
-                source: e.into(),
-            })?;
-        let stdin = File::from(gate_read);
+        let (gate, stage2_end) = UnixStream::pair().map_err(|source| SandboxError::Spawn {
+            program: self.stage2_exe.clone(),
+            source,
+        })?;
+        let stdin = File::from(std::os::fd::OwnedFd::from(stage2_end));
 
         let started = Instant::now();
         // Born inside the run cgroup (no migration, no moment outside it);
@@ -329,7 +335,7 @@ impl Launcher {
         }
 
         Ok(HeldChild {
-            gate: File::from(gate_write),
+            gate,
             child: ConfinedChild {
                 run_id: spec.run_id.clone(),
                 pid,
@@ -344,6 +350,7 @@ impl Launcher {
                 kill_state: Arc::new(KillState::default()),
                 armed: true,
                 filters,
+                exit_audit: false,
             },
         })
     }
@@ -354,8 +361,8 @@ impl Launcher {
 /// cgroup is killed) like [`HeldChild::withdraw`], without waiting.
 #[derive(Debug)]
 pub struct HeldChild {
-    /// Write end of stage 2's stdin.
-    gate: File,
+    /// The agent's end of stage 2's stdin (a socket pair).
+    gate: UnixStream,
     child: ConfinedChild,
 }
 
@@ -372,6 +379,22 @@ impl HeldChild {
             mut gate,
             mut child,
         } = self;
+        // The audit rules that report writes refused by the read-only
+        // mounts are keyed on the run's audit session, which stage 2 sends
+        // once it has it. They are added here, by the agent: the kernel
+        // takes audit rule changes only from the initial PID namespace,
+        // and stage 2 is born in the run's own.
+        child.exit_audit = match read_session_from(&mut gate) {
+            Some(session) => match crate::kernel_audit::exit_rules::install(session) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(run_id = %child.run_id, "cannot add the audit rules for writes refused by read-only mounts: {e}; this run's denials will be reported as unknown");
+                    false
+                }
+            },
+            // Stage 2 failed before it had a session: its status says why.
+            None => false,
+        };
         match gate.write_all(&[RELEASE_BYTE]) {
             Ok(()) => {}
             // Stage 2 has already exited: its setup failed, and its status
@@ -556,6 +579,8 @@ pub struct ConfinedChild {
     armed: bool,
     /// The run cgroup's BPF programs' denial record.
     filters: CgroupFilters,
+    /// Whether the run's audit exit rules were added before its release.
+    exit_audit: bool,
 }
 
 impl Drop for ConfinedChild {
@@ -723,7 +748,10 @@ impl ConfinedChild {
             termination,
             pid: self.pid,
             audit_session: read_session(&self.run_dir),
-            confinement,
+            confinement: confinement.map(|c| Confinement {
+                exit_audit: self.exit_audit,
+                ..c
+            }),
             killed_processes,
             leftover_processes,
             limits_hit,
@@ -785,8 +813,29 @@ fn termination_from(events: &[Event], status: ExitStatus, stderr: &Path) -> Term
     }
 }
 
-/// Remove the run's audit syscall-exit rules (stage 2 added them, keyed on
-/// its audit session): while any exists, every system call on the host
+/// Stage 2's audit session id, sent as one decimal line on the gate right
+/// after it started its session (step 2, long before it has confined
+/// itself); `None` if it failed before, or sent nothing in time.
+fn read_session_from(gate: &mut UnixStream) -> Option<u32> {
+    use std::io::Read;
+    gate.set_read_timeout(Some(SESSION_WAIT)).ok()?;
+    let mut line = Vec::with_capacity(12);
+    let mut byte = [0u8; 1];
+    while line.len() < 12 {
+        match gate.read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => {
+                return std::str::from_utf8(&line).ok()?.parse().ok();
+            }
+            Ok(1) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Remove the run's audit syscall-exit rules (the agent added them, keyed
+/// on the run's audit session): while any exists, every system call on the host
 /// takes audit's slow path. Called once the run's processes are gone.
 pub fn remove_exit_rules(run_dir: &Path) {
     if let Some(session) = read_session(run_dir) {

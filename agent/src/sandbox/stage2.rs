@@ -13,8 +13,10 @@
 //!    join it otherwise), *first*, so nothing this process becomes can
 //!    escape `cgroup.kill`;
 //! 2. new audit session (needs CAP_AUDIT_CONTROL, dropped in 4), its id
-//!    written to `<run_dir>/audit-session`, and the session's audit
-//!    syscall-exit rules (`kernel_audit::exit_rules`; the agent removes them);
+//!    written to `<run_dir>/audit-session` and sent to the agent on the
+//!    gate, which adds the session's audit syscall-exit rules before the
+//!    release (`kernel_audit::exit_rules`; audit takes rule changes only
+//!    from the initial PID namespace);
 //! 3. `unshare(CLONE_NEWNS[|CLONE_NEWNET])`, `/` rprivate, `lo` up,
 //!    everything outside the scopes read-only and nodev, protected paths
 //!    covered (`readonly_mounts`), private
@@ -128,7 +130,7 @@ fn stage2_main(plan_path: &Path) -> ExitCode {
         Ok(gate) => gate,
         Err(Failure { step, error }) => return setup_failed(&mut status, step, error),
     };
-    match confine(&plan).and_then(|c| wait_for_release(gate).map(|()| c)) {
+    match confine(&plan, &gate).and_then(|c| wait_for_release(gate).map(|()| c)) {
         Ok(confinement) => fork_and_exec(&plan.spec, confinement, &mut status),
         Err(Failure { step, error }) => setup_failed(&mut status, step, error),
     }
@@ -205,7 +207,7 @@ fn load_plan(path: &Path) -> Result<Stage2Plan, String> {
 }
 
 /// Steps 0-8.
-fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
+fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
     let spec = &plan.spec;
 
     // 0. Preconditions.
@@ -256,18 +258,17 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
         .open(spec.run_dir.join(AUDIT_SESSION_FILE))
         .and_then(|mut f| io::Write::write_all(&mut f, session.to_string().as_bytes()))
         .map_err(at(Step::AuditSession))?;
-    // Audit rules for this session that report what the read-only mounts
-    // (step 3) refuse: EROFS is decided before Landlock, which never logs
-    // it. Needs CAP_AUDIT_CONTROL and the host's network namespace, so it
-    // is done here; the agent removes them after the run. Not fatal:
-    // without them the run's denials are reported as unknown.
-    let exit_audit = match crate::kernel_audit::exit_rules::install(session) {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("rollguard sandbox: cannot add the audit rules for refused writes: {e}; this run's denials will be reported as unknown");
-            false
-        }
-    };
+    // The agent adds the audit rules that report what the read-only mounts
+    // (step 3) refuse, keyed on this session (EROFS is decided before
+    // Landlock, which never logs it): send it the id now. The kernel takes
+    // rule changes only from the initial PID namespace, which stage 2 is
+    // not in. MSG_NOSIGNAL: a withdrawn run must not die of SIGPIPE here.
+    nix::sys::socket::send(
+        gate.as_raw_fd(),
+        format!("{session}\n").as_bytes(),
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    )
+    .map_err(at(Step::AuditSession))?;
 
     // 3. Namespaces and private mounts.
     let private_network = spec.scope.network.is_empty();
@@ -306,7 +307,8 @@ fn confine(plan: &Stage2Plan) -> Result<Confinement, Failure> {
         seccomp_filters: filters.len(),
         audit_session: session,
         masked_paths: read_only.masked.len(),
-        exit_audit,
+        // Filled in by the agent, which adds the rules (see above).
+        exit_audit: false,
     })
 }
 
