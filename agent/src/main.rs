@@ -21,6 +21,18 @@ const EXIT_ERROR: u8 = 3;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rollguard_shared::logging::init(cli.log_format, "warn");
+    if matches!(cli.command, Command::Run(_) | Command::Serve(_)) {
+        // Runs need the resource controllers beside the agent, not above
+        // it (cgroup v2); a failure here shows as a refusal of each run
+        // that cannot be limited.
+        match rollguard_agent::sandbox::cgroup::enter_agent_leaf() {
+            Ok(true) => {
+                tracing::info!("moved into the cgroup leaf rollguard-agent, so runs can be limited")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot move into the cgroup leaf rollguard-agent: {e}"),
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => run(&args.policy.policy, &args.bundle, args.json),
         Command::Check(args) => check(&args.policy.policy, args.json),

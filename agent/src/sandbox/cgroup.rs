@@ -120,6 +120,41 @@ pub fn own_cgroup_dir() -> Result<PathBuf, CgroupError> {
 /// `DelegateSubgroup=rollguard-agent`).
 pub const AGENT_LEAF: &str = "rollguard-agent";
 
+/// On a pure cgroup v2 host, move the agent into the leaf [`AGENT_LEAF`] of
+/// its own cgroup, so that its own cgroup holds no process and may hand
+/// the `pids`, `memory` and `cpu` controllers to the runs beside that leaf
+/// (the "no internal processes" rule). systemd 254's
+/// `DelegateSubgroup=rollguard-agent` does the same before the agent
+/// starts; Debian 12's systemd 252 has no such setting, hence this. Done
+/// once, at start, and only when the controllers reach the agent's cgroup
+/// (a `Delegate=yes` unit on a v2 host): one migration of the whole
+/// process, never per run. Returns whether it moved. On hosts whose
+/// controllers live in cgroup v1 nothing is done (the runs use v1 there).
+pub fn enter_agent_leaf() -> Result<bool, CgroupError> {
+    let own = own_cgroup_dir()?;
+    if own.file_name().is_some_and(|n| n == AGENT_LEAF) {
+        return Ok(false);
+    }
+    let controllers = own.join("cgroup.controllers");
+    let available = fs::read_to_string(&controllers).map_err(io_err(&controllers))?;
+    if !["pids", "memory", "cpu"]
+        .iter()
+        .all(|c| available.split_whitespace().any(|a| a == *c))
+    {
+        return Ok(false);
+    }
+    let leaf = own.join(AGENT_LEAF);
+    match fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(&leaf)(e)),
+    }
+    // "0": the writing process, all its threads.
+    let procs = leaf.join("cgroup.procs");
+    fs::write(&procs, "0").map_err(io_err(&procs))?;
+    Ok(true)
+}
+
 /// The directory under which run cgroups are created: beside the agent's
 /// leaf when it lives in [`AGENT_LEAF`], so that their common parent holds
 /// no process and may enable the resource controllers (the cgroup v2 "no

@@ -30,7 +30,7 @@
 //!    unshare) and so the filter also covers everything that follows;
 //! 8. verify in `/proc/self/status` (NoNewPrivs 1, Seccomp 2, no capability
 //!    outside the keep-list);
-//! 9. wait for the agent's release byte on the gate, a pipe that arrives
+//! 9. wait for the agent's release byte on the gate, a socket that arrives
 //!    as stdin and is moved aside at the start (stdin becomes `/dev/null`
 //!    before any confinement): the agent makes the run's start durable
 //!    meanwhile; end-of-file means withdrawn, exit without executing
