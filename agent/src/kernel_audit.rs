@@ -1051,6 +1051,7 @@ const DIRFD_FIRST: &[&str] = &[
     "mknodat",
     "setxattrat",
     "removexattrat",
+    "file_setattr",
 ];
 
 fn path_of<'a>(

@@ -71,8 +71,10 @@ pub const READ_ONLY_MOUNT: ExitWatch = ExitWatch {
         "lremovexattr",
         "fremovexattr",
         "removexattrat",
-        // chattr (FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR)
+        // chattr: the ioctls (FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR), and
+        // file_setattr(2) (Linux 6.17)
         "ioctl",
+        "file_setattr",
         // contents and names
         "open",
         "openat",

@@ -369,6 +369,13 @@ pub(super) const X86_64: &[(u32, &str)] = &[
     (450, "set_mempolicy_home_node"),
     (452, "fchmodat2"),
     (462, "mseal"),
+    (463, "setxattrat"),
+    (464, "getxattrat"),
+    (465, "listxattrat"),
+    (466, "removexattrat"),
+    (467, "open_tree_attr"),
+    (468, "file_getattr"),
+    (469, "file_setattr"),
 ];
 
 /// `AUDIT_ARCH_AARCH64` system calls, sorted by number.
@@ -679,7 +686,15 @@ pub(super) const AARCH64: &[(u32, &str)] = &[
     (448, "process_mrelease"),
     (449, "futex_waitv"),
     (450, "set_mempolicy_home_node"),
+    (452, "fchmodat2"),
     (462, "mseal"),
+    (463, "setxattrat"),
+    (464, "getxattrat"),
+    (465, "listxattrat"),
+    (466, "removexattrat"),
+    (467, "open_tree_attr"),
+    (468, "file_getattr"),
+    (469, "file_setattr"),
 ];
 
 /// `AUDIT_ARCH_X86_64` (`EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`).

@@ -20,7 +20,8 @@
 //! async-signal-safe calls, so everything it needs (C strings, pointer
 //! arrays, file descriptors, the empty signal mask) is prepared before the
 //! clone, and the child does nothing but `sigaction`, `sigprocmask`,
-//! `openat`, `write`, `close`, `dup2`, `chdir`, `execveat` and `_exit`.
+//! `openat`, `write`, `close`, `dup2`, `chdir`, `close_range`, `execveat`
+//! and `_exit`.
 //!
 //! **The `clone(2)` fallback.** A seccomp filter cannot read `clone3`'s
 //! flags (they are behind a pointer), so filters that restrict namespace
@@ -196,6 +197,21 @@ pub fn spawn(
                 }
             }
             if libc::chdir(root.as_ptr()) < 0 {
+                child_fail(err_write_fd);
+            }
+            // Nothing but stdin, stdout and stderr may reach stage 2: a
+            // descriptor the agent's caller left open (a lock file, a
+            // directory) points into the host's writable mounts, outside
+            // the run's read-only view, and stage 2 lives as long as the
+            // run. Close-on-exec rather than closed: the program's own
+            // descriptor must survive until the execveat below.
+            if libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) < 0
+            {
                 child_fail(err_write_fd);
             }
             libc::syscall(

@@ -56,13 +56,20 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NamespaceError {
 /// Enter a new mount namespace (and a new network namespace when
 /// `private_network`), and stop mount propagation to the host.
 pub fn enter(private_network: bool) -> Result<(), NamespaceError> {
+    // A private IPC namespace always: SysV shared memory, semaphores and
+    // message queues and POSIX message queues are otherwise the host's
+    // (readable, writable and removable by a root bundle, and left behind
+    // after the run).
     let (flags, name) = if private_network {
         (
-            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET,
-            "CLONE_NEWNS|CLONE_NEWNET",
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWNET,
+            "CLONE_NEWNS|CLONE_NEWIPC|CLONE_NEWNET",
         )
     } else {
-        (CloneFlags::CLONE_NEWNS, "CLONE_NEWNS")
+        (
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC,
+            "CLONE_NEWNS|CLONE_NEWIPC",
+        )
     };
     unshare(flags).map_err(|source| NamespaceError::Unshare {
         flags: name,

@@ -49,6 +49,9 @@ fn target_arch() -> Result<TargetArch, FilterError> {
         .map_err(|_| FilterError::UnsupportedArch(std::env::consts::ARCH))
 }
 
+/// `open_tree_attr`, not yet in the libc crate.
+const SYS_OPEN_TREE_ATTR: libc::c_long = 467;
+
 /// Denied whatever their arguments.
 fn denied_syscalls() -> Vec<libc::c_long> {
     let mut list = vec![
@@ -75,6 +78,12 @@ fn denied_syscalls() -> Vec<libc::c_long> {
         libc::SYS_ptrace,
         libc::SYS_process_vm_readv,
         libc::SYS_process_vm_writev,
+        // Another process's descriptor (the run's init holds the status
+        // file and its gate): a bundle must reach nothing it did not open.
+        libc::SYS_pidfd_getfd,
+        // open_tree_attr(2) (Linux 6.15), the new mount API's clone with
+        // attributes: the same number on every architecture.
+        SYS_OPEN_TREE_ATTR,
         libc::SYS_reboot,
         libc::SYS_swapon,
         libc::SYS_swapoff,

@@ -102,6 +102,16 @@ pub fn stage2_command(mut args: impl Iterator<Item = OsString>) -> ExitCode {
 /// Stage 2 with the plan at `plan_path`. Returns only on failure (on
 /// success the process has become the bundle).
 fn stage2_main(plan_path: &Path) -> ExitCode {
+    // Not dumpable, first of all: stage 2 stays for the whole run as its
+    // init, holding descriptors opened before the run's mount namespace
+    // existed (the status file in the state directory, its own program,
+    // stdin). A dumpable init would let the bundle, same uid, reach them
+    // through /proc/1/fd, /proc/1/exe or pidfd_getfd, outside the read-only
+    // view. The bundle's own exec makes it dumpable again: that is its own.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("rollguard sandbox: cannot make stage 2 non-dumpable: {e}; nothing was run");
+        return ExitCode::from(EXIT_SETUP_FAILED);
+    }
     let plan = match load_plan(plan_path) {
         Ok(plan) => plan,
         Err(e) => {
@@ -279,6 +289,11 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
     let read_only = readonly_mounts::apply(spec).map_err(at(Step::Mounts))?;
     namespaces::mount_private_dirs(!private_network, spec.limits.tmp_bytes)
         .map_err(at(Step::Mounts))?;
+    // The bundle's stdin: the private /dev's null, not the host's, which
+    // was opened before this namespace (a descriptor keeps its mount, and
+    // the host's is writable: fchmod on it would change the host's node).
+    let null = File::open("/dev/null").map_err(at(Step::Mounts))?;
+    nix::unistd::dup2(null.as_raw_fd(), 0).map_err(at(Step::Mounts))?;
 
     // 4. Capabilities.
     capabilities::drop_to_keep_list().map_err(at(Step::Capabilities))?;
