@@ -614,6 +614,26 @@ impl HostPolicy {
         out
     }
 
+    /// Every spelling of every path a bundle may not *change*: the
+    /// protected paths of [`Self::protected_canonical`] and the
+    /// write-protected ones (the agent's programs, `/etc/rollguard`, the
+    /// loader's files, the agent's unit). Another mount of any of them
+    /// inside a write or delete scope would let a bundle write through it.
+    pub fn write_protected_canonical(&self) -> Vec<ScopePath> {
+        let mut out: Vec<ScopePath> = self
+            .protect
+            .iter()
+            .flat_map(|p| {
+                std::iter::once(p.path.clone())
+                    .chain(p.resolved.iter().cloned())
+                    .chain(resolved_forms(&p.path))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     pub fn allow_scopes(&self) -> &[ScopePath] {
         &self.allow_scopes
     }

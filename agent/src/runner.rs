@@ -630,8 +630,10 @@ fn check_mount_aliases(
 ) -> Result<(), Refusal> {
     use crate::sandbox::mountinfo;
     let mounts = mountinfo::read_self().map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    // Write-protected paths too: a bind of /etc inside a write scope would
+    // reach /etc/ld.so.preload or the agent's unit.
     let protected: Vec<PathBuf> = policy
-        .protected_canonical()
+        .write_protected_canonical()
         .iter()
         .map(|p| p.as_path().to_path_buf())
         .collect();

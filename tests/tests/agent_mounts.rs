@@ -116,6 +116,43 @@ impl Drop for Bind {
 }
 
 #[test]
+fn another_mount_of_etc_inside_a_write_scope_is_refused() {
+    // /etc holds what the next run trusts (the loader's files, the
+    // agent's unit and configuration): write-protected, though readable.
+    // A bind of it inside a write scope would let a bundle write there.
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let alias = host.root().join("var/spool/tmp/etc-mirror");
+    let bind = Bind::new(Path::new("/etc"), &alias);
+    let src = host.bundle_source(
+        "etc-alias",
+        &manifest(
+            "etc-alias",
+            1,
+            "\"mail-*.tokyo\"",
+            "write = [\"@ROOT@/var/spool/tmp\"]",
+        ),
+        "#!/bin/sh\necho x > @ROOT@/var/spool/tmp/etc-mirror/ld.so.conf.d/zz-rollguard-test.conf\n",
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    drop(bind);
+    // Should the bundle have run, leave the host's /etc as it was.
+    let planted = Path::new("/etc/ld.so.conf.d/zz-rollguard-test.conf");
+    let escaped = planted.exists();
+    let _ = fs::remove_file(planted);
+    assert!(
+        !escaped,
+        "the bundle wrote into /etc through the bind: {report:#}"
+    );
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["refusal"], "protected_path", "{report:#}");
+    assert_eq!(code, 2);
+    let reason = report["reason"].as_str().unwrap();
+    assert!(reason.contains(alias.to_str().unwrap()), "{reason}");
+}
+
+#[test]
 fn a_protected_tree_mounted_beneath_a_delete_scope_is_refused_naming_both_mounts() {
     let keys = Keys::new(&["alice"]);
     let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
