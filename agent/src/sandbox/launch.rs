@@ -634,10 +634,23 @@ impl ConfinedChild {
     /// start), kill everything left in the cgroup, remove the cgroup and
     /// report.
     pub fn wait(mut self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
-        let outcome = self.finish(timeout)?;
-        // Only a clean finish disarms the kill-on-drop below.
-        self.armed = false;
-        Ok(outcome)
+        match self.finish(timeout) {
+            // Only a clean finish disarms the kill-on-drop below.
+            Ok(outcome) => {
+                self.armed = false;
+                Ok(outcome)
+            }
+            Err(e) => {
+                // The drop kills the run on a thread of its own; the audit
+                // rules go now, whatever made the finish fail (an unreadable
+                // status file, say): a one-shot agent may exit before that
+                // thread runs, and a left rule keeps every process of the
+                // host on audit's slow path.
+                let _ = self.cgroup.kill();
+                remove_exit_rules(&self.run_dir);
+                Err(e)
+            }
+        }
     }
 
     /// Kill whatever is left in the run's cgroup and remove it; processes
