@@ -599,19 +599,7 @@ impl HostPolicy {
     /// loads the policy once: a protected symlink re-pointed since then
     /// protects its new target from the next run on.
     pub fn protected_canonical(&self) -> Vec<ScopePath> {
-        let mut out: Vec<ScopePath> = self
-            .protect
-            .iter()
-            .filter(|p| !p.reason.bundles_may_read())
-            .flat_map(|p| {
-                std::iter::once(p.path.clone())
-                    .chain(p.resolved.iter().cloned())
-                    .chain(resolved_forms(&p.path))
-            })
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+        self.spellings_of(|p| !p.reason.bundles_may_read())
     }
 
     /// Every spelling of every path a bundle may not *change*: the
@@ -620,9 +608,16 @@ impl HostPolicy {
     /// loader's files, the agent's unit). Another mount of any of them
     /// inside a write or delete scope would let a bundle write through it.
     pub fn write_protected_canonical(&self) -> Vec<ScopePath> {
+        self.spellings_of(|_| true)
+    }
+
+    /// Every spelling (as written, as resolved at load, as resolved now)
+    /// of the protected paths `which` selects, sorted and deduplicated.
+    fn spellings_of(&self, which: impl Fn(&ProtectedPath) -> bool) -> Vec<ScopePath> {
         let mut out: Vec<ScopePath> = self
             .protect
             .iter()
+            .filter(|p| which(p))
             .flat_map(|p| {
                 std::iter::once(p.path.clone())
                     .chain(p.resolved.iter().cloned())
