@@ -137,7 +137,7 @@ pub fn enter_agent_leaf() -> Result<bool, CgroupError> {
     }
     let controllers = own.join("cgroup.controllers");
     let available = fs::read_to_string(&controllers).map_err(io_err(&controllers))?;
-    if !["pids", "memory", "cpu"]
+    if !super::cgroup_limits::CONTROLLERS
         .iter()
         .all(|c| available.split_whitespace().any(|a| a == *c))
     {

@@ -30,7 +30,7 @@ use super::cgroup::{self, CgroupError, RunCgroup, RUNS_DIR};
 use super::limits::{LimitHit, RunLimits};
 
 /// The controllers every run needs.
-const CONTROLLERS: [&str; 3] = ["pids", "memory", "cpu"];
+pub const CONTROLLERS: [&str; 3] = ["pids", "memory", "cpu"];
 /// `cpu.max` / `cpu.cfs_period_us` period, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 
