@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod path;
 pub mod protocol;
 pub mod report;
+pub mod services;
 pub mod signature;
 pub mod targets;
 pub mod version;
