@@ -102,24 +102,10 @@ struct Known {
 
 fn empty_report(host: &str, started: Instant) -> RunReport {
     RunReport {
-        status: RunStatus::Refused,
-        exit_code: None,
-        reason: None,
-        refusal: None,
         denials: Some(vec![]),
         denial_count: Some(0),
-        bundle: None,
-        host: host.to_string(),
         duration_ms: started.elapsed().as_millis() as u64,
-        signers: vec![],
-        leftover_processes: 0,
-        run_id: None,
-        stdout_tail: String::new(),
-        stderr_tail: String::new(),
-        limits_hit: vec![],
-        stdout_dropped_bytes: 0,
-        stderr_dropped_bytes: 0,
-        network: vec![],
+        ..RunReport::new(host, RunStatus::Refused)
     }
 }
 

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::services::{CapturedRequest, ServiceOutcome, StaleService};
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -123,6 +125,18 @@ pub struct RunReport {
     /// The run's network scope as enforced (names resolved at run start).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<NetworkGrant>,
+    /// Service requests programs made inside the sandbox (maintainer
+    /// scripts' `deb-systemd-invoke`, `systemctl`...), captured, not
+    /// performed there; each says what the agent did with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services_captured: Vec<CapturedRequest>,
+    /// The reloads and restarts the agent performed after the run, one per
+    /// unit and action, with systemd's result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceOutcome>,
+    /// Processes still mapping files the run's packages replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale_services: Vec<StaleService>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -130,6 +144,35 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl RunReport {
+    /// A report with nothing known yet: no exit code, denials unknown
+    /// (`None`, never a silent zero), no bundle. Every report starts here,
+    /// so a field added later has one default.
+    pub fn new(host: &str, status: RunStatus) -> RunReport {
+        RunReport {
+            status,
+            exit_code: None,
+            reason: None,
+            refusal: None,
+            denials: None,
+            denial_count: None,
+            bundle: None,
+            host: host.to_string(),
+            duration_ms: 0,
+            signers: vec![],
+            leftover_processes: 0,
+            run_id: None,
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+            limits_hit: vec![],
+            stdout_dropped_bytes: 0,
+            stderr_dropped_bytes: 0,
+            network: vec![],
+            services_captured: vec![],
+            services: vec![],
+            stale_services: vec![],
+        }
+    }
+
     /// True when the controller must halt a rollout on this report: the
     /// bundle was refused, or it attempted something the kernel denied (or
     /// we cannot tell whether it did).
@@ -154,27 +197,16 @@ mod tests {
 
     fn base() -> RunReport {
         RunReport {
-            status: RunStatus::Succeeded,
             exit_code: Some(0),
-            reason: None,
-            refusal: None,
             denials: Some(vec![]),
             denial_count: Some(0),
             bundle: Some(BundleRef {
                 name: "x".into(),
                 version: 1,
             }),
-            host: "h".into(),
             duration_ms: 3,
             signers: vec!["alice".into()],
-            leftover_processes: 0,
-            run_id: None,
-            stdout_tail: String::new(),
-            stderr_tail: String::new(),
-            limits_hit: vec![],
-            stdout_dropped_bytes: 0,
-            stderr_dropped_bytes: 0,
-            network: vec![],
+            ..RunReport::new("h", RunStatus::Succeeded)
         }
     }
 

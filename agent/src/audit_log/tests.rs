@@ -132,24 +132,12 @@ fn appends_a_verifiable_chain() {
 #[test]
 fn run_finished_from_a_report() {
     let report = RunReport {
-        status: RunStatus::Failed,
         exit_code: Some(2),
         reason: Some("exit 2".into()),
-        refusal: None,
-        denials: None,
-        denial_count: None,
         bundle: Some(bundle()),
-        host: "h".into(),
         duration_ms: 5,
-        signers: vec![],
-        leftover_processes: 0,
         run_id: Some("r9".into()),
-        stdout_tail: String::new(),
-        stderr_tail: String::new(),
-        limits_hit: vec![],
-        stdout_dropped_bytes: 0,
-        stderr_dropped_bytes: 0,
-        network: vec![],
+        ..RunReport::new("h", RunStatus::Failed)
     };
     let e = AuditEvent::run_finished(&report, "r9", bundle(), "ee");
     let v = serde_json::to_value(&e).unwrap();

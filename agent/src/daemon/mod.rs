@@ -684,26 +684,7 @@ async fn download(
 }
 
 fn base_report(host: &str, status: RunStatus) -> RunReport {
-    RunReport {
-        status,
-        exit_code: None,
-        reason: None,
-        refusal: None,
-        denials: None,
-        denial_count: None,
-        bundle: None,
-        host: host.to_string(),
-        duration_ms: 0,
-        signers: vec![],
-        leftover_processes: 0,
-        run_id: None,
-        stdout_tail: String::new(),
-        stderr_tail: String::new(),
-        limits_hit: vec![],
-        stdout_dropped_bytes: 0,
-        stderr_dropped_bytes: 0,
-        network: vec![],
-    }
+    RunReport::new(host, status)
 }
 
 fn interrupted_report(host: &str) -> RunReport {

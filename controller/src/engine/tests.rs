@@ -96,24 +96,12 @@ fn request(sha: &Sha256Hex, waves: &str, max_failures: u32) -> RolloutRequest {
 
 fn report(host: &str, status: RunStatus) -> RunReport {
     RunReport {
-        status,
         exit_code: Some(if status == RunStatus::Succeeded { 0 } else { 1 }),
-        reason: None,
-        refusal: None,
         denials: Some(vec![]),
         denial_count: Some(0),
-        bundle: None,
-        host: host.into(),
         duration_ms: 5,
         signers: vec!["alice".into()],
-        leftover_processes: 0,
-        run_id: None,
-        stdout_tail: String::new(),
-        stderr_tail: String::new(),
-        limits_hit: vec![],
-        stdout_dropped_bytes: 0,
-        stderr_dropped_bytes: 0,
-        network: vec![],
+        ..RunReport::new(host, status)
     }
 }
 

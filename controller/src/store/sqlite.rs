@@ -670,24 +670,11 @@ mod tests {
 
     pub(crate) fn report(host: &str, status: RunStatus) -> RunReport {
         RunReport {
-            status,
             exit_code: Some(0),
-            reason: None,
-            refusal: None,
             denials: Some(vec![]),
             denial_count: Some(0),
-            bundle: None,
-            host: host.into(),
             duration_ms: 1,
-            signers: vec![],
-            leftover_processes: 0,
-            run_id: None,
-            stdout_tail: String::new(),
-            stderr_tail: String::new(),
-            limits_hit: vec![],
-            stdout_dropped_bytes: 0,
-            stderr_dropped_bytes: 0,
-            network: vec![],
+            ..RunReport::new(host, status)
         }
     }
 
