@@ -75,6 +75,7 @@ use rollguard_shared::report::Denial;
 
 pub mod exit_rules;
 mod handle;
+mod janitor;
 mod record;
 mod syscalls;
 

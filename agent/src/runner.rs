@@ -452,7 +452,10 @@ fn execute(
     if let Some(on_start) = &opts.on_start {
         on_start(run_id, child.kill_handle());
     }
-    let outcome = match child.wait(timeout) {
+    // The run's audit rules stay until its denials are collected (the
+    // end of this function): the kernel answers no audit request while it
+    // removes a rule.
+    let (outcome, _exit_rules) = match child.wait_keeping_exit_rules(timeout) {
         Ok(o) => o,
         Err(e) => {
             report.status = RunStatus::Failed;

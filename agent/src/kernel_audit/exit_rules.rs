@@ -212,6 +212,30 @@ pub fn remove(session: u32) -> Result<(), AuditUnavailable> {
     first_error.map_or(Ok(()), Err)
 }
 
+/// Remove every watch's rules for `session` without waiting for the
+/// kernel's grace period: a detached process makes the requests (see
+/// [`super::janitor`]). If that process cannot be started, the rules are
+/// removed here, synchronously.
+pub fn remove_detached(session: u32) -> Result<(), AuditUnavailable> {
+    let socket = super::audit_socket()?;
+    let messages: Vec<Vec<u8>> = WATCHES
+        .iter()
+        .flat_map(|w| w.exits.iter().map(move |e| rule(w, *e, session)))
+        .enumerate()
+        .map(|(i, data)| super::encode_nlmsg(AUDIT_DEL_RULE, NLM_F_REQUEST, i as u32 + 1, &data))
+        .collect();
+    match super::janitor::send_detached(socket, &messages) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::debug!(
+                session,
+                "cannot detach the audit rules' removal ({e}); removing them now"
+            );
+            remove(session)
+        }
+    }
+}
+
 /// Remove our rules whose audit session no live process has any more:
 /// left behind by an agent killed between starting stage 2 and recording
 /// the run (recovery removes those of recorded runs), or by stage 2 run
@@ -364,5 +388,33 @@ mod tests {
         assert!(!list_sessions(&mut control).unwrap().contains(&dead));
         // Removing what is not there is not an error.
         remove(dead).unwrap();
+    }
+
+    /// Real kernel, as root: a detached removal returns before the kernel's
+    /// grace period and the rules are gone once the detached process is,
+    /// which holds none of our descriptors but its socket.
+    #[test]
+    fn a_detached_removal_removes_the_rules() {
+        let session = 3_999_999_998;
+        install(session).unwrap();
+        // A pipe whose write end only we hold: the middle process closes
+        // its copy before it forks the detached one, and we reap it before
+        // `remove_detached` returns, so the read sees the end of file at
+        // once; a detached process that kept it would make it EAGAIN.
+        let (read_end, write_end) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
+                .unwrap();
+        remove_detached(session).unwrap();
+        drop(write_end);
+        let mut buf = [0u8; 1];
+        assert_eq!(nix::unistd::read(read_end.as_raw_fd(), &mut buf), Ok(0));
+        let mut control = Control::open().unwrap();
+        // Bounded for a broken kernel, not a timing claim: the removal
+        // takes one grace period (milliseconds).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while list_sessions(&mut control).unwrap().contains(&session) {
+            assert!(std::time::Instant::now() < deadline, "rules still there");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }

@@ -633,19 +633,31 @@ impl ConfinedChild {
     /// Wait for the main process for at most `timeout` (counted from the
     /// start), kill everything left in the cgroup, remove the cgroup and
     /// report.
-    pub fn wait(mut self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
+    pub fn wait(self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
+        self.wait_keeping_exit_rules(timeout)
+            .map(|(outcome, _rules)| outcome)
+    }
+
+    /// [`Self::wait`], but the run's audit exit rules stay until the
+    /// returned guard is dropped: the caller drops it once it has
+    /// collected the run's denials, since the kernel takes no other audit
+    /// request while it removes a rule (see [`ExitRules`]).
+    pub fn wait_keeping_exit_rules(
+        mut self,
+        timeout: Duration,
+    ) -> Result<(RunOutcome, ExitRules), SandboxError> {
         match self.finish(timeout) {
             // Only a clean finish disarms the kill-on-drop below.
-            Ok(outcome) => {
+            Ok(done) => {
                 self.armed = false;
-                Ok(outcome)
+                Ok(done)
             }
             Err(e) => {
                 // The drop kills the run on a thread of its own; the audit
-                // rules go now, whatever made the finish fail (an unreadable
-                // status file, say): a one-shot agent may exit before that
-                // thread runs, and a left rule keeps every process of the
-                // host on audit's slow path.
+                // rules' removal starts now, whatever made the finish fail
+                // (an unreadable status file, say): a one-shot agent may
+                // exit before that thread runs, and a left rule keeps every
+                // process of the host on audit's slow path.
                 let _ = self.cgroup.kill();
                 remove_exit_rules(&self.run_dir);
                 Err(e)
@@ -667,7 +679,7 @@ impl ConfinedChild {
             })
     }
 
-    fn finish(&mut self, timeout: Duration) -> Result<RunOutcome, SandboxError> {
+    fn finish(&mut self, timeout: Duration) -> Result<(RunOutcome, ExitRules), SandboxError> {
         let remaining = timeout.saturating_sub(self.started.elapsed());
         let mut killed_processes = 0;
         let mut timed_out = false;
@@ -724,7 +736,9 @@ impl ConfinedChild {
             tracing::warn!(run_id = %self.run_id, ?limits_hit, "the run hit its resource limits");
         }
         self.kill_and_remove_cgroup()?;
-        remove_exit_rules(&self.run_dir);
+        // No process of the run is left to match the rules; they go when
+        // the caller is done with audit (the guard's drop).
+        let exit_rules = ExitRules::of_run(&self.run_dir);
         // Every writer is gone with the cgroup: the captures end now.
         let (stdout_dropped, stderr_dropped) = match self.captures.take() {
             Some((out, err)) => {
@@ -756,7 +770,7 @@ impl ConfinedChild {
         } else {
             termination_from(&events, status, &self.stderr)
         };
-        Ok(RunOutcome {
+        let outcome = RunOutcome {
             run_id: self.run_id.clone(),
             termination,
             pid: self.pid,
@@ -774,7 +788,8 @@ impl ConfinedChild {
             duration,
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
-        })
+        };
+        Ok((outcome, exit_rules))
     }
 }
 
@@ -847,15 +862,43 @@ fn read_session_from(gate: &mut UnixStream) -> Option<u32> {
     None
 }
 
-/// Remove the run's audit syscall-exit rules (the agent added them, keyed
-/// on the run's audit session): while any exists, every system call on the host
-/// takes audit's slow path. Called once the run's processes are gone.
-pub fn remove_exit_rules(run_dir: &Path) {
-    if let Some(session) = read_session(run_dir) {
-        if let Err(e) = crate::kernel_audit::exit_rules::remove(session) {
-            tracing::warn!(session, "cannot remove the run's audit rules: {e}");
+/// The run's audit syscall-exit rules (the agent added them, keyed on the
+/// run's audit session), removed when this is dropped: while any exists,
+/// every system call on the host takes audit's slow path.
+///
+/// The removal is not waited for: it takes a kernel grace period (see
+/// `kernel_audit::janitor`), and a detached process makes it. The kernel
+/// handles audit requests one at a time, so while that removal waits no
+/// other audit request of the agent (the listener's sync marker that ends
+/// a run's denial collection, say) is answered: drop the guard after those.
+#[must_use = "dropping the guard removes the run's audit rules"]
+#[derive(Debug)]
+pub struct ExitRules {
+    session: Option<u32>,
+}
+
+impl ExitRules {
+    fn of_run(run_dir: &Path) -> ExitRules {
+        ExitRules {
+            session: read_session(run_dir),
         }
     }
+}
+
+impl Drop for ExitRules {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            if let Err(e) = crate::kernel_audit::exit_rules::remove_detached(session) {
+                tracing::warn!(session, "cannot remove the run's audit rules: {e}");
+            }
+        }
+    }
+}
+
+/// Remove the run's audit syscall-exit rules now (without waiting for the
+/// kernel), once its processes are gone.
+pub fn remove_exit_rules(run_dir: &Path) {
+    drop(ExitRules::of_run(run_dir));
 }
 
 fn read_session(run_dir: &Path) -> Option<u32> {
