@@ -172,7 +172,11 @@ pub enum ProtectionReason {
     TrustFile,
     /// The policy file itself.
     PolicyFile,
-    /// The running agent executable.
+    /// The running agent executable. Readable (it is public), never
+    /// writable. Readable matters for cost too: an unreadable path makes
+    /// the sandbox grant reads on every sibling of it and of each of its
+    /// ancestors (`/usr/sbin` holds a few hundred entries), one Landlock
+    /// rule each, at every run.
     AgentExecutable,
     /// The agent's controller credentials (`[controller]` cert, key, CA): a
     /// bundle that could read the key could impersonate this host.
@@ -203,7 +207,8 @@ impl ProtectionReason {
     pub fn bundles_may_read(self) -> bool {
         matches!(
             self,
-            ProtectionReason::AgentPrograms
+            ProtectionReason::AgentExecutable
+                | ProtectionReason::AgentPrograms
                 | ProtectionReason::AgentConfigDir
                 | ProtectionReason::DynamicLoader
                 | ProtectionReason::ServiceUnit
