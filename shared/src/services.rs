@@ -190,6 +190,15 @@ pub struct StaleService {
     pub files: Vec<String>,
 }
 
+/// One action the agent is to perform after the run, and why: what the
+/// broker (agent/src/services/) is handed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedAction {
+    pub unit: UnitName,
+    pub action: ServiceAction,
+    pub source: ActionSource,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
