@@ -310,3 +310,94 @@ fn a_service_still_running_a_replaced_binary_is_stale_until_restarted() {
     assert_ne!(o.main_pid_after, Some(old_pid));
     assert!(still.is_empty(), "{still:?}");
 }
+
+/// The shipped unit gives the agent no CAP_SYS_PTRACE, so another user's
+/// process's `root` and `exe` links are closed to it (its `maps` and
+/// `cgroup` are not). A process that maps the new file must then not be
+/// taken for stale, and one still mapping the deleted old file must be
+/// found. Capabilities are per thread: the scan runs in a thread that
+/// dropped CAP_SYS_PTRACE, and again with it, for the same answer.
+#[test]
+fn stale_scan_without_cap_sys_ptrace_finds_the_old_file_and_spares_the_new() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Child, Command};
+
+    let base = std::path::Path::new("/var/lib/rollguard-tests");
+    std::fs::create_dir_all(base).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("stale-")
+        .tempdir_in(base)
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("sleepy");
+    std::fs::copy("/bin/sleep", &bin).unwrap();
+
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // As `nobody`, once its maps show the file (bounded: exec is quick).
+    let start = |bin: &std::path::Path| {
+        let child = Killed(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(bin)
+                .arg("1000")
+                .spawn()
+                .expect("setpriv"),
+        );
+        let maps = format!("/proc/{}/maps", child.0.id());
+        let want = bin.to_str().unwrap().to_string();
+        for _ in 0..5000 {
+            if std::fs::read_to_string(&maps).is_ok_and(|m| m.contains(&want)) {
+                return child;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("{} did not start", bin.display());
+    };
+    let old = start(&bin);
+    let new_copy = dir.path().join("sleepy.new");
+    std::fs::copy("/bin/sleep", &new_copy).unwrap();
+    std::fs::rename(&new_copy, &bin).unwrap();
+    let new = start(&bin);
+
+    let replaced = BTreeSet::from([bin.clone()]);
+    for drop_ptrace in [true, false] {
+        let replaced = replaced.clone();
+        let found = std::thread::spawn(move || {
+            if drop_ptrace {
+                caps::drop(
+                    None,
+                    caps::CapSet::Effective,
+                    caps::Capability::CAP_SYS_PTRACE,
+                )
+                .expect("drop CAP_SYS_PTRACE");
+            }
+            stale::scan(&replaced)
+        })
+        .join()
+        .unwrap();
+        let ours: Vec<_> = found
+            .iter()
+            .filter(|s| s.pid == old.0.id() || s.pid == new.0.id())
+            .collect();
+        assert_eq!(
+            ours.len(),
+            1,
+            "without CAP_SYS_PTRACE: {drop_ptrace}: {found:?}"
+        );
+        assert_eq!(ours[0].pid, old.0.id());
+        assert_eq!(ours[0].files, [bin.to_str().unwrap()]);
+        let exe = if drop_ptrace {
+            // argv[0], as setpriv passed it.
+            bin.display().to_string()
+        } else {
+            format!("{} (deleted)", bin.display())
+        };
+        assert_eq!(ours[0].exe, exe, "without CAP_SYS_PTRACE: {drop_ptrace}");
+    }
+}

@@ -124,15 +124,47 @@ pub fn unit_from_cgroup(content: &str) -> Option<UnitName> {
     v1
 }
 
+/// What the replaced path is now, as the process sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Current {
+    Inode(u64),
+    /// No file there any more: the package removed it.
+    Gone,
+    /// Cannot tell (neither the process's view nor ours could be read).
+    Unknown,
+}
+
 /// Whether `m`, a mapping of a replaced path, still holds the old file:
-/// the kernel says it was unlinked, or the path (as the process sees it,
-/// through its own root) is now another inode, or is gone.
+/// the kernel says it was unlinked, or the path is now another inode, or
+/// is gone. When the current file cannot be looked at, only the kernel's
+/// word counts: a guess would restart services for nothing.
 ///
 /// Only inodes are compared, not devices: on overlayfs (containers) and
 /// btrfs the device in `maps` is the underlying one and never equals
 /// `stat`'s, which would make every mapping look stale.
-fn holds_old_file(m: &Mapping, current_inode: Option<u64>) -> bool {
-    m.deleted || current_inode != Some(m.inode)
+fn holds_old_file(m: &Mapping, current: Current) -> bool {
+    m.deleted
+        || match current {
+            Current::Inode(ino) => ino != m.inode,
+            Current::Gone => true,
+            Current::Unknown => false,
+        }
+}
+
+/// The path's inode as process `dir` sees it: through its own root (a
+/// service with its own mount namespace, a container), which needs
+/// CAP_SYS_PTRACE for a process of another user; without it, as the
+/// agent sees it (a service's view of /usr is the host's in practice).
+fn current_inode(dir: &Path, path: &Path) -> Current {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let lookup = |p: &Path| match std::fs::metadata(p) {
+        Ok(md) => Some(Current::Inode(md.ino())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Current::Gone),
+        Err(_) => None,
+    };
+    lookup(&dir.join("root").join(rel))
+        .or_else(|| lookup(path))
+        .unwrap_or(Current::Unknown)
 }
 
 /// Scan the host's processes for mappings of `replaced` files that are
@@ -188,7 +220,7 @@ fn scan_process(proc: &Path, pid: u32, replaced: &BTreeSet<PathBuf>) -> Option<S
     let mut files: BTreeSet<PathBuf> = BTreeSet::new();
     // The same file is mapped several times (text, data, ...): one stat
     // per path.
-    let mut current: BTreeMap<PathBuf, Option<u64>> = BTreeMap::new();
+    let mut current: BTreeMap<PathBuf, Current> = BTreeMap::new();
     for line in maps.split(|&c| c == b'\n') {
         let Some(m) = parse_maps_line(line) else {
             continue;
@@ -196,14 +228,9 @@ fn scan_process(proc: &Path, pid: u32, replaced: &BTreeSet<PathBuf>) -> Option<S
         if !replaced.contains(&m.path) {
             continue;
         }
-        let cur = *current.entry(m.path.clone()).or_insert_with(|| {
-            // The path as the process sees it: a service in its own mount
-            // namespace or a container sees its own root.
-            let seen = dir
-                .join("root")
-                .join(m.path.strip_prefix("/").unwrap_or(&m.path));
-            std::fs::metadata(seen).ok().map(|md| md.ino())
-        });
+        let cur = *current
+            .entry(m.path.clone())
+            .or_insert_with(|| current_inode(&dir, &m.path));
         if holds_old_file(&m, cur) {
             files.insert(m.path);
         }
@@ -214,8 +241,15 @@ fn scan_process(proc: &Path, pid: u32, replaced: &BTreeSet<PathBuf>) -> Option<S
     let unit = std::fs::read_to_string(dir.join("cgroup"))
         .ok()
         .and_then(|c| unit_from_cgroup(&c));
+    // The exe link needs CAP_SYS_PTRACE for another user's process; its
+    // argv[0] does not (and says what runs, if not where from).
     let exe = std::fs::read_link(dir.join("exe"))
         .map(|p| p.to_string_lossy().into_owned())
+        .or_else(|_| {
+            let cmdline = std::fs::read(dir.join("cmdline"))?;
+            let argv0 = cmdline.split(|&c| c == 0).next().unwrap_or_default();
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(argv0).into_owned())
+        })
         .unwrap_or_default();
     Some(StaleService {
         unit: unit.map(String::from),
@@ -377,10 +411,13 @@ mod tests {
             path: "/usr/sbin/x".into(),
             deleted,
         };
-        assert!(holds_old_file(&m(5, true), Some(5)));
-        assert!(holds_old_file(&m(5, false), Some(6)));
-        assert!(holds_old_file(&m(5, false), None));
-        assert!(!holds_old_file(&m(5, false), Some(5)));
+        use Current::*;
+        assert!(holds_old_file(&m(5, true), Inode(5)));
+        assert!(holds_old_file(&m(5, true), Unknown));
+        assert!(holds_old_file(&m(5, false), Inode(6)));
+        assert!(holds_old_file(&m(5, false), Gone));
+        assert!(!holds_old_file(&m(5, false), Inode(5)));
+        assert!(!holds_old_file(&m(5, false), Unknown));
     }
 
     #[test]
