@@ -54,6 +54,7 @@ fn a_declared_restart_changes_main_pid_and_a_reload_runs_exec_reload() {
     );
     assert_eq!(out.len(), 1, "{out:?}");
     let o = &out[0];
+    eprintln!("restart: {o:?}");
     let second = ct.main_pid("demo.service");
     assert_eq!(o.result, "done", "{o:?}");
     assert!(o.succeeded());
@@ -73,6 +74,7 @@ fn a_declared_restart_changes_main_pid_and_a_reload_runs_exec_reload() {
         )],
     );
     let o = &out[0];
+    eprintln!("reload: {o:?}");
     assert_eq!(o.result, "done", "{o:?}");
     assert_eq!(o.main_pid_before, Some(second));
     assert_eq!(o.main_pid_after, Some(second), "a reload keeps MainPID");
@@ -270,7 +272,23 @@ fn a_service_still_running_a_replaced_binary_is_stale_until_restarted() {
     );
 
     ct.sh(&format!("cp /bin/sleep {bin}.new && mv -f {bin}.new {bin}"));
+    let t = std::time::Instant::now();
     let found = stale::scan(&replaced);
+    eprintln!(
+        "stale scan of {} processes: {:?}",
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .parse::<u32>()
+                .is_ok())
+            .count(),
+        t.elapsed()
+    );
     assert_eq!(found.len(), 1, "{found:?}");
     let s = &found[0];
     assert_eq!(s.pid, host_pid);
