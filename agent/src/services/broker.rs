@@ -293,27 +293,55 @@ async fn run_job(
     // Subscribed (the match rule is in place) before the job exists, so its
     // JobRemoved cannot be missed however fast it completes.
     let mut removed = manager.receive_job_removed().await.map_err(Stop::Call)?;
-    let job = match a.action {
-        ServiceAction::Reload => manager.reload_unit(name, JOB_MODE).await,
-        ServiceAction::Restart => manager.restart_unit(name, JOB_MODE).await,
-        ServiceAction::TryRestart => manager.try_restart_unit(name, JOB_MODE).await,
-    }
-    .map_err(Stop::Call)?;
-    tracing::debug!(unit = name, job = %job.as_str(), "job queued");
-    let result = loop {
-        let Some(signal) = removed.next().await else {
-            return Err(Stop::SignalStreamEnded);
-        };
-        match signal.args() {
-            Ok(args) if args.job == job => break args.result,
-            Ok(_) => continue,
-            // Not ours to judge: a signal we cannot read is skipped, and
-            // the timeout bounds the wait.
-            Err(e) => tracing::warn!(error = %e, "unreadable JobRemoved signal"),
+    let call = async {
+        match a.action {
+            ServiceAction::Reload => manager.reload_unit(name, JOB_MODE).await,
+            ServiceAction::Restart => manager.restart_unit(name, JOB_MODE).await,
+            ServiceAction::TryRestart => manager.try_restart_unit(name, JOB_MODE).await,
         }
+    };
+    tokio::pin!(call);
+    // The signals that arrive while the call is under way are drained
+    // into `early`, not left queued: zbus delivers the reply and the
+    // signals from one reader, which would stall behind a full signal
+    // queue; and the job may be over before its reply is read.
+    let mut early: Vec<(OwnedObjectPath, String)> = Vec::new();
+    let job = loop {
+        tokio::select! {
+            reply = &mut call => break reply.map_err(Stop::Call)?,
+            signal = removed.next() => match signal.map(|s| job_removed(&s)) {
+                Some(Some(done)) => early.push(done),
+                Some(None) => {}
+                None => return Err(Stop::SignalStreamEnded),
+            },
+        }
+    };
+    tracing::debug!(unit = name, job = %job.as_str(), "job queued");
+    let result = match early.into_iter().find(|(j, _)| *j == job) {
+        Some((_, result)) => result,
+        None => loop {
+            match removed.next().await.map(|s| job_removed(&s)) {
+                Some(Some((j, result))) if j == job => break result,
+                Some(_) => continue,
+                None => return Err(Stop::SignalStreamEnded),
+            }
+        },
     };
     *after = main_pid(&service).await;
     Ok(result)
+}
+
+/// A `JobRemoved` signal's job and result. Not ours to judge: a signal
+/// that cannot be read is skipped (logged), and the timeout bounds the
+/// wait for ours.
+fn job_removed(signal: &JobRemoved) -> Option<(OwnedObjectPath, String)> {
+    match signal.args() {
+        Ok(args) => Some((args.job, args.result)),
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable JobRemoved signal");
+            None
+        }
+    }
 }
 
 /// `MainPID`, `None` when the unit has no main process (0) or the property
