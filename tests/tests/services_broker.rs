@@ -419,3 +419,37 @@ fn stale_scan_without_cap_sys_ptrace_finds_the_old_file_and_spares_the_new() {
         assert_eq!(ours[0].exe, exe, "without CAP_SYS_PTRACE: {drop_ptrace}");
     }
 }
+
+/// Many other jobs finish while the broker's own is queued: their
+/// JobRemoved signals reach the broker's subscription too, and its job's
+/// result must be picked out from them. (Whether more than zbus's 64
+/// queued signals arrive before the call's reply, the stall the broker
+/// drains against, depends on timing; this checks the picking out.)
+#[test]
+fn the_broker_finds_its_job_among_many_others() {
+    let ct = SystemdContainer::boot();
+    ct.install_unit(
+        "flood@.service",
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    );
+    ct.install_unit("demo.service", DEMO_UNIT);
+    ct.sh("systemctl start demo.service");
+    let first = ct.main_pid("demo.service");
+    let flood: Vec<String> = (0..400).map(|i| format!("flood@{i}.service")).collect();
+    let mut starter = ct
+        .command(["systemctl", "start", "--no-block"])
+        .args(&flood)
+        .spawn()
+        .expect("systemctl start");
+    let out = perform(
+        &ct,
+        &[act(
+            "demo.service",
+            ServiceAction::Restart,
+            ActionSource::Declared,
+        )],
+    );
+    assert!(starter.wait().unwrap().success());
+    assert_eq!(out[0].result, "done", "{:?}", out[0]);
+    assert_ne!(ct.main_pid("demo.service"), first);
+}
