@@ -15,6 +15,7 @@ pub mod policy;
 pub mod recovery;
 pub mod runner;
 pub mod sandbox;
+pub mod services;
 pub mod state;
 pub mod terminal;
 pub mod trust_path;

@@ -131,7 +131,7 @@ pub struct RunReport {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services_captured: Vec<CapturedRequest>,
     /// The reloads and restarts the agent performed after the run, one per
-    /// unit and action, with systemd's result.
+    /// unit (its strongest action asked for), with systemd's result.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceOutcome>,
     /// Processes still mapping files the run's packages replaced.

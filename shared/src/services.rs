@@ -161,7 +161,9 @@ pub struct ServiceOutcome {
     pub action: ServiceAction,
     pub source: ActionSource,
     /// systemd's job result: `done`, `failed`, `timeout`, `canceled`,
-    /// `dependency`, `skipped`; or `error: ...` when the call itself failed.
+    /// `dependency`, `skipped`, `invalid` (e.g. reloading a stopped unit);
+    /// `timeout` also when the agent stopped waiting; or `error: ...` when
+    /// the call itself failed (docs/services.md).
     pub result: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub main_pid_before: Option<u32>,
@@ -188,6 +190,15 @@ pub struct StaleService {
     pub exe: String,
     /// The replaced files it still maps.
     pub files: Vec<String>,
+}
+
+/// One action the agent is to perform after the run, and why: what the
+/// broker (agent/src/services/) is handed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedAction {
+    pub unit: UnitName,
+    pub action: ServiceAction,
+    pub source: ActionSource,
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 pub mod fleet;
 pub mod host;
 pub mod scale;
+pub mod systemd_container;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
