@@ -604,7 +604,7 @@ impl HostPolicy {
     /// loads the policy once: a protected symlink re-pointed since then
     /// protects its new target from the next run on.
     pub fn protected_canonical(&self) -> Vec<ScopePath> {
-        self.spellings_of(|p| !p.reason.bundles_may_read())
+        self.protected_now().canonical()
     }
 
     /// Every spelling of every path a bundle may not *change*: the
@@ -613,25 +613,26 @@ impl HostPolicy {
     /// loader's files, the agent's unit). Another mount of any of them
     /// inside a write or delete scope would let a bundle write through it.
     pub fn write_protected_canonical(&self) -> Vec<ScopePath> {
-        self.spellings_of(|_| true)
+        self.protected_now().write_protected()
     }
 
-    /// Every spelling (as written, as resolved at load, as resolved now)
-    /// of the protected paths `which` selects, sorted and deduplicated.
-    fn spellings_of(&self, which: impl Fn(&ProtectedPath) -> bool) -> Vec<ScopePath> {
-        let mut out: Vec<ScopePath> = self
-            .protect
-            .iter()
-            .filter(|p| which(p))
-            .flat_map(|p| {
-                std::iter::once(p.path.clone())
-                    .chain(p.resolved.iter().cloned())
-                    .chain(resolved_forms(&p.path))
-            })
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+    /// The protected paths with their spellings resolved now, once: a run
+    /// takes one of these and makes every check and the sandbox's list
+    /// from it. Resolving walks each path a component at a time (a
+    /// `statx` per component, a few hundred for the implicit paths), which
+    /// was a tenth of a trivial run's CPU when each check did it again.
+    pub fn protected_now(&self) -> ProtectedNow<'_> {
+        let mut forms = Vec::new();
+        for p in &self.protect {
+            forms.push((p, p.path.clone()));
+            for r in p.resolved.iter().cloned().chain(resolved_forms(&p.path)) {
+                forms.push((p, r));
+            }
+        }
+        ProtectedNow {
+            policy: self,
+            forms,
+        }
     }
 
     pub fn allow_scopes(&self) -> &[ScopePath] {
@@ -694,6 +695,47 @@ impl HostPolicy {
         Ok(())
     }
 
+    /// Check a bundle's scope against this host's policy (see
+    /// [`ProtectedNow::check_scope`]), with the protected paths resolved now.
+    pub fn check_scope(&self, scope: &Scope) -> Result<(), ScopeViolation> {
+        self.protected_now().check_scope(scope)
+    }
+}
+
+/// The protected paths of a [`HostPolicy`] with every spelling they have at
+/// one moment: as written, as resolved at load, as resolved when this was
+/// made ([`HostPolicy::protected_now`]).
+#[derive(Debug)]
+pub struct ProtectedNow<'p> {
+    policy: &'p HostPolicy,
+    forms: Vec<(&'p ProtectedPath, ScopePath)>,
+}
+
+impl ProtectedNow<'_> {
+    /// The spellings of the paths bundles may not read, sorted and
+    /// deduplicated (see [`HostPolicy::protected_canonical`]).
+    pub fn canonical(&self) -> Vec<ScopePath> {
+        self.spellings_of(|p| !p.reason.bundles_may_read())
+    }
+
+    /// The spellings of every path bundles may not change (see
+    /// [`HostPolicy::write_protected_canonical`]).
+    pub fn write_protected(&self) -> Vec<ScopePath> {
+        self.spellings_of(|_| true)
+    }
+
+    fn spellings_of(&self, which: impl Fn(&ProtectedPath) -> bool) -> Vec<ScopePath> {
+        let mut out: Vec<ScopePath> = self
+            .forms
+            .iter()
+            .filter(|(p, _)| which(p))
+            .map(|(_, form)| form.clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Check a bundle's scope against this host's policy.
     ///
     /// - Every scope path (write, delete and read) must not overlap any
@@ -710,14 +752,8 @@ impl HostPolicy {
     ///   directories they change. The protected check still applies to
     ///   them, so backups cannot be read (or exfiltrated) either.
     pub fn check_scope(&self, scope: &Scope) -> Result<(), ScopeViolation> {
-        // Protected forms: as written, as resolved at load, as resolved now.
-        let mut protected: Vec<(&ProtectedPath, ScopePath)> = Vec::new();
-        for p in &self.protect {
-            protected.push((p, p.path.clone()));
-            for r in p.resolved.iter().cloned().chain(resolved_forms(&p.path)) {
-                protected.push((p, r));
-            }
-        }
+        let policy = self.policy;
+        let protected = &self.forms;
         for (key, path) in scope.all_paths() {
             // Paths bundles may read are only guarded against writes.
             let protected: Vec<&(&ProtectedPath, ScopePath)> = protected
@@ -745,18 +781,18 @@ impl HostPolicy {
                 // might be anything. There is always at least one protected
                 // path (the state directory).
                 Resolved::Root => {
-                    if let Some(p) = self.protect.first() {
+                    if let Some(p) = policy.protect.first() {
                         return Err(violation(p, Some("/".into())));
                     }
                 }
                 Resolved::Unresolvable => {
-                    if let Some(p) = self.protect.first() {
+                    if let Some(p) = policy.protect.first() {
                         return Err(violation(p, Some("an unresolvable symlink chain".into())));
                     }
                 }
             }
         }
-        let ceiling_resolved: Vec<ScopePath> = self
+        let ceiling_resolved: Vec<ScopePath> = policy
             .allow_scopes
             .iter()
             .flat_map(|c| std::iter::once(c.clone()).chain(resolved_forms(c)))
@@ -770,10 +806,10 @@ impl HostPolicy {
             let violation = |via: Option<String>| ScopeViolation::ScopeCeiling {
                 key,
                 path: path.clone(),
-                ceiling: self.allow_scopes.iter().map(|c| c.to_string()).collect(),
+                ceiling: policy.allow_scopes.iter().map(|c| c.to_string()).collect(),
                 via,
             };
-            if !self.allow_scopes.iter().any(|c| path.is_within(c)) {
+            if !policy.allow_scopes.iter().any(|c| path.is_within(c)) {
                 return Err(violation(None));
             }
             match resolve_symlinks(path) {

@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 
 use crate::audit_log::{AuditEvent, AuditLog};
 use crate::kernel_audit::AuditListener;
-use crate::policy::HostPolicy;
+use crate::policy::{HostPolicy, ProtectedNow};
 use crate::sandbox::net_scope;
 use crate::sandbox::spec::MIN_LANDLOCK_ABI;
 use crate::sandbox::{
@@ -227,10 +227,13 @@ fn prepare_and_run(
         .targets
         .check(&host)
         .map_err(|e| Refusal::new(RefusalKind::NotTarget, e))?;
-    policy
+    // The protected paths resolved once for this run: the checks and the
+    // sandbox's list below all use this one view.
+    let protected = policy.protected_now();
+    protected
         .check_scope(&manifest.scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
-    check_mount_aliases(policy, &manifest.scope)?;
+    check_mount_aliases(&protected, &manifest.scope)?;
     // Resource limits: the host's, or the bundle's request within the
     // host's ceiling (beyond it, refused like a scope beyond the ceiling).
     let limits = policy
@@ -308,8 +311,8 @@ fn prepare_and_run(
         command: manifest.run.command.clone(),
         env,
         scope: SandboxScope::new(&manifest.scope, network.rules),
-        protected: policy
-            .protected_canonical()
+        protected: protected
+            .canonical()
             .iter()
             .map(|p| p.as_path().to_path_buf())
             .collect(),
@@ -614,15 +617,15 @@ fn add_filter_denials(outcome: &RunOutcome, report: &mut RunReport) {
 /// the protected data. Read from the agent's own mount table, which the
 /// sandbox's namespace copies (stage 2 checks its copy again).
 fn check_mount_aliases(
-    policy: &HostPolicy,
+    protected: &ProtectedNow<'_>,
     scope: &rollguard_shared::manifest::Scope,
 ) -> Result<(), Refusal> {
     use crate::sandbox::mountinfo;
     let mounts = mountinfo::read_self().map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
     // Write-protected paths too: a bind of /etc inside a write scope would
     // reach /etc/ld.so.preload or the agent's unit.
-    let protected: Vec<PathBuf> = policy
-        .write_protected_canonical()
+    let protected: Vec<PathBuf> = protected
+        .write_protected()
         .iter()
         .map(|p| p.as_path().to_path_buf())
         .collect();
