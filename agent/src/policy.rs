@@ -489,9 +489,10 @@ impl HostPolicy {
             .into_iter()
             .map(|p| (p, ProtectionReason::AgentPrograms))
             .chain(fixed);
+        let mut lookups = Lookups::default();
         for (path, reason) in all {
             match path.to_str().map(ScopePath::parse) {
-                Some(Ok(p)) => self.add_protected(p, reason),
+                Some(Ok(p)) => self.add_protected_with(p, reason, &mut lookups),
                 // `/` or a non-UTF-8 install path: nothing sensible to add;
                 // say so rather than pretend.
                 _ => {
@@ -572,10 +573,19 @@ impl HostPolicy {
     }
 
     fn add_protected(&mut self, path: ScopePath, reason: ProtectionReason) {
+        self.add_protected_with(path, reason, &mut Lookups::default());
+    }
+
+    fn add_protected_with(
+        &mut self,
+        path: ScopePath,
+        reason: ProtectionReason,
+        lookups: &mut Lookups,
+    ) {
         if self.protect.iter().any(|p| p.path == path) {
             return;
         }
-        let resolved = resolved_forms(&path);
+        let resolved = resolved_forms_with(&path, lookups);
         self.protect.push(ProtectedPath {
             path,
             resolved,
@@ -623,9 +633,11 @@ impl HostPolicy {
     /// was a tenth of a trivial run's CPU when each check did it again.
     pub fn protected_now(&self) -> ProtectedNow<'_> {
         let mut forms = Vec::new();
+        let mut lookups = Lookups::default();
         for p in &self.protect {
             forms.push((p, p.path.clone()));
-            for r in p.resolved.iter().cloned().chain(resolved_forms(&p.path)) {
+            let now = resolved_forms_with(&p.path, &mut lookups);
+            for r in p.resolved.iter().cloned().chain(now) {
                 forms.push((p, r));
             }
         }
@@ -931,9 +943,51 @@ fn parse_paths(key: &'static str, raw: &[String]) -> Result<Vec<ScopePath>, Poli
 /// so callers can chain). A path that resolves to `/` or cannot be resolved
 /// is represented by the special forms in [`Resolved`] only at check time.
 fn resolved_forms(path: &ScopePath) -> Vec<ScopePath> {
-    match resolve_symlinks(path) {
+    resolved_forms_with(path, &mut Lookups::default())
+}
+
+/// [`resolved_forms`], sharing `lookups` with other paths resolved at the
+/// same moment.
+fn resolved_forms_with(path: &ScopePath, lookups: &mut Lookups) -> Vec<ScopePath> {
+    match resolve_symlinks_with(path, lookups) {
         Resolved::Path(r) if &r != path => vec![r],
         _ => Vec::new(),
+    }
+}
+
+/// What each path looked at during one resolution pass turned out to be.
+/// The protected paths share most of their ancestors (a dozen unit
+/// directories under `/etc/systemd`, `/run/systemd` and `/usr/lib/systemd`,
+/// say), and each look is an `lstat` of the whole path: a pass over all of
+/// them asks each ancestor once instead of once per descendant. Lives for
+/// one pass only: what it remembers is "now".
+#[derive(Debug, Default)]
+struct Lookups(std::collections::HashMap<PathBuf, Lookup>);
+
+#[derive(Debug, Clone)]
+enum Lookup {
+    /// A symlink, with its target.
+    Symlink(PathBuf),
+    /// A symlink whose target cannot be read.
+    UnreadableSymlink,
+    /// Anything else: exists, does not exist yet, or cannot be inspected.
+    Other,
+}
+
+impl Lookups {
+    fn look(&mut self, candidate: &Path) -> Lookup {
+        if let Some(l) = self.0.get(candidate) {
+            return l.clone();
+        }
+        let l = match std::fs::symlink_metadata(candidate) {
+            Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(candidate) {
+                Ok(target) => Lookup::Symlink(target),
+                Err(_) => Lookup::UnreadableSymlink,
+            },
+            _ => Lookup::Other,
+        };
+        self.0.insert(candidate.to_path_buf(), l.clone());
+        l
     }
 }
 
@@ -957,6 +1011,10 @@ pub enum Resolved {
 /// that will be created beneath a symlinked directory, or a dangling
 /// symlink whose target the bundle could create.
 pub fn resolve_symlinks(path: &ScopePath) -> Resolved {
+    resolve_symlinks_with(path, &mut Lookups::default())
+}
+
+fn resolve_symlinks_with(path: &ScopePath, lookups: &mut Lookups) -> Resolved {
     use std::collections::VecDeque;
     use std::ffi::OsString;
     use std::path::Component;
@@ -985,22 +1043,20 @@ pub fn resolve_symlinks(path: &ScopePath) -> Resolved {
             continue;
         }
         let candidate = resolved.join(&c);
-        match std::fs::symlink_metadata(&candidate) {
-            Ok(m) if m.file_type().is_symlink() => {
+        match lookups.look(&candidate) {
+            Lookup::Symlink(target) => {
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
                     return Resolved::Unresolvable;
                 }
-                let Ok(target) = std::fs::read_link(&candidate) else {
-                    return Resolved::Unresolvable;
-                };
                 if target.is_absolute() {
                     resolved = PathBuf::from("/");
                 }
                 push_components(&mut pending, &target);
             }
+            Lookup::UnreadableSymlink => return Resolved::Unresolvable,
             // Exists, does not exist yet, or cannot be inspected: as written.
-            _ => resolved = candidate,
+            Lookup::Other => resolved = candidate,
         }
     }
     if resolved == Path::new("/") {
