@@ -753,6 +753,33 @@ impl LocalControl for Daemon {
     }
 }
 
+/// How often the daemon looks for audit rules of runs that are over.
+const ORPHAN_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A run's audit rules are removed by a detached process after the run
+/// (`kernel_audit::janitor`); if that process is killed first, the rule
+/// stays, and while any rule exists every process on the host takes
+/// audit's slow path. The daemon's start removes such orphans; this looks
+/// again every [`ORPHAN_SWEEP_INTERVAL`] while it runs. Rules of runs still
+/// going are kept (their session has live processes).
+async fn sweep_orphan_audit_rules() {
+    let mut every = tokio::time::interval(ORPHAN_SWEEP_INTERVAL);
+    // The first tick is immediate: `Daemon::open` has just swept.
+    every.tick().await;
+    loop {
+        every.tick().await;
+        match tokio::task::spawn_blocking(crate::kernel_audit::exit_rules::sweep_orphans).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::warn!(
+                count = n,
+                "removed audit rules left behind by finished runs"
+            ),
+            Ok(Err(e)) => tracing::warn!("cannot check for audit rules left behind: {e}"),
+            Err(e) => tracing::warn!("audit rule sweep failed: {e}"),
+        }
+    }
+}
+
 /// Run the daemon until the process is stopped.
 pub fn serve(
     identity: HostIdentity,
@@ -771,6 +798,7 @@ pub fn serve(
         let listener = local::bind(&opts.socket)
             .with_context(|| format!("binding {}", opts.socket.display()))?;
         tokio::spawn(local::serve(listener, daemon.clone()));
+        tokio::spawn(sweep_orphan_audit_rules());
         tracing::info!(socket = %opts.socket.display(), "local control socket ready");
         // State open and the local socket (kill switch) bound: ready for
         // systemd (Type=notify), even while the controller is unreachable.

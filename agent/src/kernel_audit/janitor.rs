@@ -28,7 +28,10 @@
 //!   rule is gone;
 //! - it asks for no acknowledgement: nobody would read it. A rule it could
 //!   not remove (the process was `SIGKILL`ed first) is an orphan, which
-//!   the daemon's start removes (`exit_rules::sweep_orphans`).
+//!   the daemon removes at its start and every ten minutes while it runs
+//!   (`exit_rules::sweep_orphans`). If no grandchild could be started at
+//!   all (the middle process could not fork, or was killed), the caller
+//!   removes the rules itself, synchronously.
 //!
 //! The cost to the run is one `fork` of the agent and one short `waitpid`,
 //! well under a millisecond.
@@ -69,11 +72,15 @@ pub fn send_detached(socket: OwnedFd, messages: &[Vec<u8>]) -> Result<(), Errno>
                 // Hold nothing of the agent's but the socket: not its
                 // stdout (a caller reading the report to its end would wait
                 // for this process), nor its state lock.
+                // Exit status 1 tells the parent no grandchild was
+                // started, so it removes the rules itself.
                 let raw = fd as libc::c_uint;
-                if raw > 0 {
-                    libc::syscall(libc::SYS_close_range, 0, raw - 1, 0);
+                if raw > 0 && libc::syscall(libc::SYS_close_range, 0, raw - 1, 0) != 0 {
+                    libc::_exit(1)
                 }
-                libc::syscall(libc::SYS_close_range, raw + 1, libc::c_uint::MAX, 0);
+                if libc::syscall(libc::SYS_close_range, raw + 1, libc::c_uint::MAX, 0) != 0 {
+                    libc::_exit(1)
+                }
                 libc::setsid();
                 match libc::fork() {
                     0 => {
@@ -84,14 +91,22 @@ pub fn send_detached(socket: OwnedFd, messages: &[Vec<u8>]) -> Result<(), Errno>
                         }
                         libc::_exit(0)
                     }
+                    -1 => libc::_exit(1),
                     _ => libc::_exit(0),
                 }
             }
         }
         Ok(ForkResult::Parent { child }) => loop {
-            // The middle process exits at once; reap it.
+            // The middle process exits at once; reap it. Only its clean
+            // exit means the grandchild took over; anything else (it could
+            // not fork, or was killed first) is an error, and the caller
+            // removes the rules itself (removing one already gone is
+            // harmless).
             match waitpid(child, None) {
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => break Ok(()),
+                Ok(WaitStatus::Exited(_, 0)) => break Ok(()),
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
+                    break Err(Errno::ECHILD)
+                }
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => break Err(e),
             }
