@@ -227,8 +227,8 @@ fn prepare_and_run(
         .targets
         .check(&host)
         .map_err(|e| Refusal::new(RefusalKind::NotTarget, e))?;
-    // The protected paths resolved once for this run: the checks and the
-    // sandbox's list below all use this one view.
+    // The protected paths resolved once for the checks (the sandbox's list
+    // below resolves them again, just before the run).
     let protected = policy.protected_now();
     protected
         .check_scope(&manifest.scope)
@@ -311,7 +311,10 @@ fn prepare_and_run(
         command: manifest.run.command.clone(),
         env,
         scope: SandboxScope::new(&manifest.scope, network.rules),
-        protected: protected
+        // Resolved again: name resolution above may have taken seconds, and
+        // a protected symlink re-pointed meanwhile must count from this run.
+        protected: policy
+            .protected_now()
             .canonical()
             .iter()
             .map(|p| p.as_path().to_path_buf())
