@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::path::{PathError, ScopePath};
 use crate::targets::{TargetError, Targets};
 
+mod services;
+pub use services::{Services, ServicesError, MAX_SERVICE_UNITS};
+
 /// Largest manifest we read (the generated payload table included).
 pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
 /// Longest run timeout a bundle may ask for.
@@ -82,6 +85,8 @@ pub enum ManifestError {
     MissingPayload,
     #[error("payload: {0}")]
     Payload(#[from] PayloadError),
+    #[error("{0}")]
+    Services(#[from] ServicesError),
 }
 
 /// Problems with one payload entry.
@@ -295,6 +300,9 @@ pub struct SourceManifest {
     pub targets: Targets,
     pub scope: Scope,
     pub run: Run,
+    /// `[services]`: reloads and restarts after the run (empty if absent).
+    #[serde(skip_serializing_if = "Services::is_empty")]
+    pub services: Services,
 }
 
 /// The parsed manifest of a built bundle.
@@ -304,6 +312,9 @@ pub struct Manifest {
     pub targets: Targets,
     pub scope: Scope,
     pub run: Run,
+    /// `[services]`: reloads and restarts after the run (empty if absent).
+    #[serde(skip_serializing_if = "Services::is_empty")]
+    pub services: Services,
     pub payload: Vec<PayloadFile>,
 }
 
@@ -347,6 +358,7 @@ impl Manifest {
             targets: common.targets,
             scope: common.scope,
             run: common.run,
+            services: common.services,
             payload,
         })
     }
@@ -400,6 +412,7 @@ struct RawManifest {
     #[serde(default)]
     scope: RawScope,
     run: RawRun,
+    services: Option<services::RawServices>,
     payload: Option<RawPayload>,
 }
 
@@ -500,6 +513,7 @@ impl RawManifest {
             },
         };
         let run = parse_run(self.run)?;
+        let services = self.services.unwrap_or_default().parse()?;
         Ok(SourceManifest {
             bundle: BundleInfo {
                 name,
@@ -510,6 +524,7 @@ impl RawManifest {
             targets,
             scope,
             run,
+            services,
         })
     }
 }

@@ -331,3 +331,41 @@ fn run_resources_are_optional_typed_and_strict() {
     let typo = format!("{SOURCE}\n[run.resources]\nmemory = 64\n");
     assert!(SourceManifest::parse(&typo).is_err());
 }
+
+#[test]
+fn services_section_is_optional_typed_and_strict() {
+    let m = SourceManifest::parse(SOURCE).unwrap();
+    assert!(m.services.is_empty());
+    let with = format!(
+        "{SOURCE}\n[services]\nreload = [\"postfix.service\"]\nrestart = [\"dovecot.service\", \"php8.2-fpm.service\"]\nrestart_stale = true\n"
+    );
+    let m = SourceManifest::parse(&with).unwrap();
+    assert_eq!(m.services.reload[0].as_str(), "postfix.service");
+    assert_eq!(m.services.restart.len(), 2);
+    assert!(m.services.restart_stale);
+    // In the signed (built) manifest as written.
+    let b = Manifest::parse(built(&with, &[apply_sh()]).as_bytes()).unwrap();
+    assert_eq!(b.services, m.services);
+    let json = serde_json::to_value(&b).unwrap();
+    assert_eq!(json["services"]["reload"][0], "postfix.service");
+    // Absent when empty.
+    let plain = Manifest::parse(built(SOURCE, &[apply_sh()]).as_bytes()).unwrap();
+    assert!(serde_json::to_value(&plain).unwrap().get("services").is_none());
+
+    let bad = |section: &str| {
+        SourceManifest::parse(&format!("{SOURCE}\n[services]\n{section}\n"))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad("stop = [\"x.service\"]").contains("unknown field"));
+    assert!(bad("reload = [\"postfix\"]").contains("services.reload"));
+    assert!(bad("restart = [\"x.socket\"]").contains("not a .service"));
+    assert!(bad("restart = [\"getty@.service\"]").contains("services.restart"));
+    assert!(bad("restart = [\"a.service\", \"a.service\"]").contains("twice"));
+    assert!(bad("reload = [\"a.service\"]\nrestart = [\"a.service\"]").contains("both"));
+    assert!(bad("restart_stale = \"yes\"").contains("invalid type"));
+    let many: Vec<String> = (0..=MAX_SERVICE_UNITS)
+        .map(|i| format!("\"u{i}.service\""))
+        .collect();
+    assert!(bad(&format!("restart = [{}]", many.join(","))).contains("more than"));
+}
