@@ -135,6 +135,18 @@ fn describe_alarm(d: &DispatchRecord) -> Option<String> {
                 d.host,
                 r.reason.as_deref().unwrap_or("no reason given")
             )
+        } else if r.services_captured.iter().any(|c| c.is_denied()) {
+            let denied: Vec<String> = r
+                .services_captured
+                .iter()
+                .filter(|c| c.is_denied())
+                .map(|c| format!("{} {}", c.verb, c.unit))
+                .collect();
+            format!(
+                "{} asked for service actions its policy does not allow: {}",
+                d.host,
+                denied.join(", ")
+            )
         } else if !r.limits_hit.is_empty() && r.denial_count.unwrap_or(0) == 0 {
             format!(
                 "{} hit resource limits: {}",
@@ -538,6 +550,11 @@ impl Engine {
             },
             targets: serde_json::to_value(&manifest.targets).unwrap_or_default(),
             scope: serde_json::to_value(&manifest.scope).unwrap_or_default(),
+            services: if manifest.services.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::to_value(&manifest.services).unwrap_or_default()
+            },
             signers: meta.signers.clone(),
             timeout_secs: manifest.run.timeout.as_secs(),
             bake_secs: req.bake_secs,

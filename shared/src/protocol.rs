@@ -338,6 +338,10 @@ pub struct Plan {
     pub bundle: BundleSummary,
     pub targets: serde_json::Value,
     pub scope: serde_json::Value,
+    /// The manifest's `[services]`: what the agents will reload or restart
+    /// after the run (null when the bundle has none).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub services: serde_json::Value,
     /// Signer identities found in the bundle, as the bundle names them. The
     /// controller does not verify them: each agent does, against its own
     /// policy.

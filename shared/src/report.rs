@@ -181,6 +181,15 @@ impl RunReport {
             // Exhausting the host's resources is an attempt, too.
             return true;
         }
+        if self
+            .services_captured
+            .iter()
+            .any(CapturedRequest::is_denied)
+        {
+            // A service action the host does not allow is an attempt too
+            // (the agent also lists it in `denials`; this holds without).
+            return true;
+        }
         match self.status {
             RunStatus::Refused => true,
             _ => match &self.denials {
@@ -240,6 +249,20 @@ mod tests {
             .unwrap()
             .get("limits_hit")
             .is_none());
+    }
+
+    #[test]
+    fn a_denied_captured_service_request_is_an_alert() {
+        let mut r = base();
+        r.services_captured = vec![CapturedRequest {
+            unit: "dovecot.service".into(),
+            verb: "restart".into(),
+            via: "systemctl".into(),
+            disposition: "performed".into(),
+        }];
+        assert!(!r.is_alert());
+        r.services_captured[0].disposition = "denied".into();
+        assert!(r.is_alert());
     }
 
     #[test]

@@ -154,6 +154,13 @@ pub struct CapturedRequest {
     pub disposition: String,
 }
 
+impl CapturedRequest {
+    /// The unit is outside the host's allow list: an alert.
+    pub fn is_denied(&self) -> bool {
+        self.disposition == "denied"
+    }
+}
+
 /// What the agent did to one unit, and what came of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceOutcome {

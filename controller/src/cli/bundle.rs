@@ -393,6 +393,7 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
                 "targets": m.targets,
                 "scope": m.scope,
                 "run": m.run,
+                "services": m.services,
                 "payload": m.payload,
                 "signatures": evaluation.signatures,
                 "trusted_principals": allowed.map(|_| &evaluation.principals),
@@ -464,7 +465,7 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
         }
     ));
     out.push_str(&format!(
-        "  network   {}\n\n",
+        "  network   {}\n",
         if m.scope.network.is_empty() {
             "none (private network namespace)".to_string()
         } else {
@@ -482,6 +483,7 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
             )
         }
     ));
+    out.push_str(&services_lines(&m.services));
     out.push_str("WHAT it runs\n");
     out.push_str(&format!("  command   {:?}\n", m.run.command));
     out.push_str(&format!(
@@ -557,4 +559,23 @@ fn blast_radius_warnings(m: &Manifest, now: jiff::Timestamp) -> Vec<String> {
         w.push("expired: agents will refuse it".to_string());
     }
     w
+}
+
+/// `[services]` under "WHAT it may change": what the agent will do to the
+/// host's services after the run (each unit must be in the host's allow
+/// list, or the host refuses the bundle).
+fn services_lines(s: &rollguard_shared::manifest::Services) -> String {
+    let names = |v: &[rollguard_shared::services::UnitName]| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ")
+        }
+    };
+    format!(
+        "  services  reload {}; restart {}; restart stale {} (performed by the agent after the run, if the host allows each unit)\n\n",
+        names(&s.reload),
+        names(&s.restart),
+        if s.restart_stale { "yes" } else { "no" }
+    )
 }

@@ -204,6 +204,22 @@ fn print_plan(plan: &Plan) {
         plan.bundle.name, plan.bundle.version, plan.bundle.size, plan.bundle.sha256
     );
     print_blast_radius(&plan.targets, &plan.scope);
+    if !plan.services.is_null() {
+        let names = |v: &serde_json::Value| {
+            let l = list(v);
+            if l.is_empty() {
+                "(none)".to_string()
+            } else {
+                l.join(", ")
+            }
+        };
+        println!(
+            "services reload {}; restart {}; restart stale {} (by each agent after the run, if its policy allows each unit)",
+            names(&plan.services["reload"]),
+            names(&plan.services["restart"]),
+            if plan.services["restart_stale"].as_bool() == Some(true) { "yes" } else { "no" }
+        );
+    }
     if plan.signers.is_empty() {
         println!("signers  NONE (every agent will refuse this bundle)");
     } else {

@@ -531,3 +531,36 @@ async fn matching_alerts_halt_running_rollouts() {
     let s = f.engine.status(&mail).await.unwrap();
     assert!(s.halt_reason.unwrap().contains("alert Q fired"));
 }
+
+/// A service request the host's `[services] allow` refused halts the
+/// rollout, however many failures it tolerates: it is an alarm, not a
+/// failure (the agent lists it as a denial too; this holds without).
+#[tokio::test]
+async fn a_denied_service_request_halts() {
+    let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
+    let mut req = request(&f.sha, "1,100%", 5);
+    req.canaries = vec!["web-1".into()];
+    let id = f.engine.start(&req, "admin").await.unwrap().id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    let mut r = report("web-1", RunStatus::Failed);
+    r.services_captured = vec![rollguard_shared::services::CapturedRequest {
+        unit: "sshd.service".into(),
+        verb: "restart".into(),
+        via: "systemctl".into(),
+        disposition: "denied".into(),
+    }];
+    f.engine
+        .ingest_report(
+            "web-1",
+            AgentReport {
+                rollout_id: id.clone(),
+                report: r,
+            },
+        )
+        .await
+        .unwrap();
+    let s = wait_status(&f.engine, &id, |s| s.state == RolloutState::Halted).await;
+    let reason = s.halt_reason.unwrap();
+    assert!(reason.contains("sshd.service"), "{reason}");
+    assert_eq!(runs(&drain(&mut f, "web-2")), 0);
+}

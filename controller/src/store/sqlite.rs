@@ -658,6 +658,7 @@ mod tests {
             },
             targets: serde_json::Value::Null,
             scope: serde_json::Value::Null,
+            services: serde_json::Value::Null,
             signers: vec![],
             timeout_secs: 60,
             bake_secs: 0,

@@ -28,7 +28,9 @@ pub enum ServicesError {
         key: &'static str,
         source: crate::services::UnitNameError,
     },
-    #[error("services.{key}: {unit} is not a .service unit; only services are reloaded or restarted")]
+    #[error(
+        "services.{key}: {unit} is not a .service unit; only services are reloaded or restarted"
+    )]
     NotAService { key: &'static str, unit: String },
     #[error("services.{key} lists {unit} twice")]
     Duplicate { key: &'static str, unit: String },

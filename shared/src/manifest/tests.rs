@@ -350,7 +350,10 @@ fn services_section_is_optional_typed_and_strict() {
     assert_eq!(json["services"]["reload"][0], "postfix.service");
     // Absent when empty.
     let plain = Manifest::parse(built(SOURCE, &[apply_sh()]).as_bytes()).unwrap();
-    assert!(serde_json::to_value(&plain).unwrap().get("services").is_none());
+    assert!(serde_json::to_value(&plain)
+        .unwrap()
+        .get("services")
+        .is_none());
 
     let bad = |section: &str| {
         SourceManifest::parse(&format!("{SOURCE}\n[services]\n{section}\n"))
