@@ -34,6 +34,10 @@
 //! memory_mib = 1024
 //! [resources.max]
 //! memory_mib = 4096
+//! # Optional: services bundles may have the agent reload or restart
+//! # (globs; absent or empty: none).
+//! [services]
+//! allow = ["postfix.service", "php*-fpm.service"]
 //! ```
 //!
 //! Extending: a new table (the coming `[controller]`) is one more `Option`
@@ -52,7 +56,10 @@ use rollguard_shared::targets::{validate_label, HostIdentity, TargetError};
 use serde::Deserialize;
 
 use crate::sandbox::limits::{LimitsError, RunLimits, KIB, MIB};
+
+mod services;
 use crate::sandbox::NetRule;
+pub use services::{ServicesPolicy, ServicesPolicyError};
 
 /// Largest policy file we read.
 pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
@@ -107,6 +114,8 @@ pub enum PolicyError {
     Untrusted(#[from] crate::trust_path::TrustPathError),
     #[error("limits.allow_network entry {entry:?}: {why}")]
     NetworkCeiling { entry: String, why: String },
+    #[error(transparent)]
+    Services(#[from] ServicesPolicyError),
 }
 
 /// Why a bundle's scope is not acceptable on this host. Each maps to a
@@ -304,6 +313,7 @@ pub struct HostPolicy {
     state_dir: PathBuf,
     resources: HostResources,
     controller: Option<crate::daemon::config::ControllerSection>,
+    services: ServicesPolicy,
 }
 
 /// `[resources]`: every run's limits, and the most a bundle may ask for.
@@ -363,6 +373,7 @@ struct RawPolicy {
     state: Option<RawState>,
     resources: Option<RawResources>,
     controller: Option<crate::daemon::config::ControllerSection>,
+    services: Option<services::RawServicesPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -535,6 +546,7 @@ impl HostPolicy {
         };
 
         let resources = HostResources::parse(raw.resources)?;
+        let services = ServicesPolicy::parse(raw.services)?;
 
         let mut policy = HostPolicy {
             host,
@@ -545,6 +557,7 @@ impl HostPolicy {
             state_dir: state_dir.as_path().to_path_buf(),
             resources,
             controller: None,
+            services,
         };
         for p in configured {
             policy.add_protected(p, ProtectionReason::Configured);
@@ -656,6 +669,11 @@ impl HostPolicy {
     }
 
     /// `[resources]`: run limits and the ceiling for bundles.
+    /// `[services]`: which units bundles may have reloaded or restarted.
+    pub fn services(&self) -> &ServicesPolicy {
+        &self.services
+    }
+
     pub fn resources(&self) -> &HostResources {
         &self.resources
     }

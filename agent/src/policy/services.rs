@@ -1,0 +1,164 @@
+//! `[services]` of the host policy: which systemd services bundles may have
+//! the agent reload or restart (docs/services.md).
+//!
+//! ```toml
+//! [services]
+//! allow = ["postfix.service", "php*-fpm.service"]
+//! ```
+//!
+//! Absent or empty: nothing is allowed (fail closed), so a bundle that
+//! declares a service action is refused and a captured request is a
+//! denial. Patterns are globs (`*`, `?`, `[...]`, `{a,b}`) matched against
+//! the whole unit name, case-sensitively as systemd names are; each must
+//! end in `.service`, so a pattern can never reach another unit type.
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rollguard_shared::services::UnitName;
+use serde::Deserialize;
+
+/// Most patterns `allow` may hold.
+const MAX_PATTERNS: usize = 256;
+/// Longest pattern (systemd's `UNIT_NAME_MAX`).
+const MAX_PATTERN_LEN: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServicesPolicyError {
+    #[error("services.allow entry {pattern:?}: {why}")]
+    BadPattern { pattern: String, why: String },
+    #[error("services.allow has more than {MAX_PATTERNS} entries")]
+    TooMany,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServicesPolicy {
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+/// The parsed `[services]`: an allow list of unit-name globs.
+#[derive(Debug, Clone)]
+pub struct ServicesPolicy {
+    patterns: Vec<String>,
+    set: GlobSet,
+}
+
+impl Default for ServicesPolicy {
+    /// Nothing allowed.
+    fn default() -> Self {
+        ServicesPolicy {
+            patterns: Vec::new(),
+            set: GlobSet::empty(),
+        }
+    }
+}
+
+impl ServicesPolicy {
+    pub(super) fn parse(raw: Option<RawServicesPolicy>) -> Result<Self, ServicesPolicyError> {
+        let raw = raw.unwrap_or_default();
+        if raw.allow.len() > MAX_PATTERNS {
+            return Err(ServicesPolicyError::TooMany);
+        }
+        let mut builder = GlobSetBuilder::new();
+        for p in &raw.allow {
+            let bad = |why: &str| ServicesPolicyError::BadPattern {
+                pattern: p.clone(),
+                why: why.to_string(),
+            };
+            if p.is_empty() || p.len() > MAX_PATTERN_LEN {
+                return Err(bad("empty or longer than a unit name may be"));
+            }
+            if !p.ends_with(".service") {
+                return Err(bad("must end in .service (only services are acted upon)"));
+            }
+            // Unit-name characters plus glob syntax; no '/', no spaces.
+            if let Some(c) = p
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || ":_.\\-@*?[]{},!".contains(*c)))
+            {
+                return Err(bad(&format!("character {c:?} cannot occur in a unit name")));
+            }
+            let glob = GlobBuilder::new(p)
+                .literal_separator(false)
+                .backslash_escape(false)
+                .build()
+                .map_err(|e| bad(&e.kind().to_string()))?;
+            builder.add(glob);
+        }
+        let set = builder
+            .build()
+            .map_err(|e| ServicesPolicyError::BadPattern {
+                pattern: raw.allow.join(", "),
+                why: e.to_string(),
+            })?;
+        Ok(ServicesPolicy {
+            patterns: raw.allow,
+            set,
+        })
+    }
+
+    /// Whether bundles may have the agent act on `unit`.
+    pub fn allows(&self, unit: &UnitName) -> bool {
+        unit.is_service() && self.set.is_match(unit.as_str())
+    }
+
+    /// The patterns as written, for messages.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<ServicesPolicy, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct W {
+            services: Option<RawServicesPolicy>,
+        }
+        let w: W = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        ServicesPolicy::parse(w.services).map_err(|e| e.to_string())
+    }
+
+    fn unit(s: &str) -> UnitName {
+        UnitName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn globs_match_whole_service_names() {
+        let p = parse("[services]\nallow = [\"postfix.service\", \"php*-fpm.service\"]").unwrap();
+        assert!(p.allows(&unit("postfix.service")));
+        assert!(p.allows(&unit("php8.2-fpm.service")));
+        assert!(!p.allows(&unit("postfix@x.service")));
+        assert!(!p.allows(&unit("Postfix.service")));
+        assert!(!p.allows(&unit("dovecot.service")));
+        assert!(!p.allows(&unit("postfix.socket")));
+        assert_eq!(p.patterns().len(), 2);
+    }
+
+    #[test]
+    fn absent_or_empty_allows_nothing() {
+        for text in ["", "[services]\n", "[services]\nallow = []"] {
+            let p = parse(text).unwrap();
+            assert!(!p.allows(&unit("postfix.service")), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bad_entries_and_unknown_keys_are_errors() {
+        for (text, want) in [
+            ("[services]\nallowed = []", "unknown field"),
+            ("[services]\nallow = \"x.service\"", "invalid type"),
+            ("[services]\nallow = [\"postfix\"]", "must end in .service"),
+            ("[services]\nallow = [\"*\"]", "must end in .service"),
+            ("[services]\nallow = [\"a/b.service\"]", "character"),
+            ("[services]\nallow = [\"\"]", "empty"),
+            ("[services]\nallow = [\"[a.service\"]", "services.allow"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+}
