@@ -234,6 +234,9 @@ fn prepare_and_run(
         .check_scope(&manifest.scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     check_mount_aliases(&protected, &manifest.scope)?;
+    // Declared service actions: each unit allowed by the host, or refused.
+    crate::services::after_run::check_declared(&manifest.services, policy.services())
+        .map_err(|e| Refusal::new(RefusalKind::ScopeCeiling, e))?;
     // Resource limits: the host's, or the bundle's request within the
     // host's ceiling (beyond it, refused like a scope beyond the ceiling).
     let limits = policy
@@ -396,6 +399,16 @@ fn prepare_and_run(
         manifest.run.timeout,
         &kernel,
         audit,
+        &mut report,
+    );
+    // Paths the run's packages replaced or removed: the stale scan's input,
+    // filled by the packages step; empty until then.
+    let replaced = std::collections::BTreeSet::new();
+    crate::services::after_run::after_run(
+        &manifest.services,
+        policy.services(),
+        &run_dir,
+        &replaced,
         &mut report,
     );
     report.duration_ms = started.elapsed().as_millis() as u64;

@@ -560,6 +560,27 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
             b.add("scratch directory", Path::new(path), rights.scratch)?;
         }
     }
+    // Service capture (`services::capture`): the links' target, this
+    // program, executable whatever the read scope; the request directory
+    // writable (new regular files and appends, nothing else).
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.is_file() && !spec.protected.iter().any(|p| exe.starts_with(p)) {
+            b.add("service capture program", &exe, rights.read)?;
+        }
+    }
+    let requests = crate::services::capture::REQUESTS_DIR;
+    if super::namespaces::is_real_dir(requests) {
+        b.add(
+            "service request directory",
+            Path::new(requests),
+            (AccessFs::ReadFile
+                | AccessFs::ReadDir
+                | AccessFs::WriteFile
+                | AccessFs::MakeReg
+                | AccessFs::Truncate)
+                & AccessFs::from_all(abi),
+        )?;
+    }
     for path in WRITABLE_DEVICES {
         b.add("device", Path::new(path), rights.device)?;
     }

@@ -20,7 +20,8 @@
 //! 3. `unshare(CLONE_NEWNS[|CLONE_NEWNET])`, `/` rprivate, `lo` up,
 //!    everything outside the scopes read-only and nodev, protected paths
 //!    covered (`readonly_mounts`), private
-//!    `/tmp`, `/var/tmp`, `/run`, minimal `/dev` (needs CAP_SYS_ADMIN and
+//!    `/tmp`, `/var/tmp`, `/run` (with the service-capture links and
+//!    request directory), minimal `/dev` (needs CAP_SYS_ADMIN and
 //!    CAP_MKNOD, dropped in 4; must precede 6 because Landlock rules attach
 //!    to the inodes of these new mounts);
 //! 4. capabilities cut to the keep-list;
@@ -68,8 +69,10 @@ use super::{
 };
 use pid_init::Forked;
 
-/// `PATH` of the bundle: the standard Debian root path.
-pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// `PATH` of the bundle: the service-capture links first (see
+/// `services::capture`), then the standard Debian root path.
+pub const PATH: &str =
+    "/run/rollguard/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 struct Failure {
     step: Step,
@@ -282,13 +285,18 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
 
     // 3. Namespaces and private mounts.
     let private_network = spec.scope.network.is_empty();
+    // This program, which the service-capture links point to.
+    let stage2_exe = std::env::current_exe().map_err(at(Step::Namespaces))?;
     namespaces::enter(private_network).map_err(at(Step::Namespaces))?;
+    let service_requests =
+        namespaces::open_service_requests(&spec.run_dir).map_err(at(Step::Namespaces))?;
     // Everything outside the write/delete scopes read-only and nodev,
     // protected paths covered; then the private scratch mounts (and the
     // run's own /proc) on top.
     let read_only = readonly_mounts::apply(spec).map_err(at(Step::Mounts))?;
     namespaces::mount_private_dirs(!private_network, spec.limits.tmp_bytes)
         .map_err(at(Step::Mounts))?;
+    namespaces::mount_service_capture(service_requests, &stage2_exe).map_err(at(Step::Mounts))?;
     // The bundle's stdin: the private /dev's null, not the host's, which
     // was opened before this namespace (a descriptor keeps its mount, and
     // the host's is writable: fchmod on it would change the host's node).

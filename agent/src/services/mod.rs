@@ -10,7 +10,9 @@
 //! host's `[services] allow` before the run, captured requests after it.
 //! This module performs a plan it is given; it never widens it.
 
+pub mod after_run;
 pub mod broker;
+pub mod capture;
 pub mod stale;
 
 use std::collections::BTreeSet;

@@ -1,0 +1,165 @@
+//! The runner's service step: declared units checked before the run, and
+//! after it the captured requests read and decided, the actions performed
+//! and the report filled in (docs/services.md).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use rollguard_shared::manifest::Services;
+use rollguard_shared::report::{Denial, RunReport, RunStatus};
+use rollguard_shared::services::{ActionSource, PlannedAction, ServiceAction, UnitName};
+
+use super::capture;
+use super::{perform_all, Bus, ServiceRun, DEFAULT_JOB_TIMEOUT};
+use crate::policy::ServicesPolicy;
+
+/// Before anything runs: every declared unit must be allowed by the host,
+/// or the bundle is refused (the host outranks the bundle).
+pub fn check_declared(services: &Services, allow: &ServicesPolicy) -> Result<(), String> {
+    for (key, unit) in services.declared() {
+        if !allow.allows(unit) {
+            return Err(format!(
+                "services.{key} unit {unit} is not allowed by this host's policy ([services] allow = {:?})",
+                allow.patterns()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// After the run: read what the sandbox captured, report it, and perform
+/// the declared and allowed captured actions if the run succeeded with no
+/// denial. `replaced` is what the run's packages replaced or removed (the
+/// stale scan's input).
+pub fn after_run(
+    services: &Services,
+    allow: &ServicesPolicy,
+    run_dir: &Path,
+    replaced: &BTreeSet<PathBuf>,
+    report: &mut RunReport,
+) {
+    let records = match capture::read_records(run_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            // Fail closed: a record we cannot read may hide any request.
+            fail(report, format!("{e}; no service action was performed"));
+            return;
+        }
+    };
+    let allowed = |u: &UnitName| allow.allows(u);
+    let mut classified = capture::classify(&records, &allowed);
+    let denied: Vec<String> = classified
+        .denied()
+        .map(|c| {
+            let unit = if c.unit.is_empty() {
+                "(no unit)"
+            } else {
+                &c.unit
+            };
+            format!("{} {unit} (via {})", c.verb, c.via)
+        })
+        .collect();
+    for c in classified.denied() {
+        tracing::warn!(unit = %c.unit, verb = %c.verb, via = %c.via, "service request outside [services] allow");
+    }
+    if !denied.is_empty() {
+        let list: Vec<Denial> = classified
+            .denied()
+            .map(|c| Denial {
+                access: format!("service.{}", c.verb),
+                path: Some(c.unit.clone()),
+                exe: Some(c.via.clone()),
+            })
+            .collect();
+        if let Some(count) = report.denial_count.as_mut() {
+            *count += list.len() as u64;
+        }
+        if let Some(d) = report.denials.as_mut() {
+            d.extend(list);
+        }
+        fail(
+            report,
+            format!(
+                "service requests outside this host's [services] allow: {}",
+                denied.join(", ")
+            ),
+        );
+    }
+    // Only after a clean success: a run that failed or was denied
+    // something leaves the host as it is, for the operator to look at.
+    let clean = report.status == RunStatus::Succeeded
+        && report.denials.as_ref().is_none_or(|d| d.is_empty())
+        && report.denial_count.unwrap_or(0) == 0;
+    let mut plan: Vec<PlannedAction> = declared_plan(services);
+    plan.append(&mut classified.plan);
+    if !clean {
+        for c in &mut classified.captured {
+            if c.disposition == "performed" {
+                c.disposition = "skipped".to_string();
+            }
+        }
+        report.services_captured = classified.captured;
+        if !plan.is_empty() {
+            note(
+                report,
+                "no service action was performed: the run did not succeed without denials".into(),
+            );
+        }
+        return;
+    }
+    report.services_captured = classified.captured;
+    let bus = Bus::from_env();
+    let run = ServiceRun {
+        bus: &bus,
+        timeout: DEFAULT_JOB_TIMEOUT,
+        replaced,
+        restart_stale: services
+            .restart_stale
+            .then_some(&allowed as &dyn Fn(&UnitName) -> bool),
+    };
+    let (outcomes, stale) = perform_all(&run, &plan);
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.succeeded())
+        .map(|o| format!("{} {}: {}", o.action.as_str(), o.unit, o.result))
+        .collect();
+    report.services = outcomes;
+    report.stale_services = stale;
+    if !failed.is_empty() {
+        fail(
+            report,
+            format!("service action failed: {}", failed.join("; ")),
+        );
+    }
+}
+
+fn declared_plan(services: &Services) -> Vec<PlannedAction> {
+    let entry = |action| {
+        move |unit: &UnitName| PlannedAction {
+            unit: unit.clone(),
+            action,
+            source: ActionSource::Declared,
+        }
+    };
+    services
+        .reload
+        .iter()
+        .map(entry(ServiceAction::Reload))
+        .chain(services.restart.iter().map(entry(ServiceAction::Restart)))
+        .collect()
+}
+
+fn note(report: &mut RunReport, what: String) {
+    report.reason = Some(match report.reason.take() {
+        Some(r) => format!("{r}; {what}"),
+        None => what,
+    });
+}
+
+/// The run fails (a succeeded run becomes failed; other statuses stay).
+fn fail(report: &mut RunReport, why: String) {
+    if report.status == RunStatus::Succeeded {
+        report.status = RunStatus::Failed;
+    }
+    note(report, why);
+}

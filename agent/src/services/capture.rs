@@ -1,0 +1,736 @@
+//! Capturing service requests inside the sandbox (docs/services.md).
+//!
+//! Programs a bundle runs (a package's maintainer scripts above all) ask
+//! for service actions with `systemctl`, `deb-systemd-invoke`,
+//! `invoke-rc.d`, `service`, or Debian's `/usr/sbin/policy-rc.d`
+//! convention. Inside the sandbox there is no bus to reach systemd, and
+//! there must not be: a request is *recorded*, not performed, and the agent
+//! decides after the run what to do with it.
+//!
+//! How: stage 2 puts a read-only directory first on the bundle's `PATH`,
+//! [`SHIM_DIR`], holding symbolic links named after those programs to the
+//! stage-2 program itself, which dispatches on the name it was called by
+//! ([`shim_name`], then [`shim_main`]). Why the stage-2 program: it is
+//! already installed root-owned beside the agent, protected from writes
+//! and readable by every bundle; a link to it adds nothing a bundle could
+//! replace, and no script to generate per run. The links sit on a
+//! read-only mount, so the bundle cannot replace them either.
+//!
+//! Each request is one JSON line appended to [`REQUESTS_FILE`], in a
+//! directory of the run directory bound (writable) into the sandbox. That
+//! file is bundle data: a bundle could write any line into it, which is no
+//! more than calling a shim. The agent parses it strictly
+//! ([`parse_records`]): bounded size and count, known fields only, a valid
+//! unit name; anything else fails the run (no service action is performed
+//! on a record it could not read).
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use rollguard_shared::services::{
+    ActionSource, CapturedRequest, PlannedAction, ServiceAction, UnitName,
+};
+use serde::{Deserialize, Serialize};
+
+/// Where the links live inside the sandbox (first on `PATH`).
+pub const SHIM_DIR: &str = "/run/rollguard/bin";
+/// The writable directory the requests are recorded in, inside the sandbox.
+pub const REQUESTS_DIR: &str = "/run/rollguard/requests";
+/// The record, inside the sandbox.
+pub const REQUESTS_FILE: &str = "/run/rollguard/requests/requests.jsonl";
+/// The directory of the run directory bound onto [`REQUESTS_DIR`].
+pub const RUN_DIR_REQUESTS: &str = "service-requests";
+/// The record's name in it.
+pub const REQUESTS_NAME: &str = "requests.jsonl";
+/// The programs captured; each is a link in [`SHIM_DIR`].
+pub const SHIMS: [&str; 5] = [
+    "systemctl",
+    "deb-systemd-invoke",
+    "invoke-rc.d",
+    "service",
+    "policy-rc.d",
+];
+/// Largest record file read (a few hundred requests).
+pub const MAX_RECORD_BYTES: u64 = 64 * 1024;
+/// Most requests read.
+pub const MAX_RECORDS: usize = 256;
+
+/// One recorded request, as a line of [`REQUESTS_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// Which shim caught it (one of [`SHIMS`]).
+    pub via: String,
+    /// The verb as given (`restart`, `daemon-reload`, ...).
+    pub verb: String,
+    /// The unit, `NAME.service` for a bare name; empty for verbs without
+    /// one (`daemon-reload`, `reboot`).
+    #[serde(default)]
+    pub unit: String,
+}
+
+/// The shim `argv0` names, if it is one (its file name).
+pub fn shim_name(argv0: &std::ffi::OsStr) -> Option<&'static str> {
+    let name = Path::new(argv0).file_name()?.to_str()?;
+    SHIMS.iter().copied().find(|s| *s == name)
+}
+
+// ---- what verbs mean -------------------------------------------------------
+
+/// Verbs that only read state: answered without a bus, never recorded.
+const QUERY_VERBS: &[&str] = &[
+    "is-active",
+    "is-failed",
+    "is-enabled",
+    "is-system-running",
+    "status",
+    "show",
+    "cat",
+    "help",
+    "list-units",
+    "list-unit-files",
+    "list-sockets",
+    "list-timers",
+    "list-jobs",
+    "list-dependencies",
+    "list-automounts",
+    "list-paths",
+    "get-default",
+    "show-environment",
+];
+
+/// Verbs with no effect on running code: recorded, never performed,
+/// never a denial (enabling or masking changes what starts at boot; a
+/// `daemon-reload` is made by systemd itself when the agent acts).
+const IGNORED_VERBS: &[&str] = &[
+    "daemon-reload",
+    "enable",
+    "disable",
+    "reenable",
+    "preset",
+    "preset-all",
+    "mask",
+    "unmask",
+    "link",
+    "revert",
+    "add-wants",
+    "add-requires",
+    "reset-failed",
+];
+
+/// What the agent does with a recorded verb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerbClass {
+    /// Performed (if the unit is allowed) as this action.
+    Perform(ServiceAction),
+    /// Recorded, never performed, never a denial.
+    Ignored,
+    /// Any other verb (`start`, `stop`, `kill`, `reboot`...): not
+    /// performed; a denial unless the unit is allowed (then ignored). A
+    /// patch reloads or restarts what runs; it does not change what runs.
+    NotPerformed,
+}
+
+/// The mapping (docs/services.md). Every restart-like verb becomes
+/// `try_restart`: a service the operator stopped stays stopped, and a
+/// running one is restarted as the script asked. `force-reload` and the
+/// reload-or-restart family become `try_restart` too, since a restart
+/// includes what a reload would do and works for units without
+/// `ExecReload=`.
+pub fn classify_verb(verb: &str) -> VerbClass {
+    match verb {
+        "reload" => VerbClass::Perform(ServiceAction::Reload),
+        "restart"
+        | "try-restart"
+        | "condrestart"
+        | "force-reload"
+        | "reload-or-restart"
+        | "try-reload-or-restart"
+        | "reload-or-try-restart" => VerbClass::Perform(ServiceAction::TryRestart),
+        v if IGNORED_VERBS.contains(&v) => VerbClass::Ignored,
+        _ => VerbClass::NotPerformed,
+    }
+}
+
+// ---- the shim ----------------------------------------------------------------
+
+/// `systemctl` normalises a bare name to `NAME.service`.
+fn unit_of(raw: &str) -> String {
+    match raw.rsplit_once('.') {
+        Some((_, suffix))
+            if [
+                "service",
+                "socket",
+                "target",
+                "timer",
+                "path",
+                "mount",
+                "automount",
+                "swap",
+                "slice",
+                "scope",
+                "device",
+            ]
+            .contains(&suffix) =>
+        {
+            raw.to_string()
+        }
+        _ => format!("{raw}.service"),
+    }
+}
+
+/// A shim's command line, parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Call {
+    /// Record these and exit with this code.
+    Record(Vec<Record>, u8),
+    /// Print this (stdout) and exit with this code; nothing recorded.
+    Answer(String, u8),
+    /// Usage error: message on stderr, exit 1 (nothing recorded).
+    Usage(String),
+}
+
+/// systemctl options that take a separate value.
+const SYSTEMCTL_VALUE_OPTIONS: &[&str] = &[
+    "-p",
+    "--property",
+    "-P",
+    "-t",
+    "--type",
+    "-s",
+    "--signal",
+    "-H",
+    "--host",
+    "-M",
+    "--machine",
+    "--state",
+    "--job-mode",
+    "-o",
+    "--output",
+    "-n",
+    "--lines",
+    "--root",
+    "--kill-whom",
+    "--what",
+    "--timestamp",
+    "--boot-loader-entry",
+    "--reboot-argument",
+    "--preset-mode",
+    "--message",
+];
+
+fn parse_systemctl(via: &str, args: &[String]) -> Call {
+    let mut words = Vec::new();
+    let mut quiet = false;
+    let mut user = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            words.extend(it.by_ref().cloned());
+            break;
+        }
+        if a == "--version" {
+            return Call::Answer(
+                "systemd 252 (rollguard sandbox: requests are captured)\n".into(),
+                0,
+            );
+        }
+        if a == "-q" || a == "--quiet" {
+            quiet = true;
+        } else if a == "--user" || a == "--global" {
+            user = true;
+        } else if SYSTEMCTL_VALUE_OPTIONS.contains(&a.as_str()) {
+            it.next();
+        } else if !a.starts_with('-') {
+            words.push(a.clone());
+        }
+    }
+    let Some((verb, units)) = words.split_first() else {
+        return Call::Usage(format!("{via}: no verb given"));
+    };
+    if QUERY_VERBS.contains(&verb.as_str()) {
+        return answer(verb, units.len(), quiet);
+    }
+    if user {
+        // A user manager's units: nothing of the host's services.
+        return Call::Record(Vec::new(), 0);
+    }
+    let records = if units.is_empty() {
+        vec![Record {
+            via: via.into(),
+            verb: verb.clone(),
+            unit: String::new(),
+        }]
+    } else {
+        units
+            .iter()
+            .map(|u| Record {
+                via: via.into(),
+                verb: verb.clone(),
+                unit: unit_of(u),
+            })
+            .collect()
+    };
+    Call::Record(records, 0)
+}
+
+/// Answers to queries without a bus (docs/services.md): units are said to
+/// be active and enabled, so a script asks for what it would ask on a
+/// running system; the agent then acts on systemd's real state (a captured
+/// restart is a try-restart, which leaves a stopped service stopped).
+fn answer(verb: &str, units: usize, quiet: bool) -> Call {
+    let lines = |word: &str| {
+        if quiet {
+            String::new()
+        } else {
+            format!("{word}\n").repeat(units.max(1))
+        }
+    };
+    match verb {
+        "is-active" => Call::Answer(lines("active"), 0),
+        "is-enabled" => Call::Answer(lines("enabled"), 0),
+        // Not failed: exit 1, as systemctl does for a unit not failed.
+        "is-failed" => Call::Answer(lines("active"), 1),
+        "is-system-running" => Call::Answer(
+            if quiet {
+                String::new()
+            } else {
+                "running\n".into()
+            },
+            0,
+        ),
+        // status, show, cat, list-*: nothing to show, and nothing wrong.
+        _ => Call::Answer(String::new(), 0),
+    }
+}
+
+fn parse_deb_systemd_invoke(args: &[String]) -> Call {
+    let mut user = false;
+    let mut rest = Vec::new();
+    for a in args {
+        match a.as_str() {
+            "--user" => user = true,
+            "--system" => user = false,
+            _ => rest.push(a.clone()),
+        }
+    }
+    if rest.len() < 2 {
+        return Call::Usage(
+            "Syntax: deb-systemd-invoke <action> <unit file> [<unit file> ...]".into(),
+        );
+    }
+    if user {
+        return Call::Record(Vec::new(), 0);
+    }
+    let verb = &rest[0];
+    let records = rest[1..]
+        .iter()
+        .map(|u| Record {
+            via: "deb-systemd-invoke".into(),
+            verb: verb.clone(),
+            unit: unit_of(u),
+        })
+        .collect();
+    Call::Record(records, 0)
+}
+
+/// `invoke-rc.d [options] NAME ACTION [args]` and `service NAME ACTION`.
+fn parse_name_action(via: &str, args: &[String]) -> Call {
+    let mut words = Vec::new();
+    for a in args {
+        match a.as_str() {
+            "--query" if via == "invoke-rc.d" => {
+                // 105: "behaviour uncertain, policy undefined".
+                return Call::Answer(String::new(), 105);
+            }
+            "--status-all" | "--help" | "-h" if via == "service" => {
+                return Call::Answer(String::new(), 0)
+            }
+            s if s.starts_with("--") && words.is_empty() => {}
+            _ => words.push(a.clone()),
+        }
+    }
+    if words.len() < 2 {
+        return Call::Usage(format!("{via}: usage: {via} NAME ACTION"));
+    }
+    let verb = words[1].clone();
+    if verb == "status" {
+        return Call::Answer(String::new(), 0);
+    }
+    Call::Record(
+        vec![Record {
+            via: via.into(),
+            verb,
+            unit: unit_of(&words[0]),
+        }],
+        0,
+    )
+}
+
+/// `policy-rc.d [options] NAME "ACTION [fallback...]" [runlevel]`: record
+/// the first action, exit 101 ("action forbidden by policy"), so the
+/// caller does not perform it.
+fn parse_policy_rc_d(args: &[String]) -> Call {
+    let words: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    if words.len() < 2 {
+        return Call::Answer(String::new(), 101);
+    }
+    let verb = words[1].split_whitespace().next().unwrap_or("").to_string();
+    if verb.is_empty() {
+        return Call::Answer(String::new(), 101);
+    }
+    Call::Record(
+        vec![Record {
+            via: "policy-rc.d".into(),
+            verb,
+            unit: unit_of(words[0]),
+        }],
+        101,
+    )
+}
+
+fn parse_call(via: &str, args: &[String]) -> Call {
+    match via {
+        "systemctl" => parse_systemctl(via, args),
+        "deb-systemd-invoke" => parse_deb_systemd_invoke(args),
+        "policy-rc.d" => parse_policy_rc_d(args),
+        _ => parse_name_action(via, args),
+    }
+}
+
+/// The shim: `via` is its name (one of [`SHIMS`]). Never performs
+/// anything; records and answers.
+pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
+    let args: Vec<String> = args
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    match parse_call(via, &args) {
+        Call::Answer(out, code) => {
+            print!("{out}");
+            ExitCode::from(code)
+        }
+        Call::Usage(msg) => {
+            eprintln!("{msg}");
+            ExitCode::from(1)
+        }
+        Call::Record(records, code) => {
+            for r in &records {
+                // A unit name systemd would refuse is refused here too.
+                if !r.unit.is_empty() && UnitName::parse(&r.unit).is_err() {
+                    eprintln!("{via}: invalid unit name {:?}", r.unit);
+                    return ExitCode::from(1);
+                }
+            }
+            match append(&records) {
+                Ok(()) => {
+                    for r in &records {
+                        eprintln!(
+                            "{via}: {} {} captured by rollguard; the agent acts on it after the run if the host allows it",
+                            r.verb, r.unit
+                        );
+                    }
+                    ExitCode::from(code)
+                }
+                Err(e) => {
+                    eprintln!("{via}: cannot record the request in {REQUESTS_FILE}: {e} (this program only works inside a rollguard run)");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn append(records: &[Record]) -> std::io::Result<()> {
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&serde_json::to_string(r).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    if text.is_empty() {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(REQUESTS_FILE)?;
+    // One write: appends of a few hundred bytes do not interleave.
+    f.write_all(text.as_bytes())
+}
+
+// ---- the agent's side --------------------------------------------------------
+
+/// Read the record the run left in `run_dir`. No file: no requests.
+/// Strict: a file that is not a regular file, too large, not UTF-8, with
+/// too many lines, or a line that is not exactly a [`Record`] with a known
+/// shim, a plain verb and a valid unit name, is an error naming the line.
+pub fn read_records(run_dir: &Path) -> Result<Vec<Record>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = run_dir.join(RUN_DIR_REQUESTS).join(REQUESTS_NAME);
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_RECORD_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_records(&bytes)
+}
+
+/// Parse the record's bytes (see [`read_records`]).
+pub fn parse_records(bytes: &[u8]) -> Result<Vec<Record>, String> {
+    if bytes.len() as u64 > MAX_RECORD_BYTES {
+        return Err(format!(
+            "the service request record is larger than {MAX_RECORD_BYTES} bytes"
+        ));
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| "the service request record is not UTF-8".to_string())?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        if out.len() == MAX_RECORDS {
+            return Err(format!(
+                "the service request record has more than {MAX_RECORDS} requests"
+            ));
+        }
+        let bad = |why: String| format!("service request record line {}: {why}", i + 1);
+        let r: Record = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        if !SHIMS.contains(&r.via.as_str()) {
+            return Err(bad(format!("unknown program {:?}", r.via)));
+        }
+        let verb_ok = !r.verb.is_empty()
+            && r.verb.len() <= 64
+            && r.verb
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !verb_ok {
+            return Err(bad(format!("invalid verb {:?}", r.verb)));
+        }
+        if !r.unit.is_empty() {
+            UnitName::parse(&r.unit).map_err(|e| bad(e.to_string()))?;
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// What the captured requests come to, before anything is performed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Classified {
+    /// Every request with its disposition (`performed` for the ones in
+    /// `plan`, until the agent decides not to act at all).
+    pub captured: Vec<CapturedRequest>,
+    /// The actions to perform, for allowed units.
+    pub plan: Vec<PlannedAction>,
+}
+
+impl Classified {
+    /// Requests outside the host's allow list.
+    pub fn denied(&self) -> impl Iterator<Item = &CapturedRequest> {
+        self.captured.iter().filter(|c| c.is_denied())
+    }
+}
+
+/// Decide each request against `allow`: a verb to perform on an allowed
+/// unit is planned; an ignored verb is ignored; anything else with effect
+/// (performable or not) on a unit outside `allow`, or on no unit at all,
+/// is denied.
+pub fn classify(records: &[Record], allow: &dyn Fn(&UnitName) -> bool) -> Classified {
+    let mut out = Classified::default();
+    for r in records {
+        let unit = UnitName::parse(&r.unit).ok().filter(|u| u.is_service());
+        let allowed = unit.as_ref().is_some_and(allow);
+        let disposition = match classify_verb(&r.verb) {
+            VerbClass::Ignored => "ignored",
+            _ if !allowed => "denied",
+            VerbClass::NotPerformed => "ignored",
+            VerbClass::Perform(action) => {
+                if let Some(unit) = unit {
+                    out.plan.push(PlannedAction {
+                        unit,
+                        action,
+                        source: ActionSource::Captured,
+                    });
+                }
+                "performed"
+            }
+        };
+        out.captured.push(CapturedRequest {
+            unit: r.unit.clone(),
+            verb: r.verb.clone(),
+            via: r.via.clone(),
+            disposition: disposition.to_string(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    fn rec(via: &str, verb: &str, unit: &str) -> Record {
+        Record {
+            via: via.into(),
+            verb: verb.into(),
+            unit: unit.into(),
+        }
+    }
+
+    #[test]
+    fn shims_parse_what_maintainer_scripts_call() {
+        assert_eq!(
+            parse_call(
+                "systemctl",
+                &args("--system --no-block restart foo bar.service")
+            ),
+            Call::Record(
+                vec![
+                    rec("systemctl", "restart", "foo.service"),
+                    rec("systemctl", "restart", "bar.service")
+                ],
+                0
+            )
+        );
+        assert_eq!(
+            parse_call("systemctl", &args("--system daemon-reload")),
+            Call::Record(vec![rec("systemctl", "daemon-reload", "")], 0)
+        );
+        assert_eq!(
+            parse_call("systemctl", &args("-q is-active foo.service")),
+            Call::Answer(String::new(), 0)
+        );
+        assert_eq!(
+            parse_call("systemctl", &args("is-enabled foo")),
+            Call::Answer("enabled\n".into(), 0)
+        );
+        assert_eq!(
+            parse_call("systemctl", &args("--user restart foo")),
+            Call::Record(vec![], 0)
+        );
+        assert_eq!(
+            parse_call("deb-systemd-invoke", &args("restart postfix.service")),
+            Call::Record(
+                vec![rec("deb-systemd-invoke", "restart", "postfix.service")],
+                0
+            )
+        );
+        assert_eq!(
+            parse_call(
+                "invoke-rc.d",
+                &args("--skip-systemd-native postfix restart")
+            ),
+            Call::Record(vec![rec("invoke-rc.d", "restart", "postfix.service")], 0)
+        );
+        assert_eq!(
+            parse_call("service", &args("postfix reload")),
+            Call::Record(vec![rec("service", "reload", "postfix.service")], 0)
+        );
+        assert_eq!(
+            parse_call("policy-rc.d", &args("--quiet postfix")),
+            Call::Answer(String::new(), 101)
+        );
+        assert_eq!(
+            parse_call(
+                "policy-rc.d",
+                &["postfix".to_string(), "restart start".to_string()]
+            ),
+            Call::Record(vec![rec("policy-rc.d", "restart", "postfix.service")], 101)
+        );
+        assert!(matches!(parse_call("systemctl", &[]), Call::Usage(_)));
+        assert!(matches!(
+            parse_call("deb-systemd-invoke", &args("restart")),
+            Call::Usage(_)
+        ));
+        assert!(shim_name("/run/rollguard/bin/systemctl".as_ref()).is_some());
+        assert!(shim_name("rollguard-sandbox-exec".as_ref()).is_none());
+    }
+
+    #[test]
+    fn records_parse_strictly() {
+        let ok = b"{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"a.service\"}\n\n{\"via\":\"systemctl\",\"verb\":\"daemon-reload\",\"unit\":\"\"}\n";
+        assert_eq!(parse_records(ok).unwrap().len(), 2);
+        assert!(parse_records(b"").unwrap().is_empty());
+        for bad in [
+            &b"{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"a.service\",\"x\":1}"[..],
+            b"{\"via\":\"sh\",\"verb\":\"restart\",\"unit\":\"a.service\"}",
+            b"{\"via\":\"systemctl\",\"verb\":\"re start\",\"unit\":\"a.service\"}",
+            b"{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"../a.service\"}",
+            b"{\"via\":\"systemctl\",\"verb\":\"\",\"unit\":\"a.service\"}",
+            b"not json",
+            b"\xff\xfe",
+            b"{\"via\":\"systemctl\"}",
+        ] {
+            assert!(
+                parse_records(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let line = "{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"a.service\"}\n";
+        let many = line.repeat(MAX_RECORDS + 1);
+        assert!(parse_records(many.as_bytes())
+            .unwrap_err()
+            .contains("more than"));
+        let huge = vec![b' '; MAX_RECORD_BYTES as usize + 1];
+        assert!(parse_records(&huge).unwrap_err().contains("larger"));
+    }
+
+    #[test]
+    fn classification_follows_the_allow_list() {
+        let allow = |u: &UnitName| u.as_str() == "postfix.service";
+        let c = classify(
+            &[
+                rec("deb-systemd-invoke", "restart", "postfix.service"),
+                rec("systemctl", "reload", "postfix.service"),
+                rec("systemctl", "restart", "sshd.service"),
+                rec("systemctl", "daemon-reload", ""),
+                rec("systemctl", "enable", "sshd.service"),
+                rec("systemctl", "start", "postfix.service"),
+                rec("systemctl", "stop", "sshd.service"),
+                rec("systemctl", "reboot", ""),
+                rec("systemctl", "restart", "postfix.socket"),
+            ],
+            &allow,
+        );
+        let d: Vec<&str> = c.captured.iter().map(|x| x.disposition.as_str()).collect();
+        assert_eq!(
+            d,
+            [
+                "performed",
+                "performed",
+                "denied",
+                "ignored",
+                "ignored",
+                "ignored",
+                "denied",
+                "denied",
+                "denied"
+            ]
+        );
+        assert_eq!(c.plan.len(), 2);
+        assert_eq!(c.plan[0].action, ServiceAction::TryRestart);
+        assert_eq!(c.plan[1].action, ServiceAction::Reload);
+        assert_eq!(c.denied().count(), 4);
+    }
+}
