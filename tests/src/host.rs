@@ -187,9 +187,26 @@ impl Host {
         out
     }
 
+    /// Append `text` (a table such as `[services]`) to the host policy.
+    pub fn append_policy(&self, text: &str) {
+        let mut policy = fs::read_to_string(self.policy()).unwrap();
+        policy.push('\n');
+        policy.push_str(text);
+        fs::write(self.policy(), policy).unwrap();
+        root_only(&self.policy(), 0o600);
+    }
+
     /// `rollguard-agent run --json`: the report and the exit code.
     pub fn run(&self, bundle: &Path) -> (Value, i32) {
-        let out = run(agent()
+        self.run_env(bundle, &[])
+    }
+
+    /// [`Host::run`] with extra environment for the agent (e.g.
+    /// `DBUS_SYSTEM_BUS_ADDRESS`, the bus the service broker uses).
+    pub fn run_env(&self, bundle: &Path, env: &[(&str, &str)]) -> (Value, i32) {
+        let mut cmd = agent();
+        cmd.envs(env.iter().copied());
+        let out = run(cmd
             .args(["run", "--json", "--policy"])
             .arg(self.policy())
             .arg(bundle));

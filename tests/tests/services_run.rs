@@ -1,0 +1,291 @@
+//! Service actions through real `rollguard-agent run`s of signed bundles:
+//! declared reloads and restarts, and requests captured inside the sandbox
+//! (`systemctl`, `deb-systemd-invoke`, `invoke-rc.d`, `service`), decided
+//! against the host's `[services] allow` and performed by the agent on a
+//! real systemd (252, booted in a container, reached over its bus as
+//! `DBUS_SYSTEM_BUS_ADDRESS`). Needs root; never skipped.
+
+use std::fs;
+
+use rollguard_tests::host::{manifest, Host, Keys, PolicyOptions};
+use rollguard_tests::systemd_container::SystemdContainer;
+use serde_json::Value;
+
+/// A long-running service whose reload appends its MainPID to a marker.
+fn demo_unit(marker: &str) -> String {
+    format!(
+        "[Service]\nExecStart=/bin/sleep infinity\nExecReload=/bin/sh -c 'echo \"reload $MAINPID\" >> /run/{marker}.reloads'\n"
+    )
+}
+
+fn with_services(name: &str, version: u64, services: &str) -> String {
+    format!(
+        "{}\n[services]\n{services}\n",
+        manifest(name, version, "\"mail-*.tokyo\"", "")
+    )
+}
+
+struct Setup {
+    keys: Keys,
+    host: Host,
+    ct: SystemdContainer,
+}
+
+fn setup(allow: &str, units: &[&str]) -> Setup {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    host.append_policy(&format!("[services]\nallow = [{allow}]\n"));
+    let ct = SystemdContainer::boot();
+    for u in units {
+        ct.install_unit(u, &demo_unit(u));
+        ct.sh(&format!("systemctl start {u}"));
+    }
+    Setup { keys, host, ct }
+}
+
+impl Setup {
+    fn run(&self, label: &str, manifest: &str, script: &str) -> (Value, i32) {
+        let src = self.host.bundle_source(label, manifest, script);
+        let bundle = self.host.build_signed(&src, &self.keys, &["alice"]);
+        let bus = self.ct.bus_address();
+        self.host
+            .run_env(&bundle, &[("DBUS_SYSTEM_BUS_ADDRESS", bus.as_str())])
+    }
+}
+
+fn outcome<'a>(report: &'a Value, unit: &str) -> &'a Value {
+    report["services"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no services in {report:#}"))
+        .iter()
+        .find(|o| o["unit"] == unit)
+        .unwrap_or_else(|| panic!("no outcome for {unit}: {report:#}"))
+}
+
+fn dispositions(report: &Value) -> Vec<(String, String, String, String)> {
+    report["services_captured"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap().to_string();
+                    (s("via"), s("verb"), s("unit"), s("disposition"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn declared_restart_changes_main_pid_and_declared_reload_runs_exec_reload() {
+    let s = setup("\"demo*.service\"", &["demo.service", "demo-r.service"]);
+    let before = s.ct.main_pid("demo.service");
+    let before_r = s.ct.main_pid("demo-r.service");
+    let (report, code) = s.run(
+        "declared",
+        &with_services(
+            "declared",
+            1,
+            "restart = [\"demo.service\"]\nreload = [\"demo-r.service\"]",
+        ),
+        "#!/bin/sh\necho patched\n",
+    );
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0);
+    let after = s.ct.main_pid("demo.service");
+    assert_ne!(before, after, "a restart starts a new process");
+    let o = outcome(&report, "demo.service");
+    assert_eq!(o["action"], "restart");
+    assert_eq!(o["source"], "declared");
+    assert_eq!(o["result"], "done");
+    assert_eq!(o["main_pid_before"], before);
+    assert_eq!(o["main_pid_after"], after);
+    assert!(o["duration_ms"].is_u64());
+    let r = outcome(&report, "demo-r.service");
+    assert_eq!(r["action"], "reload");
+    assert_eq!(r["result"], "done");
+    assert_eq!(r["main_pid_after"], before_r, "a reload keeps the process");
+    assert_eq!(
+        s.ct.sh("cat /run/demo-r.service.reloads"),
+        format!("reload {before_r}\n"),
+        "ExecReload= ran once"
+    );
+}
+
+#[test]
+fn captured_requests_are_performed_when_allowed() {
+    let units = [
+        "capt-a.service",
+        "capt-b.service",
+        "capt-c.service",
+        "capt-d.service",
+    ];
+    let s = setup("\"capt-*.service\"", &units);
+    let before: Vec<u32> = units.iter().map(|u| s.ct.main_pid(u)).collect();
+    // What debhelper's postinst does, and the other ways scripts ask.
+    let script = "#!/bin/sh\nset -eu\n\
+        [ -d /run/systemd/system ] || { echo 'no /run/systemd/system'; exit 1; }\n\
+        systemctl --system daemon-reload\n\
+        systemctl -q is-active capt-a.service\n\
+        [ \"$(systemctl is-enabled capt-a.service)\" = enabled ]\n\
+        systemctl restart capt-a.service\n\
+        deb-systemd-invoke restart capt-b.service\n\
+        invoke-rc.d --skip-systemd-native capt-c restart\n\
+        service capt-d reload\n\
+        echo done\n";
+    let (report, code) = s.run("captured", &with_services("captured", 1, ""), script);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0);
+    let d = dispositions(&report);
+    let want = |via: &str, verb: &str, unit: &str, disp: &str| {
+        (
+            via.to_string(),
+            verb.to_string(),
+            unit.to_string(),
+            disp.to_string(),
+        )
+    };
+    assert_eq!(
+        d,
+        vec![
+            want("systemctl", "daemon-reload", "", "ignored"),
+            want("systemctl", "restart", "capt-a.service", "performed"),
+            want(
+                "deb-systemd-invoke",
+                "restart",
+                "capt-b.service",
+                "performed"
+            ),
+            want("invoke-rc.d", "restart", "capt-c.service", "performed"),
+            want("service", "reload", "capt-d.service", "performed"),
+        ],
+        "{report:#}"
+    );
+    for (i, u) in units.iter().enumerate().take(3) {
+        let o = outcome(&report, u);
+        assert_eq!(o["action"], "try_restart", "{o}");
+        assert_eq!(o["source"], "captured");
+        assert_eq!(o["result"], "done", "{o}");
+        assert_ne!(s.ct.main_pid(u), before[i], "{u} was restarted");
+    }
+    let o = outcome(&report, "capt-d.service");
+    assert_eq!(o["action"], "reload");
+    assert_eq!(s.ct.main_pid("capt-d.service"), before[3]);
+    assert_eq!(
+        s.ct.sh("cat /run/capt-d.service.reloads"),
+        format!("reload {}\n", before[3])
+    );
+}
+
+#[test]
+fn a_disallowed_captured_request_is_a_denial_and_nothing_is_performed() {
+    let s = setup("\"capt-a.service\"", &["capt-a.service", "other.service"]);
+    let a = s.ct.main_pid("capt-a.service");
+    let other = s.ct.main_pid("other.service");
+    // The links cannot be replaced by the bundle.
+    let script = "#!/bin/sh\n\
+        systemctl restart capt-a.service\n\
+        systemctl restart other.service\n\
+        ln -sf /bin/true /run/rollguard/bin/systemctl 2>/dev/null && echo REPLACED\n\
+        echo x > /run/rollguard/bin/systemctl 2>/dev/null && echo OVERWRITTEN\n\
+        exit 0\n";
+    let (report, code) = s.run("denied", &with_services("denied", 1, ""), script);
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert_ne!(code, 0);
+    let out = report["stdout_tail"].as_str().unwrap_or("");
+    assert!(
+        !out.contains("REPLACED") && !out.contains("OVERWRITTEN"),
+        "{report:#}"
+    );
+    let d = dispositions(&report);
+    assert!(
+        d.contains(&(
+            "systemctl".into(),
+            "restart".into(),
+            "other.service".into(),
+            "denied".into()
+        )),
+        "{report:#}"
+    );
+    assert!(
+        d.contains(&(
+            "systemctl".into(),
+            "restart".into(),
+            "capt-a.service".into(),
+            "skipped".into()
+        )),
+        "{report:#}"
+    );
+    let denials = report["denials"].as_array().expect("denials known");
+    assert!(
+        denials
+            .iter()
+            .any(|x| x["access"] == "service.restart" && x["path"] == "other.service"),
+        "{report:#}"
+    );
+    assert!(report["reason"].as_str().unwrap().contains("other.service"));
+    assert!(
+        report["services"].is_null(),
+        "nothing performed: {report:#}"
+    );
+    assert_eq!(s.ct.main_pid("capt-a.service"), a);
+    assert_eq!(s.ct.main_pid("other.service"), other);
+}
+
+#[test]
+fn a_declared_unit_outside_allow_refuses_the_bundle_before_it_runs() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    host.append_policy("[services]\nallow = [\"postfix.service\"]\n");
+    let man = format!(
+        "{}\n[services]\nrestart = [\"dovecot.service\"]\n",
+        manifest(
+            "refused",
+            1,
+            "\"mail-*.tokyo\"",
+            "write = [\"@ROOT@/etc/mail\"]"
+        )
+    );
+    let src = host.bundle_source("refused", &man, "#!/bin/sh\ntouch @ROOT@/etc/mail/ran\n");
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["refusal"], "scope_ceiling");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("dovecot.service") && reason.contains("postfix.service"),
+        "{reason}"
+    );
+    assert_eq!(code, 2);
+    assert!(!host.root().join("etc/mail/ran").exists(), "the script ran");
+    // Without a [services] table nothing is allowed.
+    let bare = Host::new("mail-02.tokyo", &keys, PolicyOptions::default());
+    let src = bare.bundle_source("refused", &man, "#!/bin/sh\ntouch @ROOT@/etc/mail/ran\n");
+    let bundle = bare.build_signed(&src, &keys, &["alice"]);
+    let (report, _) = bare.run(&bundle);
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert!(!bare.root().join("etc/mail/ran").exists());
+    let _ = fs::metadata(host.root());
+}
+
+#[test]
+fn a_failing_restart_fails_the_run() {
+    let s = setup("\"broken.service\"", &[]);
+    s.ct.install_unit(
+        "broken.service",
+        "[Service]\nType=oneshot\nExecStart=/bin/false\n",
+    );
+    let (report, code) = s.run(
+        "broken",
+        &with_services("broken", 1, "restart = [\"broken.service\"]"),
+        "#!/bin/sh\nexit 0\n",
+    );
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert_ne!(code, 0);
+    let o = outcome(&report, "broken.service");
+    assert_eq!(o["result"], "failed", "{o}");
+    assert!(report["reason"]
+        .as_str()
+        .unwrap()
+        .contains("broken.service"));
+}
