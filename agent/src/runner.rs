@@ -20,7 +20,11 @@
 //! 11. release the sandbox (the audit listener, started on another thread
 //!     after step 8, is running by then), wait (timeout kills the cgroup),
 //!     collect denials;
-//! 12. log the result, then clear the in-progress marker; remove the run
+//! 12. service actions (`services::after_run`): the captured requests
+//!     read and decided against `[services] allow`, and after a clean
+//!     success the declared and allowed ones performed (declared units
+//!     were checked against the allow list with the scopes, step 6);
+//! 13. log the result, then clear the in-progress marker; remove the run
 //!     dir.
 //!
 //! Every refusal happens before step 11 and withdraws a held sandbox, so a
