@@ -289,3 +289,42 @@ fn a_failing_restart_fails_the_run() {
         .unwrap()
         .contains("broken.service"));
 }
+
+/// Reviewers see `[services]` in what they sign: `inspect` shows it under
+/// what the bundle may change, and its JSON carries it.
+#[test]
+fn inspect_shows_the_services_a_bundle_asks_for() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let man = with_services(
+        "shown",
+        1,
+        "reload = [\"postfix.service\"]\nrestart = [\"dovecot.service\"]\nrestart_stale = true",
+    );
+    let src = host.bundle_source("shown", &man, "#!/bin/sh\n");
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let out = rollguard_tests::run_ok(
+        rollguard_tests::rollguard()
+            .args(["bundle", "inspect"])
+            .arg(&bundle),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let what = text.split("WHAT it runs").next().unwrap();
+    assert!(
+        what.contains(
+            "services  reload postfix.service; restart dovecot.service; restart stale yes"
+        ),
+        "{text}"
+    );
+    let out = rollguard_tests::run_ok(
+        rollguard_tests::rollguard()
+            .args(["bundle", "inspect", "--json"])
+            .arg(&bundle),
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        meta["services"]["restart"],
+        serde_json::json!(["dovecot.service"])
+    );
+    assert_eq!(meta["services"]["restart_stale"], true);
+}
