@@ -31,7 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rollguard_shared::archive::{self, Limits};
-use rollguard_shared::report::{BundleRef, Denial, RefusalKind, RunReport, RunStatus};
+use rollguard_shared::report::{
+    BundleRef, Denial, ExpectedDenial, RefusalKind, RunReport, RunStatus,
+};
 use rollguard_shared::signature::{self, AllowedSigners, RawSignature};
 use sha2::{Digest, Sha256};
 
@@ -187,6 +189,9 @@ fn prepare_and_run(
         )
     })?;
     let manifest = opened.manifest.clone();
+    // What the run may change: the author's scope and the one derived from
+    // the packages. Every check below and the sandbox use the union.
+    let scope = manifest.effective_scope();
     let manifest_sha256 = hex::encode(Sha256::digest(&opened.manifest_bytes));
     let bundle = BundleRef {
         name: manifest.bundle.name.to_string(),
@@ -205,7 +210,7 @@ fn prepare_and_run(
         .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
     let allowed = AllowedSigners::load(&policy.trust().allowed_signers)
         .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
-    let threshold = policy.required_threshold(&manifest.scope);
+    let threshold = policy.required_threshold(&scope);
     let signatures: Vec<RawSignature> = opened.signatures.iter().cloned().map(Into::into).collect();
     let now = jiff::Timestamp::now();
     let verified = signature::verify_threshold(
@@ -231,9 +236,9 @@ fn prepare_and_run(
     // below resolves them again, just before the run).
     let protected = policy.protected_now();
     protected
-        .check_scope(&manifest.scope)
+        .check_scope(&scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
-    check_mount_aliases(&protected, &manifest.scope)?;
+    check_mount_aliases(&protected, &scope)?;
     // Resource limits: the host's, or the bundle's request within the
     // host's ceiling (beyond it, refused like a scope beyond the ceiling).
     let limits = policy
@@ -308,9 +313,12 @@ fn prepare_and_run(
         run_id: run_id.to_string(),
         payload_dir: payload_dir.clone(),
         run_dir: run_dir.clone(),
-        command: manifest.run.command.clone(),
+        command: match &manifest.packages {
+            Some(p) => crate::packages::sandbox_command(p, &manifest.run.command),
+            None => manifest.run.command.clone(),
+        },
         env,
-        scope: SandboxScope::new(&manifest.scope, network.rules),
+        scope: SandboxScope::new(&scope, network.rules),
         // Resolved again: name resolution above may have taken seconds, and
         // a protected symlink re-pointed meanwhile must count from this run.
         protected: policy
@@ -327,6 +335,17 @@ fn prepare_and_run(
     // the other core while the payload is unpacked and the start is made
     // durable below, and executes nothing until it is released after that.
     // A refusal from here on withdraws it (nothing of the bundle ran).
+    // Missing package directories are created now, as the sandbox's rules
+    // attach to existing directories (see `packages`).
+    if let Some(p) = &manifest.packages {
+        if let Err(e) = crate::packages::prepare(p) {
+            cleanup(state);
+            return Err(Refusal::new(
+                RefusalKind::HostError,
+                format!("[packages]: {e}"),
+            ));
+        }
+    }
     let held = launcher.spawn_held(&spec).map_err(|e| {
         cleanup(state);
         Refusal::new(
@@ -352,6 +371,12 @@ fn prepare_and_run(
         ));
     }
 
+    // The package database before the run: versions, files owned.
+    let packages_before = manifest
+        .packages
+        .as_ref()
+        .map(crate::packages::Snapshot::take);
+
     // Point of no return: durable before acted upon. The version (the
     // atomic rollback check), the in-progress marker and the audit log entry
     // are flushed together (see `StateDir::begin_run`).
@@ -364,7 +389,7 @@ fn prepare_and_run(
         bundle: bundle.clone(),
         manifest_sha256: manifest_sha256.clone(),
         signers: verified.principals.clone(),
-        scope: (&manifest.scope).into(),
+        scope: (&scope).into(),
     };
     let begun = state.begin_run(&manifest.bundle.name, &marker, |lock| {
         log.append_locked(lock, started_event).map(drop)
@@ -396,8 +421,14 @@ fn prepare_and_run(
         manifest.run.timeout,
         &kernel,
         audit,
+        manifest.packages.as_ref(),
         &mut report,
     );
+    // Files the packages replaced or removed (for the stale-services scan).
+    let _replaced = match (&manifest.packages, packages_before) {
+        (Some(p), Some(before)) => crate::packages::after_run(p, before, &mut report),
+        _ => Default::default(),
+    };
     report.duration_ms = started.elapsed().as_millis() as u64;
 
     // The scratch directory goes on another thread: removing it is not
@@ -430,7 +461,9 @@ fn prepare_and_run(
 }
 
 /// Launch the sandbox, wait, and fill in status, exit code, denials and
-/// output tails.
+/// output tails. `packages`: the bundle's, whose expected denials are
+/// moved aside.
+#[allow(clippy::too_many_arguments)]
 fn execute(
     held: HeldChild,
     run_id: &str,
@@ -438,6 +471,7 @@ fn execute(
     timeout: Duration,
     kernel: &KernelSupport,
     audit: StartingListener,
+    packages: Option<&rollguard_shared::manifest::Packages>,
     report: &mut RunReport,
 ) {
     // Listening before the release: stage 2 does nothing Landlock or
@@ -576,6 +610,19 @@ fn execute(
             }
             if !denials.is_complete() {
                 tracing::warn!(gaps = ?denials.gaps, "denial records may be incomplete");
+            }
+            // The package manager's known harmless refusals, moved aside
+            // with their reason (see `packages::expected`), still reported.
+            if let Some(p) = packages {
+                report.expected_denials = denials
+                    .take_expected(|d| crate::packages::expected::explain(p, d))
+                    .into_iter()
+                    .map(|(d, reason)| ExpectedDenial {
+                        reason: reason.to_string(),
+                        denial: d.denial,
+                        records: d.records,
+                    })
+                    .collect();
             }
             let (list, count) = denials.report_fields();
             report.denials = list;

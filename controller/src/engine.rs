@@ -537,7 +537,7 @@ impl Engine {
                 size: meta.size,
             },
             targets: serde_json::to_value(&manifest.targets).unwrap_or_default(),
-            scope: serde_json::to_value(&manifest.scope).unwrap_or_default(),
+            scope: plan_scope(&manifest),
             signers: meta.signers.clone(),
             timeout_secs: manifest.run.timeout.as_secs(),
             bake_secs: req.bake_secs,
@@ -944,3 +944,17 @@ pub fn status_of(r: RolloutRecord, dispatches: Vec<DispatchRecord>) -> RolloutSt
 
 #[cfg(test)]
 mod tests;
+
+/// The plan's scope: the author's, with the scope derived from the
+/// packages (if any) under `packages`, so the plan shows both and where
+/// each came from.
+fn plan_scope(manifest: &rollguard_shared::Manifest) -> serde_json::Value {
+    let mut scope = serde_json::to_value(&manifest.scope).unwrap_or_default();
+    if let (Some(p), Some(obj)) = (&manifest.packages, scope.as_object_mut()) {
+        obj.insert(
+            "packages".into(),
+            serde_json::to_value(p).unwrap_or_default(),
+        );
+    }
+    scope
+}
