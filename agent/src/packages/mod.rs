@@ -128,11 +128,16 @@ pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
         ],
         // --oldpackage: a bundle carrying an older version is how a
         // revert is expressed (a new signed bundle); -U alone would refuse.
+        // --ignoresize: rpm's disk space check counts a read-only file
+        // system as full, and inside the sandbox every mount outside the
+        // scope is read-only (the scope's binds share the device of the
+        // mount they sit on, so rpm attributes its files to that one).
         PackageKind::Rpm => vec![
             "/usr/bin/rpm".to_string(),
             format!("--dbpath={}", p.database),
             "--upgrade".into(),
             "--oldpackage".into(),
+            "--ignoresize".into(),
         ],
     };
     let mut script = String::from("DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND; ");
