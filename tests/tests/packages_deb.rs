@@ -310,3 +310,47 @@ fn a_package_writing_into_the_agents_unit_directory_is_refused() {
     assert_eq!(pkg::dpkg_status().unwrap().0, "1.0");
     assert!(!Path::new("/lib/systemd/system/rgpkgtest.service").exists());
 }
+
+/// The files an upgrade replaced, as the agent computes them for the
+/// stale-services scan: every file v1 owned that is another inode (or gone)
+/// after the upgrade; directories never.
+#[test]
+fn the_replaced_files_are_those_the_upgrade_swapped() {
+    use rollguard_agent::packages::Snapshot;
+    use rollguard_shared::manifest::packages::PackageToken;
+    use rollguard_shared::manifest::{DerivedPackage, PackageKind, Packages, PayloadPath};
+    use rollguard_shared::ScopePath;
+
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
+    let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
+    install_bare(&v1);
+    let packages = Packages {
+        kind: PackageKind::Deb,
+        install: vec![DerivedPackage {
+            file: PayloadPath::parse("pkgs/rgpkgtest_2.0_all.deb").unwrap(),
+            name: PackageToken::parse(pkg::NAME).unwrap(),
+            version: PackageToken::parse("2.0").unwrap(),
+        }],
+        database: ScopePath::parse("/var/lib/dpkg").unwrap(),
+        write: vec![],
+        delete: vec![],
+    };
+    let before = Snapshot::take(&packages);
+    install_bare(&v2);
+    let outcome = before.finish(&packages);
+    let replaced: Vec<_> = outcome
+        .replaced
+        .iter()
+        .map(|p| p.to_str().unwrap())
+        .collect();
+    assert_eq!(replaced, [pkg::CONFFILE, pkg::PROGRAM, pkg::UNIT]);
+    assert_eq!(outcome.mismatch, None);
+    assert_eq!(outcome.changes[0].before.as_deref(), Some("1.0"));
+    assert_eq!(outcome.changes[0].after.as_deref(), Some("2.0"));
+}
