@@ -190,8 +190,16 @@ fn prepare_and_run(
     })?;
     let manifest = opened.manifest.clone();
     // What the run may change: the author's scope and the one derived from
-    // the packages. Every check below and the sandbox use the union.
-    let scope = manifest.effective_scope();
+    // the packages (merged-/usr aliases resolved for this host). Every check
+    // below and the sandbox use the union.
+    let packages = manifest
+        .packages
+        .as_ref()
+        .map(crate::packages::on_this_host);
+    let scope = match &packages {
+        Some(p) => manifest.scope.with_packages(p),
+        None => manifest.scope.clone(),
+    };
     let manifest_sha256 = hex::encode(Sha256::digest(&opened.manifest_bytes));
     let bundle = BundleRef {
         name: manifest.bundle.name.to_string(),
@@ -313,7 +321,7 @@ fn prepare_and_run(
         run_id: run_id.to_string(),
         payload_dir: payload_dir.clone(),
         run_dir: run_dir.clone(),
-        command: match &manifest.packages {
+        command: match &packages {
             Some(p) => crate::packages::sandbox_command(p, &manifest.run.command),
             None => manifest.run.command.clone(),
         },
@@ -337,7 +345,7 @@ fn prepare_and_run(
     // A refusal from here on withdraws it (nothing of the bundle ran).
     // Missing package directories are created now, as the sandbox's rules
     // attach to existing directories (see `packages`).
-    if let Some(p) = &manifest.packages {
+    if let Some(p) = &packages {
         if let Err(e) = crate::packages::prepare(p) {
             cleanup(state);
             return Err(Refusal::new(
@@ -372,10 +380,7 @@ fn prepare_and_run(
     }
 
     // The package database before the run: versions, files owned.
-    let packages_before = manifest
-        .packages
-        .as_ref()
-        .map(crate::packages::Snapshot::take);
+    let packages_before = packages.as_ref().map(crate::packages::Snapshot::take);
 
     // Point of no return: durable before acted upon. The version (the
     // atomic rollback check), the in-progress marker and the audit log entry
@@ -421,11 +426,11 @@ fn prepare_and_run(
         manifest.run.timeout,
         &kernel,
         audit,
-        manifest.packages.as_ref(),
+        packages.as_ref(),
         &mut report,
     );
     // Files the packages replaced or removed (for the stale-services scan).
-    let _replaced = match (&manifest.packages, packages_before) {
+    let _replaced = match (&packages, packages_before) {
         (Some(p), Some(before)) => crate::packages::after_run(p, before, &mut report),
         _ => Default::default(),
     };

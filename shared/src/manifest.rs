@@ -228,6 +228,18 @@ pub struct Scope {
 }
 
 impl Scope {
+    /// This scope with the one derived from the packages added.
+    pub fn with_packages(&self, p: &Packages) -> Scope {
+        let mut scope = self.clone();
+        scope.write.extend(p.write.iter().cloned());
+        scope.delete.extend(p.delete.iter().cloned());
+        scope.write.sort();
+        scope.write.dedup();
+        scope.delete.sort();
+        scope.delete.dedup();
+        scope
+    }
+
     /// Every path the bundle names, with the key it came from.
     pub fn all_paths(&self) -> impl Iterator<Item = (&'static str, &ScopePath)> {
         self.write
@@ -342,16 +354,10 @@ impl Manifest {
     /// What the run may change: the author's scope and the scope derived
     /// from the packages, merged (what the agent checks and enforces).
     pub fn effective_scope(&self) -> Scope {
-        let mut scope = self.scope.clone();
-        if let Some(p) = &self.packages {
-            scope.write.extend(p.write.iter().cloned());
-            scope.delete.extend(p.delete.iter().cloned());
-            scope.write.sort();
-            scope.write.dedup();
-            scope.delete.sort();
-            scope.delete.dedup();
+        match &self.packages {
+            Some(p) => self.scope.with_packages(p),
+            None => self.scope.clone(),
         }
-        scope
     }
 
     /// Parse the exact bytes of a built manifest.

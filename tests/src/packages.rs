@@ -44,7 +44,13 @@ pub struct Variant {
     pub postinst: String,
     /// Ship the unit in /lib/systemd/system (where the agent's unit is).
     pub unit_in_systemd_dir: bool,
+    /// Also ship [`LIB_FILE`], beneath `/lib` (a symlink to `usr/lib` on a
+    /// merged-/usr host).
+    pub lib_file: bool,
 }
+
+/// A file beneath a merged-/usr alias.
+pub const LIB_FILE: &str = "/lib/rgpkgtest-lib/helper";
 
 fn unit_text(version: &str) -> String {
     format!(
@@ -92,6 +98,9 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
         UNIT
     };
     write(unit, &unit_text(version), 0o644);
+    if variant.lib_file {
+        write(LIB_FILE, &format!("helper {version}\n"), 0o644);
+    }
     // Directories as packages ship them: root:root 0755.
     for dir in walk_dirs(&root) {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -250,7 +259,12 @@ impl Drop for Cleanup {
             let _ = run(Command::new("dpkg").args(["--purge", NAME]));
         }
         let _ = fs::remove_file(EVIL);
-        for dir in ["/etc/rgpkgtest", "/usr/lib/rgpkgtest"] {
+        for dir in [
+            "/etc/rgpkgtest",
+            "/usr/lib/rgpkgtest",
+            "/lib/rgpkgtest-lib",
+            "/usr/lib/rgpkgtest-lib",
+        ] {
             let _ = fs::remove_dir_all(dir);
         }
         let _ = fs::remove_file("/lib/systemd/system/rgpkgtest.service");

@@ -354,3 +354,35 @@ fn the_replaced_files_are_those_the_upgrade_swapped() {
     assert_eq!(outcome.changes[0].before.as_deref(), Some("1.0"));
     assert_eq!(outcome.changes[0].after.as_deref(), Some("2.0"));
 }
+
+/// A package naming `/lib/...` (as most Debian 12 packages still do) on a
+/// merged-/usr host, where `/lib` is a symlink: the signed scope says
+/// `/lib/rgpkgtest-lib`, the agent enforces its real path.
+#[test]
+fn a_package_under_a_merged_usr_alias_installs_through_its_real_path() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let lib = Variant {
+        lib_file: true,
+        ..Variant::default()
+    };
+    let v1 = pkg::build_deb(&out, "1.0", &lib);
+    let v2 = pkg::build_deb(&out, "2.0", &lib);
+    install_bare(&v1);
+
+    let (bundle, _) = bundle(&host, &keys, "lib", 1, &v2);
+    let write = strings(&pkg::inspect(&bundle)["packages"]["write"]);
+    assert!(
+        write.contains(&"/lib/rgpkgtest-lib".to_string()),
+        "{write:?}"
+    );
+    let (report, _) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(report["denials"], json!([]), "{report:#}");
+    assert_expected_denials_are_typed(&report);
+    assert_eq!(fs::read_to_string(pkg::LIB_FILE).unwrap(), "helper 2.0\n");
+}

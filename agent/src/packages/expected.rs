@@ -52,6 +52,9 @@ pub fn explain(p: &Packages, d: &Denial) -> Option<&'static str> {
         let dir = d.path.as_deref()?;
         let trimmed = dir.trim_end_matches('/');
         let dir = Path::new(if trimmed.is_empty() { "/" } else { trimmed });
+        // `/lib/` on a merged-/usr host is `/usr/lib`, as the scope is.
+        let real = super::merged_usr(dir);
+        let dir = real.as_deref().unwrap_or(dir);
         let holds_a_package_dir = p
             .write
             .iter()

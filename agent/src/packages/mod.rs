@@ -29,11 +29,59 @@ use std::process::Command;
 
 use rollguard_shared::manifest::{PackageKind, Packages};
 use rollguard_shared::report::PackageChange;
+use rollguard_shared::ScopePath;
 
 /// dpkg's database, as `rollguard bundle build` derives it.
 pub const DPKG_ADMINDIR: &str = "/var/lib/dpkg";
 /// dpkg's log, as derived; passed to dpkg so the derived fact holds.
 pub const DPKG_LOG: &str = "/var/log/dpkg.log";
+
+/// The top-level directories a merged-/usr host makes symlinks into
+/// `/usr` (Debian 12, Fedora...).
+const MERGED_USR: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+/// `p` with its derived paths as this host's real paths: a package built
+/// for (or on) a split-/usr system names `/lib/foo`, and on a merged-/usr
+/// host `/lib` is a symlink to `usr/lib`, which no scope may be reached
+/// through (the sandbox refuses a scope path that is not its own real
+/// path). Only these standard aliases are followed, and only when the
+/// host's link is exactly `usr/X` (or `/usr/X`); every check and the
+/// sandbox then see the real path. Signed paths stay as signed in the
+/// manifest.
+pub fn on_this_host(p: &Packages) -> Packages {
+    let mut p = p.clone();
+    for list in [&mut p.write, &mut p.delete] {
+        for path in list.iter_mut() {
+            if let Some(real) = merged_usr(path.as_path()) {
+                tracing::info!(signed = %path, real = %real.display(), "derived scope path on a merged-/usr host");
+                if let Some(real) = real.to_str().and_then(|r| ScopePath::parse(r).ok()) {
+                    *path = real;
+                }
+            }
+        }
+        list.sort();
+        list.dedup();
+    }
+    p
+}
+
+/// `path` beneath a merged-/usr alias that is a symlink on this host, as
+/// its real path beneath `/usr`; `None` otherwise.
+pub(crate) fn merged_usr(path: &Path) -> Option<PathBuf> {
+    let alias = MERGED_USR.iter().find(|a| path.starts_with(a))?;
+    let rest = path.strip_prefix(alias).ok()?;
+    let name = alias.trim_start_matches('/');
+    let link = std::fs::read_link(alias).ok()?;
+    let target = Path::new("/usr").join(name);
+    if link != Path::new("usr").join(name) && link != target {
+        return None;
+    }
+    Some(if rest.as_os_str().is_empty() {
+        target
+    } else {
+        target.join(rest)
+    })
+}
 
 /// What could be wrong on this host before anything ran.
 #[derive(Debug, thiserror::Error)]
