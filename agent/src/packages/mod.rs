@@ -142,9 +142,22 @@ pub fn prepare(p: &Packages) -> Result<(), PrepareError> {
 }
 
 /// Create `path` and its missing ancestors, each root:root 0755 whatever
-/// the umask.
+/// the umask. Never through a symlink: the deepest existing ancestor must
+/// be its own real path (the sandbox would refuse such a scope anyway, and
+/// nothing is created elsewhere meanwhile).
 fn create_dirs(path: &Path) -> std::io::Result<()> {
-    let missing: Vec<&Path> = path.ancestors().take_while(|a| !a.exists()).collect();
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|a| std::fs::symlink_metadata(a).is_err())
+        .collect();
+    if let Some(existing) = path.ancestors().nth(missing.len()) {
+        if std::fs::canonicalize(existing)? != existing {
+            return Err(std::io::Error::other(format!(
+                "{} is reached through a symlink; no package directory is created there",
+                existing.display()
+            )));
+        }
+    }
     for dir in missing.into_iter().rev() {
         match std::fs::DirBuilder::new().mode(0o755).create(dir) {
             Ok(()) => {}
@@ -487,6 +500,25 @@ mod tests {
             "{}",
             argv[2]
         );
+    }
+
+    #[test]
+    fn directories_are_created_0755_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        let deep = real.join("a/b/c");
+        create_dirs(&deep).unwrap();
+        for p in [real.join("a"), real.join("a/b"), deep.clone()] {
+            let mode = std::fs::metadata(&p).unwrap().permissions();
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
+                0o755
+            );
+        }
+        std::os::unix::fs::symlink(real.join("a"), real.join("link")).unwrap();
+        let err = create_dirs(&real.join("link/x/y")).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert!(!real.join("a/x").exists());
     }
 
     #[test]

@@ -185,8 +185,9 @@ fn build(src: &Path, output: &Path, zstd: bool, json: bool) -> Result<ExitCode> 
     let source_path = src.join(archive::SOURCE_MANIFEST);
     let source_text = std::fs::read_to_string(&source_path)
         .with_context(|| format!("reading {}", source_path.display()))?;
+    // The error's own text, once (its source chain repeats it).
     let source = rollguard_shared::SourceManifest::parse(&source_text)
-        .with_context(|| format!("{}", source_path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", source_path.display()))?;
     let derived = match &source.packages {
         Some(req) => Some(crate::packages::derive(src, req)?),
         None => None,
