@@ -43,13 +43,26 @@ pub const DPKG_LOG: &str = "/var/log/dpkg.log";
 /// Where `update-alternatives` keeps its links.
 const ALTERNATIVES: &str = "/etc/alternatives";
 
-/// Where the agents protect their own unit files: a package writing there
-/// is refused by every agent (until it pins its own files).
-const SYSTEMD_UNIT_DIRS: &[&str] = &[
-    "/etc/systemd/system",
-    "/usr/local/lib/systemd/system",
-    "/usr/lib/systemd/system",
-    "/lib/systemd/system",
+/// Directories where agents protect files of their own, so a write scope
+/// on (or above) them is refused by every agent: a package writing there
+/// is warned about at build (until agents pin their own files instead).
+const AGENT_PROTECTED_DIRS: &[(&str, &str)] = &[
+    ("/etc/systemd/system", "agents protect their own unit"),
+    (
+        "/usr/local/lib/systemd/system",
+        "agents protect their own unit",
+    ),
+    ("/usr/lib/systemd/system", "agents protect their own unit"),
+    ("/lib/systemd/system", "agents protect their own unit"),
+    (
+        "/etc/ld.so.conf.d",
+        "agents protect the dynamic loader's configuration",
+    ),
+    (
+        "/etc",
+        "agents protect the dynamic loader's configuration and /etc/rollguard",
+    ),
+    ("/usr/sbin", "packaged agents protect their own programs"),
 ];
 
 /// One entry of a package's file list.
@@ -102,12 +115,13 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
         let pkg_dirs = package_dirs(&entries)
             .with_context(|| format!("deriving the directories of {}", path.display()))?;
         for d in &pkg_dirs {
-            if let Some(unit_dir) = SYSTEMD_UNIT_DIRS
-                .iter()
-                .find(|u| d.as_path() == Path::new(u) || d.as_path().starts_with(u))
-            {
+            // `/etc` itself (a file directly in /etc), not everything in it.
+            let hit = AGENT_PROTECTED_DIRS.iter().find(|(dir, _)| {
+                d.as_path() == Path::new(dir) || (*dir != "/etc" && d.as_path().starts_with(dir))
+            });
+            if let Some((dir, why)) = hit {
                 warnings.push(format!(
-                    "{file} writes into {unit_dir}, where agents protect their own unit: agents refuse it unless their unit is pinned read-only"
+                    "{file} writes into {dir}, where {why}: agents refuse it unless those files are pinned read-only"
                 ));
             }
         }
