@@ -14,8 +14,10 @@
 //!   configuration turns that off (only nscd itself can, in-process). The
 //!   sandbox's seccomp filter refuses every `AF_UNIX` socket, so the probe
 //!   is refused and glibc falls back to `/etc/passwd`. Recognised: a
-//!   `syscall.socket` denial by dpkg, dpkg-deb, tar or rpm (the same call
-//!   from a maintainer script's own programs stays a denial).
+//!   `syscall.socket` denial by dpkg, dpkg-deb, tar or rpm. The same call
+//!   from any other program stays a denial; these programs started by a
+//!   maintainer script are not told apart (the record names the program,
+//!   not its parent), and all they could do is the same refused probe.
 //! - [`DPKG_NEW_CLEANUP`]: for each directory in the archive dpkg removes a
 //!   stale `DIR/.dpkg-new` left by an interrupted run (`rmdir`, result
 //!   ignored when absent). Outside the write scope the read-only mount
