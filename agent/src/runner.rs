@@ -10,7 +10,10 @@
 //! 4. expiry; 5. this host in `[targets]`; 6. scopes against protected
 //!    paths and the host's ceiling; 7. the kernel can confine it; 8. version
 //!    newer than any run here (cheap check, before unpacking), and the
-//!    sandbox's stage-2 program installed and safe;
+//!    sandbox's stage-2 program installed and safe (`[packages]`: the
+//!    checks cover the scope derived from the packages too, and the package
+//!    directories the host lacks are created after them, see
+//!    [`crate::packages`]);
 //! 9. start the sandbox *held* (stage 2 confines itself meanwhile but
 //!    executes nothing until step 11), unpack the payload (digests
 //!    checked) into a private run directory;
@@ -339,12 +342,10 @@ fn prepare_and_run(
         limits,
     };
 
-    // Stage 2 starts now, held: it confines itself (about 2 ms of CPU) on
-    // the other core while the payload is unpacked and the start is made
-    // durable below, and executes nothing until it is released after that.
-    // A refusal from here on withdraws it (nothing of the bundle ran).
     // Missing package directories are created now, as the sandbox's rules
-    // attach to existing directories (see `packages`).
+    // attach to existing directories (see `packages`). The only write
+    // outside the agent's own state before the run; a refusal below leaves
+    // them, empty.
     if let Some(p) = &packages {
         if let Err(e) = crate::packages::prepare(p) {
             cleanup(state);
@@ -354,6 +355,11 @@ fn prepare_and_run(
             ));
         }
     }
+
+    // Stage 2 starts now, held: it confines itself (about 2 ms of CPU) on
+    // the other core while the payload is unpacked and the start is made
+    // durable below, and executes nothing until it is released after that.
+    // A refusal from here on withdraws it (nothing of the bundle ran).
     let held = launcher.spawn_held(&spec).map_err(|e| {
         cleanup(state);
         Refusal::new(
