@@ -50,7 +50,7 @@ pub struct Variant {
 }
 
 /// A file beneath a merged-/usr alias.
-pub const LIB_FILE: &str = "/lib/rgpkgtest-lib/helper";
+pub const LIB_FILE: &str = "/lib/rgpkgtest-lib/plugin";
 
 fn unit_text(version: &str) -> String {
     format!(
@@ -99,7 +99,7 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
     };
     write(unit, &unit_text(version), 0o644);
     if variant.lib_file {
-        write(LIB_FILE, &format!("helper {version}\n"), 0o644);
+        write(LIB_FILE, &format!("plugin {version}\n"), 0o644);
     }
     // Directories as packages ship them: root:root 0755.
     for dir in walk_dirs(&root) {

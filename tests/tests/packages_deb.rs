@@ -384,5 +384,5 @@ fn a_package_under_a_merged_usr_alias_installs_through_its_real_path() {
     assert_eq!(report["status"], "succeeded", "{report:#}");
     assert_eq!(report["denials"], json!([]), "{report:#}");
     assert_expected_denials_are_typed(&report);
-    assert_eq!(fs::read_to_string(pkg::LIB_FILE).unwrap(), "helper 2.0\n");
+    assert_eq!(fs::read_to_string(pkg::LIB_FILE).unwrap(), "plugin 2.0\n");
 }
