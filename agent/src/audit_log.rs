@@ -33,7 +33,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rollguard_shared::manifest::Scope;
-use rollguard_shared::report::{BundleRef, Denial, RefusalKind, RunReport, RunStatus};
+use rollguard_shared::report::{
+    BundleRef, Denial, ExpectedDenial, PackageChange, RefusalKind, RunReport, RunStatus,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -124,6 +126,13 @@ pub enum AuditEvent {
         denials: Option<Vec<Denial>>,
         denial_count: Option<u64>,
         duration_ms: u64,
+        /// Denials recognised as the package manager's harmless side
+        /// effects (`packages::expected`), kept in the log too.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        expected_denials: Vec<ExpectedDenial>,
+        /// `[packages]`: versions before and after.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        packages: Vec<PackageChange>,
     },
     /// A bundle that was not run. `bundle` is absent when the file was too
     /// broken to name one.
@@ -163,6 +172,8 @@ impl AuditEvent {
             denials: report.denials.clone(),
             denial_count: report.denial_count,
             duration_ms: report.duration_ms,
+            expected_denials: report.expected_denials.clone(),
+            packages: report.packages.clone(),
         }
     }
 }

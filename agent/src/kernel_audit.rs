@@ -184,6 +184,39 @@ impl RunDenials {
         self.landlock_denials + self.seccomp_denials + self.syscall_exit_denials
     }
 
+    /// Move the denials `explain` recognises out of the list and out of
+    /// the totals, each with its records and the reason `explain` gives.
+    /// Only seccomp (`syscall.*`) and read-only-mount (`erofs.*`) denials
+    /// can be moved: Landlock's count comes from the kernel per domain,
+    /// and nothing here excuses a Landlock denial. Used for the narrow,
+    /// typed cases in [`crate::packages::expected`].
+    pub fn take_expected(
+        &mut self,
+        explain: impl Fn(&Denial) -> Option<&'static str>,
+    ) -> Vec<(DenialCount, &'static str)> {
+        let mut taken = Vec::new();
+        let mut kept = Vec::with_capacity(self.denials.len());
+        for d in std::mem::take(&mut self.denials) {
+            let counter = if d.denial.access.starts_with("syscall.") {
+                &mut self.seccomp_denials
+            } else if d.denial.access.starts_with("erofs.") {
+                &mut self.syscall_exit_denials
+            } else {
+                kept.push(d);
+                continue;
+            };
+            match explain(&d.denial) {
+                Some(reason) if *counter >= d.records => {
+                    *counter -= d.records;
+                    taken.push((d, reason));
+                }
+                _ => kept.push(d),
+            }
+        }
+        self.denials = kept;
+        taken
+    }
+
     pub fn denial_list(&self) -> Vec<Denial> {
         self.denials.iter().map(|d| d.denial.clone()).collect()
     }

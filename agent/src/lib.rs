@@ -11,6 +11,7 @@ pub mod audit_log;
 pub mod cli;
 pub mod daemon;
 pub mod kernel_audit;
+pub mod packages;
 pub mod policy;
 pub mod recovery;
 pub mod runner;

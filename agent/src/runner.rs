@@ -10,7 +10,10 @@
 //! 4. expiry; 5. this host in `[targets]`; 6. scopes against protected
 //!    paths and the host's ceiling; 7. the kernel can confine it; 8. version
 //!    newer than any run here (cheap check, before unpacking), and the
-//!    sandbox's stage-2 program installed and safe;
+//!    sandbox's stage-2 program installed and safe (`[packages]`: the
+//!    checks cover the scope derived from the packages too, and the package
+//!    directories the host lacks are created after them, see
+//!    [`crate::packages`]);
 //! 9. start the sandbox *held* (stage 2 confines itself meanwhile but
 //!    executes nothing until step 11), unpack the payload (digests
 //!    checked) into a private run directory;
@@ -35,7 +38,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rollguard_shared::archive::{self, Limits};
-use rollguard_shared::report::{BundleRef, Denial, RefusalKind, RunReport, RunStatus};
+use rollguard_shared::report::{
+    BundleRef, Denial, ExpectedDenial, RefusalKind, RunReport, RunStatus,
+};
 use rollguard_shared::signature::{self, AllowedSigners, RawSignature};
 use sha2::{Digest, Sha256};
 
@@ -191,6 +196,17 @@ fn prepare_and_run(
         )
     })?;
     let manifest = opened.manifest.clone();
+    // What the run may change: the author's scope and the one derived from
+    // the packages (merged-/usr aliases resolved for this host). Every check
+    // below and the sandbox use the union.
+    let packages = manifest
+        .packages
+        .as_ref()
+        .map(crate::packages::on_this_host);
+    let scope = match &packages {
+        Some(p) => manifest.scope.with_packages(p),
+        None => manifest.scope.clone(),
+    };
     let manifest_sha256 = hex::encode(Sha256::digest(&opened.manifest_bytes));
     let bundle = BundleRef {
         name: manifest.bundle.name.to_string(),
@@ -209,7 +225,7 @@ fn prepare_and_run(
         .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
     let allowed = AllowedSigners::load(&policy.trust().allowed_signers)
         .map_err(|e| Refusal::new(RefusalKind::HostError, format!("trust file: {e}")))?;
-    let threshold = policy.required_threshold(&manifest.scope);
+    let threshold = policy.required_threshold(&scope);
     let signatures: Vec<RawSignature> = opened.signatures.iter().cloned().map(Into::into).collect();
     let now = jiff::Timestamp::now();
     let verified = signature::verify_threshold(
@@ -235,9 +251,9 @@ fn prepare_and_run(
     // below resolves them again, just before the run).
     let protected = policy.protected_now();
     protected
-        .check_scope(&manifest.scope)
+        .check_scope(&scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
-    check_mount_aliases(&protected, &manifest.scope)?;
+    check_mount_aliases(&protected, &scope)?;
     // Declared service actions: each unit allowed by the host, or refused.
     crate::services::after_run::check_declared(&manifest.services, policy.services())
         .map_err(|e| Refusal::new(RefusalKind::ScopeCeiling, e))?;
@@ -315,9 +331,12 @@ fn prepare_and_run(
         run_id: run_id.to_string(),
         payload_dir: payload_dir.clone(),
         run_dir: run_dir.clone(),
-        command: manifest.run.command.clone(),
+        command: match &packages {
+            Some(p) => crate::packages::sandbox_command(p, &manifest.run.command),
+            None => manifest.run.command.clone(),
+        },
         env,
-        scope: SandboxScope::new(&manifest.scope, network.rules),
+        scope: SandboxScope::new(&scope, network.rules),
         // Resolved again: name resolution above may have taken seconds, and
         // a protected symlink re-pointed meanwhile must count from this run.
         protected: policy
@@ -329,6 +348,20 @@ fn prepare_and_run(
         landlock_min_abi: MIN_LANDLOCK_ABI,
         limits,
     };
+
+    // Missing package directories are created now, as the sandbox's rules
+    // attach to existing directories (see `packages`). The only write
+    // outside the agent's own state before the run; a refusal below leaves
+    // them, empty.
+    if let Some(p) = &packages {
+        if let Err(e) = crate::packages::prepare(p) {
+            cleanup(state);
+            return Err(Refusal::new(
+                RefusalKind::HostError,
+                format!("[packages]: {e}"),
+            ));
+        }
+    }
 
     // Stage 2 starts now, held: it confines itself (about 2 ms of CPU) on
     // the other core while the payload is unpacked and the start is made
@@ -359,6 +392,9 @@ fn prepare_and_run(
         ));
     }
 
+    // The package database before the run: versions, files owned.
+    let packages_before = packages.as_ref().map(crate::packages::Snapshot::take);
+
     // Point of no return: durable before acted upon. The version (the
     // atomic rollback check), the in-progress marker and the audit log entry
     // are flushed together (see `StateDir::begin_run`).
@@ -371,7 +407,7 @@ fn prepare_and_run(
         bundle: bundle.clone(),
         manifest_sha256: manifest_sha256.clone(),
         signers: verified.principals.clone(),
-        scope: (&manifest.scope).into(),
+        scope: (&scope).into(),
     };
     let begun = state.begin_run(&manifest.bundle.name, &marker, |lock| {
         log.append_locked(lock, started_event).map(drop)
@@ -403,11 +439,15 @@ fn prepare_and_run(
         manifest.run.timeout,
         &kernel,
         audit,
+        packages.as_ref(),
         &mut report,
     );
-    // Paths the run's packages replaced or removed: the stale scan's input,
-    // filled by the packages step; empty until then.
-    let replaced = std::collections::BTreeSet::new();
+    // Files the packages replaced or removed: the stale-services scan's
+    // input (restart_stale, and `stale_services` in the report).
+    let replaced = match (&packages, packages_before) {
+        (Some(p), Some(before)) => crate::packages::after_run(p, before, &mut report),
+        _ => Default::default(),
+    };
     crate::services::after_run::after_run(
         &manifest.services,
         policy.services(),
@@ -447,7 +487,9 @@ fn prepare_and_run(
 }
 
 /// Launch the sandbox, wait, and fill in status, exit code, denials and
-/// output tails.
+/// output tails. `packages`: the bundle's, whose expected denials are
+/// moved aside.
+#[allow(clippy::too_many_arguments)]
 fn execute(
     held: HeldChild,
     run_id: &str,
@@ -455,6 +497,7 @@ fn execute(
     timeout: Duration,
     kernel: &KernelSupport,
     audit: StartingListener,
+    packages: Option<&rollguard_shared::manifest::Packages>,
     report: &mut RunReport,
 ) {
     // Listening before the release: stage 2 does nothing Landlock or
@@ -593,6 +636,19 @@ fn execute(
             }
             if !denials.is_complete() {
                 tracing::warn!(gaps = ?denials.gaps, "denial records may be incomplete");
+            }
+            // The package manager's known harmless refusals, moved aside
+            // with their reason (see `packages::expected`), still reported.
+            if let Some(p) = packages {
+                report.expected_denials = denials
+                    .take_expected(|d| crate::packages::expected::explain(p, d))
+                    .into_iter()
+                    .map(|(d, reason)| ExpectedDenial {
+                        reason: reason.to_string(),
+                        denial: d.denial,
+                        records: d.records,
+                    })
+                    .collect();
             }
             let (list, count) = denials.report_fields();
             report.denials = list;

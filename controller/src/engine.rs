@@ -549,7 +549,7 @@ impl Engine {
                 size: meta.size,
             },
             targets: serde_json::to_value(&manifest.targets).unwrap_or_default(),
-            scope: serde_json::to_value(&manifest.scope).unwrap_or_default(),
+            scope: plan_scope(&manifest),
             services: if manifest.services.is_empty() {
                 serde_json::Value::Null
             } else {
@@ -961,3 +961,17 @@ pub fn status_of(r: RolloutRecord, dispatches: Vec<DispatchRecord>) -> RolloutSt
 
 #[cfg(test)]
 mod tests;
+
+/// The plan's scope: the author's, with the scope derived from the
+/// packages (if any) under `packages`, so the plan shows both and where
+/// each came from.
+fn plan_scope(manifest: &rollguard_shared::Manifest) -> serde_json::Value {
+    let mut scope = serde_json::to_value(&manifest.scope).unwrap_or_default();
+    if let (Some(p), Some(obj)) = (&manifest.packages, scope.as_object_mut()) {
+        obj.insert(
+            "packages".into(),
+            serde_json::to_value(p).unwrap_or_default(),
+        );
+    }
+    scope
+}

@@ -16,6 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod metrics;
+pub mod packages;
 pub mod pki;
 pub mod server;
 pub mod server_cli;

@@ -137,6 +137,49 @@ pub struct RunReport {
     /// Processes still mapping files the run's packages replaced.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stale_services: Vec<StaleService>,
+    /// The bundle's `[packages]`, each with the version installed before
+    /// and after the run as the package database says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<PackageChange>,
+    /// Denials the agent recognised as a known, harmless side effect of the
+    /// package manager (each with its reason; docs/bundle-format.md lists
+    /// them). Not in `denials` nor `denial_count`, so they do not halt a
+    /// rollout, but shown here, never dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected_denials: Vec<ExpectedDenial>,
+}
+
+/// A denial recognised as expected (see [`RunReport::expected_denials`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectedDenial {
+    /// Why it is expected, e.g. `glibc-nscd-probe`.
+    pub reason: String,
+    #[serde(flatten)]
+    pub denial: Denial,
+    /// How many audit records named it.
+    pub records: u64,
+}
+
+/// One package of the bundle and what the run did to the host's package
+/// database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageChange {
+    /// `dpkg` or `rpm`.
+    pub manager: String,
+    pub name: String,
+    /// The version in the bundle (the signed manifest's).
+    pub version: String,
+    /// Installed before the run; `None`: not installed.
+    pub before: Option<String>,
+    /// Installed after the run; `None`: not installed, or unknown when the
+    /// database could not be read (`error` says so).
+    pub after: Option<String>,
+    /// dpkg's state after the run when it is not `installed` (e.g.
+    /// `half-configured`: a maintainer script failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -170,6 +213,8 @@ impl RunReport {
             services_captured: vec![],
             services: vec![],
             stale_services: vec![],
+            packages: vec![],
+            expected_denials: vec![],
         }
     }
 

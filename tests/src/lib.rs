@@ -5,6 +5,7 @@
 
 pub mod fleet;
 pub mod host;
+pub mod packages;
 pub mod scale;
 pub mod systemd_container;
 

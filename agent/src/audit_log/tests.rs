@@ -73,6 +73,8 @@ fn five() -> (tempfile::TempDir, StateDir, AuditLog) {
         }]),
         denial_count: Some(3),
         duration_ms: 12,
+        expected_denials: vec![],
+        packages: vec![],
     })
     .unwrap();
     log.append(refused(

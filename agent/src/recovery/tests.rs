@@ -127,6 +127,8 @@ fn finished_event(marker: &RunMarker) -> audit_log::AuditEvent {
         denials: Some(Vec::new()),
         denial_count: Some(0),
         duration_ms: 9,
+        expected_denials: vec![],
+        packages: vec![],
     }
 }
 

@@ -180,11 +180,33 @@ fn raw_signatures(stored: &[StoredSignature]) -> Vec<RawSignature> {
 }
 
 fn build(src: &Path, output: &Path, zstd: bool, json: bool) -> Result<ExitCode> {
+    // `[packages]`: read each package and derive the scope its install
+    // needs; the derived table becomes part of the signed manifest.
+    let source_path = src.join(archive::SOURCE_MANIFEST);
+    let source_text = std::fs::read_to_string(&source_path)
+        .with_context(|| format!("reading {}", source_path.display()))?;
+    // The error's own text, once (its source chain repeats it).
+    let source = rollguard_shared::SourceManifest::parse(&source_text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", source_path.display()))?;
+    let derived = match &source.packages {
+        Some(req) => Some(crate::packages::derive(src, req)?),
+        None => None,
+    };
+    let warnings = derived
+        .as_ref()
+        .map(|d| d.warnings.clone())
+        .unwrap_or_default();
+    for w in &warnings {
+        if !json {
+            eprintln!("warning: {w}");
+        }
+    }
     let built = archive::build(
         src,
         &BuildOptions {
             zstd,
             limits: Limits::default(),
+            packages: derived.map(|d| d.derivation),
         },
     )
     .with_context(|| format!("building a bundle from {}", src.display()))?;
@@ -203,6 +225,7 @@ fn build(src: &Path, output: &Path, zstd: bool, json: bool) -> Result<ExitCode> 
                 "manifest_sha256": sha256_hex(&built.manifest_bytes),
                 "bundle_sha256": sha256_hex(&built.bytes),
                 "compressed": zstd,
+                "warnings": warnings,
             })
         );
     } else {
@@ -392,6 +415,7 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
                 "manifest_sha256": sha256_hex(&opened.manifest_bytes),
                 "targets": m.targets,
                 "scope": m.scope,
+                "packages": m.packages,
                 "run": m.run,
                 "services": m.services,
                 "payload": m.payload,
@@ -483,9 +507,40 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
             )
         }
     ));
+    if let Some(p) = &m.packages {
+        out.push_str(&format!(
+            "  packages  installed with {} inside the sandbox:\n",
+            p.kind
+        ));
+        for pkg in &p.install {
+            out.push_str(&format!(
+                "    {} {}  ({})\n",
+                pkg.name, pkg.version, pkg.file
+            ));
+        }
+        out.push_str(&format!(
+            "  derived from the packages by `rollguard bundle build` (signed; the agent enforces it with the scope above):\n    database  {}\n",
+            p.database
+        ));
+        out.push_str(&format!(
+            "    write     {}\n",
+            list(p.write.iter().map(|p| p.to_string()).collect())
+        ));
+        out.push_str(&format!(
+            "    delete    {}\n\n",
+            list(p.delete.iter().map(|p| p.to_string()).collect())
+        ));
+    }
     out.push_str(&services_lines(&m.services));
     out.push_str("WHAT it runs\n");
-    out.push_str(&format!("  command   {:?}\n", m.run.command));
+    out.push_str(&format!(
+        "  command   {}\n",
+        if m.run.command.is_empty() {
+            "(none: the package install only)".to_string()
+        } else {
+            format!("{:?}", m.run.command)
+        }
+    ));
     out.push_str(&format!(
         "  timeout   {}\n",
         humantime::format_duration(m.run.timeout)
@@ -533,10 +588,11 @@ fn blast_radius_warnings(m: &Manifest, now: jiff::Timestamp) -> Vec<String> {
     if m.targets.matches_every_name() {
         w.push("a host pattern matches EVERY host name".to_string());
     }
-    if !m.scope.delete.is_empty() {
+    let effective = m.effective_scope();
+    if !effective.delete.is_empty() {
         w.push(format!(
             "deletes beneath {} (hosts may require more signers for deleting bundles)",
-            m.scope
+            effective
                 .delete
                 .iter()
                 .map(|p| p.to_string())
@@ -544,7 +600,7 @@ fn blast_radius_warnings(m: &Manifest, now: jiff::Timestamp) -> Vec<String> {
                 .join(", ")
         ));
     }
-    for p in m.scope.write.iter().chain(&m.scope.delete) {
+    for p in effective.write.iter().chain(&effective.delete) {
         if p.as_path().components().count() <= 2 {
             w.push(format!("{p} is a top-level directory: a broad scope"));
         }

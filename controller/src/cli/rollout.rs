@@ -196,6 +196,30 @@ fn print_blast_radius(targets: &serde_json::Value, scope: &serde_json::Value) {
         or(list(&scope["read"]), "anything not protected by the host")
     );
     println!("network  {}", or(list(&scope["network"]), "none"));
+    let packages = &scope["packages"];
+    if packages.is_object() {
+        let installs: Vec<String> = packages["install"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        format!(
+                            "{} {}",
+                            p["name"].as_str().unwrap_or("?"),
+                            p["version"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "packages {} with {}; derived from them (signed):",
+            or(installs, "(none)"),
+            packages["kind"].as_str().unwrap_or("?")
+        );
+        println!("  writes   {}", or(list(&packages["write"]), "nothing"));
+        println!("  deletes  {}", or(list(&packages["delete"]), "nothing"));
+    }
 }
 
 fn print_plan(plan: &Plan) {

@@ -564,3 +564,42 @@ async fn a_denied_service_request_halts() {
     assert!(reason.contains("sshd.service"), "{reason}");
     assert_eq!(runs(&drain(&mut f, "web-2")), 0);
 }
+
+#[test]
+fn the_plan_shows_the_scope_derived_from_the_packages_apart() {
+    use rollguard_shared::manifest::packages::PackageToken;
+    use rollguard_shared::manifest::{Derivation, DerivedPackage, PackageKind};
+    use rollguard_shared::ScopePath;
+    let source = SOURCE
+        .replace("TIMEOUT", "5m")
+        .replace("[run]", "[packages]\ninstall = [\"a_2_all.deb\"]\n\n[run]");
+    let deb = PayloadFile {
+        path: PayloadPath::parse("a_2_all.deb").unwrap(),
+        size: 1,
+        mode: 0o644,
+        sha256: [2; 32],
+    };
+    let apply = PayloadFile {
+        path: PayloadPath::parse("apply.sh").unwrap(),
+        size: 1,
+        mode: 0o755,
+        sha256: [1; 32],
+    };
+    let derived = Derivation {
+        kind: PackageKind::Deb,
+        packages: vec![DerivedPackage {
+            file: deb.path.clone(),
+            name: PackageToken::parse("a").unwrap(),
+            version: PackageToken::parse("2").unwrap(),
+        }],
+        database: ScopePath::parse("/var/lib/dpkg").unwrap(),
+        write: [ScopePath::parse("/etc/a").unwrap()].into(),
+        delete: [ScopePath::parse("/etc/a").unwrap()].into(),
+    };
+    let text = SourceManifest::render_built_with(&source, Some(&derived), &[deb, apply]);
+    let m = rollguard_shared::Manifest::parse(text.as_bytes()).unwrap();
+    let scope = plan_scope(&m);
+    assert_eq!(scope["write"], serde_json::json!(["/srv/www"]));
+    assert_eq!(scope["packages"]["write"], serde_json::json!(["/etc/a"]));
+    assert_eq!(scope["packages"]["install"][0]["name"], "a");
+}

@@ -40,6 +40,9 @@ pub struct BuildOptions {
     pub zstd: bool,
     /// The same limits readers apply; a source beyond them is refused.
     pub limits: Limits,
+    /// The table derived from the source's `[packages]` (by the caller,
+    /// who reads the packages with their package manager's tools).
+    pub packages: Option<crate::manifest::Derivation>,
 }
 
 /// A freshly built, unsigned bundle.
@@ -70,7 +73,7 @@ pub fn build(source_dir: &Path, opts: &BuildOptions) -> Result<BuiltBundle, Arch
         .collect::<Result<Vec<_>, _>>()?;
     check_payload_limits(&files, limits)?;
 
-    let built = SourceManifest::render_built(&source_text, &files);
+    let built = SourceManifest::render_built_with(&source_text, opts.packages.as_ref(), &files);
     let manifest_limit = limits.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
     if built.len() > manifest_limit {
         return Err(ArchiveError::ManifestTooLarge {

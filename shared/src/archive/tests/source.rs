@@ -152,6 +152,7 @@ fn enforces_the_reading_limits() {
         &BuildOptions {
             zstd: false,
             limits,
+            packages: None,
         },
     )
     .unwrap_err();
@@ -165,6 +166,7 @@ fn enforces_the_reading_limits() {
         &BuildOptions {
             zstd: false,
             limits,
+            packages: None,
         },
     )
     .unwrap_err();
@@ -178,6 +180,7 @@ fn enforces_the_reading_limits() {
         &BuildOptions {
             zstd: false,
             limits,
+            packages: None,
         },
     )
     .unwrap_err();

@@ -1,0 +1,135 @@
+//! The denials a package install causes without trying anything, and how
+//! they are recognised. Each is a refused call that could not have changed
+//! anything even if allowed, made by the package manager's own programs.
+//! They are moved from the report's `denials` to `expected_denials` (with
+//! this reason), so a correct install does not halt a rollout, and stay
+//! visible there. Anything else, and anything a maintainer script does, is
+//! reported as a denial.
+//!
+//! Both have a cause we cannot remove from outside the programs:
+//!
+//! - [`GLIBC_NSCD_PROBE`]: glibc's user and group lookups (dpkg and tar
+//!   map the archive's owner names, rpm likewise) first try the nscd
+//!   daemon by creating an `AF_UNIX` socket; no environment variable or
+//!   configuration turns that off (only nscd itself can, in-process). The
+//!   sandbox's seccomp filter refuses every `AF_UNIX` socket, so the probe
+//!   is refused and glibc falls back to `/etc/passwd`. Recognised: a
+//!   `syscall.socket` denial by dpkg, dpkg-deb, tar or rpm. The same call
+//!   from any other program stays a denial; these programs started by a
+//!   maintainer script are not told apart (the record names the program,
+//!   not its parent), and all they could do is the same refused probe.
+//! - [`DPKG_NEW_CLEANUP`]: for each directory in the archive dpkg removes a
+//!   stale `DIR/.dpkg-new` left by an interrupted run (`rmdir`, result
+//!   ignored when absent). Outside the write scope the read-only mount
+//!   answers `EROFS` before the name is even looked up, so the call is
+//!   recorded although nothing was there. Recognised: an `erofs.rmdir` by
+//!   dpkg whose directory is a proper ancestor of one of the derived
+//!   package directories (`/`, `/usr`, `/usr/lib` for `/usr/lib/foo`):
+//!   those can never be removed by a package's install, as they hold it.
+
+use std::path::Path;
+
+use rollguard_shared::manifest::{PackageKind, Packages};
+use rollguard_shared::report::Denial;
+
+pub const GLIBC_NSCD_PROBE: &str = "glibc-nscd-probe";
+pub const DPKG_NEW_CLEANUP: &str = "dpkg-new-cleanup";
+
+/// The package manager's programs whose nscd probe is expected.
+const DEB_PROGRAMS: &[&str] = &["/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/tar"];
+const RPM_PROGRAMS: &[&str] = &["/usr/bin/rpm"];
+const DPKG: &str = "/usr/bin/dpkg";
+
+/// Recognise an expected denial of an install of `p`.
+pub fn explain(p: &Packages, d: &Denial) -> Option<&'static str> {
+    let exe = d.exe.as_deref()?;
+    let programs = match p.kind {
+        PackageKind::Deb => DEB_PROGRAMS,
+        PackageKind::Rpm => RPM_PROGRAMS,
+    };
+    if d.access == "syscall.socket" && d.path.is_none() && programs.contains(&exe) {
+        return Some(GLIBC_NSCD_PROBE);
+    }
+    if p.kind == PackageKind::Deb && d.access == "erofs.rmdir" && exe == DPKG {
+        let dir = d.path.as_deref()?;
+        let trimmed = dir.trim_end_matches('/');
+        let dir = Path::new(if trimmed.is_empty() { "/" } else { trimmed });
+        // `/lib/` on a merged-/usr host is `/usr/lib`, as the scope is.
+        let real = super::merged_usr(dir);
+        let dir = real.as_deref().unwrap_or(dir);
+        let holds_a_package_dir = p
+            .write
+            .iter()
+            .filter(|w| {
+                w.as_path() != p.database.as_path() && w.as_path() != Path::new(super::DPKG_LOG)
+            })
+            .any(|w| w.as_path() != dir && w.as_path().starts_with(dir));
+        if holds_a_package_dir {
+            return Some(DPKG_NEW_CLEANUP);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollguard_shared::manifest::packages::PackageToken;
+    use rollguard_shared::manifest::{DerivedPackage, PayloadPath};
+    use rollguard_shared::ScopePath;
+
+    fn deb() -> Packages {
+        Packages {
+            kind: PackageKind::Deb,
+            install: vec![DerivedPackage {
+                file: PayloadPath::parse("a.deb").unwrap(),
+                name: PackageToken::parse("a").unwrap(),
+                version: PackageToken::parse("1").unwrap(),
+            }],
+            database: ScopePath::parse("/var/lib/dpkg").unwrap(),
+            write: ["/etc/a", "/usr/lib/a", "/var/lib/dpkg"]
+                .iter()
+                .map(|p| ScopePath::parse(p).unwrap())
+                .collect(),
+            delete: vec![],
+        }
+    }
+
+    fn denial(access: &str, path: Option<&str>, exe: &str) -> Denial {
+        Denial {
+            access: access.into(),
+            path: path.map(str::to_string),
+            exe: Some(exe.into()),
+        }
+    }
+
+    #[test]
+    fn only_the_narrow_cases_are_expected() {
+        let p = deb();
+        let yes = [
+            denial("syscall.socket", None, "/usr/bin/dpkg"),
+            denial("syscall.socket", None, "/usr/bin/tar"),
+            denial("erofs.rmdir", Some("/"), "/usr/bin/dpkg"),
+            denial("erofs.rmdir", Some("/usr/"), "/usr/bin/dpkg"),
+            denial("erofs.rmdir", Some("/usr/lib/"), "/usr/bin/dpkg"),
+        ];
+        for d in &yes {
+            assert!(explain(&p, d).is_some(), "{d:?}");
+        }
+        let no = [
+            // A maintainer script's own programs.
+            denial("syscall.socket", None, "/usr/bin/python3"),
+            denial("syscall.connect", None, "/usr/bin/dpkg"),
+            // Not an ancestor of a package directory.
+            denial("erofs.rmdir", Some("/srv/"), "/usr/bin/dpkg"),
+            // The database's ancestors do not count.
+            denial("erofs.rmdir", Some("/var/lib/"), "/usr/bin/dpkg"),
+            denial("erofs.unlinkat", Some("/usr/"), "/usr/bin/dpkg"),
+            denial("erofs.rmdir", Some("/usr/"), "/bin/rm"),
+            denial("fs.remove_dir", Some("/usr/"), "/usr/bin/dpkg"),
+        ];
+        for d in &no {
+            assert!(explain(&p, d).is_none(), "{d:?}");
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! `[packages]`: the bundle's .deb or .rpm files, installed by `dpkg` or
+//! `rpm` inside the run's sandbox (issue 13; docs/bundle-format.md).
+//!
+//! The agent itself does only what needs no trust in the packages, outside
+//! the sandbox:
+//! - before the sandbox starts: checks that the host's package database is
+//!   the one the signed manifest names, and creates the package directories
+//!   the derived scope names but the host lacks ([`prepare`]); Landlock
+//!   rules attach to existing inodes and cannot grant creating a single
+//!   directory, so creating them here (root:root 0755, which
+//!   `rollguard bundle build` checked is how the packages ship them) is
+//!   what lets the grant be as narrow as the package's own directories;
+//! - the sandbox's command: the package manager first, then the bundle's
+//!   own command, if any ([`sandbox_command`]);
+//! - the package database read before and after the run, with the
+//!   manager's own query tool: the versions for the report, and the files
+//!   the run replaced or removed ([`Snapshot`]), for the stale-services
+//!   scan.
+//!
+//! dpkg and rpm and every maintainer script run confined: what they change
+//! beyond the signed scope is denied by the kernel and reported.
+
+pub mod expected;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rollguard_shared::manifest::{PackageKind, Packages};
+use rollguard_shared::report::PackageChange;
+use rollguard_shared::ScopePath;
+
+/// dpkg's database, as `rollguard bundle build` derives it.
+pub const DPKG_ADMINDIR: &str = "/var/lib/dpkg";
+/// dpkg's log, as derived; passed to dpkg so the derived fact holds.
+pub const DPKG_LOG: &str = "/var/log/dpkg.log";
+
+/// The top-level directories a merged-/usr host makes symlinks into
+/// `/usr` (Debian 12, Fedora...).
+const MERGED_USR: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+/// `p` with its derived paths as this host's real paths: a package built
+/// for (or on) a split-/usr system names `/lib/foo`, and on a merged-/usr
+/// host `/lib` is a symlink to `usr/lib`, which no scope may be reached
+/// through (the sandbox refuses a scope path that is not its own real
+/// path). Only these standard aliases are followed, and only when the
+/// host's link is exactly `usr/X` (or `/usr/X`); every check and the
+/// sandbox then see the real path. Signed paths stay as signed in the
+/// manifest.
+pub fn on_this_host(p: &Packages) -> Packages {
+    let mut p = p.clone();
+    for list in [&mut p.write, &mut p.delete] {
+        for path in list.iter_mut() {
+            if let Some(real) = merged_usr(path.as_path()) {
+                tracing::info!(signed = %path, real = %real.display(), "derived scope path on a merged-/usr host");
+                if let Some(real) = real.to_str().and_then(|r| ScopePath::parse(r).ok()) {
+                    *path = real;
+                }
+            }
+        }
+        list.sort();
+        list.dedup();
+    }
+    p
+}
+
+/// `path` beneath a merged-/usr alias that is a symlink on this host, as
+/// its real path beneath `/usr`; `None` otherwise.
+pub(crate) fn merged_usr(path: &Path) -> Option<PathBuf> {
+    let alias = MERGED_USR.iter().find(|a| path.starts_with(a))?;
+    let rest = path.strip_prefix(alias).ok()?;
+    let name = alias.trim_start_matches('/');
+    let link = std::fs::read_link(alias).ok()?;
+    let target = Path::new("/usr").join(name);
+    if link != Path::new("usr").join(name) && link != target {
+        return None;
+    }
+    Some(if rest.as_os_str().is_empty() {
+        target
+    } else {
+        target.join(rest)
+    })
+}
+
+/// What could be wrong on this host before anything ran.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("{0}")]
+    Host(String),
+}
+
+/// Checks and preparation before the sandbox starts (after every policy
+/// check passed): the database is the signed one, missing package
+/// directories exist.
+pub fn prepare(p: &Packages) -> Result<(), PrepareError> {
+    match p.kind {
+        PackageKind::Deb => {
+            if p.database.as_path() != Path::new(DPKG_ADMINDIR) {
+                return Err(PrepareError::Host(format!(
+                    "the bundle's dpkg database is {}, this agent installs into {DPKG_ADMINDIR}",
+                    p.database
+                )));
+            }
+            if !Path::new(DPKG_ADMINDIR).join("status").is_file() {
+                return Err(PrepareError::Host(format!(
+                    "{DPKG_ADMINDIR}/status does not exist: dpkg is not set up on this host"
+                )));
+            }
+        }
+        PackageKind::Rpm => {
+            let host = query(Command::new("rpm").args(["-E", "%_dbpath"]))
+                .map_err(PrepareError::Host)?
+                .unwrap_or_default();
+            if Path::new(host.trim()) != p.database.as_path() {
+                return Err(PrepareError::Host(format!(
+                    "this host's rpm database is {:?}, the bundle was built for {}",
+                    host.trim(),
+                    p.database
+                )));
+            }
+        }
+    }
+    for path in &p.write {
+        let path = path.as_path();
+        if path.exists() {
+            continue;
+        }
+        if path == Path::new(DPKG_LOG) {
+            // dpkg creates its log 0644 root:root; so do we.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o644)
+                .open(path)
+                .map_err(|e| PrepareError::Host(format!("{}: {e}", path.display())))?;
+            continue;
+        }
+        create_dirs(path).map_err(|e| PrepareError::Host(format!("{}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Create `path` and its missing ancestors, each root:root 0755 whatever
+/// the umask. Never through a symlink: the deepest existing ancestor must
+/// be its own real path (the sandbox would refuse such a scope anyway, and
+/// nothing is created elsewhere meanwhile).
+fn create_dirs(path: &Path) -> std::io::Result<()> {
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|a| std::fs::symlink_metadata(a).is_err())
+        .collect();
+    if let Some(existing) = path.ancestors().nth(missing.len()) {
+        if std::fs::canonicalize(existing)? != existing {
+            return Err(std::io::Error::other(format!(
+                "{} is reached through a symlink; no package directory is created there",
+                existing.display()
+            )));
+        }
+    }
+    for dir in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        tracing::info!(dir = %dir.display(), "created a package directory the derived scope names");
+    }
+    Ok(())
+}
+
+/// The sandbox's command: `dpkg -i` (or `rpm -U`) of the packages, then the
+/// bundle's own command (`exec`), if any, only when the install succeeded.
+/// A small `/bin/sh` script: every maintainer script needs the shell
+/// anyway, and each argument is single-quoted.
+pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
+    let install = match p.kind {
+        // --force-confdef/--force-confold: never prompt; keep a conffile
+        // the host's administrator changed. The database and the log are
+        // named explicitly: they are what the derived scope grants.
+        PackageKind::Deb => vec![
+            "/usr/bin/dpkg".to_string(),
+            format!("--admindir={DPKG_ADMINDIR}"),
+            format!("--log={DPKG_LOG}"),
+            "--force-confdef".into(),
+            "--force-confold".into(),
+            "--install".into(),
+        ],
+        // --oldpackage: a bundle carrying an older version is how a
+        // revert is expressed (a new signed bundle); -U alone would refuse.
+        // --ignoresize: rpm's disk space check counts a read-only file
+        // system as full, and inside the sandbox every mount outside the
+        // scope is read-only (the scope's binds share the device of the
+        // mount they sit on, so rpm attributes its files to that one).
+        PackageKind::Rpm => vec![
+            "/usr/bin/rpm".to_string(),
+            format!("--dbpath={}", p.database),
+            "--upgrade".into(),
+            "--oldpackage".into(),
+            "--ignoresize".into(),
+        ],
+    };
+    let mut script = String::from("DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND; ");
+    script.push_str(&quote_all(&install));
+    script.push_str(" -- \"$@\" || exit $?");
+    if !command.is_empty() {
+        script.push_str("; exec ");
+        script.push_str(&quote_all(command));
+    }
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".to_string(),
+        script,
+        "rollguard-packages".to_string(),
+    ];
+    // Relative to the payload directory (the working directory), always
+    // with `./` so no name can read as an option.
+    argv.extend(p.install.iter().map(|pkg| format!("./{}", pkg.file)));
+    argv
+}
+
+fn quote_all(args: &[String]) -> String {
+    args.iter()
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One package as the database had it.
+#[derive(Debug, Clone, Default)]
+struct Installed {
+    version: Option<String>,
+    /// dpkg's state word when not `installed`.
+    state: Option<String>,
+    error: Option<String>,
+}
+
+/// The database before the run: versions, and the identity of every
+/// non-directory file the installed packages own.
+pub struct Snapshot {
+    before: Vec<Installed>,
+    files: Vec<(PathBuf, u64, u64)>,
+}
+
+/// What the run did to the packages.
+pub struct Outcome {
+    pub changes: Vec<PackageChange>,
+    /// Files the packages owned before the run that were replaced (another
+    /// inode now) or removed: what still-running processes may map.
+    pub replaced: BTreeSet<PathBuf>,
+    /// Set when a package is not at its bundle's version afterwards.
+    pub mismatch: Option<String>,
+}
+
+impl Snapshot {
+    pub fn take(p: &Packages) -> Snapshot {
+        let mut files = Vec::new();
+        let before = p
+            .install
+            .iter()
+            .map(|pkg| {
+                let state = installed(p, pkg.name.as_str());
+                if state.version.is_some() {
+                    for path in owned_files(p, pkg.name.as_str()) {
+                        if let Ok(m) = std::fs::symlink_metadata(&path) {
+                            if !m.is_dir() {
+                                files.push((path, m.dev(), m.ino()));
+                            }
+                        }
+                    }
+                }
+                state
+            })
+            .collect();
+        Snapshot { before, files }
+    }
+
+    pub fn finish(self, p: &Packages) -> Outcome {
+        let mut changes = Vec::new();
+        let mut mismatch = Vec::new();
+        for (pkg, before) in p.install.iter().zip(self.before) {
+            let after = installed(p, pkg.name.as_str());
+            if after.version.as_deref() != Some(pkg.version.as_str()) || after.state.is_some() {
+                mismatch.push(format!(
+                    "{} is {} after the run, not {} installed",
+                    pkg.name,
+                    match (&after.version, &after.state) {
+                        (Some(v), Some(s)) => format!("{v} ({s})"),
+                        (Some(v), None) => v.clone(),
+                        (None, _) => "not installed".into(),
+                    },
+                    pkg.version
+                ));
+            }
+            changes.push(PackageChange {
+                manager: p.kind.manager().to_string(),
+                name: pkg.name.to_string(),
+                version: pkg.version.to_string(),
+                before: before.version,
+                after: after.version,
+                state: after.state,
+                error: before.error.or(after.error),
+            });
+        }
+        let replaced = self
+            .files
+            .into_iter()
+            .filter(|(path, dev, ino)| match std::fs::symlink_metadata(path) {
+                Ok(m) => (m.dev(), m.ino()) != (*dev, *ino),
+                Err(_) => true,
+            })
+            .map(|(path, _, _)| path)
+            .collect();
+        Outcome {
+            changes,
+            replaced,
+            mismatch: (!mismatch.is_empty()).then(|| mismatch.join("; ")),
+        }
+    }
+}
+
+/// Run a query tool: `Ok(Some(stdout))` on success, `Ok(None)` when it
+/// exits 1 (not installed), `Err` otherwise.
+fn query(cmd: &mut Command) -> Result<Option<String>, String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    match out.status.code() {
+        Some(0) => Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())),
+        Some(1) => Ok(None),
+        _ => Err(format!(
+            "{shown}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+fn installed(p: &Packages, name: &str) -> Installed {
+    let result = match p.kind {
+        PackageKind::Deb => query(
+            Command::new("dpkg-query")
+                .arg(format!("--admindir={DPKG_ADMINDIR}"))
+                .args(["--show", "--showformat=${Version}\\t${Status}\\n", "--"])
+                .arg(name),
+        )
+        .map(|out| {
+            out.and_then(|text| {
+                let line = text.lines().next()?.to_string();
+                let (version, status) = line.split_once('\t')?;
+                // "install ok installed": the last word is the state.
+                let state = status.rsplit(' ').next().unwrap_or("").to_string();
+                match state.as_str() {
+                    "not-installed" | "config-files" | "" => None,
+                    "installed" => Some((version.to_string(), None)),
+                    _ => Some((version.to_string(), Some(state))),
+                }
+            })
+        }),
+        PackageKind::Rpm => query(
+            Command::new("rpm")
+                .arg(format!("--dbpath={}", p.database))
+                .args([
+                    "--query",
+                    "--queryformat",
+                    "%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\\n",
+                    "--",
+                ])
+                .arg(name),
+        )
+        .map(|out| out.and_then(|text| text.lines().last().map(|v| (v.to_string(), None)))),
+    };
+    match result {
+        Ok(Some((version, state))) => Installed {
+            version: Some(version),
+            state,
+            error: None,
+        },
+        Ok(None) => Installed::default(),
+        Err(e) => {
+            tracing::warn!("package database query: {e}");
+            Installed {
+                error: Some(e),
+                ..Installed::default()
+            }
+        }
+    }
+}
+
+/// The absolute paths the database lists for an installed package.
+fn owned_files(p: &Packages, name: &str) -> Vec<PathBuf> {
+    let out = match p.kind {
+        PackageKind::Deb => query(
+            Command::new("dpkg-query")
+                .arg(format!("--admindir={DPKG_ADMINDIR}"))
+                .args(["--listfiles", "--"])
+                .arg(name),
+        ),
+        PackageKind::Rpm => query(
+            Command::new("rpm")
+                .arg(format!("--dbpath={}", p.database))
+                .args(["--query", "--list", "--"])
+                .arg(name),
+        ),
+    };
+    match out {
+        Ok(Some(text)) => text
+            .lines()
+            // Diversion notes and "(contains no files)" are not paths.
+            .filter(|l| l.starts_with('/') && *l != "/.")
+            .map(PathBuf::from)
+            .collect(),
+        Ok(None) => vec![],
+        Err(e) => {
+            tracing::warn!("package file list: {e}");
+            vec![]
+        }
+    }
+}
+
+/// After the run: the package changes into the report, and the run fails
+/// if a package is not installed at its bundle's version afterwards (a
+/// maintainer script failed, or the bundle's command changed it again),
+/// whatever the exit status said. Returns the files the packages replaced
+/// or removed.
+pub fn after_run(
+    p: &Packages,
+    before: Snapshot,
+    report: &mut rollguard_shared::report::RunReport,
+) -> BTreeSet<PathBuf> {
+    use rollguard_shared::report::RunStatus;
+    let outcome = before.finish(p);
+    log_changes(&outcome.changes);
+    report.packages = outcome.changes;
+    if let Some(m) = outcome.mismatch {
+        if report.status == RunStatus::Succeeded {
+            report.status = RunStatus::Failed;
+        }
+        let note = format!("packages: {m}");
+        report.reason = Some(match report.reason.take() {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
+    }
+    outcome.replaced
+}
+
+/// Log the package changes (one line each) for operators reading the
+/// agent's journal.
+pub fn log_changes(changes: &[PackageChange]) {
+    for c in changes {
+        tracing::info!(
+            manager = %c.manager,
+            package = %c.name,
+            before = c.before.as_deref().unwrap_or("(none)"),
+            after = c.after.as_deref().unwrap_or("(none)"),
+            "package changed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollguard_shared::manifest::packages::PackageToken;
+    use rollguard_shared::manifest::{DerivedPackage, PayloadPath};
+    use rollguard_shared::ScopePath;
+
+    fn packages(kind: PackageKind) -> Packages {
+        Packages {
+            kind,
+            install: vec![DerivedPackage {
+                file: PayloadPath::parse("debs/it's.deb").unwrap(),
+                name: PackageToken::parse("rgtest").unwrap(),
+                version: PackageToken::parse("2.0").unwrap(),
+            }],
+            database: ScopePath::parse(DPKG_ADMINDIR).unwrap(),
+            write: vec![],
+            delete: vec![],
+        }
+    }
+
+    #[test]
+    fn the_command_installs_then_runs_the_bundle_command() {
+        let argv = sandbox_command(
+            &packages(PackageKind::Deb),
+            &["./apply.sh".to_string(), "it's".to_string()],
+        );
+        assert_eq!(argv[0], "/bin/sh");
+        assert_eq!(argv[3], "rollguard-packages");
+        assert_eq!(argv[4], "./debs/it's.deb");
+        assert!(argv[2].contains("'/usr/bin/dpkg' '--admindir=/var/lib/dpkg'"));
+        assert!(
+            argv[2].ends_with(r"exec './apply.sh' 'it'\''s'"),
+            "{}",
+            argv[2]
+        );
+    }
+
+    #[test]
+    fn directories_are_created_0755_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        let deep = real.join("a/b/c");
+        create_dirs(&deep).unwrap();
+        for p in [real.join("a"), real.join("a/b"), deep.clone()] {
+            let mode = std::fs::metadata(&p).unwrap().permissions();
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
+                0o755
+            );
+        }
+        std::os::unix::fs::symlink(real.join("a"), real.join("link")).unwrap();
+        let err = create_dirs(&real.join("link/x/y")).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert!(!real.join("a/x").exists());
+    }
+
+    #[test]
+    fn without_a_command_only_the_install_runs() {
+        let argv = sandbox_command(&packages(PackageKind::Deb), &[]);
+        assert!(!argv[2].contains("exec"));
+    }
+}

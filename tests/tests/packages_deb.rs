@@ -1,0 +1,388 @@
+//! `[packages]` with real .deb files: v1 installed bare into this machine's
+//! dpkg database, v2 through a signed bundle run by `rollguard-agent run`,
+//! dpkg and the maintainer scripts confined. Purged afterwards. Needs root.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use rollguard_tests::host::{Host, Keys};
+use rollguard_tests::packages::{self as pkg, Cleanup, Variant};
+use rollguard_tests::{rollguard, run_ok};
+use serde_json::{json, Value};
+
+fn sign(bundle: &Path, keys: &Keys) {
+    run_ok(
+        rollguard()
+            .args(["bundle", "sign"])
+            .arg(bundle)
+            .arg("--key")
+            .arg(keys.key("alice"))
+            .args(["--signer", "alice"]),
+    );
+}
+
+fn install_bare(deb: &Path) {
+    run_ok(Command::new("dpkg").arg("-i").arg(deb));
+}
+
+/// A bundle installing `deb`, built and signed; the build's warnings.
+fn bundle(
+    host: &Host,
+    keys: &Keys,
+    label: &str,
+    version: u64,
+    deb: &Path,
+) -> (std::path::PathBuf, String) {
+    let src = pkg::bundle_source(host, label, version, deb);
+    let (bundle, warnings) = pkg::build_bundle(&src);
+    sign(&bundle, keys);
+    (bundle, warnings)
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every expected denial has one of the documented reasons (and they are
+/// shown, not dropped).
+fn assert_expected_denials_are_typed(report: &Value) {
+    for d in report["expected_denials"].as_array().into_iter().flatten() {
+        let reason = d["reason"].as_str().unwrap();
+        assert!(
+            ["glibc-nscd-probe", "dpkg-new-cleanup"].contains(&reason),
+            "{report:#}"
+        );
+    }
+}
+
+#[test]
+fn a_signed_bundle_upgrades_a_package_inside_its_derived_scope() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
+    let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
+    install_bare(&v1);
+    assert_eq!(pkg::dpkg_status().unwrap().0, "1.0");
+
+    let (bundle, warnings) = bundle(&host, &keys, "up", 1, &v2);
+    assert_eq!(warnings, "", "no build warnings for this package");
+
+    // The signed manifest carries the derived scope: the package's
+    // directories, the database, dpkg's log; nothing else.
+    let inspected = pkg::inspect(&bundle);
+    let p = &inspected["packages"];
+    assert_eq!(p["kind"], "deb");
+    assert_eq!(p["database"], "/var/lib/dpkg");
+    assert_eq!(
+        p["install"],
+        json!([{ "file": "pkgs/rgpkgtest_2.0_all.deb", "name": "rgpkgtest", "version": "2.0" }])
+    );
+    assert_eq!(
+        strings(&p["write"]),
+        [
+            "/etc/rgpkgtest",
+            "/usr/lib/rgpkgtest",
+            "/var/lib/dpkg",
+            "/var/log/dpkg.log"
+        ]
+    );
+    assert_eq!(
+        strings(&p["delete"]),
+        ["/etc/rgpkgtest", "/usr/lib/rgpkgtest", "/var/lib/dpkg"]
+    );
+    assert_eq!(
+        inspected["scope"]["write"],
+        json!([]),
+        "the author's scope stays apart"
+    );
+    assert_eq!(inspected["run"]["command"], json!([]));
+    let text = run_ok(rollguard().args(["bundle", "inspect"]).arg(&bundle));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("derived from the packages"), "{text}");
+    assert!(text.contains("rgpkgtest 2.0"), "{text}");
+
+    // The administrator changed the conffile: --force-confold keeps it.
+    fs::write(pkg::CONFFILE, "setting = local\n").unwrap();
+    let backup_before = host.snapshot("backup");
+
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["denials"], json!([]), "{report:#}");
+    assert_eq!(report["denial_count"], 0, "{report:#}");
+    assert_expected_denials_are_typed(&report);
+    assert_eq!(
+        report["packages"],
+        json!([{ "manager": "dpkg", "name": "rgpkgtest", "version": "2.0", "before": "1.0", "after": "2.0" }]),
+        "{report:#}"
+    );
+    let (version, status) = pkg::dpkg_status().unwrap();
+    assert_eq!(
+        (version.as_str(), status.as_str()),
+        ("2.0", "install ok installed")
+    );
+    assert_eq!(
+        fs::read_to_string(pkg::PROGRAM).unwrap(),
+        "#!/bin/sh\necho rgpkgtest 2.0\nexec sleep infinity\n"
+    );
+    assert!(fs::read_to_string(pkg::UNIT)
+        .unwrap()
+        .contains("package 2.0"));
+    assert_eq!(
+        fs::read_to_string(pkg::CONFFILE).unwrap(),
+        "setting = local\n"
+    );
+    assert_eq!(
+        fs::read_to_string(format!("{}.dpkg-dist", pkg::CONFFILE)).unwrap(),
+        pkg::conffile_text("2.0")
+    );
+    assert_eq!(host.snapshot("backup"), backup_before);
+}
+
+#[test]
+fn a_maintainer_script_writing_outside_the_derived_scope_is_denied_and_reported() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let backup = host.root().join("backup");
+    let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
+    let evil = pkg::build_deb(
+        &out,
+        "2.0",
+        &Variant {
+            // Into the operator-protected backup (allowed to fail), then
+            // into /etc (fails the postinst).
+            postinst: format!(
+                "  echo pwned > {}/evil || true\n  echo pwned > {}\n",
+                backup.display(),
+                pkg::EVIL,
+            ),
+            ..Variant::default()
+        },
+    );
+    install_bare(&v1);
+    let backup_before = host.snapshot("backup");
+    let etc_before: Vec<_> = fs::read_dir("/etc")
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+
+    let (bundle, _) = bundle(&host, &keys, "evil", 1, &evil);
+    // The derived scope is the same as the honest v2's: a script's writes
+    // are not facts of the package.
+    let write = strings(&pkg::inspect(&bundle)["packages"]["write"]);
+    assert_eq!(
+        write,
+        [
+            "/etc/rgpkgtest",
+            "/usr/lib/rgpkgtest",
+            "/var/lib/dpkg",
+            "/var/log/dpkg.log"
+        ]
+    );
+
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert_ne!(code, 0);
+    let denials = report["denials"]
+        .as_array()
+        .expect("denials are known here");
+    assert!(!denials.is_empty(), "{report:#}");
+    assert!(report["denial_count"].as_u64().unwrap() > 0, "{report:#}");
+    // The write into the protected backup and the one into /etc, each
+    // refused by the kernel and named.
+    assert!(
+        denials.iter().any(|d| d["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(host.root().join("backup").to_str().unwrap()))),
+        "{report:#}"
+    );
+    assert!(
+        denials
+            .iter()
+            .any(|d| d["path"] == "/etc/" && d["exe"].as_str().is_some_and(|e| e.ends_with("sh"))),
+        "{report:#}"
+    );
+    assert_expected_denials_are_typed(&report);
+    // The postinst failed, so dpkg left the package half-configured, and
+    // the report says so.
+    assert_eq!(
+        report["packages"][0]["state"], "half-configured",
+        "{report:#}"
+    );
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("half-configured"),
+        "{report:#}"
+    );
+    assert!(
+        !Path::new(pkg::EVIL).exists(),
+        "the write outside the scope must not happen"
+    );
+    assert_eq!(host.snapshot("backup"), backup_before);
+    let etc_after: Vec<_> = fs::read_dir("/etc")
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(etc_before.len(), etc_after.len());
+}
+
+#[test]
+fn a_fresh_install_gets_its_missing_directories_and_nothing_runs_twice() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
+    assert!(!Path::new("/etc/rgpkgtest").exists());
+
+    let (bundle, _) = bundle(&host, &keys, "fresh", 1, &v2);
+    let (report, _) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(report["denials"], json!([]), "{report:#}");
+    assert_eq!(report["packages"][0]["before"], Value::Null, "{report:#}");
+    assert_eq!(report["packages"][0]["after"], "2.0", "{report:#}");
+    for dir in ["/etc/rgpkgtest", "/usr/lib/rgpkgtest"] {
+        let m = fs::metadata(dir).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o755, "{dir}");
+    }
+    assert_eq!(
+        fs::read_to_string(pkg::CONFFILE).unwrap(),
+        pkg::conffile_text("2.0")
+    );
+
+    // The same bundle again: rollback protection refuses it before dpkg runs.
+    let (again, _) = host.run(&bundle);
+    assert_eq!(again["status"], "refused", "{again:#}");
+    assert_eq!(again["refusal"], "rollback", "{again:#}");
+}
+
+/// A package writing into a systemd unit directory, where the agent's own
+/// unit lives: warned at build, refused by the agent before anything runs.
+/// (When the agent pins its own files read-only inside the sandbox instead
+/// of refusing such scopes, this becomes an install.)
+#[test]
+fn a_package_writing_into_the_agents_unit_directory_is_refused() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
+    let v2 = pkg::build_deb(
+        &out,
+        "2.0",
+        &Variant {
+            unit_in_systemd_dir: true,
+            ..Variant::default()
+        },
+    );
+    install_bare(&v1);
+
+    let (bundle, warnings) = bundle(&host, &keys, "unit", 1, &v2);
+    assert!(
+        warnings.contains("/lib/systemd/system")
+            && warnings.contains("agents protect their own unit"),
+        "{warnings}"
+    );
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["refusal"], "protected_path", "{report:#}");
+    assert_eq!(code, 2, "{report:#}");
+    assert_eq!(pkg::dpkg_status().unwrap().0, "1.0");
+    assert!(!Path::new("/lib/systemd/system/rgpkgtest.service").exists());
+}
+
+/// The files an upgrade replaced, as the agent computes them for the
+/// stale-services scan: every file v1 owned that is another inode (or gone)
+/// after the upgrade; directories never.
+#[test]
+fn the_replaced_files_are_those_the_upgrade_swapped() {
+    use rollguard_agent::packages::Snapshot;
+    use rollguard_shared::manifest::packages::PackageToken;
+    use rollguard_shared::manifest::{DerivedPackage, PackageKind, Packages, PayloadPath};
+    use rollguard_shared::ScopePath;
+
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
+    let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
+    install_bare(&v1);
+    let packages = Packages {
+        kind: PackageKind::Deb,
+        install: vec![DerivedPackage {
+            file: PayloadPath::parse("pkgs/rgpkgtest_2.0_all.deb").unwrap(),
+            name: PackageToken::parse(pkg::NAME).unwrap(),
+            version: PackageToken::parse("2.0").unwrap(),
+        }],
+        database: ScopePath::parse("/var/lib/dpkg").unwrap(),
+        write: vec![],
+        delete: vec![],
+    };
+    let before = Snapshot::take(&packages);
+    install_bare(&v2);
+    let outcome = before.finish(&packages);
+    let replaced: Vec<_> = outcome
+        .replaced
+        .iter()
+        .map(|p| p.to_str().unwrap())
+        .collect();
+    assert_eq!(replaced, [pkg::CONFFILE, pkg::PROGRAM, pkg::UNIT]);
+    assert_eq!(outcome.mismatch, None);
+    assert_eq!(outcome.changes[0].before.as_deref(), Some("1.0"));
+    assert_eq!(outcome.changes[0].after.as_deref(), Some("2.0"));
+}
+
+/// A package naming `/lib/...` (as most Debian 12 packages still do) on a
+/// merged-/usr host, where `/lib` is a symlink: the signed scope says
+/// `/lib/rgpkgtest-lib`, the agent enforces its real path.
+#[test]
+fn a_package_under_a_merged_usr_alias_installs_through_its_real_path() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let lib = Variant {
+        lib_file: true,
+        ..Variant::default()
+    };
+    let v1 = pkg::build_deb(&out, "1.0", &lib);
+    let v2 = pkg::build_deb(&out, "2.0", &lib);
+    install_bare(&v1);
+
+    let (bundle, _) = bundle(&host, &keys, "lib", 1, &v2);
+    let write = strings(&pkg::inspect(&bundle)["packages"]["write"]);
+    assert!(
+        write.contains(&"/lib/rgpkgtest-lib".to_string()),
+        "{write:?}"
+    );
+    let (report, _) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(report["denials"], json!([]), "{report:#}");
+    assert_expected_denials_are_typed(&report);
+    assert_eq!(fs::read_to_string(pkg::LIB_FILE).unwrap(), "plugin 2.0\n");
+}
