@@ -156,6 +156,7 @@ fn confine_only(args: &[String]) -> ! {
                 network: vec![],
             },
             protected: vec![PathBuf::from(backup)],
+            pins: vec![],
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: Default::default(),
         };

@@ -727,7 +727,7 @@ impl HostPolicy {
 
     /// Check a bundle's scope against this host's policy (see
     /// [`ProtectedNow::check_scope`]), with the protected paths resolved now.
-    pub fn check_scope(&self, scope: &Scope) -> Result<(), ScopeViolation> {
+    pub fn check_scope(&self, scope: &Scope) -> Result<Pins, ScopeViolation> {
         self.protected_now().check_scope(scope)
     }
 }
@@ -766,14 +766,26 @@ impl ProtectedNow<'_> {
         out
     }
 
-    /// Check a bundle's scope against this host's policy.
+    /// Check a bundle's scope against this host's policy; returns the
+    /// protected paths the sandbox must pin inside the write and delete
+    /// scopes (see [`Pins`]).
     ///
-    /// - Every scope path (write, delete and read) must not overlap any
-    ///   protected path in either direction — neither inside it nor an
-    ///   ancestor of it, since a Landlock rule on a directory covers its
-    ///   whole subtree. Both sides are compared as written and resolved
+    /// - No scope path (write, delete or read) may be a protected path or
+    ///   lie within one. Both sides are compared as written and resolved
     ///   (resolved again now, so a symlink created since the policy was
     ///   loaded still counts), so `/srv/data -> /backup` is caught.
+    /// - A read scope may contain a path bundles may read
+    ///   ([`ProtectionReason::bundles_may_read`]), no other protected path.
+    /// - A write or delete scope may contain (be a proper ancestor of) a
+    ///   protected path only where the sandbox can keep it unchanged: a
+    ///   path bundles may read (the agent's programs, its configuration
+    ///   directory, the loader's files, its unit) becomes a pin, bound
+    ///   read-only onto itself in the run's mount namespace; a path bundles
+    ///   may not read that the agent protects on its own (state directory,
+    ///   trust file, policy file, controller credentials) is accepted only
+    ///   at or beneath such a pin (read-only with it, and covered as
+    ///   everywhere). A path listed in `[protect]` stays refused inside any
+    ///   scope: the operator asked for it to be out of reach.
     /// - Write and delete paths must lie within `allow_scopes`, both as
     ///   written and resolved (a Landlock rule follows the symlink, so the
     ///   resolved path is what would actually be granted).
@@ -781,15 +793,17 @@ impl ProtectedNow<'_> {
     ///   nothing, and bundles legitimately read configuration outside the
     ///   directories they change. The protected check still applies to
     ///   them, so backups cannot be read (or exfiltrated) either.
-    pub fn check_scope(&self, scope: &Scope) -> Result<(), ScopeViolation> {
+    pub fn check_scope(&self, scope: &Scope) -> Result<Pins, ScopeViolation> {
         let policy = self.policy;
-        let protected = &self.forms;
+        let mut pins: Vec<ScopePath> = Vec::new();
         for (key, path) in scope.all_paths() {
-            // Paths bundles may read are only guarded against writes.
-            let protected: Vec<&(&ProtectedPath, ScopePath)> = protected
+            // Paths bundles may read are only guarded against changes.
+            let protected: Vec<&(&ProtectedPath, ScopePath)> = self
+                .forms
                 .iter()
                 .filter(|(p, _)| key != "read" || !p.reason.bundles_may_read())
                 .collect();
+            let changing = key != "read";
             let violation =
                 |p: &ProtectedPath, via: Option<String>| ScopeViolation::ProtectedPath {
                     key,
@@ -798,15 +812,12 @@ impl ProtectedNow<'_> {
                     reason: p.reason,
                     via,
                 };
-            if let Some((p, _)) = protected.iter().find(|(_, pf)| path.overlaps(pf)) {
-                return Err(violation(p, None));
-            }
+            pins.extend(pins_within(path, &protected, changing).map_err(|p| violation(p, None))?);
             match resolve_symlinks(path) {
-                Resolved::Path(r) => {
-                    if let Some((p, _)) = protected.iter().find(|(_, pf)| r.overlaps(pf)) {
-                        return Err(violation(p, Some(r.to_string())));
-                    }
-                }
+                Resolved::Path(r) => pins.extend(
+                    pins_within(&r, &protected, changing)
+                        .map_err(|p| violation(p, Some(r.to_string())))?,
+                ),
                 // `/` contains every protected path; an unresolvable path
                 // might be anything. There is always at least one protected
                 // path (the state directory).
@@ -854,8 +865,52 @@ impl ProtectedNow<'_> {
                 }
             }
         }
-        Ok(())
+        pins.sort();
+        pins.dedup();
+        Ok(Pins(pins))
     }
+}
+
+/// Protected paths inside the write and delete scopes that the sandbox
+/// keeps unchanged (each spelling of them found there, sorted, once each):
+/// stage 2 binds each onto itself read-only in the run's mount namespace and
+/// makes every directory between its scope and it a mount point, so it can
+/// be neither changed nor renamed, removed or replaced (see
+/// `docs/sandbox.md`, "Protected paths inside a write scope").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pins(pub Vec<ScopePath>);
+
+/// The pins `protected` requires inside the scope path `scope`, or the
+/// protected path that makes `scope` unacceptable (see
+/// [`ProtectedNow::check_scope`]). `changing`: a write or delete scope.
+fn pins_within<'p>(
+    scope: &ScopePath,
+    protected: &[&(&'p ProtectedPath, ScopePath)],
+    changing: bool,
+) -> Result<Vec<ScopePath>, &'p ProtectedPath> {
+    let inside = |form: &ScopePath| changing && form != scope && form.is_within(scope);
+    let pins: Vec<ScopePath> = protected
+        .iter()
+        .filter(|(p, form)| p.reason.bundles_may_read() && inside(form))
+        .map(|(_, form)| form.clone())
+        .collect();
+    for (p, form) in protected {
+        if !form.overlaps(scope) {
+            continue;
+        }
+        let acceptable = inside(form)
+            && match p.reason {
+                r if r.bundles_may_read() => true,
+                // The operator's own list: out of reach, never pinned.
+                ProtectionReason::Configured => false,
+                // Read-only with the pin above it, and covered.
+                _ => pins.iter().any(|pin| form.is_within(pin)),
+            };
+        if !acceptable {
+            return Err(p);
+        }
+    }
+    Ok(pins)
 }
 
 fn parse_host(raw: RawHost) -> Result<HostIdentity, PolicyError> {

@@ -250,9 +250,11 @@ fn prepare_and_run(
     // The protected paths resolved once for the checks (the sandbox's list
     // below resolves them again, just before the run).
     let protected = policy.protected_now();
-    protected
+    let pins = protected
         .check_scope(&scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
+    let pin_paths: Vec<PathBuf> = pins.0.iter().map(|p| p.as_path().to_path_buf()).collect();
+    check_pins(&scope, &pin_paths)?;
     check_mount_aliases(&protected, &scope)?;
     // Declared service actions: each unit allowed by the host, or refused.
     crate::services::after_run::check_declared(&manifest.services, policy.services())
@@ -327,6 +329,24 @@ fn prepare_and_run(
     .chain(opts.rollout_id.clone().map(|r| ("ROLLGUARD_ROLLOUT", r)))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    // Resolved again: name resolution above may have taken seconds, and a
+    // protected symlink re-pointed meanwhile must count from this run. The
+    // pins come from the same resolution as the sandbox's protected list,
+    // so a path that became protected inside a scope is pinned (or the
+    // run refused) too.
+    let now = policy.protected_now();
+    let pins = match now.check_scope(&scope) {
+        Ok(pins) => pins,
+        Err(e) => {
+            cleanup(state);
+            return Err(Refusal::new(e.refusal_kind(), e));
+        }
+    };
+    let pins: Vec<PathBuf> = pins.0.iter().map(|p| p.as_path().to_path_buf()).collect();
+    if let Err(e) = check_pins(&scope, &pins) {
+        cleanup(state);
+        return Err(e);
+    }
     let spec = SandboxSpec {
         run_id: run_id.to_string(),
         payload_dir: payload_dir.clone(),
@@ -337,14 +357,12 @@ fn prepare_and_run(
         },
         env,
         scope: SandboxScope::new(&scope, network.rules),
-        // Resolved again: name resolution above may have taken seconds, and
-        // a protected symlink re-pointed meanwhile must count from this run.
-        protected: policy
-            .protected_now()
+        protected: now
             .canonical()
             .iter()
             .map(|p| p.as_path().to_path_buf())
             .collect(),
+        pins,
         landlock_min_abi: MIN_LANDLOCK_ABI,
         limits,
     };
@@ -685,6 +703,25 @@ fn add_filter_denials(outcome: &RunOutcome, report: &mut RunReport) {
     if let Some(count) = report.denial_count.as_mut() {
         *count += filtered.count;
     }
+}
+
+/// Every pin must be one stage 2 can mount: a protected path that does not
+/// exist directly in a scope (`/etc/ld.so.preload` in a scope `/etc`) could
+/// be created by the bundle, so the run is refused (see
+/// [`crate::sandbox::pins::plan`]; stage 2 plans again before mounting).
+fn check_pins(scope: &rollguard_shared::manifest::Scope, pins: &[PathBuf]) -> Result<(), Refusal> {
+    if pins.is_empty() {
+        return Ok(());
+    }
+    let scopes: Vec<PathBuf> = scope
+        .write
+        .iter()
+        .chain(&scope.delete)
+        .map(|p| p.as_path().to_path_buf())
+        .collect();
+    crate::sandbox::pins::plan(&scopes, pins)
+        .map(|_| ())
+        .map_err(|e| Refusal::new(RefusalKind::ProtectedPath, e))
 }
 
 /// A write or delete scope must not hold another mount of protected data

@@ -205,3 +205,140 @@ fn a_protected_tree_mounted_beneath_a_delete_scope_is_refused_naming_both_mounts
     assert_eq!(report["status"], "succeeded", "{report:#}");
     assert_eq!(host.snapshot("backup"), before);
 }
+
+/// The agent installed inside the host tree (`usr/sbin`, stage 2 in
+/// `usr/lib/rollguard`), so its programs are auto-protected paths there.
+fn install_agent(host: &Host) -> PathBuf {
+    let r = host.root();
+    for (bin, dir) in [
+        ("rollguard-agent", "usr/sbin"),
+        ("rollguard-sandbox-exec", "usr/lib/rollguard"),
+    ] {
+        fs::create_dir_all(r.join(dir)).unwrap();
+        fs::copy(rollguard_tests::bin(bin), r.join(dir).join(bin)).unwrap();
+        rollguard_tests::root_only(&r.join(dir).join(bin), 0o755);
+    }
+    fs::create_dir_all(r.join("usr/share/doc")).unwrap();
+    r.join("usr/sbin/rollguard-agent")
+}
+
+fn run_with(host: &Host, agent: &Path, bundle: &Path) -> (Value, i32) {
+    let out = rollguard_tests::run(
+        Command::new(agent)
+            .args(["run", "--json", "--policy"])
+            .arg(host.policy())
+            .arg(bundle),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (report, out.status.code().unwrap_or(-1))
+}
+
+#[test]
+fn the_agents_programs_inside_a_write_scope_are_pinned_and_attacks_on_them_reported() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let agent = install_agent(&host);
+    let r = host.root();
+    let stage2 = r.join("usr/lib/rollguard/rollguard-sandbox-exec");
+    let scope = "write = [\"@ROOT@/usr\"]\ndelete = [\"@ROOT@/usr\"]";
+    let script = "#!/bin/sh\n\
+        U=@ROOT@/usr\n\
+        echo evil > $U/lib/rollguard/rollguard-sandbox-exec\n\
+        chmod 777 $U/lib/rollguard/rollguard-sandbox-exec\n\
+        rm -f $U/sbin/rollguard-agent\n\
+        mv $U/lib $U/lib.old\n\
+        mv $U/lib/rollguard $U/lib/rg.old\n\
+        echo evil > $U/libexec/rollguard-sandbox-exec\n\
+        echo upgraded > $U/share/doc/new\n\
+        echo done\n";
+
+    // Where stage 2 would also be looked for (usr/libexec/rollguard) does
+    // not exist, and nothing below the scope could hold it read-only.
+    let src = host.bundle_source("pin-1", &manifest("pin", 1, "\"mail-*\"", scope), script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = run_with(&host, &agent, &bundle);
+    assert_eq!(
+        (report["status"].as_str(), code),
+        (Some("refused"), 2),
+        "{report:#}"
+    );
+    assert_eq!(report["refusal"], "protected_path", "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("libexec/rollguard") && reason.contains("could create it"),
+        "{reason}"
+    );
+
+    // With usr/libexec there, the run goes ahead: usr/libexec is pinned
+    // read-only instead.
+    fs::create_dir_all(r.join("usr/libexec")).unwrap();
+    let before = host.snapshot("usr");
+    let src = host.bundle_source("pin-2", &manifest("pin", 2, "\"mail-*\"", scope), script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = run_with(&host, &agent, &bundle);
+    assert_eq!(code, 1, "a run with denials is not a success: {report:#}");
+    assert!(
+        report["stdout_tail"].as_str().unwrap().contains("done"),
+        "{report:#}"
+    );
+    let mut after = host.snapshot("usr");
+    assert_eq!(
+        after.remove(&r.join("usr/share/doc/new")),
+        Some(b"upgraded\n".to_vec()),
+        "the rest of the scope is writable"
+    );
+    assert_eq!(after, before, "a pinned program changed");
+    assert_eq!(fs::metadata(&stage2).unwrap().mode() & 0o777, 0o755);
+    let d = denials(&report);
+    let has = |prefix: &str, path: &Path| {
+        d.iter()
+            .any(|(a, p)| a.starts_with(prefix) && Path::new(p) == path)
+    };
+    assert!(has("erofs.", &stage2), "{report:#}");
+    // The agent's directory is pinned as a whole: the unlink in it is
+    // refused read-only (audit names the directory).
+    assert!(
+        has(
+            "erofs.unlinkat",
+            Path::new(&format!("{}/", r.join("usr/sbin").display()))
+        ),
+        "{report:#}"
+    );
+    assert!(has("ebusy.rename", &r.join("usr/lib")), "{report:#}");
+    assert!(
+        has("ebusy.rename", &r.join("usr/lib/rollguard")),
+        "{report:#}"
+    );
+}
+
+#[test]
+fn an_operators_protected_path_inside_a_write_scope_is_still_refused() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let src = host.bundle_source(
+        "above-backup",
+        &manifest("above", 1, "\"mail-*\"", "write = [\"@ROOT@\"]"),
+        "#!/bin/sh\ntouch @ROOT@/ran\n",
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(
+        (report["status"].as_str(), code),
+        (Some("refused"), 2),
+        "{report:#}"
+    );
+    assert_eq!(report["refusal"], "protected_path", "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(host.root().join("backup").to_str().unwrap())
+            && reason.contains("listed in [protect]"),
+        "{reason}"
+    );
+    assert!(!host.root().join("ran").exists());
+}

@@ -98,8 +98,28 @@ pub const READ_ONLY_MOUNT: ExitWatch = ExitWatch {
     exits: &[Errno::EROFS],
 };
 
+/// Removing, renaming away or renaming over a mount point: a pinned
+/// protected path inside a scope, or a directory above one
+/// ([`crate::sandbox::pins`]), refused with `EBUSY` after Landlock allowed
+/// it (the scope grants the right), so no LSM records it. These calls
+/// answer `EBUSY` for a mount point only (a pin, a directory above one, a
+/// scope's own bind, a host mount beneath a scope), so every record is an
+/// attempt to move or remove one.
+pub const MOUNT_POINT: ExitWatch = ExitWatch {
+    label: "ebusy",
+    syscalls: &[
+        "unlink",
+        "unlinkat",
+        "rename",
+        "renameat",
+        "renameat2",
+        "rmdir",
+    ],
+    exits: &[Errno::EBUSY],
+};
+
 /// The watches every run gets.
-pub const WATCHES: &[ExitWatch] = &[READ_ONLY_MOUNT];
+pub const WATCHES: &[ExitWatch] = &[READ_ONLY_MOUNT, MOUNT_POINT];
 
 // include/uapi/linux/audit.h
 const AUDIT_ADD_RULE: u16 = 1011;
@@ -368,6 +388,8 @@ mod tests {
         assert_eq!(&r[1040..], b"rollguard:erofs");
         assert!(watches("erofs", -30));
         assert!(!watches("erofs", -13));
+        assert!(watches("ebusy", -16));
+        assert!(!watches("erofs", -16));
         assert_eq!(label_of("rollguard:erofs"), Some("erofs"));
         assert_eq!(session_of_rule(&r), Some(42));
         let mut other = r.clone();

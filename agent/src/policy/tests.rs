@@ -721,9 +721,23 @@ fn the_agents_programs_loader_and_unit_are_protected_from_writes_not_reads() {
         );
         assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
     }
-    // An ancestor of the install is refused too (a rule there covers it).
-    let e = refused(&f.p("opt"));
+    // The directory itself too: a scope cannot be pinned.
+    let e = refused(&f.p("opt/rollguard/bin"));
     assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath, "{e}");
+    // An ancestor of the install is accepted: what lies inside is pinned.
+    let pins = policy
+        .check_scope(&f.scope(&["opt"], &["opt/rollguard"], &[]))
+        .unwrap();
+    for pinned in [
+        "opt/rollguard/bin",
+        "opt/rollguard/bin/rollguard-sandbox-exec",
+        "opt/rollguard/lib/rollguard",
+        "opt/rollguard/lib/rollguard/rollguard-sandbox-exec",
+        "opt/rollguard/libexec/rollguard",
+    ] {
+        assert!(pins.0.contains(&f.sp(pinned)), "{pinned}: {pins:?}");
+    }
+    assert!(pins.0.windows(2).all(|w| w[0] < w[1]), "sorted, once each");
     // The message says why.
     let e = refused(&f.p("opt/rollguard/bin/rollguard-sandbox-exec"));
     assert!(e.to_string().contains("stage 2 runs unconfined"), "{e}");
@@ -862,4 +876,97 @@ fn network_ceiling_applies_to_resolved_rules() {
     );
     let e = with(r#""tcp:10.0.0.5/24:443""#).unwrap_err().to_string();
     assert!(e.contains("limits.allow_network"), "{e}");
+}
+
+#[test]
+fn only_paths_bundles_may_read_are_pinned_inside_a_write_scope() {
+    let f = Fixture::new();
+    f.mkdir("opt/rg/bin");
+    // The trust file beneath the agent's directory: not readable, but
+    // read-only with the pin above it.
+    std::fs::write(f.p("opt/rg/bin/allowed_signers"), "").unwrap();
+    let text = f
+        .policy_text(&["srv/backup", "opt/rg/bin/local"], &["opt", "srv"])
+        .replace(&f.p("allowed_signers"), &f.p("opt/rg/bin/allowed_signers"));
+    let without_local = f
+        .policy_text(&["srv/backup"], &["opt", "srv"])
+        .replace(&f.p("allowed_signers"), &f.p("opt/rg/bin/allowed_signers"));
+    let mut policy = HostPolicy::parse(&without_local).unwrap();
+    policy.protect_agent_programs(Path::new(&f.p("opt/rg/bin/rollguard-agent")));
+    let pins = policy.check_scope(&f.scope(&["opt/rg"], &[], &[])).unwrap();
+    assert!(pins.0.contains(&f.sp("opt/rg/bin")), "{pins:?}");
+    // Neither the trust file nor the operator's own path is a pin.
+    assert!(!pins.0.contains(&f.sp("opt/rg/bin/allowed_signers")));
+    // An operator's `[protect]` path inside a scope stays refused, even
+    // beneath a pin, and the message names it.
+    policy = HostPolicy::parse(&text).unwrap();
+    policy.protect_agent_programs(Path::new(&f.p("opt/rg/bin/rollguard-agent")));
+    let e = policy
+        .check_scope(&f.scope(&["opt"], &[], &[]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ScopeViolation::ProtectedPath {
+                reason: ProtectionReason::Configured,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("opt/rg/bin/local"), "{e}");
+    let e = policy
+        .check_scope(&f.scope(&[], &["srv"], &[]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ScopeViolation::ProtectedPath {
+                key: "delete",
+                reason: ProtectionReason::Configured,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A non-readable path not beneath a pin (the state directory): refused.
+    let e = policy.check_scope(&f.scope(&[""], &[], &[])).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ScopeViolation::ProtectedPath {
+                reason: ProtectionReason::StateDir | ProtectionReason::Configured,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Read scopes pin nothing: a read scope over a path bundles may not
+    // read is refused as before; over the agent's programs it is fine.
+    let e = policy
+        .check_scope(&f.scope(&[], &[], &["opt/rg"]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, ScopeViolation::ProtectedPath { key: "read", .. }),
+        "{e}"
+    );
+    let pins = policy
+        .check_scope(&f.scope(&[], &[], &["opt/rg/lib"]))
+        .unwrap();
+    assert!(pins.0.is_empty());
+}
+
+#[test]
+fn a_pin_is_found_through_a_symlinked_scope_too() {
+    // The scope as written is a symlink to the install's parent: the
+    // resolved spelling contains the agent's programs, and they are pinned
+    // (stage 2 refuses a scope that is not its real path anyway).
+    let f = Fixture::new();
+    f.mkdir("opt/rg/bin");
+    f.mkdir("srv");
+    f.symlink(&f.p("opt/rg"), "srv/rg");
+    let mut policy = f.policy(&[], &["opt", "srv"]);
+    policy.protect_agent_programs(Path::new(&f.p("opt/rg/bin/rollguard-agent")));
+    let pins = policy.check_scope(&f.scope(&["srv/rg"], &[], &[])).unwrap();
+    assert!(pins.0.contains(&f.sp("opt/rg/bin")), "{pins:?}");
 }

@@ -432,12 +432,14 @@ fn check_scope_paths(spec: &SandboxSpec) -> Result<(), LandlockError> {
             Err(e) => return Err(e),
         }
         // Reads may cover an ancestor of a protected path (handled by the
-        // walk); writes and deletes beneath a path would reach it.
+        // walk); writes and deletes beneath a path would reach it, unless
+        // it lies beneath a pin (read-only, and covered: see `pins`).
         for protected in &spec.protected {
             let overlaps = if what == "scope.read" {
                 path.starts_with(protected)
             } else {
-                path.starts_with(protected) || protected.starts_with(path)
+                path.starts_with(protected)
+                    || (protected.starts_with(path) && !spec.pinned_within(path, protected))
             };
             if overlaps {
                 return Err(LandlockError::OverlapsProtected {

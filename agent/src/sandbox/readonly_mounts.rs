@@ -17,7 +17,11 @@
 //!    lose `nodev`: a device node placed in a scope is refused by the run
 //!    cgroup's device program, which records the attempt, where a `nodev`
 //!    refusal (it comes first) would be recorded nowhere;
-//! 4. every protected path, and every other mount of a protected path's
+//! 4. the pins ([`super::pins`]): protected paths bundles may read that lie
+//!    inside a scope are bound read-only onto themselves, and every
+//!    directory between their scope and them becomes a mount point, so they
+//!    can be neither changed nor renamed, removed or replaced;
+//! 5. every protected path, and every other mount of a protected path's
 //!    data ([`super::mountinfo::aliases`]), is covered by an empty
 //!    read-only node (a mode-000 directory or file on a private tmpfs, as
 //!    systemd's `InaccessiblePaths=`), so even its metadata cannot be read
@@ -44,6 +48,7 @@ use super::mount_setattr::{
     self, Depth, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
 };
 use super::mountinfo::{self, MountEntry};
+use super::pins;
 use super::spec::SandboxSpec;
 
 /// Where the cover nodes are made. It is replaced by the private `/run`
@@ -72,6 +77,8 @@ pub enum ReadOnlyError {
     OverlapsProtected { scope: PathBuf, protected: PathBuf },
     #[error("scope path {scope} reaches protected data: {alias}")]
     AliasInScope { scope: PathBuf, alias: String },
+    #[error("pinning: {0}")]
+    Pins(#[from] pins::PinMountError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ReadOnlyError + 'a {
@@ -98,11 +105,13 @@ fn mount_err<'a>(
 pub struct Applied {
     /// Mounts made writable again (scope binds and mounts beneath them).
     pub writable_mounts: usize,
+    /// Mounts made for pins (read-only pins and the directories above them).
+    pub pinned: usize,
     /// Paths covered: protected paths and other mounts of their data.
     pub masked: Vec<PathBuf>,
 }
 
-/// Steps 1-4 of the module docs. Must run in the run's private mount
+/// Steps 1-5 of the module docs. Must run in the run's private mount
 /// namespace, after `/` was made private, before the private scratch
 /// mounts and before Landlock (whose rules attach to the inodes seen here).
 pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
@@ -114,11 +123,11 @@ pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
     for scope in &scopes {
         // Checked by the agent and again by the Landlock step; here because
         // a scope bind over a protected path would make it writable.
-        if let Some(p) = spec
-            .protected
-            .iter()
-            .find(|p| p.starts_with(scope) || scope.starts_with(p))
-        {
+        // A protected path may lie inside a scope only beneath a pin,
+        // which step 4 makes read-only before step 5 covers it.
+        if let Some(p) = spec.protected.iter().find(|p| {
+            scope.starts_with(p) || (p.starts_with(scope) && !spec.pinned_within(scope, p))
+        }) {
             return Err(ReadOnlyError::OverlapsProtected {
                 scope: scope.clone(),
                 protected: p.clone(),
@@ -170,7 +179,18 @@ pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
             .map_err(io_err("making writable again", path))?;
     }
 
-    // 4. Covers.
+    // 4. Pins: protected paths bundles may read inside the scopes, bound
+    // read-only onto themselves, every directory above them up to their
+    // scope a mount point (see `pins`). Planned again here, on what this
+    // namespace sees now.
+    let pinned = if spec.pins.is_empty() {
+        0
+    } else {
+        let plan = pins::plan(&scopes, &spec.pins).map_err(pins::PinMountError::from)?;
+        pins::apply(&plan)?
+    };
+
+    // 5. Covers.
     let mut targets: Vec<PathBuf> = spec
         .protected
         .iter()
@@ -183,6 +203,7 @@ pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
     let masked = mask(spec, &targets)?;
     Ok(Applied {
         writable_mounts: writable.len(),
+        pinned,
         masked,
     })
 }

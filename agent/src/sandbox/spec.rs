@@ -42,6 +42,8 @@ pub enum SpecError {
     Limits(#[from] LimitsError),
     #[error("network rule with port 0")]
     PortZero,
+    #[error("pinned path {0:?} lies in no write or delete scope")]
+    PinOutsideScopes(PathBuf),
 }
 
 /// One destination the kernel lets the run reach: a `scope.network` entry
@@ -117,6 +119,12 @@ pub struct SandboxSpec {
     /// Host-protected paths, canonicalized by the caller: nothing at all is
     /// granted on or beneath them.
     pub protected: Vec<PathBuf>,
+    /// Protected paths bundles may read that lie inside a write or delete
+    /// scope (the agent's programs, its unit, the loader's files...): bound
+    /// read-only onto themselves ([`super::pins`]). A path of `protected`
+    /// may lie inside such a scope only at or beneath one of these.
+    #[serde(default)]
+    pub pins: Vec<PathBuf>,
     /// Lowest Landlock ABI accepted (at least [`MIN_LANDLOCK_ABI`]).
     pub landlock_min_abi: u32,
     /// Resource limits of the run (the host's, or the bundle's within the
@@ -153,6 +161,15 @@ impl SandboxSpec {
         for p in &self.protected {
             check_path("protected path", p)?;
         }
+        if self.pins.len() > MAX_PROTECTED {
+            return Err(SpecError::TooMany("pinned paths"));
+        }
+        for p in &self.pins {
+            check_path("pinned path", p)?;
+            if !self.changing_scopes().any(|s| p.starts_with(s) && p != s) {
+                return Err(SpecError::PinOutsideScopes(p.clone()));
+            }
+        }
         if self.command.is_empty()
             || self.command[0].is_empty()
             || self.command.iter().any(|a| a.contains('\0'))
@@ -183,6 +200,24 @@ impl SandboxSpec {
             return Err(SpecError::PortZero);
         }
         Ok(())
+    }
+
+    /// The write and delete scopes.
+    pub fn changing_scopes(&self) -> impl Iterator<Item = &Path> {
+        self.scope
+            .write
+            .iter()
+            .chain(&self.scope.delete)
+            .map(|s| s.as_path())
+    }
+
+    /// Whether the protected path `protected` may lie inside the write or
+    /// delete scope `scope`: strictly beneath it, and at or beneath a pin
+    /// (read-only with it; its cover goes on top).
+    pub fn pinned_within(&self, scope: &Path, protected: &Path) -> bool {
+        protected != scope
+            && protected.starts_with(scope)
+            && self.pins.iter().any(|pin| protected.starts_with(pin))
     }
 
     /// The program to exec: absolute as given, or resolved in the payload.
@@ -238,6 +273,7 @@ mod tests {
             env: BTreeMap::new(),
             scope: SandboxScope::default(),
             protected: vec!["/srv/backup".into()],
+            pins: vec![],
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: RunLimits::default(),
         }

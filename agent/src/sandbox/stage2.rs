@@ -330,6 +330,7 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
         seccomp_filters: filters.len(),
         audit_session: session,
         masked_paths: read_only.masked.len(),
+        pinned_mounts: read_only.pinned,
         // Filled in by the agent, which adds the rules (see above).
         exit_audit: false,
     })

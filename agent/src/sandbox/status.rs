@@ -87,6 +87,10 @@ pub struct Confinement {
     /// empty read-only node; everything outside the scopes is read-only.
     #[serde(default)]
     pub masked_paths: usize,
+    /// Mounts made to pin protected paths inside the scopes (read-only
+    /// pins and the directories above them, see `pins`).
+    #[serde(default)]
+    pub pinned_mounts: usize,
     /// The audit rules that report writes refused by the read-only mounts
     /// were added; without them the run's denials are unknown.
     #[serde(default)]

@@ -121,6 +121,7 @@ impl Tree {
                 network: vec![],
             },
             protected: vec![self.p("customers"), self.p("backup")],
+            pins: vec![],
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: Default::default(),
         }

@@ -1,0 +1,307 @@
+//! Pins: protected paths inside a write or delete scope, kept unchanged
+//! (stage 2, inside the run's private mount namespace, right after the
+//! scopes are made writable again; see [`super::readonly_mounts`]).
+//!
+//! A Landlock rule on a directory covers its whole subtree, so a write
+//! scope such as `/usr/lib` would reach the stage-2 program beneath it. The
+//! host policy lets a scope contain such a path only when the path is one
+//! bundles may read (the agent's programs, its configuration directory, the
+//! loader's files, its unit: see `ProtectedNow::check_scope`), and the
+//! sandbox then pins it:
+//!
+//! - the pin is bound onto itself (recursively) and made read-only: writing,
+//!   truncating, chmod, chown, utimes, xattrs answer `EROFS`; it is a mount
+//!   point, so unlinking it, renaming it away, renaming something over it
+//!   or removing it answer `EBUSY`; a hard link to it would cross mounts
+//!   (`EXDEV`);
+//! - every directory strictly between the scope and the pin is bound onto
+//!   itself (writable, as it was): a mount point cannot be renamed or
+//!   removed (`EBUSY`). The kernel does let a directory that merely
+//!   *contains* a mount point be renamed (`vfs_rename` checks the moved and
+//!   the replaced entry only), which would leave the pin's path free to be
+//!   recreated by the bundle; hence every ancestor up to the scope, whose
+//!   own bind makes it a mount point too.
+//!
+//! A pin that does not exist, or whose last component is a symlink (a mount
+//! cannot be placed on a symlink: `mount` follows it), cannot be bound. Its
+//! nearest existing real directory is pinned instead (read-only as a
+//! whole), so the path cannot be created there; when that directory is the
+//! scope itself, the run is refused: the bundle could create the path.
+//! A component inside the scope that is a symlink or a file ends the walk
+//! the same way (the file is pinned itself: it cannot then be replaced by a
+//! directory).
+//!
+//! The bundle cannot undo any of this: it has no `CAP_SYS_ADMIN`, and
+//! seccomp refuses `mount`, `umount2`, `move_mount`, `open_tree`,
+//! `mount_setattr`, `unshare`, `setns`, new namespaces and
+//! `open_by_handle_at` (which could reopen the pin's inode through the
+//! writable scope mount).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+
+use super::mount_setattr::{self, Depth, MOUNT_ATTR_RDONLY};
+use super::mountinfo;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PinError {
+    #[error("protected path {pin} lies in no write or delete scope")]
+    OutsideScopes { pin: PathBuf },
+    #[error("protected path {pin} {what}, and the nearest directory that could hold it read-only is the scope {scope} itself: a bundle writing there could create it")]
+    NoRoom {
+        pin: PathBuf,
+        scope: PathBuf,
+        what: &'static str,
+    },
+    #[error("inspecting {path}: {why}")]
+    Inspect { path: PathBuf, why: String },
+}
+
+/// What stage 2 mounts for a run's pins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PinPlan {
+    /// Directories between a scope and a pin, bound onto themselves
+    /// (writable), shallowest first.
+    pub ancestors: Vec<PathBuf>,
+    /// Paths bound onto themselves read-only: the pins, or for a pin that
+    /// cannot be bound, its nearest existing directory (none beneath
+    /// another).
+    pub read_only: Vec<PathBuf>,
+}
+
+/// Work out what to mount for `pins` inside `scopes` (the write and delete
+/// scopes), looking at the filesystem now (`lstat`, never following a
+/// symlink). The agent calls it before a run (a refusal then names the
+/// reason) and stage 2 again just before it mounts.
+pub fn plan(scopes: &[PathBuf], pins: &[PathBuf]) -> Result<PinPlan, PinError> {
+    let mut read_only: Vec<PathBuf> = Vec::new();
+    let mut ancestors: Vec<PathBuf> = Vec::new();
+    for pin in pins {
+        // The innermost scope: its bind is the mount the pin lies on, and
+        // a mount point itself.
+        let scope = scopes
+            .iter()
+            .filter(|s| pin.starts_with(s) && pin != *s)
+            .max_by_key(|s| s.components().count())
+            .ok_or_else(|| PinError::OutsideScopes { pin: pin.clone() })?;
+        let target = target_of(scope, pin)?;
+        let mut between = target.parent();
+        while let Some(dir) = between {
+            if dir == scope.as_path() || !dir.starts_with(scope) {
+                break;
+            }
+            ancestors.push(dir.to_path_buf());
+            between = dir.parent();
+        }
+        read_only.push(target);
+    }
+    read_only.sort();
+    read_only.dedup();
+    // A read-only bind covers everything beneath it.
+    let covered = |p: &Path, list: &[PathBuf]| list.iter().any(|r| p.starts_with(r) && p != r);
+    let outer: Vec<PathBuf> = read_only
+        .iter()
+        .filter(|p| !covered(p, &read_only))
+        .cloned()
+        .collect();
+    ancestors.sort_by_key(|a| (a.components().count(), a.clone()));
+    ancestors.dedup();
+    ancestors.retain(|a| !outer.iter().any(|r| a.starts_with(r)));
+    Ok(PinPlan {
+        ancestors,
+        read_only: outer,
+    })
+}
+
+/// What to bind read-only for `pin` inside `scope` (see the module docs).
+fn target_of(scope: &Path, pin: &Path) -> Result<PathBuf, PinError> {
+    let rest = pin.strip_prefix(scope).unwrap_or(Path::new(""));
+    let mut at = scope.to_path_buf();
+    for component in rest.components() {
+        let next = at.join(component);
+        let what = match fs::symlink_metadata(&next) {
+            Ok(m) if m.file_type().is_symlink() => "is a symlink",
+            Ok(m) if m.is_dir() => {
+                at = next;
+                continue;
+            }
+            // A file (or another non-directory): pinned itself, so it can
+            // be neither changed nor replaced by a directory.
+            Ok(_) => return Ok(next),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => "does not exist",
+            Err(e) => {
+                return Err(PinError::Inspect {
+                    path: next,
+                    why: e.to_string(),
+                })
+            }
+        };
+        if at == scope {
+            return Err(PinError::NoRoom {
+                pin: pin.to_path_buf(),
+                scope: scope.to_path_buf(),
+                what,
+            });
+        }
+        return Ok(at);
+    }
+    Ok(at)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinMountError {
+    #[error(transparent)]
+    Plan(#[from] PinError),
+    #[error("{what} {path}: {source}")]
+    Mount {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Mountinfo(#[from] mountinfo::MountinfoError),
+    #[error("after pinning, {0} is not a read-only mount point")]
+    NotPinned(PathBuf),
+}
+
+/// Mount `plan` (see the module docs). Must run in the run's private mount
+/// namespace, after the scopes were bound and made writable, before the
+/// protected paths are covered (a cover beneath a pin goes on top of it).
+/// Returns how many mounts were made.
+pub fn apply(plan: &PinPlan) -> Result<usize, PinMountError> {
+    let bind = |path: &Path, what: &'static str| {
+        mount(
+            Some(path),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| PinMountError::Mount {
+            what,
+            path: path.to_path_buf(),
+            source: e.into(),
+        })
+    };
+    // Shallowest first: a recursive bind copies the mounts beneath it, and
+    // the deeper ones do not exist yet.
+    for dir in &plan.ancestors {
+        bind(dir, "binding the directory above a pin")?;
+    }
+    for pin in &plan.read_only {
+        bind(pin, "binding the pin")?;
+        mount_setattr::set(pin, Depth::Recursive, MOUNT_ATTR_RDONLY, 0).map_err(|source| {
+            PinMountError::Mount {
+                what: "making the pin read-only",
+                path: pin.clone(),
+                source,
+            }
+        })?;
+    }
+    // Checked on what the kernel now lists, not on what we asked for.
+    let mounts = mountinfo::read_self()?;
+    for pin in &plan.read_only {
+        let pinned =
+            mountinfo::mount_of(&mounts, pin).is_some_and(|m| m.mount_point == *pin && !m.is_rw());
+        if !pinned {
+            return Err(PinMountError::NotPinned(pin.clone()));
+        }
+    }
+    for dir in &plan.ancestors {
+        if mountinfo::mount_of(&mounts, dir).is_none_or(|m| m.mount_point != *dir) {
+            return Err(PinMountError::NotPinned(dir.clone()));
+        }
+    }
+    Ok(plan.ancestors.len() + plan.read_only.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        fs::create_dir_all(root.join("usr/lib/rollguard")).unwrap();
+        fs::write(root.join("usr/lib/rollguard/stage2"), "").unwrap();
+        fs::create_dir_all(root.join("usr/lib/systemd/system")).unwrap();
+        fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        fs::write(root.join("usr/sbin/agent"), "").unwrap();
+        std::os::unix::fs::symlink("elsewhere", root.join("usr/lib/link")).unwrap();
+        (dir, root)
+    }
+
+    #[test]
+    fn pins_existing_paths_and_every_directory_above_them() {
+        let (_d, r) = tree();
+        let scopes = [r.join("usr")];
+        let p = plan(
+            &scopes,
+            &[
+                r.join("usr/lib/rollguard/stage2"),
+                r.join("usr/lib/rollguard"),
+                r.join("usr/sbin/agent"),
+            ],
+        )
+        .unwrap();
+        // The file beneath a pinned directory needs nothing of its own.
+        assert_eq!(
+            p.read_only,
+            vec![r.join("usr/lib/rollguard"), r.join("usr/sbin/agent")]
+        );
+        assert_eq!(p.ancestors, vec![r.join("usr/lib"), r.join("usr/sbin")]);
+    }
+
+    #[test]
+    fn a_missing_pin_pins_its_nearest_directory_or_is_refused() {
+        let (_d, r) = tree();
+        let scopes = [r.join("usr"), r.join("usr/lib/systemd/system")];
+        // Nothing of it below the scope: refused.
+        let p = plan(&scopes, &[r.join("usr/libexec/rollguard/stage2")]);
+        assert!(
+            matches!(&p, Err(PinError::NoRoom { scope, what: "does not exist", .. }) if *scope == r.join("usr")),
+            "{p:?}"
+        );
+        // Its directory exists below the scope: that directory goes
+        // read-only.
+        let p = plan(&scopes, &[r.join("usr/lib/rollguard/missing")]).unwrap();
+        assert_eq!(p.read_only, vec![r.join("usr/lib/rollguard")]);
+        assert_eq!(p.ancestors, vec![r.join("usr/lib")]);
+        // Directly in the (innermost) scope: refused.
+        let e = plan(&scopes, &[r.join("usr/lib/systemd/system/x.service.d")]).unwrap_err();
+        assert!(
+            e.to_string().contains("could create it") && e.to_string().contains("system"),
+            "{e}"
+        );
+        // A symlink cannot carry a mount.
+        let e = plan(&scopes, &[r.join("usr/lib/link/x")]).unwrap();
+        assert_eq!(e.read_only, vec![r.join("usr/lib")]);
+        assert!(e.ancestors.is_empty());
+        let e = plan(&[r.join("usr/lib")], &[r.join("usr/lib/link")]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PinError::NoRoom {
+                    what: "is a symlink",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A file on the way is pinned itself.
+        let p = plan(&scopes, &[r.join("usr/sbin/agent/x")]).unwrap();
+        assert_eq!(p.read_only, vec![r.join("usr/sbin/agent")]);
+        // Outside every scope, or the scope itself: not a pin.
+        assert!(matches!(
+            plan(&scopes, &[r.join("etc/x")]),
+            Err(PinError::OutsideScopes { .. })
+        ));
+        assert!(matches!(
+            plan(&scopes, &[r.join("usr")]),
+            Err(PinError::OutsideScopes { .. })
+        ));
+    }
+}
