@@ -1,0 +1,306 @@
+//! A real fleet host: our own `rollguard-agent` .deb installed with
+//! `dpkg -i` into a container that boots systemd 252 (Debian 12), started
+//! by that systemd from the unit the package ships, hardening and all, and
+//! connected to a controller running on this machine.
+//!
+//! - [`agent_deb`] builds the package as `packaging/build` does (`cargo
+//!   deb` with the package's own metadata: assets, maintainer scripts,
+//!   unit, conffile, man pages and completions generated from the CLI),
+//!   from the binaries the other end-to-end tests use (this test profile's,
+//!   stripped) instead of a release build.
+//! - [`FleetHost::install`] boots the container with [`host_options`] and
+//!   installs the package; [`FleetHost::configure`] gives the agent what an
+//!   operator would (host policy, `allowed_signers`, its certificate from
+//!   `rollguard-controller enroll`, the fleet CA); [`FleetHost::start_agent`]
+//!   is `systemctl start rollguard-agent.service`.
+//!
+//! The container shares this machine's network (no `--private-network`), so
+//! the agent reaches the controller on 127.0.0.1, as a host reaches its
+//! controller's address. What else the container needs, and why, is in
+//! [`host_options`].
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::fleet::{wait_for, Fleet};
+use crate::run_ok;
+use crate::systemd_container::{Options, SystemdContainer};
+
+/// Where the package installs its unit (cargo-deb's `lib/systemd/system/`).
+pub const UNIT_PATH: &str = "/lib/systemd/system/rollguard-agent.service";
+pub const UNIT: &str = "rollguard-agent.service";
+
+/// `target/<profile>/` of the running test binary.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent() // deps
+        .and_then(Path::parent) // <profile>
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+/// The workspace's top directory (this crate is `tests/` in it).
+fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
+}
+
+/// Our `rollguard-agent_<version>-1_<arch>.deb`, built once per test
+/// process into `target/<profile>/fleet-host-packages/`.
+///
+/// As `packaging/build`: man pages and completions from
+/// `rollguard-packaging`'s generator (man pages gzip'ed with `-9n`), then
+/// `cargo deb --no-build` with the package's metadata. Differences, none of
+/// which the package's contents depend on: the binaries are this profile's
+/// (`--profile dev` maps the metadata's `target/release/` to
+/// `target/debug/`; `--strip` drops their debug information, as the
+/// release profile's `strip = "symbols"` does), and `--fast` compression.
+/// `cargo test -p rollguard-tests` does not rebuild them: build the agent
+/// first (`cargo build -p rollguard-agent -p rollguard-controller`).
+pub fn agent_deb() -> PathBuf {
+    static DEB: OnceLock<PathBuf> = OnceLock::new();
+    DEB.get_or_init(build_agent_deb).clone()
+}
+
+fn build_agent_deb() -> PathBuf {
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().expect("target/").to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_string(),
+        Some(other) => other.to_string(),
+        None => panic!("no profile in {}", profile_dir.display()),
+    };
+    for b in ["rollguard-agent", "rollguard-sandbox-exec"] {
+        crate::bin(b);
+    }
+    let out = profile_dir.join("fleet-host-packages");
+    fs::create_dir_all(&out).expect("create fleet-host-packages");
+    // Test processes that build at once take turns.
+    let lock = fs::File::create(out.join(".lock")).expect("create the package lock");
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock fleet-host-packages/.lock");
+
+    let assets = profile_dir.join("packaging-assets");
+    let _ = fs::remove_dir_all(&assets);
+    let written = rollguard_packaging::generate_assets(&assets)
+        .unwrap_or_else(|e| panic!("generating man pages and completions: {e}"));
+    let man_pages: Vec<&PathBuf> = written
+        .iter()
+        .filter(|p| p.components().any(|c| c.as_os_str() == "man"))
+        .collect();
+    assert!(!man_pages.is_empty(), "no man pages generated");
+    run_ok(Command::new("gzip").arg("-9nf").args(man_pages));
+
+    for old in fs::read_dir(&out)
+        .expect("read fleet-host-packages")
+        .flatten()
+    {
+        if old.path().extension().is_some_and(|e| e == "deb") {
+            fs::remove_file(old.path()).expect("remove an old .deb");
+        }
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_ok(
+        Command::new(cargo)
+            .current_dir(workspace_dir())
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .args([
+                "deb",
+                "--no-build",
+                "--locked",
+                "--quiet",
+                "--strip",
+                "--fast",
+            ])
+            .args(["--profile", &profile])
+            .args(["-p", "rollguard-agent", "-o"])
+            .arg(&out),
+    );
+    let debs: Vec<PathBuf> = fs::read_dir(&out)
+        .expect("read fleet-host-packages")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    assert_eq!(debs.len(), 1, "cargo deb made {debs:?}");
+    debs.into_iter().next().unwrap()
+}
+
+/// How a fleet host's container boots, beyond the harness's defaults (an
+/// overlay over the cached Debian 12 root, the host's network):
+///
+/// - `--capability=CAP_NET_ADMIN,CAP_AUDIT_READ`: the two capabilities of
+///   the unit's `CapabilityBoundingSet=` that nspawn's default set lacks. A
+///   unit's bounding set can only take away, so without them the service
+///   would run with less than the unit asks for: no CAP_NET_ADMIN means no
+///   loopback in a run's private network namespace. CAP_AUDIT_READ is
+///   granted for the same reason, though it cannot help in a container
+///   (below). Nothing beyond the unit's set is granted.
+/// - `--system-call-filter=`: nspawn 252's own allow-list predates
+///   Landlock (`landlock_create_ruleset`, `landlock_add_rule`,
+///   `landlock_restrict_self`) and refuses `clone3` and `bpf` (the run's
+///   device and network programs); without them the agent could not build
+///   its sandbox at all. Allowing them in the container leaves the unit's
+///   own `SystemCallFilter=` and `RestrictNamespaces=` to decide, as on a
+///   host.
+/// - `--bind-ro=DIR:/mnt/packages`: the directory holding the .deb.
+///
+/// Audit is impossible in any container: the kernel answers `AUDIT_GET` and
+/// `AUDIT_SET` from outside the initial PID namespace with ECONNREFUSED, and
+/// nspawn's own filter refuses `NETLINK_AUDIT` sockets. So the agent there
+/// cannot observe denials, and every report says so (`denials: null`,
+/// never an empty list), which halts a rollout. Reporting denials from the
+/// kernel's audit records is tested outside containers.
+pub fn host_options(packages: &Path) -> Options {
+    Options {
+        nspawn_args: vec![
+            "--capability=CAP_NET_ADMIN,CAP_AUDIT_READ".into(),
+            "--system-call-filter=landlock_create_ruleset landlock_add_rule \
+             landlock_restrict_self clone3 bpf"
+                .into(),
+            format!("--bind-ro={}:/mnt/packages", packages.display()),
+        ],
+        private_copy: false,
+    }
+}
+
+/// One host of the fleet: a booted container with our package installed.
+pub struct FleetHost {
+    pub name: String,
+    pub ct: SystemdContainer,
+}
+
+impl FleetHost {
+    /// Boot a container and `dpkg -i` the package `deb` in it. The package
+    /// enables its service; nothing starts it yet (it has no policy).
+    pub fn install(name: &str, deb: &Path) -> Self {
+        let dir = deb.parent().expect("the .deb's directory");
+        let ct = SystemdContainer::boot_with(host_options(dir));
+        // As a host's own systemd leaves them (nspawn mounts the v1
+        // controller hierarchies read-only on a hybrid host).
+        ct.make_cgroup_v1_writable();
+        let file = deb.file_name().expect("the .deb's name").to_string_lossy();
+        let out = ct
+            .command(["dpkg", "-i", &format!("/mnt/packages/{file}")])
+            .output()
+            .expect("nsenter dpkg -i");
+        assert!(
+            out.status.success(),
+            "dpkg -i {file} in the container: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        FleetHost {
+            name: name.to_string(),
+            ct,
+        }
+    }
+
+    /// Give the agent what an operator would after installing: its
+    /// certificate and key (`rollguard-controller enroll NAME`) and the
+    /// fleet CA beside the policy, the operators' `allowed_signers`, and
+    /// the host policy `/etc/rollguard/agent.toml` naming the controller
+    /// on 127.0.0.1. The host protects `/srv/backup` and lets bundles
+    /// change `/etc`, `/var`, `/srv`, `/opt` and `/usr/local` (the
+    /// package's defaults); `extra` is appended to the policy (a test's
+    /// `[services]`, say).
+    pub fn configure(&self, fleet: &Fleet, labels: &str, extra: &str) {
+        let creds = fleet.root().join(format!("creds-{}", self.name));
+        fleet.enroll(&self.name, &creds);
+        let read = |p: PathBuf| fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        self.ct.write_file(
+            "/etc/rollguard/ca.crt",
+            &read(fleet.ctl().join("ca.crt")),
+            0o644,
+        );
+        self.ct.write_file(
+            "/etc/rollguard/agent.crt",
+            &read(creds.join(format!("{}.crt", self.name))),
+            0o644,
+        );
+        self.ct.write_file(
+            "/etc/rollguard/agent.key",
+            &read(creds.join(format!("{}.key", self.name))),
+            0o600,
+        );
+        self.ct.write_file(
+            "/etc/rollguard/allowed_signers",
+            &read(fleet.keys.allowed_signers()),
+            0o644,
+        );
+        let policy = format!(
+            "[host]\nname = {name:?}\nlabels = {{ {labels} }}\n\n\
+             [trust]\nallowed_signers = \"/etc/rollguard/allowed_signers\"\nthreshold = 1\ndelete_threshold = 1\n\n\
+             [protect]\npaths = [\"/srv/backup\"]\n\n\
+             [limits]\nallow_scopes = [\"/etc\", \"/var\", \"/srv\", \"/opt\", \"/usr/local\"]\n\n\
+             [controller]\nurl = {url:?}\nca = \"/etc/rollguard/ca.crt\"\n\
+             cert = \"/etc/rollguard/agent.crt\"\nkey = \"/etc/rollguard/agent.key\"\n\n\
+             [state]\ndir = \"/var/lib/rollguard\"\n{extra}",
+            name = self.name,
+            url = fleet.url(),
+        );
+        self.ct
+            .write_file("/etc/rollguard/agent.toml", policy.as_bytes(), 0o600);
+    }
+
+    /// `systemctl start rollguard-agent.service`: returns once the agent
+    /// told systemd it is ready (`Type=notify`), then waits until the
+    /// controller lists it as connected.
+    pub fn start_agent(&self, fleet: &Fleet) {
+        let out = self.ct.systemctl(&["start", UNIT]);
+        assert!(
+            out.status.success(),
+            "systemctl start {UNIT}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.journal()
+        );
+        wait_for(&format!("{} to connect", self.name), || {
+            let agents = fleet.cli_json(&["agents"]);
+            agents
+                .as_array()?
+                .iter()
+                .any(|a| a["name"] == self.name.as_str() && a["connected"] == true)
+                .then_some(())
+        });
+    }
+
+    /// The agent's journal (the last 80 lines), for failure messages.
+    pub fn journal(&self) -> String {
+        let out = self
+            .ct
+            .command([
+                "journalctl",
+                "-u",
+                UNIT,
+                "--no-pager",
+                "-o",
+                "cat",
+                "-n",
+                "80",
+            ])
+            .output()
+            .expect("journalctl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every entry beneath the container's `dirs` (absolute, existing):
+    /// name, mode, owner, size, mtime, and each file's SHA-256.
+    pub fn snapshot(&self, dirs: &[&str]) -> String {
+        let list = dirs.join(" ");
+        self.ct.sh(&format!(
+            "set -e; find {list} -print0 | sort -z | xargs -0 stat -c '%n %a %U:%G %s %Y'; \
+             find {list} -type f -print0 | sort -z | xargs -0 sha256sum"
+        ))
+    }
+
+    /// A file in the container, if it exists.
+    pub fn read(&self, path: &str) -> Option<String> {
+        fs::read_to_string(self.ct.root().join(path.trim_start_matches('/'))).ok()
+    }
+}
