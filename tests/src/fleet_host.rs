@@ -105,6 +105,14 @@ fn build_agent_deb() -> PathBuf {
         }
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let has_cargo_deb = Command::new(&cargo)
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        has_cargo_deb,
+        "cargo-deb is missing: packaging/install-tools build (scripts/install-deps) installs it"
+    );
     run_ok(
         Command::new(cargo)
             .current_dir(workspace_dir())
@@ -132,36 +140,48 @@ fn build_agent_deb() -> PathBuf {
 }
 
 /// How a fleet host's container boots, beyond the harness's defaults (an
-/// overlay over the cached Debian 12 root, the host's network):
+/// overlay over the cached Debian 12 root, the host's network). Each item
+/// was checked by taking it away (the effect is in brackets):
 ///
-/// - `--capability=CAP_NET_ADMIN,CAP_AUDIT_READ`: the two capabilities of
-///   the unit's `CapabilityBoundingSet=` that nspawn's default set lacks. A
-///   unit's bounding set can only take away, so without them the service
-///   would run with less than the unit asks for: no CAP_NET_ADMIN means no
-///   loopback in a run's private network namespace. CAP_AUDIT_READ is
-///   granted for the same reason, though it cannot help in a container
-///   (below). Nothing beyond the unit's set is granted.
-/// - `--system-call-filter=`: nspawn 252's own allow-list predates
-///   Landlock (`landlock_create_ruleset`, `landlock_add_rule`,
-///   `landlock_restrict_self`) and refuses `clone3` and `bpf` (the run's
-///   device and network programs); without them the agent could not build
-///   its sandbox at all. Allowing them in the container leaves the unit's
-///   own `SystemCallFilter=` and `RestrictNamespaces=` to decide, as on a
-///   host.
+/// - `--capability=CAP_NET_ADMIN`: in the unit's `CapabilityBoundingSet=`,
+///   not in nspawn's default set. The agent brings up loopback in each
+///   run's network namespace, which is owned by the initial user namespace
+///   [without it every run fails before the bundle executes: "bringing up
+///   the loopback interface: Operation not permitted"].
+/// - `--capability=CAP_AUDIT_READ`: in the unit's set, not in nspawn's. On
+///   a host it lets the agent join the audit log's multicast group; in a
+///   container audit is impossible anyway (below), so it changes nothing
+///   there, and it is granted only so that the service runs with exactly
+///   the unit's bounding set, which the test checks. Nothing beyond the
+///   unit's set is granted: the other capabilities it keeps are in nspawn's
+///   default set.
+/// - `--system-call-filter=landlock_create_ruleset landlock_add_rule
+///   landlock_restrict_self bpf clone3`: nspawn 252's own allow-list
+///   predates Landlock and lacks `bpf` [without the Landlock calls the
+///   agent refuses every bundle: "Landlock is not built into this kernel";
+///   without `bpf`: "cgroup BPF programs cannot be loaded" (each run's
+///   device and network programs)]. `clone3` only so that what refuses it
+///   is the unit's `RestrictNamespaces=` (ENOSYS, the agent then uses
+///   clone(2)), as on a host, not nspawn's filter.
 /// - `--bind-ro=DIR:/mnt/packages`: the directory holding the .deb.
 ///
-/// Audit is impossible in any container: the kernel answers `AUDIT_GET` and
-/// `AUDIT_SET` from outside the initial PID namespace with ECONNREFUSED, and
-/// nspawn's own filter refuses `NETLINK_AUDIT` sockets. So the agent there
-/// cannot observe denials, and every report says so (`denials: null`,
-/// never an empty list), which halts a rollout. Reporting denials from the
-/// kernel's audit records is tested outside containers.
+/// Audit is impossible in any container: nspawn refuses `NETLINK_AUDIT`
+/// sockets (EAFNOSUPPORT), and with nspawn's filter off the kernel still
+/// answers the audit status request and audit rules from outside the
+/// initial PID namespace with EPERM. So the agent there cannot observe
+/// denials, and every report says so (`denials: null`, never an empty
+/// list), which halts a rollout. Reporting denials from the kernel's audit
+/// records is tested outside containers.
+///
+/// [`FleetHost::install`] also makes the cgroup v1 controller hierarchies
+/// writable on a hybrid host, as a host's own systemd leaves them (nspawn
+/// mounts them read-only); the agent limits runs through them there.
 pub fn host_options(packages: &Path) -> Options {
     Options {
         nspawn_args: vec![
             "--capability=CAP_NET_ADMIN,CAP_AUDIT_READ".into(),
             "--system-call-filter=landlock_create_ruleset landlock_add_rule \
-             landlock_restrict_self clone3 bpf"
+             landlock_restrict_self bpf clone3"
                 .into(),
             format!("--bind-ro={}:/mnt/packages", packages.display()),
         ],

@@ -17,19 +17,32 @@
 //! once the manifest has those sections; each step is a function taking
 //! the fleet and the host, so it is one more call after the replay.
 //!
-//! What the container needs beyond nspawn's defaults, and why
-//! (`rollguard_tests::fleet_host::host_options`): CAP_NET_ADMIN and
-//! CAP_AUDIT_READ, the two capabilities of the unit's
-//! `CapabilityBoundingSet=` missing from nspawn's default set (CAP_NET_ADMIN:
-//! loopback in each run's network namespace); and the Landlock system
-//! calls, `clone3` and `bpf`, which nspawn 252's own allow-list predates or
-//! refuses. Audit is impossible in a container (the kernel serves
-//! `AUDIT_GET`/`AUDIT_SET` only in the initial PID namespace, nspawn
-//! refuses `NETLINK_AUDIT` sockets), so the agent there cannot observe
-//! denials and its reports say so (`denials: null`, never zero): the
-//! controller halts every rollout on such a report, the good one included,
-//! and the replay's denial shows in the bundle's stderr and on the disk.
-//! Kernel-audit denial reports are tested outside containers
+//! Each run prints its namespaces and cgroups, and the test checks them
+//! against the agent's: namespaces of its own, a cgroup of its own beneath
+//! the service's (and in the v1 controllers on a hybrid host). Landlock and
+//! seccomp show by the run having run at all: the agent refuses a bundle
+//! when either cannot be enforced (with nspawn 252's filter unchanged it
+//! does: "Landlock is not built into this kernel").
+//!
+//! What the container needs beyond nspawn's defaults, and why (details,
+//! each checked by taking it away, at
+//! `rollguard_tests::fleet_host::host_options`):
+//! - CAP_NET_ADMIN: in the unit's `CapabilityBoundingSet=`, not in nspawn's
+//!   default set; loopback in each run's network namespace (without it
+//!   every run fails before the bundle executes);
+//! - CAP_AUDIT_READ: in the unit's set, not in nspawn's; useless in a
+//!   container (below), granted so that the service has exactly the unit's
+//!   bounding set, which the test checks;
+//! - the system calls `landlock_*` and `bpf` (and `clone3`), which nspawn
+//!   252's own filter lacks: without them the agent refuses every bundle.
+//!
+//! Audit is impossible in a container: nspawn refuses `NETLINK_AUDIT`
+//! sockets, and the kernel serves audit status and rules only to the
+//! initial PID namespace. So the agent there cannot observe denials and its
+//! reports say so (`denials: null`, never zero): the controller halts every
+//! rollout on such a report, the good one included, and the replay's
+//! denials show in the bundle's stderr ("Read-only file system") and on the
+//! disk. Kernel-audit denial reports are tested outside containers
 //! (`agent_run.rs`, `fleet_rollout.rs`).
 //!
 //! Needs root, `systemd-container`, `mmdebstrap`, `zstd` and `cargo-deb`
@@ -226,6 +239,13 @@ fn signed_bundle_rolls_out(fleet: &Fleet, host: &FleetHost) {
     assert_eq!(host.read("/etc/mail/runs"), Some(format!("{id}\n")));
     assert_run_confined(host, report);
     assert_halted_on_unknown_denials(&status);
+    // An operator who accepts unknown denials resumes: nothing is left to
+    // do, and the host does not run the bundle again.
+    let resumed = fleet.cli_json(&["rollout", "resume", &id]);
+    assert_eq!(resumed["state"], "running", "{resumed:#}");
+    let status = wait_halted_or_completed(fleet, host, &id);
+    assert_eq!(status["state"], "completed", "{status:#}");
+    assert_eq!(host.read("/etc/mail/runs"), Some(format!("{id}\n")));
 }
 
 /// The run printed its namespaces and cgroups (`ns KIND ID`, `cgroup
