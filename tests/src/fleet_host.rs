@@ -189,6 +189,61 @@ pub fn host_options(packages: &Path) -> Options {
     }
 }
 
+/// What a fleet host's policy says beyond its name and controller. Trust:
+/// the fleet's `allowed_signers`, one signature (deletes too); state in
+/// `/var/lib/rollguard`.
+#[derive(Debug, Clone)]
+pub struct HostPolicy {
+    /// `[host] labels`, as TOML inline-table entries: `role = "mail"`.
+    pub labels: String,
+    /// `[protect] paths`.
+    pub protect: Vec<String>,
+    /// `[limits] allow_scopes`.
+    pub allow_scopes: Vec<String>,
+    /// Appended as is: further sections (`[services]`, say).
+    pub extra: String,
+}
+
+impl Default for HostPolicy {
+    /// A mail host that protects `/srv/backup`, with the package's own
+    /// `allow_scopes`.
+    fn default() -> Self {
+        HostPolicy {
+            labels: "role = \"mail\"".into(),
+            protect: vec!["/srv/backup".into()],
+            allow_scopes: ["/etc", "/var", "/srv", "/opt", "/usr/local"]
+                .map(String::from)
+                .to_vec(),
+            extra: String::new(),
+        }
+    }
+}
+
+impl HostPolicy {
+    fn render(&self, name: &str, url: &str) -> String {
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|p| format!("{p:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "[host]\nname = {name:?}\nlabels = {{ {labels} }}\n\n\
+             [trust]\nallowed_signers = \"/etc/rollguard/allowed_signers\"\n\
+             threshold = 1\ndelete_threshold = 1\n\n\
+             [protect]\npaths = [{protect}]\n\n\
+             [limits]\nallow_scopes = [{scopes}]\n\n\
+             [controller]\nurl = {url:?}\nca = \"/etc/rollguard/ca.crt\"\n\
+             cert = \"/etc/rollguard/agent.crt\"\nkey = \"/etc/rollguard/agent.key\"\n\n\
+             [state]\ndir = \"/var/lib/rollguard\"\n\n{extra}",
+            labels = self.labels,
+            protect = list(&self.protect),
+            scopes = list(&self.allow_scopes),
+            extra = self.extra,
+        )
+    }
+}
+
 /// One host of the fleet: a booted container with our package installed.
 pub struct FleetHost {
     pub name: String,
@@ -225,12 +280,9 @@ impl FleetHost {
     /// Give the agent what an operator would after installing: its
     /// certificate and key (`rollguard-controller enroll NAME`) and the
     /// fleet CA beside the policy, the operators' `allowed_signers`, and
-    /// the host policy `/etc/rollguard/agent.toml` naming the controller
-    /// on 127.0.0.1. The host protects `/srv/backup` and lets bundles
-    /// change `/etc`, `/var`, `/srv`, `/opt` and `/usr/local` (the
-    /// package's defaults); `extra` is appended to the policy (a test's
-    /// `[services]`, say).
-    pub fn configure(&self, fleet: &Fleet, labels: &str, extra: &str) {
+    /// the host policy `/etc/rollguard/agent.toml` from `policy`, naming
+    /// the controller on 127.0.0.1.
+    pub fn configure(&self, fleet: &Fleet, policy: &HostPolicy) {
         let creds = fleet.root().join(format!("creds-{}", self.name));
         fleet.enroll(&self.name, &creds);
         let read = |p: PathBuf| fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -254,19 +306,9 @@ impl FleetHost {
             &read(fleet.keys.allowed_signers()),
             0o644,
         );
-        let policy = format!(
-            "[host]\nname = {name:?}\nlabels = {{ {labels} }}\n\n\
-             [trust]\nallowed_signers = \"/etc/rollguard/allowed_signers\"\nthreshold = 1\ndelete_threshold = 1\n\n\
-             [protect]\npaths = [\"/srv/backup\"]\n\n\
-             [limits]\nallow_scopes = [\"/etc\", \"/var\", \"/srv\", \"/opt\", \"/usr/local\"]\n\n\
-             [controller]\nurl = {url:?}\nca = \"/etc/rollguard/ca.crt\"\n\
-             cert = \"/etc/rollguard/agent.crt\"\nkey = \"/etc/rollguard/agent.key\"\n\n\
-             [state]\ndir = \"/var/lib/rollguard\"\n{extra}",
-            name = self.name,
-            url = fleet.url(),
-        );
+        let toml = policy.render(&self.name, &fleet.url());
         self.ct
-            .write_file("/etc/rollguard/agent.toml", policy.as_bytes(), 0o600);
+            .write_file("/etc/rollguard/agent.toml", toml.as_bytes(), 0o600);
     }
 
     /// `systemctl start rollguard-agent.service`: returns once the agent

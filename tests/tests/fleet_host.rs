@@ -14,8 +14,12 @@
 //!
 //! A patch rollout (`[packages]`/`[services]`: upgrade a package, restart
 //! its service through the host's systemd) is a third step on the same host
-//! once the manifest has those sections; each step is a function taking
-//! the fleet and the host, so it is one more call after the replay.
+//! once the manifest has those sections. Each step is a function taking
+//! the fleet and the host, so it is one more call after the replay; the
+//! policy's `[services] allow` and the scopes the package needs beneath
+//! `/usr` go into the [`HostPolicy`] given to `configure` (its `extra` and
+//! `allow_scopes`), and the package's v1 can be put in the container with
+//! `host.ct.write_file` and installed with `dpkg -i` before the agent starts.
 //!
 //! Each run prints its namespaces and cgroups, and the test checks them
 //! against the agent's: namespaces of its own, a cgroup of its own beneath
@@ -49,7 +53,7 @@
 //! (`scripts/install-deps`, `packaging/install-tools`). Never skipped.
 
 use rollguard_tests::fleet::Fleet;
-use rollguard_tests::fleet_host::{self, FleetHost, UNIT, UNIT_PATH};
+use rollguard_tests::fleet_host::{self, FleetHost, HostPolicy, UNIT, UNIT_PATH};
 use serde_json::Value;
 
 const HOST: &str = "mail-ct-01";
@@ -106,7 +110,7 @@ fn the_packaged_agent_under_its_own_unit_rolls_out_and_halts_the_2012_replay() {
          echo 'nightly copy of every customer' > /srv/backup/daily/customers.tar && \
          echo 'queue_lifetime = 5d' > /etc/mail/main.cf",
     );
-    host.configure(&fleet, "role = \"mail\"", "");
+    host.configure(&fleet, &HostPolicy::default());
     assert_unit_as_shipped(&host);
     host.start_agent(&fleet);
     assert_agent_runs_under_the_unit(&host);
