@@ -181,14 +181,7 @@ impl Fleet {
         let dir = root.join("agents").join(name);
         fs::create_dir_all(&dir).unwrap();
         let creds = dir.join("creds");
-        run_ok(
-            Command::new(bin("rollguard-controller"))
-                .args(["enroll", "--dir"])
-                .arg(self.ctl())
-                .arg(name)
-                .arg("--out")
-                .arg(&creds),
-        );
+        self.enroll(name, &creds);
         let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
         let policy = format!(
             "[host]\nname = {name:?}\nlabels = {{ {labels} }}\n\n\
@@ -217,6 +210,20 @@ impl Fleet {
                 dir,
                 child: None,
             },
+        );
+    }
+
+    /// `rollguard-controller enroll NAME --out OUT`: the host's certificate
+    /// and key, `OUT/NAME.crt` and `OUT/NAME.key`. The fleet CA is
+    /// [`Fleet::ctl`]`/ca.crt`.
+    pub fn enroll(&self, name: &str, out: &Path) {
+        run_ok(
+            Command::new(bin("rollguard-controller"))
+                .args(["enroll", "--dir"])
+                .arg(self.ctl())
+                .arg(name)
+                .arg("--out")
+                .arg(out),
         );
     }
 

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fleet;
+pub mod fleet_host;
 pub mod host;
 pub mod packages;
 pub mod scale;
