@@ -27,6 +27,10 @@
 //! nearest existing real directory is pinned instead (read-only as a
 //! whole), so the path cannot be created there; when that directory is the
 //! scope itself, the run is refused: the bundle could create the path.
+//! Except for a drop-in directory of the agent's unit: the agent creates it
+//! beforehand, empty ([`plan_with_placeholders`], [`create_placeholder`];
+//! `policy::Pins::drop_in_dirs` says which pins qualify), and it is then
+//! pinned like any existing directory. Stage 2 only ever uses [`plan`].
 //! A component inside the scope that is a symlink or a file ends the walk
 //! the same way (the file is pinned itself: it cannot then be replaced by a
 //! directory).
