@@ -867,8 +867,33 @@ impl ProtectedNow<'_> {
         }
         pins.sort();
         pins.dedup();
-        Ok(Pins(pins))
+        // The agent's unit drop-in directories: the ones the runner may
+        // create, empty, when missing directly in a scope (see
+        // [`Pins::drop_in_dirs`]).
+        let drop_in_dirs = pins
+            .iter()
+            .filter(|pin| {
+                self.forms.iter().any(|(p, form)| {
+                    form == *pin
+                        && p.reason == ProtectionReason::ServiceUnit
+                        && is_unit_drop_in_dir(form.as_path())
+                })
+            })
+            .cloned()
+            .collect();
+        Ok(Pins {
+            paths: pins,
+            drop_in_dirs,
+        })
     }
+}
+
+/// Whether `path` names one of the drop-in directories of the agent's
+/// unit ([`SYSTEMD_UNIT_NAMES`] ending in `.d`).
+fn is_unit_drop_in_dir(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".d") && SYSTEMD_UNIT_NAMES.contains(&n))
 }
 
 /// Protected paths inside the write and delete scopes that the sandbox
@@ -878,7 +903,21 @@ impl ProtectedNow<'_> {
 /// be neither changed nor renamed, removed or replaced (see
 /// `docs/sandbox.md`, "Protected paths inside a write scope").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Pins(pub Vec<ScopePath>);
+pub struct Pins {
+    /// Every pin.
+    pub paths: Vec<ScopePath>,
+    /// The pins that are drop-in directories of the agent's unit
+    /// (`rollguard-agent.service.d`, `rollguard-.service.d`, `service.d`
+    /// protected as [`ProtectionReason::ServiceUnit`]). A missing one
+    /// cannot be mounted on; when it would lie directly in its scope, the
+    /// runner creates it as an empty directory instead of refusing the run
+    /// (an empty drop-in directory configures nothing), and it is then
+    /// pinned like one that existed. Never the unit file itself (systemd
+    /// 252's `systemctl enable`/`mask` fail on a directory of that name)
+    /// nor any other protected path (`/etc/ld.so.preload` as a directory
+    /// would break every program).
+    pub drop_in_dirs: Vec<ScopePath>,
+}
 
 /// The pins `protected` requires inside the scope path `scope`, or the
 /// protected path that makes `scope` unacceptable (see

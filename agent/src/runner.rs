@@ -253,8 +253,10 @@ fn prepare_and_run(
     let pins = protected
         .check_scope(&scope)
         .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
-    let pin_paths: Vec<PathBuf> = pins.0.iter().map(|p| p.as_path().to_path_buf()).collect();
-    check_pins(&scope, &pin_paths)?;
+    // Missing drop-in directories of the agent's unit are created just
+    // before the sandbox starts (below), not now: nothing is written
+    // before every check has passed.
+    check_pins(&scope, &pins, true)?;
     check_mount_aliases(&protected, &scope)?;
     // Declared service actions: each unit allowed by the host, or refused.
     crate::services::after_run::check_declared(&manifest.services, policy.services())
@@ -342,11 +344,19 @@ fn prepare_and_run(
             return Err(Refusal::new(e.refusal_kind(), e));
         }
     };
-    let pins: Vec<PathBuf> = pins.0.iter().map(|p| p.as_path().to_path_buf()).collect();
-    if let Err(e) = check_pins(&scope, &pins) {
-        cleanup(state);
-        return Err(e);
-    }
+    let placeholders = match check_pins(&scope, &pins, true) {
+        Ok(p) => p,
+        Err(e) => {
+            cleanup(state);
+            return Err(e);
+        }
+    };
+    let pins_now = pins;
+    let pins: Vec<PathBuf> = pins_now
+        .paths
+        .iter()
+        .map(|p| p.as_path().to_path_buf())
+        .collect();
     let spec = SandboxSpec {
         run_id: run_id.to_string(),
         payload_dir: payload_dir.clone(),
@@ -378,6 +388,19 @@ fn prepare_and_run(
                 RefusalKind::HostError,
                 format!("[packages]: {e}"),
             ));
+        }
+    }
+    // Then the missing drop-in directories of the agent's unit directly in
+    // a scope: empty directories (they configure nothing), pinned like
+    // existing ones; the pins are then planned again without placeholders,
+    // as stage 2 will, and must all be mountable (see
+    // `sandbox::pins::create_placeholder`). Left behind after the run.
+    if !placeholders.is_empty() {
+        if let Err(e) = create_placeholders(&run_id, &placeholders)
+            .and_then(|()| check_pins(&scope, &pins_now, false).map(|_| ()))
+        {
+            cleanup(state);
+            return Err(e);
         }
     }
 
@@ -709,19 +732,51 @@ fn add_filter_denials(outcome: &RunOutcome, report: &mut RunReport) {
 /// exist directly in a scope (`/etc/ld.so.preload` in a scope `/etc`) could
 /// be created by the bundle, so the run is refused (see
 /// [`crate::sandbox::pins::plan`]; stage 2 plans again before mounting).
-fn check_pins(scope: &rollguard_shared::manifest::Scope, pins: &[PathBuf]) -> Result<(), Refusal> {
-    if pins.is_empty() {
-        return Ok(());
+/// With `placeholders`, a missing drop-in directory of the agent's unit
+/// directly in a scope is returned instead, to be created empty before the
+/// run ([`crate::policy::Pins::drop_in_dirs`]).
+fn check_pins(
+    scope: &rollguard_shared::manifest::Scope,
+    pins: &crate::policy::Pins,
+    placeholders: bool,
+) -> Result<Vec<crate::sandbox::pins::Placeholder>, Refusal> {
+    if pins.paths.is_empty() {
+        return Ok(Vec::new());
     }
-    let scopes: Vec<PathBuf> = scope
-        .write
-        .iter()
-        .chain(&scope.delete)
-        .map(|p| p.as_path().to_path_buf())
+    let paths = |l: &[rollguard_shared::ScopePath]| -> Vec<PathBuf> {
+        l.iter().map(|p| p.as_path().to_path_buf()).collect()
+    };
+    let scopes: Vec<PathBuf> = paths(&scope.write)
+        .into_iter()
+        .chain(paths(&scope.delete))
         .collect();
-    crate::sandbox::pins::plan(&scopes, pins)
-        .map(|_| ())
+    let may_create = if placeholders {
+        paths(&pins.drop_in_dirs)
+    } else {
+        Vec::new()
+    };
+    crate::sandbox::pins::plan_with_placeholders(&scopes, &paths(&pins.paths), &may_create)
+        .map(|(_, created)| created)
         .map_err(|e| Refusal::new(RefusalKind::ProtectedPath, e))
+}
+
+/// Create the placeholders [`check_pins`] returned, each logged.
+fn create_placeholders(
+    run_id: &RunId,
+    placeholders: &[crate::sandbox::pins::Placeholder],
+) -> Result<(), Refusal> {
+    for p in placeholders {
+        let created = crate::sandbox::pins::create_placeholder(p)
+            .map_err(|e| Refusal::new(RefusalKind::HostError, format!("placeholder: {e}")))?;
+        if created {
+            tracing::info!(
+                run_id = %run_id,
+                path = %p.path.display(),
+                "created an empty directory (root:root 0755) for a missing drop-in directory of the agent's unit inside a write scope, pinned read-only for the run and left in place"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A write or delete scope must not hold another mount of protected data

@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use serde_json::Value;
+
 use crate::fleet::{wait_for, Fleet};
 use crate::run_ok;
 use crate::systemd_container::{Options, SystemdContainer};
@@ -364,5 +366,330 @@ impl FleetHost {
     /// A file in the container, if it exists.
     pub fn read(&self, path: &str) -> Option<String> {
         fs::read_to_string(self.ct.root().join(path.trim_start_matches('/'))).ok()
+    }
+}
+
+/// Wait until rollout `id` has stopped moving (halted or completed) and
+/// return its status; panics with the controller's and the host's logs if
+/// it ends any other way.
+pub fn wait_halted_or_completed(fleet: &Fleet, host: &FleetHost, id: &str) -> Value {
+    wait_for(&format!("rollout {id} to finish"), || {
+        let s = fleet.status(id);
+        match s["state"].as_str() {
+            Some("halted") | Some("completed") => Some(s),
+            Some("running") => None,
+            other => panic!(
+                "rollout {id} is {other:?}: {s:#}\n{}\n--- agent ---\n{}",
+                fleet.logs(),
+                host.journal()
+            ),
+        }
+    })
+}
+
+/// `host`'s entry in a rollout's status.
+pub fn host_entry<'s>(status: &'s Value, host: &FleetHost) -> &'s Value {
+    status["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|h| h["host"] == host.name.as_str())
+        .unwrap_or_else(|| panic!("{} is not in the rollout: {status:#}", host.name))
+}
+
+/// The patch step's package (`rgpkgtest`, see [`crate::packages`]) with
+/// its unit in `/lib/systemd/system`, and its service.
+pub const PATCH_SERVICE: &str = "rgpkgtest.service";
+pub const PATCH_V1: &str = "1.0";
+pub const PATCH_V2: &str = "2.0";
+
+/// What a host's policy needs for the patch step: the package's derived
+/// scope beneath `/usr` within `allow_scopes` (its program's directory and
+/// the unit directory, in both spellings of a merged-/usr host; `/etc` and
+/// `/var` are in the default), and its service in `[services] allow`.
+pub fn allow_patch(policy: &mut HostPolicy) {
+    for scope in [
+        "/usr/lib/rgpkgtest",
+        "/usr/lib/systemd/system",
+        "/lib/rgpkgtest",
+        "/lib/systemd/system",
+    ] {
+        if !policy.allow_scopes.iter().any(|s| s == scope) {
+            policy.allow_scopes.push(scope.to_string());
+        }
+    }
+    policy
+        .extra
+        .push_str(&format!("[services]\nallow = [{PATCH_SERVICE:?}]\n"));
+}
+
+/// The patch's two versions, built with `dpkg-deb` on this machine
+/// ([`crate::packages::build_deb`]): a conffile, a long-running service
+/// (`/usr/lib/rgpkgtest/rgpkgtest-daemon`, a shell that sleeps) with its
+/// unit in `/lib/systemd/system`, and a postinst that calls
+/// `deb-systemd-invoke restart`.
+#[derive(Debug, Clone)]
+pub struct PatchPackages {
+    pub v1: PathBuf,
+    pub v2: PathBuf,
+}
+
+impl PatchPackages {
+    pub fn build(out: &Path) -> Self {
+        use crate::packages::{build_deb, Variant};
+        fs::create_dir_all(out).expect("create the patch's package directory");
+        let variant = Variant {
+            unit_in_systemd_dir: true,
+            ..Variant::default()
+        };
+        PatchPackages {
+            v1: build_deb(out, PATCH_V1, &variant),
+            v2: build_deb(out, PATCH_V2, &variant),
+        }
+    }
+}
+
+/// Install `deb` bare in the host's container (`dpkg -i`, as its operator
+/// did before the fleet existed) and start its service; returns its
+/// MainPID. A static unit: the postinst's `deb-systemd-invoke restart`
+/// starts only enabled units, so it is started here.
+pub fn install_patch_v1(host: &FleetHost, deb: &Path) -> u32 {
+    let bytes = fs::read(deb).unwrap_or_else(|e| panic!("{}: {e}", deb.display()));
+    host.ct.write_file("/root/patch-v1.deb", &bytes, 0o644);
+    host.ct
+        .sh("dpkg -i /root/patch-v1.deb && rm /root/patch-v1.deb");
+    let out = host.ct.systemctl(&["start", PATCH_SERVICE]);
+    assert!(
+        out.status.success(),
+        "systemctl start {PATCH_SERVICE}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(dpkg_version(host).as_deref(), Some(PATCH_V1));
+    let pid = host.ct.main_pid(PATCH_SERVICE);
+    assert_ne!(pid, 0, "{PATCH_SERVICE} is not running");
+    pid
+}
+
+/// The package's version in the host's dpkg database (`dpkg-query`), if
+/// installed.
+pub fn dpkg_version(host: &FleetHost) -> Option<String> {
+    let out = host
+        .ct
+        .command([
+            "dpkg-query",
+            "--show",
+            "--showformat=${Version} ${db:Status-Status}",
+            crate::packages::NAME,
+        ])
+        .output()
+        .expect("nsenter dpkg-query");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match text.trim().split_once(' ') {
+        Some((v, "installed")) if out.status.success() => Some(v.to_string()),
+        _ => None,
+    }
+}
+
+/// What the patch rollout did, as the controller and the container show it.
+#[derive(Debug, Clone)]
+pub struct PatchOutcome {
+    pub rollout: String,
+    /// The host's report, as the controller holds it.
+    pub report: Value,
+    /// The package's version in the container before and after.
+    pub version_before: Option<String>,
+    pub version_after: Option<String>,
+    /// The service's MainPID in the container before and after.
+    pub main_pid_before: u32,
+    pub main_pid_after: u32,
+    /// Why the controller halted the rollout (denials unknown in a
+    /// container), before the operator resumed it.
+    pub halt_reason: String,
+    /// The rollout's state after resuming.
+    pub final_state: String,
+}
+
+/// The patch step: a signed bundle with `[packages] install = [v2]` and
+/// `[services] restart = [PATCH_SERVICE]` rolls out through the
+/// controller to `host` (whose policy has [`allow_patch`], and v1 installed
+/// by [`install_patch_v1`]). Checks that the host ran it successfully: the
+/// package upgraded (dpkg in the container), the declared restart done
+/// with a new MainPID, the report's MainPIDs those of the container. A
+/// container cannot observe denials, so the controller halts on that
+/// report (as on every report from a container); the operator accepts it
+/// and resumes, and the rollout completes. `narrate` gets a line per event
+/// (for a demo). Panics with the full report on any failure.
+pub fn patch_rolls_out(
+    fleet: &Fleet,
+    host: &FleetHost,
+    packages: &PatchPackages,
+    narrate: &mut dyn FnMut(&str),
+) -> PatchOutcome {
+    let version_before = dpkg_version(host);
+    let main_pid_before = host.ct.main_pid(PATCH_SERVICE);
+    narrate(&format!(
+        "{}: {} {} installed, {PATCH_SERVICE} MainPID {main_pid_before}",
+        host.name,
+        crate::packages::NAME,
+        version_before.as_deref().unwrap_or("(none)")
+    ));
+
+    let src = fleet.root().join("src-patch");
+    let _ = fs::remove_dir_all(&src);
+    fs::create_dir_all(src.join("debs")).expect("create the patch's source");
+    let file = packages
+        .v2
+        .file_name()
+        .expect("the package's name")
+        .to_string_lossy()
+        .into_owned();
+    fs::copy(&packages.v2, src.join("debs").join(&file)).expect("copy the package");
+    let manifest = format!(
+        "[bundle]\nname = \"patch-rgpkgtest\"\nversion = 1\n\
+         description = \"upgrade rgpkgtest to {PATCH_V2}, restart its service\"\n\
+         expires = 2099-01-01T00:00:00Z\n\n\
+         [targets]\nhosts = [{host:?}]\n\n\
+         [packages]\ninstall = [\"debs/{file}\"]\n\n\
+         [services]\nrestart = [{PATCH_SERVICE:?}]\n\n\
+         [run]\ntimeout = \"2m\"\n",
+        host = host.name,
+    );
+    fs::write(src.join("bundle.toml"), manifest).expect("write the manifest");
+    let bundle = crate::build_and_sign(
+        &src,
+        &fleet.root().join("patch.bundle"),
+        &fleet.keys.key("alice"),
+        "alice",
+    );
+    narrate(&format!(
+        "bundle patch-rgpkgtest: install {file}, restart {PATCH_SERVICE}; signed by alice"
+    ));
+
+    let rollout = fleet.start_rollout(
+        &bundle,
+        &["--waves", "100%", "--all-at-once", "--bake", "1s"],
+    );
+    let status = wait_halted_or_completed(fleet, host, &rollout);
+    let entry = host_entry(&status, host);
+    let report = entry["report"].clone();
+    let context = || {
+        format!(
+            "report: {report:#}\nrollout: {status:#}\n--- agent ---\n{}",
+            host.journal()
+        )
+    };
+    assert_eq!(entry["state"], "succeeded", "{}", context());
+    assert_eq!(report["status"], "succeeded", "{}", context());
+
+    let version_after = dpkg_version(host);
+    assert_eq!(version_after.as_deref(), Some(PATCH_V2), "{}", context());
+    let change = report["packages"]
+        .as_array()
+        .and_then(|l| l.iter().find(|p| p["name"] == crate::packages::NAME))
+        .unwrap_or_else(|| panic!("no package change reported: {}", context()));
+    assert_eq!(change["before"], PATCH_V1, "{}", context());
+    assert_eq!(change["after"], PATCH_V2, "{}", context());
+    narrate(&format!(
+        "{}: dpkg says {} {} (report: {} -> {})",
+        host.name,
+        crate::packages::NAME,
+        PATCH_V2,
+        change["before"],
+        change["after"]
+    ));
+
+    let main_pid_after = host.ct.main_pid(PATCH_SERVICE);
+    assert_eq!(
+        host.ct.unit_property(PATCH_SERVICE, "ActiveState"),
+        "active",
+        "{}",
+        context()
+    );
+    assert_ne!(main_pid_after, 0, "{}", context());
+    assert_ne!(
+        main_pid_after,
+        main_pid_before,
+        "not restarted: {}",
+        context()
+    );
+    let outcomes: Vec<&Value> = report["services"]
+        .as_array()
+        .map(|l| l.iter().filter(|o| o["unit"] == PATCH_SERVICE).collect())
+        .unwrap_or_default();
+    let declared = outcomes
+        .iter()
+        .find(|o| o["source"] == "declared" && o["action"] == "restart")
+        .unwrap_or_else(|| panic!("no declared restart reported: {}", context()));
+    assert_eq!(declared["result"], "done", "{}", context());
+    assert_eq!(
+        declared["main_pid_before"],
+        main_pid_before,
+        "{}",
+        context()
+    );
+    assert_ne!(declared["main_pid_after"], main_pid_before, "{}", context());
+    // The last action on the unit left the MainPID the container shows.
+    assert_eq!(
+        outcomes.last().map(|o| o["main_pid_after"].clone()),
+        Some(Value::from(main_pid_after)),
+        "{}",
+        context()
+    );
+    for o in &outcomes {
+        narrate(&format!(
+            "{}: {} {} ({}): {}, MainPID {} -> {}",
+            host.name,
+            o["action"].as_str().unwrap_or("?"),
+            PATCH_SERVICE,
+            o["source"].as_str().unwrap_or("?"),
+            o["result"].as_str().unwrap_or("?"),
+            o["main_pid_before"],
+            o["main_pid_after"]
+        ));
+    }
+    for c in report["services_captured"].as_array().into_iter().flatten() {
+        narrate(&format!(
+            "{}: captured in the sandbox: {} {} via {}: {}",
+            host.name,
+            c["verb"].as_str().unwrap_or("?"),
+            c["unit"].as_str().unwrap_or("?"),
+            c["via"].as_str().unwrap_or("?"),
+            c["disposition"].as_str().unwrap_or("?")
+        ));
+        assert_ne!(c["disposition"], "denied", "{}", context());
+    }
+
+    // Denials are unknown in a container (no audit): the controller halts
+    // on that, as on every report from a container; the operator accepts
+    // it and resumes. Nothing runs again.
+    assert!(report["denials"].is_null(), "{}", context());
+    assert_eq!(status["state"], "halted", "{}", context());
+    let halt_reason = status["halt_reason"].as_str().unwrap_or("").to_string();
+    assert!(
+        halt_reason.contains(&host.name) && halt_reason.contains("could not observe denials"),
+        "{}",
+        context()
+    );
+    narrate(&format!("controller halted: {halt_reason}; resuming"));
+    let resumed = fleet.cli_json(&["rollout", "resume", &rollout]);
+    assert_eq!(resumed["state"], "running", "{resumed:#}");
+    let status = wait_halted_or_completed(fleet, host, &rollout);
+    let final_state = status["state"].as_str().unwrap_or("").to_string();
+    assert_eq!(final_state, "completed", "{status:#}");
+    assert_eq!(
+        host.ct.main_pid(PATCH_SERVICE),
+        main_pid_after,
+        "the service was not restarted again"
+    );
+    narrate(&format!("rollout {rollout} {final_state}"));
+    PatchOutcome {
+        rollout,
+        report,
+        version_before,
+        version_after,
+        main_pid_before,
+        main_pid_after,
+        halt_reason,
+        final_state,
     }
 }

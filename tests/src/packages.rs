@@ -5,10 +5,12 @@
 //! The package (`rgpkgtest`) ships a conffile (`/etc/rgpkgtest/rgpkgtest.conf`),
 //! a program and a systemd unit (`/usr/lib/rgpkgtest/`), and a postinst
 //! that asks for a restart (`deb-systemd-invoke restart`, rpm's %post
-//! `systemctl try-restart`). The unit is shipped outside the systemd load
-//! path: every unit directory holds the agent's own unit, which agents
-//! protect, so a package writing there is refused until the agent pins its
-//! own files read-only instead (the refusal is tested on its own).
+//! `systemctl try-restart`). By default the unit is shipped outside the
+//! systemd load path: this machine has no agent unit in its unit
+//! directories, and a package writing there is refused (the agent pins its
+//! unit read-only inside such a scope, and cannot pin a unit file that is
+//! missing; tested on its own). [`Variant::unit_in_systemd_dir`] ships it
+//! in `/lib/systemd/system`, for hosts that run the packaged agent.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

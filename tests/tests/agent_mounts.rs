@@ -342,3 +342,124 @@ fn an_operators_protected_path_inside_a_write_scope_is_still_refused() {
     );
     assert!(!host.root().join("ran").exists());
 }
+
+/// A systemd unit directory of this machine the tests may use (nothing
+/// reads it here: this machine's PID 1 is not systemd), removed again with
+/// all it holds when the test ends.
+const UNIT_DIR: &str = "/usr/local/lib/systemd/system";
+
+struct RemoveUnitDir;
+
+impl Drop for RemoveUnitDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(UNIT_DIR);
+        let _ = fs::remove_dir("/usr/local/lib/systemd");
+    }
+}
+
+#[test]
+fn a_missing_drop_in_directory_of_the_agents_unit_in_a_scope_is_created_empty_and_pinned() {
+    let unit_dir = Path::new(UNIT_DIR);
+    assert!(
+        !unit_dir.exists(),
+        "{UNIT_DIR} exists on this machine: the test would change it"
+    );
+    let _cleanup = RemoveUnitDir;
+    fs::create_dir_all(unit_dir).unwrap();
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let policy = fs::read_to_string(host.policy()).unwrap().replace(
+        "allow_scopes = [",
+        &format!("allow_scopes = [{UNIT_DIR:?}, "),
+    );
+    fs::write(host.policy(), policy).unwrap();
+    let drop_ins = [
+        "rollguard-agent.service.d",
+        "rollguard-.service.d",
+        "service.d",
+    ];
+    let scope = format!("write = [{UNIT_DIR:?}]\ndelete = [{UNIT_DIR:?}]");
+    let script = format!(
+        "#!/bin/sh\n\
+         D={UNIT_DIR}\n\
+         echo '[Service]' > $D/rollguard-agent.service.d/evil.conf\n\
+         mkdir $D/service.d/sub\n\
+         rmdir $D/rollguard-.service.d\n\
+         mv $D/service.d $D/gone.d\n\
+         echo '[Service]' > $D/rgtest.service\n\
+         echo done\n"
+    );
+
+    // The agent's unit file itself is not made up: missing directly in
+    // the scope, the run is refused, and nothing is created.
+    let src = host.bundle_source("ph-1", &manifest("ph", 1, "\"mail-*\"", &scope), &script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(
+        (report["status"].as_str(), code),
+        (Some("refused"), 2),
+        "{report:#}"
+    );
+    assert_eq!(report["refusal"], "protected_path", "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("rollguard-agent.service ") && reason.contains("could create it"),
+        "{reason}"
+    );
+    assert_eq!(fs::read_dir(unit_dir).unwrap().count(), 0);
+
+    // With the unit there (as on a host that runs the packaged agent), the
+    // missing drop-in directories are created empty and pinned: the run
+    // goes ahead, the rest of the scope is writable, and every attempt on
+    // them fails and is reported.
+    let unit = unit_dir.join("rollguard-agent.service");
+    fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
+    let src = host.bundle_source("ph-2", &manifest("ph", 2, "\"mail-*\"", &scope), &script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(code, 1, "a run with denials is not a success: {report:#}");
+    assert!(
+        report["stdout_tail"].as_str().unwrap().contains("done"),
+        "{report:#}"
+    );
+    assert_eq!(
+        fs::read_to_string(unit_dir.join("rgtest.service")).unwrap(),
+        "[Service]\n"
+    );
+    for name in drop_ins {
+        let dir = unit_dir.join(name);
+        let m = fs::symlink_metadata(&dir).unwrap();
+        assert!(m.is_dir(), "{name}");
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid(), m.gid()),
+            (0o755, 0, 0),
+            "{name}"
+        );
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            0,
+            "{name} is not empty"
+        );
+    }
+    assert!(!unit_dir.join("gone.d").exists());
+    assert_eq!(
+        fs::read_to_string(&unit).unwrap(),
+        "[Service]\nExecStart=/bin/true\n"
+    );
+    let d = denials(&report);
+    let has = |prefix: &str, path: &Path| {
+        d.iter()
+            .any(|(a, p)| a.starts_with(prefix) && Path::new(p.trim_end_matches('/')) == path)
+    };
+    for (prefix, name) in [
+        ("erofs.", "rollguard-agent.service.d"),
+        ("erofs.", "service.d"),
+        ("ebusy.", "rollguard-.service.d"),
+        ("ebusy.rename", "service.d"),
+    ] {
+        assert!(
+            has(prefix, &unit_dir.join(name)),
+            "{prefix} on {name} not reported: {report:#}"
+        );
+    }
+}

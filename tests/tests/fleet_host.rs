@@ -12,14 +12,20 @@
 //!    and backups) on the same host: the deletes are denied by the kernel,
 //!    nothing protected is lost, and the rollout halts.
 //!
-//! A patch rollout (`[packages]`/`[services]`: upgrade a package, restart
-//! its service through the host's systemd) is a third step on the same host
-//! once the manifest has those sections. Each step is a function taking
-//! the fleet and the host, so it is one more call after the replay; the
-//! policy's `[services] allow` and the scopes the package needs beneath
-//! `/usr` go into the [`HostPolicy`] given to `configure` (its `extra` and
-//! `allow_scopes`), and the package's v1 can be put in the container with
-//! `host.ct.write_file` and installed with `dpkg -i` before the agent starts.
+//! 3. A patch (`[packages]`/`[services]`) on the same host: a test package
+//!    (`rgpkgtest`: a conffile, a long-running service with its unit in
+//!    `/lib/systemd/system`, a postinst calling `deb-systemd-invoke
+//!    restart`), v1 installed bare with `dpkg -i` and its service started;
+//!    a signed bundle installing v2 and declaring `restart =
+//!    ["rgpkgtest.service"]` rolls out: dpkg in the container shows v2, the
+//!    service has a new MainPID, the report the controller holds says
+//!    `main_pid_before`/`after` and success. The package's scope contains
+//!    the agent's unit directory: the agent's unit there is pinned
+//!    read-only, its missing drop-in directories are created empty and
+//!    pinned (and stay, empty, afterwards). The policy allows the scope and
+//!    the service (`fleet_host::allow_patch`); the step is
+//!    `fleet_host::patch_rolls_out`, reusable (it narrates through a
+//!    callback and returns what happened).
 //!
 //! Each run prints its namespaces and cgroups, and the test checks them
 //! against the agent's: namespaces of its own, a cgroup of its own beneath
@@ -46,14 +52,15 @@
 //! reports say so (`denials: null`, never zero): the controller halts every
 //! rollout on such a report, the good one included, and the replay's
 //! denials show in the bundle's stderr ("Read-only file system") and on the
-//! disk. Kernel-audit denial reports are tested outside containers
+//! disk. The patch is halted the same way, and resumed like step 1: an
+//! operator accepting unknown denials. Kernel-audit denial reports are tested outside containers
 //! (`agent_run.rs`, `fleet_rollout.rs`).
 //!
 //! Needs root, `systemd-container`, `mmdebstrap`, `zstd` and `cargo-deb`
 //! (`scripts/install-deps`, `packaging/install-tools`). Never skipped.
 
 use rollguard_tests::fleet::Fleet;
-use rollguard_tests::fleet_host::{self, FleetHost, HostPolicy, UNIT, UNIT_PATH};
+use rollguard_tests::fleet_host::{self, FleetHost, HostPolicy, PatchPackages, UNIT, UNIT_PATH};
 use serde_json::Value;
 
 const HOST: &str = "mail-ct-01";
@@ -110,7 +117,13 @@ fn the_packaged_agent_under_its_own_unit_rolls_out_and_halts_the_2012_replay() {
          echo 'nightly copy of every customer' > /srv/backup/daily/customers.tar && \
          echo 'queue_lifetime = 5d' > /etc/mail/main.cf",
     );
-    host.configure(&fleet, &HostPolicy::default());
+    // The patch step's package: v1 installed bare, its service running;
+    // the policy allows its derived scope and its service.
+    let patch = PatchPackages::build(&fleet.root().join("patch-debs"));
+    fleet_host::install_patch_v1(&host, &patch.v1);
+    let mut policy = HostPolicy::default();
+    fleet_host::allow_patch(&mut policy);
+    host.configure(&fleet, &policy);
     assert_unit_as_shipped(&host);
     host.start_agent(&fleet);
     assert_agent_runs_under_the_unit(&host);
@@ -128,7 +141,32 @@ fn the_packaged_agent_under_its_own_unit_rolls_out_and_halts_the_2012_replay() {
         protected,
         "customers or backups changed"
     );
-    // Next: a patch rollout (upgrade a package, restart its service).
+    // Step 3: the patch.
+    let outcome = fleet_host::patch_rolls_out(&fleet, &host, &patch, &mut |line| {
+        eprintln!("patch: {line}")
+    });
+    eprintln!("patch on {HOST}: {:#}", outcome.report);
+    assert_eq!(
+        host.snapshot(PROTECTED),
+        protected,
+        "customers or backups changed"
+    );
+    // The agent's unit is as shipped still; the drop-in directories the
+    // agent made (empty) configure nothing.
+    assert_unit_as_shipped(&host);
+    for dir in [
+        "rollguard-agent.service.d",
+        "rollguard-.service.d",
+        "service.d",
+    ] {
+        let dir = format!("/usr/lib/systemd/system/{dir}");
+        assert_eq!(
+            host.ct
+                .sh(&format!("stat -c '%F %a %U:%G' {dir}; ls -A {dir} | wc -l")),
+            "directory 755 root:root\n0\n",
+            "{dir}"
+        );
+    }
     eprintln!("--- the agent's journal ---\n{}", host.journal());
 }
 
@@ -323,16 +361,5 @@ fn replay_2012_halts(fleet: &Fleet, host: &FleetHost) {
 
 /// Wait until rollout `id` has stopped moving: halted or completed.
 fn wait_halted_or_completed(fleet: &Fleet, host: &FleetHost, id: &str) -> Value {
-    rollguard_tests::fleet::wait_for(&format!("rollout {id} to finish"), || {
-        let s = fleet.status(id);
-        match s["state"].as_str() {
-            Some("halted") | Some("completed") => Some(s),
-            Some("running") => None,
-            other => panic!(
-                "rollout {id} is {other:?}: {s:#}\n{}\n--- agent ---\n{}",
-                fleet.logs(),
-                host.journal()
-            ),
-        }
-    })
+    fleet_host::wait_halted_or_completed(fleet, host, id)
 }

@@ -275,9 +275,11 @@ fn a_fresh_install_gets_its_missing_directories_and_nothing_runs_twice() {
 }
 
 /// A package writing into a systemd unit directory, where the agent's own
-/// unit lives: warned at build, refused by the agent before anything runs.
-/// (When the agent pins its own files read-only inside the sandbox instead
-/// of refusing such scopes, this becomes an install.)
+/// unit lives: warned at build. On this machine no agent unit is installed
+/// there, and the agent does not make one up (only its missing drop-in
+/// directories become empty placeholders), so the pin cannot be mounted
+/// and the run is refused before anything runs. With the agent's unit in
+/// place the same package installs (tests/tests/fleet_host.rs).
 #[test]
 fn a_package_writing_into_the_agents_unit_directory_is_refused() {
     let _db = pkg::lock();

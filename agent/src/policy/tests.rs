@@ -735,9 +735,12 @@ fn the_agents_programs_loader_and_unit_are_protected_from_writes_not_reads() {
         "opt/rollguard/lib/rollguard/rollguard-sandbox-exec",
         "opt/rollguard/libexec/rollguard",
     ] {
-        assert!(pins.0.contains(&f.sp(pinned)), "{pinned}: {pins:?}");
+        assert!(pins.paths.contains(&f.sp(pinned)), "{pinned}: {pins:?}");
     }
-    assert!(pins.0.windows(2).all(|w| w[0] < w[1]), "sorted, once each");
+    assert!(
+        pins.paths.windows(2).all(|w| w[0] < w[1]),
+        "sorted, once each"
+    );
     // The message says why.
     let e = refused(&f.p("opt/rollguard/bin/rollguard-sandbox-exec"));
     assert!(e.to_string().contains("stage 2 runs unconfined"), "{e}");
@@ -894,9 +897,9 @@ fn only_paths_bundles_may_read_are_pinned_inside_a_write_scope() {
     let mut policy = HostPolicy::parse(&without_local).unwrap();
     policy.protect_agent_programs(Path::new(&f.p("opt/rg/bin/rollguard-agent")));
     let pins = policy.check_scope(&f.scope(&["opt/rg"], &[], &[])).unwrap();
-    assert!(pins.0.contains(&f.sp("opt/rg/bin")), "{pins:?}");
+    assert!(pins.paths.contains(&f.sp("opt/rg/bin")), "{pins:?}");
     // Neither the trust file nor the operator's own path is a pin.
-    assert!(!pins.0.contains(&f.sp("opt/rg/bin/allowed_signers")));
+    assert!(!pins.paths.contains(&f.sp("opt/rg/bin/allowed_signers")));
     // An operator's `[protect]` path inside a scope stays refused, even
     // beneath a pin, and the message names it.
     policy = HostPolicy::parse(&text).unwrap();
@@ -953,7 +956,7 @@ fn only_paths_bundles_may_read_are_pinned_inside_a_write_scope() {
     let pins = policy
         .check_scope(&f.scope(&[], &[], &["opt/rg/lib"]))
         .unwrap();
-    assert!(pins.0.is_empty());
+    assert!(pins.paths.is_empty());
 }
 
 #[test]
@@ -968,5 +971,46 @@ fn a_pin_is_found_through_a_symlinked_scope_too() {
     let mut policy = f.policy(&[], &["opt", "srv"]);
     policy.protect_agent_programs(Path::new(&f.p("opt/rg/bin/rollguard-agent")));
     let pins = policy.check_scope(&f.scope(&["srv/rg"], &[], &[])).unwrap();
-    assert!(pins.0.contains(&f.sp("opt/rg/bin")), "{pins:?}");
+    assert!(pins.paths.contains(&f.sp("opt/rg/bin")), "{pins:?}");
+}
+
+#[test]
+fn only_the_units_drop_in_directories_may_be_created_as_placeholders() {
+    let f = Fixture::new();
+    let text = f
+        .policy_text(&[], &["etc"])
+        .replace(&format!("{:?}", f.p("etc")), "\"/etc\"");
+    let mut policy = HostPolicy::parse(&text).unwrap();
+    policy.protect_agent_programs(Path::new(&f.p("opt/rg/bin/rollguard-agent")));
+    let scope = |w: &str| Scope {
+        write: vec![ScopePath::parse(w).unwrap()],
+        delete: vec![],
+        read: vec![],
+        network: vec![],
+    };
+    let sp = |s: &str| ScopePath::parse(s).unwrap();
+    let pins = policy.check_scope(&scope("/etc/systemd/system")).unwrap();
+    let drop_ins = [
+        "/etc/systemd/system/rollguard-agent.service.d",
+        "/etc/systemd/system/rollguard-.service.d",
+        "/etc/systemd/system/service.d",
+    ];
+    for d in drop_ins {
+        assert!(pins.paths.contains(&sp(d)), "{d}: {pins:?}");
+        assert!(pins.drop_in_dirs.contains(&sp(d)), "{d}: {pins:?}");
+    }
+    // The unit file is a pin, never a placeholder.
+    let unit = sp("/etc/systemd/system/rollguard-agent.service");
+    assert!(pins.paths.contains(&unit), "{pins:?}");
+    assert_eq!(pins.drop_in_dirs.len(), drop_ins.len(), "{pins:?}");
+    // Nor the loader's files, in a wider scope.
+    let pins = policy.check_scope(&scope("/etc")).unwrap();
+    let preload = sp("/etc/ld.so.preload");
+    assert!(pins.paths.contains(&preload), "{pins:?}");
+    assert!(!pins.drop_in_dirs.contains(&preload), "{pins:?}");
+    assert!(pins
+        .drop_in_dirs
+        .iter()
+        .all(|d| d.as_path().to_str().unwrap().ends_with(".d")));
+    assert!(pins.drop_in_dirs.iter().all(|d| pins.paths.contains(d)));
 }

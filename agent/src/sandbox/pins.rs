@@ -27,6 +27,10 @@
 //! nearest existing real directory is pinned instead (read-only as a
 //! whole), so the path cannot be created there; when that directory is the
 //! scope itself, the run is refused: the bundle could create the path.
+//! Except for a drop-in directory of the agent's unit: the agent creates it
+//! beforehand, empty ([`plan_with_placeholders`], [`create_placeholder`];
+//! `policy::Pins::drop_in_dirs` says which pins qualify), and it is then
+//! pinned like any existing directory. Stage 2 only ever uses [`plan`].
 //! A component inside the scope that is a symlink or a file ends the walk
 //! the same way (the file is pinned itself: it cannot then be replaced by a
 //! directory).
@@ -77,8 +81,32 @@ pub struct PinPlan {
 /// symlink). The agent calls it before a run (a refusal then names the
 /// reason) and stage 2 again just before it mounts.
 pub fn plan(scopes: &[PathBuf], pins: &[PathBuf]) -> Result<PinPlan, PinError> {
+    plan_with_placeholders(scopes, pins, &[]).map(|(plan, _)| plan)
+}
+
+/// A missing pin the agent creates as an empty directory before the run
+/// (see [`create_placeholder`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placeholder {
+    /// The scope it lies directly in (its parent).
+    pub scope: PathBuf,
+    pub path: PathBuf,
+}
+
+/// [`plan`], except that a pin listed in `may_create` that does not exist
+/// directly in its scope (which [`plan`] refuses: the bundle could create
+/// it) is returned as a [`Placeholder`] and planned as if it were the
+/// directory the agent will create there. Only the agent uses it, before
+/// the sandbox starts; it then plans again with [`plan`], which must
+/// succeed, and so does stage 2.
+pub fn plan_with_placeholders(
+    scopes: &[PathBuf],
+    pins: &[PathBuf],
+    may_create: &[PathBuf],
+) -> Result<(PinPlan, Vec<Placeholder>), PinError> {
     let mut read_only: Vec<PathBuf> = Vec::new();
     let mut ancestors: Vec<PathBuf> = Vec::new();
+    let mut placeholders: Vec<Placeholder> = Vec::new();
     for pin in pins {
         // The innermost scope: its bind is the mount the pin lies on, and
         // a mount point itself.
@@ -87,7 +115,19 @@ pub fn plan(scopes: &[PathBuf], pins: &[PathBuf]) -> Result<PinPlan, PinError> {
             .filter(|s| pin.starts_with(s) && pin != *s)
             .max_by_key(|s| s.components().count())
             .ok_or_else(|| PinError::OutsideScopes { pin: pin.clone() })?;
-        let target = target_of(scope, pin)?;
+        let target = match target_of(scope, pin) {
+            Err(PinError::NoRoom {
+                what: "does not exist",
+                ..
+            }) if may_create.contains(pin) && pin.parent() == Some(scope.as_path()) => {
+                placeholders.push(Placeholder {
+                    scope: scope.clone(),
+                    path: pin.clone(),
+                });
+                pin.clone()
+            }
+            other => other?,
+        };
         let mut between = target.parent();
         while let Some(dir) = between {
             if dir == scope.as_path() || !dir.starts_with(scope) {
@@ -110,10 +150,90 @@ pub fn plan(scopes: &[PathBuf], pins: &[PathBuf]) -> Result<PinPlan, PinError> {
     ancestors.sort_by_key(|a| (a.components().count(), a.clone()));
     ancestors.dedup();
     ancestors.retain(|a| !outer.iter().any(|r| a.starts_with(r)));
-    Ok(PinPlan {
-        ancestors,
-        read_only: outer,
-    })
+    placeholders.sort_by(|a, b| a.path.cmp(&b.path));
+    placeholders.dedup();
+    Ok((
+        PinPlan {
+            ancestors,
+            read_only: outer,
+        },
+        placeholders,
+    ))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceholderError {
+    #[error("{path}: not directly inside the scope {scope}")]
+    NotInScope { scope: PathBuf, path: PathBuf },
+    #[error("the scope {scope} is not its own real path ({real}): no placeholder is created through a symlink")]
+    NotRealPath { scope: PathBuf, real: PathBuf },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// Create `p` as an empty directory, root:root 0755, in its scope; `false`
+/// when something already has its name (nothing is touched then: the
+/// caller plans again, and what is there is pinned or refused as usual).
+///
+/// Never through a symlink: the scope is opened with `O_NOFOLLOW |
+/// O_DIRECTORY`, the opened directory must be the scope's own real path
+/// (checked on the descriptor, so no component above it was a symlink),
+/// and the directory is made with `mkdirat` on that descriptor (which
+/// never follows a symlink in the last component: an existing entry,
+/// symlink or not, is `EEXIST`).
+pub fn create_placeholder(p: &Placeholder) -> Result<bool, PlaceholderError> {
+    use rustix::fs::{fchmod, fchown, mkdirat, openat, Gid, Mode, OFlags, Uid, CWD};
+    use std::os::fd::AsRawFd;
+
+    let io_err = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |e: rustix::io::Errno| PlaceholderError::Io {
+            what,
+            path,
+            source: e.into(),
+        }
+    };
+    let name = match p.path.file_name() {
+        Some(name) if p.path.parent() == Some(p.scope.as_path()) => name,
+        _ => {
+            return Err(PlaceholderError::NotInScope {
+                scope: p.scope.clone(),
+                path: p.path.clone(),
+            })
+        }
+    };
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let scope = openat(CWD, &p.scope, dir_flags, Mode::empty())
+        .map_err(io_err("opening the scope", &p.scope))?;
+    let real = fs::read_link(format!("/proc/self/fd/{}", scope.as_raw_fd())).map_err(|source| {
+        PlaceholderError::Io {
+            what: "reading the path of the opened scope",
+            path: p.scope.clone(),
+            source,
+        }
+    })?;
+    if real != p.scope {
+        return Err(PlaceholderError::NotRealPath {
+            scope: p.scope.clone(),
+            real,
+        });
+    }
+    match mkdirat(&scope, name, Mode::from_raw_mode(0o755)) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => return Ok(false),
+        Err(e) => return Err(io_err("creating", &p.path)(e)),
+    }
+    // Whatever the umask and the scope's group (setgid) made of it.
+    let dir = openat(&scope, name, dir_flags, Mode::empty())
+        .map_err(io_err("opening the created", &p.path))?;
+    fchown(&dir, Some(Uid::ROOT), Some(Gid::ROOT))
+        .map_err(io_err("chown root:root of", &p.path))?;
+    fchmod(&dir, Mode::from_raw_mode(0o755)).map_err(io_err("chmod 0755 of", &p.path))?;
+    Ok(true)
 }
 
 /// What to bind read-only for `pin` inside `scope` (see the module docs).
@@ -302,6 +422,118 @@ mod tests {
         assert!(matches!(
             plan(&scopes, &[r.join("usr")]),
             Err(PinError::OutsideScopes { .. })
+        ));
+    }
+
+    #[test]
+    fn a_missing_drop_in_directory_directly_in_a_scope_becomes_a_placeholder() {
+        use std::os::unix::fs::MetadataExt;
+        let (_d, r) = tree();
+        let units = r.join("usr/lib/systemd/system");
+        let scopes = [units.clone()];
+        let drop_in = units.join("rollguard-agent.service.d");
+        let preload = units.join("ld.so.preload");
+        let pins = [drop_in.clone(), preload.clone()];
+        // Not allowed to be created: refused as by `plan`.
+        let e = plan_with_placeholders(&scopes, &pins, std::slice::from_ref(&drop_in));
+        assert!(
+            matches!(e, Err(PinError::NoRoom { ref pin, .. }) if *pin == preload),
+            "{e:?}"
+        );
+        let (p, holders) = plan_with_placeholders(
+            &scopes,
+            std::slice::from_ref(&drop_in),
+            std::slice::from_ref(&drop_in),
+        )
+        .unwrap();
+        assert_eq!(p.read_only, vec![drop_in.clone()]);
+        assert!(p.ancestors.is_empty());
+        let holder = Placeholder {
+            scope: units.clone(),
+            path: drop_in.clone(),
+        };
+        assert_eq!(holders, vec![holder.clone()]);
+        // Only directly in the scope: deeper, the nearest directory is
+        // pinned as before; with nothing between, refused.
+        let deeper = r.join("usr/lib/systemd/system/x/service.d");
+        let (p, holders) = plan_with_placeholders(
+            &[r.join("usr/lib/systemd")],
+            std::slice::from_ref(&deeper),
+            std::slice::from_ref(&deeper),
+        )
+        .unwrap();
+        assert_eq!(p.read_only, vec![units.clone()]);
+        assert!(holders.is_empty());
+        let e = plan_with_placeholders(
+            &[r.join("usr/lib")],
+            std::slice::from_ref(&deeper),
+            std::slice::from_ref(&deeper),
+        )
+        .unwrap();
+        assert_eq!(e.0.read_only, vec![units.clone()]);
+        let deeper = r.join("usr/lib/nothing/service.d");
+        let e = plan_with_placeholders(
+            &[r.join("usr/lib")],
+            std::slice::from_ref(&deeper),
+            std::slice::from_ref(&deeper),
+        );
+        assert!(matches!(e, Err(PinError::NoRoom { .. })), "{e:?}");
+
+        // Created empty, 0755 root:root whatever the umask; then `plan`
+        // (stage 2's) accepts it.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let created = create_placeholder(&holder);
+        nix::sys::stat::umask(old);
+        assert!(created.unwrap());
+        let m = fs::symlink_metadata(&drop_in).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o7777, 0o755);
+        assert_eq!((m.uid(), m.gid()), (0, 0));
+        assert_eq!(fs::read_dir(&drop_in).unwrap().count(), 0);
+        assert_eq!(
+            plan(&scopes, std::slice::from_ref(&drop_in))
+                .unwrap()
+                .read_only,
+            vec![drop_in.clone()]
+        );
+        // Existing now: left alone.
+        assert!(!create_placeholder(&holder).unwrap());
+        // Never through a symlink: not at the name, not above it.
+        fs::remove_dir(&drop_in).unwrap();
+        std::os::unix::fs::symlink(r.join("usr/sbin"), &drop_in).unwrap();
+        assert!(!create_placeholder(&holder).unwrap());
+        assert!(fs::symlink_metadata(&drop_in)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        fs::remove_file(&drop_in).unwrap();
+        std::os::unix::fs::symlink(&units, r.join("units")).unwrap();
+        let via_link = Placeholder {
+            scope: r.join("units"),
+            path: r.join("units/service.d"),
+        };
+        assert!(matches!(
+            create_placeholder(&via_link),
+            Err(PlaceholderError::Io { .. })
+        ));
+        let via_parent_link = Placeholder {
+            scope: r.join("usr/lib/link2/system"),
+            path: r.join("usr/lib/link2/system/service.d"),
+        };
+        std::os::unix::fs::symlink(r.join("usr/lib/systemd"), r.join("usr/lib/link2")).unwrap();
+        assert!(matches!(
+            create_placeholder(&via_parent_link),
+            Err(PlaceholderError::NotRealPath { .. })
+        ));
+        assert!(!units.join("service.d").exists());
+        // Not directly in its scope: refused.
+        let bad = Placeholder {
+            scope: r.join("usr/lib"),
+            path: drop_in.clone(),
+        };
+        assert!(matches!(
+            create_placeholder(&bad),
+            Err(PlaceholderError::NotInScope { .. })
         ));
     }
 }
