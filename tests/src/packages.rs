@@ -44,6 +44,12 @@ pub fn lock() -> MutexGuard<'static, ()> {
 pub struct Variant {
     /// Extra shell lines for the postinst (`%post`).
     pub postinst: String,
+    /// The .deb's postinst asks for no restart. For tests on this machine,
+    /// whose PID 1 is not systemd: a captured request for an allowed unit
+    /// could not be performed here, and one for a unit outside the host's
+    /// `[services] allow` is a denial that fails the run (as it must; shown
+    /// with a real systemd in services_run.rs and fleet_host.rs).
+    pub no_service_request: bool,
     /// Ship the unit in /lib/systemd/system (where the agent's unit is).
     pub unit_in_systemd_dir: bool,
     /// Also ship [`LIB_FILE`], beneath `/lib` (a symlink to `usr/lib` on a
@@ -87,7 +93,12 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
     write(
         "DEBIAN/postinst",
         &format!(
-            "#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n  deb-systemd-invoke restart {NAME}.service\n{}\nfi\n",
+            "#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n  {}\n{}\nfi\n",
+            if variant.no_service_request {
+                ":".to_string()
+            } else {
+                format!("deb-systemd-invoke restart {NAME}.service")
+            },
             variant.postinst
         ),
         0o755,

@@ -41,6 +41,15 @@ fn bundle(
     (bundle, warnings)
 }
 
+/// The package without its postinst's restart request (see
+/// [`Variant::no_service_request`]).
+fn quiet() -> Variant {
+    Variant {
+        no_service_request: true,
+        ..Variant::default()
+    }
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .unwrap_or_else(|| panic!("not an array: {v}"))
@@ -69,8 +78,8 @@ fn a_signed_bundle_upgrades_a_package_inside_its_derived_scope() {
     let host = pkg::host(&keys);
     let out = host.root().join("debs");
     fs::create_dir_all(&out).unwrap();
-    let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
-    let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
+    let v1 = pkg::build_deb(&out, "1.0", &quiet());
+    let v2 = pkg::build_deb(&out, "2.0", &quiet());
     install_bare(&v1);
     assert_eq!(pkg::dpkg_status().unwrap().0, "1.0");
 
@@ -250,7 +259,7 @@ fn a_fresh_install_gets_its_missing_directories_and_nothing_runs_twice() {
     let host = pkg::host(&keys);
     let out = host.root().join("debs");
     fs::create_dir_all(&out).unwrap();
-    let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
+    let v2 = pkg::build_deb(&out, "2.0", &quiet());
     assert!(!Path::new("/etc/rgpkgtest").exists());
 
     let (bundle, _) = bundle(&host, &keys, "fresh", 1, &v2);
@@ -370,7 +379,7 @@ fn a_package_under_a_merged_usr_alias_installs_through_its_real_path() {
     fs::create_dir_all(&out).unwrap();
     let lib = Variant {
         lib_file: true,
-        ..Variant::default()
+        ..quiet()
     };
     let v1 = pkg::build_deb(&out, "1.0", &lib);
     let v2 = pkg::build_deb(&out, "2.0", &lib);
@@ -387,4 +396,39 @@ fn a_package_under_a_merged_usr_alias_installs_through_its_real_path() {
     assert_eq!(report["denials"], json!([]), "{report:#}");
     assert_expected_denials_are_typed(&report);
     assert_eq!(fs::read_to_string(pkg::LIB_FILE).unwrap(), "plugin 2.0\n");
+}
+
+/// The postinst's `deb-systemd-invoke restart` of a unit the host's
+/// `[services] allow` does not list: captured inside the sandbox, not
+/// performed, reported as a denial with the unit, and the run fails (the
+/// controller halts on it).
+#[test]
+fn a_postinst_restart_of_a_unit_the_host_does_not_allow_is_a_denial() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let v1 = pkg::build_deb(&out, "1.0", &quiet());
+    let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
+    install_bare(&v1);
+
+    let (bundle, _) = bundle(&host, &keys, "asks", 1, &v2);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert_ne!(code, 0, "{report:#}");
+    assert_eq!(
+        report["denials"],
+        json!([{ "access": "service.restart", "exe": "deb-systemd-invoke", "path": "rgpkgtest.service" }]),
+        "{report:#}"
+    );
+    assert_eq!(
+        report["services_captured"][0]["disposition"], "denied",
+        "{report:#}"
+    );
+    assert!(
+        report["services"].as_array().is_none_or(|a| a.is_empty()),
+        "nothing performed: {report:#}"
+    );
 }
