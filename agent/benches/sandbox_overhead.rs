@@ -164,7 +164,11 @@ fn confine_only(args: &[String]) -> ! {
     }
     if matches!(mechanisms, Mechanisms::Seccomp | Mechanisms::Both) {
         for filter in seccomp_filter::all_filters().unwrap() {
-            seccomp_install::install_logged(&filter).unwrap();
+            if filter.logged {
+                seccomp_install::install_logged(&filter.program).unwrap();
+            } else {
+                seccomp_install::install_unlogged(&filter.program).unwrap();
+            }
         }
     }
     let error = Command::new(PYTHON).arg(script).arg(work).exec();

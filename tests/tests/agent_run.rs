@@ -48,6 +48,34 @@ fn scoped_bundle_succeeds_and_changes_only_its_scope() {
     assert_eq!(host.snapshot("home"), customers);
 }
 
+/// A program that starts threads is not an alert: glibc tries `clone3`
+/// first, the sandbox answers ENOSYS (it cannot inspect clone3's flags)
+/// without auditing it, and glibc falls back to `clone`, which is checked.
+/// (dpkg-deb unpacking an xz package does this; every rollout of one would
+/// otherwise halt.)
+#[test]
+fn threads_are_not_denials() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let src = host.bundle_source(
+        "threads",
+        &manifest("threads", 1, "\"mail-*.tokyo\"", "write = [\"@ROOT@/etc/mail\"]"),
+        "#!/bin/sh\nset -eu\n/usr/bin/python3 -c 'import threading\nts = [threading.Thread(target=lambda: None) for _ in range(4)]\nfor t in ts: t.start()\nfor t in ts: t.join()\nprint(\"threads ok\")'\n",
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0, "{report:#}");
+    assert!(
+        report["stdout_tail"]
+            .as_str()
+            .unwrap()
+            .contains("threads ok"),
+        "{report:#}"
+    );
+    assert_eq!(report["denials"], serde_json::json!([]), "{report:#}");
+}
+
 /// The 2012 incident, replayed: a mail fix that creates a flag file on
 /// targets, with a stray line deleting customer data and backups.
 #[test]

@@ -27,7 +27,8 @@
 //! "every number with that bit" itself.
 //!
 //! Installed last (after Landlock) with `SECCOMP_FILTER_FLAG_LOG`, so each
-//! EPERM is audited ([`super::seccomp_install`]).
+//! EPERM is audited ([`super::seccomp_install`]); the ENOSYS fallbacks
+//! without it (see [`enosys_fallbacks`]).
 
 use std::collections::BTreeMap;
 
@@ -358,6 +359,14 @@ pub fn deny_list() -> Result<BpfProgram, FilterError> {
 /// ENOSYS for calls whose arguments live in a struct seccomp cannot read:
 /// `clone3` (namespace flags) and `openat2` (file mode). ENOSYS makes glibc
 /// and most runtimes fall back to `clone`/`openat`, which we can check.
+///
+/// Not audited ([`Filter::logged`] is false): glibc's `pthread_create`
+/// tries `clone3` first, so every program that starts a thread (dpkg-deb
+/// unpacking an xz package, python's thread pools) would otherwise report
+/// a denial and halt the rollout. ENOSYS is not a refusal of what the call
+/// asks: the fallback (`clone`, `openat`) is checked, and refused and
+/// audited there. What stays unseen is a program that calls `clone3` for
+/// namespaces and gives up on ENOSYS (docs/sandbox.md, "Known limits").
 pub fn enosys_fallbacks() -> Result<BpfProgram, FilterError> {
     let rules = BTreeMap::from([
         (libc::SYS_clone3, Vec::new()),
@@ -400,12 +409,32 @@ pub fn x32_guard() -> BpfProgram {
     ]
 }
 
+/// One compiled filter and whether its non-allow results are audited.
+pub struct Filter {
+    pub program: BpfProgram,
+    /// Installed with `SECCOMP_FILTER_FLAG_LOG`: its answers are refusals,
+    /// each an alert.
+    pub logged: bool,
+}
+
 /// Every filter to install, in order.
-pub fn all_filters() -> Result<Vec<BpfProgram>, FilterError> {
+pub fn all_filters() -> Result<Vec<Filter>, FilterError> {
     #[allow(unused_mut)]
-    let mut filters = vec![deny_list()?, enosys_fallbacks()?];
+    let mut filters = vec![
+        Filter {
+            program: deny_list()?,
+            logged: true,
+        },
+        Filter {
+            program: enosys_fallbacks()?,
+            logged: false,
+        },
+    ];
     #[cfg(target_arch = "x86_64")]
-    filters.push(x32_guard());
+    filters.push(Filter {
+        program: x32_guard(),
+        logged: true,
+    });
     Ok(filters)
 }
 
@@ -416,6 +445,10 @@ mod tests {
     #[test]
     fn filters_compile_for_this_architecture() {
         let filters = all_filters().unwrap();
-        assert!(filters.iter().all(|f| !f.is_empty() && f.len() < 4096));
+        assert!(filters
+            .iter()
+            .all(|f| !f.program.is_empty() && f.program.len() < 4096));
+        // Only the ENOSYS fallbacks go unaudited.
+        assert_eq!(filters.iter().filter(|f| !f.logged).count(), 1);
     }
 }

@@ -314,7 +314,12 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
 
     // 7. seccomp, last.
     for filter in &filters {
-        seccomp_install::install_logged(filter).map_err(at(Step::Seccomp))?;
+        if filter.logged {
+            seccomp_install::install_logged(&filter.program)
+        } else {
+            seccomp_install::install_unlogged(&filter.program)
+        }
+        .map_err(at(Step::Seccomp))?;
     }
 
     // 8. Verify what the kernel reports.
