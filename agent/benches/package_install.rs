@@ -37,14 +37,18 @@
 //!
 //! dpkg itself writes to the real root: `/usr/share/rgbench`,
 //! `/etc/rgbench` and `/var/lib/dpkg` on this machine's disk, on both
-//! sides. Its cost is mostly fsync (each unpacked file, then the database
-//! files), so the disk's flush latency is part of both sides. No
-//! `--force-unsafe-io` on either side by default: the agent does not pass
-//! it. `ROLLGUARD_BENCH_DPKG_UNSAFE_IO=1` writes `force-unsafe-io` into
-//! `/etc/dpkg/dpkg.cfg.d/` for the bench's duration (dpkg reads it on both
-//! sides alike; every other dpkg on the machine too, meanwhile), which
-//! shows the figure without the flushes. The bundles, the .deb and the keys
-//! live on a tmpfs mounted for the bench.
+//! sides, and fsyncs the database files (about 30 fsyncs per install
+//! here) and, unless `force-unsafe-io` is set, each unpacked file, so the
+//! disk's flush latency is part of both sides. Both sides run with the same
+//! dpkg options: the agent passes no `--force-unsafe-io`, so neither does
+//! the bare side, and both read the same `/etc/dpkg/dpkg.cfg.d/` (container
+//! images often set `force-unsafe-io` there; the header says what this
+//! machine's configuration sets). `ROLLGUARD_BENCH_DPKG_IO=safe` (or
+//! `unsafe`) writes `refuse-unsafe-io` (or `force-unsafe-io`) into
+//! `/etc/dpkg/dpkg.cfg.d/` for the bench's duration, read last, so it
+//! overrides the machine's setting on both sides alike (and for every other
+//! dpkg on the machine meanwhile). The bundles, the .deb and the keys live
+//! on a tmpfs mounted for the bench.
 //!
 //! Reported: median [min .. max] of each side's wall-clock time, the
 //! median and the range of the per-pair ratios sandboxed/bare, and the CPU
@@ -147,7 +151,12 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(9);
-    let unsafe_io = std::env::var_os("ROLLGUARD_BENCH_DPKG_UNSAFE_IO").is_some();
+    let dpkg_io = match std::env::var("ROLLGUARD_BENCH_DPKG_IO").ok().as_deref() {
+        None | Some("") => None,
+        Some("safe") => Some("refuse-unsafe-io"),
+        Some("unsafe") => Some("force-unsafe-io"),
+        Some(other) => panic!("ROLLGUARD_BENCH_DPKG_IO={other}: `safe` or `unsafe`"),
+    };
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_rollguard-agent"));
     let cli = std::env::var_os("ROLLGUARD_CLI")
         .map(PathBuf::from)
@@ -163,8 +172,8 @@ fn main() {
     fs::create_dir_all(base).unwrap();
     let scratch = cleanup.tmpfs(base.join("scratch"));
     let state_tmpfs = cleanup.tmpfs(base.join("state-tmpfs"));
-    if unsafe_io {
-        fs::write(DPKG_CFG, "force-unsafe-io\n").unwrap();
+    if let Some(setting) = dpkg_io {
+        fs::write(DPKG_CFG, format!("{setting}\n")).unwrap();
     }
 
     // Keys, trust and policies (state on the disk, state on a tmpfs).
@@ -274,14 +283,13 @@ fn main() {
     let wall = |s: &Sample| s.wall;
     let cpu = |s: &Sample| s.cpu;
     println!(
-        "package install ({NAME} {VERSION}, .deb of {:.2} MB, {} files; dpkg {}), {runs} interleaved pairs each: median [min .. max]",
+        "package install ({NAME} {VERSION}, .deb of {:.2} MB, {} files), {runs} interleaved pairs each: median [min .. max]",
         deb_size as f64 / 1e6,
         DATA_FILES + 2,
-        if unsafe_io {
-            "with force-unsafe-io on both sides"
-        } else {
-            "without --force-unsafe-io on either side"
-        },
+    );
+    println!(
+        "dpkg options: the agent's on both sides, no --force-unsafe-io; configuration: {}",
+        dpkg_unsafe_io_setting()
     );
     for (label, p) in [("state on disk", &disk), ("state on tmpfs", &tmpfs)] {
         println!("agent {label}");
@@ -322,6 +330,38 @@ fn main() {
         }
     }
     drop(cleanup);
+}
+
+/// What dpkg's configuration files say about `unsafe-io` (dpkg reads
+/// `/etc/dpkg/dpkg.cfg.d/*` in name order, then `/etc/dpkg/dpkg.cfg`; the
+/// last setting wins).
+fn dpkg_unsafe_io_setting() -> String {
+    let mut files: Vec<PathBuf> = fs::read_dir("/etc/dpkg/dpkg.cfg.d")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            })
+        })
+        .collect();
+    files.sort();
+    files.push(PathBuf::from("/etc/dpkg/dpkg.cfg"));
+    let mut setting = "none (dpkg fsyncs each unpacked file)".to_string();
+    for file in files {
+        for line in fs::read_to_string(&file).unwrap_or_default().lines() {
+            let line = line.trim();
+            if line == "force-unsafe-io"
+                || line == "refuse-unsafe-io"
+                || line == "no-force-unsafe-io"
+            {
+                setting = format!("{line} in {}", file.display());
+            }
+        }
+    }
+    setting
 }
 
 /// Deterministic incompressible bytes (xorshift64*): no dependency, and
