@@ -45,17 +45,19 @@
 //! images often set `force-unsafe-io` there; the header says what this
 //! machine's configuration sets). `ROLLGUARD_BENCH_DPKG_IO=safe` (or
 //! `unsafe`) writes `refuse-unsafe-io` (or `force-unsafe-io`) into
-//! `/etc/dpkg/dpkg.cfg.d/` for the bench's duration, read last, so it
-//! overrides the machine's setting on both sides alike (and for every other
+//! `/etc/dpkg/dpkg.cfg.d/` for the bench's duration, after the other files
+//! there in name order, so it overrides their setting on both sides alike (and for every other
 //! dpkg on the machine meanwhile). The bundles, the .deb and the keys live
 //! on a tmpfs mounted for the bench.
 //!
 //! Reported: median [min .. max] of each side's wall-clock time, the
 //! median and the range of the per-pair ratios sandboxed/bare, and the CPU
 //! time (user + system) of each side's whole process tree (the agent,
-//! stage 2, dpkg and its helpers; or dpkg and its helpers), with its
+//! stage 2, dpkg and the programs it runs; or dpkg and those), with its
 //! per-pair ratios: on a machine shared with other work the wall clock
 //! swings with CPU contention, CPU time does not count waiting for a core.
+//! Every sandboxed run must succeed; the denials they report are listed at
+//! the end (a rollout halts on them; here they are shown, not judged).
 //! No thresholds: this prints figures, it does not judge them. Needs root,
 //! like the agent, and a free dpkg lock (nothing else running dpkg). The
 //! package is purged and the bench's trees removed at the end (also on a
