@@ -64,11 +64,14 @@
 //! panic). Test trees stay out of /tmp and /var/tmp, which the sandbox
 //! replaces with private scratch.
 
+mod common;
+
+use common::{children_cpu, ms, stat, Pairs, Sample};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const BASE: &str = "/var/lib/rollguard-bench-packages";
 const NAME: &str = "rgbench";
@@ -478,94 +481,4 @@ fn run_ok(cmd: &mut Command) {
         "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Interleaved sandboxed/bare pairs; even pairs run the sandboxed side
-/// first, odd pairs the bare side.
-struct Pairs {
-    sandboxed: Vec<Sample>,
-    bare: Vec<Sample>,
-}
-
-impl Pairs {
-    fn measure(
-        runs: usize,
-        mut sandboxed: impl FnMut(usize) -> Sample,
-        mut bare: impl FnMut(usize) -> Sample,
-    ) -> Pairs {
-        let mut p = Pairs {
-            sandboxed: vec![],
-            bare: vec![],
-        };
-        for i in 1..=runs {
-            if i % 2 == 0 {
-                p.sandboxed.push(sandboxed(i));
-                p.bare.push(bare(i));
-            } else {
-                p.bare.push(bare(i));
-                p.sandboxed.push(sandboxed(i));
-            }
-        }
-        p
-    }
-
-    fn wall(side: &[Sample]) -> Vec<Duration> {
-        side.iter().map(|s| s.wall).collect()
-    }
-
-    fn cpu(side: &[Sample]) -> Vec<Duration> {
-        side.iter().map(|s| s.cpu).collect()
-    }
-
-    /// Per-pair ratios sandboxed / bare of `measure`.
-    fn ratios(&self, measure: fn(&Sample) -> Duration) -> Vec<f64> {
-        self.sandboxed
-            .iter()
-            .zip(&self.bare)
-            .map(|(s, b)| measure(s).as_secs_f64() / measure(b).as_secs_f64())
-            .collect()
-    }
-
-    /// Per-pair wall-clock differences sandboxed - bare, in ms.
-    fn differences_ms(&self) -> Vec<f64> {
-        self.sandboxed
-            .iter()
-            .zip(&self.bare)
-            .map(|(s, b)| (s.wall.as_secs_f64() - b.wall.as_secs_f64()) * 1000.0)
-            .collect()
-    }
-}
-
-/// Wall-clock time, and CPU time (user + system) of the whole process
-/// tree.
-#[derive(Clone, Copy)]
-struct Sample {
-    wall: Duration,
-    cpu: Duration,
-}
-
-/// CPU time of every waited-for descendant so far.
-fn children_cpu() -> Duration {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).unwrap();
-    let d =
-        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
-    d(usage.user_time()) + d(usage.system_time())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s[s.len() / 2]
-}
-
-fn stat(v: &[f64], unit: &str) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{:.3}{unit} [{:.3} .. {:.3}]", median(v), min, max)
-}
-
-fn ms(v: &[Duration]) -> String {
-    let v: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    stat(&v, " ms")
 }
