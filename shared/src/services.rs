@@ -29,6 +29,21 @@ pub enum UnitNameError {
 #[serde(try_from = "String", into = "String")]
 pub struct UnitName(String);
 
+/// The unit types systemd knows, as the suffix of a unit's name.
+pub const UNIT_TYPES: &[&str] = &[
+    "service",
+    "socket",
+    "target",
+    "timer",
+    "path",
+    "mount",
+    "automount",
+    "swap",
+    "slice",
+    "scope",
+    "device",
+];
+
 impl UnitName {
     pub fn parse(raw: &str) -> Result<Self, UnitNameError> {
         let bad = || UnitNameError::Invalid(raw.to_string());
@@ -36,20 +51,7 @@ impl UnitName {
             return Err(bad());
         }
         let (stem, suffix) = raw.rsplit_once('.').ok_or_else(bad)?;
-        const TYPES: &[&str] = &[
-            "service",
-            "socket",
-            "target",
-            "timer",
-            "path",
-            "mount",
-            "automount",
-            "swap",
-            "slice",
-            "scope",
-            "device",
-        ];
-        if !TYPES.contains(&suffix) || stem.is_empty() {
+        if !UNIT_TYPES.contains(&suffix) || stem.is_empty() {
             return Err(bad());
         }
         let ok = |c: char| c.is_ascii_alphanumeric() || ":_.\\-".contains(c);

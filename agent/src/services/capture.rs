@@ -158,22 +158,7 @@ pub fn classify_verb(verb: &str) -> VerbClass {
 /// `systemctl` normalises a bare name to `NAME.service`.
 fn unit_of(raw: &str) -> String {
     match raw.rsplit_once('.') {
-        Some((_, suffix))
-            if [
-                "service",
-                "socket",
-                "target",
-                "timer",
-                "path",
-                "mount",
-                "automount",
-                "swap",
-                "slice",
-                "scope",
-                "device",
-            ]
-            .contains(&suffix) =>
-        {
+        Some((_, suffix)) if rollguard_shared::services::UNIT_TYPES.contains(&suffix) => {
             raw.to_string()
         }
         _ => format!("{raw}.service"),
