@@ -152,6 +152,27 @@ fn mount_tmpfs(target: &str, flags: MsFlags, options: &str) -> Result<(), Namesp
         .map_err(mount_err(format!("mounting tmpfs on {target}")))
 }
 
+/// Bind `source` onto `target`, then remount that bind with `flags` (the
+/// kernel ignores most flags on the first `MS_BIND`, so it takes two calls).
+fn bind_with(source: &str, target: &str, flags: MsFlags, what: &str) -> Result<(), NamespaceError> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(mount_err(format!("binding {target}")))?;
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+        None::<&str>,
+    )
+    .map_err(mount_err(format!("making {target} {what}")))
+}
+
 /// Mount the private `/tmp`, `/var/tmp` (each at most `tmp_bytes`: tmpfs
 /// lives in the host's RAM), `/run` and `/dev`.
 pub fn mount_private_dirs(keep_resolver: bool, tmp_bytes: u64) -> Result<(), NamespaceError> {
@@ -203,26 +224,12 @@ fn mount_run(keep_resolver: bool) -> Result<(), NamespaceError> {
         use std::os::fd::AsRawFd;
         fs::create_dir_all(RESOLVE).map_err(io_err(format!("creating {RESOLVE}")))?;
         let source = format!("/proc/self/fd/{}", dir.as_raw_fd());
-        mount(
-            Some(source.as_str()),
+        bind_with(
+            &source,
             RESOLVE,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(mount_err(format!("binding {RESOLVE}")))?;
-        mount(
-            None::<&str>,
-            RESOLVE,
-            None::<&str>,
-            MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-        .map_err(mount_err(format!("making {RESOLVE} read-only")))?;
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "read-only",
+        )?;
     }
     Ok(())
 }
@@ -327,49 +334,21 @@ pub fn mount_service_capture(requests: fs::File, stage2: &Path) -> Result<(), Na
         symlink(stage2, &link).map_err(io_err(format!("linking {}", link.display())))?;
     }
     // The links' own mount, read-only.
-    mount(
-        Some(SHIM_DIR),
+    bind_with(
         SHIM_DIR,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(mount_err(format!("binding {SHIM_DIR}")))?;
-    mount(
-        None::<&str>,
         SHIM_DIR,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(mount_err(format!("making {SHIM_DIR} read-only")))?;
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "read-only",
+    )?;
     use std::os::fd::AsRawFd;
     let source = format!("/proc/self/fd/{}", requests.as_raw_fd());
-    mount(
-        Some(source.as_str()),
-        REQUESTS_DIR,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(mount_err(format!("binding {REQUESTS_DIR}")))?;
     // Writable (the mount it was cloned from is read-only by now), and
     // nothing written there can be executed or be a device.
-    mount(
-        None::<&str>,
+    bind_with(
+        &source,
         REQUESTS_DIR,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(mount_err(format!("making {REQUESTS_DIR} writable")))?;
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        "writable",
+    )?;
     Ok(())
 }
