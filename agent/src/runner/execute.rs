@@ -1,0 +1,291 @@
+//! Stage 3 of a run: release the held sandbox, wait for it, and read what
+//! happened into the report: status, exit code, output tails, limits hit,
+//! and the denials (the kernel audit's and the run cgroup's BPF programs').
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rollguard_shared::report::{Denial, ExpectedDenial, RunReport, RunStatus};
+
+use super::admit::Admission;
+use super::prepare::Prepared;
+use super::RunOptions;
+use crate::kernel_audit::AuditListener;
+use crate::sandbox::{HeldChild, RunOutcome, Termination};
+use crate::state::RunId;
+
+/// How long to wait after the bundle ends for its Landlock domain to be
+/// deallocated (the record that carries the authoritative denial count).
+const AUDIT_SETTLE: Duration = Duration::from_secs(2);
+/// The Landlock ABI whose restrict_self can log denials after exec.
+const LANDLOCK_LOG_EXEC_ABI: u32 = 7;
+/// How much of stdout/stderr goes into the report.
+const TAIL_BYTES: u64 = 4096;
+
+/// A run that has ended, with its report so far.
+pub(super) struct Executed {
+    pub admission: Admission,
+    pub run_id: RunId,
+    pub run_dir: PathBuf,
+    pub packages_before: Option<crate::packages::Snapshot>,
+    pub report: RunReport,
+}
+
+/// Release the prepared run and wait for it.
+pub(super) fn execute(prepared: Prepared, opts: &RunOptions) -> Executed {
+    let Prepared {
+        admission,
+        held,
+        audit,
+        run_id,
+        run_dir,
+        packages_before,
+        mut report,
+    } = prepared;
+    release_and_wait(held, audit, run_id.as_str(), &admission, opts, &mut report);
+    Executed {
+        admission,
+        run_id,
+        run_dir,
+        packages_before,
+        report,
+    }
+}
+
+/// Release the sandbox, wait, and fill in status, exit code, denials and
+/// output tails. The packages' expected denials are moved aside.
+fn release_and_wait(
+    held: HeldChild,
+    audit: StartingListener,
+    run_id: &str,
+    admission: &Admission,
+    opts: &RunOptions,
+    report: &mut RunReport,
+) {
+    let timeout = admission.manifest.run.timeout;
+    let kernel = &admission.kernel;
+    let packages = admission.packages.as_ref();
+    // Listening before the release: stage 2 does nothing Landlock or
+    // seccomp could deny before it executes the bundle, so no record of
+    // this run can be missed.
+    let audit = audit.join().map_err(|e| {
+        tracing::warn!("denials cannot be observed on this host: {e}");
+        e
+    });
+    let child = match held.release() {
+        Ok(c) => c,
+        Err(e) => {
+            report.status = RunStatus::Failed;
+            report.reason = Some(format!("could not start the sandbox: {e}"));
+            return;
+        }
+    };
+    if let Some(on_start) = &opts.on_start {
+        on_start(run_id, child.kill_handle());
+    }
+    // The run's audit rules stay until its denials are collected (the
+    // end of this function): the kernel answers no audit request while it
+    // removes a rule.
+    let (outcome, _exit_rules) = match child.wait_keeping_exit_rules(timeout) {
+        Ok(o) => o,
+        Err(e) => {
+            report.status = RunStatus::Failed;
+            report.reason = Some(format!("lost track of the run: {e}"));
+            return;
+        }
+    };
+    report.leftover_processes = outcome.leftover_processes as u32;
+    report.stdout_tail = tail(&outcome.stdout);
+    report.stderr_tail = tail(&outcome.stderr);
+    report.limits_hit = outcome
+        .limits_hit
+        .iter()
+        .map(|l| l.as_str().to_string())
+        .collect();
+    report.stdout_dropped_bytes = outcome.stdout_dropped.unwrap_or(0);
+    report.stderr_dropped_bytes = outcome.stderr_dropped.unwrap_or(0);
+    let (status, exit_code, reason) = match &outcome.termination {
+        Termination::Exited { code: 0 } => (RunStatus::Succeeded, Some(0), None),
+        Termination::Exited { code } => (
+            RunStatus::Failed,
+            Some(*code),
+            Some(format!("exited with status {code}")),
+        ),
+        Termination::Signaled { signal } => (
+            RunStatus::Failed,
+            None,
+            Some(format!("killed by signal {signal}")),
+        ),
+        Termination::TimedOut => (
+            RunStatus::TimedOut,
+            None,
+            Some(format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            )),
+        ),
+        Termination::Killed => (
+            RunStatus::Killed,
+            None,
+            Some("killed by a kill-switch order".to_string()),
+        ),
+        Termination::SetupFailed { step, error } => (
+            RunStatus::Failed,
+            None,
+            Some(format!(
+                "sandbox setup failed at {step}: {error}; nothing was executed"
+            )),
+        ),
+        Termination::ExecFailed { error } => (
+            RunStatus::Failed,
+            None,
+            Some(format!("could not execute the command: {error}")),
+        ),
+    };
+    report.status = status;
+    report.exit_code = exit_code;
+    report.reason = reason;
+    // A resource limit hit fails the run (the controller counts it as a
+    // failure and, through `is_alert`, halts): what it did is incomplete.
+    if !report.limits_hit.is_empty() {
+        if report.status == RunStatus::Succeeded {
+            report.status = RunStatus::Failed;
+        }
+        let note = format!("resource limit hit: {}", report.limits_hit.join(", "));
+        report.reason = Some(match report.reason.take() {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
+    }
+    if outcome.leftover_processes > 0 {
+        let note = format!(
+            "{} process(es) left behind were killed",
+            outcome.leftover_processes
+        );
+        report.reason = Some(match report.reason.take() {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
+    }
+    // Without Landlock's log-after-exec flag (ABI 7), denials by the bundle
+    // are never audited, so "none seen" would be a false zero. Likewise
+    // when the kernel does not log seccomp's errno results (checked before
+    // the run and again after it, since an administrator can change it at
+    // any time): a refused syscall would leave no record.
+    let landlock_logs_exec = kernel
+        .landlock_abi
+        .is_some_and(|abi| abi >= LANDLOCK_LOG_EXEC_ABI);
+    let seccomp_logs_errno =
+        kernel.seccomp_errno_logged && crate::sandbox::kernel::seccomp_errno_logged();
+    if !seccomp_logs_errno {
+        tracing::warn!(
+            "seccomp does not log errno actions (/proc/sys/kernel/seccomp/actions_logged): \
+             refused syscalls leave no record, so this run's denials are unknown"
+        );
+    }
+    match audit
+        .ok()
+        .filter(|_| landlock_logs_exec && seccomp_logs_errno)
+        .ok_or(())
+    {
+        Ok(listener) => {
+            let mut denials =
+                listener.collect_for_run(outcome.pid, outcome.audit_session, AUDIT_SETTLE);
+            // Writes refused by the read-only mounts are seen only through
+            // the run's audit rules; the bundle ran without them.
+            if outcome.confinement.as_ref().is_some_and(|c| !c.exit_audit) {
+                denials.gaps.push(
+                    "the audit rules reporting writes refused by read-only mounts could not be added"
+                        .into(),
+                );
+            }
+            if !denials.is_complete() {
+                tracing::warn!(gaps = ?denials.gaps, "denial records may be incomplete");
+            }
+            // The package manager's known harmless refusals, moved aside
+            // with their reason (see `packages::expected`), still reported.
+            if let Some(p) = packages {
+                report.expected_denials = denials
+                    .take_expected(|d| crate::packages::expected::explain(p, d))
+                    .into_iter()
+                    .map(|(d, reason)| ExpectedDenial {
+                        reason: reason.to_string(),
+                        denial: d.denial,
+                        records: d.records,
+                    })
+                    .collect();
+            }
+            let (list, count) = denials.report_fields();
+            report.denials = list;
+            report.denial_count = count;
+        }
+        Err(_) => {
+            report.denials = None;
+            report.denial_count = None;
+        }
+    }
+    add_filter_denials(&outcome, report);
+}
+
+/// Add what the run cgroup's BPF programs refused (network destinations,
+/// devices) to the kernel audit's denials. If their record could not be
+/// read, the run's denials are unknown.
+fn add_filter_denials(outcome: &RunOutcome, report: &mut RunReport) {
+    let Some(filtered) = &outcome.filter_denials else {
+        tracing::warn!(run_id = %outcome.run_id, "the run cgroup's BPF denial record could not be read; denials are unknown");
+        report.denials = None;
+        report.denial_count = None;
+        return;
+    };
+    for d in &filtered.records {
+        tracing::warn!(run_id = %outcome.run_id, access = %d.access, object = %d.object, "denied by the run cgroup's BPF program");
+    }
+    if let Some(list) = report.denials.as_mut() {
+        list.extend(filtered.records.iter().map(|d| Denial {
+            access: d.access.clone(),
+            path: Some(d.object.clone()),
+            exe: None,
+        }));
+    }
+    if let Some(count) = report.denial_count.as_mut() {
+        *count += filtered.count;
+    }
+}
+
+/// An [`AuditListener`] being started on its own thread.
+pub(super) enum StartingListener {
+    Thread(std::thread::JoinHandle<Result<AuditListener, String>>),
+    /// The thread could not be spawned: start inline at `join`.
+    Inline,
+}
+
+impl StartingListener {
+    pub(super) fn spawn() -> Self {
+        std::thread::Builder::new()
+            .name("audit-start".into())
+            .spawn(|| AuditListener::start().map_err(|e| e.to_string()))
+            .map_or(StartingListener::Inline, StartingListener::Thread)
+    }
+
+    pub(super) fn join(self) -> Result<AuditListener, String> {
+        match self {
+            StartingListener::Thread(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err("the audit listener start panicked".into())),
+            StartingListener::Inline => AuditListener::start().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The last [`TAIL_BYTES`] of a file, lossily decoded.
+fn tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+    let mut buf = Vec::new();
+    let _ = f.take(TAIL_BYTES).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}

@@ -1,0 +1,238 @@
+//! Stage 2 of a run: everything up to the point of no return. The sandbox
+//! is started held and the payload unpacked; the run's start is then made
+//! durable. A refusal here withdraws the held sandbox and removes the run
+//! directory: nothing of the bundle ran and no version was used up.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rollguard_shared::archive::OpenedBundle;
+use rollguard_shared::report::{RefusalKind, RunReport};
+
+use super::admit::{check_pins, Admission};
+use super::execute::StartingListener;
+use super::{empty_report, remove_run_dir, Refusal, RunOptions};
+use crate::audit_log::{AuditEvent, AuditLog};
+use crate::policy::HostPolicy;
+use crate::sandbox::spec::MIN_LANDLOCK_ABI;
+use crate::sandbox::{HeldChild, SandboxScope, SandboxSpec};
+use crate::state::{BeginRunError, RunId, RunMarker, StateDir};
+
+/// A run whose start is durable, its sandbox confined and held.
+pub(super) struct Prepared {
+    pub admission: Admission,
+    pub held: HeldChild,
+    pub audit: StartingListener,
+    pub run_id: RunId,
+    pub run_dir: PathBuf,
+    /// The package database before the run (`[packages]` only).
+    pub packages_before: Option<crate::packages::Snapshot>,
+    /// The report so far: bundle, signers, run id, network grants.
+    pub report: RunReport,
+}
+
+pub(super) fn prepare(
+    policy: &HostPolicy,
+    state: &StateDir,
+    log: &AuditLog,
+    (opened, admission): (OpenedBundle<'static>, Admission),
+    opts: &RunOptions,
+    started: Instant,
+) -> Result<Prepared, Refusal> {
+    let host = policy.identity();
+    // Every check that needs no disk write has passed: start listening for
+    // the run's audit records now, on another thread. Its kernel round trips
+    // (each status request spawns a kernel thread) then overlap with the
+    // unpacking and the durable state writes below instead of adding to
+    // them. It is joined before the sandbox is released, so no record of the
+    // run can be missed.
+    let audit = StartingListener::spawn();
+
+    // A private run directory: the payload, the plan, the bundle's output.
+    let run_id = RunId::generate().map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let run_dir = state
+        .create_run_dir(&run_id)
+        .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    let cleanup = |refusal: Refusal| {
+        remove_run_dir(state, &run_id);
+        refusal
+    };
+    let payload_dir = run_dir.join("payload");
+    std::fs::create_dir(&payload_dir).map_err(|e| {
+        cleanup(Refusal::new(
+            RefusalKind::HostError,
+            format!("{}: {e}", payload_dir.display()),
+        ))
+    })?;
+
+    let bundle = &admission.bundle;
+    let env = [
+        ("ROLLGUARD_BUNDLE", bundle.name.clone()),
+        ("ROLLGUARD_BUNDLE_VERSION", bundle.version.to_string()),
+        ("ROLLGUARD_HOST", host.name.clone()),
+        ("ROLLGUARD_RUN_ID", run_id.to_string()),
+    ]
+    .into_iter()
+    .chain(opts.rollout_id.clone().map(|r| ("ROLLGUARD_ROLLOUT", r)))
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    // Resolved again: name resolution in `admit` may have taken seconds,
+    // and a protected symlink re-pointed meanwhile must count from this
+    // run. The pins come from the same resolution as the sandbox's
+    // protected list, so a path that became protected inside a scope is
+    // pinned (or the run refused) too.
+    let scope = &admission.scope;
+    let now = policy.protected_now();
+    let pins = now
+        .check_scope(scope)
+        .map_err(|e| cleanup(Refusal::new(e.refusal_kind(), e)))?;
+    let placeholders = check_pins(scope, &pins, true).map_err(cleanup)?;
+    let spec = SandboxSpec {
+        run_id: run_id.to_string(),
+        payload_dir: payload_dir.clone(),
+        run_dir: run_dir.clone(),
+        command: match &admission.packages {
+            Some(p) => crate::packages::sandbox_command(p, &admission.manifest.run.command),
+            None => admission.manifest.run.command.clone(),
+        },
+        env,
+        scope: SandboxScope::new(scope, admission.network.rules.clone()),
+        protected: now
+            .canonical()
+            .iter()
+            .map(|p| p.as_path().to_path_buf())
+            .collect(),
+        pins: pins
+            .paths
+            .iter()
+            .map(|p| p.as_path().to_path_buf())
+            .collect(),
+        landlock_min_abi: MIN_LANDLOCK_ABI,
+        limits: admission.limits,
+    };
+
+    // Missing package directories are created now, as the sandbox's rules
+    // attach to existing directories (see `packages`). The only write
+    // outside the agent's own state before the run; a refusal below leaves
+    // them, empty.
+    if let Some(p) = &admission.packages {
+        crate::packages::prepare(p).map_err(|e| {
+            cleanup(Refusal::new(
+                RefusalKind::HostError,
+                format!("[packages]: {e}"),
+            ))
+        })?;
+    }
+    // Then the missing drop-in directories of the agent's unit directly in
+    // a scope: empty directories (they configure nothing), pinned like
+    // existing ones; the pins are then planned again without placeholders,
+    // as stage 2 will, and must all be mountable (see
+    // `sandbox::pins::create_placeholder`). Left behind after the run.
+    if !placeholders.is_empty() {
+        create_placeholders(&run_id, &placeholders)
+            .and_then(|()| check_pins(scope, &pins, false).map(drop))
+            .map_err(cleanup)?;
+    }
+
+    // Stage 2 starts now, held: it confines itself (about 2 ms of CPU) on
+    // the other core while the payload is unpacked and the start is made
+    // durable below, and executes nothing until it is released after that.
+    // A refusal from here on withdraws it (nothing of the bundle ran).
+    let held = admission.launcher.spawn_held(&spec).map_err(|e| {
+        cleanup(Refusal::new(
+            RefusalKind::HostError,
+            format!("could not start the sandbox: {e}"),
+        ))
+    })?;
+    let refuse = |held: HeldChild, refusal: Refusal| {
+        if let Err(e) = held.withdraw() {
+            tracing::error!(run_id = %run_id, "withdrawing the held sandbox: {e}");
+        }
+        cleanup(refusal)
+    };
+
+    // Unpack into the private run directory; digests are checked on the
+    // way. The held stage 2's Landlock rule for the payload directory
+    // covers what is unpacked into it afterwards.
+    if let Err(e) = opened.unpack_payload(&payload_dir) {
+        return Err(refuse(
+            held,
+            Refusal::new(RefusalKind::BadBundle, format!("payload: {e}")),
+        ));
+    }
+
+    // The package database before the run: versions, files owned.
+    let packages_before = admission
+        .packages
+        .as_ref()
+        .map(crate::packages::Snapshot::take);
+
+    // Point of no return: durable before acted upon. The version (the
+    // atomic rollback check), the in-progress marker and the audit log entry
+    // are flushed together (see `StateDir::begin_run`).
+    let marker = match RunMarker::new(
+        run_id.clone(),
+        bundle.clone(),
+        admission.manifest_sha256.clone(),
+    ) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(held, Refusal::new(RefusalKind::HostError, e))),
+    };
+    let started_event = AuditEvent::RunStarted {
+        run_id: run_id.to_string(),
+        bundle: bundle.clone(),
+        manifest_sha256: admission.manifest_sha256.clone(),
+        signers: admission.signers.clone(),
+        scope: scope.into(),
+    };
+    let begun = state.begin_run(&admission.manifest.bundle.name, &marker, |lock| {
+        log.append_locked(lock, started_event).map(drop)
+    });
+    match begun {
+        Ok(()) => {}
+        Err(BeginRunError::Record(e)) => {
+            return Err(refuse(held, Refusal::new(e.refusal_kind(), e)));
+        }
+        // No unlogged runs: an audit log we cannot write is a host error.
+        Err(BeginRunError::Alongside(e)) => {
+            return Err(refuse(
+                held,
+                Refusal::new(RefusalKind::HostError, format!("audit log: {e}")),
+            ));
+        }
+    }
+
+    let mut report = empty_report(&host.name, started);
+    report.bundle = Some(bundle.clone());
+    report.signers = admission.signers.clone();
+    report.run_id = Some(run_id.to_string());
+    report.network = admission.network.grants.clone();
+    Ok(Prepared {
+        admission,
+        held,
+        audit,
+        run_id,
+        run_dir,
+        packages_before,
+        report,
+    })
+}
+
+/// Create the placeholders [`check_pins`] returned, each logged.
+fn create_placeholders(
+    run_id: &RunId,
+    placeholders: &[crate::sandbox::pins::Placeholder],
+) -> Result<(), Refusal> {
+    for p in placeholders {
+        let created = crate::sandbox::pins::create_placeholder(p)
+            .map_err(|e| Refusal::new(RefusalKind::HostError, format!("placeholder: {e}")))?;
+        if created {
+            tracing::info!(
+                run_id = %run_id,
+                path = %p.path.display(),
+                "created an empty directory (root:root 0755) for a missing drop-in directory of the agent's unit inside a write scope, pinned read-only for the run and left in place"
+            );
+        }
+    }
+    Ok(())
+}
