@@ -63,10 +63,8 @@ pub enum StateError {
         path: PathBuf,
         errno: nix::errno::Errno,
     },
-    #[error(
-        "run id {0:?} is invalid: use 1-64 characters of [A-Za-z0-9_-], not starting with '-'"
-    )]
-    BadRunId(String),
+    #[error(transparent)]
+    BadRunId(#[from] BadRunId),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
@@ -96,27 +94,23 @@ impl RecordStartedError {
     }
 }
 
-/// Identifies one run: `<UTC time>-<16 random hex digits>`, which sorts by
-/// start time and is safe as a file name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RunId(String);
-
-impl RunId {
-    pub fn parse(raw: &str) -> Result<Self, StateError> {
-        let ok = !raw.is_empty()
+rollguard_shared::validated_string! {
+    /// Identifies one run: `<UTC time>-<16 random hex digits>`, which sorts
+    /// by start time and is safe as a file name.
+    pub struct RunId;
+    error BadRunId =
+        "run id {0:?} is invalid: use 1-64 characters of [A-Za-z0-9_-], not starting with '-'";
+    check = |raw: &str| {
+        !raw.is_empty()
             && raw.len() <= 64
             && !raw.starts_with('-')
             && raw
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if ok {
-            Ok(RunId(raw.to_string()))
-        } else {
-            Err(StateError::BadRunId(raw.to_string()))
-        }
-    }
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+}
 
+impl RunId {
     /// A fresh id. Randomness comes from `/dev/urandom` (no extra crate
     /// needed for 8 bytes).
     pub fn generate() -> Result<Self, StateError> {
@@ -126,30 +120,7 @@ impl RunId {
             .and_then(|mut f| f.read_exact(&mut bytes))
             .map_err(io_err("read", path))?;
         let now = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
-        Ok(RunId(format!("{now}-{}", hex::encode(bytes))))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for RunId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for RunId {
-    type Error = StateError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        RunId::parse(&s)
-    }
-}
-
-impl From<RunId> for String {
-    fn from(r: RunId) -> String {
-        r.0
+        Ok(RunId::from_trusted(format!("{now}-{}", hex::encode(bytes))))
     }
 }
 

@@ -16,6 +16,7 @@ pub mod report;
 pub mod services;
 pub mod signature;
 pub mod targets;
+pub mod validated;
 pub mod version;
 
 pub use manifest::{Manifest, SourceManifest};

@@ -51,95 +51,32 @@ pub const MAX_ORDER_LINE: usize = 64 * 1024;
 /// Seconds between keep-alive [`Order::Ping`]s on an idle order stream.
 pub const PING_INTERVAL_SECS: u64 = 20;
 
-/// A rollout identifier: `r-` followed by lowercase hex/digits, or any
-/// `[a-z0-9-]{1,64}`. Agents use it as a file name, so it is parsed, never
-/// trusted.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RolloutId(String);
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("rollout id {0:?} is invalid: use 1-64 characters of [a-z0-9-]")]
-pub struct BadRolloutId(pub String);
-
-impl RolloutId {
-    pub fn parse(raw: &str) -> Result<Self, BadRolloutId> {
-        if crate::manifest::is_slug(raw) {
-            Ok(RolloutId(raw.to_string()))
-        } else {
-            Err(BadRolloutId(raw.to_string()))
-        }
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+crate::validated_string! {
+    /// A rollout identifier: `r-` followed by lowercase hex/digits, or any
+    /// `[a-z0-9-]{1,64}`. Agents use it as a file name, so it is parsed,
+    /// never trusted.
+    pub struct RolloutId;
+    error BadRolloutId = "rollout id {0:?} is invalid: use 1-64 characters of [a-z0-9-]";
+    check = crate::manifest::is_slug;
 }
 
-impl TryFrom<String> for RolloutId {
-    type Error = BadRolloutId;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        RolloutId::parse(&s)
-    }
-}
-
-impl From<RolloutId> for String {
-    fn from(id: RolloutId) -> String {
-        id.0
-    }
-}
-
-impl fmt::Display for RolloutId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A SHA-256 digest as 64 lowercase hex digits (bundle identity).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Sha256Hex(String);
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a SHA-256 digest (64 lowercase hex digits)")]
-pub struct BadDigest(pub String);
-
-impl Sha256Hex {
-    pub fn parse(raw: &str) -> Result<Self, BadDigest> {
-        if raw.len() == 64
+crate::validated_string! {
+    /// A SHA-256 digest as 64 lowercase hex digits (bundle identity).
+    pub struct Sha256Hex;
+    error BadDigest = "{0:?} is not a SHA-256 digest (64 lowercase hex digits)";
+    check = |raw: &str| {
+        raw.len() == 64
             && raw
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            Ok(Sha256Hex(raw.to_string()))
-        } else {
-            Err(BadDigest(raw.to_string()))
-        }
-    }
+    };
+}
+
+impl Sha256Hex {
+    /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
         use sha2::Digest;
-        Sha256Hex(hex::encode(sha2::Sha256::digest(bytes)))
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for Sha256Hex {
-    type Error = BadDigest;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Sha256Hex::parse(&s)
-    }
-}
-
-impl From<Sha256Hex> for String {
-    fn from(d: Sha256Hex) -> String {
-        d.0
-    }
-}
-
-impl fmt::Display for Sha256Hex {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        Sha256Hex::from_trusted(hex::encode(sha2::Sha256::digest(bytes)))
     }
 }
 
