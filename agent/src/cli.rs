@@ -41,11 +41,6 @@ pub enum Command {
     /// `--lift` (talks to the daemon over its local socket; works when the
     /// controller is unreachable).
     Kill(KillArgs),
-    /// Load testing: run many agent daemons in this one process, each with
-    /// its own policy (DIR/ggg/PREFIXnnnnn/agent.toml, ggg = nnnnn / 100: own
-    /// name, certificate, state directory), each with its own connection to the controller and
-    /// running bundles through the real verifier and sandbox.
-    Simulate(SimulateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -114,27 +109,6 @@ pub struct KillArgs {
     pub socket: PathBuf,
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct SimulateArgs {
-    /// The directory with one sub-directory (ggg/PREFIXnnnnn) per host.
-    #[arg(long)]
-    pub dir: PathBuf,
-    /// Host directory name prefix.
-    #[arg(long, default_value = "sim-")]
-    pub prefix: String,
-    /// The first host index.
-    #[arg(long, default_value_t = 0)]
-    pub first: usize,
-    /// How many hosts, from --first on.
-    #[arg(long)]
-    pub count: usize,
-    /// Bundles running at once in this process, at most (0: unbounded).
-    /// All simulated hosts share one kernel audit subsystem, which does not
-    /// keep up with hundreds of runs at once.
-    #[arg(long, default_value_t = 4)]
-    pub max_running: usize,
 }
 
 #[derive(Debug, Subcommand)]

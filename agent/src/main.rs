@@ -45,16 +45,6 @@ fn main() -> ExitCode {
         )
         .map(|()| ExitCode::SUCCESS),
         Command::Kill(args) => local_kill(args),
-        Command::Simulate(args) => rollguard_agent::daemon::simulate::simulate(
-            &rollguard_agent::daemon::simulate::SimulateOptions {
-                dir: args.dir,
-                prefix: args.prefix,
-                first: args.first,
-                count: args.count,
-                max_running: args.max_running,
-            },
-        )
-        .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,5 @@
 //! Scale benchmarks (figures, never pass/fail thresholds): a real controller
-//! and N real agent daemons (`rollguard-agent simulate`, a few processes, each
+//! and N real agent daemons (`rollguard-simulate`, a few processes, each
 //! host with its own certificate, policy, state directory, mutual-TLS
 //! connection and real sandboxed runs) on loopback. See docs/scale.md.
 //!
@@ -13,7 +13,7 @@
 //!
 //! Options (environment): `SCALE_PROCESSES` simulate processes (default 4),
 //! `SCALE_MAX_RUNNING` bundles running at once per simulate process (default
-//! 4; see `rollguard-agent simulate --help`).
+//! 4; see `rollguard-simulate --help`).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

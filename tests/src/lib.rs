@@ -8,6 +8,7 @@ pub mod fleet_host;
 pub mod host;
 pub mod packages;
 pub mod scale;
+pub mod simulate;
 pub mod systemd_container;
 
 use std::collections::BTreeMap;

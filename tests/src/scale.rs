@@ -1,7 +1,7 @@
 //! A large simulated fleet on loopback, for the scale test and the
 //! benchmarks (`tests/examples/scale.rs`): one real controller
 //! (`rollguard-controller serve`) and N real agent daemons run by a few
-//! `rollguard-agent simulate` processes. Every host has its own policy,
+//! `rollguard-simulate` processes. Every host has its own policy,
 //! state directory and enrolled certificate, its own mutual-TLS connection,
 //! and runs bundles through the real verifier and kernel sandbox.
 //!
@@ -29,7 +29,7 @@ use serde_json::Value;
 use crate::{bin, run, run_ok};
 
 pub const BASE: &str = "/var/lib/rollguard-scale";
-/// Host directory prefix (`rollguard-agent simulate --prefix`).
+/// Host directory prefix (`rollguard-simulate --prefix`).
 pub const PREFIX: &str = "sim-";
 
 pub struct ScaleFleet {
@@ -156,7 +156,7 @@ impl ScaleFleet {
     pub fn hosts_dir(&self) -> PathBuf {
         self.root().join("hosts")
     }
-    /// `hosts/ggg/sim-nnnnn` (see `rollguard_agent::daemon::simulate`:
+    /// `hosts/ggg/sim-nnnnn` (see `crate::simulate`:
     /// grouped so no directory on the way to a host's protected paths has
     /// thousands of entries, as none has on a real host).
     pub fn host_dir(&self, i: usize) -> PathBuf {
@@ -257,11 +257,11 @@ impl ScaleFleet {
         self.sims.iter().map(Child::id).collect()
     }
 
-    /// Start the hosts in `processes` `rollguard-agent simulate` processes
+    /// Start the hosts in `processes` `rollguard-simulate` processes
     /// (one protocol thread each) and wait until every host is connected.
     /// Returns how long connecting took.
     /// `max_running` bounds the bundles running at once per process (0:
-    /// unbounded; see `rollguard-agent simulate --help`).
+    /// unbounded; see `rollguard-simulate --help`).
     pub fn start_agents(&mut self, processes: usize, max_running: usize) -> Duration {
         self.start_agents_of(self.count, processes, max_running)
     }
@@ -279,8 +279,7 @@ impl ScaleFleet {
         for first in (0..hosts).step_by(per.max(1)) {
             let count = per.min(hosts - first);
             let child = spawn_logged(
-                Command::new(bin("rollguard-agent"))
-                    .arg("simulate")
+                Command::new(bin("rollguard-simulate"))
                     .arg("--dir")
                     .arg(self.hosts_dir())
                     .args(["--prefix", PREFIX])

@@ -1,5 +1,5 @@
 //! End to end at fleet scale (correctness, no timing): 200 real agent
-//! daemons (`rollguard-agent simulate`, two processes, each host with its
+//! daemons (`rollguard-simulate`, two processes, each host with its
 //! own certificate, policy and state) against a real controller.
 //!
 //! 1. A no-op bundle rolled out in waves [1, 1%, 10%, 100%] completes with
@@ -60,7 +60,7 @@ fn two_hundred_agents_roll_out_once_each_and_all_obey_kill() {
     let mut fleet = ScaleFleet::new(HOSTS, "120s");
     fleet.start_controller();
     // At most 4 bundles at once per process: the simulated hosts share one
-    // kernel audit subsystem (see `rollguard-agent simulate --help`).
+    // kernel audit subsystem (see `rollguard-simulate --help`).
     fleet.start_agents(2, 4);
 
     // ---- 1. waves [1, 1%, 10%, 100%], zero bake --------------------------------

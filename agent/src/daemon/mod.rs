@@ -28,7 +28,6 @@ pub mod config;
 pub mod executor;
 pub mod local;
 pub mod records;
-pub mod simulate;
 pub mod transport;
 
 use std::collections::{BTreeSet, HashMap};
@@ -85,7 +84,7 @@ pub struct Daemon {
     /// Bounds concurrent downloads and runs: the controller is trusted to
     /// order, not to exhaust the host.
     run_slots: tokio::sync::Semaphore,
-    /// A bound shared with other daemons in the same process (`simulate`:
+    /// A bound shared with other daemons in the same process (the tests crate's `rollguard-simulate`:
     /// many hosts on one kernel), taken after `run_slots`.
     shared_slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Fleet kill states enforced in memory so far (see
@@ -570,7 +569,7 @@ impl Daemon {
             Order::KillState(state) => {
                 let generation = state.generation;
                 // Kill now; write it down off this thread (it serves every
-                // order of this host, and of every host in `simulate`);
+                // order of this host, and of every host of a simulated fleet);
                 // acknowledge once durable.
                 let killed = self.enforce_fleet_kill(state);
                 let me = self.clone();

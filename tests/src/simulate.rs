@@ -1,5 +1,6 @@
-//! `rollguard-agent simulate`: many real agent daemons in one process, for
-//! load tests and benchmarks on one machine.
+//! Many real agent daemons in one process, for load tests and benchmarks on
+//! one machine (`rollguard-simulate`, a test-only program: nothing in a
+//! shipped binary can stand in for a host).
 //!
 //! Each simulated host is a complete [`Daemon`]: its own policy file (its
 //! own name, trust file, state directory and `[controller]` section with its
@@ -24,10 +25,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::executor::RunnerExecutor;
-use super::transport::Transport;
-use super::Daemon;
-use crate::policy::HostPolicy;
+use rollguard_agent::daemon::executor::RunnerExecutor;
+use rollguard_agent::daemon::transport::Transport;
+use rollguard_agent::daemon::{open_launcher, Daemon, MAX_CONCURRENT_RUNS};
+use rollguard_agent::policy::HostPolicy;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -62,7 +63,9 @@ pub fn policy_path(dir: &Path, prefix: &str, index: usize) -> PathBuf {
 /// Run the hosts until the process is stopped.
 pub fn simulate(opts: &SimulateOptions) -> anyhow::Result<()> {
     anyhow::ensure!(opts.count > 0, "--count must be at least 1");
-    let agent_exe = std::env::current_exe().context("locating the rollguard-agent binary")?;
+    // The sandbox's stage-2 program is looked for beside this program (in
+    // the build's target directory, as beside an installed agent).
+    let agent_exe = std::env::current_exe().context("locating this program")?;
     let mut hosts = Vec::with_capacity(opts.count);
     for index in opts.first..opts.first + opts.count {
         let path = policy_path(&opts.dir, &opts.prefix, index);
@@ -79,9 +82,9 @@ pub fn simulate(opts: &SimulateOptions) -> anyhow::Result<()> {
     // runner waits on the sandbox), so a kill test with one long bundle per
     // host needs one thread per host, not tokio's default of 512.
     // One thread for all hosts' protocol work, like one `serve` per host:
-    // run several simulate processes to use several cores.
+    // run several such processes to use several cores.
     let runtime = tokio::runtime::Builder::new_current_thread()
-        .max_blocking_threads(opts.count * super::MAX_CONCURRENT_RUNS + 16)
+        .max_blocking_threads(opts.count * MAX_CONCURRENT_RUNS + 16)
         .enable_all()
         .build()
         .context("starting the runtime")?;
@@ -94,7 +97,7 @@ pub fn simulate(opts: &SimulateOptions) -> anyhow::Result<()> {
     // runs in flight per process instead.
     let shared_slots =
         (opts.max_running > 0).then(|| Arc::new(tokio::sync::Semaphore::new(opts.max_running)));
-    let launcher = super::open_launcher(&agent_exe);
+    let launcher = open_launcher(&agent_exe);
     runtime.block_on(async move {
         for (policy, transport) in hosts {
             let identity = policy.identity();
