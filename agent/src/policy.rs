@@ -899,8 +899,8 @@ fn is_unit_drop_in_dir(path: &Path) -> bool {
 /// Protected paths inside the write and delete scopes that the sandbox
 /// keeps unchanged (each spelling of them found there, sorted, once each):
 /// stage 2 binds each onto itself read-only in the run's mount namespace and
-/// makes every directory between its scope and it a mount point, so it can
-/// be neither changed nor renamed, removed or replaced (see
+/// makes every directory between its outermost scope and it a mount point,
+/// so it can be neither changed nor renamed, removed or replaced (see
 /// `docs/sandbox.md`, "Protected paths inside a write scope").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pins {

@@ -348,6 +348,9 @@ fn an_operators_protected_path_inside_a_write_scope_is_still_refused() {
 /// all it holds when the test ends.
 const UNIT_DIR: &str = "/usr/local/lib/systemd/system";
 
+/// The tests that use [`UNIT_DIR`], one at a time.
+static UNIT_DIR_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct RemoveUnitDir;
 
 impl Drop for RemoveUnitDir {
@@ -359,6 +362,7 @@ impl Drop for RemoveUnitDir {
 
 #[test]
 fn a_missing_drop_in_directory_of_the_agents_unit_in_a_scope_is_created_empty_and_pinned() {
+    let _one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let unit_dir = Path::new(UNIT_DIR);
     assert!(
         !unit_dir.exists(),
@@ -462,4 +466,68 @@ fn a_missing_drop_in_directory_of_the_agents_unit_in_a_scope_is_created_empty_an
             "{prefix} on {name} not reported: {report:#}"
         );
     }
+}
+
+#[test]
+fn a_directory_between_two_nested_scopes_above_a_pin_cannot_be_renamed() {
+    // Write scopes `/usr/local/lib` and `/usr/local/lib/systemd/system`:
+    // the unit directory is the innermost scope (a mount point), but
+    // `/usr/local/lib/systemd` between the two scopes must not be
+    // renamable either, or the bundle moves the whole unit directory
+    // away and writes a fresh one with a drop-in for the agent's unit.
+    let _one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let unit_dir = Path::new(UNIT_DIR);
+    let moved = Path::new("/usr/local/lib/systemd.old");
+    assert!(
+        !unit_dir.exists() && !moved.exists(),
+        "{UNIT_DIR} exists on this machine: the test would change it"
+    );
+    struct RemoveMoved;
+    impl Drop for RemoveMoved {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all("/usr/local/lib/systemd.old");
+        }
+    }
+    let _cleanup = (RemoveUnitDir, RemoveMoved);
+    fs::create_dir_all(unit_dir).unwrap();
+    let unit = unit_dir.join("rollguard-agent.service");
+    fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let policy = fs::read_to_string(host.policy())
+        .unwrap()
+        .replace("allow_scopes = [", "allow_scopes = [\"/usr/local/lib\", ");
+    fs::write(host.policy(), policy).unwrap();
+    let scope = format!(
+        "write = [\"/usr/local/lib\", {UNIT_DIR:?}]\ndelete = [\"/usr/local/lib\", {UNIT_DIR:?}]"
+    );
+    let script = "#!/bin/sh\n\
+         mv /usr/local/lib/systemd /usr/local/lib/systemd.old\n\
+         mkdir -p /usr/local/lib/systemd/system/rollguard-agent.service.d\n\
+         echo '[Service]' > /usr/local/lib/systemd/system/rollguard-agent.service.d/evil.conf\n\
+         echo done\n";
+    let src = host.bundle_source("nest", &manifest("nest", 1, "\"mail-*\"", &scope), script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert!(
+        !moved.exists(),
+        "the directory above the unit directory was renamed: {report:#}"
+    );
+    assert!(
+        !unit_dir
+            .join("rollguard-agent.service.d/evil.conf")
+            .exists(),
+        "{report:#}"
+    );
+    assert_eq!(
+        fs::read_to_string(&unit).unwrap(),
+        "[Service]\nExecStart=/bin/true\n"
+    );
+    assert_eq!(code, 1, "a run with denials is not a success: {report:#}");
+    let d = denials(&report);
+    assert!(
+        d.iter().any(|(a, p)| a.starts_with("ebusy.rename")
+            && Path::new(p) == Path::new("/usr/local/lib/systemd")),
+        "{report:#}"
+    );
 }

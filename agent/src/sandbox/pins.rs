@@ -14,13 +14,18 @@
 //!   point, so unlinking it, renaming it away, renaming something over it
 //!   or removing it answer `EBUSY`; a hard link to it would cross mounts
 //!   (`EXDEV`);
-//! - every directory strictly between the scope and the pin is bound onto
-//!   itself (writable, as it was): a mount point cannot be renamed or
-//!   removed (`EBUSY`). The kernel does let a directory that merely
-//!   *contains* a mount point be renamed (`vfs_rename` checks the moved and
-//!   the replaced entry only), which would leave the pin's path free to be
-//!   recreated by the bundle; hence every ancestor up to the scope, whose
-//!   own bind makes it a mount point too.
+//! - every directory strictly between the outermost scope holding the pin
+//!   and the pin (other than the scopes themselves, which are bound
+//!   already) is bound onto itself (writable, as it was): a mount point
+//!   cannot be renamed or removed (`EBUSY`). The kernel does let a
+//!   directory that merely *contains* a mount point be renamed
+//!   (`vfs_rename` checks the moved and the replaced entry only), which
+//!   would leave the pin's path free to be recreated by the bundle; hence
+//!   every ancestor up to the outermost scope, whose own bind makes it a
+//!   mount point too. Not only up to the innermost scope: with scopes
+//!   `/usr/local/lib` and `/usr/local/lib/systemd/system`, renaming
+//!   `/usr/local/lib/systemd` would carry the inner scope and its pins
+//!   away, and the bundle could make a fresh unit directory in its place.
 //!
 //! A pin that does not exist, or whose last component is a symlink (a mount
 //! cannot be placed on a symlink: `mount` follows it), cannot be bound. Its
@@ -67,8 +72,9 @@ pub enum PinError {
 /// What stage 2 mounts for a run's pins.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PinPlan {
-    /// Directories between a scope and a pin, bound onto themselves
-    /// (writable), shallowest first.
+    /// Directories between the outermost scope holding a pin and the pin
+    /// (scopes excepted), bound onto themselves (writable), shallowest
+    /// first.
     pub ancestors: Vec<PathBuf>,
     /// Paths bound onto themselves read-only: the pins, or for a pin that
     /// cannot be bound, its nearest existing directory (none beneath
@@ -128,12 +134,23 @@ pub fn plan_with_placeholders(
             }
             other => other?,
         };
+        // Up to the outermost scope holding the pin, not the innermost: a
+        // directory between two nested scopes is not a mount point, and
+        // renaming it would carry the inner scope (and the pin) away.
+        let outermost = scopes
+            .iter()
+            .filter(|s| pin.starts_with(s) && pin != *s)
+            .min_by_key(|s| s.components().count())
+            .unwrap_or(scope);
         let mut between = target.parent();
         while let Some(dir) = between {
-            if dir == scope.as_path() || !dir.starts_with(scope) {
+            if dir == outermost.as_path() || !dir.starts_with(outermost) {
                 break;
             }
-            ancestors.push(dir.to_path_buf());
+            // A scope is bound onto itself already: a mount point.
+            if !scopes.iter().any(|s| s == dir) {
+                ancestors.push(dir.to_path_buf());
+            }
             between = dir.parent();
         }
         read_only.push(target);
@@ -373,6 +390,20 @@ mod tests {
             vec![r.join("usr/lib/rollguard"), r.join("usr/sbin/agent")]
         );
         assert_eq!(p.ancestors, vec![r.join("usr/lib"), r.join("usr/sbin")]);
+    }
+
+    #[test]
+    fn directories_between_nested_scopes_above_a_pin_are_pinned_too() {
+        let (_d, r) = tree();
+        let units = r.join("usr/lib/systemd/system");
+        fs::write(units.join("agent.service"), "").unwrap();
+        let scopes = [r.join("usr"), units.clone()];
+        let p = plan(&scopes, &[units.join("agent.service")]).unwrap();
+        assert_eq!(p.read_only, vec![units.join("agent.service")]);
+        assert_eq!(
+            p.ancestors,
+            vec![r.join("usr/lib"), r.join("usr/lib/systemd")]
+        );
     }
 
     #[test]

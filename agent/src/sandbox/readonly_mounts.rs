@@ -19,8 +19,9 @@
 //!    refusal (it comes first) would be recorded nowhere;
 //! 4. the pins ([`super::pins`]): protected paths bundles may read that lie
 //!    inside a scope are bound read-only onto themselves, and every
-//!    directory between their scope and them becomes a mount point, so they
-//!    can be neither changed nor renamed, removed or replaced;
+//!    directory between the outermost scope holding them and them becomes
+//!    a mount point, so they can be neither changed nor renamed, removed
+//!    or replaced;
 //! 5. every protected path, and every other mount of a protected path's
 //!    data ([`super::mountinfo::aliases`]), is covered by an empty
 //!    read-only node (a mode-000 directory or file on a private tmpfs, as
