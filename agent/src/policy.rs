@@ -238,13 +238,17 @@ pub const DYNAMIC_LOADER_PATHS: [&str; 4] = [
 ];
 
 /// Where systemd looks for the agent's unit and drop-ins (`systemd.unit(5)`
-/// load path, system manager: configuration, runtime, control, transient,
-/// local and vendor directories).
-const SYSTEMD_UNIT_DIRS: [&str; 8] = [
+/// load path, system manager: configuration, runtime, control, attached
+/// (portable services), transient, local and vendor directories; systemd
+/// 252's `systemd-analyze unit-paths` lists them, with the generator
+/// directories under `/run`, which the sandbox replaces).
+const SYSTEMD_UNIT_DIRS: [&str; 10] = [
     "/etc/systemd/system",
     "/etc/systemd/system.control",
+    "/etc/systemd/system.attached",
     "/run/systemd/system",
     "/run/systemd/system.control",
+    "/run/systemd/system.attached",
     "/run/systemd/transient",
     "/usr/local/lib/systemd/system",
     "/usr/lib/systemd/system",

@@ -710,6 +710,10 @@ fn the_agents_programs_loader_and_unit_are_protected_from_writes_not_reads() {
             ProtectionReason::ServiceUnit,
         ),
         (
+            "/etc/systemd/system.attached/rollguard-agent.service.d/x.conf".into(),
+            ProtectionReason::ServiceUnit,
+        ),
+        (
             "/etc/rollguard/new".into(),
             ProtectionReason::AgentConfigDir,
         ),
