@@ -328,3 +328,48 @@ fn inspect_shows_the_services_a_bundle_asks_for() {
     );
     assert_eq!(meta["services"]["restart_stale"], true);
 }
+
+/// The request directory is the bundle's to write: a flood of it (a 20 MB
+/// file, many files, an oversized record) stays within the run's small
+/// tmpfs (never the host's disk, where the run directory lives), the
+/// record beyond the agent's bound fails the run, and nothing is
+/// performed, not even an allowed request made before the flood.
+#[test]
+fn flooding_the_request_directory_is_bounded_fails_the_run_and_performs_nothing() {
+    let s = setup("\"capt-a.service\"", &["capt-a.service"]);
+    let a = s.ct.main_pid("capt-a.service");
+    let script = "#!/bin/sh\n\
+        R=/run/rollguard/requests\n\
+        systemctl restart capt-a.service\n\
+        head -c 200000 /dev/zero | tr '\\0' x >> $R/requests.jsonl 2>/dev/null\n\
+        dd if=/dev/zero of=$R/flood bs=1M count=20 2>/dev/null\n\
+        echo \"flood=$(cat $R/* | wc -c)\"\n\
+        i=0; while [ $i -lt 200 ]; do touch $R/f$i 2>/dev/null || break; i=$((i+1)); done\n\
+        echo \"files=$i\"\n\
+        exit 0\n";
+    let (report, code) = s.run(
+        "flood",
+        &with_services("flood", 1, "restart = [\"capt-a.service\"]"),
+        script,
+    );
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert_ne!(code, 0);
+    let out = report["stdout_tail"].as_str().unwrap();
+    let figure = |key: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {report:#}"))
+    };
+    // Bounded: 128 KiB for everything written there, a handful of files.
+    assert!(figure("flood=") <= 128 * 1024, "{report:#}");
+    assert!(figure("files=") < 16, "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("larger than 65536 bytes")
+            && reason.contains("no service action was performed"),
+        "{reason}"
+    );
+    assert!(report["services"].is_null(), "{report:#}");
+    assert_eq!(s.ct.main_pid("capt-a.service"), a, "nothing was restarted");
+}

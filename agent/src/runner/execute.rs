@@ -2,7 +2,9 @@
 //! happened into the report: status, exit code, output tails, limits hit,
 //! and the denials (the kernel audit's and the run cgroup's BPF programs').
 
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rollguard_shared::report::{Denial, ExpectedDenial, RunReport, RunStatus};
@@ -26,8 +28,9 @@ const TAIL_BYTES: u64 = 4096;
 pub(super) struct Executed {
     pub admission: Admission,
     pub run_id: RunId,
-    pub run_dir: PathBuf,
     pub packages_before: Option<crate::packages::Snapshot>,
+    /// The run's service-request directory, handed over by stage 2.
+    pub service_requests: Option<Arc<OwnedFd>>,
     pub report: RunReport,
 }
 
@@ -38,22 +41,23 @@ pub(super) fn execute(prepared: Prepared, opts: &RunOptions) -> Executed {
         held,
         audit,
         run_id,
-        run_dir,
         packages_before,
         mut report,
     } = prepared;
-    release_and_wait(held, audit, run_id.as_str(), &admission, opts, &mut report);
+    let service_requests =
+        release_and_wait(held, audit, run_id.as_str(), &admission, opts, &mut report);
     Executed {
         admission,
         run_id,
-        run_dir,
         packages_before,
+        service_requests,
         report,
     }
 }
 
 /// Release the sandbox, wait, and fill in status, exit code, denials and
-/// output tails. The packages' expected denials are moved aside.
+/// output tails. The packages' expected denials are moved aside. Returns
+/// the run's service-request directory, if stage 2 handed it over.
 fn release_and_wait(
     held: HeldChild,
     audit: StartingListener,
@@ -61,7 +65,7 @@ fn release_and_wait(
     admission: &Admission,
     opts: &RunOptions,
     report: &mut RunReport,
-) {
+) -> Option<Arc<OwnedFd>> {
     let timeout = admission.manifest.run.timeout;
     let kernel = &admission.kernel;
     let packages = admission.packages.as_ref();
@@ -77,7 +81,7 @@ fn release_and_wait(
         Err(e) => {
             report.status = RunStatus::Failed;
             report.reason = Some(format!("could not start the sandbox: {e}"));
-            return;
+            return None;
         }
     };
     if let Some(on_start) = &opts.on_start {
@@ -91,7 +95,7 @@ fn release_and_wait(
         Err(e) => {
             report.status = RunStatus::Failed;
             report.reason = Some(format!("lost track of the run: {e}"));
-            return;
+            return None;
         }
     };
     report.leftover_processes = outcome.leftover_processes as u32;
@@ -225,6 +229,7 @@ fn release_and_wait(
         }
     }
     add_filter_denials(&outcome, report);
+    outcome.service_requests
 }
 
 /// Add what the run cgroup's BPF programs refused (network destinations,

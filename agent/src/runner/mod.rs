@@ -161,8 +161,8 @@ fn finish(
     let execute::Executed {
         admission,
         run_id,
-        run_dir,
         packages_before,
+        service_requests,
         mut report,
     } = run;
     // Files the packages replaced or removed: the stale-services scan's
@@ -174,7 +174,7 @@ fn finish(
     crate::services::after_run::after_run(
         &admission.manifest.services,
         policy.services(),
-        &run_dir,
+        service_requests.as_deref(),
         &replaced,
         &mut report,
     );

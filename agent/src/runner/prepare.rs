@@ -3,7 +3,6 @@
 //! durable. A refusal here withdraws the held sandbox and removes the run
 //! directory: nothing of the bundle ran and no version was used up.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use rollguard_shared::archive::OpenedBundle;
@@ -24,7 +23,6 @@ pub(super) struct Prepared {
     pub held: HeldChild,
     pub audit: StartingListener,
     pub run_id: RunId,
-    pub run_dir: PathBuf,
     /// The package database before the run (`[packages]` only).
     pub packages_before: Option<crate::packages::Snapshot>,
     /// The report so far: bundle, signers, run id, network grants.
@@ -212,7 +210,6 @@ pub(super) fn prepare(
         held,
         audit,
         run_id,
-        run_dir,
         packages_before,
         report,
     })

@@ -15,7 +15,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
@@ -34,7 +34,9 @@ use super::clone_into_cgroup;
 use super::limits::LimitHit;
 use super::output::{self, Capture};
 use super::spec::{SandboxSpec, SpecError, Stage2Plan};
-use super::status::{self, Confinement, Event, Step, AUDIT_SESSION_FILE, RELEASE_BYTE};
+use super::status::{
+    self, Confinement, Event, Step, AUDIT_SESSION_FILE, RELEASE_BYTE, REQUESTS_DIR_BYTE,
+};
 use super::STAGE2_PROGRAM;
 
 pub const PLAN_FILE: &str = "sandbox-plan.json";
@@ -351,6 +353,7 @@ impl Launcher {
                 armed: true,
                 filters,
                 exit_audit: false,
+                service_requests: None,
             },
         })
     }
@@ -395,6 +398,10 @@ impl HeldChild {
             // Stage 2 failed before it had a session: its status says why.
             None => false,
         };
+        // Sent after the session line, once the directory is mounted; none
+        // if stage 2 failed before (its status says why), and then the
+        // runner performs no service action.
+        child.service_requests = receive_requests_dir(&gate).map(Arc::new);
         match gate.write_all(&[RELEASE_BYTE]) {
             Ok(()) => {}
             // Stage 2 has already exited: its setup failed, and its status
@@ -543,6 +550,11 @@ pub struct RunOutcome {
     /// What the run cgroup's BPF programs refused (network destinations,
     /// devices); `None` if their record could not be read (unknown).
     pub filter_denials: Option<FilterDenials>,
+    /// The run's service-request directory (a tmpfs of the run's own,
+    /// kept by this descriptor after the run's namespace is gone); `None`
+    /// if stage 2 did not hand it over.
+    #[serde(skip)]
+    pub service_requests: Option<Arc<OwnedFd>>,
     #[serde(with = "duration_ms")]
     pub duration: Duration,
     pub stdout: PathBuf,
@@ -581,6 +593,8 @@ pub struct ConfinedChild {
     filters: CgroupFilters,
     /// Whether the run's audit exit rules were added before its release.
     exit_audit: bool,
+    /// The run's service-request directory, as stage 2 handed it over.
+    service_requests: Option<Arc<OwnedFd>>,
 }
 
 impl Drop for ConfinedChild {
@@ -785,6 +799,7 @@ impl ConfinedChild {
             stdout_dropped,
             stderr_dropped,
             filter_denials,
+            service_requests: self.service_requests.clone(),
             duration,
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
@@ -860,6 +875,39 @@ fn read_session_from(gate: &mut UnixStream) -> Option<u32> {
         }
     }
     None
+}
+
+/// The descriptor stage 2 sends on the gate after its session line (see
+/// `stage2::send_requests_dir`): one [`REQUESTS_DIR_BYTE`] carrying one
+/// directory. `None` on anything else.
+fn receive_requests_dir(gate: &UnixStream) -> Option<OwnedFd> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    use std::mem::MaybeUninit;
+    let mut byte = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = recvmsg(
+        gate,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .ok()?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    let whole = msg.bytes == 1 && !msg.flags.contains(ReturnFlags::CTRUNC);
+    if !whole || byte[0] != REQUESTS_DIR_BYTE || fds.len() != 1 {
+        return None;
+    }
+    let dir = fds.pop()?;
+    let is_dir = rustix::fs::fstat(&dir).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+    });
+    is_dir.then_some(dir)
 }
 
 /// The run's audit syscall-exit rules (the agent added them, keyed on the

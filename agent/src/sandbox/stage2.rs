@@ -21,7 +21,8 @@
 //!    everything outside the scopes read-only and nodev, protected paths
 //!    covered (`readonly_mounts`), private
 //!    `/tmp`, `/var/tmp`, `/run` (with the service-capture links and
-//!    request directory), minimal `/dev` (needs CAP_SYS_ADMIN and
+//!    request directory, a small tmpfs whose descriptor goes to the agent
+//!    on the gate), minimal `/dev` (needs CAP_SYS_ADMIN and
 //!    CAP_MKNOD, dropped in 4; must precede 6 because Landlock rules attach
 //!    to the inodes of these new mounts);
 //! 4. capabilities cut to the keep-list;
@@ -61,7 +62,7 @@ use super::cgroup::RunCgroup;
 use super::spec::{SandboxSpec, Stage2Plan};
 use super::status::{
     Confinement, Event, StatusWriter, Step, AUDIT_SESSION_FILE, EXIT_EXEC_FAILED, EXIT_NOT_FOUND,
-    EXIT_SETUP_FAILED, RELEASE_BYTE,
+    EXIT_SETUP_FAILED, RELEASE_BYTE, REQUESTS_DIR_BYTE,
 };
 use super::{
     audit_session, capabilities, cgroup_limits, landlock_rules, namespaces, pid_init,
@@ -288,15 +289,19 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
     // This program, which the service-capture links point to.
     let stage2_exe = std::env::current_exe().map_err(at(Step::Namespaces))?;
     namespaces::enter(private_network).map_err(at(Step::Namespaces))?;
-    let service_requests =
-        namespaces::open_service_requests(&spec.run_dir).map_err(at(Step::Namespaces))?;
     // Everything outside the write/delete scopes read-only and nodev,
     // protected paths covered; then the private scratch mounts (and the
     // run's own /proc) on top.
     let read_only = readonly_mounts::apply(spec).map_err(at(Step::Mounts))?;
     namespaces::mount_private_dirs(!private_network, spec.limits.tmp_bytes)
         .map_err(at(Step::Mounts))?;
-    namespaces::mount_service_capture(service_requests, &stage2_exe).map_err(at(Step::Mounts))?;
+    let service_requests =
+        namespaces::mount_service_capture(&stage2_exe).map_err(at(Step::Mounts))?;
+    // The agent reads the requests through this descriptor after the run
+    // (the namespace, and its path, are gone by then); sent now, before
+    // the bundle exists.
+    send_requests_dir(gate, &service_requests).map_err(at(Step::Mounts))?;
+    drop(service_requests);
     // The bundle's stdin: the private /dev's null, not the host's, which
     // was opened before this namespace (a descriptor keeps its mount, and
     // the host's is writable: fchmod on it would change the host's node).
@@ -339,6 +344,26 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
         // Filled in by the agent, which adds the rules (see above).
         exit_audit: false,
     })
+}
+
+/// Hand the run's request directory (its own tmpfs) to the agent: one
+/// byte, [`REQUESTS_DIR_BYTE`], carrying the descriptor (`SCM_RIGHTS`) on
+/// the gate, after the audit session line.
+fn send_requests_dir(gate: &File, dir: &File) -> Result<(), nix::Error> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [dir.as_raw_fd()];
+    let sent = sendmsg::<()>(
+        gate.as_raw_fd(),
+        &[io::IoSlice::new(&[REQUESTS_DIR_BYTE])],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    if sent == 1 {
+        Ok(())
+    } else {
+        Err(nix::Error::EIO)
+    }
 }
 
 /// Step 10: clean environment, payload as working directory, exec in place.

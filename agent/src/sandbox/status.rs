@@ -25,6 +25,9 @@ pub const STATUS_FILE: &str = "stage2-status.jsonl";
 /// The byte the agent writes to stage 2's stdin to release a held run
 /// (see `launch.rs`); end-of-file instead means the run was withdrawn.
 pub const RELEASE_BYTE: u8 = b'R';
+/// The byte stage 2 sends on the gate, after its audit session line,
+/// carrying the run's service-request directory (`SCM_RIGHTS`).
+pub const REQUESTS_DIR_BYTE: u8 = b'Q';
 /// The audit session id of the run, as decimal text.
 pub const AUDIT_SESSION_FILE: &str = "audit-session";
 

@@ -3,7 +3,8 @@
 //! and the report filled in (docs/services.md).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 
 use rollguard_shared::manifest::Services;
 use rollguard_shared::report::{Denial, RunReport, RunStatus};
@@ -29,16 +30,28 @@ pub fn check_declared(services: &Services, allow: &ServicesPolicy) -> Result<(),
 
 /// After the run: read what the sandbox captured, report it, and perform
 /// the declared and allowed captured actions if the run succeeded with no
-/// denial. `replaced` is what the run's packages replaced or removed (the
-/// stale scan's input).
+/// denial. `requests` is the run's service-request directory as stage 2
+/// handed it over; `replaced` is what the run's packages replaced or
+/// removed (the stale scan's input).
 pub fn after_run(
     services: &Services,
     allow: &ServicesPolicy,
-    run_dir: &Path,
+    requests: Option<&OwnedFd>,
     replaced: &BTreeSet<PathBuf>,
     report: &mut RunReport,
 ) {
-    let records = match capture::read_records(run_dir) {
+    let read = match requests {
+        Some(dir) => capture::read_records(dir.as_fd()),
+        // Stage 2 hands it over before the bundle starts: without it the
+        // run did not start (its status says why), and nothing is
+        // performed below.
+        None if report.status != RunStatus::Succeeded => Ok(Vec::new()),
+        None => Err(format!(
+            "the sandbox did not hand over its service request directory {}",
+            capture::REQUESTS_DIR
+        )),
+    };
+    let records = match read {
         Ok(r) => r,
         Err(e) => {
             // Fail closed: a record we cannot read may hide any request.

@@ -16,9 +16,12 @@
 //! replace, and no script to generate per run. The links sit on a
 //! read-only mount, so the bundle cannot replace them either.
 //!
-//! Each request is one JSON line appended to [`REQUESTS_FILE`], in a
-//! directory of the run directory bound (writable) into the sandbox. That
-//! file is bundle data: a bundle could write any line into it, which is no
+//! Each request is one JSON line appended to [`REQUESTS_FILE`], on a small
+//! tmpfs of the run's own ([`REQUESTS_TMPFS_BYTES`]; never a directory of
+//! the host's file systems, which the bundle could fill). Stage 2 hands
+//! that directory, opened, to the agent before the bundle starts; the agent
+//! reads the record through it after the run ([`read_records`]). The file
+//! is bundle data: a bundle could write any line into it, which is no
 //! more than calling a shim. The agent parses it strictly
 //! ([`parse_records`]): bounded size and count, known fields only, a valid
 //! unit name; anything else fails the run (no service action is performed
@@ -39,10 +42,14 @@ pub const SHIM_DIR: &str = "/run/rollguard/bin";
 pub const REQUESTS_DIR: &str = "/run/rollguard/requests";
 /// The record, inside the sandbox.
 pub const REQUESTS_FILE: &str = "/run/rollguard/requests/requests.jsonl";
-/// The directory of the run directory bound onto [`REQUESTS_DIR`].
-pub const RUN_DIR_REQUESTS: &str = "service-requests";
-/// The record's name in it.
+/// The record's name in [`REQUESTS_DIR`].
 pub const REQUESTS_NAME: &str = "requests.jsonl";
+/// Size of the tmpfs on [`REQUESTS_DIR`]: room for a record larger than
+/// [`MAX_RECORD_BYTES`], so a flood is seen as one (and fails the run),
+/// and no more (it lives in the host's RAM).
+pub const REQUESTS_TMPFS_BYTES: u64 = 2 * MAX_RECORD_BYTES;
+/// Inodes of that tmpfs (its root included): the record and a few others.
+pub const REQUESTS_TMPFS_INODES: u64 = 16;
 /// The programs captured; each is a link in [`SHIM_DIR`].
 pub const SHIMS: [&str; 5] = [
     "systemctl",
@@ -446,32 +453,30 @@ fn append(records: &[Record]) -> std::io::Result<()> {
 
 // ---- the agent's side --------------------------------------------------------
 
-/// Read the record the run left in `run_dir`. No file: no requests.
-/// Strict: a file that is not a regular file, too large, not UTF-8, with
-/// too many lines, or a line that is not exactly a [`Record`] with a known
-/// shim, a plain verb and a valid unit name, is an error naming the line.
-pub fn read_records(run_dir: &Path) -> Result<Vec<Record>, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = run_dir.join(RUN_DIR_REQUESTS).join(REQUESTS_NAME);
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+/// Read the record the run left in `requests`, the run's [`REQUESTS_DIR`]
+/// as stage 2 handed it over (opened before the bundle started; the
+/// bundle's processes are all gone when this is called). No file: no
+/// requests. Strict: a file that is not a regular file, too large, not
+/// UTF-8, with too many lines, or a line that is not exactly a [`Record`]
+/// with a known shim, a plain verb and a valid unit name, is an error
+/// naming the line.
+pub fn read_records(requests: std::os::fd::BorrowedFd<'_>) -> Result<Vec<Record>, String> {
+    use rustix::fs::{openat, Mode, OFlags};
+    let what = format!("{REQUESTS_FILE} (the run's record)");
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let file = match openat(requests, REQUESTS_NAME, flags, Mode::empty()) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{what}: {e}")),
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = file.metadata().map_err(|e| format!("{what}: {e}"))?;
     if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
+        return Err(format!("{what} is not a regular file"));
     }
     let mut bytes = Vec::new();
     file.take(MAX_RECORD_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| format!("{what}: {e}"))?;
     parse_records(&bytes)
 }
 
