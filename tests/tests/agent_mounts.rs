@@ -531,3 +531,95 @@ fn a_directory_between_two_nested_scopes_above_a_pin_cannot_be_renamed() {
         "{report:#}"
     );
 }
+
+/// The pins against the other ways of reaching a file: a hard link to the
+/// pinned program (then written through), a descriptor reopened for
+/// writing through `/proc/self/fd` (also from `O_PATH`), chmod, utimes,
+/// xattrs and truncate through such descriptors, a symlink swapped over
+/// the pinned directory, the scope itself renamed, and a file created in
+/// the pinned directory. None changes anything; the refusals the kernel
+/// audits are reported.
+#[test]
+fn pins_hold_against_hard_links_proc_fd_reopens_and_symlink_swaps() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let agent = install_agent(&host);
+    let r = host.root();
+    fs::create_dir_all(r.join("usr/libexec")).unwrap();
+    let stage2 = r.join("usr/lib/rollguard/rollguard-sandbox-exec");
+    let scope = "write = [\"@ROOT@/usr\"]\ndelete = [\"@ROOT@/usr\"]";
+    let script = r#"#!/bin/sh
+U=@ROOT@/usr
+P=$U/lib/rollguard/rollguard-sandbox-exec
+ln $P $U/share/doc/hl && echo evil >> $U/share/doc/hl && echo LINKED
+exec 3<$P
+echo evil 2>/dev/null > /proc/self/fd/3 && echo REOPENED
+exec 3<&-
+/usr/bin/python3 - "$P" <<'PY'
+import os, sys
+p = sys.argv[1]
+for flags in (os.O_PATH, os.O_RDONLY):
+    fd = os.open(p, flags)
+    via = '/proc/self/fd/%d' % fd
+    for what, act in (
+        ('chmod', lambda: os.chmod(via, 0o777)),
+        ('utime', lambda: os.utime(via, (0, 0))),
+        ('xattr', lambda: os.setxattr(via, 'user.rg', b'x')),
+        ('truncate', lambda: os.truncate(via, 0)),
+        ('write', lambda: os.close(os.open(via, os.O_WRONLY | os.O_APPEND))),
+    ):
+        try:
+            act()
+            print('CHANGED', what, flags)
+        except OSError as e:
+            print('refused', what, e.errno)
+    os.close(fd)
+PY
+mkdir -p /tmp/evil && ln -sfn /tmp/evil $U/lib/rollguard 2>/dev/null && echo SWAPPED
+mv -T $U/lib/rollguard $U/lib/rg.old 2>/dev/null && echo MOVED
+mv $U $U.old 2>/dev/null && echo SCOPE_MOVED
+echo evil > $U/lib/rollguard/new 2>/dev/null && echo CREATED
+echo done
+"#;
+    let before = host.snapshot("usr");
+    let before_stat = stat(&stage2);
+    let src = host.bundle_source("pin-fd", &manifest("pin", 1, "\"mail-*\"", scope), script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = run_with(&host, &agent, &bundle);
+    let out = report["stdout_tail"].as_str().unwrap();
+    assert!(out.contains("done"), "{report:#}");
+    for escaped in [
+        "LINKED",
+        "REOPENED",
+        "CHANGED",
+        "SWAPPED",
+        "MOVED",
+        "SCOPE_MOVED",
+        "CREATED",
+    ] {
+        assert!(!out.contains(escaped), "{escaped}: {report:#}");
+    }
+    // Ten refusals (EROFS; ETXTBSY for a write open, as the program runs
+    // as this run's init).
+    assert_eq!(out.matches("refused").count(), 10, "{report:#}");
+    assert_eq!(host.snapshot("usr"), before, "a pinned path changed");
+    assert_eq!(stat(&stage2), before_stat);
+    assert!(!r.join("usr/share/doc/hl").exists());
+    assert!(!r.join("usr.old").exists());
+    assert_eq!(code, 1, "a run with denials is not a success: {report:#}");
+    let d = denials(&report);
+    // Audit names the path as the call gave it: the descriptor's.
+    for call in ["chmod", "utimensat", "setxattr", "truncate", "openat"] {
+        assert!(
+            d.iter()
+                .any(|(a, p)| *a == format!("erofs.{call}") && p.starts_with("/proc/self/fd/")),
+            "erofs.{call} through /proc/self/fd not reported: {report:#}"
+        );
+    }
+    assert!(
+        d.iter()
+            .any(|(a, p)| a.starts_with("ebusy.rename")
+                && Path::new(p) == r.join("usr/lib/rollguard")),
+        "{report:#}"
+    );
+}
