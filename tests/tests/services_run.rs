@@ -373,3 +373,38 @@ fn flooding_the_request_directory_is_bounded_fails_the_run_and_performs_nothing(
     assert!(report["services"].is_null(), "{report:#}");
     assert_eq!(s.ct.main_pid("capt-a.service"), a, "nothing was restarted");
 }
+
+/// A forged record (the bundle writes the file itself) naming a unit
+/// systemd would reach by path, or anything but a plain unit name, fails
+/// the run with the line named and performs nothing, not even the
+/// allowed request before it; a symlink or a FIFO cannot take the
+/// record's place (Landlock: regular files only there).
+#[test]
+fn a_forged_request_record_with_an_injected_unit_name_fails_the_run_and_performs_nothing() {
+    let s = setup("\"capt-*.service\"", &["capt-a.service"]);
+    let a = s.ct.main_pid("capt-a.service");
+    let script = r#"#!/bin/sh
+R=/run/rollguard/requests
+ln -s /etc/passwd $R/link 2>/dev/null && echo LINKED
+mkfifo $R/fifo 2>/dev/null && echo FIFO
+systemctl restart capt-a.service
+echo '{"via":"systemctl","verb":"restart","unit":"../../capt-a.service"}' >> $R/requests.jsonl
+exit 0
+"#;
+    let (report, code) = s.run("forged", &with_services("forged", 1, ""), script);
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert_ne!(code, 0);
+    let out = report["stdout_tail"].as_str().unwrap_or("");
+    assert!(
+        !out.contains("LINKED") && !out.contains("FIFO"),
+        "{report:#}"
+    );
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("service request record line 2")
+            && reason.contains("no service action was performed"),
+        "{reason}"
+    );
+    assert!(report["services"].is_null(), "{report:#}");
+    assert_eq!(s.ct.main_pid("capt-a.service"), a, "nothing was restarted");
+}
