@@ -12,14 +12,16 @@
 //!   what lets the grant be as narrow as the package's own directories;
 //! - the sandbox's command: the package manager first, then the bundle's
 //!   own command, if any ([`sandbox_command`]);
-//! - the package database read before and after the run, with the
-//!   manager's own query tool: the versions for the report, and the files
-//!   the run replaced or removed ([`Snapshot`]), for the stale-services
-//!   scan.
+//! - the package database read before and after the run: the versions
+//!   for the report, and the files the run replaced or removed
+//!   ([`Snapshot`]), for the stale-services scan. dpkg's is read directly
+//!   ([`dpkg_db`], which says why and when it defers), rpm's and any dpkg
+//!   database the direct read declines with the manager's own query tool.
 //!
 //! dpkg and rpm and every maintainer script run confined: what they change
 //! beyond the signed scope is denied by the kernel and reported.
 
+pub mod dpkg_db;
 pub mod expected;
 
 use std::collections::BTreeSet;
@@ -256,13 +258,12 @@ pub struct Outcome {
 impl Snapshot {
     pub fn take(p: &Packages) -> Snapshot {
         let mut files = Vec::new();
-        let before = p
-            .install
-            .iter()
-            .map(|pkg| {
-                let state = installed(p, pkg.name.as_str());
+        let before = read_states(p)
+            .into_iter()
+            .zip(&p.install)
+            .map(|((state, list), pkg)| {
                 if state.version.is_some() {
-                    for path in owned_files(p, pkg.name.as_str()) {
+                    for path in owned_files(p, pkg.name.as_str(), list) {
                         if let Ok(m) = std::fs::symlink_metadata(&path) {
                             if !m.is_dir() {
                                 files.push((path, m.dev(), m.ino()));
@@ -279,8 +280,8 @@ impl Snapshot {
     pub fn finish(self, p: &Packages) -> Outcome {
         let mut changes = Vec::new();
         let mut mismatch = Vec::new();
-        for (pkg, before) in p.install.iter().zip(self.before) {
-            let after = installed(p, pkg.name.as_str());
+        let after = read_states(p).into_iter().map(|(state, _)| state);
+        for ((pkg, before), after) in p.install.iter().zip(self.before).zip(after) {
             if after.version.as_deref() != Some(pkg.version.as_str()) || after.state.is_some() {
                 mismatch.push(format!(
                     "{} is {} after the run, not {} installed",
@@ -341,6 +342,47 @@ fn query(cmd: &mut Command) -> Result<Option<String>, String> {
     }
 }
 
+/// Where a package's file list comes from.
+enum FileList {
+    /// dpkg's list file, from the direct read.
+    Dpkg(PathBuf),
+    /// The query tool.
+    Query,
+}
+
+/// Every package of the bundle as the database has it now, in order, each
+/// with where its file list comes from: dpkg's database read directly,
+/// once for all packages; rpm's, or a dpkg database the direct read
+/// declines (see [`dpkg_db`]), with the query tool.
+fn read_states(p: &Packages) -> Vec<(Installed, FileList)> {
+    if p.kind == PackageKind::Deb {
+        let names: Vec<&str> = p.install.iter().map(|pkg| pkg.name.as_str()).collect();
+        match dpkg_db::lookup(Path::new(DPKG_ADMINDIR), &names) {
+            Ok(found) => {
+                return found
+                    .into_iter()
+                    .map(|f| match f {
+                        Some(f) => (
+                            Installed {
+                                version: Some(f.version),
+                                state: f.state,
+                                error: None,
+                            },
+                            FileList::Dpkg(f.list),
+                        ),
+                        None => (Installed::default(), FileList::Query),
+                    })
+                    .collect()
+            }
+            Err(e) => tracing::info!("dpkg's database is read with dpkg-query: {e}"),
+        }
+    }
+    p.install
+        .iter()
+        .map(|pkg| (installed(p, pkg.name.as_str()), FileList::Query))
+        .collect()
+}
+
 fn installed(p: &Packages, name: &str) -> Installed {
     let result = match p.kind {
         PackageKind::Deb => query(
@@ -393,7 +435,13 @@ fn installed(p: &Packages, name: &str) -> Installed {
 }
 
 /// The absolute paths the database lists for an installed package.
-fn owned_files(p: &Packages, name: &str) -> Vec<PathBuf> {
+fn owned_files(p: &Packages, name: &str, list: FileList) -> Vec<PathBuf> {
+    if let FileList::Dpkg(list) = list {
+        match dpkg_db::list_files(&list) {
+            Ok(files) => return files,
+            Err(e) => tracing::info!("dpkg's file list is read with dpkg-query: {e}"),
+        }
+    }
     let out = match p.kind {
         PackageKind::Deb => query(
             Command::new("dpkg-query")

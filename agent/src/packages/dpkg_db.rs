@@ -1,0 +1,669 @@
+//! dpkg's database read directly: the `status` file and the packages'
+//! `info/NAME.list` files, for the snapshot before and after a run.
+//!
+//! Why not `dpkg-query`: it parses the whole database (status, available,
+//! diversions, triggers) in a process of its own, about 8 ms of CPU per
+//! call here, and the snapshot needed three calls, a fifth of an
+//! install's added cost (docs/sandbox.md, "Cost of a package install").
+//! Reading the two files we need costs well under a millisecond.
+//!
+//! Why this is still what dpkg-query would say, and what happens when it
+//! might not be:
+//! - dpkg replaces `status` atomically (a new file renamed over it), so
+//!   one read sees one consistent version of it;
+//! - dpkg records changes not yet folded into `status` as journal files
+//!   in `updates/` (names of digits), which dpkg-query applies on top. We
+//!   do not: if `updates/` holds anything but dpkg's own temporary file,
+//!   before or after `status` is read, [`lookup`] returns
+//!   [`DbError::Journal`] and the caller asks dpkg-query instead;
+//! - the parser is strict (see [`parse`]): anything it does not expect is
+//!   an error, and the caller asks dpkg-query instead. So is a package
+//!   with more than one installed instance (Multi-Arch: same), where
+//!   "the" version is not one line.
+//!
+//! Hostile input: during a run the bundle may write anything into the
+//! database (it is in the derived write scope), including a symlink or a
+//! FIFO in place of `status`, `updates/` or `info/`. Every path is opened
+//! with `openat2(RESOLVE_NO_SYMLINKS)`, so no component of it may be a
+//! symlink (a host whose database is reached through one is read with
+//! dpkg-query), files without blocking (`O_NONBLOCK`, `O_NOCTTY`); they
+//! must be regular files and are read up to a bound; the parser's work is
+//! linear in the input (n log n for a paragraph's field names); no content
+//! of them goes into an error message. The worst a forged database can do
+//! is make the report's versions wrong, which it could do to dpkg-query's
+//! answer too.
+//!
+//! A small parser rather than a deb822 crate: we need four fields of a
+//! few paragraphs, must reject rather than repair anything unusual (the
+//! fallback is always there), and read bytes (descriptions in `status`
+//! need not be UTF-8).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+
+/// Largest `status` or `.list` file read (a big Debian host's `status` is
+/// about 10 MB); beyond it, dpkg-query answers.
+const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// The name dpkg writes a journal entry under before renaming it to its
+/// number; alone it is not a pending change.
+const JOURNAL_TMP: &str = "tmp.i";
+/// Longest file name of a list (the file system's limit).
+const MAX_NAME_BYTES: usize = 255;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DbError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, String),
+    #[error("{0}: does not exist")]
+    Missing(PathBuf),
+    #[error("{0}: not a regular file")]
+    NotRegular(PathBuf),
+    #[error("{0}: larger than {MAX_FILE_BYTES} bytes")]
+    TooLarge(PathBuf),
+    #[error("dpkg's journal ({0}) holds changes not yet in the status file")]
+    Journal(PathBuf),
+    #[error("status file line {0}: {1}")]
+    Syntax(usize, &'static str),
+    #[error("package {0}: {1}")]
+    Ambiguous(String, &'static str),
+}
+
+/// One package as `status` has it: an instance whose state is neither
+/// `not-installed` nor `config-files` (dpkg-query's "installed" in the
+/// sense the report uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub version: String,
+    /// dpkg's state word when it is not `installed` (`half-configured`,
+    /// `unpacked`...).
+    pub state: Option<String>,
+    /// Its file list, `info/NAME.list` or `info/NAME:ARCH.list` for a
+    /// `Multi-Arch: same` package (dpkg's naming).
+    pub list: PathBuf,
+}
+
+/// The packages `names` as `ADMINDIR/status` has them, in the same order:
+/// `None` for a package not installed.
+pub fn lookup(admindir: &Path, names: &[&str]) -> Result<Vec<Option<Found>>, DbError> {
+    let updates = admindir.join("updates");
+    journal_empty(&updates)?;
+    let status = read_bounded(&admindir.join("status"))?;
+    // dpkg may have journaled a change meanwhile (and not yet folded it
+    // into the status file we read).
+    journal_empty(&updates)?;
+    let paragraphs = parse(&status)?;
+    names
+        .iter()
+        .map(|name| {
+            let mut found = paragraphs
+                .iter()
+                .filter(|p| p.package == name.as_bytes())
+                .filter_map(|p| p.found(admindir).transpose());
+            match (found.next().transpose()?, found.next()) {
+                (first, None) => Ok(first),
+                (_, Some(_)) => Err(DbError::Ambiguous(
+                    name.to_string(),
+                    "more than one installed instance",
+                )),
+            }
+        })
+        .collect()
+}
+
+/// The absolute paths a package's file list names (without dpkg's `/.`),
+/// as `dpkg-query --listfiles` lists them. A missing list is an empty one,
+/// as dpkg-query treats it.
+pub fn list_files(list: &Path) -> Result<Vec<PathBuf>, DbError> {
+    let bytes = match read_bounded(list) {
+        Ok(b) => b,
+        Err(DbError::Missing(_)) => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    Ok(bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| l.starts_with(b"/") && *l != b"/.")
+        .map(|l| PathBuf::from(std::ffi::OsStr::from_bytes(l)))
+        .collect())
+}
+
+/// `path` opened with no symlink in any of its components (nor a
+/// `/proc` magic link), never blocking (a FIFO), never becoming a
+/// controlling terminal. Through rustix, whose `openat2` is safe code:
+/// std has no way to say "no symlink anywhere".
+fn open_no_symlinks(path: &Path, flags: OFlags) -> Result<OwnedFd, DbError> {
+    rustix::fs::openat2(
+        CWD,
+        path,
+        flags | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NOENT => DbError::Missing(path.into()),
+        e => DbError::Io(path.into(), std::io::Error::from(e).to_string()),
+    })
+}
+
+/// `updates/` holds no journal entry (only dpkg's temporary file, if
+/// anything).
+fn journal_empty(updates: &Path) -> Result<(), DbError> {
+    let io =
+        |e: rustix::io::Errno| DbError::Io(updates.into(), std::io::Error::from(e).to_string());
+    let dir = open_no_symlinks(updates, OFlags::DIRECTORY)?;
+    for entry in rustix::fs::Dir::new(dir).map_err(io)? {
+        let name = entry.map_err(io)?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." && name != JOURNAL_TMP.as_bytes() {
+            return Err(DbError::Journal(updates.into()));
+        }
+    }
+    Ok(())
+}
+
+/// A regular file's bytes, not through a symlink, never blocking on a
+/// FIFO, at most [`MAX_FILE_BYTES`].
+fn read_bounded(path: &Path) -> Result<Vec<u8>, DbError> {
+    let io = |e: std::io::Error| DbError::Io(path.into(), e.to_string());
+    let file = File::from(open_no_symlinks(path, OFlags::NONBLOCK)?);
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(DbError::NotRegular(path.into()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(DbError::TooLarge(path.into()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(DbError::TooLarge(path.into()));
+    }
+    Ok(bytes)
+}
+
+/// The fields of one paragraph we use.
+#[derive(Debug, Default)]
+struct Paragraph<'a> {
+    package: &'a [u8],
+    status: Option<&'a [u8]>,
+    version: Option<&'a [u8]>,
+    architecture: Option<&'a [u8]>,
+    multi_arch: Option<&'a [u8]>,
+}
+
+impl Paragraph<'_> {
+    /// The instance, if installed in the report's sense.
+    fn found(&self, admindir: &Path) -> Result<Option<Found>, DbError> {
+        let name = String::from_utf8_lossy(self.package).into_owned();
+        let bad = |why| DbError::Ambiguous(name.clone(), why);
+        let status = self.status.ok_or_else(|| bad("no Status field"))?;
+        let status = std::str::from_utf8(status).map_err(|_| bad("Status is not UTF-8"))?;
+        // "want flag state", e.g. "install ok installed".
+        let words: Vec<&str> = status.split(' ').collect();
+        let [_, _, state] = words[..] else {
+            return Err(bad("Status is not three words"));
+        };
+        match state {
+            "not-installed" | "config-files" => return Ok(None),
+            "" => return Err(bad("Status has an empty state")),
+            _ => {}
+        }
+        let version = self.version.ok_or_else(|| bad("no Version field"))?;
+        let version = std::str::from_utf8(version).map_err(|_| bad("Version is not UTF-8"))?;
+        if version.is_empty() || version.contains(char::is_whitespace) {
+            return Err(bad("Version is empty or holds whitespace"));
+        }
+        let list_name = match self.multi_arch {
+            Some(b"same") => {
+                let arch = self
+                    .architecture
+                    .ok_or_else(|| bad("Multi-Arch: same without an Architecture"))?;
+                let mut n = self.package.to_vec();
+                n.push(b':');
+                n.extend_from_slice(arch);
+                n
+            }
+            _ => self.package.to_vec(),
+        };
+        // The name becomes a file name: nothing that could leave info/,
+        // and short (it goes into error messages).
+        if list_name.is_empty()
+            || list_name.len() > MAX_NAME_BYTES - ".list".len()
+            || list_name
+                .iter()
+                .any(|b| !(b.is_ascii_alphanumeric() || b"+-.:_".contains(b)))
+            || list_name.starts_with(b".")
+        {
+            return Err(bad("name or architecture is not a plain word"));
+        }
+        let mut list = list_name;
+        list.extend_from_slice(b".list");
+        Ok(Some(Found {
+            version: version.to_string(),
+            state: (state != "installed").then(|| state.to_string()),
+            list: admindir
+                .join("info")
+                .join(std::ffi::OsStr::from_bytes(&list)),
+        }))
+    }
+}
+
+/// The paragraphs of a status file, strictly: every line is a field
+/// (`Name: value`, the name non-empty, without whitespace, not starting
+/// with `#` or `-`), a continuation of the previous field (starting with
+/// a space or a tab), or an empty line between paragraphs; no CR, no
+/// field twice in a paragraph (reported at the paragraph's end), every paragraph has one `Package`. Values
+/// are trimmed of surrounding spaces and tabs; the fields we use must be
+/// one line. Anything else is an error (the caller then asks dpkg-query).
+fn parse(text: &[u8]) -> Result<Vec<Paragraph<'_>>, DbError> {
+    let mut paragraphs = Vec::new();
+    // The paragraph being read.
+    let mut current: Option<Paragraph> = None;
+    // The names of its fields so far: checked for duplicates when it
+    // ends, sorted (a pairwise check would be quadratic in a hostile
+    // paragraph's field count).
+    let mut seen: Vec<&[u8]> = Vec::new();
+    // Whether the previous line set one of our fields (a continuation of
+    // it is refused).
+    let mut last_ours = false;
+    fn finish<'a>(
+        current: &mut Option<Paragraph<'a>>,
+        seen: &mut Vec<&'a [u8]>,
+        paragraphs: &mut Vec<Paragraph<'a>>,
+        line: usize,
+    ) -> Result<(), DbError> {
+        if let Some(p) = current.take() {
+            if p.package.is_empty() {
+                return Err(DbError::Syntax(line, "a paragraph without a Package field"));
+            }
+            // Field names are case-insensitive.
+            seen.sort_unstable_by(|a, b| {
+                let lower = u8::to_ascii_lowercase;
+                a.iter().map(lower).cmp(b.iter().map(lower))
+            });
+            if seen.windows(2).any(|w| w[0].eq_ignore_ascii_case(w[1])) {
+                return Err(DbError::Syntax(line, "a field twice in one paragraph"));
+            }
+            seen.clear();
+            paragraphs.push(p);
+        }
+        Ok(())
+    }
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut n_lines = 0;
+    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+        let n = i + 1;
+        n_lines = n;
+        if line.contains(&b'\r') {
+            return Err(DbError::Syntax(n, "a carriage return"));
+        }
+        if line.is_empty() {
+            finish(&mut current, &mut seen, &mut paragraphs, n)?;
+            last_ours = false;
+            continue;
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            if current.is_none() {
+                return Err(DbError::Syntax(n, "a continuation line outside a field"));
+            }
+            if last_ours {
+                return Err(DbError::Syntax(n, "a field we read spans lines"));
+            }
+            continue;
+        }
+        let colon = line
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or(DbError::Syntax(n, "a line that is not a field"))?;
+        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        if name.is_empty()
+            || name[0] == b'#'
+            || name[0] == b'-'
+            || name
+                .iter()
+                .any(|b| b.is_ascii_whitespace() || !b.is_ascii_graphic())
+        {
+            return Err(DbError::Syntax(n, "a bad field name"));
+        }
+        let p = current.get_or_insert_with(Default::default);
+        seen.push(name);
+        // Field names are case-insensitive (dpkg writes them capitalised).
+        let slot = match name.to_ascii_lowercase().as_slice() {
+            b"package" => {
+                if value.is_empty() {
+                    return Err(DbError::Syntax(n, "an empty Package field"));
+                }
+                p.package = value;
+                last_ours = true;
+                continue;
+            }
+            b"status" => &mut p.status,
+            b"version" => &mut p.version,
+            b"architecture" => &mut p.architecture,
+            b"multi-arch" => &mut p.multi_arch,
+            _ => {
+                last_ours = false;
+                continue;
+            }
+        };
+        *slot = Some(value);
+        last_ours = true;
+    }
+    finish(&mut current, &mut seen, &mut paragraphs, n_lines)?;
+    Ok(paragraphs)
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "\
+Package: a
+Status: install ok installed
+Priority: optional
+Version: 1.0-1
+Description: a package
+ with a long description
+ .
+ and more
+
+Package: b
+Status: deinstall ok config-files
+Version: 2.0
+
+Package: c
+Status: install reinstreq half-configured
+Architecture: amd64
+Version: 1:3.0
+Multi-Arch: same
+
+Package: d
+Status: purge ok not-installed
+";
+
+    fn admindir(status: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("updates")).unwrap();
+        std::fs::create_dir(dir.path().join("info")).unwrap();
+        std::fs::write(dir.path().join("status"), status).unwrap();
+        dir
+    }
+
+    #[test]
+    fn versions_and_states_as_dpkg_query_reports_them() {
+        let dir = admindir(STATUS);
+        let got = lookup(dir.path(), &["a", "b", "c", "d", "e"]).unwrap();
+        assert_eq!(
+            got[0],
+            Some(Found {
+                version: "1.0-1".into(),
+                state: None,
+                list: dir.path().join("info/a.list"),
+            })
+        );
+        assert_eq!(got[1], None);
+        assert_eq!(
+            got[2],
+            Some(Found {
+                version: "1:3.0".into(),
+                state: Some("half-configured".into()),
+                list: dir.path().join("info/c:amd64.list"),
+            })
+        );
+        assert_eq!(got[3], None);
+        assert_eq!(got[4], None);
+    }
+
+    #[test]
+    fn a_pending_journal_entry_defers_to_dpkg_query() {
+        let dir = admindir(STATUS);
+        std::fs::write(dir.path().join("updates/tmp.i"), "").unwrap();
+        assert!(lookup(dir.path(), &["a"]).is_ok());
+        std::fs::write(dir.path().join("updates/0000"), "Package: a\n").unwrap();
+        assert!(matches!(
+            lookup(dir.path(), &["a"]),
+            Err(DbError::Journal(_))
+        ));
+    }
+
+    #[test]
+    fn anything_unexpected_is_an_error() {
+        let bad = [
+            "Package: a\r\nStatus: install ok installed\n",
+            " continuation first\n",
+            "Package: a\nnot a field\n",
+            "Package: a\nPackage: a\n",
+            "Package: a\npackage: b\n",
+            "Status: install ok installed\n",
+            "Package:\n",
+            "Package: a\nVersion: 1.0\n 2.0\n",
+            "Package: a\n#comment: x\n",
+            "Package: a\nbad name: x\n",
+        ];
+        for text in bad {
+            assert!(
+                matches!(parse(text.as_bytes()), Err(DbError::Syntax(..))),
+                "{text:?}"
+            );
+        }
+        let odd = [
+            "Package: a\nStatus: install ok\nVersion: 1\n",
+            "Package: a\nStatus: install ok installed\n",
+            "Package: a\nStatus: install ok installed\nVersion: 1 2\n",
+            "Package: ../a\nStatus: install ok installed\nVersion: 1\n",
+            "Package: a\nStatus: install ok installed\nVersion: 1\nMulti-Arch: same\n",
+            "Package: a\nStatus: install ok installed\nVersion: 1\nArchitecture: x/y\nMulti-Arch: same\n",
+        ];
+        for text in odd {
+            let dir = admindir(text);
+            assert!(
+                matches!(
+                    lookup(dir.path(), &["a", "../a"]),
+                    Err(DbError::Ambiguous(..))
+                ),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_installed_instances_defer_to_dpkg_query() {
+        let dir = admindir(
+            "Package: a\nStatus: install ok installed\nArchitecture: amd64\nMulti-Arch: same\nVersion: 1\n\n\
+             Package: a\nStatus: install ok installed\nArchitecture: i386\nMulti-Arch: same\nVersion: 1\n\n\
+             Package: b\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1\n\n\
+             Package: b\nStatus: deinstall ok config-files\nArchitecture: i386\nVersion: 1\n",
+        );
+        assert!(matches!(
+            lookup(dir.path(), &["a"]),
+            Err(DbError::Ambiguous(..))
+        ));
+        assert_eq!(
+            lookup(dir.path(), &["b"]).unwrap()[0]
+                .as_ref()
+                .unwrap()
+                .version,
+            "1"
+        );
+    }
+
+    #[test]
+    fn descriptions_need_not_be_utf8() {
+        let mut text =
+            b"Package: x\nStatus: install ok installed\nVersion: 1\nMaintainer: J\xf6rg\n\n"
+                .to_vec();
+        text.extend_from_slice(STATUS.as_bytes());
+        let dir = admindir("");
+        std::fs::write(dir.path().join("status"), &text).unwrap();
+        assert_eq!(
+            lookup(dir.path(), &["x"]).unwrap()[0]
+                .as_ref()
+                .unwrap()
+                .version,
+            "1"
+        );
+    }
+
+    #[test]
+    fn no_symlink_and_no_fifo_is_read() {
+        let dir = admindir(STATUS);
+        let status = dir.path().join("status");
+        std::fs::rename(&status, dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("real", &status).unwrap();
+        assert!(matches!(lookup(dir.path(), &["a"]), Err(DbError::Io(..))));
+        std::fs::remove_file(&status).unwrap();
+        nix::unistd::mkfifo(&status, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(
+            lookup(dir.path(), &["a"]),
+            Err(DbError::NotRegular(_))
+        ));
+    }
+
+    #[test]
+    fn no_directory_is_reached_through_a_symlink() {
+        // `updates/` as a symlink to an empty directory would hide a
+        // pending journal entry; `info/` as one would read lists elsewhere.
+        let dir = admindir(STATUS);
+        std::fs::write(dir.path().join("updates/0001"), "").unwrap();
+        std::fs::rename(dir.path().join("updates"), dir.path().join("u")).unwrap();
+        std::fs::create_dir(dir.path().join("empty")).unwrap();
+        std::os::unix::fs::symlink("empty", dir.path().join("updates")).unwrap();
+        assert!(matches!(lookup(dir.path(), &["a"]), Err(DbError::Io(..))));
+        std::fs::remove_file(dir.path().join("updates")).unwrap();
+        std::fs::create_dir(dir.path().join("updates")).unwrap();
+        let list = lookup(dir.path(), &["a"]).unwrap()[0].clone().unwrap().list;
+        std::fs::rename(dir.path().join("info"), dir.path().join("i")).unwrap();
+        std::fs::write(dir.path().join("i/a.list"), "/usr\n").unwrap();
+        std::os::unix::fs::symlink("i", dir.path().join("info")).unwrap();
+        assert!(matches!(list_files(&list), Err(DbError::Io(..))));
+        let through = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &through).unwrap();
+        assert!(matches!(lookup(&through, &["a"]), Err(DbError::Io(..))));
+    }
+
+    #[test]
+    fn a_long_list_name_is_refused() {
+        let name = "a".repeat(251);
+        let dir = admindir(&format!(
+            "Package: {name}\nStatus: install ok installed\nVersion: 1\n"
+        ));
+        assert!(matches!(
+            lookup(dir.path(), &[&name]),
+            Err(DbError::Ambiguous(..))
+        ));
+        let name = "a".repeat(250);
+        let dir = admindir(&format!(
+            "Package: {name}\nStatus: install ok installed\nVersion: 1\n"
+        ));
+        assert!(lookup(dir.path(), &[&name]).unwrap()[0].is_some());
+    }
+
+    #[test]
+    fn many_fields_are_checked_for_duplicates_in_any_case() {
+        let mut text = String::from("Package: a\n");
+        for i in 0..100_000 {
+            text.push_str(&format!("X-{i}: v\n"));
+        }
+        assert_eq!(parse(text.as_bytes()).unwrap().len(), 1);
+        text.push_str("x-99999: v\n");
+        assert!(matches!(
+            parse(text.as_bytes()),
+            Err(DbError::Syntax(_, "a field twice in one paragraph"))
+        ));
+    }
+
+    #[test]
+    fn file_lists_as_dpkg_query_lists_them() {
+        let dir = admindir(STATUS);
+        let list = dir.path().join("info/a.list");
+        assert_eq!(list_files(&list).unwrap(), Vec::<PathBuf>::new());
+        std::fs::write(&list, "/.\n/usr\n/usr/share/a\n/usr/share/a/f\u{e9}\n").unwrap();
+        assert_eq!(
+            list_files(&list).unwrap(),
+            ["/usr", "/usr/share/a", "/usr/share/a/fé"]
+                .map(PathBuf::from)
+                .to_vec()
+        );
+    }
+
+    /// On this host's real database (read only): every package as
+    /// dpkg-query shows it, and every installed one's file list as
+    /// dpkg-query lists it.
+    #[test]
+    fn agrees_with_dpkg_query_on_this_host() {
+        let admindir = Path::new(crate::packages::DPKG_ADMINDIR);
+        let out = std::process::Command::new("dpkg-query")
+            .arg("--admindir=/var/lib/dpkg")
+            .args([
+                "--show",
+                "--showformat=${Package}\\t${Version}\\t${Status}\\n",
+            ])
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut expected: std::collections::BTreeMap<&str, Vec<(&str, &str)>> = Default::default();
+        for line in text.lines() {
+            let mut f = line.split('\t');
+            let (name, version, status) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+            let state = status.rsplit(' ').next().unwrap();
+            if !matches!(state, "not-installed" | "config-files") {
+                expected.entry(name).or_default().push((version, state));
+            }
+        }
+        assert!(expected.len() > 10, "{} packages", expected.len());
+        let names: Vec<&str> = expected
+            .keys()
+            .copied()
+            .filter(|n| expected[n].len() == 1)
+            .collect();
+        let found = lookup(admindir, &names).unwrap();
+        for (name, found) in names.iter().zip(&found) {
+            let found = found.as_ref().unwrap_or_else(|| panic!("{name} not found"));
+            let (version, state) = expected[name][0];
+            assert_eq!(found.version, version, "{name}");
+            assert_eq!(
+                found.state.as_deref().unwrap_or("installed"),
+                state,
+                "{name}"
+            );
+        }
+        for name in expected.keys().filter(|n| expected[*n].len() > 1) {
+            assert!(
+                matches!(lookup(admindir, &[name]), Err(DbError::Ambiguous(..))),
+                "{name}"
+            );
+        }
+        // File lists: a few packages, each against dpkg-query --listfiles.
+        for (name, found) in names.iter().zip(&found).step_by(names.len() / 8 + 1) {
+            let out = std::process::Command::new("dpkg-query")
+                .args(["--admindir=/var/lib/dpkg", "--listfiles", "--", name])
+                .env("LC_ALL", "C")
+                .output()
+                .unwrap();
+            let listed: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with('/') && *l != "/.")
+                .map(PathBuf::from)
+                .collect();
+            let list = list_files(&found.as_ref().unwrap().list).unwrap();
+            assert_eq!(list, listed, "{name}");
+        }
+    }
+}
