@@ -242,7 +242,7 @@ pub const DYNAMIC_LOADER_PATHS: [&str; 4] = [
 /// (portable services), transient, local and vendor directories; systemd
 /// 252's `systemd-analyze unit-paths` lists them, with the generator
 /// directories under `/run`, which the sandbox replaces).
-const SYSTEMD_UNIT_DIRS: [&str; 10] = [
+pub const SYSTEMD_UNIT_DIRS: [&str; 10] = [
     "/etc/systemd/system",
     "/etc/systemd/system.control",
     "/etc/systemd/system.attached",
@@ -254,6 +254,9 @@ const SYSTEMD_UNIT_DIRS: [&str; 10] = [
     "/usr/lib/systemd/system",
     "/lib/systemd/system",
 ];
+
+/// The agent's own systemd unit.
+pub const AGENT_UNIT: &str = "rollguard-agent.service";
 
 /// Unit file and drop-in directories that configure `rollguard-agent.service`:
 /// its own, the prefix drop-ins (`rollguard-.service.d`) and the drop-ins

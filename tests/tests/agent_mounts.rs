@@ -623,3 +623,93 @@ echo done
         "{report:#}"
     );
 }
+
+/// systemd reads drop-ins under each alias of a unit: a symlink
+/// `x.service -> rollguard-agent.service` in a unit directory makes
+/// `x.service.d/*.conf` configure the agent. One the run makes is removed
+/// after it, reported as a denial, and fails the run; one already there
+/// refuses the next bundle that could write that directory.
+#[test]
+fn an_alias_of_the_agents_unit_made_by_the_run_is_removed_reported_and_fails_it() {
+    let _one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let unit_dir = Path::new(UNIT_DIR);
+    assert!(
+        !unit_dir.exists(),
+        "{UNIT_DIR} exists on this machine: the test would change it"
+    );
+    let _cleanup = RemoveUnitDir;
+    fs::create_dir_all(unit_dir).unwrap();
+    let unit = unit_dir.join("rollguard-agent.service");
+    fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let policy = fs::read_to_string(host.policy()).unwrap().replace(
+        "allow_scopes = [",
+        &format!("allow_scopes = [{UNIT_DIR:?}, "),
+    );
+    fs::write(host.policy(), policy).unwrap();
+    let scope = format!("write = [{UNIT_DIR:?}]");
+    let script = format!(
+        "#!/bin/sh\n\
+         D={UNIT_DIR}\n\
+         ln -s rollguard-agent.service $D/x.service\n\
+         ln -s x.service $D/y.service\n\
+         ln -s /dev/null $D/masked.service\n\
+         mkdir $D/x.service.d\n\
+         printf '[Service]\\nExecStartPre=/bin/sh -c id\\n' > $D/x.service.d/evil.conf\n\
+         echo done\n"
+    );
+    let src = host.bundle_source("al-1", &manifest("al", 1, "\"mail-*\"", &scope), &script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(
+        (report["status"].as_str(), code),
+        (Some("failed"), 1),
+        "{report:#}"
+    );
+    assert!(
+        report["stdout_tail"].as_str().unwrap().contains("done"),
+        "{report:#}"
+    );
+    for name in ["x.service", "y.service"] {
+        assert!(
+            fs::symlink_metadata(unit_dir.join(name)).is_err(),
+            "{name} was not removed"
+        );
+        assert!(
+            denials(&report).contains(&(
+                "systemd.alias_agent_unit".to_string(),
+                unit_dir.join(name).display().to_string()
+            )),
+            "{name} not reported: {report:#}"
+        );
+    }
+    // Other symlinks (a mask) are the bundle's business.
+    assert!(fs::symlink_metadata(unit_dir.join("masked.service")).is_ok());
+    assert!(report["reason"]
+        .as_str()
+        .unwrap()
+        .contains("alias of the agent's unit"));
+    assert_eq!(
+        fs::read_to_string(&unit).unwrap(),
+        "[Service]\nExecStart=/bin/true\n"
+    );
+
+    // One already there (made outside any run) refuses the next bundle
+    // that could write its directory, before anything runs.
+    std::os::unix::fs::symlink("rollguard-agent.service", unit_dir.join("z.service")).unwrap();
+    let src = host.bundle_source("al-2", &manifest("al", 2, "\"mail-*\"", &scope), &script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(
+        (report["status"].as_str(), code),
+        (Some("refused"), 2),
+        "{report:#}"
+    );
+    assert_eq!(report["refusal"], "protected_path", "{report:#}");
+    assert!(
+        report["reason"].as_str().unwrap().contains("z.service"),
+        "{report:#}"
+    );
+    assert!(fs::symlink_metadata(unit_dir.join("x.service")).is_err());
+}

@@ -136,6 +136,8 @@ pub(super) fn admit(
     // `prepare`, not now: nothing is written before every check has passed.
     check_pins(&scope, &pins, true)?;
     check_mount_aliases(&protected, &scope)?;
+    super::unit_alias::check_none(&scope)
+        .map_err(|e| Refusal::new(RefusalKind::ProtectedPath, e))?;
     // Declared service actions: each unit allowed by the host, or refused.
     crate::services::after_run::check_declared(&manifest.services, policy.services())
         .map_err(|e| Refusal::new(RefusalKind::ScopeCeiling, e))?;

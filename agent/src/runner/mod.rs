@@ -37,6 +37,7 @@
 mod admit;
 mod execute;
 mod prepare;
+mod unit_alias;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -171,6 +172,8 @@ fn finish(
         (Some(p), Some(before)) => crate::packages::after_run(p, before, &mut report),
         _ => Default::default(),
     };
+    // Before the service step: it may reload systemd.
+    unit_alias::remove_new(&admission.scope, &mut report);
     crate::services::after_run::after_run(
         &admission.manifest.services,
         policy.services(),
