@@ -7,7 +7,7 @@ use std::fs;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use rollguard_agent::sandbox::status::{self, Event, Step, RELEASE_BYTE};
+use rollguard_agent::sandbox::status::{self, Event, Step, RELEASE_BYTE, REQUESTS_DIR_BYTE};
 use rollguard_agent::sandbox::{KernelSupport, RunCgroup, Termination};
 use sandbox_support::{is_alive, launcher, processes_with_cmdline, Tree};
 
@@ -241,7 +241,7 @@ fn stage2_joins_the_run_cgroup_itself_when_not_placed_there() {
         .unwrap();
     // The session id, then the release byte, as the launcher reads and
     // sends them once the run is durable.
-    read_session_line(&mut agent_end);
+    read_what_stage2_sends_before_the_release(&mut agent_end);
     agent_end.write_all(&[RELEASE_BYTE]).unwrap();
     let out = stage2.wait_with_output().unwrap();
     assert!(
@@ -310,7 +310,7 @@ fn stage2_executes_nothing_when_the_agent_goes_away_before_the_release() {
         .spawn()
         .unwrap();
     drop(stage2);
-    read_session_line(&mut agent_end);
+    read_what_stage2_sends_before_the_release(&mut agent_end);
     drop(agent_end);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(125));
@@ -329,8 +329,13 @@ fn stage2_executes_nothing_when_the_agent_goes_away_before_the_release() {
     cgroup.kill_and_remove(Duration::from_secs(60)).unwrap();
 }
 
-/// The audit session id stage 2 sends on its gate (one decimal line).
-fn read_session_line(gate: &mut std::os::unix::net::UnixStream) {
+/// What stage 2 sends on its gate before it waits for the release, read as
+/// the launcher reads it: the audit session id (one decimal line), then one
+/// [`REQUESTS_DIR_BYTE`] carrying the run's request directory. The
+/// descriptor is not received here (a plain read discards it); only the
+/// order matters: an agent end dropped before this byte was sent would fail
+/// stage 2 at its mount step instead of at the release.
+fn read_what_stage2_sends_before_the_release(gate: &mut std::os::unix::net::UnixStream) {
     let mut byte = [0u8; 1];
     let mut line = Vec::new();
     while std::io::Read::read(gate, &mut byte).unwrap() == 1 && byte[0] != b'\n' {
@@ -338,6 +343,8 @@ fn read_session_line(gate: &mut std::os::unix::net::UnixStream) {
     }
     let line = String::from_utf8(line).unwrap();
     assert!(line.parse::<u32>().is_ok(), "session line {line:?}");
+    assert_eq!(std::io::Read::read(gate, &mut byte).unwrap(), 1);
+    assert_eq!(byte[0], REQUESTS_DIR_BYTE);
 }
 
 /// A run that leaves `etc/app/ran` behind if it executes.
