@@ -3,16 +3,13 @@
 //! runtime), JSON in and out.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::client::conn::http2;
-use hyper::{Method, Request, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::{BodyExt, Limited};
+use hyper::Method;
 use rollguard_shared::protocol::ErrorBody;
-use rustls::pki_types::ServerName;
+use rollguard_shared::tls_client::{self, ConnectError, Connector, ControllerUrl, Session};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -44,8 +41,7 @@ const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
 pub struct Client {
     runtime: tokio::runtime::Runtime,
-    sender: http2::SendRequest<Full<Bytes>>,
-    base: String,
+    session: Session,
 }
 
 impl Client {
@@ -75,88 +71,36 @@ impl Client {
     }
 
     pub fn connect_with(url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Self> {
-        Self::open(url, crate::tls::client_config(ca, cert, key)?)
+        let url = ControllerUrl::parse(url)?;
+        Self::open(url, tls_client::client_config(ca, cert, key)?)
     }
 
     /// A client that presents no certificate (diagnostics and tests: the
     /// controller must refuse it during the handshake).
     pub fn connect_anonymous(url: &str, ca: &Path) -> Result<Self> {
-        Self::open(url, crate::tls::anonymous_client_config(ca)?)
+        let url = ControllerUrl::parse(url)?;
+        Self::open(url, tls_client::anonymous_client_config(ca)?)
     }
 
-    fn open(url: &str, config: std::sync::Arc<rustls::ClientConfig>) -> Result<Self> {
-        let uri: Uri = url
-            .parse()
-            .with_context(|| format!("controller url {url:?}"))?;
-        if uri.scheme_str() != Some("https") {
-            bail!("controller url {url:?} must start with https://");
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| anyhow!("controller url {url:?} has no host"))?;
-        let bare = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = uri.port_u16().unwrap_or(443);
-        let authority = if bare.contains(':') {
-            format!("[{bare}]:{port}")
-        } else {
-            format!("{bare}:{port}")
-        };
-        let server_name =
-            ServerName::try_from(bare).map_err(|e| anyhow!("controller host: {e}"))?;
+    fn open(url: ControllerUrl, config: std::sync::Arc<rustls::ClientConfig>) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let addr = authority.clone();
-        let sender = runtime.block_on(async move {
-            let connect = async {
-                let tcp = tokio::net::TcpStream::connect(&addr)
-                    .await
-                    .with_context(|| format!("connecting to {addr}"))?;
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(server_name, tcp)
-                    .await
-                    .with_context(|| format!("TLS with {addr}"))?;
-                let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                    .await
-                    .context("HTTP/2 handshake (is the operator certificate accepted?)")?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                anyhow::Ok(sender)
-            };
-            tokio::time::timeout(Duration::from_secs(15), connect)
-                .await
-                .map_err(|_| anyhow!("connecting to {addr} timed out"))?
+        // No HTTP/2 keep-alive pings: this runtime only runs while a call
+        // blocks on it, so an idle CLI could not answer them.
+        let connector = Connector::new(url, config);
+        let session = runtime.block_on(connector.connect()).map_err(|e| match e {
+            ConnectError::Handshake { .. } => {
+                anyhow::Error::new(e).context("is the operator certificate accepted?")
+            }
+            e => e.into(),
         })?;
-        Ok(Client {
-            runtime,
-            sender,
-            base: format!("https://{authority}"),
-        })
+        Ok(Client { runtime, session })
     }
 
     fn call(&self, method: Method, path: &str, body: Option<(Vec<u8>, &str)>) -> Result<Bytes> {
-        let mut builder = Request::builder()
-            .method(method.clone())
-            .uri(format!("{}{path}", self.base));
-        let body = match body {
-            Some((bytes, content_type)) => {
-                builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
-                bytes
-            }
-            None => Vec::new(),
-        };
-        let req = builder.body(Full::new(Bytes::from(body)))?;
-        let mut sender = self.sender.clone();
-        self.runtime.block_on(async move {
-            sender.ready().await.context("controller connection")?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .with_context(|| format!("{method} {path}"))?;
+        self.runtime.block_on(async {
+            let resp = self.session.request(method.clone(), path, body).await?;
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()

@@ -16,6 +16,7 @@ pub mod report;
 pub mod services;
 pub mod signature;
 pub mod targets;
+pub mod tls_client;
 pub mod validated;
 pub mod version;
 
