@@ -2,7 +2,7 @@
 //! a bare `dpkg -i` of the same file in the same run.
 //!
 //! ```sh
-//! cargo build --release -p rollguard-controller --bin rollguard
+//! cargo build --release -p rollguard-cli --bin rollguard
 //! sudo ROLLGUARD_BENCH_RUNS=15 cargo bench -p rollguard-agent --bench package_install
 //! ```
 //!
@@ -168,7 +168,7 @@ fn main() {
         .unwrap_or_else(|| agent.with_file_name("rollguard"));
     assert!(
         cli.is_file(),
-        "{} is missing: `cargo build --release -p rollguard-controller --bin rollguard` first (or set ROLLGUARD_CLI)",
+        "{} is missing: `cargo build --release -p rollguard-cli --bin rollguard` first (or set ROLLGUARD_CLI)",
         cli.display()
     );
 

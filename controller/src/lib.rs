@@ -1,7 +1,7 @@
 //! The rollguard controller: a mutual-TLS HTTPS server that keeps a fleet of
 //! agents connected, rolls signed bundles out to them in waves, halts on its
-//! own when something looks wrong, and pushes kill orders; plus the client
-//! side used by the `rollguard` operator CLI.
+//! own when something looks wrong, and pushes kill orders. The operator CLI
+//! `rollguard` and its client are the `rollguard-cli` crate.
 //!
 //! The controller never signs or authorizes code: agents run only bundles
 //! whose signatures meet their own policy's threshold. A compromised
@@ -10,13 +10,10 @@
 
 pub mod alerts;
 pub mod bundle;
-pub mod cli;
-pub mod client;
 pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod metrics;
-pub mod packages;
 pub mod pki;
 pub mod server;
 pub mod server_cli;

@@ -64,7 +64,7 @@ fn controller_programs() -> Vec<Program> {
             bin_dir: "/usr/bin",
             section: "1",
             package: "rollguard-controller",
-            command: rollguard_controller::cli::command,
+            command: rollguard_cli::command,
         },
     ]
 }

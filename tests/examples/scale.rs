@@ -4,7 +4,7 @@
 //! connection and real sandboxed runs) on loopback. See docs/scale.md.
 //!
 //! ```text
-//! cargo build --release -p rollguard-agent -p rollguard-controller
+//! cargo build --release -p rollguard-agent -p rollguard-controller -p rollguard-cli
 //! cargo run --release -p rollguard-tests --example scale -- rollout 1000 10000
 //! cargo run --release -p rollguard-tests --example scale -- ansible 100
 //! cargo run --release -p rollguard-tests --example scale -- kill 1000

@@ -18,7 +18,7 @@ use std::process::{Command, Output};
 /// Path of a workspace binary. Integration tests of this crate cannot use
 /// `CARGO_BIN_EXE_*` for other packages' binaries, so we look next to the
 /// test executable (`target/<profile>/deps/..`). `cargo test --workspace`
-/// builds them (the agent and controller packages have integration tests).
+/// builds them (the agent, controller and cli packages have integration tests).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rollguard_controller::client::Client;
+use rollguard_cli::client::Client;
 use rollguard_controller::pki::{issue, CaDir, Role};
 use serde_json::Value;
 

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use rollguard_controller::client::Client;
+use rollguard_cli::client::Client;
 use rollguard_tests::fleet::{wait_for, Fleet};
 use rollguard_tests::{bin, run, run_ok};
 

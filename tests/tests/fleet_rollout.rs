@@ -112,7 +112,7 @@ fn good_bundle_rolls_out_in_waves_to_in_scope_hosts_only() {
     assert!(String::from_utf8_lossy(&watch.stderr).contains("completed"));
     let agents = rollguard_tests::run_ok(fleet.cli().args(["agents"]));
     assert!(String::from_utf8_lossy(&agents.stdout).contains("web-01"));
-    let op = rollguard_controller::client::Client::connect_with(
+    let op = rollguard_cli::client::Client::connect_with(
         &fleet.url(),
         &fleet.ctl().join("ca.crt"),
         &fleet.ctl().join("operator.crt"),

@@ -1,12 +1,19 @@
-//! The `rollguard` operator CLI: clap definitions and subcommand
-//! implementations. Kept in the library so packaging can generate man pages
-//! and completions from the same definitions.
+//! The `rollguard` operator CLI: clap definitions, subcommand
+//! implementations and the client of the controller's API. Kept in the
+//! library so packaging can generate man pages and completions from the same
+//! definitions. The client side only: the controller (the server) is the
+//! `rollguard-controller` crate, and what both sides speak is in
+//! `rollguard-shared` (`protocol`, `tls_client`).
+#![forbid(unsafe_code)]
 
 use clap::{CommandFactory, Parser, Subcommand};
 pub use rollguard_shared::logging::LogFormat;
 
 pub mod bundle;
+pub mod client;
+pub mod config;
 pub mod kill;
+pub mod packages;
 pub mod rollout;
 
 /// rollguard operator CLI: build, sign and inspect bundles; roll them out in

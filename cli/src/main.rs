@@ -1,0 +1,26 @@
+//! `rollguard`: the operator CLI (bundles, rollouts, kill switch).
+//! A thin binary: the subcommands live in `rollguard_cli`.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use rollguard_cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    rollguard_cli::init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Bundle(cmd) => rollguard_cli::bundle::run(cmd),
+        Command::Rollout(cmd) => rollguard_cli::rollout::run(cmd),
+        Command::Kill(args) => rollguard_cli::kill::run(args),
+        Command::Agents(args) => rollguard_cli::rollout::agents(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
