@@ -62,7 +62,8 @@ fn workspace_dir() -> PathBuf {
 /// `target/debug/`; `--strip` drops their debug information, as the
 /// release profile's `strip = "symbols"` does), and `--fast` compression.
 /// `cargo test -p rollguard-tests` does not rebuild them: build the agent
-/// first (`cargo build -p rollguard-agent -p rollguard-controller`).
+/// first (`cargo build -p rollguard-agent -p rollguard-controller -p
+/// rollguard-cli`).
 pub fn agent_deb() -> PathBuf {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
     DEB.get_or_init(build_agent_deb).clone()
