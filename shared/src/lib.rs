@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod logging;
 pub mod manifest;
 pub mod path;
+pub mod path_io;
 pub mod protocol;
 pub mod report;
 pub mod services;
@@ -22,4 +23,5 @@ pub mod version;
 
 pub use manifest::{Manifest, SourceManifest};
 pub use path::ScopePath;
+pub use path_io::PathIoError;
 pub use targets::{HostIdentity, Targets};
