@@ -8,6 +8,7 @@
 //! `cgroup.kill` (Linux 5.14), which SIGKILLs every member atomically, with
 //! no race against forks; without it we refuse to run.
 
+use rollguard_shared::PathIoError;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,26 +25,19 @@ pub enum CgroupError {
     NoOwnCgroup,
     #[error("the kernel has no cgroup.kill in {0} (needs Linux 5.14+); refusing to run without a reliable kill")]
     NoCgroupKill(PathBuf),
-    #[error("cgroup {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("the {0} controller is available neither in cgroup v2 (for the runs' parent) nor in a cgroup v1 hierarchy; refusing to run without resource limits")]
     NoController(&'static str),
     #[error("cgroup {path} still has processes after {waited:?}")]
     NotEmpty { path: PathBuf, waited: Duration },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// The mount point of the cgroup v2 hierarchy, and the path of the
 /// hierarchy's root within it (`/` unless mounted from a sub-cgroup).
 pub fn cgroup2_mount() -> Result<(PathBuf, String), CgroupError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(io_err(Path::new("/proc/self/mountinfo")))?;
+        .map_err(PathIoError::at("reading", "/proc/self/mountinfo"))?;
     parse_cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2)
 }
 
@@ -88,8 +82,8 @@ pub(crate) fn unescape_mountinfo(field: &str) -> String {
 
 /// This process's cgroup v2 path (the `0::` line of `/proc/self/cgroup`).
 pub fn own_cgroup() -> Result<String, CgroupError> {
-    let text =
-        fs::read_to_string("/proc/self/cgroup").map_err(io_err(Path::new("/proc/self/cgroup")))?;
+    let text = fs::read_to_string("/proc/self/cgroup")
+        .map_err(PathIoError::at("reading", "/proc/self/cgroup"))?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(|p| p.trim_end_matches(" (deleted)").to_string())
@@ -136,7 +130,8 @@ pub fn enter_agent_leaf() -> Result<bool, CgroupError> {
         return Ok(false);
     }
     let controllers = own.join("cgroup.controllers");
-    let available = fs::read_to_string(&controllers).map_err(io_err(&controllers))?;
+    let available =
+        fs::read_to_string(&controllers).map_err(PathIoError::at("reading", &controllers))?;
     if !super::cgroup_limits::CONTROLLERS
         .iter()
         .all(|c| available.split_whitespace().any(|a| a == *c))
@@ -147,11 +142,11 @@ pub fn enter_agent_leaf() -> Result<bool, CgroupError> {
     match fs::create_dir(&leaf) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(&leaf)(e)),
+        Err(e) => return Err(PathIoError::new("creating", &leaf, e).into()),
     }
     // "0": the writing process, all its threads.
     let procs = leaf.join("cgroup.procs");
-    fs::write(&procs, "0").map_err(io_err(&procs))?;
+    fs::write(&procs, "0").map_err(PathIoError::at("writing", &procs))?;
     Ok(true)
 }
 
@@ -182,9 +177,9 @@ impl RunCgroup {
     /// already exists: a run id is used once.
     pub fn create(run_id: &str) -> Result<Self, CgroupError> {
         let parent = runs_parent()?;
-        fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        fs::create_dir_all(&parent).map_err(PathIoError::at("creating", &parent))?;
         let dir = parent.join(run_id);
-        fs::create_dir(&dir).map_err(io_err(&dir))?;
+        fs::create_dir(&dir).map_err(PathIoError::at("creating", &dir))?;
         let cgroup = RunCgroup { dir };
         if !cgroup.dir.join("cgroup.kill").exists() {
             let _ = fs::remove_dir(&cgroup.dir);
@@ -220,17 +215,16 @@ impl RunCgroup {
         let entries = match fs::read_dir(&parent) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(CgroupError::Io {
-                    path: parent,
-                    source: e,
-                })
-            }
+            Err(e) => return Err(PathIoError::new("listing", parent, e).into()),
         };
         let mut ids = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(io_err(&parent))?;
-            if entry.file_type().map_err(io_err(&parent))?.is_dir() {
+            let entry = entry.map_err(PathIoError::at("listing", &parent))?;
+            if entry
+                .file_type()
+                .map_err(PathIoError::at("listing", &parent))?
+                .is_dir()
+            {
                 ids.extend(entry.file_name().to_str().map(str::to_string));
             }
         }
@@ -250,13 +244,14 @@ impl RunCgroup {
     /// Move a process (and all its threads) into this cgroup.
     pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
         let file = self.dir.join("cgroup.procs");
-        fs::write(&file, pid.to_string()).map_err(io_err(&file))
+        fs::write(&file, pid.to_string()).map_err(PathIoError::at("writing", &file))?;
+        Ok(())
     }
 
     /// Processes currently in the cgroup (thread-group ids).
     pub fn processes(&self) -> Result<Vec<u32>, CgroupError> {
         let file = self.dir.join("cgroup.procs");
-        let text = fs::read_to_string(&file).map_err(io_err(&file))?;
+        let text = fs::read_to_string(&file).map_err(PathIoError::at("reading", &file))?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
@@ -264,14 +259,15 @@ impl RunCgroup {
     /// `cgroup.events`, which ignores zombies).
     pub fn is_populated(&self) -> Result<bool, CgroupError> {
         let file = self.dir.join("cgroup.events");
-        let text = fs::read_to_string(&file).map_err(io_err(&file))?;
+        let text = fs::read_to_string(&file).map_err(PathIoError::at("reading", &file))?;
         Ok(text.lines().any(|l| l.trim() == "populated 1"))
     }
 
     /// SIGKILL every process in the cgroup, atomically.
     pub fn kill(&self) -> Result<(), CgroupError> {
         let file = self.dir.join("cgroup.kill");
-        fs::write(&file, "1").map_err(io_err(&file))
+        fs::write(&file, "1").map_err(PathIoError::at("writing", &file))?;
+        Ok(())
     }
 
     /// Wait until no live process is left; `false` on timeout.
@@ -301,7 +297,7 @@ impl RunCgroup {
                 });
             }
         }
-        fs::remove_dir(&self.dir).map_err(io_err(&self.dir))?;
+        fs::remove_dir(&self.dir).map_err(PathIoError::at("removing", &self.dir))?;
         // The run's v1 cgroups (hybrid hosts), if any: empty now.
         match self.dir.file_name().and_then(|n| n.to_str()) {
             Some(run_id) => super::cgroup_limits::remove_v1(run_id, grace),

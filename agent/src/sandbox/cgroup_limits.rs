@@ -23,6 +23,7 @@
 //!
 //! Neither available: the run is refused (fail closed, no unlimited runs).
 
+use rollguard_shared::PathIoError;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -34,15 +35,9 @@ pub const CONTROLLERS: [&str; 3] = ["pids", "memory", "cpu"];
 /// `cpu.max` / `cpu.cfs_period_us` period, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
-    fs::write(path, value).map_err(io_err(path))
+    fs::write(path, value).map_err(PathIoError::at("writing", path))?;
+    Ok(())
 }
 
 /// Where a run's limits are enforced.
@@ -88,7 +83,7 @@ pub fn apply(
     let mut created = Vec::new();
     let result = (|| {
         for (controller, dir) in &dirs {
-            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            fs::create_dir_all(dir).map_err(PathIoError::at("creating", dir))?;
             created.push(dir.clone());
             match *controller {
                 "pids" => write(&dir.join("pids.max"), &limits.pids.to_string())?,
@@ -167,9 +162,9 @@ fn enable_v2(run_dir: &Path) -> Result<bool, CgroupError> {
 /// controller is in no v1 hierarchy either.
 fn v1_run_dirs(run_id: &str) -> Result<Vec<(&'static str, PathBuf)>, CgroupError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(io_err(Path::new("/proc/self/mountinfo")))?;
-    let own =
-        fs::read_to_string("/proc/self/cgroup").map_err(io_err(Path::new("/proc/self/cgroup")))?;
+        .map_err(PathIoError::at("reading", "/proc/self/mountinfo"))?;
+    let own = fs::read_to_string("/proc/self/cgroup")
+        .map_err(PathIoError::at("reading", "/proc/self/cgroup"))?;
     CONTROLLERS
         .iter()
         .map(|controller| {
@@ -259,7 +254,7 @@ pub fn remove_v1(run_id: &str, grace: std::time::Duration) -> Result<(), CgroupE
                 {
                     std::thread::sleep(std::time::Duration::from_millis(2));
                 }
-                Err(e) => return Err(io_err(&dir)(e)),
+                Err(e) => return Err(PathIoError::new("removing", &dir, e).into()),
             }
         }
     }

@@ -29,6 +29,7 @@
 //! be the real one), and overlap with protected paths is checked on what
 //! was actually opened.
 
+use rollguard_shared::PathIoError;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -51,8 +52,8 @@ pub enum LandlockError {
     Unavailable(super::landlock_abi::LandlockUnavailable),
     #[error("the kernel's Landlock ABI is {found}, this run needs at least {needed}")]
     AbiTooOld { found: u32, needed: u32 },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("{what} {path} does not exist; scope paths must exist before the run")]
     Missing { what: &'static str, path: PathBuf },
     #[error("{what} {path} resolves to {real} (through a symlink or a moved directory); name the real path")]
@@ -77,13 +78,6 @@ pub enum LandlockError {
     Ruleset(#[from] landlock::RulesetError),
     #[error("landlock ruleset was not fully enforced ({0:?})")]
     NotEnforced(RulesetStatus),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LandlockError + '_ {
-    move |source| LandlockError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Read-only system locations needed to run programs when `scope.read`
@@ -242,10 +236,11 @@ impl Builder<'_> {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| io_err(path)(e.into()))?;
-        let entries = rustix::fs::Dir::new(listing).map_err(|e| io_err(path)(e.into()))?;
+        .map_err(|e| PathIoError::new("opening", path, e.into()))?;
+        let entries = rustix::fs::Dir::new(listing)
+            .map_err(|e| PathIoError::new("listing", path, e.into()))?;
         for entry in entries {
-            let entry = entry.map_err(|e| io_err(path)(e.into()))?;
+            let entry = entry.map_err(|e| PathIoError::new("listing", path, e.into()))?;
             let name = entry.file_name();
             if name == c"." || name == c".." {
                 continue;
@@ -262,7 +257,9 @@ impl Builder<'_> {
                         Ok(st) => FileType::from_raw_mode(st.st_mode),
                         // Vanished since readdir: nothing to grant.
                         Err(rustix::io::Errno::NOENT) => continue,
-                        Err(e) => return Err(io_err(&child)(e.into())),
+                        Err(e) => {
+                            return Err(PathIoError::new("inspecting", &child, e.into()).into())
+                        }
                     }
                 }
                 kind => kind,
@@ -279,11 +276,7 @@ impl Builder<'_> {
                 _ => Ok(()),
             };
             match result {
-                Err(LandlockError::Io { source, .. })
-                    if source.kind() == io::ErrorKind::NotFound =>
-                {
-                    continue
-                }
+                Err(LandlockError::Io(e)) if e.kind() == io::ErrorKind::NotFound => continue,
                 other => other?,
             }
         }
@@ -306,10 +299,10 @@ impl Builder<'_> {
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| io_err(child)(e.into()))?;
+        .map_err(|e| PathIoError::new("opening", child, e.into()))?;
         let kind = rustix::fs::fstat(&fd)
             .map(|st| FileType::from_raw_mode(st.st_mode))
-            .map_err(|e| io_err(child)(e.into()))?;
+            .map_err(|e| PathIoError::new("inspecting", child, e.into()))?;
         let access = match kind {
             FileType::Directory => access,
             FileType::RegularFile => access & self.rights.file,
@@ -338,14 +331,12 @@ impl Builder<'_> {
             {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(LandlockError::Io {
-                        path: link,
-                        source: e,
-                    })
-                }
+                Err(e) => return Err(PathIoError::new("opening", link, e).into()),
             };
-            let kind = file.metadata().map_err(io_err(&link))?.file_type();
+            let kind = file
+                .metadata()
+                .map_err(PathIoError::at("inspecting", &link))?
+                .file_type();
             let access = if kind.is_file() {
                 AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate
             } else if std::os::unix::fs::FileTypeExt::is_char_device(&kind) {
@@ -371,10 +362,7 @@ impl Builder<'_> {
             Ok(m) if m.file_type().is_symlink() => Ok(()),
             Ok(_) => self.grant_excluding("system path", Path::new(path), access),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(LandlockError::Io {
-                path: PathBuf::from(path),
-                source: e,
-            }),
+            Err(e) => Err(PathIoError::new("inspecting", path, e).into()),
         }
     }
 }
@@ -388,8 +376,10 @@ fn open_real(what: &'static str, path: &Path) -> Result<(File, bool), LandlockEr
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
         .open(path)
-        .map_err(io_err(path))?;
-    let meta = file.metadata().map_err(io_err(path))?;
+        .map_err(PathIoError::at("opening", path))?;
+    let meta = file
+        .metadata()
+        .map_err(PathIoError::at("inspecting", path))?;
     if meta.file_type().is_symlink() {
         return Err(LandlockError::NotReal {
             what,
@@ -397,8 +387,8 @@ fn open_real(what: &'static str, path: &Path) -> Result<(File, bool), LandlockEr
             real: PathBuf::from("(a symlink)"),
         });
     }
-    let real =
-        fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io_err(path))?;
+    let real = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(PathIoError::at("resolving", path))?;
     if real != path {
         return Err(LandlockError::NotReal {
             what,
@@ -423,7 +413,7 @@ fn check_scope_paths(spec: &SandboxSpec) -> Result<(), LandlockError> {
         let path = scope.as_path();
         match open_real(what, path) {
             Ok(_) => {}
-            Err(LandlockError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(LandlockError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(LandlockError::Missing {
                     what,
                     path: path.to_path_buf(),

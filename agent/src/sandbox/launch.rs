@@ -13,6 +13,7 @@
 //! release. If the agent withdraws the run ([`HeldChild::withdraw`]), or
 //! dies, stage 2 reads end-of-file and exits without executing anything.
 
+use rollguard_shared::PathIoError;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -59,12 +60,8 @@ pub enum SandboxError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Filters(#[from] FilterError),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("starting {program}: {source}")]
     Spawn { program: PathBuf, source: io::Error },
     #[error("the sandbox's stage-2 program {STAGE2_PROGRAM} is not installed beside {agent} (looked for {looked}); no bundle can be confined")]
@@ -79,14 +76,6 @@ pub enum SandboxError {
     Wait(String),
     #[error("processes of run {run_id} did not die within {KILL_GRACE:?} of cgroup.kill")]
     Unkillable { run_id: String },
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SandboxError + 'a {
-    move |source| SandboxError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Where the stage-2 program is looked for, relative to the directory of
@@ -138,8 +127,10 @@ impl Launcher {
     pub fn new(stage2_exe: impl Into<PathBuf>) -> Result<Self, SandboxError> {
         let stage2_exe = stage2_exe.into();
         let path = std::path::absolute(&stage2_exe).unwrap_or(stage2_exe);
-        let file = File::open(&path).map_err(io_err("opening", &path))?;
-        let meta = file.metadata().map_err(io_err("inspecting", &path))?;
+        let file = File::open(&path).map_err(PathIoError::at("opening", &path))?;
+        let meta = file
+            .metadata()
+            .map_err(PathIoError::at("inspecting", &path))?;
         if !meta.is_file() || meta.mode() & 0o111 == 0 {
             return Err(SandboxError::Stage2Unsafe {
                 path,
@@ -185,8 +176,7 @@ impl Launcher {
 
     /// The stage-2 program installed with the running agent.
     pub fn current() -> Result<Self, SandboxError> {
-        let exe =
-            std::env::current_exe().map_err(io_err("locating", Path::new("/proc/self/exe")))?;
+        let exe = std::env::current_exe().map_err(PathIoError::at("locating", "/proc/self/exe"))?;
         Launcher::beside(&exe)
     }
 
@@ -201,7 +191,7 @@ impl Launcher {
         let meta = self
             .stage2
             .metadata()
-            .map_err(io_err("inspecting", &self.stage2_exe))?;
+            .map_err(PathIoError::at("inspecting", &self.stage2_exe))?;
         check_replaceable_only_by_us(&self.stage2_exe, &meta)
     }
 
@@ -259,7 +249,7 @@ impl Launcher {
         for stale in [status::STATUS_FILE, AUDIT_SESSION_FILE] {
             match fs::remove_file(run_dir.join(stale)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("removing", &run_dir.join(stale))(e))
+                    return Err(PathIoError::new("removing", run_dir.join(stale), e).into())
                 }
                 _ => {}
             }
@@ -272,20 +262,19 @@ impl Launcher {
         let plan_path = run_dir.join(PLAN_FILE);
         write_private(
             &plan_path,
-            &serde_json::to_vec_pretty(&plan).map_err(|e| SandboxError::Io {
-                what: "serializing",
-                path: plan_path.clone(),
-                source: io::Error::other(e),
-            })?,
+            &serde_json::to_vec_pretty(&plan)
+                .map_err(|e| PathIoError::new("serializing", &plan_path, io::Error::other(e)))?,
         )?;
         let stdout_path = run_dir.join(STDOUT_FILE);
         let stderr_path = run_dir.join(STDERR_FILE);
         // Bounded: the bundle writes into pipes, the agent keeps head and
         // tail (see `output`). Our copies of the write ends go at the end
         // of this function, so only the run holds them.
-        let capture = |path: &Path, name: &str| {
-            output::start(create_private(path)?, spec.limits.output_bytes, name)
-                .map_err(io_err("capturing output into", path))
+        let capture = |path: &Path, name: &str| -> Result<_, SandboxError> {
+            Ok(
+                output::start(create_private(path)?, spec.limits.output_bytes, name)
+                    .map_err(PathIoError::at("capturing output into", path))?,
+            )
         };
         let (stdout, stdout_capture) = capture(&stdout_path, "stdout")?;
         let (stderr, stderr_capture) = capture(&stderr_path, "stderr")?;
@@ -464,10 +453,10 @@ fn create_private(path: &Path) -> Result<File, SandboxError> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(io_err("creating", path))?;
+        .map_err(PathIoError::at("creating", path))?;
     // `mode` applies only on creation; a leftover file keeps its mode.
     file.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(io_err("chmod", path))?;
+        .map_err(PathIoError::at("chmod", path))?;
     Ok(file)
 }
 
@@ -478,7 +467,9 @@ fn create_private(path: &Path) -> Result<File, SandboxError> {
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
     use std::io::Write;
     let mut file = create_private(path)?;
-    file.write_all(bytes).map_err(io_err("writing", path))
+    file.write_all(bytes)
+        .map_err(PathIoError::at("writing", path))?;
+    Ok(())
 }
 
 #[derive(Debug, Default)]
@@ -714,8 +705,8 @@ impl ConfinedChild {
         let duration = self.started.elapsed();
         let killed_by_switch = self.kill_state.killed.load(Ordering::SeqCst);
 
-        let events =
-            status::read_events(&self.run_dir).map_err(io_err("reading", &self.run_dir))?;
+        let events = status::read_events(&self.run_dir)
+            .map_err(PathIoError::at("reading", &self.run_dir))?;
 
         // Whatever outlived the main process: counted by stage 2, the run's
         // init, when the main process exited (its own exit then killed them

@@ -16,6 +16,7 @@
 //!   the usual symlinks and a small `/dev/shm`. No block devices, so there
 //!   is no `/dev/sda` to write to.
 
+use rollguard_shared::PathIoError;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -37,8 +38,8 @@ pub enum NamespaceError {
     },
     #[error("{what}: {source}")]
     Mount { what: String, source: nix::Error },
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("bringing up the loopback interface: {0}")]
     Loopback(String),
 }
@@ -46,11 +47,6 @@ pub enum NamespaceError {
 fn mount_err(what: impl Into<String>) -> impl FnOnce(nix::Error) -> NamespaceError {
     let what = what.into();
     move |source| NamespaceError::Mount { what, source }
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NamespaceError {
-    let what = what.into();
-    move |source| NamespaceError::Io { what, source }
 }
 
 /// Enter a new mount namespace (and a new network namespace when
@@ -211,7 +207,7 @@ fn mount_run(keep_resolver: bool) -> Result<(), NamespaceError> {
     const RESOLVE: &str = "/run/systemd/resolve";
     // Open the resolver directory before it is hidden, to bind it back.
     let resolver = if keep_resolver && Path::new(RESOLVE).is_dir() {
-        Some(fs::File::open(RESOLVE).map_err(io_err(format!("opening {RESOLVE}")))?)
+        Some(fs::File::open(RESOLVE).map_err(PathIoError::at("opening", RESOLVE))?)
     } else {
         None
     };
@@ -222,7 +218,7 @@ fn mount_run(keep_resolver: bool) -> Result<(), NamespaceError> {
     )?;
     if let Some(dir) = resolver {
         use std::os::fd::AsRawFd;
-        fs::create_dir_all(RESOLVE).map_err(io_err(format!("creating {RESOLVE}")))?;
+        fs::create_dir_all(RESOLVE).map_err(PathIoError::at("creating", RESOLVE))?;
         let source = format!("/proc/self/fd/{}", dir.as_raw_fd());
         bind_with(
             &source,
@@ -264,7 +260,7 @@ fn mount_dev() -> Result<(), NamespaceError> {
         .map_err(mount_err(format!("creating {path}")))?;
         // mknod's mode is filtered by the umask; set it exactly.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o666))
-            .map_err(io_err(format!("chmod {path}")))?;
+            .map_err(PathIoError::at("chmod", &path))?;
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
@@ -272,9 +268,10 @@ fn mount_dev() -> Result<(), NamespaceError> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        symlink(target, format!("/dev/{link}")).map_err(io_err(format!("creating /dev/{link}")))?;
+        symlink(target, format!("/dev/{link}"))
+            .map_err(PathIoError::at("creating", format!("/dev/{link}")))?;
     }
-    fs::create_dir("/dev/shm").map_err(io_err("creating /dev/shm"))?;
+    fs::create_dir("/dev/shm").map_err(PathIoError::at("creating", "/dev/shm"))?;
     mount_tmpfs(
         "/dev/shm",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
@@ -310,12 +307,13 @@ pub fn mount_service_capture(stage2: &Path) -> Result<fs::File, NamespaceError> 
     use crate::services::capture::{
         REQUESTS_DIR, REQUESTS_TMPFS_BYTES, REQUESTS_TMPFS_INODES, SHIMS, SHIM_DIR,
     };
-    fs::create_dir_all("/run/systemd/system").map_err(io_err("creating /run/systemd/system"))?;
-    fs::create_dir_all(SHIM_DIR).map_err(io_err(format!("creating {SHIM_DIR}")))?;
-    fs::create_dir_all(REQUESTS_DIR).map_err(io_err(format!("creating {REQUESTS_DIR}")))?;
+    fs::create_dir_all("/run/systemd/system")
+        .map_err(PathIoError::at("creating", "/run/systemd/system"))?;
+    fs::create_dir_all(SHIM_DIR).map_err(PathIoError::at("creating", SHIM_DIR))?;
+    fs::create_dir_all(REQUESTS_DIR).map_err(PathIoError::at("creating", REQUESTS_DIR))?;
     for name in SHIMS {
         let link = Path::new(SHIM_DIR).join(name);
-        symlink(stage2, &link).map_err(io_err(format!("linking {}", link.display())))?;
+        symlink(stage2, &link).map_err(PathIoError::at("linking", &link))?;
     }
     // The links' own mount, read-only.
     bind_with(
@@ -330,5 +328,5 @@ pub fn mount_service_capture(stage2: &Path) -> Result<fs::File, NamespaceError> 
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         &format!("mode=0755,size={REQUESTS_TMPFS_BYTES},nr_inodes={REQUESTS_TMPFS_INODES}"),
     )?;
-    fs::File::open(REQUESTS_DIR).map_err(io_err(format!("opening {REQUESTS_DIR}")))
+    Ok(fs::File::open(REQUESTS_DIR).map_err(PathIoError::at("opening", REQUESTS_DIR))?)
 }

@@ -37,6 +37,7 @@
 //! refusals are reported through audit syscall-exit rules instead
 //! ([`crate::kernel_audit::exit_rules`]).
 
+use rollguard_shared::PathIoError;
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -62,12 +63,8 @@ const REPLACED: &[&str] = &["/tmp", "/var/tmp", "/run", "/dev"];
 pub enum ReadOnlyError {
     #[error(transparent)]
     Mountinfo(#[from] mountinfo::MountinfoError),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("{what} {path}: {source}")]
     Mount {
         what: &'static str,
@@ -80,14 +77,6 @@ pub enum ReadOnlyError {
     AliasInScope { scope: PathBuf, alias: String },
     #[error("pinning: {0}")]
     Pins(#[from] pins::PinMountError),
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ReadOnlyError + 'a {
-    move |source| ReadOnlyError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn mount_err<'a>(
@@ -166,9 +155,9 @@ pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
         MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV,
         0,
     )
-    .map_err(io_err(
+    .map_err(PathIoError::at(
         "making every mount read-only and nodev from",
-        Path::new("/"),
+        "/",
     ))?;
 
     // 3. Scopes writable again, and without nodev: a device node in a
@@ -177,7 +166,7 @@ pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
     // nowhere). Outside the scopes nodev stays, a second layer.
     for path in &writable {
         mount_setattr::set(path, Depth::This, 0, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV)
-            .map_err(io_err("making writable again", path))?;
+            .map_err(PathIoError::at("making writable again", path))?;
     }
 
     // 4. Pins: protected paths bundles may read inside the scopes, bound
@@ -252,7 +241,7 @@ fn mask(spec: &SandboxSpec, targets: &[PathBuf]) -> Result<Vec<PathBuf>, ReadOnl
             Ok(m) if m.is_dir() => dirs.push(t.clone()),
             Ok(_) => others.push(t.clone()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("inspecting protected path", t)(e)),
+            Err(e) => return Err(PathIoError::new("inspecting protected path", t, e).into()),
         }
     }
     if dirs.is_empty() && others.is_empty() {
@@ -263,7 +252,7 @@ fn mask(spec: &SandboxSpec, targets: &[PathBuf]) -> Result<Vec<PathBuf>, ReadOnl
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
         .open(&spec.payload_dir)
-        .map_err(io_err("opening payload", &spec.payload_dir))?;
+        .map_err(PathIoError::at("opening payload", &spec.payload_dir))?;
 
     let staging = Path::new(STAGING);
     mount(
@@ -279,20 +268,20 @@ fn mask(spec: &SandboxSpec, targets: &[PathBuf]) -> Result<Vec<PathBuf>, ReadOnl
     fs::DirBuilder::new()
         .mode(0o000)
         .create(&empty_dir)
-        .map_err(io_err("creating", &empty_dir))?;
+        .map_err(PathIoError::at("creating", &empty_dir))?;
     fs::set_permissions(&empty_dir, fs::Permissions::from_mode(0o000))
-        .map_err(io_err("chmod", &empty_dir))?;
+        .map_err(PathIoError::at("chmod", &empty_dir))?;
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o000)
         .open(&empty_file)
-        .map_err(io_err("creating", &empty_file))?;
+        .map_err(PathIoError::at("creating", &empty_file))?;
     fs::set_permissions(&empty_file, fs::Permissions::from_mode(0o000))
-        .map_err(io_err("chmod", &empty_file))?;
+        .map_err(PathIoError::at("chmod", &empty_file))?;
     let sealed = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC;
     mount_setattr::set(staging, Depth::This, sealed, 0)
-        .map_err(io_err("sealing the staging tmpfs", staging))?;
+        .map_err(PathIoError::at("sealing the staging tmpfs", staging))?;
 
     let mut masked = Vec::new();
     for (target, source) in dirs
@@ -312,7 +301,7 @@ fn mask(spec: &SandboxSpec, targets: &[PathBuf]) -> Result<Vec<PathBuf>, ReadOnl
             )
             .map_err(mount_err("covering protected path", target))?;
             mount_setattr::set(target, Depth::This, sealed, 0)
-                .map_err(io_err("sealing the cover of", target))?;
+                .map_err(PathIoError::at("sealing the cover of", target))?;
         }
         masked.push(target.clone());
     }
@@ -342,7 +331,10 @@ fn cover_keeping_payload(
         .recursive(true)
         .mode(0o755)
         .create(payload_dir)
-        .map_err(io_err("creating the payload path in the cover of", target))?;
+        .map_err(PathIoError::at(
+            "creating the payload path in the cover of",
+            target,
+        ))?;
     mount(
         Some(Path::new(&format!("/proc/self/fd/{payload_fd}"))),
         payload_dir,
@@ -357,7 +349,8 @@ fn cover_keeping_payload(
         MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
         0,
     )
-    .map_err(io_err("sealing the cover of", target))
+    .map_err(PathIoError::at("sealing the cover of", target))?;
+    Ok(())
 }
 
 #[cfg(test)]
