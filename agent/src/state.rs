@@ -21,6 +21,7 @@
 //! symlink, not owned by us, or writable by group or others: whoever can
 //! write here can roll versions back, hide runs or rewrite the audit log.
 
+use rollguard_shared::PathIoError;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -50,12 +51,8 @@ pub enum StateError {
     Unsafe { path: PathBuf, why: String },
     #[error(transparent)]
     Untrusted(crate::trust_path::TrustPathError),
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("state file {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
     #[error("cannot lock {path}: {errno}")]
@@ -65,15 +62,6 @@ pub enum StateError {
     },
     #[error(transparent)]
     BadRunId(#[from] BadRunId),
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
-    let path = path.to_path_buf();
-    move |source| StateError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Why `record_started` did not record.
@@ -118,7 +106,7 @@ impl RunId {
         let path = Path::new("/dev/urandom");
         File::open(path)
             .and_then(|mut f| f.read_exact(&mut bytes))
-            .map_err(io_err("read", path))?;
+            .map_err(PathIoError::at("reading", path))?;
         let now = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
         Ok(RunId::from_trusted(format!("{now}-{}", hex::encode(bytes))))
     }
@@ -160,7 +148,7 @@ impl AgentProcess {
 
 fn boot_id() -> Result<String, StateError> {
     let path = Path::new("/proc/sys/kernel/random/boot_id");
-    let text = fs::read_to_string(path).map_err(io_err("read", path))?;
+    let text = fs::read_to_string(path).map_err(PathIoError::at("reading", path))?;
     Ok(text.trim().to_string())
 }
 
@@ -249,12 +237,12 @@ impl StateDir {
                     .recursive(true)
                     .mode(0o700)
                     .create(root)
-                    .map_err(io_err("create", root))?;
+                    .map_err(PathIoError::at("creating", root))?;
                 fs::set_permissions(root, fs::Permissions::from_mode(0o700))
-                    .map_err(io_err("chmod", root))?;
+                    .map_err(PathIoError::at("chmod", root))?;
                 tracing::info!(path = %root.display(), "created state directory");
             }
-            Err(e) => return Err(io_err("inspect", root)(e)),
+            Err(e) => return Err(PathIoError::new("inspecting", root, e).into()),
         }
         check_private_dir(root)?;
         // The directories above it too: whoever can write one of them can
@@ -269,7 +257,7 @@ impl StateDir {
             match fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => fsync_dir(&dir.root)?,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_err("create", &path)(e)),
+                Err(e) => return Err(PathIoError::new("creating", &path, e).into()),
             }
             check_private_dir(&path)?;
         }
@@ -291,7 +279,7 @@ impl StateDir {
             .mode(0o600)
             .custom_flags(o_nofollow())
             .open(&path)
-            .map_err(io_err("open", &path))?;
+            .map_err(PathIoError::at("opening", &path))?;
         let flock = Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| StateError::Lock { path, errno })?;
         Ok(StateLock { _flock: flock })
@@ -417,11 +405,13 @@ impl StateDir {
         }
         let dirs = [
             (
-                File::open(&versions).map_err(io_err("fsync", &versions))?,
+                File::open(&versions)
+                    .map_err(|e| StateError::from(PathIoError::new("fsync", &versions, e)))?,
                 &versions,
             ),
             (
-                File::open(&in_progress).map_err(io_err("fsync", &in_progress))?,
+                File::open(&in_progress)
+                    .map_err(|e| StateError::from(PathIoError::new("fsync", &in_progress, e)))?,
                 &in_progress,
             ),
         ];
@@ -447,7 +437,7 @@ impl StateDir {
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
-            .map_err(io_err("create", &path))?;
+            .map_err(PathIoError::at("creating", &path))?;
         Ok(path)
     }
 
@@ -458,7 +448,7 @@ impl StateDir {
         match fs::remove_dir_all(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove", &path)(e)),
+            Err(e) => Err(PathIoError::new("removing", &path, e).into()),
         }
     }
 
@@ -490,7 +480,9 @@ impl StateDir {
     pub fn clear_logged_in_progress(&self, id: &RunId) -> Result<(), StateError> {
         let path = self.root.join(IN_PROGRESS_DIR).join(marker_name(id));
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("remove", &path)(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(PathIoError::new("removing", &path, e).into())
+            }
             _ => Ok(()),
         }
     }
@@ -501,8 +493,8 @@ impl StateDir {
     pub fn interrupted_runs(&self) -> Result<Vec<RunMarker>, StateError> {
         let dir = self.root.join(IN_PROGRESS_DIR);
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
-            let entry = entry.map_err(io_err("list", &dir))?;
+        for entry in fs::read_dir(&dir).map_err(PathIoError::at("listing", &dir))? {
+            let entry = entry.map_err(PathIoError::at("listing", &dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             // Skip our own temporary files (a crash between write and rename).
@@ -593,7 +585,7 @@ fn check_private_dir(path: &Path) -> Result<(), StateError> {
         path: path.to_path_buf(),
         why,
     };
-    let meta = fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
+    let meta = fs::symlink_metadata(path).map_err(PathIoError::at("inspecting", path))?;
     if meta.file_type().is_symlink() {
         return Err(unsafe_dir("it is a symlink".into()));
     }
@@ -625,12 +617,12 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, S
     {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("open", path)(e)),
+        Err(e) => return Err(PathIoError::new("opening", path, e).into()),
     };
     let mut bytes = Vec::new();
     file.take(MAX_STATE_FILE + 1)
         .read_to_end(&mut bytes)
-        .map_err(io_err("read", path))?;
+        .map_err(PathIoError::at("reading", path))?;
     if bytes.len() as u64 > MAX_STATE_FILE {
         return Err(corrupt(path, format!("larger than {MAX_STATE_FILE} bytes")));
     }
@@ -648,7 +640,7 @@ pub(crate) fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), 
     staged
         .file
         .sync_all()
-        .map_err(io_err("fsync", &staged.tmp))?;
+        .map_err(PathIoError::at("fsync", &staged.tmp))?;
     staged.rename_into_place()?;
     fsync_dir(dir)
 }
@@ -688,20 +680,23 @@ impl Staged {
             .mode(0o600)
             .custom_flags(o_nofollow())
             .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
+            .map_err(PathIoError::at("creating", &tmp))?;
         let staged = Staged {
-            file: file.try_clone().map_err(io_err("create", &tmp))?,
+            file: file
+                .try_clone()
+                .map_err(PathIoError::at("creating", &tmp))?,
             tmp,
             target: dir.join(name),
             renamed: false,
         };
         file.write_all(bytes)
-            .map_err(io_err("write", &staged.tmp))?;
+            .map_err(PathIoError::at("writing", &staged.tmp))?;
         Ok(staged)
     }
 
     fn rename_into_place(&mut self) -> Result<(), StateError> {
-        fs::rename(&self.tmp, &self.target).map_err(io_err("rename into place", &self.target))?;
+        fs::rename(&self.tmp, &self.target)
+            .map_err(PathIoError::at("renaming into place", &self.target))?;
         self.renamed = true;
         Ok(())
     }
@@ -719,7 +714,9 @@ impl Drop for Staged {
 /// issued together are committed together by journaling file systems, so
 /// this costs about one disk round trip instead of one per file.
 fn sync_all_concurrently(files: &[(&File, &Path)]) -> Result<(), StateError> {
-    let sync = |(f, path): &(&File, &Path)| f.sync_all().map_err(io_err("fsync", path));
+    let sync = |(f, path): &(&File, &Path)| -> Result<(), StateError> {
+        Ok(f.sync_all().map_err(PathIoError::at("fsync", path))?)
+    };
     let Some((last, rest)) = files.split_last() else {
         return Ok(());
     };
@@ -754,7 +751,7 @@ pub(crate) fn remove_durable(dir: &Path, name: &str) -> Result<(), StateError> {
     match fs::remove_file(&path) {
         Ok(()) => fsync_dir(dir),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", &path)(e)),
+        Err(e) => Err(PathIoError::new("removing", &path, e).into()),
     }
 }
 
@@ -763,7 +760,8 @@ pub(crate) fn remove_durable(dir: &Path, name: &str) -> Result<(), StateError> {
 pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StateError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
+        .map_err(PathIoError::at("fsync", dir))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! reports it `interrupted` instead of running it again; "finished" is
 //! written before the report is sent, so no report is lost.
 
+use rollguard_shared::PathIoError;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -22,26 +23,13 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("cannot {action} {path}: {error}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("daemon record {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
     /// From the one durable-write helper shared with the state directory.
     #[error(transparent)]
     Write(#[from] crate::state::StateError),
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecordError {
-    let path = path.to_path_buf();
-    move |source| RecordError::Io {
-        action,
-        path,
-        error: source,
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,11 +85,11 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, R
     let f = match fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("open", path)(e)),
+        Err(e) => return Err(PathIoError::new("opening", path, e).into()),
     };
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_RECORD + 1), &mut bytes)
-        .map_err(io_err("read", path))?;
+        .map_err(PathIoError::at("reading", path))?;
     if bytes.len() as u64 > MAX_RECORD {
         return Err(RecordError::Corrupt {
             path: path.to_path_buf(),
@@ -126,7 +114,7 @@ impl Records {
                 .recursive(true)
                 .mode(0o700)
                 .create(&p)
-                .map_err(io_err("create", &p))?;
+                .map_err(PathIoError::at("creating", &p))?;
         }
         Ok(Records { root })
     }
@@ -171,7 +159,7 @@ impl Records {
         let dir = self.rollouts_dir();
         let mut out = Vec::new();
         let mut names: Vec<String> = fs::read_dir(&dir)
-            .map_err(io_err("list", &dir))?
+            .map_err(PathIoError::at("listing", &dir))?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();

@@ -137,7 +137,7 @@ fn corrupt_version_file_is_a_host_error() {
     let elsewhere = state.root().join("elsewhere");
     fs::write(&elsewhere, r#"{"version":1,"time":"2026-01-01T00:00:00Z"}"#).unwrap();
     symlink(&elsewhere, state.root().join(VERSIONS_DIR).join("x")).unwrap();
-    assert!(matches!(state.last_version(&n), Err(StateError::Io { .. })));
+    assert!(matches!(state.last_version(&n), Err(StateError::Io(_))));
 }
 
 #[test]
