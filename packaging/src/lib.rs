@@ -9,8 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+use rollguard_shared::PathIoError;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use clap_complete::Shell;
@@ -72,21 +72,14 @@ fn controller_programs() -> Vec<Program> {
 /// Errors of asset generation and unit checks.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("{unit}:{line}: {message}")]
     Unit {
         unit: PathBuf,
         line: usize,
         message: String,
     },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Writes, for every program, its man pages and completions beneath
@@ -109,7 +102,7 @@ pub fn generate_assets(out: &Path) -> Result<Vec<PathBuf>, Error> {
 
 fn write_man_pages(program: &Program, man_dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let dir = man_dir.join(format!("man{}", program.section));
-    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    fs::create_dir_all(&dir).map_err(PathIoError::at("creating", &dir))?;
     // `build` resolves the display names of subcommands ("rollguard-agent-check"),
     // which become the page names and the cross-references in SEE ALSO.
     let mut command = (program.command)().disable_help_subcommand(true);
@@ -137,8 +130,8 @@ fn write_man_page_tree(
         .section(section)
         .manual("rollguard")
         .render(&mut page)
-        .map_err(io_err(&path))?;
-    fs::write(&path, page).map_err(io_err(&path))?;
+        .map_err(PathIoError::at("rendering", &path))?;
+    fs::write(&path, page).map_err(PathIoError::at("writing", &path))?;
     written.push(path);
     Ok(())
 }
@@ -153,11 +146,11 @@ fn write_completions(program: &Program, dir: &Path) -> Result<Vec<PathBuf>, Erro
     let mut written = Vec::new();
     for (shell, sub, file) in targets {
         let shell_dir = dir.join(sub);
-        fs::create_dir_all(&shell_dir).map_err(io_err(&shell_dir))?;
+        fs::create_dir_all(&shell_dir).map_err(PathIoError::at("creating", &shell_dir))?;
         let path = shell_dir.join(file);
         let mut script = Vec::new();
         clap_complete::generate(shell, &mut (program.command)(), program.name, &mut script);
-        fs::write(&path, script).map_err(io_err(&path))?;
+        fs::write(&path, script).map_err(PathIoError::at("writing", &path))?;
         written.push(path);
     }
     Ok(written)
@@ -178,7 +171,7 @@ const EXEC_DIRECTIVES: &[&str] = &[
 /// installed path of a known program and its arguments must parse with that
 /// program's CLI. Returns the number of command lines checked.
 pub fn check_unit_exec_lines(unit: &Path) -> Result<usize, Error> {
-    let text = fs::read_to_string(unit).map_err(io_err(unit))?;
+    let text = fs::read_to_string(unit).map_err(PathIoError::at("reading", unit))?;
     let programs = programs();
     let mut checked = 0;
     for (index, raw) in text.lines().enumerate() {
