@@ -126,7 +126,7 @@ pub enum AuditCommand {
 
 /// The clap command, for man pages and completions.
 pub fn command() -> clap::Command {
-    Cli::command()
+    rollguard_shared::exit::document(Cli::command())
 }
 
 #[cfg(test)]

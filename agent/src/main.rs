@@ -4,22 +4,17 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use clap::Parser;
 use rollguard_agent::cli::{AuditCommand, Cli, Command};
 use rollguard_agent::policy::HostPolicy;
 use rollguard_agent::runner::{run_bundle, RunOptions};
 use rollguard_agent::sandbox::{KernelSupport, Launcher};
 use rollguard_agent::terminal::printable;
 use rollguard_agent::{audit_log, state::StateDir};
+use rollguard_shared::exit::{self, Exit};
 use rollguard_shared::report::{RunReport, RunStatus};
 
-/// Exit statuses of `run`.
-const EXIT_FAILED: u8 = 1;
-const EXIT_REFUSED: u8 = 2;
-const EXIT_ERROR: u8 = 3;
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = exit::parse(rollguard_agent::cli::command());
     rollguard_shared::logging::init(cli.log_format, "warn");
     if matches!(cli.command, Command::Run(_) | Command::Serve(_)) {
         // Runs need the resource controllers beside the agent, not above
@@ -50,7 +45,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            Exit::Error.into()
         }
     }
 }
@@ -67,11 +62,12 @@ fn run(policy: &Path, bundle: &Path, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         print_report(&report);
     }
-    Ok(ExitCode::from(match report.status {
-        RunStatus::Succeeded if !report.is_alert() => 0,
-        RunStatus::Refused => EXIT_REFUSED,
-        _ => EXIT_FAILED,
-    }))
+    Ok(match report.status {
+        RunStatus::Succeeded if !report.is_alert() => Exit::Success,
+        RunStatus::Refused => Exit::Refused,
+        _ => Exit::Failed,
+    }
+    .into())
 }
 
 /// The human-readable report. Everything a bundle can influence (its
@@ -204,7 +200,7 @@ fn check(policy_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(EXIT_FAILED)
+        Exit::Failed.into()
     })
 }
 
@@ -248,7 +244,7 @@ fn audit_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
                     log.path().display()
                 );
             }
-            Ok(ExitCode::from(EXIT_FAILED))
+            Ok(Exit::Failed.into())
         }
     }
 }
@@ -300,6 +296,6 @@ fn local_kill(args: rollguard_agent::cli::KillArgs) -> anyhow::Result<ExitCode> 
     Ok(if resp.ok {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(EXIT_ERROR)
+        Exit::Error.into()
     })
 }

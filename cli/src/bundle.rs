@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use rollguard_shared::archive::{self, BuildOptions, Limits, OpenedBundle, StoredSignature};
+use rollguard_shared::exit::Exit;
 use rollguard_shared::manifest::{EndpointHost, Manifest, SKELETON};
 use rollguard_shared::signature::{self, AllowedSigners, RawSignature, VerifyError};
 use serde_json::json;
@@ -327,7 +328,7 @@ fn verify(bundle: &Path, allowed: &Path, threshold: usize, json: bool) -> Result
         } else {
             eprintln!("invalid bundle: {message}");
         }
-        Ok(ExitCode::from(1))
+        Ok(Exit::Failed.into())
     };
     let opened = match archive::open_file(bundle, &Limits::default()) {
         Ok(o) => o,

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use rollguard_shared::exit::Exit;
 use rollguard_shared::protocol::{
     KillRequest, KillResponse, KillScope, KillState, LiftRequest, RolloutId,
 };
@@ -105,6 +106,6 @@ pub fn run(args: KillArgs) -> Result<ExitCode> {
     Ok(if r.agents_pending.is_empty() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(1)
+        Exit::Failed.into()
     })
 }

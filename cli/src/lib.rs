@@ -51,7 +51,7 @@ pub fn init_logging(format: LogFormat) {
 
 /// The clap command of `rollguard`, for man pages and completions.
 pub fn command() -> clap::Command {
-    Cli::command()
+    rollguard_shared::exit::document(Cli::command())
 }
 
 #[cfg(test)]

@@ -4,11 +4,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use rollguard_cli::{Cli, Command};
+use rollguard_shared::exit::{self, Exit};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = exit::parse(rollguard_cli::command());
     rollguard_cli::init_logging(cli.log_format);
     let result = match cli.command {
         Command::Bundle(cmd) => rollguard_cli::bundle::run(cmd),
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            Exit::Error.into()
         }
     }
 }

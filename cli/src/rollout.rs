@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use rollguard_shared::exit::Exit;
 use rollguard_shared::protocol::{
     parse_selector, AgentInfo, BundleSummary, HaltRequest, Plan, RolloutId, RolloutRequest,
     RolloutState, RolloutStatus, Sha256Hex, WavePhase, WaveSize,
@@ -321,7 +322,7 @@ fn state_line(s: &RolloutStatus) -> String {
 
 fn exit_for(s: &RolloutStatus) -> ExitCode {
     if s.state == RolloutState::Halted {
-        ExitCode::from(1)
+        Exit::Failed.into()
     } else {
         ExitCode::SUCCESS
     }

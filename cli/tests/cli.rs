@@ -66,10 +66,28 @@ fn controller_url_with_a_path_is_refused() {
         .env("ROLLGUARD_CLI_CONFIG", dir.path().join("cli.toml"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("a path is not allowed") && err.contains("https://HOST[:PORT]"),
         "{err}"
     );
+}
+
+#[test]
+fn exit_statuses_follow_the_one_table() {
+    // --help prints the table (the man pages render the same text) ...
+    let help = ok(rollguard().args(["rollout", "--help"]));
+    assert!(
+        help.contains(rollguard_shared::exit::TABLE),
+        "no exit-status table in:\n{help}"
+    );
+    // ... and a wrong command line is a usage error (64), not clap's 2,
+    // which the table gives to "refused".
+    let out = rollguard().arg("--no-such-flag").output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(rollguard_shared::exit::Exit::Usage.code()))
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
 }

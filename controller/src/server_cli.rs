@@ -13,6 +13,7 @@ use crate::pki::{self, CaDir, InitOptions, Role};
 use crate::store::{verify_audit, Store};
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use rollguard_shared::exit::Exit;
 use rollguard_shared::logging::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -259,18 +260,18 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// The clap command of `rollguard-controller`, for man pages and completions.
 pub fn command() -> clap::Command {
-    Cli::command()
+    rollguard_shared::exit::document(Cli::command())
 }
 
-/// `rollguard-controller`'s `main`: parse, run, print the error chain, exit 2
-/// on failure.
+/// `rollguard-controller`'s `main`: parse, run, print the error chain, exit
+/// with [`Exit::Error`] on failure.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = rollguard_shared::exit::parse(command());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            Exit::Error.into()
         }
     }
 }

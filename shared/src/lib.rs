@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod endpoint;
+pub mod exit;
 pub mod logging;
 pub mod manifest;
 pub mod path;
