@@ -21,7 +21,7 @@ pub struct KillArgs {
     /// Only this rollout's bundles (with --lift: lift only this rollout's kill).
     #[arg(long)]
     pub rollout: Option<String>,
-    /// Why (recorded in the audit log and shown on every host).
+    /// Why (recorded in the operator log and shown on every host).
     #[arg(long)]
     pub reason: Option<String>,
     /// End the kill order(s) in force.
@@ -94,7 +94,9 @@ pub fn run(args: KillArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let Some(reason) = args.reason.filter(|r| !r.trim().is_empty()) else {
-        bail!("a kill needs --reason TEXT (it is shown on every host and kept in the audit log)");
+        bail!(
+            "a kill needs --reason TEXT (it is shown on every host and kept in the operator log)"
+        );
     };
     let scope = match (args.all, rollout) {
         (true, None) => KillScope::All,

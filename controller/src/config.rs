@@ -195,7 +195,7 @@ operators_ca = "ca/operators-ca.crt"
 revoked = "revoked.list"
 
 [storage]
-# Rollouts, dispatches, reports, kill orders and the operator audit log.
+# Rollouts, dispatches, reports, kill orders and the operator log.
 kind = "sqlite"
 path = "controller.db"
 

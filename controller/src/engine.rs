@@ -484,7 +484,7 @@ impl Engine {
         if halted {
             tracing::warn!(rollout = %id, %reason, "rollout halted");
             self.store
-                .append_audit(
+                .append_operator_log(
                     "controller",
                     "rollout.halted",
                     &serde_json::json!({ "rollout": id, "reason": reason }),
@@ -601,7 +601,7 @@ impl Engine {
             updated_at: now,
         };
         self.store
-            .append_audit(
+            .append_operator_log(
                 actor,
                 "rollout.start",
                 &serde_json::json!({ "rollout": id, "bundle": meta.sha256, "name": meta.name, "version": meta.version,
@@ -647,7 +647,7 @@ impl Engine {
         }
         let reason = format!("halted by {actor}: {reason}");
         self.store
-            .append_audit(
+            .append_operator_log(
                 actor,
                 "rollout.halt",
                 &serde_json::json!({ "rollout": id, "reason": reason }),
@@ -678,7 +678,7 @@ impl Engine {
         }
         let t = tally(&self.store.dispatches(id).await?);
         self.store
-            .append_audit(
+            .append_operator_log(
                 actor,
                 "rollout.resume",
                 &serde_json::json!({ "rollout": id, "acknowledged_failures": t.failures, "acknowledged_alarms": t.alarms,
@@ -749,7 +749,7 @@ impl Engine {
         };
         // Durable first: a controller restart keeps the kill in force.
         self.store
-            .append_audit(
+            .append_operator_log(
                 actor,
                 "kill",
                 &serde_json::json!({ "scope": scope, "reason": reason }),
@@ -788,7 +788,7 @@ impl Engine {
 
     pub async fn lift(&self, scope: Option<KillScope>, actor: &str) -> Result<KillResponse> {
         self.store
-            .append_audit(actor, "kill.lift", &serde_json::json!({ "scope": scope }))
+            .append_operator_log(actor, "kill.lift", &serde_json::json!({ "scope": scope }))
             .await?;
         let state = self.store.lift_kill(scope.as_ref()).await?;
         let (sent, pending) = self.push_kill_state(&state).await;
@@ -823,7 +823,7 @@ impl Engine {
                 if let Some(alert) = firing.iter().find(|a| a.matches(&r.plan.halt_on)) {
                     let reason = format!("alert {} fired ({})", alert.name(), alert.describe());
                     self.store
-                        .append_audit(
+                        .append_operator_log(
                             actor,
                             "alert.halt",
                             &serde_json::json!({ "rollout": r.id, "alert": alert.labels }),

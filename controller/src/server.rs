@@ -344,7 +344,7 @@ async fn put_bundle(
         .map_err(EngineError::from)?;
     app.engine
         .store
-        .append_audit(
+        .append_operator_log(
             &me.name,
             "bundle.upload",
             &serde_json::json!({ "sha256": sha, "name": meta.name, "version": meta.version }),

@@ -1,5 +1,5 @@
 //! The `rollguard-controller` command line: create the fleet CA, enroll and
-//! revoke certificates, serve the controller, verify the operator audit log.
+//! revoke certificates, serve the controller, verify the operator log.
 //!
 //! Kept in the library (the binary is one line) so packaging generates the
 //! man page and completions from these very definitions and checks the
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use crate::config::{ControllerConfig, Storage};
 use crate::pki::{self, CaDir, InitOptions, Role};
-use crate::store::{verify_audit, Store};
+use crate::store::{verify_operator_log, Store};
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use rollguard_shared::exit::Exit;
@@ -100,14 +100,16 @@ pub enum Command {
         #[arg(long, env = "ROLLGUARD_CONTROLLER_CONFIG")]
         config: PathBuf,
     },
-    /// The operator audit log.
-    #[command(subcommand)]
-    Audit(AuditCommand),
+    /// The hash-chained operator log: every operator action and every
+    /// automatic halt. (`audit` is the name it had before; kept as an
+    /// alias so existing scripts still work.)
+    #[command(subcommand, alias = "audit")]
+    Log(OperatorLogCommand),
 }
 
 #[derive(Debug, Subcommand)]
-pub enum AuditCommand {
-    /// Check the hash chain of the operator audit log.
+pub enum OperatorLogCommand {
+    /// Check the hash chain of the operator log.
     Verify {
         #[arg(long, env = "ROLLGUARD_CONTROLLER_CONFIG")]
         config: PathBuf,
@@ -230,15 +232,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 anyhow::Ok(())
             })?;
         }
-        Command::Audit(AuditCommand::Verify { config, json }) => {
+        Command::Log(OperatorLogCommand::Verify { config, json }) => {
             let config = ControllerConfig::load(&config)?;
             let entries = runtime()?.block_on(async move {
                 let store = match &config.storage {
                     Storage::Sqlite(p) => crate::store::sqlite::SqliteStore::open(p).await?,
                 };
-                anyhow::Ok(store.audit_entries().await?)
+                anyhow::Ok(store.operator_log_entries().await?)
             })?;
-            let result = verify_audit(&entries);
+            let result = verify_operator_log(&entries);
             if json {
                 println!(
                     "{}",
@@ -246,12 +248,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             } else {
                 match result {
-                    Ok(()) => println!("audit log intact: {} entries", entries.len()),
-                    Err(seq) => println!("audit log BROKEN at entry {seq}"),
+                    Ok(()) => println!("operator log intact: {} entries", entries.len()),
+                    Err(seq) => println!("operator log BROKEN at entry {seq}"),
                 }
             }
             if result.is_err() {
-                anyhow::bail!("audit log hash chain is broken");
+                anyhow::bail!("operator log hash chain is broken");
             }
         }
     }

@@ -134,7 +134,7 @@ fn good_bundle_rolls_out_in_waves_to_in_scope_hosts_only() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     let audit = rollguard_tests::run_ok(
         std::process::Command::new(rollguard_tests::bin("rollguard-controller"))
-            .args(["audit", "verify", "--json", "--config"])
+            .args(["log", "verify", "--json", "--config"])
             .arg(fleet.ctl().join("controller.toml")),
     );
     let audit: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();

@@ -320,7 +320,7 @@ async fn a_denial_on_the_canary_halts_before_wave_two() {
         "pending"
     );
     // The halt is audited.
-    let audit = f.engine.store.audit_entries().await.unwrap();
+    let audit = f.engine.store.operator_log_entries().await.unwrap();
     assert!(audit.iter().any(|e| e.action == "rollout.halted"));
 }
 
@@ -478,7 +478,7 @@ async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
     let actions: Vec<String> = f
         .engine
         .store
-        .audit_entries()
+        .operator_log_entries()
         .await
         .unwrap()
         .into_iter()

@@ -124,7 +124,7 @@ pub enum ReportOutcome {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEntry {
+pub struct OperatorLogEntry {
     pub seq: i64,
     pub at: Millis,
     pub actor: String,
@@ -200,20 +200,21 @@ pub trait Store: Send + Sync + 'static {
     /// Lift one kill order, or all of them when `scope` is `None`.
     async fn lift_kill(&self, scope: Option<&KillScope>) -> Result<KillState>;
 
-    /// Append to the hash-chained operator audit log.
-    async fn append_audit(
+    /// Append to the hash-chained operator log (table `audit`, its name from
+    /// before; renaming a table needs a migration and buys nothing).
+    async fn append_operator_log(
         &self,
         actor: &str,
         action: &str,
         detail: &serde_json::Value,
-    ) -> Result<AuditEntry>;
-    async fn audit_entries(&self) -> Result<Vec<AuditEntry>>;
+    ) -> Result<OperatorLogEntry>;
+    async fn operator_log_entries(&self) -> Result<Vec<OperatorLogEntry>>;
 }
 
-/// The hash of an audit entry: SHA-256 over the previous hash and the
+/// The hash of an operator log entry: SHA-256 over the previous hash and the
 /// entry's fields, one per line, so editing, removing or reordering any
 /// entry breaks every later hash.
-pub fn audit_hash(
+pub fn operator_log_hash(
     prev_hash: &str,
     seq: i64,
     at: Millis,
@@ -240,11 +241,11 @@ pub fn audit_hash(
 /// The all-zero hash the first entry chains to.
 pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Check an audit chain; returns the sequence number of the first bad entry.
-pub fn verify_audit(entries: &[AuditEntry]) -> std::result::Result<(), i64> {
+/// Check the operator log's chain; returns the sequence number of the first bad entry.
+pub fn verify_operator_log(entries: &[OperatorLogEntry]) -> std::result::Result<(), i64> {
     let mut prev = AUDIT_GENESIS.to_string();
     for (expected_seq, e) in (1..).zip(entries) {
-        let h = audit_hash(&prev, e.seq, e.at, &e.actor, &e.action, &e.detail);
+        let h = operator_log_hash(&prev, e.seq, e.at, &e.actor, &e.action, &e.detail);
         if e.seq != expected_seq || e.prev_hash != prev || e.hash != h {
             return Err(e.seq);
         }

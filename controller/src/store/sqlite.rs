@@ -582,12 +582,12 @@ impl Store for SqliteStore {
         self.kill_state().await
     }
 
-    async fn append_audit(
+    async fn append_operator_log(
         &self,
         actor: &str,
         action: &str,
         detail: &serde_json::Value,
-    ) -> Result<AuditEntry> {
+    ) -> Result<OperatorLogEntry> {
         let detail = serde_json::to_string(detail).map_err(corrupt)?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let last = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
@@ -599,7 +599,7 @@ impl Store for SqliteStore {
         };
         let seq = prev_seq + 1;
         let at = now_ms();
-        let hash = audit_hash(&prev_hash, seq, at, actor, action, &detail);
+        let hash = operator_log_hash(&prev_hash, seq, at, actor, action, &detail);
         sqlx::query("INSERT INTO audit (seq, at, actor, action, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(seq)
             .bind(at)
@@ -611,7 +611,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(AuditEntry {
+        Ok(OperatorLogEntry {
             seq,
             at,
             actor: actor.into(),
@@ -622,13 +622,13 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn audit_entries(&self) -> Result<Vec<AuditEntry>> {
+    async fn operator_log_entries(&self) -> Result<Vec<OperatorLogEntry>> {
         let rows = sqlx::query("SELECT * FROM audit ORDER BY seq")
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
             .map(|r| {
-                Ok(AuditEntry {
+                Ok(OperatorLogEntry {
                     seq: r.try_get("seq")?,
                     at: r.try_get("at")?,
                     actor: r.try_get("actor")?,
@@ -847,20 +847,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn audit_log_is_hash_chained() {
+    async fn operator_log_is_hash_chained() {
         let (_d, store, _) = setup().await;
         for i in 0..3 {
             store
-                .append_audit("admin", "rollout.start", &serde_json::json!({ "i": i }))
+                .append_operator_log("admin", "rollout.start", &serde_json::json!({ "i": i }))
                 .await
                 .unwrap();
         }
-        let mut entries = store.audit_entries().await.unwrap();
-        assert_eq!(verify_audit(&entries), Ok(()));
+        let mut entries = store.operator_log_entries().await.unwrap();
+        assert_eq!(verify_operator_log(&entries), Ok(()));
         entries[1].detail = r#"{"i":7}"#.into();
-        assert_eq!(verify_audit(&entries), Err(2));
-        let mut entries = store.audit_entries().await.unwrap();
+        assert_eq!(verify_operator_log(&entries), Err(2));
+        let mut entries = store.operator_log_entries().await.unwrap();
         entries.remove(0);
-        assert_eq!(verify_audit(&entries), Err(2));
+        assert_eq!(verify_operator_log(&entries), Err(2));
     }
 }
