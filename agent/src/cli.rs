@@ -30,9 +30,11 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a host policy and report what the kernel supports.
     Check(CheckArgs),
-    /// The hash-chained audit log of runs on this host.
-    #[command(subcommand)]
-    Audit(AuditCommand),
+    /// The hash-chained run log of this host: every run started and
+    /// finished, every refusal. (`audit` is the name it had before; kept as
+    /// an alias so existing scripts and units still work.)
+    #[command(subcommand, alias = "audit")]
+    Log(RunLogCommand),
     /// Run as the fleet daemon: connect to the controller named in the
     /// policy's [controller] section, run the bundles it orders (each
     /// verified against this policy, exactly like `run`), obey kill orders.
@@ -112,7 +114,7 @@ pub struct KillArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum AuditCommand {
+pub enum RunLogCommand {
     /// Check every entry's hash chain; report the first edited, removed or
     /// reordered line.
     Verify {
@@ -134,5 +136,17 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         super::command().debug_assert();
+    }
+
+    #[test]
+    fn the_run_log_answers_to_its_old_name_too() {
+        use clap::FromArgMatches;
+        for name in ["log", "audit"] {
+            let matches = super::command()
+                .try_get_matches_from(["rollguard-agent", name, "verify", "--policy", "/p"])
+                .unwrap();
+            let cli = super::Cli::from_arg_matches(&matches).unwrap();
+            assert!(matches!(cli.command, super::Command::Log(_)), "{name}");
+        }
     }
 }

@@ -80,9 +80,10 @@ mod record;
 mod syscalls;
 
 pub use record::{
-    parse_record, AuditRecord, EventId, LandlockAccess, LandlockDomain, PathRecord, RecordBody,
-    RecordError, SeccompAction, SeccompRecord, SyscallRecord, AUDIT_CWD, AUDIT_LANDLOCK_ACCESS,
-    AUDIT_LANDLOCK_DOMAIN, AUDIT_PATH, AUDIT_SECCOMP, AUDIT_SYSCALL, AUDIT_TRUSTED_APP,
+    parse_record, AuditRecord, AuditRecordError, EventId, LandlockAccess, LandlockDomain,
+    PathRecord, RecordBody, SeccompAction, SeccompRecord, SyscallRecord, AUDIT_CWD,
+    AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN, AUDIT_PATH, AUDIT_SECCOMP, AUDIT_SYSCALL,
+    AUDIT_TRUSTED_APP,
 };
 pub use syscalls::{syscall_name, AUDIT_ARCH_AARCH64, AUDIT_ARCH_X86_64};
 
@@ -624,7 +625,7 @@ impl Shared {
 }
 
 /// The process's audit socket, its reader thread and the records they keep.
-struct Hub {
+struct AuditHub {
     shared: Arc<Shared>,
     /// The kernel's lost-record counter as last read (see
     /// [`AuditListener::start`]).
@@ -633,10 +634,10 @@ struct Hub {
 }
 
 /// The hub of this process, started by the first run that listens.
-static HUB: Mutex<Option<Arc<Hub>>> = Mutex::new(None);
+static AUDIT_HUB: Mutex<Option<Arc<AuditHub>>> = Mutex::new(None);
 static LISTENER_IDS: AtomicU64 = AtomicU64::new(0);
 
-impl Hub {
+impl AuditHub {
     /// Enable audit if needed, join the multicast group, start the reader.
     fn start() -> Result<Self, AuditUnavailable> {
         let mut control = Control::open()?;
@@ -709,7 +710,7 @@ impl Hub {
                 what: "start reader thread",
                 why: e.to_string(),
             })?;
-        Ok(Hub {
+        Ok(AuditHub {
             shared,
             last_lost: AtomicU32::new(status.lost),
             enabled_by_us,
@@ -719,7 +720,7 @@ impl Hub {
 
 /// Listens to the kernel's audit records for the lifetime of a run.
 pub struct AuditListener {
-    hub: Arc<Hub>,
+    hub: Arc<AuditHub>,
     id: u64,
     /// Sequence number of the first record this run may own.
     start_seq: u64,
@@ -748,7 +749,7 @@ impl AuditListener {
     /// the counter moved since, the run reports a gap it may not have had,
     /// which errs on the side of "unknown", never of a false zero.
     pub fn start() -> Result<Self, AuditUnavailable> {
-        let mut slot = HUB.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = AUDIT_HUB.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(hub) = slot.as_ref() {
                 let mut buffer = hub.shared.lock();
@@ -765,7 +766,7 @@ impl AuditListener {
                     });
                 }
             }
-            *slot = Some(Arc::new(Hub::start()?));
+            *slot = Some(Arc::new(AuditHub::start()?));
         }
     }
 

@@ -7,13 +7,13 @@
 // Everything else stays safe.
 #![deny(unsafe_code)]
 
-pub mod audit_log;
 pub mod cli;
 pub mod daemon;
 pub mod kernel_audit;
 pub mod packages;
 pub mod policy;
 pub mod recovery;
+pub mod run_log;
 pub mod runner;
 pub mod sandbox;
 pub mod services;

@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use rollguard_agent::cli::{AuditCommand, Cli, Command};
+use rollguard_agent::cli::{Cli, Command, RunLogCommand};
 use rollguard_agent::policy::HostPolicy;
 use rollguard_agent::runner::{run_bundle, RunOptions};
 use rollguard_agent::sandbox::{KernelSupport, Launcher};
 use rollguard_agent::terminal::printable;
-use rollguard_agent::{audit_log, state::StateDir};
+use rollguard_agent::{run_log, state::StateDir};
 use rollguard_shared::exit::{self, Exit};
 use rollguard_shared::report::{RunReport, RunStatus};
 
@@ -31,7 +31,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(&args.policy.policy, &args.bundle, args.json),
         Command::Check(args) => check(&args.policy.policy, args.json),
-        Command::Audit(AuditCommand::Verify { policy, json }) => audit_verify(&policy.policy, json),
+        Command::Log(RunLogCommand::Verify { policy, json }) => {
+            run_log_verify(&policy.policy, json)
+        }
         Command::Serve(args) => rollguard_agent::daemon::serve_policy(
             &args.policy.policy,
             &rollguard_agent::daemon::DaemonOptions {
@@ -212,11 +214,11 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
-fn audit_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
+fn run_log_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let policy = load_policy(policy)?;
     let state = StateDir::open(policy.state_dir())?;
-    let log = audit_log::AuditLog::new(&state);
-    match audit_log::verify(log.path()) {
+    let log = run_log::RunLog::new(&state);
+    match run_log::verify(log.path()) {
         Ok(report) => {
             if json {
                 println!(
@@ -225,7 +227,7 @@ fn audit_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 println!(
-                    "audit log {}: {} entries, chain intact",
+                    "run log {}: {} entries, chain intact",
                     log.path().display(),
                     report.entries
                 );
@@ -239,10 +241,7 @@ fn audit_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
                     serde_json::json!({"ok": false, "error": e.to_string()})
                 );
             } else {
-                println!(
-                    "audit log {}: TAMPERED OR DAMAGED: {e}",
-                    log.path().display()
-                );
+                println!("run log {}: TAMPERED OR DAMAGED: {e}", log.path().display());
             }
             Ok(Exit::Failed.into())
         }

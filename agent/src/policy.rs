@@ -172,7 +172,7 @@ impl ScopeViolation {
 pub enum ProtectionReason {
     /// Listed in `[protect] paths`.
     Configured,
-    /// The agent's own state directory (rollback versions, audit log, kill
+    /// The agent's own state directory (rollback versions, run log, kill
     /// switch): a bundle that could write there could undo rollback
     /// protection or rewrite the audit trail.
     StateDir,

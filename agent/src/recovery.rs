@@ -1,18 +1,18 @@
 //! Runs whose agent died: found, killed, logged, cleared.
 //!
 //! A run is marked in progress, durably, before its bundle starts, and the
-//! marker is cleared only after its result is in the audit log. A marker
+//! marker is cleared only after its result is in the run log. A marker
 //! whose agent process is gone (a crash, SIGKILL, a reboot) is a run that
 //! nobody supervises any more: no timeout, no denial collection, no report.
 //! Recovery, for each such run:
 //!
 //! 1. kills whatever is left of it (its cgroup, if it still exists): a
 //!    bundle must not go on running unsupervised;
-//! 2. appends `run_interrupted` to the audit log (the run is never retried:
+//! 2. appends `run_interrupted` to the run log (the run is never retried:
 //!    its version stays used, as for any run that started), unless the log
 //!    already holds the run's result: the runner removes a finished run's
 //!    marker without flushing the removal, so a crash can bring the marker
-//!    of a finished run back ([`AuditLog::finished_runs`]);
+//!    of a finished run back ([`RunLog::finished_runs`]);
 //! 3. removes its scratch directory, then its marker (durably).
 //!
 //! Every step may be repeated, so a crash during recovery is finished by the
@@ -22,7 +22,7 @@
 //!
 //! `rollguard-agent run` and the daemon call this before running anything.
 
-use crate::audit_log::{AuditEvent, AuditLog, AuditLogError};
+use crate::run_log::{RunLog, RunLogError, RunLogEvent};
 use crate::sandbox::cgroup::{CgroupError, RunCgroup};
 use crate::state::{RunMarker, StateDir, StateError};
 use std::time::Duration;
@@ -35,8 +35,8 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 pub enum RecoveryError {
     #[error("state directory: {0}")]
     State(#[from] StateError),
-    #[error("audit log: {0}")]
-    AuditLog(#[from] AuditLogError),
+    #[error("run log: {0}")]
+    RunLog(#[from] RunLogError),
     #[error("leftovers of interrupted run {run_id}: {source}")]
     Cgroup { run_id: String, source: CgroupError },
 }
@@ -47,7 +47,7 @@ pub struct Recovered {
     pub marker: RunMarker,
     /// Whether its cgroup still existed (and was killed and removed).
     pub cgroup_removed: bool,
-    /// Whether the audit log already held its result (only the marker was
+    /// Whether the run log already held its result (only the marker was
     /// left over; no `run_interrupted` was recorded).
     pub already_finished: bool,
 }
@@ -57,7 +57,7 @@ pub struct Recovered {
 /// touched.
 pub fn recover_interrupted_runs(
     state: &StateDir,
-    log: &AuditLog,
+    log: &RunLog,
 ) -> Result<Vec<Recovered>, RecoveryError> {
     // The common case, nothing to do, costs one directory listing and no
     // lock; otherwise look again under the lock so two agents starting at
@@ -103,7 +103,7 @@ pub fn recover_interrupted_runs(
         if !finished {
             log.append_locked(
                 &lock,
-                AuditEvent::RunInterrupted {
+                RunLogEvent::RunInterrupted {
                     run_id: run_id.clone(),
                     bundle: marker.bundle.clone(),
                     manifest_sha256: marker.manifest_sha256.clone(),

@@ -1,4 +1,4 @@
-//! The agent's own audit log: an append-only, hash-chained JSON-lines file
+//! The agent's own run log: an append-only, hash-chained JSON-lines file
 //! (`audit.log` in the state directory) recording every run started, every
 //! run finished (with its denials) and every refusal.
 //!
@@ -41,15 +41,17 @@ use sha2::{Digest, Sha256};
 
 use crate::state::{fsync_dir, StateDir, StateError, StateLock};
 
-pub const AUDIT_LOG_FILE: &str = "audit.log";
+/// The file kept the name it had when the run log was called the audit
+/// log: renaming it would cut an installed host off its own chain.
+pub const RUN_LOG_FILE: &str = "audit.log";
 /// `prev` of the first entry.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Longest line we accept when reading the log back.
 const MAX_LINE: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum AuditLogError {
-    #[error("cannot {action} audit log {path}: {source}")]
+pub enum RunLogError {
+    #[error("cannot {action} run log {path}: {source}")]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -57,13 +59,13 @@ pub enum AuditLogError {
     },
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("audit log {path}: the last line is damaged ({why}); refusing to extend a chain that cannot be verified — move the file aside to start a new one")]
+    #[error("run log {path}: the last line is damaged ({why}); refusing to extend a chain that cannot be verified — move the file aside to start a new one")]
     DamagedTail { path: PathBuf, why: String },
-    #[error("audit log line {line}: {kind}")]
+    #[error("run log line {line}: {kind}")]
     Broken { line: u64, kind: ChainBreak },
-    #[error("audit log does not contain the recorded head (seq {seq}): {why}")]
+    #[error("run log does not contain the recorded head (seq {seq}): {why}")]
     AnchorMismatch { seq: u64, why: String },
-    #[error("cannot encode audit entry: {0}")]
+    #[error("cannot encode run log entry: {0}")]
     Encode(String),
 }
 
@@ -105,7 +107,7 @@ impl From<&Scope> for ScopeSummary {
 /// One thing that happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum AuditEvent {
+pub enum RunLogEvent {
     /// Recorded after verification and policy checks passed, before the
     /// bundle is executed.
     RunStarted {
@@ -154,7 +156,7 @@ pub enum AuditEvent {
     KillCleared,
 }
 
-impl AuditEvent {
+impl RunLogEvent {
     /// The `run_finished` entry for a report of a run that executed.
     pub fn run_finished(
         report: &RunReport,
@@ -162,7 +164,7 @@ impl AuditEvent {
         bundle: BundleRef,
         manifest_sha256: &str,
     ) -> Self {
-        AuditEvent::RunFinished {
+        RunLogEvent::RunFinished {
             run_id: run_id.to_string(),
             bundle,
             manifest_sha256: manifest_sha256.to_string(),
@@ -185,7 +187,7 @@ pub struct AuditEntry {
     pub seq: u64,
     pub time: jiff::Timestamp,
     pub prev: String,
-    pub event: AuditEvent,
+    pub event: RunLogEvent,
 }
 
 /// The last entry of a chain: keep a copy off the host to detect rewrites
@@ -205,9 +207,9 @@ pub struct VerifyReport {
     pub head: Option<Head>,
 }
 
-/// The audit log of a state directory.
+/// The run log of a state directory.
 #[derive(Debug, Clone)]
-pub struct AuditLog {
+pub struct RunLog {
     state: StateDir,
     path: PathBuf,
 }
@@ -216,11 +218,11 @@ fn line_hash(line: &[u8]) -> String {
     hex::encode(Sha256::digest(line))
 }
 
-impl AuditLog {
+impl RunLog {
     pub fn new(state: &StateDir) -> Self {
-        AuditLog {
+        RunLog {
             state: state.clone(),
-            path: state.root().join(AUDIT_LOG_FILE),
+            path: state.root().join(RUN_LOG_FILE),
         }
     }
 
@@ -242,8 +244,8 @@ impl AuditLog {
     pub fn finished_runs(
         &self,
         run_ids: &BTreeSet<String>,
-    ) -> Result<BTreeSet<String>, AuditLogError> {
-        let io_err = |source| AuditLogError::Io {
+    ) -> Result<BTreeSet<String>, RunLogError> {
+        let io_err = |source| RunLogError::Io {
             action: "read",
             path: self.path.clone(),
             source,
@@ -279,21 +281,21 @@ impl AuditLog {
     }
 
     /// Append an entry durably; returns the new head.
-    pub fn append(&self, event: AuditEvent) -> Result<Head, AuditLogError> {
+    pub fn append(&self, event: RunLogEvent) -> Result<Head, RunLogError> {
         let lock = self.state.lock()?;
         self.append_locked(&lock, event)
     }
 
-    /// [`AuditLog::append`] for a caller that already holds the state lock
+    /// [`RunLog::append`] for a caller that already holds the state lock
     /// (see [`StateDir::begin_run`]).
     pub fn append_locked(
         &self,
         _lock: &StateLock,
-        event: AuditEvent,
-    ) -> Result<Head, AuditLogError> {
+        event: RunLogEvent,
+    ) -> Result<Head, RunLogError> {
         let io_err = |action| {
             let path = self.path.clone();
-            move |source| AuditLogError::Io {
+            move |source| RunLogError::Io {
                 action,
                 path,
                 source,
@@ -312,14 +314,14 @@ impl AuditLog {
             None => (1, GENESIS_PREV.to_string()),
             Some(line) => {
                 let entry: RawEntry =
-                    serde_json::from_slice(&line).map_err(|e| AuditLogError::DamagedTail {
+                    serde_json::from_slice(&line).map_err(|e| RunLogError::DamagedTail {
                         path: self.path.clone(),
                         why: e.to_string(),
                     })?;
                 let next = entry
                     .seq
                     .checked_add(1)
-                    .ok_or_else(|| AuditLogError::DamagedTail {
+                    .ok_or_else(|| RunLogError::DamagedTail {
                         path: self.path.clone(),
                         why: "seq overflow".into(),
                     })?;
@@ -333,7 +335,7 @@ impl AuditLog {
             event,
         };
         let mut line =
-            serde_json::to_vec(&entry).map_err(|e| AuditLogError::Encode(e.to_string()))?;
+            serde_json::to_vec(&entry).map_err(|e| RunLogError::Encode(e.to_string()))?;
         let hash = line_hash(&line);
         line.push(b'\n');
         // One write: with O_APPEND the kernel places it at the end
@@ -350,8 +352,8 @@ impl AuditLog {
 /// The last complete line of the file (without its newline), `None` when
 /// the file is empty. A file that does not end in a newline has a damaged
 /// tail.
-fn last_line(file: &File, path: &Path) -> Result<Option<Vec<u8>>, AuditLogError> {
-    let io_err = |source| AuditLogError::Io {
+fn last_line(file: &File, path: &Path) -> Result<Option<Vec<u8>>, RunLogError> {
+    let io_err = |source| RunLogError::Io {
         action: "read",
         path: path.to_path_buf(),
         source,
@@ -363,7 +365,7 @@ fn last_line(file: &File, path: &Path) -> Result<Option<Vec<u8>>, AuditLogError>
     let mut last = [0u8; 1];
     file.read_exact_at(&mut last, len - 1).map_err(io_err)?;
     if last[0] != b'\n' {
-        return Err(AuditLogError::DamagedTail {
+        return Err(RunLogError::DamagedTail {
             path: path.to_path_buf(),
             why: "it does not end with a newline".into(),
         });
@@ -382,7 +384,7 @@ fn last_line(file: &File, path: &Path) -> Result<Option<Vec<u8>>, AuditLogError>
             return Ok(Some(buf));
         }
         if chunk as usize >= MAX_LINE {
-            return Err(AuditLogError::DamagedTail {
+            return Err(RunLogError::DamagedTail {
                 path: path.to_path_buf(),
                 why: format!("the last line is longer than {MAX_LINE} bytes"),
             });
@@ -392,7 +394,7 @@ fn last_line(file: &File, path: &Path) -> Result<Option<Vec<u8>>, AuditLogError>
 }
 
 /// The head of the log at `path` (verifying the whole chain on the way).
-pub fn head(path: &Path) -> Result<Option<Head>, AuditLogError> {
+pub fn head(path: &Path) -> Result<Option<Head>, RunLogError> {
     Ok(verify(path)?.head)
 }
 
@@ -419,20 +421,20 @@ struct RawEntry {
 /// Check the whole chain. `Ok` means every line is a well-formed entry, the
 /// `seq`s count 1, 2, 3… and each `prev` is the hash of the line before.
 /// Otherwise the error names the first line that breaks the chain.
-pub fn verify(path: &Path) -> Result<VerifyReport, AuditLogError> {
+pub fn verify(path: &Path) -> Result<VerifyReport, RunLogError> {
     walk(path, |_, _| Ok(()))
 }
 
 /// [`verify`], and also check that the entry `anchor.seq` hashes to
 /// `anchor.hash` — a head recorded earlier somewhere the host cannot
 /// rewrite. Detects a rewritten history and a log cut off before the anchor.
-pub fn verify_anchored(path: &Path, anchor: &Head) -> Result<VerifyReport, AuditLogError> {
+pub fn verify_anchored(path: &Path, anchor: &Head) -> Result<VerifyReport, RunLogError> {
     let mut seen = false;
     let report = walk(path, |seq, hash| {
         if seq == anchor.seq {
             seen = true;
             if hash != anchor.hash {
-                return Err(AuditLogError::AnchorMismatch {
+                return Err(RunLogError::AnchorMismatch {
                     seq,
                     why: "the entry there has a different hash: the log was rewritten".into(),
                 });
@@ -441,7 +443,7 @@ pub fn verify_anchored(path: &Path, anchor: &Head) -> Result<VerifyReport, Audit
         Ok(())
     })?;
     if !seen {
-        return Err(AuditLogError::AnchorMismatch {
+        return Err(RunLogError::AnchorMismatch {
             seq: anchor.seq,
             why: format!("the log ends at {} entries: it was cut", report.entries),
         });
@@ -451,9 +453,9 @@ pub fn verify_anchored(path: &Path, anchor: &Head) -> Result<VerifyReport, Audit
 
 fn walk(
     path: &Path,
-    mut on_entry: impl FnMut(u64, &str) -> Result<(), AuditLogError>,
-) -> Result<VerifyReport, AuditLogError> {
-    let io_err = |source| AuditLogError::Io {
+    mut on_entry: impl FnMut(u64, &str) -> Result<(), RunLogError>,
+) -> Result<VerifyReport, RunLogError> {
+    let io_err = |source| RunLogError::Io {
         action: "read",
         path: path.to_path_buf(),
         source,
@@ -469,7 +471,7 @@ fn walk(
             break;
         }
         line_no += 1;
-        let broken = |kind| AuditLogError::Broken {
+        let broken = |kind| RunLogError::Broken {
             line: line_no,
             kind,
         };

@@ -14,12 +14,13 @@
 //! in-progress/<run>.json durable "run in progress" markers
 //! runs/<run>/            per-run scratch directories
 //! kill.json              kill-switch order, when one is in force
-//! audit.log              hash-chained audit log (see `audit_log`)
+//! audit.log              hash-chained run log (see `run_log`; the file
+//!                        keeps its first name so a host keeps its chain)
 //! ```
 //!
 //! The directory is created `0700` if missing, and refused if it is a
 //! symlink, not owned by us, or writable by group or others: whoever can
-//! write here can roll versions back, hide runs or rewrite the audit log.
+//! write here can roll versions back, hide runs or rewrite the run log.
 
 use rollguard_shared::PathIoError;
 use std::fs::{self, File, OpenOptions};
@@ -192,7 +193,7 @@ impl RunMarker {
 /// A kill-switch order in force on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KillOrder {
+pub struct HostKill {
     pub reason: String,
     /// When it was set; `None` when the order file could not be read (it is
     /// then still in force: see [`StateDir::kill_in_force`]).
@@ -247,7 +248,7 @@ impl StateDir {
         check_private_dir(root)?;
         // The directories above it too: whoever can write one of them can
         // move the state directory aside and put their own in its place
-        // (an empty version record, a forged audit log).
+        // (an empty version record, a forged run log).
         crate::trust_path::check(root, "state directory").map_err(StateError::Untrusted)?;
         let dir = StateDir {
             root: root.to_path_buf(),
@@ -321,7 +322,7 @@ impl StateDir {
     /// that `marker`'s version is newer than the last one started (as
     /// [`StateDir::record_started`]), then record the version and write the
     /// in-progress marker (as [`StateDir::mark_in_progress`]), while
-    /// `alongside` (the audit log entry of the run) runs concurrently on
+    /// `alongside` (the run log entry of the run) runs concurrently on
     /// another thread with the same lock held.
     ///
     /// Each file still goes through the full durable replace (fsync the
@@ -430,7 +431,7 @@ impl StateDir {
     ///
     /// Run directories are scratch, not state: nothing in them is needed
     /// after a crash (the durable record of a run is its in-progress marker
-    /// and the audit log), so their creation and removal are not fsynced.
+    /// and the run log), so their creation and removal are not fsynced.
     /// A crash can at worst leave a stale scratch directory behind.
     pub fn create_run_dir(&self, id: &RunId) -> Result<PathBuf, StateError> {
         let path = self.run_dir(id);
@@ -471,10 +472,10 @@ impl StateDir {
     }
 
     /// Remove the marker of a run whose result is already durable in the
-    /// audit log, without waiting for the removal to reach the disk (no
+    /// run log, without waiting for the removal to reach the disk (no
     /// directory fsync: one disk flush less on every run). A crash can bring
     /// the marker back; recovery then finds the run's `run_finished` in the
-    /// log ([`crate::audit_log::AuditLog::finished_runs`]) and only
+    /// log ([`crate::run_log::RunLog::finished_runs`]) and only
     /// clears it. Only for a marker whose run's result is logged: any other
     /// marker must go with [`StateDir::clear_in_progress`].
     pub fn clear_logged_in_progress(&self, id: &RunId) -> Result<(), StateError> {
@@ -526,8 +527,8 @@ impl StateDir {
     // ---- kill switch ---------------------------------------------------
 
     /// Durably put a kill-switch order in force.
-    pub fn set_kill(&self, reason: &str) -> Result<KillOrder, StateError> {
-        let order = KillOrder {
+    pub fn set_kill(&self, reason: &str) -> Result<HostKill, StateError> {
+        let order = HostKill {
             reason: reason.to_string(),
             since: Some(jiff::Timestamp::now()),
         };
@@ -545,11 +546,11 @@ impl StateDir {
 
     /// The order in force, if any. Fails closed: an order file that exists
     /// but cannot be parsed is still an order in force.
-    pub fn kill_in_force(&self) -> Result<Option<KillOrder>, StateError> {
+    pub fn kill_in_force(&self) -> Result<Option<HostKill>, StateError> {
         let path = self.root.join(KILL_FILE);
-        match read_json::<KillOrder>(&path) {
+        match read_json::<HostKill>(&path) {
             Ok(order) => Ok(order),
-            Err(StateError::Corrupt { why, .. }) => Ok(Some(KillOrder {
+            Err(StateError::Corrupt { why, .. }) => Ok(Some(HostKill {
                 reason: format!(
                     "kill-switch file {} is unreadable ({why}); treated as in force",
                     path.display()

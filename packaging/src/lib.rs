@@ -259,7 +259,7 @@ mod tests {
             "rollguard-agent",
             "rollguard-agent-run",
             "rollguard-agent-check",
-            "rollguard-agent-audit-verify",
+            "rollguard-agent-log-verify",
         ] {
             let path = man8.join(format!("{page}.8"));
             assert!(files.contains(&path), "{page}.8 not generated");
@@ -306,7 +306,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let unit = write_unit(
             dir.path(),
-            "ExecStartPre=-/usr/sbin/rollguard-agent check --policy /etc/rollguard/agent.toml\nExecStart=/usr/sbin/rollguard-agent audit verify --json",
+            "ExecStartPre=-/usr/sbin/rollguard-agent check --policy /etc/rollguard/agent.toml\nExecStart=/usr/sbin/rollguard-agent log verify --json",
         );
         assert_eq!(check_unit_exec_lines(&unit).expect("valid"), 2);
     }

@@ -311,7 +311,7 @@ fn audit_log_detects_edits_and_removals() {
     }
     let verify = || {
         run(agent()
-            .args(["audit", "verify", "--json", "--policy"])
+            .args(["log", "verify", "--json", "--policy"])
             .arg(host.policy()))
     };
     let out = verify();

@@ -133,7 +133,7 @@ impl Daemon {
         // logged now, not at the next run. If that fails the daemon still
         // starts (kill switch and reporting keep working) and every run is
         // refused until recovery succeeds (the runner retries it first).
-        let log = crate::audit_log::AuditLog::new(&state);
+        let log = crate::run_log::RunLog::new(&state);
         match crate::recovery::recover_interrupted_runs(&state, &log) {
             Ok(runs) if !runs.is_empty() => {
                 tracing::warn!(count = runs.len(), "recovered interrupted runs");

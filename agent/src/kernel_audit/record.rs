@@ -251,7 +251,7 @@ pub struct PathRecord {
 
 /// Why a record could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecordError {
+pub enum AuditRecordError {
     #[error("record has no audit(...) header")]
     NoHeader,
     #[error("record type {0}: field {1} is missing or malformed")]
@@ -259,7 +259,7 @@ pub enum RecordError {
 }
 
 /// Parse one record. `Ok(None)` for record types we do not use.
-pub fn parse_record(msg_type: u16, text: &str) -> Result<Option<AuditRecord>, RecordError> {
+pub fn parse_record(msg_type: u16, text: &str) -> Result<Option<AuditRecord>, AuditRecordError> {
     if !matches!(
         msg_type,
         AUDIT_SYSCALL
@@ -272,9 +272,9 @@ pub fn parse_record(msg_type: u16, text: &str) -> Result<Option<AuditRecord>, Re
     ) {
         return Ok(None);
     }
-    let (event, rest) = parse_header(text).ok_or(RecordError::NoHeader)?;
+    let (event, rest) = parse_header(text).ok_or(AuditRecordError::NoHeader)?;
     let f = Fields::parse(rest);
-    let missing = |name| RecordError::Field(msg_type, name);
+    let missing = |name| AuditRecordError::Field(msg_type, name);
     let body = match msg_type {
         AUDIT_LANDLOCK_ACCESS => RecordBody::LandlockAccess(LandlockAccess {
             domain: f.hex_u64("domain").ok_or(missing("domain"))?,

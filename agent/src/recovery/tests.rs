@@ -7,13 +7,13 @@ use std::process::Command;
 use rollguard_shared::report::BundleRef;
 
 use super::*;
-use crate::audit_log;
+use crate::run_log;
 use crate::state::{AgentProcess, RunId};
 
-fn fresh() -> (tempfile::TempDir, StateDir, AuditLog) {
+fn fresh() -> (tempfile::TempDir, StateDir, RunLog) {
     let tmp = tempfile::tempdir().unwrap();
     let state = StateDir::open(&tmp.path().join("state")).unwrap();
-    let log = AuditLog::new(&state);
+    let log = RunLog::new(&state);
     (tmp, state, log)
 }
 
@@ -34,7 +34,7 @@ fn dead_agents_marker() -> RunMarker {
     }
 }
 
-fn log_lines(log: &AuditLog) -> Vec<serde_json::Value> {
+fn log_lines(log: &RunLog) -> Vec<serde_json::Value> {
     std::fs::read_to_string(log.path())
         .unwrap_or_default()
         .lines()
@@ -46,10 +46,7 @@ fn log_lines(log: &AuditLog) -> Vec<serde_json::Value> {
 fn nothing_to_recover_writes_nothing() {
     let (_tmp, state, log) = fresh();
     assert!(recover_interrupted_runs(&state, &log).unwrap().is_empty());
-    assert!(
-        !log.path().exists(),
-        "an empty recovery wrote the audit log"
-    );
+    assert!(!log.path().exists(), "an empty recovery wrote the run log");
 }
 
 #[test]
@@ -85,7 +82,7 @@ fn leftover_process_is_killed_and_the_run_logged_once() {
     let event = &lines[0];
     assert_eq!(event["event"]["type"], "run_interrupted", "{event}");
     assert_eq!(event["event"]["run_id"], marker.run_id.as_str());
-    audit_log::verify(log.path()).expect("chain intact");
+    run_log::verify(log.path()).expect("chain intact");
 
     // Done is done: a second recovery finds nothing.
     assert!(recover_interrupted_runs(&state, &log).unwrap().is_empty());
@@ -116,8 +113,8 @@ fn run_without_cgroup_is_still_recorded() {
 
 /// What a crash can leave after a run that finished: its result in the log
 /// and its marker back (the runner does not flush the marker's removal).
-fn finished_event(marker: &RunMarker) -> audit_log::AuditEvent {
-    audit_log::AuditEvent::RunFinished {
+fn finished_event(marker: &RunMarker) -> run_log::RunLogEvent {
+    run_log::RunLogEvent::RunFinished {
         run_id: marker.run_id.to_string(),
         bundle: marker.bundle.clone(),
         manifest_sha256: marker.manifest_sha256.clone(),
@@ -157,7 +154,7 @@ fn another_runs_result_does_not_count() {
     // mentions this run's id in a reason: neither is this run's result.
     let other = dead_agents_marker();
     log.append(finished_event(&other)).unwrap();
-    log.append(audit_log::AuditEvent::Refused {
+    log.append(run_log::RunLogEvent::Refused {
         bundle: Some(marker.bundle.clone()),
         manifest_sha256: None,
         refusal: rollguard_shared::report::RefusalKind::Rollback,

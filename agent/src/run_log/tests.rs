@@ -3,10 +3,10 @@ use proptest::prelude::*;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Barrier};
 
-fn setup() -> (tempfile::TempDir, StateDir, AuditLog) {
+fn setup() -> (tempfile::TempDir, StateDir, RunLog) {
     let tmp = tempfile::tempdir().unwrap();
     let state = StateDir::open(&tmp.path().join("state")).unwrap();
-    let log = AuditLog::new(&state);
+    let log = RunLog::new(&state);
     (tmp, state, log)
 }
 
@@ -17,8 +17,8 @@ fn bundle() -> BundleRef {
     }
 }
 
-fn started(run: &str) -> AuditEvent {
-    AuditEvent::RunStarted {
+fn started(run: &str) -> RunLogEvent {
+    RunLogEvent::RunStarted {
         run_id: run.into(),
         bundle: bundle(),
         manifest_sha256: "ab".repeat(32),
@@ -32,8 +32,8 @@ fn started(run: &str) -> AuditEvent {
     }
 }
 
-fn refused(reason: &str) -> AuditEvent {
-    AuditEvent::Refused {
+fn refused(reason: &str) -> RunLogEvent {
+    RunLogEvent::Refused {
         bundle: Some(bundle()),
         manifest_sha256: Some("cd".repeat(32)),
         refusal: RefusalKind::ProtectedPath,
@@ -56,10 +56,10 @@ fn write_lines(path: &Path, lines: &[String]) {
 }
 
 /// A log with five entries.
-fn five() -> (tempfile::TempDir, StateDir, AuditLog) {
+fn five() -> (tempfile::TempDir, StateDir, RunLog) {
     let (tmp, state, log) = setup();
     log.append(started("r1")).unwrap();
-    log.append(AuditEvent::RunFinished {
+    log.append(RunLogEvent::RunFinished {
         run_id: "r1".into(),
         bundle: bundle(),
         manifest_sha256: "ab".repeat(32),
@@ -81,17 +81,17 @@ fn five() -> (tempfile::TempDir, StateDir, AuditLog) {
         "scope.delete /srv overlaps protected path /srv/backup",
     ))
     .unwrap();
-    log.append(AuditEvent::KillSet {
+    log.append(RunLogEvent::KillSet {
         reason: "wave 2 denials".into(),
     })
     .unwrap();
-    log.append(AuditEvent::KillCleared).unwrap();
+    log.append(RunLogEvent::KillCleared).unwrap();
     (tmp, state, log)
 }
 
-fn broken(result: Result<VerifyReport, AuditLogError>) -> (u64, ChainBreak) {
+fn broken(result: Result<VerifyReport, RunLogError>) -> (u64, ChainBreak) {
     match result {
-        Err(AuditLogError::Broken { line, kind }) => (line, kind),
+        Err(RunLogError::Broken { line, kind }) => (line, kind),
         other => panic!("expected a broken chain, got {other:?}"),
     }
 }
@@ -125,8 +125,8 @@ fn appends_a_verifiable_chain() {
     let mode = std::fs::metadata(log.path()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // Another handle on the same state directory continues the chain.
-    AuditLog::new(&StateDir::open(state.root()).unwrap())
-        .append(AuditEvent::KillCleared)
+    RunLog::new(&StateDir::open(state.root()).unwrap())
+        .append(RunLogEvent::KillCleared)
         .unwrap();
     assert_eq!(verify(log.path()).unwrap().entries, 6);
 }
@@ -141,7 +141,7 @@ fn run_finished_from_a_report() {
         run_id: Some("r9".into()),
         ..RunReport::new("h", RunStatus::Failed)
     };
-    let e = AuditEvent::run_finished(&report, "r9", bundle(), "ee");
+    let e = RunLogEvent::run_finished(&report, "r9", bundle(), "ee");
     let v = serde_json::to_value(&e).unwrap();
     assert_eq!(v["type"], "run_finished");
     assert_eq!(v["status"], "failed");
@@ -150,13 +150,13 @@ fn run_finished_from_a_report() {
         serde_json::Value::Null,
         "unknown stays unknown"
     );
-    assert_eq!(serde_json::from_value::<AuditEvent>(v).unwrap(), e);
+    assert_eq!(serde_json::from_value::<RunLogEvent>(v).unwrap(), e);
 }
 
 #[test]
 fn empty_and_missing_logs() {
     let (_tmp, _state, log) = setup();
-    assert!(matches!(verify(log.path()), Err(AuditLogError::Io { .. })));
+    assert!(matches!(verify(log.path()), Err(RunLogError::Io { .. })));
     std::fs::write(log.path(), "").unwrap();
     assert_eq!(
         verify(log.path()).unwrap(),
@@ -263,13 +263,13 @@ fn detects_a_truncated_last_line_and_refuses_to_extend_it() {
         broken(verify(log.path())),
         (5, ChainBreak::TruncatedLastLine)
     );
-    let e = log.append(AuditEvent::KillCleared).unwrap_err();
-    assert!(matches!(e, AuditLogError::DamagedTail { .. }), "{e}");
+    let e = log.append(RunLogEvent::KillCleared).unwrap_err();
+    assert!(matches!(e, RunLogError::DamagedTail { .. }), "{e}");
     // A torn line that happens to end in a newline is caught too.
     std::fs::write(log.path(), format!("{}\n", &text[..text.len() - 10])).unwrap();
     assert!(matches!(
-        log.append(AuditEvent::KillCleared),
-        Err(AuditLogError::DamagedTail { .. })
+        log.append(RunLogEvent::KillCleared),
+        Err(RunLogError::DamagedTail { .. })
     ));
 }
 
@@ -311,7 +311,7 @@ fn limits_of_a_self_consistent_chain_and_the_anchor() {
     verify(log.path()).unwrap();
     let e = verify_anchored(log.path(), &anchor).unwrap_err();
     assert!(
-        matches!(e, AuditLogError::AnchorMismatch { seq: 5, .. }),
+        matches!(e, RunLogError::AnchorMismatch { seq: 5, .. }),
         "{e}"
     );
 
@@ -327,7 +327,7 @@ fn limits_of_a_self_consistent_chain_and_the_anchor() {
         seq: 3,
         hash: hex::encode(Sha256::digest(all[2].as_bytes())),
     };
-    log.append(AuditEvent::KillCleared).unwrap();
+    log.append(RunLogEvent::KillCleared).unwrap();
     assert_eq!(verify_anchored(log.path(), &mid).unwrap().entries, 6);
 }
 
@@ -336,7 +336,7 @@ fn long_lines_are_found_from_the_end() {
     let (_tmp, _state, log) = setup();
     log.append(refused(&"x".repeat(50_000))).unwrap();
     log.append(refused(&"y".repeat(20_000))).unwrap();
-    let head = log.append(AuditEvent::KillCleared).unwrap();
+    let head = log.append(RunLogEvent::KillCleared).unwrap();
     assert_eq!(head.seq, 3);
     assert_eq!(verify(log.path()).unwrap().head, Some(head));
 }
@@ -349,12 +349,12 @@ fn concurrent_appends_keep_one_chain() {
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|t| {
-            let log = AuditLog::new(&StateDir::open(state.root()).unwrap());
+            let log = RunLog::new(&StateDir::open(state.root()).unwrap());
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
                 for i in 0..per_thread {
-                    log.append(AuditEvent::KillSet {
+                    log.append(RunLogEvent::KillSet {
                         reason: format!("{t}-{i}"),
                     })
                     .unwrap();
@@ -376,8 +376,8 @@ fn symlinked_log_is_not_followed() {
     std::fs::write(&elsewhere, "").unwrap();
     std::os::unix::fs::symlink(&elsewhere, log.path()).unwrap();
     assert!(matches!(
-        log.append(AuditEvent::KillCleared),
-        Err(AuditLogError::Io { .. })
+        log.append(RunLogEvent::KillCleared),
+        Err(RunLogError::Io { .. })
     ));
     assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "");
 }

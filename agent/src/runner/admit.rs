@@ -10,8 +10,8 @@ use rollguard_shared::signature::{self, AllowedSigners, RawSignature};
 use sha2::{Digest, Sha256};
 
 use super::{Known, Refusal, RunOptions};
-use crate::audit_log::AuditLog;
 use crate::policy::{HostPolicy, Pins, ProtectedNow};
+use crate::run_log::RunLog;
 use crate::sandbox::limits::RunLimits;
 use crate::sandbox::net_scope;
 use crate::sandbox::pins::Placeholder;
@@ -43,7 +43,7 @@ pub(super) struct Admission {
 pub(super) fn admit(
     policy: &HostPolicy,
     state: &StateDir,
-    log: &AuditLog,
+    log: &RunLog,
     bundle_path: &Path,
     opts: &RunOptions,
     known: &mut Option<Known>,

@@ -45,8 +45,8 @@ use std::time::Instant;
 
 use rollguard_shared::report::{BundleRef, RefusalKind, RunReport, RunStatus};
 
-use crate::audit_log::{AuditEvent, AuditLog};
 use crate::policy::HostPolicy;
+use crate::run_log::{RunLog, RunLogEvent};
 use crate::sandbox::{KillHandle, Launcher};
 use crate::state::{RunId, StateDir};
 
@@ -121,7 +121,7 @@ pub fn run_bundle(policy: &HostPolicy, bundle_path: &Path, opts: &RunOptions) ->
             return r;
         }
     };
-    let log = AuditLog::new(&state);
+    let log = RunLog::new(&state);
     let mut known = None;
     let result = admit::admit(policy, &state, &log, bundle_path, opts, &mut known)
         .and_then(|admitted| prepare::prepare(policy, &state, &log, admitted, opts, started));
@@ -136,14 +136,14 @@ pub fn run_bundle(policy: &HostPolicy, bundle_path: &Path, opts: &RunOptions) ->
             r.refusal = Some(kind);
             r.reason = Some(reason.clone());
             r.bundle = known.as_ref().map(|k: &Known| k.bundle.clone());
-            let event = AuditEvent::Refused {
+            let event = RunLogEvent::Refused {
                 bundle: r.bundle.clone(),
                 manifest_sha256: known.map(|k| k.manifest_sha256),
                 refusal: kind,
                 reason,
             };
             if let Err(e) = log.append(event) {
-                tracing::error!("cannot record the refusal in the audit log: {e}");
+                tracing::error!("cannot record the refusal in the run log: {e}");
             }
             r
         }
@@ -155,7 +155,7 @@ pub fn run_bundle(policy: &HostPolicy, bundle_path: &Path, opts: &RunOptions) ->
 fn finish(
     policy: &HostPolicy,
     state: &StateDir,
-    log: &AuditLog,
+    log: &RunLog,
     run: execute::Executed,
     started: Instant,
 ) -> RunReport {
@@ -190,7 +190,7 @@ fn finish(
         scope.spawn(|| remove_run_dir(state, &run_id));
         // The result first, then the marker: a crash in between leaves a
         // marker, and recovery records the run as interrupted.
-        match log.append(AuditEvent::run_finished(
+        match log.append(RunLogEvent::run_finished(
             &report,
             run_id.as_str(),
             admission.bundle.clone(),
@@ -205,7 +205,7 @@ fn finish(
             // records it as interrupted.
             Err(e) => tracing::error!(
                 run_id = %run_id,
-                "cannot record the result in the audit log (the in-progress marker stays): {e}"
+                "cannot record the result in the run log (the in-progress marker stays): {e}"
             ),
         }
     });

@@ -11,8 +11,8 @@ use rollguard_shared::report::{RefusalKind, RunReport};
 use super::admit::{check_pins, Admission};
 use super::execute::StartingListener;
 use super::{empty_report, remove_run_dir, Refusal, RunOptions};
-use crate::audit_log::{AuditEvent, AuditLog};
 use crate::policy::HostPolicy;
+use crate::run_log::{RunLog, RunLogEvent};
 use crate::sandbox::spec::MIN_LANDLOCK_ABI;
 use crate::sandbox::{HeldChild, SandboxScope, SandboxSpec};
 use crate::state::{BeginRunError, RunId, RunMarker, StateDir};
@@ -32,7 +32,7 @@ pub(super) struct Prepared {
 pub(super) fn prepare(
     policy: &HostPolicy,
     state: &StateDir,
-    log: &AuditLog,
+    log: &RunLog,
     (opened, admission): (OpenedBundle<'static>, Admission),
     opts: &RunOptions,
     started: Instant,
@@ -166,7 +166,7 @@ pub(super) fn prepare(
         .map(crate::packages::Snapshot::take);
 
     // Point of no return: durable before acted upon. The version (the
-    // atomic rollback check), the in-progress marker and the audit log entry
+    // atomic rollback check), the in-progress marker and the run log entry
     // are flushed together (see `StateDir::begin_run`).
     let marker = match RunMarker::new(
         run_id.clone(),
@@ -176,7 +176,7 @@ pub(super) fn prepare(
         Ok(m) => m,
         Err(e) => return Err(refuse(held, Refusal::new(RefusalKind::HostError, e))),
     };
-    let started_event = AuditEvent::RunStarted {
+    let started_event = RunLogEvent::RunStarted {
         run_id: run_id.to_string(),
         bundle: bundle.clone(),
         manifest_sha256: admission.manifest_sha256.clone(),
@@ -191,11 +191,11 @@ pub(super) fn prepare(
         Err(BeginRunError::Record(e)) => {
             return Err(refuse(held, Refusal::new(e.refusal_kind(), e)));
         }
-        // No unlogged runs: an audit log we cannot write is a host error.
+        // No unlogged runs: an run log we cannot write is a host error.
         Err(BeginRunError::Alongside(e)) => {
             return Err(refuse(
                 held,
-                Refusal::new(RefusalKind::HostError, format!("audit log: {e}")),
+                Refusal::new(RefusalKind::HostError, format!("run log: {e}")),
             ));
         }
     }

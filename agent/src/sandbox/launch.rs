@@ -338,7 +338,7 @@ impl Launcher {
                 captures: Some((stdout_capture, stderr_capture)),
                 exit,
                 started,
-                kill_state: Arc::new(KillState::default()),
+                kill_state: Arc::new(KillSwitchState::default()),
                 armed: true,
                 filters,
                 exit_audit: false,
@@ -473,7 +473,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
 }
 
 #[derive(Debug, Default)]
-struct KillState {
+struct KillSwitchState {
     killed: AtomicBool,
     /// Processes alive when the kill switch was first used.
     processes: AtomicUsize,
@@ -483,7 +483,7 @@ struct KillState {
 #[derive(Debug, Clone)]
 pub struct KillHandle {
     cgroup: RunCgroup,
-    state: Arc<KillState>,
+    state: Arc<KillSwitchState>,
 }
 
 impl KillHandle {
@@ -576,7 +576,7 @@ pub struct ConfinedChild {
     captures: Option<(Capture, Capture)>,
     exit: mpsc::Receiver<io::Result<ExitStatus>>,
     started: Instant,
-    kill_state: Arc<KillState>,
+    kill_state: Arc<KillSwitchState>,
     /// Kill the run if this handle is dropped without a successful `wait`:
     /// a run nobody supervises must not keep running.
     armed: bool,

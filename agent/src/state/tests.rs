@@ -406,9 +406,9 @@ fn begin_run_records_nothing_when_the_step_alongside_fails() {
     let (_tmp, state) = fresh();
     let m = marker("1-run", AgentProcess::current().unwrap());
     let e = state
-        .begin_run(&name("postfix"), &m, |_| Err("audit log is full"))
+        .begin_run(&name("postfix"), &m, |_| Err("run log is full"))
         .unwrap_err();
-    assert!(matches!(e, BeginRunError::Alongside("audit log is full")));
+    assert!(matches!(e, BeginRunError::Alongside("run log is full")));
     // The version is not used up, no marker, no temporary files.
     assert_eq!(state.last_version(&name("postfix")).unwrap(), None);
     assert!(entries(&state.root().join(VERSIONS_DIR)).is_empty());

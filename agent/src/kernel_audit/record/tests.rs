@@ -309,34 +309,34 @@ fn other_types_are_ignored_and_bad_records_are_errors() {
     );
     assert_eq!(
         parse_record(AUDIT_LANDLOCK_ACCESS, "domain=1 blockers=x"),
-        Err(RecordError::NoHeader)
+        Err(AuditRecordError::NoHeader)
     );
     assert_eq!(
         parse_record(AUDIT_LANDLOCK_ACCESS, "audit(1.0:1): blockers=x"),
-        Err(RecordError::Field(AUDIT_LANDLOCK_ACCESS, "domain"))
+        Err(AuditRecordError::Field(AUDIT_LANDLOCK_ACCESS, "domain"))
     );
     assert_eq!(
         parse_record(AUDIT_LANDLOCK_ACCESS, "audit(1.0:1): domain=zz blockers=x"),
-        Err(RecordError::Field(AUDIT_LANDLOCK_ACCESS, "domain"))
+        Err(AuditRecordError::Field(AUDIT_LANDLOCK_ACCESS, "domain"))
     );
     assert_eq!(
         parse_record(AUDIT_LANDLOCK_DOMAIN, "audit(1.0:1): domain=1 status=weird"),
-        Err(RecordError::Field(AUDIT_LANDLOCK_DOMAIN, "status"))
+        Err(AuditRecordError::Field(AUDIT_LANDLOCK_DOMAIN, "status"))
     );
     assert_eq!(
         parse_record(
             AUDIT_LANDLOCK_DOMAIN,
             "audit(1.0:1): domain=1 status=deallocated"
         ),
-        Err(RecordError::Field(AUDIT_LANDLOCK_DOMAIN, "denials"))
+        Err(AuditRecordError::Field(AUDIT_LANDLOCK_DOMAIN, "denials"))
     );
     assert_eq!(
         parse_record(AUDIT_SECCOMP, "audit(1.0:1): pid=1"),
-        Err(RecordError::Field(AUDIT_SECCOMP, "arch"))
+        Err(AuditRecordError::Field(AUDIT_SECCOMP, "arch"))
     );
     assert_eq!(
         parse_record(AUDIT_SECCOMP, "audit(x.0:1): pid=1"),
-        Err(RecordError::NoHeader)
+        Err(AuditRecordError::NoHeader)
     );
     // Trailing NULs and newlines (some kernels pad) are tolerated.
     let r = parse(
