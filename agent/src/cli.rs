@@ -1,4 +1,4 @@
-//! Command-line interface of `rollguard-agent` (clap definitions only; the
+//! AgentCommand-line interface of `rollguard-agent` (clap definitions only; the
 //! binary in `main.rs` dispatches). Kept in the library so packaging can
 //! generate man pages and shell completions from the same definitions.
 
@@ -11,17 +11,17 @@ pub use rollguard_shared::logging::LogFormat;
 /// policy and runs them confined by Landlock, seccomp, namespaces and cgroups.
 #[derive(Debug, Parser)]
 #[command(name = "rollguard-agent", version, about, long_about = None)]
-pub struct Cli {
+pub struct AgentCli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub command: AgentCommand,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum AgentCommand {
     /// Verify a bundle against the host policy and run it once, confined.
     ///
     /// Exit status 0 only when the bundle ran and succeeded without any
@@ -42,7 +42,7 @@ pub enum Command {
     /// Kill every running bundle on this host now and refuse new runs until
     /// `--lift` (talks to the daemon over its local socket; works when the
     /// controller is unreachable).
-    Kill(KillArgs),
+    Kill(LocalKillArgs),
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +92,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["reason", "lift", "status"])))]
-pub struct KillArgs {
+pub struct LocalKillArgs {
     /// Why (kept in the daemon's state and shown in every refusal).
     #[arg(long)]
     pub reason: Option<String>,
@@ -128,7 +128,7 @@ pub enum RunLogCommand {
 
 /// The clap command, for man pages and completions.
 pub fn command() -> clap::Command {
-    rollguard_shared::exit::document(Cli::command())
+    rollguard_shared::exit::document(AgentCli::command())
 }
 
 #[cfg(test)]
@@ -145,8 +145,8 @@ mod tests {
             let matches = super::command()
                 .try_get_matches_from(["rollguard-agent", name, "verify", "--policy", "/p"])
                 .unwrap();
-            let cli = super::Cli::from_arg_matches(&matches).unwrap();
-            assert!(matches!(cli.command, super::Command::Log(_)), "{name}");
+            let cli = super::AgentCli::from_arg_matches(&matches).unwrap();
+            assert!(matches!(cli.command, super::AgentCommand::Log(_)), "{name}");
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use rollguard_agent::cli::{Cli, Command, RunLogCommand};
+use rollguard_agent::cli::{AgentCli, AgentCommand, RunLogCommand};
 use rollguard_agent::policy::HostPolicy;
 use rollguard_agent::runner::{run_bundle, RunOptions};
 use rollguard_agent::sandbox::{KernelSupport, Launcher};
@@ -14,9 +14,9 @@ use rollguard_shared::exit::{self, Exit};
 use rollguard_shared::report::{RunReport, RunStatus};
 
 fn main() -> ExitCode {
-    let cli: Cli = exit::parse(rollguard_agent::cli::command());
+    let cli: AgentCli = exit::parse(rollguard_agent::cli::command());
     rollguard_shared::logging::init(cli.log_format, "warn");
-    if matches!(cli.command, Command::Run(_) | Command::Serve(_)) {
+    if matches!(cli.command, AgentCommand::Run(_) | AgentCommand::Serve(_)) {
         // Runs need the resource controllers beside the agent, not above
         // it (cgroup v2); a failure here shows as a refusal of each run
         // that cannot be limited.
@@ -29,19 +29,19 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
-        Command::Run(args) => run(&args.policy.policy, &args.bundle, args.json),
-        Command::Check(args) => check(&args.policy.policy, args.json),
-        Command::Log(RunLogCommand::Verify { policy, json }) => {
+        AgentCommand::Run(args) => run(&args.policy.policy, &args.bundle, args.json),
+        AgentCommand::Check(args) => check(&args.policy.policy, args.json),
+        AgentCommand::Log(RunLogCommand::Verify { policy, json }) => {
             run_log_verify(&policy.policy, json)
         }
-        Command::Serve(args) => rollguard_agent::daemon::serve_policy(
+        AgentCommand::Serve(args) => rollguard_agent::daemon::serve_policy(
             &args.policy.policy,
             &rollguard_agent::daemon::DaemonOptions {
                 socket: args.socket,
             },
         )
         .map(|()| ExitCode::SUCCESS),
-        Command::Kill(args) => local_kill(args),
+        AgentCommand::Kill(args) => local_kill(args),
     };
     match result {
         Ok(code) => code,
@@ -249,7 +249,7 @@ fn run_log_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// `rollguard-agent kill`: ask the running daemon over its local socket.
-fn local_kill(args: rollguard_agent::cli::KillArgs) -> anyhow::Result<ExitCode> {
+fn local_kill(args: rollguard_agent::cli::LocalKillArgs) -> anyhow::Result<ExitCode> {
     use rollguard_agent::daemon::local::{request, LocalRequest};
     let req = match (args.reason, args.lift) {
         (_, true) => LocalRequest::Lift,

@@ -290,7 +290,7 @@ impl fmt::Display for ProtectionReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtectedPath {
     pub path: ScopePath,
-    /// Resolved forms (`canonicalize`, or the longest existing prefix
+    /// ResolvedPath forms (`canonicalize`, or the longest existing prefix
     /// resolved when the path does not exist yet). Empty when resolution
     /// yields the path itself.
     pub resolved: Vec<ScopePath>,
@@ -821,19 +821,19 @@ impl ProtectedNow<'_> {
                 };
             pins.extend(pins_within(path, &protected, changing).map_err(|p| violation(p, None))?);
             match resolve_symlinks(path) {
-                Resolved::Path(r) => pins.extend(
+                ResolvedPath::Path(r) => pins.extend(
                     pins_within(&r, &protected, changing)
                         .map_err(|p| violation(p, Some(r.to_string())))?,
                 ),
                 // `/` contains every protected path; an unresolvable path
                 // might be anything. There is always at least one protected
                 // path (the state directory).
-                Resolved::Root => {
+                ResolvedPath::Root => {
                     if let Some(p) = policy.protect.first() {
                         return Err(violation(p, Some("/".into())));
                     }
                 }
-                Resolved::Unresolvable => {
+                ResolvedPath::Unresolvable => {
                     if let Some(p) = policy.protect.first() {
                         return Err(violation(p, Some("an unresolvable symlink chain".into())));
                     }
@@ -861,13 +861,13 @@ impl ProtectedNow<'_> {
                 return Err(violation(None));
             }
             match resolve_symlinks(path) {
-                Resolved::Path(r) => {
+                ResolvedPath::Path(r) => {
                     if !ceiling_resolved.iter().any(|c| r.is_within(c)) {
                         return Err(violation(Some(r.to_string())));
                     }
                 }
-                Resolved::Root => return Err(violation(Some("/".into()))),
-                Resolved::Unresolvable => {
+                ResolvedPath::Root => return Err(violation(Some("/".into()))),
+                ResolvedPath::Unresolvable => {
                     return Err(violation(Some("an unresolvable symlink chain".into())))
                 }
             }
@@ -1060,7 +1060,7 @@ fn parse_paths(key: &'static str, raw: &[String]) -> Result<Vec<ScopePath>, Poli
 
 /// The resolved forms of a path that differ from it (at most one; a `Vec`
 /// so callers can chain). A path that resolves to `/` or cannot be resolved
-/// is represented by the special forms in [`Resolved`] only at check time.
+/// is represented by the special forms in [`ResolvedPath`] only at check time.
 fn resolved_forms(path: &ScopePath) -> Vec<ScopePath> {
     resolved_forms_with(path, &mut Lookups::default())
 }
@@ -1069,7 +1069,7 @@ fn resolved_forms(path: &ScopePath) -> Vec<ScopePath> {
 /// same moment.
 fn resolved_forms_with(path: &ScopePath, lookups: &mut Lookups) -> Vec<ScopePath> {
     match resolve_symlinks_with(path, lookups) {
-        Resolved::Path(r) if &r != path => vec![r],
+        ResolvedPath::Path(r) if &r != path => vec![r],
         _ => Vec::new(),
     }
 }
@@ -1112,7 +1112,7 @@ impl Lookups {
 
 /// What a path means once every symlink along it is followed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolved {
+pub enum ResolvedPath {
     Path(ScopePath),
     /// It resolves to the filesystem root, which contains everything.
     Root,
@@ -1129,11 +1129,11 @@ pub enum Resolved {
 /// non-existent paths — and the interesting case is exactly a bundle scope
 /// that will be created beneath a symlinked directory, or a dangling
 /// symlink whose target the bundle could create.
-pub fn resolve_symlinks(path: &ScopePath) -> Resolved {
+pub fn resolve_symlinks(path: &ScopePath) -> ResolvedPath {
     resolve_symlinks_with(path, &mut Lookups::default())
 }
 
-fn resolve_symlinks_with(path: &ScopePath, lookups: &mut Lookups) -> Resolved {
+fn resolve_symlinks_with(path: &ScopePath, lookups: &mut Lookups) -> ResolvedPath {
     use std::collections::VecDeque;
     use std::ffi::OsString;
     use std::path::Component;
@@ -1166,24 +1166,24 @@ fn resolve_symlinks_with(path: &ScopePath, lookups: &mut Lookups) -> Resolved {
             Lookup::Symlink(target) => {
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
-                    return Resolved::Unresolvable;
+                    return ResolvedPath::Unresolvable;
                 }
                 if target.is_absolute() {
                     resolved = PathBuf::from("/");
                 }
                 push_components(&mut pending, &target);
             }
-            Lookup::UnreadableSymlink => return Resolved::Unresolvable,
+            Lookup::UnreadableSymlink => return ResolvedPath::Unresolvable,
             // Exists, does not exist yet, or cannot be inspected: as written.
             Lookup::Other => resolved = candidate,
         }
     }
     if resolved == Path::new("/") {
-        return Resolved::Root;
+        return ResolvedPath::Root;
     }
     match resolved.to_str().map(ScopePath::parse) {
-        Some(Ok(p)) => Resolved::Path(p),
-        _ => Resolved::Unresolvable,
+        Some(Ok(p)) => ResolvedPath::Path(p),
+        _ => ResolvedPath::Unresolvable,
     }
 }
 

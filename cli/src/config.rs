@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum CliConfigError {
     #[error("{path}: {error}")]
     Io {
         path: PathBuf,
@@ -47,20 +47,20 @@ impl CliConfig {
     }
 
     /// Load a file; a missing default file is an empty configuration.
-    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, CliConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
                 return Ok(Self::default())
             }
             Err(source) => {
-                return Err(ConfigError::Io {
+                return Err(CliConfigError::Io {
                     path: path.to_path_buf(),
                     error: source,
                 })
             }
         };
-        let mut c: CliConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        let mut c: CliConfig = toml::from_str(&text).map_err(|e| CliConfigError::Invalid {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

@@ -31,7 +31,7 @@ struct RawController {
     #[serde(default)]
     rollouts: RawRollouts,
     #[serde(default)]
-    limits: RawLimits,
+    limits: RawControllerLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,14 +85,14 @@ fn default_kill_ack() -> String {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawLimits {
+struct RawControllerLimits {
     #[serde(default = "default_max_bundle")]
     max_bundle_bytes: u64,
 }
 
-impl Default for RawLimits {
+impl Default for RawControllerLimits {
     fn default() -> Self {
-        RawLimits {
+        RawControllerLimits {
             max_bundle_bytes: default_max_bundle(),
         }
     }

@@ -284,7 +284,7 @@ fn coalesce(pending: usize) -> Duration {
         .min(Duration::from_secs(1))
 }
 
-enum Step {
+enum EngineStep {
     Done,
     Again,
     /// Wait until the deadline (or news); `usize`: hosts still pending.
@@ -350,9 +350,9 @@ impl Engine {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let (wait, pending) = match self.step(&id).await {
-                Ok(Step::Done) => break,
-                Ok(Step::Again) => continue,
-                Ok(Step::WaitUntil(at, pending)) => (at, pending),
+                Ok(EngineStep::Done) => break,
+                Ok(EngineStep::Again) => continue,
+                Ok(EngineStep::WaitUntil(at, pending)) => (at, pending),
                 Err(e) => {
                     tracing::error!(rollout = %id, error = %e, "rollout step failed; retrying");
                     (Some(now_ms() + 1000), 0)
@@ -385,24 +385,24 @@ impl Engine {
         d.dispatched_at.max(self.started_at) + budget
     }
 
-    async fn step(&self, id: &RolloutId) -> Result<Step> {
+    async fn step(&self, id: &RolloutId) -> Result<EngineStep> {
         let Some(r) = self.store.rollout(id).await? else {
-            return Ok(Step::Done);
+            return Ok(EngineStep::Done);
         };
         if r.state != RolloutState::Running {
-            return Ok(Step::Done);
+            return Ok(EngineStep::Done);
         }
         let wave = r.current_wave as usize;
         if wave >= r.plan.waves.len() {
             if self.store.complete(id).await? {
                 tracing::info!(rollout = %id, "rollout completed");
             }
-            return Ok(Step::Done);
+            return Ok(EngineStep::Done);
         }
         let dispatches = self.store.dispatches(id).await?;
         if let Some(reason) = halt_reason(&r, &dispatches) {
             self.halt_internal(id, &reason).await?;
-            return Ok(Step::Done);
+            return Ok(EngineStep::Done);
         }
         let now = now_ms();
         match r.phase {
@@ -413,14 +413,14 @@ impl Engine {
                     .record_dispatches(id, wave as u32, hosts, now)
                     .await?
                 {
-                    return Ok(Step::Again);
+                    return Ok(EngineStep::Again);
                 }
                 self.store
                     .update_progress(id, WavePhase::Awaiting, wave as u32, None)
                     .await?;
                 tracing::info!(rollout = %id, wave = wave + 1, hosts = hosts.len(), "wave dispatched");
                 self.send_runs(&r, hosts);
-                Ok(Step::Again)
+                Ok(EngineStep::Again)
             }
             WavePhase::Awaiting => {
                 let in_wave: Vec<&DispatchRecord> = dispatches
@@ -440,7 +440,7 @@ impl Engine {
                 if !late.is_empty() {
                     tracing::warn!(rollout = %id, hosts = ?late, "hosts timed out");
                     self.store.mark_timed_out(id, &late).await?;
-                    return Ok(Step::Again);
+                    return Ok(EngineStep::Again);
                 }
                 if pending.is_empty() {
                     let until = now + (r.plan.bake_secs as i64) * 1000;
@@ -448,9 +448,9 @@ impl Engine {
                         .update_progress(id, WavePhase::Baking, wave as u32, Some(until))
                         .await?;
                     tracing::info!(rollout = %id, wave = wave + 1, bake_secs = r.plan.bake_secs, "wave finished; baking");
-                    return Ok(Step::Again);
+                    return Ok(EngineStep::Again);
                 }
-                Ok(Step::WaitUntil(
+                Ok(EngineStep::WaitUntil(
                     pending.iter().map(|d| self.deadline(&r, d)).min(),
                     pending.len(),
                 ))
@@ -458,12 +458,12 @@ impl Engine {
             WavePhase::Baking => {
                 let until = r.bake_until.unwrap_or(now);
                 if now < until {
-                    return Ok(Step::WaitUntil(Some(until), 0));
+                    return Ok(EngineStep::WaitUntil(Some(until), 0));
                 }
                 self.store
                     .update_progress(id, WavePhase::Dispatching, wave as u32 + 1, None)
                     .await?;
-                Ok(Step::Again)
+                Ok(EngineStep::Again)
             }
         }
     }

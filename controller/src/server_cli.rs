@@ -22,12 +22,12 @@ use rollguard_shared::logging::LogFormat;
     version,
     about = "rollguard controller: fleet CA and rollout server"
 )]
-pub struct Cli {
+pub struct ControllerCli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
-    command: Command,
+    command: ControllerCommand,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -50,7 +50,7 @@ pub struct CaDirArg {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum ControllerCommand {
     /// Create the CA hierarchy, the server certificate, the first operator
     /// certificate and a commented controller.toml in DIR.
     Init {
@@ -126,9 +126,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Carry out one parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+pub fn run(cli: ControllerCli) -> Result<()> {
     match cli.command {
-        Command::Init {
+        ControllerCommand::Init {
             ca: CaDirArg { dir },
             json,
             sans,
@@ -175,7 +175,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Enroll {
+        ControllerCommand::Enroll {
             ca: CaDirArg { dir },
             json,
             name,
@@ -200,7 +200,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{}", key.display());
             }
         }
-        Command::Revoke {
+        ControllerCommand::Revoke {
             ca: CaDirArg { dir },
             json,
             name,
@@ -217,7 +217,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Serve { config } => {
+        ControllerCommand::Serve { config } => {
             rollguard_shared::logging::init(cli.log_format, "info");
             let config = ControllerConfig::load(&config)?;
             runtime()?.block_on(async move {
@@ -232,7 +232,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 anyhow::Ok(())
             })?;
         }
-        Command::Log(OperatorLogCommand::Verify { config, json }) => {
+        ControllerCommand::Log(OperatorLogCommand::Verify { config, json }) => {
             let config = ControllerConfig::load(&config)?;
             let entries = runtime()?.block_on(async move {
                 let store = match &config.storage {
@@ -262,13 +262,13 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// The clap command of `rollguard-controller`, for man pages and completions.
 pub fn command() -> clap::Command {
-    rollguard_shared::exit::document(Cli::command())
+    rollguard_shared::exit::document(ControllerCli::command())
 }
 
 /// `rollguard-controller`'s `main`: parse, run, print the error chain, exit
 /// with [`Exit::Error`] on failure.
 pub fn main() -> ExitCode {
-    let cli: Cli = rollguard_shared::exit::parse(command());
+    let cli: ControllerCli = rollguard_shared::exit::parse(command());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -9,7 +9,7 @@ pub use rollguard_shared::tls_client::{load_certs, load_key, provider};
 use rollguard_shared::tls_client::{root_store, TlsError as CredentialError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub enum ServerTlsError {
     #[error(transparent)]
     Credentials(#[from] CredentialError),
     #[error("TLS configuration: {0}")]
@@ -24,7 +24,7 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
     client_issuers: &[&Path],
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+) -> Result<Arc<rustls::ServerConfig>, ServerTlsError> {
     let provider = provider();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(root_store(client_issuers)?),

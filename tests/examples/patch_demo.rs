@@ -18,7 +18,7 @@
 //! archive) and cached under `target/`.
 
 use rollguard_tests::fleet::Fleet;
-use rollguard_tests::fleet_host::{self, FleetHost, HostPolicy, PatchPackages, PATCH_SERVICE};
+use rollguard_tests::fleet_host::{self, FleetHost, FleetHostPolicy, PatchPackages, PATCH_SERVICE};
 
 const HOST: &str = "mail-01.patch";
 
@@ -53,7 +53,7 @@ fn main() {
     println!("{PATCH_SERVICE} running, MainPID {pid}");
 
     banner("Its policy allows that service, and systemd starts the agent from our unit");
-    let mut policy = HostPolicy::default();
+    let mut policy = FleetHostPolicy::default();
     fleet_host::allow_patch(&mut policy);
     host.configure(&fleet, &policy);
     host.start_agent(&fleet);

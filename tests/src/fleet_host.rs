@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::fleet::{wait_for, Fleet};
 use crate::run_ok;
-use crate::systemd_container::{Options, SystemdContainer};
+use crate::systemd_container::{BootOptions, SystemdContainer};
 
 /// Where the package installs its unit (cargo-deb's `lib/systemd/system/`).
 pub const UNIT_PATH: &str = "/lib/systemd/system/rollguard-agent.service";
@@ -179,8 +179,8 @@ fn build_agent_deb() -> PathBuf {
 /// [`FleetHost::install`] also makes the cgroup v1 controller hierarchies
 /// writable on a hybrid host, as a host's own systemd leaves them (nspawn
 /// mounts them read-only); the agent limits runs through them there.
-pub fn host_options(packages: &Path) -> Options {
-    Options {
+pub fn host_options(packages: &Path) -> BootOptions {
+    BootOptions {
         nspawn_args: vec![
             "--capability=CAP_NET_ADMIN,CAP_AUDIT_READ".into(),
             "--system-call-filter=landlock_create_ruleset landlock_add_rule \
@@ -196,7 +196,7 @@ pub fn host_options(packages: &Path) -> Options {
 /// the fleet's `allowed_signers`, one signature (deletes too); state in
 /// `/var/lib/rollguard`.
 #[derive(Debug, Clone)]
-pub struct HostPolicy {
+pub struct FleetHostPolicy {
     /// `[host] labels`, as TOML inline-table entries: `role = "mail"`.
     pub labels: String,
     /// `[protect] paths`.
@@ -207,11 +207,11 @@ pub struct HostPolicy {
     pub extra: String,
 }
 
-impl Default for HostPolicy {
+impl Default for FleetHostPolicy {
     /// A mail host that protects `/srv/backup`, with the package's own
     /// `allow_scopes`.
     fn default() -> Self {
-        HostPolicy {
+        FleetHostPolicy {
             labels: "role = \"mail\"".into(),
             protect: vec!["/srv/backup".into()],
             allow_scopes: ["/etc", "/var", "/srv", "/opt", "/usr/local"]
@@ -222,7 +222,7 @@ impl Default for HostPolicy {
     }
 }
 
-impl HostPolicy {
+impl FleetHostPolicy {
     fn render(&self, name: &str, url: &str) -> String {
         let list = |v: &[String]| {
             v.iter()
@@ -285,7 +285,7 @@ impl FleetHost {
     /// fleet CA beside the policy, the operators' `allowed_signers`, and
     /// the host policy `/etc/rollguard/agent.toml` from `policy`, naming
     /// the controller on 127.0.0.1.
-    pub fn configure(&self, fleet: &Fleet, policy: &HostPolicy) {
+    pub fn configure(&self, fleet: &Fleet, policy: &FleetHostPolicy) {
         let creds = fleet.root().join(format!("creds-{}", self.name));
         fleet.enroll(&self.name, &creds);
         let read = |p: PathBuf| fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -408,7 +408,7 @@ pub const PATCH_V2: &str = "2.0";
 /// scope beneath `/usr` within `allow_scopes` (its program's directory and
 /// the unit directory, in both spellings of a merged-/usr host; `/etc` and
 /// `/var` are in the default), and its service in `[services] allow`.
-pub fn allow_patch(policy: &mut HostPolicy) {
+pub fn allow_patch(policy: &mut FleetHostPolicy) {
     for scope in [
         "/usr/lib/rgpkgtest",
         "/usr/lib/systemd/system",

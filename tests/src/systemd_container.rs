@@ -11,7 +11,7 @@
 //!   then extracted once beside it;
 //! - each instance boots that tree with `--volatile=overlay` (its writes go
 //!   to a tmpfs; the tree stays pristine, and instances share it) or, with
-//!   [`Options::private_copy`], an extracted copy of its own;
+//!   [`BootOptions::private_copy`], an extracted copy of its own;
 //! - `--register=no --keep-unit` (the host has no machined), `--console=pipe`;
 //! - each instance in cgroups of its own (`rollguard-ct-NAME` in each
 //!   hierarchy nspawn uses), so parallel instances do not collide, removed
@@ -50,7 +50,7 @@ const STOP_POLLS: u32 = 1500; // 30 s, then SIGKILL
 
 /// How to boot an instance.
 #[derive(Debug, Clone, Default)]
-pub struct Options {
+pub struct BootOptions {
     /// Extra `systemd-nspawn` arguments: `--bind-ro=HOST:CONTAINER`,
     /// `--capability=...`, `--system-call-filter=...`,
     /// `--private-network`, `--setenv=...`.
@@ -161,10 +161,10 @@ impl SystemdContainer {
     /// Boot with the defaults: an overlay over the shared root, nspawn's
     /// own capability set and system call filter, the host's network.
     pub fn boot() -> Self {
-        Self::boot_with(Options::default())
+        Self::boot_with(BootOptions::default())
     }
 
-    pub fn boot_with(opts: Options) -> Self {
+    pub fn boot_with(opts: BootOptions) -> Self {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let tree = root_tree();
         let name = format!(

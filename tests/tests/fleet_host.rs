@@ -60,7 +60,9 @@
 //! (`scripts/install-deps`, `packaging/install-tools`). Never skipped.
 
 use rollguard_tests::fleet::Fleet;
-use rollguard_tests::fleet_host::{self, FleetHost, HostPolicy, PatchPackages, UNIT, UNIT_PATH};
+use rollguard_tests::fleet_host::{
+    self, FleetHost, FleetHostPolicy, PatchPackages, UNIT, UNIT_PATH,
+};
 use serde_json::Value;
 
 const HOST: &str = "mail-ct-01";
@@ -121,7 +123,7 @@ fn the_packaged_agent_under_its_own_unit_rolls_out_and_halts_the_2012_replay() {
     // the policy allows its derived scope and its service.
     let patch = PatchPackages::build(&fleet.root().join("patch-debs"));
     fleet_host::install_patch_v1(&host, &patch.v1);
-    let mut policy = HostPolicy::default();
+    let mut policy = FleetHostPolicy::default();
     fleet_host::allow_patch(&mut policy);
     host.configure(&fleet, &policy);
     assert_unit_as_shipped(&host);

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use rollguard_tests::systemd_container::{Options, SystemdContainer};
+use rollguard_tests::systemd_container::{BootOptions, SystemdContainer};
 
 #[test]
 fn a_private_copy_with_a_read_only_bind_boots_beside_an_overlay_instance() {
@@ -17,7 +17,7 @@ fn a_private_copy_with_a_read_only_bind_boots_beside_an_overlay_instance() {
         .unwrap();
     std::fs::write(shared.path().join("hello"), "from the host\n").unwrap();
 
-    let copy = SystemdContainer::boot_with(Options {
+    let copy = SystemdContainer::boot_with(BootOptions {
         nspawn_args: vec![
             format!("--bind-ro={}:/mnt/host", shared.path().display()),
             "--capability=CAP_NET_ADMIN".into(),

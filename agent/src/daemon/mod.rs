@@ -51,8 +51,8 @@ use crate::state::StateDir;
 pub use config::ControllerSection;
 pub use executor::{BundleExecutor, KillSignal, RunnerExecutor};
 use local::{LocalControl, LocalRequest, LocalResponse};
-use records::{KillFile, Phase, Records, RolloutRecord};
-use transport::{Session, Transport, TransportError};
+use records::{HostRolloutRecord, KillFile, Phase, Records};
+use transport::{ControllerSession, Transport, TransportError};
 
 /// Largest bundle the agent downloads.
 pub const MAX_BUNDLE_BYTES: u64 = 1024 * 1024 * 1024;
@@ -304,7 +304,7 @@ impl Daemon {
     }
 
     fn finish(&self, id: &RolloutId, sha: &Sha256Hex, report: RunReport) {
-        let rec = RolloutRecord {
+        let rec = HostRolloutRecord {
             rollout_id: id.clone(),
             bundle_sha256: sha.clone(),
             phase: Phase::Finished,
@@ -416,7 +416,7 @@ impl Daemon {
         }
         // Durable before anything runs: from here on this rollout never
         // runs again on this host.
-        self.records.put(&RolloutRecord {
+        self.records.put(&HostRolloutRecord {
             rollout_id: id.clone(),
             bundle_sha256: sha.clone(),
             phase: Phase::Started,
@@ -441,7 +441,7 @@ impl Daemon {
     }
 
     /// Send every report the controller has not accepted yet.
-    async fn flush_reports(&self, session: &Session) -> Result<(), TransportError> {
+    async fn flush_reports(&self, session: &ControllerSession) -> Result<(), TransportError> {
         let pending: Vec<RolloutId> = lock(&self.unacked).iter().cloned().collect();
         for id in pending {
             let rec = match self.records.get(&id) {
@@ -556,7 +556,7 @@ impl Daemon {
         }
     }
 
-    fn handle_line(self: &Arc<Self>, session: &Session, line: &[u8]) {
+    fn handle_line(self: &Arc<Self>, session: &ControllerSession, line: &[u8]) {
         let order: Order = match serde_json::from_slice(line) {
             Ok(o) => o,
             Err(e) => {
@@ -643,7 +643,7 @@ fn jitter(d: Duration) -> Duration {
 struct BadDownload(String);
 
 async fn download(
-    session: Session,
+    session: ControllerSession,
     sha: Sha256Hex,
     size: u64,
     path: PathBuf,

@@ -41,7 +41,7 @@ pub enum Phase {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RolloutRecord {
+pub struct HostRolloutRecord {
     pub rollout_id: RolloutId,
     pub bundle_sha256: Sha256Hex,
     pub phase: Phase,
@@ -127,9 +127,9 @@ impl Records {
         self.root.join("bundles").join(format!("{sha}.bundle"))
     }
 
-    pub fn get(&self, id: &RolloutId) -> Result<Option<RolloutRecord>, RecordError> {
+    pub fn get(&self, id: &RolloutId) -> Result<Option<HostRolloutRecord>, RecordError> {
         let path = self.rollouts_dir().join(format!("{id}.json"));
-        let rec: Option<RolloutRecord> = read_json(&path)?;
+        let rec: Option<HostRolloutRecord> = read_json(&path)?;
         if let Some(r) = &rec {
             if &r.rollout_id != id {
                 return Err(RecordError::Corrupt {
@@ -141,7 +141,7 @@ impl Records {
         Ok(rec)
     }
 
-    pub fn put(&self, rec: &RolloutRecord) -> Result<(), RecordError> {
+    pub fn put(&self, rec: &HostRolloutRecord) -> Result<(), RecordError> {
         let bytes = serde_json::to_vec(rec).map_err(|e| RecordError::Corrupt {
             path: self.root.clone(),
             why: e.to_string(),
@@ -155,7 +155,7 @@ impl Records {
     }
 
     /// Every record, in file-name order.
-    pub fn all(&self) -> Result<Vec<RolloutRecord>, RecordError> {
+    pub fn all(&self) -> Result<Vec<HostRolloutRecord>, RecordError> {
         let dir = self.rollouts_dir();
         let mut out = Vec::new();
         let mut names: Vec<String> = fs::read_dir(&dir)
@@ -206,7 +206,7 @@ mod tests {
         {
             let r = Records::open(dir.path()).unwrap();
             assert!(r.get(&id).unwrap().is_none());
-            r.put(&RolloutRecord {
+            r.put(&HostRolloutRecord {
                 rollout_id: id.clone(),
                 bundle_sha256: Sha256Hex::of(b"x"),
                 phase: Phase::Started,

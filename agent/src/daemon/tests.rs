@@ -108,7 +108,7 @@ async fn a_run_in_progress_at_restart_is_reported_interrupted_not_rerun() {
     {
         let records = Records::open(dir.path()).unwrap();
         records
-            .put(&RolloutRecord {
+            .put(&HostRolloutRecord {
                 rollout_id: id("r-7"),
                 bundle_sha256: Sha256Hex::of(b"bundle"),
                 phase: Phase::Started,

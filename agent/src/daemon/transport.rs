@@ -48,8 +48,8 @@ impl Transport {
     }
 
     /// Open a session: one TLS connection carrying HTTP/2.
-    pub async fn connect(&self) -> Result<Session, TransportError> {
-        Ok(Session {
+    pub async fn connect(&self) -> Result<ControllerSession, TransportError> {
+        Ok(ControllerSession {
             inner: self.connector.connect().await?,
         })
     }
@@ -57,11 +57,11 @@ impl Transport {
 
 /// One HTTP/2 connection; clones share it.
 #[derive(Clone)]
-pub struct Session {
+pub struct ControllerSession {
     inner: tls_client::Session,
 }
 
-impl Session {
+impl ControllerSession {
     pub async fn request(
         &self,
         method: Method,

@@ -246,7 +246,7 @@ pub struct Snapshot {
 }
 
 /// What the run did to the packages.
-pub struct Outcome {
+pub struct PackagesOutcome {
     pub changes: Vec<PackageChange>,
     /// Files the packages owned before the run that were replaced (another
     /// inode now) or removed: what still-running processes may map.
@@ -277,7 +277,7 @@ impl Snapshot {
         Snapshot { before, files }
     }
 
-    pub fn finish(self, p: &Packages) -> Outcome {
+    pub fn finish(self, p: &Packages) -> PackagesOutcome {
         let mut changes = Vec::new();
         let mut mismatch = Vec::new();
         let after = read_states(p).into_iter().map(|(state, _)| state);
@@ -313,7 +313,7 @@ impl Snapshot {
             })
             .map(|(path, _, _)| path)
             .collect();
-        Outcome {
+        PackagesOutcome {
             changes,
             replaced,
             mismatch: (!mismatch.is_empty()).then(|| mismatch.join("; ")),

@@ -465,10 +465,13 @@ fn symlink_to_root_and_loops_fail_closed() {
     f.symlink(&f.p("srv/loop2"), "srv/loop1");
     f.symlink(&f.p("srv/loop1"), "srv/loop2");
     let policy = f.policy(&[], &["srv"]);
-    assert_eq!(resolve_symlinks(&f.sp("srv/everything")), Resolved::Root);
+    assert_eq!(
+        resolve_symlinks(&f.sp("srv/everything")),
+        ResolvedPath::Root
+    );
     assert_eq!(
         resolve_symlinks(&f.sp("srv/loop1/x")),
-        Resolved::Unresolvable
+        ResolvedPath::Unresolvable
     );
     let e = policy
         .check_scope(&f.scope(&[], &[], &["srv/everything"]))
@@ -487,9 +490,12 @@ fn resolve_keeps_missing_components() {
     f.symlink(&f.p("a"), "b");
     assert_eq!(
         resolve_symlinks(&f.sp("b/c/d")),
-        Resolved::Path(f.sp("a/c/d"))
+        ResolvedPath::Path(f.sp("a/c/d"))
     );
-    assert_eq!(resolve_symlinks(&f.sp("x/y")), Resolved::Path(f.sp("x/y")));
+    assert_eq!(
+        resolve_symlinks(&f.sp("x/y")),
+        ResolvedPath::Path(f.sp("x/y"))
+    );
 }
 
 proptest! {

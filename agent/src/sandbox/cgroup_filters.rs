@@ -43,7 +43,7 @@ pub(super) const REC_C: i16 = 12;
 pub(super) const REC_ADDR: i16 = 16;
 
 #[derive(Debug, thiserror::Error)]
-pub enum FilterError {
+pub enum CgroupFilterError {
     #[error("cannot load the run cgroup's BPF programs (the agent needs CAP_BPF or CAP_SYS_ADMIN, CAP_NET_ADMIN and bpf(2) not filtered; the kernel CONFIG_CGROUP_BPF): {0}")]
     Bpf(#[from] BpfError),
     #[error("assembling a BPF program: {0}")]
@@ -114,9 +114,9 @@ pub struct CgroupFilters {
 
 /// Load and attach the device program, and the network programs when
 /// `network` is not empty, to the cgroup at `cgroup_dir`.
-pub fn attach(cgroup_dir: &Path, network: &[NetRule]) -> Result<CgroupFilters, FilterError> {
+pub fn attach(cgroup_dir: &Path, network: &[NetRule]) -> Result<CgroupFilters, CgroupFilterError> {
     let denials = ArrayMap::create("rg_denials", VALUE_SIZE, MAX_RECORDS + 1)?;
-    let cgroup = File::open(cgroup_dir).map_err(|source| FilterError::Cgroup {
+    let cgroup = File::open(cgroup_dir).map_err(|source| CgroupFilterError::Cgroup {
         path: cgroup_dir.display().to_string(),
         source,
     })?;

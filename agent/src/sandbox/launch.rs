@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::cgroup::{CgroupError, RunCgroup};
-use super::cgroup_filters::{self, CgroupFilters, FilterDenials, FilterError};
+use super::cgroup_filters::{self, CgroupFilterError, CgroupFilters, FilterDenials};
 use super::cgroup_limits::{self, Enforcement};
 use super::clone_into_cgroup;
 use super::limits::LimitHit;
@@ -59,7 +59,7 @@ pub enum SandboxError {
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
-    Filters(#[from] FilterError),
+    Filters(#[from] CgroupFilterError),
     #[error(transparent)]
     Io(#[from] PathIoError),
     #[error("starting {program}: {source}")]

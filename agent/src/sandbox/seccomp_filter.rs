@@ -38,16 +38,16 @@ use seccompiler::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum FilterError {
+pub enum SeccompFilterError {
     #[error("seccomp filters are not built for the {0} architecture")]
     UnsupportedArch(&'static str),
     #[error("compiling the seccomp filter: {0}")]
     Compile(#[from] seccompiler::BackendError),
 }
 
-fn target_arch() -> Result<TargetArch, FilterError> {
+fn target_arch() -> Result<TargetArch, SeccompFilterError> {
     TargetArch::try_from(std::env::consts::ARCH)
-        .map_err(|_| FilterError::UnsupportedArch(std::env::consts::ARCH))
+        .map_err(|_| SeccompFilterError::UnsupportedArch(std::env::consts::ARCH))
 }
 
 /// `open_tree_attr`, not yet in the libc crate.
@@ -130,12 +130,12 @@ fn cond(
     len: SeccompCmpArgLen,
     op: SeccompCmpOp,
     value: u64,
-) -> Result<SeccompCondition, FilterError> {
+) -> Result<SeccompCondition, SeccompFilterError> {
     Ok(SeccompCondition::new(arg, len, op, value)?)
 }
 
 /// `(mode & bit) == bit` for the setuid and setgid bits.
-fn setid_conditions(mode_arg: u8) -> Result<Vec<SeccompCondition>, FilterError> {
+fn setid_conditions(mode_arg: u8) -> Result<Vec<SeccompCondition>, SeccompFilterError> {
     [libc::S_ISUID, libc::S_ISGID]
         .into_iter()
         .map(|bit| {
@@ -154,7 +154,7 @@ fn setid_conditions(mode_arg: u8) -> Result<Vec<SeccompCondition>, FilterError> 
 /// ABI 7) does not cover file metadata, and a root bundle owns every
 /// root-owned file, so without this a bundle could turn any binary into a
 /// setuid-root one for the host's users. Normal chmod stays allowed.
-fn setid_chmod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
+fn setid_chmod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, SeccompFilterError> {
     setid_conditions(mode_arg)?
         .into_iter()
         .map(|c| Ok(SeccompRule::new(vec![c])?))
@@ -163,7 +163,7 @@ fn setid_chmod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
 
 /// File creation (`O_CREAT` or `O_TMPFILE`) with the setuid or setgid bit
 /// in the mode, which open(2) honours.
-fn setid_create_rules(flags_arg: u8, mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
+fn setid_create_rules(flags_arg: u8, mode_arg: u8) -> Result<Vec<SeccompRule>, SeccompFilterError> {
     const O_TMPFILE_BIT: u64 = 0o20000000; // __O_TMPFILE, without O_DIRECTORY
     let mut rules = Vec::new();
     for flag in [libc::O_CREAT as u64, O_TMPFILE_BIT] {
@@ -184,7 +184,7 @@ fn setid_create_rules(flags_arg: u8, mode_arg: u8) -> Result<Vec<SeccompRule>, F
 
 /// `(mode & S_IFMT) == S_IFCHR` or `S_IFBLK`: creating device nodes
 /// (FIFOs and regular files via mknod stay allowed), plus set-id modes.
-fn mknod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
+fn mknod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, SeccompFilterError> {
     let fmt = u64::from(libc::S_IFMT);
     let mut rules = [libc::S_IFCHR, libc::S_IFBLK]
         .into_iter()
@@ -196,7 +196,7 @@ fn mknod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
                 u64::from(kind),
             )?])?)
         })
-        .collect::<Result<Vec<_>, FilterError>>()?;
+        .collect::<Result<Vec<_>, SeccompFilterError>>()?;
     rules.extend(setid_chmod_rules(mode_arg)?);
     Ok(rules)
 }
@@ -210,7 +210,7 @@ fn mknod_rules(mode_arg: u8) -> Result<Vec<SeccompRule>, FilterError> {
 /// rules nor the run cgroup's address filter are written for.
 /// (`socket` is not a hot syscall: checking its arguments costs nothing
 /// that matters, unlike `read` or `openat`.)
-fn socket_rules() -> Result<Vec<SeccompRule>, FilterError> {
+fn socket_rules() -> Result<Vec<SeccompRule>, SeccompFilterError> {
     let family = |op, value: libc::c_int| cond(0, SeccompCmpArgLen::Dword, op, value as u64);
     let mut rules = vec![
         SeccompRule::new(vec![
@@ -269,7 +269,7 @@ fn socket_rules() -> Result<Vec<SeccompRule>, FilterError> {
 /// input queue, run by the shell that owns it) and `TIOCLINUX` (same for
 /// virtual consoles). Stage 2 also starts a new session without a
 /// controlling terminal; this is the second layer.
-fn tty_injection_rules() -> Result<Vec<SeccompRule>, FilterError> {
+fn tty_injection_rules() -> Result<Vec<SeccompRule>, SeccompFilterError> {
     [libc::TIOCSTI, libc::TIOCLINUX]
         .into_iter()
         .map(|request| {
@@ -289,7 +289,7 @@ fn tty_injection_rules() -> Result<Vec<SeccompRule>, FilterError> {
 /// `clone` with any namespace flag (CLONE_NEWTIME shares its bit with
 /// CSIGNAL in `clone`, so it can only be requested via clone3/unshare,
 /// both of which are handled elsewhere).
-fn clone_rules() -> Result<Vec<SeccompRule>, FilterError> {
+fn clone_rules() -> Result<Vec<SeccompRule>, SeccompFilterError> {
     [
         libc::CLONE_NEWNS,
         libc::CLONE_NEWUTS,
@@ -318,7 +318,7 @@ fn clone_rules() -> Result<Vec<SeccompRule>, FilterError> {
 /// (RLIMIT_FSIZE would stop it from writing the run's final status), and
 /// makes the attempt an audited denial. `setrlimit` and `ulimit` on oneself
 /// use pid 0 and stay allowed.
-fn prlimit_rules() -> Result<Vec<SeccompRule>, FilterError> {
+fn prlimit_rules() -> Result<Vec<SeccompRule>, SeccompFilterError> {
     Ok(vec![SeccompRule::new(vec![
         cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, 0)?,
         cond(2, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0)?,
@@ -326,7 +326,7 @@ fn prlimit_rules() -> Result<Vec<SeccompRule>, FilterError> {
 }
 
 /// The deny-list: EPERM on match, allow otherwise.
-pub fn deny_list() -> Result<BpfProgram, FilterError> {
+pub fn deny_list() -> Result<BpfProgram, SeccompFilterError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = denied_syscalls()
         .into_iter()
         .map(|nr| (nr, Vec::new()))
@@ -367,7 +367,7 @@ pub fn deny_list() -> Result<BpfProgram, FilterError> {
 /// asks: the fallback (`clone`, `openat`) is checked, and refused and
 /// audited there. What stays unseen is a program that calls `clone3` for
 /// namespaces and gives up on ENOSYS (docs/sandbox.md, "Known limits").
-pub fn enosys_fallbacks() -> Result<BpfProgram, FilterError> {
+pub fn enosys_fallbacks() -> Result<BpfProgram, SeccompFilterError> {
     let rules = BTreeMap::from([
         (libc::SYS_clone3, Vec::new()),
         (libc::SYS_openat2, Vec::new()),
@@ -418,7 +418,7 @@ pub struct Filter {
 }
 
 /// Every filter to install, in order.
-pub fn all_filters() -> Result<Vec<Filter>, FilterError> {
+pub fn all_filters() -> Result<Vec<Filter>, SeccompFilterError> {
     #[allow(unused_mut)]
     let mut filters = vec![
         Filter {

@@ -35,7 +35,7 @@ fn manifest_bytes(timeout: &str) -> Vec<u8> {
     SourceManifest::render_built(&SOURCE.replace("TIMEOUT", timeout), &[file]).into_bytes()
 }
 
-struct Fleet {
+struct EngineFleet {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
     engine: Arc<Engine>,
@@ -43,7 +43,7 @@ struct Fleet {
     sha: Sha256Hex,
 }
 
-async fn fleet(hosts: &[&str], timeout: &str, margin: Duration) -> Fleet {
+async fn fleet(hosts: &[&str], timeout: &str, margin: Duration) -> EngineFleet {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.db");
     let engine = engine_on(&path, margin).await;
@@ -62,7 +62,7 @@ async fn fleet(hosts: &[&str], timeout: &str, margin: Duration) -> Fleet {
         engine.register_agent(h, &BTreeMap::new()).await.unwrap();
         agents.insert(h.to_string(), engine.hub.connect(h, BTreeMap::new()));
     }
-    Fleet {
+    EngineFleet {
         _dir: dir,
         path,
         engine,
@@ -106,7 +106,7 @@ fn report(host: &str, status: RunStatus) -> RunReport {
 }
 
 /// Orders queued for `host` right now (without waiting).
-fn drain(f: &mut Fleet, host: &str) -> Vec<Order> {
+fn drain(f: &mut EngineFleet, host: &str) -> Vec<Order> {
     let reg = f.agents.get_mut(host).unwrap();
     let mut out = Vec::new();
     while let Ok(line) = reg.rx.try_recv() {
@@ -117,7 +117,7 @@ fn drain(f: &mut Fleet, host: &str) -> Vec<Order> {
 
 /// Wait for the next order to `host` (the engine sends just after it
 /// records the dispatch), then take whatever else is queued.
-async fn next_orders(f: &mut Fleet, host: &str) -> Vec<Order> {
+async fn next_orders(f: &mut EngineFleet, host: &str) -> Vec<Order> {
     let reg = f.agents.get_mut(host).unwrap();
     let first = tokio::time::timeout(Duration::from_secs(10), reg.rx.recv())
         .await
@@ -158,7 +158,7 @@ fn host_state<'a>(s: &'a RolloutStatus, host: &str) -> &'a str {
     &s.hosts.iter().find(|h| h.host == host).unwrap().state
 }
 
-async fn succeed(f: &Fleet, id: &RolloutId, host: &str) {
+async fn succeed(f: &EngineFleet, id: &RolloutId, host: &str) {
     let r = AgentReport {
         rollout_id: id.clone(),
         report: report(host, RunStatus::Succeeded),

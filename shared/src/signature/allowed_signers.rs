@@ -257,10 +257,10 @@ fn parse_line(
         return Err(LineError::MissingKey);
     }
 
-    // Options are present when the second field is not a key type; that is
+    // SignerOptions are present when the second field is not a key type; that is
     // how ssh-keygen decides too (it tries to read a key first).
     let (options, rest) = if key_type(take_word(rest).0).is_some() {
-        (Options::default(), rest)
+        (SignerOptions::default(), rest)
     } else {
         let (token, rest) = take_options_token(rest)?;
         (parse_options(token, zone)?, rest)
@@ -347,7 +347,7 @@ fn take_options_token(s: &str) -> Result<(&str, &str), LineError> {
 }
 
 #[derive(Debug, Default)]
-struct Options {
+struct SignerOptions {
     cert_authority: bool,
     namespaces: Option<PatternList>,
     valid_after: Option<Timestamp>,
@@ -356,8 +356,8 @@ struct Options {
 
 /// `cert-authority`, `namespaces="..."`, `valid-after="..."`,
 /// `valid-before="..."`, comma-separated, keywords case-insensitive.
-fn parse_options(token: &str, zone: &LocalZone<'_>) -> Result<Options, LineError> {
-    let mut opts = Options::default();
+fn parse_options(token: &str, zone: &LocalZone<'_>) -> Result<SignerOptions, LineError> {
+    let mut opts = SignerOptions::default();
     let mut rest = token;
     loop {
         if let Some(r) = strip_prefix_ci(rest, "cert-authority") {
