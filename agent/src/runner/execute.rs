@@ -10,9 +10,8 @@ use std::time::Duration;
 use rollguard_shared::report::{Denial, ExpectedDenial, RunReport, RunStatus};
 
 use super::admit::Admission;
-use super::prepare::Prepared;
+use super::prepare::{Prepared, StartingListener};
 use super::RunOptions;
-use crate::kernel_audit::AuditListener;
 use crate::sandbox::{HeldChild, RunOutcome, Termination};
 use crate::state::RunId;
 
@@ -254,31 +253,6 @@ fn add_filter_denials(outcome: &RunOutcome, report: &mut RunReport) {
     }
     if let Some(count) = report.denial_count.as_mut() {
         *count += filtered.count;
-    }
-}
-
-/// An [`AuditListener`] being started on its own thread.
-pub(super) enum StartingListener {
-    Thread(std::thread::JoinHandle<Result<AuditListener, String>>),
-    /// The thread could not be spawned: start inline at `join`.
-    Inline,
-}
-
-impl StartingListener {
-    pub(super) fn spawn() -> Self {
-        std::thread::Builder::new()
-            .name("audit-start".into())
-            .spawn(|| AuditListener::start().map_err(|e| e.to_string()))
-            .map_or(StartingListener::Inline, StartingListener::Thread)
-    }
-
-    pub(super) fn join(self) -> Result<AuditListener, String> {
-        match self {
-            StartingListener::Thread(handle) => handle
-                .join()
-                .unwrap_or_else(|_| Err("the audit listener start panicked".into())),
-            StartingListener::Inline => AuditListener::start().map_err(|e| e.to_string()),
-        }
     }
 }
 

@@ -9,8 +9,8 @@ use rollguard_shared::archive::OpenedBundle;
 use rollguard_shared::report::{RefusalKind, RunReport};
 
 use super::admit::{check_pins, Admission};
-use super::execute::StartingListener;
 use super::{empty_report, remove_run_dir, Refusal, RunOptions};
+use crate::kernel_audit::AuditListener;
 use crate::policy::HostPolicy;
 use crate::run_log::{RunLog, RunLogEvent};
 use crate::sandbox::spec::MIN_LANDLOCK_ABI;
@@ -232,4 +232,29 @@ fn create_placeholders(
         }
     }
     Ok(())
+}
+
+/// An [`AuditListener`] being started on its own thread.
+pub(super) enum StartingListener {
+    Thread(std::thread::JoinHandle<Result<AuditListener, String>>),
+    /// The thread could not be spawned: start inline at `join`.
+    Inline,
+}
+
+impl StartingListener {
+    pub(super) fn spawn() -> Self {
+        std::thread::Builder::new()
+            .name("audit-start".into())
+            .spawn(|| AuditListener::start().map_err(|e| e.to_string()))
+            .map_or(StartingListener::Inline, StartingListener::Thread)
+    }
+
+    pub(super) fn join(self) -> Result<AuditListener, String> {
+        match self {
+            StartingListener::Thread(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err("the audit listener start panicked".into())),
+            StartingListener::Inline => AuditListener::start().map_err(|e| e.to_string()),
+        }
+    }
 }
