@@ -7,7 +7,7 @@
 //! ```text
 //! rollguard-controller init --dir /tmp/ctl --listen 127.0.0.1:8443
 //! rollguard-controller serve --config /tmp/ctl/controller.toml &
-//! cargo run --release -p rollguard-controller --example swarm -- /tmp/ctl https://127.0.0.1:8443 2000
+//! cargo run --release -p rollguard-tests --example swarm -- /tmp/ctl https://127.0.0.1:8443 2000
 //! grep VmRSS /proc/$(pidof rollguard-controller)/status
 //! time rollguard kill --all --reason probe ...   # agents_acked == N?
 //! ```
