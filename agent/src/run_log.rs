@@ -183,7 +183,7 @@ impl RunLogEvent {
 /// One line of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AuditEntry {
+pub struct RunLogEntry {
     pub seq: u64,
     pub time: jiff::Timestamp,
     pub prev: String,
@@ -328,7 +328,7 @@ impl RunLog {
                 (next, line_hash(&line))
             }
         };
-        let entry = AuditEntry {
+        let entry = RunLogEntry {
             seq,
             time: jiff::Timestamp::now(),
             prev,

@@ -108,7 +108,7 @@ fn appends_a_verifiable_chain() {
     assert_eq!(head(log.path()).unwrap(), Some(last));
 
     // The documented shape, and entries read back as typed values.
-    let first: AuditEntry = serde_json::from_str(&all[0]).unwrap();
+    let first: RunLogEntry = serde_json::from_str(&all[0]).unwrap();
     assert_eq!(first.seq, 1);
     assert_eq!(first.prev, GENESIS_PREV);
     assert_eq!(first.event, started("r1"));
@@ -117,7 +117,7 @@ fn appends_a_verifiable_chain() {
     assert_eq!(keys.len(), 4);
     assert!(all[0].starts_with("{\"seq\":1,\"time\":\""), "{}", all[0]);
     assert_eq!(v["event"]["type"], "run_started");
-    let second: AuditEntry = serde_json::from_str(&all[1]).unwrap();
+    let second: RunLogEntry = serde_json::from_str(&all[1]).unwrap();
     assert_eq!(second.prev, hex::encode(Sha256::digest(all[0].as_bytes())));
     let fifth: serde_json::Value = serde_json::from_str(&all[4]).unwrap();
     assert_eq!(fifth["event"], serde_json::json!({"type": "kill_cleared"}));
