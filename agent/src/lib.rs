@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod kernel_audit;
+pub mod kill_switch;
 pub mod packages;
 pub mod policy;
 pub mod recovery;

@@ -47,9 +47,10 @@ use rollguard_shared::report::{RefusalKind, RunReport, RunStatus};
 use rollguard_shared::targets::HostIdentity;
 use tokio::sync::Notify;
 
+pub use crate::kill_switch::KillSignal;
 use crate::state::StateDir;
 pub use config::ControllerSection;
-pub use executor::{BundleExecutor, KillSignal, RunnerExecutor};
+pub use executor::{BundleExecutor, RunnerExecutor};
 use local::{LocalControl, LocalRequest, LocalResponse};
 use records::{HostRolloutRecord, KillFile, Phase, Records};
 use transport::{ControllerSession, Transport, TransportError};
