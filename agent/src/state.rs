@@ -13,7 +13,8 @@
 //! versions/<bundle>      last version started per bundle name (rollback protection)
 //! in-progress/<run>.json durable "run in progress" markers
 //! runs/<run>/            per-run scratch directories
-//! kill.json              kill-switch order, when one is in force
+//! kill.json              host-wide kill-switch order, when one is in force
+//!                        (read and written by `kill_switch::store`)
 //! audit.log              hash-chained run log (see `run_log`; the file
 //!                        keeps its first name so a host keeps its chain)
 //! ```
@@ -39,7 +40,6 @@ const LOCK_FILE: &str = "lock";
 const VERSIONS_DIR: &str = "versions";
 const IN_PROGRESS_DIR: &str = "in-progress";
 const RUNS_DIR: &str = "runs";
-const KILL_FILE: &str = "kill.json";
 /// Largest state file we read back (they are all tiny).
 const MAX_STATE_FILE: u64 = 64 * 1024;
 
@@ -188,16 +188,6 @@ impl RunMarker {
             agent: AgentProcess::current()?,
         })
     }
-}
-
-/// A kill-switch order in force on this host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HostKill {
-    pub reason: String,
-    /// When it was set; `None` when the order file could not be read (it is
-    /// then still in force: see [`StateDir::kill_in_force`]).
-    pub since: Option<jiff::Timestamp>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -523,43 +513,6 @@ impl StateDir {
         out.sort_by(|a, b| a.run_id.cmp(&b.run_id));
         Ok(out)
     }
-
-    // ---- kill switch ---------------------------------------------------
-
-    /// Durably put a kill-switch order in force.
-    pub fn set_kill(&self, reason: &str) -> Result<HostKill, StateError> {
-        let order = HostKill {
-            reason: reason.to_string(),
-            since: Some(jiff::Timestamp::now()),
-        };
-        let body = serde_json::to_vec(&order).map_err(|e| corrupt(&self.root, e))?;
-        let _lock = self.lock()?;
-        write_durable(&self.root, KILL_FILE, &body)?;
-        Ok(order)
-    }
-
-    /// Durably lift the kill-switch order (no-op when none is in force).
-    pub fn clear_kill(&self) -> Result<(), StateError> {
-        let _lock = self.lock()?;
-        remove_durable(&self.root, KILL_FILE)
-    }
-
-    /// The order in force, if any. Fails closed: an order file that exists
-    /// but cannot be parsed is still an order in force.
-    pub fn kill_in_force(&self) -> Result<Option<HostKill>, StateError> {
-        let path = self.root.join(KILL_FILE);
-        match read_json::<HostKill>(&path) {
-            Ok(order) => Ok(order),
-            Err(StateError::Corrupt { why, .. }) => Ok(Some(HostKill {
-                reason: format!(
-                    "kill-switch file {} is unreadable ({why}); treated as in force",
-                    path.display()
-                ),
-                since: None,
-            })),
-            Err(e) => Err(e),
-        }
-    }
 }
 
 fn marker_name(id: &RunId) -> String {
@@ -610,7 +563,9 @@ fn check_private_dir(path: &Path) -> Result<(), StateError> {
 }
 
 /// Read a small JSON state file; `None` when it does not exist.
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, StateError> {
     let file = match OpenOptions::new()
         .read(true)
         .custom_flags(o_nofollow())

@@ -47,6 +47,7 @@ use rollguard_shared::report::{RefusalKind, RunReport, RunStatus};
 use rollguard_shared::targets::HostIdentity;
 use tokio::sync::Notify;
 
+use crate::kill_switch::store;
 pub use crate::kill_switch::KillSignal;
 use crate::state::StateDir;
 pub use config::ControllerSection;
@@ -171,7 +172,9 @@ impl Daemon {
         // A host-wide kill set without the daemon (e.g. `rollguard-agent kill`
         // while it was stopped) is adopted, never silently cleared.
         if kill.host_wide().is_none() {
-            if let Some(order) = state.kill_in_force().context("reading the kill switch")? {
+            if let Some(order) =
+                store::host_kill_in_force(&state).context("reading the kill switch")?
+            {
                 kill.local = Some(KillOrder {
                     reason: order.reason,
                     by: "local".into(),
@@ -215,13 +218,12 @@ impl Daemon {
     /// Make the state directory's kill switch match our host-wide kill.
     fn sync_host_kill(&self) -> anyhow::Result<()> {
         let wanted = lock(&self.kill).host_wide().cloned();
-        let current = self.state.kill_in_force()?;
+        let current = store::host_kill_in_force(&self.state)?;
         match (wanted, current) {
             (Some(order), None) => {
-                self.state
-                    .set_kill(&format!("{} (by {})", order.reason, order.by))?;
+                store::set_host_kill(&self.state, &format!("{} (by {})", order.reason, order.by))?;
             }
-            (None, Some(_)) => self.state.clear_kill()?,
+            (None, Some(_)) => store::clear_host_kill(&self.state)?,
             _ => {}
         }
         Ok(())

@@ -158,7 +158,7 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
     running.await.unwrap();
     assert_eq!(report_of(&d, "block-1").unwrap().status, RunStatus::Killed);
     assert!(
-        d.state.kill_in_force().unwrap().is_some(),
+        store::host_kill_in_force(&d.state).unwrap().is_some(),
         "a fleet-wide kill arms the runner's own kill switch"
     );
 
@@ -190,7 +190,7 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
         .unwrap(),
         0
     );
-    assert!(d.state.kill_in_force().unwrap().is_none());
+    assert!(store::host_kill_in_force(&d.state).unwrap().is_none());
     d.clone().run_order(id("r-4"), sha, fake_fetch).await;
     assert_eq!(report_of(&d, "r-4").unwrap().status, RunStatus::Succeeded);
 }
@@ -249,7 +249,7 @@ async fn rollout_scoped_kill_spares_other_rollouts() {
     };
     d.apply_fleet_kill(state).unwrap();
     assert!(
-        d.state.kill_in_force().unwrap().is_none(),
+        store::host_kill_in_force(&d.state).unwrap().is_none(),
         "a rollout kill is not host-wide"
     );
     let sha = Sha256Hex::of(b"bundle");
@@ -267,15 +267,12 @@ async fn rollout_scoped_kill_spares_other_rollouts() {
 #[tokio::test]
 async fn a_host_kill_set_while_the_daemon_was_down_is_adopted() {
     let dir = tempfile::tempdir().unwrap();
-    StateDir::open(dir.path())
-        .unwrap()
-        .set_kill("set by hand")
-        .unwrap();
+    store::set_host_kill(&StateDir::open(dir.path()).unwrap(), "set by hand").unwrap();
     let d = Daemon::open(identity(), dir.path(), Arc::new(FakeExecutor::default())).unwrap();
     assert!(d.kill_file().local.unwrap().reason.contains("set by hand"));
     d.apply_fleet_kill(KillState::default()).unwrap();
     assert!(
-        d.state.kill_in_force().unwrap().is_some(),
+        store::host_kill_in_force(&d.state).unwrap().is_some(),
         "the controller cannot lift a local kill"
     );
 }

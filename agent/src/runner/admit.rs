@@ -58,8 +58,7 @@ pub(super) fn admit(
             format!("recovering interrupted runs: {e}"),
         )
     })?;
-    if let Some(order) = state
-        .kill_in_force()
+    if let Some(order) = crate::kill_switch::host_kill_in_force(state)
         .map_err(|e| Refusal::new(RefusalKind::HostError, e))?
     {
         return Err(Refusal::new(

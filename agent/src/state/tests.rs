@@ -316,31 +316,6 @@ fn corrupt_marker_is_an_error_not_ignored() {
     assert!(state.interrupted_runs().unwrap().is_empty());
 }
 
-#[test]
-fn kill_switch() {
-    let (_tmp, state) = fresh();
-    assert_eq!(state.kill_in_force().unwrap(), None);
-    let order = state.set_kill("wave 2 reported denials").unwrap();
-    assert_eq!(order.reason, "wave 2 reported denials");
-    let again = StateDir::open(state.root()).unwrap();
-    assert_eq!(again.kill_in_force().unwrap(), Some(order));
-    again.clear_kill().unwrap();
-    assert_eq!(state.kill_in_force().unwrap(), None);
-    again.clear_kill().unwrap();
-}
-
-#[test]
-fn unreadable_kill_order_is_still_in_force() {
-    let (_tmp, state) = fresh();
-    fs::write(state.root().join(KILL_FILE), "garbage").unwrap();
-    let order = state
-        .kill_in_force()
-        .unwrap()
-        .expect("a corrupt order must count as in force");
-    assert!(order.reason.contains("unreadable"), "{}", order.reason);
-    assert_eq!(order.since, None);
-}
-
 /// Every file in `dir` (temporary files included).
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
