@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-use super::records::KillFile;
+use crate::kill_switch::KillFile;
 
 /// Default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/rollguard/agent.sock";

@@ -47,13 +47,13 @@ use rollguard_shared::report::{RefusalKind, RunReport, RunStatus};
 use rollguard_shared::targets::HostIdentity;
 use tokio::sync::Notify;
 
-use crate::kill_switch::store;
+use crate::kill_switch::store::{self, KillFile};
 pub use crate::kill_switch::KillSignal;
 use crate::state::StateDir;
 pub use config::ControllerSection;
 pub use executor::{BundleExecutor, RunnerExecutor};
 use local::{LocalControl, LocalRequest, LocalResponse};
-use records::{HostRolloutRecord, KillFile, Phase, Records};
+use records::{HostRolloutRecord, Phase, Records};
 use transport::{ControllerSession, Transport, TransportError};
 
 /// Largest bundle the agent downloads.
@@ -155,7 +155,7 @@ impl Daemon {
             Err(e) => tracing::warn!("cannot check for audit rules left behind: {e}"),
         }
         let records = Records::open(state_dir).context("opening the daemon records")?;
-        let mut kill = match records.kill() {
+        let mut kill = match store::load_daemon_kill(records.dir()) {
             Ok(k) => k,
             Err(e) => {
                 tracing::error!(error = %e, "kill state unreadable: treating it as a local kill in force");
@@ -182,7 +182,7 @@ impl Daemon {
                 });
             }
         }
-        records.put_kill(&kill)?;
+        store::save_daemon_kill(records.dir(), &kill)?;
         let mut unacked = BTreeSet::new();
         for mut rec in records.all()? {
             if rec.phase == Phase::Started {
@@ -293,7 +293,7 @@ impl Daemon {
                 self.kill_changes.load(std::sync::atomic::Ordering::SeqCst),
             )
         };
-        self.records.put_kill(&kill)?;
+        store::save_daemon_kill(self.records.dir(), &kill)?;
         self.sync_host_kill()?;
         self.kill_durable.send_modify(|d| *d = (*d).max(epoch));
         Ok(())
@@ -726,7 +726,7 @@ impl LocalControl for Daemon {
                             by: "local".into(),
                             at: now(),
                         });
-                        self.records.put_kill(&kill)?;
+                        store::save_daemon_kill(self.records.dir(), &kill)?;
                     }
                     self.sync_host_kill()?;
                     resp.killed = self.kill_covered();
@@ -735,7 +735,7 @@ impl LocalControl for Daemon {
                     {
                         let mut kill = lock(&self.kill);
                         kill.local = None;
-                        self.records.put_kill(&kill)?;
+                        store::save_daemon_kill(self.records.dir(), &kill)?;
                     }
                     self.sync_host_kill()?;
                 }

@@ -4,6 +4,7 @@
 //! rollouts/<rollout id>.json  one per rollout this host was ordered to run:
 //!                             started → finished (with the report) → acked
 //! kill.json                   the fleet kill state last received + any local kill
+//!                             (read and written by `kill_switch::store`)
 //! bundles/<sha256>.bundle     downloads in progress (removed after the run)
 //! ```
 //!
@@ -17,7 +18,7 @@ use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use rollguard_shared::protocol::{KillOrder, KillState, RolloutId, Sha256Hex};
+use rollguard_shared::protocol::{RolloutId, Sha256Hex};
 use rollguard_shared::report::RunReport;
 use serde::{Deserialize, Serialize};
 
@@ -52,36 +53,15 @@ pub struct HostRolloutRecord {
     pub acked: bool,
 }
 
-/// What is in force on this host.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KillFile {
-    /// As last received from the controller.
-    #[serde(default)]
-    pub fleet: KillState,
-    /// Set by `rollguard-agent kill` on this host; lifted only there.
-    #[serde(default)]
-    pub local: Option<KillOrder>,
-}
-
-impl KillFile {
-    /// The order that forbids running `rollout` here, if any.
-    pub fn covering(&self, rollout: &RolloutId) -> Option<&KillOrder> {
-        self.local.as_ref().or_else(|| self.fleet.covering(rollout))
-    }
-    /// The order that forbids running anything here, if any.
-    pub fn host_wide(&self) -> Option<&KillOrder> {
-        self.local.as_ref().or(self.fleet.all.as_ref())
-    }
-}
-
 pub struct Records {
     root: PathBuf,
 }
 
 const MAX_RECORD: u64 = 1024 * 1024;
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, RecordError> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, RecordError> {
     let f = match fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -117,6 +97,12 @@ impl Records {
                 .map_err(PathIoError::at("creating", &p))?;
         }
         Ok(Records { root })
+    }
+
+    /// `<state dir>/daemon`, where the kill switch keeps its record too
+    /// ([`crate::kill_switch::store`]).
+    pub fn dir(&self) -> &Path {
+        &self.root
     }
 
     fn rollouts_dir(&self) -> PathBuf {
@@ -180,19 +166,6 @@ impl Records {
         }
         Ok(out)
     }
-
-    pub fn kill(&self) -> Result<KillFile, RecordError> {
-        Ok(read_json(&self.root.join("kill.json"))?.unwrap_or_default())
-    }
-
-    pub fn put_kill(&self, kill: &KillFile) -> Result<(), RecordError> {
-        let bytes = serde_json::to_vec(kill).map_err(|e| RecordError::Corrupt {
-            path: self.root.clone(),
-            why: e.to_string(),
-        })?;
-        crate::state::write_durable(&self.root, "kill.json", &bytes)?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -214,22 +187,10 @@ mod tests {
                 acked: false,
             })
             .unwrap();
-            let k = KillFile {
-                local: Some(KillOrder {
-                    reason: "r".into(),
-                    by: "local".into(),
-                    at: "t".into(),
-                }),
-                ..Default::default()
-            };
-            r.put_kill(&k).unwrap();
         }
         let r = Records::open(dir.path()).unwrap();
         assert_eq!(r.get(&id).unwrap().unwrap().phase, Phase::Started);
         assert_eq!(r.all().unwrap().len(), 1);
-        let k = r.kill().unwrap();
-        assert!(k.host_wide().is_some());
-        assert!(k.covering(&id).is_some());
     }
 
     #[test]
@@ -241,7 +202,5 @@ mod tests {
             r.get(&RolloutId::parse("r-2").unwrap()),
             Err(RecordError::Corrupt { .. })
         ));
-        std::fs::write(dir.path().join("daemon/kill.json"), b"{garbage").unwrap();
-        assert!(r.kill().is_err());
     }
 }
