@@ -17,7 +17,9 @@
 //!   state is durable, so a restarted agent still refuses. A fleet-wide kill
 //!   (or a local one, from `rollguard-agent kill` over the local socket) is
 //!   also written to the state directory's kill switch, which the runner
-//!   itself checks, so even a manual `rollguard-agent run` is refused.
+//!   itself checks, so even a manual `rollguard-agent run` is refused. All
+//!   of that is [`crate::kill_switch::KillSwitch`]; the daemon routes the
+//!   orders and local requests to it, and registers each run with it.
 //!
 //! The agent reconnects with exponential backoff (1 s to 30 s, jittered),
 //! and sends reports it could not deliver when it is back. It is a single
@@ -30,7 +32,7 @@ pub mod local;
 pub mod records;
 pub mod transport;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,15 +42,14 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::Method;
 use rollguard_shared::protocol::{
-    AgentReport, KillAck, KillOrder, KillState, Order, Register, RolloutId, Sha256Hex,
-    MAX_ORDER_LINE, PING_INTERVAL_SECS,
+    AgentReport, KillAck, Order, Register, RolloutId, Sha256Hex, MAX_ORDER_LINE, PING_INTERVAL_SECS,
 };
 use rollguard_shared::report::{RefusalKind, RunReport, RunStatus};
 use rollguard_shared::targets::HostIdentity;
 use tokio::sync::Notify;
 
-use crate::kill_switch::store::{self, KillFile};
 pub use crate::kill_switch::KillSignal;
+use crate::kill_switch::{refused_report, KillSwitch};
 use crate::state::StateDir;
 pub use config::ControllerSection;
 pub use executor::{BundleExecutor, RunnerExecutor};
@@ -76,10 +77,9 @@ impl Default for DaemonOptions {
 pub struct Daemon {
     identity: HostIdentity,
     records: Records,
-    state: StateDir,
     executor: Arc<dyn BundleExecutor>,
-    running: Mutex<HashMap<RolloutId, KillSignal>>,
-    kill: Mutex<KillFile>,
+    /// The kill state, its storage and the running runs' kill signals.
+    kill: KillSwitch,
     /// Finished runs whose report the controller has not accepted yet.
     unacked: Mutex<BTreeSet<RolloutId>>,
     outbox: Notify,
@@ -89,22 +89,10 @@ pub struct Daemon {
     /// A bound shared with other daemons in the same process (the tests crate's `rollguard-simulate`:
     /// many hosts on one kernel), taken after `run_slots`.
     shared_slots: Option<Arc<tokio::sync::Semaphore>>,
-    /// Fleet kill states enforced in memory so far (see
-    /// [`Daemon::enforce_fleet_kill`]) ...
-    kill_changes: std::sync::atomic::AtomicU64,
-    /// ... and how many of them are durable; runs wait for the two to meet.
-    kill_durable: tokio::sync::watch::Sender<u64>,
-    /// Serializes writes of the kill state, so the newest state is the one
-    /// renamed into place last.
-    kill_persist: Mutex<()>,
 }
 
 /// Bundles downloading or running at once, at most.
 pub const MAX_CONCURRENT_RUNS: usize = 4;
-
-fn now() -> String {
-    jiff::Timestamp::now().to_string()
-}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -155,34 +143,7 @@ impl Daemon {
             Err(e) => tracing::warn!("cannot check for audit rules left behind: {e}"),
         }
         let records = Records::open(state_dir).context("opening the daemon records")?;
-        let mut kill = match store::load_daemon_kill(records.dir()) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::error!(error = %e, "kill state unreadable: treating it as a local kill in force");
-                KillFile {
-                    fleet: KillState::default(),
-                    local: Some(KillOrder {
-                        reason: format!("unreadable kill state ({e})"),
-                        by: "local".into(),
-                        at: now(),
-                    }),
-                }
-            }
-        };
-        // A host-wide kill set without the daemon (e.g. `rollguard-agent kill`
-        // while it was stopped) is adopted, never silently cleared.
-        if kill.host_wide().is_none() {
-            if let Some(order) =
-                store::host_kill_in_force(&state).context("reading the kill switch")?
-            {
-                kill.local = Some(KillOrder {
-                    reason: order.reason,
-                    by: "local".into(),
-                    at: now(),
-                });
-            }
-        }
-        store::save_daemon_kill(records.dir(), &kill)?;
+        let kill = KillSwitch::open(&state, &records)?;
         let mut unacked = BTreeSet::new();
         for mut rec in records.all()? {
             if rec.phase == Phase::Started {
@@ -196,114 +157,21 @@ impl Daemon {
                 unacked.insert(rec.rollout_id.clone());
             }
         }
-        let daemon = Arc::new(Daemon {
+        Ok(Arc::new(Daemon {
             identity,
             records,
-            state,
             executor,
-            running: Mutex::new(HashMap::new()),
-            kill: Mutex::new(kill),
+            kill,
             unacked: Mutex::new(unacked),
             outbox: Notify::new(),
             run_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_RUNS),
             shared_slots,
-            kill_changes: std::sync::atomic::AtomicU64::new(0),
-            kill_durable: tokio::sync::watch::Sender::new(0),
-            kill_persist: Mutex::new(()),
-        });
-        daemon.sync_host_kill()?;
-        Ok(daemon)
+        }))
     }
 
-    /// Make the state directory's kill switch match our host-wide kill.
-    fn sync_host_kill(&self) -> anyhow::Result<()> {
-        let wanted = lock(&self.kill).host_wide().cloned();
-        let current = store::host_kill_in_force(&self.state)?;
-        match (wanted, current) {
-            (Some(order), None) => {
-                store::set_host_kill(&self.state, &format!("{} (by {})", order.reason, order.by))?;
-            }
-            (None, Some(_)) => store::clear_host_kill(&self.state)?,
-            _ => {}
-        }
-        Ok(())
-    }
-
-    pub fn kill_file(&self) -> KillFile {
-        lock(&self.kill).clone()
-    }
-
-    pub fn running(&self) -> Vec<RolloutId> {
-        lock(&self.running).keys().cloned().collect()
-    }
-
-    /// Kill every running bundle covered by the current kill state;
-    /// returns how many.
-    fn kill_covered(&self) -> u32 {
-        let kill = lock(&self.kill).clone();
-        let running = lock(&self.running);
-        let mut n = 0;
-        for (id, signal) in running.iter() {
-            if kill.covering(id).is_some() {
-                tracing::warn!(rollout = %id, "killing running bundle (kill order in force)");
-                signal.kill();
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// A new fleet kill state from the controller, enforced and made
-    /// durable. Returns the number of bundles killed.
-    pub fn apply_fleet_kill(&self, state: KillState) -> anyhow::Result<u32> {
-        let killed = self.enforce_fleet_kill(state);
-        self.persist_kill()?;
-        Ok(killed)
-    }
-
-    /// Enforce a new fleet kill state at once, in memory: covered running
-    /// bundles are killed now, new runs see it. Returns how many were
-    /// killed. It is not durable until [`Daemon::persist_kill`]; until then
-    /// runs wait (see `run_inner`), so a lift never lets a run start that
-    /// the state directory's kill switch would still refuse, and a crash
-    /// before persisting leaves the older state, which the controller
-    /// re-sends first on reconnect.
-    ///
-    /// Killing before writing is the safe order for a kill: the write is
-    /// several fsyncs, and a kill must not wait for the disk (at 10,000
-    /// hosts in one process it was seconds; see docs/scale.md).
-    pub fn enforce_fleet_kill(&self, state: KillState) -> u32 {
-        {
-            let mut kill = lock(&self.kill);
-            kill.fleet = state;
-            self.kill_changes
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.kill_covered()
-    }
-
-    /// Write the kill state in force (daemon record, then the state
-    /// directory's kill switch), durably. Blocking.
-    pub fn persist_kill(&self) -> anyhow::Result<()> {
-        let _one_writer = lock(&self.kill_persist);
-        let (kill, epoch) = {
-            let kill = lock(&self.kill);
-            (
-                kill.clone(),
-                self.kill_changes.load(std::sync::atomic::Ordering::SeqCst),
-            )
-        };
-        store::save_daemon_kill(self.records.dir(), &kill)?;
-        self.sync_host_kill()?;
-        self.kill_durable.send_modify(|d| *d = (*d).max(epoch));
-        Ok(())
-    }
-
-    /// Wait until every kill state enforced so far is durable.
-    async fn kill_state_durable(&self) {
-        let wanted = self.kill_changes.load(std::sync::atomic::Ordering::SeqCst);
-        let mut rx = self.kill_durable.subscribe();
-        let _ = rx.wait_for(|d| *d >= wanted).await;
+    /// The kill switch: what is in force, and the runs it would kill.
+    pub fn kill_switch(&self) -> &KillSwitch {
+        &self.kill
     }
 
     fn finish(&self, id: &RolloutId, sha: &Sha256Hex, report: RunReport) {
@@ -327,33 +195,34 @@ impl Daemon {
         F: FnOnce(PathBuf) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
     {
-        let signal = KillSignal::new();
-        {
-            let mut running = lock(&self.running);
-            if running.contains_key(&id) {
-                return; // already running in this process; its report will come
+        // Not registered if already running in this process (its report
+        // will come), or if the record says it was handled.
+        let mut interrupted = false;
+        let registered = self.kill.register(&id, || match self.records.get(&id) {
+            Err(e) => {
+                tracing::error!(rollout = %id, error = %e, "cannot read the rollout record; not running it");
+                false
             }
-            match self.records.get(&id) {
-                Err(e) => {
-                    tracing::error!(rollout = %id, error = %e, "cannot read the rollout record; not running it");
-                    return;
+            Ok(Some(rec)) => {
+                // Never a second run: answer from the record.
+                tracing::info!(rollout = %id, phase = ?rec.phase, "order for a rollout already handled; re-sending its report");
+                if rec.phase == Phase::Started {
+                    // Reported below, once the run registry is unlocked.
+                    interrupted = true;
+                    return false;
                 }
-                Ok(Some(rec)) => {
-                    // Never a second run: answer from the record.
-                    tracing::info!(rollout = %id, phase = ?rec.phase, "order for a rollout already handled; re-sending its report");
-                    if rec.phase == Phase::Started {
-                        drop(running);
-                        self.finish(&id, &sha, interrupted_report(&self.identity.name));
-                        return;
-                    }
-                    lock(&self.unacked).insert(id.clone());
-                    self.outbox.notify_one();
-                    return;
-                }
-                Ok(None) => {}
+                lock(&self.unacked).insert(id.clone());
+                self.outbox.notify_one();
+                false
             }
-            running.insert(id.clone(), signal.clone());
-        }
+            Ok(None) => true,
+        });
+        let Some(signal) = registered else {
+            if interrupted {
+                self.finish(&id, &sha, interrupted_report(&self.identity.name));
+            }
+            return;
+        };
         let result = match self.run_slots.acquire().await {
             Ok(_slot) => {
                 let shared = match &self.shared_slots {
@@ -367,7 +236,7 @@ impl Daemon {
             }
             Err(e) => Err(e.into()),
         };
-        lock(&self.running).remove(&id);
+        self.kill.unregister(&id);
         match result {
             Ok(report) => {
                 // The record is several fsyncs: off the thread that reads
@@ -407,13 +276,13 @@ impl Daemon {
         F: FnOnce(PathBuf) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
     {
-        self.kill_state_durable().await;
-        if let Some(order) = lock(&self.kill).covering(id).cloned() {
+        self.kill.durable().await;
+        if let Some(order) = self.kill.covering(id) {
             return Ok(refused_report(&self.identity.name, &order));
         }
         let path = self.records.bundle_path(sha);
         fetch(path.clone()).await?;
-        if let Some(order) = lock(&self.kill).covering(id).cloned() {
+        if let Some(order) = self.kill.covering(id) {
             let _ = std::fs::remove_file(&path);
             return Ok(refused_report(&self.identity.name, &order));
         }
@@ -574,11 +443,11 @@ impl Daemon {
                 // Kill now; write it down off this thread (it serves every
                 // order of this host, and of every host of a simulated fleet);
                 // acknowledge once durable.
-                let killed = self.enforce_fleet_kill(state);
+                let killed = self.kill.enforce_fleet(state);
                 let me = self.clone();
                 let s = session.clone();
                 tokio::spawn(async move {
-                    let persisted = tokio::task::spawn_blocking(move || me.persist_kill())
+                    let persisted = tokio::task::spawn_blocking(move || me.kill.persist())
                         .await
                         .map_err(anyhow::Error::from)
                         .and_then(|r| r);
@@ -695,18 +564,6 @@ fn interrupted_report(host: &str) -> RunReport {
     r
 }
 
-fn refused_report(host: &str, order: &KillOrder) -> RunReport {
-    let mut r = base_report(host, RunStatus::Refused);
-    r.refusal = Some(RefusalKind::KillSwitch);
-    r.reason = Some(format!(
-        "a kill order is in force: {} (by {})",
-        order.reason, order.by
-    ));
-    r.denials = Some(vec![]);
-    r.denial_count = Some(0);
-    r
-}
-
 impl LocalControl for Daemon {
     fn handle(&self, req: LocalRequest) -> LocalResponse {
         let mut resp = LocalResponse {
@@ -714,31 +571,12 @@ impl LocalControl for Daemon {
             error: None,
             killed: 0,
             running: vec![],
-            kill: KillFile::default(),
+            kill: Default::default(),
         };
         let result: anyhow::Result<()> = (|| {
             match req {
-                LocalRequest::Kill { reason } => {
-                    {
-                        let mut kill = lock(&self.kill);
-                        kill.local = Some(KillOrder {
-                            reason,
-                            by: "local".into(),
-                            at: now(),
-                        });
-                        store::save_daemon_kill(self.records.dir(), &kill)?;
-                    }
-                    self.sync_host_kill()?;
-                    resp.killed = self.kill_covered();
-                }
-                LocalRequest::Lift => {
-                    {
-                        let mut kill = lock(&self.kill);
-                        kill.local = None;
-                        store::save_daemon_kill(self.records.dir(), &kill)?;
-                    }
-                    self.sync_host_kill()?;
-                }
+                LocalRequest::Kill { reason } => resp.killed = self.kill.local_kill(reason)?,
+                LocalRequest::Lift => self.kill.lift_local()?,
                 LocalRequest::Status => {}
             }
             Ok(())
@@ -747,10 +585,10 @@ impl LocalControl for Daemon {
             resp.ok = false;
             resp.error = Some(format!("{e:#}"));
             // Whatever failed, a kill request still kills.
-            resp.killed = self.kill_covered();
+            resp.killed = self.kill.kill_covered();
         }
-        resp.running = self.running().iter().map(|r| r.to_string()).collect();
-        resp.kill = self.kill_file();
+        resp.running = self.kill.running().iter().map(|r| r.to_string()).collect();
+        resp.kill = self.kill.snapshot();
         resp
     }
 }

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Condvar;
 
 use super::*;
+use crate::kill_switch::{now, store};
+use rollguard_shared::protocol::{KillOrder, KillState};
 
 /// Counts runs; a run named "block" waits until killed.
 #[derive(Default)]
@@ -140,7 +142,7 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
     tokio::task::spawn_blocking(move || e2.wait_started("block-1"))
         .await
         .unwrap();
-    assert_eq!(d.running(), vec![id("block-1")]);
+    assert_eq!(d.kill_switch().running(), vec![id("block-1")]);
 
     let order = KillOrder {
         reason: "incident".into(),
@@ -148,7 +150,8 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
         at: now(),
     };
     let killed = d
-        .apply_fleet_kill(KillState {
+        .kill_switch()
+        .apply_fleet(KillState {
             generation: 1,
             all: Some(order),
             rollouts: vec![],
@@ -158,7 +161,9 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
     running.await.unwrap();
     assert_eq!(report_of(&d, "block-1").unwrap().status, RunStatus::Killed);
     assert!(
-        store::host_kill_in_force(&d.state).unwrap().is_some(),
+        store::host_kill_in_force(&StateDir::open(dir.path()).unwrap())
+            .unwrap()
+            .is_some(),
         "a fleet-wide kill arms the runner's own kill switch"
     );
 
@@ -182,15 +187,20 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
 
     // Lifted by the controller: runs again, and the runner's switch is off.
     assert_eq!(
-        d.apply_fleet_kill(KillState {
-            generation: 2,
-            all: None,
-            rollouts: vec![]
-        })
-        .unwrap(),
+        d.kill_switch()
+            .apply_fleet(KillState {
+                generation: 2,
+                all: None,
+                rollouts: vec![]
+            })
+            .unwrap(),
         0
     );
-    assert!(store::host_kill_in_force(&d.state).unwrap().is_none());
+    assert!(
+        store::host_kill_in_force(&StateDir::open(dir.path()).unwrap())
+            .unwrap()
+            .is_none()
+    );
     d.clone().run_order(id("r-4"), sha, fake_fetch).await;
     assert_eq!(report_of(&d, "r-4").unwrap().status, RunStatus::Succeeded);
 }
@@ -214,12 +224,13 @@ async fn local_kill_is_independent_of_the_fleet_state() {
     assert_eq!(resp.killed, 1);
     running.await.unwrap();
     // The controller lifting its (fleet) kill does not lift the local one.
-    d.apply_fleet_kill(KillState {
-        generation: 9,
-        all: None,
-        rollouts: vec![],
-    })
-    .unwrap();
+    d.kill_switch()
+        .apply_fleet(KillState {
+            generation: 9,
+            all: None,
+            rollouts: vec![],
+        })
+        .unwrap();
     d.clone()
         .run_order(id("r-5"), sha.clone(), fake_fetch)
         .await;
@@ -247,9 +258,11 @@ async fn rollout_scoped_kill_spares_other_rollouts() {
             order,
         }],
     };
-    d.apply_fleet_kill(state).unwrap();
+    d.kill_switch().apply_fleet(state).unwrap();
     assert!(
-        store::host_kill_in_force(&d.state).unwrap().is_none(),
+        store::host_kill_in_force(&StateDir::open(dir.path()).unwrap())
+            .unwrap()
+            .is_none(),
         "a rollout kill is not host-wide"
     );
     let sha = Sha256Hex::of(b"bundle");
@@ -261,19 +274,6 @@ async fn rollout_scoped_kill_spares_other_rollouts() {
     assert_eq!(
         report_of(&d, "r-good").unwrap().status,
         RunStatus::Succeeded
-    );
-}
-
-#[tokio::test]
-async fn a_host_kill_set_while_the_daemon_was_down_is_adopted() {
-    let dir = tempfile::tempdir().unwrap();
-    store::set_host_kill(&StateDir::open(dir.path()).unwrap(), "set by hand").unwrap();
-    let d = Daemon::open(identity(), dir.path(), Arc::new(FakeExecutor::default())).unwrap();
-    assert!(d.kill_file().local.unwrap().reason.contains("set by hand"));
-    d.apply_fleet_kill(KillState::default()).unwrap();
-    assert!(
-        store::host_kill_in_force(&d.state).unwrap().is_some(),
-        "the controller cannot lift a local kill"
     );
 }
 

@@ -10,7 +10,7 @@
 //! ([`crate::runner`]'s admission), with or without a daemon, so even a
 //! manual `rollguard-agent run` is refused while it is set. The daemon's
 //! record holds more (rollout-scoped kills, who ordered what), and the
-//! daemon keeps the switch in step with it.
+//! daemon keeps the switch in step with it (see [`super::KillSwitch`]).
 //!
 //! Both are replaced atomically and durably, like every state file
 //! ([`crate::state`]). Their names and formats are those of earlier
