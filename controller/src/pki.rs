@@ -544,14 +544,11 @@ mod tests {
     use super::*;
 
     fn der_of(pem: &str) -> Vec<u8> {
-        let mut r = pem.as_bytes();
-        let der = rustls_pemfile::certs(&mut r)
-            .next()
-            .unwrap()
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
             .unwrap()
             .as_ref()
-            .to_vec();
-        der
+            .to_vec()
     }
 
     #[test]

@@ -17,6 +17,7 @@ use http_body_util::Full;
 use hyper::client::conn::http2;
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// How long opening a connection (TCP, TLS, HTTP/2 handshake) may take.
@@ -150,6 +151,11 @@ pub enum TlsError {
     NoCert(String),
     #[error("{0}: no PEM private key found")]
     NoKey(String),
+    #[error("{path}: malformed PEM: {error}")]
+    Pem {
+        path: String,
+        error: rustls::pki_types::pem::Error,
+    },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -166,12 +172,18 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// Every PEM certificate in a file; none is an error.
+/// Every PEM certificate in a file; none is an error, and so is a
+/// malformed PEM section (a truncated or corrupted file is not a smaller
+/// trust store). PEM through rustls' own types (`PemObject`), not the
+/// unmaintained `rustls-pemfile` (RUSTSEC-2025-0134).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let text = read(path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut text.as_slice())
-        .filter_map(Result::ok)
-        .collect();
+    let certs = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TlsError::Pem {
+            path: path.display().to_string(),
+            error,
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCert(path.display().to_string()));
     }
@@ -181,10 +193,16 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// The first PEM private key in a file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let text = read(path)?;
-    rustls_pemfile::private_key(&mut text.as_slice())
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::NoKey(path.display().to_string()))
+    match PrivateKeyDer::from_pem_slice(&text) {
+        Ok(key) => Ok(key),
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => {
+            Err(TlsError::NoKey(path.display().to_string()))
+        }
+        Err(error) => Err(TlsError::Pem {
+            path: path.display().to_string(),
+            error,
+        }),
+    }
 }
 
 /// A root store holding every certificate of the given files.
@@ -408,6 +426,36 @@ mod tests {
         let e = ControllerUrl::parse(url).expect_err(url).to_string();
         assert!(e.contains(reason), "{url}: {e}");
         assert!(e.contains("use https://HOST[:PORT]"), "{url}: {e}");
+    }
+
+    /// A damaged trust file is an error, never a smaller trust store.
+    #[test]
+    fn malformed_or_missing_pem_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let garbage = file(
+            "garbage.pem",
+            "-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n",
+        );
+        let truncated = file("truncated.pem", "-----BEGIN CERTIFICATE-----\nMIIB\n");
+        let empty = file("empty.pem", "no PEM here\n");
+        for p in [&garbage, &truncated] {
+            assert!(
+                matches!(load_certs(p), Err(TlsError::Pem { .. })),
+                "{}",
+                p.display()
+            );
+        }
+        assert!(matches!(load_certs(&empty), Err(TlsError::NoCert(_))));
+        assert!(matches!(load_key(&empty), Err(TlsError::NoKey(_))));
+        assert!(matches!(
+            load_key(&truncated.with_file_name("absent.pem")),
+            Err(TlsError::Io { .. })
+        ));
     }
 
     #[test]

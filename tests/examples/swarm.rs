@@ -23,7 +23,8 @@ use hyper::{Method, Request};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rollguard_controller::pki::{issue, CaDir, Role};
 use rollguard_shared::protocol::{KillAck, Order, Register};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 async fn agent(
     name: String,
@@ -93,9 +94,8 @@ fn main() -> anyhow::Result<()> {
         let name = format!("swarm-{i:05}");
         let (cert, key) = issue(&ca, Role::Agent, &name)?;
         let certs: Vec<_> =
-            rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<_, _>>()?;
-        let key = rustls_pemfile::private_key(&mut key.as_bytes())?
-            .ok_or_else(|| anyhow::anyhow!("no key"))?;
+            CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<_, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
         let mut roots = rustls::RootCertStore::empty();
         for c in &root {
             roots.add(c.clone())?;
