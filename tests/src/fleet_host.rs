@@ -354,6 +354,20 @@ impl FleetHost {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The agent unit's journal entries, each as journald stores it (all
+    /// fields, `journalctl -o json`).
+    pub fn journal_entries(&self) -> Vec<serde_json::Value> {
+        let out = self
+            .ct
+            .command(["journalctl", "-u", UNIT, "--no-pager", "-o", "json"])
+            .output()
+            .expect("journalctl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// Every entry beneath the container's `dirs` (absolute, existing):
     /// name, mode, owner, size, mtime, and each file's SHA-256.
     pub fn snapshot(&self, dirs: &[&str]) -> String {
