@@ -45,10 +45,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            Exit::Error.into()
-        }
+        Err(e) => exit::error(&e),
     }
 }
 

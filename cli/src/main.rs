@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use rollguard_cli::{Cli, Command};
-use rollguard_shared::exit::{self, Exit};
+use rollguard_shared::exit;
 
 fn main() -> ExitCode {
     let cli: Cli = exit::parse(rollguard_cli::command());
@@ -18,9 +18,6 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            Exit::Error.into()
-        }
+        Err(e) => exit::error(&e),
     }
 }

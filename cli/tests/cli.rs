@@ -91,3 +91,33 @@ fn exit_statuses_follow_the_one_table() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
 }
+
+/// Under `--json`, a failure is one JSON object on stdout (where a script
+/// reads the result), whatever failed: the command line or the job.
+#[test]
+fn errors_under_json_are_json() {
+    let json_of = |args: &[&str], exit: rollguard_shared::exit::Exit| {
+        let out = rollguard().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(i32::from(exit.code())), "{args:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {out:?}"));
+        assert_eq!(v["status"], exit.name(), "{v}");
+        assert_eq!(v["exit_code"], exit.code(), "{v}");
+        v["error"].as_str().unwrap().to_string()
+    };
+    use rollguard_shared::exit::Exit;
+    let error = json_of(
+        &["agents", "--json", "--cli-config", "/nonexistent/cli.toml"],
+        Exit::Error,
+    );
+    assert!(error.contains("/nonexistent/cli.toml"), "{error}");
+    let usage = json_of(&["agents", "--json", "--no-such-flag"], Exit::Usage);
+    assert!(usage.contains("--no-such-flag"), "{usage}");
+    // Without --json, the error stays text on stderr.
+    let out = rollguard()
+        .args(["agents", "--cli-config", "/nonexistent/cli.toml"])
+        .output()
+        .unwrap();
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+}

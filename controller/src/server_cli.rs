@@ -13,7 +13,7 @@ use crate::pki::{self, CaDir, InitOptions, Role};
 use crate::store::{verify_operator_log, Store};
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use rollguard_shared::exit::Exit;
+use rollguard_shared::exit;
 use rollguard_shared::logging::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -262,19 +262,16 @@ pub fn run(cli: ControllerCli) -> Result<()> {
 
 /// The clap command of `rollguard-controller`, for man pages and completions.
 pub fn command() -> clap::Command {
-    rollguard_shared::exit::document(ControllerCli::command())
+    exit::document(ControllerCli::command())
 }
 
 /// `rollguard-controller`'s `main`: parse, run, print the error chain, exit
-/// with [`Exit::Error`] on failure.
+/// with [`exit::Exit::Error`] on failure.
 pub fn main() -> ExitCode {
-    let cli: ControllerCli = rollguard_shared::exit::parse(command());
+    let cli: ControllerCli = exit::parse(command());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            Exit::Error.into()
-        }
+        Err(e) => exit::error(&e),
     }
 }
 

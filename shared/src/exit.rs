@@ -73,6 +73,54 @@ pub fn document(command: clap::Command) -> clap::Command {
     })
 }
 
+impl Exit {
+    /// Its name in a JSON error (`"status"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Exit::Success => "success",
+            Exit::Failed => "failed",
+            Exit::Refused => "refused",
+            Exit::Error => "error",
+            Exit::Usage => "usage",
+        }
+    }
+}
+
+/// The command line asked for JSON output: `--json` before any `--`.
+/// Read from the raw arguments so that errors before or outside a
+/// subcommand's parsed options (usage errors, a configuration that does
+/// not load) are JSON too.
+fn json_requested(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    args.into_iter()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// The JSON a failed command prints on stdout under `--json`, where a
+/// script reads its result: `{"status": ..., "exit_code": ..., "error": ...}`.
+fn json_error(exit: Exit, message: &str) -> String {
+    serde_json::json!({
+        "status": exit.name(),
+        "exit_code": exit.code(),
+        "error": message,
+    })
+    .to_string()
+}
+
+/// End a command that could not do its job ([`Exit::Error`]): the error
+/// with its causes (`{:#}`) on stderr, or as JSON on stdout under
+/// `--json`.
+pub fn error(error: &dyn std::fmt::Display) -> ExitCode {
+    let message = format!("{error:#}");
+    if json_requested(std::env::args_os()) {
+        println!("{}", json_error(Exit::Error, &message));
+    } else {
+        eprintln!("error: {message}");
+    }
+    Exit::Error.into()
+}
+
 /// Parse the process's arguments against `command` (built by the binary's
 /// `command()`, so `--help` shows what the man page shows). `--help` and
 /// `--version` exit 0; a usage error exits [`Exit::Usage`].
@@ -84,6 +132,13 @@ pub fn parse<T: clap::FromArgMatches>(mut command: clap::Command) -> T {
         Ok(value) => value,
         Err(e) => {
             let e = e.format(&mut command);
+            if e.use_stderr() && json_requested(std::env::args_os()) {
+                let message = e.render().to_string();
+                let message = message.trim_end();
+                let message = message.strip_prefix("error: ").unwrap_or(message);
+                println!("{}", json_error(Exit::Usage, message));
+                std::process::exit(i32::from(Exit::Usage.code()));
+            }
             // Printing can only fail on a closed stdout/stderr; the status
             // still says what happened.
             let _ = e.print();
@@ -99,6 +154,30 @@ pub fn parse<T: clap::FromArgMatches>(mut command: clap::Command) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_asked_for_by_a_json_flag_before_any_double_dash() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert!(json_requested(args(&["rollguard", "agents", "--json"])));
+        assert!(json_requested(args(&["rollguard", "--json", "x"])));
+        assert!(!json_requested(args(&["rollguard", "agents"])));
+        assert!(
+            !json_requested(args(&["--json"])),
+            "argv[0] is not an option"
+        );
+        assert!(!json_requested(args(&["rollguard", "--", "--json"])));
+        assert!(!json_requested(args(&["rollguard", "--jsonx"])));
+    }
+
+    #[test]
+    fn a_json_error_is_one_object_with_status_code_and_message() {
+        let v: serde_json::Value =
+            serde_json::from_str(&json_error(Exit::Error, "controller: \"refused\"\nline 2"))
+                .unwrap();
+        assert_eq!(v["status"], "error");
+        assert_eq!(v["exit_code"], 3);
+        assert_eq!(v["error"], "controller: \"refused\"\nline 2");
+    }
 
     #[test]
     fn the_table_lists_every_status() {
