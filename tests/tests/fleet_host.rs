@@ -175,8 +175,7 @@ fn the_packaged_agent_under_its_own_unit_rolls_out_and_halts_the_2012_replay() {
 
 /// Under its unit, stderr is the journal: the agent logs to journald
 /// natively, so each record has its own priority (`journalctl -p warning`
-/// shows the warnings: here at least the audit ones, which a container
-/// always has) rather than the one priority of stderr lines, info.
+/// shows the warnings) rather than the one priority of stderr lines, info.
 fn assert_logs_reach_journald_with_priorities(host: &FleetHost) {
     let entries = host.journal_entries();
     // Sent natively (`_TRANSPORT=journal`), not as stderr lines
@@ -185,10 +184,14 @@ fn assert_logs_reach_journald_with_priorities(host: &FleetHost) {
         .iter()
         .filter(|e| e["SYSLOG_IDENTIFIER"] == "rollguard-agent" && e["_TRANSPORT"] == "journal")
         .collect();
-    let with_priority = |p: &str| agent.iter().filter(|e| e["PRIORITY"] == p).count();
+    // The agent logs warnings and errors by default; a container always
+    // gives it warnings (no kernel audit there).
     assert!(
-        with_priority("4") > 0 && with_priority("5") > 0,
-        "the agent sent journald no warning (4) or no info (5) entry: {entries:#?}"
+        agent
+            .iter()
+            .any(|e| e["PRIORITY"] == "4"
+                && e["MESSAGE"].as_str().is_some_and(|m| m.contains("audit"))),
+        "the agent sent journald no warning (priority 4): {entries:#?}"
     );
 }
 
