@@ -15,6 +15,7 @@ pub mod config;
 pub mod kill;
 pub mod packages;
 pub mod rollout;
+pub mod rollout_events;
 
 /// rollguard operator CLI: build, sign and inspect bundles; roll them out in
 /// waves; stop everything with the kill switch.

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use rollguard_shared::exit::Exit;
 use rollguard_shared::protocol::{
     parse_selector, AgentInfo, BundleSummary, HaltRequest, Plan, RolloutId, RolloutRequest,
     RolloutState, RolloutStatus, Sha256Hex, WavePhase, WaveSize,
@@ -82,6 +81,10 @@ pub enum RolloutCommand {
     /// Follow a rollout live, wave by wave, until it completes or halts.
     Watch {
         id: String,
+        /// Stream events instead, one JSON object per line: the rollout's
+        /// and each host's changes, then the end.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -320,14 +323,6 @@ fn state_line(s: &RolloutStatus) -> String {
     }
 }
 
-fn exit_for(s: &RolloutStatus) -> ExitCode {
-    if s.state == RolloutState::Halted {
-        Exit::Failed.into()
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
 pub fn run(cmd: RolloutCommand) -> Result<ExitCode> {
     match cmd {
         RolloutCommand::Plan {
@@ -373,11 +368,15 @@ pub fn run(cmd: RolloutCommand) -> Result<ExitCode> {
             } else {
                 print_status(&status);
             }
-            Ok(exit_for(&status))
+            Ok(crate::rollout_events::exit_of(&status).into())
         }
-        RolloutCommand::Watch { id, connect } => {
+        RolloutCommand::Watch { id, json, connect } => {
             let client = Client::connect(&connect)?;
-            watch(&client, &rollout_id(&id)?)
+            if json {
+                watch_events(&client, &rollout_id(&id)?)
+            } else {
+                watch(&client, &rollout_id(&id)?)
+            }
         }
         RolloutCommand::List { json, connect } => {
             let client = Client::connect(&connect)?;
@@ -451,6 +450,30 @@ pub fn agents(args: AgentsArgs) -> Result<ExitCode> {
 }
 
 /// Live progress, one bar per wave (hosts with a result / hosts in the wave).
+/// How often `watch` asks the controller.
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+/// `watch --json`: the changes as JSON lines ([`crate::rollout_events`]),
+/// each flushed as it is seen, so a pipe reader gets it at once.
+fn watch_events(client: &Client, id: &RolloutId) -> Result<ExitCode> {
+    use std::io::Write;
+    let mut prev: Option<RolloutStatus> = None;
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        let now: RolloutStatus = client.get(&format!("/v1/rollouts/{id}"))?;
+        let at = jiff::Timestamp::now().to_string();
+        for event in crate::rollout_events::events(prev.as_ref(), &now, &at) {
+            writeln!(stdout, "{event}")?;
+        }
+        stdout.flush()?;
+        if now.state != RolloutState::Running {
+            return Ok(crate::rollout_events::exit_of(&now).into());
+        }
+        prev = Some(now);
+        std::thread::sleep(WATCH_POLL);
+    }
+}
+
 fn watch(client: &Client, id: &RolloutId) -> Result<ExitCode> {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let first: RolloutStatus = client.get(&format!("/v1/rollouts/{id}"))?;
@@ -510,8 +533,8 @@ fn watch(client: &Client, id: &RolloutId) -> Result<ExitCode> {
                 Some(r) => eprintln!("rollout {} HALTED: {r}", s.id),
                 None => eprintln!("rollout {} completed", s.id),
             }
-            return Ok(exit_for(&s));
+            return Ok(crate::rollout_events::exit_of(&s).into());
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(WATCH_POLL);
     }
 }

@@ -83,7 +83,15 @@ fn good_bundle_rolls_out_in_waves_to_in_scope_hosts_only() {
         &bundle,
         &["--waves", "1,2,100%", "--bake", "1s", "--max-failures", "0"],
     );
+    // A script follows it live: `watch --json` streams its changes.
+    let events = fleet
+        .cli()
+        .args(["rollout", "watch", "--json", &id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let status = fleet.wait_state(&id, "completed");
+    assert_watch_events(events.wait_with_output().unwrap(), &id);
     let states = Fleet::host_states(&status);
     assert_eq!(states.len(), 5, "{status:#}");
     assert!(states.values().all(|s| s == "succeeded"), "{status:#}");
@@ -220,4 +228,30 @@ fn incident_replay_canary_denial_halts_after_wave_one() {
         fleet.mail("mail-03").join("enabled").exists(),
         "the in-scope part of the canary run happened"
     );
+}
+
+/// `rollout watch --json` of a rollout followed from its start to its end:
+/// one JSON object per line, the rollout first, each host's success with
+/// its report, and the end last, with the status the command exits with.
+fn assert_watch_events(out: std::process::Output, id: &str) {
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(events.iter().all(|e| e["id"] == id), "{events:#?}");
+    assert_eq!(events[0]["event"], "rollout", "{events:#?}");
+    let end = events.last().unwrap();
+    assert_eq!(
+        (&end["event"], &end["state"], &end["exit_code"]),
+        (&"end".into(), &"completed".into(), &0.into()),
+        "{events:#?}"
+    );
+    for h in ["mail-01", "mail-02", "mail-03", "mail-04", "mail-05"] {
+        let done = events
+            .iter()
+            .find(|e| e["event"] == "host" && e["host"] == h && e["state"] == "succeeded")
+            .unwrap_or_else(|| panic!("no success event for {h}: {events:#?}"));
+        assert_eq!(done["report"]["host"], h, "{done:#}");
+    }
 }
