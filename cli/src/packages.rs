@@ -18,7 +18,17 @@
 //!   to dpkg, so the fact holds);
 //! - **alternatives**, write and delete: `/etc/alternatives` when a
 //!   maintainer script calls `update-alternatives` (its database is beneath
-//!   `/var/lib/dpkg`).
+//!   `/var/lib/dpkg`);
+//! - **unit enablement state**, write and delete:
+//!   `/var/lib/systemd/deb-systemd-helper-enabled` when a .deb's maintainer
+//!   script calls `deb-systemd-helper` (debhelper's `dh_installsystemd`
+//!   snippet, in nearly every Debian package shipping a service). On an
+//!   upgrade it rewrites its state files there (a temporary file renamed
+//!   over `UNIT.dsh-also`) whether or not anything changes; without this
+//!   every service package's upgrade would be denied. The enablement links
+//!   themselves (`/etc/systemd/system/*.wants/`) are not derived: an
+//!   upgrade of an enabled unit finds them in place and writes none, and a
+//!   first install's enabling stays denied (agents protect that directory).
 //!
 //! Nothing else: what a maintainer script writes beyond this is denied by
 //! the kernel and reported, which is the point. The agent creates missing
@@ -42,6 +52,8 @@ pub const DPKG_ADMINDIR: &str = "/var/lib/dpkg";
 pub const DPKG_LOG: &str = "/var/log/dpkg.log";
 /// Where `update-alternatives` keeps its links.
 const ALTERNATIVES: &str = "/etc/alternatives";
+/// Where `deb-systemd-helper` records which units it enabled.
+pub const DEB_SYSTEMD_HELPER_STATE: &str = "/var/lib/systemd/deb-systemd-helper-enabled";
 
 /// Directories where agents protect files of their own, so a write scope
 /// on (or above) them is refused by every agent: a package writing there
@@ -87,6 +99,7 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
     let mut packages = Vec::new();
     let mut dirs = BTreeSet::new();
     let mut alternatives = false;
+    let mut systemd_helper = false;
     let mut warnings = Vec::new();
     for file in &req.install {
         let path = src_dir.join(file.as_str());
@@ -127,6 +140,7 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
         }
         dirs.extend(pkg_dirs);
         alternatives |= scripts.contains("update-alternatives");
+        systemd_helper |= req.kind == PackageKind::Deb && scripts.contains("deb-systemd-helper");
     }
     let database = match req.kind {
         PackageKind::Deb => ScopePath::parse(DPKG_ADMINDIR).expect("constant"),
@@ -143,6 +157,11 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
         let alt = ScopePath::parse(ALTERNATIVES).expect("constant");
         write.insert(alt.clone());
         delete.insert(alt);
+    }
+    if systemd_helper {
+        let state = ScopePath::parse(DEB_SYSTEMD_HELPER_STATE).expect("constant");
+        write.insert(state.clone());
+        delete.insert(state);
     }
     Ok(Derived {
         derivation: Derivation {

@@ -441,7 +441,8 @@ pub fn allow_patch(policy: &mut FleetHostPolicy) {
 /// The patch's two versions, built with `dpkg-deb` on this machine
 /// ([`crate::packages::build_deb`]): a conffile, a long-running service
 /// (`/usr/lib/rgpkgtest/rgpkgtest-daemon`, a shell that sleeps) with its
-/// unit in `/lib/systemd/system`, and a postinst that calls
+/// unit in `/lib/systemd/system`, enabled as debhelper packages do it
+/// (`deb-systemd-helper` in the postinst), and a postinst that calls
 /// `deb-systemd-invoke restart`.
 #[derive(Debug, Clone)]
 pub struct PatchPackages {
@@ -455,6 +456,7 @@ impl PatchPackages {
         fs::create_dir_all(out).expect("create the patch's package directory");
         let variant = Variant {
             unit_in_systemd_dir: true,
+            systemd_helper: true,
             ..Variant::default()
         };
         PatchPackages {
@@ -465,9 +467,9 @@ impl PatchPackages {
 }
 
 /// Install `deb` bare in the host's container (`dpkg -i`, as its operator
-/// did before the fleet existed) and start its service; returns its
-/// MainPID. A static unit: the postinst's `deb-systemd-invoke restart`
-/// starts only enabled units, so it is started here.
+/// did before the fleet existed): its postinst enables the unit
+/// (`deb-systemd-helper`) and starts it (`deb-systemd-invoke`); returns
+/// its MainPID.
 pub fn install_patch_v1(host: &FleetHost, deb: &Path) -> u32 {
     let bytes = fs::read(deb).unwrap_or_else(|e| panic!("{}: {e}", deb.display()));
     host.ct.write_file("/root/patch-v1.deb", &bytes, 0o644);
@@ -524,6 +526,16 @@ pub struct PatchOutcome {
     pub final_state: String,
 }
 
+/// `deb-systemd-helper`'s record of the enabled unit, rewritten by every
+/// upgrade's postinst (a new file renamed over it).
+const PATCH_UNIT_STATE: &str =
+    "/var/lib/systemd/deb-systemd-helper-enabled/rgpkgtest.service.dsh-also";
+
+/// The inode of `path` in the container.
+fn inode(host: &FleetHost, path: &str) -> String {
+    host.ct.sh(&format!("stat -c %i {path}")).trim().to_string()
+}
+
 /// The patch step: a signed bundle with `[packages] install = [v2]` and
 /// `[services] restart = [PATCH_SERVICE]` rolls out through the
 /// controller to `host` (whose policy has [`allow_patch`], and v1 installed
@@ -542,6 +554,7 @@ pub fn patch_rolls_out(
 ) -> PatchOutcome {
     let version_before = dpkg_version(host);
     let main_pid_before = host.ct.main_pid(PATCH_SERVICE);
+    let unit_state_before = inode(host, PATCH_UNIT_STATE);
     narrate(&format!(
         "{}: {} {} installed, {PATCH_SERVICE} MainPID {main_pid_before}",
         host.name,
@@ -598,6 +611,22 @@ pub fn patch_rolls_out(
 
     let version_after = dpkg_version(host);
     assert_eq!(version_after.as_deref(), Some(PATCH_V2), "{}", context());
+    // The postinst's `deb-systemd-helper` rewrote its record inside the
+    // sandbox: its directory is in the derived scope. (A container cannot
+    // report denials; the new inode shows the write was not refused.)
+    assert_ne!(
+        inode(host, PATCH_UNIT_STATE),
+        unit_state_before,
+        "deb-systemd-helper's state was not rewritten: {}",
+        context()
+    );
+    assert_eq!(
+        host.ct
+            .sh("readlink /etc/systemd/system/multi-user.target.wants/rgpkgtest.service")
+            .trim(),
+        "/lib/systemd/system/rgpkgtest.service",
+        "the unit is still enabled"
+    );
     let change = report["packages"]
         .as_array()
         .and_then(|l| l.iter().find(|p| p["name"] == crate::packages::NAME))

@@ -55,14 +55,36 @@ pub struct Variant {
     /// Also ship [`LIB_FILE`], beneath `/lib` (a symlink to `usr/lib` on a
     /// merged-/usr host).
     pub lib_file: bool,
+    /// An enabled service, as debhelper packages one: the unit has an
+    /// `[Install]` section, the postinst runs `dh_installsystemd`'s snippet
+    /// (`deb-systemd-helper` unmask, was-enabled, enable or update-state),
+    /// the postrm its purge. Its unit must be where `deb-systemd-helper`
+    /// looks ([`Variant::unit_in_systemd_dir`]).
+    pub systemd_helper: bool,
+}
+
+/// `dh_installsystemd`'s postinst snippet (debhelper 13, Debian 12) for
+/// the test unit.
+fn systemd_helper_postinst() -> String {
+    format!(
+        "  deb-systemd-helper unmask '{NAME}.service' >/dev/null || true\n  \
+         if deb-systemd-helper --quiet was-enabled '{NAME}.service'; then\n    \
+         deb-systemd-helper enable '{NAME}.service' >/dev/null || true\n  \
+         else\n    deb-systemd-helper update-state '{NAME}.service' >/dev/null || true\n  fi"
+    )
 }
 
 /// A file beneath a merged-/usr alias.
 pub const LIB_FILE: &str = "/lib/rgpkgtest-lib/plugin";
 
-fn unit_text(version: &str) -> String {
+fn unit_text(version: &str, install: bool) -> String {
     format!(
-        "[Unit]\nDescription=rollguard test package {version}\n\n[Service]\nExecStart={PROGRAM}\n"
+        "[Unit]\nDescription=rollguard test package {version}\n\n[Service]\nExecStart={PROGRAM}\n{}",
+        if install {
+            "\n[Install]\nWantedBy=multi-user.target\n"
+        } else {
+            ""
+        }
     )
 }
 
@@ -93,7 +115,12 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
     write(
         "DEBIAN/postinst",
         &format!(
-            "#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n  {}\n{}\nfi\n",
+            "#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n{}\n  {}\n{}\nfi\n",
+            if variant.systemd_helper {
+                systemd_helper_postinst()
+            } else {
+                "  :".to_string()
+            },
             if variant.no_service_request {
                 ":".to_string()
             } else {
@@ -103,6 +130,15 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
         ),
         0o755,
     );
+    if variant.systemd_helper {
+        write(
+            "DEBIAN/postrm",
+            &format!(
+                "#!/bin/sh\nset -e\nif [ \"$1\" = purge ]; then\n  deb-systemd-helper purge '{NAME}.service' >/dev/null || true\nfi\n"
+            ),
+            0o755,
+        );
+    }
     write(CONFFILE, &conffile_text(version), 0o644);
     write(PROGRAM, &program_text(version), 0o755);
     let unit = if variant.unit_in_systemd_dir {
@@ -110,7 +146,7 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
     } else {
         UNIT
     };
-    write(unit, &unit_text(version), 0o644);
+    write(unit, &unit_text(version, variant.systemd_helper), 0o644);
     if variant.lib_file {
         write(LIB_FILE, &format!("plugin {version}\n"), 0o644);
     }
@@ -164,7 +200,7 @@ pub fn build_rpm(out: &Path, version: &str, variant: &Variant) -> PathBuf {
              %files\n%dir /etc/rgpkgtest\n%config(noreplace) {CONFFILE}\n%dir /usr/lib/rgpkgtest\n{PROGRAM}\n{UNIT}\n",
             esc(&conffile_text(version)),
             esc(&program_text(version)),
-            esc(&unit_text(version)),
+            esc(&unit_text(version, false)),
             variant.postinst
         ),
     )

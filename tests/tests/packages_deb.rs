@@ -432,3 +432,37 @@ fn a_postinst_restart_of_a_unit_the_host_does_not_allow_is_a_denial() {
         "nothing performed: {report:#}"
     );
 }
+
+/// A service package as debhelper builds it calls `deb-systemd-helper`,
+/// which rewrites its state in `/var/lib/systemd/deb-systemd-helper-enabled`
+/// on every upgrade: that directory is derived (write and delete), and
+/// nothing else of systemd's. The upgrade itself, on a real systemd with
+/// the unit enabled, is `fleet_host.rs`'s patch step.
+#[test]
+fn a_service_package_gets_the_unit_enablement_state_in_its_scope() {
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let service = Variant {
+        systemd_helper: true,
+        ..quiet()
+    };
+    let deb = pkg::build_deb(&out, "2.0", &service);
+    let (built, _) = bundle(&host, &keys, "dsh", 1, &deb);
+    let p = &pkg::inspect(&built)["packages"];
+    let state = "/var/lib/systemd/deb-systemd-helper-enabled".to_string();
+    assert!(strings(&p["write"]).contains(&state), "{p:#}");
+    assert!(strings(&p["delete"]).contains(&state), "{p:#}");
+    assert!(
+        !strings(&p["write"])
+            .iter()
+            .any(|w| w.starts_with("/etc/systemd")),
+        "{p:#}"
+    );
+    // Without the helper in its scripts, the directory is not derived.
+    let plain = pkg::build_deb(&out, "2.1", &quiet());
+    let (built, _) = bundle(&host, &keys, "plain", 1, &plain);
+    let p = &pkg::inspect(&built)["packages"];
+    assert!(!strings(&p["write"]).contains(&state), "{p:#}");
+}
