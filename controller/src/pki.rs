@@ -36,8 +36,13 @@ use rcgen::{
 };
 use sha2::Digest;
 
-/// Organisational unit marking an operator certificate.
+/// Organisational unit marking an operator certificate (role
+/// [`Role::Operator`]).
 pub const OU_OPERATOR: &str = "rollguard-operator";
+/// Organisational unit of a read-only operator certificate.
+pub const OU_VIEWER: &str = "rollguard-viewer";
+/// Organisational unit of an administrator's certificate.
+pub const OU_ADMIN: &str = "rollguard-admin";
 /// Organisational unit marking an alert-source certificate (may only post
 /// alerts and read metrics).
 pub const OU_ALERT_SOURCE: &str = "rollguard-alert-source";
@@ -73,13 +78,40 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     }
 }
 
-/// What a certificate is for.
+/// What a certificate is for. People (and their scripts) hold one of
+/// three roles, each able to do what the one before it may, and more:
+///
+/// | role | may |
+/// |---|---|
+/// | viewer | read: rollouts, agents, the kill state, bundles, metrics |
+/// | operator | plan, upload, start, halt, resume; kill |
+/// | admin | everything an operator may, and lift kills |
+///
+/// Enrolling and revoking are done with the CA directory itself
+/// (`rollguard-controller enroll/revoke --dir`), which only its keeper can
+/// read. The three are issued by the operators' CA, told apart by their
+/// organisational unit; an agent's certificate by the agents' CA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Agent,
+    Viewer,
     Operator,
+    Admin,
     AlertSource,
+}
+
+impl Role {
+    /// Its name in messages and the operator log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+            Role::AlertSource => "alert-source",
+        }
+    }
 }
 
 /// The caller of a request, as proven by its verified client certificate.
@@ -293,7 +325,8 @@ pub fn init(ca: &CaDir, opts: &InitOptions) -> Result<(), PkiError> {
     write_file(&ca.dir.join("ca.crt"), &root.pem(), 0o644)?;
     write_file(&ca.revoked_list(), REVOKED_HEADER, 0o644)?;
 
-    let (cert, key) = issue(ca, Role::Operator, &opts.operator_name)?;
+    // Whoever sets the controller up is its first administrator.
+    let (cert, key) = issue(ca, Role::Admin, &opts.operator_name)?;
     write_file(&ca.operator_cert(), &cert, 0o644)?;
     write_file(&ca.operator_key(), &key, 0o600)?;
     write_file(
@@ -327,9 +360,13 @@ pub fn issue(ca: &CaDir, role: Role, name: &str) -> Result<(String, String), Pki
             OU_AGENT,
             825,
         ),
-        Role::Operator => (
+        Role::Viewer | Role::Operator | Role::Admin => (
             Issuer::load(&ca.operators_ca_key(), OPERATORS_CN, 0)?,
-            OU_OPERATOR,
+            match role {
+                Role::Viewer => OU_VIEWER,
+                Role::Admin => OU_ADMIN,
+                _ => OU_OPERATOR,
+            },
             825,
         ),
         Role::AlertSource => (
@@ -357,7 +394,7 @@ pub fn issue(ca: &CaDir, role: Role, name: &str) -> Result<(String, String), Pki
     let cert = p.signed_by(&key, &issuer.cert, &issuer.key)?;
     let role_dir = match role {
         Role::Agent => "agents",
-        Role::Operator => "operators",
+        Role::Viewer | Role::Operator | Role::Admin => "operators",
         Role::AlertSource => "alert-sources",
     };
     let serial = hex::encode(serial_for(&key).to_bytes());
@@ -516,7 +553,9 @@ pub fn classify(issuers: &Issuers, leaf_der: &[u8]) -> Result<Peer, PeerError> {
         Role::Agent
     } else if issuer == issuers.operators_subject.as_slice() {
         match ou.as_slice() {
+            [o] if *o == OU_VIEWER => Role::Viewer,
             [o] if *o == OU_OPERATOR => Role::Operator,
+            [o] if *o == OU_ADMIN => Role::Admin,
             [o] if *o == OU_ALERT_SOURCE => Role::AlertSource,
             _ => return Err(PeerError::RoleMismatch),
         }
@@ -567,9 +606,15 @@ mod tests {
         let peer = classify(&issuers, &der_of(&agent)).unwrap();
         assert_eq!((peer.role, peer.name.as_str()), (Role::Agent, "mail-01"));
 
+        // The certificate `init` issues is the first administrator's.
         let op = fs::read_to_string(ca.operator_cert()).unwrap();
         let peer = classify(&issuers, &der_of(&op)).unwrap();
-        assert_eq!((peer.role, peer.name.as_str()), (Role::Operator, "admin"));
+        assert_eq!((peer.role, peer.name.as_str()), (Role::Admin, "admin"));
+        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+            let (cert, _) = issue(&ca, role, "someone").unwrap();
+            let peer = classify(&issuers, &der_of(&cert)).unwrap();
+            assert_eq!(peer.role, role);
+        }
 
         let (alerts, _) = issue(&ca, Role::AlertSource, "alertmanager").unwrap();
         assert_eq!(

@@ -177,19 +177,31 @@ fn require(app: &App, peer: &PeerInfo, roles: &[Role]) -> ApiResult<Peer> {
             StatusCode::FORBIDDEN,
             format!(
                 "{} certificates may not call this endpoint",
-                role_name(peer.role)
+                peer.role.name()
             ),
         ));
     }
     Ok(peer)
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Agent => "agent",
-        Role::Operator => "operator",
-        Role::AlertSource => "alert-source",
-    }
+/// Who may call what (the table at [`Role`]): one place for every
+/// endpoint's rule.
+mod may {
+    use super::Role;
+    /// Read rollouts, agents, the kill state, bundles.
+    pub const READ: &[Role] = &[Role::Viewer, Role::Operator, Role::Admin];
+    /// Change rollouts (plan, upload, start, halt, resume) and kill.
+    pub const OPERATE: &[Role] = &[Role::Operator, Role::Admin];
+    /// Lift a kill.
+    pub const ADMINISTER: &[Role] = &[Role::Admin];
+    /// Post alerts.
+    pub const ALERT: &[Role] = &[Role::AlertSource, Role::Operator, Role::Admin];
+    /// Scrape metrics.
+    pub const METRICS: &[Role] = &[Role::AlertSource, Role::Viewer, Role::Operator, Role::Admin];
+    /// Fetch a bundle: its agents, and people reviewing it.
+    pub const FETCH_BUNDLE: &[Role] = &[Role::Agent, Role::Viewer, Role::Operator, Role::Admin];
+    /// The agent protocol.
+    pub const AGENT: &[Role] = &[Role::Agent];
 }
 
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
@@ -214,7 +226,7 @@ type P = Extension<PeerInfo>;
 // ---- agent endpoints ------------------------------------------------------------
 
 async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
-    let me = require(&app, &peer, &[Role::Agent])?;
+    let me = require(&app, &peer, may::AGENT)?;
     let reg: Register = parse_json(&body)?;
     if reg.name != me.name {
         return Err(ApiError::new(
@@ -288,14 +300,14 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
 }
 
 async fn agent_report(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<StatusCode> {
-    let me = require(&app, &peer, &[Role::Agent])?;
+    let me = require(&app, &peer, may::AGENT)?;
     let report: AgentReport = parse_json(&body)?;
     app.engine.ingest_report(&me.name, report).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn agent_kill_ack(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<StatusCode> {
-    let me = require(&app, &peer, &[Role::Agent])?;
+    let me = require(&app, &peer, may::AGENT)?;
     let ack: KillAck = parse_json(&body)?;
     tracing::info!(agent = %me.name, generation = ack.generation, killed = ack.killed, "kill state acknowledged");
     app.engine.hub.record_kill_ack(&me.name, ack.generation);
@@ -307,7 +319,7 @@ async fn get_bundle(
     Extension(peer): P,
     Path(sha): Path<String>,
 ) -> ApiResult<Response> {
-    require(&app, &peer, &[Role::Agent, Role::Operator])?;
+    require(&app, &peer, may::FETCH_BUNDLE)?;
     let sha = Sha256Hex::parse(&sha)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let bytes = app.engine.bundle_bytes(&sha).await?;
@@ -322,7 +334,7 @@ async fn put_bundle(
     Path(sha): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let me = require(&app, &peer, &[Role::Operator])?;
+    let me = require(&app, &peer, may::OPERATE)?;
     let sha = Sha256Hex::parse(&sha)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     if Sha256Hex::of(&body) != sha {
@@ -360,20 +372,20 @@ async fn put_bundle(
 }
 
 async fn plan_rollout(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
-    require(&app, &peer, &[Role::Operator])?;
+    require(&app, &peer, may::OPERATE)?;
     let req: RolloutRequest = parse_json(&body)?;
     let (plan, _) = app.engine.plan(&req).await?;
     Ok(json(&plan))
 }
 
 async fn start_rollout(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
-    let me = require(&app, &peer, &[Role::Operator])?;
+    let me = require(&app, &peer, may::OPERATE)?;
     let req: RolloutRequest = parse_json(&body)?;
     Ok(json(&app.engine.start(&req, &me.name).await?))
 }
 
 async fn list_rollouts(State(app): S, Extension(peer): P) -> ApiResult<Response> {
-    require(&app, &peer, &[Role::Operator])?;
+    require(&app, &peer, may::READ)?;
     Ok(json(&app.engine.list().await?))
 }
 
@@ -382,7 +394,7 @@ async fn rollout_status(
     Extension(peer): P,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    require(&app, &peer, &[Role::Operator])?;
+    require(&app, &peer, may::READ)?;
     Ok(json(&app.engine.status(&rollout_id(&id)?).await?))
 }
 
@@ -392,7 +404,7 @@ async fn halt_rollout(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let me = require(&app, &peer, &[Role::Operator])?;
+    let me = require(&app, &peer, may::OPERATE)?;
     let req: HaltRequest = parse_json(&body)?;
     if req.reason.trim().is_empty() {
         return Err(ApiError::new(
@@ -412,12 +424,12 @@ async fn resume_rollout(
     Extension(peer): P,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let me = require(&app, &peer, &[Role::Operator])?;
+    let me = require(&app, &peer, may::OPERATE)?;
     Ok(json(&app.engine.resume(&rollout_id(&id)?, &me.name).await?))
 }
 
 async fn kill(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
-    let me = require(&app, &peer, &[Role::Operator])?;
+    let me = require(&app, &peer, may::OPERATE)?;
     let req: KillRequest = parse_json(&body)?;
     Ok(json(
         &app.engine.kill(req.scope, &req.reason, &me.name).await?,
@@ -425,7 +437,7 @@ async fn kill(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Respo
 }
 
 async fn lift(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
-    let me = require(&app, &peer, &[Role::Operator])?;
+    let me = require(&app, &peer, may::ADMINISTER)?;
     let req: LiftRequest = if body.is_empty() {
         LiftRequest::default()
     } else {
@@ -435,7 +447,7 @@ async fn lift(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Respo
 }
 
 async fn kill_state(State(app): S, Extension(peer): P) -> ApiResult<Response> {
-    require(&app, &peer, &[Role::Operator])?;
+    require(&app, &peer, may::READ)?;
     Ok(json(
         &app.engine
             .store
@@ -446,7 +458,7 @@ async fn kill_state(State(app): S, Extension(peer): P) -> ApiResult<Response> {
 }
 
 async fn list_agents(State(app): S, Extension(peer): P) -> ApiResult<Response> {
-    require(&app, &peer, &[Role::Operator])?;
+    require(&app, &peer, may::READ)?;
     let registered = app
         .engine
         .store
@@ -465,14 +477,14 @@ async fn list_agents(State(app): S, Extension(peer): P) -> ApiResult<Response> {
 }
 
 async fn alertmanager(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
-    let me = require(&app, &peer, &[Role::Operator, Role::AlertSource])?;
+    let me = require(&app, &peer, may::ALERT)?;
     let payload = AlertmanagerPayload::parse(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok(json(&app.engine.alert(&payload, &me.name).await?))
 }
 
 async fn metrics(State(app): S, Extension(peer): P) -> ApiResult<Response> {
-    require(&app, &peer, &[Role::Operator, Role::AlertSource])?;
+    require(&app, &peer, may::METRICS)?;
     let mut counts: BTreeMap<&'static str, (RolloutState, usize)> = BTreeMap::new();
     for s in [
         RolloutState::Running,

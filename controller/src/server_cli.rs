@@ -30,10 +30,18 @@ pub struct ControllerCli {
     command: ControllerCommand,
 }
 
+/// The role a certificate is enrolled for (see `pki::Role`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CertRole {
+    /// A host's agent.
     Agent,
+    /// A person or script that may read only.
+    Viewer,
+    /// May plan, start, halt, resume and kill.
     Operator,
+    /// May do what an operator may, and lift kills.
+    Admin,
+    /// Alertmanager: may post alerts and read metrics.
     AlertSource,
 }
 
@@ -185,7 +193,9 @@ pub fn run(cli: ControllerCli) -> Result<()> {
             let ca = CaDir::new(&dir);
             let role = match role {
                 CertRole::Agent => Role::Agent,
+                CertRole::Viewer => Role::Viewer,
                 CertRole::Operator => Role::Operator,
+                CertRole::Admin => Role::Admin,
                 CertRole::AlertSource => Role::AlertSource,
             };
             let out = out.unwrap_or_else(|| dir.join("enrolled"));

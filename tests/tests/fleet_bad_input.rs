@@ -83,11 +83,12 @@ fn bad_clients_get_clear_errors_and_the_controller_keeps_serving() {
         &serde_json::json!({"name": "mail-02"}),
     ));
     assert!(e.contains("cannot register as"), "{e}");
-    // An operator certificate cannot impersonate an agent.
+    // A person's certificate (here the administrator's) cannot
+    // impersonate an agent.
     let e = err_text(
         op.post::<_, serde_json::Value>("/v1/agent/connect", &serde_json::json!({"name": "admin"})),
     );
-    assert!(e.contains("operator certificates may not call"), "{e}");
+    assert!(e.contains("admin certificates may not call"), "{e}");
     let e = err_text(op.post_raw("/v1/agent/reports", b"{}".to_vec()));
     assert!(e.contains("403"), "{e}");
 
