@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rollguard_shared::protocol::{
-    parse_selector, AgentInfo, BundleSummary, HaltRequest, Plan, RolloutId, RolloutRequest,
-    RolloutState, RolloutStatus, Sha256Hex, WavePhase, WaveSize,
+    AgentInfo, BundleSummary, HaltRequest, Matchers, Plan, RolloutId, RolloutRequest, RolloutState,
+    RolloutStatus, Sha256Hex, WavePhase, WaveSize,
 };
 
 use crate::client::{Client, ConnectArgs};
@@ -29,8 +29,11 @@ pub struct WaveArgs {
     /// Hosts that go first, in this order (comma-separated or repeated).
     #[arg(long = "canary", value_delimiter = ',')]
     pub canaries: Vec<String>,
-    /// Alert labels that halt this rollout, e.g. 'severity=critical,service=mail'
-    /// (default: any firing alert with severity=critical).
+    /// Alertmanager matchers of the alerts that halt this rollout (and, with
+    /// the controller's [alertmanager] set, keep it from starting or going on),
+    /// comma-separated: label=value, label!=value, label=~regex, label!~regex
+    /// (regexes match whole values; quote values with commas), e.g.
+    /// 'severity=critical,service=~"mail|web"' (default: severity=critical).
     #[arg(long)]
     pub halt_on: Option<String>,
     /// Allow a first wave that is every in-scope host (no canary).
@@ -141,9 +144,7 @@ fn upload(client: &Client, bundle: &Path) -> Result<BundleSummary> {
 
 fn request(summary: &BundleSummary, w: &WaveArgs) -> Result<RolloutRequest> {
     let halt_on = match &w.halt_on {
-        Some(s) => parse_selector(s)
-            .map_err(anyhow::Error::msg)
-            .context("--halt-on")?,
+        Some(s) => Matchers::parse(s).context("--halt-on")?,
         None => Default::default(),
     };
     Ok(RolloutRequest {
@@ -260,12 +261,7 @@ fn print_plan(plan: &Plan) {
         "timeout  {}s per host; bake {}s after each wave; halt after {} failure(s)",
         plan.timeout_secs, plan.bake_secs, plan.max_failures
     );
-    let sel: Vec<String> = plan
-        .halt_on
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    println!("halt on  firing alerts with {}", sel.join(","));
+    println!("halt on  firing alerts matching {}", plan.halt_on);
     let total: usize = plan.waves.iter().map(Vec::len).sum();
     println!(
         "hosts    {total} in scope, {} registered agent(s) out of scope",

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use rollguard_shared::protocol::Matchers;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -71,9 +72,10 @@ impl AlertmanagerPayload {
 }
 
 impl Alert {
-    /// True when every `key=value` of the selector is among the labels.
-    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
-        !selector.is_empty() && selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    /// True when the labels match every matcher of the selector (an empty
+    /// selector matches nothing).
+    pub fn matches(&self, selector: &Matchers) -> bool {
+        selector.matches(&self.labels)
     }
 
     pub fn name(&self) -> &str {
@@ -135,10 +137,10 @@ mod tests {
       "truncatedAlerts": 0
     }"#;
 
-    fn sel(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn sel(pairs: &[(&str, &str)]) -> Matchers {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| rollguard_shared::alert_matcher::Matcher::equal(k, v))
             .collect()
     }
 

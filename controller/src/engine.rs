@@ -16,11 +16,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rollguard_shared::alert_matcher::Matcher;
 use rollguard_shared::manifest::Manifest;
 use rollguard_shared::protocol::{
     AgentReport, AlertResponse, BundleSummary, HostRun, KillOrder, KillResponse, KillScope,
-    KillState, Order, Plan, RolloutId, RolloutRequest, RolloutState, RolloutStatus, Sha256Hex,
-    WavePhase, WaveSize,
+    KillState, Matchers, Order, Plan, RolloutId, RolloutRequest, RolloutState, RolloutStatus,
+    Sha256Hex, WavePhase, WaveSize,
 };
 use rollguard_shared::report::RunStatus;
 use rollguard_shared::targets::HostIdentity;
@@ -51,8 +52,8 @@ pub enum EngineError {
 type Result<T> = std::result::Result<T, EngineError>;
 
 /// The default halt selector: any firing alert with `severity=critical`.
-pub fn default_halt_on() -> BTreeMap<String, String> {
-    BTreeMap::from([("severity".to_string(), "critical".to_string())])
+pub fn default_halt_on() -> Matchers {
+    Matchers::new(vec![Matcher::equal("severity", "critical")])
 }
 
 /// Split the in-scope hosts into cumulative waves. Canaries (which must be

@@ -6,6 +6,7 @@
 //! bundles only ever sees the typed values.
 #![forbid(unsafe_code)]
 
+pub mod alert_matcher;
 pub mod archive;
 pub mod endpoint;
 pub mod exit;

@@ -41,6 +41,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::alert_matcher::Matchers;
 use crate::report::RunReport;
 
 /// Largest JSON body any endpoint accepts (bundle uploads have their own
@@ -249,10 +250,13 @@ pub struct RolloutRequest {
     pub max_failures: u32,
     #[serde(default)]
     pub canaries: Vec<String>,
-    /// `key=value` pairs an alert's labels must all carry to halt this
-    /// rollout; empty means the default `severity=critical`.
+    /// Alertmanager matchers (`=`, `!=`, `=~`, `!~`) an alert must all
+    /// match to halt (or hold back) this rollout; empty means the default
+    /// `severity=critical`. Serialized as a map when every matcher is an
+    /// equality (the form before operators existed), else as a list
+    /// ([`crate::alert_matcher`]).
     #[serde(default)]
-    pub halt_on: BTreeMap<String, String>,
+    pub halt_on: Matchers,
     /// Allow a first wave that is every in-scope host (no canary). Refused
     /// otherwise: sending to every server at once is how the 2012 incident
     /// destroyed backups along with everything else.
@@ -286,7 +290,7 @@ pub struct Plan {
     pub timeout_secs: u64,
     pub bake_secs: u64,
     pub max_failures: u32,
-    pub halt_on: BTreeMap<String, String>,
+    pub halt_on: Matchers,
     /// Hosts per wave, in dispatch order.
     pub waves: Vec<Vec<String>>,
     /// Registered agents that are not in the bundle's targets.
@@ -419,25 +423,6 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// Parse `key=value,key=value` (a halt selector).
-pub fn parse_selector(raw: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("selector entry {part:?} is not key=value"))?;
-        let (k, v) = (k.trim(), v.trim());
-        crate::targets::validate_label(k, v).map_err(|e| e.to_string())?;
-        out.insert(k.to_string(), v.to_string());
-    }
-    if out.is_empty() {
-        return Err(format!(
-            "selector {raw:?} is empty: use key=value[,key=value...]"
-        ));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,13 +526,5 @@ mod tests {
         .is_err());
         let lift_all: LiftRequest = serde_json::from_str("{}").unwrap();
         assert_eq!(lift_all.scope, None);
-    }
-
-    #[test]
-    fn selectors() {
-        let s = parse_selector("severity=critical, service=mail").unwrap();
-        assert_eq!(s.get("service").map(String::as_str), Some("mail"));
-        assert!(parse_selector("").is_err());
-        assert!(parse_selector("severity").is_err());
     }
 }

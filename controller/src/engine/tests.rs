@@ -89,7 +89,7 @@ fn request(sha: &Sha256Hex, waves: &str, max_failures: u32) -> RolloutRequest {
         bake_secs: 0,
         max_failures,
         canaries: vec![],
-        halt_on: BTreeMap::new(),
+        halt_on: Default::default(),
         all_at_once: false,
     }
 }
@@ -496,7 +496,7 @@ async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
 async fn matching_alerts_halt_running_rollouts() {
     let f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
     let mut req = request(&f.sha, "1,100%", 0);
-    req.halt_on = BTreeMap::from([("service".into(), "mail".into())]);
+    req.halt_on = Matchers::parse("service=mail").unwrap();
     let mail = f.engine.start(&req, "admin").await.unwrap().id;
     let default = f
         .engine
