@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::alertmanager_api::{AlertmanagerApi, ApiUrl};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {error}")]
@@ -32,6 +34,21 @@ struct RawController {
     rollouts: RawRollouts,
     #[serde(default)]
     limits: RawControllerLimits,
+    /// Absent: no alert gates (only the webhook halts rollouts).
+    #[serde(default)]
+    alertmanager: Option<RawAlertmanager>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlertmanager {
+    url: String,
+    #[serde(default = "default_am_timeout")]
+    timeout: String,
+}
+
+fn default_am_timeout() -> String {
+    "3s".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +139,9 @@ pub struct ControllerConfig {
     /// How long `kill` waits for agents to acknowledge before answering.
     pub kill_ack_timeout: Duration,
     pub max_bundle_bytes: u64,
+    /// `[alertmanager]`: where to ask for active alerts before a rollout
+    /// starts, resumes or dispatches a wave (None: no such checks).
+    pub alertmanager: Option<AlertmanagerApi>,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -155,6 +175,23 @@ impl ControllerConfig {
         let dur = |key: &str, v: &str| {
             humantime::parse_duration(v).map_err(|e| invalid(format!("rollouts.{key} {v:?}: {e}")))
         };
+        let alertmanager = match &raw.alertmanager {
+            None => None,
+            Some(am) => {
+                let timeout = humantime::parse_duration(&am.timeout)
+                    .map_err(|e| invalid(format!("alertmanager.timeout {:?}: {e}", am.timeout)))?;
+                if timeout.is_zero() || timeout > Duration::from_secs(60) {
+                    return Err(invalid(format!(
+                        "alertmanager.timeout {:?}: must be more than 0 and at most 60s",
+                        am.timeout
+                    )));
+                }
+                Some(AlertmanagerApi {
+                    url: ApiUrl::parse(&am.url).map_err(|e| invalid(e.to_string()))?,
+                    timeout,
+                })
+            }
+        };
         Ok(ControllerConfig {
             listen,
             cert: resolve(base, &raw.tls.cert),
@@ -168,6 +205,7 @@ impl ControllerConfig {
             result_margin: dur("result_margin", &raw.rollouts.result_margin)?,
             kill_ack_timeout: dur("kill_ack_timeout", &raw.rollouts.kill_ack_timeout)?,
             max_bundle_bytes: raw.limits.max_bundle_bytes,
+            alertmanager,
         })
     }
 
@@ -209,6 +247,17 @@ kill_ack_timeout = "3s"
 [limits]
 # Largest bundle an operator may upload.
 max_bundle_bytes = 268435456
+
+# Alert gates (optional): with this section, the controller asks
+# Alertmanager's API for the active alerts (neither silenced nor inhibited)
+# before it starts or resumes a rollout and before each wave. An alert
+# matching the rollout's halt_on refuses the start or resume, or halts the
+# rollout before the wave; so does an Alertmanager that cannot be asked or
+# answers garbage (the alert state is unknown). Without it, only alerts
+# posted to the webhook halt rollouts.
+# [alertmanager]
+# url = "http://127.0.0.1:9093"   # http://host[:port][/route-prefix]; plain HTTP only
+# timeout = "3s"                  # per question, connecting included
 "#
         )
     }
@@ -228,6 +277,38 @@ mod tests {
             matches!(c.storage, Storage::Sqlite(ref p) if p == Path::new("/etc/rg/controller.db"))
         );
         assert_eq!(c.result_margin, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn alertmanager_section() {
+        let base = ControllerConfig::commented_template("127.0.0.1:9443");
+        let c = ControllerConfig::parse(&base, Path::new("/x/c.toml")).unwrap();
+        assert_eq!(c.alertmanager, None);
+        let text = format!("{base}\n[alertmanager]\nurl = \"http://127.0.0.1:9093\"\n");
+        let c = ControllerConfig::parse(&text, Path::new("/x/c.toml")).unwrap();
+        let am = c.alertmanager.unwrap();
+        assert_eq!(am.url.as_str(), "http://127.0.0.1:9093");
+        assert_eq!(am.timeout, Duration::from_secs(3));
+        for bad in [
+            "url = \"https://am:9093\"",
+            "url = \"http://am:9093\"\ntimeout = \"0s\"",
+            "url = \"http://am:9093\"\ntimeout = \"soon\"",
+            "url = \"http://am:9093\"\nsurprise = 1",
+            "timeout = \"3s\"",
+        ] {
+            let text = format!("{base}\n[alertmanager]\n{bad}\n");
+            assert!(
+                ControllerConfig::parse(&text, Path::new("/x/c.toml")).is_err(),
+                "{bad}"
+            );
+        }
+        // The commented example in the template is what one uncomments.
+        let uncommented = base
+            .replace("# [alertmanager]", "[alertmanager]")
+            .replace("# url = ", "url = ")
+            .replace("# timeout = ", "timeout = ");
+        let c = ControllerConfig::parse(&uncommented, Path::new("/x/c.toml")).unwrap();
+        assert!(c.alertmanager.is_some());
     }
 
     #[test]

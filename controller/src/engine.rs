@@ -27,6 +27,7 @@ use rollguard_shared::report::RunStatus;
 use rollguard_shared::targets::HostIdentity;
 use tokio::sync::Notify;
 
+use crate::alertmanager_api::AlertmanagerApi;
 use crate::alerts::AlertmanagerPayload;
 use crate::hub::{encode, Hub};
 use crate::metrics::Metrics;
@@ -218,6 +219,9 @@ pub struct Engine {
     bundle_cache: Mutex<HashMap<Sha256Hex, bytes::Bytes>>,
     /// Run reports on their way to the store (see [`report_writer`]).
     report_tx: tokio::sync::mpsc::Sender<ReportJob>,
+    /// Where to ask for active alerts before a start, a resume and each
+    /// wave (the level-triggered gates; None: the webhook alone).
+    alertmanager: Option<AlertmanagerApi>,
 }
 
 /// Bundles kept in memory for download, at most.
@@ -299,6 +303,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         margin: Duration,
         kill_ack_timeout: Duration,
+        alertmanager: Option<AlertmanagerApi>,
     ) -> Arc<Self> {
         let (report_tx, report_rx) = tokio::sync::mpsc::channel(REPORT_QUEUE);
         let engine = Arc::new(Engine {
@@ -312,6 +317,7 @@ impl Engine {
             known_agents: tokio::sync::Mutex::new(None),
             bundle_cache: Mutex::new(HashMap::new()),
             report_tx,
+            alertmanager,
         });
         tokio::spawn(report_writer(Arc::downgrade(&engine), report_rx));
         engine
@@ -408,6 +414,11 @@ impl Engine {
         let now = now_ms();
         match r.phase {
             WavePhase::Dispatching => {
+                if let Err(why) = self.alert_gate(&r.plan.halt_on).await {
+                    self.halt_internal(id, &format!("before wave {}: {why}", wave + 1))
+                        .await?;
+                    return Ok(EngineStep::Done);
+                }
                 let hosts = &r.plan.waves[wave];
                 if !self
                     .store
@@ -477,6 +488,34 @@ impl Engine {
         });
         for h in hosts {
             self.hub.send(h, line.clone());
+        }
+    }
+
+    /// The level-triggered alert gate: `Err(why)` when an active alert
+    /// (neither silenced nor inhibited) matches `halt_on`, or when
+    /// Alertmanager cannot say (fail closed: the alert state is unknown).
+    /// Always `Ok` without `[alertmanager]` in the configuration.
+    async fn alert_gate(&self, halt_on: &Matchers) -> std::result::Result<(), String> {
+        let Some(api) = &self.alertmanager else {
+            return Ok(());
+        };
+        match api.active_alerts().await {
+            Err(e) => {
+                self.metrics.alert_gate_errors.inc();
+                tracing::warn!(url = %api.url, error = %e, "cannot ask Alertmanager for active alerts");
+                Err(format!(
+                    "alert state unknown: cannot get the active alerts from Alertmanager at {}: {e}",
+                    api.url
+                ))
+            }
+            Ok(alerts) => match alerts.iter().find(|a| a.matches(halt_on)) {
+                Some(a) => Err(format!(
+                    "alert {} is firing ({}), matching halt_on {halt_on}",
+                    a.name(),
+                    a.describe()
+                )),
+                None => Ok(()),
+            },
         }
     }
 
@@ -579,6 +618,12 @@ impl Engine {
             )));
         }
         let (plan, meta) = self.plan(req).await?;
+        if let Err(why) = self.alert_gate(&plan.halt_on).await {
+            tracing::warn!(bundle = %meta.name, %why, by = %actor, "rollout not started");
+            return Err(EngineError::Conflict(format!(
+                "not starting the rollout: {why}"
+            )));
+        }
         let now = now_ms();
         let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
         let id = RolloutId::parse(&format!(
@@ -675,6 +720,12 @@ impl Engine {
             return Err(EngineError::Conflict(format!(
                 "a kill order is in force for rollout {id} ({}); lift it first",
                 k.reason
+            )));
+        }
+        if let Err(why) = self.alert_gate(&r.plan.halt_on).await {
+            tracing::warn!(rollout = %id, %why, by = %actor, "rollout not resumed");
+            return Err(EngineError::Conflict(format!(
+                "not resuming rollout {id}: {why}"
             )));
         }
         let t = tally(&self.store.dispatches(id).await?);

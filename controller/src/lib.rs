@@ -8,6 +8,7 @@
 //! controller can delay or withhold, not make a host run unsigned code.
 #![forbid(unsafe_code)]
 
+pub mod alertmanager_api;
 pub mod alerts;
 pub mod bundle;
 pub mod config;

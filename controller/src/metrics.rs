@@ -17,6 +17,8 @@ pub struct Metrics {
     pub runs: Family<Labels, Counter>,
     pub denials: Counter,
     pub kill_orders: Counter,
+    /// Questions to Alertmanager's API that got no usable answer.
+    pub alert_gate_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -33,6 +35,7 @@ impl Metrics {
         let runs = Family::<Labels, Counter>::default();
         let denials = Counter::default();
         let kill_orders = Counter::default();
+        let alert_gate_errors = Counter::default();
         registry.register(
             "connected_agents",
             "Agents with an open order stream",
@@ -46,6 +49,11 @@ impl Metrics {
             denials.clone(),
         );
         registry.register("kill_orders", "Kill orders issued", kill_orders.clone());
+        registry.register(
+            "alert_gate_errors",
+            "Questions to Alertmanager's API for active alerts that got no usable answer",
+            alert_gate_errors.clone(),
+        );
         Metrics {
             registry,
             connected_agents,
@@ -53,6 +61,7 @@ impl Metrics {
             runs,
             denials,
             kill_orders,
+            alert_gate_errors,
         }
     }
 

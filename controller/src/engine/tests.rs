@@ -79,6 +79,7 @@ async fn engine_on(path: &std::path::Path, margin: Duration) -> Arc<Engine> {
         Arc::new(Metrics::new()),
         margin,
         Duration::from_millis(200),
+        None,
     )
 }
 
@@ -602,4 +603,115 @@ fn the_plan_shows_the_scope_derived_from_the_packages_apart() {
     assert_eq!(scope["write"], serde_json::json!(["/srv/www"]));
     assert_eq!(scope["packages"]["write"], serde_json::json!(["/etc/a"]));
     assert_eq!(scope["packages"]["install"][0]["name"], "a");
+}
+
+/// A stand-in for Alertmanager's API: every request is answered with the
+/// status line and body in `answer` at that moment.
+async fn fake_alertmanager(
+    answer: Arc<Mutex<(String, String)>>,
+) -> crate::alertmanager_api::AlertmanagerApi {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let (status, body) = answer.lock().unwrap().clone();
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    crate::alertmanager_api::AlertmanagerApi {
+        url: crate::alertmanager_api::ApiUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
+        timeout: Duration::from_secs(3),
+    }
+}
+
+fn active(labels: &str) -> (String, String) {
+    (
+        "200 OK".into(),
+        format!(
+            r#"[{{"labels":{labels},"annotations":{{}},"status":{{"state":"active","silencedBy":[],"inhibitedBy":[]}}}}]"#
+        ),
+    )
+}
+
+#[tokio::test]
+async fn alert_gates_refuse_start_and_resume_and_halt_before_a_wave() {
+    let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
+    let answer = Arc::new(Mutex::new(active(
+        r#"{"alertname":"MailQueueStuck","severity":"critical"}"#,
+    )));
+    let api = fake_alertmanager(answer.clone()).await;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&f.path).await.unwrap());
+    f.engine = Engine::new(
+        store,
+        f.engine.hub.clone(),
+        Arc::new(Metrics::new()),
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        Some(api),
+    );
+
+    // An alert already firing refuses the start: nothing is recorded.
+    let mut req = request(&f.sha, "1,100%", 0);
+    req.bake_secs = 3;
+    let e = f.engine.start(&req, "admin").await.unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Conflict(m) if m.contains("alert MailQueueStuck is firing")),
+        "{e}"
+    );
+    assert!(f.engine.list().await.unwrap().is_empty());
+
+    // A non-matching alert does not (a regex matcher that does not match).
+    req.halt_on = Matchers::parse("severity=critical,alertname!~\"Mail.*\"").unwrap();
+    let id = f.engine.start(&req, "admin").await.unwrap().id;
+    assert_eq!(runs(&next_orders(&mut f, "web-1").await), 1);
+    succeed(&f, &id, "web-1").await;
+    wait_status(&f.engine, &id, |s| s.phase == WavePhase::Baking).await;
+
+    // While it bakes, Alertmanager starts answering garbage: unknown alert
+    // state halts the rollout before wave 2.
+    *answer.lock().unwrap() = ("200 OK".into(), "<html>busy</html>".into());
+    let s = wait_status(&f.engine, &id, |s| s.state == RolloutState::Halted).await;
+    let reason = s.halt_reason.unwrap();
+    assert!(
+        reason.contains("before wave 2") && reason.contains("alert state unknown"),
+        "{reason}"
+    );
+    assert_eq!(
+        host_state(&f.engine.status(&id).await.unwrap(), "web-2"),
+        "pending"
+    );
+
+    // Resume is refused while the state is unknown, and while a matching
+    // alert is active; it goes on once none is.
+    let e = f.engine.resume(&id, "admin").await.unwrap_err();
+    assert!(e.to_string().contains("alert state unknown"), "{e}");
+    *answer.lock().unwrap() = active(r#"{"alertname":"DiskFull","severity":"critical"}"#);
+    let e = f.engine.resume(&id, "admin").await.unwrap_err();
+    assert!(e.to_string().contains("alert DiskFull is firing"), "{e}");
+    *answer.lock().unwrap() = ("200 OK".into(), "[]".into());
+    f.engine.resume(&id, "admin").await.unwrap();
+    assert_eq!(runs(&next_orders(&mut f, "web-2").await), 1);
+    succeed(&f, &id, "web-2").await;
+    wait_status(&f.engine, &id, |s| s.state == RolloutState::Completed).await;
 }
