@@ -34,8 +34,8 @@ pub struct WaveArgs {
     /// comma-separated: label=value, label!=value, label=~regex, label!~regex
     /// (regexes match whole values; quote values with commas), e.g.
     /// 'severity=critical,service=~"mail|web"' (default: severity=critical).
-    #[arg(long)]
-    pub halt_on: Option<String>,
+    #[arg(long, value_parser = parse_halt_on)]
+    pub halt_on: Option<Matchers>,
     /// Allow a first wave that is every in-scope host (no canary).
     #[arg(long)]
     pub all_at_once: bool,
@@ -43,6 +43,12 @@ pub struct WaveArgs {
 
 #[derive(Debug, Clone)]
 pub struct Waves(pub Vec<WaveSize>);
+
+/// With the arguments, so a bad matcher is refused before the bundle is
+/// uploaded.
+fn parse_halt_on(raw: &str) -> Result<Matchers, String> {
+    Matchers::parse(raw).map_err(|e| e.to_string())
+}
 
 fn parse_waves(raw: &str) -> Result<Waves, String> {
     WaveSize::parse_list(raw)
@@ -143,10 +149,7 @@ fn upload(client: &Client, bundle: &Path) -> Result<BundleSummary> {
 }
 
 fn request(summary: &BundleSummary, w: &WaveArgs) -> Result<RolloutRequest> {
-    let halt_on = match &w.halt_on {
-        Some(s) => Matchers::parse(s).context("--halt-on")?,
-        None => Default::default(),
-    };
+    let halt_on = w.halt_on.clone().unwrap_or_default();
     Ok(RolloutRequest {
         bundle_sha256: summary.sha256.clone(),
         waves: w.waves.0.clone(),
