@@ -23,7 +23,7 @@ use rollguard_shared::protocol::{
     WavePhase, WaveSize,
 };
 use rollguard_shared::report::RunStatus;
-use rollguard_shared::targets::HostIdentity;
+use rollguard_shared::targets::{HostIdentity, HostPattern};
 use tokio::sync::Notify;
 
 use crate::alerts::AlertmanagerPayload;
@@ -49,6 +49,38 @@ pub enum EngineError {
 }
 
 type Result<T> = std::result::Result<T, EngineError>;
+
+/// The in-scope hosts `--limit` and `--exclude` keep, and those they
+/// leave out (sorted). Each pattern must match an in-scope host: a typo in
+/// `--exclude` would otherwise send the bundle to the very host it was
+/// meant to spare, and one in `--limit` would silently plan nothing. No
+/// host left is refused too (an empty rollout is a mistake, not a success).
+pub fn narrow(
+    in_scope: Vec<String>,
+    limit: &[HostPattern],
+    exclude: &[HostPattern],
+) -> std::result::Result<(Vec<String>, Vec<String>), String> {
+    for (flag, patterns) in [("--limit", limit), ("--exclude", exclude)] {
+        if let Some(p) = patterns
+            .iter()
+            .find(|p| !in_scope.iter().any(|h| p.matches(h)))
+        {
+            return Err(format!(
+                "{flag} {:?} matches no host in the bundle's targets",
+                p.as_str()
+            ));
+        }
+    }
+    let (kept, mut left_out): (Vec<String>, Vec<String>) = in_scope.into_iter().partition(|h| {
+        (limit.is_empty() || limit.iter().any(|p| p.matches(h)))
+            && !exclude.iter().any(|p| p.matches(h))
+    });
+    if kept.is_empty() {
+        return Err("--limit and --exclude leave no host to roll out to".to_string());
+    }
+    left_out.sort();
+    Ok((kept, left_out))
+}
 
 /// The default halt selector: any firing alert with `severity=critical`.
 pub fn default_halt_on() -> BTreeMap<String, String> {
@@ -527,6 +559,8 @@ impl Engine {
             )));
         }
         let out_of_scope = agents.len() - in_scope.len();
+        let (in_scope, left_out) =
+            narrow(in_scope, &req.limit, &req.exclude).map_err(EngineError::BadRequest)?;
         let total = in_scope.len();
         let waves =
             compute_waves(in_scope, &req.canaries, &req.waves).map_err(EngineError::BadRequest)?;
@@ -562,6 +596,7 @@ impl Engine {
             halt_on,
             waves,
             out_of_scope,
+            left_out,
         };
         Ok((plan, meta))
     }
