@@ -32,6 +32,15 @@ struct RawController {
     rollouts: RawRollouts,
     #[serde(default)]
     limits: RawControllerLimits,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
+}
+
+/// `[[notify]]`: where events are posted (`src/notify.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    url: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +131,8 @@ pub struct ControllerConfig {
     /// How long `kill` waits for agents to acknowledge before answering.
     pub kill_ack_timeout: Duration,
     pub max_bundle_bytes: u64,
+    /// `[[notify]]` targets.
+    pub notify: Vec<crate::notify::NotifyUrl>,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -168,6 +179,11 @@ impl ControllerConfig {
             result_margin: dur("result_margin", &raw.rollouts.result_margin)?,
             kill_ack_timeout: dur("kill_ack_timeout", &raw.rollouts.kill_ack_timeout)?,
             max_bundle_bytes: raw.limits.max_bundle_bytes,
+            notify: raw
+                .notify
+                .iter()
+                .map(|n| crate::notify::NotifyUrl::parse(&n.url).map_err(invalid))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -209,6 +225,12 @@ kill_ack_timeout = "3s"
 [limits]
 # Largest bundle an operator may upload.
 max_bundle_bytes = 268435456
+
+# Events posted as JSON (rollout started, halted with its first denials,
+# completed; kill issued, lifted), retried with backoff, never blocking a
+# rollout. One table per target; http:// or https:// (system trust store).
+# [[notify]]
+# url = "https://chat.example.com/hooks/rollguard-TOKEN"
 "#
         )
     }

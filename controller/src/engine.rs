@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use crate::alerts::AlertmanagerPayload;
 use crate::hub::{encode, Hub};
 use crate::metrics::Metrics;
+use crate::notify::Event;
 use crate::store::{
     now_ms, rfc3339, AgentRecord, BundleMeta, DispatchRecord, Millis, NewReport, Outcome,
     ReportOutcome, RolloutRecord, Store, StoreError,
@@ -238,6 +239,8 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     margin: Duration,
     kill_ack_timeout: Duration,
+    /// `[[notify]]`: events posted to operators' hooks, never waited for.
+    notifier: crate::notify::Notifier,
     /// Hosts dispatched before this instant get their deadline counted from
     /// it: results sent while the controller was down arrive late.
     started_at: Millis,
@@ -330,6 +333,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         margin: Duration,
         kill_ack_timeout: Duration,
+        notifier: crate::notify::Notifier,
     ) -> Arc<Self> {
         let (report_tx, report_rx) = tokio::sync::mpsc::channel(REPORT_QUEUE);
         let engine = Arc::new(Engine {
@@ -338,6 +342,7 @@ impl Engine {
             metrics,
             margin,
             kill_ack_timeout,
+            notifier,
             started_at: now_ms(),
             wakers: Mutex::new(HashMap::new()),
             known_agents: tokio::sync::Mutex::new(None),
@@ -428,6 +433,9 @@ impl Engine {
         if wave >= r.plan.waves.len() {
             if self.store.complete(id).await? {
                 tracing::info!(rollout = %id, "rollout completed");
+                self.notifier.send(Event::RolloutCompleted {
+                    rollout: id.to_string(),
+                });
             }
             return Ok(EngineStep::Done);
         }
@@ -514,6 +522,7 @@ impl Engine {
     async fn halt_internal(&self, id: &RolloutId, reason: &str) -> Result<bool> {
         let halted = self.store.halt(id, reason).await?;
         if halted {
+            self.notify_halted(id, reason).await;
             tracing::warn!(rollout = %id, %reason, "rollout halted");
             self.store
                 .append_operator_log(
@@ -525,6 +534,31 @@ impl Engine {
             self.wake(id);
         }
         Ok(halted)
+    }
+
+    /// Tell `[[notify]]` a rollout halted, with its first denials.
+    async fn notify_halted(&self, id: &RolloutId, reason: &str) {
+        // The denials are a courtesy: a store error leaves them out, it
+        // does not keep the halt from being announced.
+        let dispatches = self.store.dispatches(id).await.unwrap_or_default();
+        let denials = dispatches
+            .iter()
+            .filter_map(|d| match &d.outcome {
+                Outcome::Reported(r) => Some((&d.host, r)),
+                _ => None,
+            })
+            .flat_map(|(host, r)| {
+                r.denials.iter().flatten().map(move |x| {
+                    serde_json::json!({ "host": host, "access": x.access, "path": x.path })
+                })
+            })
+            .take(crate::notify::FIRST_DENIALS)
+            .collect();
+        self.notifier.send(Event::RolloutHalted {
+            rollout: id.to_string(),
+            reason: reason.to_string(),
+            denials,
+        });
     }
 
     // ---- operator actions ---------------------------------------------------
@@ -645,6 +679,13 @@ impl Engine {
             .await?;
         self.store.create_rollout(&record).await?;
         tracing::info!(rollout = %id, bundle = %meta.name, version = meta.version, "rollout started");
+        self.notifier.send(Event::RolloutStarted {
+            rollout: id.to_string(),
+            bundle: meta.name.clone(),
+            version: meta.version,
+            hosts: record.plan.waves.iter().map(Vec::len).sum(),
+            by: actor.to_string(),
+        });
         self.spawn(id.clone());
         self.status(&id).await
     }
@@ -688,7 +729,9 @@ impl Engine {
                 &serde_json::json!({ "rollout": id, "reason": reason }),
             )
             .await?;
-        self.store.halt(id, &reason).await?;
+        if self.store.halt(id, &reason).await? {
+            self.notify_halted(id, &reason).await;
+        }
         self.wake(id);
         self.status(id).await
     }
@@ -791,6 +834,11 @@ impl Engine {
             )
             .await?;
         let state = self.store.add_kill(&scope, &order).await?;
+        self.notifier.send(Event::KillIssued {
+            scope: serde_json::to_value(&scope).unwrap_or_default(),
+            reason: reason.to_string(),
+            by: actor.to_string(),
+        });
         // Halt first (a few conditional updates), so no further wave is
         // dispatched and the halt reason is the kill, not the `killed`
         // reports that follow; then push to the agents.
@@ -826,6 +874,10 @@ impl Engine {
             .append_operator_log(actor, "kill.lift", &serde_json::json!({ "scope": scope }))
             .await?;
         let state = self.store.lift_kill(scope.as_ref()).await?;
+        self.notifier.send(Event::KillLifted {
+            scope: serde_json::to_value(&scope).unwrap_or_default(),
+            by: actor.to_string(),
+        });
         let (sent, pending) = self.push_kill_state(&state).await;
         tracing::warn!(?scope, by = %actor, "kill order lifted");
         Ok(KillResponse {

@@ -620,6 +620,7 @@ impl Server {
             Arc::new(Metrics::new()),
             config.result_margin,
             config.kill_ack_timeout,
+            crate::notify::Notifier::spawn(&config.notify),
         );
         let app = Arc::new(App {
             engine,

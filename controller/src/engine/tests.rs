@@ -79,6 +79,7 @@ async fn engine_on(path: &std::path::Path, margin: Duration) -> Arc<Engine> {
         Arc::new(Metrics::new()),
         margin,
         Duration::from_millis(200),
+        crate::notify::Notifier::default(),
     )
 }
 
