@@ -241,6 +241,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn notify_targets_are_parsed_and_strict() {
+        let base = ControllerConfig::commented_template("127.0.0.1:9443");
+        let parse = |extra: &str| {
+            ControllerConfig::parse(&format!("{base}\n{extra}"), Path::new("/etc/rg/c.toml"))
+        };
+        let c = parse("[[notify]]\nurl = \"https://hooks.example/x\"\n[[notify]]\nurl = \"http://127.0.0.1:9/y\"\n").unwrap();
+        assert_eq!(c.notify.len(), 2);
+        assert!(parse("").unwrap().notify.is_empty());
+        for bad in [
+            "[[notify]]\nurl = \"ftp://x/\"\n",
+            "[[notify]]\nurl = \"https://x/\"\nretries = 3\n",
+            "[[notify]]\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn template_parses_and_resolves() {
         let text = ControllerConfig::commented_template("127.0.0.1:9443");
         let c = ControllerConfig::parse(&text, Path::new("/etc/rg/controller.toml")).unwrap();
