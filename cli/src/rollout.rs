@@ -13,6 +13,7 @@ use rollguard_shared::protocol::{
 };
 
 use crate::client::{Client, ConnectArgs};
+use rollguard_shared::targets::HostPattern;
 
 #[derive(Debug, Args)]
 pub struct WaveArgs {
@@ -39,6 +40,15 @@ pub struct WaveArgs {
     /// Allow a first wave that is every in-scope host (no canary).
     #[arg(long)]
     pub all_at_once: bool,
+    /// Only the bundle's target hosts matching this glob (repeat for
+    /// several). Narrows the targets, never widens them; each pattern must
+    /// match one of them.
+    #[arg(long, value_name = "GLOB", value_parser = HostPattern::parse)]
+    pub limit: Vec<HostPattern>,
+    /// Leave out the target hosts matching this glob (repeat for several);
+    /// each pattern must match one of them.
+    #[arg(long, value_name = "GLOB", value_parser = HostPattern::parse)]
+    pub exclude: Vec<HostPattern>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +168,8 @@ fn request(summary: &BundleSummary, w: &WaveArgs) -> Result<RolloutRequest> {
         canaries: w.canaries.clone(),
         halt_on,
         all_at_once: w.all_at_once,
+        limit: w.limit.clone(),
+        exclude: w.exclude.clone(),
     })
 }
 
@@ -270,6 +282,13 @@ fn print_plan(plan: &Plan) {
         "hosts    {total} in scope, {} registered agent(s) out of scope",
         plan.out_of_scope
     );
+    if !plan.left_out.is_empty() {
+        println!(
+            "left out {} in-scope host(s) by --limit/--exclude: {}",
+            plan.left_out.len(),
+            plan.left_out.join(", ")
+        );
+    }
     for (i, wave) in plan.waves.iter().enumerate() {
         println!(
             "wave {}  ({} host(s)): {}",

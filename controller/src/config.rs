@@ -37,6 +37,8 @@ struct RawController {
     /// Absent: no alert gates (only the webhook halts rollouts).
     #[serde(default)]
     alertmanager: Option<RawAlertmanager>,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +51,13 @@ struct RawAlertmanager {
 
 fn default_am_timeout() -> String {
     "3s".into()
+}
+
+/// `[[notify]]`: where events are posted (`src/notify.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    url: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +151,8 @@ pub struct ControllerConfig {
     /// `[alertmanager]`: where to ask for active alerts before a rollout
     /// starts, resumes or dispatches a wave (None: no such checks).
     pub alertmanager: Option<AlertmanagerApi>,
+    /// `[[notify]]` targets.
+    pub notify: Vec<crate::notify::NotifyUrl>,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -206,6 +217,11 @@ impl ControllerConfig {
             kill_ack_timeout: dur("kill_ack_timeout", &raw.rollouts.kill_ack_timeout)?,
             max_bundle_bytes: raw.limits.max_bundle_bytes,
             alertmanager,
+            notify: raw
+                .notify
+                .iter()
+                .map(|n| crate::notify::NotifyUrl::parse(&n.url).map_err(invalid))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -258,6 +274,12 @@ max_bundle_bytes = 268435456
 # [alertmanager]
 # url = "http://127.0.0.1:9093"   # http://host[:port][/route-prefix]; plain HTTP only
 # timeout = "3s"                  # per question, connecting included
+
+# Events posted as JSON (rollout started, halted with its first denials,
+# completed; kill issued, lifted), retried with backoff, never blocking a
+# rollout. One table per target; http:// or https:// (system trust store).
+# [[notify]]
+# url = "https://chat.example.com/hooks/rollguard-TOKEN"
 "#
         )
     }
@@ -266,6 +288,24 @@ max_bundle_bytes = 268435456
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notify_targets_are_parsed_and_strict() {
+        let base = ControllerConfig::commented_template("127.0.0.1:9443");
+        let parse = |extra: &str| {
+            ControllerConfig::parse(&format!("{base}\n{extra}"), Path::new("/etc/rg/c.toml"))
+        };
+        let c = parse("[[notify]]\nurl = \"https://hooks.example/x\"\n[[notify]]\nurl = \"http://127.0.0.1:9/y\"\n").unwrap();
+        assert_eq!(c.notify.len(), 2);
+        assert!(parse("").unwrap().notify.is_empty());
+        for bad in [
+            "[[notify]]\nurl = \"ftp://x/\"\n",
+            "[[notify]]\nurl = \"https://x/\"\nretries = 3\n",
+            "[[notify]]\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn template_parses_and_resolves() {

@@ -24,13 +24,14 @@ use rollguard_shared::protocol::{
     Sha256Hex, WavePhase, WaveSize,
 };
 use rollguard_shared::report::RunStatus;
-use rollguard_shared::targets::HostIdentity;
+use rollguard_shared::targets::{HostIdentity, HostPattern};
 use tokio::sync::Notify;
 
 use crate::alertmanager_api::AlertmanagerApi;
 use crate::alerts::AlertmanagerPayload;
 use crate::hub::{encode, Hub};
 use crate::metrics::Metrics;
+use crate::notify::Event;
 use crate::store::{
     now_ms, rfc3339, AgentRecord, BundleMeta, DispatchRecord, Millis, NewReport, Outcome,
     ReportOutcome, RolloutRecord, Store, StoreError,
@@ -51,6 +52,38 @@ pub enum EngineError {
 }
 
 type Result<T> = std::result::Result<T, EngineError>;
+
+/// The in-scope hosts `--limit` and `--exclude` keep, and those they
+/// leave out (sorted). Each pattern must match an in-scope host: a typo in
+/// `--exclude` would otherwise send the bundle to the very host it was
+/// meant to spare, and one in `--limit` would silently plan nothing. No
+/// host left is refused too (an empty rollout is a mistake, not a success).
+pub fn narrow(
+    in_scope: Vec<String>,
+    limit: &[HostPattern],
+    exclude: &[HostPattern],
+) -> std::result::Result<(Vec<String>, Vec<String>), String> {
+    for (flag, patterns) in [("--limit", limit), ("--exclude", exclude)] {
+        if let Some(p) = patterns
+            .iter()
+            .find(|p| !in_scope.iter().any(|h| p.matches(h)))
+        {
+            return Err(format!(
+                "{flag} {:?} matches no host in the bundle's targets",
+                p.as_str()
+            ));
+        }
+    }
+    let (kept, mut left_out): (Vec<String>, Vec<String>) = in_scope.into_iter().partition(|h| {
+        (limit.is_empty() || limit.iter().any(|p| p.matches(h)))
+            && !exclude.iter().any(|p| p.matches(h))
+    });
+    if kept.is_empty() {
+        return Err("--limit and --exclude leave no host to roll out to".to_string());
+    }
+    left_out.sort();
+    Ok((kept, left_out))
+}
 
 /// The default halt selector: any firing alert with `severity=critical`.
 pub fn default_halt_on() -> Matchers {
@@ -208,6 +241,8 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     margin: Duration,
     kill_ack_timeout: Duration,
+    /// `[[notify]]`: events posted to operators' hooks, never waited for.
+    notifier: crate::notify::Notifier,
     /// Hosts dispatched before this instant get their deadline counted from
     /// it: results sent while the controller was down arrive late.
     started_at: Millis,
@@ -304,6 +339,7 @@ impl Engine {
         margin: Duration,
         kill_ack_timeout: Duration,
         alertmanager: Option<AlertmanagerApi>,
+        notifier: crate::notify::Notifier,
     ) -> Arc<Self> {
         let (report_tx, report_rx) = tokio::sync::mpsc::channel(REPORT_QUEUE);
         let engine = Arc::new(Engine {
@@ -312,6 +348,7 @@ impl Engine {
             metrics,
             margin,
             kill_ack_timeout,
+            notifier,
             started_at: now_ms(),
             wakers: Mutex::new(HashMap::new()),
             known_agents: tokio::sync::Mutex::new(None),
@@ -403,6 +440,9 @@ impl Engine {
         if wave >= r.plan.waves.len() {
             if self.store.complete(id).await? {
                 tracing::info!(rollout = %id, "rollout completed");
+                self.notifier.send(Event::RolloutCompleted {
+                    rollout: id.to_string(),
+                });
             }
             return Ok(EngineStep::Done);
         }
@@ -522,6 +562,7 @@ impl Engine {
     async fn halt_internal(&self, id: &RolloutId, reason: &str) -> Result<bool> {
         let halted = self.store.halt(id, reason).await?;
         if halted {
+            self.notify_halted(id, reason).await;
             tracing::warn!(rollout = %id, %reason, "rollout halted");
             self.store
                 .append_operator_log(
@@ -533,6 +574,31 @@ impl Engine {
             self.wake(id);
         }
         Ok(halted)
+    }
+
+    /// Tell `[[notify]]` a rollout halted, with its first denials.
+    async fn notify_halted(&self, id: &RolloutId, reason: &str) {
+        // The denials are a courtesy: a store error leaves them out, it
+        // does not keep the halt from being announced.
+        let dispatches = self.store.dispatches(id).await.unwrap_or_default();
+        let denials = dispatches
+            .iter()
+            .filter_map(|d| match &d.outcome {
+                Outcome::Reported(r) => Some((&d.host, r)),
+                _ => None,
+            })
+            .flat_map(|(host, r)| {
+                r.denials.iter().flatten().map(move |x| {
+                    serde_json::json!({ "host": host, "access": x.access, "path": x.path })
+                })
+            })
+            .take(crate::notify::FIRST_DENIALS)
+            .collect();
+        self.notifier.send(Event::RolloutHalted {
+            rollout: id.to_string(),
+            reason: reason.to_string(),
+            denials,
+        });
     }
 
     // ---- operator actions ---------------------------------------------------
@@ -567,6 +633,8 @@ impl Engine {
             )));
         }
         let out_of_scope = agents.len() - in_scope.len();
+        let (in_scope, left_out) =
+            narrow(in_scope, &req.limit, &req.exclude).map_err(EngineError::BadRequest)?;
         let total = in_scope.len();
         let waves =
             compute_waves(in_scope, &req.canaries, &req.waves).map_err(EngineError::BadRequest)?;
@@ -602,6 +670,7 @@ impl Engine {
             halt_on,
             waves,
             out_of_scope,
+            left_out,
         };
         Ok((plan, meta))
     }
@@ -656,6 +725,13 @@ impl Engine {
             .await?;
         self.store.create_rollout(&record).await?;
         tracing::info!(rollout = %id, bundle = %meta.name, version = meta.version, "rollout started");
+        self.notifier.send(Event::RolloutStarted {
+            rollout: id.to_string(),
+            bundle: meta.name.clone(),
+            version: meta.version,
+            hosts: record.plan.waves.iter().map(Vec::len).sum(),
+            by: actor.to_string(),
+        });
         self.spawn(id.clone());
         self.status(&id).await
     }
@@ -699,7 +775,9 @@ impl Engine {
                 &serde_json::json!({ "rollout": id, "reason": reason }),
             )
             .await?;
-        self.store.halt(id, &reason).await?;
+        if self.store.halt(id, &reason).await? {
+            self.notify_halted(id, &reason).await;
+        }
         self.wake(id);
         self.status(id).await
     }
@@ -808,6 +886,11 @@ impl Engine {
             )
             .await?;
         let state = self.store.add_kill(&scope, &order).await?;
+        self.notifier.send(Event::KillIssued {
+            scope: serde_json::to_value(&scope).unwrap_or_default(),
+            reason: reason.to_string(),
+            by: actor.to_string(),
+        });
         // Halt first (a few conditional updates), so no further wave is
         // dispatched and the halt reason is the kill, not the `killed`
         // reports that follow; then push to the agents.
@@ -843,6 +926,10 @@ impl Engine {
             .append_operator_log(actor, "kill.lift", &serde_json::json!({ "scope": scope }))
             .await?;
         let state = self.store.lift_kill(scope.as_ref()).await?;
+        self.notifier.send(Event::KillLifted {
+            scope: serde_json::to_value(&scope).unwrap_or_default(),
+            by: actor.to_string(),
+        });
         let (sent, pending) = self.push_kill_state(&state).await;
         tracing::warn!(?scope, by = %actor, "kill order lifted");
         Ok(KillResponse {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod metrics;
+pub mod notify;
 pub mod pki;
 pub mod server;
 pub mod server_cli;

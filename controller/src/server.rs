@@ -621,6 +621,7 @@ impl Server {
             config.result_margin,
             config.kill_ack_timeout,
             config.alertmanager.clone(),
+            crate::notify::Notifier::spawn(&config.notify),
         );
         let app = Arc::new(App {
             engine,

@@ -262,6 +262,13 @@ pub struct RolloutRequest {
     /// destroyed backups along with everything else.
     #[serde(default)]
     pub all_at_once: bool,
+    /// Only the in-scope hosts matching one of these (`--limit`); empty:
+    /// all of them. Narrows the bundle's targets, never widens them.
+    #[serde(default)]
+    pub limit: Vec<crate::targets::HostPattern>,
+    /// In-scope hosts matching one of these are left out (`--exclude`).
+    #[serde(default)]
+    pub exclude: Vec<crate::targets::HostPattern>,
 }
 
 /// Answer of `PUT /v1/bundles/{sha256}`.
@@ -295,6 +302,9 @@ pub struct Plan {
     pub waves: Vec<Vec<String>>,
     /// Registered agents that are not in the bundle's targets.
     pub out_of_scope: usize,
+    /// In-scope hosts left out by `--limit`/`--exclude`, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

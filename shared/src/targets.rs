@@ -98,6 +98,15 @@ impl Serialize for HostPattern {
     }
 }
 
+/// Parsed on the way in ([`HostPattern::parse`]): a request carrying a
+/// pattern that is not one is refused as a whole.
+impl<'de> serde::Deserialize<'de> for HostPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        HostPattern::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A host's identity as the agent knows it from its own policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostIdentity {

@@ -146,27 +146,32 @@ fn a_group_writable_allowed_signers_or_policy_is_refused_at_load() {
             .arg(&bundle))
     };
 
+    // Under --json the error is one JSON object on stdout.
+    let error_of = |out: &std::process::Output| {
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not a JSON error ({e}): {out:?}"));
+        assert_eq!(v["status"], "error", "{v}");
+        v["error"].as_str().unwrap_or_default().to_string()
+    };
+
     let signers = keys.allowed_signers();
     fs::set_permissions(&signers, fs::Permissions::from_mode(0o664)).unwrap();
-    let out = agent_run();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains(&signers.display().to_string()), "{stderr}");
-    assert!(stderr.contains("mode 0664"), "{stderr}");
-    assert!(stderr.contains("owner uid 0"), "{stderr}");
+    let error = error_of(&agent_run());
+    assert!(error.contains(&signers.display().to_string()), "{error}");
+    assert!(error.contains("mode 0664"), "{error}");
+    assert!(error.contains("owner uid 0"), "{error}");
     assert!(
-        stderr.contains(&format!("chmod go-w {}", signers.display())),
-        "{stderr}"
+        error.contains(&format!("chmod go-w {}", signers.display())),
+        "{error}"
     );
     assert!(!host.root().join("etc/mail/ran").exists());
 
     fs::set_permissions(&signers, fs::Permissions::from_mode(0o644)).unwrap();
     fs::set_permissions(host.policy(), fs::Permissions::from_mode(0o646)).unwrap();
-    let out = agent_run();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("host policy"), "{stderr}");
-    assert!(stderr.contains("mode 0646"), "{stderr}");
+    let error = error_of(&agent_run());
+    assert!(error.contains("host policy"), "{error}");
+    assert!(error.contains("mode 0646"), "{error}");
     assert!(!host.root().join("etc/mail/ran").exists());
 
     // Fixed: it runs.

@@ -255,3 +255,76 @@ fn assert_watch_events(out: std::process::Output, id: &str) {
         assert_eq!(done["report"]["host"], h, "{done:#}");
     }
 }
+
+/// `--limit` and `--exclude` narrow the bundle's targets for one rollout:
+/// the plan names the hosts left out, only the kept hosts run the bundle,
+/// and a pattern matching none of the targets (a typo) is refused before
+/// anything starts, never ignored.
+#[test]
+fn limit_and_exclude_choose_among_the_targets() {
+    let mut fleet = Fleet::new(HOSTS);
+    fleet.start_controller();
+    fleet.start_agents();
+    let bundle = fleet.bundle(
+        "limited",
+        &manifest("mail-fix", 1, "\"mail-*\"", "1m"),
+        &script("echo 'queue_lifetime = 2d' > \"$H/main.cf\""),
+    );
+    let b = bundle.to_str().unwrap();
+    let narrowed = [
+        "--limit",
+        "mail-0[1-3]",
+        "--limit",
+        "web-01",
+        "--exclude",
+        "mail-02",
+    ];
+    // web-01 is not a target: a --limit cannot widen the bundle's targets.
+    let out = rollguard_tests::run(fleet.cli().args(["rollout", "plan", b]).args(narrowed));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--limit \"web-01\" matches no host"), "{err}");
+
+    let narrowed = ["--limit", "mail-0[1-3]", "--exclude", "mail-02"];
+    let mut args = vec!["rollout", "plan", b, "--waves", "1,100%"];
+    args.extend(narrowed);
+    let plan = fleet.cli_json(&args);
+    assert_eq!(
+        plan["waves"],
+        serde_json::json!([["mail-01"], ["mail-03"]]),
+        "{plan:#}"
+    );
+    assert_eq!(
+        plan["left_out"],
+        serde_json::json!(["mail-02", "mail-04", "mail-05"]),
+        "{plan:#}"
+    );
+
+    // A mistyped --exclude would send the bundle to the host it spares.
+    let out = rollguard_tests::run(fleet.cli().args([
+        "rollout",
+        "start",
+        b,
+        "--waves",
+        "1,100%",
+        "--exclude",
+        "mial-02",
+    ]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--exclude \"mial-02\" matches no host"),
+        "{err}"
+    );
+
+    let mut start = vec!["--waves", "1,100%", "--bake", "1s"];
+    start.extend(narrowed);
+    let id = fleet.start_rollout(&bundle, &start);
+    let status = fleet.wait_state(&id, "completed");
+    for h in ["mail-01", "mail-03"] {
+        assert_eq!(fleet.runs_on(h), vec![id.clone()], "{h} ran it: {status:#}");
+    }
+    for h in ["mail-02", "mail-04", "mail-05", "web-01"] {
+        assert!(fleet.runs_on(h).is_empty(), "{h} was left out: {status:#}");
+    }
+}

@@ -80,6 +80,7 @@ async fn engine_on(path: &std::path::Path, margin: Duration) -> Arc<Engine> {
         margin,
         Duration::from_millis(200),
         None,
+        crate::notify::Notifier::default(),
     )
 }
 
@@ -92,6 +93,8 @@ fn request(sha: &Sha256Hex, waves: &str, max_failures: u32) -> RolloutRequest {
         canaries: vec![],
         halt_on: Default::default(),
         all_at_once: false,
+        limit: vec![],
+        exclude: vec![],
     }
 }
 
@@ -714,4 +717,34 @@ async fn alert_gates_refuse_start_and_resume_and_halt_before_a_wave() {
     assert_eq!(runs(&next_orders(&mut f, "web-2").await), 1);
     succeed(&f, &id, "web-2").await;
     wait_status(&f.engine, &id, |s| s.state == RolloutState::Completed).await;
+fn patterns(raw: &[&str]) -> Vec<HostPattern> {
+    raw.iter().map(|p| HostPattern::parse(p).unwrap()).collect()
+}
+
+#[test]
+fn limit_and_exclude_narrow_the_targets_and_refuse_what_matches_nothing() {
+    let hosts = || -> Vec<String> {
+        ["web-1", "web-2", "web-3", "web-4"]
+            .map(String::from)
+            .to_vec()
+    };
+    let (kept, left) = narrow(
+        hosts(),
+        &patterns(&["web-[12]", "web-4"]),
+        &patterns(&["web-2"]),
+    )
+    .unwrap();
+    assert_eq!(kept, ["web-1", "web-4"]);
+    assert_eq!(left, ["web-2", "web-3"]);
+    let (kept, left) = narrow(hosts(), &[], &[]).unwrap();
+    assert_eq!((kept.len(), left.len()), (4, 0));
+    // A pattern that matches none of the targets is a typo, never a no-op:
+    // a mistyped --exclude would send the bundle to the host it spares.
+    let e = narrow(hosts(), &[], &patterns(&["wbe-2"])).unwrap_err();
+    assert!(e.contains("--exclude \"wbe-2\""), "{e}");
+    let e = narrow(hosts(), &patterns(&["db-*"]), &[]).unwrap_err();
+    assert!(e.contains("--limit \"db-*\""), "{e}");
+    // Nothing left is refused.
+    let e = narrow(hosts(), &patterns(&["web-1"]), &patterns(&["web-*"])).unwrap_err();
+    assert!(e.contains("leave no host"), "{e}");
 }

@@ -666,6 +666,7 @@ mod tests {
             halt_on: Default::default(),
             waves: vec![vec!["a".into()], vec!["b".into(), "c".into()]],
             out_of_scope: 0,
+            left_out: vec![],
         }
     }
 
