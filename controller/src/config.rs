@@ -342,13 +342,16 @@ mod tests {
                 "{bad}"
             );
         }
-        // The commented example in the template is what one uncomments.
+        // The commented examples in the template ([alertmanager] and
+        // [[notify]]) are what one uncomments.
         let uncommented = base
             .replace("# [alertmanager]", "[alertmanager]")
+            .replace("# [[notify]]", "[[notify]]")
             .replace("# url = ", "url = ")
             .replace("# timeout = ", "timeout = ");
         let c = ControllerConfig::parse(&uncommented, Path::new("/x/c.toml")).unwrap();
         assert!(c.alertmanager.is_some());
+        assert_eq!(c.notify.len(), 1);
     }
 
     #[test]

@@ -672,6 +672,7 @@ async fn alert_gates_refuse_start_and_resume_and_halt_before_a_wave() {
         Duration::from_secs(60),
         Duration::from_millis(200),
         Some(api),
+        crate::notify::Notifier::default(),
     );
 
     // An alert already firing refuses the start: nothing is recorded.
@@ -717,6 +718,8 @@ async fn alert_gates_refuse_start_and_resume_and_halt_before_a_wave() {
     assert_eq!(runs(&next_orders(&mut f, "web-2").await), 1);
     succeed(&f, &id, "web-2").await;
     wait_status(&f.engine, &id, |s| s.state == RolloutState::Completed).await;
+}
+
 fn patterns(raw: &[&str]) -> Vec<HostPattern> {
     raw.iter().map(|p| HostPattern::parse(p).unwrap()).collect()
 }
