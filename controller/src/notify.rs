@@ -67,8 +67,12 @@ impl NotifyUrl {
         self.0.scheme_str() == Some("https")
     }
 
+    /// The host to connect to: an IPv6 literal without its URL brackets.
     fn host(&self) -> &str {
-        self.0.host().unwrap_or_default()
+        let host = self.0.host().unwrap_or_default();
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
     }
 
     fn port(&self) -> u16 {
