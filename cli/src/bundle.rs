@@ -43,9 +43,15 @@ pub enum BundleCommand {
     /// Sign a bundle with an OpenSSH ed25519 private key.
     Sign {
         bundle: PathBuf,
-        /// OpenSSH private key (passphrase from ROLLGUARD_KEY_PASSPHRASE if encrypted).
+        /// OpenSSH private key (passphrase from ROLLGUARD_KEY_PASSPHRASE if
+        /// encrypted); with --agent, the public key (KEY.pub) of the agent's
+        /// key to sign with.
         #[arg(long)]
         key: PathBuf,
+        /// Sign through ssh-agent (SSH_AUTH_SOCK): the private key never
+        /// leaves the agent.
+        #[arg(long)]
+        agent: bool,
         /// The principal you sign as (as listed in allowed_signers).
         #[arg(long)]
         signer: Option<String>,
@@ -107,9 +113,10 @@ pub fn run(command: BundleCommand) -> Result<ExitCode> {
         BundleCommand::Sign {
             bundle,
             key,
+            agent,
             signer,
             json,
-        } => sign(&bundle, &key, signer, json),
+        } => sign(&bundle, &key, agent, signer, json),
         BundleCommand::AttachSignature {
             bundle,
             signature,
@@ -280,11 +287,26 @@ fn add_signature(bundle: &Path, sig: RawSignature, json: bool) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-fn sign(bundle: &Path, key: &Path, signer: Option<String>, json: bool) -> Result<ExitCode> {
+fn sign(
+    bundle: &Path,
+    key: &Path,
+    agent: bool,
+    signer: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
     let opened = open(bundle)?;
-    let key = signature::load_private_key(key)
-        .with_context(|| format!("loading key {}", key.display()))?;
-    let sig = signature::sign(&opened.manifest_bytes, &key, signer)?;
+    let sig = if agent {
+        let text = std::fs::read_to_string(key)
+            .with_context(|| format!("reading public key {}", key.display()))?;
+        let public = signature::PublicKey::from_openssh(text.trim())
+            .with_context(|| format!("{} is not an OpenSSH public key", key.display()))?;
+        let socket = signature::agent::socket_from_env()?;
+        signature::agent::sign(&opened.manifest_bytes, &public, &socket, signer)?
+    } else {
+        let key = signature::load_private_key(key)
+            .with_context(|| format!("loading key {}", key.display()))?;
+        signature::sign(&opened.manifest_bytes, &key, signer)?
+    };
     drop(opened);
     add_signature(bundle, sig, json)
 }

@@ -22,6 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod agent;
 pub mod allowed_signers;
 pub mod keys;
 pub mod pattern;
@@ -133,6 +134,8 @@ pub enum SignatureError {
     Sign(String),
     #[error("malformed signature: {0}")]
     Armor(String),
+    #[error("ssh-agent: {0}")]
+    Agent(String),
 }
 
 impl From<crate::archive::StoredSignature> for RawSignature {

@@ -299,3 +299,109 @@ fn validity_windows_agree_with_ssh_keygen_in_local_time() {
         assert_eq!((theirs, mine), (expected, expected), "at {at}");
     }
 }
+
+/// `ssh-agent` in the foreground on its own socket; killed on drop.
+struct Agent {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path) -> Agent {
+        let socket = dir.join("agent.sock");
+        let child = Command::new("/usr/bin/ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("ssh-agent (Debian package openssh-client)");
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            socket.exists(),
+            "ssh-agent did not create {}",
+            socket.display()
+        );
+        Agent { child, socket }
+    }
+
+    fn add(&self, key: &Path) {
+        run_ok(
+            Command::new("/usr/bin/ssh-add")
+                .env("SSH_AUTH_SOCK", &self.socket)
+                .arg("-q")
+                .arg(key),
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `bundle sign --agent`: the real ssh-agent signs, the private key never
+/// leaves it. For ed25519 the signature is byte for byte the one made from
+/// the key file, and `ssh-keygen -Y verify` accepts it. A key the agent does
+/// not hold is refused with the hint to load it.
+#[test]
+fn the_real_ssh_agent_signs_what_the_key_file_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = generate_key(dir.path(), "alice", "ed25519", "");
+    let other = generate_key(dir.path(), "bob", "ed25519", "");
+    let agent = Agent::start(dir.path());
+    agent.add(&key);
+    let public = |k: &Path| {
+        ssh_key::PublicKey::from_openssh(
+            std::fs::read_to_string(k.with_extension("pub"))
+                .unwrap()
+                .trim(),
+        )
+        .unwrap()
+    };
+
+    let by_agent =
+        crate::signature::agent::sign(MANIFEST, &public(&key), &agent.socket, Some("alice".into()))
+            .unwrap();
+    let by_file = sign(
+        MANIFEST,
+        &load_private_key_with_passphrase(&key, None).unwrap(),
+        Some("alice".into()),
+    )
+    .unwrap();
+    assert_eq!(by_agent.armored, by_file.armored);
+
+    let allowed = dir.path().join("allowed_signers");
+    std::fs::write(
+        &allowed,
+        format!(
+            "alice namespaces=\"{NAMESPACE}\" {}\n",
+            public_line_of(&key)
+        ),
+    )
+    .unwrap();
+    let sig = dir.path().join("manifest.sig");
+    std::fs::write(&sig, &by_agent.armored).unwrap();
+    assert!(ssh_keygen_verifies(
+        &allowed,
+        "alice",
+        NAMESPACE,
+        &sig,
+        MANIFEST,
+        &[]
+    ));
+
+    let e =
+        crate::signature::agent::sign(MANIFEST, &public(&other), &agent.socket, None).unwrap_err();
+    assert!(
+        e.to_string().contains("refused to sign") && e.to_string().contains("ssh-add -l"),
+        "{e}"
+    );
+}
