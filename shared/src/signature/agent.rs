@@ -15,9 +15,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use ssh_key::{Algorithm, HashAlg, LineEnding, PublicKey, Signature, SshSig};
+use ssh_key::{HashAlg, LineEnding, PublicKey, Signature, SshSig};
 
-use super::{sshsig, validate_principal, RawSignature, SignatureError, NAMESPACE};
+use super::{sshsig, RawSignature, SignatureError, NAMESPACE};
 
 const SSH_AGENT_FAILURE: u8 = 5;
 const SSH_AGENTC_SIGN_REQUEST: u8 = 13;
@@ -47,14 +47,7 @@ pub fn sign(
     socket: &Path,
     signer: Option<String>,
 ) -> Result<RawSignature, SignatureError> {
-    if let Some(s) = &signer {
-        validate_principal(s)?;
-    }
-    if public.algorithm() != Algorithm::Ed25519 {
-        return Err(SignatureError::UnsupportedKey {
-            algorithm: public.algorithm().to_string(),
-        });
-    }
+    sshsig::check_signer(public.algorithm(), signer.as_deref())?;
     let agent_err = |what: &str, e: &dyn std::fmt::Display| {
         SignatureError::Agent(format!("{what} ({}): {e}", socket.display()))
     };

@@ -26,14 +26,7 @@ pub fn sign(
     key: &PrivateKey,
     signer: Option<String>,
 ) -> Result<RawSignature, SignatureError> {
-    if let Some(s) = &signer {
-        validate_principal(s)?;
-    }
-    if key.algorithm() != Algorithm::Ed25519 {
-        return Err(SignatureError::UnsupportedKey {
-            algorithm: key.algorithm().to_string(),
-        });
-    }
+    check_signer(key.algorithm(), signer.as_deref())?;
     if key.is_encrypted() {
         return Err(SignatureError::EncryptedKey);
     }
@@ -44,6 +37,23 @@ pub fn sign(
         .to_pem(LineEnding::LF)
         .map_err(|e| SignatureError::Sign(e.to_string()))?;
     Ok(RawSignature { armored, signer })
+}
+
+/// What rollguard signs with, whatever holds the key (a file or an
+/// agent): an ed25519 key, and a well-formed principal if one is named.
+pub(crate) fn check_signer(
+    algorithm: Algorithm,
+    signer: Option<&str>,
+) -> Result<(), SignatureError> {
+    if let Some(s) = signer {
+        validate_principal(s)?;
+    }
+    if algorithm != Algorithm::Ed25519 {
+        return Err(SignatureError::UnsupportedKey {
+            algorithm: algorithm.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// The `SHA256:...` fingerprint of the key that made a signature, as
