@@ -175,9 +175,11 @@ pub fn parse_alerts(body: &[u8]) -> Result<Vec<Alert>, serde_json::Error> {
         .collect())
 }
 
-/// Aborts the connection task when the request is done or abandoned.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
+/// Aborts the connection task when the request is done or abandoned (a
+/// timeout drops the request's future; without this the detached task
+/// would keep a hung connection open). Also used by `notify`.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -288,13 +288,13 @@ where
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
-    let conn = tokio::spawn(conn);
+    // Aborted however this ends, the attempt's timeout included.
+    let _conn = crate::alertmanager_api::AbortOnDrop(tokio::spawn(conn));
     let response = sender
         .send_request(request)
         .await
-        .map_err(|e| format!("HTTP: {e}"));
-    conn.abort();
-    Ok(response?.status())
+        .map_err(|e| format!("HTTP: {e}"))?;
+    Ok(response.status())
 }
 
 #[cfg(test)]
