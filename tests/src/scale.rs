@@ -413,9 +413,11 @@ impl ScaleFleet {
                 }
                 assert!(
                     s["state"] == "running",
-                    "rollout {id} became {} (expected {state}): halt reason {}\n{}",
+                    "rollout {id} became {} (expected {state}): halt reason {}\n\
+                     hosts that did not succeed:\n{}\n{}",
                     s["state"],
                     s["halt_reason"],
+                    unsuccessful_hosts(&s),
                     self.logs()
                 );
                 None
@@ -523,4 +525,20 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Each host of a rollout status that has an outcome other than success,
+/// with its report: what a failed scale run needs to be diagnosed.
+fn unsuccessful_hosts(status: &Value) -> String {
+    let hosts = status["hosts"].as_array().cloned().unwrap_or_default();
+    let lines: Vec<String> = hosts
+        .iter()
+        .filter(|h| !matches!(h["state"].as_str(), Some("succeeded" | "pending" | "dispatched")))
+        .map(|h| format!("{} {}: {}", h["host"], h["state"], h["report"]))
+        .collect();
+    if lines.is_empty() {
+        "(none)".to_string()
+    } else {
+        lines.join("\n")
+    }
 }
