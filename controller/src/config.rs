@@ -74,6 +74,7 @@ struct RawTls {
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
 enum RawStorage {
     Sqlite { path: PathBuf },
+    Postgres { url: String },
 }
 
 impl Default for RawStorage {
@@ -131,6 +132,52 @@ fn default_max_bundle() -> u64 {
 #[derive(Debug, Clone)]
 pub enum Storage {
     Sqlite(PathBuf),
+    /// Replicas in high availability share one PostgreSQL database.
+    Postgres(DatabaseUrl),
+}
+
+/// A `postgres://` URL (libpq's syntax), checked when the file is read so a
+/// typo is a configuration error, not a failure at first use. Its `Debug`
+/// hides the password: configurations end up in logs.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err("storage.url: a postgres:// URL is required".to_string());
+        }
+        url.parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| format!("storage.url: {e}"))?;
+        Ok(DatabaseUrl(url.to_string()))
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // postgres://user:secret@host/db -> postgres://user:***@host/db
+        let shown = match (self.0.find("://"), self.0.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &self.0[scheme + 3..at];
+                match userinfo.find(':') {
+                    Some(colon) => format!(
+                        "{}{}:***{}",
+                        &self.0[..scheme + 3],
+                        &userinfo[..colon],
+                        &self.0[at..]
+                    ),
+                    None => self.0.clone(),
+                }
+            }
+            _ => self.0.clone(),
+        };
+        f.debug_tuple("DatabaseUrl").field(&shown).finish()
+    }
 }
 
 /// The parsed, resolved server configuration.
@@ -212,6 +259,9 @@ impl ControllerConfig {
             revoked: resolve(base, &raw.tls.revoked),
             storage: match raw.storage {
                 RawStorage::Sqlite { path } => Storage::Sqlite(resolve(base, &path)),
+                RawStorage::Postgres { url } => {
+                    Storage::Postgres(DatabaseUrl::parse(&url).map_err(invalid)?)
+                }
             },
             result_margin: dur("result_margin", &raw.rollouts.result_margin)?,
             kill_ack_timeout: dur("kill_ack_timeout", &raw.rollouts.kill_ack_timeout)?,
@@ -252,6 +302,10 @@ revoked = "revoked.list"
 # Rollouts, dispatches, reports, kill orders and the operator log.
 kind = "sqlite"
 path = "controller.db"
+# Replicas in high availability share one PostgreSQL database instead
+# (the password may be given by PGPASSWORD or ~/.pgpass rather than here):
+# kind = "postgres"
+# url = "postgres://rollguard@db.example/rollguard"
 
 [rollouts]
 # A host that has not reported within the bundle's own timeout plus this
@@ -352,6 +406,34 @@ mod tests {
         let c = ControllerConfig::parse(&uncommented, Path::new("/x/c.toml")).unwrap();
         assert!(c.alertmanager.is_some());
         assert_eq!(c.notify.len(), 1);
+    }
+
+    #[test]
+    fn postgres_storage() {
+        let base = ControllerConfig::commented_template("127.0.0.1:9443");
+        let with = |storage: &str| {
+            let text = base.replace("kind = \"sqlite\"\npath = \"controller.db\"", storage);
+            assert_ne!(text, base);
+            ControllerConfig::parse(&text, Path::new("/x/c.toml"))
+        };
+        let c = with("kind = \"postgres\"\nurl = \"postgres://rg:s3cret@db/rollguard\"").unwrap();
+        let Storage::Postgres(url) = &c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        assert_eq!(url.expose(), "postgres://rg:s3cret@db/rollguard");
+        let shown = format!("{:?}", c.storage);
+        assert!(
+            !shown.contains("s3cret") && shown.contains("rg:***@db"),
+            "{shown}"
+        );
+        for bad in [
+            "kind = \"postgres\"",
+            "kind = \"postgres\"\nurl = \"mysql://db/x\"",
+            "kind = \"postgres\"\nurl = \"postgres://db/x\"\npath = \"c.db\"",
+            "kind = \"oracle\"\nurl = \"postgres://db/x\"",
+        ] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

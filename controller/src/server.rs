@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::alerts::AlertmanagerPayload;
-use crate::config::{ControllerConfig, Storage};
+use crate::config::ControllerConfig;
 use crate::engine::{Engine, EngineError};
 use crate::hub::{encode, Hub};
 use crate::metrics::Metrics;
@@ -611,9 +611,7 @@ impl Server {
                 error: source,
             }
         })?;
-        let store: Arc<dyn Store> = match &config.storage {
-            Storage::Sqlite(path) => Arc::new(crate::store::sqlite::SqliteStore::open(path).await?),
-        };
+        let store: Arc<dyn Store> = crate::store::open(&config.storage).await?;
         let engine = Engine::new(
             store,
             Hub::new(),

@@ -8,9 +8,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{ControllerConfig, Storage};
+use crate::config::ControllerConfig;
 use crate::pki::{self, CaDir, InitOptions, Role};
-use crate::store::{verify_operator_log, Store};
+use crate::store::verify_operator_log;
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use rollguard_shared::exit;
@@ -245,9 +245,7 @@ pub fn run(cli: ControllerCli) -> Result<()> {
         ControllerCommand::Log(OperatorLogCommand::Verify { config, json }) => {
             let config = ControllerConfig::load(&config)?;
             let entries = runtime()?.block_on(async move {
-                let store = match &config.storage {
-                    Storage::Sqlite(p) => crate::store::sqlite::SqliteStore::open(p).await?,
-                };
+                let store = crate::store::open(&config.storage).await?;
                 anyhow::Ok(store.operator_log_entries().await?)
             })?;
             let result = verify_operator_log(&entries);

@@ -227,6 +227,17 @@ impl Fleet {
         );
     }
 
+    /// Keep the controller's state in PostgreSQL (`url`, a database of a
+    /// [`crate::postgres::PgCluster`]) instead of the default SQLite file.
+    pub fn use_postgres(&self, url: &str) {
+        let path = self.ctl().join("controller.toml");
+        let config = fs::read_to_string(&path).unwrap();
+        let sqlite = "kind = \"sqlite\"\npath = \"controller.db\"";
+        assert!(config.contains(sqlite), "storage section not found");
+        let config = config.replace(sqlite, &format!("kind = \"postgres\"\nurl = \"{url}\""));
+        fs::write(&path, config).unwrap();
+    }
+
     /// Start (or restart) the controller and wait until it answers.
     pub fn start_controller(&mut self) {
         assert!(self.controller.is_none(), "controller already running");

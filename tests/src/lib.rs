@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod fleet_host;
 pub mod host;
 pub mod packages;
+pub mod postgres;
 pub mod scale;
 pub mod simulate;
 pub mod systemd_container;

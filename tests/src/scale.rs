@@ -533,7 +533,12 @@ fn unsuccessful_hosts(status: &Value) -> String {
     let hosts = status["hosts"].as_array().cloned().unwrap_or_default();
     let lines: Vec<String> = hosts
         .iter()
-        .filter(|h| !matches!(h["state"].as_str(), Some("succeeded" | "pending" | "dispatched")))
+        .filter(|h| {
+            !matches!(
+                h["state"].as_str(),
+                Some("succeeded" | "pending" | "dispatched")
+            )
+        })
         .map(|h| format!("{} {}: {}", h["host"], h["state"], h["report"]))
         .collect();
     if lines.is_empty() {

@@ -1,14 +1,19 @@
-//! Durable controller state behind one trait, so a PostgreSQL backend can
-//! be added next to [`sqlite::SqliteStore`] without touching the engine.
+//! Durable controller state behind one trait, with two backends:
+//! [`sqlite::SqliteStore`] (one controller, no setup: the default) and
+//! [`postgres::PostgresStore`] (replicas sharing one database). Both apply
+//! `migrations/<backend>/` with sqlx's migrator when opened.
 //!
 //! The rule the engine relies on: a dispatch is committed here *before* the
 //! order is sent, and every state change that forbids further dispatch
 //! (halt, kill) is a conditional update, so "halted" can never be overwritten
 //! by a racing wave transition.
 
+mod decode;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use rollguard_shared::protocol::{
@@ -24,6 +29,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    #[error("schema migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -39,6 +46,16 @@ pub fn rfc3339(ms: Millis) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| t.to_string())
         .unwrap_or_default()
+}
+
+/// Open the configured store (creating or migrating its schema).
+pub async fn open(storage: &crate::config::Storage) -> Result<Arc<dyn Store>> {
+    Ok(match storage {
+        crate::config::Storage::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path).await?),
+        crate::config::Storage::Postgres(url) => {
+            Arc::new(postgres::PostgresStore::open(url.expose()).await?)
+        }
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,110 +10,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rollguard_shared::protocol::{
-    KillOrder, KillScope, KillState, RolloutId, RolloutKill, RolloutState, Sha256Hex, WavePhase,
+    KillOrder, KillScope, KillState, RolloutId, RolloutState, Sha256Hex, WavePhase,
 };
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::Row;
 
+use super::decode::{self, corrupt, json, phase_str, scope_key};
 use super::*;
 
-/// Schema migrations, applied in order; the index + 1 is the schema version.
-/// Never edit a released entry: append a new one.
-const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE agents (
-    name TEXT PRIMARY KEY,
-    labels TEXT NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-CREATE TABLE bundles (
-    sha256 TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    manifest BLOB NOT NULL,
-    signers TEXT NOT NULL,
-    bytes BLOB NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE rollouts (
-    id TEXT PRIMARY KEY,
-    bundle_sha256 TEXT NOT NULL REFERENCES bundles(sha256),
-    state TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    current_wave INTEGER NOT NULL,
-    plan TEXT NOT NULL,
-    bake_until INTEGER,
-    halt_reason TEXT,
-    ack_failures INTEGER NOT NULL DEFAULT 0,
-    ack_alerts INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-CREATE TABLE dispatches (
-    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
-    host TEXT NOT NULL,
-    wave INTEGER NOT NULL,
-    dispatched_at INTEGER NOT NULL,
-    outcome TEXT NOT NULL,
-    report TEXT,
-    reported_at INTEGER,
-    PRIMARY KEY (rollout_id, host)
-);
-CREATE INDEX dispatches_by_host ON dispatches(host, outcome);
-CREATE TABLE kills (
-    scope TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    by_name TEXT NOT NULL,
-    at TEXT NOT NULL
-);
-CREATE TABLE meta (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-CREATE TABLE audit (
-    seq INTEGER PRIMARY KEY,
-    at INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-"#];
+/// `migrations/sqlite/`, embedded at build time.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 pub struct SqliteStore {
     pool: SqlitePool,
-}
-
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
-}
-
-fn phase_str(p: WavePhase) -> &'static str {
-    match p {
-        WavePhase::Dispatching => "dispatching",
-        WavePhase::Awaiting => "awaiting",
-        WavePhase::Baking => "baking",
-    }
-}
-
-fn parse_phase(s: &str) -> Result<WavePhase> {
-    Ok(match s {
-        "dispatching" => WavePhase::Dispatching,
-        "awaiting" => WavePhase::Awaiting,
-        "baking" => WavePhase::Baking,
-        other => return Err(corrupt(format!("phase {other:?}"))),
-    })
-}
-
-fn scope_key(scope: &KillScope) -> String {
-    match scope {
-        KillScope::All => "all".to_string(),
-        KillScope::Rollout(id) => format!("rollout:{id}"),
-    }
 }
 
 impl SqliteStore {
@@ -135,73 +46,29 @@ impl SqliteStore {
     }
 
     async fn migrate(&self) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            .execute(&mut *tx)
-            .await?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
-            .fetch_one(&mut *tx)
-            .await?;
-        let current = current.unwrap_or(0) as usize;
-        if current > MIGRATIONS.len() {
-            return Err(corrupt(format!(
-                "database schema version {current} is newer than this controller ({}); refusing to use it",
-                MIGRATIONS.len()
-            )));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
-                .bind(i as i64 + 1)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    fn rollout_from_row(row: &SqliteRow) -> Result<RolloutRecord> {
-        let id: String = row.try_get("id")?;
-        let sha: String = row.try_get("bundle_sha256")?;
-        let state: String = row.try_get("state")?;
-        let plan: String = row.try_get("plan")?;
-        Ok(RolloutRecord {
-            id: RolloutId::parse(&id).map_err(corrupt)?,
-            bundle_sha256: Sha256Hex::parse(&sha).map_err(corrupt)?,
-            state: RolloutState::parse(&state)
-                .ok_or_else(|| corrupt(format!("state {state:?}")))?,
-            phase: parse_phase(&row.try_get::<String, _>("phase")?)?,
-            current_wave: row.try_get::<i64, _>("current_wave")? as u32,
-            plan: serde_json::from_str(&plan).map_err(corrupt)?,
-            bake_until: row.try_get("bake_until")?,
-            halt_reason: row.try_get("halt_reason")?,
-            ack_failures: row.try_get::<i64, _>("ack_failures")? as u32,
-            ack_alerts: row.try_get::<i64, _>("ack_alerts")? as u32,
-            created_at: row.try_get("created_at")?,
-            updated_at: row.try_get("updated_at")?,
-        })
-    }
-
-    fn dispatch_from_row(row: &SqliteRow) -> Result<DispatchRecord> {
-        let id: String = row.try_get("rollout_id")?;
-        let outcome: String = row.try_get("outcome")?;
-        let outcome = match outcome.as_str() {
-            "dispatched" => Outcome::Dispatched,
-            "timed_out" => Outcome::TimedOut,
-            "reported" => {
-                let text: Option<String> = row.try_get("report")?;
-                let text = text.ok_or_else(|| corrupt("reported dispatch without report"))?;
-                Outcome::Reported(Box::new(serde_json::from_str(&text).map_err(corrupt)?))
+        // Before sqlx's migrator the schema version was this table's
+        // maximum; only version 1 was ever released, and it is exactly
+        // `0001_initial.sql`, which adopts it. Anything newer came from a
+        // controller this one does not know.
+        let legacy: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        if legacy.is_some() {
+            let version: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+                    .fetch_one(&self.pool)
+                    .await?;
+            if version.unwrap_or(0) > 1 {
+                return Err(corrupt(format!(
+                    "database schema version {} is newer than this controller; refusing to use it",
+                    version.unwrap_or(0)
+                )));
             }
-            other => return Err(corrupt(format!("outcome {other:?}"))),
-        };
-        Ok(DispatchRecord {
-            rollout_id: RolloutId::parse(&id).map_err(corrupt)?,
-            host: row.try_get("host")?,
-            wave: row.try_get::<i64, _>("wave")? as u32,
-            dispatched_at: row.try_get("dispatched_at")?,
-            outcome,
-        })
+        }
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
     }
 
     async fn bump_generation(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>) -> Result<()> {
@@ -218,13 +85,12 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn upsert_agent(&self, agent: &AgentRecord) -> Result<()> {
-        let labels = serde_json::to_string(&agent.labels).map_err(corrupt)?;
         sqlx::query(
             "INSERT INTO agents (name, labels, updated_at) VALUES (?, ?, ?)
              ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, updated_at = excluded.updated_at",
         )
         .bind(&agent.name)
-        .bind(labels)
+        .bind(json(&agent.labels)?)
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
@@ -235,28 +101,20 @@ impl Store for SqliteStore {
         let rows = sqlx::query("SELECT name, labels FROM agents ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                let labels: String = r.try_get("labels")?;
-                Ok(AgentRecord {
-                    name: r.try_get("name")?,
-                    labels: serde_json::from_str(&labels).map_err(corrupt)?,
-                })
-            })
-            .collect()
+        rows.iter().map(decode::agent).collect()
     }
 
     async fn put_bundle(&self, meta: &BundleMeta, bytes: &[u8]) -> Result<()> {
         sqlx::query(
-            "INSERT OR IGNORE INTO bundles (sha256, name, version, size, manifest, signers, bytes, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO bundles (sha256, name, version, size, manifest, signers, bytes, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )
         .bind(meta.sha256.as_str())
         .bind(&meta.name)
         .bind(meta.version as i64)
         .bind(meta.size as i64)
         .bind(&meta.manifest)
-        .bind(serde_json::to_string(&meta.signers).map_err(corrupt)?)
+        .bind(json(&meta.signers)?)
         .bind(bytes)
         .bind(now_ms())
         .execute(&self.pool)
@@ -271,18 +129,7 @@ impl Store for SqliteStore {
         .bind(sha.as_str())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            let signers: String = r.try_get("signers")?;
-            Ok(BundleMeta {
-                sha256: sha.clone(),
-                name: r.try_get("name")?,
-                version: r.try_get::<i64, _>("version")? as u64,
-                size: r.try_get::<i64, _>("size")? as u64,
-                manifest: r.try_get("manifest")?,
-                signers: serde_json::from_str(&signers).map_err(corrupt)?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(decode::bundle_meta).transpose()
     }
 
     async fn bundle_bytes(&self, sha: &Sha256Hex) -> Result<Option<Vec<u8>>> {
@@ -305,7 +152,7 @@ impl Store for SqliteStore {
         .bind(r.state.as_str())
         .bind(phase_str(r.phase))
         .bind(r.current_wave as i64)
-        .bind(serde_json::to_string(&r.plan).map_err(corrupt)?)
+        .bind(json(&r.plan)?)
         .bind(r.bake_until)
         .bind(&r.halt_reason)
         .bind(r.ack_failures as i64)
@@ -322,14 +169,14 @@ impl Store for SqliteStore {
             .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(Self::rollout_from_row).transpose()
+        row.as_ref().map(decode::rollout).transpose()
     }
 
     async fn rollouts(&self) -> Result<Vec<RolloutRecord>> {
         let rows = sqlx::query("SELECT * FROM rollouts ORDER BY created_at, id")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(Self::rollout_from_row).collect()
+        rows.iter().map(decode::rollout).collect()
     }
 
     async fn rollouts_in_state(&self, state: RolloutState) -> Result<Vec<RolloutRecord>> {
@@ -337,7 +184,7 @@ impl Store for SqliteStore {
             .bind(state.as_str())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(Self::rollout_from_row).collect()
+        rows.iter().map(decode::rollout).collect()
     }
 
     async fn update_progress(
@@ -405,6 +252,8 @@ impl Store for SqliteStore {
         hosts: &[String],
         at: Millis,
     ) -> Result<bool> {
+        // IMMEDIATE: the write lock is taken before the state is read, so a
+        // halt cannot commit between the check and the inserts.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM rollouts WHERE id = ?")
             .bind(id.as_str())
@@ -415,8 +264,8 @@ impl Store for SqliteStore {
         }
         for host in hosts {
             sqlx::query(
-                "INSERT OR IGNORE INTO dispatches (rollout_id, host, wave, dispatched_at, outcome)
-                 VALUES (?, ?, ?, ?, 'dispatched')",
+                "INSERT INTO dispatches (rollout_id, host, wave, dispatched_at, outcome)
+                 VALUES (?, ?, ?, ?, 'dispatched') ON CONFLICT DO NOTHING",
             )
             .bind(id.as_str())
             .bind(host)
@@ -436,7 +285,7 @@ impl Store for SqliteStore {
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(Self::dispatch_from_row).collect()
+        rows.iter().map(decode::dispatch).collect()
     }
 
     async fn record_reports(&self, items: &[NewReport]) -> Result<Vec<ReportOutcome>> {
@@ -444,14 +293,13 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            let text = serde_json::to_string(&item.report).map_err(corrupt)?;
             // A late report after a timeout is still recorded (the timeout
             // has already counted), so the status shows what really happened.
             let done = sqlx::query(
                 "UPDATE dispatches SET outcome = 'reported', report = ?, reported_at = ?
                  WHERE rollout_id = ? AND host = ? AND outcome != 'reported'",
             )
-            .bind(text)
+            .bind(json(&item.report)?)
             .bind(item.at)
             .bind(item.rollout_id.as_str())
             .bind(&item.host)
@@ -461,8 +309,8 @@ impl Store for SqliteStore {
                 out.push(ReportOutcome::Stored);
                 continue;
             }
-            let exists: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM dispatches WHERE rollout_id = ? AND host = ?")
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT host FROM dispatches WHERE rollout_id = ? AND host = ?")
                     .bind(item.rollout_id.as_str())
                     .bind(&item.host)
                     .fetch_optional(&mut *tx)
@@ -502,17 +350,7 @@ impl Store for SqliteStore {
         .bind(host)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(PendingOrder {
-                    rollout_id: RolloutId::parse(&r.try_get::<String, _>("rollout_id")?)
-                        .map_err(corrupt)?,
-                    bundle_sha256: Sha256Hex::parse(&r.try_get::<String, _>("sha256")?)
-                        .map_err(corrupt)?,
-                    bundle_size: r.try_get::<i64, _>("size")? as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(decode::pending_order).collect()
     }
 
     async fn kill_state(&self) -> Result<KillState> {
@@ -523,30 +361,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query("SELECT scope, reason, by_name, at FROM kills ORDER BY scope")
             .fetch_all(&self.pool)
             .await?;
-        let mut state = KillState {
-            generation: generation.unwrap_or(0) as u64,
-            all: None,
-            rollouts: vec![],
-        };
-        for r in rows {
-            let scope: String = r.try_get("scope")?;
-            let order = KillOrder {
-                reason: r.try_get("reason")?,
-                by: r.try_get("by_name")?,
-                at: r.try_get("at")?,
-            };
-            if scope == "all" {
-                state.all = Some(order);
-            } else if let Some(id) = scope.strip_prefix("rollout:") {
-                state.rollouts.push(RolloutKill {
-                    rollout_id: RolloutId::parse(id).map_err(corrupt)?,
-                    order,
-                });
-            } else {
-                return Err(corrupt(format!("kill scope {scope:?}")));
-            }
-        }
-        Ok(state)
+        decode::kill_state(generation, &rows)
     }
 
     async fn add_kill(&self, scope: &KillScope, order: &KillOrder) -> Result<KillState> {
@@ -588,280 +403,101 @@ impl Store for SqliteStore {
         action: &str,
         detail: &serde_json::Value,
     ) -> Result<OperatorLogEntry> {
-        let detail = serde_json::to_string(detail).map_err(corrupt)?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let last = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *tx)
-            .await?;
-        let (prev_seq, prev_hash) = match last {
-            Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
-            None => (0, AUDIT_GENESIS.to_string()),
-        };
-        let seq = prev_seq + 1;
-        let at = now_ms();
-        let hash = operator_log_hash(&prev_hash, seq, at, actor, action, &detail);
+            .await?
+            .map(|r| Ok::<_, StoreError>((r.try_get("seq")?, r.try_get("hash")?)))
+            .transpose()?;
+        let e = decode::next_operator_log_entry(last, actor, action, json(detail)?);
         sqlx::query("INSERT INTO audit (seq, at, actor, action, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)")
-            .bind(seq)
-            .bind(at)
-            .bind(actor)
-            .bind(action)
-            .bind(&detail)
-            .bind(&prev_hash)
-            .bind(&hash)
+            .bind(e.seq)
+            .bind(e.at)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.detail)
+            .bind(&e.prev_hash)
+            .bind(&e.hash)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(OperatorLogEntry {
-            seq,
-            at,
-            actor: actor.into(),
-            action: action.into(),
-            detail,
-            prev_hash,
-            hash,
-        })
+        Ok(e)
     }
 
     async fn operator_log_entries(&self) -> Result<Vec<OperatorLogEntry>> {
         let rows = sqlx::query("SELECT * FROM audit ORDER BY seq")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OperatorLogEntry {
-                    seq: r.try_get("seq")?,
-                    at: r.try_get("at")?,
-                    actor: r.try_get("actor")?,
-                    action: r.try_get("action")?,
-                    detail: r.try_get("detail")?,
-                    prev_hash: r.try_get("prev_hash")?,
-                    hash: r.try_get("hash")?,
-                })
-            })
-            .collect()
+        rows.iter().map(decode::operator_log_entry).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    //! The store's contract for both backends is `tests/tests/store_contract.rs`;
+    //! here only what is SQLite's own: adopting a database from before sqlx's
+    //! migrator.
     use super::*;
-    use rollguard_shared::protocol::{BundleSummary, Plan};
-    use rollguard_shared::report::{RunReport, RunStatus};
 
-    fn plan() -> Plan {
-        Plan {
-            bundle: BundleSummary {
-                sha256: Sha256Hex::of(b"b"),
-                name: "b".into(),
-                version: 1,
-                size: 1,
-            },
-            targets: serde_json::Value::Null,
-            scope: serde_json::Value::Null,
-            services: serde_json::Value::Null,
-            signers: vec![],
-            timeout_secs: 60,
-            bake_secs: 0,
-            max_failures: 0,
-            halt_on: Default::default(),
-            waves: vec![vec!["a".into()], vec!["b".into(), "c".into()]],
-            out_of_scope: 0,
-            left_out: vec![],
-        }
-    }
-
-    pub(crate) fn report(host: &str, status: RunStatus) -> RunReport {
-        RunReport {
-            exit_code: Some(0),
-            denials: Some(vec![]),
-            denial_count: Some(0),
-            duration_ms: 1,
-            ..RunReport::new(host, status)
-        }
-    }
-
-    async fn setup() -> (tempfile::TempDir, SqliteStore, RolloutId) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("c.db")).await.unwrap();
-        let sha = Sha256Hex::of(b"b");
-        store
-            .put_bundle(
-                &BundleMeta {
-                    sha256: sha.clone(),
-                    name: "b".into(),
-                    version: 1,
-                    size: 1,
-                    manifest: b"m".to_vec(),
-                    signers: vec![],
-                },
-                b"b",
-            )
+    async fn legacy_db(path: &Path, version: i64) {
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .unwrap()
+            .filename(path)
+            .create_if_missing(true);
+        let pool = SqlitePool::connect_with(options).await.unwrap();
+        let schema = include_str!("../../migrations/sqlite/0001_initial.sql");
+        sqlx::raw_sql(schema).execute(&pool).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);
+             INSERT INTO kills (scope, reason, by_name, at) VALUES ('all', 'stop', 'admin', 't');",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
+            .bind(version)
+            .execute(&pool)
             .await
             .unwrap();
-        let id = RolloutId::parse("r-1").unwrap();
-        store
-            .create_rollout(&RolloutRecord {
-                id: id.clone(),
-                bundle_sha256: sha,
-                state: RolloutState::Running,
-                phase: WavePhase::Dispatching,
-                current_wave: 0,
-                plan: plan(),
-                bake_until: None,
-                halt_reason: None,
-                ack_failures: 0,
-                ack_alerts: 0,
-                created_at: 1,
-                updated_at: 1,
-            })
-            .await
-            .unwrap();
-        (dir, store, id)
+        pool.close().await;
     }
 
     #[tokio::test]
-    async fn dispatch_is_refused_once_halted() {
-        let (_d, store, id) = setup().await;
-        assert!(store
-            .record_dispatches(&id, 0, &["a".into()], 10)
-            .await
-            .unwrap());
-        assert_eq!(store.pending_orders("a").await.unwrap().len(), 1);
-        assert!(store.halt(&id, "test").await.unwrap());
-        assert!(
-            !store.halt(&id, "again").await.unwrap(),
-            "halting twice is a no-op"
-        );
-        assert!(!store
-            .record_dispatches(&id, 1, &["b".into()], 11)
-            .await
-            .unwrap());
-        assert!(!store
-            .update_progress(&id, WavePhase::Baking, 0, None)
-            .await
-            .unwrap());
-        assert!(
-            store.pending_orders("a").await.unwrap().is_empty(),
-            "no orders for halted rollouts"
-        );
-        let d = store.dispatches(&id).await.unwrap();
-        assert_eq!(d.len(), 1);
-        assert!(store.resume(&id, 0, 0).await.unwrap());
-        assert_eq!(store.rollout(&id).await.unwrap().unwrap().halt_reason, None);
-    }
-
-    #[tokio::test]
-    async fn reports_are_stored_once_and_only_for_dispatched_hosts() {
-        let (_d, store, id) = setup().await;
-        store
-            .record_dispatches(&id, 0, &["a".into()], 10)
-            .await
-            .unwrap();
-        store
-            .record_dispatches(&id, 0, &["a".into()], 99)
-            .await
-            .unwrap();
-        assert_eq!(
-            store.dispatches(&id).await.unwrap()[0].dispatched_at,
-            10,
-            "re-dispatch keeps the first record"
-        );
-        let r = report("a", RunStatus::Succeeded);
-        assert_eq!(
-            store.record_report(&id, "a", &r, 20).await.unwrap(),
-            ReportOutcome::Stored
-        );
-        assert_eq!(
-            store.record_report(&id, "a", &r, 21).await.unwrap(),
-            ReportOutcome::Duplicate
-        );
-        assert_eq!(
-            store.record_report(&id, "b", &r, 21).await.unwrap(),
-            ReportOutcome::NotDispatched
-        );
-        assert!(store.pending_orders("a").await.unwrap().is_empty());
-        match &store.dispatches(&id).await.unwrap()[0].outcome {
-            Outcome::Reported(rep) => assert_eq!(rep.host, "a"),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_batch_of_reports_gets_one_outcome_each() {
-        let (_d, store, id) = setup().await;
-        store
-            .record_dispatches(&id, 0, &["a".into(), "b".into()], 10)
-            .await
-            .unwrap();
-        let item = |host: &str| NewReport {
-            rollout_id: id.clone(),
-            host: host.into(),
-            report: report(host, RunStatus::Succeeded),
-            at: 20,
-        };
-        let out = store
-            .record_reports(&[item("a"), item("zz"), item("b"), item("a")])
-            .await
-            .unwrap();
-        assert_eq!(
-            out,
-            vec![
-                ReportOutcome::Stored,
-                ReportOutcome::NotDispatched,
-                ReportOutcome::Stored,
-                ReportOutcome::Duplicate
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn kill_state_is_durable_and_versioned() {
+    async fn a_database_from_before_the_migrator_is_adopted_with_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
-        {
-            let store = SqliteStore::open(&path).await.unwrap();
-            let order = KillOrder {
-                reason: "stop".into(),
-                by: "admin".into(),
-                at: "t".into(),
-            };
-            let s = store.add_kill(&KillScope::All, &order).await.unwrap();
-            assert_eq!(s.generation, 1);
-            assert!(s.all.is_some());
-            let s = store
-                .add_kill(
-                    &KillScope::Rollout(RolloutId::parse("r-9").unwrap()),
-                    &order,
-                )
-                .await
-                .unwrap();
-            assert_eq!((s.generation, s.rollouts.len()), (2, 1));
-        }
+        legacy_db(&path, 1).await;
         let store = SqliteStore::open(&path).await.unwrap();
-        let s = store.kill_state().await.unwrap();
-        assert_eq!(s.generation, 2);
-        assert!(s.all.is_some());
-        let s = store.lift_kill(Some(&KillScope::All)).await.unwrap();
-        assert!(s.all.is_none() && s.rollouts.len() == 1 && s.generation == 3);
-        let s = store.lift_kill(None).await.unwrap();
-        assert!(s.is_empty());
+        assert!(store.kill_state().await.unwrap().all.is_some());
+        drop(store);
+        // And again, now that sqlx's table records the migration.
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert!(store.kill_state().await.unwrap().all.is_some());
     }
 
     #[tokio::test]
-    async fn operator_log_is_hash_chained() {
-        let (_d, store, _) = setup().await;
-        for i in 0..3 {
-            store
-                .append_operator_log("admin", "rollout.start", &serde_json::json!({ "i": i }))
-                .await
-                .unwrap();
-        }
-        let mut entries = store.operator_log_entries().await.unwrap();
-        assert_eq!(verify_operator_log(&entries), Ok(()));
-        entries[1].detail = r#"{"i":7}"#.into();
-        assert_eq!(verify_operator_log(&entries), Err(2));
-        let mut entries = store.operator_log_entries().await.unwrap();
-        entries.remove(0);
-        assert_eq!(verify_operator_log(&entries), Err(2));
+    async fn a_database_from_a_newer_controller_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        legacy_db(&path, 2).await;
+        let err = SqliteStore::open(&path).await.err().expect("refused");
+        assert!(err.to_string().contains("newer"), "{err}");
+
+        // A migration this build does not know, recorded by sqlx.
+        let path = dir.path().join("d.db");
+        drop(SqliteStore::open(&path).await.unwrap());
+        let pool = SqlitePool::connect_with(SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (9999, 'from the future', TRUE, X'00', 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let err = SqliteStore::open(&path).await.err().expect("refused");
+        assert!(matches!(err, StoreError::Migrate(_)), "{err}");
     }
 }
