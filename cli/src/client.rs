@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::Method;
 use rollguard_shared::protocol::ErrorBody;
-use rollguard_shared::tls_client::{self, ConnectError, Connector, ControllerUrl, Session};
+use rollguard_shared::tls_client::{self, ConnectError, Connector, ControllerUrls, Session};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -19,7 +19,8 @@ use crate::config::CliConfig;
 /// flags, then environment, then `~/.config/rollguard/cli.toml`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
-    /// Controller URL, e.g. https://controller:8443.
+    /// Controller URL, e.g. https://controller:8443; replicas separated by
+    /// commas (tried in order until one answers).
     #[arg(long, env = "ROLLGUARD_URL")]
     pub url: Option<String>,
     /// The fleet CA certificate (ca.crt from `rollguard-controller init`).
@@ -61,28 +62,33 @@ impl Client {
                 )
             })
         };
-        let url = args.url.clone().or(file.url).ok_or_else(|| {
-            anyhow!("no controller URL: pass --url, set ROLLGUARD_URL, or put url in cli.toml")
-        })?;
+        let url = match (&args.url, file.url) {
+            (Some(flag), _) => ControllerUrls::parse(flag)?,
+            (None, Some(setting)) => setting,
+            (None, None) => {
+                bail!("no controller URL: pass --url, set ROLLGUARD_URL, or put url in cli.toml")
+            }
+        };
         let ca = need("ca", args.ca.clone().or(file.ca))?;
         let cert = need("cert", args.cert.clone().or(file.cert))?;
         let key = need("key", args.key.clone().or(file.key))?;
-        Self::connect_with(&url, &ca, &cert, &key)
+        Self::open(url, tls_client::client_config(&ca, &cert, &key)?)
     }
 
+    /// `url`: one controller URL, or replicas separated by commas.
     pub fn connect_with(url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Self> {
-        let url = ControllerUrl::parse(url)?;
+        let url = ControllerUrls::parse(url)?;
         Self::open(url, tls_client::client_config(ca, cert, key)?)
     }
 
     /// A client that presents no certificate (diagnostics and tests: the
     /// controller must refuse it during the handshake).
     pub fn connect_anonymous(url: &str, ca: &Path) -> Result<Self> {
-        let url = ControllerUrl::parse(url)?;
+        let url = ControllerUrls::parse(url)?;
         Self::open(url, tls_client::anonymous_client_config(ca)?)
     }
 
-    fn open(url: ControllerUrl, config: std::sync::Arc<rustls::ClientConfig>) -> Result<Self> {
+    fn open(url: ControllerUrls, config: std::sync::Arc<rustls::ClientConfig>) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use rollguard_shared::tls_client::ControllerUrls;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,8 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CliConfig {
-    pub url: Option<String>,
+    /// One URL, or the replicas' (`["https://c1:8443", "https://c2:8443"]`).
+    pub url: Option<ControllerUrls>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,

@@ -304,8 +304,8 @@ kind = "sqlite"
 path = "controller.db"
 # Replicas in high availability share one PostgreSQL database instead
 # (the password may be given by PGPASSWORD or ~/.pgpass rather than here):
-# kind = "postgres"
-# url = "postgres://rollguard@db.example/rollguard"
+#   kind = "postgres"
+#   url = "postgres://rollguard@db.example/rollguard"
 
 [rollouts]
 # A host that has not reported within the bundle's own timeout plus this

@@ -13,6 +13,7 @@
 //! inside a transaction that checks the rollout is still running.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use tokio::sync::Notify;
 
 use crate::alertmanager_api::AlertmanagerApi;
 use crate::alerts::AlertmanagerPayload;
+use crate::cluster::{Cluster, Event as ClusterEvent};
 use crate::hub::{encode, Hub};
 use crate::metrics::Metrics;
 use crate::notify::Event;
@@ -237,6 +239,8 @@ impl RolloutRecord {
 
 pub struct Engine {
     pub store: Arc<dyn Store>,
+    /// Replicas: whether this one drives rollouts, and events to the others.
+    pub cluster: Arc<Cluster>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     margin: Duration,
@@ -244,9 +248,14 @@ pub struct Engine {
     /// `[[notify]]`: events posted to operators' hooks, never waited for.
     notifier: crate::notify::Notifier,
     /// Hosts dispatched before this instant get their deadline counted from
-    /// it: results sent while the controller was down arrive late.
-    started_at: Millis,
+    /// it: results sent while no controller drove the rollout (this one was
+    /// down, or another replica led) arrive late. Set when this replica
+    /// becomes the leader.
+    started_at: AtomicI64,
     wakers: Mutex<HashMap<RolloutId, Arc<Notify>>>,
+    /// The task driving each rollout (on the leader only): one per rollout,
+    /// all aborted when the leadership is lost.
+    drivers: Mutex<HashMap<RolloutId, tokio::task::AbortHandle>>,
     /// Registered agents' labels, so a reconnect with unchanged labels
     /// costs no database write.
     known_agents: tokio::sync::Mutex<Option<HashMap<String, BTreeMap<String, String>>>>,
@@ -293,14 +302,25 @@ async fn report_writer(
         let items: Vec<NewReport> = jobs.iter().map(|j| j.item.clone()).collect();
         match engine.store.record_reports(&items).await {
             Ok(outcomes) => {
+                let mut stored = Vec::new();
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     if outcome == ReportOutcome::Stored {
                         let r = &job.item;
                         engine.metrics.observe_report(&r.report);
                         tracing::info!(rollout = %r.rollout_id, host = %r.host, status = ?r.report.status, "run report");
                         engine.wake(&r.rollout_id);
+                        if !stored.contains(&r.rollout_id) {
+                            stored.push(r.rollout_id.clone());
+                        }
                     }
                     let _ = job.done.send(Ok(outcome));
+                }
+                if !stored.is_empty() {
+                    // The leader may be another replica.
+                    engine
+                        .cluster
+                        .publish(ClusterEvent::Reported { ids: stored })
+                        .await;
                 }
             }
             Err(e) => {
@@ -332,8 +352,10 @@ enum EngineStep {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
+        cluster: Arc<Cluster>,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         margin: Duration,
@@ -344,13 +366,15 @@ impl Engine {
         let (report_tx, report_rx) = tokio::sync::mpsc::channel(REPORT_QUEUE);
         let engine = Arc::new(Engine {
             store,
+            cluster,
             hub,
             metrics,
             margin,
             kill_ack_timeout,
             notifier,
-            started_at: now_ms(),
+            started_at: AtomicI64::new(now_ms()),
             wakers: Mutex::new(HashMap::new()),
+            drivers: Mutex::new(HashMap::new()),
             known_agents: tokio::sync::Mutex::new(None),
             bundle_cache: Mutex::new(HashMap::new()),
             report_tx,
@@ -373,18 +397,125 @@ impl Engine {
         self.waker(id).notify_one();
     }
 
-    /// Start the tasks of every running rollout (after a restart).
-    pub async fn resume_all(self: &Arc<Self>) -> Result<()> {
-        for r in self.store.rollouts_in_state(RolloutState::Running).await? {
-            tracing::info!(rollout = %r.id, wave = r.current_wave, "continuing rollout from the database");
-            self.spawn(r.id);
+    /// Drive rollout `id`, if this replica leads and no task drives it yet.
+    fn spawn(self: &Arc<Self>, id: RolloutId) {
+        if !self.cluster.is_leader() {
+            return;
         }
-        Ok(())
+        let mut drivers = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
+        if drivers.get(&id).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let me = self.clone();
+        let id2 = id.clone();
+        let task = tokio::spawn(async move { me.drive(id2).await });
+        drivers.insert(id, task.abort_handle());
     }
 
-    fn spawn(self: &Arc<Self>, id: RolloutId) {
-        let me = self.clone();
-        tokio::spawn(async move { me.drive(id).await });
+    // ---- replicas (src/cluster.rs) ---------------------------------------------
+
+    /// This replica now leads: deadlines count from now, every running
+    /// rollout is driven from the database, and the orders of their
+    /// current waves are announced again (a leader that died between
+    /// recording a wave and announcing it leaves hosts owed an order; an
+    /// agent that already has it answers from its record).
+    pub async fn became_leader(self: &Arc<Self>) {
+        self.started_at.store(now_ms(), AtomicOrdering::SeqCst);
+        let running = match self.store.rollouts_in_state(RolloutState::Running).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The leadership loop notices the database is gone, too;
+                // until it steps down, nothing is driven from here.
+                tracing::error!(error = %e, "cannot read the running rollouts");
+                return;
+            }
+        };
+        for r in running {
+            tracing::info!(rollout = %r.id, wave = r.current_wave, "continuing rollout from the database");
+            self.resend_owed(&r).await;
+            self.cluster
+                .publish(ClusterEvent::Dispatched {
+                    id: r.id.clone(),
+                    wave: r.current_wave,
+                })
+                .await;
+            self.spawn(r.id);
+        }
+    }
+
+    /// The leadership is lost: stop driving at once.
+    pub fn stepped_down(&self) {
+        let mut drivers = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, task) in drivers.drain() {
+            task.abort();
+        }
+    }
+
+    /// After this replica missed events (its listening connection was
+    /// lost): push the kill state and the owed orders to its agents again.
+    pub async fn resync(self: &Arc<Self>) {
+        match self.store.kill_state().await {
+            Ok(state) => {
+                self.hub.broadcast(encode(&Order::KillState(state)));
+            }
+            Err(e) => tracing::warn!(error = %e, "resync: cannot read the kill state"),
+        }
+        if let Ok(running) = self.store.rollouts_in_state(RolloutState::Running).await {
+            for r in running {
+                self.resend_owed(&r).await;
+                if self.cluster.is_leader() {
+                    self.spawn(r.id.clone());
+                    self.wake(&r.id);
+                }
+            }
+        }
+    }
+
+    /// Another replica's event.
+    pub async fn on_event(self: &Arc<Self>, event: ClusterEvent) {
+        match event {
+            ClusterEvent::Rollout { id } => {
+                self.spawn(id.clone());
+                self.wake(&id);
+            }
+            ClusterEvent::Reported { ids } => {
+                for id in ids {
+                    self.wake(&id);
+                }
+            }
+            ClusterEvent::Dispatched { id, .. } => {
+                if let Ok(Some(r)) = self.store.rollout(&id).await {
+                    self.resend_owed(&r).await;
+                }
+            }
+            ClusterEvent::Kill { generation } => match self.store.kill_state().await {
+                Ok(state) if state.generation >= generation => {
+                    self.hub.broadcast(encode(&Order::KillState(state)));
+                }
+                Ok(_) => tracing::warn!(generation, "kill event newer than the database"),
+                Err(e) => tracing::error!(error = %e, "cannot read the kill state of a kill event"),
+            },
+        }
+    }
+
+    /// Send rollout `r`'s run order to each agent connected here that was
+    /// dispatched and has not reported (while it runs).
+    async fn resend_owed(&self, r: &RolloutRecord) {
+        if r.state != RolloutState::Running {
+            return;
+        }
+        let owed: Vec<String> = match self.store.dispatches(&r.id).await {
+            Ok(d) => d
+                .into_iter()
+                .filter(|d| d.outcome == Outcome::Dispatched && self.hub.is_connected(&d.host))
+                .map(|d| d.host)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(rollout = %r.id, error = %e, "cannot read the owed orders");
+                return;
+            }
+        };
+        self.send_local_runs(r, &owed);
     }
 
     async fn drive(self: Arc<Self>, id: RolloutId) {
@@ -426,7 +557,9 @@ impl Engine {
 
     fn deadline(&self, r: &RolloutRecord, d: &DispatchRecord) -> Millis {
         let budget = (r.plan.timeout_secs as i64) * 1000 + self.margin.as_millis() as i64;
-        d.dispatched_at.max(self.started_at) + budget
+        d.dispatched_at
+            .max(self.started_at.load(AtomicOrdering::SeqCst))
+            + budget
     }
 
     async fn step(&self, id: &RolloutId) -> Result<EngineStep> {
@@ -471,7 +604,7 @@ impl Engine {
                     .update_progress(id, WavePhase::Awaiting, wave as u32, None)
                     .await?;
                 tracing::info!(rollout = %id, wave = wave + 1, hosts = hosts.len(), "wave dispatched");
-                self.send_runs(&r, hosts);
+                self.send_runs(&r, hosts).await;
                 Ok(EngineStep::Again)
             }
             WavePhase::Awaiting => {
@@ -520,7 +653,19 @@ impl Engine {
         }
     }
 
-    fn send_runs(&self, r: &RolloutRecord, hosts: &[String]) {
+    /// Send a wave's run orders: to the agents connected here, and through
+    /// the other replicas to theirs.
+    async fn send_runs(&self, r: &RolloutRecord, hosts: &[String]) {
+        self.send_local_runs(r, hosts);
+        self.cluster
+            .publish(ClusterEvent::Dispatched {
+                id: r.id.clone(),
+                wave: r.current_wave,
+            })
+            .await;
+    }
+
+    fn send_local_runs(&self, r: &RolloutRecord, hosts: &[String]) {
         let line = encode(&Order::Run {
             rollout_id: r.id.clone(),
             bundle_sha256: r.bundle_sha256.clone(),
@@ -733,6 +878,9 @@ impl Engine {
             by: actor.to_string(),
         });
         self.spawn(id.clone());
+        self.cluster
+            .publish(ClusterEvent::Rollout { id: id.clone() })
+            .await;
         self.status(&id).await
     }
 
@@ -779,6 +927,9 @@ impl Engine {
             self.notify_halted(id, &reason).await;
         }
         self.wake(id);
+        self.cluster
+            .publish(ClusterEvent::Rollout { id: id.clone() })
+            .await;
         self.status(id).await
     }
 
@@ -822,6 +973,9 @@ impl Engine {
         }
         tracing::info!(rollout = %id, by = %actor, "rollout resumed");
         self.spawn(id.clone());
+        self.cluster
+            .publish(ClusterEvent::Rollout { id: id.clone() })
+            .await;
         self.status(id).await
     }
 
@@ -909,6 +1063,11 @@ impl Engine {
                 halted.push(r.id.clone());
             }
         }
+        self.cluster
+            .publish(ClusterEvent::Kill {
+                generation: state.generation,
+            })
+            .await;
         let (sent, pending) = self.push_kill_state(&state).await;
         self.metrics.kill_orders.inc();
         tracing::warn!(?scope, %reason, by = %actor, agents = sent, pending = pending.len(), "kill order pushed");
@@ -930,6 +1089,11 @@ impl Engine {
             scope: serde_json::to_value(&scope).unwrap_or_default(),
             by: actor.to_string(),
         });
+        self.cluster
+            .publish(ClusterEvent::Kill {
+                generation: state.generation,
+            })
+            .await;
         let (sent, pending) = self.push_kill_state(&state).await;
         tracing::warn!(?scope, by = %actor, "kill order lifted");
         Ok(KillResponse {

@@ -11,6 +11,7 @@
 pub mod alertmanager_api;
 pub mod alerts;
 pub mod bundle;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod hub;

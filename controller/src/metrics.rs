@@ -13,6 +13,8 @@ type Labels = Vec<(String, String)>;
 pub struct Metrics {
     registry: Registry,
     pub connected_agents: Gauge,
+    /// 1 while this replica drives rollouts (always, alone on SQLite).
+    pub leader: Gauge,
     pub rollouts: Family<Labels, Gauge>,
     pub runs: Family<Labels, Counter>,
     pub denials: Counter,
@@ -31,6 +33,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("rollguard");
         let connected_agents = Gauge::default();
+        let leader = Gauge::default();
         let rollouts = Family::<Labels, Gauge>::default();
         let runs = Family::<Labels, Counter>::default();
         let denials = Counter::default();
@@ -40,6 +43,11 @@ impl Metrics {
             "connected_agents",
             "Agents with an open order stream",
             connected_agents.clone(),
+        );
+        registry.register(
+            "leader",
+            "Whether this controller replica drives rollouts (the leader: 1) or not (0)",
+            leader.clone(),
         );
         registry.register("rollouts", "Rollouts by state", rollouts.clone());
         registry.register("runs", "Run reports received, by result", runs.clone());
@@ -57,6 +65,7 @@ impl Metrics {
         Metrics {
             registry,
             connected_agents,
+            leader,
             rollouts,
             runs,
             denials,
@@ -81,8 +90,14 @@ impl Metrics {
     }
 
     /// Render, after refreshing the gauges computed from state.
-    pub fn render(&self, connected: usize, rollouts_by_state: &[(RolloutState, usize)]) -> String {
+    pub fn render(
+        &self,
+        connected: usize,
+        leader: bool,
+        rollouts_by_state: &[(RolloutState, usize)],
+    ) -> String {
         self.connected_agents.set(connected as i64);
+        self.leader.set(i64::from(leader));
         for (state, n) in rollouts_by_state {
             self.rollouts
                 .get_or_create(&vec![("state".to_string(), state.as_str().to_string())])
@@ -104,8 +119,13 @@ mod tests {
     fn renders_prometheus_text() {
         let m = Metrics::new();
         m.kill_orders.inc();
-        let text = m.render(3, &[(RolloutState::Running, 1), (RolloutState::Halted, 2)]);
+        let text = m.render(
+            3,
+            true,
+            &[(RolloutState::Running, 1), (RolloutState::Halted, 2)],
+        );
         assert!(text.contains("rollguard_connected_agents 3"), "{text}");
+        assert!(text.contains("rollguard_leader 1"), "{text}");
         assert!(
             text.contains("rollguard_rollouts{state=\"halted\"} 2"),
             "{text}"

@@ -31,12 +31,13 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::alerts::AlertmanagerPayload;
+use crate::cluster::Cluster;
 use crate::config::ControllerConfig;
 use crate::engine::{Engine, EngineError};
 use crate::hub::{encode, Hub};
 use crate::metrics::Metrics;
 use crate::pki::{classify, Issuers, Peer, RevocationList, Role};
-use crate::store::{BundleMeta, Store};
+use crate::store::BundleMeta;
 
 /// What the controller learns from a bundle's bytes (the archive is parsed
 /// by `rollguard_shared::archive`; see [`crate::bundle::inspect`]).
@@ -505,10 +506,11 @@ async fn metrics(State(app): S, Extension(peer): P) -> ApiResult<Response> {
         }
     }
     let by_state: Vec<_> = counts.into_values().collect();
-    let text = app
-        .engine
-        .metrics
-        .render(app.engine.hub.connected_count(), &by_state);
+    let text = app.engine.metrics.render(
+        app.engine.hub.connected_count(),
+        app.engine.cluster.is_leader(),
+        &by_state,
+    );
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -611,9 +613,14 @@ impl Server {
                 error: source,
             }
         })?;
-        let store: Arc<dyn Store> = crate::store::open(&config.storage).await?;
+        let opened = crate::store::open(&config.storage).await?;
+        let cluster = match opened.postgres {
+            Some(pool) => Cluster::replica(pool),
+            None => Cluster::alone(),
+        };
         let engine = Engine::new(
-            store,
+            opened.store,
+            cluster,
             Hub::new(),
             Arc::new(Metrics::new()),
             config.result_margin,
@@ -648,7 +655,14 @@ impl Server {
     }
 
     pub async fn run(self) -> Result<(), ServeError> {
-        self.app.engine.resume_all().await?;
+        // Alone (SQLite) this resumes every running rollout now; as a
+        // replica, once this replica wins the leadership.
+        self.app
+            .engine
+            .cluster
+            .clone()
+            .run(self.app.engine.clone())
+            .await;
         // Revocations take effect within a second, open streams included.
         let app = self.app.clone();
         tokio::spawn(async move {

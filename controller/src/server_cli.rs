@@ -245,7 +245,7 @@ pub fn run(cli: ControllerCli) -> Result<()> {
         ControllerCommand::Log(OperatorLogCommand::Verify { config, json }) => {
             let config = ControllerConfig::load(&config)?;
             let entries = runtime()?.block_on(async move {
-                let store = crate::store::open(&config.storage).await?;
+                let store = crate::store::open(&config.storage).await?.store;
                 anyhow::Ok(store.operator_log_entries().await?)
             })?;
             let result = verify_operator_log(&entries);

@@ -20,7 +20,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-/// How long opening a connection (TCP, TLS, HTTP/2 handshake) may take.
+/// How long opening a connection (TCP, TLS, HTTP/2 handshake) may take,
+/// per controller URL.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why a controller URL was refused.
@@ -126,6 +127,77 @@ impl ControllerUrl {
     /// The name the server certificate must match.
     pub fn server_name(&self) -> &ServerName<'static> {
         &self.server_name
+    }
+}
+
+/// The controller's replicas: one or more [`ControllerUrl`]s, tried in
+/// order when connecting (never empty). Written `url = "https://c1:8443"`
+/// or `url = ["https://c1:8443", "https://c2:8443"]` in a TOML file, and
+/// comma-separated on a command line or in an environment variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerUrls(Vec<ControllerUrl>);
+
+impl ControllerUrls {
+    /// One URL, or several separated by commas.
+    pub fn parse(text: &str) -> Result<Self, UrlError> {
+        let items: Vec<String> = text.split(',').map(|u| u.trim().to_string()).collect();
+        Self::from_list(&items)
+    }
+
+    pub fn from_list(items: &[String]) -> Result<Self, UrlError> {
+        if items.is_empty() {
+            return Err(UrlError {
+                url: String::new(),
+                reason: "no controller URL given",
+            });
+        }
+        items
+            .iter()
+            .map(|u| ControllerUrl::parse(u))
+            .collect::<Result<Vec<_>, _>>()
+            .map(ControllerUrls)
+    }
+
+    pub fn as_slice(&self) -> &[ControllerUrl] {
+        &self.0
+    }
+}
+
+impl From<ControllerUrl> for ControllerUrls {
+    fn from(url: ControllerUrl) -> Self {
+        ControllerUrls(vec![url])
+    }
+}
+
+impl fmt::Display for ControllerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all: Vec<String> = self.0.iter().map(|u| u.to_string()).collect();
+        f.write_str(&all.join(", "))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ControllerUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        UrlSetting::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `url` as a TOML file writes it: one string or an array of strings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum UrlSetting {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl UrlSetting {
+    pub fn parse(&self) -> Result<ControllerUrls, UrlError> {
+        match self {
+            UrlSetting::One(u) => ControllerUrls::parse(u),
+            UrlSetting::Many(list) => ControllerUrls::from_list(list),
+        }
     }
 }
 
@@ -264,6 +336,9 @@ pub enum ConnectError {
     },
     #[error("connecting to {0} timed out")]
     Timeout(String),
+    /// Every replica failed; one line per URL.
+    #[error("no controller replica answered: {}", .0.join("; "))]
+    NoReplica(Vec<String>),
 }
 
 /// A request on an open session failed before an answer arrived.
@@ -293,19 +368,23 @@ pub struct KeepAlive {
     pub timeout: Duration,
 }
 
-/// Everything needed to open connections to one controller.
+/// Everything needed to open connections to the controller's replicas.
 #[derive(Clone)]
 pub struct Connector {
     tls: tokio_rustls::TlsConnector,
-    url: ControllerUrl,
+    urls: ControllerUrls,
+    /// Index of the URL that last answered: tried first next time, so a
+    /// client stays with a live replica instead of probing a dead one first.
+    preferred: Arc<std::sync::atomic::AtomicUsize>,
     keep_alive: Option<KeepAlive>,
 }
 
 impl Connector {
-    pub fn new(url: ControllerUrl, config: Arc<rustls::ClientConfig>) -> Self {
+    pub fn new(urls: impl Into<ControllerUrls>, config: Arc<rustls::ClientConfig>) -> Self {
         Connector {
             tls: tokio_rustls::TlsConnector::from(config),
-            url,
+            urls: urls.into(),
+            preferred: Arc::default(),
             keep_alive: None,
         }
     }
@@ -315,14 +394,40 @@ impl Connector {
         self
     }
 
-    pub fn url(&self) -> &ControllerUrl {
-        &self.url
+    pub fn urls(&self) -> &ControllerUrls {
+        &self.urls
     }
 
-    /// One TLS connection carrying HTTP/2; its driver is spawned on the
-    /// current Tokio runtime. At most [`CONNECT_TIMEOUT`].
+    /// One TLS connection carrying HTTP/2 to the first replica that
+    /// answers, starting with the one that answered last; its driver is
+    /// spawned on the current Tokio runtime. At most [`CONNECT_TIMEOUT`]
+    /// per replica.
     pub async fn connect(&self) -> Result<Session, ConnectError> {
-        let addr = self.url.authority();
+        use std::sync::atomic::Ordering;
+        let urls = self.urls.as_slice();
+        let first = self.preferred.load(Ordering::Relaxed) % urls.len();
+        let mut failures = Vec::new();
+        for i in (0..urls.len()).map(|k| (first + k) % urls.len()) {
+            match self.connect_to(&urls[i]).await {
+                Ok(session) => {
+                    if i != first {
+                        tracing::info!(controller = %urls[i], "connected to another controller replica");
+                    }
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(session);
+                }
+                Err(e) if urls.len() == 1 => return Err(e),
+                Err(e) => {
+                    tracing::debug!(controller = %urls[i], error = %e, "controller replica unreachable");
+                    failures.push(format!("{}: {}", urls[i], error_chain(&e)));
+                }
+            }
+        }
+        Err(ConnectError::NoReplica(failures))
+    }
+
+    async fn connect_to(&self, url: &ControllerUrl) -> Result<Session, ConnectError> {
+        let addr = url.authority();
         let connect = async {
             let tcp = tokio::net::TcpStream::connect(&addr)
                 .await
@@ -333,7 +438,7 @@ impl Connector {
             let _ = tcp.set_nodelay(true);
             let tls = self
                 .tls
-                .connect(self.url.server_name().clone(), tcp)
+                .connect(url.server_name().clone(), tcp)
                 .await
                 .map_err(|error| ConnectError::Tls {
                     addr: addr.clone(),
@@ -365,7 +470,7 @@ impl Connector {
             .map_err(|_| ConnectError::Timeout(addr.clone()))??;
         Ok(Session {
             sender,
-            base: self.url.to_string(),
+            base: url.to_string(),
         })
     }
 }
@@ -412,6 +517,18 @@ impl Session {
         sender.ready().await.map_err(send)?;
         sender.send_request(req).await.map_err(send)
     }
+}
+
+/// An error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -542,5 +659,24 @@ mod tests {
                 proptest::prop_assert_eq!(ControllerUrl::parse(&u.to_string()), Ok(u));
             }
         }
+    }
+
+    #[test]
+    fn replicas_are_one_url_or_several() {
+        let one = ControllerUrls::parse("https://c1:8443").unwrap();
+        assert_eq!(one.as_slice().len(), 1);
+        let two = ControllerUrls::parse("https://c1:8443, https://c2:8443").unwrap();
+        assert_eq!(two.to_string(), "https://c1:8443, https://c2:8443");
+        let list: UrlSetting = toml::from_str::<std::collections::BTreeMap<String, UrlSetting>>(
+            "url = [\"https://c1:8443\", \"https://c2\"]",
+        )
+        .unwrap()
+        .remove("url")
+        .unwrap();
+        assert_eq!(list.parse().unwrap().as_slice()[1].port(), 443);
+        for bad in ["", "https://c1:8443,", "https://c1, http://c2"] {
+            assert!(ControllerUrls::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(UrlSetting::Many(vec![]).parse().is_err());
     }
 }

@@ -61,6 +61,9 @@ pub struct Fleet {
     pub keys: Keys,
     pub port: u16,
     controller: Option<Child>,
+    /// Further controller replicas (PostgreSQL only): each its port and
+    /// process, `ctl/controller-N.toml` (N from 1); see [`Fleet::replicated`].
+    replicas: Vec<(u16, Option<Child>)>,
     pub agents: BTreeMap<String, AgentProc>,
 }
 
@@ -101,6 +104,18 @@ impl Fleet {
     /// A CA, a controller config and one agent per `(name, labels)`; nothing
     /// is started yet.
     pub fn new(hosts: &[(&str, &[(&str, &str)])]) -> Self {
+        Self::build(hosts, None, 0)
+    }
+
+    /// `1 + extra` controller replicas on the PostgreSQL database `url`
+    /// (same CA, server certificate and database; their own ports). Agents
+    /// get every replica's URL: even-numbered agents list replica 0 first,
+    /// odd ones replica 1, so both replicas serve agents.
+    pub fn replicated(hosts: &[(&str, &[(&str, &str)])], url: &str, extra: usize) -> Self {
+        Self::build(hosts, Some(url), extra)
+    }
+
+    fn build(hosts: &[(&str, &[(&str, &str)])], postgres: Option<&str>, extra: usize) -> Self {
         fs::create_dir_all(BASE).unwrap();
         crate::root_only(Path::new(BASE), 0o755);
         let dir = tempfile::Builder::new()
@@ -125,14 +140,27 @@ impl Fleet {
         let config = config
             .replace("result_margin = \"60s\"", "result_margin = \"20s\"")
             .replace("kill_ack_timeout = \"3s\"", "kill_ack_timeout = \"20s\"");
-        fs::write(ctl.join("controller.toml"), config).unwrap();
+        fs::write(ctl.join("controller.toml"), &config).unwrap();
+        let replicas: Vec<(u16, Option<Child>)> = (0..extra).map(|_| (free_port(), None)).collect();
+        for (i, (p, _)) in replicas.iter().enumerate() {
+            let listen = |p: u16| format!("listen = \"127.0.0.1:{p}\"");
+            fs::write(
+                ctl.join(format!("controller-{}.toml", i + 1)),
+                config.replace(&listen(port), &listen(*p)),
+            )
+            .unwrap();
+        }
         let mut fleet = Fleet {
             dir,
             keys,
             port,
             controller: None,
+            replicas,
             agents: BTreeMap::new(),
         };
+        if let Some(url) = postgres {
+            fleet.use_postgres(url);
+        }
         for (name, labels) in hosts {
             fleet.add_agent(name, labels);
         }
@@ -183,20 +211,22 @@ impl Fleet {
         let creds = dir.join("creds");
         self.enroll(name, &creds);
         let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+        // `url` is a TOML string, or with replicas an array (Debug of a
+        // Vec<String> is valid TOML).
         let policy = format!(
             "[host]\nname = {name:?}\nlabels = {{ {labels} }}\n\n\
              [trust]\nallowed_signers = {signers:?}\nthreshold = 1\ndelete_threshold = 1\n\n\
              [protect]\npaths = [{backup:?}]\n\n\
              [limits]\nallow_scopes = [{mail:?}, {customers:?}]\n\n\
              [state]\ndir = {state:?}\n\n\
-             [controller]\nurl = {url:?}\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+             [controller]\nurl = {url}\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
             labels = labels.join(", "),
             signers = self.keys.allowed_signers(),
             backup = root.join("backup"),
             mail = root.join("mail"),
             customers = root.join("customers"),
             state = dir.join("state"),
-            url = self.url(),
+            url = self.agent_urls(self.agents.len()),
             ca = self.ctl().join("ca.crt"),
             cert = creds.join(format!("{name}.crt")),
             key = creds.join(format!("{name}.key")),
@@ -230,12 +260,74 @@ impl Fleet {
     /// Keep the controller's state in PostgreSQL (`url`, a database of a
     /// [`crate::postgres::PgCluster`]) instead of the default SQLite file.
     pub fn use_postgres(&self, url: &str) {
-        let path = self.ctl().join("controller.toml");
-        let config = fs::read_to_string(&path).unwrap();
-        let sqlite = "kind = \"sqlite\"\npath = \"controller.db\"";
-        assert!(config.contains(sqlite), "storage section not found");
-        let config = config.replace(sqlite, &format!("kind = \"postgres\"\nurl = \"{url}\""));
-        fs::write(&path, config).unwrap();
+        for path in self.replica_configs() {
+            let config = fs::read_to_string(&path).unwrap();
+            let sqlite = "kind = \"sqlite\"\npath = \"controller.db\"";
+            assert!(config.contains(sqlite), "storage section not found");
+            let config = config.replace(sqlite, &format!("kind = \"postgres\"\nurl = \"{url}\""));
+            fs::write(&path, config).unwrap();
+        }
+    }
+
+    /// Every replica's configuration file, replica 0 first.
+    fn replica_configs(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.ctl().join("controller.toml")];
+        out.extend(
+            (1..=self.replicas.len()).map(|i| self.ctl().join(format!("controller-{i}.toml"))),
+        );
+        out
+    }
+
+    /// Replica `i`'s URL (0: [`Fleet::url`]).
+    pub fn replica_url(&self, i: usize) -> String {
+        match i {
+            0 => self.url(),
+            i => format!("https://127.0.0.1:{}", self.replicas[i - 1].0),
+        }
+    }
+
+    /// The `url` value of agent number `n`'s policy (TOML).
+    fn agent_urls(&self, n: usize) -> String {
+        if self.replicas.is_empty() {
+            return format!("{:?}", self.url());
+        }
+        let count = self.replicas.len() + 1;
+        let urls: Vec<String> = (0..count)
+            .map(|k| self.replica_url((n + k) % count))
+            .collect();
+        format!("{urls:?}")
+    }
+
+    /// Start replica `i` (from 1) and wait until it answers.
+    pub fn start_replica(&mut self, i: usize) {
+        assert!(
+            self.replicas[i - 1].1.is_none(),
+            "replica {i} already running"
+        );
+        let child = spawn_logged(
+            Command::new(bin("rollguard-controller"))
+                .arg("serve")
+                .arg("--config")
+                .arg(self.ctl().join(format!("controller-{i}.toml"))),
+            &self.ctl().join(format!("controller-{i}.log")),
+        );
+        self.replicas[i - 1].1 = Some(child);
+        wait_for(&format!("replica {i} to answer"), || {
+            let out = run(self.cli_at(i).args(["agents", "--json"]));
+            out.status.success().then_some(())
+        });
+    }
+
+    /// SIGKILL replica `i` (from 1).
+    pub fn kill_replica(&mut self, i: usize) {
+        let mut child = self.replicas[i - 1].1.take().expect("replica not running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The `rollguard` CLI talking to replica `i` only.
+    pub fn cli_at(&self, i: usize) -> Command {
+        crate::operator_cli(&self.replica_url(i), &self.ctl(), self.root())
     }
 
     /// Start (or restart) the controller and wait until it answers.
@@ -303,20 +395,41 @@ impl Fleet {
         child.wait().unwrap();
     }
 
+    /// Wait until agent `name` is connected (to any running replica).
     pub fn wait_connected(&self, name: &str) {
         wait_for(&format!("agent {name} to connect"), || {
-            let agents = self.cli_json(&["agents"]);
-            agents
-                .as_array()?
-                .iter()
-                .any(|a| a["name"] == name && a["connected"] == true)
-                .then_some(())
+            self.connected_to(name).is_some().then_some(())
         });
     }
 
-    /// The `rollguard` CLI with the operator certificate.
+    /// The running replica agent `name` is connected to, if any.
+    pub fn connected_to(&self, name: &str) -> Option<usize> {
+        let running: Vec<usize> = std::iter::once(0)
+            .filter(|_| self.controller.is_some())
+            .chain(
+                self.replicas
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.1.is_some())
+                    .map(|(i, _)| i + 1),
+            )
+            .collect();
+        running.into_iter().find(|&i| {
+            let agents = crate::cli_json(self.cli_at(i), &["agents"]);
+            agents.as_array().is_some_and(|list| {
+                list.iter()
+                    .any(|a| a["name"] == name && a["connected"] == true)
+            })
+        })
+    }
+
+    /// The `rollguard` CLI with the operator certificate (every replica's
+    /// URL, in order).
     pub fn cli(&self) -> Command {
-        crate::operator_cli(&self.url(), &self.ctl(), self.root())
+        let urls: Vec<String> = (0..=self.replicas.len())
+            .map(|i| self.replica_url(i))
+            .collect();
+        crate::operator_cli(&urls.join(","), &self.ctl(), self.root())
     }
 
     /// Run `rollguard ARGS --json`, requiring success, and parse stdout.
@@ -400,6 +513,12 @@ impl Fleet {
             }
         };
         add("controller", self.ctl().join("controller.log"));
+        for i in 1..=self.replicas.len() {
+            add(
+                &format!("controller replica {i}"),
+                self.ctl().join(format!("controller-{i}.log")),
+            );
+        }
         for a in self.agents.values() {
             add(&a.name, a.log());
         }
@@ -414,7 +533,8 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        if let Some(mut c) = self.controller.take() {
+        let replicas = self.replicas.iter_mut().filter_map(|r| r.1.take());
+        for mut c in self.controller.take().into_iter().chain(replicas) {
             let _ = c.kill();
             let _ = c.wait();
         }

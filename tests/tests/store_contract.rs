@@ -34,6 +34,7 @@ async fn open(storage: &Storage) -> Arc<dyn Store> {
     store::open(storage)
         .await
         .unwrap_or_else(|e| panic!("opening {storage:?}: {e}"))
+        .store
 }
 
 fn plan() -> Plan {

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [controller]
-//! url = "https://controller.example:8443"
+//! url = "https://controller.example:8443"  # or the replicas: ["https://c1:8443", "https://c2:8443"]
 //! ca = "/etc/rollguard/ca.crt"          # the fleet root CA (rollguard-controller init)
 //! cert = "/etc/rollguard/agent.crt"     # rollguard-controller enroll HOSTNAME
 //! key = "/etc/rollguard/agent.key"
@@ -11,12 +11,14 @@
 
 use std::path::{Path, PathBuf};
 
+use rollguard_shared::tls_client::ControllerUrls;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerSection {
-    pub url: String,
+    /// The controller, or its replicas in the order to try them.
+    pub url: ControllerUrls,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -67,9 +69,6 @@ impl ControllerSection {
 
     /// The checks `HostPolicy` applies when it parses `[controller]`.
     pub fn validate(&self) -> Result<(), String> {
-        if !self.url.starts_with("https://") {
-            return Err(format!("url {:?} must start with https://", self.url));
-        }
         for (key, p) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
             if !p.is_absolute() {
                 return Err(format!("{key} {p:?} must be an absolute path"));
@@ -95,7 +94,15 @@ cert = "/etc/rollguard/agent.crt"
 key = "/etc/rollguard/agent.key"
 "#;
         let c = ControllerSection::from_policy_text(text, Path::new("p.toml")).unwrap();
-        assert_eq!(c.url, "https://127.0.0.1:8443");
+        assert_eq!(c.url.to_string(), "https://127.0.0.1:8443");
+        let two = text.replace(
+            "url = \"https://127.0.0.1:8443\"",
+            "url = [\"https://c1:8443\", \"https://c2:8443\"]",
+        );
+        let c = ControllerSection::from_policy_text(&two, Path::new("p.toml")).unwrap();
+        assert_eq!(c.url.as_slice().len(), 2);
+        let none = text.replace("url = \"https://127.0.0.1:8443\"", "url = []");
+        assert!(ControllerSection::from_policy_text(&none, Path::new("p.toml")).is_err());
         let missing =
             ControllerSection::from_policy_text("[host]\nname='x'\n", Path::new("p.toml"));
         assert!(matches!(missing, Err(ControllerConfigError::Missing(_))));

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::{Method, StatusCode};
 use rollguard_shared::tls_client::{
-    self, ConnectError, Connector, ControllerUrl, KeepAlive, RequestError, TlsError, UrlError,
+    self, ConnectError, Connector, KeepAlive, RequestError, TlsError, UrlError,
 };
 
 use super::config::ControllerSection;
@@ -37,10 +37,10 @@ pub struct Transport {
 
 impl Transport {
     pub fn new(section: &ControllerSection) -> Result<Self, TransportError> {
-        let url = ControllerUrl::parse(&section.url)?;
         let config = tls_client::client_config(&section.ca, &section.cert, &section.key)?;
-        // HTTP/2 pings notice a dead peer even when no order is due.
-        let connector = Connector::new(url, config).keep_alive(KeepAlive {
+        // HTTP/2 pings notice a dead peer (or replica) even when no order
+        // is due; the next session then starts with the next replica.
+        let connector = Connector::new(section.url.clone(), config).keep_alive(KeepAlive {
             interval: Duration::from_secs(30),
             timeout: Duration::from_secs(20),
         });

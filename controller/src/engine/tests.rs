@@ -75,6 +75,7 @@ async fn engine_on(path: &std::path::Path, margin: Duration) -> Arc<Engine> {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).await.unwrap());
     Engine::new(
         store,
+        crate::cluster::Cluster::alone(),
         Hub::new(),
         Arc::new(Metrics::new()),
         margin,
@@ -401,7 +402,7 @@ async fn restart_resumes_from_the_database_without_rerunning() {
     let engine2 = engine_on(&f.path, Duration::from_secs(60)).await;
     let greeting = engine2.greeting("web-1").await.unwrap();
     assert_eq!(runs(&greeting), 1, "the owed order is re-sent on reconnect");
-    engine2.resume_all().await.unwrap();
+    engine2.became_leader().await;
     let r = AgentReport {
         rollout_id: id.clone(),
         report: report("web-1", RunStatus::Succeeded),
@@ -667,6 +668,7 @@ async fn alert_gates_refuse_start_and_resume_and_halt_before_a_wave() {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&f.path).await.unwrap());
     f.engine = Engine::new(
         store,
+        crate::cluster::Cluster::alone(),
         f.engine.hub.clone(),
         Arc::new(Metrics::new()),
         Duration::from_secs(60),

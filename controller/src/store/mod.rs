@@ -48,12 +48,26 @@ pub fn rfc3339(ms: Millis) -> String {
         .unwrap_or_default()
 }
 
+/// An opened store; `postgres` is its pool when replicas may share it
+/// (what `crate::cluster` coordinates through).
+pub struct Opened {
+    pub store: Arc<dyn Store>,
+    pub postgres: Option<sqlx::PgPool>,
+}
+
 /// Open the configured store (creating or migrating its schema).
-pub async fn open(storage: &crate::config::Storage) -> Result<Arc<dyn Store>> {
+pub async fn open(storage: &crate::config::Storage) -> Result<Opened> {
     Ok(match storage {
-        crate::config::Storage::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path).await?),
+        crate::config::Storage::Sqlite(path) => Opened {
+            store: Arc::new(sqlite::SqliteStore::open(path).await?),
+            postgres: None,
+        },
         crate::config::Storage::Postgres(url) => {
-            Arc::new(postgres::PostgresStore::open(url.expose()).await?)
+            let store = postgres::PostgresStore::open(url.expose()).await?;
+            Opened {
+                postgres: Some(store.pool()),
+                store: Arc::new(store),
+            }
         }
     })
 }

@@ -50,6 +50,11 @@ impl PostgresStore {
         Ok(PostgresStore { pool })
     }
 
+    /// The connection pool (shared with `crate::cluster`).
+    pub fn pool(&self) -> PgPool {
+        self.pool.clone()
+    }
+
     async fn bump_generation(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<()> {
         sqlx::query(
             "INSERT INTO meta (key, value) VALUES ('kill_generation', 1)
