@@ -49,6 +49,9 @@ pub type BundleInspector = fn(&[u8]) -> Result<BundleMeta, String>;
 pub struct Revocations {
     path: PathBuf,
     state: RwLock<(Option<SystemTime>, RevocationList)>,
+    /// Serials revoked in the database (`revoke --config`): what makes a
+    /// revocation reach every replica sharing it. Polled every second.
+    shared: RwLock<std::collections::HashSet<String>>,
     last_check: Mutex<Instant>,
     /// Bumped on every reload, so open order streams re-check at once.
     reloaded: tokio::sync::watch::Sender<u64>,
@@ -61,6 +64,7 @@ impl Revocations {
         Ok(Revocations {
             path,
             state: RwLock::new((mtime, RevocationList::parse(&text))),
+            shared: RwLock::default(),
             last_check: Mutex::new(Instant::now()),
             reloaded: tokio::sync::watch::Sender::new(0),
         })
@@ -89,6 +93,34 @@ impl Revocations {
         }
     }
 
+    /// Re-read the serials revoked in the database; open order streams
+    /// re-check when they changed. A database error keeps the last list
+    /// (a revocation is never forgotten because the database blinked).
+    pub async fn refresh_shared(&self, store: &dyn crate::store::Store) {
+        let serials = match store.revoked_serials().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the revoked serials from the database");
+                return;
+            }
+        };
+        let serials: std::collections::HashSet<String> = serials
+            .into_iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        let changed = {
+            let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+            let grown = serials.difference(&shared).count() > 0;
+            // Only ever grows: the database is not where revocations end.
+            shared.extend(serials);
+            grown
+        };
+        if changed {
+            tracing::info!("revoked serials in the database changed");
+            self.reloaded.send_modify(|n| *n += 1);
+        }
+    }
+
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.reloaded.subscribe()
     }
@@ -100,6 +132,11 @@ impl Revocations {
             .unwrap_or_else(|e| e.into_inner())
             .1
             .is_revoked(serial)
+            || self
+                .shared
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(serial)
     }
 }
 
@@ -670,6 +707,9 @@ impl Server {
             loop {
                 tick.tick().await;
                 app.revocations.refresh();
+                app.revocations
+                    .refresh_shared(app.engine.store.as_ref())
+                    .await;
             }
         });
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "controller listening");

@@ -98,6 +98,11 @@ pub enum ControllerCommand {
     Revoke {
         #[command(flatten)]
         ca: CaDirArg,
+        /// Also record the revocation in this controller's database, so
+        /// every replica sharing it refuses the certificates within a
+        /// second (each replica's own revoked.list is not shared).
+        #[arg(long, env = "ROLLGUARD_CONTROLLER_CONFIG")]
+        config: Option<PathBuf>,
         /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
@@ -212,10 +217,20 @@ pub fn run(cli: ControllerCli) -> Result<()> {
         }
         ControllerCommand::Revoke {
             ca: CaDirArg { dir },
+            config,
             json,
             name,
         } => {
             let serials = pki::revoke(&CaDir::new(&dir), &name)?;
+            if let Some(config) = config {
+                let config = ControllerConfig::load(&config)?;
+                let serials = serials.clone();
+                let name = name.clone();
+                runtime()?.block_on(async move {
+                    let store = crate::store::open(&config.storage).await?.store;
+                    anyhow::Ok(store.add_revocations(&name, &serials).await?)
+                })?;
+            }
             if json {
                 println!(
                     "{}",

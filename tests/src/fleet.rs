@@ -143,10 +143,17 @@ impl Fleet {
         fs::write(ctl.join("controller.toml"), &config).unwrap();
         let replicas: Vec<(u16, Option<Child>)> = (0..extra).map(|_| (free_port(), None)).collect();
         for (i, (p, _)) in replicas.iter().enumerate() {
+            // Each replica its own port and its own revoked.list (as on
+            // separate machines): only the database is shared.
             let listen = |p: u16| format!("listen = \"127.0.0.1:{p}\"");
+            let revoked = format!("revoked-{}.list", i + 1);
+            fs::copy(ctl.join("revoked.list"), ctl.join(&revoked)).unwrap();
             fs::write(
                 ctl.join(format!("controller-{}.toml", i + 1)),
-                config.replace(&listen(port), &listen(*p)),
+                config.replace(&listen(port), &listen(*p)).replace(
+                    "revoked = \"revoked.list\"",
+                    &format!("revoked = \"{revoked}\""),
+                ),
             )
             .unwrap();
         }

@@ -8,6 +8,8 @@
 //!   exactly once, per its own record.
 //! - `kill --all` sent to the follower reaches every agent, including those
 //!   connected to the leader.
+//! - A revocation recorded in the database (`revoke --config`) is enforced
+//!   by a replica whose own revoked.list does not have it.
 
 use rollguard_tests::fleet::{manifest, script, wait_for, Fleet};
 use rollguard_tests::postgres::PgCluster;
@@ -159,4 +161,29 @@ fn kill_all_through_the_follower_reaches_every_agent() {
         "left running: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+}
+
+#[test]
+fn a_revocation_in_the_database_is_enforced_by_every_replica() {
+    let pg = PgCluster::start();
+    let fleet = replicated_fleet(&pg, "revoke");
+    // mail-02 lists replica 1 first; replica 1 has its own revoked.list.
+    assert_eq!(fleet.connected_to("mail-02"), Some(1));
+    rollguard_tests::run_ok(
+        std::process::Command::new(rollguard_tests::bin("rollguard-controller"))
+            .args(["revoke", "--dir"])
+            .arg(fleet.ctl())
+            .arg("--config")
+            .arg(fleet.ctl().join("controller.toml"))
+            .arg("mail-02"),
+    );
+    let own_list = std::fs::read_to_string(fleet.ctl().join("revoked-1.list")).unwrap();
+    assert!(!own_list.contains("mail-02"), "{own_list}");
+    wait_for("mail-02 to be refused by both replicas", || {
+        fleet.connected_to("mail-02").is_none().then_some(())
+    });
+    // The others stay connected.
+    for name in names().iter().filter(|n| *n != "mail-02") {
+        assert!(fleet.connected_to(name).is_some(), "{name}");
+    }
 }

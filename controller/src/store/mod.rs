@@ -240,6 +240,12 @@ pub trait Store: Send + Sync + 'static {
         detail: &serde_json::Value,
     ) -> Result<OperatorLogEntry>;
     async fn operator_log_entries(&self) -> Result<Vec<OperatorLogEntry>>;
+
+    /// Record revoked certificate serials (lowercase hex) of `name`; a
+    /// serial already recorded is kept as it is.
+    async fn add_revocations(&self, name: &str, serials: &[String]) -> Result<()>;
+    /// Every revoked serial recorded in the database.
+    async fn revoked_serials(&self) -> Result<Vec<String>>;
 }
 
 /// The hash of an operator log entry: SHA-256 over the previous hash and the

@@ -430,6 +430,30 @@ impl Store for SqliteStore {
             .await?;
         rows.iter().map(decode::operator_log_entry).collect()
     }
+
+    async fn add_revocations(&self, name: &str, serials: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for serial in serials {
+            sqlx::query(
+                "INSERT INTO revoked (serial, name, at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(serial)
+            .bind(name)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn revoked_serials(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT serial FROM revoked ORDER BY serial")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
 }
 
 #[cfg(test)]
