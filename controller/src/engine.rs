@@ -490,7 +490,12 @@ impl Engine {
             }
             ClusterEvent::Kill { generation } => match self.store.kill_state().await {
                 Ok(state) if state.generation >= generation => {
-                    self.hub.broadcast(encode(&Order::KillState(state)));
+                    let sent = self.hub.broadcast(encode(&Order::KillState(state)));
+                    tracing::warn!(
+                        generation,
+                        agents = sent.len(),
+                        "kill state pushed (changed through another replica)"
+                    );
                 }
                 Ok(_) => tracing::warn!(generation, "kill event newer than the database"),
                 Err(e) => tracing::error!(error = %e, "cannot read the kill state of a kill event"),
@@ -707,18 +712,25 @@ impl Engine {
     async fn halt_internal(&self, id: &RolloutId, reason: &str) -> Result<bool> {
         let halted = self.store.halt(id, reason).await?;
         if halted {
-            self.notify_halted(id, reason).await;
-            tracing::warn!(rollout = %id, %reason, "rollout halted");
-            self.store
-                .append_operator_log(
-                    "controller",
-                    "rollout.halted",
-                    &serde_json::json!({ "rollout": id, "reason": reason }),
-                )
-                .await?;
-            self.wake(id);
+            self.after_halt(id, reason).await?;
         }
         Ok(halted)
+    }
+
+    /// What follows an automatic halt once it is durable: the log, the
+    /// operator log, `[[notify]]`, and the rollout's task.
+    async fn after_halt(&self, id: &RolloutId, reason: &str) -> Result<()> {
+        self.notify_halted(id, reason).await;
+        tracing::warn!(rollout = %id, %reason, "rollout halted");
+        self.store
+            .append_operator_log(
+                "controller",
+                "rollout.halted",
+                &serde_json::json!({ "rollout": id, "reason": reason }),
+            )
+            .await?;
+        self.wake(id);
+        Ok(())
     }
 
     /// Tell `[[notify]]` a rollout halted, with its first denials.
@@ -1045,9 +1057,11 @@ impl Engine {
             reason: reason.to_string(),
             by: actor.to_string(),
         });
-        // Halt first (a few conditional updates), so no further wave is
+        // Halt first (conditional updates only), so no further wave is
         // dispatched and the halt reason is the kill, not the `killed`
-        // reports that follow; then push to the agents.
+        // reports that follow; then push to the agents, every replica's at
+        // once; then the halts' bookkeeping, while the agents act.
+        let halt_reason = format!("kill switch by {actor}: {reason}");
         let mut halted = Vec::new();
         let running = self.store.rollouts_in_state(RolloutState::Running).await?;
         for r in running {
@@ -1055,11 +1069,7 @@ impl Engine {
                 KillScope::All => true,
                 KillScope::Rollout(id) => *id == r.id,
             };
-            if covered
-                && self
-                    .halt_internal(&r.id, &format!("kill switch by {actor}: {reason}"))
-                    .await?
-            {
+            if covered && self.store.halt(&r.id, &halt_reason).await? {
                 halted.push(r.id.clone());
             }
         }
@@ -1068,9 +1078,18 @@ impl Engine {
                 generation: state.generation,
             })
             .await;
-        let (sent, pending) = self.push_kill_state(&state).await;
+        let sent = self.hub.broadcast(encode(&Order::KillState(state.clone())));
+        tracing::warn!(?scope, %reason, by = %actor, agents = sent.len(), "kill order sent");
+        for id in &halted {
+            self.after_halt(id, &halt_reason).await?;
+        }
+        let pending = self
+            .hub
+            .wait_acks(&sent, state.generation, self.kill_ack_timeout)
+            .await;
+        let sent = sent.len();
         self.metrics.kill_orders.inc();
-        tracing::warn!(?scope, %reason, by = %actor, agents = sent, pending = pending.len(), "kill order pushed");
+        tracing::warn!(?scope, %reason, by = %actor, agents = sent, pending = pending.len(), "kill order acknowledged");
         Ok(KillResponse {
             state,
             halted_rollouts: halted,

@@ -9,7 +9,13 @@
 //! cargo run --release -p rollguard-tests --example scale -- ansible 100
 //! cargo run --release -p rollguard-tests --example scale -- kill 1000
 //! cargo run --release -p rollguard-tests --example scale -- memory 10000
+//! cargo run --release -p rollguard-tests --example scale -- control-plane 10000
 //! ```
+//!
+//! `control-plane N`: the controller and the protocol alone: two replicas
+//! on a real PostgreSQL (started for the run), N hosts whose run orders are
+//! answered by the harness executor (nothing runs; `rollguard-simulate
+//! --executor harness`, test-only).
 //!
 //! Options (environment): `SCALE_PROCESSES` simulate processes (default 4),
 //! `SCALE_MAX_RUNNING` bundles running at once per simulate process (default
@@ -324,7 +330,7 @@ fn bench_kill(n: usize) {
         .map(|t| t - t0_day)
         .collect();
     signalled.sort_by(f64::total_cmp);
-    let pushed = log_times(&f.root().join("ctl"), "kill order pushed");
+    let pushed = log_times(&f.root().join("ctl"), "kill order sent");
     println!(
         "         N={n:>6}  kill --all -> agent's cgroup.kill: p50 {:.3} s  p99 {:.3} s  max {:.3} s  ({} logged); controller logged the push at {:?} s",
         percentile(&signalled, 50.0),
@@ -398,6 +404,131 @@ fn bench_memory(n: usize) {
     );
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold
+    // spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // USER_HZ: clock ticks are 1/100 s in /proc on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Seconds from `t0` (seconds since midnight UTC) until each host's daemon
+/// had the kill state of `generation` on disk (its `daemon/kill.json`,
+/// written before it acknowledges), by the file's modification time.
+fn kill_durable_times(f: &ScaleFleet, n: usize, generation: u64, t0: f64) -> Option<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let path = f.state_dir(i).join("daemon/kill.json");
+        let text = std::fs::read_to_string(&path).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        if v["fleet"]["generation"].as_u64()? < generation {
+            return None;
+        }
+        let mtime = std::fs::metadata(&path).ok()?.modified().ok()?;
+        let secs = mtime
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64()
+            % 86400.0;
+        out.push(secs - t0);
+    }
+    out.sort_by(f64::total_cmp);
+    Some(out)
+}
+
+fn bench_control_plane(n: usize) {
+    let pg = rollguard_tests::postgres::PgCluster::start();
+    pg.create_database("scale");
+    let t = Instant::now();
+    let mut f = ScaleFleet::replicated(n, "30s", &pg.url("scale"), 1);
+    f.executor = rollguard_tests::simulate::Executor::Harness;
+    eprintln!(
+        "[setup] {n} hosts enrolled in {:.1}s under {}",
+        t.elapsed().as_secs_f64(),
+        f.root().display()
+    );
+    f.start_controller();
+    f.start_replicas();
+    let took = f.start_agents_of(n, processes(), 0);
+    eprintln!(
+        "[setup] {n} agents connected to 2 replicas in {:.1}s ({} simulate processes, harness executor)",
+        took.as_secs_f64(),
+        processes()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let rss: Vec<u64> = f
+        .controller_pids()
+        .iter()
+        .filter_map(|p| rss_kib(*p))
+        .collect();
+    let total_rss: u64 = rss.iter().sum();
+    println!(
+        "control  N={n:>6}  2 replicas on PostgreSQL: controller RSS {:?} MiB, {:.1} KiB per connected agent",
+        rss.iter().map(|k| (*k as f64 / 102.4).round() / 10.0).collect::<Vec<_>>(),
+        total_rss as f64 / n as f64
+    );
+    let cpu = |f: &ScaleFleet| -> f64 { f.controller_pids().iter().map(|p| cpu_seconds(*p)).sum() };
+    let before = cpu(&f);
+    let recorded = rollout(&f, n, "noop-harness");
+    let used = cpu(&f) - before;
+    println!(
+        "control  N={n:>6}  rollout [1,1%,10%,100%] bake 0: {recorded:.2} s; controller CPU {used:.2} s = {:.3} ms per host (both replicas)",
+        used * 1000.0 / n as f64
+    );
+    // kill --all through the follower; every daemon's record of it.
+    let t0 = day_seconds_now();
+    let wall = Instant::now();
+    let out = rollguard_tests::run_ok(
+        rollguard_tests::operator_cli(&f.replica_url(1), &f.ctl(), f.root()).args([
+            "kill",
+            "--all",
+            "--reason",
+            "benchmark",
+            "--json",
+        ]),
+    );
+    let cli_secs = wall.elapsed().as_secs_f64();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let generation = v["state"]["generation"].as_u64().unwrap_or(1);
+    let times = poll(
+        "every host to record the kill",
+        PATIENCE,
+        Duration::from_millis(200),
+        || kill_durable_times(&f, n, generation, t0),
+    );
+    println!(
+        "control  N={n:>6}  kill --all via the follower -> kill state durable on the host: p50 {:.3} s  p99 {:.3} s  max {:.3} s  \
+         (CLI returned in {cli_secs:.2} s; the follower's own agents acked {}/{})",
+        percentile(&times, 50.0),
+        percentile(&times, 99.0),
+        times.last().copied().unwrap_or(f64::NAN),
+        v["agents_acked"],
+        v["agents_sent"],
+    );
+    let at = |what: &str| -> Vec<f64> {
+        log_times(&f.ctl(), what)
+            .into_iter()
+            .map(|t| ((t - t0) * 1000.0).round() / 1000.0)
+            .collect()
+    };
+    println!(
+        "         N={n:>6}  the follower sent the order at {:?} s, the leader pushed it at {:?} s",
+        at("kill order sent"),
+        at("kill state pushed")
+    );
+    drop(f);
+    drop(pg);
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let what = args.next().unwrap_or_default();
@@ -419,8 +550,11 @@ fn main() {
         "ansible" => bench_ansible(one(100)),
         "kill" => bench_kill(one(1000)),
         "memory" => bench_memory(one(10000)),
+        "control-plane" => bench_control_plane(one(10000)),
         _ => {
-            eprintln!("usage: scale rollout N... | ansible N | kill N | memory N");
+            eprintln!(
+                "usage: scale rollout N... | ansible N | kill N | memory N | control-plane N"
+            );
             std::process::exit(2);
         }
     }

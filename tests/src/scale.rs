@@ -26,6 +26,7 @@ use rollguard_cli::client::Client;
 use rollguard_controller::pki::{issue, CaDir, Role};
 use serde_json::Value;
 
+use crate::simulate::Executor;
 use crate::{bin, run, run_ok};
 
 pub const BASE: &str = "/var/lib/rollguard-scale";
@@ -37,8 +38,13 @@ pub struct ScaleFleet {
     pub port: u16,
     pub count: usize,
     controller: Option<Child>,
+    /// Further controller replicas (PostgreSQL): port, process
+    /// (`ctl/controller-N.toml`, N from 1). See [`ScaleFleet::replicated`].
+    replicas: Vec<(u16, Option<Child>)>,
     sims: Vec<Child>,
     operator: std::sync::OnceLock<Client>,
+    /// What answers run orders in the simulated hosts.
+    pub executor: Executor,
 }
 
 /// A free loopback port (bound, then released for the controller to take).
@@ -112,6 +118,17 @@ impl ScaleFleet {
     /// their policies; nothing started yet. `kill_ack_timeout` is how long
     /// `rollguard kill` waits for the agents' confirmations.
     pub fn new(count: usize, kill_ack_timeout: &str) -> Self {
+        Self::build(count, kill_ack_timeout, None, 0)
+    }
+
+    /// `1 + extra` controller replicas on the PostgreSQL database `url`;
+    /// host `i` lists replica `i % (1 + extra)` first, so the hosts are
+    /// spread over the replicas.
+    pub fn replicated(count: usize, kill_ack_timeout: &str, url: &str, extra: usize) -> Self {
+        Self::build(count, kill_ack_timeout, Some(url), extra)
+    }
+
+    fn build(count: usize, kill_ack_timeout: &str, postgres: Option<&str>, extra: usize) -> Self {
         fs::create_dir_all(BASE).expect("create the scale base directory");
         crate::root_only(Path::new(BASE), 0o755);
         let dir = tempfile::Builder::new()
@@ -129,19 +146,37 @@ impl ScaleFleet {
                 .args(["--listen", &format!("127.0.0.1:{port}")]),
         );
         let config = fs::read_to_string(ctl.join("controller.toml")).expect("controller.toml");
-        let config = config.replace(
+        let mut config = config.replace(
             "kill_ack_timeout = \"3s\"",
             &format!("kill_ack_timeout = {kill_ack_timeout:?}"),
         );
-        fs::write(ctl.join("controller.toml"), config).expect("write controller.toml");
+        if let Some(url) = postgres {
+            config = config.replace(
+                "kind = \"sqlite\"\npath = \"controller.db\"",
+                &format!("kind = \"postgres\"\nurl = \"{url}\""),
+            );
+            assert!(config.contains("postgres"), "storage section not found");
+        }
+        fs::write(ctl.join("controller.toml"), &config).expect("write controller.toml");
+        let replicas: Vec<(u16, Option<Child>)> = (0..extra).map(|_| (free_port(), None)).collect();
+        for (i, (p, _)) in replicas.iter().enumerate() {
+            let listen = |p: u16| format!("listen = \"127.0.0.1:{p}\"");
+            fs::write(
+                ctl.join(format!("controller-{}.toml", i + 1)),
+                config.replace(&listen(port), &listen(*p)),
+            )
+            .expect("write a replica's controller.toml");
+        }
         fs::create_dir_all(dir.path().join("work")).expect("work dir");
         let fleet = ScaleFleet {
             dir,
             port,
             count,
             controller: None,
+            replicas,
             sims: Vec::new(),
             operator: std::sync::OnceLock::new(),
+            executor: Executor::Sandbox,
         };
         fleet.enroll_all();
         fleet
@@ -169,6 +204,61 @@ impl ScaleFleet {
     }
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Replica `i`'s URL (0: [`ScaleFleet::url`]).
+    pub fn replica_url(&self, i: usize) -> String {
+        match i {
+            0 => self.url(),
+            i => format!("https://127.0.0.1:{}", self.replicas[i - 1].0),
+        }
+    }
+
+    /// Host `i`'s `[controller] url` (TOML): every replica, replica
+    /// `i % replicas` first.
+    fn host_urls(&self, i: usize) -> String {
+        let count = self.replicas.len() + 1;
+        let urls: Vec<String> = (0..count)
+            .map(|k| self.replica_url((i + k) % count))
+            .collect();
+        format!("{urls:?}")
+    }
+
+    /// Start every further replica (after [`ScaleFleet::start_controller`]).
+    pub fn start_replicas(&mut self) {
+        for i in 1..=self.replicas.len() {
+            let child = spawn_logged(
+                Command::new(bin("rollguard-controller"))
+                    .arg("serve")
+                    .arg("--config")
+                    .arg(self.ctl().join(format!("controller-{i}.toml"))),
+                &self.ctl().join(format!("controller-{i}.log")),
+                "warn",
+            );
+            self.replicas[i - 1].1 = Some(child);
+            let url = self.replica_url(i);
+            poll(
+                "a replica to answer",
+                Duration::from_secs(60),
+                Duration::from_millis(100),
+                || {
+                    run(crate::operator_cli(&url, &self.ctl(), self.root())
+                        .args(["agents", "--json"]))
+                    .status
+                    .success()
+                    .then_some(())
+                },
+            );
+        }
+    }
+
+    /// Every running controller process (replica 0 first).
+    pub fn controller_pids(&self) -> Vec<u32> {
+        self.controller
+            .iter()
+            .chain(self.replicas.iter().filter_map(|r| r.1.as_ref()))
+            .map(Child::id)
+            .collect()
     }
 
     /// Enroll every host (in-process, with the controller's own PKI code:
@@ -206,11 +296,11 @@ impl ScaleFleet {
              [protect]\npaths = []\n\n\
              [limits]\nallow_scopes = [{work:?}]\n\n\
              [state]\ndir = {state:?}\n\n\
-             [controller]\nurl = {url:?}\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+             [controller]\nurl = {url}\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
             signers = self.root().join("keys/allowed_signers"),
             work = self.root().join("work"),
             state = dir.join("state"),
-            url = self.url(),
+            url = self.host_urls(i),
             ca = self.ctl().join("ca.crt"),
             cert = creds.join("agent.crt"),
             key = creds.join("agent.key"),
@@ -285,7 +375,14 @@ impl ScaleFleet {
                     .args(["--prefix", PREFIX])
                     .args(["--first", &first.to_string()])
                     .args(["--count", &count.to_string()])
-                    .args(["--max-running", &max_running.to_string()]),
+                    .args(["--max-running", &max_running.to_string()])
+                    .args([
+                        "--executor",
+                        match self.executor {
+                            Executor::Sandbox => "sandbox",
+                            Executor::Harness => "harness",
+                        },
+                    ]),
                 &self.root().join(format!("sim-{first}.log")),
                 "warn",
             );
@@ -336,7 +433,24 @@ impl ScaleFleet {
     /// How many agents the controller counts as connected (its
     /// `rollguard_connected_agents` gauge).
     pub fn connected(&self) -> usize {
-        self.metric("rollguard_connected_agents").unwrap_or(0.0) as usize
+        let here = self.metric("rollguard_connected_agents").unwrap_or(0.0) as usize;
+        let elsewhere: usize = (1..=self.replicas.len())
+            .filter(|&i| self.replicas[i - 1].1.is_some())
+            .filter_map(|i| {
+                let op = Client::connect_with(
+                    &self.replica_url(i),
+                    &self.ctl().join("ca.crt"),
+                    &self.ctl().join("operator.crt"),
+                    &self.ctl().join("operator.key"),
+                )
+                .ok()?;
+                let text = op.get_text("/metrics").ok()?;
+                text.lines()
+                    .find_map(|l| l.strip_prefix("rollguard_connected_agents "))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            })
+            .sum();
+        here + elsewhere
     }
 
     /// A persistent operator connection (cheap to poll with, unlike
@@ -468,7 +582,8 @@ impl ScaleFleet {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Some(mut c) = self.controller.take() {
+        let replicas = self.replicas.iter_mut().filter_map(|r| r.1.take());
+        for mut c in self.controller.take().into_iter().chain(replicas) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -13,6 +13,13 @@
 //! machine. The only part of `serve` left out is the local control socket
 //! (`rollguard-agent kill`), which load tests do not use.
 //!
+//! With [`Executor::Harness`] (`--executor harness`) nothing is run at
+//! all: each order is answered with a success report at once
+//! ([`HarnessExecutor`]). That measures the controller and the protocol
+//! alone, without the sandbox CPU that a real fleet spends on each host's
+//! own CPU. It lives here, in the tests crate, and nowhere in a shipped
+//! binary.
+//!
 //! Hosts are read from `DIR/<index / 100>/<prefix><index>/agent.toml`, both
 //! numbers zero-padded, e.g. `DIR/004/sim-00421/agent.toml`. Why the
 //! grouping: the sandbox grants access to everything outside a host's
@@ -25,10 +32,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use rollguard_agent::daemon::executor::RunnerExecutor;
+use rollguard_agent::daemon::executor::{BundleExecutor, RunnerExecutor};
 use rollguard_agent::daemon::transport::Transport;
 use rollguard_agent::daemon::{open_launcher, Daemon, MAX_CONCURRENT_RUNS};
+use rollguard_agent::kill_switch::KillSignal;
 use rollguard_agent::policy::HostPolicy;
+use rollguard_shared::protocol::RolloutId;
+use rollguard_shared::report::{RunReport, RunStatus};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -44,6 +54,35 @@ pub struct SimulateOptions {
     /// Bundles running at once in this process, at most (0: no bound
     /// beyond each host's own).
     pub max_running: usize,
+    pub executor: Executor,
+}
+
+/// What answers a run order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Executor {
+    /// The real runner: signatures, the kernel sandbox, denial collection.
+    Sandbox,
+    /// Nothing runs: every order is answered with a success report at once
+    /// (the control plane measured alone).
+    Harness,
+}
+
+/// Reports success without running anything (see the module's docs). A
+/// bundle it is given is neither verified nor opened.
+pub struct HarnessExecutor {
+    host: String,
+}
+
+impl BundleExecutor for HarnessExecutor {
+    fn run(&self, _bundle: &Path, rollout_id: &RolloutId, _kill: KillSignal) -> RunReport {
+        RunReport {
+            exit_code: Some(0),
+            denials: Some(vec![]),
+            denial_count: Some(0),
+            run_id: Some(format!("harness-{rollout_id}")),
+            ..RunReport::new(&self.host, RunStatus::Succeeded)
+        }
+    }
 }
 
 /// Hosts per group directory.
@@ -102,11 +141,16 @@ pub fn simulate(opts: &SimulateOptions) -> anyhow::Result<()> {
         for (policy, transport) in hosts {
             let identity = policy.identity();
             let state_dir = policy.state_dir().to_path_buf();
-            let executor = Arc::new(RunnerExecutor {
-                policy,
-                agent_exe: agent_exe.clone(),
-                launcher: launcher.clone(),
-            });
+            let executor: Arc<dyn BundleExecutor> = match opts.executor {
+                Executor::Sandbox => Arc::new(RunnerExecutor {
+                    policy,
+                    agent_exe: agent_exe.clone(),
+                    launcher: launcher.clone(),
+                }),
+                Executor::Harness => Arc::new(HarnessExecutor {
+                    host: identity.name.clone(),
+                }),
+            };
             let daemon = Daemon::open_with(identity, &state_dir, executor, shared_slots.clone())
                 .with_context(|| format!("state directory {}", state_dir.display()))?;
             tokio::spawn(daemon.run_forever(transport));

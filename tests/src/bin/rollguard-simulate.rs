@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rollguard_tests::simulate::{simulate, SimulateOptions};
+use rollguard_tests::simulate::{simulate, Executor, SimulateOptions};
 
 /// Run many agent daemons in this one process, each with its own policy
 /// (DIR/ggg/PREFIXnnnnn/agent.toml, ggg = nnnnn / 100: own name,
@@ -32,6 +32,10 @@ struct Args {
     /// keep up with hundreds of runs at once.
     #[arg(long, default_value_t = 4)]
     max_running: usize,
+    /// What answers a run order: the real sandbox, or `harness` (nothing
+    /// runs; a success report at once: the control plane measured alone).
+    #[arg(long, value_enum, default_value = "sandbox")]
+    executor: Executor,
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         first: args.first,
         count: args.count,
         max_running: args.max_running,
+        executor: args.executor,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
