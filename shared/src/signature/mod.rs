@@ -32,7 +32,9 @@ pub mod threshold;
 #[cfg(test)]
 mod tests;
 
-pub use allowed_signers::{AllowedSigner, AllowedSigners, AllowedSignersError, LineError};
+pub use allowed_signers::{
+    AllowedSigner, AllowedSigners, AllowedSignersError, LineError, SkPolicy,
+};
 pub use keys::{load_private_key, load_private_key_with_passphrase, PASSPHRASE_ENV};
 pub use pattern::{Pattern, PatternList};
 /// Key types of the public API, re-exported so callers need not depend on
