@@ -1,6 +1,8 @@
 //! Bundle signatures and the trust that decides which of them count.
 //!
-//! Format: OpenSSH SSHSIG (`ssh-keygen -Y sign`), ed25519 keys only, in the
+//! Format: OpenSSH SSHSIG (`ssh-keygen -Y sign`), ed25519 keys only (plain
+//! `ssh-ed25519`, or `sk-ssh-ed25519@openssh.com` on a FIDO security key,
+//! whose signatures are verified but never made here), in the
 //! fixed namespace [`NAMESPACE`], over the *exact* bytes of the built
 //! manifest (never a re-serialization: a signature must mean the bytes a
 //! reviewer read). Trust comes from an OpenSSH `allowed_signers` file
@@ -40,7 +42,7 @@ pub use pattern::{Pattern, PatternList};
 /// Key types of the public API, re-exported so callers need not depend on
 /// `ssh-key` themselves.
 pub use ssh_key::{PrivateKey, PublicKey};
-pub use sshsig::{public_key_fingerprint, sign};
+pub use sshsig::{public_key_fingerprint, sign, SkSignature};
 pub use threshold::{
     evaluate, verify_threshold, Evaluation, Rejection, SignatureDiagnostic, SignatureOutcome,
     Verified, VerifyError, MAX_SIGNATURES,
