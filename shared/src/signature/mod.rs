@@ -130,6 +130,8 @@ pub enum SignatureError {
     Decrypt { path: String, detail: String },
     #[error("key type {algorithm} is not supported: rollguard accepts ed25519 keys only")]
     UnsupportedKey { algorithm: String },
+    #[error("this is a FIDO security key (sk-ssh-ed25519@openssh.com): rollguard verifies its signatures but cannot sign with it; sign the output of `rollguard bundle manifest` with `ssh-keygen -Y sign -n {NAMESPACE} -f KEY` and attach the .sig with `rollguard bundle attach-signature`")]
+    SecurityKeySigning,
     #[error("the private key is still encrypted")]
     EncryptedKey,
     #[error("invalid signer: {0}")]

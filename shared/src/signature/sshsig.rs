@@ -57,6 +57,9 @@ pub(crate) fn check_signer(
     if let Some(s) = signer {
         validate_principal(s)?;
     }
+    if algorithm == Algorithm::SkEd25519 {
+        return Err(SignatureError::SecurityKeySigning);
+    }
     if algorithm != Algorithm::Ed25519 {
         return Err(SignatureError::UnsupportedKey {
             algorithm: algorithm.to_string(),

@@ -21,8 +21,9 @@ use super::interop::ssh_keygen_verifies;
 use super::{keypair, public_line, run_ok, ssh_keygen, MANIFEST};
 use crate::signature::sshsig::{self, Checked};
 use crate::signature::{
-    evaluate, public_key_fingerprint, sign, AllowedSigners, RawSignature, Rejection,
-    SignatureDiagnostic, SignatureOutcome, SkSignature, NAMESPACE,
+    evaluate, load_private_key_with_passphrase, public_key_fingerprint, sign, AllowedSigners,
+    RawSignature, Rejection, SignatureDiagnostic, SignatureError, SignatureOutcome, SkSignature,
+    NAMESPACE,
 };
 
 const OPENSSH_SIG: &str = include_str!("testdata/openssh/ed25519_sk.sig");
@@ -500,6 +501,26 @@ fn fingerprints_match_openssh_test_data() {
     // And as ssh-keygen prints it.
     let out = run_ok(ssh_keygen().arg("-lf").arg(testdata("ed25519_sk.pub")));
     assert!(out.contains(&fp), "{out}");
+}
+
+#[test]
+fn signing_with_a_security_key_is_refused() {
+    let err = load_private_key_with_passphrase(&testdata("ed25519_sk"), None).unwrap_err();
+    assert!(matches!(err, SignatureError::SecurityKeySigning), "{err}");
+    assert!(
+        err.to_string()
+            .contains("ssh-keygen -Y sign -n rollguard-bundle"),
+        "{err}"
+    );
+    // Nor through an agent: refused before any socket is opened.
+    let err = crate::signature::agent::sign(
+        MANIFEST,
+        &openssh_public(),
+        Path::new("/nonexistent/agent.sock"),
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(err, SignatureError::SecurityKeySigning), "{err}");
 }
 
 /// `ssh-keygen -Y verify` on OpenSSH's own material.
