@@ -12,14 +12,22 @@
 //! spaces instead of commas and reads `valid-after` as a number instead of
 //! `YYYYMMDD[HHMM[SS]][Z]`). This follows OpenSSH's `sshsig.c`
 //! (`parse_principals_key_and_options`, `sshsigopt_parse`) and `misc.c`
-//! (`opt_dequote`, `parse_absolute_time`), with two deliberate differences,
-//! both fail-closed:
+//! (`opt_dequote`, `parse_absolute_time`), with deliberate differences,
+//! all fail-closed:
 //!
 //! - any malformed line makes the whole file an error (ssh-keygen only
 //!   notices a broken line when it reaches it while searching), so a typo
 //!   can never silently drop a signer;
-//! - keys other than `ssh-ed25519` are errors, since rollguard accepts no
-//!   other kind of signature.
+//! - keys other than `ssh-ed25519` and `sk-ssh-ed25519@openssh.com` (an
+//!   ed25519 key on a FIDO security key) are errors, since rollguard
+//!   accepts no other kind of signature;
+//! - two options of sshd's `authorized_keys` apply to security keys,
+//!   `no-touch-required` and `verify-required` ([`SkPolicy`]), with sshd's
+//!   meaning. ssh-keygen's allowed_signers has neither: `ssh-keygen -Y
+//!   verify` checks no authenticator flags at all and refuses a line that
+//!   carries one. rollguard, like sshd, requires the user-presence flag (a
+//!   touch) of every security-key signature unless its line says
+//!   `no-touch-required`.
 //!
 //! `cert-authority` entries are parsed but never match a plain-key
 //! signature: rollguard does not support certificates.
@@ -37,6 +45,31 @@ use super::pattern::{PatternError, PatternList};
 /// Largest `allowed_signers` file [`AllowedSigners::load`] reads.
 pub const MAX_ALLOWED_SIGNERS_BYTES: u64 = 1024 * 1024;
 
+/// What an entry of a security key (`sk-ssh-ed25519@openssh.com`)
+/// demands of its signatures: the flags the authenticator must have set
+/// when it signed (sshd's `authorized_keys` options of the same names).
+/// The flags are covered by the signature, so a signature that claims a
+/// touch it did not get cannot be forged without the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkPolicy {
+    /// User presence (flag 0x01: someone touched the key). Required
+    /// unless the line says `no-touch-required`.
+    pub user_presence: bool,
+    /// User verification (flag 0x04: PIN or biometric), required by
+    /// `verify-required`.
+    pub user_verification: bool,
+}
+
+impl Default for SkPolicy {
+    /// sshd's default: a touch, no PIN.
+    fn default() -> Self {
+        SkPolicy {
+            user_presence: true,
+            user_verification: false,
+        }
+    }
+}
+
 /// One entry (line) of the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowedSigner {
@@ -47,6 +80,8 @@ pub struct AllowedSigner {
     valid_after: Option<Timestamp>,
     valid_before: Option<Timestamp>,
     key: PublicKey,
+    /// `Some` exactly when `key` is a security key.
+    sk_policy: Option<SkPolicy>,
 }
 
 impl AllowedSigner {
@@ -73,9 +108,15 @@ impl AllowedSigner {
     pub fn valid_before(&self) -> Option<Timestamp> {
         self.valid_before
     }
-    /// Always an ed25519 key; the comment of the line is its comment.
+    /// An `ssh-ed25519` or `sk-ssh-ed25519@openssh.com` key; the comment
+    /// of the line is its comment.
     pub fn public_key(&self) -> &PublicKey {
         &self.key
+    }
+    /// For a security key, the authenticator flags its signatures need;
+    /// `None` for a plain ed25519 key.
+    pub fn sk_policy(&self) -> Option<SkPolicy> {
+        self.sk_policy
     }
     /// Whether the entry's `namespaces=` (if any) admits `namespace`.
     pub fn allows_namespace(&self, namespace: &str) -> bool {
@@ -104,7 +145,7 @@ pub enum LineError {
     StrayQuote,
     #[error("options: unterminated quote")]
     UnterminatedOptionQuote,
-    #[error("unknown option {0:?} (known: cert-authority, namespaces=\"...\", valid-after=\"...\", valid-before=\"...\")")]
+    #[error("unknown option {0:?} (known: cert-authority, namespaces=\"...\", valid-after=\"...\", valid-before=\"...\", no-touch-required, verify-required)")]
     UnknownOption(String),
     #[error("option {0} is given twice")]
     DuplicateOption(&'static str),
@@ -124,12 +165,14 @@ pub enum LineError {
     },
     #[error("valid-before is not after valid-after")]
     EmptyValidity,
-    #[error("key type {0} is not supported: rollguard accepts ssh-ed25519 keys only")]
+    #[error("key type {0} is not supported: rollguard accepts ssh-ed25519 and sk-ssh-ed25519@openssh.com keys only")]
     UnsupportedKeyType(String),
-    #[error("{0:?} is not a key type (expected ssh-ed25519)")]
+    #[error("{0:?} is not a key type (expected ssh-ed25519 or sk-ssh-ed25519@openssh.com)")]
     NotAKeyType(String),
-    #[error("the ssh-ed25519 key is malformed: {0}")]
-    BadKey(String),
+    #[error("the {0} key is malformed: {1}")]
+    BadKey(&'static str, String),
+    #[error("option {0} applies to security keys (sk-ssh-ed25519@openssh.com) only, and this is a plain ssh-ed25519 key")]
+    SkOptionOnPlainKey(&'static str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,25 +313,48 @@ fn parse_line(
     if type_name.is_empty() {
         return Err(LineError::MissingKey);
     }
-    match key_type(type_name) {
-        Some(KeyType::Ed25519) => {}
+    let (kind, type_name) = match key_type(type_name) {
+        Some(KeyType::Ed25519) => (KeyType::Ed25519, "ssh-ed25519"),
+        Some(KeyType::SkEd25519) => (KeyType::SkEd25519, "sk-ssh-ed25519@openssh.com"),
         Some(KeyType::Other) => return Err(LineError::UnsupportedKeyType(type_name.to_string())),
         None => return Err(LineError::NotAKeyType(type_name.to_string())),
-    }
+    };
     let (base64, comment) = take_word(rest);
     if base64.is_empty() {
         return Err(LineError::MissingKey);
     }
+    let bad_key = |detail: String| LineError::BadKey(type_name, detail);
     let mut key = PublicKey::from_openssh(&format!("{type_name} {base64}"))
-        .map_err(|e| LineError::BadKey(e.to_string()))?;
-    if !key.key_data().is_ed25519() {
-        // The encoded blob must say the same type as the text.
-        return Err(LineError::BadKey(format!(
-            "the key data is {}, not ssh-ed25519",
+        .map_err(|e| bad_key(e.to_string()))?;
+    // The encoded blob must say the same type as the text.
+    let blob_matches = match kind {
+        KeyType::Ed25519 => key.key_data().is_ed25519(),
+        KeyType::SkEd25519 => key.key_data().is_sk_ed25519(),
+        KeyType::Other => false,
+    };
+    if !blob_matches {
+        return Err(bad_key(format!(
+            "the key data is {}, not {type_name}",
             key.algorithm()
         )));
     }
     key.set_comment(comment.trim_end_matches(SEPARATORS));
+    let sk_policy = match kind {
+        KeyType::SkEd25519 => Some(SkPolicy {
+            user_presence: !options.no_touch_required,
+            user_verification: options.verify_required,
+        }),
+        // A plain key has no authenticator to confirm anything: an option
+        // that asks for a touch or a PIN would be a promise nothing keeps
+        // (and `no-touch-required` there says the line means another key).
+        _ if options.verify_required => {
+            return Err(LineError::SkOptionOnPlainKey("verify-required"))
+        }
+        _ if options.no_touch_required => {
+            return Err(LineError::SkOptionOnPlainKey("no-touch-required"))
+        }
+        _ => None,
+    };
 
     Ok(Some(AllowedSigner {
         line,
@@ -298,6 +364,7 @@ fn parse_line(
         valid_after: options.valid_after,
         valid_before: options.valid_before,
         key,
+        sk_policy,
     }))
 }
 
@@ -352,16 +419,26 @@ struct SignerOptions {
     namespaces: Option<PatternList>,
     valid_after: Option<Timestamp>,
     valid_before: Option<Timestamp>,
+    no_touch_required: bool,
+    verify_required: bool,
 }
 
 /// `cert-authority`, `namespaces="..."`, `valid-after="..."`,
-/// `valid-before="..."`, comma-separated, keywords case-insensitive.
+/// `valid-before="..."`, `no-touch-required`, `verify-required`,
+/// comma-separated, keywords case-insensitive. Like `cert-authority`, a
+/// flag given twice means the same as once.
 fn parse_options(token: &str, zone: &LocalZone<'_>) -> Result<SignerOptions, LineError> {
     let mut opts = SignerOptions::default();
     let mut rest = token;
     loop {
         if let Some(r) = strip_prefix_ci(rest, "cert-authority") {
             opts.cert_authority = true;
+            rest = r;
+        } else if let Some(r) = strip_prefix_ci(rest, "no-touch-required") {
+            opts.no_touch_required = true;
+            rest = r;
+        } else if let Some(r) = strip_prefix_ci(rest, "verify-required") {
+            opts.verify_required = true;
             rest = r;
         } else if let Some(r) = strip_prefix_ci(rest, "namespaces=") {
             if opts.namespaces.is_some() {
@@ -521,11 +598,12 @@ fn strip_suffix_ci<'a>(s: &'a str, suffix: &str) -> Option<&'a str> {
 
 enum KeyType {
     Ed25519,
+    SkEd25519,
     Other,
 }
 
-/// Recognize the key types OpenSSH knows, so that a non-ed25519 key gets a
-/// clear "unsupported" error instead of being read as options.
+/// Recognize the key types OpenSSH knows, so that an unsupported key gets
+/// a clear "unsupported" error instead of being read as options.
 fn key_type(word: &str) -> Option<KeyType> {
     const OTHER: &[&str] = &[
         "ssh-rsa",
@@ -533,12 +611,13 @@ fn key_type(word: &str) -> Option<KeyType> {
         "ecdsa-sha2-nistp256",
         "ecdsa-sha2-nistp384",
         "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
         "sk-ecdsa-sha2-nistp256@openssh.com",
         "ssh-xmss@openssh.com",
     ];
     if word == "ssh-ed25519" {
         Some(KeyType::Ed25519)
+    } else if word == "sk-ssh-ed25519@openssh.com" {
+        Some(KeyType::SkEd25519)
     } else if OTHER.contains(&word) || word.ends_with("-cert-v01@openssh.com") {
         Some(KeyType::Other)
     } else {
@@ -568,6 +647,14 @@ impl fmt::Display for AllowedSigner {
         }
         if let Some(t) = self.valid_before {
             options.push(format!("valid-before=\"{}\"", t.strftime("%Y%m%d%H%M%SZ")));
+        }
+        if let Some(policy) = self.sk_policy {
+            if !policy.user_presence {
+                options.push("no-touch-required".to_string());
+            }
+            if policy.user_verification {
+                options.push("verify-required".to_string());
+            }
         }
         if !options.is_empty() {
             write!(f, " {}", options.join(","))?;

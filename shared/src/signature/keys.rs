@@ -55,7 +55,11 @@ pub fn load_private_key_with_passphrase(
         detail: e.to_string(),
     })?;
     // The algorithm is in the unencrypted public half: refuse other key
-    // types before spending a KDF on them.
+    // types before spending a KDF on them. A security key's file holds only
+    // a handle for the token, which rollguard does not talk to.
+    if key.algorithm() == Algorithm::SkEd25519 {
+        return Err(SignatureError::SecurityKeySigning);
+    }
     if key.algorithm() != Algorithm::Ed25519 {
         return Err(SignatureError::UnsupportedKey {
             algorithm: key.algorithm().to_string(),

@@ -1,6 +1,8 @@
 //! Bundle signatures and the trust that decides which of them count.
 //!
-//! Format: OpenSSH SSHSIG (`ssh-keygen -Y sign`), ed25519 keys only, in the
+//! Format: OpenSSH SSHSIG (`ssh-keygen -Y sign`), ed25519 keys only (plain
+//! `ssh-ed25519`, or `sk-ssh-ed25519@openssh.com` on a FIDO security key,
+//! whose signatures are verified but never made here), in the
 //! fixed namespace [`NAMESPACE`], over the *exact* bytes of the built
 //! manifest (never a re-serialization: a signature must mean the bytes a
 //! reviewer read). Trust comes from an OpenSSH `allowed_signers` file
@@ -32,13 +34,15 @@ pub mod threshold;
 #[cfg(test)]
 mod tests;
 
-pub use allowed_signers::{AllowedSigner, AllowedSigners, AllowedSignersError, LineError};
+pub use allowed_signers::{
+    AllowedSigner, AllowedSigners, AllowedSignersError, LineError, SkPolicy,
+};
 pub use keys::{load_private_key, load_private_key_with_passphrase, PASSPHRASE_ENV};
 pub use pattern::{Pattern, PatternList};
 /// Key types of the public API, re-exported so callers need not depend on
 /// `ssh-key` themselves.
 pub use ssh_key::{PrivateKey, PublicKey};
-pub use sshsig::{public_key_fingerprint, sign};
+pub use sshsig::{public_key_fingerprint, sign, SkSignature};
 pub use threshold::{
     evaluate, verify_threshold, Evaluation, Rejection, SignatureDiagnostic, SignatureOutcome,
     Verified, VerifyError, MAX_SIGNATURES,
@@ -126,6 +130,8 @@ pub enum SignatureError {
     Decrypt { path: String, detail: String },
     #[error("key type {algorithm} is not supported: rollguard accepts ed25519 keys only")]
     UnsupportedKey { algorithm: String },
+    #[error("this is a FIDO security key (sk-ssh-ed25519@openssh.com): rollguard verifies its signatures but cannot sign with it; sign the output of `rollguard bundle manifest` with `ssh-keygen -Y sign -n {NAMESPACE} -f KEY` and attach the .sig with `rollguard bundle attach-signature`")]
+    SecurityKeySigning,
     #[error("the private key is still encrypted")]
     EncryptedKey,
     #[error("invalid signer: {0}")]

@@ -30,6 +30,7 @@ use ssh_key::public::KeyData;
 use ssh_key::HashAlg;
 
 use super::allowed_signers::{AllowedSigner, AllowedSigners};
+use super::sshsig::SkSignature;
 use super::{sshsig, validate_principal, RawSignature, NAMESPACE};
 
 /// The identity of every signature trusted only through a wildcard
@@ -52,8 +53,10 @@ pub enum Rejection {
     InvalidSigner { detail: String },
     #[error("signature is for namespace {namespace:?}, not {NAMESPACE:?}")]
     WrongNamespace { namespace: String },
-    #[error("signature uses {algorithm}: only ed25519 keys are accepted")]
+    #[error("signature uses {algorithm}: only ed25519 keys (ssh-ed25519, sk-ssh-ed25519@openssh.com) are accepted")]
     NotEd25519 { algorithm: String },
+    #[error("the signature is of type {signature} but its key is {key}")]
+    KeyTypeMismatch { key: String, signature: String },
     #[error("the signature does not match the manifest (tampered manifest or corrupt signature)")]
     BadSignature,
     #[error("the signing key is not in allowed_signers")]
@@ -77,6 +80,10 @@ pub enum Rejection {
         line: usize,
         valid_before: Timestamp,
     },
+    #[error("the security key did not confirm user presence (flags 0x{flags:02x}: no touch), which allowed_signers line {line} requires (unless it says no-touch-required)")]
+    UserPresenceNotConfirmed { line: usize, flags: u8 },
+    #[error("the security key did not verify the user (flags 0x{flags:02x}: no PIN or biometric), which verify-required on allowed_signers line {line} requires")]
+    UserVerificationNotConfirmed { line: usize, flags: u8 },
     #[error("not examined: a bundle may carry at most {MAX_SIGNATURES} signatures")]
     NotExamined,
 }
@@ -90,6 +97,8 @@ impl Rejection {
             Rejection::SignerNotListed { .. } | Rejection::SignerRequired { .. } => 2,
             Rejection::NamespaceNotAllowed { .. } => 3,
             Rejection::KeyNotYetValid { .. } | Rejection::KeyExpired { .. } => 4,
+            Rejection::UserPresenceNotConfirmed { .. }
+            | Rejection::UserVerificationNotConfirmed { .. } => 5,
             _ => 0,
         }
     }
@@ -125,6 +134,10 @@ pub struct SignatureDiagnostic {
     pub key_fingerprint: Option<String>,
     /// e.g. `ssh-ed25519`, when the armor could be read.
     pub key_algorithm: Option<String>,
+    /// For a security key's signature that verified: the authenticator's
+    /// flags and counter (whether or not allowed_signers then trusts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_key: Option<SkSignature>,
     #[serde(flatten)]
     pub outcome: SignatureOutcome,
 }
@@ -146,6 +159,9 @@ impl fmt::Display for SignatureDiagnostic {
         }
         if let Some(fp) = &self.key_fingerprint {
             write!(f, " [{fp}]")?;
+        }
+        if let Some(sk) = &self.security_key {
+            write!(f, " (security key: {sk})")?;
         }
         match &self.outcome {
             SignatureOutcome::Trusted {
@@ -297,6 +313,7 @@ pub fn evaluate(
             claimed_signer: raw.signer.clone(),
             key_fingerprint: None,
             key_algorithm: None,
+            security_key: None,
             outcome: SignatureOutcome::Trusted {
                 principals: vec![],
                 counted_as: None,
@@ -417,18 +434,20 @@ fn judge(
             detail: e.to_string(),
         })?;
     }
-    let key = sshsig::check(&sig, message)?;
-    let principals = trusted_principals(&key, raw.signer.as_deref(), allowed, now)?;
-    Ok((key, principals))
+    let checked = sshsig::check(&sig, message)?;
+    diag.security_key = checked.sk;
+    let principals = trusted_principals(&checked, raw.signer.as_deref(), allowed, now)?;
+    Ok((checked.key, principals))
 }
 
 /// The principals a valid signature by `key` may stand for: from every
 /// entry with this key that is not a CA, admits our namespace and is
-/// valid at `now`. Literal principals count by themselves; a wildcard
+/// valid at `now` (and, for a security key, whose flag requirements the
+/// signature meets). Literal principals count by themselves; a wildcard
 /// pattern only through a claimed signer it matches. With a claim, only
 /// the claim can be a candidate (`ssh-keygen -Y verify -I`).
 fn trusted_principals(
-    key: &KeyData,
+    checked: &sshsig::Checked,
     claim: Option<&str>,
     allowed: &AllowedSigners,
     now: Timestamp,
@@ -439,10 +458,10 @@ fn trusted_principals(
     for entry in allowed
         .entries()
         .iter()
-        .filter(|e| e.public_key().key_data() == key)
+        .filter(|e| e.public_key().key_data() == &checked.key)
     {
         any_entry = true;
-        match entry_principals(entry, claim, now) {
+        match entry_principals(entry, claim, checked.sk, now) {
             Ok(p) => found.extend(p),
             Err(r) => {
                 if best.as_ref().is_none_or(|b| r.stage() > b.stage()) {
@@ -463,6 +482,7 @@ fn trusted_principals(
 fn entry_principals(
     entry: &AllowedSigner,
     claim: Option<&str>,
+    sk: Option<SkSignature>,
     now: Timestamp,
 ) -> Result<Vec<String>, Rejection> {
     let line = entry.line();
@@ -503,6 +523,18 @@ fn entry_principals(
                 line,
                 valid_before: before,
             });
+        }
+    }
+    // sshd's order (auth2-pubkey.c): presence, then verification. An sk
+    // entry only matches an sk key, so `sk` is there; were it not, no flag
+    // would be set, and the check fails closed.
+    if let Some(policy) = entry.sk_policy() {
+        let flags = sk.map_or(0, |s| s.flags);
+        if policy.user_presence && flags & sshsig::SK_USER_PRESENCE == 0 {
+            return Err(Rejection::UserPresenceNotConfirmed { line, flags });
+        }
+        if policy.user_verification && flags & sshsig::SK_USER_VERIFICATION == 0 {
+            return Err(Rejection::UserVerificationNotConfirmed { line, flags });
         }
     }
     Ok(candidates)

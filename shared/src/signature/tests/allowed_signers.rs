@@ -201,7 +201,25 @@ fn malformed_lines_are_errors_with_line_numbers() {
         ),
         (
             format!("alice no-touch-required {key}"),
-            LineError::UnknownOption("no-touch-required".into()),
+            LineError::SkOptionOnPlainKey("no-touch-required"),
+        ),
+        (
+            format!("alice namespaces=\"x\",Verify-Required {key}"),
+            LineError::SkOptionOnPlainKey("verify-required"),
+        ),
+        // sshd also takes the defaults spelled out; the documented options
+        // are the ones that change something.
+        (
+            format!("alice touch-required {key}"),
+            LineError::UnknownOption("touch-required".into()),
+        ),
+        (
+            format!("alice no-verify-required {key}"),
+            LineError::UnknownOption("no-verify-required".into()),
+        ),
+        (
+            format!("alice verify-requiredX {key}"),
+            LineError::UnknownOption("X".into()),
         ),
         (
             format!("alice cert-authorityX {key}"),
@@ -321,8 +339,12 @@ fn malformed_lines_are_errors_with_line_numbers() {
             LineError::UnsupportedKeyType("ssh-ed25519-cert-v01@openssh.com".into()),
         ),
         (
-            "alice sk-ssh-ed25519@openssh.com AAAA".into(),
-            LineError::UnsupportedKeyType("sk-ssh-ed25519@openssh.com".into()),
+            "alice sk-ecdsa-sha2-nistp256@openssh.com AAAA".into(),
+            LineError::UnsupportedKeyType("sk-ecdsa-sha2-nistp256@openssh.com".into()),
+        ),
+        (
+            "alice sk-ssh-ed25519-cert-v01@openssh.com AAAA".into(),
+            LineError::UnsupportedKeyType("sk-ssh-ed25519-cert-v01@openssh.com".into()),
         ),
         (
             format!("alice cert-authority nonsense {key}"),
@@ -360,16 +382,16 @@ fn malformed_key_material() {
     // Corrupt base64, a truncated blob, and an ECDSA blob labelled ed25519.
     assert!(matches!(
         err(&format!("alice ssh-ed25519 {}!", &blob[..20])).1,
-        LineError::BadKey(_)
+        LineError::BadKey(..)
     ));
     assert!(matches!(
         err(&format!("alice ssh-ed25519 {}", &blob[..40])).1,
-        LineError::BadKey(_)
+        LineError::BadKey(..)
     ));
     let ecdsa_blob = ECDSA.split_whitespace().nth(1).unwrap();
     assert!(matches!(
         err(&format!("alice ssh-ed25519 {ecdsa_blob}")).1,
-        LineError::BadKey(_)
+        LineError::BadKey(..)
     ));
 }
 
@@ -463,4 +485,89 @@ proptest! {
             }
         }
     }
+}
+
+/// OpenSSH's regress security key (see testdata/openssh/README.md).
+const SK_KEY: &str = "sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIJsaDYXQYruc6bilCYDIK4YSOeG+zmrRO2M9t03//7LHAAAABHNzaDo=";
+
+#[test]
+fn security_keys_and_their_options() {
+    use crate::signature::SkPolicy;
+    let text = format!(
+        "alice {SK_KEY} alice's token\n\
+         bob no-touch-required {SK_KEY}\n\
+         carol VERIFY-REQUIRED,namespaces=\"rollguard-bundle\" {SK_KEY}\n\
+         dave no-touch-required,verify-required,no-touch-required {SK_KEY}\n\
+         erin {}\n",
+        k(1)
+    );
+    let signers = ok(&text);
+    let policies: Vec<Option<SkPolicy>> = signers.entries().iter().map(|e| e.sk_policy()).collect();
+    let policy = |user_presence, user_verification| {
+        Some(SkPolicy {
+            user_presence,
+            user_verification,
+        })
+    };
+    assert_eq!(
+        policies,
+        vec![
+            policy(true, false),
+            policy(false, false),
+            policy(true, true),
+            policy(false, true),
+            None
+        ]
+    );
+    let alice = &signers.entries()[0];
+    let sk = alice
+        .public_key()
+        .key_data()
+        .sk_ed25519()
+        .expect("an sk key");
+    assert_eq!(sk.application(), "ssh:");
+    assert_eq!(alice.public_key().comment(), "alice's token");
+
+    // Written back, each line means the same (options in a fixed order).
+    let lines: Vec<String> = signers.entries().iter().map(|e| e.to_string()).collect();
+    assert_eq!(lines[0], format!("alice {SK_KEY} alice's token"));
+    assert_eq!(lines[1], format!("bob no-touch-required {SK_KEY}"));
+    assert_eq!(
+        lines[2],
+        format!("carol namespaces=\"rollguard-bundle\",verify-required {SK_KEY}")
+    );
+    assert_eq!(
+        lines[3],
+        format!("dave no-touch-required,verify-required {SK_KEY}")
+    );
+    assert_eq!(ok(&lines.join("\n")), signers);
+}
+
+#[test]
+fn malformed_security_keys() {
+    let sk_blob = SK_KEY.split_whitespace().nth(1).unwrap();
+    let ed_blob = k(1).split_whitespace().nth(1).unwrap().to_string();
+    // The text says one kind, the blob another: either way round.
+    for line in [
+        format!("alice sk-ssh-ed25519@openssh.com {ed_blob}"),
+        format!("alice ssh-ed25519 {sk_blob}"),
+        // Truncated (no application), and corrupt base64.
+        format!("alice sk-ssh-ed25519@openssh.com {}", &sk_blob[..60]),
+        format!("alice sk-ssh-ed25519@openssh.com {}!", &sk_blob[..20]),
+        "alice sk-ssh-ed25519@openssh.com AAAA".to_string(),
+    ] {
+        let (n, problem) = err(&line);
+        assert_eq!(n, 1);
+        assert!(
+            matches!(problem, LineError::BadKey(..)),
+            "{line}: {problem:?}"
+        );
+    }
+    let (_, problem) = err(&format!("alice sk-ssh-ed25519@openssh.com {ed_blob}"));
+    assert!(
+        problem
+            .to_string()
+            .starts_with("the sk-ssh-ed25519@openssh.com key is malformed: "),
+        "{problem}"
+    );
 }

@@ -14,7 +14,7 @@ use crate::signature::{
 };
 
 /// `ssh-keygen -Y verify ... < manifest`; whether it accepted.
-fn ssh_keygen_verifies(
+pub(super) fn ssh_keygen_verifies(
     allowed: &Path,
     principal: &str,
     namespace: &str,

@@ -6,6 +6,7 @@ use ssh_key::PrivateKey;
 mod allowed_signers;
 mod interop;
 mod keys;
+mod sk;
 mod threshold;
 
 /// A deterministic ed25519 key (tests must be reproducible).
