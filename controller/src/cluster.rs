@@ -13,8 +13,10 @@
 //!   run orders to the agents connected to it), reports were stored (the
 //!   leader steps those rollouts), a rollout was started, resumed or halted
 //!   (the leader drives it), the kill state changed (each replica pushes it
-//!   to its agents). A replica whose listening connection was lost resyncs
-//!   when it is back: it pushes the kill state and re-sends owed orders.
+//!   to its agents). Each time a replica starts listening (at start, and
+//!   after a lost connection) it resyncs: it pushes the kill state and
+//!   re-sends owed orders, so an agent that got its greeting before the
+//!   replica listened misses nothing.
 //! - **SQLite** is one controller: [`Cluster::alone`] is always the leader
 //!   and has no peers.
 //!
@@ -195,10 +197,14 @@ impl Cluster {
                 tokio::time::sleep(LEADER_CHECK).await;
                 continue;
             }
+            // Listening now; what was committed before is read here: owed
+            // orders of agents that connected (and got their greeting)
+            // before this replica listened, or while it did not.
             if !first {
-                engine.resync().await;
+                tracing::info!("cluster events: listening again");
             }
             first = false;
+            engine.resync().await;
             loop {
                 match listener.try_recv().await {
                     Ok(Some(n)) => match serde_json::from_str::<Envelope>(n.payload()) {

@@ -10,6 +10,8 @@
 //!   connected to the leader.
 //! - A revocation recorded in the database (`revoke --config`) is enforced
 //!   by a replica whose own revoked.list does not have it.
+//! - PostgreSQL restarts mid-rollout, and then the follower restarts: the
+//!   replicas reconnect, the rollout completes, every host ran once.
 
 use rollguard_tests::fleet::{manifest, script, wait_for, Fleet};
 use rollguard_tests::postgres::PgCluster;
@@ -186,4 +188,51 @@ fn a_revocation_in_the_database_is_enforced_by_every_replica() {
     for name in names().iter().filter(|n| *n != "mail-02") {
         assert!(fleet.connected_to(name).is_some(), "{name}");
     }
+}
+
+#[test]
+fn postgres_and_a_replica_restart_mid_rollout_and_nothing_is_lost_or_repeated() {
+    let pg = PgCluster::start();
+    let mut fleet = replicated_fleet(&pg, "restarts");
+    let bundle = fleet.bundle(
+        "slow",
+        &manifest("mail-slow", 1, "\"mail-*\"", "2m"),
+        &script("sleep 2\ntouch \"$H/done\""),
+    );
+    let id = fleet.start_rollout(&bundle, &["--waves", "1,2,100%", "--bake", "2s"]);
+    wait_for("wave 2 to be dispatched", || {
+        let s = fleet.status(&id);
+        (s["current_wave"] == 1).then_some(())
+    });
+    // The database goes away while wave 2 runs and reports.
+    pg.stop("fast");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    pg.restart();
+    wait_for("wave 3 to be dispatched", || {
+        let s = fleet.status(&id);
+        (s["current_wave"] == 2).then_some(())
+    });
+    // The follower restarts while the last wave runs; its agents fail over
+    // to the leader and come back as they please.
+    fleet.kill_replica(1);
+    fleet.start_replica(1);
+    let status = fleet.wait_state(&id, "completed");
+    let states = Fleet::host_states(&status);
+    assert_eq!(states.len(), AGENTS, "{status:#}");
+    assert!(
+        states.values().all(|s| s == "succeeded"),
+        "{status:#}\n{}",
+        fleet.logs()
+    );
+    for name in names() {
+        assert_eq!(
+            fleet.runs_on(&name),
+            vec![id.clone()],
+            "{name} ran exactly once\n{}\npostgres:\n{}",
+            fleet.logs(),
+            pg.log_tail()
+        );
+    }
+    assert!(leads(&fleet, 0) || leads(&fleet, 1), "one replica leads");
+    assert!(!(leads(&fleet, 0) && leads(&fleet, 1)), "only one leads");
 }
