@@ -52,6 +52,12 @@ fn print_response(r: &KillResponse, json: bool) -> Result<()> {
     if !r.agents_pending.is_empty() {
         println!("NOT confirmed (yet): {}", r.agents_pending.join(", "));
     }
+    if r.replicas_silent > 0 {
+        println!(
+            "{} controller replica(s) did not answer in time: their agents are not counted",
+            r.replicas_silent
+        );
+    }
     Ok(())
 }
 
@@ -105,7 +111,7 @@ pub fn run(args: KillArgs) -> Result<ExitCode> {
     };
     let r: KillResponse = client.post("/v1/kill", &KillRequest { scope, reason })?;
     print_response(&r, args.json)?;
-    Ok(if r.agents_pending.is_empty() {
+    Ok(if r.agents_pending.is_empty() && r.replicas_silent == 0 {
         ExitCode::SUCCESS
     } else {
         Exit::Failed.into()

@@ -57,7 +57,22 @@ pub enum Event {
     Reported { ids: Vec<RolloutId> },
     /// The kill state changed (its new generation).
     Kill { generation: u64 },
+    /// How the sender's agents took kill state `generation`: to how many it
+    /// was sent, and which had not acknowledged within the kill
+    /// acknowledgement timeout (at most [`PENDING_NAMES`] names, all counted).
+    KillAcked {
+        generation: u64,
+        sent: u32,
+        pending: Vec<String>,
+        pending_count: u32,
+    },
 }
+
+/// Names of unacknowledging agents carried in one [`Event::KillAcked`]
+/// (a `NOTIFY` payload holds at most 8,000 bytes).
+pub const PENDING_NAMES: usize = 50;
+/// A replica whose heartbeat is older than this is not waited for.
+const REPLICA_ALIVE_MS: i64 = 3000;
 
 /// One event as sent: who sent it, so a replica skips its own.
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,7 +103,8 @@ impl Cluster {
     /// until [`Cluster::run`] wins the leadership.
     pub fn replica(pool: PgPool) -> Arc<Cluster> {
         Arc::new(Cluster {
-            me: rand_id(),
+            // Kept within i64 for the `replicas` table.
+            me: rand_id() >> 1,
             leader: AtomicBool::new(false),
             pool: Some(pool),
         })
@@ -133,7 +149,51 @@ impl Cluster {
             return;
         };
         tokio::spawn(self.clone().listen(pool.clone(), engine.clone()));
+        tokio::spawn(self.clone().heartbeat(pool.clone()));
         tokio::spawn(self.lead(pool, engine));
+    }
+
+    /// Say every second that this replica is alive (the `replicas` table),
+    /// so that a kill taken by another replica waits for its answer.
+    async fn heartbeat(self: Arc<Self>, pool: PgPool) {
+        loop {
+            let done = sqlx::query(
+                "INSERT INTO replicas (id, seen_at) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+            )
+            .bind(self.me as i64)
+            .bind(crate::store::now_ms())
+            .execute(&pool)
+            .await;
+            if let Err(e) = done {
+                tracing::debug!(error = %e, "replica heartbeat");
+            }
+            tokio::time::sleep(LEADER_CHECK).await;
+        }
+    }
+
+    /// The other replicas alive now (none when alone, or when the database
+    /// cannot say: then nothing is waited for, and the counts are this
+    /// replica's alone, as without replicas).
+    pub async fn live_peers(&self) -> Vec<u64> {
+        let Some(pool) = &self.pool else {
+            return vec![];
+        };
+        let since = crate::store::now_ms() - REPLICA_ALIVE_MS;
+        match sqlx::query_scalar::<_, i64>(
+            "SELECT id FROM replicas WHERE seen_at > $1 AND id <> $2",
+        )
+        .bind(since)
+        .bind(self.me as i64)
+        .fetch_all(pool)
+        .await
+        {
+            Ok(ids) => ids.into_iter().map(|i| i as u64).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the live replicas");
+                vec![]
+            }
+        }
     }
 
     /// Try for the leadership every second; while leader, check the lock's
@@ -209,7 +269,7 @@ impl Cluster {
                 match listener.try_recv().await {
                     Ok(Some(n)) => match serde_json::from_str::<Envelope>(n.payload()) {
                         Ok(env) if env.from == self.me => {}
-                        Ok(env) => engine.on_event(env.event).await,
+                        Ok(env) => engine.on_event(env.from, env.event).await,
                         Err(e) => tracing::warn!(error = %e, "ignoring a malformed cluster event"),
                     },
                     Ok(None) => {

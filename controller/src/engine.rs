@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 
 use crate::alertmanager_api::AlertmanagerApi;
 use crate::alerts::AlertmanagerPayload;
-use crate::cluster::{Cluster, Event as ClusterEvent};
+use crate::cluster::{Cluster, Event as ClusterEvent, PENDING_NAMES};
 use crate::hub::{encode, Hub};
 use crate::metrics::Metrics;
 use crate::notify::Event;
@@ -256,6 +256,8 @@ pub struct Engine {
     /// The task driving each rollout (on the leader only): one per rollout,
     /// all aborted when the leadership is lost.
     drivers: Mutex<HashMap<RolloutId, tokio::task::AbortHandle>>,
+    /// Other replicas' answers to a kill this one took ([`ClusterEvent::KillAcked`]).
+    peer_acks: tokio::sync::broadcast::Sender<PeerAcks>,
     /// Registered agents' labels, so a reconnect with unchanged labels
     /// costs no database write.
     known_agents: tokio::sync::Mutex<Option<HashMap<String, BTreeMap<String, String>>>>,
@@ -375,6 +377,7 @@ impl Engine {
             started_at: AtomicI64::new(now_ms()),
             wakers: Mutex::new(HashMap::new()),
             drivers: Mutex::new(HashMap::new()),
+            peer_acks: tokio::sync::broadcast::Sender::new(64),
             known_agents: tokio::sync::Mutex::new(None),
             bundle_cache: Mutex::new(HashMap::new()),
             report_tx,
@@ -472,8 +475,22 @@ impl Engine {
     }
 
     /// Another replica's event.
-    pub async fn on_event(self: &Arc<Self>, event: ClusterEvent) {
+    pub async fn on_event(self: &Arc<Self>, from: u64, event: ClusterEvent) {
         match event {
+            ClusterEvent::KillAcked {
+                generation,
+                sent,
+                pending,
+                pending_count,
+            } => {
+                let _ = self.peer_acks.send(PeerAcks {
+                    from,
+                    generation,
+                    sent,
+                    pending,
+                    pending_count,
+                });
+            }
             ClusterEvent::Rollout { id } => {
                 self.spawn(id.clone());
                 self.wake(&id);
@@ -496,6 +513,23 @@ impl Engine {
                         agents = sent.len(),
                         "kill state pushed (changed through another replica)"
                     );
+                    // Tell the replica that took the order how its agents
+                    // here took it, without holding up other events.
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let pending = me
+                            .hub
+                            .wait_acks(&sent, generation, me.kill_ack_timeout)
+                            .await;
+                        me.cluster
+                            .publish(ClusterEvent::KillAcked {
+                                generation,
+                                sent: sent.len() as u32,
+                                pending_count: pending.len() as u32,
+                                pending: pending.into_iter().take(PENDING_NAMES).collect(),
+                            })
+                            .await;
+                    });
                 }
                 Ok(_) => tracing::warn!(generation, "kill event newer than the database"),
                 Err(e) => tracing::error!(error = %e, "cannot read the kill state of a kill event"),
@@ -1073,30 +1107,15 @@ impl Engine {
                 halted.push(r.id.clone());
             }
         }
-        self.cluster
-            .publish(ClusterEvent::Kill {
-                generation: state.generation,
-            })
-            .await;
-        let sent = self.hub.broadcast(encode(&Order::KillState(state.clone())));
-        tracing::warn!(?scope, %reason, by = %actor, agents = sent.len(), "kill order sent");
+        let push = self.push_kill_state(&state).await;
+        tracing::warn!(?scope, %reason, by = %actor, agents = push.sent.len(), "kill order sent");
         for id in &halted {
             self.after_halt(id, &halt_reason).await?;
         }
-        let pending = self
-            .hub
-            .wait_acks(&sent, state.generation, self.kill_ack_timeout)
-            .await;
-        let sent = sent.len();
+        let acks = push.acknowledged(self).await;
         self.metrics.kill_orders.inc();
-        tracing::warn!(?scope, %reason, by = %actor, agents = sent, pending = pending.len(), "kill order acknowledged");
-        Ok(KillResponse {
-            state,
-            halted_rollouts: halted,
-            agents_sent: sent as u32,
-            agents_acked: (sent - pending.len()) as u32,
-            agents_pending: pending,
-        })
+        tracing::warn!(?scope, %reason, by = %actor, agents = acks.sent, pending = acks.pending_count, replicas_silent = acks.replicas_silent, "kill order acknowledged");
+        Ok(acks.response(state, halted))
     }
 
     pub async fn lift(&self, scope: Option<KillScope>, actor: &str) -> Result<KillResponse> {
@@ -1108,31 +1127,30 @@ impl Engine {
             scope: serde_json::to_value(&scope).unwrap_or_default(),
             by: actor.to_string(),
         });
+        let acks = self.push_kill_state(&state).await.acknowledged(self).await;
+        tracing::warn!(?scope, by = %actor, "kill order lifted");
+        Ok(acks.response(state, vec![]))
+    }
+
+    /// Push a new kill state to every agent: this replica's directly, the
+    /// other replicas' through them. [`KillPush::acknowledged`] then waits
+    /// (bounded) for the acknowledgements.
+    async fn push_kill_state(&self, state: &KillState) -> KillPush {
+        // Listening for the other replicas' answers before they can come.
+        let answers = self.peer_acks.subscribe();
+        let peers = self.cluster.live_peers().await;
         self.cluster
             .publish(ClusterEvent::Kill {
                 generation: state.generation,
             })
             .await;
-        let (sent, pending) = self.push_kill_state(&state).await;
-        tracing::warn!(?scope, by = %actor, "kill order lifted");
-        Ok(KillResponse {
-            state,
-            halted_rollouts: vec![],
-            agents_sent: sent as u32,
-            agents_acked: (sent - pending.len()) as u32,
-            agents_pending: pending,
-        })
-    }
-
-    /// Push the kill state to every connected agent and wait (bounded) for
-    /// their acknowledgements. Returns (agents sent to, agents pending).
-    async fn push_kill_state(&self, state: &KillState) -> (usize, Vec<String>) {
         let sent = self.hub.broadcast(encode(&Order::KillState(state.clone())));
-        let pending = self
-            .hub
-            .wait_acks(&sent, state.generation, self.kill_ack_timeout)
-            .await;
-        (sent.len(), pending)
+        KillPush {
+            generation: state.generation,
+            sent,
+            peers,
+            answers,
+        }
     }
 
     // ---- alerts -----------------------------------------------------------------
@@ -1236,6 +1254,82 @@ impl Engine {
         }
         cache.insert(sha.clone(), bytes.clone());
         Ok(bytes)
+    }
+}
+
+/// Another replica's answer to a kill this one took.
+#[derive(Debug, Clone)]
+pub struct PeerAcks {
+    from: u64,
+    generation: u64,
+    sent: u32,
+    pending: Vec<String>,
+    pending_count: u32,
+}
+
+/// A kill state on its way to the agents (see [`Engine::push_kill_state`]).
+struct KillPush {
+    generation: u64,
+    /// This replica's agents it was sent to.
+    sent: Vec<String>,
+    /// The other live replicas, whose answers are awaited.
+    peers: Vec<u64>,
+    answers: tokio::sync::broadcast::Receiver<PeerAcks>,
+}
+
+/// How the whole fleet took a kill state, as far as it answered in time.
+struct KillAcks {
+    sent: usize,
+    pending: Vec<String>,
+    pending_count: usize,
+    replicas_silent: usize,
+}
+
+impl KillPush {
+    /// Wait for this replica's agents and, a little longer, for the other
+    /// replicas' answers (each waits for its own agents as long).
+    async fn acknowledged(mut self, engine: &Engine) -> KillAcks {
+        let deadline =
+            tokio::time::Instant::now() + engine.kill_ack_timeout + Duration::from_millis(500);
+        let pending = engine
+            .hub
+            .wait_acks(&self.sent, self.generation, engine.kill_ack_timeout)
+            .await;
+        let mut acks = KillAcks {
+            sent: self.sent.len(),
+            pending_count: pending.len(),
+            pending,
+            replicas_silent: 0,
+        };
+        let mut waiting: HashSet<u64> = self.peers.iter().copied().collect();
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, self.answers.recv()).await {
+                Ok(Ok(a)) if a.generation == self.generation && waiting.remove(&a.from) => {
+                    acks.sent += a.sent as usize;
+                    acks.pending_count += a.pending_count as usize;
+                    acks.pending.extend(a.pending);
+                }
+                Ok(Ok(_)) => {}
+                // Lagged: answers were dropped; keep waiting for the rest.
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        acks.replicas_silent = waiting.len();
+        acks
+    }
+}
+
+impl KillAcks {
+    fn response(self, state: KillState, halted_rollouts: Vec<RolloutId>) -> KillResponse {
+        KillResponse {
+            state,
+            halted_rollouts,
+            agents_sent: self.sent as u32,
+            agents_acked: self.sent.saturating_sub(self.pending_count) as u32,
+            agents_pending: self.pending,
+            replicas_silent: self.replicas_silent as u32,
+        }
     }
 }
 

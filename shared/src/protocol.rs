@@ -412,6 +412,14 @@ pub struct KillResponse {
     pub agents_acked: u32,
     /// Agents that had not acknowledged in time, by name.
     pub agents_pending: Vec<String>,
+    /// Controller replicas (PostgreSQL) that did not say in time how their
+    /// agents took the order: their agents are in none of the counts above.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub replicas_silent: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

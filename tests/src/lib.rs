@@ -46,6 +46,15 @@ pub fn root_only(path: &Path, mode: u32) {
         .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
+/// Copy the program `from` to `to`, to be executed from there. The copy is
+/// made by `cp` in a child process, not by `fs::copy`: tests run on
+/// threads, and a child another thread forks while this process holds the
+/// copy open for writing inherits that descriptor until it execs, so
+/// executing the copy meanwhile fails with ETXTBSY ("Text file busy").
+pub fn install_program(from: &Path, to: &Path) {
+    run_ok(Command::new("cp").arg("--preserve=mode").arg(from).arg(to));
+}
+
 /// Run a command, returning its output; panics with stdout/stderr if it
 /// could not start.
 pub fn run(cmd: &mut Command) -> Output {

@@ -215,7 +215,7 @@ fn install_agent(host: &Host) -> PathBuf {
         ("rollguard-sandbox-exec", "usr/lib/rollguard"),
     ] {
         fs::create_dir_all(r.join(dir)).unwrap();
-        fs::copy(rollguard_tests::bin(bin), r.join(dir).join(bin)).unwrap();
+        rollguard_tests::install_program(&rollguard_tests::bin(bin), &r.join(dir).join(bin));
         rollguard_tests::root_only(&r.join(dir).join(bin), 0o755);
     }
     fs::create_dir_all(r.join("usr/share/doc")).unwrap();

@@ -471,7 +471,7 @@ fn missing_stage2_program_refuses_and_uses_up_nothing() {
     // The agent binary alone, in a directory of its own.
     let lone = host.root().join("lone-install/sbin/rollguard-agent");
     fs::create_dir_all(lone.parent().unwrap()).unwrap();
-    fs::copy(rollguard_tests::bin("rollguard-agent"), &lone).unwrap();
+    rollguard_tests::install_program(&rollguard_tests::bin("rollguard-agent"), &lone);
     let out = run(std::process::Command::new(&lone)
         .args(["run", "--json", "--policy"])
         .arg(host.policy())
@@ -527,7 +527,7 @@ fn check_reports_the_kernel_and_the_stage2_program() {
 
     let lone = host.root().join("lone-install/sbin/rollguard-agent");
     fs::create_dir_all(lone.parent().unwrap()).unwrap();
-    fs::copy(rollguard_tests::bin("rollguard-agent"), &lone).unwrap();
+    rollguard_tests::install_program(&rollguard_tests::bin("rollguard-agent"), &lone);
     let (v, code) = check(&lone);
     assert_eq!(v["ok"], false, "{v:#}");
     assert_ne!(code, Some(0));

@@ -19,7 +19,7 @@ fn source_install(host: &Host) -> PathBuf {
     let bin = host.root().join("opt/rollguard/bin");
     fs::create_dir_all(&bin).unwrap();
     for name in ["rollguard-agent", "rollguard-sandbox-exec"] {
-        fs::copy(rollguard_tests::bin(name), bin.join(name)).unwrap();
+        rollguard_tests::install_program(&rollguard_tests::bin(name), &bin.join(name));
         fs::set_permissions(bin.join(name), fs::Permissions::from_mode(0o755)).unwrap();
     }
     bin.join("rollguard-agent")
@@ -340,7 +340,7 @@ fn the_daemon_runs_the_stage2_program_it_checked_at_start() {
     let bin = fleet.root().join("install/bin");
     fs::create_dir_all(&bin).unwrap();
     for name in ["rollguard-agent", "rollguard-sandbox-exec"] {
-        fs::copy(rollguard_tests::bin(name), bin.join(name)).unwrap();
+        rollguard_tests::install_program(&rollguard_tests::bin(name), &bin.join(name));
         fs::set_permissions(bin.join(name), fs::Permissions::from_mode(0o755)).unwrap();
     }
     fleet.start_controller();

@@ -141,6 +141,11 @@ fn kill_all_through_the_follower_reaches_every_agent() {
             .is_some_and(|h| h.iter().any(|r| r == id.as_str())),
         "{killed:#}"
     );
+    // The answer counts the whole fleet: the leader's agents too, through
+    // the leader's answer.
+    assert_eq!(killed["agents_sent"], AGENTS, "{killed:#}");
+    assert_eq!(killed["agents_acked"], AGENTS, "{killed:#}");
+    assert!(killed.get("replicas_silent").is_none(), "{killed:#}");
     let status = fleet.wait_state(&id, "halted");
     wait_for("every host to report its run killed", || {
         let s = fleet.status(&id);

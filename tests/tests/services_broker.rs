@@ -348,7 +348,7 @@ fn stale_scan_without_cap_sys_ptrace_finds_the_old_file_and_spares_the_new() {
         .unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.path().join("sleepy");
-    std::fs::copy("/bin/sleep", &bin).unwrap();
+    rollguard_tests::install_program(std::path::Path::new("/bin/sleep"), &bin);
 
     struct Killed(Child);
     impl Drop for Killed {
@@ -379,7 +379,7 @@ fn stale_scan_without_cap_sys_ptrace_finds_the_old_file_and_spares_the_new() {
     };
     let old = start(&bin);
     let new_copy = dir.path().join("sleepy.new");
-    std::fs::copy("/bin/sleep", &new_copy).unwrap();
+    rollguard_tests::install_program(std::path::Path::new("/bin/sleep"), &new_copy);
     std::fs::rename(&new_copy, &bin).unwrap();
     let new = start(&bin);
 
