@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// Print the run report as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Run it as a preview: the same checks, sandbox and denial reports,
+    /// but its write and delete scopes are throw-away overlays (nothing
+    /// reaches the disk), service actions are reported, not performed, and
+    /// the version is not used up. The report lists what it would change.
+    #[arg(long)]
+    pub preview: bool,
 }
 
 #[derive(Debug, Args)]

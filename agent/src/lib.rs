@@ -13,6 +13,7 @@ pub mod kernel_audit;
 pub mod kill_switch;
 pub mod packages;
 pub mod policy;
+pub mod preview;
 pub mod recovery;
 pub mod run_log;
 pub mod runner;

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
-        AgentCommand::Run(args) => run(&args.policy.policy, &args.bundle, args.json),
+        AgentCommand::Run(args) => run(&args.policy.policy, &args.bundle, args.json, args.preview),
         AgentCommand::Check(args) => check(&args.policy.policy, args.json),
         AgentCommand::Log(RunLogCommand::Verify { policy, json }) => {
             run_log_verify(&policy.policy, json)
@@ -53,9 +53,13 @@ fn load_policy(path: &Path) -> anyhow::Result<HostPolicy> {
     HostPolicy::load(path).map_err(|e| anyhow::anyhow!("policy {}: {e}", path.display()))
 }
 
-fn run(policy: &Path, bundle: &Path, json: bool) -> anyhow::Result<ExitCode> {
+fn run(policy: &Path, bundle: &Path, json: bool, preview: bool) -> anyhow::Result<ExitCode> {
     let policy = load_policy(policy)?;
-    let report = run_bundle(&policy, bundle, &RunOptions::current()?);
+    let opts = RunOptions {
+        preview,
+        ..RunOptions::current()?
+    };
+    let report = run_bundle(&policy, bundle, &opts);
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -117,6 +121,22 @@ fn print_report(r: &RunReport) {
             }
         }
     }
+    for s in &r.services {
+        let verb = if s.result == rollguard_shared::services::ServiceOutcome::PREVIEW {
+            "would"
+        } else {
+            "performed:"
+        };
+        println!(
+            "  service: {verb} {} {} ({})",
+            s.action.as_str(),
+            printable(s.unit.as_str()),
+            printable(&s.result)
+        );
+    }
+    if let Some(p) = &r.preview {
+        print_preview(p);
+    }
     for (name, text) in [("stdout", &r.stdout_tail), ("stderr", &r.stderr_tail)] {
         if !text.is_empty() {
             println!("  {name} (tail):");
@@ -124,6 +144,42 @@ fn print_report(r: &RunReport) {
                 println!("    | {}", printable(line));
             }
         }
+    }
+}
+
+/// A preview's changes: one line each, small text diffs beneath.
+fn print_preview(p: &rollguard_shared::report::Preview) {
+    use rollguard_shared::report::FileMeta;
+    let meta = |m: &FileMeta| format!("{:o} {}:{} {} B", m.mode, m.uid, m.gid, m.size);
+    println!(
+        "  PREVIEW: nothing was changed on this host; the run would change {} path(s){}:",
+        p.changes.len() as u64 + p.changes_dropped,
+        if p.complete {
+            ""
+        } else {
+            " (INCOMPLETE: see the reason)"
+        }
+    );
+    for c in &p.changes {
+        let detail = match (&c.before, &c.after) {
+            (Some(b), Some(a)) => format!("{} -> {}", meta(b), meta(a)),
+            (None, Some(a)) => meta(a),
+            (Some(b), None) => format!("was {}", meta(b)),
+            (None, None) => String::new(),
+        };
+        println!(
+            "    {:<6} {} ({detail})",
+            c.change.as_str(),
+            printable(&c.path)
+        );
+        if let Some(diff) = &c.diff {
+            for line in diff.lines() {
+                println!("      {}", printable(line));
+            }
+        }
+    }
+    if p.changes_dropped > 0 {
+        println!("    ... and {} more", p.changes_dropped);
     }
 }
 

@@ -150,6 +150,18 @@ pub enum RunLogEvent {
         bundle: BundleRef,
         manifest_sha256: String,
     },
+    /// A preview run (`rollguard-agent run --preview`): the bundle ran
+    /// against throw-away layers; nothing of the host changed and no
+    /// version was used up.
+    Previewed {
+        run_id: String,
+        bundle: BundleRef,
+        manifest_sha256: String,
+        status: RunStatus,
+        denial_count: Option<u64>,
+        /// Paths it would have changed.
+        changes: u64,
+    },
     KillSet {
         reason: String,
     },

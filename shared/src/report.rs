@@ -147,6 +147,88 @@ pub struct RunReport {
     /// rollout, but shown here, never dropped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expected_denials: Vec<ExpectedDenial>,
+    /// A preview (`rollguard-agent run --preview`): the run's writes went
+    /// to a throw-away layer over its scopes, nothing reached the disk, no
+    /// service action was performed and the version was not used up. What
+    /// it would have changed is here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<Preview>,
+}
+
+/// What a preview run would have changed (see [`RunReport::preview`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preview {
+    /// Each path created, modified or deleted beneath the scopes, sorted
+    /// by path. A rename shows as its two halves: the old path deleted,
+    /// the new one created.
+    pub changes: Vec<PathChange>,
+    /// Changes beyond the report's bound: counted, not listed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub changes_dropped: u64,
+    /// `false`: the changes could not all be read (the report's reason
+    /// says why, and the run failed): what is listed is not everything.
+    pub complete: bool,
+}
+
+/// One path a preview run changed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PathChange {
+    pub path: String,
+    pub change: ChangeKind,
+    /// The path on the host before (absent when created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<FileMeta>,
+    /// The path as the run left it (absent when deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<FileMeta>,
+    /// A unified diff, for small text files modified or created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+    /// Its extended attributes (ACLs included) differ from the host's.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub xattrs_changed: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created,
+    Modified,
+    Deleted,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Created => "create",
+            ChangeKind::Modified => "modify",
+            ChangeKind::Deleted => "delete",
+        }
+    }
+}
+
+/// Type, permissions, owner and size of a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub kind: FileKind,
+    /// Permission bits (with setuid, setgid, sticky), e.g. `0o644`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
 }
 
 /// A denial recognised as expected (see [`RunReport::expected_denials`]).
@@ -215,6 +297,7 @@ impl RunReport {
             stale_services: vec![],
             packages: vec![],
             expected_denials: vec![],
+            preview: None,
         }
     }
 

@@ -182,8 +182,12 @@ pub struct ServiceOutcome {
 }
 
 impl ServiceOutcome {
+    /// The result of an action a preview run would have performed (it
+    /// performed none).
+    pub const PREVIEW: &'static str = "preview";
+
     pub fn succeeded(&self) -> bool {
-        self.result == "done" || self.result == "skipped"
+        self.result == "done" || self.result == "skipped" || self.result == Self::PREVIEW
     }
 }
 

@@ -204,10 +204,21 @@ impl Host {
     /// [`Host::run`] with extra environment for the agent (e.g.
     /// `DBUS_SYSTEM_BUS_ADDRESS`, the bus the service broker uses).
     pub fn run_env(&self, bundle: &Path, env: &[(&str, &str)]) -> (Value, i32) {
+        self.run_with(bundle, env, &[])
+    }
+
+    /// `rollguard-agent run --preview --json`: the report and the exit code.
+    pub fn preview(&self, bundle: &Path) -> (Value, i32) {
+        self.run_with(bundle, &[], &["--preview"])
+    }
+
+    fn run_with(&self, bundle: &Path, env: &[(&str, &str)], args: &[&str]) -> (Value, i32) {
         let mut cmd = agent();
         cmd.envs(env.iter().copied());
         let out = run(cmd
-            .args(["run", "--json", "--policy"])
+            .args(["run", "--json"])
+            .args(args)
+            .arg("--policy")
             .arg(self.policy())
             .arg(bundle));
         let stdout = String::from_utf8_lossy(&out.stdout);

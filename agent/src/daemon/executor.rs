@@ -34,6 +34,7 @@ impl BundleExecutor for RunnerExecutor {
             rollout_id: Some(rollout_id.to_string()),
             on_start: Some(kill.sandbox_hook()),
             launcher: self.launcher.clone(),
+            preview: false,
         };
         run_bundle(&self.policy, bundle, &opts)
     }

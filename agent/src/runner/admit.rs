@@ -81,6 +81,12 @@ pub(super) fn admit(
         .packages
         .as_ref()
         .map(crate::packages::on_this_host);
+    if opts.preview && packages.is_some() {
+        return Err(Refusal::new(
+            RefusalKind::HostError,
+            "a preview of a bundle with [packages] is not supported yet: the package manager's own scope cannot be layered; nothing was run",
+        ));
+    }
     let scope = match &packages {
         Some(p) => manifest.scope.with_packages(p),
         None => manifest.scope.clone(),

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rollguard_shared::report::{Denial, ExpectedDenial, RunReport, RunStatus};
+use rollguard_shared::report::{Denial, ExpectedDenial, Preview, RunReport, RunStatus};
 
 use super::admit::Admission;
 use super::prepare::{Prepared, StartingListener};
@@ -43,6 +43,10 @@ pub(super) fn execute(prepared: Prepared, opts: &RunOptions) -> Executed {
         packages_before,
         mut report,
     } = prepared;
+    if opts.preview {
+        // Unknown until read from the layers (`complete` false).
+        report.preview = Some(Preview::default());
+    }
     let service_requests =
         release_and_wait(held, audit, run_id.as_str(), &admission, opts, &mut report);
     Executed {
@@ -228,7 +232,58 @@ fn release_and_wait(
         }
     }
     add_filter_denials(&outcome, report);
+    if opts.preview {
+        read_preview(&outcome, report);
+    }
     outcome.service_requests
+}
+
+/// A preview's changes, read from its layers into the report. Without
+/// them the run fails: what it would change is unknown, never "nothing".
+fn read_preview(outcome: &RunOutcome, report: &mut RunReport) {
+    let started = !matches!(outcome.termination, Termination::SetupFailed { .. });
+    let mut full = false;
+    let read = match &outcome.preview_layers {
+        Some(root) => {
+            full = crate::preview::is_full(root);
+            if full {
+                // The run's writes hit the layers' bound (the host's tmp
+                // limit): what is listed is only part of it.
+                report.limits_hit.push("preview".to_string());
+                fail(
+                    report,
+                    "resource limit hit: preview (the preview layers are full; the run's writes were cut short)",
+                );
+            }
+            crate::preview::read_changes(root).map_err(|e| e.to_string())
+        }
+        None if !started => return,
+        None => Err("the sandbox did not hand over its preview layers".to_string()),
+    };
+    match read {
+        Ok(preview) => {
+            report.preview = Some(Preview {
+                complete: !full,
+                ..preview
+            })
+        }
+        Err(e) => fail(
+            report,
+            &format!("cannot read what the preview changed: {e}; its changes are unknown"),
+        ),
+    }
+}
+
+/// The run fails (a succeeded run becomes failed), with `why` added to
+/// its reason.
+fn fail(report: &mut RunReport, why: &str) {
+    if report.status == RunStatus::Succeeded {
+        report.status = RunStatus::Failed;
+    }
+    report.reason = Some(match report.reason.take() {
+        Some(r) => format!("{r}; {why}"),
+        None => why.to_string(),
+    });
 }
 
 /// Add what the run cgroup's BPF programs refused (network destinations,

@@ -67,6 +67,10 @@ pub struct RunOptions {
     /// The stage-2 program opened and checked once (the daemon, at start);
     /// `None`: look for it beside `agent_exe` on this run.
     pub launcher: Option<Launcher>,
+    /// A preview: the scopes are throw-away overlays, nothing reaches the
+    /// disk, no service action is performed, the version is not used up
+    /// (see [`crate::preview`]).
+    pub preview: bool,
 }
 
 impl RunOptions {
@@ -77,6 +81,7 @@ impl RunOptions {
             rollout_id: None,
             on_start: None,
             launcher: None,
+            preview: false,
         })
     }
 }
@@ -166,6 +171,12 @@ fn finish(
         service_requests,
         mut report,
     } = run;
+    if report.preview.is_some() {
+        let requests = service_requests.as_deref();
+        return finish_preview(
+            policy, state, log, admission, run_id, requests, report, started,
+        );
+    }
     // Files the packages replaced or removed: the stale-services scan's
     // input (restart_stale, and `stale_services` in the report).
     let replaced = match (&admission.packages, packages_before) {
@@ -179,6 +190,7 @@ fn finish(
         policy.services(),
         service_requests.as_deref(),
         &replaced,
+        crate::services::after_run::Perform::Yes,
         &mut report,
     );
     report.duration_ms = started.elapsed().as_millis() as u64;
@@ -209,6 +221,47 @@ fn finish(
             ),
         }
     });
+    report
+}
+
+/// After a preview: the service actions it would have performed reported,
+/// none performed; the preview logged (nothing else of the host's state
+/// changes: no version, no in-progress marker).
+#[allow(clippy::too_many_arguments)]
+fn finish_preview(
+    policy: &HostPolicy,
+    state: &StateDir,
+    log: &RunLog,
+    admission: admit::Admission,
+    run_id: RunId,
+    service_requests: Option<&std::os::fd::OwnedFd>,
+    mut report: RunReport,
+    started: Instant,
+) -> RunReport {
+    crate::services::after_run::after_run(
+        &admission.manifest.services,
+        policy.services(),
+        service_requests,
+        &Default::default(),
+        crate::services::after_run::Perform::PreviewOnly,
+        &mut report,
+    );
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    remove_run_dir(state, &run_id);
+    let event = RunLogEvent::Previewed {
+        run_id: run_id.to_string(),
+        bundle: admission.bundle.clone(),
+        manifest_sha256: admission.manifest_sha256.clone(),
+        status: report.status,
+        denial_count: report.denial_count,
+        changes: report
+            .preview
+            .as_ref()
+            .map_or(0, |p| p.changes.len() as u64 + p.changes_dropped),
+    };
+    if let Err(e) = log.append(event) {
+        tracing::error!(run_id = %run_id, "cannot record the preview in the run log: {e}");
+    }
     report
 }
 

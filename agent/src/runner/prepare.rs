@@ -107,6 +107,7 @@ pub(super) fn prepare(
             .collect(),
         landlock_min_abi: MIN_LANDLOCK_ABI,
         limits: admission.limits,
+        preview: opts.preview,
     };
 
     // Missing package directories are created now, as the sandbox's rules
@@ -126,6 +127,21 @@ pub(super) fn prepare(
     // existing ones; the pins are then planned again without placeholders,
     // as stage 2 will, and must all be mountable (see
     // `sandbox::pins::create_placeholder`). Left behind after the run.
+    // A preview changes nothing on the host, so it cannot make them:
+    // refused, nothing run.
+    if opts.preview && !placeholders.is_empty() {
+        let paths: Vec<String> = placeholders
+            .iter()
+            .map(|p| p.path.display().to_string())
+            .collect();
+        return Err(cleanup(Refusal::new(
+            RefusalKind::HostError,
+            format!(
+                "a preview cannot pin the agent unit's missing drop-in directories in a write scope ({}): a real run creates them empty; nothing was run",
+                paths.join(", ")
+            ),
+        )));
+    }
     if !placeholders.is_empty() {
         create_placeholders(&run_id, &placeholders)
             .and_then(|()| check_pins(scope, &pins, false).map(drop))
@@ -183,9 +199,17 @@ pub(super) fn prepare(
         signers: admission.signers.clone(),
         scope: scope.into(),
     };
-    let begun = state.begin_run(&admission.manifest.bundle.name, &marker, |lock| {
-        log.append_locked(lock, started_event).map(drop)
-    });
+    // A preview changes nothing on the host: no version used up, no
+    // marker (a preview cut short has nothing to recover); it is logged
+    // when it ends (`finish_preview`).
+    let begun = if opts.preview {
+        drop(started_event);
+        Ok(())
+    } else {
+        state.begin_run(&admission.manifest.bundle.name, &marker, |lock| {
+            log.append_locked(lock, started_event).map(drop)
+        })
+    };
     match begun {
         Ok(()) => {}
         Err(BeginRunError::Record(e)) => {

@@ -343,6 +343,8 @@ impl Launcher {
                 filters,
                 exit_audit: false,
                 service_requests: None,
+                preview: spec.preview,
+                preview_layers: None,
             },
         })
     }
@@ -390,7 +392,14 @@ impl HeldChild {
         // Sent after the session line, once the directory is mounted; none
         // if stage 2 failed before (its status says why), and then the
         // runner performs no service action.
-        child.service_requests = receive_requests_dir(&gate).map(Arc::new);
+        // A preview's layers come in the same message; without them the
+        // changes are unknown and the run fails (see the runner).
+        if let Some(mut dirs) = receive_requests_dir(&gate, child.preview) {
+            if child.preview {
+                child.preview_layers = dirs.pop().map(Arc::new);
+            }
+            child.service_requests = dirs.pop().map(Arc::new);
+        }
         match gate.write_all(&[RELEASE_BYTE]) {
             Ok(()) => {}
             // Stage 2 has already exited: its setup failed, and its status
@@ -546,6 +555,10 @@ pub struct RunOutcome {
     /// if stage 2 did not hand it over.
     #[serde(skip)]
     pub service_requests: Option<Arc<OwnedFd>>,
+    /// A preview's layers (see `preview_layers`), kept by this descriptor;
+    /// `None` if not a preview or stage 2 did not hand them over.
+    #[serde(skip)]
+    pub preview_layers: Option<Arc<OwnedFd>>,
     #[serde(with = "duration_ms")]
     pub duration: Duration,
     pub stdout: PathBuf,
@@ -586,6 +599,11 @@ pub struct ConfinedChild {
     exit_audit: bool,
     /// The run's service-request directory, as stage 2 handed it over.
     service_requests: Option<Arc<OwnedFd>>,
+    /// A preview run ([`SandboxSpec::preview`]).
+    preview: bool,
+    /// A preview's layers (the root of their tmpfs), as stage 2 handed
+    /// them over.
+    preview_layers: Option<Arc<OwnedFd>>,
 }
 
 impl Drop for ConfinedChild {
@@ -791,6 +809,7 @@ impl ConfinedChild {
             stderr_dropped,
             filter_denials,
             service_requests: self.service_requests.clone(),
+            preview_layers: self.preview_layers.clone(),
             duration,
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
@@ -868,14 +887,16 @@ fn read_session_from(gate: &mut UnixStream) -> Option<u32> {
     None
 }
 
-/// The descriptor stage 2 sends on the gate after its session line (see
+/// The descriptors stage 2 sends on the gate after its session line (see
 /// `stage2::send_requests_dir`): one [`REQUESTS_DIR_BYTE`] carrying one
-/// directory. `None` on anything else.
-fn receive_requests_dir(gate: &UnixStream) -> Option<OwnedFd> {
+/// directory, two in a preview (the request directory, then the preview
+/// layers' root). `None` on anything else.
+fn receive_requests_dir(gate: &UnixStream, preview: bool) -> Option<Vec<OwnedFd>> {
     use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
     use std::mem::MaybeUninit;
+    let expected = if preview { 2 } else { 1 };
     let mut byte = [0u8; 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = recvmsg(
         gate,
@@ -891,14 +912,15 @@ fn receive_requests_dir(gate: &UnixStream) -> Option<OwnedFd> {
         }
     }
     let whole = msg.bytes == 1 && !msg.flags.contains(ReturnFlags::CTRUNC);
-    if !whole || byte[0] != REQUESTS_DIR_BYTE || fds.len() != 1 {
+    if !whole || byte[0] != REQUESTS_DIR_BYTE || fds.len() != expected {
         return None;
     }
-    let dir = fds.pop()?;
-    let is_dir = rustix::fs::fstat(&dir).is_ok_and(|st| {
-        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+    let all_dirs = fds.iter().all(|dir| {
+        rustix::fs::fstat(dir).is_ok_and(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+        })
     });
-    is_dir.then_some(dir)
+    all_dirs.then_some(fds)
 }
 
 /// The run's audit syscall-exit rules (the agent added them, keyed on the

@@ -55,6 +55,7 @@ pub mod net_scope;
 pub mod output;
 pub mod pid_init;
 pub mod pins;
+pub mod preview_layers;
 pub mod readonly_mounts;
 pub mod seccomp_filter;
 pub mod seccomp_install;

@@ -50,8 +50,8 @@ use super::mount_setattr::{
     self, Depth, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
 };
 use super::mountinfo::{self, MountEntry};
-use super::pins;
 use super::spec::SandboxSpec;
+use super::{pins, preview_layers};
 
 /// Where the cover nodes are made. It is replaced by the private `/run`
 /// right after this step, so nothing of it stays visible.
@@ -77,6 +77,8 @@ pub enum ReadOnlyError {
     AliasInScope { scope: PathBuf, alias: String },
     #[error("pinning: {0}")]
     Pins(#[from] pins::PinMountError),
+    #[error("preview layers: {0}")]
+    Preview(#[from] preview_layers::PreviewLayerError),
 }
 
 fn mount_err<'a>(
@@ -91,7 +93,7 @@ fn mount_err<'a>(
 }
 
 /// What was done, for the run's confinement summary.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Applied {
     /// Mounts made writable again (scope binds and mounts beneath them).
     pub writable_mounts: usize,
@@ -99,6 +101,8 @@ pub struct Applied {
     pub pinned: usize,
     /// Paths covered: protected paths and other mounts of their data.
     pub masked: Vec<PathBuf>,
+    /// A preview: the root of the tmpfs holding the layers' changes.
+    pub preview: Option<std::os::fd::OwnedFd>,
 }
 
 /// Steps 1-5 of the module docs. Must run in the run's private mount
@@ -131,9 +135,19 @@ pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
         }
     }
 
-    // 1. Scope binds. A missing scope is left to the Landlock step, which
+    // 1. Scope binds, or in a preview the scopes' overlays (which take
+    // their place). A missing scope is left to the Landlock step, which
     // refuses it with a clearer message.
-    for scope in &scopes {
+    let preview = if spec.preview {
+        Some(preview_layers::apply(
+            &scopes,
+            &before,
+            spec.limits.tmp_bytes,
+        )?)
+    } else {
+        None
+    };
+    for scope in scopes.iter().filter(|_| preview.is_none()) {
         match mount(
             Some(scope.as_path()),
             scope.as_path(),
@@ -195,6 +209,7 @@ pub fn apply(spec: &SandboxSpec) -> Result<Applied, ReadOnlyError> {
         writable_mounts: writable.len(),
         pinned,
         masked,
+        preview,
     })
 }
 

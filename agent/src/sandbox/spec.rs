@@ -130,6 +130,11 @@ pub struct SandboxSpec {
     /// Resource limits of the run (the host's, or the bundle's within the
     /// host's ceiling).
     pub limits: RunLimits,
+    /// A preview: each write/delete scope is an overlay whose upper layer
+    /// is a private tmpfs ([`super::preview_layers`]); nothing reaches the
+    /// disk.
+    #[serde(default)]
+    pub preview: bool,
 }
 
 impl SandboxSpec {
@@ -276,6 +281,7 @@ mod tests {
             pins: vec![],
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: RunLimits::default(),
+            preview: false,
         }
     }
 

@@ -292,7 +292,7 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
     // Everything outside the write/delete scopes read-only and nodev,
     // protected paths covered; then the private scratch mounts (and the
     // run's own /proc) on top.
-    let read_only = readonly_mounts::apply(spec).map_err(at(Step::Mounts))?;
+    let mut read_only = readonly_mounts::apply(spec).map_err(at(Step::Mounts))?;
     namespaces::mount_private_dirs(!private_network, spec.limits.tmp_bytes)
         .map_err(at(Step::Mounts))?;
     let service_requests =
@@ -300,8 +300,11 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
     // The agent reads the requests through this descriptor after the run
     // (the namespace, and its path, are gone by then); sent now, before
     // the bundle exists.
-    send_requests_dir(gate, &service_requests).map_err(at(Step::Mounts))?;
+    // A preview's layers go with it, for the agent to read the changes.
+    let preview = read_only.preview.take();
+    send_requests_dir(gate, &service_requests, preview.as_ref()).map_err(at(Step::Mounts))?;
     drop(service_requests);
+    drop(preview);
     // The bundle's stdin: the private /dev's null, not the host's, which
     // was opened before this namespace (a descriptor keeps its mount, and
     // the host's is writable: fchmod on it would change the host's node).
@@ -348,10 +351,16 @@ fn confine(plan: &Stage2Plan, gate: &File) -> Result<Confinement, Failure> {
 
 /// Hand the run's request directory (its own tmpfs) to the agent: one
 /// byte, [`REQUESTS_DIR_BYTE`], carrying the descriptor (`SCM_RIGHTS`) on
-/// the gate, after the audit session line.
-fn send_requests_dir(gate: &File, dir: &File) -> Result<(), nix::Error> {
+/// the gate, after the audit session line; in a preview, the preview
+/// layers' tmpfs root is the second descriptor of the same message.
+fn send_requests_dir(
+    gate: &File,
+    dir: &File,
+    preview: Option<&std::os::fd::OwnedFd>,
+) -> Result<(), nix::Error> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let fds = [dir.as_raw_fd()];
+    let mut fds = vec![dir.as_raw_fd()];
+    fds.extend(preview.map(|p| p.as_raw_fd()));
     let sent = sendmsg::<()>(
         gate.as_raw_fd(),
         &[io::IoSlice::new(&[REQUESTS_DIR_BYTE])],

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use rollguard_shared::manifest::Services;
 use rollguard_shared::report::{Denial, RunReport, RunStatus};
-use rollguard_shared::services::{ActionSource, PlannedAction, ServiceAction, UnitName};
+use rollguard_shared::services::{
+    ActionSource, PlannedAction, ServiceAction, ServiceOutcome, UnitName,
+};
 
 use super::capture;
 use super::{perform_all, Bus, ServiceRun, DEFAULT_JOB_TIMEOUT};
@@ -38,6 +40,7 @@ pub fn after_run(
     allow: &ServicesPolicy,
     requests: Option<&OwnedFd>,
     replaced: &BTreeSet<PathBuf>,
+    perform: Perform,
     report: &mut RunReport,
 ) {
     let read = match requests {
@@ -121,6 +124,10 @@ pub fn after_run(
         return;
     }
     report.services_captured = classified.captured;
+    if perform == Perform::PreviewOnly {
+        report.services = would_perform(&plan);
+        return;
+    }
     let bus = Bus::from_env();
     let run = ServiceRun {
         bus: &bus,
@@ -144,6 +151,40 @@ pub fn after_run(
             format!("service action failed: {}", failed.join("; ")),
         );
     }
+}
+
+/// Whether the service step acts: a real run performs the actions, a
+/// preview only reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Perform {
+    Yes,
+    PreviewOnly,
+}
+
+/// A preview's service step: each unit once, with the strongest action
+/// the run asked for, as [`perform_all`] would do it; result
+/// [`ServiceOutcome::PREVIEW`], nothing performed.
+fn would_perform(plan: &[PlannedAction]) -> Vec<ServiceOutcome> {
+    let mut out: Vec<ServiceOutcome> = Vec::new();
+    for p in plan {
+        match out.iter_mut().find(|o| o.unit == p.unit) {
+            Some(o) if o.action < p.action => {
+                o.action = p.action;
+                o.source = p.source.clone();
+            }
+            Some(_) => {}
+            None => out.push(ServiceOutcome {
+                unit: p.unit.clone(),
+                action: p.action,
+                source: p.source.clone(),
+                result: ServiceOutcome::PREVIEW.to_string(),
+                main_pid_before: None,
+                main_pid_after: None,
+                duration_ms: 0,
+            }),
+        }
+    }
+    out
 }
 
 fn declared_plan(services: &Services) -> Vec<PlannedAction> {

@@ -124,6 +124,7 @@ impl Tree {
             pins: vec![],
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: Default::default(),
+            preview: false,
         }
     }
 
