@@ -31,7 +31,15 @@
 //!    latency itself (a durable replace: write, fsync, rename, fsync the
 //!    directory) is printed too.
 //!
-//! 3. Where the 20k-file ratio goes: the same workload under each per-syscall
+//! 3. The same 20k-file workload as a preview (`run --preview`: every
+//!    scope an overlay on a private tmpfs, nothing reaches the disk) vs
+//!    the same bundle run for real, both through `rollguard-agent run`:
+//!    the cost of the preview layers (their set-up, the copy into the
+//!    upper layer, reading the changes afterwards). The preview always
+//!    runs the newest bundle (a preview uses no version up); each real
+//!    run uses one of its older versions.
+//!
+//! 4. Where the 20k-file ratio goes: the same workload under each per-syscall
 //!    mechanism alone, with none of the rest of a run (no agent, no
 //!    namespaces, no cgroup): the bench re-executes itself, applies the
 //!    run's Landlock rules (`landlock_rules::restrict_self`, the same spec
@@ -92,7 +100,7 @@ impl Drop for Tmpfs {
     }
 }
 
-/// First argument of the bench re-executed as an ablation child (see 3.).
+/// First argument of the bench re-executed as an ablation child (see 4.).
 const CONFINE_ONLY: &str = "__confine-only";
 
 /// Which per-syscall mechanisms an ablation child applies.
@@ -162,6 +170,7 @@ fn confine_only(args: &[String]) -> ! {
             pins: vec![],
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: Default::default(),
+            preview: false,
         };
         landlock_rules::restrict_self(&spec).unwrap();
     }
@@ -250,6 +259,17 @@ fn main() {
         &format!("#!/bin/sh\nexec {PYTHON} ./work.py {}\n", work.display()),
         Some(&workload),
     );
+    // For 3.: versions 1..=runs for real (`Pairs::measure` counts from 1),
+    // the newest (never run for real) for every preview.
+    let preview_bundles = build_bundles(
+        base,
+        &private,
+        "files-preview",
+        runs + 2,
+        &work,
+        &format!("#!/bin/sh\nexec {PYTHON} ./work.py {}\n", work.display()),
+        Some(&workload),
+    );
     // Used with both state directories (each keeps its own versions).
     let trivial_bundles = build_bundles(
         base,
@@ -265,7 +285,7 @@ fn main() {
     fs::write(&trivial_script, "#!/bin/sh\ntrue\n").unwrap();
     fs::set_permissions(&trivial_script, fs::Permissions::from_mode(0o755)).unwrap();
 
-    let sandboxed = |policy: &Path, bundle: &Path| {
+    let agent_run = |policy: &Path, bundle: &Path, preview: bool| {
         let cpu = children_cpu();
         let t = Instant::now();
         let out = Command::new(&agent)
@@ -274,6 +294,7 @@ fn main() {
             .arg(policy)
             .arg(bundle)
             .arg("--json")
+            .args(preview.then_some("--preview"))
             .stderr(Stdio::null())
             .output()
             .unwrap();
@@ -283,8 +304,10 @@ fn main() {
         };
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
         assert_eq!(report["status"], "succeeded", "{report}");
+        assert_eq!(report["preview"].is_object(), preview, "{report}");
         elapsed
     };
+    let sandboxed = |policy: &Path, bundle: &Path| agent_run(policy, bundle, false);
     // In a new session, as stage 2 puts the bundle: with autogroup
     // scheduling (the Debian default) a session is a CPU scheduling group,
     // so on a machine busy with other work a baseline left in the bench's
@@ -323,9 +346,15 @@ fn main() {
         |i| sandboxed(&policy_tmpfs_state, &trivial_bundles[i]),
         |_| bare_trivial(),
     );
+    agent_run(&policy, &preview_bundles[runs + 1], true);
+    let preview = Pairs::measure(
+        runs,
+        |_| agent_run(&policy, &preview_bundles[runs + 1], true),
+        |i| agent_run(&policy, &preview_bundles[i], false),
+    );
     let flush = fsync_latency(&base.join("fsync-probe"), runs.max(9));
 
-    // 3. Each mechanism alone, rounds rotating which goes first.
+    // 4. Each mechanism alone, rounds rotating which goes first.
     fs::create_dir_all(base.join("ablation-run")).unwrap();
     let confined_only = |m: Mechanisms| {
         timed(
@@ -407,6 +436,23 @@ fn main() {
         ms(&Pairs::cpu(&trivial_tmpfs.sandboxed))
     );
     println!("  durable replace on the state's disk   {}", ms(&flush));
+    println!("create+delete {FILES} files as a preview vs the same run for real (on {on})");
+    println!(
+        "  real run, wall clock                  {}",
+        ms(&Pairs::wall(&preview.bare))
+    );
+    println!(
+        "  preview, wall clock                   {}",
+        ms(&Pairs::wall(&preview.sandboxed))
+    );
+    println!(
+        "  ratio preview/real, wall, per pair    {}",
+        stat(&preview.ratios(wall), "")
+    );
+    println!(
+        "  ratio preview/real, CPU, per pair     {}",
+        stat(&preview.ratios(cpu), "")
+    );
     println!("create+delete {FILES} files, one mechanism at a time (CPU time)");
     for (i, m) in Mechanisms::ALL.into_iter().enumerate() {
         let cpu: Vec<Duration> = ablation[i].iter().map(|s| s.cpu).collect();
