@@ -605,25 +605,3 @@ fn text_diff(upper: &OwnedFd, lower: Option<&OwnedFd>, name: &CStr, path: &str) 
     }
     Some(text)
 }
-
-/// `+added −removed` lines of a unified diff, for one-line summaries.
-pub fn diff_stat(diff: &str) -> (usize, usize) {
-    diff.lines()
-        .filter(|l| !l.starts_with("+++") && !l.starts_with("---"))
-        .fold((0, 0), |(a, r), l| match l.as_bytes().first() {
-            Some(b'+') => (a + 1, r),
-            Some(b'-') => (a, r + 1),
-            _ => (a, r),
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn diff_stat_counts_lines_not_headers() {
-        let d = "--- a/x\n+++ b/x\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n+d\n";
-        assert_eq!(diff_stat(d), (2, 1));
-    }
-}

@@ -20,9 +20,9 @@ use std::time::Duration;
 use rollguard_shared::alert_matcher::Matcher;
 use rollguard_shared::manifest::Manifest;
 use rollguard_shared::protocol::{
-    AgentReport, AlertResponse, BundleSummary, HostRun, KillOrder, KillResponse, KillScope,
-    KillState, Matchers, Order, Plan, RolloutId, RolloutRequest, RolloutState, RolloutStatus,
-    Sha256Hex, WavePhase, WaveSize,
+    AfterPreview, AgentReport, AlertResponse, BundleSummary, HostRun, KillOrder, KillResponse,
+    KillScope, KillState, Matchers, Order, Plan, RolloutId, RolloutRequest, RolloutState,
+    RolloutStatus, Sha256Hex, WavePhase, WaveSize,
 };
 use rollguard_shared::report::RunStatus;
 use rollguard_shared::targets::{HostIdentity, HostPattern};
@@ -207,8 +207,12 @@ fn describe_alarm(d: &DispatchRecord) -> Option<String> {
     }
 }
 
-/// Why a rollout must halt now, if it must.
+/// Why a rollout must halt now, if it must. Never a preview: nothing it
+/// finds can harm a host, and its point is to hear from every host.
 pub fn halt_reason(r: &RolloutRecord, dispatches: &[DispatchRecord]) -> Option<String> {
+    if r.plan.preview {
+        return None;
+    }
     let t = tally(dispatches);
     if t.alarms > r.ack_alarms() {
         let what: Vec<String> = dispatches.iter().filter_map(describe_alarm).collect();
@@ -626,7 +630,12 @@ impl Engine {
         let now = now_ms();
         match r.phase {
             WavePhase::Dispatching => {
-                if let Err(why) = self.alert_gate(&r.plan.halt_on).await {
+                let gate = if r.plan.preview {
+                    Ok(())
+                } else {
+                    self.alert_gate(&r.plan.halt_on).await
+                };
+                if let Err(why) = gate {
                     self.halt_internal(id, &format!("before wave {}: {why}", wave + 1))
                         .await?;
                     return Ok(EngineStep::Done);
@@ -705,11 +714,12 @@ impl Engine {
     }
 
     fn send_local_runs(&self, r: &RolloutRecord, hosts: &[String]) {
-        let line = encode(&Order::Run {
-            rollout_id: r.id.clone(),
-            bundle_sha256: r.bundle_sha256.clone(),
-            bundle_size: r.plan.bundle.size,
-        });
+        let line = encode(&run_order(
+            r.plan.preview,
+            r.id.clone(),
+            r.bundle_sha256.clone(),
+            r.plan.bundle.size,
+        ));
         for h in hosts {
             self.hub.send(h, line.clone());
         }
@@ -827,9 +837,22 @@ impl Engine {
         let (in_scope, left_out) =
             narrow(in_scope, &req.limit, &req.exclude).map_err(EngineError::BadRequest)?;
         let total = in_scope.len();
-        let waves =
-            compute_waves(in_scope, &req.canaries, &req.waves).map_err(EngineError::BadRequest)?;
-        if total > 1 && waves.first().map(Vec::len) == Some(total) && !req.all_at_once {
+        if req.preview && req.after_preview.is_some() {
+            return Err(EngineError::BadRequest(
+                "a preview cannot follow a preview (--preview with --after-preview)".into(),
+            ));
+        }
+        // A preview goes to every in-scope host at once: it changes nothing.
+        let waves = if req.preview {
+            vec![in_scope]
+        } else {
+            compute_waves(in_scope, &req.canaries, &req.waves).map_err(EngineError::BadRequest)?
+        };
+        if total > 1
+            && waves.first().map(Vec::len) == Some(total)
+            && !req.all_at_once
+            && !req.preview
+        {
             return Err(EngineError::BadRequest(format!(
                 "the first wave would be every in-scope host ({total}): no canary. \
                  Start smaller (e.g. --waves 1,25%,100%) or pass --all-at-once"
@@ -856,12 +879,14 @@ impl Engine {
             },
             signers: meta.signers.clone(),
             timeout_secs: manifest.run.timeout.as_secs(),
-            bake_secs: req.bake_secs,
+            bake_secs: if req.preview { 0 } else { req.bake_secs },
             max_failures: req.max_failures,
             halt_on,
             waves,
             out_of_scope,
             left_out,
+            preview: req.preview,
+            after_preview: None,
         };
         Ok((plan, meta))
     }
@@ -877,8 +902,19 @@ impl Engine {
                 k.reason, k.by
             )));
         }
-        let (plan, meta) = self.plan(req).await?;
-        if let Err(why) = self.alert_gate(&plan.halt_on).await {
+        let (mut plan, meta) = self.plan(req).await?;
+        if let Some(preview_id) = &req.after_preview {
+            plan.after_preview = Some(
+                self.check_after_preview(preview_id, &plan, req.override_reason.as_deref())
+                    .await?,
+            );
+        }
+        let gate = if plan.preview {
+            Ok(())
+        } else {
+            self.alert_gate(&plan.halt_on).await
+        };
+        if let Err(why) = gate {
             tracing::warn!(bundle = %meta.name, %why, by = %actor, "rollout not started");
             return Err(EngineError::Conflict(format!(
                 "not starting the rollout: {why}"
@@ -911,7 +947,8 @@ impl Engine {
                 actor,
                 "rollout.start",
                 &serde_json::json!({ "rollout": id, "bundle": meta.sha256, "name": meta.name, "version": meta.version,
-                                     "waves": record.plan.waves }),
+                                     "waves": record.plan.waves, "preview": record.plan.preview,
+                                     "after_preview": record.plan.after_preview }),
             )
             .await?;
         self.store.create_rollout(&record).await?;
@@ -928,6 +965,96 @@ impl Engine {
             .publish(ClusterEvent::Rollout { id: id.clone() })
             .await;
         self.status(&id).await
+    }
+
+    /// Whether a rollout may follow preview `preview_id`: a completed
+    /// preview of the same bundle that covered every host of `plan`, each
+    /// of which reported success with no denial (an unknown count is not
+    /// zero), no service action its policy refuses and no limit hit.
+    /// Anything else is refused unless `override_reason` says why, and
+    /// that reason goes into the operator log with the rollout.
+    async fn check_after_preview(
+        &self,
+        preview_id: &RolloutId,
+        plan: &Plan,
+        override_reason: Option<&str>,
+    ) -> Result<AfterPreview> {
+        let preview =
+            self.store.rollout(preview_id).await?.ok_or_else(|| {
+                EngineError::NotFound(format!("no rollout {preview_id} to follow"))
+            })?;
+        if !preview.plan.preview {
+            return Err(EngineError::BadRequest(format!(
+                "{preview_id} is not a preview rollout"
+            )));
+        }
+        if preview.bundle_sha256 != plan.bundle.sha256 {
+            return Err(EngineError::BadRequest(format!(
+                "{preview_id} previewed another bundle ({}), not {}",
+                preview.bundle_sha256, plan.bundle.sha256
+            )));
+        }
+        let dispatches = self.store.dispatches(preview_id).await?;
+        let mut problems = Vec::new();
+        if preview.state != RolloutState::Completed {
+            problems.push(format!("the preview is {}", preview.state.as_str()));
+        }
+        for host in plan.waves.iter().flatten() {
+            match dispatches
+                .iter()
+                .find(|d| &d.host == host)
+                .map(|d| &d.outcome)
+            {
+                None => problems.push(format!("{host} was not previewed")),
+                Some(Outcome::Dispatched) => problems.push(format!("{host} has not reported")),
+                Some(Outcome::TimedOut) => problems.push(format!("{host} timed out")),
+                Some(Outcome::Reported(r)) => {
+                    if r.status != RunStatus::Succeeded || r.is_alert() || r.preview.is_none() {
+                        problems.push(
+                            match describe_alarm(&DispatchRecord {
+                                rollout_id: preview_id.clone(),
+                                host: host.clone(),
+                                wave: 0,
+                                outcome: Outcome::Reported(r.clone()),
+                                dispatched_at: 0,
+                            }) {
+                                Some(why) => why,
+                                None => format!(
+                                    "{host} {:?}: {}",
+                                    r.status,
+                                    r.reason.as_deref().unwrap_or("no reason given")
+                                ),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            return Ok(AfterPreview {
+                rollout: preview_id.clone(),
+                override_reason: None,
+            });
+        }
+        let shown = problems
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        match override_reason.map(str::trim).filter(|r| !r.is_empty()) {
+            Some(reason) => {
+                tracing::warn!(preview = %preview_id, %reason, problems = %shown, "starting after an unclean preview: overridden");
+                Ok(AfterPreview {
+                    rollout: preview_id.clone(),
+                    override_reason: Some(reason.to_string()),
+                })
+            }
+            None => Err(EngineError::Conflict(format!(
+                "the preview {preview_id} is not clean ({} problem(s): {shown}); start with --override-reason to go ahead anyway",
+                problems.len()
+            ))),
+        }
     }
 
     pub async fn status(&self, id: &RolloutId) -> Result<RolloutStatus> {
@@ -1222,11 +1349,18 @@ impl Engine {
     pub async fn greeting(&self, host: &str) -> Result<Vec<Order>> {
         let mut out = vec![Order::KillState(self.store.kill_state().await?)];
         for p in self.store.pending_orders(host).await? {
-            out.push(Order::Run {
-                rollout_id: p.rollout_id,
-                bundle_sha256: p.bundle_sha256,
-                bundle_size: p.bundle_size,
-            });
+            // Which order it is comes from the rollout's plan; a rollout
+            // that cannot be read is not sent (never a preview sent as a
+            // real run).
+            let Some(r) = self.store.rollout(&p.rollout_id).await? else {
+                continue;
+            };
+            out.push(run_order(
+                r.plan.preview,
+                p.rollout_id,
+                p.bundle_sha256,
+                p.bundle_size,
+            ));
         }
         Ok(out)
     }
@@ -1329,6 +1463,28 @@ impl KillAcks {
             agents_acked: self.sent.saturating_sub(self.pending_count) as u32,
             agents_pending: self.pending,
             replicas_silent: self.replicas_silent as u32,
+        }
+    }
+}
+
+/// The order that runs a rollout's bundle on a host: a preview or for real.
+fn run_order(
+    preview: bool,
+    rollout_id: RolloutId,
+    bundle_sha256: Sha256Hex,
+    bundle_size: u64,
+) -> Order {
+    if preview {
+        Order::Preview {
+            rollout_id,
+            bundle_sha256,
+            bundle_size,
+        }
+    } else {
+        Order::Run {
+            rollout_id,
+            bundle_sha256,
+            bundle_size,
         }
     }
 }

@@ -107,6 +107,16 @@ pub enum Order {
         bundle_sha256: Sha256Hex,
         bundle_size: u64,
     },
+    /// Run this rollout's bundle once as a preview (`rollguard-agent run
+    /// --preview`): nothing reaches the disk, no service action, no version
+    /// used up; the report lists the changes. Its own order, not a flag on
+    /// `Run`: an agent that does not know it refuses the line (unknown
+    /// type) instead of running the bundle for real. Deduped like `Run`.
+    Preview {
+        rollout_id: RolloutId,
+        bundle_sha256: Sha256Hex,
+        bundle_size: u64,
+    },
     /// The complete fleet kill state. Sent on connect and on every change;
     /// the agent replaces its stored fleet kill state with it, kills running
     /// bundles newly in scope, then acknowledges `generation`.
@@ -269,6 +279,27 @@ pub struct RolloutRequest {
     /// In-scope hosts matching one of these are left out (`--exclude`).
     #[serde(default)]
     pub exclude: Vec<crate::targets::HostPattern>,
+    /// A preview rollout (`rollout start --preview`): every in-scope host
+    /// at once, nothing changed anywhere, never halted by what it finds.
+    #[serde(default)]
+    pub preview: bool,
+    /// Start only if this preview rollout of the same bundle came out
+    /// clean on every host of this one (`--after-preview`).
+    #[serde(default)]
+    pub after_preview: Option<RolloutId>,
+    /// Start after an unclean preview anyway, for this reason (logged).
+    #[serde(default)]
+    pub override_reason: Option<String>,
+}
+
+/// How a rollout follows a preview (see [`RolloutRequest::after_preview`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AfterPreview {
+    pub rollout: RolloutId,
+    /// Why it started although the preview was not clean; `None`: it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_reason: Option<String>,
 }
 
 /// Answer of `PUT /v1/bundles/{sha256}`.
@@ -305,6 +336,12 @@ pub struct Plan {
     /// In-scope hosts left out by `--limit`/`--exclude`, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<String>,
+    /// A preview rollout: nothing changes on any host.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview: bool,
+    /// The clean (or overridden) preview this rollout follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_preview: Option<AfterPreview>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -189,6 +189,50 @@ pub struct PathChange {
     pub xattrs_changed: bool,
 }
 
+impl PathChange {
+    /// Lines added and removed by its diff (none without one), for
+    /// one-line summaries such as `modify /etc/x (+1 −1)`.
+    pub fn diff_stat(&self) -> Option<(usize, usize)> {
+        let diff = self.diff.as_deref()?;
+        Some(
+            diff.lines()
+                .filter(|l| !l.starts_with("+++") && !l.starts_with("---"))
+                .fold((0, 0), |(a, r), l| match l.as_bytes().first() {
+                    Some(b'+') => (a + 1, r),
+                    Some(b'-') => (a, r + 1),
+                    _ => (a, r),
+                }),
+        )
+    }
+
+    /// One line: `modify /etc/x (+1 −1)`, `delete /var/x`, with `xattrs`
+    /// when only its extended attributes differ.
+    pub fn summary(&self) -> String {
+        let mut line = format!("{} {}", self.change.as_str(), self.path);
+        if let Some((added, removed)) = self.diff_stat().filter(|&(a, r)| a + r > 0) {
+            line.push_str(&format!(" (+{added} \u{2212}{removed})"));
+        } else if let (Some(b), Some(a)) = (&self.before, &self.after) {
+            let mut what = Vec::new();
+            if b.mode != a.mode {
+                what.push(format!("mode {:o} -> {:o}", b.mode, a.mode));
+            }
+            if (b.uid, b.gid) != (a.uid, a.gid) {
+                what.push(format!("owner {}:{} -> {}:{}", b.uid, b.gid, a.uid, a.gid));
+            }
+            if b.size != a.size {
+                what.push(format!("size {} -> {}", b.size, a.size));
+            }
+            if self.xattrs_changed {
+                what.push("xattrs".to_string());
+            }
+            if !what.is_empty() {
+                line.push_str(&format!(" ({})", what.join(", ")));
+            }
+        }
+        line
+    }
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -331,6 +375,29 @@ impl RunReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_summary_counts_diff_lines_not_headers() {
+        let meta = |mode| FileMeta {
+            kind: FileKind::File,
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 4,
+        };
+        let mut c = PathChange {
+            path: "/etc/x".into(),
+            change: ChangeKind::Modified,
+            before: Some(meta(0o644)),
+            after: Some(meta(0o600)),
+            diff: Some("--- a/x\n+++ b/x\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n+d\n".into()),
+            xattrs_changed: false,
+        };
+        assert_eq!(c.diff_stat(), Some((2, 1)));
+        assert_eq!(c.summary(), "modify /etc/x (+2 \u{2212}1)");
+        c.diff = None;
+        assert_eq!(c.summary(), "modify /etc/x (mode 644 -> 600)");
+    }
 
     fn base() -> RunReport {
         RunReport {

@@ -74,7 +74,13 @@ pub struct HarnessExecutor {
 }
 
 impl BundleExecutor for HarnessExecutor {
-    fn run(&self, _bundle: &Path, rollout_id: &RolloutId, _kill: KillSignal) -> RunReport {
+    fn run(
+        &self,
+        _bundle: &Path,
+        rollout_id: &RolloutId,
+        _kind: rollguard_agent::daemon::RunKind,
+        _kill: KillSignal,
+    ) -> RunReport {
         RunReport {
             exit_code: Some(0),
             denials: Some(vec![]),

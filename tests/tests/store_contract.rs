@@ -56,6 +56,8 @@ fn plan() -> Plan {
         waves: vec![vec!["a".into()], vec!["b".into(), "c".into()]],
         out_of_scope: 0,
         left_out: vec![],
+        preview: false,
+        after_preview: None,
     }
 }
 

@@ -13,7 +13,21 @@ use crate::runner::{run_bundle, RunOptions};
 
 /// Runs one bundle to completion (blocking) and reports.
 pub trait BundleExecutor: Send + Sync + 'static {
-    fn run(&self, bundle: &Path, rollout_id: &RolloutId, kill: KillSignal) -> RunReport;
+    fn run(
+        &self,
+        bundle: &Path,
+        rollout_id: &RolloutId,
+        kind: RunKind,
+        kill: KillSignal,
+    ) -> RunReport;
+}
+
+/// What an order asks for: a run for real or a preview of it
+/// ([`rollguard_shared::protocol::Order::Preview`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    Real,
+    Preview,
 }
 
 /// The real executor: the agent's runner with the host policy.
@@ -28,13 +42,19 @@ pub struct RunnerExecutor {
 }
 
 impl BundleExecutor for RunnerExecutor {
-    fn run(&self, bundle: &Path, rollout_id: &RolloutId, kill: KillSignal) -> RunReport {
+    fn run(
+        &self,
+        bundle: &Path,
+        rollout_id: &RolloutId,
+        kind: RunKind,
+        kill: KillSignal,
+    ) -> RunReport {
         let opts = RunOptions {
             agent_exe: self.agent_exe.clone(),
             rollout_id: Some(rollout_id.to_string()),
             on_start: Some(kill.sandbox_hook()),
             launcher: self.launcher.clone(),
-            preview: false,
+            preview: kind == RunKind::Preview,
         };
         run_bundle(&self.policy, bundle, &opts)
     }

@@ -52,7 +52,7 @@ pub use crate::kill_switch::KillSignal;
 use crate::kill_switch::{refused_report, KillSwitch};
 use crate::state::StateDir;
 pub use config::ControllerSection;
-pub use executor::{BundleExecutor, RunnerExecutor};
+pub use executor::{BundleExecutor, RunKind, RunnerExecutor};
 use local::{LocalControl, LocalRequest, LocalResponse};
 use records::{HostRolloutRecord, Phase, Records};
 use transport::{ControllerSession, Transport, TransportError};
@@ -190,8 +190,13 @@ impl Daemon {
     }
 
     /// Handle a run order. `fetch` downloads the bundle to a path.
-    pub async fn run_order<F, Fut>(self: Arc<Self>, id: RolloutId, sha: Sha256Hex, fetch: F)
-    where
+    pub async fn run_order<F, Fut>(
+        self: Arc<Self>,
+        id: RolloutId,
+        sha: Sha256Hex,
+        kind: RunKind,
+        fetch: F,
+    ) where
         F: FnOnce(PathBuf) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
     {
@@ -230,7 +235,7 @@ impl Daemon {
                     None => Ok(None),
                 };
                 match shared {
-                    Ok(_shared) => self.clone().run_inner(&id, &sha, signal, fetch).await,
+                    Ok(_shared) => self.clone().run_inner(&id, &sha, kind, signal, fetch).await,
                     Err(e) => Err(e.into()),
                 }
             }
@@ -269,6 +274,7 @@ impl Daemon {
         self: Arc<Self>,
         id: &RolloutId,
         sha: &Sha256Hex,
+        kind: RunKind,
         signal: KillSignal,
         fetch: F,
     ) -> anyhow::Result<RunReport>
@@ -295,11 +301,11 @@ impl Daemon {
             report: None,
             acked: false,
         })?;
-        tracing::info!(rollout = %id, bundle = %sha, "running bundle");
+        tracing::info!(rollout = %id, bundle = %sha, ?kind, "running bundle");
         let me = self.clone();
         let id2 = id.clone();
         let p2 = path.clone();
-        let report = tokio::task::spawn_blocking(move || me.executor.run(&p2, &id2, signal))
+        let report = tokio::task::spawn_blocking(move || me.executor.run(&p2, &id2, kind, signal))
             .await
             .unwrap_or_else(|e| {
                 let mut r = interrupted_report(&self.identity.name);
@@ -470,13 +476,42 @@ impl Daemon {
                 rollout_id,
                 bundle_sha256,
                 bundle_size,
-            } => {
-                let s = session.clone();
-                let sha = bundle_sha256.clone();
-                let fetch = move |path: PathBuf| download(s, sha, bundle_size, path);
-                tokio::spawn(self.clone().run_order(rollout_id, bundle_sha256, fetch));
-            }
+            } => self.spawn_run(
+                session,
+                rollout_id,
+                bundle_sha256,
+                bundle_size,
+                RunKind::Real,
+            ),
+            Order::Preview {
+                rollout_id,
+                bundle_sha256,
+                bundle_size,
+            } => self.spawn_run(
+                session,
+                rollout_id,
+                bundle_sha256,
+                bundle_size,
+                RunKind::Preview,
+            ),
         }
+    }
+
+    fn spawn_run(
+        self: &Arc<Self>,
+        session: &ControllerSession,
+        rollout_id: RolloutId,
+        bundle_sha256: Sha256Hex,
+        bundle_size: u64,
+        kind: RunKind,
+    ) {
+        let s = session.clone();
+        let sha = bundle_sha256.clone();
+        let fetch = move |path: PathBuf| download(s, sha, bundle_size, path);
+        tokio::spawn(
+            self.clone()
+                .run_order(rollout_id, bundle_sha256, kind, fetch),
+        );
     }
 
     /// Connect, follow orders, reconnect with backoff; forever.

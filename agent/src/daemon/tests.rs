@@ -30,7 +30,13 @@ impl FakeExecutor {
 }
 
 impl BundleExecutor for FakeExecutor {
-    fn run(&self, bundle: &std::path::Path, rollout_id: &RolloutId, kill: KillSignal) -> RunReport {
+    fn run(
+        &self,
+        bundle: &std::path::Path,
+        rollout_id: &RolloutId,
+        _kind: crate::daemon::RunKind,
+        kill: KillSignal,
+    ) -> RunReport {
         assert!(bundle.exists(), "the bundle is downloaded before the run");
         self.runs.fetch_add(1, Ordering::SeqCst);
         let dead = Arc::new((Mutex::new(false), Condvar::new()));
@@ -82,11 +88,21 @@ async fn each_rollout_runs_at_most_once() {
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
     let sha = Sha256Hex::of(b"bundle");
     d.clone()
-        .run_order(id("r-1"), sha.clone(), fake_fetch)
+        .run_order(
+            id("r-1"),
+            sha.clone(),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
         .await;
     assert_eq!(report_of(&d, "r-1").unwrap().status, RunStatus::Succeeded);
     d.clone()
-        .run_order(id("r-1"), sha.clone(), fake_fetch)
+        .run_order(
+            id("r-1"),
+            sha.clone(),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
         .await;
     assert_eq!(
         exec.runs.load(Ordering::SeqCst),
@@ -122,7 +138,12 @@ async fn a_run_in_progress_at_restart_is_reported_interrupted_not_rerun() {
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
     assert_eq!(report_of(&d, "r-7").unwrap().status, RunStatus::Interrupted);
     d.clone()
-        .run_order(id("r-7"), Sha256Hex::of(b"bundle"), fake_fetch)
+        .run_order(
+            id("r-7"),
+            Sha256Hex::of(b"bundle"),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
         .await;
     assert_eq!(exec.runs.load(Ordering::SeqCst), 0);
     assert!(
@@ -137,7 +158,12 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
     let exec = Arc::new(FakeExecutor::default());
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
     let sha = Sha256Hex::of(b"bundle");
-    let running = tokio::spawn(d.clone().run_order(id("block-1"), sha.clone(), fake_fetch));
+    let running = tokio::spawn(d.clone().run_order(
+        id("block-1"),
+        sha.clone(),
+        crate::daemon::RunKind::Real,
+        fake_fetch,
+    ));
     let e2 = exec.clone();
     tokio::task::spawn_blocking(move || e2.wait_started("block-1"))
         .await
@@ -168,7 +194,12 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
     );
 
     d.clone()
-        .run_order(id("r-2"), sha.clone(), fake_fetch)
+        .run_order(
+            id("r-2"),
+            sha.clone(),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
         .await;
     let refused = report_of(&d, "r-2").unwrap();
     assert_eq!(
@@ -181,7 +212,12 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
     drop(d);
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
     d.clone()
-        .run_order(id("r-3"), sha.clone(), fake_fetch)
+        .run_order(
+            id("r-3"),
+            sha.clone(),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
         .await;
     assert_eq!(report_of(&d, "r-3").unwrap().status, RunStatus::Refused);
 
@@ -201,7 +237,9 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
             .unwrap()
             .is_none()
     );
-    d.clone().run_order(id("r-4"), sha, fake_fetch).await;
+    d.clone()
+        .run_order(id("r-4"), sha, crate::daemon::RunKind::Real, fake_fetch)
+        .await;
     assert_eq!(report_of(&d, "r-4").unwrap().status, RunStatus::Succeeded);
 }
 
@@ -211,7 +249,12 @@ async fn local_kill_is_independent_of_the_fleet_state() {
     let exec = Arc::new(FakeExecutor::default());
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
     let sha = Sha256Hex::of(b"bundle");
-    let running = tokio::spawn(d.clone().run_order(id("block-2"), sha.clone(), fake_fetch));
+    let running = tokio::spawn(d.clone().run_order(
+        id("block-2"),
+        sha.clone(),
+        crate::daemon::RunKind::Real,
+        fake_fetch,
+    ));
     let e2 = exec.clone();
     tokio::task::spawn_blocking(move || e2.wait_started("block-2"))
         .await
@@ -232,11 +275,18 @@ async fn local_kill_is_independent_of_the_fleet_state() {
         })
         .unwrap();
     d.clone()
-        .run_order(id("r-5"), sha.clone(), fake_fetch)
+        .run_order(
+            id("r-5"),
+            sha.clone(),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
         .await;
     assert_eq!(report_of(&d, "r-5").unwrap().status, RunStatus::Refused);
     assert!(d.handle(LocalRequest::Lift).ok);
-    d.clone().run_order(id("r-6"), sha, fake_fetch).await;
+    d.clone()
+        .run_order(id("r-6"), sha, crate::daemon::RunKind::Real, fake_fetch)
+        .await;
     assert_eq!(report_of(&d, "r-6").unwrap().status, RunStatus::Succeeded);
 }
 
@@ -267,9 +317,16 @@ async fn rollout_scoped_kill_spares_other_rollouts() {
     );
     let sha = Sha256Hex::of(b"bundle");
     d.clone()
-        .run_order(id("r-bad"), sha.clone(), fake_fetch)
+        .run_order(
+            id("r-bad"),
+            sha.clone(),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
         .await;
-    d.clone().run_order(id("r-good"), sha, fake_fetch).await;
+    d.clone()
+        .run_order(id("r-good"), sha, crate::daemon::RunKind::Real, fake_fetch)
+        .await;
     assert_eq!(report_of(&d, "r-bad").unwrap().status, RunStatus::Refused);
     assert_eq!(
         report_of(&d, "r-good").unwrap().status,
@@ -284,7 +341,12 @@ async fn a_wrong_bundle_from_the_controller_is_refused_not_run() {
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
     let bad = |_path: PathBuf| async { Err::<(), _>(BadDownload("not the bundle".into()).into()) };
     d.clone()
-        .run_order(id("r-8"), Sha256Hex::of(b"bundle"), bad)
+        .run_order(
+            id("r-8"),
+            Sha256Hex::of(b"bundle"),
+            crate::daemon::RunKind::Real,
+            bad,
+        )
         .await;
     let r = report_of(&d, "r-8").unwrap();
     assert_eq!(
@@ -295,11 +357,21 @@ async fn a_wrong_bundle_from_the_controller_is_refused_not_run() {
     // A transient failure leaves no record: the re-sent order runs it.
     let flaky = |_path: PathBuf| async { Err::<(), _>(anyhow::anyhow!("connection reset")) };
     d.clone()
-        .run_order(id("r-9"), Sha256Hex::of(b"bundle"), flaky)
+        .run_order(
+            id("r-9"),
+            Sha256Hex::of(b"bundle"),
+            crate::daemon::RunKind::Real,
+            flaky,
+        )
         .await;
     assert!(d.records.get(&id("r-9")).unwrap().is_none());
     d.clone()
-        .run_order(id("r-9"), Sha256Hex::of(b"bundle"), fake_fetch)
+        .run_order(
+            id("r-9"),
+            Sha256Hex::of(b"bundle"),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
         .await;
     assert_eq!(report_of(&d, "r-9").unwrap().status, RunStatus::Succeeded);
 }
