@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod kill;
 pub mod packages;
+pub mod preview_groups;
 pub mod rollout;
 pub mod rollout_events;
 

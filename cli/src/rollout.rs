@@ -51,6 +51,23 @@ pub struct WaveArgs {
     pub exclude: Vec<HostPattern>,
 }
 
+/// Previews: `rollout start --preview`, then `--after-preview ID`.
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// Run the bundle as a preview on every in-scope host at once: the real
+    /// script against an overlay of each host, nothing changed anywhere, no
+    /// service action; see the findings with `rollout changes ID`.
+    #[arg(long, conflicts_with = "after_preview")]
+    pub preview: bool,
+    /// Start only if this preview rollout of the same bundle came out clean
+    /// on every host of this rollout (no denial, no failure).
+    #[arg(long, value_name = "ID")]
+    pub after_preview: Option<String>,
+    /// Start after an unclean preview anyway; the reason is logged.
+    #[arg(long, value_name = "TEXT", requires = "after_preview")]
+    pub override_reason: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Waves(pub Vec<WaveSize>);
 
@@ -79,11 +96,23 @@ pub enum RolloutCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// Upload the bundle and start rolling it out in waves.
+    /// Upload the bundle and start rolling it out in waves (or, with
+    /// --preview, run it as a preview on every in-scope host at once).
     Start {
         bundle: PathBuf,
         #[command(flatten)]
         waves: WaveArgs,
+        #[command(flatten)]
+        preview: PreviewArgs,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// A preview rollout's hosts grouped by identical findings: the
+    /// changes each would make, its denials, its failure.
+    Changes {
+        id: String,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -170,6 +199,9 @@ fn request(summary: &BundleSummary, w: &WaveArgs) -> Result<RolloutRequest> {
         all_at_once: w.all_at_once,
         limit: w.limit.clone(),
         exclude: w.exclude.clone(),
+        preview: false,
+        after_preview: None,
+        override_reason: None,
     })
 }
 
@@ -362,20 +394,65 @@ pub fn run(cmd: RolloutCommand) -> Result<ExitCode> {
         RolloutCommand::Start {
             bundle,
             waves,
+            preview,
             json,
             connect,
         } => {
+            let after_preview = preview
+                .after_preview
+                .as_deref()
+                .map(rollout_id)
+                .transpose()?;
             let client = Client::connect(&connect)?;
             let summary = upload(&client, &bundle)?;
-            let status: RolloutStatus = client.post("/v1/rollouts", &request(&summary, &waves)?)?;
+            let req = RolloutRequest {
+                preview: preview.preview,
+                after_preview,
+                override_reason: preview.override_reason,
+                ..request(&summary, &waves)?
+            };
+            let status: RolloutStatus = client.post("/v1/rollouts", &req)?;
             if json {
                 print_json(&status)?;
             } else {
                 print_plan(&status.plan);
-                println!("started rollout {}", status.id);
+                if status.plan.preview {
+                    println!(
+                        "started preview rollout {} (nothing changes on any host)",
+                        status.id
+                    );
+                    println!("its findings: rollguard rollout changes {}", status.id);
+                } else {
+                    println!("started rollout {}", status.id);
+                }
                 println!("follow it with: rollguard rollout watch {}", status.id);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Changes { id, json, connect } => {
+            let client = Client::connect(&connect)?;
+            let status: RolloutStatus =
+                client.get(&format!("/v1/rollouts/{}", rollout_id(&id)?))?;
+            if !status.plan.preview {
+                anyhow::bail!(
+                    "{} is not a preview rollout (start one with --preview)",
+                    status.id
+                );
+            }
+            let groups = crate::preview_groups::groups(&status);
+            if json {
+                print_json(&groups)?;
+            } else {
+                crate::preview_groups::print(&status, &groups);
+            }
+            // 0: every host clean and reported; 1: not (yet).
+            let clean = status.state == RolloutState::Completed && groups.iter().all(|g| g.clean);
+            Ok(if clean {
+                rollguard_shared::exit::Exit::Success
+            } else {
+                rollguard_shared::exit::Exit::Failed
+            }
+            .into())
         }
         RolloutCommand::Status { id, json, connect } => {
             let client = Client::connect(&connect)?;
