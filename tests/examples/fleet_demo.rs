@@ -1,7 +1,8 @@
 //! The fleet half of `scripts/demo`: a controller and five agent daemons on
 //! loopback (each with its own certificate, policy, state and host tree), a
-//! signed bundle rolled out in waves, then the 2012 incident rolled out and
-//! halted at the canary. Built on the same fleet harness as the end-to-end
+//! signed bundle rolled out in waves, then the 2012 incident previewed on
+//! every host (nothing changes; the real rollout after it is refused),
+//! rolled out anyway and halted at the canary. Built on the same fleet harness as the end-to-end
 //! tests, so what the demo shows is what the tests check.
 //!
 //! ```sh
@@ -70,6 +71,38 @@ fn main() {
             "touch \"$H/enabled\"\nrm -rf \"@FLEET@/customers/$ROLLGUARD_HOST\" \"@FLEET@/backup/$ROLLGUARD_HOST\"\necho done",
         ),
     );
+    banner("Preview it on every target at once: the real script against an overlay of each host");
+    let mail_before: Vec<_> = ["mail-01", "mail-02", "mail-03", "mail-04"]
+        .iter()
+        .map(|h| Fleet::snapshot(&fleet.mail(h)))
+        .collect();
+    let preview = fleet.start_rollout(&incident, &["--preview"]);
+    fleet.wait_state(&preview, "completed");
+    show(&fleet, &["rollout", "changes", &preview]);
+    let mail_after: Vec<_> = ["mail-01", "mail-02", "mail-03", "mail-04"]
+        .iter()
+        .map(|h| Fleet::snapshot(&fleet.mail(h)))
+        .collect();
+    if mail_before != mail_after {
+        eprintln!("ERROR: the preview changed a host");
+        std::process::exit(1);
+    }
+    println!("nothing changed on any host; the real rollout after this preview is refused:");
+    let incident_arg = incident.to_str().unwrap();
+    show(
+        &fleet,
+        &[
+            "rollout",
+            "start",
+            incident_arg,
+            "--after-preview",
+            &preview,
+            "--waves",
+            "1,100%",
+        ],
+    );
+
+    banner("Rolled out without the preview's gate: the canary's denial halts it");
     let id = fleet.start_rollout(&incident, &["--waves", "1,100%", "--bake", "1s"]);
     fleet.wait_state(&id, "halted");
     show(&fleet, &["rollout", "status", &id]);
