@@ -1009,6 +1009,16 @@ impl Engine {
                 Some(Outcome::Dispatched) => problems.push(format!("{host} has not reported")),
                 Some(Outcome::TimedOut) => problems.push(format!("{host} timed out")),
                 Some(Outcome::Reported(r)) => {
+                    match &r.preview {
+                        Some(p) if !p.complete => {
+                            problems.push(format!("{host}'s changes could not all be read"))
+                        }
+                        Some(p) if p.changes_dropped > 0 => problems.push(format!(
+                            "{host} would make {} more changes than its report lists",
+                            p.changes_dropped
+                        )),
+                        _ => {}
+                    }
                     if r.status != RunStatus::Succeeded || r.is_alert() || r.preview.is_none() {
                         problems.push(
                             match describe_alarm(&DispatchRecord {
@@ -1349,14 +1359,8 @@ impl Engine {
     pub async fn greeting(&self, host: &str) -> Result<Vec<Order>> {
         let mut out = vec![Order::KillState(self.store.kill_state().await?)];
         for p in self.store.pending_orders(host).await? {
-            // Which order it is comes from the rollout's plan; a rollout
-            // that cannot be read is not sent (never a preview sent as a
-            // real run).
-            let Some(r) = self.store.rollout(&p.rollout_id).await? else {
-                continue;
-            };
             out.push(run_order(
-                r.plan.preview,
+                p.preview,
                 p.rollout_id,
                 p.bundle_sha256,
                 p.bundle_size,

@@ -281,14 +281,17 @@ pub struct RolloutRequest {
     pub exclude: Vec<crate::targets::HostPattern>,
     /// A preview rollout (`rollout start --preview`): every in-scope host
     /// at once, nothing changed anywhere, never halted by what it finds.
-    #[serde(default)]
+    /// (Each of these three is left out of the JSON when unset, so an
+    /// operator CLI that knows them can still start a plain rollout on a
+    /// controller that does not.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preview: bool,
     /// Start only if this preview rollout of the same bundle came out
     /// clean on every host of this one (`--after-preview`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_preview: Option<RolloutId>,
     /// Start after an unclean preview anyway, for this reason (logged).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub override_reason: Option<String>,
 }
 

@@ -421,6 +421,76 @@ async fn restart_resumes_from_the_database_without_rerunning() {
     assert_eq!(runs(&engine2.greeting("web-2").await.unwrap()), 1);
 }
 
+fn previews(orders: &[Order]) -> usize {
+    orders
+        .iter()
+        .filter(|o| matches!(o, Order::Preview { .. }))
+        .count()
+}
+
+/// A preview rollout sends `Order::Preview`, never `Order::Run`: in its one
+/// wave, in the greeting of a reconnecting agent, and from a second engine
+/// on the same database; a denial does not halt it.
+#[tokio::test]
+async fn a_preview_is_only_ever_sent_as_a_preview_and_never_halts() {
+    let mut f = fleet(&["web-1", "web-2", "web-3"], "1m", Duration::from_secs(60)).await;
+    let req = RolloutRequest {
+        preview: true,
+        ..request(&f.sha, "1,100%", 0)
+    };
+    let id = f.engine.start(&req, "admin").await.unwrap().id;
+    let s = wait_status(&f.engine, &id, |s| {
+        s.hosts.iter().all(|h| h.state == "dispatched")
+    })
+    .await;
+    assert_eq!(s.plan.waves.len(), 1, "one wave: {s:#?}");
+    for h in ["web-1", "web-2", "web-3"] {
+        let orders = next_orders(&mut f, h).await;
+        assert_eq!(
+            (previews(&orders), runs(&orders)),
+            (1, 0),
+            "{h}: {orders:?}"
+        );
+    }
+    let engine2 = engine_on(&f.path, Duration::from_secs(60)).await;
+    for e in [&f.engine, &engine2] {
+        let greeting = e.greeting("web-2").await.unwrap();
+        assert_eq!(
+            (previews(&greeting), runs(&greeting)),
+            (1, 0),
+            "{greeting:?}"
+        );
+    }
+    let mut denied = report("web-1", RunStatus::Succeeded);
+    denied.denials = Some(vec![rollguard_shared::report::Denial {
+        access: "erofs.unlinkat".into(),
+        path: Some("/home/customers".into()),
+        exe: None,
+    }]);
+    denied.denial_count = Some(1);
+    f.engine
+        .ingest_report(
+            "web-1",
+            AgentReport {
+                rollout_id: id.clone(),
+                report: denied,
+            },
+        )
+        .await
+        .unwrap();
+    succeed(&f, &id, "web-2").await;
+    succeed(&f, &id, "web-3").await;
+    let s = wait_status(&f.engine, &id, |s| s.state != RolloutState::Running).await;
+    assert_eq!(s.state, RolloutState::Completed, "{s:#?}");
+    // ... and a real rollout may not follow it without a reason.
+    let follow = RolloutRequest {
+        after_preview: Some(id.clone()),
+        ..request(&f.sha, "1,100%", 0)
+    };
+    let refused = f.engine.start(&follow, "admin").await.unwrap_err();
+    assert!(refused.to_string().contains("web-1"), "{refused}");
+}
+
 #[tokio::test]
 async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
     let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;

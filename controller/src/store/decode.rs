@@ -116,13 +116,19 @@ pub(super) fn bundle_meta(row: &impl Fields) -> Result<BundleMeta> {
 
 pub(super) fn rollout(row: &impl Fields) -> Result<RolloutRecord> {
     let state = row.text("state")?;
+    let plan: Plan = from_json(&row.text("plan")?)?;
+    // The column and the plan say the same, or the record is not trusted:
+    // a preview read as a real rollout would send real run orders.
+    if flag(row, "preview")? != plan.preview {
+        return Err(corrupt("the preview column and the plan disagree"));
+    }
     Ok(RolloutRecord {
         id: RolloutId::parse(&row.text("id")?).map_err(corrupt)?,
         bundle_sha256: Sha256Hex::parse(&row.text("bundle_sha256")?).map_err(corrupt)?,
         state: RolloutState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?,
         phase: parse_phase(&row.text("phase")?)?,
         current_wave: count(row, "current_wave")?,
-        plan: from_json(&row.text("plan")?)?,
+        plan,
         bake_until: row.opt_int("bake_until")?,
         halt_reason: row.opt_text("halt_reason")?,
         ack_failures: count(row, "ack_failures")?,
@@ -159,7 +165,17 @@ pub(super) fn pending_order(row: &impl Fields) -> Result<PendingOrder> {
         rollout_id: RolloutId::parse(&row.text("rollout_id")?).map_err(corrupt)?,
         bundle_sha256: Sha256Hex::parse(&row.text("sha256")?).map_err(corrupt)?,
         bundle_size: size(row, "size")?,
+        preview: flag(row, "preview")?,
     })
+}
+
+/// A 0/1 column.
+fn flag(row: &impl Fields, col: &str) -> Result<bool> {
+    match row.int(col)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(corrupt(format!("{col} {v}"))),
+    }
 }
 
 /// The kill generation and the `kills` rows (`scope`, `reason`, `by_name`,

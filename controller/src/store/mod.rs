@@ -134,6 +134,8 @@ pub struct PendingOrder {
     pub rollout_id: RolloutId,
     pub bundle_sha256: Sha256Hex,
     pub bundle_size: u64,
+    /// Owed as `Order::Preview`, not `Order::Run`.
+    pub preview: bool,
 }
 
 /// A run report to store.
