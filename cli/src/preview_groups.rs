@@ -22,11 +22,30 @@ pub struct Group {
     pub clean: bool,
 }
 
+/// What makes two hosts' findings the same: the lines shown, whether
+/// clean, and every field they summarize in full (two different edits
+/// with the same `+1 −1` are two groups).
+type Key = (Vec<String>, bool, String);
+
 /// One host's findings, as lines, and whether they are clean.
-fn findings(h: &HostRun) -> (Vec<String>, bool) {
+fn findings(h: &HostRun) -> Key {
     let Some(r) = &h.report else {
-        return (vec![format!("no result ({})", h.state)], false);
+        return (
+            vec![format!("no result ({})", h.state)],
+            false,
+            String::new(),
+        );
     };
+    let exact = serde_json::json!([
+        r.status,
+        r.denials,
+        r.denial_count,
+        r.limits_hit,
+        r.preview,
+        r.services,
+        r.services_captured,
+    ])
+    .to_string();
     let mut lines = Vec::new();
     let mut clean = r.status == RunStatus::Succeeded && !r.is_alert();
     if r.status != RunStatus::Succeeded {
@@ -46,7 +65,14 @@ fn findings(h: &HostRun) -> (Vec<String>, bool) {
                     d.path.as_deref().unwrap_or("(no path)")
                 ));
             }
+            let count = r.denial_count.unwrap_or(0);
+            if count > list.len() as u64 {
+                lines.push(format!("DENIED {count} in total ({} listed)", list.len()));
+            }
         }
+    }
+    for c in r.services_captured.iter().filter(|c| c.is_denied()) {
+        lines.push(format!("DENIED service action {} {}", c.verb, c.unit));
     }
     for hit in &r.limits_hit {
         lines.push(format!("LIMIT HIT {hit}"));
@@ -74,19 +100,19 @@ fn findings(h: &HostRun) -> (Vec<String>, bool) {
     if lines.is_empty() {
         lines.push("no change".to_string());
     }
-    (lines, clean)
+    (lines, clean, exact)
 }
 
 /// The hosts of `status` grouped by identical findings, largest group
 /// first (then by first host).
 pub fn groups(status: &RolloutStatus) -> Vec<Group> {
-    let mut by: BTreeMap<(Vec<String>, bool), Vec<String>> = BTreeMap::new();
+    let mut by: BTreeMap<Key, Vec<String>> = BTreeMap::new();
     for h in &status.hosts {
         by.entry(findings(h)).or_default().push(h.host.clone());
     }
     let mut out: Vec<Group> = by
         .into_iter()
-        .map(|((lines, clean), mut hosts)| {
+        .map(|((lines, clean, _), mut hosts)| {
             hosts.sort();
             Group {
                 count: hosts.len(),
@@ -104,8 +130,9 @@ pub fn groups(status: &RolloutStatus) -> Vec<Group> {
 const HOSTS_SHOWN: usize = 5;
 
 pub fn print(status: &RolloutStatus, groups: &[Group]) {
+    let unclean: usize = groups.iter().filter(|g| !g.clean).map(|g| g.count).sum();
     println!(
-        "preview {} of {} v{}: {} host(s) in {} group(s){}",
+        "preview {} of {} v{}: {} host(s) in {} group(s), {unclean} NOT CLEAN{}",
         status.id,
         status.plan.bundle.name,
         status.plan.bundle.version,
@@ -178,7 +205,7 @@ mod tests {
                             change: ChangeKind::Modified,
                             before: Some(meta),
                             after: Some(meta),
-                            diff: Some("--- a\n+++ b\n-x\n+y\n".into()),
+                            diff: Some("--- a\n+++ b\n@@ -1 +1 @@\n-x\n+y\n".into()),
                             xattrs_changed: false,
                         })
                         .collect(),
@@ -207,8 +234,16 @@ mod tests {
             host("m1", &["/etc/main.cf"], &[]),
             host("m2", &["/etc/main.cf"], &["/home/customers"]),
         ];
+        // Same one-line summary, another edit: a group of its own.
+        let mut other = host("m4", &["/etc/main.cf"], &[]);
+        if let Some(p) = other.report.as_mut().and_then(|r| r.preview.as_mut()) {
+            p.changes[0].diff = Some("--- a\n+++ b\n@@ -1 +1 @@\n-z\n+w\n".into());
+        }
+        status.hosts.push(other);
         let g = groups(&status);
-        assert_eq!(g.len(), 2);
+        assert_eq!(g.len(), 3, "{g:#?}");
+        assert_eq!(g[2].hosts, ["m4"]);
+        assert_eq!(g[2].lines, g[0].lines);
         assert_eq!(g[0].hosts, ["m1", "m3"]);
         assert!(g[0].clean);
         assert_eq!(g[0].lines, ["modify /etc/main.cf (+1 \u{2212}1)"]);

@@ -194,9 +194,11 @@ impl PathChange {
     /// one-line summaries such as `modify /etc/x (+1 −1)`.
     pub fn diff_stat(&self) -> Option<(usize, usize)> {
         let diff = self.diff.as_deref()?;
+        // The `---`/`+++` header ends at the first hunk; after it a line
+        // starting `---` is a removed line.
         Some(
             diff.lines()
-                .filter(|l| !l.starts_with("+++") && !l.starts_with("---"))
+                .skip_while(|l| !l.starts_with("@@"))
                 .fold((0, 0), |(a, r), l| match l.as_bytes().first() {
                     Some(b'+') => (a + 1, r),
                     Some(b'-') => (a, r + 1),
@@ -208,26 +210,31 @@ impl PathChange {
     /// One line: `modify /etc/x (+1 −1)`, `delete /var/x`, with `xattrs`
     /// when only its extended attributes differ.
     pub fn summary(&self) -> String {
-        let mut line = format!("{} {}", self.change.as_str(), self.path);
-        if let Some((added, removed)) = self.diff_stat().filter(|&(a, r)| a + r > 0) {
-            line.push_str(&format!(" (+{added} \u{2212}{removed})"));
-        } else if let (Some(b), Some(a)) = (&self.before, &self.after) {
-            let mut what = Vec::new();
+        let mut what = Vec::new();
+        let stat = self.diff_stat().filter(|&(a, r)| a + r > 0);
+        if let Some((added, removed)) = stat {
+            what.push(format!("+{added} \u{2212}{removed}"));
+        }
+        if let (Some(b), Some(a)) = (&self.before, &self.after) {
+            if b.kind != a.kind {
+                what.push(format!("{:?} -> {:?}", b.kind, a.kind).to_lowercase());
+            }
             if b.mode != a.mode {
                 what.push(format!("mode {:o} -> {:o}", b.mode, a.mode));
             }
             if (b.uid, b.gid) != (a.uid, a.gid) {
                 what.push(format!("owner {}:{} -> {}:{}", b.uid, b.gid, a.uid, a.gid));
             }
-            if b.size != a.size {
+            if b.size != a.size && stat.is_none() {
                 what.push(format!("size {} -> {}", b.size, a.size));
             }
-            if self.xattrs_changed {
-                what.push("xattrs".to_string());
-            }
-            if !what.is_empty() {
-                line.push_str(&format!(" ({})", what.join(", ")));
-            }
+        }
+        if self.xattrs_changed {
+            what.push("xattrs".to_string());
+        }
+        let mut line = format!("{} {}", self.change.as_str(), self.path);
+        if !what.is_empty() {
+            line.push_str(&format!(" ({})", what.join(", ")));
         }
         line
     }
@@ -394,9 +401,12 @@ mod tests {
             xattrs_changed: false,
         };
         assert_eq!(c.diff_stat(), Some((2, 1)));
-        assert_eq!(c.summary(), "modify /etc/x (+2 \u{2212}1)");
+        assert_eq!(c.summary(), "modify /etc/x (+2 \u{2212}1, mode 644 -> 600)");
         c.diff = None;
         assert_eq!(c.summary(), "modify /etc/x (mode 644 -> 600)");
+        // A removed line that starts with "--" is a removed line.
+        c.diff = Some("--- a/x\n+++ b/x\n@@ -1 +1 @@\n--- x\n+++ y\n".into());
+        assert_eq!(c.diff_stat(), Some((1, 1)));
     }
 
     fn base() -> RunReport {
