@@ -93,7 +93,7 @@ fn release_and_wait(
     // The run's audit rules stay until its denials are collected (the
     // end of this function): the kernel answers no audit request while it
     // removes a rule.
-    let (outcome, _exit_rules) = match child.wait_keeping_exit_rules(timeout) {
+    let (outcome, exit_rules) = match child.wait_keeping_exit_rules(timeout) {
         Ok(o) => o,
         Err(e) => {
             report.status = RunStatus::Failed;
@@ -232,6 +232,9 @@ fn release_and_wait(
         }
     }
     add_filter_denials(&outcome, report);
+    // Collected: the rules go now, not after a preview's walk of its
+    // layers, which may take a while on a large change set.
+    drop(exit_rules);
     if opts.preview {
         read_preview(&outcome, report);
     }

@@ -158,14 +158,7 @@ pub fn apply(
                     Some(name) => merged.join(name),
                     None => merged,
                 };
-                mount(
-                    Some(source.as_path()),
-                    at.as_path(),
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(mount_err("binding the preview layer onto", at))?;
+                bind(&source, at).map_err(mount_err("binding the preview layer onto", at))?;
                 layers.push(Layer {
                     index,
                     lower: lower_path.clone(),
@@ -173,15 +166,8 @@ pub fn apply(
                 });
             }
             Target::Rebind { at, mount: m } => {
-                let source = format!("/proc/self/fd/{}", m.as_raw_fd());
-                mount(
-                    Some(source.as_str()),
-                    at.as_path(),
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(mount_err("binding back the read-only mount", at))?;
+                let source = PathBuf::from(format!("/proc/self/fd/{}", m.as_raw_fd()));
+                bind(&source, at).map_err(mount_err("binding back the read-only mount", at))?;
             }
         }
     }
@@ -206,6 +192,17 @@ pub fn apply(
     // mount itself goes, with the overlays' own mount points beneath it.
     umount2(staging, MntFlags::MNT_DETACH).map_err(mount_err("detaching", staging))?;
     Ok(root.into())
+}
+
+/// A plain, non-recursive bind of `source` onto `at`.
+fn bind(source: &Path, at: &Path) -> nix::Result<()> {
+    mount(
+        Some(source),
+        at,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
 }
 
 /// Overlay number `index` over `lower`, mounted at `<staging>/<index>/merged`,
