@@ -95,6 +95,13 @@ fn change<'a>(report: &'a Value, root: &Path, rel: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no change listed for {rel}: {report:#}"))
 }
 
+/// A version-1 bundle NAME for `mail-*.tokyo` with SCOPE (manifest
+/// lines) and SCRIPT, signed by alice.
+fn signed(host: &Host, keys: &Keys, name: &str, scope: &str, script: &str) -> PathBuf {
+    let src = host.bundle_source(name, &manifest(name, 1, "\"mail-*.tokyo\"", scope), script);
+    host.build_signed(&src, keys, &["alice"])
+}
+
 #[test]
 fn a_preview_reports_exactly_its_changes_changes_nothing_and_leaves_the_version() {
     let keys = Keys::new(&["alice"]);
@@ -113,17 +120,7 @@ fn a_preview_reports_exactly_its_changes_changes_nothing_and_leaves_the_version(
         mkdir @ROOT@/var/spool/tmp/newdir\n\
         echo x > @ROOT@/var/spool/tmp/newdir/f\n\
         cat @ROOT@/etc/mail/main.cf\n";
-    let src = host.bundle_source(
-        "edit",
-        &manifest(
-            "edit",
-            1,
-            "\"mail-*.tokyo\"",
-            "write = [\"@ROOT@/etc/mail\", \"@ROOT@/var/spool/tmp\"]\ndelete = [\"@ROOT@/var/spool/tmp\"]",
-        ),
-        script,
-    );
-    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let bundle = signed(&host, &keys, "edit", "write = [\"@ROOT@/etc/mail\", \"@ROOT@/var/spool/tmp\"]\ndelete = [\"@ROOT@/var/spool/tmp\"]", script);
     let before = disk(&root);
 
     let (report, code) = host.preview(&bundle);
@@ -200,17 +197,13 @@ fn a_preview_of_the_2012_replay_reports_the_same_denials_as_the_real_run() {
         rm -rf @ROOT@/var/spool/tmp/*\n\
         rm -rf @ROOT@/home/customers @ROOT@/backup/daily\n\
         echo cleaned\n";
-    let src = host.bundle_source(
+    let bundle = signed(
+        &host,
+        &keys,
         "replay",
-        &manifest(
-            "replay",
-            1,
-            "\"mail-*.tokyo\"",
-            "delete = [\"@ROOT@/var/spool/tmp\"]",
-        ),
+        "delete = [\"@ROOT@/var/spool/tmp\"]",
         script,
     );
-    let bundle = host.build_signed(&src, &keys, &["alice"]);
     let before = disk(&root);
 
     let (preview, code) = host.preview(&bundle);
@@ -248,17 +241,13 @@ fn a_preview_that_fills_its_layers_fails_and_says_so() {
     let script = "#!/bin/sh\n\
         dd if=/dev/zero of=@ROOT@/var/spool/tmp/big bs=1M count=12 2>/dev/null\n\
         echo dd=$?\n";
-    let src = host.bundle_source(
+    let bundle = signed(
+        &host,
+        &keys,
         "fill",
-        &manifest(
-            "fill",
-            1,
-            "\"mail-*.tokyo\"",
-            "write = [\"@ROOT@/var/spool/tmp\"]",
-        ),
+        "write = [\"@ROOT@/var/spool/tmp\"]",
         script,
     );
-    let bundle = host.build_signed(&src, &keys, &["alice"]);
     let before = disk(&root);
     let (report, code) = host.preview(&bundle);
     assert_eq!(code, 1, "{report:#}");
@@ -299,17 +288,7 @@ fn a_preview_sees_deletions_under_remade_directories_scope_modes_and_xattrs() {
         mkdir -p keys/authorized\n\
         chmod 700 @ROOT@/var/spool/tmp\n\
         /usr/bin/python3 -c 'import os; os.setxattr(\"@ROOT@/etc/mail/main.cf\", \"user.note\", b\"x\")'\n";
-    let src = host.bundle_source(
-        "remade",
-        &manifest(
-            "remade",
-            1,
-            "\"mail-*.tokyo\"",
-            "write = [\"@ROOT@/etc/mail\", \"@ROOT@/var/spool/tmp\"]\ndelete = [\"@ROOT@/var/spool/tmp\"]",
-        ),
-        script,
-    );
-    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let bundle = signed(&host, &keys, "remade", "write = [\"@ROOT@/etc/mail\", \"@ROOT@/var/spool/tmp\"]\ndelete = [\"@ROOT@/var/spool/tmp\"]", script);
     let before = disk(&root);
     let (report, code) = host.preview(&bundle);
     assert_eq!(code, 0, "{report:#}");
