@@ -233,6 +233,22 @@ impl Host {
 }
 
 /// A manifest with the given targets/scope lines; `@ROOT@` is the host root.
+/// (access, path) of each denial a run report lists; panics when the
+/// report says its denials are unknown (they are known on the test kernel).
+pub fn denials(report: &Value) -> Vec<(String, String)> {
+    report["denials"]
+        .as_array()
+        .unwrap_or_else(|| panic!("denials must be known on this kernel: {report:#}"))
+        .iter()
+        .map(|d| {
+            (
+                d["access"].as_str().unwrap().to_string(),
+                d["path"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
 pub fn manifest(name: &str, version: u64, hosts: &str, scope: &str) -> String {
     format!(
         "[bundle]\nname = {name:?}\nversion = {version}\ndescription = \"test\"\nexpires = 2099-01-01T00:00:00Z\n\n[targets]\nhosts = [{hosts}]\n\n[scope]\n{scope}\n\n[run]\ncommand = [\"./run.sh\"]\ntimeout = \"30s\"\n"

@@ -7,22 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rollguard_tests::host::{manifest, Host, Keys, PolicyOptions};
+use rollguard_tests::host::{denials, manifest, Host, Keys, PolicyOptions};
 use serde_json::Value;
-
-fn denials(report: &Value) -> Vec<(String, String)> {
-    report["denials"]
-        .as_array()
-        .unwrap_or_else(|| panic!("denials must be known on this kernel: {report:#}"))
-        .iter()
-        .map(|d| {
-            (
-                d["access"].as_str().unwrap().to_string(),
-                d["path"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect()
-}
 
 /// mode, owner, mtime, ctime of `path`.
 fn stat(path: &Path) -> (u32, u32, u32, i64, i64, i64, i64) {

@@ -50,18 +50,9 @@ fn disk(root: &Path) -> BTreeMap<PathBuf, Stamp> {
     out
 }
 
-fn denials(report: &Value) -> Vec<(String, String)> {
-    let mut d: Vec<(String, String)> = report["denials"]
-        .as_array()
-        .unwrap_or_else(|| panic!("denials must be known on this kernel: {report:#}"))
-        .iter()
-        .map(|d| {
-            (
-                d["access"].as_str().unwrap().to_string(),
-                d["path"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+/// The report's denials as a set (sorted, each once).
+fn denial_set(report: &Value) -> Vec<(String, String)> {
+    let mut d = rollguard_tests::host::denials(report);
     d.sort();
     d.dedup();
     d
@@ -213,7 +204,7 @@ fn a_preview_of_the_2012_replay_reports_the_same_denials_as_the_real_run() {
         changes(&preview, &root),
         [("deleted".to_string(), "var/spool/tmp/stale-1".to_string())]
     );
-    let previewed = denials(&preview);
+    let previewed = denial_set(&preview);
     assert!(
         previewed.iter().any(|(_, p)| p.contains("home/customers")),
         "the stray delete must be reported: {preview:#}"
@@ -222,7 +213,7 @@ fn a_preview_of_the_2012_replay_reports_the_same_denials_as_the_real_run() {
     let (real, code) = host.run(&bundle);
     assert_eq!(code, 1, "{real:#}");
     assert_eq!(
-        denials(&real),
+        denial_set(&real),
         previewed,
         "preview: {preview:#}\nreal: {real:#}"
     );

@@ -4,23 +4,9 @@
 
 use std::fs;
 
-use rollguard_tests::host::{manifest, Host, Keys, PolicyOptions};
+use rollguard_tests::host::{denials, manifest, Host, Keys, PolicyOptions};
 use rollguard_tests::{agent, run};
 use serde_json::Value;
-
-fn denied_paths(report: &Value) -> Vec<(String, String)> {
-    report["denials"]
-        .as_array()
-        .expect("denials must be known on this kernel")
-        .iter()
-        .map(|d| {
-            (
-                d["access"].as_str().unwrap().to_string(),
-                d["path"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn scoped_bundle_succeeds_and_changes_only_its_scope() {
@@ -110,7 +96,7 @@ fn incident_replay_target_denied_and_non_target_refused() {
             // Target: the intended change happens, the stray delete is
             // denied by the kernel and reported with its path.
             assert!(host.root().join("etc/mail/enabled").exists(), "{report:#}");
-            let denials = denied_paths(&report);
+            let denials = denials(&report);
             let home = host.root().join("home/customers");
             // Outside every scope the mount is read-only: the kernel
             // answers EROFS (reported through the run's audit rules)
@@ -660,7 +646,7 @@ attempt('mptcp', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
     );
 
     // Every refusal, with its address and port or its system call.
-    let denials = denied_paths(&report);
+    let denials = denials(&report);
     for expected in [
         ("net.connect_tcp", format!("127.0.0.1:{b}")),
         ("net.connect_tcp", format!("127.0.0.3:{a}")),
