@@ -141,6 +141,11 @@ impl Client {
         serde_json::from_slice(&bytes).with_context(|| format!("answer to POST {path}"))
     }
 
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let bytes = self.call(Method::DELETE, path, None)?;
+        serde_json::from_slice(&bytes).with_context(|| format!("answer to DELETE {path}"))
+    }
+
     /// POST arbitrary bytes (tests of malformed and oversized bodies).
     pub fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<Bytes> {
         self.call(Method::POST, path, Some((body, "application/json")))

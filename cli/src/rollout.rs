@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rollguard_shared::protocol::{
-    AgentInfo, BundleSummary, HaltRequest, Matchers, Plan, RolloutId, RolloutRequest, RolloutState,
-    RolloutStatus, Sha256Hex, WavePhase, WaveSize,
+    AgentInfo, AgentRemoved, BundleSummary, HaltRequest, Matchers, Plan, RolloutId, RolloutRequest,
+    RolloutState, RolloutStatus, Sha256Hex, WavePhase, WaveSize,
 };
 
 use crate::client::{Client, ConnectArgs};
@@ -49,6 +49,11 @@ pub struct WaveArgs {
     /// each pattern must match one of them.
     #[arg(long, value_name = "GLOB", value_parser = HostPattern::parse)]
     pub exclude: Vec<HostPattern>,
+    /// Send to in-scope hosts that are not connected, too. By default they
+    /// are left out with a warning: each would only time out and halt the
+    /// rollout.
+    #[arg(long)]
+    pub include_offline: bool,
 }
 
 /// Previews: `rollout start --preview`, then `--after-preview ID`.
@@ -163,13 +168,30 @@ pub enum RolloutCommand {
     },
 }
 
-/// `rollguard agents`
+/// `rollguard agents`: the inventory, or `agents remove NAME`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct AgentsArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentsCommand>,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Deregister an agent and revoke the certificate it connected with
+    /// (admin): it is refused from its next request on, by every
+    /// controller replica. Its rollout history stays.
+    Remove {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -199,6 +221,7 @@ fn request(summary: &BundleSummary, w: &WaveArgs) -> Result<RolloutRequest> {
         all_at_once: w.all_at_once,
         limit: w.limit.clone(),
         exclude: w.exclude.clone(),
+        include_offline: w.include_offline,
         preview: false,
         after_preview: None,
         override_reason: None,
@@ -319,6 +342,18 @@ fn print_plan(plan: &Plan) {
             "left out {} in-scope host(s) by --limit/--exclude: {}",
             plan.left_out.len(),
             plan.left_out.join(", ")
+        );
+    }
+    if !plan.offline.is_empty() {
+        let what = if plan.include_offline {
+            "included all the same (--include-offline); each will time out unless it connects"
+        } else {
+            "left out; pass --include-offline to send to them anyway"
+        };
+        eprintln!(
+            "warning: {} in-scope host(s) offline, {what}: {}",
+            plan.offline.len(),
+            plan.offline.join(", ")
         );
     }
     for (i, wave) in plan.waves.iter().enumerate() {
@@ -526,22 +561,102 @@ pub fn run(cmd: RolloutCommand) -> Result<ExitCode> {
 }
 
 pub fn agents(args: AgentsArgs) -> Result<ExitCode> {
+    if let Some(AgentsCommand::Remove {
+        name,
+        json,
+        connect,
+    }) = args.command
+    {
+        return remove_agent(&name, json, &connect);
+    }
     let client = Client::connect(&args.connect)?;
     let agents: Vec<AgentInfo> = client.get("/v1/agents")?;
     if args.json {
         print_json(&agents)?;
     } else {
-        for a in &agents {
-            let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let state = if a.connected {
-                "connected"
-            } else {
-                "disconnected"
-            };
-            println!("{:<32} {:<13} {}", a.name, state, labels.join(","));
+        print_agents(&agents);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn remove_agent(name: &str, json: bool, connect: &ConnectArgs) -> Result<ExitCode> {
+    let client = Client::connect(connect)?;
+    let removed: AgentRemoved = client.delete(&format!("/v1/agents/{}", agent_name(name)?))?;
+    if json {
+        print_json(&removed)?;
+    } else {
+        println!("removed agent {}", removed.name);
+        if removed.revoked_serials.is_empty() {
+            eprintln!(
+                "warning: no certificate of {} is known to the controller (it has not connected since the inventory began); revoke it on the CA host: rollguard-controller revoke {}",
+                removed.name, removed.name
+            );
+        }
+        for s in &removed.revoked_serials {
+            println!("revoked certificate serial {s}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A host name as it may appear in a URL path (what agent certificates
+/// allow), so a name cannot reach another endpoint.
+fn agent_name(raw: &str) -> Result<&str> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 253
+        && !raw.starts_with(['-', '.'])
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    anyhow::ensure!(ok, "{raw:?} is not an agent name");
+    Ok(raw)
+}
+
+/// The inventory as a table whose columns fit the longest values.
+fn print_agents(agents: &[AgentInfo]) {
+    use comfy_table::{presets::NOTHING, Table};
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(vec![
+        "NAME",
+        "STATE",
+        "LAST SEEN",
+        "VERSION",
+        "KERNEL",
+        "LANDLOCK",
+        "CONTROLLER",
+        "CERT EXPIRES",
+        "LABELS",
+    ]);
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").to_string();
+    for a in agents {
+        let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        table.add_row(vec![
+            a.name.clone(),
+            if a.connected { "connected" } else { "OFFLINE" }.to_string(),
+            or_dash(a.first_seen.as_deref().map(short_time)),
+            if a.connected {
+                "now".to_string()
+            } else {
+                or_dash(a.last_seen.as_deref().map(short_time))
+            },
+            or_dash(a.agent_version.as_deref()),
+            or_dash(a.kernel.as_deref()),
+            match (a.landlock_abi, &a.agent_version) {
+                (Some(v), _) => format!("ABI {v}"),
+                (None, Some(_)) => "none".to_string(),
+                (None, None) => "-".to_string(),
+            },
+            or_dash(a.controller.as_deref()),
+            or_dash(a.cert_expires.as_deref().map(short_time)),
+            labels.join(","),
+        ]);
+    }
+    println!("{table}");
+}
+
+/// An RFC 3339 time to the minute, for a table.
+fn short_time(t: &str) -> &str {
+    t.get(..16).unwrap_or(t)
 }
 
 /// Live progress, one bar per wave (hosts with a result / hosts in the wave).

@@ -85,6 +85,8 @@ struct Envelope {
 pub struct Cluster {
     /// This replica's id in events (random per process).
     me: u64,
+    /// How the inventory names this replica: host name and port.
+    name: String,
     leader: AtomicBool,
     pool: Option<PgPool>,
 }
@@ -92,8 +94,14 @@ pub struct Cluster {
 impl Cluster {
     /// One controller (SQLite): the leader from the start, no peers.
     pub fn alone() -> Arc<Cluster> {
+        Self::alone_named(crate::presence::host_name())
+    }
+
+    /// [`Cluster::alone`], named `name` in the inventory.
+    pub fn alone_named(name: String) -> Arc<Cluster> {
         Arc::new(Cluster {
             me: 0,
+            name,
             leader: AtomicBool::new(true),
             pool: None,
         })
@@ -101,13 +109,24 @@ impl Cluster {
 
     /// A replica among others on the database behind `pool`; a follower
     /// until [`Cluster::run`] wins the leadership.
-    pub fn replica(pool: PgPool) -> Arc<Cluster> {
+    pub fn replica(pool: PgPool, name: String) -> Arc<Cluster> {
         Arc::new(Cluster {
+            name,
             // Kept within i64 for the `replicas` table.
             me: rand_id() >> 1,
             leader: AtomicBool::new(false),
             pool: Some(pool),
         })
+    }
+
+    /// This replica's id (0 alone): what the inventory's `connected_to` holds.
+    pub fn id(&self) -> u64 {
+        self.me
+    }
+
+    /// How the inventory names this replica (host name and port).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn is_leader(&self) -> bool {
@@ -158,11 +177,12 @@ impl Cluster {
     async fn heartbeat(self: Arc<Self>, pool: PgPool) {
         loop {
             let done = sqlx::query(
-                "INSERT INTO replicas (id, seen_at) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                "INSERT INTO replicas (id, seen_at, host) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, host = excluded.host",
             )
             .bind(self.me as i64)
             .bind(crate::store::now_ms())
+            .bind(&self.name)
             .execute(&pool)
             .await;
             if let Err(e) = done {
@@ -176,22 +196,29 @@ impl Cluster {
     /// cannot say: then nothing is waited for, and the counts are this
     /// replica's alone, as without replicas).
     pub async fn live_peers(&self) -> Vec<u64> {
+        self.live_peer_hosts().await.into_keys().collect()
+    }
+
+    /// The other replicas alive now, with the host each runs on (none when
+    /// alone, or when the database cannot say: then only this replica's
+    /// own agents count as connected).
+    pub async fn live_peer_hosts(&self) -> std::collections::HashMap<u64, String> {
         let Some(pool) = &self.pool else {
-            return vec![];
+            return Default::default();
         };
         let since = crate::store::now_ms() - REPLICA_ALIVE_MS;
-        match sqlx::query_scalar::<_, i64>(
-            "SELECT id FROM replicas WHERE seen_at > $1 AND id <> $2",
+        match sqlx::query_as::<_, (i64, String)>(
+            "SELECT id, host FROM replicas WHERE seen_at > $1 AND id <> $2",
         )
         .bind(since)
         .bind(self.me as i64)
         .fetch_all(pool)
         .await
         {
-            Ok(ids) => ids.into_iter().map(|i| i as u64).collect(),
+            Ok(rows) => rows.into_iter().map(|(i, h)| (i as u64, h)).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the live replicas");
-                vec![]
+                Default::default()
             }
         }
     }

@@ -20,9 +20,9 @@ use std::time::Duration;
 use rollguard_shared::alert_matcher::Matcher;
 use rollguard_shared::manifest::Manifest;
 use rollguard_shared::protocol::{
-    AfterPreview, AgentReport, AlertResponse, BundleSummary, HostRun, KillOrder, KillResponse,
-    KillScope, KillState, Matchers, Order, Plan, RolloutId, RolloutRequest, RolloutState,
-    RolloutStatus, Sha256Hex, WavePhase, WaveSize,
+    AfterPreview, AgentInfo, AgentRemoved, AgentReport, AlertResponse, BundleSummary, HostRun,
+    KillOrder, KillResponse, KillScope, KillState, Matchers, Order, Plan, RolloutId,
+    RolloutRequest, RolloutState, RolloutStatus, Sha256Hex, WavePhase, WaveSize,
 };
 use rollguard_shared::report::RunStatus;
 use rollguard_shared::targets::{HostIdentity, HostPattern};
@@ -388,6 +388,12 @@ impl Engine {
             alertmanager,
         });
         tokio::spawn(report_writer(Arc::downgrade(&engine), report_rx));
+        let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.hub.report_presence(crate::presence::PresenceSink {
+            replica: engine.cluster.id(),
+            tx: presence_tx,
+        });
+        tokio::spawn(crate::presence::writer(engine.store.clone(), presence_rx));
         engine
     }
 
@@ -836,6 +842,28 @@ impl Engine {
         let out_of_scope = agents.len() - in_scope.len();
         let (in_scope, left_out) =
             narrow(in_scope, &req.limit, &req.exclude).map_err(EngineError::BadRequest)?;
+        // A host that is not connected now would only time out and halt
+        // the rollout: it is left out (and named) unless asked for.
+        let online = self.online_agents().await;
+        let offline: Vec<String> = in_scope
+            .iter()
+            .filter(|h| !online.contains(*h))
+            .cloned()
+            .collect();
+        let in_scope: Vec<String> = if req.include_offline {
+            in_scope
+        } else {
+            in_scope
+                .into_iter()
+                .filter(|h| online.contains(h))
+                .collect()
+        };
+        if in_scope.is_empty() {
+            return Err(EngineError::BadRequest(format!(
+                "every in-scope host is offline ({}); pass --include-offline to send to them anyway",
+                offline.join(", ")
+            )));
+        }
         let total = in_scope.len();
         if req.preview && req.after_preview.is_some() {
             return Err(EngineError::BadRequest(
@@ -885,6 +913,8 @@ impl Engine {
             waves,
             out_of_scope,
             left_out,
+            offline,
+            include_offline: req.include_offline,
             preview: req.preview,
             after_preview: None,
         };
@@ -1325,6 +1355,108 @@ impl Engine {
 
     // ---- agents -------------------------------------------------------------------
 
+    /// Agents whose order stream is open on this replica or on a live peer.
+    /// This replica's own are its hub's (never behind); a peer's are what
+    /// it recorded (`presence`), trusted only while the peer is alive.
+    pub async fn online_agents(&self) -> std::collections::HashSet<String> {
+        let mut online: std::collections::HashSet<String> =
+            self.hub.connected().into_iter().map(|(n, _)| n).collect();
+        let peers = self.cluster.live_peer_hosts().await;
+        if !peers.is_empty() {
+            match self.store.list_agents().await {
+                Ok(agents) => online.extend(
+                    agents
+                        .into_iter()
+                        .filter(|a| {
+                            a.inventory
+                                .connected_to
+                                .is_some_and(|r| peers.contains_key(&r))
+                        })
+                        .map(|a| a.name),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read which agents other replicas hold")
+                }
+            }
+        }
+        online
+    }
+
+    /// The inventory: every registered agent, whether and where it is
+    /// connected, and what it said of itself when it last was.
+    pub async fn inventory(&self) -> Result<Vec<AgentInfo>> {
+        let agents = self.store.list_agents().await?;
+        let peers = self.cluster.live_peer_hosts().await;
+        let me = self.cluster.name().to_string();
+        let now = rfc3339(now_ms());
+        Ok(agents
+            .into_iter()
+            .map(|a| {
+                let inv = a.inventory;
+                let controller = if self.hub.is_connected(&a.name) {
+                    Some(me.clone())
+                } else {
+                    inv.connected_to
+                        .filter(|r| *r != self.cluster.id())
+                        .and_then(|r| peers.get(&r).cloned())
+                };
+                let connected = controller.is_some();
+                AgentInfo {
+                    name: a.name,
+                    labels: a.labels,
+                    connected,
+                    controller,
+                    first_seen: inv.first_seen.map(rfc3339),
+                    last_seen: if connected {
+                        Some(now.clone())
+                    } else {
+                        inv.last_seen.map(rfc3339)
+                    },
+                    agent_version: inv.agent_version,
+                    kernel: inv.kernel.filter(|k| !k.is_empty()),
+                    landlock_abi: inv.landlock_abi,
+                    cert_expires: inv.cert_not_after.map(rfc3339),
+                }
+            })
+            .collect())
+    }
+
+    /// Deregister `name` and revoke the certificate it last connected with
+    /// (recorded in the database, so every replica refuses it within a
+    /// second). The caller closes its stream here. Its run history stays.
+    pub async fn remove_agent(&self, name: &str, actor: &str) -> Result<AgentRemoved> {
+        let agents = self.store.list_agents().await?;
+        let Some(agent) = agents.into_iter().find(|a| a.name == name) else {
+            return Err(EngineError::NotFound(format!(
+                "no registered agent {name:?}"
+            )));
+        };
+        let serials: Vec<String> = agent.inventory.cert_serial.clone().into_iter().collect();
+        // Revoked first: a removed agent whose certificate still worked
+        // would simply register again at its next connect.
+        if !serials.is_empty() {
+            self.store.add_revocations(name, &serials).await?;
+        }
+        self.store
+            .append_operator_log(
+                actor,
+                "agent.remove",
+                &serde_json::json!({ "agent": name, "revoked_serials": serials }),
+            )
+            .await?;
+        self.store.remove_agent(name).await?;
+        if let Some(cache) = self.known_agents.lock().await.as_mut() {
+            cache.remove(name);
+        }
+        let was_connected = self.hub.disconnect(name);
+        tracing::warn!(agent = %name, by = %actor, revoked = ?serials, "agent removed");
+        Ok(AgentRemoved {
+            name: name.to_string(),
+            revoked_serials: serials,
+            was_connected,
+        })
+    }
+
     /// Register (or refresh) an agent; the database is written only when its
     /// labels changed, so reconnect storms cost no writes.
     pub async fn register_agent(
@@ -1345,6 +1477,7 @@ impl Engine {
                 .upsert_agent(&AgentRecord {
                     name: name.to_string(),
                     labels: labels.clone(),
+                    inventory: Default::default(),
                 })
                 .await?;
             if let Some(cache) = self.known_agents.lock().await.as_mut() {

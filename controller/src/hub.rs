@@ -16,6 +16,9 @@ use bytes::Bytes;
 use rollguard_shared::protocol::Order;
 use tokio::sync::{mpsc, watch};
 
+use crate::presence::{Arrival, PresenceSink};
+use crate::store::{now_ms, PresenceUpdate};
+
 /// Capacity of one agent's order channel.
 const CHANNEL_CAPACITY: usize = 256;
 
@@ -33,6 +36,9 @@ pub struct Hub {
     /// Highest kill generation each agent has acknowledged.
     kill_acks: Mutex<HashMap<String, u64>>,
     ack_changed: watch::Sender<u64>,
+    /// Where connects and disconnects are reported for the inventory
+    /// (unset in tests that need no inventory).
+    presence: std::sync::OnceLock<PresenceSink>,
 }
 
 /// Handed to the order stream of one connection; removes the agent from the
@@ -50,6 +56,7 @@ impl Drop for Registration {
         let mut agents = self.hub.agents.write().unwrap_or_else(|e| e.into_inner());
         if agents.get(&self.name).is_some_and(|c| c.id == self.id) {
             agents.remove(&self.name);
+            self.hub.report_gone(&self.name);
             tracing::info!(agent = %self.name, "agent disconnected");
         }
     }
@@ -66,9 +73,38 @@ impl Hub {
         Arc::new(Hub::default())
     }
 
+    /// Report connects and disconnects to `sink` from now on (once).
+    pub fn report_presence(&self, sink: PresenceSink) {
+        if self.presence.set(sink).is_err() {
+            tracing::error!("the hub already reports presence elsewhere");
+        }
+    }
+
+    /// Report that `name`'s stream here closed. Called with the agents map
+    /// locked, so it is ordered with the connect that replaced it.
+    fn report_gone(&self, name: &str) {
+        if let Some(sink) = self.presence.get() {
+            let _ = sink.tx.send(PresenceUpdate::Gone {
+                name: name.to_string(),
+                at: now_ms(),
+                replica: sink.replica,
+            });
+        }
+    }
+
     /// Register a new connection of `name`, replacing (and so closing) any
     /// previous one.
     pub fn connect(self: &Arc<Self>, name: &str, labels: BTreeMap<String, String>) -> Registration {
+        self.connect_with(name, labels, None)
+    }
+
+    /// [`Hub::connect`], reporting `arrival` to the inventory.
+    pub fn connect_with(
+        self: &Arc<Self>,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        arrival: Option<Arrival>,
+    ) -> Registration {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut agents = self.agents.write().unwrap_or_else(|e| e.into_inner());
@@ -77,6 +113,18 @@ impl Hub {
             .is_some()
         {
             tracing::info!(agent = %name, "agent reconnected; previous stream closed");
+        }
+        if let (Some(sink), Some(a)) = (self.presence.get(), arrival) {
+            let _ = sink.tx.send(PresenceUpdate::Connected {
+                name: name.to_string(),
+                at: now_ms(),
+                replica: sink.replica,
+                agent_version: a.agent_version,
+                kernel: a.kernel,
+                landlock_abi: a.landlock_abi,
+                cert_serial: a.cert_serial,
+                cert_not_after: a.cert_not_after,
+            });
         }
         Registration {
             hub: self.clone(),
@@ -146,10 +194,17 @@ impl Hub {
 
     fn drop_agent(&self, name: &str) {
         tracing::warn!(agent = %name, "agent's order channel is full or closed; disconnecting it");
-        self.agents
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.disconnect(name);
+    }
+
+    /// Close `name`'s order stream here, if it has one; returns whether it had.
+    pub fn disconnect(&self, name: &str) -> bool {
+        let mut agents = self.agents.write().unwrap_or_else(|e| e.into_inner());
+        let had = agents.remove(name).is_some();
+        if had {
+            self.report_gone(name);
+        }
+        had
     }
 
     pub fn record_kill_ack(&self, name: &str, generation: u64) {

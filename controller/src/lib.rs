@@ -18,6 +18,7 @@ pub mod hub;
 pub mod metrics;
 pub mod notify;
 pub mod pki;
+pub mod presence;
 pub mod server;
 pub mod server_cli;
 pub mod store;

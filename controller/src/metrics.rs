@@ -21,6 +21,8 @@ pub struct Metrics {
     pub kill_orders: Counter,
     /// Questions to Alertmanager's API that got no usable answer.
     pub alert_gate_errors: Counter,
+    /// Seconds until each agent's certificate expires (negative: expired).
+    pub certificate_expiry: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -39,6 +41,7 @@ impl Metrics {
         let denials = Counter::default();
         let kill_orders = Counter::default();
         let alert_gate_errors = Counter::default();
+        let certificate_expiry = Family::<Labels, Gauge>::default();
         registry.register(
             "connected_agents",
             "Agents with an open order stream",
@@ -62,6 +65,11 @@ impl Metrics {
             "Questions to Alertmanager's API for active alerts that got no usable answer",
             alert_gate_errors.clone(),
         );
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the certificate each agent last connected with expires (negative once it has)",
+            certificate_expiry.clone(),
+        );
         Metrics {
             registry,
             connected_agents,
@@ -71,6 +79,7 @@ impl Metrics {
             denials,
             kill_orders,
             alert_gate_errors,
+            certificate_expiry,
         }
     }
 
@@ -95,7 +104,15 @@ impl Metrics {
         connected: usize,
         leader: bool,
         rollouts_by_state: &[(RolloutState, usize)],
+        certificate_expiry: &[(String, i64)],
     ) -> String {
+        // Rebuilt each time, so a removed agent's series goes away.
+        self.certificate_expiry.clear();
+        for (agent, secs) in certificate_expiry {
+            self.certificate_expiry
+                .get_or_create(&vec![("agent".to_string(), agent.clone())])
+                .set(*secs);
+        }
         self.connected_agents.set(connected as i64);
         self.leader.set(i64::from(leader));
         for (state, n) in rollouts_by_state {
@@ -123,6 +140,7 @@ mod tests {
             3,
             true,
             &[(RolloutState::Running, 1), (RolloutState::Halted, 2)],
+            &[("web-1".to_string(), 86_400)],
         );
         assert!(text.contains("rollguard_connected_agents 3"), "{text}");
         assert!(text.contains("rollguard_leader 1"), "{text}");
@@ -131,6 +149,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("rollguard_kill_orders_total 1"), "{text}");
+        assert!(
+            text.contains("rollguard_certificate_expiry_seconds{agent=\"web-1\"} 86400"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -122,6 +122,8 @@ pub struct Peer {
     pub name: String,
     /// Serial number, lowercase hex (the revocation key).
     pub serial: String,
+    /// When the certificate expires, Unix milliseconds.
+    pub not_after: i64,
 }
 
 /// The files of a CA directory.
@@ -575,6 +577,7 @@ pub fn classify(issuers: &Issuers, leaf_der: &[u8]) -> Result<Peer, PeerError> {
         role,
         name,
         serial: hex::encode(cert.raw_serial()),
+        not_after: cert.validity().not_after.timestamp().saturating_mul(1000),
     })
 }
 

@@ -22,9 +22,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rollguard_shared::protocol::{
-    AgentInfo, AgentReport, ErrorBody, HaltRequest, KillAck, KillRequest, LiftRequest, Order,
-    Register, RolloutId, RolloutRequest, RolloutState, Sha256Hex, MAX_JSON_BODY,
-    PING_INTERVAL_SECS,
+    AgentReport, ErrorBody, HaltRequest, KillAck, KillRequest, LiftRequest, Order, Register,
+    RolloutId, RolloutRequest, RolloutState, Sha256Hex, MAX_JSON_BODY, PING_INTERVAL_SECS,
 };
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -230,7 +229,7 @@ mod may {
     pub const READ: &[Role] = &[Role::Viewer, Role::Operator, Role::Admin];
     /// Change rollouts (plan, upload, start, halt, resume) and kill.
     pub const OPERATE: &[Role] = &[Role::Operator, Role::Admin];
-    /// Lift a kill.
+    /// Lift a kill; remove (deregister and revoke) an agent.
     pub const ADMINISTER: &[Role] = &[Role::Admin];
     /// Post alerts.
     pub const ALERT: &[Role] = &[Role::AlertSource, Role::Operator, Role::Admin];
@@ -280,7 +279,17 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     }
     app.engine.register_agent(&me.name, &reg.labels).await?;
-    let registration = app.engine.hub.connect(&me.name, reg.labels.clone());
+    let registration = app.engine.hub.connect_with(
+        &me.name,
+        reg.labels.clone(),
+        Some(crate::presence::Arrival {
+            agent_version: reg.agent_version.clone(),
+            kernel: reg.kernel.clone(),
+            landlock_abi: reg.landlock_abi,
+            cert_serial: me.serial.clone(),
+            cert_not_after: Some(me.not_after),
+        }),
+    );
     let greeting: Vec<Bytes> = app
         .engine
         .greeting(&me.name)
@@ -497,21 +506,22 @@ async fn kill_state(State(app): S, Extension(peer): P) -> ApiResult<Response> {
 
 async fn list_agents(State(app): S, Extension(peer): P) -> ApiResult<Response> {
     require(&app, &peer, may::READ)?;
-    let registered = app
-        .engine
-        .store
-        .list_agents()
-        .await
-        .map_err(EngineError::from)?;
-    let agents: Vec<AgentInfo> = registered
-        .into_iter()
-        .map(|a| AgentInfo {
-            connected: app.engine.hub.is_connected(&a.name),
-            name: a.name,
-            labels: a.labels,
-        })
-        .collect();
-    Ok(json(&agents))
+    Ok(json(&app.engine.inventory().await?))
+}
+
+async fn remove_agent(
+    State(app): S,
+    Extension(peer): P,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let me = require(&app, &peer, may::ADMINISTER)?;
+    let removed = app.engine.remove_agent(&name, &me.name).await?;
+    // Refuse its certificate here at once; other replicas poll the
+    // database every second.
+    app.revocations
+        .refresh_shared(app.engine.store.as_ref())
+        .await;
+    Ok(json(&removed))
 }
 
 async fn alertmanager(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
@@ -543,10 +553,21 @@ async fn metrics(State(app): S, Extension(peer): P) -> ApiResult<Response> {
         }
     }
     let by_state: Vec<_> = counts.into_values().collect();
+    let now = crate::store::now_ms();
+    let expiry: Vec<(String, i64)> = app
+        .engine
+        .store
+        .list_agents()
+        .await
+        .map_err(EngineError::from)?
+        .into_iter()
+        .filter_map(|a| Some((a.name, (a.inventory.cert_not_after? - now) / 1000)))
+        .collect();
     let text = app.engine.metrics.render(
         app.engine.hub.connected_count(),
         app.engine.cluster.is_leader(),
         &by_state,
+        &expiry,
     );
     Ok((
         [(
@@ -582,6 +603,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/kill", post(kill).get(kill_state))
         .route("/v1/kill/lift", post(lift))
         .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{name}", axum::routing::delete(remove_agent))
         .route("/v1/alerts/alertmanager", post(alertmanager))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -651,9 +673,11 @@ impl Server {
             }
         })?;
         let opened = crate::store::open(&config.storage).await?;
+        // How the inventory names this controller: host name and port.
+        let name = format!("{}:{}", crate::presence::host_name(), config.listen.port());
         let cluster = match opened.postgres {
-            Some(pool) => Cluster::replica(pool),
-            None => Cluster::alone(),
+            Some(pool) => Cluster::replica(pool, name),
+            None => Cluster::alone_named(name),
         };
         let engine = Engine::new(
             opened.store,

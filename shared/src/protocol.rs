@@ -93,6 +93,12 @@ pub struct Register {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub agent_version: String,
+    /// The host's kernel release (`uname -r`), for the inventory.
+    #[serde(default)]
+    pub kernel: String,
+    /// The Landlock ABI the host's kernel offers; `None`: none.
+    #[serde(default)]
+    pub landlock_abi: Option<u32>,
 }
 
 /// One line of the order stream.
@@ -279,6 +285,11 @@ pub struct RolloutRequest {
     /// In-scope hosts matching one of these are left out (`--exclude`).
     #[serde(default)]
     pub exclude: Vec<crate::targets::HostPattern>,
+    /// Send to in-scope hosts that are not connected, too
+    /// (`--include-offline`); by default they are left out and named in
+    /// the plan's `offline`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_offline: bool,
     /// A preview rollout (`rollout start --preview`): every in-scope host
     /// at once, nothing changed anywhere, never halted by what it finds.
     /// (Each of these three is left out of the JSON when unset, so an
@@ -339,6 +350,13 @@ pub struct Plan {
     /// In-scope hosts left out by `--limit`/`--exclude`, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<String>,
+    /// In-scope hosts not connected when the plan was made, sorted: left
+    /// out of the waves unless `include_offline`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offline: Vec<String>,
+    /// The offline hosts are in the waves all the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_offline: bool,
     /// A preview rollout: nothing changes on any host.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preview: bool,
@@ -462,11 +480,42 @@ fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }
 
+/// One registered agent, as `GET /v1/agents` (`rollguard agents`) shows it.
+/// Times are RFC 3339; `None` (absent) where the agent has not said since
+/// the controller began recording it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Its order stream is open on a live controller replica.
     pub connected: bool,
+    /// The controller (replica host name) it is connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    /// Now, while connected; when it went away, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock_abi: Option<u32>,
+    /// When the certificate it last connected with expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_expires: Option<String>,
+}
+
+/// Answer of `DELETE /v1/agents/{name}` (`rollguard agents remove`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRemoved {
+    pub name: String,
+    /// Certificate serials now refused by every replica.
+    pub revoked_serials: Vec<String>,
+    /// Whether its open order stream was closed.
+    pub was_connected: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,8 @@ async fn agent(
         name: name.clone(),
         labels: Default::default(),
         agent_version: "swarm".into(),
+        kernel: String::new(),
+        landlock_abi: None,
     })?;
     let req = Request::builder()
         .method(Method::POST)

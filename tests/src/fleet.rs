@@ -402,16 +402,22 @@ impl Fleet {
         child.wait().unwrap();
     }
 
-    /// Wait until agent `name` is connected (to any running replica).
+    /// Wait until agent `name` is connected (to any running replica), and
+    /// every running replica knows it (a rollout planned on any of them
+    /// counts it online).
     pub fn wait_connected(&self, name: &str) {
         wait_for(&format!("agent {name} to connect"), || {
-            self.connected_to(name).is_some().then_some(())
+            let seen = self
+                .running_replicas()
+                .into_iter()
+                .all(|i| self.connection_seen_by(i, name).is_some());
+            seen.then_some(())
         });
     }
 
-    /// The running replica agent `name` is connected to, if any.
-    pub fn connected_to(&self, name: &str) -> Option<usize> {
-        let running: Vec<usize> = std::iter::once(0)
+    /// The indices of the running controllers (0: the first).
+    fn running_replicas(&self) -> Vec<usize> {
+        std::iter::once(0)
             .filter(|_| self.controller.is_some())
             .chain(
                 self.replicas
@@ -420,13 +426,34 @@ impl Fleet {
                     .filter(|(_, r)| r.1.is_some())
                     .map(|(i, _)| i + 1),
             )
-            .collect();
+            .collect()
+    }
+
+    /// Where replica `i` says agent `name` is connected (the `controller`
+    /// of its `rollguard agents` entry), if it says it is.
+    fn connection_seen_by(&self, i: usize, name: &str) -> Option<String> {
+        let agents = crate::cli_json(self.cli_at(i), &["agents"]);
+        agents.as_array()?.iter().find_map(|a| {
+            (a["name"] == name && a["connected"] == true)
+                .then(|| a["controller"].as_str().unwrap_or_default().to_string())
+        })
+    }
+
+    /// The running replica agent `name` is connected to, if any: the one
+    /// whose port ends the `controller` it is listed with.
+    pub fn connected_to(&self, name: &str) -> Option<usize> {
+        let running = self.running_replicas();
+        let controller = running
+            .iter()
+            .find_map(|&i| self.connection_seen_by(i, name))?;
         running.into_iter().find(|&i| {
-            let agents = crate::cli_json(self.cli_at(i), &["agents"]);
-            agents.as_array().is_some_and(|list| {
-                list.iter()
-                    .any(|a| a["name"] == name && a["connected"] == true)
-            })
+            let port = self
+                .replica_url(i)
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            controller.ends_with(&format!(":{port}"))
         })
     }
 

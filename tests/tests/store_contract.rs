@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use rollguard_controller::config::{DatabaseUrl, Storage};
 use rollguard_controller::store::{
-    self, verify_operator_log, AgentRecord, BundleMeta, NewReport, Outcome, ReportOutcome,
-    RolloutRecord, Store,
+    self, verify_operator_log, AgentRecord, BundleMeta, Inventory, NewReport, Outcome,
+    PresenceUpdate, ReportOutcome, RolloutRecord, Store,
 };
 use rollguard_shared::protocol::{
     BundleSummary, KillOrder, KillScope, Plan, RolloutId, RolloutState, Sha256Hex, WavePhase,
@@ -56,6 +56,8 @@ fn plan() -> Plan {
         waves: vec![vec!["a".into()], vec!["b".into(), "c".into()]],
         out_of_scope: 0,
         left_out: vec![],
+        offline: vec![],
+        include_offline: false,
         preview: false,
         after_preview: None,
     }
@@ -118,6 +120,7 @@ async fn agents_are_upserted_and_listed_by_name(storage: Storage) {
     let agent = |name: &str, role: &str| AgentRecord {
         name: name.into(),
         labels: BTreeMap::from([("role".to_string(), role.to_string())]),
+        inventory: Default::default(),
     };
     for a in [
         agent("web-2", "web"),
@@ -140,6 +143,81 @@ async fn agents_are_upserted_and_listed_by_name(storage: Storage) {
         [("Web-1", "web"), ("db-1", "backup"), ("web-2", "web")]
             .map(|(n, r)| (n.to_string(), r.to_string()))
     );
+}
+
+/// Presence: first seen is kept, a stream gone from one replica does not
+/// disconnect the agent from another, a label change keeps the
+/// inventory, removing an agent returns its record and forgets it.
+async fn presence_is_recorded_in_order_and_agents_removed(storage: Storage) {
+    let store = open(&storage).await;
+    let agent = AgentRecord {
+        name: "web-1".into(),
+        labels: BTreeMap::new(),
+        inventory: Default::default(),
+    };
+    store.upsert_agent(&agent).await.unwrap();
+    let connected = |at: i64, replica: u64, version: &str| PresenceUpdate::Connected {
+        name: "web-1".into(),
+        at,
+        replica,
+        agent_version: version.into(),
+        kernel: "6.18.0".into(),
+        landlock_abi: Some(7),
+        cert_serial: format!("serial-{version}"),
+        cert_not_after: Some(at + 1000),
+    };
+    let gone = |at: i64, replica: u64| PresenceUpdate::Gone {
+        name: "web-1".into(),
+        at,
+        replica,
+    };
+    store
+        .record_presence(&[
+            connected(10, 1, "0.1"),
+            gone(20, 1),
+            connected(30, 2, "0.2"),
+            // Replica 1 saw the old stream close late: changes nothing.
+            gone(40, 1),
+            // An agent nobody registered is skipped.
+            PresenceUpdate::Gone {
+                name: "ghost".into(),
+                at: 40,
+                replica: 2,
+            },
+        ])
+        .await
+        .unwrap();
+    // A label change (upsert) keeps what presence recorded.
+    store
+        .upsert_agent(&AgentRecord {
+            labels: BTreeMap::from([("role".to_string(), "web".to_string())]),
+            ..agent.clone()
+        })
+        .await
+        .unwrap();
+    let listed = store.list_agents().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let inv = &listed[0].inventory;
+    assert_eq!(
+        inv,
+        &Inventory {
+            first_seen: Some(10),
+            last_seen: Some(30),
+            agent_version: Some("0.2".into()),
+            kernel: Some("6.18.0".into()),
+            landlock_abi: Some(7),
+            connected_to: Some(2),
+            cert_serial: Some("serial-0.2".into()),
+            cert_not_after: Some(1030),
+        }
+    );
+    store.record_presence(&[gone(50, 2)]).await.unwrap();
+    let inv = store.list_agents().await.unwrap()[0].inventory.clone();
+    assert_eq!((inv.connected_to, inv.last_seen), (None, Some(50)));
+    let removed = store.remove_agent("web-1").await.unwrap().unwrap();
+    assert_eq!(removed.inventory.cert_serial.as_deref(), Some("serial-0.2"));
+    assert!(store.list_agents().await.unwrap().is_empty());
+    assert!(store.remove_agent("web-1").await.unwrap().is_none());
 }
 
 async fn rollout_progress_and_states(storage: Storage) {
@@ -373,6 +451,7 @@ async fn operator_log_is_hash_chained(storage: Storage) {
 /// Every check, each on a fresh database named after it.
 async fn contract(fresh: impl Fn(&str) -> Storage) {
     agents_are_upserted_and_listed_by_name(fresh("agents")).await;
+    presence_is_recorded_in_order_and_agents_removed(fresh("presence")).await;
     rollout_progress_and_states(fresh("progress")).await;
     dispatch_is_refused_once_halted(fresh("halted")).await;
     reports_are_stored_once_and_only_for_dispatched_hosts(fresh("reports")).await;

@@ -365,6 +365,10 @@ impl Daemon {
             name: self.identity.name.clone(),
             labels: self.identity.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            // For the controller's inventory (`rollguard agents`); probed
+            // at each connect, so a kernel update shows after the reboot.
+            kernel: crate::sandbox::kernel::kernel_release(),
+            landlock_abi: crate::sandbox::landlock_abi::probe().ok(),
         };
         let resp = session
             .request(

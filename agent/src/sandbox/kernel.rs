@@ -169,7 +169,8 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     }
 }
 
-fn kernel_release() -> String {
+/// The running kernel's release (`uname -r`), empty if unreadable.
+pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

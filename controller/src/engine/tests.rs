@@ -96,6 +96,7 @@ fn request(sha: &Sha256Hex, waves: &str, max_failures: u32) -> RolloutRequest {
         all_at_once: false,
         limit: vec![],
         exclude: vec![],
+        include_offline: false,
         preview: false,
         after_preview: None,
         override_reason: None,

@@ -100,8 +100,29 @@ pub(super) fn agent(row: &impl Fields) -> Result<AgentRecord> {
     Ok(AgentRecord {
         name: row.text("name")?,
         labels: from_json(&row.text("labels")?)?,
+        inventory: Inventory {
+            first_seen: row.opt_int("first_seen")?,
+            last_seen: row.opt_int("last_seen")?,
+            agent_version: row.opt_text("agent_version")?,
+            kernel: row.opt_text("kernel")?,
+            landlock_abi: row
+                .opt_int("landlock_abi")?
+                .map(|v| u32::try_from(v).map_err(corrupt))
+                .transpose()?,
+            // Replica ids are kept within i64 (`cluster::Cluster::replica`).
+            connected_to: row
+                .opt_int("connected_to")?
+                .map(|v| u64::try_from(v).map_err(corrupt))
+                .transpose()?,
+            cert_serial: row.opt_text("cert_serial")?,
+            cert_not_after: row.opt_int("cert_not_after")?,
+        },
     })
 }
+
+/// The columns [`agent`] reads, for the backends' SELECTs.
+pub(super) const AGENT_COLUMNS: &str = "name, labels, first_seen, last_seen, agent_version, \
+     kernel, landlock_abi, connected_to, cert_serial, cert_not_after";
 
 pub(super) fn bundle_meta(row: &impl Fields) -> Result<BundleMeta> {
     Ok(BundleMeta {

@@ -87,6 +87,49 @@ pub struct BundleMeta {
 pub struct AgentRecord {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// What it said when it last connected; written by
+    /// [`Store::record_presence`], never by [`Store::upsert_agent`].
+    pub inventory: Inventory,
+}
+
+/// What the controller knows of an agent beyond its name and labels (all
+/// `None` until it connects after the inventory existed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub first_seen: Option<Millis>,
+    pub last_seen: Option<Millis>,
+    pub agent_version: Option<String>,
+    pub kernel: Option<String>,
+    pub landlock_abi: Option<u32>,
+    /// The replica holding its order stream (`Cluster::id`), if any.
+    pub connected_to: Option<u64>,
+    /// Serial (lowercase hex) and expiry of the certificate it last
+    /// connected with.
+    pub cert_serial: Option<String>,
+    pub cert_not_after: Option<Millis>,
+}
+
+/// One change of an agent's presence, as [`Store::record_presence`] writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceUpdate {
+    /// Its order stream opened on replica `replica` at `at`.
+    Connected {
+        name: String,
+        at: Millis,
+        replica: u64,
+        agent_version: String,
+        kernel: String,
+        landlock_abi: Option<u32>,
+        cert_serial: String,
+        cert_not_after: Option<Millis>,
+    },
+    /// Its order stream on `replica` closed at `at`. Changes nothing if the
+    /// agent is connected elsewhere by now.
+    Gone {
+        name: String,
+        at: Millis,
+        replica: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -171,6 +214,12 @@ pub struct OperatorLogEntry {
 pub trait Store: Send + Sync + 'static {
     async fn upsert_agent(&self, agent: &AgentRecord) -> Result<()>;
     async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
+    /// Apply presence changes in order, in one transaction. An agent that
+    /// is not registered is skipped (it was removed meanwhile).
+    async fn record_presence(&self, updates: &[PresenceUpdate]) -> Result<()>;
+    /// Deregister `name`; returns its record, or `None` if it was not
+    /// registered. Its dispatches and reports stay (they are history).
+    async fn remove_agent(&self, name: &str) -> Result<Option<AgentRecord>>;
 
     async fn put_bundle(&self, meta: &BundleMeta, bytes: &[u8]) -> Result<()>;
     async fn bundle_meta(&self, sha: &Sha256Hex) -> Result<Option<BundleMeta>>;

@@ -82,10 +82,82 @@ impl Store for PostgresStore {
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
-        let rows = sqlx::query("SELECT name, labels FROM agents ORDER BY name COLLATE \"C\"")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM agents ORDER BY name COLLATE \"C\"",
+            decode::AGENT_COLUMNS
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(decode::agent).collect()
+    }
+
+    async fn record_presence(&self, updates: &[PresenceUpdate]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for u in updates {
+            match u {
+                PresenceUpdate::Connected {
+                    name,
+                    at,
+                    replica,
+                    agent_version,
+                    kernel,
+                    landlock_abi,
+                    cert_serial,
+                    cert_not_after,
+                } => {
+                    sqlx::query(
+                        "UPDATE agents SET first_seen = COALESCE(first_seen, $1), last_seen = $2,
+                         agent_version = $3, kernel = $4, landlock_abi = $5, connected_to = $6,
+                         cert_serial = $7, cert_not_after = $8 WHERE name = $9",
+                    )
+                    .bind(at)
+                    .bind(at)
+                    .bind(agent_version)
+                    .bind(kernel)
+                    .bind(landlock_abi.map(i64::from))
+                    .bind(*replica as i64)
+                    .bind(cert_serial)
+                    .bind(cert_not_after)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                PresenceUpdate::Gone { name, at, replica } => {
+                    sqlx::query(
+                        "UPDATE agents SET last_seen = $1, connected_to = NULL
+                         WHERE name = $2 AND connected_to = $3",
+                    )
+                    .bind(at)
+                    .bind(name)
+                    .bind(*replica as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn remove_agent(&self, name: &str) -> Result<Option<AgentRecord>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM agents WHERE name = $1",
+            decode::AGENT_COLUMNS
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let record = decode::agent(&row)?;
+        sqlx::query("DELETE FROM agents WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(record))
     }
 
     async fn put_bundle(&self, meta: &BundleMeta, bytes: &[u8]) -> Result<()> {

@@ -98,10 +98,82 @@ impl Store for SqliteStore {
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
-        let rows = sqlx::query("SELECT name, labels FROM agents ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM agents ORDER BY name",
+            decode::AGENT_COLUMNS
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(decode::agent).collect()
+    }
+
+    async fn record_presence(&self, updates: &[PresenceUpdate]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for u in updates {
+            match u {
+                PresenceUpdate::Connected {
+                    name,
+                    at,
+                    replica,
+                    agent_version,
+                    kernel,
+                    landlock_abi,
+                    cert_serial,
+                    cert_not_after,
+                } => {
+                    sqlx::query(
+                        "UPDATE agents SET first_seen = COALESCE(first_seen, ?), last_seen = ?,
+                         agent_version = ?, kernel = ?, landlock_abi = ?, connected_to = ?,
+                         cert_serial = ?, cert_not_after = ? WHERE name = ?",
+                    )
+                    .bind(at)
+                    .bind(at)
+                    .bind(agent_version)
+                    .bind(kernel)
+                    .bind(landlock_abi.map(i64::from))
+                    .bind(*replica as i64)
+                    .bind(cert_serial)
+                    .bind(cert_not_after)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                PresenceUpdate::Gone { name, at, replica } => {
+                    sqlx::query(
+                        "UPDATE agents SET last_seen = ?, connected_to = NULL
+                         WHERE name = ? AND connected_to = ?",
+                    )
+                    .bind(at)
+                    .bind(name)
+                    .bind(*replica as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn remove_agent(&self, name: &str) -> Result<Option<AgentRecord>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM agents WHERE name = ?",
+            decode::AGENT_COLUMNS
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let record = decode::agent(&row)?;
+        sqlx::query("DELETE FROM agents WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(record))
     }
 
     async fn put_bundle(&self, meta: &BundleMeta, bytes: &[u8]) -> Result<()> {
