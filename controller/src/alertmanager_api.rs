@@ -6,8 +6,7 @@
 //! `repeat_interval` (4 h by default), so an alert already firing when a
 //! rollout starts would never halt it.
 //!
-//! Plain HTTP/1.1 with the hyper the controller already has, one connection
-//! per question, bounded in time (the configured timeout covers connecting,
+//! Plain HTTP/1.1 (`http_out`), one connection per question, bounded in time (the configured timeout covers connecting,
 //! sending and reading) and in size ([`MAX_RESPONSE_BYTES`]). Any failure is
 //! an error the engine treats as "alert state unknown", which fails closed.
 
@@ -16,9 +15,10 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
+use http_body_util::Empty;
 use serde::Deserialize;
+
+use crate::http_out::{self, HttpOutError};
 
 use crate::alerts::{Alert, AlertStatus};
 
@@ -122,7 +122,9 @@ pub enum ApiError {
     #[error("cannot connect: {0}")]
     Connect(std::io::Error),
     #[error("HTTP: {0}")]
-    Http(#[from] hyper::Error),
+    Http(hyper::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("bad request: {0}")]
     Request(#[from] hyper::http::Error),
     #[error("answered HTTP {0}")]
@@ -131,6 +133,17 @@ pub enum ApiError {
     Body(String),
     #[error("not a list of alerts: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+impl From<HttpOutError> for ApiError {
+    fn from(e: HttpOutError) -> Self {
+        match e {
+            HttpOutError::Connect(e) => ApiError::Connect(e),
+            HttpOutError::Tls(e) => ApiError::Tls(e),
+            HttpOutError::Http(e) => ApiError::Http(e),
+            HttpOutError::Body(e) => ApiError::Body(e),
+        }
+    }
 }
 
 /// One alert of `GET /api/v2/alerts` (Alertmanager's `gettableAlert`; what
@@ -175,16 +188,6 @@ pub fn parse_alerts(body: &[u8]) -> Result<Vec<Alert>, serde_json::Error> {
         .collect())
 }
 
-/// Aborts the connection task when the request is done or abandoned (a
-/// timeout drops the request's future; without this the detached task
-/// would keep a hung connection open). Also used by `notify`.
-pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The `[alertmanager]` of the controller's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertmanagerApi {
@@ -202,29 +205,19 @@ impl AlertmanagerApi {
     }
 
     async fn fetch(&self) -> Result<Vec<Alert>, ApiError> {
-        let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port))
-            .await
-            .map_err(ApiError::Connect)?;
-        let _ = tcp.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        let _conn = AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "alertmanager connection");
-            }
-        }));
         let request = hyper::Request::get(format!("{}{QUERY}", self.url.prefix))
             .header(hyper::header::HOST, &self.url.authority)
             .header(hyper::header::ACCEPT, "application/json")
             .body(Empty::<Bytes>::new())?;
-        let response = sender.send_request(request).await?;
-        if response.status() != hyper::StatusCode::OK {
-            return Err(ApiError::Status(response.status()));
+        let peer = http_out::Peer {
+            host: &self.url.host,
+            port: self.url.port,
+            tls: None,
+        };
+        let (status, body) = http_out::exchange(&peer, request, MAX_RESPONSE_BYTES).await?;
+        if status != hyper::StatusCode::OK {
+            return Err(ApiError::Status(status));
         }
-        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| ApiError::Body(e.to_string()))?
-            .to_bytes();
         Ok(parse_alerts(&body)?)
     }
 }

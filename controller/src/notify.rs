@@ -15,8 +15,8 @@
 //! `http://` and `https://` (TLS 1.2/1.3, the system's trust store from
 //! `ca-certificates`: chat services' hooks are on public CAs). The body is
 //! the event as JSON: `{"event": "rollout.halted", "at": "...", ...}`.
-//! HTTP/1.1 over hyper's connection API: one connection per post, which is
-//! plenty for a few events a minute.
+//! One connection per post (`http_out`), which is plenty for a few events
+//! a minute.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +24,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Uri};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
+
+use crate::http_out;
 use tokio::sync::mpsc;
 
 /// Events waiting per target before new ones are dropped.
@@ -149,7 +150,7 @@ impl Notifier {
     /// Tokio runtime. No URL: a notifier that sends nothing.
     pub fn spawn(urls: &[NotifyUrl]) -> Self {
         let tls = if urls.iter().any(NotifyUrl::https) {
-            tls_config()
+            http_out::system_tls()
         } else {
             None
         };
@@ -186,32 +187,8 @@ impl Notifier {
 
 type TlsConfig = Option<Arc<rustls::ClientConfig>>;
 
-/// TLS with the system's trust store. Certificates it cannot parse are
-/// skipped (the store is the distribution's, shared with every program);
-/// none at all leaves https targets failing, each post logged.
-fn tls_config() -> TlsConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::warn!("system trust store: {e}");
-    }
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        tracing::error!("no certificate in the system trust store: https notifications will fail");
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    match rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-    {
-        Ok(b) => Some(Arc::new(
-            b.with_root_certificates(roots).with_no_client_auth(),
-        )),
-        Err(e) => {
-            tracing::error!("notification TLS: {e}");
-            None
-        }
-    }
-}
+/// Largest answer read from a hook (its body is not used).
+const MAX_ANSWER: usize = 64 * 1024;
 
 /// One target's delivery task: its events in order, each retried.
 async fn deliver(url: NotifyUrl, tls: TlsConfig, mut rx: mpsc::Receiver<Arc<Posted>>) {
@@ -245,9 +222,6 @@ async fn deliver(url: NotifyUrl, tls: TlsConfig, mut rx: mpsc::Receiver<Arc<Post
 
 /// One POST; `Ok` on a 2xx answer.
 async fn post(url: &NotifyUrl, tls: &TlsConfig, body: Bytes) -> Result<(), String> {
-    let tcp = tokio::net::TcpStream::connect((url.host(), url.port()))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
     let request = Request::builder()
         .method(Method::POST)
         .uri(url.0.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
@@ -262,39 +236,23 @@ async fn post(url: &NotifyUrl, tls: &TlsConfig, body: Bytes) -> Result<(), Strin
         )
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
-    let status = if url.https() {
-        let config = tls.clone().ok_or("no TLS configuration")?;
-        let name = rustls::pki_types::ServerName::try_from(url.host().to_string())
-            .map_err(|e| format!("server name: {e}"))?;
-        let stream = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        send(TokioIo::new(stream), request).await?
-    } else {
-        send(TokioIo::new(tcp), request).await?
+    let peer = http_out::Peer {
+        host: url.host(),
+        port: url.port(),
+        tls: if url.https() {
+            Some(tls.clone().ok_or("no TLS configuration")?)
+        } else {
+            None
+        },
     };
+    let (status, _) = http_out::exchange(&peer, request, MAX_ANSWER)
+        .await
+        .map_err(|e| e.to_string())?;
     if status.is_success() {
         Ok(())
     } else {
         Err(format!("answered {status}"))
     }
-}
-
-async fn send<T>(io: T, request: Request<Full<Bytes>>) -> Result<hyper::StatusCode, String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    // Aborted however this ends, the attempt's timeout included.
-    let _conn = crate::alertmanager_api::AbortOnDrop(tokio::spawn(conn));
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    Ok(response.status())
 }
 
 #[cfg(test)]
