@@ -206,9 +206,12 @@ pub(super) fn prepare(
         drop(started_event);
         Ok(())
     } else {
-        state.begin_run(&admission.manifest.bundle.name, &marker, |lock| {
-            log.append_locked(lock, started_event).map(drop)
-        })
+        state.begin_run(
+            &admission.manifest.bundle.name,
+            &marker,
+            opts.retry,
+            |lock| log.append_locked(lock, started_event).map(drop),
+        )
     };
     match begun {
         Ok(()) => {}
