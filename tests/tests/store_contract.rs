@@ -58,6 +58,7 @@ fn plan() -> Plan {
         left_out: vec![],
         preview: false,
         after_preview: None,
+        retry_of: None,
     }
 }
 
