@@ -530,8 +530,9 @@ impl StateDir {
     /// under the rule of [`may_start`]), then record the version (its
     /// outcome `started`, the attempt counted) and write the
     /// in-progress marker (as [`StateDir::mark_in_progress`]), while
-    /// `alongside` (the run log entry of the run) runs concurrently on
-    /// another thread with the same lock held.
+    /// `alongside` (the run log entry of the run, given the attempt number
+    /// of this version, 1 for a first run) runs concurrently on another
+    /// thread with the same lock held.
     ///
     /// Each file still goes through the full durable replace (fsync the
     /// temporary file, rename, fsync the directory), but the flushes of the
@@ -548,7 +549,7 @@ impl StateDir {
         name: &BundleName,
         marker: &RunMarker,
         retry: bool,
-        alongside: impl FnOnce(&StateLock) -> Result<(), E> + Send,
+        alongside: impl FnOnce(&StateLock, u32) -> Result<(), E> + Send,
     ) -> Result<(), BeginRunError<E>>
     where
         E: Send,
@@ -586,7 +587,7 @@ impl StateDir {
         let alongside = std::sync::Mutex::new(Some(alongside));
         let run_alongside = || {
             let step = alongside.lock().ok().and_then(|mut f| f.take());
-            step.map(|f| f(&lock))
+            step.map(|f| f(&lock, attempt))
         };
         let staged: Vec<(&File, &Path)> =
             files.iter().map(|f| (&f.file, f.tmp.as_path())).collect();

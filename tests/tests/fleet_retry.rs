@@ -112,6 +112,17 @@ fn a_failed_host_is_retried_with_the_same_bundle_and_a_succeeded_one_never() {
         fleet.logs()
     );
     assert!(fleet.mail("mail-02").join("done").exists());
+    // The host's own run log says which run of the version it was.
+    let log = std::fs::read_to_string(
+        fleet
+            .root()
+            .join("agents")
+            .join("mail-02")
+            .join("state")
+            .join("audit.log"),
+    )
+    .unwrap();
+    assert!(log.contains(r#""attempt":2"#), "{log}");
     assert_eq!(fleet.runs_on("mail-02"), vec![id.clone(), retry.clone()]);
     for h in ["mail-01", "mail-03"] {
         assert_eq!(fleet.runs_on(h), vec![id.clone()], "{h} ran exactly once");

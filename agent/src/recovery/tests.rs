@@ -209,7 +209,7 @@ fn an_interrupted_run_leaves_its_version_retryable_and_a_logged_one_does_not() {
     // A run begun (version recorded `started`) whose agent died.
     let marker = dead_agents_marker();
     state
-        .begin_run(&name, &marker, false, |_| Ok::<(), &str>(()))
+        .begin_run(&name, &marker, false, |_, _| Ok::<(), &str>(()))
         .unwrap();
     let record = state.version_record(&name).unwrap().unwrap();
     assert_eq!(record.outcome, Some(VersionOutcome::Started));
@@ -232,7 +232,7 @@ fn an_interrupted_run_leaves_its_version_retryable_and_a_logged_one_does_not() {
     let (_tmp2, state, log) = fresh();
     let marker = dead_agents_marker();
     state
-        .begin_run(&name, &marker, false, |_| Ok::<(), &str>(()))
+        .begin_run(&name, &marker, false, |_, _| Ok::<(), &str>(()))
         .unwrap();
     log.append(finished_event(&marker)).unwrap();
     recover_interrupted_runs(&state, &log).unwrap();

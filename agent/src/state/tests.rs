@@ -333,7 +333,7 @@ fn begin_run_records_version_and_marker_with_the_lock_held_alongside() {
     let m = marker("1-run", me.clone());
     let root = state.root().to_path_buf();
     state
-        .begin_run(&name("postfix"), &m, false, |_lock: &StateLock| {
+        .begin_run(&name("postfix"), &m, false, |_lock: &StateLock, _| {
             // The state lock is held for the concurrent step: another open
             // file description cannot take it.
             let other = OpenOptions::new()
@@ -363,7 +363,7 @@ fn begin_run_records_version_and_marker_with_the_lock_held_alongside() {
     let again = marker("2-run", me);
     let mut called = false;
     let e = state
-        .begin_run(&name("postfix"), &again, false, |_| {
+        .begin_run(&name("postfix"), &again, false, |_, _| {
             called = true;
             Ok::<(), &str>(())
         })
@@ -381,7 +381,7 @@ fn begin_run_records_nothing_when_the_step_alongside_fails() {
     let (_tmp, state) = fresh();
     let m = marker("1-run", AgentProcess::current().unwrap());
     let e = state
-        .begin_run(&name("postfix"), &m, false, |_| Err("run log is full"))
+        .begin_run(&name("postfix"), &m, false, |_, _| Err("run log is full"))
         .unwrap_err();
     assert!(matches!(e, BeginRunError::Alongside("run log is full")));
     // The version is not used up, no marker, no temporary files.
@@ -390,7 +390,7 @@ fn begin_run_records_nothing_when_the_step_alongside_fails() {
     assert!(entries(&state.root().join(IN_PROGRESS_DIR)).is_empty());
     // So the same version can still run.
     state
-        .begin_run(&name("postfix"), &m, false, |_| Ok::<(), &str>(()))
+        .begin_run(&name("postfix"), &m, false, |_, _| Ok::<(), &str>(()))
         .unwrap();
     assert_eq!(state.last_version(&name("postfix")).unwrap(), Some(7));
 }
@@ -400,7 +400,7 @@ fn begin_run_refuses_a_marker_for_another_bundle() {
     let (_tmp, state) = fresh();
     let m = marker("1-run", AgentProcess::current().unwrap());
     let e = state
-        .begin_run(&name("other"), &m, false, |_| Ok::<(), &str>(()))
+        .begin_run(&name("other"), &m, false, |_, _| Ok::<(), &str>(()))
         .unwrap_err();
     assert!(e.to_string().contains("names bundle"), "{e}");
     assert_eq!(state.last_version(&name("other")).unwrap(), None);
@@ -412,7 +412,7 @@ fn begin_run_refuses_a_marker_for_another_bundle() {
 /// Begin run `id` of postfix version 7, as a retry or not.
 fn begin(state: &StateDir, id: &str, retry: bool) -> Result<(), BeginRunError<&'static str>> {
     let m = marker(id, AgentProcess::current().unwrap());
-    state.begin_run(&name("postfix"), &m, retry, |_| Ok::<(), &str>(()))
+    state.begin_run(&name("postfix"), &m, retry, |_, _| Ok::<(), &str>(()))
 }
 
 /// End run `id` of postfix version 7 with `outcome`.
@@ -458,8 +458,22 @@ fn a_failed_version_runs_again_only_for_a_retry_order() {
         matches!(e, BeginRunError::Record(RecordStartedError::NotNewer(_))),
         "{e}"
     );
-    // A retry: accepted, counted, recorded as started by the new run.
-    begin(&state, "2-run", true).unwrap();
+    // A retry: accepted, counted (the step alongside, the run log entry,
+    // is told which run of the version it is), recorded as started by the
+    // new run.
+    let mut attempt = 0;
+    state
+        .begin_run(
+            &name("postfix"),
+            &marker("2-run", AgentProcess::current().unwrap()),
+            true,
+            |_, n| {
+                attempt = n;
+                Ok::<(), &str>(())
+            },
+        )
+        .unwrap();
+    assert_eq!(attempt, 2);
     let record = state.version_record(&name("postfix")).unwrap().unwrap();
     assert_eq!(record.version, 7);
     assert_eq!(record.outcome, Some(VersionOutcome::Started));
@@ -486,7 +500,7 @@ fn an_older_version_never_runs_retry_or_not() {
         ..marker("2-run", AgentProcess::current().unwrap())
     };
     let e = state
-        .begin_run(&name("postfix"), &older, true, |_| Ok::<(), &str>(()))
+        .begin_run(&name("postfix"), &older, true, |_, _| Ok::<(), &str>(()))
         .unwrap_err();
     assert!(
         matches!(e, BeginRunError::Record(RecordStartedError::NotNewer(_))),
@@ -501,7 +515,7 @@ fn an_older_version_never_runs_retry_or_not() {
         ..marker("3-run", AgentProcess::current().unwrap())
     };
     state
-        .begin_run(&name("postfix"), &newer, true, |_| Ok::<(), &str>(()))
+        .begin_run(&name("postfix"), &newer, true, |_, _| Ok::<(), &str>(()))
         .unwrap();
     let record = state.version_record(&name("postfix")).unwrap().unwrap();
     assert_eq!((record.version, record.attempts), (8, Some(1)));
@@ -591,7 +605,7 @@ fn attempts_of_one_version_are_bounded() {
     let again = StateDir::open(state.root()).unwrap();
     let m = marker("4-run", AgentProcess::current().unwrap());
     assert!(again
-        .begin_run(&name("postfix"), &m, true, |_| Ok::<(), &str>(()))
+        .begin_run(&name("postfix"), &m, true, |_, _| Ok::<(), &str>(()))
         .is_err());
 }
 
