@@ -953,6 +953,24 @@ async fn a_retry_sends_the_same_bundle_marked_retry_only_to_hosts_that_failed_wi
     let entry = log.iter().find(|e| e.action == "rollout.retry").unwrap();
     assert_eq!(entry.actor, "bob");
     assert!(entry.detail.contains(id.as_str()), "{}", entry.detail);
+    // A preview is not retried: it changed nothing and used up no version.
+    let preview = f
+        .engine
+        .start(
+            &RolloutRequest {
+                preview: true,
+                ..request(&f.sha, "100%", 0)
+            },
+            "alice",
+        )
+        .await
+        .unwrap()
+        .id;
+    let e = f.engine.retry(&preview, true, "alice").await.unwrap_err();
+    assert!(
+        matches!(&e, EngineError::BadRequest(m) if m.contains("is a preview")),
+        "{e}"
+    );
     // Read back from the database (the column and the plan agree).
     let again = engine_on(&f.path, Duration::from_secs(60)).await;
     assert_eq!(
