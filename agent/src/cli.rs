@@ -72,6 +72,13 @@ pub struct RunArgs {
     /// the version is not used up. The report lists what it would change.
     #[arg(long)]
     pub preview: bool,
+    /// Run again the version of this bundle last started on this host, as
+    /// a retry: only if this host's own record says its last run here
+    /// failed, timed out, was killed or was interrupted (no denial), and
+    /// it ran fewer than 3 times. A version that succeeded never runs
+    /// again; an older one never.
+    #[arg(long, conflicts_with = "preview")]
+    pub retry: bool,
 }
 
 #[derive(Debug, Args)]

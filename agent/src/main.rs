@@ -29,7 +29,13 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
-        AgentCommand::Run(args) => run(&args.policy.policy, &args.bundle, args.json, args.preview),
+        AgentCommand::Run(args) => run(
+            &args.policy.policy,
+            &args.bundle,
+            args.json,
+            args.preview,
+            args.retry,
+        ),
         AgentCommand::Check(args) => check(&args.policy.policy, args.json),
         AgentCommand::Log(RunLogCommand::Verify { policy, json }) => {
             run_log_verify(&policy.policy, json)
@@ -53,10 +59,17 @@ fn load_policy(path: &Path) -> anyhow::Result<HostPolicy> {
     HostPolicy::load(path).map_err(|e| anyhow::anyhow!("policy {}: {e}", path.display()))
 }
 
-fn run(policy: &Path, bundle: &Path, json: bool, preview: bool) -> anyhow::Result<ExitCode> {
+fn run(
+    policy: &Path,
+    bundle: &Path,
+    json: bool,
+    preview: bool,
+    retry: bool,
+) -> anyhow::Result<ExitCode> {
     let policy = load_policy(policy)?;
     let opts = RunOptions {
         preview,
+        retry,
         ..RunOptions::current()?
     };
     let report = run_bundle(&policy, bundle, &opts);

@@ -8,8 +8,11 @@
 //!
 //! 1. kills whatever is left of it (its cgroup, if it still exists): a
 //!    bundle must not go on running unsupervised;
-//! 2. appends `run_interrupted` to the run log (the run is never retried:
-//!    its version stays used, as for any run that started), unless the log
+//! 2. appends `run_interrupted` to the run log (the run is not started
+//!    again on its own: its version stays used, as for any run that
+//!    started; only an operator's retry order may run it again, see
+//!    `state::may_start`) and records the version's outcome `interrupted`
+//!    if it still says `started` for this run, unless the log
 //!    already holds the run's result: the runner removes a finished run's
 //!    marker without flushing the removal, so a crash can bring the marker
 //!    of a finished run back ([`RunLog::finished_runs`]);
@@ -109,6 +112,24 @@ pub fn recover_interrupted_runs(
                     manifest_sha256: marker.manifest_sha256.clone(),
                 },
             )?;
+            // Its version's record says the run did not succeed (if it still
+            // says `started` for this run: an outcome recorded before the
+            // crash, a success included, stays; and not when the log holds
+            // the result: a record still `started` then is one whose outcome
+            // could not be written, never retried). A retry order may then
+            // run the version again ([`crate::state::may_start`]).
+            match rollguard_shared::manifest::BundleName::parse(&marker.bundle.name) {
+                Ok(name) => {
+                    state.record_outcome_locked(
+                        &lock,
+                        &name,
+                        marker.bundle.version,
+                        &marker.run_id,
+                        crate::state::VersionOutcome::Interrupted,
+                    )?;
+                }
+                Err(e) => tracing::warn!(run_id, "marker names an invalid bundle: {e}"),
+            }
         }
         // Its audit rules, if the agent died before removing them.
         crate::sandbox::launch::remove_exit_rules(&state.run_dir(&marker.run_id));

@@ -116,6 +116,10 @@ pub enum RunLogEvent {
         manifest_sha256: String,
         signers: Vec<String>,
         scope: ScopeSummary,
+        /// A retry of the same version (`state::may_start`): which run of
+        /// it on this host this is (2 or more). Absent for a first run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
     },
     RunFinished {
         run_id: String,

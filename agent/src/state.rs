@@ -10,7 +10,9 @@
 //!
 //! ```text
 //! lock                   flock(2) target serializing every read-modify-write
-//! versions/<bundle>      last version started per bundle name (rollback protection)
+//! versions/<bundle>      last version started per bundle name (rollback protection),
+//!                        with how that version's last run here ended and how
+//!                        many times it ran (the retry rule, [`may_start`])
 //! in-progress/<run>.json durable "run in progress" markers
 //! runs/<run>/            per-run scratch directories
 //! kill.json              host-wide kill-switch order, when one is in force
@@ -71,16 +73,165 @@ pub enum RecordStartedError {
     #[error(transparent)]
     NotNewer(#[from] NotNewer),
     #[error(transparent)]
+    NotRetryable(#[from] NotRetryable),
+    #[error(transparent)]
     State(#[from] StateError),
 }
 
 impl RecordStartedError {
     pub fn refusal_kind(&self) -> RefusalKind {
         match self {
-            RecordStartedError::NotNewer(_) => RefusalKind::Rollback,
+            // A refused retry is rollback protection too: the version is
+            // not newer than one already run here.
+            RecordStartedError::NotNewer(_) | RecordStartedError::NotRetryable(_) => {
+                RefusalKind::Rollback
+            }
             RecordStartedError::State(_) => RefusalKind::HostError,
         }
     }
+}
+
+/// Runs of one version on one host, at most (the first and its retries):
+/// a controller cannot loop a failing bundle on a host forever.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// How the last run of the version in a version record ended, as far as
+/// this host knows. Only [`VersionOutcome::is_retryable`] outcomes let the
+/// same version run again, and only for a retry order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionOutcome {
+    /// Written when the run begins, replaced when it ends. Still there:
+    /// the run is going on, or its end could not be recorded.
+    Started,
+    /// Exited 0. Final: this version never runs here again.
+    Succeeded,
+    /// Exited non-zero or died of a signal, with no denial.
+    Failed,
+    /// Killed at the bundle's timeout, with no denial.
+    TimedOut,
+    /// Killed by a kill-switch order.
+    Killed,
+    /// The agent stopped while it ran (recorded by crash recovery).
+    Interrupted,
+    /// Ended with a kernel denial, denials that could not be observed, a
+    /// resource limit hit or a service action the host refused: the
+    /// bundle must change, never run again as it is.
+    Denied,
+}
+
+impl VersionOutcome {
+    /// Whether a retry order may run the same version again.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            VersionOutcome::Failed
+                | VersionOutcome::TimedOut
+                | VersionOutcome::Killed
+                | VersionOutcome::Interrupted
+        )
+    }
+
+    /// The outcome a finished run's report records. Success is success;
+    /// anything else with a denial (or unknown denials: unknown is not
+    /// zero), a limit hit or a refused service action is
+    /// [`VersionOutcome::Denied`].
+    pub fn of_report(report: &rollguard_shared::report::RunReport) -> Self {
+        use rollguard_shared::report::RunStatus;
+        if report.status == RunStatus::Succeeded {
+            return VersionOutcome::Succeeded;
+        }
+        // Unknown denials are not zero, a killed run's included: what could
+        // not be observed may have been denied.
+        let denied = match &report.denials {
+            None => true,
+            Some(d) => !d.is_empty() || report.denial_count.unwrap_or(0) > 0,
+        };
+        if denied
+            || !report.limits_hit.is_empty()
+            || report.services_captured.iter().any(|c| c.is_denied())
+        {
+            return VersionOutcome::Denied;
+        }
+        match report.status {
+            RunStatus::Failed => VersionOutcome::Failed,
+            RunStatus::TimedOut => VersionOutcome::TimedOut,
+            RunStatus::Killed => VersionOutcome::Killed,
+            RunStatus::Interrupted => VersionOutcome::Interrupted,
+            // A refusal after the version was recorded: not retried.
+            RunStatus::Refused | RunStatus::Succeeded => VersionOutcome::Denied,
+        }
+    }
+}
+
+/// A retry order for a version this host will not run again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "bundle {name:?} version {version} is not retried on this host: {why} (rollback protection)"
+)]
+pub struct NotRetryable {
+    pub name: String,
+    pub version: u64,
+    pub why: String,
+}
+
+/// Whether `candidate` of `name` may start here, given the version record
+/// `last` and whether the order is a retry: the attempt number it would
+/// be (1 for a first run).
+///
+/// - A version newer than the last one started (or none): always, retry
+///   order or not (a retry order for a version never started here is a
+///   first run).
+/// - An older version: never.
+/// - The same version: only for a retry order, only when the record says
+///   its last run here did not succeed and had no denial
+///   ([`VersionOutcome::is_retryable`]), and only while it ran fewer than
+///   [`MAX_ATTEMPTS`] times. A record without an outcome (written by an
+///   agent from before retries) or without a count is not retried: fail
+///   closed.
+pub fn may_start(
+    name: &str,
+    last: Option<&VersionRecord>,
+    candidate: u64,
+    retry: bool,
+) -> Result<u32, RecordStartedError> {
+    let Some(last) = last else { return Ok(1) };
+    if candidate != last.version || !retry {
+        check_newer(name, Some(last.version), candidate)?;
+        return Ok(1);
+    }
+    let refuse = |why: String| {
+        Err(RecordStartedError::NotRetryable(NotRetryable {
+            name: name.to_string(),
+            version: candidate,
+            why,
+        }))
+    };
+    let (Some(outcome), Some(attempts)) = (last.outcome, last.attempts) else {
+        return refuse(
+            "how its last run here ended is not recorded (a record from before retries)".into(),
+        );
+    };
+    if !outcome.is_retryable() {
+        let why = match outcome {
+            VersionOutcome::Succeeded => "it succeeded here, and success is final",
+            VersionOutcome::Started => {
+                "its last run here has no recorded end (still running, or the end could not be recorded)"
+            }
+            _ => "its last run here had a denial, unknown denials, a limit hit or a refused service action: it needs a new bundle",
+        };
+        return refuse(why.into());
+    }
+    if attempts >= MAX_ATTEMPTS {
+        return refuse(format!(
+            "it already ran {attempts} time(s) here, the most a version may (last: {})",
+            serde_json::to_value(outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(attempts + 1)
 }
 
 rollguard_shared::validated_string! {
@@ -190,11 +341,35 @@ impl RunMarker {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// `versions/<bundle>`: the last version of a bundle started here.
+/// `outcome`, `attempts` and `run_id` came with retries; a file without
+/// them still reads (and its version is never retried).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct VersionFile {
-    version: u64,
-    time: jiff::Timestamp,
+pub struct VersionRecord {
+    pub version: u64,
+    /// When this version's last run began (or its outcome was recorded).
+    pub time: jiff::Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<VersionOutcome>,
+    /// Runs of this version begun here, the retries included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// The run the outcome belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<RunId>,
+}
+
+impl VersionRecord {
+    fn started(version: u64, attempts: u32, run_id: Option<RunId>) -> Self {
+        VersionRecord {
+            version,
+            time: jiff::Timestamp::now(),
+            outcome: Some(VersionOutcome::Started),
+            attempts: Some(attempts),
+            run_id,
+        }
+    }
 }
 
 /// Held while a read-modify-write of the state directory is in progress.
@@ -280,8 +455,54 @@ impl StateDir {
 
     /// The last version of `name` started on this host.
     pub fn last_version(&self, name: &BundleName) -> Result<Option<u64>, StateError> {
+        Ok(self.version_record(name)?.map(|v| v.version))
+    }
+
+    /// The record of the last version of `name` started on this host.
+    pub fn version_record(&self, name: &BundleName) -> Result<Option<VersionRecord>, StateError> {
         let path = self.root.join(VERSIONS_DIR).join(name.as_str());
-        Ok(read_json::<VersionFile>(&path)?.map(|v| v.version))
+        read_json::<VersionRecord>(&path)
+    }
+
+    /// Record how run `run_id` of `version` of `name` ended, durably.
+    /// Only a record still `started` by that very run is changed (a newer
+    /// version started since, or another run's record, is left alone), so
+    /// this can never lower a version nor turn a success into anything
+    /// else. Returns whether it wrote.
+    pub fn record_outcome(
+        &self,
+        name: &BundleName,
+        version: u64,
+        run_id: &RunId,
+        outcome: VersionOutcome,
+    ) -> Result<bool, StateError> {
+        let lock = self.lock()?;
+        self.record_outcome_locked(&lock, name, version, run_id, outcome)
+    }
+
+    /// [`StateDir::record_outcome`] with the state lock already held.
+    pub fn record_outcome_locked(
+        &self,
+        _lock: &StateLock,
+        name: &BundleName,
+        version: u64,
+        run_id: &RunId,
+        outcome: VersionOutcome,
+    ) -> Result<bool, StateError> {
+        let Some(mut record) = self.version_record(name)? else {
+            return Ok(false);
+        };
+        if record.version != version
+            || record.run_id.as_ref() != Some(run_id)
+            || record.outcome != Some(VersionOutcome::Started)
+        {
+            return Ok(false);
+        }
+        record.outcome = Some(outcome);
+        record.time = jiff::Timestamp::now();
+        let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.root, e))?;
+        write_durable(&self.root.join(VERSIONS_DIR), name.as_str(), &body)?;
+        Ok(true)
     }
 
     /// Record that `version` of `name` is about to start. Call this *before*
@@ -296,13 +517,10 @@ impl StateDir {
         version: u64,
     ) -> Result<(), RecordStartedError> {
         let _lock = self.lock()?;
-        let last = self.last_version(name)?;
-        check_newer(name.as_str(), last, version)?;
-        let body = serde_json::to_vec(&VersionFile {
-            version,
-            time: jiff::Timestamp::now(),
-        })
-        .map_err(|e| corrupt(&self.root, e))?;
+        let last = self.version_record(name)?;
+        let attempt = may_start(name.as_str(), last.as_ref(), version, false)?;
+        let body = serde_json::to_vec(&VersionRecord::started(version, attempt, None))
+            .map_err(|e| corrupt(&self.root, e))?;
         write_durable(&self.root.join(VERSIONS_DIR), name.as_str(), &body)?;
         Ok(())
     }
@@ -310,10 +528,13 @@ impl StateDir {
     /// Everything that must be durable before a bundle runs, with as few
     /// disk flushes as the ordering allows: under the state lock, check
     /// that `marker`'s version is newer than the last one started (as
-    /// [`StateDir::record_started`]), then record the version and write the
+    /// [`StateDir::record_started`]; for a `retry`, the same version again
+    /// under the rule of [`may_start`]), then record the version (its
+    /// outcome `started`, the attempt counted) and write the
     /// in-progress marker (as [`StateDir::mark_in_progress`]), while
-    /// `alongside` (the run log entry of the run) runs concurrently on
-    /// another thread with the same lock held.
+    /// `alongside` (the run log entry of the run, given the attempt number
+    /// of this version, 1 for a first run) runs concurrently on another
+    /// thread with the same lock held.
     ///
     /// Each file still goes through the full durable replace (fsync the
     /// temporary file, rename, fsync the directory), but the flushes of the
@@ -329,7 +550,8 @@ impl StateDir {
         &self,
         name: &BundleName,
         marker: &RunMarker,
-        alongside: impl FnOnce(&StateLock) -> Result<(), E> + Send,
+        retry: bool,
+        alongside: impl FnOnce(&StateLock, u32) -> Result<(), E> + Send,
     ) -> Result<(), BeginRunError<E>>
     where
         E: Send,
@@ -346,12 +568,13 @@ impl StateDir {
             .into());
         }
         let version = marker.bundle.version;
-        check_newer(name.as_str(), self.last_version(name)?, version)
-            .map_err(RecordStartedError::from)?;
-        let version_body = serde_json::to_vec(&VersionFile {
+        let last = self.version_record(name)?;
+        let attempt = may_start(name.as_str(), last.as_ref(), version, retry)?;
+        let version_body = serde_json::to_vec(&VersionRecord::started(
             version,
-            time: jiff::Timestamp::now(),
-        })
+            attempt,
+            Some(marker.run_id.clone()),
+        ))
         .map_err(|e| corrupt(&self.root, e))?;
         let marker_body = serde_json::to_vec(marker).map_err(|e| corrupt(&self.root, e))?;
         let versions = self.root.join(VERSIONS_DIR);
@@ -366,7 +589,7 @@ impl StateDir {
         let alongside = std::sync::Mutex::new(Some(alongside));
         let run_alongside = || {
             let step = alongside.lock().ok().and_then(|mut f| f.take());
-            step.map(|f| f(&lock))
+            step.map(|f| f(&lock, attempt))
         };
         let staged: Vec<(&File, &Path)> =
             files.iter().map(|f| (&f.file, f.tmp.as_path())).collect();

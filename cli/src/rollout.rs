@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rollguard_shared::protocol::{
-    AgentInfo, AgentRemoved, BundleSummary, HaltRequest, Matchers, Plan, RolloutId, RolloutRequest,
-    RolloutState, RolloutStatus, Sha256Hex, WavePhase, WaveSize,
+    AgentInfo, AgentRemoved, BundleSummary, HaltRequest, Matchers, Plan, RetryRequest,
+    RetryResponse, RolloutId, RolloutRequest, RolloutState, RolloutStatus, Sha256Hex, WavePhase,
+    WaveSize,
 };
 
 use crate::client::{Client, ConnectArgs};
@@ -161,6 +162,22 @@ pub enum RolloutCommand {
     /// Continue a halted rollout (failures and alarms so far are acknowledged).
     Resume {
         id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Send the same signed bundle again, as a new rollout, to the hosts of
+    /// a finished (completed or halted) rollout whose run failed, timed
+    /// out, was killed or was interrupted with no denial. Successes,
+    /// refusals and denials are never retried; each agent runs the version
+    /// again only if its own record says its last run there did not
+    /// succeed, at most 3 runs of one version per host.
+    Retry {
+        id: String,
+        /// Retry the hosts whose run failed or timed out (required).
+        #[arg(long, required = true)]
+        failed: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -389,6 +406,37 @@ fn print_status(s: &RolloutStatus) {
     }
 }
 
+fn print_retry(a: &RetryResponse) {
+    let plan = &a.rollout.plan;
+    println!(
+        "retrying {} host(s) of rollout {} with the same bundle ({} version {}, sha256 {})",
+        a.retried.len(),
+        a.retry_of,
+        plan.bundle.name,
+        plan.bundle.version,
+        plan.bundle.sha256
+    );
+    for (i, wave) in plan.waves.iter().enumerate() {
+        println!(
+            "wave {}  ({} host(s)): {}",
+            i + 1,
+            wave.len(),
+            wave.join(", ")
+        );
+    }
+    if !a.skipped.is_empty() {
+        println!("not retried: {} host(s)", a.skipped.len());
+        for s in &a.skipped {
+            println!("  {:<32} {:<12} {}", s.host, s.state, s.why);
+        }
+    }
+    println!(
+        "each agent runs it again only if its own record says its last run there did not succeed"
+    );
+    println!("started rollout {}", a.rollout.id);
+    println!("follow it with: rollguard rollout watch {}", a.rollout.id);
+}
+
 fn state_line(s: &RolloutStatus) -> String {
     match s.state {
         RolloutState::Running => {
@@ -541,6 +589,24 @@ pub fn run(cmd: RolloutCommand) -> Result<ExitCode> {
                 print_json(&status)?;
             } else {
                 println!("rollout {} {}", status.id, state_line(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Retry {
+            id,
+            failed,
+            json,
+            connect,
+        } => {
+            let client = Client::connect(&connect)?;
+            let answer: RetryResponse = client.post(
+                &format!("/v1/rollouts/{}/retry", rollout_id(&id)?),
+                &RetryRequest { failed },
+            )?;
+            if json {
+                print_json(&answer)?;
+            } else {
+                print_retry(&answer);
             }
             Ok(ExitCode::SUCCESS)
         }

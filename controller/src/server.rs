@@ -23,7 +23,8 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rollguard_shared::protocol::{
     AgentReport, ErrorBody, HaltRequest, KillAck, KillRequest, LiftRequest, Order, Register,
-    RolloutId, RolloutRequest, RolloutState, Sha256Hex, MAX_JSON_BODY, PING_INTERVAL_SECS,
+    RetryRequest, RolloutId, RolloutRequest, RolloutState, Sha256Hex, MAX_JSON_BODY,
+    PING_INTERVAL_SECS,
 };
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -227,7 +228,7 @@ mod may {
     use super::Role;
     /// Read rollouts, agents, the kill state, bundles.
     pub const READ: &[Role] = &[Role::Viewer, Role::Operator, Role::Admin];
-    /// Change rollouts (plan, upload, start, halt, resume) and kill.
+    /// Change rollouts (plan, upload, start, halt, resume, retry) and kill.
     pub const OPERATE: &[Role] = &[Role::Operator, Role::Admin];
     /// Lift a kill; remove (deregister and revoke) an agent.
     pub const ADMINISTER: &[Role] = &[Role::Admin];
@@ -475,6 +476,21 @@ async fn resume_rollout(
     Ok(json(&app.engine.resume(&rollout_id(&id)?, &me.name).await?))
 }
 
+async fn retry_rollout(
+    State(app): S,
+    Extension(peer): P,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let me = require(&app, &peer, may::OPERATE)?;
+    let req: RetryRequest = parse_json(&body)?;
+    Ok(json(
+        &app.engine
+            .retry(&rollout_id(&id)?, req.failed, &me.name)
+            .await?,
+    ))
+}
+
 async fn kill(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
     let me = require(&app, &peer, may::OPERATE)?;
     let req: KillRequest = parse_json(&body)?;
@@ -600,6 +616,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/rollouts/{id}", get(rollout_status))
         .route("/v1/rollouts/{id}/halt", post(halt_rollout))
         .route("/v1/rollouts/{id}/resume", post(resume_rollout))
+        .route("/v1/rollouts/{id}/retry", post(retry_rollout))
         .route("/v1/kill", post(kill).get(kill_state))
         .route("/v1/kill/lift", post(lift))
         .route("/v1/agents", get(list_agents))

@@ -27,6 +27,7 @@
 //! | `GET /v1/rollouts/{id}` | operator | → [`RolloutStatus`] |
 //! | `POST /v1/rollouts/{id}/halt` | operator | [`HaltRequest`] → [`RolloutStatus`] |
 //! | `POST /v1/rollouts/{id}/resume` | operator | → [`RolloutStatus`] |
+//! | `POST /v1/rollouts/{id}/retry` | operator | [`RetryRequest`] → [`RetryResponse`] |
 //! | `POST /v1/kill` | operator | [`KillRequest`] → [`KillResponse`] |
 //! | `POST /v1/kill/lift` | operator | [`LiftRequest`] → [`KillResponse`] |
 //! | `GET /v1/kill` | operator | → [`KillState`] |
@@ -112,6 +113,14 @@ pub enum Order {
         rollout_id: RolloutId,
         bundle_sha256: Sha256Hex,
         bundle_size: u64,
+        /// A retry rollout's order (`rollguard rollout retry`): the agent
+        /// may run the version it last started again, only if its own
+        /// record says that run did not succeed and had no denial, a
+        /// bounded number of times. Left out of the JSON when unset; when
+        /// set, an agent from before retries refuses the line (unknown
+        /// field) instead of treating it as a plain run.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retry: bool,
     },
     /// Run this rollout's bundle once as a preview (`rollguard-agent run
     /// --preview`): nothing reaches the disk, no service action, no version
@@ -363,6 +372,10 @@ pub struct Plan {
     /// The clean (or overridden) preview this rollout follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_preview: Option<AfterPreview>,
+    /// The rollout whose failed hosts this one retries (`rollout retry`):
+    /// the same bundle, sent as `Order::Run` with `retry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<RolloutId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -428,6 +441,35 @@ pub struct RolloutStatus {
     pub hosts: Vec<HostRun>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// Body of `POST /v1/rollouts/{id}/retry` (`rollout retry ID --failed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    /// Retry the hosts whose run failed, timed out, was killed or was
+    /// interrupted, with no denial. Required (the only selection so far),
+    /// so a retry always says what it retries.
+    pub failed: bool,
+}
+
+/// A host of the original rollout that a retry leaves out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetrySkipped {
+    pub host: String,
+    /// Its state in the original rollout (as in [`HostRun::state`]).
+    pub state: String,
+    pub why: String,
+}
+
+/// Answer of `POST /v1/rollouts/{id}/retry`: the new rollout, the hosts it
+/// retries (in dispatch order) and the ones it leaves out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryResponse {
+    pub retry_of: RolloutId,
+    pub retried: Vec<String>,
+    pub skipped: Vec<RetrySkipped>,
+    pub rollout: RolloutStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -571,6 +613,13 @@ mod tests {
                 rollout_id: RolloutId::parse("r-1").unwrap(),
                 bundle_sha256: Sha256Hex::of(b"x"),
                 bundle_size: 1,
+                retry: false,
+            },
+            Order::Run {
+                rollout_id: RolloutId::parse("r-3").unwrap(),
+                bundle_sha256: Sha256Hex::of(b"x"),
+                bundle_size: 1,
+                retry: true,
             },
             Order::KillState(KillState {
                 generation: 3,
@@ -597,6 +646,44 @@ mod tests {
         }
         assert!(serde_json::from_str::<Order>(r#"{"type":"run","rollout_id":"r-1"}"#).is_err());
         assert!(serde_json::from_str::<Order>(r#"{"type":"format_disk"}"#).is_err());
+    }
+
+    /// `Order` as agents from before retries decode it.
+    #[derive(Debug, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+    #[allow(dead_code)]
+    enum OrderBeforeRetries {
+        Run {
+            rollout_id: RolloutId,
+            bundle_sha256: Sha256Hex,
+            bundle_size: u64,
+        },
+        Ping,
+    }
+
+    #[test]
+    fn a_retry_order_is_refused_by_an_agent_from_before_retries() {
+        let order = |retry| Order::Run {
+            rollout_id: RolloutId::parse("r-1").unwrap(),
+            bundle_sha256: Sha256Hex::of(b"x"),
+            bundle_size: 1,
+            retry,
+        };
+        // A plain run is the line it always was.
+        let plain = serde_json::to_string(&order(false)).unwrap();
+        assert!(!plain.contains("retry"), "{plain}");
+        serde_json::from_str::<OrderBeforeRetries>(&plain).unwrap();
+        // A retry is an unknown field to an older agent: the line is
+        // refused, never run as a plain order.
+        let retry = serde_json::to_string(&order(true)).unwrap();
+        assert!(retry.contains(r#""retry":true"#), "{retry}");
+        let e = serde_json::from_str::<OrderBeforeRetries>(&retry).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        // And this side refuses fields it does not know either.
+        assert!(serde_json::from_str::<Order>(
+            r#"{"type":"run","rollout_id":"r-1","bundle_sha256":"2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881","bundle_size":1,"force":true}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -75,6 +75,10 @@ fn viewers_read_operators_stop_and_only_admins_lift_a_kill() {
         viewer.post::<_, Value>("/v1/rollouts/plan", &json!({})),
         "viewer",
     );
+    forbidden(
+        viewer.post::<_, Value>("/v1/rollouts/r-1/retry", &json!({"failed": true})),
+        "viewer",
+    );
 
     // An operator stops everything, but cannot lift the stop.
     let killed: Value = operator.post("/v1/kill", &kill).unwrap();

@@ -60,6 +60,7 @@ fn plan() -> Plan {
         include_offline: false,
         preview: false,
         after_preview: None,
+        retry_of: None,
     }
 }
 
@@ -448,6 +449,43 @@ async fn operator_log_is_hash_chained(storage: Storage) {
     assert_eq!(verify_operator_log(&entries), Err(2));
 }
 
+/// A retry rollout's `retry_of` reads back from the plan and the column,
+/// and the orders it owes are marked retry; a plain rollout's are not.
+async fn a_retry_rollout_owes_retry_orders(storage: Storage) {
+    let (store, id) = with_rollout(&storage).await;
+    let original = store.rollout(&id).await.unwrap().unwrap();
+    assert_eq!(original.plan.retry_of, None);
+    let retry_id = RolloutId::parse("r-2").unwrap();
+    store
+        .create_rollout(&RolloutRecord {
+            id: retry_id.clone(),
+            plan: Plan {
+                retry_of: Some(id.clone()),
+                ..plan()
+            },
+            ..original
+        })
+        .await
+        .unwrap();
+    let back = store.rollout(&retry_id).await.unwrap().unwrap();
+    assert_eq!(back.plan.retry_of, Some(id.clone()));
+    for (rollout, host) in [(&id, "a"), (&retry_id, "b")] {
+        assert!(store
+            .record_dispatches(rollout, 0, &[host.into()], 10)
+            .await
+            .unwrap());
+    }
+    let owed = |host: &'static str| {
+        let store = store.clone();
+        async move { store.pending_orders(host).await.unwrap() }
+    };
+    let a = owed("a").await;
+    assert_eq!((a.len(), a[0].retry), (1, false));
+    let b = owed("b").await;
+    assert_eq!((b.len(), b[0].retry), (1, true));
+    assert_eq!(b[0].rollout_id, retry_id);
+}
+
 /// Every check, each on a fresh database named after it.
 async fn contract(fresh: impl Fn(&str) -> Storage) {
     agents_are_upserted_and_listed_by_name(fresh("agents")).await;
@@ -459,6 +497,7 @@ async fn contract(fresh: impl Fn(&str) -> Storage) {
     a_late_report_replaces_a_timeout(fresh("late")).await;
     kill_state_is_durable_and_versioned(fresh("kills")).await;
     operator_log_is_hash_chained(fresh("oplog")).await;
+    a_retry_rollout_owes_retry_orders(fresh("retry")).await;
 }
 
 #[test]

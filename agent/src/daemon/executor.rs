@@ -28,6 +28,9 @@ pub trait BundleExecutor: Send + Sync + 'static {
 pub enum RunKind {
     Real,
     Preview,
+    /// For real, as a retry (`Order::Run` with `retry`): see
+    /// [`crate::runner::RunOptions::retry`].
+    Retry,
 }
 
 /// The real executor: the agent's runner with the host policy.
@@ -55,6 +58,7 @@ impl BundleExecutor for RunnerExecutor {
             on_start: Some(kill.sandbox_hook()),
             launcher: self.launcher.clone(),
             preview: kind == RunKind::Preview,
+            retry: kind == RunKind::Retry,
         };
         run_bundle(&self.policy, bundle, &opts)
     }

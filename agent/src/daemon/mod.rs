@@ -8,7 +8,9 @@
 //!   `rollguard-agent run` does (the same runner: signatures against this
 //!   host's own threshold, targets, scopes, kernel confinement) and report
 //!   the same JSON report. The controller cannot make this host run
-//!   anything its policy would refuse. Each rollout runs at most once: the
+//!   anything its policy would refuse. A run order marked `retry` may run
+//!   the version last started here again, only as the host's own version
+//!   record allows (`state::may_start`). Each rollout runs at most once: the
 //!   rollout id is recorded durably before the run, a repeated order is
 //!   answered from the record, and a run that was in progress when the
 //!   agent died is reported `interrupted`, never started again.
@@ -480,12 +482,13 @@ impl Daemon {
                 rollout_id,
                 bundle_sha256,
                 bundle_size,
+                retry,
             } => self.spawn_run(
                 session,
                 rollout_id,
                 bundle_sha256,
                 bundle_size,
-                RunKind::Real,
+                if retry { RunKind::Retry } else { RunKind::Real },
             ),
             Order::Preview {
                 rollout_id,

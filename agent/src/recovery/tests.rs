@@ -199,3 +199,44 @@ fn several_markers_are_told_apart_in_one_pass() {
     assert_eq!(lines[1]["event"]["type"], "run_interrupted");
     assert_eq!(lines[1]["event"]["run_id"], cut.run_id.as_str());
 }
+
+#[test]
+fn an_interrupted_run_leaves_its_version_retryable_and_a_logged_one_does_not() {
+    use crate::state::VersionOutcome;
+    use rollguard_shared::manifest::BundleName;
+    let (_tmp, state, log) = fresh();
+    let name = BundleName::parse("mail-fix").unwrap();
+    // A run begun (version recorded `started`) whose agent died.
+    let marker = dead_agents_marker();
+    state
+        .begin_run(&name, &marker, false, |_, _| Ok::<(), &str>(()))
+        .unwrap();
+    let record = state.version_record(&name).unwrap().unwrap();
+    assert_eq!(record.outcome, Some(VersionOutcome::Started));
+    // Not retryable while its end is unknown.
+    assert!(crate::state::may_start("mail-fix", Some(&record), 3, true).is_err());
+
+    recover_interrupted_runs(&state, &log).unwrap();
+    let record = state.version_record(&name).unwrap().unwrap();
+    assert_eq!(record.outcome, Some(VersionOutcome::Interrupted));
+    assert_eq!(record.attempts, Some(1));
+    // A retry order may run it again; a plain order may not.
+    assert_eq!(
+        crate::state::may_start("mail-fix", Some(&record), 3, true).unwrap(),
+        2
+    );
+    assert!(crate::state::may_start("mail-fix", Some(&record), 3, false).is_err());
+
+    // A run whose result is in the log but whose outcome could not be
+    // recorded stays `started`: never retried.
+    let (_tmp2, state, log) = fresh();
+    let marker = dead_agents_marker();
+    state
+        .begin_run(&name, &marker, false, |_, _| Ok::<(), &str>(()))
+        .unwrap();
+    log.append(finished_event(&marker)).unwrap();
+    recover_interrupted_runs(&state, &log).unwrap();
+    let record = state.version_record(&name).unwrap().unwrap();
+    assert_eq!(record.outcome, Some(VersionOutcome::Started));
+    assert!(crate::state::may_start("mail-fix", Some(&record), 3, true).is_err());
+}

@@ -29,6 +29,7 @@ fn started(run: &str) -> RunLogEvent {
             read: vec![],
             network: vec!["smtp.example:25".into()],
         },
+        attempt: None,
     }
 }
 

@@ -156,11 +156,19 @@ pub(super) fn admit(
     kernel
         .require(!manifest.scope.network.is_empty())
         .map_err(|e| Refusal::new(RefusalKind::KernelUnsupported, e))?;
+    // Rollback protection, and for a retry order the retry rule (the same
+    // version only after a run here that did not succeed; checked again,
+    // atomically, when the run begins).
     let last = state
-        .last_version(&manifest.bundle.name)
+        .version_record(&manifest.bundle.name)
         .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
-    rollguard_shared::version::check_newer(bundle.name.as_str(), last, bundle.version)
-        .map_err(|e| Refusal::new(RefusalKind::Rollback, e))?;
+    crate::state::may_start(
+        bundle.name.as_str(),
+        last.as_ref(),
+        bundle.version,
+        opts.retry,
+    )
+    .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     // Names in the network scope are resolved now, once: the kernel then
     // enforces the addresses they had at the start of the run, and the
     // report shows them. A name that does not resolve refuses the run.

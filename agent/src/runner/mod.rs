@@ -18,7 +18,8 @@
 //!    spec built; missing package and drop-in directories created; the
 //!    sandbox started *held* (stage 2 confines itself, executes nothing);
 //!    the payload unpacked (digests checked); then the point of no return:
-//!    the version recorded as started (the atomic rollback check), the run
+//!    the version recorded as started (the atomic rollback check, and for a
+//!    retry the retry rule: `state::may_start`), the run
 //!    marked in progress and logged, all three durable together
 //!    (`StateDir::begin_run`).
 //! 3. [`execute`]: the sandbox released, waited for (a timeout kills the
@@ -26,7 +27,8 @@
 //!    report.
 //! 4. [`finish`]: package results, service actions (`services::after_run`:
 //!    captured requests decided against `[services] allow`; after a clean
-//!    success the declared and allowed ones performed), the result logged,
+//!    success the declared and allowed ones performed), the version's
+//!    outcome recorded (what a retry is decided on), the result logged,
 //!    then the in-progress marker cleared and the run directory removed.
 //!
 //! Every refusal happens before the sandbox is released and withdraws a
@@ -71,6 +73,11 @@ pub struct RunOptions {
     /// disk, no service action is performed, the version is not used up
     /// (see [`crate::preview`]).
     pub preview: bool,
+    /// A retry (`Order::Run` with `retry`, `rollguard-agent run --retry`):
+    /// the version last started here may run again if its last run here
+    /// did not succeed, had no denial, and it ran fewer than
+    /// [`crate::state::MAX_ATTEMPTS`] times ([`crate::state::may_start`]).
+    pub retry: bool,
 }
 
 impl RunOptions {
@@ -82,6 +89,7 @@ impl RunOptions {
             on_start: None,
             launcher: None,
             preview: false,
+            retry: false,
         })
     }
 }
@@ -194,6 +202,20 @@ fn finish(
         &mut report,
     );
     report.duration_ms = started.elapsed().as_millis() as u64;
+
+    // How this version's run ended, durably, before the result is logged:
+    // what a later retry order is decided on. A crash before this leaves
+    // the record `started` (and recovery makes it `interrupted`); a failure
+    // to write it leaves it `started`, which is never retried.
+    let outcome = crate::state::VersionOutcome::of_report(&report);
+    if let Err(e) = state.record_outcome(
+        &admission.manifest.bundle.name,
+        admission.bundle.version,
+        &run_id,
+        outcome,
+    ) {
+        tracing::error!(run_id = %run_id, "cannot record how the run ended (this version will not be retried here): {e}");
+    }
 
     // The scratch directory goes on another thread: removing it is not
     // state (see `StateDir::remove_run_dir`) and on a journaling file

@@ -192,23 +192,26 @@ pub(super) fn prepare(
         Ok(m) => m,
         Err(e) => return Err(refuse(held, Refusal::new(RefusalKind::HostError, e))),
     };
-    let started_event = RunLogEvent::RunStarted {
+    let started_event = |attempt: u32| RunLogEvent::RunStarted {
         run_id: run_id.to_string(),
         bundle: bundle.clone(),
         manifest_sha256: admission.manifest_sha256.clone(),
         signers: admission.signers.clone(),
         scope: scope.into(),
+        attempt: (attempt > 1).then_some(attempt),
     };
     // A preview changes nothing on the host: no version used up, no
     // marker (a preview cut short has nothing to recover); it is logged
     // when it ends (`finish_preview`).
     let begun = if opts.preview {
-        drop(started_event);
         Ok(())
     } else {
-        state.begin_run(&admission.manifest.bundle.name, &marker, |lock| {
-            log.append_locked(lock, started_event).map(drop)
-        })
+        state.begin_run(
+            &admission.manifest.bundle.name,
+            &marker,
+            opts.retry,
+            |lock, attempt| log.append_locked(lock, started_event(attempt)).map(drop),
+        )
     };
     match begun {
         Ok(()) => {}

@@ -333,7 +333,7 @@ fn begin_run_records_version_and_marker_with_the_lock_held_alongside() {
     let m = marker("1-run", me.clone());
     let root = state.root().to_path_buf();
     state
-        .begin_run(&name("postfix"), &m, |_lock: &StateLock| {
+        .begin_run(&name("postfix"), &m, false, |_lock: &StateLock, _| {
             // The state lock is held for the concurrent step: another open
             // file description cannot take it.
             let other = OpenOptions::new()
@@ -363,7 +363,7 @@ fn begin_run_records_version_and_marker_with_the_lock_held_alongside() {
     let again = marker("2-run", me);
     let mut called = false;
     let e = state
-        .begin_run(&name("postfix"), &again, |_| {
+        .begin_run(&name("postfix"), &again, false, |_, _| {
             called = true;
             Ok::<(), &str>(())
         })
@@ -381,7 +381,7 @@ fn begin_run_records_nothing_when_the_step_alongside_fails() {
     let (_tmp, state) = fresh();
     let m = marker("1-run", AgentProcess::current().unwrap());
     let e = state
-        .begin_run(&name("postfix"), &m, |_| Err("run log is full"))
+        .begin_run(&name("postfix"), &m, false, |_, _| Err("run log is full"))
         .unwrap_err();
     assert!(matches!(e, BeginRunError::Alongside("run log is full")));
     // The version is not used up, no marker, no temporary files.
@@ -390,7 +390,7 @@ fn begin_run_records_nothing_when_the_step_alongside_fails() {
     assert!(entries(&state.root().join(IN_PROGRESS_DIR)).is_empty());
     // So the same version can still run.
     state
-        .begin_run(&name("postfix"), &m, |_| Ok::<(), &str>(()))
+        .begin_run(&name("postfix"), &m, false, |_, _| Ok::<(), &str>(()))
         .unwrap();
     assert_eq!(state.last_version(&name("postfix")).unwrap(), Some(7));
 }
@@ -400,9 +400,295 @@ fn begin_run_refuses_a_marker_for_another_bundle() {
     let (_tmp, state) = fresh();
     let m = marker("1-run", AgentProcess::current().unwrap());
     let e = state
-        .begin_run(&name("other"), &m, |_| Ok::<(), &str>(()))
+        .begin_run(&name("other"), &m, false, |_, _| Ok::<(), &str>(()))
         .unwrap_err();
     assert!(e.to_string().contains("names bundle"), "{e}");
     assert_eq!(state.last_version(&name("other")).unwrap(), None);
     assert_eq!(state.last_version(&name("postfix")).unwrap(), None);
+}
+
+// ---- the retry rule ----------------------------------------------------
+
+/// Begin run `id` of postfix version 7, as a retry or not.
+fn begin(state: &StateDir, id: &str, retry: bool) -> Result<(), BeginRunError<&'static str>> {
+    let m = marker(id, AgentProcess::current().unwrap());
+    state.begin_run(&name("postfix"), &m, retry, |_, _| Ok::<(), &str>(()))
+}
+
+/// End run `id` of postfix version 7 with `outcome`.
+fn end(state: &StateDir, id: &str, outcome: VersionOutcome) {
+    assert!(state
+        .record_outcome(&name("postfix"), 7, &RunId::parse(id).unwrap(), outcome)
+        .unwrap());
+    state.clear_in_progress(&RunId::parse(id).unwrap()).unwrap();
+}
+
+fn not_retryable(e: BeginRunError<&'static str>) -> NotRetryable {
+    match e {
+        BeginRunError::Record(RecordStartedError::NotRetryable(n)) => n,
+        other => panic!("expected a refused retry, got {other}"),
+    }
+}
+
+#[test]
+fn a_version_that_succeeded_never_runs_again() {
+    let (_tmp, state) = fresh();
+    begin(&state, "1-run", false).unwrap();
+    end(&state, "1-run", VersionOutcome::Succeeded);
+    let e = not_retryable(begin(&state, "2-run", true).unwrap_err());
+    assert!(e.why.contains("succeeded"), "{e}");
+    // Without the retry marker: the plain rollback refusal.
+    assert!(matches!(
+        begin(&state, "2-run", false).unwrap_err(),
+        BeginRunError::Record(RecordStartedError::NotNewer(_))
+    ));
+    let record = state.version_record(&name("postfix")).unwrap().unwrap();
+    assert_eq!(record.outcome, Some(VersionOutcome::Succeeded));
+    assert_eq!(record.attempts, Some(1));
+}
+
+#[test]
+fn a_failed_version_runs_again_only_for_a_retry_order() {
+    let (_tmp, state) = fresh();
+    begin(&state, "1-run", false).unwrap();
+    end(&state, "1-run", VersionOutcome::Failed);
+    // Not a retry: refused as before.
+    let e = begin(&state, "2-run", false).unwrap_err();
+    assert!(
+        matches!(e, BeginRunError::Record(RecordStartedError::NotNewer(_))),
+        "{e}"
+    );
+    // A retry: accepted, counted (the step alongside, the run log entry,
+    // is told which run of the version it is), recorded as started by the
+    // new run.
+    let mut attempt = 0;
+    state
+        .begin_run(
+            &name("postfix"),
+            &marker("2-run", AgentProcess::current().unwrap()),
+            true,
+            |_, n| {
+                attempt = n;
+                Ok::<(), &str>(())
+            },
+        )
+        .unwrap();
+    assert_eq!(attempt, 2);
+    let record = state.version_record(&name("postfix")).unwrap().unwrap();
+    assert_eq!(record.version, 7);
+    assert_eq!(record.outcome, Some(VersionOutcome::Started));
+    assert_eq!(record.attempts, Some(2));
+    assert_eq!(record.run_id, Some(RunId::parse("2-run").unwrap()));
+    // While it runs (no end recorded), a second retry is refused.
+    let e = not_retryable(begin(&state, "3-run", true).unwrap_err());
+    assert!(e.why.contains("no recorded end"), "{e}");
+    end(&state, "2-run", VersionOutcome::Succeeded);
+    let e = not_retryable(begin(&state, "3-run", true).unwrap_err());
+    assert!(e.why.contains("succeeded"), "{e}");
+}
+
+#[test]
+fn an_older_version_never_runs_retry_or_not() {
+    let (_tmp, state) = fresh();
+    begin(&state, "1-run", false).unwrap();
+    end(&state, "1-run", VersionOutcome::Failed);
+    let older = RunMarker {
+        bundle: BundleRef {
+            name: "postfix".into(),
+            version: 6,
+        },
+        ..marker("2-run", AgentProcess::current().unwrap())
+    };
+    let e = state
+        .begin_run(&name("postfix"), &older, true, |_, _| Ok::<(), &str>(()))
+        .unwrap_err();
+    assert!(
+        matches!(e, BeginRunError::Record(RecordStartedError::NotNewer(_))),
+        "{e}"
+    );
+    // A newer version is a first run, retry marker or not.
+    let newer = RunMarker {
+        bundle: BundleRef {
+            name: "postfix".into(),
+            version: 8,
+        },
+        ..marker("3-run", AgentProcess::current().unwrap())
+    };
+    state
+        .begin_run(&name("postfix"), &newer, true, |_, _| Ok::<(), &str>(()))
+        .unwrap();
+    let record = state.version_record(&name("postfix")).unwrap().unwrap();
+    assert_eq!((record.version, record.attempts), (8, Some(1)));
+}
+
+#[test]
+fn denied_and_refused_runs_are_never_retried() {
+    let (_tmp, state) = fresh();
+    begin(&state, "1-run", false).unwrap();
+    end(&state, "1-run", VersionOutcome::Denied);
+    let e = not_retryable(begin(&state, "2-run", true).unwrap_err());
+    assert!(e.why.contains("denial"), "{e}");
+    assert_eq!(
+        RecordStartedError::NotRetryable(e).refusal_kind(),
+        RefusalKind::Rollback
+    );
+}
+
+#[test]
+fn outcomes_of_reports() {
+    use rollguard_shared::report::{Denial, RunReport, RunStatus};
+    let report = |status, denials: Option<Vec<Denial>>| RunReport {
+        denial_count: denials.as_ref().map(|d| d.len() as u64),
+        denials,
+        ..RunReport::new("h", status)
+    };
+    let o = |r: &RunReport| VersionOutcome::of_report(r);
+    assert_eq!(
+        o(&report(RunStatus::Succeeded, Some(vec![]))),
+        VersionOutcome::Succeeded
+    );
+    assert_eq!(
+        o(&report(RunStatus::Failed, Some(vec![]))),
+        VersionOutcome::Failed
+    );
+    assert_eq!(
+        o(&report(RunStatus::TimedOut, Some(vec![]))),
+        VersionOutcome::TimedOut
+    );
+    // Unknown denials are not zero, a killed run's included.
+    assert_eq!(o(&report(RunStatus::Failed, None)), VersionOutcome::Denied);
+    assert_eq!(o(&report(RunStatus::Killed, None)), VersionOutcome::Denied);
+    assert_eq!(
+        o(&report(RunStatus::Killed, Some(vec![]))),
+        VersionOutcome::Killed
+    );
+    let mut denied = report(RunStatus::Failed, Some(vec![]));
+    denied.denial_count = Some(1);
+    assert_eq!(o(&denied), VersionOutcome::Denied);
+    let mut limited = report(RunStatus::Failed, Some(vec![]));
+    limited.limits_hit = vec!["memory".into()];
+    assert_eq!(o(&limited), VersionOutcome::Denied);
+    assert_eq!(
+        o(&report(RunStatus::Refused, Some(vec![]))),
+        VersionOutcome::Denied
+    );
+    for (outcome, retryable) in [
+        (VersionOutcome::Started, false),
+        (VersionOutcome::Succeeded, false),
+        (VersionOutcome::Denied, false),
+        (VersionOutcome::Failed, true),
+        (VersionOutcome::TimedOut, true),
+        (VersionOutcome::Killed, true),
+        (VersionOutcome::Interrupted, true),
+    ] {
+        assert_eq!(outcome.is_retryable(), retryable, "{outcome:?}");
+    }
+}
+
+#[test]
+fn attempts_of_one_version_are_bounded() {
+    let (_tmp, state) = fresh();
+    begin(&state, "1-run", false).unwrap();
+    end(&state, "1-run", VersionOutcome::Failed);
+    for (attempt, id) in [(2, "2-run"), (3, "3-run")] {
+        begin(&state, id, true).unwrap();
+        assert_eq!(
+            state
+                .version_record(&name("postfix"))
+                .unwrap()
+                .unwrap()
+                .attempts,
+            Some(attempt)
+        );
+        end(&state, id, VersionOutcome::TimedOut);
+    }
+    let e = not_retryable(begin(&state, "4-run", true).unwrap_err());
+    assert_eq!(MAX_ATTEMPTS, 3);
+    assert!(e.why.contains("already ran 3 time(s)"), "{e}");
+    // Durable: a reopened state directory says the same.
+    let again = StateDir::open(state.root()).unwrap();
+    let m = marker("4-run", AgentProcess::current().unwrap());
+    assert!(again
+        .begin_run(&name("postfix"), &m, true, |_, _| Ok::<(), &str>(()))
+        .is_err());
+}
+
+#[test]
+fn a_version_file_from_before_retries_reads_and_is_never_retried() {
+    let (_tmp, state) = fresh();
+    let path = state.root().join(VERSIONS_DIR).join("postfix");
+    fs::write(&path, r#"{"version":7,"time":"2026-01-01T00:00:00Z"}"#).unwrap();
+    let record = state.version_record(&name("postfix")).unwrap().unwrap();
+    assert_eq!(
+        (record.version, record.outcome, record.attempts),
+        (7, None, None)
+    );
+    assert_eq!(state.last_version(&name("postfix")).unwrap(), Some(7));
+    let e = not_retryable(begin(&state, "1-run", true).unwrap_err());
+    assert!(e.why.contains("not recorded"), "{e}");
+    // An outcome without a count is not trusted either.
+    fs::write(
+        &path,
+        r#"{"version":7,"time":"2026-01-01T00:00:00Z","outcome":"failed"}"#,
+    )
+    .unwrap();
+    assert!(begin(&state, "1-run", true).is_err());
+    // Newer versions run as they always did.
+    state.record_started(&name("postfix"), 8).unwrap();
+    // Unknown fields and outcomes are corrupt, never guessed at.
+    for bad in [
+        r#"{"version":9,"time":"2026-01-01T00:00:00Z","outcome":"sort_of","attempts":1}"#,
+        r#"{"version":9,"time":"2026-01-01T00:00:00Z","retries_left":9}"#,
+    ] {
+        fs::write(&path, bad).unwrap();
+        assert!(matches!(
+            state.version_record(&name("postfix")),
+            Err(StateError::Corrupt { .. })
+        ));
+    }
+}
+
+#[test]
+fn an_outcome_is_recorded_only_over_its_own_started_run() {
+    let (_tmp, state) = fresh();
+    let run = |id: &str| RunId::parse(id).unwrap();
+    begin(&state, "1-run", false).unwrap();
+    // Another run's, or another version's, outcome changes nothing.
+    assert!(!state
+        .record_outcome(&name("postfix"), 7, &run("9-other"), VersionOutcome::Failed)
+        .unwrap());
+    assert!(!state
+        .record_outcome(&name("postfix"), 6, &run("1-run"), VersionOutcome::Failed)
+        .unwrap());
+    assert!(state
+        .record_outcome(
+            &name("postfix"),
+            7,
+            &run("1-run"),
+            VersionOutcome::Succeeded
+        )
+        .unwrap());
+    // Recorded once: a success is never turned into anything else
+    // (recovery after a crash between the outcome and the log included).
+    assert!(!state
+        .record_outcome(
+            &name("postfix"),
+            7,
+            &run("1-run"),
+            VersionOutcome::Interrupted
+        )
+        .unwrap());
+    assert_eq!(
+        state
+            .version_record(&name("postfix"))
+            .unwrap()
+            .unwrap()
+            .outcome,
+        Some(VersionOutcome::Succeeded)
+    );
+    // No bundle record at all: nothing written.
+    assert!(!state
+        .record_outcome(&name("other"), 1, &run("1-run"), VersionOutcome::Failed)
+        .unwrap());
+    assert!(state.version_record(&name("other")).unwrap().is_none());
 }

@@ -827,3 +827,155 @@ fn limit_and_exclude_narrow_the_targets_and_refuse_what_matches_nothing() {
     let e = narrow(hosts(), &patterns(&["web-1"]), &patterns(&["web-*"])).unwrap_err();
     assert!(e.contains("leave no host"), "{e}");
 }
+
+async fn report_as(f: &EngineFleet, id: &RolloutId, r: RunReport) {
+    let host = r.host.clone();
+    let r = AgentReport {
+        rollout_id: id.clone(),
+        report: r,
+    };
+    f.engine.ingest_report(&host, r).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_retry_sends_the_same_bundle_marked_retry_only_to_hosts_that_failed_without_a_denial() {
+    let mut f = fleet(
+        &["web-1", "web-2", "web-3", "web-4", "web-5"],
+        "1m",
+        Duration::from_secs(60),
+    )
+    .await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "1,100%", 10), "alice")
+        .await
+        .unwrap()
+        .id;
+    // Not while it runs.
+    let e = f.engine.retry(&id, true, "alice").await.unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Conflict(m) if m.contains("is running")),
+        "{e}"
+    );
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    report_as(&f, &id, report("web-1", RunStatus::Failed)).await;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-5") == "dispatched").await;
+    succeed(&f, &id, "web-2").await;
+    let mut denied = report("web-3", RunStatus::Failed);
+    denied.denials = Some(vec![Denial {
+        access: "fs.remove_file".into(),
+        path: Some("/backup/x".into()),
+        exe: None,
+    }]);
+    denied.denial_count = Some(1);
+    report_as(&f, &id, denied).await;
+    let mut refused = report("web-4", RunStatus::Refused);
+    refused.reason = Some("signatures".into());
+    report_as(&f, &id, refused).await;
+    report_as(&f, &id, report("web-5", RunStatus::TimedOut)).await;
+    wait_status(&f.engine, &id, |s| {
+        s.state == RolloutState::Halted && s.hosts.iter().all(|h| h.report.is_some())
+    })
+    .await;
+    for h in ["web-1", "web-2", "web-3", "web-4", "web-5"] {
+        drain(&mut f, h);
+    }
+
+    let e = f.engine.retry(&id, false, "alice").await.unwrap_err();
+    assert!(matches!(e, EngineError::BadRequest(_)), "{e}");
+    let a = f.engine.retry(&id, true, "bob").await.unwrap();
+    assert_eq!(a.retried, vec!["web-1", "web-5"]);
+    let skipped: Vec<(&str, &str)> = a
+        .skipped
+        .iter()
+        .map(|s| (s.host.as_str(), s.state.as_str()))
+        .collect();
+    assert_eq!(
+        skipped,
+        vec![
+            ("web-2", "succeeded"),
+            ("web-3", "failed"),
+            ("web-4", "refused")
+        ]
+    );
+    assert!(a.skipped[1].why.contains("denied"), "{:?}", a.skipped[1]);
+    let retry = a.rollout;
+    assert_ne!(retry.id, id);
+    assert_eq!(retry.plan.retry_of.as_ref(), Some(&id));
+    assert_eq!(retry.plan.bundle.sha256, f.sha);
+    assert_eq!(retry.plan.max_failures, 10);
+    assert_eq!(retry.plan.waves, vec![vec!["web-1"], vec!["web-5"]]);
+    // The plan says so in its JSON; a plain plan does not mention it.
+    let json = serde_json::to_value(&retry.plan).unwrap();
+    assert_eq!(json["retry_of"], id.as_str());
+    let plain = f.engine.status(&id).await.unwrap().plan;
+    assert!(serde_json::to_value(&plain)
+        .unwrap()
+        .get("retry_of")
+        .is_none());
+
+    // One at a time.
+    let e = f.engine.retry(&id, true, "alice").await.unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Conflict(m) if m.contains("already retrying")),
+        "{e}"
+    );
+    // The canary of the retry gets the order, marked retry; the rest waits.
+    let orders = next_orders(&mut f, "web-1").await;
+    assert!(
+        orders.iter().any(
+            |o| matches!(o, Order::Run { rollout_id, retry: true, .. } if *rollout_id == retry.id)
+        ),
+        "{orders:?}"
+    );
+    assert_eq!(runs(&drain(&mut f, "web-5")), 0);
+    // A reconnecting agent is owed the same marked order.
+    let greeting = f.engine.greeting("web-1").await.unwrap();
+    assert!(
+        greeting
+            .iter()
+            .any(|o| matches!(o, Order::Run { retry: true, .. })),
+        "{greeting:?}"
+    );
+    succeed(&f, &retry.id, "web-1").await;
+    wait_status(&f.engine, &retry.id, |s| {
+        host_state(s, "web-5") == "dispatched"
+    })
+    .await;
+    succeed(&f, &retry.id, "web-5").await;
+    wait_status(&f.engine, &retry.id, |s| s.state == RolloutState::Completed).await;
+    // Nothing left to retry in the retry; the operator log has it all.
+    let e = f.engine.retry(&retry.id, true, "alice").await.unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Conflict(m) if m.contains("nothing to retry")),
+        "{e}"
+    );
+    let log = f.engine.store.operator_log_entries().await.unwrap();
+    let entry = log.iter().find(|e| e.action == "rollout.retry").unwrap();
+    assert_eq!(entry.actor, "bob");
+    assert!(entry.detail.contains(id.as_str()), "{}", entry.detail);
+    // A preview is not retried: it changed nothing and used up no version.
+    let preview = f
+        .engine
+        .start(
+            &RolloutRequest {
+                preview: true,
+                ..request(&f.sha, "100%", 0)
+            },
+            "alice",
+        )
+        .await
+        .unwrap()
+        .id;
+    let e = f.engine.retry(&preview, true, "alice").await.unwrap_err();
+    assert!(
+        matches!(&e, EngineError::BadRequest(m) if m.contains("is a preview")),
+        "{e}"
+    );
+    // Read back from the database (the column and the plan agree).
+    let again = engine_on(&f.path, Duration::from_secs(60)).await;
+    assert_eq!(
+        again.status(&retry.id).await.unwrap().plan.retry_of,
+        Some(id)
+    );
+}

@@ -143,6 +143,10 @@ pub(super) fn rollout(row: &impl Fields) -> Result<RolloutRecord> {
     if flag(row, "preview")? != plan.preview {
         return Err(corrupt("the preview column and the plan disagree"));
     }
+    // Likewise for retries: the orders owed are read with the column.
+    if row.opt_text("retry_of")?.as_deref() != plan.retry_of.as_ref().map(|r| r.as_str()) {
+        return Err(corrupt("the retry_of column and the plan disagree"));
+    }
     Ok(RolloutRecord {
         id: RolloutId::parse(&row.text("id")?).map_err(corrupt)?,
         bundle_sha256: Sha256Hex::parse(&row.text("bundle_sha256")?).map_err(corrupt)?,
@@ -180,13 +184,15 @@ pub(super) fn dispatch(row: &impl Fields) -> Result<DispatchRecord> {
     })
 }
 
-/// Columns `rollout_id`, `sha256`, `size` (the pending-orders join).
+/// Columns `rollout_id`, `sha256`, `size`, `preview`, `retry_of` (the
+/// pending-orders join).
 pub(super) fn pending_order(row: &impl Fields) -> Result<PendingOrder> {
     Ok(PendingOrder {
         rollout_id: RolloutId::parse(&row.text("rollout_id")?).map_err(corrupt)?,
         bundle_sha256: Sha256Hex::parse(&row.text("sha256")?).map_err(corrupt)?,
         bundle_size: size(row, "size")?,
         preview: flag(row, "preview")?,
+        retry: row.opt_text("retry_of")?.is_some(),
     })
 }
 

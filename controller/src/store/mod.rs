@@ -179,6 +179,8 @@ pub struct PendingOrder {
     pub bundle_size: u64,
     /// Owed as `Order::Preview`, not `Order::Run`.
     pub preview: bool,
+    /// Owed as `Order::Run` with `retry` (a rollout made by `rollout retry`).
+    pub retry: bool,
 }
 
 /// A run report to store.

@@ -200,8 +200,8 @@ impl Store for PostgresStore {
     async fn create_rollout(&self, r: &RolloutRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO rollouts (id, bundle_sha256, state, phase, current_wave, plan, bake_until, halt_reason,
-                                   ack_failures, ack_alerts, created_at, updated_at, preview)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                                   ack_failures, ack_alerts, created_at, updated_at, preview, retry_of)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(r.id.as_str())
         .bind(r.bundle_sha256.as_str())
@@ -216,6 +216,7 @@ impl Store for PostgresStore {
         .bind(r.created_at)
         .bind(r.updated_at)
         .bind(i64::from(r.plan.preview))
+        .bind(r.plan.retry_of.as_ref().map(|id| id.as_str()))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -406,7 +407,7 @@ impl Store for PostgresStore {
 
     async fn pending_orders(&self, host: &str) -> Result<Vec<PendingOrder>> {
         let rows = sqlx::query(
-            "SELECT d.rollout_id AS rollout_id, r.bundle_sha256 AS sha256, b.size AS size, r.preview AS preview
+            "SELECT d.rollout_id AS rollout_id, r.bundle_sha256 AS sha256, b.size AS size, r.preview AS preview, r.retry_of AS retry_of
              FROM dispatches d JOIN rollouts r ON r.id = d.rollout_id JOIN bundles b ON b.sha256 = r.bundle_sha256
              WHERE d.host = $1 AND d.outcome = 'dispatched' AND r.state = 'running'
              ORDER BY d.dispatched_at",
