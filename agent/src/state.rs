@@ -183,7 +183,8 @@ pub struct NotRetryable {
 ///   order or not (a retry order for a version never started here is a
 ///   first run).
 /// - An older version: never.
-/// - The same version: only for a retry order, only when the record says
+/// - The same version: only for a retry order of the same bundle (its
+///   manifest's digest is the record's), only when the record says
 ///   its last run here did not succeed and had no denial
 ///   ([`VersionOutcome::is_retryable`]), and only while it ran fewer than
 ///   [`MAX_ATTEMPTS`] times. A record without an outcome (written by an
@@ -194,6 +195,7 @@ pub fn may_start(
     last: Option<&VersionRecord>,
     candidate: u64,
     retry: bool,
+    manifest_sha256: &str,
 ) -> Result<u32, RecordStartedError> {
     let Some(last) = last else { return Ok(1) };
     if candidate != last.version || !retry {
@@ -221,6 +223,15 @@ pub fn may_start(
             _ => "its last run here had a denial, unknown denials, a limit hit or a refused service action: it needs a new bundle",
         };
         return refuse(why.into());
+    }
+    // A retry runs the same signed bytes again, never another bundle that
+    // carries the same name and version (a rebuild, a variant for other
+    // hosts): the agent checks it, not only an honest controller.
+    if last.manifest_sha256.as_deref() != Some(manifest_sha256) {
+        return refuse(
+            "the bundle is not the one whose run here did not succeed (another manifest of the same version, or a record without its digest): a retry runs the same bundle again"
+                .into(),
+        );
     }
     if attempts >= MAX_ATTEMPTS {
         return refuse(format!(
@@ -358,16 +369,21 @@ pub struct VersionRecord {
     /// The run the outcome belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<RunId>,
+    /// Hex SHA-256 of that run's manifest: a retry must be the same bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
 }
 
 impl VersionRecord {
-    fn started(version: u64, attempts: u32, run_id: Option<RunId>) -> Self {
+    fn started(version: u64, attempts: u32, run: Option<(RunId, String)>) -> Self {
+        let (run_id, manifest_sha256) = run.unzip();
         VersionRecord {
             version,
             time: jiff::Timestamp::now(),
             outcome: Some(VersionOutcome::Started),
             attempts: Some(attempts),
             run_id,
+            manifest_sha256,
         }
     }
 }
@@ -465,10 +481,11 @@ impl StateDir {
     }
 
     /// Record how run `run_id` of `version` of `name` ended, durably.
-    /// Only a record still `started` by that very run is changed (a newer
-    /// version started since, or another run's record, is left alone), so
-    /// this can never lower a version nor turn a success into anything
-    /// else. Returns whether it wrote.
+    /// Only that very run's record is changed (a newer version started
+    /// since, or another run's record, is left alone), and only from
+    /// `started`, or from a retryable outcome to one that is not, so this
+    /// can never lower a version, make a version retryable again nor turn
+    /// a success into anything else. Returns whether it wrote.
     pub fn record_outcome(
         &self,
         name: &BundleName,
@@ -492,10 +509,17 @@ impl StateDir {
         let Some(mut record) = self.version_record(name)? else {
             return Ok(false);
         };
-        if record.version != version
-            || record.run_id.as_ref() != Some(run_id)
-            || record.outcome != Some(VersionOutcome::Started)
-        {
+        // Only ever tighter: `started` becomes how the run ended, and a
+        // retryable outcome may still become a non-retryable one (a
+        // service request outside the policy, classified after the
+        // outcome was first recorded). Never the other way, and never a
+        // success changed.
+        let tighter = match record.outcome {
+            Some(VersionOutcome::Started) => true,
+            Some(now) => now.is_retryable() && !outcome.is_retryable(),
+            None => false,
+        };
+        if record.version != version || record.run_id.as_ref() != Some(run_id) || !tighter {
             return Ok(false);
         }
         record.outcome = Some(outcome);
@@ -518,7 +542,8 @@ impl StateDir {
     ) -> Result<(), RecordStartedError> {
         let _lock = self.lock()?;
         let last = self.version_record(name)?;
-        let attempt = may_start(name.as_str(), last.as_ref(), version, false)?;
+        // Not a retry: the digest is not looked at.
+        let attempt = may_start(name.as_str(), last.as_ref(), version, false, "")?;
         let body = serde_json::to_vec(&VersionRecord::started(version, attempt, None))
             .map_err(|e| corrupt(&self.root, e))?;
         write_durable(&self.root.join(VERSIONS_DIR), name.as_str(), &body)?;
@@ -569,11 +594,17 @@ impl StateDir {
         }
         let version = marker.bundle.version;
         let last = self.version_record(name)?;
-        let attempt = may_start(name.as_str(), last.as_ref(), version, retry)?;
+        let attempt = may_start(
+            name.as_str(),
+            last.as_ref(),
+            version,
+            retry,
+            &marker.manifest_sha256,
+        )?;
         let version_body = serde_json::to_vec(&VersionRecord::started(
             version,
             attempt,
-            Some(marker.run_id.clone()),
+            Some((marker.run_id.clone(), marker.manifest_sha256.clone())),
         ))
         .map_err(|e| corrupt(&self.root, e))?;
         let marker_body = serde_json::to_vec(marker).map_err(|e| corrupt(&self.root, e))?;

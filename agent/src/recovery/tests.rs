@@ -214,7 +214,10 @@ fn an_interrupted_run_leaves_its_version_retryable_and_a_logged_one_does_not() {
     let record = state.version_record(&name).unwrap().unwrap();
     assert_eq!(record.outcome, Some(VersionOutcome::Started));
     // Not retryable while its end is unknown.
-    assert!(crate::state::may_start("mail-fix", Some(&record), 3, true).is_err());
+    assert!(
+        crate::state::may_start("mail-fix", Some(&record), 3, true, &marker.manifest_sha256)
+            .is_err()
+    );
 
     recover_interrupted_runs(&state, &log).unwrap();
     let record = state.version_record(&name).unwrap().unwrap();
@@ -222,10 +225,14 @@ fn an_interrupted_run_leaves_its_version_retryable_and_a_logged_one_does_not() {
     assert_eq!(record.attempts, Some(1));
     // A retry order may run it again; a plain order may not.
     assert_eq!(
-        crate::state::may_start("mail-fix", Some(&record), 3, true).unwrap(),
+        crate::state::may_start("mail-fix", Some(&record), 3, true, &marker.manifest_sha256)
+            .unwrap(),
         2
     );
-    assert!(crate::state::may_start("mail-fix", Some(&record), 3, false).is_err());
+    assert!(
+        crate::state::may_start("mail-fix", Some(&record), 3, false, &marker.manifest_sha256)
+            .is_err()
+    );
 
     // A run whose result is in the log but whose outcome could not be
     // recorded stays `started`: never retried.
@@ -238,5 +245,8 @@ fn an_interrupted_run_leaves_its_version_retryable_and_a_logged_one_does_not() {
     recover_interrupted_runs(&state, &log).unwrap();
     let record = state.version_record(&name).unwrap().unwrap();
     assert_eq!(record.outcome, Some(VersionOutcome::Started));
-    assert!(crate::state::may_start("mail-fix", Some(&record), 3, true).is_err());
+    assert!(
+        crate::state::may_start("mail-fix", Some(&record), 3, true, &marker.manifest_sha256)
+            .is_err()
+    );
 }

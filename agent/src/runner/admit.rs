@@ -167,6 +167,7 @@ pub(super) fn admit(
         last.as_ref(),
         bundle.version,
         opts.retry,
+        &manifest_sha256,
     )
     .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     // Names in the network scope are resolved now, once: the kernel then

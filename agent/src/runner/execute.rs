@@ -98,6 +98,10 @@ fn release_and_wait(
         Err(e) => {
             report.status = RunStatus::Failed;
             report.reason = Some(format!("lost track of the run: {e}"));
+            // The bundle was released and its denials are not collected:
+            // unknown, never zero (and so never retried).
+            report.denials = None;
+            report.denial_count = None;
             return None;
         }
     };

@@ -193,6 +193,30 @@ fn finish(
     };
     // Before the service step: it may reload systemd.
     unit_alias::remove_new(&admission.scope, &mut report);
+    // How this version's run ended, durably, before the service actions
+    // (systemd jobs, which can take minutes) and before the result is
+    // logged: what a later retry order is decided on. Service actions run
+    // only after a success, which is final whatever they do; the one thing
+    // the service step can still change is a failed run's service
+    // requests outside the policy, which make it `denied` (recorded again
+    // below, tighter only). A crash before this leaves the record
+    // `started` (recovery makes it `interrupted`). A failure to write it
+    // leaves it `started`, not retried, unless the result cannot be logged
+    // either (a full or failing disk): then the marker stays and recovery
+    // makes the run `interrupted` (docs/fleet.md, "Retrying failed hosts").
+    let record_outcome = |report: &RunReport| {
+        let outcome = crate::state::VersionOutcome::of_report(report);
+        if let Err(e) = state.record_outcome(
+            &admission.manifest.bundle.name,
+            admission.bundle.version,
+            &run_id,
+            outcome,
+        ) {
+            tracing::error!(run_id = %run_id, "cannot record how the run ended (this version will not be retried here): {e}");
+        }
+        outcome
+    };
+    let recorded = record_outcome(&report);
     crate::services::after_run::after_run(
         &admission.manifest.services,
         policy.services(),
@@ -201,21 +225,10 @@ fn finish(
         crate::services::after_run::Perform::Yes,
         &mut report,
     );
-    report.duration_ms = started.elapsed().as_millis() as u64;
-
-    // How this version's run ended, durably, before the result is logged:
-    // what a later retry order is decided on. A crash before this leaves
-    // the record `started` (and recovery makes it `interrupted`); a failure
-    // to write it leaves it `started`, which is never retried.
-    let outcome = crate::state::VersionOutcome::of_report(&report);
-    if let Err(e) = state.record_outcome(
-        &admission.manifest.bundle.name,
-        admission.bundle.version,
-        &run_id,
-        outcome,
-    ) {
-        tracing::error!(run_id = %run_id, "cannot record how the run ended (this version will not be retried here): {e}");
+    if crate::state::VersionOutcome::of_report(&report) != recorded {
+        record_outcome(&report);
     }
+    report.duration_ms = started.elapsed().as_millis() as u64;
 
     // The scratch directory goes on another thread: removing it is not
     // state (see `StateDir::remove_run_dir`) and on a journaling file

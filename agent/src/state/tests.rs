@@ -448,6 +448,52 @@ fn a_version_that_succeeded_never_runs_again() {
 }
 
 #[test]
+fn a_retry_runs_only_the_same_bundle_again() {
+    let (_tmp, state) = fresh();
+    begin(&state, "1-run", false).unwrap();
+    end(&state, "1-run", VersionOutcome::Failed);
+    // Another manifest of the same name and version: refused, retry or not.
+    let mut other = marker("2-run", AgentProcess::current().unwrap());
+    other.manifest_sha256 = "ef".repeat(32);
+    let e = state
+        .begin_run(&name("postfix"), &other, true, |_, _| Ok::<(), &str>(()))
+        .unwrap_err();
+    assert!(not_retryable(e).why.contains("not the one"));
+    // A record without the digest (written by record_started): refused.
+    let mut record = state.version_record(&name("postfix")).unwrap().unwrap();
+    record.manifest_sha256 = None;
+    assert!(may_start("postfix", Some(&record), 7, true, &"ab".repeat(32)).is_err());
+    // The same bundle: accepted.
+    begin(&state, "3-run", true).unwrap();
+}
+
+#[test]
+fn an_outcome_only_ever_tightens() {
+    let (_tmp, state) = fresh();
+    begin(&state, "1-run", false).unwrap();
+    let run = RunId::parse("1-run").unwrap();
+    let postfix = name("postfix");
+    let outcome = |s: &StateDir| s.version_record(&postfix).unwrap().unwrap().outcome;
+    assert!(state
+        .record_outcome(&postfix, 7, &run, VersionOutcome::Failed)
+        .unwrap());
+    // Failed may still become denied (a service request outside the policy)...
+    assert!(state
+        .record_outcome(&postfix, 7, &run, VersionOutcome::Denied)
+        .unwrap());
+    assert_eq!(outcome(&state), Some(VersionOutcome::Denied));
+    // ... never retryable again, nor a success.
+    for o in [
+        VersionOutcome::Failed,
+        VersionOutcome::Succeeded,
+        VersionOutcome::Started,
+    ] {
+        assert!(!state.record_outcome(&postfix, 7, &run, o).unwrap());
+    }
+    assert_eq!(outcome(&state), Some(VersionOutcome::Denied));
+}
+
+#[test]
 fn a_failed_version_runs_again_only_for_a_retry_order() {
     let (_tmp, state) = fresh();
     begin(&state, "1-run", false).unwrap();
