@@ -1431,7 +1431,14 @@ impl Engine {
                 "no registered agent {name:?}"
             )));
         };
-        let serials: Vec<String> = agent.inventory.cert_serial.clone().into_iter().collect();
+        // The certificate it last connected with, and every one a serving
+        // controller issued to it (enrollment, renewal).
+        let mut serials: Vec<String> = agent.inventory.cert_serial.clone().into_iter().collect();
+        for s in self.store.issued_serials(name).await? {
+            if !serials.contains(&s) {
+                serials.push(s);
+            }
+        }
         // Revoked first: a removed agent whose certificate still worked
         // would simply register again at its next connect.
         if !serials.is_empty() {
