@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use http_body_util::{BodyExt, Limited};
 use hyper::Method;
 use rollguard_shared::protocol::{EnrollRequest, EnrollResponse};
-use rollguard_shared::tls_client::{self, ControllerUrls, Connector};
+use rollguard_shared::tls_client::{self, Connector, ControllerUrls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -368,8 +368,7 @@ pub fn finish_renewal(cert: &Path, key: &Path) -> Result<()> {
         if key_new.exists() {
             fs::rename(&key_new, key).with_context(|| format!("renaming {}", key_new.display()))?;
         }
-        fs::rename(&cert_new, cert)
-            .with_context(|| format!("renaming {}", cert_new.display()))?;
+        fs::rename(&cert_new, cert).with_context(|| format!("renaming {}", cert_new.display()))?;
         sync_dir(cert)?;
         if key.parent() != cert.parent() {
             sync_dir(key)?;

@@ -293,10 +293,12 @@ impl ControllerConfig {
             None => None,
             Some(e) => {
                 let lifetime = humantime::parse_duration(&e.cert_lifetime).map_err(|err| {
-                    invalid(format!("enrollment.cert_lifetime {:?}: {err}", e.cert_lifetime))
+                    invalid(format!(
+                        "enrollment.cert_lifetime {:?}: {err}",
+                        e.cert_lifetime
+                    ))
                 })?;
-                if lifetime < Duration::from_secs(10)
-                    || lifetime > Duration::from_secs(825 * 86400)
+                if lifetime < Duration::from_secs(10) || lifetime > Duration::from_secs(825 * 86400)
                 {
                     return Err(invalid(format!(
                         "enrollment.cert_lifetime {:?}: must be between 10s and 825d",

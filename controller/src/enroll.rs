@@ -81,9 +81,7 @@ impl EnrollError {
         match self {
             EnrollError::Token => StatusCode::FORBIDDEN,
             EnrollError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            EnrollError::Pki(PkiError::BadCsr(_) | PkiError::BadName(_)) => {
-                StatusCode::BAD_REQUEST
-            }
+            EnrollError::Pki(PkiError::BadCsr(_) | PkiError::BadName(_)) => StatusCode::BAD_REQUEST,
             EnrollError::Pki(_) | EnrollError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -216,12 +214,7 @@ impl Enroller {
 
 pub(crate) fn error_response(status: StatusCode, message: String) -> Response {
     let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 pub(crate) fn enroll_error_response(e: EnrollError) -> Response {
@@ -246,10 +239,7 @@ async fn post_enroll(State(e): State<Arc<Enroller>>, body: Bytes) -> Response {
     let req: EnrollRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(err) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!("invalid JSON body: {err}"),
-            )
+            return error_response(StatusCode::BAD_REQUEST, format!("invalid JSON body: {err}"))
         }
     };
     match e.enroll(&req).await {
@@ -325,17 +315,18 @@ impl EnrollListener {
                         }
                         Err(_) => return,
                     };
-                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let router = router.clone();
-                    async move {
-                        Ok::<_, Infallible>(
-                            router
-                                .oneshot(req.map(Body::new))
-                                .await
-                                .unwrap_or_else(|e| match e {}),
-                        )
-                    }
-                });
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let router = router.clone();
+                        async move {
+                            Ok::<_, Infallible>(
+                                router
+                                    .oneshot(req.map(Body::new))
+                                    .await
+                                    .unwrap_or_else(|e| match e {}),
+                            )
+                        }
+                    });
                 let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 builder

@@ -475,9 +475,8 @@ impl Csr {
         let params = rcgen::CertificateSigningRequestParams::from_der(&der.into())
             .map_err(|e| PkiError::BadCsr(format!("unparsable or badly signed ({e})")))?;
         use x509_parser::prelude::FromDer;
-        let (_, req) =
-            x509_parser::certification_request::X509CertificationRequest::from_der(der)
-                .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         let spki = req.certification_request_info.subject_pki.raw.to_vec();
         Ok(Csr { params, spki })
     }
@@ -808,7 +807,8 @@ mod tests {
     fn csr_for(key: &KeyPair, cn: &str, ou: &str) -> String {
         let mut p = CertificateParams::new(vec!["admin".to_string()]).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
-        p.distinguished_name.push(DnType::OrganizationalUnitName, ou);
+        p.distinguished_name
+            .push(DnType::OrganizationalUnitName, ou);
         p.serialize_request(key).unwrap().pem().unwrap()
     }
 
@@ -850,10 +850,7 @@ mod tests {
         let nb = cert.validity().not_before.timestamp() * 1000;
         assert!((before - 4_000..=before).contains(&nb), "{nb} {before}");
         // The serial derives from the key, as for centrally made keys.
-        assert_eq!(
-            issued.serial,
-            hex::encode(serial_for(&key).to_bytes())
-        );
+        assert_eq!(issued.serial, hex::encode(serial_for(&key).to_bytes()));
         assert!(matches!(
             signer.sign("../x", &csr, std::time::Duration::from_secs(30)),
             Err(PkiError::BadName(_))

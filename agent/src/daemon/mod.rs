@@ -554,7 +554,9 @@ impl Daemon {
                         // The old credentials were replaced only once the
                         // new ones were complete; if they cannot be loaded
                         // the connection fails and is retried like any.
-                        Err(e) => tracing::error!(error = %e, "cannot load the renewed certificate"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot load the renewed certificate")
+                        }
                     }
                 }
                 Ok(SessionEnd::Closed) => tracing::warn!("the controller closed the order stream"),
@@ -611,7 +613,10 @@ async fn renew_when_due(
                 return true;
             }
             Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "certificate renewal failed; retrying");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "certificate renewal failed; retrying"
+                );
                 tokio::time::sleep(backoff + jitter(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(300));
             }
@@ -626,8 +631,8 @@ async fn renew_once(
 ) -> anyhow::Result<()> {
     use rollguard_shared::protocol::{EnrollResponse, RenewRequest};
     let name = name.to_string();
-    let new_key = tokio::task::spawn_blocking(move || crate::enroll::NewKey::generate(&name))
-        .await??;
+    let new_key =
+        tokio::task::spawn_blocking(move || crate::enroll::NewKey::generate(&name)).await??;
     let body = serde_json::to_vec(&RenewRequest {
         csr: new_key.csr_pem.clone(),
     })?;

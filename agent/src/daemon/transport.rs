@@ -40,7 +40,10 @@ impl Transport {
     pub fn new(section: &ControllerSection) -> Result<Self, TransportError> {
         // A renewal a crash interrupted is finished before the files are read.
         if let Err(e) = crate::enroll::finish_renewal(&section.cert, &section.key) {
-            tracing::error!(error = format!("{e:#}"), "cannot finish an interrupted certificate renewal");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "cannot finish an interrupted certificate renewal"
+            );
         }
         let config = tls_client::client_config(&section.ca, &section.cert, &section.key)?;
         // HTTP/2 pings notice a dead peer (or replica) even when no order

@@ -576,12 +576,12 @@ impl Store for SqliteStore {
     }
 
     async fn issued_serials(&self, name: &str) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT serial FROM issued_certs WHERE name = ? ORDER BY serial",
+        Ok(
+            sqlx::query_scalar("SELECT serial FROM issued_certs WHERE name = ? ORDER BY serial")
+                .bind(name)
+                .fetch_all(&self.pool)
+                .await?,
         )
-        .bind(name)
-        .fetch_all(&self.pool)
-        .await?)
     }
 }
 
