@@ -1444,6 +1444,20 @@ impl Engine {
         if !serials.is_empty() {
             self.store.add_revocations(name, &serials).await?;
         }
+        // Again after revoking: a renewal that recorded its certificate
+        // meanwhile is caught here (or, if it records later, sees its
+        // caller revoked and revokes what it issued: `Enroller::renew`).
+        let late: Vec<String> = self
+            .store
+            .issued_serials(name)
+            .await?
+            .into_iter()
+            .filter(|s| !serials.contains(s))
+            .collect();
+        if !late.is_empty() {
+            self.store.add_revocations(name, &late).await?;
+            serials.extend(late);
+        }
         self.store
             .append_operator_log(
                 actor,

@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::Enrollment;
-use crate::pki::{valid_cert_name, AgentSigner, Csr, PkiError};
+use crate::pki::{valid_cert_name, AgentSigner, Csr, Issued, PkiError};
 use crate::store::{now_ms, Millis, Store, StoreError};
 
 /// What every token starts with (so one is recognisable in a paste).
@@ -70,6 +70,8 @@ pub enum EnrollError {
     Token,
     #[error("{0}")]
     BadRequest(String),
+    #[error("the calling certificate has been revoked")]
+    Revoked,
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
@@ -79,7 +81,7 @@ pub enum EnrollError {
 impl EnrollError {
     fn status(&self) -> StatusCode {
         match self {
-            EnrollError::Token => StatusCode::FORBIDDEN,
+            EnrollError::Token | EnrollError::Revoked => StatusCode::FORBIDDEN,
             EnrollError::BadRequest(_) => StatusCode::BAD_REQUEST,
             EnrollError::Pki(PkiError::BadCsr(_) | PkiError::BadName(_)) => StatusCode::BAD_REQUEST,
             EnrollError::Pki(_) | EnrollError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -174,10 +176,30 @@ impl Enroller {
     }
 
     /// `POST /v1/agent/renew` by the agent `name` (its verified, unrevoked
-    /// certificate's name).
-    pub async fn renew(&self, name: &str, csr_pem: &str) -> Result<EnrollResponse, EnrollError> {
+    /// certificate's name and serial).
+    ///
+    /// A removal racing the renewal must not let the new certificate
+    /// escape: the new serial is recorded first, then the caller's serial
+    /// is looked up among the revoked ones; `Engine::remove_agent` revokes,
+    /// then reads the recorded serials again. Whichever comes last sees the
+    /// other's write, so either the removal revokes the new certificate or
+    /// the renewal does.
+    pub async fn renew(
+        &self,
+        name: &str,
+        caller_serial: &str,
+        csr_pem: &str,
+    ) -> Result<EnrollResponse, EnrollError> {
         let csr = Csr::parse(csr_pem)?;
-        self.issue(name, &csr, &format!("agent:{name}"), "agent.renew")
+        let issued = self.sign_and_record(name, &csr).await?;
+        let revoked = self.store.revoked_serials().await?;
+        if revoked.iter().any(|s| s.eq_ignore_ascii_case(caller_serial)) {
+            self.store
+                .add_revocations(name, std::slice::from_ref(&issued.serial))
+                .await?;
+            return Err(EnrollError::Revoked);
+        }
+        self.log_issued(name, &issued, &format!("agent:{name}"), "agent.renew")
             .await
     }
 
@@ -188,11 +210,26 @@ impl Enroller {
         actor: &str,
         action: &str,
     ) -> Result<EnrollResponse, EnrollError> {
+        let issued = self.sign_and_record(name, csr).await?;
+        self.log_issued(name, &issued, actor, action).await
+    }
+
+    async fn sign_and_record(&self, name: &str, csr: &Csr) -> Result<Issued, EnrollError> {
         let issued = self.signer.sign(name, csr, self.lifetime)?;
         // Recorded before it leaves: whatever is issued can be revoked.
         self.store
             .record_issued_cert(&issued.serial, name, issued.not_after)
             .await?;
+        Ok(issued)
+    }
+
+    async fn log_issued(
+        &self,
+        name: &str,
+        issued: &Issued,
+        actor: &str,
+        action: &str,
+    ) -> Result<EnrollResponse, EnrollError> {
         self.store
             .append_operator_log(
                 actor,
@@ -206,7 +243,7 @@ impl Enroller {
             .await?;
         tracing::info!(agent = %name, serial = %issued.serial, %action, "agent certificate issued");
         Ok(EnrollResponse {
-            cert: issued.cert_pem,
+            cert: issued.cert_pem.clone(),
             ca: self.ca_pem.clone(),
         })
     }
@@ -349,6 +386,72 @@ impl EnrollListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The enrollment listener serves its two endpoints and nothing else
+    /// (no client certificate is asked for on it).
+    #[tokio::test]
+    async fn the_enrollment_listener_serves_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::pki::CaDir::new(dir.path());
+        crate::pki::init(&ca, &crate::pki::InitOptions::default()).unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("c.db"))
+                .await
+                .unwrap(),
+        );
+        let config = Enrollment {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            agents_ca_key: dir.path().join("ca/agents-ca.key"),
+            ca: dir.path().join("ca.crt"),
+            cert_lifetime: Duration::from_secs(3600),
+        };
+        let app = router(Arc::new(Enroller::load(&config, store.clone()).unwrap()));
+        let call = |method: &str, path: &str, body: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            app.clone().oneshot(req)
+        };
+        let resp = call("GET", "/v1/enroll/ca", "").await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        for (method, path) in [
+            ("GET", "/v1/agents"),
+            ("POST", "/v1/agent/connect"),
+            ("POST", "/v1/agent/renew"),
+            ("GET", "/metrics"),
+        ] {
+            let resp = call(method, path, "{}").await.unwrap();
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        }
+        // Unknown fields, garbage and oversized bodies are refused.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let (token, _) = create_token(store.as_ref(), "web-1", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let body = |extra: &str| {
+            serde_json::json!({ "token": token, "name": "web-1", "csr": csr })
+                .to_string()
+                .replacen('{', &format!("{{{extra}"), 1)
+        };
+        for bad in [body("\"surprise\":1,"), "garbage".into(), "x".repeat(40_000)] {
+            let resp = call("POST", "/v1/enroll", &bad).await.unwrap();
+            assert!(resp.status().is_client_error(), "{}", resp.status());
+        }
+        // None of that used the token up.
+        let resp = call("POST", "/v1/enroll", &body("")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let resp = call("POST", "/v1/enroll", &body("")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(store.issued_serials("web-1").await.unwrap().len(), 1);
+    }
 
     #[test]
     fn tokens_are_random_and_hashed() {

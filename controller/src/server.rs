@@ -381,7 +381,7 @@ async fn agent_renew(State(app): S, Extension(peer): P, body: Bytes) -> Response
         Err(e) => return e.into_response(),
     };
     // The new certificate's name is the caller's, never the request's.
-    match enroller.renew(&me.name, &req.csr).await {
+    match enroller.renew(&me.name, &me.serial, &req.csr).await {
         Ok(resp) => json(&resp),
         Err(e) => crate::enroll::enroll_error_response(e),
     }

@@ -6,6 +6,7 @@
 //! credentials and, its certificates being short-lived here, renews them
 //! by itself while staying connected. A token works once, for its host,
 //! until it expires; a wrong fingerprint is refused before the token is sent.
+//! Removing the agent revokes every certificate it was issued.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -204,4 +205,13 @@ fn a_host_enrolls_with_a_one_time_token_and_renews_by_itself() {
     let log = fs::read_to_string(ctl.join("controller.log")).unwrap();
     assert!(log.contains("agent.enroll"), "{log}");
     assert!(log.contains("agent.renew"), "{log}");
+
+    // ---- removal revokes every certificate enrollment and renewal issued ----
+    let removed = fleet.cli_json(&["agents", "remove", "web-1"]);
+    let revoked = removed["revoked_serials"].as_array().unwrap();
+    assert!(revoked.len() >= 2, "enrolled and renewed: {removed:#}");
+    // Its agent keeps trying with a revoked certificate (and cannot renew
+    // it): it stays out.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(entry(&fleet, "web-1").is_none());
 }
