@@ -129,8 +129,14 @@ pub struct Enroller {
 }
 
 impl Enroller {
-    pub fn load(config: &Enrollment, store: Arc<dyn Store>) -> Result<Self, PkiError> {
-        let signer = AgentSigner::load(&config.agents_ca_key)?;
+    /// Load the agents CA key, refusing one that does not match
+    /// `agents_ca` (the certificate the main listener trusts for agents).
+    pub fn load(
+        config: &Enrollment,
+        agents_ca: &std::path::Path,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, PkiError> {
+        let signer = AgentSigner::load_matching(&config.agents_ca_key, agents_ca)?;
         let ca_pem = std::fs::read_to_string(&config.ca).map_err(|error| PkiError::Io {
             path: config.ca.clone(),
             error,
@@ -193,7 +199,10 @@ impl Enroller {
         let csr = Csr::parse(csr_pem)?;
         let issued = self.sign_and_record(name, &csr).await?;
         let revoked = self.store.revoked_serials().await?;
-        if revoked.iter().any(|s| s.eq_ignore_ascii_case(caller_serial)) {
+        if revoked
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(caller_serial))
+        {
             self.store
                 .add_revocations(name, std::slice::from_ref(&issued.serial))
                 .await?;
@@ -405,7 +414,18 @@ mod tests {
             ca: dir.path().join("ca.crt"),
             cert_lifetime: Duration::from_secs(3600),
         };
-        let app = router(Arc::new(Enroller::load(&config, store.clone()).unwrap()));
+        // The operators CA's key is not the agents CA's.
+        let wrong = Enrollment {
+            agents_ca_key: dir.path().join("ca/operators-ca.key"),
+            ..config.clone()
+        };
+        assert!(matches!(
+            Enroller::load(&wrong, &ca.agents_ca_cert(), store.clone()),
+            Err(PkiError::KeyMismatch(..))
+        ));
+        let app = router(Arc::new(
+            Enroller::load(&config, &ca.agents_ca_cert(), store.clone()).unwrap(),
+        ));
         let call = |method: &str, path: &str, body: &str| {
             let req = Request::builder()
                 .method(method)
@@ -441,7 +461,11 @@ mod tests {
                 .to_string()
                 .replacen('{', &format!("{{{extra}"), 1)
         };
-        for bad in [body("\"surprise\":1,"), "garbage".into(), "x".repeat(40_000)] {
+        for bad in [
+            body("\"surprise\":1,"),
+            "garbage".into(),
+            "x".repeat(40_000),
+        ] {
             let resp = call("POST", "/v1/enroll", &bad).await.unwrap();
             assert!(resp.status().is_client_error(), "{}", resp.status());
         }

@@ -71,6 +71,8 @@ pub enum PkiError {
     UnknownHost(String, PathBuf),
     #[error("certificate signing request refused: {0}")]
     BadCsr(String),
+    #[error("{0} is not the key of the agents CA certificate {1}")]
+    KeyMismatch(PathBuf, PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -403,6 +405,26 @@ impl AgentSigner {
         Ok(AgentSigner {
             issuer: Issuer::load(agents_ca_key, AGENTS_CN, 0)?,
         })
+    }
+
+    /// [`AgentSigner::load`], refusing a key that is not the one of the
+    /// agents CA certificate the server trusts (`[tls] agents_ca`): what it
+    /// signed would never be accepted.
+    pub fn load_matching(agents_ca_key: &Path, agents_ca_cert: &Path) -> Result<Self, PkiError> {
+        let signer = Self::load(agents_ca_key)?;
+        let der = crate::tls::load_certs(agents_ca_cert)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .ok_or_else(|| PkiError::BadPem(agents_ca_cert.to_path_buf()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|_| PkiError::BadPem(agents_ca_cert.to_path_buf()))?;
+        if cert.public_key().raw != signer.issuer.key.public_key_der().as_slice() {
+            return Err(PkiError::KeyMismatch(
+                agents_ca_key.to_path_buf(),
+                agents_ca_cert.to_path_buf(),
+            ));
+        }
+        Ok(signer)
     }
 
     /// Sign an agent certificate for `name`, valid from just before now for

@@ -721,7 +721,11 @@ impl Server {
         let (enroller, enrollment) = match &config.enrollment {
             None => (None, None),
             Some(e) => {
-                let enroller = Arc::new(crate::enroll::Enroller::load(e, engine.store.clone())?);
+                let enroller = Arc::new(crate::enroll::Enroller::load(
+                    e,
+                    &config.agents_ca,
+                    engine.store.clone(),
+                )?);
                 let tls = crate::tls::server_auth_only_config(&config.cert, &config.key)?;
                 let listener = crate::enroll::EnrollListener::bind(e.listen, tls, enroller.clone())
                     .await
