@@ -43,6 +43,37 @@ pub enum AgentCommand {
     /// `--lift` (talks to the daemon over its local socket; works when the
     /// controller is unreachable).
     Kill(LocalKillArgs),
+    /// Get this host's certificate with a one-time token
+    /// (`rollguard-controller token create`): the key is generated here
+    /// and stays here; only a signing request is sent. The controller's CA
+    /// is believed only if its fingerprint is the one given.
+    Enroll(EnrollArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The controller's enrollment listener (`[enrollment] listen`), https://HOST:PORT.
+    #[arg(long)]
+    pub url: String,
+    /// The fleet CA's fingerprint, SHA256:HEX (printed by `rollguard-controller init`).
+    #[arg(long)]
+    pub ca_fingerprint: String,
+    /// The one-time token (or set ROLLGUARD_ENROLL_TOKEN, which keeps it
+    /// out of the process list).
+    #[arg(long, env = "ROLLGUARD_ENROLL_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// This host's name: the token must have been made for it.
+    #[arg(long)]
+    pub name: String,
+    /// Where to write agent.key, agent.crt and ca.crt.
+    #[arg(long, default_value = "/etc/rollguard")]
+    pub dir: PathBuf,
+    /// Replace an existing agent.key.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod enroll;
 pub mod kernel_audit;
 pub mod kill_switch;
 pub mod packages;

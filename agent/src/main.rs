@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         )
         .map(|()| ExitCode::SUCCESS),
         AgentCommand::Kill(args) => local_kill(args),
+        AgentCommand::Enroll(args) => enroll(args),
     };
     match result {
         Ok(code) => code,
@@ -312,6 +313,34 @@ fn run_log_verify(policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
             Ok(Exit::Failed.into())
         }
     }
+}
+
+/// `rollguard-agent enroll`: see `rollguard_agent::enroll`.
+fn enroll(args: rollguard_agent::cli::EnrollArgs) -> anyhow::Result<ExitCode> {
+    use rollguard_agent::enroll::{enroll, EnrollOptions};
+    let out = enroll(&EnrollOptions {
+        url: args.url,
+        ca_fingerprint: args.ca_fingerprint,
+        token: args.token,
+        name: args.name.clone(),
+        dir: args.dir,
+        force: args.force,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("enrolled {}: the key never left this host", args.name);
+        println!("  key:         {}", out.key.display());
+        println!("  certificate: {}", out.cert.display());
+        println!("  fleet CA:    {}", out.ca.display());
+        println!("the host policy's [controller] section (url: the controller's main address, not the enrollment one):");
+        println!("[controller]");
+        println!("url = \"https://CONTROLLER:8443\"");
+        println!("ca = {:?}", out.ca);
+        println!("cert = {:?}", out.cert);
+        println!("key = {:?}", out.key);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `rollguard-agent kill`: ask the running daemon over its local socket.

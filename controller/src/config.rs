@@ -39,6 +39,43 @@ struct RawController {
     alertmanager: Option<RawAlertmanager>,
     #[serde(default)]
     notify: Vec<RawNotify>,
+    /// Absent: no enrollment listener, no renewal (fail closed).
+    #[serde(default)]
+    enrollment: Option<RawEnrollment>,
+}
+
+/// `[enrollment]`: agents enroll with one-time tokens and renew.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnrollment {
+    listen: String,
+    agents_ca_key: PathBuf,
+    #[serde(default = "default_enroll_ca")]
+    ca: PathBuf,
+    #[serde(default = "default_cert_lifetime")]
+    cert_lifetime: String,
+}
+
+fn default_enroll_ca() -> PathBuf {
+    "ca.crt".into()
+}
+
+fn default_cert_lifetime() -> String {
+    "90d".into()
+}
+
+/// The parsed `[enrollment]` section.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    /// The server-auth-only listener serving `/v1/enroll*`.
+    pub listen: SocketAddr,
+    /// The agents' issuing CA key, to sign agents' signing requests.
+    pub agents_ca_key: PathBuf,
+    /// The fleet's root CA certificate, served at `/v1/enroll/ca` and
+    /// returned with every certificate.
+    pub ca: PathBuf,
+    /// Validity of the certificates signed for signing requests.
+    pub cert_lifetime: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -200,6 +237,8 @@ pub struct ControllerConfig {
     pub alertmanager: Option<AlertmanagerApi>,
     /// `[[notify]]` targets.
     pub notify: Vec<crate::notify::NotifyUrl>,
+    /// `[enrollment]`, if enabled.
+    pub enrollment: Option<Enrollment>,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -250,7 +289,34 @@ impl ControllerConfig {
                 })
             }
         };
+        let enrollment = match &raw.enrollment {
+            None => None,
+            Some(e) => {
+                let lifetime = humantime::parse_duration(&e.cert_lifetime).map_err(|err| {
+                    invalid(format!(
+                        "enrollment.cert_lifetime {:?}: {err}",
+                        e.cert_lifetime
+                    ))
+                })?;
+                if lifetime < Duration::from_secs(10) || lifetime > Duration::from_secs(825 * 86400)
+                {
+                    return Err(invalid(format!(
+                        "enrollment.cert_lifetime {:?}: must be between 10s and 825d",
+                        e.cert_lifetime
+                    )));
+                }
+                Some(Enrollment {
+                    listen: e.listen.parse().map_err(|_| {
+                        invalid(format!("enrollment.listen {:?} is not ip:port", e.listen))
+                    })?,
+                    agents_ca_key: resolve(base, &e.agents_ca_key),
+                    ca: resolve(base, &e.ca),
+                    cert_lifetime: lifetime,
+                })
+            }
+        };
         Ok(ControllerConfig {
+            enrollment,
             listen,
             cert: resolve(base, &raw.tls.cert),
             key: resolve(base, &raw.tls.key),
@@ -334,6 +400,21 @@ max_bundle_bytes = 268435456
 # rollout. One table per target; http:// or https:// (system trust store).
 # [[notify]]
 # url = "https://chat.example.com/hooks/rollguard-TOKEN"
+
+# Enrollment (optional): hosts generate their own key and get a certificate
+# with a one-time token (`rollguard-controller token create --host NAME`,
+# then `rollguard-agent enroll` on the host). With this section the
+# controller serves `/v1/enroll` on a second address, server-authenticated
+# TLS only (a host has no certificate yet), and signs agent certificates
+# with the agents CA key below, which must then be on this machine (with
+# replicas: on each replica serving enrollment). Without it, no such
+# listener exists and certificates come only from `rollguard-controller
+# enroll` (the key made centrally, e.g. for air-gapped hosts).
+# [enrollment]
+# listen = "0.0.0.0:8444"
+# agents_ca_key = "ca/agents-ca.key"
+# ca = "ca.crt"                  # the root CA, given to enrolling hosts
+# cert_lifetime = "90d"          # agents renew at two thirds of it
 "#
         )
     }
@@ -433,6 +514,40 @@ mod tests {
             "kind = \"oracle\"\nurl = \"postgres://db/x\"",
         ] {
             assert!(with(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn enrollment_section() {
+        let base = ControllerConfig::commented_template("127.0.0.1:9443");
+        let c = ControllerConfig::parse(&base, Path::new("/x/c.toml")).unwrap();
+        assert!(c.enrollment.is_none(), "absent: no enrollment listener");
+        // The template's commented section is what one uncomments.
+        let uncommented = base
+            .replace("# [enrollment]", "[enrollment]")
+            .replace("# listen = ", "listen = ")
+            .replace("# agents_ca_key = ", "agents_ca_key = ")
+            .replace("# ca = ", "ca = ")
+            .replace("# cert_lifetime = ", "cert_lifetime = ");
+        let c = ControllerConfig::parse(&uncommented, Path::new("/x/c.toml")).unwrap();
+        let e = c.enrollment.unwrap();
+        assert_eq!(e.listen.port(), 8444);
+        assert_eq!(e.agents_ca_key, PathBuf::from("/x/ca/agents-ca.key"));
+        assert_eq!(e.ca, PathBuf::from("/x/ca.crt"));
+        assert_eq!(e.cert_lifetime, Duration::from_secs(90 * 86400));
+        for bad in [
+            "listen = \"0.0.0.0:8444\"",
+            "agents_ca_key = \"k\"",
+            "listen = \"nowhere\"\nagents_ca_key = \"k\"",
+            "listen = \"0.0.0.0:8444\"\nagents_ca_key = \"k\"\ncert_lifetime = \"1s\"",
+            "listen = \"0.0.0.0:8444\"\nagents_ca_key = \"k\"\ncert_lifetime = \"9000d\"",
+            "listen = \"0.0.0.0:8444\"\nagents_ca_key = \"k\"\nsurprise = 1",
+        ] {
+            let text = format!("{base}\n[enrollment]\n{bad}\n");
+            assert!(
+                ControllerConfig::parse(&text, Path::new("/x/c.toml")).is_err(),
+                "{bad}"
+            );
         }
     }
 

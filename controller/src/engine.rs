@@ -1686,11 +1686,32 @@ impl Engine {
                 "no registered agent {name:?}"
             )));
         };
-        let serials: Vec<String> = agent.inventory.cert_serial.clone().into_iter().collect();
+        // The certificate it last connected with, and every one a serving
+        // controller issued to it (enrollment, renewal).
+        let mut serials: Vec<String> = agent.inventory.cert_serial.clone().into_iter().collect();
+        for s in self.store.issued_serials(name).await? {
+            if !serials.contains(&s) {
+                serials.push(s);
+            }
+        }
         // Revoked first: a removed agent whose certificate still worked
         // would simply register again at its next connect.
         if !serials.is_empty() {
             self.store.add_revocations(name, &serials).await?;
+        }
+        // Again after revoking: a renewal that recorded its certificate
+        // meanwhile is caught here (or, if it records later, sees its
+        // caller revoked and revokes what it issued: `Enroller::renew`).
+        let late: Vec<String> = self
+            .store
+            .issued_serials(name)
+            .await?
+            .into_iter()
+            .filter(|s| !serials.contains(s))
+            .collect();
+        if !late.is_empty() {
+            self.store.add_revocations(name, &late).await?;
+            serials.extend(late);
         }
         self.store
             .append_operator_log(

@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod enroll;
 pub mod http_out;
 pub mod hub;
 pub mod metrics;

@@ -69,6 +69,10 @@ pub enum PkiError {
     BadName(String),
     #[error("no certificate was issued to {0:?} (looked in {1})")]
     UnknownHost(String, PathBuf),
+    #[error("certificate signing request refused: {0}")]
+    BadCsr(String),
+    #[error("{0} is not the key of the agents CA certificate {1}")]
+    KeyMismatch(PathBuf, PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -201,7 +205,12 @@ const OPERATORS_CN: &str = "rollguard operators CA";
 /// Serial numbers derive from the subject key (unique per issued key) so
 /// that no random source is needed and a serial names one key.
 fn serial_for(key: &KeyPair) -> SerialNumber {
-    let digest = sha2::Sha256::digest(key.public_key_der());
+    serial_for_spki(&key.public_key_der())
+}
+
+/// [`serial_for`] of a public key given as its SubjectPublicKeyInfo DER.
+fn serial_for_spki(spki_der: &[u8]) -> SerialNumber {
+    let digest = sha2::Sha256::digest(spki_der);
     let mut bytes = digest[..16].to_vec();
     bytes[0] &= 0x7f; // positive INTEGER
     bytes[0] |= 0x01; // no leading zero byte to strip
@@ -341,13 +350,180 @@ pub fn init(ca: &CaDir, opts: &InitOptions) -> Result<(), PkiError> {
 
 const REVOKED_HEADER: &str = "# Revoked certificate serial numbers (hex), one per line, then the name.\n# Written by `rollguard-controller revoke`; read by the running controller.\n";
 
-fn valid_cert_name(name: &str) -> bool {
+/// Whether `name` may be a certificate's name (CN; an agent's SAN).
+pub fn valid_cert_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && !name.starts_with(['-', '.'])
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
+/// What the controller puts in a client certificate for `name` (everything
+/// but the key, the validity and the serial): the same for a key generated
+/// here ([`issue`]) and for one only the host holds ([`AgentSigner`]).
+fn client_params(agent: bool, ou: &str, name: &str) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, ORG);
+    dn.push(DnType::OrganizationalUnitName, ou);
+    dn.push(DnType::CommonName, name);
+    p.distinguished_name = dn;
+    if agent {
+        p.subject_alt_names = vec![SanType::DnsName(name.try_into()?)];
+    }
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+/// An agent certificate issued for a signing request.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    /// Lowercase hex, as [`Peer::serial`].
+    pub serial: String,
+    /// Unix milliseconds.
+    pub not_after: i64,
+}
+
+/// The agents' issuing CA, loaded by a serving controller from
+/// `[enrollment] agents_ca_key`, to sign agents' certificate signing
+/// requests (enrollment and renewal).
+pub struct AgentSigner {
+    issuer: Issuer,
+}
+
+/// Accepted certificate signing requests are at most this long (PEM).
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
+
+impl AgentSigner {
+    pub fn load(agents_ca_key: &Path) -> Result<Self, PkiError> {
+        Ok(AgentSigner {
+            issuer: Issuer::load(agents_ca_key, AGENTS_CN, 0)?,
+        })
+    }
+
+    /// [`AgentSigner::load`], refusing a key that is not the one of the
+    /// agents CA certificate the server trusts (`[tls] agents_ca`): what it
+    /// signed would never be accepted.
+    pub fn load_matching(agents_ca_key: &Path, agents_ca_cert: &Path) -> Result<Self, PkiError> {
+        let signer = Self::load(agents_ca_key)?;
+        let der = crate::tls::load_certs(agents_ca_cert)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .ok_or_else(|| PkiError::BadPem(agents_ca_cert.to_path_buf()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|_| PkiError::BadPem(agents_ca_cert.to_path_buf()))?;
+        if cert.public_key().raw != signer.issuer.key.public_key_der().as_slice() {
+            return Err(PkiError::KeyMismatch(
+                agents_ca_key.to_path_buf(),
+                agents_ca_cert.to_path_buf(),
+            ));
+        }
+        Ok(signer)
+    }
+
+    /// Sign an agent certificate for `name`, valid from just before now for
+    /// `lifetime`, for the public key of a verified request. Nothing else
+    /// of the request is used: its subject, names and extensions are
+    /// ignored, the certificate's are the controller's.
+    pub fn sign(
+        &self,
+        name: &str,
+        csr: &Csr,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued, PkiError> {
+        if !valid_cert_name(name) {
+            return Err(PkiError::BadName(name.to_string()));
+        }
+        let mut p = client_params(true, OU_AGENT, name)?;
+        let now = std::time::SystemTime::now();
+        let end = now + lifetime;
+        // A little before now for clocks slightly behind; a tenth of the
+        // lifetime at most, so that a short lifetime (tests) still renews
+        // at about two thirds of what was configured.
+        let back = (lifetime / 10).min(std::time::Duration::from_secs(60));
+        p.not_before = (now - back).into();
+        p.not_after = end.into();
+        let serial = serial_for_spki(&csr.spki);
+        p.serial_number = Some(serial.clone());
+        let cert = p.signed_by(&csr.params.public_key, &self.issuer.cert, &self.issuer.key)?;
+        let not_after = end
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| {
+                i64::try_from(d.as_secs())
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1000)
+            })
+            .unwrap_or(0);
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            serial: hex::encode(serial.to_bytes()),
+            not_after,
+        })
+    }
+}
+
+/// A certificate signing request whose self-signature verified: its sender
+/// holds the private key of [`Csr::spki`].
+pub struct Csr {
+    params: rcgen::CertificateSigningRequestParams,
+    /// The public key, SubjectPublicKeyInfo DER.
+    spki: Vec<u8>,
+}
+
+impl Csr {
+    /// Parse a PEM `CERTIFICATE REQUEST` and verify its signature.
+    pub fn parse(csr_pem: &str) -> Result<Self, PkiError> {
+        if csr_pem.len() > MAX_CSR_BYTES {
+            return Err(PkiError::BadCsr("too long".into()));
+        }
+        let der = csr_der(csr_pem)
+            .ok_or_else(|| PkiError::BadCsr("not a PEM CERTIFICATE REQUEST".into()))?;
+        Self::from_der(&der)
+    }
+
+    /// [`Csr::parse`] of DER.
+    pub fn from_der(der: &[u8]) -> Result<Self, PkiError> {
+        if der.len() > MAX_CSR_BYTES {
+            return Err(PkiError::BadCsr("too long".into()));
+        }
+        // rcgen verifies the request's signature (x509-parser's `verify`)
+        // before it returns anything.
+        let params = rcgen::CertificateSigningRequestParams::from_der(&der.into())
+            .map_err(|e| PkiError::BadCsr(format!("unparsable or badly signed ({e})")))?;
+        use x509_parser::prelude::FromDer;
+        let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let spki = req.certification_request_info.subject_pki.raw.to_vec();
+        Ok(Csr { params, spki })
+    }
+}
+
+/// The DER of a PEM `CERTIFICATE REQUEST`.
+fn csr_der(text: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(text.as_bytes())
+        .ok()
+        .map(|d| d.as_ref().to_vec())
+}
+
+/// The SHA-256 fingerprint of the first certificate of a PEM file, as
+/// `SHA256:` and lowercase hex (what `rollguard-agent enroll
+/// --ca-fingerprint` checks).
+pub fn fingerprint_of_pem(path: &Path) -> Result<String, PkiError> {
+    let der = crate::tls::load_certs(path)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .ok_or_else(|| PkiError::BadPem(path.to_path_buf()))?;
+    Ok(format!(
+        "SHA256:{}",
+        hex::encode(sha2::Sha256::digest(der.as_ref()))
+    ))
 }
 
 /// Issue a certificate for `name` in `role`; returns (cert PEM, key PEM) and
@@ -377,19 +553,7 @@ pub fn issue(ca: &CaDir, role: Role, name: &str) -> Result<(String, String), Pki
             825,
         ),
     };
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, ORG);
-    dn.push(DnType::OrganizationalUnitName, ou);
-    dn.push(DnType::CommonName, name);
-    p.distinguished_name = dn;
-    if role == Role::Agent {
-        p.subject_alt_names = vec![SanType::DnsName(name.try_into()?)];
-    }
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.use_authority_key_identifier_extension = true;
+    let mut p = client_params(role == Role::Agent, ou, name)?;
     leaf_validity(&mut p, eku_days);
     let key = KeyPair::generate()?;
     p.serial_number = Some(serial_for(&key));
@@ -660,5 +824,83 @@ mod tests {
             revoke(&ca, "nobody"),
             Err(PkiError::UnknownHost(..))
         ));
+    }
+
+    fn csr_for(key: &KeyPair, cn: &str, ou: &str) -> String {
+        let mut p = CertificateParams::new(vec!["admin".to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.distinguished_name
+            .push(DnType::OrganizationalUnitName, ou);
+        p.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn a_signing_request_gives_only_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CaDir::new(dir.path());
+        init(&ca, &InitOptions::default()).unwrap();
+        let issuers =
+            Issuers::from_pem_files(&ca.agents_ca_cert(), &ca.operators_ca_cert()).unwrap();
+        let signer = AgentSigner::load(&ca.agents_ca_key()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        // It asks to be an administrator named "admin": it gets an agent
+        // certificate for the name the controller chose.
+        let csr = Csr::parse(&csr_for(&key, "admin", OU_ADMIN)).unwrap();
+        let before = jiff::Timestamp::now().as_millisecond();
+        let issued = signer
+            .sign("web-1", &csr, std::time::Duration::from_secs(30))
+            .unwrap();
+        let der = der_of(&issued.cert_pem);
+        let peer = classify(&issuers, &der).unwrap();
+        assert_eq!((peer.role, peer.name.as_str()), (Role::Agent, "web-1"));
+        assert_eq!(peer.serial, issued.serial);
+        assert_eq!(peer.not_after, issued.not_after);
+        assert!((before + 29_000..=before + 32_000).contains(&issued.not_after));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(cert.public_key().raw, key.public_key_der().as_slice());
+        let sans: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(sans, vec!["DNSName(web-1)".to_string()]);
+        // Seconds-precise validity starting just before now.
+        let nb = cert.validity().not_before.timestamp() * 1000;
+        assert!((before - 4_000..=before).contains(&nb), "{nb} {before}");
+        // The serial derives from the key, as for centrally made keys.
+        assert_eq!(issued.serial, hex::encode(serial_for(&key).to_bytes()));
+        assert!(matches!(
+            signer.sign("../x", &csr, std::time::Duration::from_secs(30)),
+            Err(PkiError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn a_badly_signed_request_is_refused() {
+        use rustls::pki_types::pem::PemObject;
+        let key = KeyPair::generate().unwrap();
+        let pem = csr_for(&key, "web-1", OU_AGENT);
+        let der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        assert!(Csr::from_der(&der).is_ok());
+        // The last byte is the signature's.
+        let mut bad = der.clone();
+        *bad.last_mut().unwrap() ^= 0x01;
+        assert!(matches!(Csr::from_der(&bad), Err(PkiError::BadCsr(_))));
+        // A subject changed after signing.
+        let at = der
+            .windows(5)
+            .position(|w| w == b"web-1")
+            .expect("subject in the DER");
+        let mut bad = der.clone();
+        bad[at] = b'x';
+        assert!(matches!(Csr::from_der(&bad), Err(PkiError::BadCsr(_))));
+        assert!(matches!(Csr::parse("garbage"), Err(PkiError::BadCsr(_))));
     }
 }

@@ -145,6 +145,9 @@ pub struct App {
     pub revocations: Revocations,
     pub max_bundle_bytes: u64,
     pub inspect: BundleInspector,
+    /// `[enrollment]`: signs renewals (and the enrollment listener's
+    /// requests); `None`: renewal is refused.
+    pub enroller: Option<Arc<crate::enroll::Enroller>>,
 }
 
 /// The classification of the connection's client certificate.
@@ -360,6 +363,29 @@ async fn agent_kill_ack(State(app): S, Extension(peer): P, body: Bytes) -> ApiRe
     tracing::info!(agent = %me.name, generation = ack.generation, killed = ack.killed, "kill state acknowledged");
     app.engine.hub.record_kill_ack(&me.name, ack.generation);
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn agent_renew(State(app): S, Extension(peer): P, body: Bytes) -> Response {
+    let me = match require(&app, &peer, may::AGENT) {
+        Ok(me) => me,
+        Err(e) => return e.into_response(),
+    };
+    let Some(enroller) = app.enroller.clone() else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "certificate renewal is not enabled on this controller (no [enrollment] section)",
+        )
+        .into_response();
+    };
+    let req: rollguard_shared::protocol::RenewRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    // The new certificate's name is the caller's, never the request's.
+    match enroller.renew(&me.name, &me.serial, &req.csr).await {
+        Ok(resp) => json(&resp),
+        Err(e) => crate::enroll::enroll_error_response(e),
+    }
 }
 
 async fn get_bundle(
@@ -605,6 +631,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/agent/connect", post(agent_connect))
         .route("/v1/agent/reports", post(agent_report))
         .route("/v1/agent/kill-ack", post(agent_kill_ack))
+        .route("/v1/agent/renew", post(agent_renew))
         .route(
             "/v1/bundles/{sha}",
             get(get_bundle)
@@ -667,6 +694,8 @@ pub struct Server {
     issuers: Arc<Issuers>,
     router: Router,
     pub app: Arc<App>,
+    /// `[enrollment] listen`, bound.
+    enrollment: Option<crate::enroll::EnrollListener>,
 }
 
 impl Server {
@@ -706,11 +735,30 @@ impl Server {
             config.alertmanager.clone(),
             crate::notify::Notifier::spawn(&config.notify),
         );
+        let (enroller, enrollment) = match &config.enrollment {
+            None => (None, None),
+            Some(e) => {
+                let enroller = Arc::new(crate::enroll::Enroller::load(
+                    e,
+                    &config.agents_ca,
+                    engine.store.clone(),
+                )?);
+                let tls = crate::tls::server_auth_only_config(&config.cert, &config.key)?;
+                let listener = crate::enroll::EnrollListener::bind(e.listen, tls, enroller.clone())
+                    .await
+                    .map_err(|source| ServeError::Listen {
+                        addr: e.listen,
+                        error: source,
+                    })?;
+                (Some(enroller), Some(listener))
+            }
+        };
         let app = Arc::new(App {
             engine,
             revocations,
             max_bundle_bytes: config.max_bundle_bytes,
             inspect,
+            enroller,
         });
         let listener =
             TcpListener::bind(config.listen)
@@ -725,6 +773,7 @@ impl Server {
             issuers,
             router: router(app.clone()),
             app,
+            enrollment,
         })
     }
 
@@ -753,6 +802,9 @@ impl Server {
                     .await;
             }
         });
+        if let Some(enrollment) = self.enrollment {
+            tokio::spawn(enrollment.run());
+        }
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "controller listening");
         loop {
             let (tcp, addr) = match self.listener.accept().await {

@@ -118,6 +118,31 @@ pub enum ControllerCommand {
     /// alias so existing scripts still work.)
     #[command(subcommand, alias = "audit")]
     Log(OperatorLogCommand),
+    /// One-time enrollment tokens: a host with one generates its own key
+    /// and gets its certificate from the enrollment listener
+    /// (`rollguard-agent enroll`).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for host NAME, usable once before it expires; it is
+    /// printed once and only its hash is stored (in the configuration's
+    /// database, which every replica shares).
+    Create {
+        #[arg(long, env = "ROLLGUARD_CONTROLLER_CONFIG")]
+        config: PathBuf,
+        /// The host's name: its certificate's name.
+        #[arg(long)]
+        host: String,
+        /// How long the token may be used (at most 30d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +183,7 @@ pub fn run(cli: ControllerCli) -> Result<()> {
                 },
             )?;
             let root_key = dir.join("ca/root.key");
+            let fingerprint = pki::fingerprint_of_pem(&dir.join("ca.crt"))?;
             if json {
                 println!(
                     "{}",
@@ -168,6 +194,7 @@ pub fn run(cli: ControllerCli) -> Result<()> {
                         "operator_key": ca.operator_key(),
                         "config": ca.config(),
                         "root_key": root_key,
+                        "ca_fingerprint": fingerprint,
                     })
                 );
             } else {
@@ -182,6 +209,7 @@ pub fn run(cli: ControllerCli) -> Result<()> {
                     ca.operator_key().display()
                 );
                 println!("  server configuration:      {}", ca.config().display());
+                println!("  CA fingerprint (for `rollguard-agent enroll --ca-fingerprint`): {fingerprint}");
                 println!(
                     "keep {} offline once the issuing CAs exist",
                     root_key.display()
@@ -221,15 +249,33 @@ pub fn run(cli: ControllerCli) -> Result<()> {
             json,
             name,
         } => {
-            let serials = pki::revoke(&CaDir::new(&dir), &name)?;
+            // Certificates issued from the CA directory, and (with
+            // --config) those a serving controller issued for signing
+            // requests, which only its database records.
+            let mut serials = match pki::revoke(&CaDir::new(&dir), &name) {
+                Ok(s) => s,
+                Err(pki::PkiError::UnknownHost(..)) if config.is_some() => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
             if let Some(config) = config {
                 let config = ControllerConfig::load(&config)?;
-                let serials = serials.clone();
-                let name = name.clone();
-                runtime()?.block_on(async move {
+                let local = serials.clone();
+                let name2 = name.clone();
+                let issued = runtime()?.block_on(async move {
                     let store = crate::store::open(&config.storage).await?.store;
-                    anyhow::Ok(store.add_revocations(&name, &serials).await?)
+                    let mut all = local;
+                    for s in store.issued_serials(&name2).await? {
+                        if !all.contains(&s) {
+                            all.push(s);
+                        }
+                    }
+                    if all.is_empty() {
+                        anyhow::bail!("no certificate was issued to {name2:?}");
+                    }
+                    store.add_revocations(&name2, &all).await?;
+                    anyhow::Ok(all)
                 })?;
+                serials = issued;
             }
             if json {
                 println!(
@@ -256,6 +302,29 @@ pub fn run(cli: ControllerCli) -> Result<()> {
                 server.run().await?;
                 anyhow::Ok(())
             })?;
+        }
+        ControllerCommand::Token(TokenCommand::Create {
+            config,
+            host,
+            ttl,
+            json,
+        }) => {
+            let config = ControllerConfig::load(&config)?;
+            let host2 = host.clone();
+            let (token, expires) = runtime()?.block_on(async move {
+                let store = crate::store::open(&config.storage).await?.store;
+                anyhow::Ok(crate::enroll::create_token(store.as_ref(), &host2, ttl).await?)
+            })?;
+            let expires = crate::store::rfc3339(expires);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "host": host, "token": token, "expires_at": expires })
+                );
+            } else {
+                println!("{token}");
+                eprintln!("one-time enrollment token for {host}, valid until {expires}");
+            }
         }
         ControllerCommand::Log(OperatorLogCommand::Verify { config, json }) => {
             let config = ControllerConfig::load(&config)?;

@@ -38,3 +38,18 @@ pub fn server_config(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// The enrollment listener's side: the same server certificate, and no
+/// client certificate asked for (a host enrolling has none yet). Serves
+/// only `/v1/enroll*` (`crate::enroll`).
+pub fn server_auth_only_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, ServerTlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

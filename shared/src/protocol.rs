@@ -572,6 +572,40 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// Largest body of the enrollment listener's requests.
+pub const MAX_ENROLL_BODY: usize = 32 * 1024;
+
+/// `POST /v1/enroll` (the enrollment listener, no client certificate): a
+/// one-time token, the host's name and a PEM certificate signing request for
+/// a key the host generated. The certificate's name is the token's host
+/// (which must be `name`), never the request's subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// The host name the enrolling host expects; a token made for another
+    /// host is refused (and not used up).
+    pub name: String,
+    pub csr: String,
+}
+
+/// `POST /v1/agent/renew` (the main listener, the agent's certificate): a
+/// signing request for a new key; the new certificate has the caller's
+/// certificate's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub csr: String,
+}
+
+/// The answer to both: the agent's certificate and the fleet's root CA, PEM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollResponse {
+    pub cert: String,
+    pub ca: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

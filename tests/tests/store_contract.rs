@@ -486,6 +486,53 @@ async fn a_retry_rollout_owes_retry_orders(storage: Storage) {
     assert_eq!(b[0].rollout_id, retry_id);
 }
 
+/// An enrollment token is used once, only before it expires, only for its
+/// host; issued certificates are found by name.
+async fn enrollment_tokens_are_used_once(storage: Storage) {
+    let store = open(&storage).await;
+    let now = store::now_ms();
+    store
+        .create_enrollment_token("h1", "web-1", now, now + 60_000)
+        .await
+        .unwrap();
+    store
+        .create_enrollment_token("h2", "web-2", now - 120_000, now - 60_000)
+        .await
+        .unwrap();
+    // Another host's name, an unknown hash: refused, and not used up.
+    assert!(!store
+        .consume_enrollment_token("h1", "web-2", now)
+        .await
+        .unwrap());
+    assert!(!store
+        .consume_enrollment_token("nope", "web-1", now)
+        .await
+        .unwrap());
+    assert!(store
+        .consume_enrollment_token("h1", "web-1", now)
+        .await
+        .unwrap());
+    assert!(!store
+        .consume_enrollment_token("h1", "web-1", now)
+        .await
+        .unwrap());
+    // Expired.
+    assert!(!store
+        .consume_enrollment_token("h2", "web-2", now)
+        .await
+        .unwrap());
+
+    store.record_issued_cert("0a", "web-1", now).await.unwrap();
+    store.record_issued_cert("0b", "web-1", now).await.unwrap();
+    store.record_issued_cert("0a", "web-1", now).await.unwrap();
+    store.record_issued_cert("0c", "web-2", now).await.unwrap();
+    assert_eq!(
+        store.issued_serials("web-1").await.unwrap(),
+        vec!["0a".to_string(), "0b".to_string()]
+    );
+    assert!(store.issued_serials("web-3").await.unwrap().is_empty());
+}
+
 /// Every check, each on a fresh database named after it.
 async fn contract(fresh: impl Fn(&str) -> Storage) {
     agents_are_upserted_and_listed_by_name(fresh("agents")).await;
@@ -498,6 +545,7 @@ async fn contract(fresh: impl Fn(&str) -> Storage) {
     kill_state_is_durable_and_versioned(fresh("kills")).await;
     operator_log_is_hash_chained(fresh("oplog")).await;
     a_retry_rollout_owes_retry_orders(fresh("retry")).await;
+    enrollment_tokens_are_used_once(fresh("tokens")).await;
 }
 
 #[test]

@@ -360,8 +360,9 @@ impl Daemon {
     }
 
     /// One connection's life: register, then follow the order stream until
-    /// it ends or fails.
-    async fn session(self: &Arc<Self>, transport: &Transport) -> anyhow::Result<()> {
+    /// it ends or fails, or until the certificate was renewed (then the
+    /// next connection presents the new one).
+    async fn session(self: &Arc<Self>, transport: &Transport) -> anyhow::Result<SessionEnd> {
         let session = transport.connect().await?;
         let register = Register {
             name: self.identity.name.clone(),
@@ -416,13 +417,31 @@ impl Daemon {
         }
         let _outbox = AbortOnDrop(outbox);
 
+        // Renew the certificate at two thirds of its lifetime.
+        let renewed = Arc::new(Notify::new());
+        let _renewal = AbortOnDrop({
+            let s = session.clone();
+            let section = transport.section().clone();
+            let name = self.identity.name.clone();
+            let done = renewed.clone();
+            tokio::spawn(async move {
+                if renew_when_due(&s, &section, &name).await {
+                    done.notify_one();
+                }
+            })
+        });
+
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
         let idle = Duration::from_secs(PING_INTERVAL_SECS * 3);
         loop {
-            let frame = match tokio::time::timeout(idle, body.frame()).await {
+            let frame = tokio::select! {
+                frame = tokio::time::timeout(idle, body.frame()) => frame,
+                () = renewed.notified() => return Ok(SessionEnd::Renewed),
+            };
+            let frame = match frame {
                 Err(_) => anyhow::bail!("no word from the controller for {}s", idle.as_secs()),
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(SessionEnd::Closed),
                 Ok(Some(Err(e))) => return Err(e.into()),
                 Ok(Some(Ok(frame))) => frame,
             };
@@ -522,12 +541,28 @@ impl Daemon {
     }
 
     /// Connect, follow orders, reconnect with backoff; forever.
-    pub async fn run_forever(self: Arc<Self>, transport: Transport) {
+    pub async fn run_forever(self: Arc<Self>, mut transport: Transport) {
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = std::time::Instant::now();
             match self.session(&transport).await {
-                Ok(()) => tracing::warn!("the controller closed the order stream"),
+                Ok(SessionEnd::Renewed) => {
+                    match Transport::new(transport.section()) {
+                        Ok(t) => {
+                            tracing::info!("certificate renewed; reconnecting with it");
+                            transport = t;
+                            backoff = Duration::from_secs(1);
+                            continue;
+                        }
+                        // The old credentials were replaced only once the
+                        // new ones were complete; if they cannot be loaded
+                        // the connection fails and is retried like any.
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot load the renewed certificate")
+                        }
+                    }
+                }
+                Ok(SessionEnd::Closed) => tracing::warn!("the controller closed the order stream"),
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "controller connection failed"),
             }
             if started.elapsed() > Duration::from_secs(60) {
@@ -537,6 +572,84 @@ impl Daemon {
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
+}
+
+/// Why a session ended without an error.
+enum SessionEnd {
+    /// The controller closed the order stream.
+    Closed,
+    /// The certificate was renewed: reconnect with the new one.
+    Renewed,
+}
+
+/// Wait until the certificate is due for renewal (two thirds of its
+/// lifetime), then renew it on `session` (`POST /v1/agent/renew`): a key
+/// generated here, the certificate put in place crash-safely. Retried with
+/// backoff; true once renewed, false if the certificate cannot be read
+/// (nothing to renew from).
+async fn renew_when_due(
+    session: &ControllerSession,
+    section: &ControllerSection,
+    name: &str,
+) -> bool {
+    use crate::enroll;
+    let validity = std::fs::read_to_string(&section.cert)
+        .map_err(anyhow::Error::from)
+        .and_then(|pem| enroll::validity(&pem));
+    let (not_before, not_after) = match validity {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(cert = %section.cert.display(), error = format!("{e:#}"), "cannot read the certificate's validity; it will not be renewed");
+            return false;
+        }
+    };
+    let due = enroll::renewal_due(not_before, not_after);
+    if let Ok(wait) = due.duration_since(std::time::SystemTime::now()) {
+        tracing::debug!(in_secs = wait.as_secs(), "certificate renewal scheduled");
+        tokio::time::sleep(wait).await;
+    }
+    let mut backoff = Duration::from_secs(5);
+    loop {
+        match renew_once(session, section, name).await {
+            Ok(()) => {
+                tracing::info!(cert = %section.cert.display(), "certificate renewed");
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "certificate renewal failed; retrying"
+                );
+                tokio::time::sleep(backoff + jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+            }
+        }
+    }
+}
+
+async fn renew_once(
+    session: &ControllerSession,
+    section: &ControllerSection,
+    name: &str,
+) -> anyhow::Result<()> {
+    use rollguard_shared::protocol::{EnrollResponse, RenewRequest};
+    let name = name.to_string();
+    let new_key =
+        tokio::task::spawn_blocking(move || crate::enroll::NewKey::generate(&name)).await??;
+    let body = serde_json::to_vec(&RenewRequest {
+        csr: new_key.csr_pem.clone(),
+    })?;
+    let answer = session
+        .call(Method::POST, "/v1/agent/renew", Some(body), 64 * 1024)
+        .await?;
+    let answer: EnrollResponse = serde_json::from_slice(&answer).context("the renewal answer")?;
+    new_key.check_cert(&answer.cert)?;
+    let (cert, key) = (section.cert.clone(), section.key.clone());
+    tokio::task::spawn_blocking(move || {
+        crate::enroll::install_renewed(&cert, &key, &new_key.key_pem, &answer.cert)
+    })
+    .await??;
+    Ok(())
 }
 
 /// Up to a quarter of `d`, from the clock's nanoseconds: spreads a fleet's

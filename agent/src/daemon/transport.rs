@@ -33,10 +33,18 @@ pub enum TransportError {
 /// What is needed to open sessions; built once from the policy.
 pub struct Transport {
     connector: Connector,
+    section: ControllerSection,
 }
 
 impl Transport {
     pub fn new(section: &ControllerSection) -> Result<Self, TransportError> {
+        // A renewal a crash interrupted is finished before the files are read.
+        if let Err(e) = crate::enroll::finish_renewal(&section.cert, &section.key) {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "cannot finish an interrupted certificate renewal"
+            );
+        }
         let config = tls_client::client_config(&section.ca, &section.cert, &section.key)?;
         // HTTP/2 pings notice a dead peer (or replica) even when no order
         // is due; the next session then starts with the next replica.
@@ -44,7 +52,16 @@ impl Transport {
             interval: Duration::from_secs(30),
             timeout: Duration::from_secs(20),
         });
-        Ok(Transport { connector })
+        Ok(Transport {
+            connector,
+            section: section.clone(),
+        })
+    }
+
+    /// The `[controller]` section it was made from (where the certificate
+    /// and key are, for renewal).
+    pub fn section(&self) -> &ControllerSection {
+        &self.section
     }
 
     /// Open a session: one TLS connection carrying HTTP/2.

@@ -299,6 +299,25 @@ pub trait Store: Send + Sync + 'static {
     async fn add_revocations(&self, name: &str, serials: &[String]) -> Result<()>;
     /// Every revoked serial recorded in the database.
     async fn revoked_serials(&self) -> Result<Vec<String>>;
+
+    /// Record a one-time enrollment token for `host` by its hash
+    /// ([`crate::enroll::token_hash`]); the token itself is never stored.
+    async fn create_enrollment_token(
+        &self,
+        hash: &str,
+        host: &str,
+        created_at: Millis,
+        expires_at: Millis,
+    ) -> Result<()>;
+    /// Use the token with this hash made for `host`: one conditional
+    /// update, so it succeeds once, and only before it expires. False if
+    /// unknown, used, expired or for another host (deliberately not told
+    /// apart).
+    async fn consume_enrollment_token(&self, hash: &str, host: &str, now: Millis) -> Result<bool>;
+    /// Record a certificate issued to agent `name` (serial lowercase hex).
+    async fn record_issued_cert(&self, serial: &str, name: &str, not_after: Millis) -> Result<()>;
+    /// The serials of every certificate recorded as issued to `name`.
+    async fn issued_serials(&self, name: &str) -> Result<Vec<String>>;
 }
 
 /// The hash of an operator log entry: SHA-256 over the previous hash and the

@@ -527,4 +527,60 @@ impl Store for PostgresStore {
                 .await?,
         )
     }
+
+    async fn create_enrollment_token(
+        &self,
+        hash: &str,
+        host: &str,
+        created_at: Millis,
+        expires_at: Millis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (hash, host, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(hash)
+        .bind(host)
+        .bind(created_at)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn consume_enrollment_token(&self, hash: &str, host: &str, now: Millis) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE enrollment_tokens SET used_at = $1 \
+             WHERE hash = $2 AND host = $3 AND used_at IS NULL AND expires_at > $4",
+        )
+        .bind(now)
+        .bind(hash)
+        .bind(host)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_issued_cert(&self, serial: &str, name: &str, not_after: Millis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO issued_certs (serial, name, not_after, issued_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(serial)
+        .bind(name)
+        .bind(not_after)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn issued_serials(&self, name: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT serial FROM issued_certs WHERE name = $1 ORDER BY serial COLLATE \"C\"",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?)
+    }
 }

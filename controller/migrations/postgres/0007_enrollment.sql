@@ -1,0 +1,22 @@
+-- One-time enrollment tokens (`rollguard-controller token create`): only
+-- the SHA-256 of each token is kept. A token is used by one conditional
+-- UPDATE (used_at NULL and not expired), so two replicas cannot both
+-- accept it.
+CREATE TABLE enrollment_tokens (
+    hash TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_at BIGINT
+);
+
+-- Agent certificates a serving controller issued (enrollment): their
+-- serials, so `agents remove` and `revoke --config` can revoke them by name
+-- (the CA directory's issued/ is not where a serving controller writes).
+CREATE TABLE issued_certs (
+    serial TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    not_after BIGINT NOT NULL,
+    issued_at BIGINT NOT NULL
+);
+CREATE INDEX issued_certs_name ON issued_certs (name);
