@@ -58,9 +58,21 @@ fn first_cert(pem: &str) -> Option<CertificateDer<'static>> {
         .and_then(|c| c.ok())
 }
 
-/// Check that `ca_pem`'s first certificate has the expected fingerprint.
-pub fn check_ca(ca_pem: &str, expected: &[u8; 32]) -> Result<()> {
-    let der = first_cert(ca_pem).context("the controller's CA answer is not a PEM certificate")?;
+/// The CA certificate of the controller's answer, checked: the answer must
+/// hold exactly one certificate (nothing else may ride along into the
+/// trust store) and its SHA-256 must be `expected`. Returns it as DER.
+pub fn checked_ca(ca_pem: &str, expected: &[u8; 32]) -> Result<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut certs = CertificateDer::pem_slice_iter(ca_pem.as_bytes());
+    let der = match (certs.next(), certs.next()) {
+        (Some(Ok(der)), None) => der,
+        (None, _) => bail!("the controller's CA answer is not a PEM certificate"),
+        (Some(Err(e)), _) => bail!("the controller's CA answer is not a PEM certificate: {e}"),
+        (Some(Ok(_)), Some(_)) => bail!(
+            "the controller's CA answer holds more than one certificate: refusing to enroll \
+             (only the one certificate the fingerprint names may be trusted)"
+        ),
+    };
     let got: [u8; 32] = sha2::Sha256::digest(der.as_ref()).into();
     if &got != expected {
         bail!(
@@ -70,7 +82,15 @@ pub fn check_ca(ca_pem: &str, expected: &[u8; 32]) -> Result<()> {
             hex::encode(expected)
         );
     }
-    Ok(())
+    Ok(der)
+}
+
+/// A certificate as PEM text.
+fn pem_of(der: &CertificateDer<'_>) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.as_ref().to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// The server verifier of the one request made before the CA is known:
@@ -136,9 +156,9 @@ fn fetch_only_config() -> Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(config))
 }
 
-fn trusting_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>> {
+fn trusting_config(ca: &CertificateDer<'static>) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(first_cert(ca_pem).context("CA certificate")?)?;
+    roots.add(ca.clone())?;
     let mut config = rustls::ClientConfig::builder_with_provider(tls_client::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
@@ -266,13 +286,13 @@ pub fn enroll(opts: &EnrollOptions) -> Result<Enrolled> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let (ca_pem, answer) = runtime.block_on(async {
+    let (ca_der, answer) = runtime.block_on(async {
         let fetch = Connector::new(urls.clone(), fetch_only_config()?);
         let ca = call(&fetch, Method::GET, "/v1/enroll/ca", None)
             .await
             .context("fetching the controller's CA")?;
         let ca = String::from_utf8(ca).context("the CA answer is not text")?;
-        check_ca(&ca, &expected)?;
+        let ca = checked_ca(&ca, &expected)?;
         let trusted = Connector::new(urls, trusting_config(&ca)?);
         let body = serde_json::to_vec(&EnrollRequest {
             token: opts.token.trim().to_string(),
@@ -291,8 +311,9 @@ pub fn enroll(opts: &EnrollOptions) -> Result<Enrolled> {
     // without a certificate harmless.
     write_durably(&out.key, new_key.key_pem.as_bytes(), 0o600, !opts.force)?;
     write_durably(&out.cert, answer.cert.as_bytes(), 0o644, false)?;
-    // The CA whose fingerprint was checked (not the answer's copy).
-    write_durably(&out.ca, ca_pem.as_bytes(), 0o644, false)?;
+    // The one certificate whose fingerprint was checked, encoded here (not
+    // the answer's text).
+    write_durably(&out.ca, pem_of(&ca_der).as_bytes(), 0o644, false)?;
     Ok(out)
 }
 
@@ -363,16 +384,27 @@ pub fn renewal_due(not_before: SystemTime, not_after: SystemTime) -> SystemTime 
 /// `CERT.new` exists both new files were complete and the renames are
 /// finished here; a lone `KEY.new` is an unfinished renewal, dropped.
 pub fn finish_renewal(cert: &Path, key: &Path) -> Result<()> {
+    let _one = RENEWAL_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    finish_renewal_locked(cert, key)
+}
+
+/// Held by whoever touches the `.new` files: one install at a time (two
+/// would share their names; a renewal task aborted with its session
+/// leaves its install running), and no reload finishing or dropping them
+/// while an install writes them.
+static RENEWAL_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn finish_renewal_locked(cert: &Path, key: &Path) -> Result<()> {
     let (cert_new, key_new) = (tmp_path(cert, "new"), tmp_path(key, "new"));
     if cert_new.exists() {
         if key_new.exists() {
             fs::rename(&key_new, key).with_context(|| format!("renaming {}", key_new.display()))?;
+            // The key's rename on disk before the certificate's: a power
+            // loss must never keep a new certificate with the old key.
+            sync_dir(key)?;
         }
         fs::rename(&cert_new, cert).with_context(|| format!("renaming {}", cert_new.display()))?;
         sync_dir(cert)?;
-        if key.parent() != cert.parent() {
-            sync_dir(key)?;
-        }
         tracing::info!(cert = %cert.display(), "finished an interrupted certificate renewal");
     } else if key_new.exists() {
         fs::remove_file(&key_new).with_context(|| format!("removing {}", key_new.display()))?;
@@ -384,10 +416,11 @@ pub fn finish_renewal(cert: &Path, key: &Path) -> Result<()> {
 /// [`finish_renewal`]); the working ones stay until the new ones are
 /// complete on disk.
 pub fn install_renewed(cert: &Path, key: &Path, key_pem: &str, cert_pem: &str) -> Result<()> {
+    let _one = RENEWAL_FILES.lock().unwrap_or_else(|e| e.into_inner());
     let (cert_new, key_new) = (tmp_path(cert, "new"), tmp_path(key, "new"));
     write_durably(&key_new, key_pem.as_bytes(), 0o600, false)?;
     write_durably(&cert_new, cert_pem.as_bytes(), 0o644, false)?;
-    finish_renewal(cert, key)
+    finish_renewal_locked(cert, key)
 }
 
 #[cfg(test)]
@@ -422,12 +455,29 @@ mod tests {
             .unwrap();
         let pem = ca.pem();
         let right: [u8; 32] = sha2::Sha256::digest(ca.der().as_ref()).into();
-        check_ca(&pem, &right).unwrap();
+        let der = checked_ca(&pem, &right).unwrap();
+        assert_eq!(der.as_ref(), ca.der().as_ref());
+        // What is written back is that one certificate, re-encoded.
+        assert_eq!(
+            checked_ca(&pem_of(&der), &right).unwrap().as_ref(),
+            der.as_ref()
+        );
         let mut wrong = right;
         wrong[0] ^= 1;
-        let e = check_ca(&pem, &wrong).unwrap_err().to_string();
+        let e = checked_ca(&pem, &wrong).unwrap_err().to_string();
         assert!(e.contains("refusing to enroll"), "{e}");
-        assert!(check_ca("not a certificate", &right).is_err());
+        assert!(checked_ca("not a certificate", &right).is_err());
+        // The right CA followed by another: refused, nothing may ride along
+        // into the trust store.
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&other_key)
+            .unwrap();
+        let e = checked_ca(&format!("{pem}{}", other.pem()), &right)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than one certificate"), "{e}");
     }
 
     #[test]

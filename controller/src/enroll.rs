@@ -212,6 +212,15 @@ impl Enroller {
             .await
     }
 
+    /// Revoke, in the database, every certificate issued to `name` here.
+    pub async fn revoke_all_issued(&self, name: &str) -> Result<(), EnrollError> {
+        let serials = self.store.issued_serials(name).await?;
+        if !serials.is_empty() {
+            self.store.add_revocations(name, &serials).await?;
+        }
+        Ok(())
+    }
+
     async fn issue(
         &self,
         name: &str,
@@ -267,11 +276,16 @@ pub(crate) fn enroll_error_response(e: EnrollError) -> Response {
     let status = e.status();
     if status == StatusCode::INTERNAL_SERVER_ERROR {
         tracing::error!(error = %e, "enrollment failed");
-    } else {
-        tracing::warn!(error = %e, "enrollment refused");
+        // The detail (database, files) is for the log, not for a caller
+        // nobody has authenticated yet.
+        return error_response(status, "internal error; see the controller's log".into());
     }
+    tracing::warn!(error = %e, "enrollment refused");
     error_response(status, e.to_string())
 }
+
+/// Enrollment connections served at once; more are closed at accept.
+const MAX_ENROLL_CONNECTIONS: usize = 64;
 
 async fn get_ca(State(e): State<Arc<Enroller>>) -> Response {
     (
@@ -340,6 +354,7 @@ impl EnrollListener {
 
     pub async fn run(self) {
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "enrollment listening");
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_ENROLL_CONNECTIONS));
         loop {
             let (tcp, addr) = match self.listener.accept().await {
                 Ok(x) => x,
@@ -349,9 +364,17 @@ impl EnrollListener {
                     continue;
                 }
             };
+            // A bounded number of enrollment connections at once: nobody
+            // is authenticated here yet, so nobody gets to open thousands.
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                tracing::warn!(%addr, "too many enrollment connections; refused");
+                drop(tcp);
+                continue;
+            };
             let tls = self.tls.clone();
             let router = self.router.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let stream =
                     match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
                         Ok(Ok(s)) => s,

@@ -383,6 +383,19 @@ async fn agent_renew(State(app): S, Extension(peer): P, body: Bytes) -> Response
     };
     // The new certificate's name is the caller's, never the request's.
     match enroller.renew(&me.name, &me.serial, &req.csr).await {
+        // Revoked through this controller's own revoked.list meanwhile
+        // (the database's list was checked after recording): the new
+        // certificate is revoked too, in the database, and not handed out.
+        Ok(_) if app.revocations.is_revoked(&me.serial) => {
+            if let Err(e) = enroller.revoke_all_issued(&me.name).await {
+                tracing::error!(agent = %me.name, error = %e, "cannot revoke a certificate renewed for a revoked caller");
+            }
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("certificate of {} has been revoked", me.name),
+            )
+            .into_response()
+        }
         Ok(resp) => json(&resp),
         Err(e) => crate::enroll::enroll_error_response(e),
     }

@@ -251,7 +251,21 @@ pub fn run(cli: ControllerCli) -> Result<()> {
         } => {
             // Certificates issued from the CA directory, and (with
             // --config) those a serving controller issued for signing
-            // requests, which only its database records.
+            // requests, which only its database records. Without
+            // --config, the CA directory's own controller.toml when it
+            // enables enrollment: renewed certificates are only there.
+            let config = config.or_else(|| {
+                let own = CaDir::new(&dir).config();
+                ControllerConfig::load(&own)
+                    .ok()
+                    .filter(|c| c.enrollment.is_some())
+                    .map(|_| own)
+            });
+            if config.is_none() {
+                eprintln!(
+                    "note: certificates a serving controller issued itself (token enrollment, renewals) are recorded only in its database: pass --config to revoke those too"
+                );
+            }
             let mut serials = match pki::revoke(&CaDir::new(&dir), &name) {
                 Ok(s) => s,
                 Err(pki::PkiError::UnknownHost(..)) if config.is_some() => Vec::new(),

@@ -570,6 +570,17 @@ impl Daemon {
             }
             tokio::time::sleep(backoff + jitter(backoff)).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
+            // The credentials on disk, each time: a renewal whose session
+            // ended before it could say so has still replaced them.
+            match Transport::new(transport.section()) {
+                Ok(t) => transport = t,
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "cannot reload the credentials; reconnecting with those loaded before"
+                    )
+                }
+            }
         }
     }
 }
