@@ -685,6 +685,7 @@ fn print_agents(agents: &[AgentInfo]) {
     table.load_preset(NOTHING).set_header(vec![
         "NAME",
         "STATE",
+        "FIRST SEEN",
         "LAST SEEN",
         "VERSION",
         "KERNEL",

@@ -76,11 +76,18 @@ fn the_inventory_says_who_is_where_and_offline_hosts_are_left_out_unless_asked()
         header.contains("NAME") && header.contains("LAST SEEN") && header.contains("LANDLOCK"),
         "{table}"
     );
+    // Every column has its header: a connected agent's "now" falls under
+    // LAST SEEN, whatever the widths.
     let state_column = header.find("STATE").unwrap();
     assert_eq!(
         row.find("connected"),
         Some(state_column),
         "the columns line up:\n{table}"
+    );
+    assert_eq!(
+        row.find(" now ").map(|i| i + 1),
+        header.find("LAST SEEN"),
+        "LAST SEEN heads its column:\n{table}"
     );
     // The certificate's expiry is a metric per agent.
     let op = Client::connect_with(
