@@ -236,6 +236,25 @@ pub fn halt_reason(r: &RolloutRecord, dispatches: &[DispatchRecord]) -> Option<S
 }
 
 impl RolloutRecord {
+    /// A rollout as it is when it starts: running, its first wave about
+    /// to be dispatched.
+    fn starting(id: RolloutId, bundle_sha256: Sha256Hex, plan: Plan, now: Millis) -> Self {
+        RolloutRecord {
+            id,
+            bundle_sha256,
+            state: RolloutState::Running,
+            phase: WavePhase::Dispatching,
+            current_wave: 0,
+            plan,
+            bake_until: None,
+            halt_reason: None,
+            ack_failures: 0,
+            ack_alerts: 0,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     fn ack_alarms(&self) -> u32 {
         self.ack_alerts
     }
@@ -954,20 +973,7 @@ impl Engine {
         }
         let now = now_ms();
         let id = new_rollout_id(now, &meta.sha256)?;
-        let record = RolloutRecord {
-            id: id.clone(),
-            bundle_sha256: meta.sha256.clone(),
-            state: RolloutState::Running,
-            phase: WavePhase::Dispatching,
-            current_wave: 0,
-            plan,
-            bake_until: None,
-            halt_reason: None,
-            ack_failures: 0,
-            ack_alerts: 0,
-            created_at: now,
-            updated_at: now,
-        };
+        let record = RolloutRecord::starting(id.clone(), meta.sha256.clone(), plan, now);
         self.store
             .append_operator_log(
                 actor,

@@ -6,9 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use rollguard_shared::protocol::{
-    Plan, RetryResponse, RetrySkipped, RolloutId, RolloutState, WavePhase,
-};
+use rollguard_shared::protocol::{Plan, RetryResponse, RetrySkipped, RolloutId, RolloutState};
 use rollguard_shared::report::RunStatus;
 
 use super::{new_rollout_id, ClusterEvent, Engine, EngineError, Result};
@@ -230,20 +228,8 @@ impl Engine {
         };
         let now = now_ms();
         let new_id = new_rollout_id(now, &original.bundle_sha256)?;
-        let record = RolloutRecord {
-            id: new_id.clone(),
-            bundle_sha256: original.bundle_sha256.clone(),
-            state: RolloutState::Running,
-            phase: WavePhase::Dispatching,
-            current_wave: 0,
-            plan,
-            bake_until: None,
-            halt_reason: None,
-            ack_failures: 0,
-            ack_alerts: 0,
-            created_at: now,
-            updated_at: now,
-        };
+        let record =
+            RolloutRecord::starting(new_id.clone(), original.bundle_sha256.clone(), plan, now);
         self.store
             .append_operator_log(
                 actor,
