@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rollguard_shared::protocol::{
-    AgentInfo, AgentRemoved, BundleSummary, HaltRequest, Matchers, Plan, RetryRequest,
-    RetryResponse, RolloutId, RolloutRequest, RolloutState, RolloutStatus, Sha256Hex, WavePhase,
-    WaveSize,
+    AgentInfo, AgentRemoved, BundleSummary, HaltRequest, Matchers, Plan, ResumeRequest,
+    RetryRequest, RetryResponse, RolloutId, RolloutRequest, RolloutState, RolloutStatus, Sha256Hex,
+    WavePhase, WaveSize,
 };
 
 use crate::client::{Client, ConnectArgs};
@@ -162,6 +162,9 @@ pub enum RolloutCommand {
     /// Continue a halted rollout (failures and alarms so far are acknowledged).
     Resume {
         id: String,
+        /// Why it may go on; kept in the operator log.
+        #[arg(long)]
+        reason: Option<String>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -610,11 +613,16 @@ pub fn run(cmd: RolloutCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        RolloutCommand::Resume { id, json, connect } => {
+        RolloutCommand::Resume {
+            id,
+            reason,
+            json,
+            connect,
+        } => {
             let client = Client::connect(&connect)?;
             let status: RolloutStatus = client.post(
                 &format!("/v1/rollouts/{}/resume", rollout_id(&id)?),
-                &serde_json::json!({}),
+                &ResumeRequest { reason },
             )?;
             if json {
                 print_json(&status)?;

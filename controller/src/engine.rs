@@ -1148,7 +1148,12 @@ impl Engine {
         self.status(id).await
     }
 
-    pub async fn resume(self: &Arc<Self>, id: &RolloutId, actor: &str) -> Result<RolloutStatus> {
+    pub async fn resume(
+        self: &Arc<Self>,
+        id: &RolloutId,
+        reason: Option<&str>,
+        actor: &str,
+    ) -> Result<RolloutStatus> {
         let r = self
             .store
             .rollout(id)
@@ -1178,7 +1183,7 @@ impl Engine {
                 actor,
                 "rollout.resume",
                 &serde_json::json!({ "rollout": id, "acknowledged_failures": t.failures, "acknowledged_alarms": t.alarms,
-                                     "halt_reason": r.halt_reason }),
+                                     "halt_reason": r.halt_reason, "reason": reason }),
             )
             .await?;
         if !self.store.resume(id, t.failures, t.alarms).await? {

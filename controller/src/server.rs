@@ -23,7 +23,7 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rollguard_shared::protocol::{
     AgentReport, ErrorBody, HaltRequest, KillAck, KillRequest, LiftRequest, Order, Register,
-    RetryRequest, RolloutId, RolloutRequest, RolloutState, Sha256Hex, MAX_JSON_BODY,
+    ResumeRequest, RetryRequest, RolloutId, RolloutRequest, RolloutState, Sha256Hex, MAX_JSON_BODY,
     PING_INTERVAL_SECS,
 };
 use serde::de::DeserializeOwned;
@@ -510,9 +510,20 @@ async fn resume_rollout(
     State(app): S,
     Extension(peer): P,
     Path(id): Path<String>,
+    body: Bytes,
 ) -> ApiResult<Response> {
     let me = require(&app, &peer, may::OPERATE)?;
-    Ok(json(&app.engine.resume(&rollout_id(&id)?, &me.name).await?))
+    // An empty body (as before resume took a reason) resumes without one.
+    let req: ResumeRequest = if body.is_empty() {
+        ResumeRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    Ok(json(
+        &app.engine
+            .resume(&rollout_id(&id)?, req.reason.as_deref(), &me.name)
+            .await?,
+    ))
 }
 
 async fn retry_rollout(

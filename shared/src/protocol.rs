@@ -478,6 +478,15 @@ pub struct HaltRequest {
     pub reason: String,
 }
 
+/// Body of `POST /v1/rollouts/{id}/resume`: why, kept in the operator log.
+/// Optional: `{}` resumes without one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// What a kill order covers: `"all"` or `{"rollout": "r-..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]

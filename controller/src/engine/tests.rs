@@ -359,18 +359,18 @@ async fn failures_beyond_the_threshold_halt_and_resume_continues() {
     assert_eq!(runs(&drain(&mut f, "web-3")), 0);
     assert!(matches!(
         f.engine
-            .resume(&RolloutId::parse("r-none").unwrap(), "admin")
+            .resume(&RolloutId::parse("r-none").unwrap(), None, "admin")
             .await,
         Err(EngineError::NotFound(_))
     ));
-    f.engine.resume(&id, "admin").await.unwrap();
+    f.engine.resume(&id, None, "admin").await.unwrap();
     wait_status(&f.engine, &id, |s| host_state(s, "web-4") == "dispatched").await;
     assert_eq!(runs(&next_orders(&mut f, "web-3").await), 1);
     succeed(&f, &id, "web-3").await;
     succeed(&f, &id, "web-4").await;
     wait_status(&f.engine, &id, |s| s.state == RolloutState::Completed).await;
     assert!(matches!(
-        f.engine.resume(&id, "admin").await,
+        f.engine.resume(&id, None, "admin").await,
         Err(EngineError::Conflict(_))
     ));
 }
@@ -533,7 +533,7 @@ async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
         .iter()
         .any(|o| matches!(o, Order::KillState(k) if k.all.is_some())));
     assert!(matches!(
-        f.engine.resume(&id, "admin").await,
+        f.engine.resume(&id, None, "admin").await,
         Err(EngineError::Conflict(_))
     ));
     assert!(matches!(
@@ -553,7 +553,7 @@ async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
     );
     let lifted = f.engine.lift(None, "admin").await.unwrap();
     assert!(lifted.state.is_empty());
-    f.engine.resume(&id, "admin").await.unwrap();
+    f.engine.resume(&id, None, "admin").await.unwrap();
     let actions: Vec<String> = f
         .engine
         .store
@@ -784,13 +784,13 @@ async fn alert_gates_refuse_start_and_resume_and_halt_before_a_wave() {
 
     // Resume is refused while the state is unknown, and while a matching
     // alert is active; it goes on once none is.
-    let e = f.engine.resume(&id, "admin").await.unwrap_err();
+    let e = f.engine.resume(&id, None, "admin").await.unwrap_err();
     assert!(e.to_string().contains("alert state unknown"), "{e}");
     *answer.lock().unwrap() = active(r#"{"alertname":"DiskFull","severity":"critical"}"#);
-    let e = f.engine.resume(&id, "admin").await.unwrap_err();
+    let e = f.engine.resume(&id, None, "admin").await.unwrap_err();
     assert!(e.to_string().contains("alert DiskFull is firing"), "{e}");
     *answer.lock().unwrap() = ("200 OK".into(), "[]".into());
-    f.engine.resume(&id, "admin").await.unwrap();
+    f.engine.resume(&id, None, "admin").await.unwrap();
     assert_eq!(runs(&next_orders(&mut f, "web-2").await), 1);
     succeed(&f, &id, "web-2").await;
     wait_status(&f.engine, &id, |s| s.state == RolloutState::Completed).await;
