@@ -415,6 +415,38 @@ fn verify(bundle: &Path, allowed: &Path, threshold: usize, json: bool) -> Result
     Ok(ExitCode::SUCCESS)
 }
 
+/// The blast radius of a bundle as `bundle inspect --json` prints it (and
+/// the web view shows it): targets, scopes, signers, expiry, warnings.
+/// `allowed`: the signers to evaluate the signatures against, if any.
+pub fn inspection(
+    opened: &OpenedBundle<'_>,
+    allowed: Option<&AllowedSigners>,
+    now: jiff::Timestamp,
+) -> serde_json::Value {
+    let sigs = raw_signatures(&opened.signatures);
+    let none = AllowedSigners::default();
+    let evaluation =
+        signature::evaluate(&opened.manifest_bytes, &sigs, allowed.unwrap_or(&none), now);
+    let m = &opened.manifest;
+    json!({
+        "name": m.bundle.name,
+        "version": m.bundle.version,
+        "description": m.bundle.description,
+        "expires": m.bundle.expires,
+        "expired": m.is_expired(now),
+        "manifest_sha256": sha256_hex(&opened.manifest_bytes),
+        "targets": m.targets,
+        "scope": m.scope,
+        "packages": m.packages,
+        "run": m.run,
+        "services": m.services,
+        "payload": m.payload,
+        "signatures": evaluation.signatures,
+        "trusted_principals": allowed.map(|_| &evaluation.principals),
+        "warnings": blast_radius_warnings(m, now),
+    })
+}
+
 fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode> {
     let opened = open(bundle)?;
     let allowed_signers = match allowed {
@@ -422,33 +454,15 @@ fn inspect(bundle: &Path, allowed: Option<&Path>, json: bool) -> Result<ExitCode
         None => AllowedSigners::default(),
     };
     let now = jiff::Timestamp::now();
+    if json {
+        let trusted = allowed.map(|_| &allowed_signers);
+        println!("{}", inspection(&opened, trusted, now));
+        return Ok(ExitCode::SUCCESS);
+    }
     let sigs = raw_signatures(&opened.signatures);
     let evaluation = signature::evaluate(&opened.manifest_bytes, &sigs, &allowed_signers, now);
     let m = &opened.manifest;
     let warnings = blast_radius_warnings(m, now);
-    if json {
-        println!(
-            "{}",
-            json!({
-                "name": m.bundle.name,
-                "version": m.bundle.version,
-                "description": m.bundle.description,
-                "expires": m.bundle.expires,
-                "expired": m.is_expired(now),
-                "manifest_sha256": sha256_hex(&opened.manifest_bytes),
-                "targets": m.targets,
-                "scope": m.scope,
-                "packages": m.packages,
-                "run": m.run,
-                "services": m.services,
-                "payload": m.payload,
-                "signatures": evaluation.signatures,
-                "trusted_principals": allowed.map(|_| &evaluation.principals),
-                "warnings": warnings,
-            })
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
     let mut out = String::new();
     let list = |v: Vec<String>| {
         if v.is_empty() {

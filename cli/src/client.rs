@@ -45,8 +45,11 @@ pub struct Client {
     session: Session,
 }
 
-impl Client {
-    pub fn connect(args: &ConnectArgs) -> Result<Self> {
+impl ConnectArgs {
+    /// The controller URLs and the TLS configuration with the operator
+    /// certificate, from flags, environment and `cli.toml`.
+    pub fn resolve(&self) -> Result<(ControllerUrls, std::sync::Arc<rustls::ClientConfig>)> {
+        let args = self;
         let file = match &args.cli_config {
             Some(p) => CliConfig::load(p, true)?,
             None => match CliConfig::default_path() {
@@ -72,7 +75,14 @@ impl Client {
         let ca = need("ca", args.ca.clone().or(file.ca))?;
         let cert = need("cert", args.cert.clone().or(file.cert))?;
         let key = need("key", args.key.clone().or(file.key))?;
-        Self::open(url, tls_client::client_config(&ca, &cert, &key)?)
+        Ok((url, tls_client::client_config(&ca, &cert, &key)?))
+    }
+}
+
+impl Client {
+    pub fn connect(args: &ConnectArgs) -> Result<Self> {
+        let (url, config) = args.resolve()?;
+        Self::open(url, config)
     }
 
     /// `url`: one controller URL, or replicas separated by commas.
