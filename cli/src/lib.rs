@@ -17,6 +17,7 @@ pub mod packages;
 pub mod preview_groups;
 pub mod rollout;
 pub mod rollout_events;
+pub mod ui;
 
 /// rollguard operator CLI: build, sign and inspect bundles; roll them out in
 /// waves; stop everything with the kill switch.
@@ -44,6 +45,9 @@ pub enum Command {
     Kill(kill::KillArgs),
     /// Registered agents and whether they are connected.
     Agents(rollout::AgentsArgs),
+    /// A live web view of the fleet and its rollouts, on this machine,
+    /// with your operator certificate (prints a one-time link).
+    Ui(ui::UiArgs),
 }
 
 /// Logs go to stderr (stdout is for results and `--json`).

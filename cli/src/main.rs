@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Rollout(cmd) => rollguard_cli::rollout::run(cmd),
         Command::Kill(args) => rollguard_cli::kill::run(args),
         Command::Agents(args) => rollguard_cli::rollout::agents(args),
+        Command::Ui(args) => rollguard_cli::ui::run(args),
     };
     match result {
         Ok(code) => code,

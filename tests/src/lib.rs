@@ -3,6 +3,7 @@
 //! (made by `ssh-keygen`) and the real kernel, and then look at the disk.
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod fleet;
 pub mod fleet_host;
 pub mod host;

@@ -1,0 +1,89 @@
+//! `rollguard ui`: a live web view of the fleet and its rollouts, served on
+//! the operator's machine with the operator's certificate.
+//!
+//! The browser never holds a certificate: it talks plain HTTP to this
+//! process on loopback, through the [`gate`] (a one-time link traded for a
+//! session secret sent in a header), and this process talks to the
+//! controller over mutual TLS. The page, its script and its style are
+//! embedded in the binary ([`assets`]): nothing is fetched from elsewhere
+//! at run time.
+
+pub mod assets;
+pub mod gate;
+mod server;
+mod upstream;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use rollguard_shared::tls_client::Connector;
+
+use crate::client::ConnectArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct UiArgs {
+    /// Address to serve on. Loopback unless told otherwise: whoever can
+    /// reach it with the link acts with your operator certificate.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Print the link as JSON (`{"url": ..., "listen": ...}`) on one line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+pub fn run(args: UiArgs) -> Result<ExitCode> {
+    let (urls, tls) = args.connect.resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let upstream = upstream::Upstream::new(Connector::new(urls, tls));
+        // Fail now, with the controller's words, rather than in the page.
+        let first = upstream
+            .call(hyper::Method::GET, "/v1/agents", None)
+            .await
+            .context("is the operator certificate accepted?")?;
+        if !first.status.is_success() {
+            anyhow::bail!(
+                "the controller refused GET /v1/agents ({}): {}",
+                first.status,
+                String::from_utf8_lossy(&first.body)
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "serving the web view beyond this machine: anyone who reaches it with the link acts with your operator certificate"
+            );
+        }
+        let (gate, token) = gate::Gate::new(addr);
+        let url = format!("http://{addr}/?token={token}");
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({ "url": url, "listen": addr.to_string() })
+            )?;
+        } else {
+            writeln!(
+                out,
+                "Open this link in a browser (it works once, in one browser):\n\n    {url}\n\nServing until interrupted (Ctrl-C)."
+            )?;
+        }
+        out.flush()?;
+        drop(out);
+        server::serve(listener, Arc::new(server::Ui::new(gate, upstream))).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,425 @@
+//! The web view's HTTP server: the gate first, then the embedded page, the
+//! API the page calls and the event stream that pushes changes to it.
+//!
+//! Each API route is forwarded to one controller route with the operator's
+//! certificate, so the controller's role rules apply as they do to the
+//! CLI. What the page sends is parsed into the controller's own request
+//! types first; identifiers in paths are parsed too, so nothing the page
+//! sends can reach another controller route.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rollguard_shared::archive::{self, Limits};
+use rollguard_shared::protocol::{HaltRequest, KillRequest, ResumeRequest, RolloutId, Sha256Hex};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use super::assets;
+use super::gate::{Gate, Need, Refusal};
+use super::upstream::Upstream;
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Largest request body the page sends (a reason).
+const MAX_REQUEST: usize = 64 * 1024;
+/// Event streams open at once (a few tabs; each polls the controller).
+const MAX_STREAMS: usize = 16;
+/// How often an event stream asks the controller what changed.
+const POLL: Duration = Duration::from_millis(500);
+
+pub struct Ui {
+    gate: Gate,
+    upstream: Upstream,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Ui {
+    pub fn new(gate: Gate, upstream: Upstream) -> Self {
+        Ui {
+            gate,
+            upstream,
+            streams: Arc::default(),
+        }
+    }
+}
+
+/// Serve connections until the process ends.
+pub async fn serve(listener: TcpListener, ui: Arc<Ui>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, usually: wait instead of spinning.
+                tracing::warn!(error = %e, "accepting a connection");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let ui = ui.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let ui = ui.clone();
+                async move { Ok::<_, Infallible>(ui.handle(req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await
+            {
+                tracing::debug!(error = %e, "web view connection ended");
+            }
+        });
+    }
+}
+
+impl Ui {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let need = match req.uri().path() {
+            "/" | "/app.js" | "/app.css" => Need::Nothing,
+            "/api/session" => Need::FromPage,
+            _ => Need::Session,
+        };
+        let checked = self
+            .gate
+            .check(need, req.method(), req.uri().query(), req.headers());
+        let mut resp = match checked {
+            Err(Refusal { status, why }) => problem(status, why),
+            Ok(()) => self.route(req).await,
+        };
+        let h = resp.headers_mut();
+        // The page's own script and style only; no framing, no referrer.
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                 img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+        );
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+
+    async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (&method, segments.as_slice()) {
+            (&Method::GET, [""]) => asset(assets::INDEX_HTML, "text/html; charset=utf-8"),
+            (&Method::GET, ["app.js"]) => asset(assets::APP_JS, "text/javascript; charset=utf-8"),
+            (&Method::GET, ["app.css"]) => asset(assets::APP_CSS, "text/css; charset=utf-8"),
+            (&Method::POST, ["api", "session"]) => {
+                let token = match read_json::<SignIn>(req).await {
+                    Ok(s) => s.token,
+                    Err(why) => return problem(StatusCode::BAD_REQUEST, &why),
+                };
+                match self.gate.sign_in(&token) {
+                    Ok(session) => json_bytes(
+                        StatusCode::OK,
+                        Bytes::from(serde_json::json!({ "session": session }).to_string()),
+                    ),
+                    Err(Refusal { status, why }) => problem(status, why),
+                }
+            }
+            (&Method::GET, ["api", "agents"]) => {
+                self.forward(Method::GET, "/v1/agents", None).await
+            }
+            (&Method::GET, ["api", "rollouts"]) => {
+                self.forward(Method::GET, "/v1/rollouts", None).await
+            }
+            (&Method::GET, ["api", "kill"]) => self.forward(Method::GET, "/v1/kill", None).await,
+            (&Method::GET, ["api", "rollouts", id]) => match RolloutId::parse(id) {
+                Ok(id) => {
+                    self.forward(Method::GET, &format!("/v1/rollouts/{id}"), None)
+                        .await
+                }
+                Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string()),
+            },
+            (&Method::GET, ["api", "bundles", sha]) => match Sha256Hex::parse(sha) {
+                Ok(sha) => self.bundle(sha).await,
+                Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string()),
+            },
+            (&Method::GET, ["api", "events"]) => {
+                let rollout = query
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == "rollout")
+                    .map(|(_, v)| RolloutId::parse(v));
+                match rollout.transpose() {
+                    Ok(rollout) => self.events(rollout),
+                    Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string()),
+                }
+            }
+            (&Method::POST, ["api", "rollouts", id, action @ ("halt" | "resume")]) => {
+                let id = match RolloutId::parse(id) {
+                    Ok(id) => id,
+                    Err(e) => return problem(StatusCode::BAD_REQUEST, &e.to_string()),
+                };
+                let reason = match read_json::<Reason>(req).await.and_then(Reason::given) {
+                    Ok(r) => r,
+                    Err(why) => return problem(StatusCode::BAD_REQUEST, &why),
+                };
+                let body = if *action == "halt" {
+                    serde_json::to_vec(&HaltRequest { reason })
+                } else {
+                    serde_json::to_vec(&ResumeRequest {
+                        reason: Some(reason),
+                    })
+                };
+                let path = format!("/v1/rollouts/{id}/{action}");
+                self.forward(Method::POST, &path, body.ok()).await
+            }
+            (&Method::POST, ["api", "kill"]) => {
+                let kill = match read_json::<KillRequest>(req).await {
+                    Ok(k) if !k.reason.trim().is_empty() => k,
+                    Ok(_) => return problem(StatusCode::BAD_REQUEST, "a kill needs a reason"),
+                    Err(why) => return problem(StatusCode::BAD_REQUEST, &why),
+                };
+                let body = serde_json::to_vec(&kill).ok();
+                self.forward(Method::POST, "/v1/kill", body).await
+            }
+            _ => problem(StatusCode::NOT_FOUND, "no such page"),
+        }
+    }
+
+    /// The controller's answer, status and body, as the page's.
+    async fn forward(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Response<Body> {
+        match self.upstream.call(method, path, body).await {
+            Ok(a) => json_bytes(a.status, a.body),
+            Err(e) => problem(StatusCode::BAD_GATEWAY, &format!("{e:#}")),
+        }
+    }
+
+    /// What `rollguard bundle inspect --json` shows of a bundle the
+    /// controller holds (its signatures are listed, not judged: each host
+    /// judges them against its own signers).
+    async fn bundle(&self, sha: Sha256Hex) -> Response<Body> {
+        let answer = match self
+            .upstream
+            .call(Method::GET, &format!("/v1/bundles/{sha}"), None)
+            .await
+        {
+            Ok(a) if a.status.is_success() => a,
+            Ok(a) => return json_bytes(a.status, a.body),
+            Err(e) => return problem(StatusCode::BAD_GATEWAY, &format!("{e:#}")),
+        };
+        let parsed = tokio::task::spawn_blocking(move || {
+            archive::open(std::io::Cursor::new(answer.body), &Limits::default())
+                .map(|b| crate::bundle::inspection(&b, None, jiff::Timestamp::now()))
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match parsed {
+            Ok(Ok(v)) => json_bytes(StatusCode::OK, Bytes::from(v.to_string())),
+            Ok(Err(e)) => problem(StatusCode::BAD_GATEWAY, &format!("not a valid bundle: {e}")),
+            Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        }
+    }
+
+    /// Server-sent events: `agents`, `rollouts`, `kill` and, with
+    /// `?rollout=ID`, `rollout`, each sent when the controller's answer
+    /// changes; `health` when the controller stops or starts answering.
+    fn events(self: Arc<Self>, rollout: Option<RolloutId>) -> Response<Body> {
+        let Some(guard) = StreamSlot::take(&self.streams) else {
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "too many open pages");
+        };
+        let mut sources = vec![
+            ("kill", "/v1/kill".to_string(), 1),
+            ("rollouts", "/v1/rollouts".to_string(), 2),
+            ("agents", "/v1/agents".to_string(), 4),
+        ];
+        if let Some(id) = rollout {
+            sources.insert(0, ("rollout", format!("/v1/rollouts/{id}"), 1));
+        }
+        let state = EventState {
+            ui: self,
+            sources,
+            last: HashMap::new(),
+            health: None,
+            queue: VecDeque::new(),
+            tick: 0,
+            interval: tokio::time::interval(POLL),
+            _slot: guard,
+        };
+        let stream = futures_util::stream::unfold(state, |mut st| async move {
+            loop {
+                if let Some(b) = st.queue.pop_front() {
+                    return Some((Ok::<_, Infallible>(Frame::data(b)), st));
+                }
+                st.interval.tick().await;
+                st.poll().await;
+            }
+        });
+        let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        r
+    }
+}
+
+/// One open event stream, counted while it lives.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        let prev = count.fetch_add(1, Ordering::SeqCst);
+        let slot = StreamSlot(count.clone());
+        (prev < MAX_STREAMS).then_some(slot)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct EventState {
+    ui: Arc<Ui>,
+    /// Event name, controller path, polled every N ticks.
+    sources: Vec<(&'static str, String, u64)>,
+    last: HashMap<&'static str, Bytes>,
+    /// The last `health` sent: `None` before the first.
+    health: Option<Result<(), String>>,
+    queue: VecDeque<Bytes>,
+    tick: u64,
+    interval: tokio::time::Interval,
+    _slot: StreamSlot,
+}
+
+impl EventState {
+    async fn poll(&mut self) {
+        let mut health = Ok(());
+        for (name, path, every) in &self.sources {
+            if self.tick % every != 0 {
+                continue;
+            }
+            match self.ui.upstream.call(Method::GET, path, None).await {
+                Ok(a) if a.status.is_success() => {
+                    if self.last.get(name) != Some(&a.body) {
+                        self.queue.push_back(event(name, &a.body));
+                        self.last.insert(name, a.body);
+                    }
+                }
+                Ok(a) => {
+                    health = Err(format!(
+                        "the controller answered {path} with {}: {}",
+                        a.status,
+                        String::from_utf8_lossy(&a.body)
+                    ))
+                }
+                Err(e) => health = Err(format!("{e:#}")),
+            }
+        }
+        if self.health.as_ref() != Some(&health) {
+            let body = match &health {
+                Ok(()) => serde_json::json!({ "ok": true }),
+                Err(e) => serde_json::json!({ "ok": false, "error": e }),
+            };
+            self.queue
+                .push_back(event("health", body.to_string().as_bytes()));
+            self.health = Some(health);
+        }
+        // A comment now and then: a closed page is noticed on the write,
+        // and the stream stops polling the controller for it.
+        if self.queue.is_empty() && self.tick % 10 == 9 {
+            self.queue
+                .push_back(Bytes::from_static(b": keep-alive\n\n"));
+        }
+        self.tick += 1;
+    }
+}
+
+/// One server-sent event; each line of `data` on its own `data:` line.
+fn event(name: &str, data: &[u8]) -> Bytes {
+    let mut out = format!("event: {name}\n");
+    for line in String::from_utf8_lossy(data).split('\n') {
+        out.push_str("data: ");
+        out.push_str(line.trim_end_matches('\r'));
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
+/// The body of `POST /api/session`: the link's token.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignIn {
+    token: String,
+}
+
+/// The body of halt and resume: why.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reason {
+    reason: String,
+}
+
+impl Reason {
+    fn given(self) -> Result<String, String> {
+        if self.reason.trim().is_empty() {
+            Err("a reason is required".into())
+        } else {
+            Ok(self.reason)
+        }
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, String> {
+    let bytes = Limited::new(req.into_body(), MAX_REQUEST)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the request: {e}"))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| format!("invalid request: {e}"))
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    full(
+        StatusCode::OK,
+        content_type,
+        Bytes::from_static(body.as_bytes()),
+    )
+}
+
+fn json_bytes(status: StatusCode, body: Bytes) -> Response<Body> {
+    full(status, "application/json", body)
+}
+
+/// An error the page shows: `{"error": ...}`, as the controller's.
+fn problem(status: StatusCode, why: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": why }).to_string();
+    json_bytes(status, Bytes::from(body))
+}

@@ -1,0 +1,257 @@
+//! End to end in a real browser: `rollguard ui` on a real fleet, driven in
+//! headless Chromium (Debian's `chromium` and `chromium-driver`).
+//!
+//! The page is opened with the one-time link; the 2012 replay is rolled
+//! out; the canary's denied paths and HALTED appear without a reload; a
+//! kill issued from the page is acknowledged by every agent. A viewer's
+//! page is refused the kill by the controller's role rules, and the link,
+//! a request without the session and a foreign Host name are refused.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+use rollguard_tests::browser::Browser;
+use rollguard_tests::fleet::{manifest, script, Fleet};
+use rollguard_tests::{bin, run_ok};
+
+const HOSTS: &[(&str, &[(&str, &str)])] = &[
+    ("mail-01", &[("role", "mail")]),
+    ("mail-02", &[("role", "mail")]),
+    ("mail-03", &[("role", "mail")]),
+    ("mail-04", &[("role", "mail")]),
+    ("mail-05", &[("role", "mail")]),
+    ("web-01", &[("role", "web")]),
+];
+
+/// A running `rollguard ui` and the link it printed.
+struct Ui {
+    child: Child,
+    url: String,
+}
+
+impl Ui {
+    fn start(mut cli: Command) -> Ui {
+        let mut child = cli
+            .args(["ui", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start rollguard ui");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the link");
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let url = v["url"].as_str().expect("url").to_string();
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "loopback by default: {url}"
+        );
+        Ui { child, url }
+    }
+
+    /// `127.0.0.1:PORT`.
+    fn authority(&self) -> &str {
+        let rest = self.url.strip_prefix("http://").unwrap();
+        &rest[..rest.find('/').unwrap()]
+    }
+
+    /// The status code of a bare GET with this Host header and no session.
+    fn status_of(&self, path: &str, host: &str) -> u16 {
+        self.request(&format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ))
+    }
+
+    /// The status code of a request written by hand.
+    fn request(&self, raw: &str) -> u16 {
+        let mut s = TcpStream::connect(self.authority()).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {answer}"))
+    }
+}
+
+impl Drop for Ui {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
+    let mut fleet = Fleet::new(HOSTS);
+    fleet.start_controller();
+    fleet.start_agents();
+    let browser = Browser::start();
+
+    // A viewer's page: it reads, and the controller refuses its kill.
+    let viewer_dir = fleet.root().join("val");
+    run_ok(
+        Command::new(bin("rollguard-controller"))
+            .args(["enroll", "--role", "viewer", "--dir"])
+            .arg(fleet.ctl())
+            .arg("val")
+            .arg("--out")
+            .arg(&viewer_dir),
+    );
+    let mut as_viewer = fleet.cli();
+    as_viewer
+        .env("ROLLGUARD_CERT", viewer_dir.join("val.crt"))
+        .env("ROLLGUARD_KEY", viewer_dir.join("val.key"));
+    let viewer = Ui::start(as_viewer);
+    browser.goto(&viewer.url);
+    browser.wait_for_text("#fleet-count", "6 connected", "the viewer's fleet page");
+    browser.click("#kill-all");
+    browser.fill("#confirm-reason", "a viewer tries");
+    browser.click("#confirm-ok");
+    browser.wait_for_text(
+        "#confirm-error",
+        "viewer certificates may not call",
+        "the controller's refusal of a viewer's kill",
+    );
+    drop(viewer);
+
+    let ui = Ui::start(fleet.cli());
+    let authority = ui.authority().to_string();
+    assert_eq!(ui.status_of("/api/agents", &authority), 401, "no session");
+    browser.goto(&ui.url);
+    assert!(
+        !browser.current_url().contains("token"),
+        "the token leaves the address bar: {}",
+        browser.current_url()
+    );
+    browser.wait_for_text("#health", "Live", "the event stream");
+    // The page traded the token for its session: the link is spent.
+    let token = &ui.url[ui.url.find("token=").unwrap() + 6..];
+    let body = format!("{{\"token\":\"{token}\"}}");
+    assert_eq!(
+        ui.request(&format!(
+            "POST /api/session HTTP/1.1\r\nHost: {authority}\r\nOrigin: http://{authority}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )),
+        403,
+        "the link works once"
+    );
+    assert_eq!(
+        ui.status_of(&format!("/api/agents?session={token}"), &authority),
+        401,
+        "the token is no session"
+    );
+    assert_eq!(
+        ui.status_of("/", &authority.replace("127.0.0.1", "rebound.example")),
+        421,
+        "another host name (DNS rebinding) is refused"
+    );
+
+    // Fleet: every host, filtered by label.
+    browser.wait_for_text(
+        "#fleet-count",
+        "6 of 6 hosts shown; 6 connected",
+        "the fleet",
+    );
+    let table = browser.text_of("#fleet-table");
+    for (host, _) in HOSTS {
+        assert!(table.contains(host), "{host} listed: {table}");
+    }
+    assert!(
+        table.contains("CONNECTED") && table.contains("role=web"),
+        "{table}"
+    );
+    browser.fill("#fleet-filter", "role=web");
+    browser.wait_for_text("#fleet-count", "1 of 6 hosts shown", "the label filter");
+    assert!(!browser.text_of("#fleet-table").contains("mail-01"));
+
+    // A mark that a reload would erase.
+    browser.eval("window.rollguardNoReload = 2012; return null;");
+    browser.click("#nav-rollouts");
+    browser.wait_for_text("#rollouts-table", "No rollouts yet", "the empty list");
+
+    // The 2012 program: a mail fix with a stray delete of customer data.
+    let bundle = fleet.bundle(
+        "incident",
+        &manifest("mail-fix-2012", 1, "\"mail-*\"", "1m"),
+        &script(
+            "touch \"$H/enabled\"\nrm -rf \"@FLEET@/customers/$ROLLGUARD_HOST\" \"@FLEET@/backup/$ROLLGUARD_HOST\"\necho done",
+        ),
+    );
+    let id = fleet.start_rollout(
+        &bundle,
+        &["--waves", "1,100%", "--bake", "1s", "--canary", "mail-03"],
+    );
+    browser.wait_for_text("#rollouts-table", &id, "the new rollout, pushed");
+    browser.click(&format!("a[href='#/rollouts/{id}']"));
+    browser.wait_for_text("#rollout-state", "HALTED", "the halt, pushed");
+    browser.wait_for_text("#halt-reason", "denied", "the halt reason");
+    browser.wait_for_text("#denials", "customers/mail-03", "the canary's denied path");
+    browser.wait_for_text("#hosts", "PENDING", "the hosts that never ran");
+    browser.wait_for_text("#waves", "Wave 1: 1 of 1 hosts reported", "wave progress");
+    // Progress is announced as well as drawn.
+    assert_eq!(
+        browser.eval(
+            "return [...document.querySelectorAll('[role=progressbar]')]\
+             .map(b => [b.getAttribute('aria-valuenow'), b.getAttribute('aria-valuemax')]);"
+        ),
+        serde_json::json!([["1", "1"], ["0", "4"]])
+    );
+    assert_eq!(
+        browser.eval("return window.rollguardNoReload;"),
+        serde_json::json!(2012),
+        "the page was never reloaded"
+    );
+    // The README's screenshot comes from here.
+    if let Some(path) = std::env::var_os("ROLLGUARD_UI_SCREENSHOT") {
+        browser.screenshot(std::path::Path::new(&path));
+    }
+
+    // The bundle's blast radius.
+    browser.click("#bundle-link");
+    browser.wait_for_text("#bundle", "mail-fix-2012 v1", "the bundle page");
+    let b = browser.text_of("#bundle");
+    assert!(b.contains("mail-*") && b.contains("Signers (1)"), "{b}");
+
+    // The kill, one click away on every page, acknowledged by every agent.
+    // Escape cancels it from the keyboard.
+    browser.click("#kill-all");
+    browser.fill("#confirm-reason", "\u{E00C}");
+    assert_eq!(
+        browser.eval("return document.getElementById('confirm').open;"),
+        serde_json::json!(false),
+        "Escape closes the dialog"
+    );
+    browser.click("#kill-all");
+    browser.click("#confirm-ok");
+    browser.wait_for_text(
+        "#confirm-error",
+        "A reason is required",
+        "no kill without a reason",
+    );
+    browser.fill("#confirm-reason", "2012 replay: stop everything");
+    browser.click("#confirm-ok");
+    browser.wait_for_text(
+        "#action-result",
+        "Acknowledged by 6 of 6 connected agents",
+        "every agent's acknowledgement",
+    );
+    assert!(
+        browser
+            .text_of("#action-result")
+            .contains("Every connected agent acknowledged"),
+        "{}",
+        browser.text_of("#action-result")
+    );
+    browser.wait_for_text("#kill-banner", "KILL SWITCH ENGAGED", "the kill banner");
+    let kill = fleet.cli_json(&["kill", "--status"]);
+    assert_eq!(
+        kill["all"]["reason"], "2012 replay: stop everything",
+        "{kill:#}"
+    );
+}
