@@ -499,10 +499,10 @@ async fn halt_rollout(
             "a halt needs a reason",
         ));
     }
+    let id = rollout_id(&id)?;
+    let engine = app.engine.clone();
     Ok(json(
-        &app.engine
-            .halt(&rollout_id(&id)?, &req.reason, &me.name)
-            .await?,
+        &to_completion(async move { engine.halt(&id, &req.reason, &me.name).await }).await?,
     ))
 }
 
@@ -519,9 +519,16 @@ async fn resume_rollout(
     } else {
         parse_json(&body)?
     };
+    if req.reason.as_ref().is_some_and(|r| r.trim().is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "an empty reason: give one, or none",
+        ));
+    }
+    let id = rollout_id(&id)?;
+    let engine = app.engine.clone();
     Ok(json(
-        &app.engine
-            .resume(&rollout_id(&id)?, req.reason.as_deref(), &me.name)
+        &to_completion(async move { engine.resume(&id, req.reason.as_deref(), &me.name).await })
             .await?,
     ))
 }
@@ -544,8 +551,9 @@ async fn retry_rollout(
 async fn kill(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
     let me = require(&app, &peer, may::OPERATE)?;
     let req: KillRequest = parse_json(&body)?;
+    let engine = app.engine.clone();
     Ok(json(
-        &app.engine.kill(req.scope, &req.reason, &me.name).await?,
+        &to_completion(async move { engine.kill(req.scope, &req.reason, &me.name).await }).await?,
     ))
 }
 
@@ -556,7 +564,26 @@ async fn lift(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Respo
     } else {
         parse_json(&body)?
     };
-    Ok(json(&app.engine.lift(req.scope, &me.name).await?))
+    let engine = app.engine.clone();
+    Ok(json(
+        &to_completion(async move { engine.lift(req.scope, &me.name).await }).await?,
+    ))
+}
+
+/// Run an operator's action to its end even if the client goes away: a
+/// dropped request cancels its handler, and a kill stored but never pushed
+/// (or a halt recorded but never notified) must not be the result of a
+/// closed laptop or a Ctrl-C.
+async fn to_completion<T: Send + 'static>(
+    action: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::spawn(action).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the action did not finish: {e}"),
+        )),
+    }
 }
 
 async fn kill_state(State(app): S, Extension(peer): P) -> ApiResult<Response> {
