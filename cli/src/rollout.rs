@@ -619,6 +619,9 @@ pub fn run(cmd: RolloutCommand) -> Result<ExitCode> {
             json,
             connect,
         } => {
+            if reason.as_ref().is_some_and(|r| r.trim().is_empty()) {
+                anyhow::bail!("--reason is empty: say why the rollout may go on, or leave it out");
+            }
             let client = Client::connect(&connect)?;
             let status: RolloutStatus = client.post(
                 &format!("/v1/rollouts/{}/resume", rollout_id(&id)?),

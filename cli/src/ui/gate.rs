@@ -13,7 +13,8 @@
 //!    address bar; a copy of the link in a shell history or a log then
 //!    opens nothing.
 //! 3. Every API request carries that secret in the `X-Rollguard-Session`
-//!    header (the event stream, which cannot send headers, in its query).
+//!    header (the event stream, which cannot send headers, in its query;
+//!    no other route takes it there).
 //!    Not in a cookie: browsers send cookies for 127.0.0.1 to every port,
 //!    so any other local web server the browser visits would receive it.
 //!    The page keeps it in `localStorage`, which is per origin, port
@@ -86,6 +87,9 @@ pub enum Need {
     /// An API call: the session, and a request from the page if it changes
     /// anything.
     Session,
+    /// The event stream: the session, which `EventSource` can only send in
+    /// the query.
+    Stream,
 }
 
 pub struct Gate {
@@ -138,12 +142,16 @@ impl Gate {
                 Ok(())
             };
         }
-        if need == Need::Session {
-            // The query is accepted for reads only (the event stream).
+        if need == Need::Session || need == Need::Stream {
+            // The query is accepted for the event stream only, a read.
             let presented = headers
                 .get(SESSION_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .or_else(|| query.filter(|_| !changes).and_then(session_of));
+                .or_else(|| {
+                    query
+                        .filter(|_| need == Need::Stream && !changes)
+                        .and_then(session_of)
+                });
             let valid = presented.is_some_and(|p| {
                 self.session
                     .lock()
@@ -250,9 +258,14 @@ mod tests {
         assert_eq!(gate.check(Need::Session, &Method::GET, None, &with), Ok(()));
         let query = format!("rollout=r-1&session={session}");
         assert_eq!(
-            gate.check(Need::Session, &Method::GET, Some(&query), &h),
+            gate.check(Need::Stream, &Method::GET, Some(&query), &h),
             Ok(()),
             "the event stream's query"
+        );
+        assert_eq!(
+            status(gate.check(Need::Session, &Method::GET, Some(&query), &h)),
+            StatusCode::UNAUTHORIZED,
+            "only the event stream takes the session in its query"
         );
         // The token is not a session, and a query cannot authorise a change.
         let by_token = headers(&[("host", HOST_OK), (SESSION_HEADER, &token)]);
@@ -265,10 +278,12 @@ mod tests {
             ("origin", "http://127.0.0.1:4000"),
             ("content-type", "application/json"),
         ]);
-        assert_eq!(
-            status(gate.check(Need::Session, &Method::POST, Some(&query), &page)),
-            StatusCode::UNAUTHORIZED
-        );
+        for need in [Need::Session, Need::Stream] {
+            assert_eq!(
+                status(gate.check(need, &Method::POST, Some(&query), &page)),
+                StatusCode::UNAUTHORIZED
+            );
+        }
     }
 
     #[test]

@@ -37,6 +37,14 @@ pub struct UiArgs {
 }
 
 pub fn run(args: UiArgs) -> Result<ExitCode> {
+    if args.listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "--listen {}: name one address (the page answers only to the address it is served on); \
+             to reach it from another machine, prefer an SSH tunnel to a loopback address: \
+             ssh -L PORT:127.0.0.1:PORT",
+            args.listen
+        );
+    }
     let (urls, tls) = args.connect.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -63,11 +71,17 @@ pub fn run(args: UiArgs) -> Result<ExitCode> {
         if !addr.ip().is_loopback() {
             tracing::warn!(
                 %addr,
-                "serving the web view beyond this machine: anyone who reaches it with the link acts with your operator certificate"
+                "serving the web view beyond this machine over plain HTTP: anyone who can watch this \
+                 network sees the link and the session, and acts with your operator certificate"
             );
+        } else if addr.port() == args.listen.port() {
+            // A fixed port: a page served earlier on it by another program
+            // could have left a service worker there.
+            tracing::warn!(%addr, "a fixed port: prefer the default, a new free port each time");
         }
         let (gate, token) = gate::Gate::new(addr);
-        let url = format!("http://{addr}/?token={token}");
+        // In the fragment: never sent in a request, so in no log.
+        let url = format!("http://{addr}/#token={token}");
         let mut out = std::io::stdout().lock();
         if args.json {
             writeln!(

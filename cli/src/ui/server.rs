@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
+use futures_util::TryStreamExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -22,11 +23,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rollguard_shared::archive::{self, Limits};
 use rollguard_shared::protocol::{HaltRequest, KillRequest, ResumeRequest, RolloutId, Sha256Hex};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::assets;
 use super::gate::{Gate, Need, Refusal};
@@ -36,8 +39,11 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Largest request body the page sends (a reason).
 const MAX_REQUEST: usize = 64 * 1024;
-/// Event streams open at once (a few tabs; each polls the controller).
-const MAX_STREAMS: usize = 16;
+/// Event streams open at once (a few tabs; each polls the controller, and
+/// the page closes its stream while hidden).
+const MAX_STREAMS: usize = 8;
+/// Connections open at once.
+const MAX_CONNECTIONS: usize = 64;
 /// How often an event stream asks the controller what changed.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -59,7 +65,13 @@ impl Ui {
 
 /// Serve connections until the process ends.
 pub async fn serve(listener: TcpListener, ui: Arc<Ui>) {
+    // Bounded, so that a local process opening connections cannot take
+    // every descriptor (and with it the operator's kill button).
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = connections.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -75,12 +87,16 @@ pub async fn serve(listener: TcpListener, ui: Arc<Ui>) {
                 let ui = ui.clone();
                 async move { Ok::<_, Infallible>(ui.handle(req).await) }
             });
+            // A connection that never finishes its headers is closed.
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service)
                 .await
             {
                 tracing::debug!(error = %e, "web view connection ended");
             }
+            drop(permit);
         });
     }
 }
@@ -90,6 +106,7 @@ impl Ui {
         let need = match req.uri().path() {
             "/" | "/app.js" | "/app.css" => Need::Nothing,
             "/api/session" => Need::FromPage,
+            "/api/events" => Need::Stream,
             _ => Need::Session,
         };
         let checked = self
@@ -112,6 +129,11 @@ impl Ui {
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         );
+        // No other page that opened this one can drive it (its address).
+        h.insert(
+            "cross-origin-opener-policy",
+            HeaderValue::from_static("same-origin"),
+        );
         h.insert(
             header::REFERRER_POLICY,
             HeaderValue::from_static("no-referrer"),
@@ -125,6 +147,12 @@ impl Ui {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let user_agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown browser")
+            .to_string();
         match (&method, segments.as_slice()) {
             (&Method::GET, [""]) => asset(assets::INDEX_HTML, "text/html; charset=utf-8"),
             (&Method::GET, ["app.js"]) => asset(assets::APP_JS, "text/javascript; charset=utf-8"),
@@ -134,12 +162,23 @@ impl Ui {
                     Ok(s) => s.token,
                     Err(why) => return problem(StatusCode::BAD_REQUEST, &why),
                 };
+                // Said on the terminal either way: the operator sees who
+                // took the session, and a second use of the link.
                 match self.gate.sign_in(&token) {
-                    Ok(session) => json_bytes(
-                        StatusCode::OK,
-                        Bytes::from(serde_json::json!({ "session": session }).to_string()),
-                    ),
-                    Err(Refusal { status, why }) => problem(status, why),
+                    Ok(session) => {
+                        eprintln!("rollguard ui: signed in ({user_agent})");
+                        json_bytes(
+                            StatusCode::OK,
+                            Bytes::from(serde_json::json!({ "session": session }).to_string()),
+                        )
+                    }
+                    Err(Refusal { status, why }) => {
+                        eprintln!(
+                            "rollguard ui: WARNING: a sign-in with a used or wrong link was refused ({user_agent}); \
+                             if that was not you, stop this process (Ctrl-C)"
+                        );
+                        problem(status, why)
+                    }
                 }
             }
             (&Method::GET, ["api", "agents"]) => {
@@ -188,7 +227,7 @@ impl Ui {
                     })
                 };
                 let path = format!("/v1/rollouts/{id}/{action}");
-                self.forward(Method::POST, &path, body.ok()).await
+                self.act(path, body.ok()).await
             }
             (&Method::POST, ["api", "kill"]) => {
                 let kill = match read_json::<KillRequest>(req).await {
@@ -197,7 +236,7 @@ impl Ui {
                     Err(why) => return problem(StatusCode::BAD_REQUEST, &why),
                 };
                 let body = serde_json::to_vec(&kill).ok();
-                self.forward(Method::POST, "/v1/kill", body).await
+                self.act("/v1/kill".to_string(), body).await
             }
             _ => problem(StatusCode::NOT_FOUND, "no such page"),
         }
@@ -211,35 +250,79 @@ impl Ui {
         }
     }
 
+    /// An action (halt, resume, kill), run to its end even if the page goes
+    /// away meanwhile: a dropped request would cancel the controller's
+    /// handler half-way. A failure to hear back is an unknown outcome, not
+    /// a refusal.
+    async fn act(self: Arc<Self>, path: String, body: Option<Vec<u8>>) -> Response<Body> {
+        let ui = self.clone();
+        let task = tokio::spawn(async move { ui.upstream.call(Method::POST, &path, body).await });
+        match task.await {
+            Ok(Ok(a)) => json_bytes(a.status, a.body),
+            Ok(Err(e)) => problem(
+                StatusCode::BAD_GATEWAY,
+                &format!("OUTCOME UNKNOWN (no answer from the controller: {e:#}); check the kill state and the rollout"),
+            ),
+            Err(e) => problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("OUTCOME UNKNOWN ({e}); check the kill state and the rollout"),
+            ),
+        }
+    }
+
     /// What `rollguard bundle inspect --json` shows of a bundle the
     /// controller holds (its signatures are listed, not judged: each host
     /// judges them against its own signers).
     async fn bundle(&self, sha: Sha256Hex) -> Response<Body> {
-        let answer = match self
-            .upstream
-            .call(Method::GET, &format!("/v1/bundles/{sha}"), None)
-            .await
-        {
-            Ok(a) if a.status.is_success() => a,
-            Ok(a) => return json_bytes(a.status, a.body),
+        let resp = match self.upstream.stream(&format!("/v1/bundles/{sha}")).await {
+            Ok(r) => r,
             Err(e) => return problem(StatusCode::BAD_GATEWAY, &format!("{e:#}")),
         };
+        let status = resp.status();
+        if !status.is_success() {
+            let body = Limited::new(resp.into_body(), MAX_REQUEST)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return json_bytes(status, body);
+        }
+        // Read as it comes: the manifest is at the front, and the rest only
+        // passes through the digest, so a large bundle is never held whole.
+        let stream = resp
+            .into_body()
+            .into_data_stream()
+            .map_err(std::io::Error::other);
+        let reader = SyncIoBridge::new(StreamReader::new(stream));
         let parsed = tokio::task::spawn_blocking(move || {
-            archive::open(std::io::Cursor::new(answer.body), &Limits::default())
-                .map(|b| crate::bundle::inspection(&b, None, jiff::Timestamp::now()))
-                .map_err(|e| e.to_string())
+            let mut hashed = Hashed {
+                inner: reader,
+                hash: Sha256::new(),
+            };
+            let view = {
+                let opened = archive::open(&mut hashed, &Limits::default())
+                    .map_err(|e| format!("not a valid bundle: {e}"))?;
+                crate::bundle::inspection(&opened, None, jiff::Timestamp::now())
+            };
+            std::io::copy(&mut hashed, &mut std::io::sink())
+                .map_err(|e| format!("reading the bundle: {e}"))?;
+            if hex::encode(hashed.hash.finalize()) != sha.to_string() {
+                return Err(format!("the controller's bundle is not {sha}"));
+            }
+            Ok(view)
         })
         .await;
         match parsed {
             Ok(Ok(v)) => json_bytes(StatusCode::OK, Bytes::from(v.to_string())),
-            Ok(Err(e)) => problem(StatusCode::BAD_GATEWAY, &format!("not a valid bundle: {e}")),
+            Ok(Err(e)) => problem(StatusCode::BAD_GATEWAY, &e),
             Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         }
     }
 
     /// Server-sent events: `agents`, `rollouts`, `kill` and, with
-    /// `?rollout=ID`, `rollout`, each sent when the controller's answer
-    /// changes; `health` when the controller stops or starts answering.
+    /// `?rollout=ID`, `rollout` (or `rollout_error`), each sent when the
+    /// controller's answer changes; `health` when the controller stops or
+    /// starts answering.
     fn events(self: Arc<Self>, rollout: Option<RolloutId>) -> Response<Body> {
         let Some(guard) = StreamSlot::take(&self.streams) else {
             return problem(StatusCode::SERVICE_UNAVAILABLE, "too many open pages");
@@ -252,14 +335,19 @@ impl Ui {
         if let Some(id) = rollout {
             sources.insert(0, ("rollout", format!("/v1/rollouts/{id}"), 1));
         }
+        // After a stall (a slow controller), carry on at the normal pace
+        // rather than firing the missed polls back to back.
+        let mut interval = tokio::time::interval(POLL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let state = EventState {
             ui: self,
             sources,
             last: HashMap::new(),
+            problems: HashMap::new(),
             health: None,
             queue: VecDeque::new(),
             tick: 0,
-            interval: tokio::time::interval(POLL),
+            interval,
             _slot: guard,
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
@@ -277,6 +365,20 @@ impl Ui {
             HeaderValue::from_static("text/event-stream"),
         );
         r
+    }
+}
+
+/// A reader that hashes what passes through it.
+struct Hashed<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -302,6 +404,8 @@ struct EventState {
     /// Event name, controller path, polled every N ticks.
     sources: Vec<(&'static str, String, u64)>,
     last: HashMap<&'static str, Bytes>,
+    /// Each source's latest failure, if its latest poll failed.
+    problems: HashMap<&'static str, String>,
     /// The last `health` sent: `None` before the first.
     health: Option<Result<(), String>>,
     queue: VecDeque<Bytes>,
@@ -312,28 +416,58 @@ struct EventState {
 
 impl EventState {
     async fn poll(&mut self) {
-        let mut health = Ok(());
+        let tick = self.tick;
+        self.tick += 1;
+        // While the controller is not answering, ask every 2 s, not 0.5.
+        if matches!(self.health, Some(Err(_))) && tick % 4 != 0 {
+            return;
+        }
         for (name, path, every) in &self.sources {
-            if self.tick % every != 0 {
+            if tick % every != 0 {
                 continue;
             }
             match self.ui.upstream.call(Method::GET, path, None).await {
                 Ok(a) if a.status.is_success() => {
+                    self.problems.remove(name);
                     if self.last.get(name) != Some(&a.body) {
                         self.queue.push_back(event(name, &a.body));
                         self.last.insert(name, a.body);
                     }
                 }
-                Ok(a) => {
-                    health = Err(format!(
-                        "the controller answered {path} with {}: {}",
-                        a.status,
-                        String::from_utf8_lossy(&a.body)
-                    ))
+                // The followed rollout's own refusal (no such rollout) is
+                // the page's to show, not a sign the controller is down.
+                Ok(a) if *name == "rollout" => {
+                    self.problems.remove(name);
+                    let body = serde_json::json!({
+                        "status": a.status.as_u16(),
+                        "error": error_text(&a.body),
+                    });
+                    let body = Bytes::from(body.to_string());
+                    if self.last.get("rollout_error") != Some(&body) {
+                        self.queue.push_back(event("rollout_error", &body));
+                        self.last.insert("rollout_error", body);
+                    }
                 }
-                Err(e) => health = Err(format!("{e:#}")),
+                Ok(a) => {
+                    self.problems.insert(
+                        name,
+                        format!(
+                            "the controller answered {path} with {}: {}",
+                            a.status,
+                            error_text(&a.body)
+                        ),
+                    );
+                }
+                Err(e) => {
+                    self.problems.insert(name, format!("{e:#}"));
+                }
             }
         }
+        // Every source's latest answer counts, not only this tick's.
+        let health = match self.problems.values().min() {
+            None => Ok(()),
+            Some(p) => Err(p.clone()),
+        };
         if self.health.as_ref() != Some(&health) {
             let body = match &health {
                 Ok(()) => serde_json::json!({ "ok": true }),
@@ -345,12 +479,19 @@ impl EventState {
         }
         // A comment now and then: a closed page is noticed on the write,
         // and the stream stops polling the controller for it.
-        if self.queue.is_empty() && self.tick % 10 == 9 {
+        if self.queue.is_empty() && tick % 10 == 9 {
             self.queue
                 .push_back(Bytes::from_static(b": keep-alive\n\n"));
         }
-        self.tick += 1;
     }
+}
+
+/// The controller's `{"error": ...}`, or its body as text.
+fn error_text(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
 }
 
 /// One server-sent event; each line of `data` on its own `data:` line.

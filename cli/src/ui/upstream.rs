@@ -10,11 +10,14 @@ use rollguard_shared::tls_client::{Connector, KeepAlive, Session};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
-/// Largest answer read from the controller.
-const MAX_ANSWER: usize = 16 * 1024 * 1024;
+/// Largest answer read whole from the controller (as the CLI's).
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
-/// How long one call may take, connection included.
-const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a read may take, connection included. Actions (POST) have no
+/// limit: a kill waits for the agents' acknowledgements as long as the
+/// controller's `kill_ack_timeout` says, and giving up early would only
+/// hide its outcome.
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct Upstream {
     connector: Connector,
@@ -51,6 +54,23 @@ impl Upstream {
         Ok(s)
     }
 
+    /// A GET whose body the caller reads as it comes (a bundle: its size is
+    /// bounded by the controller's limit, not by [`MAX_ANSWER`]).
+    pub async fn stream(&self, path: &str) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let session = self.session().await?;
+        match tokio::time::timeout(READ_TIMEOUT, session.request(Method::GET, path, None)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                self.session.lock().await.take();
+                Err(anyhow::Error::new(e))
+            }
+            Err(_) => {
+                self.session.lock().await.take();
+                Err(anyhow!("the controller did not answer GET {path} in time"))
+            }
+        }
+    }
+
     /// One call to the controller. A GET whose connection failed is tried
     /// once more on a new connection; anything else is not, since the
     /// controller may have acted on it.
@@ -74,8 +94,11 @@ impl Upstream {
                 }
             }
         };
+        if method != Method::GET {
+            return attempt().await;
+        }
         let timed = || async {
-            match tokio::time::timeout(CALL_TIMEOUT, attempt()).await {
+            match tokio::time::timeout(READ_TIMEOUT, attempt()).await {
                 Ok(answer) => answer,
                 Err(_) => {
                     // A connection that stalls a call is not used again.
@@ -87,7 +110,7 @@ impl Upstream {
             }
         };
         match timed().await {
-            Err(e) if method == Method::GET => {
+            Err(e) => {
                 tracing::debug!(error = %e, "controller call failed; reconnecting");
                 timed().await
             }

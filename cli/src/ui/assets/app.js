@@ -11,18 +11,26 @@ let page = null;        // { name, id, refresh }
 
 // ---- small DOM helpers --------------------------------------------------
 
+// Text from hosts and operators, shown as it is: control characters and
+// bidirectional overrides (which could make a path read differently) are
+// written out as \u{...}.
+function clean(text) {
+  return String(text).replace(/[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g,
+    (c) => "\\u{" + c.charCodeAt(0).toString(16) + "}");
+}
+
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === null || v === undefined || v === false) continue;
     if (k === "class") el.className = v;
-    else if (k === "text") el.textContent = v;
+    else if (k === "text") el.textContent = clean(v);
     else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v === true ? "" : String(v));
   }
   for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
-    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    el.append(c instanceof Node ? c : document.createTextNode(clean(c)));
   }
   return el;
 }
@@ -57,18 +65,25 @@ function table(caption, headers, rows) {
 const SESSION_KEY = "rollguard-session";
 let session = localStorage.getItem(SESSION_KEY);
 
+// The link carries the token in its fragment (#token=...), which no
+// request ever sends.
 async function signIn() {
-  const token = new URLSearchParams(location.search).get("token");
-  if (!token) return;
-  // Out of the address bar (and the history) before anything else.
-  history.replaceState(null, "", "/" + location.hash);
+  const m = /^#token=([0-9a-f]{64})$/.exec(location.hash);
+  if (!m) return;
+  const token = m[1];
+  // Out of the address bar before anything else.
+  history.replaceState(null, "", "/#/fleet");
   const r = await fetch("/api/session", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ token }),
   });
   const data = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(data.error || r.statusText);
+  if (!r.ok) {
+    // The same browser opening the link again keeps its session.
+    if (session) return;
+    throw new Error(data.error || r.statusText);
+  }
   session = data.session;
   localStorage.setItem(SESSION_KEY, session);
 }
@@ -93,33 +108,65 @@ async function post(path, body) {
   return data;
 }
 
+let retry = null;       // the timer of the next reconnection
+
 function follow(rolloutId) {
   const want = rolloutId || "";
-  if (source && sourceFor === want) return;
+  if (source && source.readyState !== EventSource.CLOSED && sourceFor === want) return;
   if (source) source.close();
-  state.rollout = null;
+  if (sourceFor !== want) {
+    state.rollout = null;
+    state.rollout_error = null;
+  }
   sourceFor = want;
+  // A hidden tab holds no connection: browsers allow six per server, and
+  // the kill button of the visible tab needs one.
+  if (document.hidden) { source = null; return; }
   const query = new URLSearchParams({ session: session || "" });
   if (want) query.set("rollout", want);
   source = new EventSource("/api/events?" + query);
-  for (const name of ["agents", "rollouts", "kill", "rollout"]) {
+  for (const name of ["agents", "rollouts", "kill", "rollout", "rollout_error"]) {
     source.addEventListener(name, (e) => {
       state[name] = JSON.parse(e.data);
+      if (name === "rollout") state.rollout_error = null;
       if (name === "kill") showKill();
       if (page) page.refresh();
     });
   }
   source.addEventListener("health", (e) => {
     const hl = JSON.parse(e.data);
-    const el = $("health");
-    el.textContent = hl.ok ? "Live" : "Controller unreachable: " + hl.error;
-    el.classList.toggle("bad", !hl.ok);
+    setStale(!hl.ok, hl.ok ? "Live" : "CONTROLLER UNREACHABLE: " + hl.error + " (what is shown may be out of date)");
   });
   source.onerror = () => {
-    const el = $("health");
-    el.textContent = "Disconnected from rollguard ui; retrying…";
-    el.classList.add("bad");
+    setStale(true, "DISCONNECTED from rollguard ui: what is shown may be out of date; reconnecting…");
+    // The browser retries by itself unless the answer was an error; then
+    // it gives up, and so would the page without this.
+    if (source && source.readyState === EventSource.CLOSED && !retry) {
+      retry = setTimeout(async () => {
+        retry = null;
+        try {
+          await get("/api/kill");
+        } catch (e) {
+          if (/not signed in/i.test(e.message)) { signedOut(e.message); return; }
+        }
+        follow(sourceFor);
+      }, 2000);
+    }
   };
+}
+
+function setStale(stale, text) {
+  const el = $("health");
+  el.textContent = text;
+  el.classList.toggle("bad", stale);
+  $("main").classList.toggle("stale", stale);
+}
+
+function signedOut(why) {
+  if (source) source.close();
+  source = null;
+  $("health").textContent = "Not signed in";
+  $("main").replaceChildren(h("p", { role: "alert", id: "signin-error" }, "Not signed in: " + why));
 }
 
 // ---- the kill switch, on every page ------------------------------------
@@ -142,17 +189,25 @@ function showKill() {
   }
 }
 
+// What a kill achieved, and whether all of it: the same rule as the CLI,
+// which fails unless every agent acknowledged and every replica answered.
 function killResult(answer) {
   const pending = answer.agents_pending || [];
+  const missing = answer.agents_sent - answer.agents_acked;
+  const complete = missing === 0 && !answer.replicas_silent;
   const lines = [
     "Kill in force. Acknowledged by " + answer.agents_acked + " of " + answer.agents_sent +
       " connected agents (their covered bundles are dead).",
   ];
-  if (pending.length) lines.push("Not acknowledged in time: " + pending.join(", ") + ".");
-  else lines.push("Every connected agent acknowledged.");
-  if (answer.replicas_silent) lines.push(answer.replicas_silent + " controller replica(s) did not answer: their agents are not counted.");
+  if (missing > 0) {
+    const more = missing - pending.length;
+    lines.push("NOT ACKNOWLEDGED in time by " + missing + ": " + pending.join(", ") + (more > 0 ? " and " + more + " more" : "") + ".");
+  }
+  if (answer.replicas_silent) lines.push("INCOMPLETE: " + answer.replicas_silent + " controller replica(s) did not answer: their agents are not counted.");
+  if (complete && answer.agents_sent > 0) lines.push("Every connected agent acknowledged.");
+  if (answer.agents_sent === 0) lines.push("No agent was connected to receive it.");
   if (answer.halted_rollouts && answer.halted_rollouts.length) lines.push("Halted: " + answer.halted_rollouts.join(", ") + ".");
-  return lines.join(" ");
+  return { text: lines.join(" "), bad: !complete || answer.agents_sent === 0 };
 }
 
 function showResult(text, bad) {
@@ -173,7 +228,12 @@ function confirmAction(title, text, label, run) {
   reason.value = "";
   const form = $("confirm-form");
   const ok = $("confirm-ok");
+  const cancel = $("confirm-cancel");
+  let busy = false;
   ok.disabled = false;
+  cancel.disabled = false;
+  // While the request is out, the dialog stays: its outcome must be seen.
+  dlg.oncancel = (e) => { if (busy) e.preventDefault(); };
   form.onsubmit = async (e) => {
     e.preventDefault();
     const why = reason.value.trim();
@@ -182,17 +242,26 @@ function confirmAction(title, text, label, run) {
       reason.focus();
       return;
     }
+    busy = true;
     ok.disabled = true;
+    cancel.disabled = true;
+    $("confirm-error").textContent = "Sending…";
     try {
-      const msg = await run(why);
+      const out = await run(why);
       dlg.close();
-      showResult(msg, false);
+      showResult(out.text, out.bad);
     } catch (err) {
-      $("confirm-error").textContent = "Refused: " + err.message;
+      const unknown = /OUTCOME UNKNOWN/.test(err.message);
+      const text = (unknown ? "" : "Refused: ") + err.message;
+      $("confirm-error").textContent = text;
+      showResult(title + ": " + text, true);
       ok.disabled = false;
+    } finally {
+      busy = false;
+      cancel.disabled = false;
     }
   };
-  $("confirm-cancel").onclick = () => dlg.close();
+  cancel.onclick = () => dlg.close();
   dlg.showModal();
   reason.focus();
 }
@@ -263,6 +332,13 @@ function denialsOf(run) {
   return rep.denials;  // null: the host could not observe them (unknown)
 }
 
+// Denials the kernel counted: may exceed those listed (rate-limited records).
+function deniedCount(run) {
+  const d = denialsOf(run);
+  if (!d) return 0;
+  return Math.max(d.length, run.report.denial_count || 0);
+}
+
 function rolloutPage(main, id) {
   const title = h("h1", {}, "Rollout " + id);
   const stateLine = h("p", { class: "state-line", id: "rollout-state-line" });
@@ -276,10 +352,10 @@ function rolloutPage(main, id) {
   const hosts = h("section", { id: "hosts", "aria-label": "Hosts" });
   haltBtn.addEventListener("click", () => confirmAction("Halt rollout " + id,
     "No new host receives the bundle; runs in progress finish.", "Halt",
-    async (reason) => { const s = await post("/api/rollouts/" + id + "/halt", { reason }); return "Rollout " + id + " is " + s.state.toUpperCase() + "."; }));
+    async (reason) => { const s = await post("/api/rollouts/" + encodeURIComponent(id) + "/halt", { reason }); return { text: "Rollout " + id + " is " + s.state.toUpperCase() + ".", bad: false }; }));
   resumeBtn.addEventListener("click", () => confirmAction("Resume rollout " + id,
     "The rollout continues with its next hosts; the failures and alarms so far are acknowledged.", "Resume",
-    async (reason) => { const s = await post("/api/rollouts/" + id + "/resume", { reason }); return "Rollout " + id + " is " + s.state.toUpperCase() + "."; }));
+    async (reason) => { const s = await post("/api/rollouts/" + encodeURIComponent(id) + "/resume", { reason }); return { text: "Rollout " + id + " is " + s.state.toUpperCase() + ".", bad: false }; }));
   killBtn.addEventListener("click", () => confirmAction("Kill rollout " + id,
     "Its running bundles are killed on every host, it halts, and hosts refuse to run it until the kill is lifted.", "Kill rollout",
     async (reason) => killResult(await post("/api/kill", { scope: { rollout: id }, reason }))));
@@ -287,6 +363,7 @@ function rolloutPage(main, id) {
     h("h2", {}, "Waves"), waves, h("h2", {}, "Denied accesses"), denials, h("h2", {}, "Hosts"), hosts);
   return () => {
     const r = state.rollout;
+    if (state.rollout_error) { stateLine.replaceChildren(h("strong", { role: "alert" }, "Cannot show rollout " + id + ": " + state.rollout_error.error)); return; }
     if (!r || r.id !== id) { stateLine.replaceChildren("Loading…"); return; }
     title.textContent = "Rollout " + r.id + ": " + r.plan.bundle.name + " v" + r.plan.bundle.version + (r.plan.preview ? " (preview)" : "");
     const phase = r.state === "running" ? " (" + r.phase + ", wave " + Math.min(r.current_wave + 1, r.wave_count) + " of " + r.wave_count + ")" : "";
@@ -302,7 +379,7 @@ function rolloutPage(main, id) {
     for (const run of r.hosts) (byWave[run.wave] || (byWave[run.wave] = [])).push(run);
     waves.replaceChildren(...byWave.map((runs, i) => {
       const done = runs.filter((x) => FINISHED(x.state)).length;
-      const bad = runs.some((x) => BAD.has(x.state) || (denialsOf(x) || []).length);
+      const bad = runs.some((x) => BAD.has(x.state) || deniedCount(x) > 0);
       const current = r.state === "running" && i === r.current_wave;
       const label = "Wave " + (i + 1) + ": " + done + " of " + runs.length + " hosts reported" +
         (current ? " (current)" : "") + (bad ? ", PROBLEMS" : "");
@@ -311,7 +388,7 @@ function rolloutPage(main, id) {
         h("p", { id: "wave-" + (i + 1) + "-label" }, label),
         h("div", { class: "bar" + (bad ? " bad" : done === runs.length ? " ok" : ""), role: "progressbar",
           "aria-labelledby": "wave-" + (i + 1) + "-label", "aria-valuemin": 0, "aria-valuemax": runs.length, "aria-valuenow": done },
-          h("span", { style: null }, "")));
+          h("span", {})));
     }));
     // Widths are set through the DOM (the page's policy forbids inline style attributes).
     waves.querySelectorAll(".bar").forEach((bar) => {
@@ -343,7 +420,8 @@ function rolloutPage(main, id) {
           h("td", {}, String(run.wave + 1)),
           h("td", {}, badge(run.state)),
           h("td", {}, rep && rep.exit_code != null ? String(rep.exit_code) : "—"),
-          h("td", {}, !rep ? "—" : d === null ? badge("unknown") : d.length ? h("span", { class: "badge st-denied" }, d.length + " DENIED") : "none"),
+          h("td", {}, !rep ? "—" : d === null ? badge("unknown") : deniedCount(run) ? h("span", { class: "badge st-denied" },
+            deniedCount(run) + " DENIED" + (deniedCount(run) > d.length ? " (" + d.length + " listed)" : "")) : "none"),
           h("td", {}, rep ? (rep.reason || (rep.limits_hit || []).join(", ") || "") : ""));
       })));
   };
@@ -389,7 +467,11 @@ function route() {
   const main = $("main");
   main.replaceChildren();
   let refresh;
-  if (parts[0] === "rollouts" && parts[1]) {
+  if (parts[0] === "rollouts" && parts[1] && !/^[a-z0-9][a-z0-9-]{0,63}$/.test(parts[1])) {
+    main.append(h("p", { role: "alert" }, "Not a rollout id."));
+    page = { refresh: () => {} };
+    return;
+  } else if (parts[0] === "rollouts" && parts[1]) {
     follow(parts[1]);
     refresh = rolloutPage(main, parts[1]);
   } else if (parts[0] === "rollouts") {
@@ -426,5 +508,13 @@ document.addEventListener("DOMContentLoaded", async () => {
   }
   $("kill-all").addEventListener("click", killAll);
   window.addEventListener("hashchange", route);
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) {
+      if (source) source.close();
+      source = null;
+    } else {
+      follow(sourceFor);
+    }
+  });
   route();
 });
