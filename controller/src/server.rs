@@ -468,7 +468,10 @@ async fn plan_rollout(State(app): S, Extension(peer): P, body: Bytes) -> ApiResu
 async fn start_rollout(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Response> {
     let me = require(&app, &peer, may::OPERATE)?;
     let req: RolloutRequest = parse_json(&body)?;
-    Ok(json(&app.engine.start(&req, &me.name).await?))
+    let engine = app.engine.clone();
+    Ok(json(
+        &to_completion(async move { engine.start(&req, &me.name).await }).await?,
+    ))
 }
 
 async fn list_rollouts(State(app): S, Extension(peer): P) -> ApiResult<Response> {
@@ -541,10 +544,10 @@ async fn retry_rollout(
 ) -> ApiResult<Response> {
     let me = require(&app, &peer, may::OPERATE)?;
     let req: RetryRequest = parse_json(&body)?;
+    let id = rollout_id(&id)?;
+    let engine = app.engine.clone();
     Ok(json(
-        &app.engine
-            .retry(&rollout_id(&id)?, req.failed, &me.name)
-            .await?,
+        &to_completion(async move { engine.retry(&id, req.failed, &me.name).await }).await?,
     ))
 }
 
@@ -572,8 +575,8 @@ async fn lift(State(app): S, Extension(peer): P, body: Bytes) -> ApiResult<Respo
 
 /// Run an operator's action to its end even if the client goes away: a
 /// dropped request cancels its handler, and a kill stored but never pushed
-/// (or a halt recorded but never notified) must not be the result of a
-/// closed laptop or a Ctrl-C.
+/// (or a halt recorded but never notified, a rollout recorded but never
+/// driven) must not be the result of a closed laptop or a Ctrl-C.
 async fn to_completion<T: Send + 'static>(
     action: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
 ) -> ApiResult<T> {
