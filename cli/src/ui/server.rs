@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -42,6 +42,11 @@ const MAX_REQUEST: usize = 64 * 1024;
 /// Event streams open at once (a few tabs; each polls the controller, and
 /// the page closes its stream while hidden).
 const MAX_STREAMS: usize = 8;
+/// The longest pause while a bundle streams from the controller.
+const BUNDLE_IDLE: Duration = Duration::from_secs(20);
+/// More than any bundle the controller accepts (`max_bundle_bytes`, 256 MiB
+/// by default): only a controller that never ends its answer reaches it.
+const MAX_BUNDLE: u64 = 4 << 30;
 /// Connections open at once.
 const MAX_CONNECTIONS: usize = 64;
 /// How often an event stream asks the controller what changed.
@@ -258,6 +263,16 @@ impl Ui {
         let ui = self.clone();
         let task = tokio::spawn(async move { ui.upstream.call(Method::POST, &path, body).await });
         match task.await {
+            // A server error may come after the action took effect (a kill
+            // stored and pushed, then a failed bookkeeping step).
+            Ok(Ok(a)) if a.status.is_server_error() => problem(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "OUTCOME UNKNOWN (the controller answered {}: {}); check the kill state and the rollout",
+                    a.status,
+                    error_text(&a.body)
+                ),
+            ),
             Ok(Ok(a)) => json_bytes(a.status, a.body),
             Ok(Err(e)) => problem(
                 StatusCode::BAD_GATEWAY,
@@ -289,11 +304,23 @@ impl Ui {
         }
         // Read as it comes: the manifest is at the front, and the rest only
         // passes through the digest, so a large bundle is never held whole.
-        let stream = resp
-            .into_body()
-            .into_data_stream()
-            .map_err(std::io::Error::other);
-        let reader = SyncIoBridge::new(StreamReader::new(stream));
+        // A controller that stops sending mid-body fails the read instead of
+        // holding a blocking thread.
+        let body = resp.into_body().into_data_stream();
+        let stream = futures_util::stream::unfold(body, |mut body| async move {
+            match tokio::time::timeout(BUNDLE_IDLE, body.next()).await {
+                Ok(Some(chunk)) => Some((chunk.map_err(std::io::Error::other), body)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the controller stopped sending the bundle",
+                    )),
+                    body,
+                )),
+            }
+        });
+        let reader = SyncIoBridge::new(StreamReader::new(Box::pin(stream)));
         let parsed = tokio::task::spawn_blocking(move || {
             let mut hashed = Hashed {
                 inner: reader,
@@ -304,8 +331,12 @@ impl Ui {
                     .map_err(|e| format!("not a valid bundle: {e}"))?;
                 crate::bundle::inspection(&opened, None, jiff::Timestamp::now())
             };
-            std::io::copy(&mut hashed, &mut std::io::sink())
+            use std::io::Read;
+            let rest = std::io::copy(&mut (&mut hashed).take(MAX_BUNDLE), &mut std::io::sink())
                 .map_err(|e| format!("reading the bundle: {e}"))?;
+            if rest == MAX_BUNDLE {
+                return Err("the controller's bundle is larger than any bundle can be".into());
+            }
             if hex::encode(hashed.hash.finalize()) != sha.to_string() {
                 return Err(format!("the controller's bundle is not {sha}"));
             }
@@ -418,26 +449,49 @@ impl EventState {
     async fn poll(&mut self) {
         let tick = self.tick;
         self.tick += 1;
+        // A comment every 5 s: a closed page is noticed on the write, and
+        // the stream stops polling the controller for it.
+        if tick % 10 == 9 {
+            self.queue
+                .push_back(Bytes::from_static(b": keep-alive\n\n"));
+        }
         // While the controller is not answering, ask every 2 s, not 0.5.
         if matches!(self.health, Some(Err(_))) && tick % 4 != 0 {
             return;
         }
-        for (name, path, every) in &self.sources {
-            if tick % every != 0 {
-                continue;
-            }
-            match self.ui.upstream.call(Method::GET, path, None).await {
+        // All at once: one slow answer must not hold back the others, nor
+        // the page's word that the controller is not answering.
+        let due: Vec<(&'static str, String)> = self
+            .sources
+            .iter()
+            .filter(|(_, _, every)| tick % every == 0)
+            .map(|(name, path, _)| (*name, path.clone()))
+            .collect();
+        let upstream = &self.ui.upstream;
+        let answers =
+            futures_util::future::join_all(due.iter().map(|(_, path)| upstream.poll(path))).await;
+        for ((name, path), answer) in due.into_iter().zip(answers) {
+            match answer {
                 Ok(a) if a.status.is_success() => {
                     self.problems.remove(name);
+                    // After an error, the same answer as before is news.
+                    if name == "rollout" && self.last.remove("rollout_error").is_some() {
+                        self.last.remove("rollout");
+                    }
                     if self.last.get(name) != Some(&a.body) {
                         self.queue.push_back(event(name, &a.body));
                         self.last.insert(name, a.body);
                     }
                 }
-                // The followed rollout's own refusal (no such rollout) is
-                // the page's to show, not a sign the controller is down.
-                Ok(a) if *name == "rollout" => {
+                // The followed rollout's own refusal (no such rollout, a
+                // malformed id) is the page's to show, not a sign that the
+                // controller is down.
+                Ok(a)
+                    if name == "rollout"
+                        && matches!(a.status, StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST) =>
+                {
                     self.problems.remove(name);
+                    self.last.remove("rollout");
                     let body = serde_json::json!({
                         "status": a.status.as_u16(),
                         "error": error_text(&a.body),
@@ -476,12 +530,6 @@ impl EventState {
             self.queue
                 .push_back(event("health", body.to_string().as_bytes()));
             self.health = Some(health);
-        }
-        // A comment now and then: a closed page is noticed on the write,
-        // and the stream stops polling the controller for it.
-        if self.queue.is_empty() && tick % 10 == 9 {
-            self.queue
-                .push_back(Bytes::from_static(b": keep-alive\n\n"));
         }
     }
 }
@@ -531,9 +579,12 @@ impl Reason {
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, String> {
-    let bytes = Limited::new(req.into_body(), MAX_REQUEST)
-        .collect()
+    // Bounded in time too: a body sent a byte at a time would hold one of
+    // the few connections for good.
+    let read = Limited::new(req.into_body(), MAX_REQUEST).collect();
+    let bytes = tokio::time::timeout(Duration::from_secs(10), read)
         .await
+        .map_err(|_| "the request body took too long".to_string())?
         .map_err(|e| format!("reading the request: {e}"))?
         .to_bytes();
     serde_json::from_slice(&bytes).map_err(|e| format!("invalid request: {e}"))

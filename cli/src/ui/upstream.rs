@@ -75,6 +75,22 @@ impl Upstream {
     /// once more on a new connection; anything else is not, since the
     /// controller may have acted on it.
     pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Answer> {
+        self.call_with(method, path, body, true).await
+    }
+
+    /// A GET tried once (the event stream's polls: its next tick is the
+    /// retry, and a failure must show on the page quickly).
+    pub async fn poll(&self, path: &str) -> Result<Answer> {
+        self.call_with(Method::GET, path, None, false).await
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        retry: bool,
+    ) -> Result<Answer> {
         let attempt = || async {
             let session = self.session().await?;
             let content = body.clone().map(|b| (b, "application/json"));
@@ -110,7 +126,7 @@ impl Upstream {
             }
         };
         match timed().await {
-            Err(e) => {
+            Err(e) if retry => {
                 tracing::debug!(error = %e, "controller call failed; reconnecting");
                 timed().await
             }

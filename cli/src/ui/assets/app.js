@@ -80,8 +80,13 @@ async function signIn() {
   });
   const data = await r.json().catch(() => ({}));
   if (!r.ok) {
-    // The same browser opening the link again keeps its session.
-    if (session) return;
+    // The same browser opening the link again keeps its session, if it
+    // is still good; otherwise the link's refusal is the news.
+    if (session) {
+      try { await get("/api/kill"); return; } catch (_) { /* stale */ }
+    }
+    session = null;
+    localStorage.removeItem(SESSION_KEY);
     throw new Error(data.error || r.statusText);
   }
   session = data.session;
@@ -135,7 +140,7 @@ function follow(rolloutId) {
   }
   source.addEventListener("health", (e) => {
     const hl = JSON.parse(e.data);
-    setStale(!hl.ok, hl.ok ? "Live" : "CONTROLLER UNREACHABLE: " + hl.error + " (what is shown may be out of date)");
+    setStale(!hl.ok, hl.ok ? "Live" : "CONTROLLER UNREACHABLE: " + clean(hl.error) + " (what is shown may be out of date)");
   });
   source.onerror = () => {
     setStale(true, "DISCONNECTED from rollguard ui: what is shown may be out of date; reconnecting…");
@@ -189,8 +194,10 @@ function showKill() {
   }
 }
 
-// What a kill achieved, and whether all of it: the same rule as the CLI,
-// which fails unless every agent acknowledged and every replica answered.
+// What a kill achieved, and whether all of it. Marked as a problem when the
+// CLI would fail (an agent did not acknowledge, a replica did not answer)
+// and also when no agent was connected to receive it, which the CLI only
+// reports.
 function killResult(answer) {
   const pending = answer.agents_pending || [];
   const missing = answer.agents_sent - answer.agents_acked;
@@ -252,10 +259,11 @@ function confirmAction(title, text, label, run) {
       showResult(out.text, out.bad);
     } catch (err) {
       const unknown = /OUTCOME UNKNOWN/.test(err.message);
-      const text = (unknown ? "" : "Refused: ") + err.message;
+      const text = (unknown ? "" : "Refused: ") + clean(err.message);
       $("confirm-error").textContent = text;
       showResult(title + ": " + text, true);
-      ok.disabled = false;
+      // An unknown outcome is not to be sent again blindly: check first.
+      ok.disabled = unknown;
     } finally {
       busy = false;
       cancel.disabled = false;
@@ -369,7 +377,7 @@ function rolloutPage(main, id) {
     const phase = r.state === "running" ? " (" + r.phase + ", wave " + Math.min(r.current_wave + 1, r.wave_count) + " of " + r.wave_count + ")" : "";
     stateLine.replaceChildren("State: ", h("strong", { id: "rollout-state", class: "badge st-" + r.state }, r.state.toUpperCase()), phase);
     halt.hidden = !r.halt_reason;
-    halt.textContent = r.halt_reason ? "HALTED: " + r.halt_reason : "";
+    halt.textContent = r.halt_reason ? "HALTED: " + clean(r.halt_reason) : "";
     haltBtn.hidden = r.state !== "running";
     resumeBtn.hidden = r.state !== "halted";
     bundleLink.hidden = false;
