@@ -404,21 +404,227 @@ fn bench_memory(n: usize) {
     );
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// Clock ticks per second of the CPU counters in /proc (USER_HZ).
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf reads a constant of the C library; no memory involved.
+    let t = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// User + system CPU of a process so far, in clock ticks (fields 14 and 15
+/// of /proc/PID/stat; all its threads, live and exited); None once it is gone.
+fn process_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which is in parentheses and may hold
     // spaces): state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ticks(11)? + ticks(12)?)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    process_ticks(pid).unwrap_or(0) as f64 / clk_tck()
+}
+
+/// The machine's CPU time so far from the `cpu` line of /proc/stat, in
+/// clock ticks summed over all CPUs: (busy, idle, steal). Busy is user,
+/// nice, system, irq and softirq (guest time is already inside user); idle
+/// includes iowait; steal is time the hypervisor gave this VM's CPUs to
+/// someone else, kept apart because it is neither our work nor idle.
+fn machine_ticks() -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let f = |i: usize| v.get(i).copied().unwrap_or(0);
+    (f(0) + f(1) + f(2) + f(5) + f(6), f(3) + f(4), f(7))
+}
+
+/// The PostgreSQL server's processes: the postmaster (first line of
+/// `data/postmaster.pid` in the cluster's directory, tests/src/postgres.rs)
+/// and its children (backends, WAL writer, checkpointer, ...).
+fn postgres_pids(pg: &rollguard_tests::postgres::PgCluster) -> Vec<u32> {
+    let pidfile = pg.socket_dir().join("data/postmaster.pid");
+    let text = std::fs::read_to_string(pidfile).unwrap_or_default();
+    let Some(master) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return Vec::new();
     };
-    // USER_HZ: clock ticks are 1/100 s in /proc on Linux.
-    (ticks(11) + ticks(12)) / 100.0
+    let mut out = vec![master];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // Field 4, the parent's pid, is the second after the command name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(master) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// One reading of the CPU counters during the kill window.
+struct CpuSample {
+    /// Seconds since the kill command was about to be sent.
+    at: f64,
+    /// The machine's (busy, idle, steal) ticks ([`machine_ticks`]).
+    machine: (u64, u64, u64),
+    /// User + system ticks of each group of processes.
+    groups: Vec<u64>,
+}
+
+/// Issue 14: is the kill's tail (the last hosts' acknowledgements, ~1 s
+/// after the replicas sent the order at ~0.05 s) the simulated agents,
+/// controllers and PostgreSQL competing for the machine's CPUs, or time
+/// spent waiting? A thread reads the machine's and each group's CPU
+/// counters every 10 ms from just before the command; the window's end,
+/// the last host's kill state durable, is only known afterwards (from the
+/// files' modification times), so the samples are kept and the first one
+/// at or after that end closes the window. Reading ~20 small /proc files
+/// every 10 ms is this process's own CPU, reported as "benchmark".
+struct CpuSampler {
+    names: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<CpuSample>>,
+}
+
+impl CpuSampler {
+    /// Take the first sample now (before the caller sends the command),
+    /// then one every 10 ms on a thread until [`CpuSampler::report`].
+    fn start(origin: Instant, groups: Vec<(String, Vec<u32>)>) -> CpuSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let names = groups.iter().map(|g| g.0.clone()).collect();
+        // A process that exits during the window keeps the ticks it was
+        // last seen with (its CPU after that falls to "other").
+        let mut last: Vec<Vec<u64>> = groups.iter().map(|g| vec![0; g.1.len()]).collect();
+        let mut sample = move || {
+            let machine = machine_ticks();
+            let mut sums = Vec::with_capacity(groups.len());
+            for (g, (_, pids)) in groups.iter().enumerate() {
+                for (k, pid) in pids.iter().enumerate() {
+                    if let Some(t) = process_ticks(*pid) {
+                        last[g][k] = t;
+                    }
+                }
+                sums.push(last[g].iter().sum());
+            }
+            CpuSample {
+                at: origin.elapsed().as_secs_f64(),
+                machine,
+                groups: sums,
+            }
+        };
+        let mut samples = vec![sample()];
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(10));
+            let done = flag.load(std::sync::atomic::Ordering::Relaxed);
+            samples.push(sample());
+            if done {
+                return samples;
+            }
+        });
+        CpuSampler {
+            names,
+            stop,
+            thread,
+        }
+    }
+
+    /// Stop sampling and describe the CPU from the first sample to the first
+    /// one at or after `end` seconds: the machine's busy share of all its
+    /// CPUs, each group's CPU seconds, "other" (the machine's busy time not
+    /// in any group: other processes, kernel threads, interrupts), and per
+    /// 0.1 s the machine's, the replicas' and the simulated agents' shares,
+    /// to show whether the machine stayed saturated through the tail.
+    fn report(self, n: usize, end: f64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.thread.join().expect("CPU sampler");
+        let first = &samples[0];
+        let last = samples
+            .iter()
+            .find(|s| s.at >= end)
+            .unwrap_or_else(|| samples.last().expect("a sample"));
+        let hz = clk_tck();
+        let busy_share = |a: &CpuSample, b: &CpuSample| {
+            let busy = b.machine.0 - a.machine.0;
+            let total = busy + (b.machine.1 - a.machine.1) + (b.machine.2 - a.machine.2);
+            (100.0 * busy as f64 / total.max(1) as f64).round()
+        };
+        let steal = last.machine.2 - first.machine.2;
+        let total = (last.machine.0 + last.machine.1 + last.machine.2)
+            - (first.machine.0 + first.machine.1 + first.machine.2);
+        let busy = last.machine.0 - first.machine.0;
+        let mut parts = Vec::new();
+        let mut grouped = 0i64;
+        for (g, name) in self.names.iter().enumerate() {
+            let used = last.groups[g] as i64 - first.groups[g] as i64;
+            grouped += used;
+            parts.push(format!("{name} {:.2} s", used as f64 / hz));
+        }
+        parts.push(format!(
+            "other {:.2} s",
+            (busy as i64 - grouped) as f64 / hz
+        ));
+        let cpus = std::thread::available_parallelism().map_or(0, |c| c.get());
+        println!(
+            "control  N={n:>6}  kill window {:.2} s: machine busy {:.0} % of {cpus} CPUs ({:.2} CPU-s of {:.2}; steal {:.0} %); \
+             CPU: {} (clock tick {:.0} ms)",
+            last.at - first.at,
+            busy_share(first, last),
+            busy as f64 / hz,
+            total as f64 / hz,
+            100.0 * steal as f64 / total.max(1) as f64,
+            parts.join(", "),
+            1000.0 / hz,
+        );
+        // Per 0.1 s: the machine's busy share, and the replicas' and the
+        // simulated agents' shares of all CPUs (is the tail still work, and
+        // whose?).
+        let share = |a: &CpuSample, b: &CpuSample, of: &dyn Fn(&str) -> bool| {
+            let total = (b.machine.0 + b.machine.1 + b.machine.2)
+                - (a.machine.0 + a.machine.1 + a.machine.2);
+            let used: u64 = (self.names.iter().enumerate())
+                .filter(|(_, name)| of(name))
+                .map(|(g, _)| b.groups[g] - a.groups[g])
+                .sum();
+            (100.0 * used as f64 / total.max(1) as f64).round()
+        };
+        let (mut busy, mut replicas, mut simulate) = (Vec::new(), Vec::new(), Vec::new());
+        let mut from = first;
+        for s in &samples {
+            if s.at >= from.at + 0.1 || (std::ptr::eq(s, last) && s.at > from.at) {
+                busy.push(busy_share(from, s));
+                replicas.push(share(from, s, &|g| g.starts_with("replica")));
+                simulate.push(share(from, s, &|g| g == "simulate"));
+                from = s;
+            }
+            if std::ptr::eq(s, last) {
+                break;
+            }
+        }
+        println!(
+            "         N={n:>6}  per 0.1 s of the window, % of all CPUs: machine busy {busy:?}, replicas {replicas:?}, simulate {simulate:?}"
+        );
+    }
 }
 
 /// Seconds from `t0` (seconds since midnight UTC) until each host's daemon
@@ -484,9 +690,21 @@ fn bench_control_plane(n: usize) {
         "control  N={n:>6}  rollout [1,1%,10%,100%] bake 0: {recorded:.2} s; controller CPU {used:.2} s = {:.3} ms per host (both replicas)",
         used * 1000.0 / n as f64
     );
-    // kill --all through the follower; every daemon's record of it.
+    // kill --all through the follower; every daemon's record of it, and
+    // the CPU while it went out, by process group.
+    let mut groups: Vec<(String, Vec<u32>)> = f
+        .controller_pids()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("replica {i}"), vec![*p]))
+        .collect();
+    groups.push(("simulate".into(), f.sim_pids()));
+    groups.push(("postgres".into(), postgres_pids(&pg)));
+    // This process polls the hosts' kill.json files during the window.
+    groups.push(("benchmark".into(), vec![std::process::id()]));
     let t0 = day_seconds_now();
     let wall = Instant::now();
+    let sampler = CpuSampler::start(wall, groups);
     let out = rollguard_tests::run_ok(
         rollguard_tests::operator_cli(&f.replica_url(1), &f.ctl(), f.root()).args([
             "kill",
@@ -514,6 +732,7 @@ fn bench_control_plane(n: usize) {
         v["agents_acked"],
         v["agents_sent"],
     );
+    sampler.report(n, times.last().copied().unwrap_or(f64::NAN));
     let at = |what: &str| -> Vec<f64> {
         log_times(&f.ctl(), what)
             .into_iter()
