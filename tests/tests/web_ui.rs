@@ -5,7 +5,9 @@
 //! out; the canary's denied paths and HALTED appear without a reload; a
 //! kill issued from the page is acknowledged by every agent. A viewer's
 //! page is refused the kill by the controller's role rules, and the link,
-//! a request without the session and a foreign Host name are refused.
+//! a request without the session and a foreign Host name are refused. A
+//! halt and a resume from the page each reach the controller with their
+//! reason.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -254,4 +256,72 @@ fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
         kill["all"]["reason"], "2012 replay: stop everything",
         "{kill:#}"
     );
+}
+
+/// The operator log's entries of `action`, their details as JSON.
+fn operator_log(fleet: &Fleet, action: &str) -> Vec<serde_json::Value> {
+    let config =
+        rollguard_controller::config::ControllerConfig::load(&fleet.ctl().join("controller.toml"))
+            .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let entries = rt.block_on(async {
+        let store = rollguard_controller::store::open(&config.storage)
+            .await
+            .unwrap()
+            .store;
+        store.operator_log_entries().await.unwrap()
+    });
+    entries
+        .into_iter()
+        .filter(|e| e.action == action)
+        .map(|e| serde_json::from_str(&e.detail).unwrap())
+        .collect()
+}
+
+#[test]
+fn halt_and_resume_from_the_page_each_with_its_reason() {
+    let mut fleet = Fleet::new(&HOSTS[..3]);
+    fleet.start_controller();
+    fleet.start_agents();
+    let browser = Browser::start();
+    let ui = Ui::start(fleet.cli());
+    browser.goto(&ui.url);
+    browser.wait_for_text("#fleet-count", "3 connected", "the fleet");
+    // A long bake after the first wave keeps the rollout running.
+    let bundle = fleet.bundle(
+        "fix",
+        &manifest("mail-fix", 1, "\"mail-*\"", "1m"),
+        &script("touch \"$H/fixed\""),
+    );
+    let id = fleet.start_rollout(&bundle, &["--waves", "1,100%", "--bake", "10m"]);
+    browser.eval(&format!("location.hash = '#/rollouts/{id}'; return null;"));
+    browser.wait_for_text("#rollout-state", "RUNNING", "the running rollout");
+    browser.wait_for_text(
+        "#waves",
+        "Wave 1: 1 of 1 hosts reported (current)",
+        "wave 1 baking",
+    );
+
+    browser.click("#halt");
+    browser.fill("#confirm-reason", "hold: the 2012 review first");
+    browser.click("#confirm-ok");
+    browser.wait_for_text("#action-result", "is HALTED", "the halt's answer");
+    browser.wait_for_text("#rollout-state", "HALTED", "the halt, pushed");
+    browser.wait_for_text("#halt-reason", "hold: the 2012 review first", "its reason");
+
+    browser.click("#resume");
+    browser.fill("#confirm-reason", "review done");
+    browser.click("#confirm-ok");
+    browser.wait_for_text("#action-result", "is RUNNING", "the resume's answer");
+    browser.wait_for_text("#rollout-state", "RUNNING", "the resume, pushed");
+    let resumes = operator_log(&fleet, "rollout.resume");
+    assert_eq!(resumes.len(), 1, "{resumes:?}");
+    assert_eq!(resumes[0]["reason"], "review done", "{resumes:?}");
+    assert_eq!(resumes[0]["rollout"], id.as_str());
+    // Only the first wave's host ran: the rest wait for the bake.
+    let ran: usize = ["mail-01", "mail-02", "mail-03"]
+        .iter()
+        .map(|h| fleet.runs_on(h).len())
+        .sum();
+    assert_eq!(ran, 1);
 }
