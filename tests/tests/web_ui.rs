@@ -7,7 +7,7 @@
 //! page is refused the kill by the controller's role rules, and the link,
 //! a request without the session and a foreign Host name are refused. A
 //! halt and a resume from the page each reach the controller with their
-//! reason.
+//! reason, and the page survives a controller restart.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -324,4 +324,29 @@ fn halt_and_resume_from_the_page_each_with_its_reason() {
         .map(|h| fleet.runs_on(h).len())
         .sum();
     assert_eq!(ran, 1);
+
+    // The controller goes away and comes back: the page says so, greys
+    // out what it shows, and recovers on its own, still without a reload.
+    browser.eval("window.rollguardNoReload = 1; return null;");
+    fleet.kill_controller();
+    browser.wait_for_text(
+        "#health",
+        "CONTROLLER UNREACHABLE",
+        "the controller's absence",
+    );
+    assert_eq!(
+        browser.eval("return document.getElementById('main').classList.contains('stale');"),
+        serde_json::json!(true)
+    );
+    fleet.start_controller();
+    browser.wait_for_text("#health", "Live", "the controller back");
+    browser.wait_for_text(
+        "#rollout-state",
+        "RUNNING",
+        "the rollout, after the restart",
+    );
+    assert_eq!(
+        browser.eval("return document.getElementById('main').classList.contains('stale') ? 0 : window.rollguardNoReload;"),
+        serde_json::json!(1)
+    );
 }
