@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,8 +23,8 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rollguard_shared::protocol::{
     AgentReport, ErrorBody, HaltRequest, KillAck, KillRequest, LiftRequest, Order, Register,
-    ResumeRequest, RetryRequest, RolloutId, RolloutRequest, RolloutState, Sha256Hex, MAX_JSON_BODY,
-    PING_INTERVAL_SECS,
+    ResumeRequest, RetryRequest, RolloutId, RolloutRequest, RolloutState, RolloutSummary,
+    Sha256Hex, MAX_JSON_BODY, PING_INTERVAL_SECS,
 };
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -474,9 +474,32 @@ async fn start_rollout(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
     ))
 }
 
-async fn list_rollouts(State(app): S, Extension(peer): P) -> ApiResult<Response> {
+/// `GET /v1/rollouts[?summary=true][&limit=N]`: every rollout in full
+/// (oldest first), or summaries; `limit` keeps the newest N.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    summary: bool,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn list_rollouts(
+    State(app): S,
+    Extension(peer): P,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
     require(&app, &peer, may::READ)?;
-    Ok(json(&app.engine.list().await?))
+    let mut all = app.engine.list().await?;
+    if let Some(n) = q.limit {
+        all.drain(..all.len().saturating_sub(n));
+    }
+    Ok(if q.summary {
+        json(&all.iter().map(RolloutSummary::from).collect::<Vec<_>>())
+    } else {
+        json(&all)
+    })
 }
 
 async fn rollout_status(

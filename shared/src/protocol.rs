@@ -443,6 +443,60 @@ pub struct RolloutStatus {
     pub updated_at: String,
 }
 
+/// One rollout as a list shows it (`GET /v1/rollouts?summary=true`): the
+/// bundle and where the rollout is, with its hosts counted by state and no
+/// reports, so a list of rollouts over thousands of hosts stays small.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSummary {
+    pub id: RolloutId,
+    pub state: RolloutState,
+    pub phase: WavePhase,
+    pub current_wave: u32,
+    pub wave_count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_reason: Option<String>,
+    pub bundle: BundleSummary,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview: bool,
+    /// Hosts in the rollout.
+    pub hosts: u32,
+    /// Hosts by state (as [`HostRun::state`] names them).
+    pub host_states: BTreeMap<String, u32>,
+    /// Denials the hosts reported, listed or counted.
+    pub denials: u64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&RolloutStatus> for RolloutSummary {
+    fn from(s: &RolloutStatus) -> Self {
+        let mut host_states = BTreeMap::new();
+        let mut denials = 0u64;
+        for h in &s.hosts {
+            *host_states.entry(h.state.clone()).or_insert(0) += 1;
+            if let Some(r) = &h.report {
+                let listed = r.denials.as_ref().map_or(0, |d| d.len() as u64);
+                denials += listed.max(r.denial_count.unwrap_or(0));
+            }
+        }
+        RolloutSummary {
+            id: s.id.clone(),
+            state: s.state,
+            phase: s.phase,
+            current_wave: s.current_wave,
+            wave_count: s.wave_count,
+            halt_reason: s.halt_reason.clone(),
+            bundle: s.plan.bundle.clone(),
+            preview: s.plan.preview,
+            hosts: s.hosts.len() as u32,
+            host_states,
+            denials,
+            created_at: s.created_at.clone(),
+            updated_at: s.updated_at.clone(),
+        }
+    }
+}
+
 /// Body of `POST /v1/rollouts/{id}/retry` (`rollout retry ID --failed`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -209,6 +209,14 @@ fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
         serde_json::json!(2012),
         "the page was never reloaded"
     );
+    // The list: hosts counted by state, the denials counted.
+    browser.click("#nav-rollouts");
+    browser.wait_for_text("#rollouts-table", "3 DENIED", "the list's denial count");
+    let list = browser.text_of("#rollouts-table");
+    assert!(list.contains("5 (4 pending, 1 succeeded)"), "{list}");
+    assert!(list.contains("HALTED"), "{list}");
+    browser.click(&format!("a[href='#/rollouts/{id}']"));
+    browser.wait_for_text("#rollout-state", "HALTED", "the rollout page again");
     // The README's screenshot comes from here.
     if let Some(path) = std::env::var_os("ROLLGUARD_UI_SCREENSHOT") {
         browser.screenshot(std::path::Path::new(&path));
@@ -314,6 +322,27 @@ fn halt_and_resume_from_the_page_each_with_its_reason() {
     browser.click("#confirm-ok");
     browser.wait_for_text("#action-result", "is RUNNING", "the resume's answer");
     browser.wait_for_text("#rollout-state", "RUNNING", "the resume, pushed");
+    // The summaries the list page reads, newest first within a limit.
+    let client = rollguard_cli::client::Client::connect_with(
+        &fleet.url(),
+        &fleet.ctl().join("ca.crt"),
+        &fleet.ctl().join("operator.crt"),
+        &fleet.ctl().join("operator.key"),
+    )
+    .unwrap();
+    let summaries: serde_json::Value = client.get("/v1/rollouts?summary=true&limit=5").unwrap();
+    assert_eq!(summaries[0]["id"], id.as_str(), "{summaries:#}");
+    assert_eq!(summaries[0]["hosts"], 3);
+    assert_eq!(summaries[0]["host_states"]["succeeded"], 1, "{summaries:#}");
+    assert!(
+        summaries[0].get("plan").is_none(),
+        "no plan, no reports: {summaries:#}"
+    );
+    let none: serde_json::Value = client.get("/v1/rollouts?limit=0").unwrap();
+    assert_eq!(none, serde_json::json!([]));
+    assert!(client
+        .get::<serde_json::Value>("/v1/rollouts?sumary=true")
+        .is_err());
     let resumes = operator_log(&fleet, "rollout.resume");
     assert_eq!(resumes.len(), 1, "{resumes:?}");
     assert_eq!(resumes[0]["reason"], "review done", "{resumes:?}");

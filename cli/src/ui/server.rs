@@ -42,6 +42,8 @@ const MAX_REQUEST: usize = 64 * 1024;
 /// Event streams open at once (a few tabs; each polls the controller, and
 /// the page closes its stream while hidden).
 const MAX_STREAMS: usize = 8;
+/// Rollouts on the list page, newest first.
+const MAX_LISTED: usize = 200;
 /// The longest pause while a bundle streams from the controller.
 const BUNDLE_IDLE: Duration = Duration::from_secs(20);
 /// More than any bundle the controller accepts (`max_bundle_bytes`, 256 MiB
@@ -190,7 +192,8 @@ impl Ui {
                 self.forward(Method::GET, "/v1/agents", None).await
             }
             (&Method::GET, ["api", "rollouts"]) => {
-                self.forward(Method::GET, "/v1/rollouts", None).await
+                let path = format!("/v1/rollouts?summary=true&limit={MAX_LISTED}");
+                self.forward(Method::GET, &path, None).await
             }
             (&Method::GET, ["api", "kill"]) => self.forward(Method::GET, "/v1/kill", None).await,
             (&Method::GET, ["api", "rollouts", id]) => match RolloutId::parse(id) {
@@ -360,7 +363,13 @@ impl Ui {
         };
         let mut sources = vec![
             ("kill", "/v1/kill".to_string(), 1),
-            ("rollouts", "/v1/rollouts".to_string(), 2),
+            // Summaries of the newest: the full list carries every host's
+            // report of every rollout ever.
+            (
+                "rollouts",
+                format!("/v1/rollouts?summary=true&limit={MAX_LISTED}"),
+                2,
+            ),
             ("agents", "/v1/agents".to_string(), 4),
         ];
         if let Some(id) = rollout {

@@ -319,13 +319,16 @@ function rolloutsPage(main) {
     if (!list) { holder.replaceChildren(h("p", {}, "Loading…")); return; }
     if (!list.length) { holder.replaceChildren(h("p", {}, "No rollouts yet.")); return; }
     const sorted = [...list].sort((a, b) => String(b.created_at).localeCompare(String(a.created_at)));
-    holder.replaceChildren(table("Rollouts", ["Rollout", "Bundle", "State", "Wave", "Hosts", "Started", "Halt reason"],
+    // Summaries (GET /v1/rollouts?summary=true): hosts counted by state.
+    const counts = (r) => Object.entries(r.host_states || {}).map(([k, n]) => n + " " + k.replace(/_/g, " ")).join(", ");
+    holder.replaceChildren(table("Rollouts", ["Rollout", "Bundle", "State", "Wave", "Hosts", "Denied", "Started", "Halt reason"],
       sorted.map((r) => h("tr", {},
         h("td", {}, h("a", { href: "#/rollouts/" + r.id, class: "mono" }, r.id)),
-        h("td", {}, r.plan.bundle.name + " v" + r.plan.bundle.version + (r.plan.preview ? " (preview)" : "")),
+        h("td", {}, r.bundle.name + " v" + r.bundle.version + (r.preview ? " (preview)" : "")),
         h("td", {}, badge(r.state)),
         h("td", {}, Math.min(r.current_wave + 1, r.wave_count) + " of " + r.wave_count),
-        h("td", {}, String(r.hosts.length)),
+        h("td", {}, r.hosts + (r.hosts ? " (" + counts(r) + ")" : "")),
+        h("td", {}, r.denials ? h("span", { class: "badge st-denied" }, r.denials + " DENIED") : "none"),
         h("td", {}, when(r.created_at)),
         h("td", {}, r.halt_reason || "—")))));
   };
