@@ -123,7 +123,14 @@ fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
 
     let ui = Ui::start(fleet.cli());
     let authority = ui.authority().to_string();
-    assert_eq!(ui.status_of("/api/agents", &authority), 401, "no session");
+    // Without the link, nothing: not the page, not its script, not the API.
+    for path in ["/", "/app.js", "/api/agents", "/api/events"] {
+        assert_eq!(
+            ui.status_of(path, &authority),
+            401,
+            "{path} without the token"
+        );
+    }
     browser.goto(&ui.url);
     assert!(
         !browser.current_url().contains("token"),
@@ -131,23 +138,21 @@ fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
         browser.current_url()
     );
     browser.wait_for_text("#health", "Live", "the event stream");
-    // The page traded the token for its session: the link is spent.
+    // The link is spent; its token is no session either.
     let token = &ui.url[ui.url.find("token=").unwrap() + 6..];
-    let body = format!("{{\"token\":\"{token}\"}}");
     assert_eq!(
-        ui.request(&format!(
-            "POST /api/session HTTP/1.1\r\nHost: {authority}\r\nOrigin: http://{authority}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )),
+        ui.status_of(&format!("/?token={token}"), &authority),
         403,
         "the link works once"
     );
     assert_eq!(
-        ui.status_of(&format!("/api/agents?session={token}"), &authority),
+        ui.status_of(&format!("/api/events?session={token}"), &authority),
         401,
         "the token is no session"
     );
+    // A reload (no token now) keeps working in the browser that signed in.
+    browser.goto(&format!("http://{authority}/#/fleet"));
+    browser.wait_for_text("#health", "Live", "the reloaded page");
     assert_eq!(
         ui.status_of("/", &authority.replace("127.0.0.1", "rebound.example")),
         421,

@@ -1,5 +1,5 @@
 //! Who may use the web view: whoever opened the one-time link, in the
-//! browser tab that opened it, through the address it is served on.
+//! browser that opened it, through the address it is served on.
 //!
 //! `rollguard ui` acts with the operator's certificate, so anything that
 //! gets through this gate acts as the operator. It checks:
@@ -8,28 +8,31 @@
 //!    (or `localhost` with its port, on loopback). A page of another site
 //!    whose DNS name is rebound to 127.0.0.1 sends its own name, and is
 //!    refused.
-//! 2. The link's token is good once: the page trades it
-//!    (`POST /api/session`) for a session secret and takes it out of the
-//!    address bar; a copy of the link in a shell history or a log then
-//!    opens nothing.
-//! 3. Every API request carries that secret in the `X-Rollguard-Session`
-//!    header (the event stream, which cannot send headers, in its query;
-//!    no other route takes it there).
-//!    Not in a cookie: browsers send cookies for 127.0.0.1 to every port,
-//!    so any other local web server the browser visits would receive it.
-//!    The page keeps it in `localStorage`, which is per origin, port
-//!    included.
-//! 4. A request that changes something (any method but GET/HEAD) must also
+//! 2. The link's token is good once: the first `GET /?token=...` spends it
+//!    and gets the page with two new secrets. A copy of the link in a shell
+//!    history or a log then opens nothing.
+//!    - The page secret comes back as a cookie and lets the browser load
+//!      the page again (a reload). It opens the page's HTML, script and
+//!      style, which hold no data, and nothing else: browsers send
+//!      127.0.0.1's cookies to every port, so another local web server the
+//!      browser visits may see it.
+//!    - The session secret is written into that one answer. The page keeps
+//!      it in `localStorage` (per origin, port included) and sends it in
+//!      the `X-Rollguard-Session` header with every API request (the event
+//!      stream, which cannot send headers, in its query; no other route
+//!      takes it there). Only it reaches data and actions.
+//! 3. A request that changes something (any method but GET/HEAD) must also
 //!    come from the page itself: `Origin` equal to ours and a JSON body. A
 //!    page of another origin can send neither without a CORS preflight,
 //!    which this server never grants.
 //!
-//! The page's HTML, script and style are public: they hold no secret.
+//! Without the token, the page cookie or the session, every request is
+//! refused.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use hyper::header::{HeaderMap, CONTENT_TYPE, HOST, ORIGIN};
+use hyper::header::{HeaderMap, CONTENT_TYPE, COOKIE, HOST, ORIGIN};
 use hyper::{Method, StatusCode};
 use rand_core::{OsRng, RngCore};
 
@@ -80,10 +83,9 @@ fn refuse(status: StatusCode, why: &'static str) -> Refusal {
 /// What a request needs beyond the right `Host`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// The page's static files.
-    Nothing,
-    /// Trading the link's token for a session: a request from the page.
-    FromPage,
+    /// The page (`root`: `/`, where the link signs in) or its script and
+    /// style: the page cookie.
+    Page { root: bool },
     /// An API call: the session, and a request from the page if it changes
     /// anything.
     Session,
@@ -92,13 +94,37 @@ pub enum Need {
     Stream,
 }
 
+/// What the gate lets through.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    /// The link's first use: answer with the page carrying `session`, and
+    /// set the page cookie to `page`.
+    SignIn {
+        session: String,
+        page: String,
+    },
+}
+
+/// The refusal of a link that was used before (said on the terminal).
+pub const USED_LINK: &str =
+    "this link has been used (it works once): run `rollguard ui` again for a new one";
+
+struct Secrets {
+    session: Secret,
+    page: Secret,
+}
+
 pub struct Gate {
     /// `Host` header values accepted.
     hosts: Vec<String>,
+    /// The page cookie's name: one per port, so that two `rollguard ui` in
+    /// one browser do not overwrite each other's.
+    cookie: String,
     /// The link's token; `None` once spent.
     token: Mutex<Option<Secret>>,
-    /// The one session, once the token is spent.
-    session: Mutex<Option<Secret>>,
+    /// Made when the token is spent.
+    secrets: Mutex<Option<Secrets>>,
 }
 
 impl Gate {
@@ -112,10 +138,16 @@ impl Gate {
         let hex = token.hex();
         let gate = Gate {
             hosts,
+            cookie: format!("rollguard_ui_{}", addr.port()),
             token: Mutex::new(Some(token)),
-            session: Mutex::new(None),
+            secrets: Mutex::new(None),
         };
         (gate, hex)
+    }
+
+    /// The page cookie's name.
+    pub fn cookie_name(&self) -> &str {
+        &self.cookie
     }
 
     pub fn check(
@@ -124,7 +156,7 @@ impl Gate {
         method: &Method,
         query: Option<&str>,
         headers: &HeaderMap,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Verdict, Refusal> {
         let Some(host) = headers.get(HOST).and_then(|h| h.to_str().ok()) else {
             return Err(refuse(StatusCode::BAD_REQUEST, "no Host header"));
         };
@@ -135,38 +167,58 @@ impl Gate {
             ));
         }
         let changes = method != Method::GET && method != Method::HEAD;
-        if need == Need::Nothing {
-            return if changes {
-                Err(refuse(StatusCode::METHOD_NOT_ALLOWED, "read-only"))
-            } else {
-                Ok(())
-            };
-        }
-        if need == Need::Session || need == Need::Stream {
-            // The query is accepted for the event stream only, a read.
-            let presented = headers
-                .get(SESSION_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| {
-                    query
-                        .filter(|_| need == Need::Stream && !changes)
-                        .and_then(session_of)
-                });
-            let valid = presented.is_some_and(|p| {
-                self.session
+        if let Need::Page { root } = need {
+            if changes {
+                return Err(refuse(StatusCode::METHOD_NOT_ALLOWED, "read-only"));
+            }
+            let has_page = cookie(headers, &self.cookie).is_some_and(|c| {
+                self.secrets
                     .lock()
-                    .expect("session lock")
+                    .expect("secrets lock")
                     .as_ref()
-                    .is_some_and(|s| s.matches(p))
+                    .is_some_and(|s| s.page.matches(c))
             });
-            if !valid {
-                return Err(refuse(
+            if let Some(token) = query.filter(|_| root).and_then(|q| param(q, "token")) {
+                if let Some(signed_in) = self.sign_in(token) {
+                    return Ok(signed_in);
+                }
+                // The same browser opening the link again keeps its page.
+                if !has_page {
+                    return Err(refuse(StatusCode::FORBIDDEN, USED_LINK));
+                }
+            }
+            return if has_page {
+                Ok(Verdict::Allowed)
+            } else {
+                Err(refuse(
                     StatusCode::UNAUTHORIZED,
                     "not signed in: open the link `rollguard ui` printed",
-                ));
-            }
+                ))
+            };
         }
-        if changes || need == Need::FromPage {
+        // The query is accepted for the event stream only, a read.
+        let presented = headers
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                query
+                    .filter(|_| need == Need::Stream && !changes)
+                    .and_then(|q| param(q, "session"))
+            });
+        let valid = presented.is_some_and(|p| {
+            self.secrets
+                .lock()
+                .expect("secrets lock")
+                .as_ref()
+                .is_some_and(|s| s.session.matches(p))
+        });
+        if !valid {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "not signed in: open the link `rollguard ui` printed",
+            ));
+        }
+        if changes {
             let origin_ok = headers
                 .get(ORIGIN)
                 .and_then(|o| o.to_str().ok())
@@ -186,32 +238,47 @@ impl Gate {
                 return Err(refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send JSON"));
             }
         }
-        Ok(())
+        Ok(Verdict::Allowed)
     }
 
-    /// Trade the link's token for the session secret; once.
-    pub fn sign_in(&self, token: &str) -> Result<String, Refusal> {
+    /// Spend the link's token, if `token` is it and it is unspent.
+    fn sign_in(&self, token: &str) -> Option<Verdict> {
         let mut slot = self.token.lock().expect("token lock");
         if !slot.as_ref().is_some_and(|t| t.matches(token)) {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "this link has been used (it works once): run `rollguard ui` again for a new one",
-            ));
+            return None;
         }
         *slot = None;
-        let session = Secret::random();
-        let hex = session.hex();
-        *self.session.lock().expect("session lock") = Some(session);
-        Ok(hex)
+        let secrets = Secrets {
+            session: Secret::random(),
+            page: Secret::random(),
+        };
+        let verdict = Verdict::SignIn {
+            session: secrets.session.hex(),
+            page: secrets.page.hex(),
+        };
+        *self.secrets.lock().expect("secrets lock") = Some(secrets);
+        Some(verdict)
     }
 }
 
-/// `session=HEX` in a query string.
-fn session_of(query: &str) -> Option<&str> {
+/// The value of the cookie `name` in the `Cookie` header(s).
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The value of `key` in a query string.
+fn param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "session")
+        .find(|(k, _)| *k == key)
         .map(|(_, v)| v)
 }
 
@@ -221,6 +288,7 @@ mod tests {
     use hyper::header::HeaderValue;
 
     const HOST_OK: &str = "127.0.0.1:4000";
+    const ROOT: Need = Need::Page { root: true };
 
     fn gate() -> (Gate, String) {
         Gate::new(HOST_OK.parse().unwrap())
@@ -234,43 +302,106 @@ mod tests {
         h
     }
 
-    fn status(r: Result<(), Refusal>) -> StatusCode {
+    fn status(r: Result<Verdict, Refusal>) -> StatusCode {
         r.expect_err("allowed").status
     }
 
+    /// Sign in with the link; the session and the page cookie's header.
+    fn sign_in(gate: &Gate, token: &str) -> (String, String) {
+        let h = headers(&[("host", HOST_OK)]);
+        match gate.check(ROOT, &Method::GET, Some(&format!("token={token}")), &h) {
+            Ok(Verdict::SignIn { session, page }) => {
+                (session, format!("other=x; {}={page}", gate.cookie_name()))
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
     #[test]
-    fn the_token_works_once_and_the_session_after_it() {
+    fn nothing_without_the_token_and_the_token_once() {
         let (gate, token) = gate();
         let h = headers(&[("host", HOST_OK)]);
+        for need in [
+            ROOT,
+            Need::Page { root: false },
+            Need::Session,
+            Need::Stream,
+        ] {
+            assert_eq!(
+                status(gate.check(need, &Method::GET, None, &h)),
+                StatusCode::UNAUTHORIZED,
+                "{need:?}"
+            );
+        }
+        let wrong = format!("token={}", "0".repeat(64));
         assert_eq!(
-            status(gate.check(Need::Session, &Method::GET, None, &h)),
+            status(gate.check(ROOT, &Method::GET, Some(&wrong), &h)),
+            StatusCode::FORBIDDEN
+        );
+        // The token signs in at `/` only.
+        let at_script = format!("token={token}");
+        assert_eq!(
+            status(gate.check(
+                Need::Page { root: false },
+                &Method::GET,
+                Some(&at_script),
+                &h
+            )),
             StatusCode::UNAUTHORIZED
         );
-        assert!(gate.sign_in(&"0".repeat(64)).is_err());
-        assert!(gate.sign_in("not hex").is_err());
-        let session = gate.sign_in(&token).unwrap();
+        let (session, page) = sign_in(&gate, &token);
+        // Spent: another browser with the same link gets nothing.
+        let again = format!("token={token}");
+        let refused = gate
+            .check(ROOT, &Method::GET, Some(&again), &h)
+            .unwrap_err();
         assert_eq!(
-            gate.sign_in(&token).unwrap_err().status,
-            StatusCode::FORBIDDEN,
-            "spent: another browser with the same link gets nothing"
+            (refused.status, refused.why),
+            (StatusCode::FORBIDDEN, USED_LINK)
         );
-        let with = headers(&[("host", "localhost:4000"), (SESSION_HEADER, &session)]);
-        assert_eq!(gate.check(Need::Session, &Method::GET, None, &with), Ok(()));
+        // The browser that signed in reloads the page, and opens the link again.
+        let with_page = headers(&[("host", "localhost:4000"), ("cookie", &page)]);
+        assert_eq!(
+            gate.check(ROOT, &Method::GET, None, &with_page),
+            Ok(Verdict::Allowed)
+        );
+        assert_eq!(
+            gate.check(ROOT, &Method::GET, Some(&again), &with_page),
+            Ok(Verdict::Allowed)
+        );
+        // The page cookie opens the page, never the API.
+        assert_eq!(
+            status(gate.check(Need::Session, &Method::GET, None, &with_page)),
+            StatusCode::UNAUTHORIZED
+        );
+        let with_session = headers(&[("host", HOST_OK), (SESSION_HEADER, &session)]);
+        assert_eq!(
+            gate.check(Need::Session, &Method::GET, None, &with_session),
+            Ok(Verdict::Allowed)
+        );
+        // Neither the token nor the page secret is a session.
+        let page_secret = page.rsplit('=').next().unwrap();
+        for not_session in [token.as_str(), page_secret] {
+            let h = headers(&[("host", HOST_OK), (SESSION_HEADER, not_session)]);
+            assert_eq!(
+                status(gate.check(Need::Session, &Method::GET, None, &h)),
+                StatusCode::UNAUTHORIZED
+            );
+        }
+    }
+
+    #[test]
+    fn the_session_in_a_query_only_for_the_event_stream() {
+        let (gate, token) = gate();
+        let (session, _) = sign_in(&gate, &token);
+        let h = headers(&[("host", HOST_OK)]);
         let query = format!("rollout=r-1&session={session}");
         assert_eq!(
             gate.check(Need::Stream, &Method::GET, Some(&query), &h),
-            Ok(()),
-            "the event stream's query"
+            Ok(Verdict::Allowed)
         );
         assert_eq!(
             status(gate.check(Need::Session, &Method::GET, Some(&query), &h)),
-            StatusCode::UNAUTHORIZED,
-            "only the event stream takes the session in its query"
-        );
-        // The token is not a session, and a query cannot authorise a change.
-        let by_token = headers(&[("host", HOST_OK), (SESSION_HEADER, &token)]);
-        assert_eq!(
-            status(gate.check(Need::Session, &Method::GET, None, &by_token)),
             StatusCode::UNAUTHORIZED
         );
         let page = headers(&[
@@ -287,12 +418,16 @@ mod tests {
     }
 
     #[test]
-    fn other_host_names_are_refused_even_with_the_session() {
+    fn other_host_names_are_refused_even_signed_in() {
         let (gate, token) = gate();
-        let session = gate.sign_in(&token).unwrap();
+        let (session, page) = sign_in(&gate, &token);
         for host in ["evil.example:4000", "127.0.0.1:4001", "127.0.0.1"] {
-            let h = headers(&[("host", host), (SESSION_HEADER, &session)]);
-            for need in [Need::Nothing, Need::FromPage, Need::Session] {
+            let h = headers(&[
+                ("host", host),
+                (SESSION_HEADER, &session),
+                ("cookie", &page),
+            ]);
+            for need in [ROOT, Need::Session, Need::Stream] {
                 assert_eq!(
                     status(gate.check(need, &Method::GET, None, &h)),
                     StatusCode::MISDIRECTED_REQUEST,
@@ -300,57 +435,55 @@ mod tests {
                 );
             }
         }
-        let (gate, _) = Gate::new("10.0.0.5:4000".parse().unwrap());
+        let (gate, token) = Gate::new("10.0.0.5:4000".parse().unwrap());
         let h = headers(&[("host", "localhost:4000")]);
         assert_eq!(
-            status(gate.check(Need::Nothing, &Method::GET, None, &h)),
+            status(gate.check(ROOT, &Method::GET, Some(&format!("token={token}")), &h)),
             StatusCode::MISDIRECTED_REQUEST,
             "localhost is only an alias of a loopback address"
         );
     }
 
     #[test]
-    fn changes_and_sign_in_need_our_origin_and_json() {
+    fn changes_need_our_origin_and_json() {
         let (gate, token) = gate();
-        let session = gate.sign_in(&token).unwrap();
-        for need in [Need::FromPage, Need::Session] {
-            let post = |pairs: &[(&'static str, &str)]| {
-                let mut all = vec![("host", HOST_OK), (SESSION_HEADER, session.as_str())];
-                all.extend_from_slice(pairs);
-                gate.check(need, &Method::POST, None, &headers(&all))
-            };
-            assert_eq!(
-                status(post(&[("content-type", "application/json")])),
-                StatusCode::FORBIDDEN
-            );
-            for origin in ["http://evil.example", "http://127.0.0.1:4001", "null"] {
-                assert_eq!(
-                    status(post(&[
-                        ("origin", origin),
-                        ("content-type", "application/json")
-                    ])),
-                    StatusCode::FORBIDDEN,
-                    "{origin}"
-                );
-            }
+        let (session, page) = sign_in(&gate, &token);
+        let post = |pairs: &[(&'static str, &str)]| {
+            let mut all = vec![("host", HOST_OK), (SESSION_HEADER, session.as_str())];
+            all.extend_from_slice(pairs);
+            gate.check(Need::Session, &Method::POST, None, &headers(&all))
+        };
+        assert_eq!(
+            status(post(&[("content-type", "application/json")])),
+            StatusCode::FORBIDDEN
+        );
+        for origin in ["http://evil.example", "http://127.0.0.1:4001", "null"] {
             assert_eq!(
                 status(post(&[
-                    ("origin", "http://127.0.0.1:4000"),
-                    ("content-type", "text/plain")
+                    ("origin", origin),
+                    ("content-type", "application/json")
                 ])),
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
-            );
-            assert_eq!(
-                post(&[
-                    ("origin", "http://127.0.0.1:4000"),
-                    ("content-type", "application/json; charset=utf-8")
-                ]),
-                Ok(())
+                StatusCode::FORBIDDEN,
+                "{origin}"
             );
         }
-        let h = headers(&[("host", HOST_OK)]);
         assert_eq!(
-            status(gate.check(Need::Nothing, &Method::POST, None, &h)),
+            status(post(&[
+                ("origin", "http://127.0.0.1:4000"),
+                ("content-type", "text/plain")
+            ])),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        assert_eq!(
+            post(&[
+                ("origin", "http://127.0.0.1:4000"),
+                ("content-type", "application/json; charset=utf-8")
+            ]),
+            Ok(Verdict::Allowed)
+        );
+        let h = headers(&[("host", HOST_OK), ("cookie", &page)]);
+        assert_eq!(
+            status(gate.check(ROOT, &Method::POST, None, &h)),
             StatusCode::METHOD_NOT_ALLOWED
         );
     }

@@ -2,7 +2,7 @@
 //! the operator's machine with the operator's certificate.
 //!
 //! The browser never holds a certificate: it talks plain HTTP to this
-//! process on loopback, through the [`gate`] (a one-time link traded for a
+//! process on loopback, through the [`gate`] (a one-time link that yields a
 //! session secret sent in a header), and this process talks to the
 //! controller over mutual TLS. The page, its script and its style are
 //! embedded in the binary ([`assets`]): nothing is fetched from elsewhere
@@ -80,8 +80,7 @@ pub fn run(args: UiArgs) -> Result<ExitCode> {
             tracing::warn!(%addr, "a fixed port: prefer the default, a new free port each time");
         }
         let (gate, token) = gate::Gate::new(addr);
-        // In the fragment: never sent in a request, so in no log.
-        let url = format!("http://{addr}/#token={token}");
+        let url = format!("http://{addr}/?token={token}");
         let mut out = std::io::stdout().lock();
         if args.json {
             writeln!(

@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::assets;
-use super::gate::{Gate, Need, Refusal};
+use super::gate::{Gate, Need, Refusal, Verdict, USED_LINK};
 use super::upstream::Upstream;
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -111,17 +111,45 @@ pub async fn serve(listener: TcpListener, ui: Arc<Ui>) {
 impl Ui {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let need = match req.uri().path() {
-            "/" | "/app.js" | "/app.css" => Need::Nothing,
-            "/api/session" => Need::FromPage,
+            "/" => Need::Page { root: true },
+            "/app.js" | "/app.css" => Need::Page { root: false },
             "/api/events" => Need::Stream,
             _ => Need::Session,
         };
+        let user_agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown browser")
+            .to_string();
         let checked = self
             .gate
             .check(need, req.method(), req.uri().query(), req.headers());
         let mut resp = match checked {
-            Err(Refusal { status, why }) => problem(status, why),
-            Ok(()) => self.route(req).await,
+            // Said on the terminal: the operator sees who took the link,
+            // and any later use of it.
+            Ok(Verdict::SignIn { session, page }) => {
+                eprintln!("rollguard ui: signed in ({user_agent})");
+                self.signed_in(&session, &page)
+            }
+            Ok(Verdict::Allowed) => self.route(req).await,
+            Err(Refusal { status, why }) => {
+                if why == USED_LINK {
+                    eprintln!(
+                        "rollguard ui: WARNING: the link was opened again after its use ({user_agent}); \
+                         if that was not you, stop this process (Ctrl-C)"
+                    );
+                }
+                if matches!(need, Need::Page { .. }) {
+                    full(
+                        status,
+                        "text/plain; charset=utf-8",
+                        Bytes::from(format!("{why}\n")),
+                    )
+                } else {
+                    problem(status, why)
+                }
+            }
         };
         let h = resp.headers_mut();
         // The page's own script and style only; no framing, no referrer.
@@ -154,40 +182,10 @@ impl Ui {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let user_agent = req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("unknown browser")
-            .to_string();
         match (&method, segments.as_slice()) {
             (&Method::GET, [""]) => asset(assets::INDEX_HTML, "text/html; charset=utf-8"),
             (&Method::GET, ["app.js"]) => asset(assets::APP_JS, "text/javascript; charset=utf-8"),
             (&Method::GET, ["app.css"]) => asset(assets::APP_CSS, "text/css; charset=utf-8"),
-            (&Method::POST, ["api", "session"]) => {
-                let token = match read_json::<SignIn>(req).await {
-                    Ok(s) => s.token,
-                    Err(why) => return problem(StatusCode::BAD_REQUEST, &why),
-                };
-                // Said on the terminal either way: the operator sees who
-                // took the session, and a second use of the link.
-                match self.gate.sign_in(&token) {
-                    Ok(session) => {
-                        eprintln!("rollguard ui: signed in ({user_agent})");
-                        json_bytes(
-                            StatusCode::OK,
-                            Bytes::from(serde_json::json!({ "session": session }).to_string()),
-                        )
-                    }
-                    Err(Refusal { status, why }) => {
-                        eprintln!(
-                            "rollguard ui: WARNING: a sign-in with a used or wrong link was refused ({user_agent}); \
-                             if that was not you, stop this process (Ctrl-C)"
-                        );
-                        problem(status, why)
-                    }
-                }
-            }
             (&Method::GET, ["api", "agents"]) => {
                 self.forward(Method::GET, "/v1/agents", None).await
             }
@@ -256,6 +254,28 @@ impl Ui {
             Ok(a) => json_bytes(a.status, a.body),
             Err(e) => problem(StatusCode::BAD_GATEWAY, &format!("{e:#}")),
         }
+    }
+
+    /// The page for the browser that has just used the link: the session
+    /// written into this one answer, and the page cookie.
+    fn signed_in(&self, session: &str, page: &str) -> Response<Body> {
+        let html = assets::INDEX_HTML.replace(
+            assets::SESSION_SLOT,
+            &format!("<meta name=\"rollguard-session\" content=\"{session}\">"),
+        );
+        let mut r = full(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            Bytes::from(html),
+        );
+        let cookie = format!(
+            "{}={page}; Path=/; HttpOnly; SameSite=Strict",
+            self.gate.cookie_name()
+        );
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            r.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        r
     }
 
     /// An action (halt, resume, kill), run to its end even if the page goes
@@ -561,13 +581,6 @@ fn event(name: &str, data: &[u8]) -> Bytes {
     }
     out.push('\n');
     Bytes::from(out)
-}
-
-/// The body of `POST /api/session`: the link's token.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SignIn {
-    token: String,
 }
 
 /// The body of halt and resume: why.

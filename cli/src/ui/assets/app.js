@@ -57,40 +57,24 @@ function table(caption, headers, rows) {
 
 // ---- talking to rollguard ui --------------------------------------------
 
-// The session secret, traded once for the link's token. Kept in
-// localStorage (per origin, port included: other tabs of this page share
-// it; a later `rollguard ui` makes a new one) and sent in a header, never
-// in a cookie: browsers send cookies for 127.0.0.1 to every port, hence to
-// any other local web server.
+// The session secret. The link's first use answers with the page carrying
+// it (`<meta name="rollguard-session">`); the page keeps it in localStorage
+// (per origin, port included: other tabs of this page share it; a later
+// `rollguard ui` makes a new one) and sends it in a header, never in a
+// cookie: browsers send cookies for 127.0.0.1 to every port, hence to any
+// other local web server.
 const SESSION_KEY = "rollguard-session";
 let session = localStorage.getItem(SESSION_KEY);
 
-// The link carries the token in its fragment (#token=...), which no
-// request ever sends.
-async function signIn() {
-  const m = /^#token=([0-9a-f]{64})$/.exec(location.hash);
-  if (!m) return;
-  const token = m[1];
-  // Out of the address bar before anything else.
-  history.replaceState(null, "", "/#/fleet");
-  const r = await fetch("/api/session", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ token }),
-  });
-  const data = await r.json().catch(() => ({}));
-  if (!r.ok) {
-    // The same browser opening the link again keeps its session, if it
-    // is still good; otherwise the link's refusal is the news.
-    if (session) {
-      try { await get("/api/kill"); return; } catch (_) { /* stale */ }
-    }
-    session = null;
-    localStorage.removeItem(SESSION_KEY);
-    throw new Error(data.error || r.statusText);
+function signIn() {
+  const meta = document.querySelector('meta[name="rollguard-session"]');
+  if (meta && meta.content) {
+    session = meta.content;
+    localStorage.setItem(SESSION_KEY, session);
+    meta.remove();
   }
-  session = data.session;
-  localStorage.setItem(SESSION_KEY, session);
+  // The spent token out of the address bar.
+  if (location.search) history.replaceState(null, "", "/" + (location.hash || "#/fleet"));
 }
 
 async function get(path) {
@@ -503,14 +487,8 @@ function route() {
   refresh();
 }
 
-document.addEventListener("DOMContentLoaded", async () => {
-  try {
-    await signIn();
-  } catch (e) {
-    $("health").textContent = "Not signed in";
-    $("main").replaceChildren(h("p", { role: "alert", id: "signin-error" }, "Not signed in: " + e.message));
-    return;
-  }
+document.addEventListener("DOMContentLoaded", () => {
+  signIn();
   if (!session) {
     $("health").textContent = "Not signed in";
     $("main").replaceChildren(h("p", { role: "alert", id: "signin-error" },
