@@ -124,7 +124,7 @@ fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
     let ui = Ui::start(fleet.cli());
     let authority = ui.authority().to_string();
     // Without the link, nothing: not the page, not its script, not the API.
-    for path in ["/", "/app.js", "/api/agents", "/api/events"] {
+    for path in ["/", "/app.js", "/app.css", "/api/agents", "/api/events"] {
         assert_eq!(
             ui.status_of(path, &authority),
             401,
@@ -150,9 +150,22 @@ fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
         401,
         "the token is no session"
     );
-    // A reload (no token now) keeps working in the browser that signed in.
-    browser.goto(&format!("http://{authority}/#/fleet"));
+    // The session was in that one answer only: a reload (no token now)
+    // gets the page without it, and the page takes it from its storage.
+    let session = browser.eval("return localStorage.getItem('rollguard-session');");
+    let session = session.as_str().expect("a session in storage").to_string();
+    browser.eval("window.beforeReload = 1; return null;");
+    browser.block_on(browser.client().refresh()).unwrap();
     browser.wait_for_text("#health", "Live", "the reloaded page");
+    assert_eq!(
+        browser.eval("return window.beforeReload === undefined;"),
+        serde_json::json!(true),
+        "a new page"
+    );
+    assert!(
+        !browser.source().contains(&session),
+        "the session is not in the page again"
+    );
     assert_eq!(
         ui.status_of("/", &authority.replace("127.0.0.1", "rebound.example")),
         421,

@@ -109,6 +109,8 @@ pub enum Verdict {
 /// The refusal of a link that was used before (said on the terminal).
 pub const USED_LINK: &str =
     "this link has been used (it works once): run `rollguard ui` again for a new one";
+/// The refusal of a token that was never this server's (said too).
+pub const WRONG_LINK: &str = "this is not the link this `rollguard ui` printed";
 
 struct Secrets {
     session: Secret,
@@ -171,20 +173,31 @@ impl Gate {
             if changes {
                 return Err(refuse(StatusCode::METHOD_NOT_ALLOWED, "read-only"));
             }
-            let has_page = cookie(headers, &self.cookie).is_some_and(|c| {
-                self.secrets
-                    .lock()
-                    .expect("secrets lock")
-                    .as_ref()
-                    .is_some_and(|s| s.page.matches(c))
-            });
-            if let Some(token) = query.filter(|_| root).and_then(|q| param(q, "token")) {
-                if let Some(signed_in) = self.sign_in(token) {
-                    return Ok(signed_in);
-                }
-                // The same browser opening the link again keeps its page.
-                if !has_page {
-                    return Err(refuse(StatusCode::FORBIDDEN, USED_LINK));
+            // Any cookie of that name: another local server may have set
+            // one of its own (a longer path is sent first).
+            let has_page = self
+                .secrets
+                .lock()
+                .expect("secrets lock")
+                .as_ref()
+                .is_some_and(|s| cookies(headers, &self.cookie).any(|c| s.page.matches(c)));
+            // Only a GET that is not a browser's prefetch signs in: a HEAD,
+            // or anything else that would not read the answer, must not
+            // spend the link.
+            let prefetch = headers
+                .get("sec-purpose")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("prefetch"));
+            let token = query
+                .filter(|_| root && method == Method::GET && !prefetch)
+                .and_then(|q| param(q, "token"));
+            if let Some(token) = token {
+                match self.sign_in(token) {
+                    SignIn::Done(verdict) => return Ok(verdict),
+                    // The same browser opening the link again keeps its page.
+                    _ if has_page => {}
+                    SignIn::Spent => return Err(refuse(StatusCode::FORBIDDEN, USED_LINK)),
+                    SignIn::Wrong => return Err(refuse(StatusCode::FORBIDDEN, WRONG_LINK)),
                 }
             }
             return if has_page {
@@ -242,10 +255,12 @@ impl Gate {
     }
 
     /// Spend the link's token, if `token` is it and it is unspent.
-    fn sign_in(&self, token: &str) -> Option<Verdict> {
+    fn sign_in(&self, token: &str) -> SignIn {
         let mut slot = self.token.lock().expect("token lock");
-        if !slot.as_ref().is_some_and(|t| t.matches(token)) {
-            return None;
+        match slot.as_ref() {
+            None => return SignIn::Spent,
+            Some(t) if !t.matches(token) => return SignIn::Wrong,
+            Some(_) => {}
         }
         *slot = None;
         let secrets = Secrets {
@@ -257,19 +272,25 @@ impl Gate {
             page: secrets.page.hex(),
         };
         *self.secrets.lock().expect("secrets lock") = Some(secrets);
-        Some(verdict)
+        SignIn::Done(verdict)
     }
 }
 
-/// The value of the cookie `name` in the `Cookie` header(s).
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+enum SignIn {
+    Done(Verdict),
+    Spent,
+    Wrong,
+}
+
+/// The values of the cookies named `name` in the `Cookie` header(s).
+fn cookies<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = &'h str> + 'h {
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v)
 }
 
@@ -334,9 +355,23 @@ mod tests {
             );
         }
         let wrong = format!("token={}", "0".repeat(64));
+        let refused = gate
+            .check(ROOT, &Method::GET, Some(&wrong), &h)
+            .unwrap_err();
         assert_eq!(
-            status(gate.check(ROOT, &Method::GET, Some(&wrong), &h)),
-            StatusCode::FORBIDDEN
+            (refused.status, refused.why),
+            (StatusCode::FORBIDDEN, WRONG_LINK)
+        );
+        // A HEAD or a prefetch does not spend the link (nor sign in).
+        let link = format!("token={token}");
+        assert_eq!(
+            status(gate.check(ROOT, &Method::HEAD, Some(&link), &h)),
+            StatusCode::UNAUTHORIZED
+        );
+        let prefetch = headers(&[("host", HOST_OK), ("sec-purpose", "prefetch;prerender")]);
+        assert_eq!(
+            status(gate.check(ROOT, &Method::GET, Some(&link), &prefetch)),
+            StatusCode::UNAUTHORIZED
         );
         // The token signs in at `/` only.
         let at_script = format!("token={token}");
@@ -379,7 +414,8 @@ mod tests {
             gate.check(Need::Session, &Method::GET, None, &with_session),
             Ok(Verdict::Allowed)
         );
-        // Neither the token nor the page secret is a session.
+        // Neither the token nor the page secret is a session, in the
+        // header or in the stream's query; the token is no page cookie.
         let page_secret = page.rsplit('=').next().unwrap();
         for not_session in [token.as_str(), page_secret] {
             let h = headers(&[("host", HOST_OK), (SESSION_HEADER, not_session)]);
@@ -387,7 +423,26 @@ mod tests {
                 status(gate.check(Need::Session, &Method::GET, None, &h)),
                 StatusCode::UNAUTHORIZED
             );
+            let bare = headers(&[("host", HOST_OK)]);
+            let q = format!("session={not_session}");
+            assert_eq!(
+                status(gate.check(Need::Stream, &Method::GET, Some(&q), &bare)),
+                StatusCode::UNAUTHORIZED
+            );
         }
+        let token_cookie = format!("{}={token}", gate.cookie_name());
+        let h = headers(&[("host", HOST_OK), ("cookie", &token_cookie)]);
+        assert_eq!(
+            status(gate.check(ROOT, &Method::GET, None, &h)),
+            StatusCode::UNAUTHORIZED
+        );
+        // A planted cookie of the same name does not hide the real one.
+        let planted = format!("{}={}; {page}", gate.cookie_name(), "1".repeat(64));
+        let h = headers(&[("host", HOST_OK), ("cookie", &planted)]);
+        assert_eq!(
+            gate.check(ROOT, &Method::GET, None, &h),
+            Ok(Verdict::Allowed)
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::assets;
-use super::gate::{Gate, Need, Refusal, Verdict, USED_LINK};
+use super::gate::{Gate, Need, Refusal, Verdict, USED_LINK, WRONG_LINK};
 use super::upstream::Upstream;
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -139,6 +139,8 @@ impl Ui {
                         "rollguard ui: WARNING: the link was opened again after its use ({user_agent}); \
                          if that was not you, stop this process (Ctrl-C)"
                     );
+                } else if why == WRONG_LINK {
+                    eprintln!("rollguard ui: WARNING: a wrong link was refused ({user_agent})");
                 }
                 if matches!(need, Need::Page { .. }) {
                     full(
@@ -259,9 +261,10 @@ impl Ui {
     /// The page for the browser that has just used the link: the session
     /// written into this one answer, and the page cookie.
     fn signed_in(&self, session: &str, page: &str) -> Response<Body> {
-        let html = assets::INDEX_HTML.replace(
+        let html = assets::INDEX_HTML.replacen(
             assets::SESSION_SLOT,
             &format!("<meta name=\"rollguard-session\" content=\"{session}\">"),
+            1,
         );
         let mut r = full(
             StatusCode::OK,

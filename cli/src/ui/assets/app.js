@@ -64,17 +64,21 @@ function table(caption, headers, rows) {
 // cookie: browsers send cookies for 127.0.0.1 to every port, hence to any
 // other local web server.
 const SESSION_KEY = "rollguard-session";
-let session = localStorage.getItem(SESSION_KEY);
+let session = null;
 
 function signIn() {
-  const meta = document.querySelector('meta[name="rollguard-session"]');
-  if (meta && meta.content) {
-    session = meta.content;
-    localStorage.setItem(SESSION_KEY, session);
-    meta.remove();
-  }
-  // The spent token out of the address bar.
+  // The spent token out of the address bar, first of all.
   if (location.search) history.replaceState(null, "", "/" + (location.hash || "#/fleet"));
+  const meta = document.querySelector('meta[name="rollguard-session"]');
+  const fresh = meta && meta.content;
+  if (meta) meta.remove();
+  // Storage may be refused (a browser setting): this tab still works.
+  try {
+    if (fresh) localStorage.setItem(SESSION_KEY, fresh);
+    session = fresh || localStorage.getItem(SESSION_KEY);
+  } catch (_) {
+    session = fresh || null;
+  }
 }
 
 async function get(path) {
