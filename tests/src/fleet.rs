@@ -264,6 +264,44 @@ impl Fleet {
         );
     }
 
+    /// A person's certificate with `role` (`rollguard-controller enroll
+    /// --role ROLE NAME`), in `ROOT/NAME/NAME.crt` and `.key`; returns that
+    /// directory.
+    pub fn enroll_person(&self, name: &str, role: &str) -> PathBuf {
+        let out = self.root().join(name);
+        run_ok(
+            Command::new(bin("rollguard-controller"))
+                .args(["enroll", "--role", role, "--dir"])
+                .arg(self.ctl())
+                .arg(name)
+                .arg("--out")
+                .arg(&out),
+        );
+        out
+    }
+
+    /// The `rollguard` CLI with the certificate of a person enrolled with
+    /// [`Fleet::enroll_person`] instead of the operator's.
+    pub fn cli_as(&self, name: &str) -> Command {
+        let dir = self.root().join(name);
+        let mut cmd = self.cli();
+        cmd.env("ROLLGUARD_CERT", dir.join(format!("{name}.crt")))
+            .env("ROLLGUARD_KEY", dir.join(format!("{name}.key")));
+        cmd
+    }
+
+    /// The 2012 replay: a mail fix (`touch $H/enabled`) with a stray line
+    /// deleting the host's customer data and backups, for `mail-*`.
+    pub fn incident_bundle(&self) -> PathBuf {
+        self.bundle(
+            "incident",
+            &manifest("mail-fix-2012", 1, "\"mail-*\"", "1m"),
+            &script(
+                "touch \"$H/enabled\"\nrm -rf \"@FLEET@/customers/$ROLLGUARD_HOST\" \"@FLEET@/backup/$ROLLGUARD_HOST\"\necho done",
+            ),
+        )
+    }
+
     /// Keep the controller's state in PostgreSQL (`url`, a database of a
     /// [`crate::postgres::PgCluster`]) instead of the default SQLite file.
     pub fn use_postgres(&self, url: &str) {

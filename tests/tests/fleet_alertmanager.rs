@@ -12,7 +12,7 @@ use std::fs;
 use std::process::{Child, Command, Stdio};
 
 use rollguard_tests::fleet::{manifest, script, wait_for, Fleet};
-use rollguard_tests::{bin, run, run_ok};
+use rollguard_tests::{run, run_ok};
 
 const HOSTS: &[(&str, &[(&str, &str)])] = &[
     ("mail-01", &[("role", "mail")]),
@@ -93,15 +93,7 @@ fn a_firing_critical_alert_halts_a_baking_rollout() {
 
     // Alertmanager authenticates to the controller with its own certificate
     // (alert-source role: it may post alerts, nothing else).
-    let am_dir = fleet.root().join("alertmanager");
-    run_ok(
-        Command::new(bin("rollguard-controller"))
-            .args(["enroll", "--role", "alert-source", "--dir"])
-            .arg(fleet.ctl())
-            .arg("alertmanager")
-            .arg("--out")
-            .arg(&am_dir),
-    );
+    let am_dir = fleet.enroll_person("alertmanager", "alert-source");
     let (_am, am_url) = start_alertmanager(&am_dir, |_| {
         format!(
             r#"route:

@@ -129,15 +129,7 @@ fn bad_clients_get_clear_errors_and_the_controller_keeps_serving() {
 
     // Revocation: the agent's certificate stops working, its order stream
     // closes, and an operator certificate can be revoked too.
-    let out = run_ok(
-        Command::new(bin("rollguard-controller"))
-            .args(["enroll", "--role", "operator", "--dir"])
-            .arg(fleet.ctl())
-            .arg("bob")
-            .arg("--out")
-            .arg(fleet.root().join("bob")),
-    );
-    assert!(out.status.success());
+    fleet.enroll_person("bob", "operator");
     let bob = Client::connect_with(
         &url,
         &ca,

@@ -4,11 +4,9 @@
 //! plans unless asked for; `agents remove` deregisters and revokes, and
 //! only an administrator may.
 
-use std::process::Command;
-
 use rollguard_cli::client::Client;
 use rollguard_tests::fleet::{manifest, script, wait_for, Fleet};
-use rollguard_tests::{bin, run, run_ok};
+use rollguard_tests::{run, run_ok};
 use serde_json::Value;
 
 /// A host name longer than any fixed column: the table must fit it.
@@ -166,19 +164,9 @@ fn only_an_admin_removes_an_agent_and_its_certificate_is_refused_from_then_on() 
     fleet.start_agents();
 
     // An operator may not.
-    let olga = fleet.root().join("olga");
-    run_ok(
-        Command::new(bin("rollguard-controller"))
-            .args(["enroll", "--role", "operator", "--dir"])
-            .arg(fleet.ctl())
-            .arg("olga")
-            .arg("--out")
-            .arg(&olga),
-    );
+    fleet.enroll_person("olga", "operator");
     let out = run(fleet
-        .cli()
-        .env("ROLLGUARD_CERT", olga.join("olga.crt"))
-        .env("ROLLGUARD_KEY", olga.join("olga.key"))
+        .cli_as("olga")
         .args(["agents", "remove", "mail-01", "--json"]));
     assert!(!out.status.success());
     let refused: Value = serde_json::from_slice(&out.stdout).unwrap();

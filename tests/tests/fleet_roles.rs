@@ -4,11 +4,8 @@
 //! controller, real agents, certificates enrolled with the controller's
 //! own `enroll --role`.
 
-use std::process::Command;
-
 use rollguard_cli::client::Client;
 use rollguard_tests::fleet::Fleet;
-use rollguard_tests::{bin, run_ok};
 use serde_json::{json, Value};
 
 const HOSTS: &[(&str, &[(&str, &str)])] = &[("mail-01", &[("role", "mail")])];
@@ -34,15 +31,7 @@ fn viewers_read_operators_stop_and_only_admins_lift_a_kill() {
     let url = fleet.url();
     let ca = fleet.ctl().join("ca.crt");
     let person = |name: &str, role: &str| {
-        let out = fleet.root().join(name);
-        run_ok(
-            Command::new(bin("rollguard-controller"))
-                .args(["enroll", "--role", role, "--dir"])
-                .arg(fleet.ctl())
-                .arg(name)
-                .arg("--out")
-                .arg(&out),
-        );
+        let out = fleet.enroll_person(name, role);
         Client::connect_with(
             &url,
             &ca,

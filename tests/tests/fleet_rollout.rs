@@ -167,13 +167,7 @@ fn incident_replay_canary_denial_halts_after_wave_one() {
     .collect();
     // The 2012 program: a mail fix with a stray line deleting customer data
     // and backups on the host it runs on.
-    let bundle = fleet.bundle(
-        "incident",
-        &manifest("mail-fix-2012", 1, "\"mail-*\"", "1m"),
-        &script(
-            "touch \"$H/enabled\"\nrm -rf \"@FLEET@/customers/$ROLLGUARD_HOST\" \"@FLEET@/backup/$ROLLGUARD_HOST\"\necho done",
-        ),
-    );
+    let bundle = fleet.incident_bundle();
     let id = fleet.start_rollout(
         &bundle,
         &["--waves", "1,100%", "--bake", "1s", "--canary", "mail-03"],

@@ -15,7 +15,6 @@ use std::process::{Child, Command, Stdio};
 
 use rollguard_tests::browser::Browser;
 use rollguard_tests::fleet::{manifest, script, Fleet};
-use rollguard_tests::{bin, run_ok};
 
 const HOSTS: &[(&str, &[(&str, &str)])] = &[
     ("mail-01", &[("role", "mail")]),
@@ -95,20 +94,8 @@ fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
     let browser = Browser::start();
 
     // A viewer's page: it reads, and the controller refuses its kill.
-    let viewer_dir = fleet.root().join("val");
-    run_ok(
-        Command::new(bin("rollguard-controller"))
-            .args(["enroll", "--role", "viewer", "--dir"])
-            .arg(fleet.ctl())
-            .arg("val")
-            .arg("--out")
-            .arg(&viewer_dir),
-    );
-    let mut as_viewer = fleet.cli();
-    as_viewer
-        .env("ROLLGUARD_CERT", viewer_dir.join("val.crt"))
-        .env("ROLLGUARD_KEY", viewer_dir.join("val.key"));
-    let viewer = Ui::start(as_viewer);
+    fleet.enroll_person("val", "viewer");
+    let viewer = Ui::start(fleet.cli_as("val"));
     browser.goto(&viewer.url);
     browser.wait_for_text("#fleet-count", "6 connected", "the viewer's fleet page");
     browser.click("#kill-all");
@@ -196,13 +183,7 @@ fn the_web_view_shows_the_2012_replay_halting_live_and_kills_from_the_page() {
     browser.wait_for_text("#rollouts-table", "No rollouts yet", "the empty list");
 
     // The 2012 program: a mail fix with a stray delete of customer data.
-    let bundle = fleet.bundle(
-        "incident",
-        &manifest("mail-fix-2012", 1, "\"mail-*\"", "1m"),
-        &script(
-            "touch \"$H/enabled\"\nrm -rf \"@FLEET@/customers/$ROLLGUARD_HOST\" \"@FLEET@/backup/$ROLLGUARD_HOST\"\necho done",
-        ),
-    );
+    let bundle = fleet.incident_bundle();
     let id = fleet.start_rollout(
         &bundle,
         &["--waves", "1,100%", "--bake", "1s", "--canary", "mail-03"],
