@@ -295,7 +295,7 @@ fn cookies<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = &'
 }
 
 /// The value of `key` in a query string.
-fn param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+pub(super) fn param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))

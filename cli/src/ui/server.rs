@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::assets;
-use super::gate::{Gate, Need, Refusal, Verdict, USED_LINK, WRONG_LINK};
+use super::gate::{param, Gate, Need, Refusal, Verdict, USED_LINK, WRONG_LINK};
 use super::upstream::Upstream;
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -208,11 +208,7 @@ impl Ui {
                 Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string()),
             },
             (&Method::GET, ["api", "events"]) => {
-                let rollout = query
-                    .split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .find(|(k, _)| *k == "rollout")
-                    .map(|(_, v)| RolloutId::parse(v));
+                let rollout = param(&query, "rollout").map(RolloutId::parse);
                 match rollout.transpose() {
                     Ok(rollout) => self.events(rollout),
                     Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string()),
