@@ -124,9 +124,7 @@ impl Client {
                 .map_err(|e| anyhow!("reading the answer to {method} {path}: {e}"))?
                 .to_bytes();
             if !status.is_success() {
-                let msg = serde_json::from_slice::<ErrorBody>(&bytes)
-                    .map(|e| e.error)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+                let msg = ErrorBody::message_of(&bytes);
                 bail!("controller refused {method} {path} ({status}): {msg}");
             }
             Ok(bytes)

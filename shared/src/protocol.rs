@@ -635,6 +635,16 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+impl ErrorBody {
+    /// What an error answer says: its `error`, or the body as text when it
+    /// is not an error body (a proxy's page, a truncated answer).
+    pub fn message_of(body: &[u8]) -> String {
+        serde_json::from_slice::<ErrorBody>(body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+    }
+}
+
 /// Largest body of the enrollment listener's requests.
 pub const MAX_ENROLL_BODY: usize = 32 * 1024;
 

@@ -25,7 +25,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rollguard_shared::archive::{self, Limits};
-use rollguard_shared::protocol::{HaltRequest, KillRequest, ResumeRequest, RolloutId, Sha256Hex};
+use rollguard_shared::protocol::{
+    ErrorBody, HaltRequest, KillRequest, ResumeRequest, RolloutId, Sha256Hex,
+};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -292,7 +294,7 @@ impl Ui {
                 &format!(
                     "OUTCOME UNKNOWN (the controller answered {}: {}); check the kill state and the rollout",
                     a.status,
-                    error_text(&a.body)
+                    ErrorBody::message_of(&a.body)
                 ),
             ),
             Ok(Ok(a)) => json_bytes(a.status, a.body),
@@ -522,7 +524,7 @@ impl EventState {
                     self.last.remove("rollout");
                     let body = serde_json::json!({
                         "status": a.status.as_u16(),
-                        "error": error_text(&a.body),
+                        "error": ErrorBody::message_of(&a.body),
                     });
                     let body = Bytes::from(body.to_string());
                     if self.last.get("rollout_error") != Some(&body) {
@@ -536,7 +538,7 @@ impl EventState {
                         format!(
                             "the controller answered {path} with {}: {}",
                             a.status,
-                            error_text(&a.body)
+                            ErrorBody::message_of(&a.body)
                         ),
                     );
                 }
@@ -560,14 +562,6 @@ impl EventState {
             self.health = Some(health);
         }
     }
-}
-
-/// The controller's `{"error": ...}`, or its body as text.
-fn error_text(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
 }
 
 /// One server-sent event; each line of `data` on its own `data:` line.
@@ -633,6 +627,9 @@ fn json_bytes(status: StatusCode, body: Bytes) -> Response<Body> {
 
 /// An error the page shows: `{"error": ...}`, as the controller's.
 fn problem(status: StatusCode, why: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": why }).to_string();
+    let body = serde_json::to_vec(&ErrorBody {
+        error: why.to_string(),
+    })
+    .unwrap_or_default();
     json_bytes(status, Bytes::from(body))
 }
