@@ -422,6 +422,11 @@ pub const PATCH_V2: &str = "2.0";
 /// scope beneath `/usr` within `allow_scopes` (its program's directory and
 /// the unit directory, in both spellings of a merged-/usr host; `/etc` and
 /// `/var` are in the default), and its service in `[services] allow`.
+/// A container cannot observe denials (no kernel audit, see
+/// [`host_options`]), and the agent performs no service action after a run
+/// whose denials are unknown unless the host says
+/// `perform_when_denials_unknown = true`, as an operator of such a host
+/// would; the controller still halts on those reports.
 pub fn allow_patch(policy: &mut FleetHostPolicy) {
     for scope in [
         "/usr/lib/rgpkgtest",
@@ -433,9 +438,9 @@ pub fn allow_patch(policy: &mut FleetHostPolicy) {
             policy.allow_scopes.push(scope.to_string());
         }
     }
-    policy
-        .extra
-        .push_str(&format!("[services]\nallow = [{PATCH_SERVICE:?}]\n"));
+    policy.extra.push_str(&format!(
+        "[services]\nallow = [{PATCH_SERVICE:?}]\nperform_when_denials_unknown = true\n"
+    ));
 }
 
 /// The patch's two versions, built with `dpkg-deb` on this machine

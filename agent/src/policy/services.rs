@@ -11,6 +11,18 @@
 //! denial. Patterns are globs (`*`, `?`, `[...]`, `{a,b}`) matched against
 //! the whole unit name, case-sensitively as systemd names are; each must
 //! end in `.service`, so a pattern can never reach another unit type.
+//!
+//! ```toml
+//! [services]
+//! allow = ["postfix.service"]
+//! perform_when_denials_unknown = true   # default false
+//! ```
+//!
+//! A run whose denials could not be observed (no kernel audit, as in a
+//! container) has no known denial count: unknown is not zero, so by default
+//! the agent performs no service action after it. A host that can never
+//! observe denials opts in here, knowingly; the controller halts on the
+//! report's unknown denials either way.
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rollguard_shared::services::UnitName;
@@ -34,6 +46,8 @@ pub enum ServicesPolicyError {
 pub(super) struct RawServicesPolicy {
     #[serde(default)]
     allow: Vec<String>,
+    #[serde(default)]
+    perform_when_denials_unknown: bool,
 }
 
 /// The parsed `[services]`: an allow list of unit-name globs.
@@ -41,6 +55,7 @@ pub(super) struct RawServicesPolicy {
 pub struct ServicesPolicy {
     patterns: Vec<String>,
     set: GlobSet,
+    perform_when_denials_unknown: bool,
 }
 
 impl Default for ServicesPolicy {
@@ -49,6 +64,7 @@ impl Default for ServicesPolicy {
         ServicesPolicy {
             patterns: Vec::new(),
             set: GlobSet::empty(),
+            perform_when_denials_unknown: false,
         }
     }
 }
@@ -94,12 +110,31 @@ impl ServicesPolicy {
         Ok(ServicesPolicy {
             patterns: raw.allow,
             set,
+            perform_when_denials_unknown: raw.perform_when_denials_unknown,
         })
     }
 
     /// Whether bundles may have the agent act on `unit`.
     pub fn allows(&self, unit: &UnitName) -> bool {
         unit.is_service() && self.set.is_match(unit.as_str())
+    }
+
+    /// A policy's `[services]` alone, from TOML text (tests elsewhere).
+    #[cfg(test)]
+    pub(crate) fn from_toml(toml_text: &str) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct W {
+            services: Option<RawServicesPolicy>,
+        }
+        let w: W = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        ServicesPolicy::parse(w.services).map_err(|e| e.to_string())
+    }
+
+    /// Whether service actions follow a successful run whose denials are
+    /// unknown (the host cannot observe them). Off unless the host says so.
+    pub fn perform_when_denials_unknown(&self) -> bool {
+        self.perform_when_denials_unknown
     }
 
     /// The patterns as written, for messages.
@@ -113,13 +148,7 @@ mod tests {
     use super::*;
 
     fn parse(toml_text: &str) -> Result<ServicesPolicy, String> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct W {
-            services: Option<RawServicesPolicy>,
-        }
-        let w: W = toml::from_str(toml_text).map_err(|e| e.to_string())?;
-        ServicesPolicy::parse(w.services).map_err(|e| e.to_string())
+        ServicesPolicy::from_toml(toml_text)
     }
 
     fn unit(s: &str) -> UnitName {

@@ -103,9 +103,14 @@ pub fn after_run(
     }
     // Only after a clean success: a run that failed or was denied
     // something leaves the host as it is, for the operator to look at.
-    let clean = report.status == RunStatus::Succeeded
-        && report.denials.as_ref().is_none_or(|d| d.is_empty())
+    // Unknown denials are not zero: they stop the actions too, unless the
+    // host's policy accepts them (a host that can never observe denials).
+    let denials_unknown = report.denials.is_none() || report.denial_count.is_none();
+    let no_denial = report.denials.as_ref().is_none_or(|d| d.is_empty())
         && report.denial_count.unwrap_or(0) == 0;
+    let clean = report.status == RunStatus::Succeeded
+        && no_denial
+        && (!denials_unknown || allow.perform_when_denials_unknown());
     let mut plan: Vec<PlannedAction> = declared_plan(services);
     plan.append(&mut classified.plan);
     if !clean {
@@ -116,10 +121,13 @@ pub fn after_run(
         }
         report.services_captured = classified.captured;
         if !plan.is_empty() {
-            note(
-                report,
-                "no service action was performed: the run did not succeed without denials".into(),
-            );
+            let why = if report.status == RunStatus::Succeeded && no_denial {
+                "no service action was performed: the run's denials are unknown \
+                 (this host's policy does not set [services] perform_when_denials_unknown)"
+            } else {
+                "no service action was performed: the run did not succeed without denials"
+            };
+            note(report, why.into());
         }
         return;
     }
@@ -216,4 +224,84 @@ fn fail(report: &mut RunReport, why: String) {
         report.status = RunStatus::Failed;
     }
     note(report, why);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollguard_shared::services::ServiceAction;
+
+    fn restart_postfix() -> Services {
+        Services {
+            reload: vec![],
+            restart: vec![UnitName::parse("postfix.service").unwrap()],
+            restart_stale: false,
+        }
+    }
+
+    /// A successful run whose denials could not be observed: `denials` and
+    /// `denial_count` both unknown, as where the kernel's audit is missing.
+    fn unobserved_success() -> RunReport {
+        RunReport::new("h", RunStatus::Succeeded)
+    }
+
+    fn step(policy: &str, perform: Perform, report: &mut RunReport) {
+        let allow = ServicesPolicy::from_toml(policy).unwrap();
+        // No request directory: the run captured nothing. The services
+        // step must not need one to refuse.
+        let dir = tempfile::tempdir().unwrap();
+        let fd = OwnedFd::from(std::fs::File::open(dir.path()).unwrap());
+        after_run(
+            &restart_postfix(),
+            &allow,
+            Some(&fd),
+            &BTreeSet::new(),
+            perform,
+            report,
+        );
+    }
+
+    #[test]
+    fn unknown_denials_perform_nothing_by_default() {
+        let mut report = unobserved_success();
+        step(
+            "[services]\nallow = [\"postfix.service\"]",
+            Perform::Yes,
+            &mut report,
+        );
+        assert!(report.services.is_empty(), "{:?}", report.services);
+        let reason = report.reason.unwrap_or_default();
+        assert!(reason.contains("denials are unknown"), "{reason}");
+        assert!(reason.contains("perform_when_denials_unknown"), "{reason}");
+        // The run itself did not fail: the controller halts on the
+        // unknown denials, and the report says why nothing was performed.
+        assert_eq!(report.status, RunStatus::Succeeded);
+    }
+
+    #[test]
+    fn a_host_that_accepts_unknown_denials_goes_on() {
+        // A preview goes as far as a real run would without touching a bus.
+        let mut report = unobserved_success();
+        step(
+            "[services]\nallow = [\"postfix.service\"]\nperform_when_denials_unknown = true",
+            Perform::PreviewOnly,
+            &mut report,
+        );
+        assert_eq!(report.services.len(), 1, "{report:?}");
+        assert_eq!(report.services[0].action, ServiceAction::Restart);
+        assert_eq!(report.services[0].result, ServiceOutcome::PREVIEW);
+    }
+
+    #[test]
+    fn observed_zero_denials_go_on_without_the_setting() {
+        let mut report = unobserved_success();
+        report.denials = Some(vec![]);
+        report.denial_count = Some(0);
+        step(
+            "[services]\nallow = [\"postfix.service\"]",
+            Perform::PreviewOnly,
+            &mut report,
+        );
+        assert_eq!(report.services.len(), 1, "{report:?}");
+    }
 }
