@@ -43,9 +43,12 @@
 //!    mechanism alone, with none of the rest of a run (no agent, no
 //!    namespaces, no cgroup): the bench re-executes itself, applies the
 //!    run's Landlock rules (`landlock_rules::restrict_self`, the same spec
-//!    as the bundle's), its seccomp filters, both or neither, then execs the
-//!    same python. Ratios are against "neither" (same re-exec path), so
-//!    they are the cost of the checks on each create/open/unlink alone.
+//!    as the bundle's), its seccomp filters, the run's audit syscall-exit
+//!    rules for an audit session of its own (`kernel_audit::exit_rules`,
+//!    which report the read-only mounts' `EROFS`), or combinations, then
+//!    execs the same python. Ratios are against "neither" (same re-exec
+//!    path), so they are the cost of the checks on each create/open/unlink
+//!    alone; "all" is the three together.
 //!
 //! Runs are interleaved, alternating which side goes first (A B B A ...),
 //! so drift in machine speed hits both sides alike. Reported: median [min
@@ -110,14 +113,22 @@ enum Mechanisms {
     Landlock,
     Seccomp,
     Both,
+    /// The run's audit syscall-exit rules (`kernel_audit::exit_rules`),
+    /// added for the child's own audit session: while any such rule
+    /// exists, every system call takes audit's slow path.
+    Audit,
+    /// Landlock, seccomp and the audit rules together.
+    All,
 }
 
 impl Mechanisms {
-    const ALL: [Mechanisms; 4] = [
+    const ALL: [Mechanisms; 6] = [
         Mechanisms::Neither,
         Mechanisms::Landlock,
         Mechanisms::Seccomp,
         Mechanisms::Both,
+        Mechanisms::Audit,
+        Mechanisms::All,
     ];
 
     fn name(self) -> &'static str {
@@ -126,7 +137,27 @@ impl Mechanisms {
             Mechanisms::Landlock => "landlock",
             Mechanisms::Seccomp => "seccomp",
             Mechanisms::Both => "both",
+            Mechanisms::Audit => "audit",
+            Mechanisms::All => "all",
         }
+    }
+
+    fn landlock(self) -> bool {
+        matches!(
+            self,
+            Mechanisms::Landlock | Mechanisms::Both | Mechanisms::All
+        )
+    }
+
+    fn seccomp(self) -> bool {
+        matches!(
+            self,
+            Mechanisms::Seccomp | Mechanisms::Both | Mechanisms::All
+        )
+    }
+
+    fn audit(self) -> bool {
+        matches!(self, Mechanisms::Audit | Mechanisms::All)
     }
 }
 
@@ -151,8 +182,15 @@ fn confine_only(args: &[String]) -> ! {
     // A session of its own, like the bare side; EPERM if we already lead
     // a process group (started by hand), which is as good.
     let _ = nix::unistd::setsid();
+    if mechanisms.audit() {
+        // As stage 2 does: a session of its own, and the run's rules for
+        // it. The parent removes them after the child exits
+        // (`exit_rules::sweep_orphans`), outside the timed part.
+        let session = rollguard_agent::sandbox::audit_session::start_new().unwrap();
+        rollguard_agent::kernel_audit::exit_rules::install(session).unwrap();
+    }
     nix::sys::prctl::set_no_new_privs().unwrap();
-    if matches!(mechanisms, Mechanisms::Landlock | Mechanisms::Both) {
+    if mechanisms.landlock() {
         let scope = vec![ScopePath::parse(work).unwrap()];
         let spec = SandboxSpec {
             run_id: "ablation".into(),
@@ -174,7 +212,7 @@ fn confine_only(args: &[String]) -> ! {
         };
         landlock_rules::restrict_self(&spec).unwrap();
     }
-    if matches!(mechanisms, Mechanisms::Seccomp | Mechanisms::Both) {
+    if mechanisms.seccomp() {
         for filter in seccomp_filter::all_filters().unwrap() {
             if filter.logged {
                 seccomp_install::install_logged(&filter.program).unwrap();
@@ -357,14 +395,20 @@ fn main() {
     // 4. Each mechanism alone, rounds rotating which goes first.
     fs::create_dir_all(base.join("ablation-run")).unwrap();
     let confined_only = |m: Mechanisms| {
-        timed(
+        let sample = timed(
             Command::new(std::env::current_exe().unwrap())
                 .arg(CONFINE_ONLY)
                 .arg(m.name())
                 .arg(&work)
                 .arg(base.join("backup"))
                 .arg(base.join("work.py")),
-        )
+        );
+        if m.audit() {
+            // The child's session has no process left: its rules go, so
+            // the next child measures only its own mechanisms.
+            rollguard_agent::kernel_audit::exit_rules::sweep_orphans().unwrap();
+        }
+        sample
     };
     for m in Mechanisms::ALL {
         confined_only(m);
