@@ -112,6 +112,200 @@ pub fn read_changes(root: &OwnedFd) -> Result<Preview, PreviewError> {
     })
 }
 
+/// What a preview's bundle saw at one host path when it ended, as the
+/// layers say (see [`read_file`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum FileAfter {
+    /// The run wrote it: its bytes, from the upper layer.
+    Changed(Vec<u8>),
+    /// Not in any layer's upper directory: the host's file is what the
+    /// bundle saw (no layer covers the path, or the run left it alone).
+    Unchanged,
+    /// The run deleted it (a whiteout, or inside a directory it re-made).
+    Absent,
+}
+
+/// `path` as a preview left it, for the agent's own reads after the run
+/// (dpkg's `status`, see `runner::execute`): the deepest layer over it,
+/// and its upper directory walked by descriptor, never following a link.
+/// What is in the upper directory is the bundle's: a link, a FIFO or
+/// anything but a regular file at `path` is an error, and at most `max`
+/// bytes are read.
+pub fn read_file(root: &OwnedFd, path: &Path, max: u64) -> Result<FileAfter, PreviewError> {
+    let layers = read_layers(root)?;
+    let Some((layer, rel)) = layers
+        .iter()
+        .filter_map(|l| {
+            let rel = path.strip_prefix(&l.lower).ok()?;
+            let first = rel.components().next();
+            // A file scope's layer reaches only its one entry.
+            match (&l.only, first) {
+                (None, _) => Some((l, rel)),
+                (Some(only), Some(std::path::Component::Normal(c))) if c == only.as_str() => {
+                    Some((l, rel))
+                }
+                _ => None,
+            }
+        })
+        .max_by_key(|(l, _)| l.lower.components().count())
+    else {
+        return Ok(FileAfter::Unchanged);
+    };
+    let names: Vec<CString> = rel
+        .components()
+        .map(|c| match c {
+            std::path::Component::Normal(n) => {
+                use std::os::unix::ffi::OsStrExt;
+                CString::new(n.as_bytes()).map_err(|_| PreviewError::Layers("NUL in a path".into()))
+            }
+            _ => Err(PreviewError::Layers(format!(
+                "{} is not a plain path beneath {}",
+                path.display(),
+                layer.lower.display()
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let Some((last, dirs)) = names.split_last() else {
+        return Err(PreviewError::Layers(format!(
+            "{} is a layer's own directory, not a file",
+            path.display()
+        )));
+    };
+    let what = |w: &str| format!("{w} {} in preview layer {}", path.display(), layer.index);
+    let index_dir = open_dir_at(root, &CString::new(layer.index.to_string()).unwrap())
+        .map_err(io_at(what("opening the layer of")))?;
+    let mut dir = open_dir_at(&index_dir, c"upper").map_err(io_at(what("opening the layer of")))?;
+    // Below a re-made (opaque) directory the host's entries are gone.
+    let mut opaque = false;
+    for name in dirs {
+        match Entry::at(&dir, name).map_err(io_at(what("looking up")))? {
+            None if opaque => return Ok(FileAfter::Absent),
+            None => return Ok(FileAfter::Unchanged),
+            Some(e) if e.is_whiteout() => return Ok(FileAfter::Absent),
+            Some(e) if e.file_type() != FileType::Directory => {
+                // The run put something else where a directory was.
+                return Ok(FileAfter::Absent);
+            }
+            Some(_) => {
+                dir = open_dir_at(&dir, name).map_err(io_at(what("opening a directory above")))?;
+                opaque = opaque || is_opaque(&dir);
+            }
+        }
+    }
+    match Entry::at(&dir, last).map_err(io_at(what("looking up")))? {
+        None if opaque => Ok(FileAfter::Absent),
+        None => Ok(FileAfter::Unchanged),
+        Some(e) if e.is_whiteout() => Ok(FileAfter::Absent),
+        Some(e) if e.file_type() != FileType::RegularFile => Err(PreviewError::Layers(format!(
+            "{} is not a regular file after the preview",
+            path.display()
+        ))),
+        Some(e) if e.stat.st_size as u64 > max => Err(PreviewError::Layers(format!(
+            "{} is larger than {max} bytes after the preview",
+            path.display()
+        ))),
+        Some(_) => {
+            let fd = open_file_at(&dir, last).map_err(io_at(what("opening")))?;
+            let mut bytes = Vec::new();
+            std::fs::File::from(fd)
+                .take(max + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|source| PreviewError::Io {
+                    what: what("reading"),
+                    source,
+                })?;
+            if bytes.len() as u64 > max {
+                return Err(PreviewError::Layers(format!(
+                    "{} is larger than {max} bytes after the preview",
+                    path.display()
+                )));
+            }
+            Ok(FileAfter::Changed(bytes))
+        }
+    }
+}
+
+/// The names a preview's bundle saw in the host directory `path` when it
+/// ended (the host's entries, less those the run deleted, plus those it
+/// made), sorted; for the agent's own reads after the run (dpkg's
+/// journal). At most `max` names, else an error.
+pub fn list_dir(root: &OwnedFd, path: &Path, max: usize) -> Result<Vec<CString>, PreviewError> {
+    let host = rfs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io_at(format!("opening {}", path.display())))?;
+    let mut names: BTreeSet<CString> = list(&host)
+        .map_err(io_at(format!("listing {}", path.display())))?
+        .into_iter()
+        .collect();
+    let layers = read_layers(root)?;
+    if let Some(layer) = layers
+        .iter()
+        .filter(|l| l.only.is_none() && path.starts_with(&l.lower))
+        .max_by_key(|l| l.lower.components().count())
+    {
+        let what = |w: &str| format!("{w} {} in preview layer {}", path.display(), layer.index);
+        let index_dir = open_dir_at(root, &CString::new(layer.index.to_string()).unwrap())
+            .map_err(io_at(what("opening the layer of")))?;
+        let mut dir =
+            open_dir_at(&index_dir, c"upper").map_err(io_at(what("opening the layer of")))?;
+        let mut opaque = false;
+        let rel = path
+            .strip_prefix(&layer.lower)
+            .expect("filtered on the prefix");
+        let mut covered = true;
+        for c in rel.components() {
+            let std::path::Component::Normal(n) = c else {
+                return Err(PreviewError::Layers(format!(
+                    "{} is not a plain path",
+                    path.display()
+                )));
+            };
+            use std::os::unix::ffi::OsStrExt;
+            let name = CString::new(n.as_bytes())
+                .map_err(|_| PreviewError::Layers("NUL in a path".into()))?;
+            match Entry::at(&dir, &name).map_err(io_at(what("looking up")))? {
+                Some(e) if e.file_type() == FileType::Directory => {
+                    dir = open_dir_at(&dir, &name).map_err(io_at(what("opening")))?;
+                    opaque = opaque || is_opaque(&dir);
+                }
+                // Gone or replaced: the bundle saw no such directory.
+                Some(_) => return Ok(Vec::new()),
+                None if opaque => return Ok(Vec::new()),
+                None => {
+                    covered = false;
+                    break;
+                }
+            }
+        }
+        if covered {
+            if opaque {
+                names.clear();
+            }
+            for name in list(&dir).map_err(io_at(what("listing")))? {
+                match Entry::at(&dir, &name).map_err(io_at(what("looking up")))? {
+                    Some(e) if e.is_whiteout() => {
+                        names.remove(&name);
+                    }
+                    Some(_) => {
+                        names.insert(name);
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    if names.len() > max {
+        return Err(PreviewError::Layers(format!(
+            "more than {max} entries in {} after the preview",
+            path.display()
+        )));
+    }
+    Ok(names.into_iter().collect())
+}
+
 /// Whether a directory of an upper layer hides the host's directory
 /// beneath it: marked opaque (deleted and made again), or inside one that
 /// is (a directory made in a re-made directory is new, whatever the host
@@ -604,4 +798,134 @@ fn text_diff(upper: &OwnedFd, lower: Option<&OwnedFd>, name: &CStr, path: &str) 
         text.push_str("\n[diff cut]\n");
     }
     Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The agent's reads of what a preview left ([`read_file`],
+    //! [`list_dir`]) on hand-made layers: a host directory and an upper
+    //! directory in overlayfs's on-disk form, as the bundle could leave it.
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        host: PathBuf,
+        upper: PathBuf,
+        root: OwnedFd,
+    }
+
+    /// A host directory `host` (holding `status` and `updates/keep`) and
+    /// layer 0 over it.
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = tmp.path().join("host");
+        std::fs::create_dir_all(host.join("updates")).unwrap();
+        std::fs::write(host.join("status"), "host\n").unwrap();
+        std::fs::write(host.join("updates/keep"), "").unwrap();
+        let layers = tmp.path().join("layers");
+        let upper = layers.join("0/upper");
+        std::fs::create_dir_all(&upper).unwrap();
+        let list = vec![Layer {
+            index: 0,
+            lower: host.clone(),
+            only: None,
+        }];
+        std::fs::write(layers.join(LAYERS_FILE), serde_json::to_vec(&list).unwrap()).unwrap();
+        let root = rfs::open(
+            &layers,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        Fixture {
+            _tmp: tmp,
+            host,
+            upper,
+            root,
+        }
+    }
+
+    fn whiteout(path: &Path) {
+        rfs::mknodat(
+            rfs::CWD,
+            path,
+            FileType::CharacterDevice,
+            Mode::empty(),
+            rfs::makedev(0, 0),
+        )
+        .expect("mknod a whiteout (root)");
+    }
+
+    #[test]
+    fn a_file_is_read_from_the_upper_layer_or_left_to_the_host() {
+        let f = fixture();
+        let status = f.host.join("status");
+        assert_eq!(
+            read_file(&f.root, &status, 100).unwrap(),
+            FileAfter::Unchanged
+        );
+        std::fs::write(f.upper.join("status"), "after\n").unwrap();
+        assert_eq!(
+            read_file(&f.root, &status, 100).unwrap(),
+            FileAfter::Changed(b"after\n".to_vec())
+        );
+        // Beyond the bound: an error, never a partial answer.
+        assert!(read_file(&f.root, &status, 3).is_err());
+        // A path no layer covers is the host's.
+        assert_eq!(
+            read_file(&f.root, Path::new("/etc/hostname"), 100).unwrap(),
+            FileAfter::Unchanged
+        );
+    }
+
+    #[test]
+    fn what_the_bundle_put_in_place_of_a_file_is_never_followed() {
+        let f = fixture();
+        let status = f.host.join("status");
+        symlink("/etc/shadow", f.upper.join("status")).unwrap();
+        assert!(read_file(&f.root, &status, 1 << 20).is_err());
+        std::fs::remove_file(f.upper.join("status")).unwrap();
+        nix::unistd::mkfifo(&f.upper.join("status"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(read_file(&f.root, &status, 1 << 20).is_err(), "a FIFO");
+        // A directory above the file replaced by a link: the bundle saw
+        // no such directory, and the agent does not go through it.
+        let nested = f.host.join("updates/keep");
+        symlink("/etc", f.upper.join("updates")).unwrap();
+        assert_eq!(read_file(&f.root, &nested, 100).unwrap(), FileAfter::Absent);
+        assert_eq!(
+            list_dir(&f.root, &f.host.join("updates"), 10).unwrap(),
+            Vec::<CString>::new()
+        );
+    }
+
+    #[test]
+    fn deletions_and_remade_directories_hide_the_host() {
+        let f = fixture();
+        let status = f.host.join("status");
+        whiteout(&f.upper.join("status"));
+        assert_eq!(read_file(&f.root, &status, 100).unwrap(), FileAfter::Absent);
+        // updates/ re-made by the run: the host's entry is gone, the
+        // run's own are there, a whiteout removes a name.
+        let updates = f.upper.join("updates");
+        std::fs::create_dir(&updates).unwrap();
+        std::fs::write(updates.join("0001"), "").unwrap();
+        let listed = list_dir(&f.root, &f.host.join("updates"), 10).unwrap();
+        assert_eq!(listed, vec![c"0001".to_owned(), c"keep".to_owned()]);
+        whiteout(&updates.join("keep"));
+        let listed = list_dir(&f.root, &f.host.join("updates"), 10).unwrap();
+        assert_eq!(listed, vec![c"0001".to_owned()]);
+        rfs::setxattr(&updates, OPAQUE_XATTR, b"y", rfs::XattrFlags::empty()).unwrap();
+        std::fs::remove_file(updates.join("keep")).unwrap();
+        assert_eq!(
+            read_file(&f.root, &f.host.join("updates/keep"), 100).unwrap(),
+            FileAfter::Absent
+        );
+        let listed = list_dir(&f.root, &f.host.join("updates"), 10).unwrap();
+        assert_eq!(listed, vec![c"0001".to_owned()]);
+        assert!(
+            list_dir(&f.root, &f.host.join("updates"), 0).is_err(),
+            "bounded"
+        );
+    }
 }

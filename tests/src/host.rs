@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -253,4 +253,43 @@ pub fn manifest(name: &str, version: u64, hosts: &str, scope: &str) -> String {
     format!(
         "[bundle]\nname = {name:?}\nversion = {version}\ndescription = \"test\"\nexpires = 2099-01-01T00:00:00Z\n\n[targets]\nhosts = [{hosts}]\n\n[scope]\n{scope}\n\n[run]\ncommand = [\"./run.sh\"]\ntimeout = \"30s\"\n"
     )
+}
+
+/// Type and mode, owner, group, size, mtime (s, ns), ctime (s, ns) and,
+/// for files, bytes.
+pub type Stamp = (u32, u32, u32, u64, i64, i64, i64, i64, Vec<u8>);
+
+/// Every path beneath `root` (or `root` itself, a file) with its
+/// [`Stamp`]: what a test compares to show nothing on disk changed.
+pub fn disk(root: &Path) -> BTreeMap<PathBuf, Stamp> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = fs::symlink_metadata(&p).unwrap();
+        let bytes = if m.is_file() {
+            fs::read(&p).unwrap()
+        } else {
+            Vec::new()
+        };
+        if m.is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+        out.insert(
+            p,
+            (
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+                bytes,
+            ),
+        );
+    }
+    out
 }

@@ -9,46 +9,8 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use rollguard_tests::host::{manifest, Host, Keys, PolicyOptions};
+use rollguard_tests::host::{disk, manifest, Host, Keys, PolicyOptions};
 use serde_json::Value;
-
-/// Type and mode, owner, group, size, mtime (s, ns), ctime (s, ns) and,
-/// for files, bytes.
-type Stamp = (u32, u32, u32, u64, i64, i64, i64, i64, Vec<u8>);
-
-/// Every path beneath `root` with its [`Stamp`].
-fn disk(root: &Path) -> BTreeMap<PathBuf, Stamp> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let m = fs::symlink_metadata(&p).unwrap();
-        let bytes = if m.is_file() {
-            fs::read(&p).unwrap()
-        } else {
-            Vec::new()
-        };
-        if m.is_dir() {
-            for e in fs::read_dir(&p).unwrap() {
-                stack.push(e.unwrap().path());
-            }
-        }
-        out.insert(
-            p,
-            (
-                m.mode(),
-                m.uid(),
-                m.gid(),
-                m.size(),
-                m.mtime(),
-                m.mtime_nsec(),
-                m.ctime(),
-                m.ctime_nsec(),
-                bytes,
-            ),
-        );
-    }
-    out
-}
 
 /// The report's denials as a set (sorted, each once).
 fn denial_set(report: &Value) -> Vec<(String, String)> {

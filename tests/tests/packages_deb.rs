@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use rollguard_tests::host::{Host, Keys};
+use rollguard_tests::host::{disk, Host, Keys};
 use rollguard_tests::packages::{self as pkg, Cleanup, Variant};
 use rollguard_tests::{rollguard, run_ok};
 use serde_json::{json, Value};
@@ -465,4 +465,147 @@ fn a_service_package_gets_the_unit_enablement_state_in_its_scope() {
     let (built, _) = bundle(&host, &keys, "plain", 1, &plain);
     let p = &pkg::inspect(&built)["packages"];
     assert!(!strings(&p["write"]).contains(&state), "{p:#}");
+}
+
+/// The derived scope on disk: every path of it with its type, mode,
+/// owner, size, times and bytes.
+fn derived_on_disk(
+) -> Vec<std::collections::BTreeMap<std::path::PathBuf, rollguard_tests::host::Stamp>> {
+    [
+        "/etc/rgpkgtest",
+        "/usr/lib/rgpkgtest",
+        "/var/lib/dpkg",
+        "/var/log/dpkg.log",
+    ]
+    .iter()
+    .map(|p| disk(Path::new(p)))
+    .collect()
+}
+
+/// `rollguard-agent run --preview` of a `[packages]` bundle: dpkg and the
+/// maintainer scripts run for real against overlays of the derived scope;
+/// the report says what the install would change (files and database) and
+/// which versions it would leave, the same denials as a real run, and
+/// nothing reaches the disk.
+#[test]
+fn a_preview_of_an_upgrade_reports_what_dpkg_would_change_and_changes_nothing() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let v1 = pkg::build_deb(&out, "1.0", &quiet());
+    let v2 = pkg::build_deb(&out, "2.0", &quiet());
+
+    // A first install needs directories this host lacks, which only a real
+    // run creates: its preview is refused, and creates nothing.
+    let (fresh, _) = bundle(&host, &keys, "fresh", 1, &v1);
+    let (report, code) = host.preview(&fresh);
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(code, 2, "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("a preview cannot create") && reason.contains("/etc/rgpkgtest"),
+        "{report:#}"
+    );
+    assert!(!Path::new("/etc/rgpkgtest").exists());
+    assert!(!Path::new("/usr/lib/rgpkgtest").exists());
+
+    install_bare(&v1);
+    let on_disk = derived_on_disk();
+    let (up, _) = bundle(&host, &keys, "up", 2, &v2);
+    let (report, code) = host.preview(&up);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["denials"], json!([]), "{report:#}");
+    assert_expected_denials_are_typed(&report);
+    // The versions as the preview's own database has them.
+    assert_eq!(
+        report["packages"],
+        json!([{ "manager": "dpkg", "name": "rgpkgtest", "version": "2.0", "before": "1.0", "after": "2.0" }]),
+        "{report:#}"
+    );
+    let preview = &report["preview"];
+    assert_eq!(preview["complete"], true, "{report:#}");
+    let changed: Vec<(&str, &str)> = preview["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["change"].as_str().unwrap(), c["path"].as_str().unwrap()))
+        .collect();
+    for wanted in [
+        ("modified", pkg::PROGRAM),
+        ("modified", pkg::CONFFILE),
+        ("modified", "/var/lib/dpkg/status"),
+        ("modified", "/var/log/dpkg.log"),
+    ] {
+        assert!(changed.contains(&wanted), "{wanted:?} not in {changed:#?}");
+    }
+    let program = preview["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["path"] == pkg::PROGRAM)
+        .unwrap();
+    assert!(
+        program["diff"]
+            .as_str()
+            .is_some_and(|d| d.contains("+echo rgpkgtest 2.0")),
+        "{report:#}"
+    );
+    // Nothing reached the disk, and the version is not used up.
+    assert_eq!(derived_on_disk(), on_disk, "the preview changed the disk");
+    assert_eq!(pkg::dpkg_status().unwrap().0, "1.0");
+    let (real, _) = host.run(&up);
+    assert_eq!(real["status"], "succeeded", "{real:#}");
+    assert_eq!(real["packages"], report["packages"], "{real:#}");
+    assert_eq!(pkg::dpkg_status().unwrap().0, "2.0");
+}
+
+/// A preview of the package whose maintainer script writes outside the
+/// derived scope: the same denial and the same failed install as the real
+/// run reports (a_maintainer_script_writing_outside_the_derived_scope...),
+/// and nothing changed.
+#[test]
+fn a_preview_of_a_maintainer_script_writing_outside_its_scope_reports_the_denial() {
+    let _db = pkg::lock();
+    let _cleanup = Cleanup { rpm: false };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    let v1 = pkg::build_deb(&out, "1.0", &quiet());
+    let evil = pkg::build_deb(
+        &out,
+        "2.0",
+        &Variant {
+            postinst: format!("  echo pwned > {}\n", pkg::EVIL),
+            ..quiet()
+        },
+    );
+    install_bare(&v1);
+    let on_disk = derived_on_disk();
+    let (bundle, _) = bundle(&host, &keys, "evil", 1, &evil);
+    let (report, code) = host.preview(&bundle);
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert_ne!(code, 0);
+    let denials = report["denials"]
+        .as_array()
+        .expect("denials are known here");
+    assert!(
+        denials
+            .iter()
+            .any(|d| d["path"] == "/etc/" && d["exe"].as_str().is_some_and(|e| e.ends_with("sh"))),
+        "{report:#}"
+    );
+    // The failed postinst leaves the preview's database half-configured,
+    // as the real run's would be.
+    assert_eq!(
+        report["packages"][0]["state"], "half-configured",
+        "{report:#}"
+    );
+    assert!(!Path::new(pkg::EVIL).exists());
+    assert_eq!(derived_on_disk(), on_disk, "the preview changed the disk");
+    assert_eq!(pkg::dpkg_status().unwrap().0, "1.0");
 }

@@ -48,10 +48,10 @@ use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 
 /// Largest `status` or `.list` file read (a big Debian host's `status` is
 /// about 10 MB); beyond it, dpkg-query answers.
-const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// The name dpkg writes a journal entry under before renaming it to its
 /// number; alone it is not a pending change.
-const JOURNAL_TMP: &str = "tmp.i";
+pub const JOURNAL_TMP: &str = "tmp.i";
 /// Longest file name of a list (the file system's limit).
 const MAX_NAME_BYTES: usize = 255;
 
@@ -96,7 +96,23 @@ pub fn lookup(admindir: &Path, names: &[&str]) -> Result<Vec<Option<Found>>, DbE
     // dpkg may have journaled a change meanwhile (and not yet folded it
     // into the status file we read).
     journal_empty(&updates)?;
-    let paragraphs = parse(&status)?;
+    find(&status, admindir, names)
+}
+
+/// The packages `names` as the status file's bytes `status` have them (a
+/// preview's database, read from its layers; see
+/// [`crate::preview::read_file`]), `admindir` naming their file lists.
+/// The journal is the caller's to check.
+pub fn lookup_status(
+    status: &[u8],
+    admindir: &Path,
+    names: &[&str],
+) -> Result<Vec<Option<Found>>, DbError> {
+    find(status, admindir, names)
+}
+
+fn find(status: &[u8], admindir: &Path, names: &[&str]) -> Result<Vec<Option<Found>>, DbError> {
+    let paragraphs = parse(status)?;
     names
         .iter()
         .map(|name| {

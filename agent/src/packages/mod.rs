@@ -96,6 +96,36 @@ pub enum PrepareError {
 /// check passed): the database is the signed one, missing package
 /// directories exist.
 pub fn prepare(p: &Packages) -> Result<(), PrepareError> {
+    check_host(p)?;
+    for path in missing(p) {
+        let path = path.as_path();
+        if path == Path::new(DPKG_LOG) {
+            // dpkg creates its log 0644 root:root; so do we.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o644)
+                .open(path)
+                .map_err(|e| PrepareError::Host(format!("{}: {e}", path.display())))?;
+            continue;
+        }
+        create_dirs(path).map_err(|e| PrepareError::Host(format!("{}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// The derived write paths this host lacks, which [`prepare`] creates (a
+/// preview, which changes nothing on the host, is refused instead).
+pub fn missing(p: &Packages) -> Vec<PathBuf> {
+    p.write
+        .iter()
+        .map(|w| w.as_path().to_path_buf())
+        .filter(|w| std::fs::symlink_metadata(w).is_err())
+        .collect()
+}
+
+/// The host's package database is the one the signed manifest names.
+pub fn check_host(p: &Packages) -> Result<(), PrepareError> {
     match p.kind {
         PackageKind::Deb => {
             if p.database.as_path() != Path::new(DPKG_ADMINDIR) {
@@ -122,23 +152,6 @@ pub fn prepare(p: &Packages) -> Result<(), PrepareError> {
                 )));
             }
         }
-    }
-    for path in &p.write {
-        let path = path.as_path();
-        if path.exists() {
-            continue;
-        }
-        if path == Path::new(DPKG_LOG) {
-            // dpkg creates its log 0644 root:root; so do we.
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o644)
-                .open(path)
-                .map_err(|e| PrepareError::Host(format!("{}: {e}", path.display())))?;
-            continue;
-        }
-        create_dirs(path).map_err(|e| PrepareError::Host(format!("{}: {e}", path.display())))?;
     }
     Ok(())
 }
@@ -278,9 +291,29 @@ impl Snapshot {
     }
 
     pub fn finish(self, p: &Packages) -> PackagesOutcome {
+        let after = read_states(p).into_iter().map(|(state, _)| state).collect();
+        let files = self.files.clone();
+        let mut outcome = self.compare(p, after);
+        outcome.replaced = files
+            .into_iter()
+            .filter(|(path, dev, ino)| match std::fs::symlink_metadata(path) {
+                Ok(m) => (m.dev(), m.ino()) != (*dev, *ino),
+                Err(_) => true,
+            })
+            .map(|(path, _, _)| path)
+            .collect();
+        outcome
+    }
+
+    /// After a preview: the versions its database says, read from its
+    /// layers ([`PreviewAfter::read`]); nothing on the host was replaced.
+    pub fn finish_preview(self, p: &Packages, after: PreviewAfter) -> PackagesOutcome {
+        self.compare(p, after.0)
+    }
+
+    fn compare(self, p: &Packages, after: Vec<Installed>) -> PackagesOutcome {
         let mut changes = Vec::new();
         let mut mismatch = Vec::new();
-        let after = read_states(p).into_iter().map(|(state, _)| state);
         for ((pkg, before), after) in p.install.iter().zip(self.before).zip(after) {
             if after.version.as_deref() != Some(pkg.version.as_str()) || after.state.is_some() {
                 mismatch.push(format!(
@@ -304,19 +337,84 @@ impl Snapshot {
                 error: before.error.or(after.error),
             });
         }
-        let replaced = self
-            .files
-            .into_iter()
-            .filter(|(path, dev, ino)| match std::fs::symlink_metadata(path) {
-                Ok(m) => (m.dev(), m.ino()) != (*dev, *ino),
-                Err(_) => true,
-            })
-            .map(|(path, _, _)| path)
-            .collect();
         PackagesOutcome {
             changes,
-            replaced,
+            replaced: BTreeSet::new(),
             mismatch: (!mismatch.is_empty()).then(|| mismatch.join("; ")),
+        }
+    }
+}
+
+/// The packages as a preview left the database: read from the preview's
+/// layers, since nothing reached the host's (only dpkg's `status` and its
+/// journal are needed; an rpm preview is refused before it runs).
+pub struct PreviewAfter(Vec<Installed>);
+
+impl PreviewAfter {
+    /// Read from the preview's layers `layers` (the tmpfs stage 2 built
+    /// them on). What cannot be read is each package's error, so the
+    /// preview fails rather than guess.
+    pub fn read(p: &Packages, layers: &std::os::fd::OwnedFd) -> PreviewAfter {
+        let failed = |e: String| {
+            tracing::warn!("the preview's package database: {e}");
+            PreviewAfter(
+                p.install
+                    .iter()
+                    .map(|_| Installed {
+                        error: Some(e.clone()),
+                        ..Installed::default()
+                    })
+                    .collect(),
+            )
+        };
+        if p.kind != PackageKind::Deb {
+            return failed("only dpkg's database is read from a preview".into());
+        }
+        let admindir = Path::new(DPKG_ADMINDIR);
+        let updates = admindir.join("updates");
+        match crate::preview::list_dir(layers, &updates, 10_000) {
+            Ok(names)
+                if names
+                    .iter()
+                    .all(|n| n.to_bytes() == dpkg_db::JOURNAL_TMP.as_bytes()) => {}
+            Ok(_) => {
+                return failed(format!(
+                "dpkg's journal ({}) holds changes not yet in the status file after the preview",
+                updates.display()
+            ))
+            }
+            Err(e) => return failed(e.to_string()),
+        }
+        let status = admindir.join("status");
+        let names: Vec<&str> = p.install.iter().map(|pkg| pkg.name.as_str()).collect();
+        let found = match crate::preview::read_file(layers, &status, dpkg_db::MAX_FILE_BYTES) {
+            Ok(crate::preview::FileAfter::Changed(bytes)) => {
+                dpkg_db::lookup_status(&bytes, admindir, &names).map_err(|e| e.to_string())
+            }
+            // The run left the database alone: the host's answers.
+            Ok(crate::preview::FileAfter::Unchanged) => {
+                return PreviewAfter(read_states(p).into_iter().map(|(s, _)| s).collect())
+            }
+            Ok(crate::preview::FileAfter::Absent) => {
+                Err(format!("{} was deleted by the preview", status.display()))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match found {
+            Ok(found) => PreviewAfter(
+                found
+                    .into_iter()
+                    .map(|f| match f {
+                        Some(f) => Installed {
+                            version: Some(f.version),
+                            state: f.state,
+                            error: None,
+                        },
+                        None => Installed::default(),
+                    })
+                    .collect(),
+            ),
+            Err(e) => failed(e),
         }
     }
 }
@@ -481,8 +579,26 @@ pub fn after_run(
     before: Snapshot,
     report: &mut rollguard_shared::report::RunReport,
 ) -> BTreeSet<PathBuf> {
+    record(before.finish(p), report)
+}
+
+/// After a preview: the package changes it would make into the report,
+/// from its layers ([`PreviewAfter`]); the preview fails, as the run
+/// would, if a package would not be installed at its bundle's version.
+pub fn after_preview(
+    p: &Packages,
+    before: Snapshot,
+    after: PreviewAfter,
+    report: &mut rollguard_shared::report::RunReport,
+) {
+    record(before.finish_preview(p, after), report);
+}
+
+fn record(
+    outcome: PackagesOutcome,
+    report: &mut rollguard_shared::report::RunReport,
+) -> BTreeSet<PathBuf> {
     use rollguard_shared::report::RunStatus;
-    let outcome = before.finish(p);
     log_changes(&outcome.changes);
     report.packages = outcome.changes;
     if let Some(m) = outcome.mismatch {

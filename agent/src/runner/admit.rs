@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use rollguard_shared::archive::{self, Limits, OpenedBundle};
-use rollguard_shared::manifest::{Manifest, Packages, Scope};
+use rollguard_shared::manifest::{Manifest, PackageKind, Packages, Scope};
 use rollguard_shared::report::{BundleRef, RefusalKind};
 use rollguard_shared::signature::{self, AllowedSigners, RawSignature};
 use sha2::{Digest, Sha256};
@@ -81,10 +81,16 @@ pub(super) fn admit(
         .packages
         .as_ref()
         .map(crate::packages::on_this_host);
-    if opts.preview && packages.is_some() {
+    // A preview reads the database it would leave from its layers, which
+    // only dpkg's is read from (rpm's is a database file only rpm reads).
+    if opts.preview
+        && packages
+            .as_ref()
+            .is_some_and(|p| p.kind != PackageKind::Deb)
+    {
         return Err(Refusal::new(
             RefusalKind::HostError,
-            "a preview of a bundle with [packages] is not supported yet: the package manager's own scope cannot be layered; nothing was run",
+            "a preview of .rpm packages is not supported: what rpm would leave in its database cannot be read from the preview's layers; nothing was run",
         ));
     }
     let scope = match &packages {

@@ -28,6 +28,9 @@ pub(super) struct Executed {
     pub admission: Admission,
     pub run_id: RunId,
     pub packages_before: Option<crate::packages::Snapshot>,
+    /// A preview with `[packages]`: the database as the preview left it,
+    /// read from its layers before they went.
+    pub packages_after_preview: Option<crate::packages::PreviewAfter>,
     /// The run's service-request directory, handed over by stage 2.
     pub service_requests: Option<Arc<OwnedFd>>,
     pub report: RunReport,
@@ -47,12 +50,13 @@ pub(super) fn execute(prepared: Prepared, opts: &RunOptions) -> Executed {
         // Unknown until read from the layers (`complete` false).
         report.preview = Some(Preview::default());
     }
-    let service_requests =
+    let (service_requests, packages_after_preview) =
         release_and_wait(held, audit, run_id.as_str(), &admission, opts, &mut report);
     Executed {
         admission,
         run_id,
         packages_before,
+        packages_after_preview,
         service_requests,
         report,
     }
@@ -60,7 +64,8 @@ pub(super) fn execute(prepared: Prepared, opts: &RunOptions) -> Executed {
 
 /// Release the sandbox, wait, and fill in status, exit code, denials and
 /// output tails. The packages' expected denials are moved aside. Returns
-/// the run's service-request directory, if stage 2 handed it over.
+/// the run's service-request directory, if stage 2 handed it over, and a
+/// `[packages]` preview's database as it left it.
 fn release_and_wait(
     held: HeldChild,
     audit: StartingListener,
@@ -68,7 +73,7 @@ fn release_and_wait(
     admission: &Admission,
     opts: &RunOptions,
     report: &mut RunReport,
-) -> Option<Arc<OwnedFd>> {
+) -> (Option<Arc<OwnedFd>>, Option<crate::packages::PreviewAfter>) {
     let timeout = admission.manifest.run.timeout;
     let kernel = &admission.kernel;
     let packages = admission.packages.as_ref();
@@ -84,7 +89,7 @@ fn release_and_wait(
         Err(e) => {
             report.status = RunStatus::Failed;
             report.reason = Some(format!("could not start the sandbox: {e}"));
-            return None;
+            return (None, None);
         }
     };
     if let Some(on_start) = &opts.on_start {
@@ -102,7 +107,7 @@ fn release_and_wait(
             // unknown, never zero (and so never retried).
             report.denials = None;
             report.denial_count = None;
-            return None;
+            return (None, None);
         }
     };
     report.leftover_processes = outcome.leftover_processes as u32;
@@ -239,10 +244,16 @@ fn release_and_wait(
     // Collected: the rules go now, not after a preview's walk of its
     // layers, which may take a while on a large change set.
     drop(exit_rules);
-    if opts.preview {
+    let packages_after = if opts.preview {
         read_preview(&outcome, report);
-    }
-    outcome.service_requests
+        match (packages, &outcome.preview_layers) {
+            (Some(p), Some(layers)) => Some(crate::packages::PreviewAfter::read(p, layers)),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    (outcome.service_requests, packages_after)
 }
 
 /// A preview's changes, read from its layers into the report. Without

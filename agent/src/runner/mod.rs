@@ -176,10 +176,25 @@ fn finish(
         admission,
         run_id,
         packages_before,
+        packages_after_preview,
         service_requests,
         mut report,
     } = run;
     if report.preview.is_some() {
+        // What the packages would become, from the preview's layers.
+        match (&admission.packages, packages_before, packages_after_preview) {
+            (Some(p), Some(before), Some(after)) => {
+                crate::packages::after_preview(p, before, after, &mut report)
+            }
+            (Some(_), _, _) if report.status == RunStatus::Succeeded => {
+                report.status = RunStatus::Failed;
+                report.reason = Some(
+                    "the preview's package database could not be read: what it would install is unknown"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
         let requests = service_requests.as_deref();
         return finish_preview(
             policy, state, log, admission, run_id, requests, report, started,

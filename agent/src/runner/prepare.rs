@@ -114,7 +114,27 @@ pub(super) fn prepare(
     // attach to existing directories (see `packages`). The only write
     // outside the agent's own state before the run; a refusal below leaves
     // them, empty.
-    if let Some(p) = &admission.packages {
+    // A preview changes nothing on the host, so it cannot create them:
+    // refused, nothing run.
+    if let Some(p) = admission.packages.as_ref().filter(|_| opts.preview) {
+        crate::packages::check_host(p).map_err(|e| {
+            cleanup(Refusal::new(
+                RefusalKind::HostError,
+                format!("[packages]: {e}"),
+            ))
+        })?;
+        let missing = crate::packages::missing(p);
+        if !missing.is_empty() {
+            let paths: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+            return Err(cleanup(Refusal::new(
+                RefusalKind::HostError,
+                format!(
+                    "a preview cannot create what the packages' derived scope names and this host lacks ({}): a real run creates it (root:root 0755); nothing was run",
+                    paths.join(", ")
+                ),
+            )));
+        }
+    } else if let Some(p) = &admission.packages {
         crate::packages::prepare(p).map_err(|e| {
             cleanup(Refusal::new(
                 RefusalKind::HostError,
