@@ -48,7 +48,9 @@
 //!    which report the read-only mounts' `EROFS`), or combinations, then
 //!    execs the same python. Ratios are against "neither" (same re-exec
 //!    path), so they are the cost of the checks on each create/open/unlink
-//!    alone; "all" is the three together.
+//!    alone; "all" is the three together. "overlay" is a preview's overlay
+//!    alone (the same options, its upper layer on a tmpfs, in a mount
+//!    namespace of the child's own): what 3. pays per create and unlink.
 //!
 //! Runs are interleaved, alternating which side goes first (A B B A ...),
 //! so drift in machine speed hits both sides alike. Reported: median [min
@@ -119,16 +121,21 @@ enum Mechanisms {
     Audit,
     /// Landlock, seccomp and the audit rules together.
     All,
+    /// A preview's overlay (`preview_layers`, same options) over the work
+    /// directory, its upper layer on a tmpfs: what a preview adds to every
+    /// create and unlink, without the rest of a preview run.
+    Overlay,
 }
 
 impl Mechanisms {
-    const ALL: [Mechanisms; 6] = [
+    const ALL: [Mechanisms; 7] = [
         Mechanisms::Neither,
         Mechanisms::Landlock,
         Mechanisms::Seccomp,
         Mechanisms::Both,
         Mechanisms::Audit,
         Mechanisms::All,
+        Mechanisms::Overlay,
     ];
 
     fn name(self) -> &'static str {
@@ -139,6 +146,7 @@ impl Mechanisms {
             Mechanisms::Both => "both",
             Mechanisms::Audit => "audit",
             Mechanisms::All => "all",
+            Mechanisms::Overlay => "overlay",
         }
     }
 
@@ -182,6 +190,9 @@ fn confine_only(args: &[String]) -> ! {
     // A session of its own, like the bare side; EPERM if we already lead
     // a process group (started by hand), which is as good.
     let _ = nix::unistd::setsid();
+    if mechanisms == Mechanisms::Overlay {
+        overlay_over(Path::new(work));
+    }
     if mechanisms.audit() {
         // As stage 2 does: a session of its own, and the run's rules for
         // it. The parent removes them after the child exits
@@ -223,6 +234,49 @@ fn confine_only(args: &[String]) -> ! {
     }
     let error = Command::new(PYTHON).arg(script).arg(work).exec();
     panic!("exec {PYTHON}: {error}");
+}
+
+/// Mount an overlay over `work` in a mount namespace of this process's
+/// own, as a preview's layer: `work` the lower layer, the upper on a tmpfs.
+fn overlay_over(work: &Path) {
+    use nix::mount::{mount, MsFlags};
+    use rollguard_agent::sandbox::preview_layers::OVERLAY_OPTIONS;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .unwrap();
+    let staging = Path::new(BASE).join("ablation-overlay");
+    fs::create_dir_all(&staging).unwrap();
+    mount(
+        Some("tmpfs"),
+        &staging,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .unwrap();
+    let (upper, workdir) = (staging.join("upper"), staging.join("work"));
+    fs::create_dir(&upper).unwrap();
+    fs::create_dir(&workdir).unwrap();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={},{OVERLAY_OPTIONS}",
+        work.display(),
+        upper.display(),
+        workdir.display()
+    );
+    mount(
+        Some("overlay"),
+        work,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .unwrap();
 }
 
 fn main() {

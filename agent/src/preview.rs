@@ -133,7 +133,7 @@ pub enum FileAfter {
 /// bytes are read.
 pub fn read_file(root: &OwnedFd, path: &Path, max: u64) -> Result<FileAfter, PreviewError> {
     let layers = read_layers(root)?;
-    let Some((layer, rel)) = layers
+    let covering: Vec<(&Layer, &Path)> = layers
         .iter()
         .filter_map(|l| {
             let rel = path.strip_prefix(&l.lower).ok()?;
@@ -147,10 +147,22 @@ pub fn read_file(root: &OwnedFd, path: &Path, max: u64) -> Result<FileAfter, Pre
                 _ => None,
             }
         })
-        .max_by_key(|(l, _)| l.lower.components().count())
-    else {
+        .collect();
+    // The deepest layer is what the bundle saw; two as deep (a directory
+    // scope's and a file scope's over the same directory) would leave the
+    // answer to mount order, so that is an error, never a guess.
+    let depth = |l: &Layer| l.lower.components().count();
+    let Some(deepest) = covering.iter().map(|(l, _)| depth(l)).max() else {
         return Ok(FileAfter::Unchanged);
     };
+    let mut at_depth = covering.into_iter().filter(|(l, _)| depth(l) == deepest);
+    let (layer, rel) = at_depth.next().expect("the deepest is among them");
+    if at_depth.next().is_some() {
+        return Err(PreviewError::Layers(format!(
+            "more than one preview layer lies directly over {}",
+            path.display()
+        )));
+    }
     let names: Vec<CString> = rel
         .components()
         .map(|c| match c {
@@ -236,7 +248,7 @@ pub fn list_dir(root: &OwnedFd, path: &Path, max: usize) -> Result<Vec<CString>,
         Mode::empty(),
     )
     .map_err(io_at(format!("opening {}", path.display())))?;
-    let mut names: BTreeSet<CString> = list(&host)
+    let mut names: BTreeSet<CString> = list_at_most(&host, max)
         .map_err(io_at(format!("listing {}", path.display())))?
         .into_iter()
         .collect();
@@ -271,9 +283,20 @@ pub fn list_dir(root: &OwnedFd, path: &Path, max: usize) -> Result<Vec<CString>,
                     dir = open_dir_at(&dir, &name).map_err(io_at(what("opening")))?;
                     opaque = opaque || is_opaque(&dir);
                 }
-                // Gone or replaced: the bundle saw no such directory.
-                Some(_) => return Ok(Vec::new()),
-                None if opaque => return Ok(Vec::new()),
+                // Gone or replaced: the bundle saw no such directory,
+                // which a real run's reader refuses too.
+                Some(_) => {
+                    return Err(PreviewError::Layers(format!(
+                        "{} is not a directory after the preview",
+                        path.display()
+                    )))
+                }
+                None if opaque => {
+                    return Err(PreviewError::Layers(format!(
+                        "{} does not exist after the preview",
+                        path.display()
+                    )))
+                }
                 None => {
                     covered = false;
                     break;
@@ -284,7 +307,8 @@ pub fn list_dir(root: &OwnedFd, path: &Path, max: usize) -> Result<Vec<CString>,
             if opaque {
                 names.clear();
             }
-            for name in list(&dir).map_err(io_at(what("listing")))? {
+            let bound = max.saturating_add(names.len());
+            for name in list_at_most(&dir, bound).map_err(io_at(what("listing")))? {
                 match Entry::at(&dir, &name).map_err(io_at(what("looking up")))? {
                     Some(e) if e.is_whiteout() => {
                         names.remove(&name);
@@ -641,8 +665,14 @@ fn join(dir: &Path, name: &CStr) -> PathBuf {
     dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()))
 }
 
-/// The names in a directory, without `.` and `..`, sorted.
+/// The names in a directory, without `.` and `..`, sorted; more than
+/// [`MAX_WALKED`] is an error.
 fn list(dir: &OwnedFd) -> rustix::io::Result<Vec<CString>> {
+    list_at_most(dir, MAX_WALKED)
+}
+
+/// [`list`] with a bound of `max` names (`ENOMEM` beyond).
+fn list_at_most(dir: &OwnedFd, max: usize) -> rustix::io::Result<Vec<CString>> {
     let mut names = Vec::new();
     let mut entries = rfs::Dir::read_from(dir)?;
     entries.rewind();
@@ -652,7 +682,7 @@ fn list(dir: &OwnedFd) -> rustix::io::Result<Vec<CString>> {
         if name != c"." && name != c".." {
             names.push(name.to_owned());
         }
-        if names.len() > MAX_WALKED {
+        if names.len() > max {
             return Err(rustix::io::Errno::NOMEM);
         }
     }
@@ -893,10 +923,9 @@ mod tests {
         let nested = f.host.join("updates/keep");
         symlink("/etc", f.upper.join("updates")).unwrap();
         assert_eq!(read_file(&f.root, &nested, 100).unwrap(), FileAfter::Absent);
-        assert_eq!(
-            list_dir(&f.root, &f.host.join("updates"), 10).unwrap(),
-            Vec::<CString>::new()
-        );
+        // And a journal directory that is not one is an error, as the real
+        // run's reader has it.
+        assert!(list_dir(&f.root, &f.host.join("updates"), 10).is_err());
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub fn lookup_status(
 }
 
 fn find(status: &[u8], admindir: &Path, names: &[&str]) -> Result<Vec<Option<Found>>, DbError> {
-    let paragraphs = parse(status)?;
+    let paragraphs = parse(status, names)?;
     names
         .iter()
         .map(|name| {
@@ -278,10 +278,15 @@ impl Paragraph<'_> {
 /// and tabs; the fields we use must be one line. Anything else is an
 /// error (the caller then asks dpkg-query).
 ///
+/// Only the paragraphs of the packages `keep` are returned (every one is
+/// checked): the file may be the bundle's (a preview's database), and a
+/// list of every tiny paragraph it could hold would be memory for it to
+/// take.
+///
 /// It runs twice per package install, over the whole file (766 kB on a
 /// plain Debian host, ten times that on a big one), so the scan is
 /// `memchr`'s (vectorised) and nothing is allocated per line.
-fn parse(text: &[u8]) -> Result<Vec<Paragraph<'_>>, DbError> {
+fn parse<'a>(text: &'a [u8], keep: &[&str]) -> Result<Vec<Paragraph<'a>>, DbError> {
     let mut paragraphs = Vec::new();
     // The paragraph being read.
     let mut current: Option<Paragraph> = None;
@@ -296,6 +301,7 @@ fn parse(text: &[u8]) -> Result<Vec<Paragraph<'_>>, DbError> {
         current: &mut Option<Paragraph<'a>>,
         seen: &mut Vec<&'a [u8]>,
         paragraphs: &mut Vec<Paragraph<'a>>,
+        keep: &[&str],
         line: usize,
     ) -> Result<(), DbError> {
         if let Some(p) = current.take() {
@@ -306,7 +312,9 @@ fn parse(text: &[u8]) -> Result<Vec<Paragraph<'_>>, DbError> {
                 return Err(DbError::Syntax(line, "a field twice in one paragraph"));
             }
             seen.clear();
-            paragraphs.push(p);
+            if keep.iter().any(|k| k.as_bytes() == p.package) {
+                paragraphs.push(p);
+            }
         }
         Ok(())
     }
@@ -326,7 +334,7 @@ fn parse(text: &[u8]) -> Result<Vec<Paragraph<'_>>, DbError> {
             return Err(DbError::Syntax(n, "a carriage return"));
         }
         let Some(&first) = line.first() else {
-            finish(&mut current, &mut seen, &mut paragraphs, n)?;
+            finish(&mut current, &mut seen, &mut paragraphs, keep, n)?;
             last_ours = false;
             continue;
         };
@@ -375,7 +383,7 @@ fn parse(text: &[u8]) -> Result<Vec<Paragraph<'_>>, DbError> {
         *slot = Some(value);
         last_ours = true;
     }
-    finish(&mut current, &mut seen, &mut paragraphs, n_lines)?;
+    finish(&mut current, &mut seen, &mut paragraphs, keep, n_lines)?;
     Ok(paragraphs)
 }
 
@@ -503,7 +511,7 @@ Status: purge ok not-installed
         ];
         for text in bad {
             assert!(
-                matches!(parse(text.as_bytes()), Err(DbError::Syntax(..))),
+                matches!(parse(text.as_bytes(), &["a"]), Err(DbError::Syntax(..))),
                 "{text:?}"
             );
         }
@@ -625,10 +633,11 @@ Status: purge ok not-installed
         for i in 0..100_000 {
             text.push_str(&format!("X-{i}: v\n"));
         }
-        assert_eq!(parse(text.as_bytes()).unwrap().len(), 1);
+        assert_eq!(parse(text.as_bytes(), &["a"]).unwrap().len(), 1);
+        assert_eq!(parse(text.as_bytes(), &["b"]).unwrap().len(), 0);
         text.push_str("x-99999: v\n");
         assert!(matches!(
-            parse(text.as_bytes()),
+            parse(text.as_bytes(), &["b"]),
             Err(DbError::Syntax(_, "a field twice in one paragraph"))
         ));
     }

@@ -88,6 +88,8 @@ pub(super) fn admit(
             .as_ref()
             .is_some_and(|p| p.kind != PackageKind::Deb)
     {
+        // Not `BadBundle` (the file is well formed): this agent cannot
+        // preview it, as a host limit.
         return Err(Refusal::new(
             RefusalKind::HostError,
             "a preview of .rpm packages is not supported: what rpm would leave in its database cannot be read from the preview's layers; nothing was run",

@@ -240,7 +240,7 @@ fn release_and_wait(
             report.denial_count = None;
         }
     }
-    add_filter_denials(&outcome, report);
+    add_filter_denials(outcome.filter_denials.as_ref(), &outcome.run_id, report);
     // Collected: the rules go now, not after a preview's walk of its
     // layers, which may take a while on a large change set.
     drop(exit_rules);
@@ -307,15 +307,38 @@ fn fail(report: &mut RunReport, why: &str) {
 /// Add what the run cgroup's BPF programs refused (network destinations,
 /// devices) to the kernel audit's denials. If their record could not be
 /// read, the run's denials are unknown.
-fn add_filter_denials(outcome: &RunOutcome, report: &mut RunReport) {
-    let Some(filtered) = &outcome.filter_denials else {
-        tracing::warn!(run_id = %outcome.run_id, "the run cgroup's BPF denial record could not be read; denials are unknown");
+fn add_filter_denials(
+    filtered: Option<&crate::sandbox::cgroup_filters::FilterDenials>,
+    run_id: &str,
+    report: &mut RunReport,
+) {
+    let Some(filtered) = filtered else {
+        tracing::warn!(run_id = %run_id, "the run cgroup's BPF denial record could not be read; denials are unknown");
         report.denials = None;
         report.denial_count = None;
         return;
     };
     for d in &filtered.records {
-        tracing::warn!(run_id = %outcome.run_id, access = %d.access, object = %d.object, "denied by the run cgroup's BPF program");
+        tracing::warn!(run_id = %run_id, access = %d.access, object = %d.object, "denied by the run cgroup's BPF program");
+    }
+    // Where the kernel's audit could not be used, the other denials are
+    // unknown, but these are known: the run had a denial, so it fails
+    // (and no service action follows it), with them named in the reason.
+    if report.denials.is_none() && filtered.count > 0 {
+        let named: Vec<String> = filtered
+            .records
+            .iter()
+            .take(8)
+            .map(|d| format!("{} {}", d.access, d.object))
+            .collect();
+        fail(
+            report,
+            &format!(
+                "denied by the run cgroup's BPF program ({} in all, other denials unknown): {}",
+                filtered.count,
+                named.join(", ")
+            ),
+        );
     }
     if let Some(list) = report.denials.as_mut() {
         list.extend(filtered.records.iter().map(|d| Denial {
@@ -340,4 +363,54 @@ fn tail(path: &Path) -> String {
     let mut buf = Vec::new();
     let _ = f.take(TAIL_BYTES).read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::cgroup_filters::{FilterDenial, FilterDenials};
+
+    fn one_refused_connect() -> FilterDenials {
+        FilterDenials {
+            count: 1,
+            records: vec![FilterDenial {
+                access: "net.connect_tcp".into(),
+                object: "10.0.0.9:25".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn filter_denials_join_known_ones() {
+        let mut report = RunReport::new("h", RunStatus::Succeeded);
+        report.denials = Some(vec![]);
+        report.denial_count = Some(0);
+        add_filter_denials(Some(&one_refused_connect()), "r", &mut report);
+        assert_eq!(report.denial_count, Some(1));
+        assert_eq!(report.denials.as_ref().unwrap().len(), 1);
+    }
+
+    /// Without the kernel's audit the other denials are unknown, but a
+    /// refusal of the cgroup's programs is known: the run fails on it (so
+    /// no service action follows), and the reason names it.
+    #[test]
+    fn a_known_filter_denial_fails_a_run_whose_other_denials_are_unknown() {
+        let mut report = RunReport::new("h", RunStatus::Succeeded);
+        add_filter_denials(Some(&one_refused_connect()), "r", &mut report);
+        assert_eq!(report.status, RunStatus::Failed);
+        assert_eq!(report.denials, None, "the rest stays unknown");
+        let reason = report.reason.unwrap();
+        assert!(reason.contains("net.connect_tcp 10.0.0.9:25"), "{reason}");
+        // None refused: nothing changes.
+        let mut report = RunReport::new("h", RunStatus::Succeeded);
+        add_filter_denials(
+            Some(&FilterDenials {
+                count: 0,
+                records: vec![],
+            }),
+            "r",
+            &mut report,
+        );
+        assert_eq!(report.status, RunStatus::Succeeded);
+    }
 }
