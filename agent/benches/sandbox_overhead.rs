@@ -220,6 +220,7 @@ fn confine_only(args: &[String]) -> ! {
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: Default::default(),
             preview: false,
+            list_every_directory: false,
         };
         landlock_rules::restrict_self(&spec).unwrap();
     }

@@ -44,7 +44,7 @@ pub fn lock() -> MutexGuard<'static, ()> {
 pub struct Variant {
     /// Extra shell lines for the postinst (`%post`).
     pub postinst: String,
-    /// The .deb's postinst asks for no restart. For tests on this machine,
+    /// The postinst (`%post`) asks for no restart. For tests on this machine,
     /// whose PID 1 is not systemd: a captured request for an allowed unit
     /// could not be performed here, and one for a unit outside the host's
     /// `[services] allow` is a denial that fails the run (as it must; shown
@@ -196,11 +196,16 @@ pub fn build_rpm(out: &Path, version: &str, variant: &Variant) -> PathBuf {
              cat > %{{buildroot}}{CONFFILE} <<'EOF'\n{}EOF\n\
              cat > %{{buildroot}}{PROGRAM} <<'EOF'\n{}EOF\nchmod 755 %{{buildroot}}{PROGRAM}\n\
              cat > %{{buildroot}}{UNIT} <<'EOF'\n{}EOF\n\
-             %post\nsystemctl try-restart {NAME}.service || :\n{}\n\
+             %post\n{}{}\n\
              %files\n%dir /etc/rgpkgtest\n%config(noreplace) {CONFFILE}\n%dir /usr/lib/rgpkgtest\n{PROGRAM}\n{UNIT}\n",
             esc(&conffile_text(version)),
             esc(&program_text(version)),
             esc(&unit_text(version, false)),
+            if variant.no_service_request {
+                String::new()
+            } else {
+                format!("systemctl try-restart {NAME}.service || :\n")
+            },
             variant.postinst
         ),
     )

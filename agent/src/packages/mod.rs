@@ -208,9 +208,18 @@ pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
         // system as full, and inside the sandbox every mount outside the
         // scope is read-only (the scope's binds share the device of the
         // mount they sit on, so rpm attributes its files to that one).
+        // --define _install_script_path: rpm gives its scriptlets this
+        // PATH (its default without the first entry), not the sandbox's,
+        // so without it a scriptlet's `systemctl` would be the real one and
+        // its request would not be captured (docs/services.md).
         PackageKind::Rpm => vec![
             "/usr/bin/rpm".to_string(),
             format!("--dbpath={}", p.database),
+            "--define".into(),
+            format!(
+                "_install_script_path {}:/sbin:/bin:/usr/sbin:/usr/bin",
+                crate::services::capture::SHIM_DIR
+            ),
             "--upgrade".into(),
             "--oldpackage".into(),
             "--ignoresize".into(),
@@ -233,6 +242,17 @@ pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
     // with `./` so no name can read as an option.
     argv.extend(p.install.iter().map(|pkg| format!("./{}", pkg.file)));
     argv
+}
+
+/// Whether the run must be able to list every directory
+/// ([`crate::sandbox::SandboxSpec::list_every_directory`]): rpm 4.18 opens
+/// each directory from `/` down to the files it installs
+/// (`openat(-1, "/", O_RDONLY)`, then `usr`, ...) and creates files
+/// relative to those descriptors; Landlock asks READ_DIR for each open,
+/// and a grant on `/` is the only one that covers the ancestors of the
+/// host's protected paths. dpkg needs no such thing.
+pub fn needs_directory_listings(p: &Packages) -> bool {
+    p.kind == PackageKind::Rpm
 }
 
 fn quote_all(args: &[String]) -> String {

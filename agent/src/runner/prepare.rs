@@ -108,6 +108,10 @@ pub(super) fn prepare(
         landlock_min_abi: MIN_LANDLOCK_ABI,
         limits: admission.limits,
         preview: opts.preview,
+        list_every_directory: admission
+            .packages
+            .as_ref()
+            .is_some_and(crate::packages::needs_directory_listings),
     };
 
     // Missing package directories are created now, as the sandbox's rules

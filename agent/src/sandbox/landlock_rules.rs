@@ -14,7 +14,10 @@
 //!
 //! Consequences worth knowing:
 //! - listing an ancestor of a protected path (`ls /`, `ls /srv`) is denied,
-//!   because READ_DIR on it would extend to the protected path;
+//!   because READ_DIR on it would extend to the protected path (except in
+//!   an rpm install's run, `SandboxSpec::list_every_directory`: rpm needs
+//!   to open every directory from `/` down; names become listable there,
+//!   never a protected file's content);
 //! - Landlock treats rename-over-an-existing-file as removing it, so
 //!   `sed -i`-style replacement needs the directory in `scope.delete` too;
 //! - `scope.delete` grants removing entries *beneath* a path, not the path
@@ -501,6 +504,11 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
         rules: 0,
     };
 
+    // Directory listings everywhere, for an rpm install (see the spec):
+    // names only; file contents stay as granted below.
+    if spec.list_every_directory {
+        b.add("root", Path::new("/"), AccessFs::ReadDir.into())?;
+    }
     // Reads (and execution).
     if spec.scope.read.is_empty() {
         if spec.protected.is_empty() {

@@ -135,6 +135,14 @@ pub struct SandboxSpec {
     /// disk.
     #[serde(default)]
     pub preview: bool,
+    /// Directory listings everywhere: Landlock's READ_DIR on `/`, so the
+    /// names in every directory can be read, the protected ones and their
+    /// ancestors included; never a protected file's content (READ_FILE
+    /// still skips them). Only for an rpm install: rpm 4.18 opens every
+    /// directory from `/` down for reading and creates its files relative
+    /// to those descriptors (see `packages::needs_directory_listings`).
+    #[serde(default)]
+    pub list_every_directory: bool,
 }
 
 impl SandboxSpec {

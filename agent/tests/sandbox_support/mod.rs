@@ -125,6 +125,7 @@ impl Tree {
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: Default::default(),
             preview: false,
+            list_every_directory: false,
         }
     }
 
