@@ -361,3 +361,54 @@ fn private_tmp_is_private() {
     assert!(!std::path::Path::new("/tmp/scratch").exists());
     assert!(run.stdout.contains("home=/tmp tmpdir=/tmp"));
 }
+
+/// An rpm install's run may list every directory
+/// (`SandboxSpec::list_every_directory`): names only. A protected
+/// directory still lists nothing (it is covered), its files stay out of
+/// reach however they are named (a path, relative to the directory, an
+/// `O_PATH` descriptor reopened through `/proc`) and cannot be truncated.
+/// With a read scope the grant is not made at all.
+#[test]
+fn listing_every_directory_lists_names_and_reads_no_protected_file() {
+    let t = Tree::new();
+    let before = t.snapshot();
+    let f = t.s("backup/full.tar");
+    let d = t.s("backup");
+    let mut spec = t.spec(&format!(
+        "ls {root} > /dev/null; echo ls_ancestor=$?; \
+         ls -A {d} > {out}; echo ls_protected=$?; echo listed=$(wc -c < {out}); \
+         cat {f} > /dev/null; echo cat=$?; \
+         (cd {d} && cat full.tar > /dev/null); echo cat_relative=$?; \
+         python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_PATH); os.open(\"/proc/self/fd/%d\" % fd, os.O_RDONLY)' {f} 2>/dev/null; echo reopen=$?; \
+         sh -c ': > {f}' 2>/dev/null; echo truncate=$?",
+        root = t.root.display(),
+        out = t.s("etc/app/listing"),
+    ));
+    spec.list_every_directory = true;
+    let run = t.run(&spec);
+    assert_eq!(run.value("ls_ancestor"), "0", "{}", run.stderr);
+    assert_eq!(run.value("ls_protected"), "0", "{}", run.stderr);
+    assert_eq!(
+        run.value("listed"),
+        "0",
+        "a covered directory lists nothing"
+    );
+    for denied in ["cat", "cat_relative", "reopen", "truncate"] {
+        assert_ne!(run.value(denied), "0", "{denied}: {}", run.stderr);
+    }
+    assert_eq!(
+        t.snapshot().without("etc/app"),
+        before.without("etc/app"),
+        "nothing outside the write scope changed"
+    );
+
+    // Without the grant the ancestor cannot be listed; with a read scope
+    // the grant is not made.
+    let plain = t.sh(&format!("ls {} > /dev/null; echo ls=$?", t.root.display()));
+    assert_ne!(plain.value("ls"), "0");
+    let mut scoped = t.spec(&format!("ls {} > /dev/null; echo ls=$?", t.root.display()));
+    scoped.list_every_directory = true;
+    scoped.scope.read = t.scope(&["etc"]);
+    let run = t.run(&scoped);
+    assert_ne!(run.value("ls"), "0", "{}", run.stderr);
+}

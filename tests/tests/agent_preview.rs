@@ -4,9 +4,7 @@
 //! run, and leaves every byte, mode and time on disk as it was; the
 //! version is not used up.
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use rollguard_tests::host::{disk, manifest, Host, Keys, PolicyOptions};

@@ -174,8 +174,10 @@ fn a_maintainer_script_writing_outside_the_derived_scope_is_denied_and_reported(
         &Variant {
             // Into the operator-protected backup (allowed to fail), then
             // into /etc (fails the postinst).
+            // Also lists `/`: only an rpm install's run may (see
+            // packages_rpm.rs), a dpkg run is refused and it is reported.
             postinst: format!(
-                "  echo pwned > {}/evil || true\n  echo pwned > {}\n",
+                "  ls / > /dev/null 2>&1 || true\n  echo pwned > {}/evil || true\n  echo pwned > {}\n",
                 backup.display(),
                 pkg::EVIL,
             ),
@@ -223,6 +225,10 @@ fn a_maintainer_script_writing_outside_the_derived_scope_is_denied_and_reported(
         denials
             .iter()
             .any(|d| d["path"] == "/etc/" && d["exe"].as_str().is_some_and(|e| e.ends_with("sh"))),
+        "{report:#}"
+    );
+    assert!(
+        denials.contains(&json!({ "access": "fs.read_dir", "path": "/", "exe": "/usr/bin/ls" })),
         "{report:#}"
     );
     assert_expected_denials_are_typed(&report);

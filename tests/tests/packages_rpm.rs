@@ -132,10 +132,12 @@ fn an_rpm_scriptlet_writing_outside_the_derived_scope_is_denied_and_reported() {
         "2.0",
         &Variant {
             // Listing every directory is granted to an rpm install's
-            // run, reading a protected file never: the agent's policy.
+            // run, reading a protected file never (the agent's policy),
+            // and a protected tree lists nothing (it is covered).
             postinst: format!(
-                "cat {} > /dev/null || :\necho pwned > {}/evil || :\necho pwned > {} || exit 1\n",
+                "cat {} > {LEAK} || :\nls -A {} > {LISTING} || :\necho pwned > {}/evil || :\necho pwned > {} || exit 1\n",
                 host.policy().display(),
+                backup.display(),
                 backup.display(),
                 pkg::EVIL
             ),
@@ -144,7 +146,9 @@ fn an_rpm_scriptlet_writing_outside_the_derived_scope_is_denied_and_reported() {
     );
     let bundle = signed_bundle(&host, &keys, "rpm-evil", &evil);
     let backup_before = host.snapshot("backup");
-    let (report, _) = host.run(&bundle);
+    let (report, code) = host.run(&bundle);
+    // rpm exits 0 after a failed %post; the denials are the answer.
+    assert_eq!(code, 1, "a run with denials is exit 1: {report:#}");
     let denials = report["denials"]
         .as_array()
         .expect("denials are known here");
@@ -167,7 +171,22 @@ fn an_rpm_scriptlet_writing_outside_the_derived_scope_is_denied_and_reported() {
     );
     assert!(!Path::new(pkg::EVIL).exists());
     assert_eq!(host.snapshot("backup"), backup_before);
+    assert_eq!(
+        fs::read(LEAK).unwrap(),
+        b"",
+        "nothing of the policy was read"
+    );
+    assert_eq!(
+        fs::read(LISTING).unwrap(),
+        b"",
+        "the protected tree lists nothing"
+    );
 }
+
+/// Where the `%post` above writes what it could read of the agent's
+/// policy, and of the protected tree's listing (in the package's scope).
+const LEAK: &str = "/etc/rgpkgtest/leak";
+const LISTING: &str = "/etc/rgpkgtest/listing";
 
 /// A `%post`'s `systemctl try-restart`, with rpm's own scriptlet PATH:
 /// captured by the sandbox's shim, not performed; the unit is outside this

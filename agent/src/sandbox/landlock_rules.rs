@@ -506,7 +506,7 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
 
     // Directory listings everywhere, for an rpm install (see the spec):
     // names only; file contents stay as granted below.
-    if spec.list_every_directory {
+    if spec.list_every_directory && spec.scope.read.is_empty() {
         b.add("root", Path::new("/"), AccessFs::ReadDir.into())?;
     }
     // Reads (and execution).

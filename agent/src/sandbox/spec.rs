@@ -117,7 +117,9 @@ pub struct SandboxSpec {
     pub env: BTreeMap<String, String>,
     pub scope: SandboxScope,
     /// Host-protected paths, canonicalized by the caller: nothing at all is
-    /// granted on or beneath them.
+    /// granted on or beneath them (but READ_DIR with
+    /// [`Self::list_every_directory`]; stage 2 covers them with empty
+    /// read-only nodes either way, so a listing shows nothing).
     pub protected: Vec<PathBuf>,
     /// Protected paths bundles may read that lie inside a write or delete
     /// scope (the agent's programs, its unit, the loader's files...): bound
@@ -136,11 +138,15 @@ pub struct SandboxSpec {
     #[serde(default)]
     pub preview: bool,
     /// Directory listings everywhere: Landlock's READ_DIR on `/`, so the
-    /// names in every directory can be read, the protected ones and their
-    /// ancestors included; never a protected file's content (READ_FILE
-    /// still skips them). Only for an rpm install: rpm 4.18 opens every
-    /// directory from `/` down for reading and creates its files relative
-    /// to those descriptors (see `packages::needs_directory_listings`).
+    /// names in the ancestors of protected paths (`/`, `/etc`, `/var/lib`)
+    /// can be listed; a protected path itself is covered by an empty
+    /// read-only node and lists nothing, and no file's content becomes
+    /// readable (READ_FILE still skips them). Only for an rpm install
+    /// without a read scope: rpm 4.18 opens every directory from `/` down
+    /// for reading and creates its files relative to those descriptors
+    /// (see `packages::needs_directory_listings`). Ignored when
+    /// `scope.read` is set: listing every directory of the host is more
+    /// than a read scope says.
     #[serde(default)]
     pub list_every_directory: bool,
 }
@@ -290,6 +296,7 @@ mod tests {
             landlock_min_abi: MIN_LANDLOCK_ABI,
             limits: RunLimits::default(),
             preview: false,
+            list_every_directory: false,
         }
     }
 
