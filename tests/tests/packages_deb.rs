@@ -70,6 +70,20 @@ fn assert_expected_denials_are_typed(report: &Value) {
     }
 }
 
+/// The evil postinst's write into `/etc` (by its shell) is denied and
+/// named.
+fn assert_postinst_write_into_etc_denied(report: &Value) {
+    let denials = report["denials"]
+        .as_array()
+        .expect("denials are known here");
+    assert!(
+        denials
+            .iter()
+            .any(|d| d["path"] == "/etc/" && d["exe"].as_str().is_some_and(|e| e.ends_with("sh"))),
+        "{report:#}"
+    );
+}
+
 #[test]
 fn a_signed_bundle_upgrades_a_package_inside_its_derived_scope() {
     let _db = pkg::lock();
@@ -221,12 +235,7 @@ fn a_maintainer_script_writing_outside_the_derived_scope_is_denied_and_reported(
             .is_some_and(|p| p.starts_with(host.root().join("backup").to_str().unwrap()))),
         "{report:#}"
     );
-    assert!(
-        denials
-            .iter()
-            .any(|d| d["path"] == "/etc/" && d["exe"].as_str().is_some_and(|e| e.ends_with("sh"))),
-        "{report:#}"
-    );
+    assert_postinst_write_into_etc_denied(&report);
     assert!(
         denials.contains(&json!({ "access": "fs.read_dir", "path": "/", "exe": "/usr/bin/ls" })),
         "{report:#}"
@@ -596,15 +605,7 @@ fn a_preview_of_a_maintainer_script_writing_outside_its_scope_reports_the_denial
     let (report, code) = host.preview(&bundle);
     assert_eq!(report["status"], "failed", "{report:#}");
     assert_ne!(code, 0);
-    let denials = report["denials"]
-        .as_array()
-        .expect("denials are known here");
-    assert!(
-        denials
-            .iter()
-            .any(|d| d["path"] == "/etc/" && d["exe"].as_str().is_some_and(|e| e.ends_with("sh"))),
-        "{report:#}"
-    );
+    assert_postinst_write_into_etc_denied(&report);
     // The failed postinst leaves the preview's database half-configured,
     // as the real run's would be.
     assert_eq!(
