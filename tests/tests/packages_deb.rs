@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rollguard_tests::host::{disk, Host, Keys};
@@ -21,6 +21,28 @@ fn sign(bundle: &Path, keys: &Keys) {
             .arg(keys.key("alice"))
             .args(["--signer", "alice"]),
     );
+}
+
+/// One test's turn at this machine's dpkg database: the lock, held until
+/// the test package is purged (fields drop in order, the purge first).
+struct Turn {
+    _cleanup: Cleanup,
+    _db: std::sync::MutexGuard<'static, ()>,
+}
+
+/// What every test here starts with: its turn at the database, alice's
+/// key, the test host, and a directory for the packages it builds.
+fn setup() -> (Turn, Keys, Host, PathBuf) {
+    let db = pkg::lock();
+    let turn = Turn {
+        _cleanup: Cleanup { rpm: false },
+        _db: db,
+    };
+    let keys = Keys::new(&["alice"]);
+    let host = pkg::host(&keys);
+    let out = host.root().join("debs");
+    fs::create_dir_all(&out).unwrap();
+    (turn, keys, host, out)
 }
 
 fn install_bare(deb: &Path) {
@@ -86,12 +108,7 @@ fn assert_postinst_write_into_etc_denied(report: &Value) {
 
 #[test]
 fn a_signed_bundle_upgrades_a_package_inside_its_derived_scope() {
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    let (_turn, keys, host, out) = setup();
     let v1 = pkg::build_deb(&out, "1.0", &quiet());
     let v2 = pkg::build_deb(&out, "2.0", &quiet());
     install_bare(&v1);
@@ -174,12 +191,7 @@ fn a_signed_bundle_upgrades_a_package_inside_its_derived_scope() {
 
 #[test]
 fn a_maintainer_script_writing_outside_the_derived_scope_is_denied_and_reported() {
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    let (_turn, keys, host, out) = setup();
     let backup = host.root().join("backup");
     let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
     let evil = pkg::build_deb(
@@ -268,12 +280,7 @@ fn a_maintainer_script_writing_outside_the_derived_scope_is_denied_and_reported(
 
 #[test]
 fn a_fresh_install_gets_its_missing_directories_and_nothing_runs_twice() {
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    let (_turn, keys, host, out) = setup();
     let v2 = pkg::build_deb(&out, "2.0", &quiet());
     assert!(!Path::new("/etc/rgpkgtest").exists());
 
@@ -306,12 +313,7 @@ fn a_fresh_install_gets_its_missing_directories_and_nothing_runs_twice() {
 /// place the same package installs (tests/tests/fleet_host.rs).
 #[test]
 fn a_package_writing_into_the_agents_unit_directory_is_refused() {
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    let (_turn, keys, host, out) = setup();
     let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
     let v2 = pkg::build_deb(
         &out,
@@ -347,12 +349,8 @@ fn the_replaced_files_are_those_the_upgrade_swapped() {
     use rollguard_shared::manifest::{DerivedPackage, PackageKind, Packages, PayloadPath};
     use rollguard_shared::ScopePath;
 
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    // The host only for its directory (kept alive with it).
+    let (_turn, _keys, _host, out) = setup();
     let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
     let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
     install_bare(&v1);
@@ -386,12 +384,7 @@ fn the_replaced_files_are_those_the_upgrade_swapped() {
 /// `/lib/rgpkgtest-lib`, the agent enforces its real path.
 #[test]
 fn a_package_under_a_merged_usr_alias_installs_through_its_real_path() {
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    let (_turn, keys, host, out) = setup();
     let lib = Variant {
         lib_file: true,
         ..quiet()
@@ -419,12 +412,7 @@ fn a_package_under_a_merged_usr_alias_installs_through_its_real_path() {
 /// controller halts on it).
 #[test]
 fn a_postinst_restart_of_a_unit_the_host_does_not_allow_is_a_denial() {
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    let (_turn, keys, host, out) = setup();
     let v1 = pkg::build_deb(&out, "1.0", &quiet());
     let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
     install_bare(&v1);
@@ -504,12 +492,7 @@ fn derived_on_disk(
 /// nothing reaches the disk.
 #[test]
 fn a_preview_of_an_upgrade_reports_what_dpkg_would_change_and_changes_nothing() {
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    let (_turn, keys, host, out) = setup();
     let v1 = pkg::build_deb(&out, "1.0", &quiet());
     let v2 = pkg::build_deb(&out, "2.0", &quiet());
 
@@ -584,12 +567,7 @@ fn a_preview_of_an_upgrade_reports_what_dpkg_would_change_and_changes_nothing() 
 /// and nothing changed.
 #[test]
 fn a_preview_of_a_maintainer_script_writing_outside_its_scope_reports_the_denial() {
-    let _db = pkg::lock();
-    let _cleanup = Cleanup { rpm: false };
-    let keys = Keys::new(&["alice"]);
-    let host = pkg::host(&keys);
-    let out = host.root().join("debs");
-    fs::create_dir_all(&out).unwrap();
+    let (_turn, keys, host, out) = setup();
     let v1 = pkg::build_deb(&out, "1.0", &quiet());
     let evil = pkg::build_deb(
         &out,
