@@ -135,6 +135,24 @@ fn print_report(r: &RunReport) {
             }
         }
     }
+    for c in &r.packages {
+        println!(
+            "  package: {} {} -> {}{}",
+            printable(&c.name),
+            printable(c.before.as_deref().unwrap_or("(none)")),
+            printable(c.after.as_deref().unwrap_or("(none)")),
+            c.state
+                .as_deref()
+                .map(|s| format!(" ({})", printable(s)))
+                .unwrap_or_default()
+        );
+    }
+    if !r.triggers_pending.is_empty() {
+        println!(
+            "  triggers pending (run at the host's next dpkg run, or dpkg --triggers-only --pending): {}",
+            printable(&r.triggers_pending.join(", "))
+        );
+    }
     for s in &r.services {
         let verb = if s.result == rollguard_shared::services::ServiceOutcome::PREVIEW {
             "would"

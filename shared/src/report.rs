@@ -141,6 +141,12 @@ pub struct RunReport {
     /// and after the run as the package database says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<PackageChange>,
+    /// Packages whose triggers are pending after the run: dpkg runs with
+    /// `--no-triggers`, so a trigger the bundle's packages activate in
+    /// another package (libc-bin's ldconfig, man-db) runs at the host's
+    /// next dpkg or apt run, not in the sandbox (docs/bundle-format.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers_pending: Vec<String>,
     /// Denials the agent recognised as a known, harmless side effect of the
     /// package manager (each with its reason; docs/bundle-format.md lists
     /// them). Not in `denials` nor `denial_count`, so they do not halt a
@@ -347,6 +353,7 @@ impl RunReport {
             services: vec![],
             stale_services: vec![],
             packages: vec![],
+            triggers_pending: vec![],
             expected_denials: vec![],
             preview: None,
         }

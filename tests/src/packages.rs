@@ -164,6 +164,55 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
     deb
 }
 
+/// A package interested in a file trigger on the test package's
+/// directory, as man-db is in `/usr/share/man` or libc-bin in `ldconfig`:
+/// when it runs (`triggered`) its postinst appends to [`TRIGGER_RAN`],
+/// outside the test package's derived scope. `interest` (not `-noawait`):
+/// the package activating it awaits it.
+pub fn build_trigger_consumer(out: &Path) -> PathBuf {
+    let root = out.join("trigger-consumer-tree");
+    let _ = fs::remove_dir_all(&root);
+    let write = |rel: &str, text: &str, mode: u32| {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, text).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    write(
+        "DEBIAN/control",
+        &format!("Package: {TRIGGER_CONSUMER}\nVersion: 1.0\nArchitecture: all\nMaintainer: rollguard tests <tests@example.invalid>\nDescription: rollguard test trigger consumer\n"),
+        0o644,
+    );
+    write("DEBIAN/triggers", "interest /usr/lib/rgpkgtest\n", 0o644);
+    write(
+        "DEBIAN/postinst",
+        &format!("#!/bin/sh\nset -e\nif [ \"$1\" = triggered ]; then\n  echo \"$2\" >> {TRIGGER_RAN}\nfi\n"),
+        0o755,
+    );
+    fs::create_dir_all(
+        root.join(TRIGGER_RAN.trim_start_matches('/'))
+            .parent()
+            .unwrap(),
+    )
+    .unwrap();
+    for dir in walk_dirs(&root) {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let deb = out.join(format!("{TRIGGER_CONSUMER}_1.0_all.deb"));
+    run_ok(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-Zgzip", "--build"])
+            .arg(&root)
+            .arg(&deb),
+    );
+    deb
+}
+
+/// The package [`build_trigger_consumer`] makes.
+pub const TRIGGER_CONSUMER: &str = "rgpkgtest-trigger-consumer";
+/// Where its trigger writes when it runs.
+pub const TRIGGER_RAN: &str = "/var/lib/rgpkgtest-trigger/ran";
+
 fn walk_dirs(root: &Path) -> Vec<PathBuf> {
     let mut out = vec![root.to_path_buf()];
     let mut i = 0;
@@ -310,7 +359,9 @@ impl Drop for Cleanup {
             let _ = run(Command::new("rpm").args(["-e", NAME]));
             let _ = run(Command::new("rpm").args(["-e", "rgpkgtest-sh-provider"]));
         } else {
+            let _ = run(Command::new("dpkg").args(["--purge", TRIGGER_CONSUMER]));
             let _ = run(Command::new("dpkg").args(["--purge", NAME]));
+            let _ = fs::remove_dir_all(Path::new(TRIGGER_RAN).parent().unwrap());
         }
         let _ = fs::remove_file(EVIL);
         for dir in [

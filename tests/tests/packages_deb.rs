@@ -594,3 +594,58 @@ fn a_preview_of_a_maintainer_script_writing_outside_its_scope_reports_the_denial
     assert_eq!(derived_on_disk(), on_disk, "the preview changed the disk");
     assert_eq!(pkg::dpkg_status().unwrap().0, "1.0");
 }
+
+/// A trigger the package activates in another package (here a file
+/// trigger, as man-db's on `/usr/share/man`): dpkg runs with
+/// `--no-triggers`, so it is recorded, not run in the sandbox, where its
+/// write outside the derived scope would fail and leave the other package
+/// half-configured. The run succeeds; the report names the package whose
+/// triggers are pending; the host's next dpkg run processes them.
+#[test]
+fn triggers_in_other_packages_are_deferred_to_the_host_and_reported() {
+    let (_turn, keys, host, out) = setup();
+    let consumer = pkg::build_trigger_consumer(&out);
+    let v1 = pkg::build_deb(&out, "1.0", &quiet());
+    let v2 = pkg::build_deb(&out, "2.0", &quiet());
+    install_bare(&consumer);
+    install_bare(&v1);
+    // Bare, dpkg ran the trigger at once.
+    assert_eq!(
+        fs::read_to_string(pkg::TRIGGER_RAN).unwrap(),
+        "/usr/lib/rgpkgtest\n"
+    );
+    fs::remove_file(pkg::TRIGGER_RAN).unwrap();
+
+    let (bundle, _) = bundle(&host, &keys, "trigger", 1, &v2);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["denials"], json!([]), "{report:#}");
+    assert_eq!(
+        report["triggers_pending"],
+        json!([pkg::TRIGGER_CONSUMER]),
+        "{report:#}"
+    );
+    // The package awaits the trigger (`interest`, not `-noawait`): it is
+    // configured, and the report says so.
+    assert_eq!(report["packages"][0]["after"], "2.0", "{report:#}");
+    assert_eq!(
+        report["packages"][0]["state"], "triggers-awaited",
+        "{report:#}"
+    );
+    assert!(
+        !Path::new(pkg::TRIGGER_RAN).exists(),
+        "the trigger did not run in the sandbox"
+    );
+
+    // The host's own next dpkg run processes it.
+    run_ok(Command::new("dpkg").args(["--triggers-only", "--pending"]));
+    assert_eq!(
+        fs::read_to_string(pkg::TRIGGER_RAN).unwrap(),
+        "/usr/lib/rgpkgtest\n"
+    );
+    assert_eq!(
+        pkg::dpkg_status().unwrap(),
+        ("2.0".to_string(), "install ok installed".to_string())
+    );
+}

@@ -90,6 +90,22 @@ pub struct Found {
 /// The packages `names` as `ADMINDIR/status` has them, in the same order:
 /// `None` for a package not installed.
 pub fn lookup(admindir: &Path, names: &[&str]) -> Result<Vec<Option<Found>>, DbError> {
+    lookup_all(admindir, names).map(|db| db.packages)
+}
+
+/// What the agent reads of the database: the packages asked for, and the
+/// packages whose triggers are pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// The packages asked for, in order; `None`: not installed.
+    pub packages: Vec<Option<Found>>,
+    /// Every package in dpkg's state `triggers-pending` (a trigger it is
+    /// interested in was activated and has not run), sorted.
+    pub triggers_pending: Vec<String>,
+}
+
+/// [`lookup`], and the packages whose triggers are pending.
+pub fn lookup_all(admindir: &Path, names: &[&str]) -> Result<Lookup, DbError> {
     let updates = admindir.join("updates");
     journal_empty(&updates)?;
     let status = read_bounded(&admindir.join("status"))?;
@@ -99,21 +115,33 @@ pub fn lookup(admindir: &Path, names: &[&str]) -> Result<Vec<Option<Found>>, DbE
     find(&status, admindir, names)
 }
 
-/// The packages `names` as the status file's bytes `status` have them (a
-/// preview's database, read from its layers; see
-/// [`crate::preview::read_file`]), `admindir` naming their file lists.
-/// The journal is the caller's to check.
-pub fn lookup_status(
-    status: &[u8],
-    admindir: &Path,
-    names: &[&str],
-) -> Result<Vec<Option<Found>>, DbError> {
+/// [`lookup_all`] on the status file's bytes `status` (a preview's
+/// database, read from its layers; see [`crate::preview::read_file`]),
+/// `admindir` naming their file lists. The journal is the caller's to
+/// check.
+pub fn lookup_status(status: &[u8], admindir: &Path, names: &[&str]) -> Result<Lookup, DbError> {
     find(status, admindir, names)
 }
 
-fn find(status: &[u8], admindir: &Path, names: &[&str]) -> Result<Vec<Option<Found>>, DbError> {
-    let paragraphs = parse(status, names)?;
-    names
+/// dpkg's state of a package whose triggers are pending.
+const TRIGGERS_PENDING: &[u8] = b"triggers-pending";
+
+fn find(status: &[u8], admindir: &Path, names: &[&str]) -> Result<Lookup, DbError> {
+    let pending = |p: &Paragraph| {
+        p.status
+            .is_some_and(|s| s.rsplit(|b| *b == b' ').next() == Some(TRIGGERS_PENDING))
+    };
+    let paragraphs = parse(status, &|p| {
+        pending(p) || names.iter().any(|n| n.as_bytes() == p.package)
+    })?;
+    let mut triggers_pending: Vec<String> = paragraphs
+        .iter()
+        .filter(|p| pending(p))
+        .map(|p| String::from_utf8_lossy(p.package).into_owned())
+        .collect();
+    triggers_pending.sort();
+    triggers_pending.dedup();
+    let packages = names
         .iter()
         .map(|name| {
             let mut found = paragraphs
@@ -128,7 +156,11 @@ fn find(status: &[u8], admindir: &Path, names: &[&str]) -> Result<Vec<Option<Fou
                 )),
             }
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(Lookup {
+        packages,
+        triggers_pending,
+    })
 }
 
 /// The absolute paths a package's file list names (without dpkg's `/.`),
@@ -278,15 +310,17 @@ impl Paragraph<'_> {
 /// and tabs; the fields we use must be one line. Anything else is an
 /// error (the caller then asks dpkg-query).
 ///
-/// Only the paragraphs of the packages `keep` are returned (every one is
-/// checked): the file may be the bundle's (a preview's database), and a
-/// list of every tiny paragraph it could hold would be memory for it to
-/// take.
+/// Only the paragraphs `keep` wants are returned (every one is checked):
+/// the file may be the bundle's (a preview's database), and a list of
+/// every tiny paragraph it could hold would be memory for it to take.
 ///
 /// It runs twice per package install, over the whole file (766 kB on a
 /// plain Debian host, ten times that on a big one), so the scan is
 /// `memchr`'s (vectorised) and nothing is allocated per line.
-fn parse<'a>(text: &'a [u8], keep: &[&str]) -> Result<Vec<Paragraph<'a>>, DbError> {
+fn parse<'a>(
+    text: &'a [u8],
+    keep: &dyn Fn(&Paragraph) -> bool,
+) -> Result<Vec<Paragraph<'a>>, DbError> {
     let mut paragraphs = Vec::new();
     // The paragraph being read.
     let mut current: Option<Paragraph> = None;
@@ -301,7 +335,7 @@ fn parse<'a>(text: &'a [u8], keep: &[&str]) -> Result<Vec<Paragraph<'a>>, DbErro
         current: &mut Option<Paragraph<'a>>,
         seen: &mut Vec<&'a [u8]>,
         paragraphs: &mut Vec<Paragraph<'a>>,
-        keep: &[&str],
+        keep: &dyn Fn(&Paragraph) -> bool,
         line: usize,
     ) -> Result<(), DbError> {
         if let Some(p) = current.take() {
@@ -312,7 +346,7 @@ fn parse<'a>(text: &'a [u8], keep: &[&str]) -> Result<Vec<Paragraph<'a>>, DbErro
                 return Err(DbError::Syntax(line, "a field twice in one paragraph"));
             }
             seen.clear();
-            if keep.iter().any(|k| k.as_bytes() == p.package) {
+            if keep(&p) {
                 paragraphs.push(p);
             }
         }
@@ -448,6 +482,29 @@ Package: d
 Status: purge ok not-installed
 ";
 
+    #[test]
+    fn packages_whose_triggers_are_pending_are_listed() {
+        let status = format!(
+            "{STATUS}\nPackage: man-db\nStatus: install ok triggers-pending\nVersion: 2.11\nTriggers-Pending: /usr/share/man\n\nPackage: libc-bin\nStatus: install ok triggers-pending\nVersion: 2.36\n"
+        );
+        let dir = admindir(&status);
+        let db = lookup_all(dir.path(), &["a"]).unwrap();
+        assert_eq!(db.triggers_pending, ["libc-bin", "man-db"]);
+        assert_eq!(db.packages[0].as_ref().unwrap().version, "1.0-1");
+        // A package asked for that is itself pending is both.
+        let db = lookup_status(status.as_bytes(), dir.path(), &["man-db"]).unwrap();
+        assert_eq!(
+            db.packages[0].as_ref().unwrap().state.as_deref(),
+            Some("triggers-pending")
+        );
+        assert_eq!(
+            lookup_all(admindir(STATUS).path(), &["a"])
+                .unwrap()
+                .triggers_pending,
+            Vec::<String>::new()
+        );
+    }
+
     fn admindir(status: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("updates")).unwrap();
@@ -511,7 +568,7 @@ Status: purge ok not-installed
         ];
         for text in bad {
             assert!(
-                matches!(parse(text.as_bytes(), &["a"]), Err(DbError::Syntax(..))),
+                matches!(parse(text.as_bytes(), &|_| true), Err(DbError::Syntax(..))),
                 "{text:?}"
             );
         }
@@ -633,11 +690,11 @@ Status: purge ok not-installed
         for i in 0..100_000 {
             text.push_str(&format!("X-{i}: v\n"));
         }
-        assert_eq!(parse(text.as_bytes(), &["a"]).unwrap().len(), 1);
-        assert_eq!(parse(text.as_bytes(), &["b"]).unwrap().len(), 0);
+        assert_eq!(parse(text.as_bytes(), &|_| true).unwrap().len(), 1);
+        assert_eq!(parse(text.as_bytes(), &|_| false).unwrap().len(), 0);
         text.push_str("x-99999: v\n");
         assert!(matches!(
-            parse(text.as_bytes(), &["b"]),
+            parse(text.as_bytes(), &|_| false),
             Err(DbError::Syntax(_, "a field twice in one paragraph"))
         ));
     }

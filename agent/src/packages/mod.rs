@@ -33,6 +33,14 @@ use rollguard_shared::manifest::{PackageKind, Packages};
 use rollguard_shared::report::PackageChange;
 use rollguard_shared::ScopePath;
 
+/// dpkg's state of a configured package that waits for a trigger it
+/// activated in another package (`activate-await`): with `--no-triggers`
+/// the trigger runs at the host's next dpkg or apt run (or
+/// `dpkg --triggers-only --pending`), and the package is installed as far
+/// as the run goes. The interested packages are reported
+/// (`triggers_pending`).
+const DEFERRED_TRIGGER_STATE: &str = "triggers-awaited";
+
 /// dpkg's database, as `rollguard bundle build` derives it.
 pub const DPKG_ADMINDIR: &str = "/var/lib/dpkg";
 /// dpkg's log, as derived; passed to dpkg so the derived fact holds.
@@ -194,12 +202,19 @@ pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
         // --force-confdef/--force-confold: never prompt; keep a conffile
         // the host's administrator changed. The database and the log are
         // named explicitly: they are what the derived scope grants.
+        // --no-triggers: triggers the packages activate in *other*
+        // packages (libc-bin's ldconfig, man-db) are recorded, not run
+        // (see DEFERRED_TRIGGER_STATE): run here they would write outside
+        // the derived scope (ldconfig writes /etc/ld.so.cache, which the
+        // agent protects), fail, and leave the interested package
+        // half-configured on the host.
         PackageKind::Deb => vec![
             "/usr/bin/dpkg".to_string(),
             format!("--admindir={DPKG_ADMINDIR}"),
             format!("--log={DPKG_LOG}"),
             "--force-confdef".into(),
             "--force-confold".into(),
+            "--no-triggers".into(),
             "--install".into(),
         ],
         // --oldpackage: a bundle carrying an older version is how a
@@ -286,12 +301,16 @@ pub struct PackagesOutcome {
     pub replaced: BTreeSet<PathBuf>,
     /// Set when a package is not at its bundle's version afterwards.
     pub mismatch: Option<String>,
+    /// Packages whose triggers are pending after the run (dpkg runs with
+    /// `--no-triggers`; see [`sandbox_command`]).
+    pub triggers_pending: Vec<String>,
 }
 
 impl Snapshot {
     pub fn take(p: &Packages) -> Snapshot {
         let mut files = Vec::new();
         let before = read_states(p)
+            .each
             .into_iter()
             .zip(&p.install)
             .map(|((state, list), pkg)| {
@@ -311,9 +330,10 @@ impl Snapshot {
     }
 
     pub fn finish(self, p: &Packages) -> PackagesOutcome {
-        let after = read_states(p).into_iter().map(|(state, _)| state).collect();
+        let states = read_states(p);
+        let after = states.each.into_iter().map(|(state, _)| state).collect();
         let files = self.files.clone();
-        let mut outcome = self.compare(p, after);
+        let mut outcome = self.compare(p, after, states.triggers_pending);
         outcome.replaced = files
             .into_iter()
             .filter(|(path, dev, ino)| match std::fs::symlink_metadata(path) {
@@ -328,14 +348,24 @@ impl Snapshot {
     /// After a preview: the versions its database says, read from its
     /// layers ([`PreviewAfter::read`]); nothing on the host was replaced.
     pub fn finish_preview(self, p: &Packages, after: PreviewAfter) -> PackagesOutcome {
-        self.compare(p, after.0)
+        self.compare(p, after.packages, after.triggers_pending)
     }
 
-    fn compare(self, p: &Packages, after: Vec<Installed>) -> PackagesOutcome {
+    fn compare(
+        self,
+        p: &Packages,
+        after: Vec<Installed>,
+        triggers_pending: Vec<String>,
+    ) -> PackagesOutcome {
         let mut changes = Vec::new();
         let mut mismatch = Vec::new();
         for ((pkg, before), after) in p.install.iter().zip(self.before).zip(after) {
-            if after.version.as_deref() != Some(pkg.version.as_str()) || after.state.is_some() {
+            // Configured, waiting only for another package's trigger, which
+            // dpkg deferred (`--no-triggers`): installed as far as this run
+            // goes; the state is reported.
+            let configured =
+                after.state.is_none() || after.state.as_deref() == Some(DEFERRED_TRIGGER_STATE);
+            if after.version.as_deref() != Some(pkg.version.as_str()) || !configured {
                 mismatch.push(format!(
                     "{} is {} after the run, not {} installed",
                     pkg.name,
@@ -361,6 +391,7 @@ impl Snapshot {
             changes,
             replaced: BTreeSet::new(),
             mismatch: (!mismatch.is_empty()).then(|| mismatch.join("; ")),
+            triggers_pending,
         }
     }
 }
@@ -368,7 +399,10 @@ impl Snapshot {
 /// The packages as a preview left the database: read from the preview's
 /// layers, since nothing reached the host's (only dpkg's `status` and its
 /// journal are needed; an rpm preview is refused before it runs).
-pub struct PreviewAfter(Vec<Installed>);
+pub struct PreviewAfter {
+    packages: Vec<Installed>,
+    triggers_pending: Vec<String>,
+}
 
 impl PreviewAfter {
     /// Read from the preview's layers `layers` (the tmpfs stage 2 built
@@ -377,15 +411,17 @@ impl PreviewAfter {
     pub fn read(p: &Packages, layers: &std::os::fd::OwnedFd) -> PreviewAfter {
         let failed = |e: String| {
             tracing::warn!("the preview's package database: {e}");
-            PreviewAfter(
-                p.install
+            PreviewAfter {
+                packages: p
+                    .install
                     .iter()
                     .map(|_| Installed {
                         error: Some(e.clone()),
                         ..Installed::default()
                     })
                     .collect(),
-            )
+                triggers_pending: Vec::new(),
+            }
         };
         if p.kind != PackageKind::Deb {
             return failed("only dpkg's database is read from a preview".into());
@@ -413,7 +449,11 @@ impl PreviewAfter {
             }
             // The run left the database alone: the host's answers.
             Ok(crate::preview::FileAfter::Unchanged) => {
-                return PreviewAfter(read_states(p).into_iter().map(|(s, _)| s).collect())
+                let states = read_states(p);
+                return PreviewAfter {
+                    packages: states.each.into_iter().map(|(s, _)| s).collect(),
+                    triggers_pending: states.triggers_pending,
+                };
             }
             Ok(crate::preview::FileAfter::Absent) => {
                 Err(format!("{} was deleted by the preview", status.display()))
@@ -421,8 +461,9 @@ impl PreviewAfter {
             Err(e) => Err(e.to_string()),
         };
         match found {
-            Ok(found) => PreviewAfter(
-                found
+            Ok(db) => PreviewAfter {
+                packages: db
+                    .packages
                     .into_iter()
                     .map(|f| match f {
                         Some(f) => Installed {
@@ -433,7 +474,8 @@ impl PreviewAfter {
                         None => Installed::default(),
                     })
                     .collect(),
-            ),
+                triggers_pending: db.triggers_pending,
+            },
             Err(e) => failed(e),
         }
     }
@@ -472,12 +514,22 @@ enum FileList {
 /// with where its file list comes from: dpkg's database read directly,
 /// once for all packages; rpm's, or a dpkg database the direct read
 /// declines (see [`dpkg_db`]), with the query tool.
-fn read_states(p: &Packages) -> Vec<(Installed, FileList)> {
+struct States {
+    /// Each package of the bundle, in order, with where its file list
+    /// comes from.
+    each: Vec<(Installed, FileList)>,
+    /// Packages whose triggers are pending; empty when dpkg's database was
+    /// read with dpkg-query (the report then lists none).
+    triggers_pending: Vec<String>,
+}
+
+fn read_states(p: &Packages) -> States {
     if p.kind == PackageKind::Deb {
         let names: Vec<&str> = p.install.iter().map(|pkg| pkg.name.as_str()).collect();
-        match dpkg_db::lookup(Path::new(DPKG_ADMINDIR), &names) {
-            Ok(found) => {
-                return found
+        match dpkg_db::lookup_all(Path::new(DPKG_ADMINDIR), &names) {
+            Ok(db) => {
+                let each = db
+                    .packages
                     .into_iter()
                     .map(|f| match f {
                         Some(f) => (
@@ -490,15 +542,23 @@ fn read_states(p: &Packages) -> Vec<(Installed, FileList)> {
                         ),
                         None => (Installed::default(), FileList::Query),
                     })
-                    .collect()
+                    .collect();
+                return States {
+                    each,
+                    triggers_pending: db.triggers_pending,
+                };
             }
             Err(e) => tracing::info!("dpkg's database is read with dpkg-query: {e}"),
         }
     }
-    p.install
-        .iter()
-        .map(|pkg| (installed(p, pkg.name.as_str()), FileList::Query))
-        .collect()
+    States {
+        each: p
+            .install
+            .iter()
+            .map(|pkg| (installed(p, pkg.name.as_str()), FileList::Query))
+            .collect(),
+        triggers_pending: Vec::new(),
+    }
 }
 
 fn installed(p: &Packages, name: &str) -> Installed {
@@ -619,6 +679,13 @@ fn record(
     report: &mut rollguard_shared::report::RunReport,
 ) -> BTreeSet<PathBuf> {
     use rollguard_shared::report::RunStatus;
+    if !outcome.triggers_pending.is_empty() {
+        tracing::info!(
+            packages = %outcome.triggers_pending.join(", "),
+            "triggers pending, deferred to the host's next dpkg run (dpkg --triggers-only --pending)"
+        );
+    }
+    report.triggers_pending = outcome.triggers_pending;
     log_changes(&outcome.changes);
     report.packages = outcome.changes;
     if let Some(m) = outcome.mismatch {
