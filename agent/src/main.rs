@@ -149,7 +149,7 @@ fn print_report(r: &RunReport) {
     }
     if !r.triggers_pending.is_empty() {
         println!(
-            "  triggers pending (run at the host's next dpkg run, or dpkg --triggers-only --pending): {}",
+            "  triggers pending (not run; apt runs them at its end, or dpkg --triggers-only --pending): {}",
             printable(&r.triggers_pending.join(", "))
         );
     }

@@ -141,10 +141,11 @@ pub struct RunReport {
     /// and after the run as the package database says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<PackageChange>,
-    /// Packages whose triggers are pending after the run: dpkg runs with
-    /// `--no-triggers`, so a trigger the bundle's packages activate in
-    /// another package (libc-bin's ldconfig, man-db) runs at the host's
-    /// next dpkg or apt run, not in the sandbox (docs/bundle-format.md).
+    /// Packages whose triggers are pending after the run (at most 64):
+    /// dpkg runs with `--no-triggers`, so a trigger the bundle's packages
+    /// activate in another package (libc-bin's ldconfig, man-db) does not
+    /// run in the sandbox; apt runs it at its end, or
+    /// `dpkg --triggers-only --pending` (docs/bundle-format.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub triggers_pending: Vec<String>,
     /// Denials the agent recognised as a known, harmless side effect of the

@@ -600,7 +600,7 @@ fn a_preview_of_a_maintainer_script_writing_outside_its_scope_reports_the_denial
 /// `--no-triggers`, so it is recorded, not run in the sandbox, where its
 /// write outside the derived scope would fail and leave the other package
 /// half-configured. The run succeeds; the report names the package whose
-/// triggers are pending; the host's next dpkg run processes them.
+/// triggers are pending; `dpkg --triggers-only --pending` runs them.
 #[test]
 fn triggers_in_other_packages_are_deferred_to_the_host_and_reported() {
     let (_turn, keys, host, out) = setup();
@@ -621,9 +621,9 @@ fn triggers_in_other_packages_are_deferred_to_the_host_and_reported() {
     assert_eq!(report["status"], "succeeded", "{report:#}");
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["denials"], json!([]), "{report:#}");
-    assert_eq!(
-        report["triggers_pending"],
-        json!([pkg::TRIGGER_CONSUMER]),
+    // Every package pending on the machine is listed; ours among them.
+    assert!(
+        strings(&report["triggers_pending"]).contains(&pkg::TRIGGER_CONSUMER.to_string()),
         "{report:#}"
     );
     // The package awaits the trigger (`interest`, not `-noawait`): it is
@@ -638,7 +638,7 @@ fn triggers_in_other_packages_are_deferred_to_the_host_and_reported() {
         "the trigger did not run in the sandbox"
     );
 
-    // The host's own next dpkg run processes it.
+    // The host processes it: apt at the end of its runs, or by hand.
     run_ok(Command::new("dpkg").args(["--triggers-only", "--pending"]));
     assert_eq!(
         fs::read_to_string(pkg::TRIGGER_RAN).unwrap(),

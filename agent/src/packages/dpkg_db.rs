@@ -99,8 +99,9 @@ pub fn lookup(admindir: &Path, names: &[&str]) -> Result<Vec<Option<Found>>, DbE
 pub struct Lookup {
     /// The packages asked for, in order; `None`: not installed.
     pub packages: Vec<Option<Found>>,
-    /// Every package in dpkg's state `triggers-pending` (a trigger it is
-    /// interested in was activated and has not run), sorted.
+    /// Packages in dpkg's state `triggers-pending` (a trigger they are
+    /// interested in was activated and has not run), sorted, at most
+    /// [`MAX_TRIGGERS_PENDING`], names of other forms left out.
     pub triggers_pending: Vec<String>,
 }
 
@@ -125,22 +126,39 @@ pub fn lookup_status(status: &[u8], admindir: &Path, names: &[&str]) -> Result<L
 
 /// dpkg's state of a package whose triggers are pending.
 const TRIGGERS_PENDING: &[u8] = b"triggers-pending";
+/// Most packages listed as having triggers pending (the rest are not
+/// named: a forged status file must not make the report large).
+pub const MAX_TRIGGERS_PENDING: usize = 64;
+
+/// A package name as dpkg makes them (`[a-z0-9][a-z0-9+.-]*`, at most 128
+/// bytes; upper case and `_` tolerated, as `found` does).
+fn is_package_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name[0].is_ascii_alphanumeric()
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._".contains(b))
+}
 
 fn find(status: &[u8], admindir: &Path, names: &[&str]) -> Result<Lookup, DbError> {
-    let pending = |p: &Paragraph| {
-        p.status
-            .is_some_and(|s| s.rsplit(|b| *b == b' ').next() == Some(TRIGGERS_PENDING))
-    };
+    // The pending packages' names are collected as the parse goes, at most
+    // MAX_TRIGGERS_PENDING of them and only plain package names: the file
+    // may be the bundle's, and the list goes into the report.
+    let pending: std::cell::RefCell<std::collections::BTreeSet<String>> = Default::default();
     let paragraphs = parse(status, &|p| {
-        pending(p) || names.iter().any(|n| n.as_bytes() == p.package)
+        let is_pending = p
+            .status
+            .is_some_and(|s| s.rsplit(|b| *b == b' ').next() == Some(TRIGGERS_PENDING));
+        if is_pending && is_package_name(p.package) {
+            let mut pending = pending.borrow_mut();
+            if pending.len() < MAX_TRIGGERS_PENDING {
+                pending.insert(String::from_utf8_lossy(p.package).into_owned());
+            }
+        }
+        names.iter().any(|n| n.as_bytes() == p.package)
     })?;
-    let mut triggers_pending: Vec<String> = paragraphs
-        .iter()
-        .filter(|p| pending(p))
-        .map(|p| String::from_utf8_lossy(p.package).into_owned())
-        .collect();
-    triggers_pending.sort();
-    triggers_pending.dedup();
+    let triggers_pending: Vec<String> = pending.into_inner().into_iter().collect();
     let packages = names
         .iter()
         .map(|name| {
@@ -503,6 +521,18 @@ Status: purge ok not-installed
                 .triggers_pending,
             Vec::<String>::new()
         );
+        // Bounded, and only plain names.
+        let mut many = String::new();
+        for i in 0..1000 {
+            many.push_str(&format!(
+                "Package: p{i:04}\nStatus: install ok triggers-pending\n\n"
+            ));
+        }
+        many.push_str("Package: ../x\nStatus: install ok triggers-pending\n");
+        let db = lookup_status(many.as_bytes(), dir.path(), &[]).unwrap();
+        assert_eq!(db.triggers_pending.len(), MAX_TRIGGERS_PENDING);
+        assert_eq!(db.triggers_pending[0], "p0000");
+        assert!(!db.triggers_pending.iter().any(|n| n.contains('/')));
     }
 
     fn admindir(status: &str) -> tempfile::TempDir {

@@ -35,10 +35,10 @@ use rollguard_shared::ScopePath;
 
 /// dpkg's state of a configured package that waits for a trigger it
 /// activated in another package (`activate-await`): with `--no-triggers`
-/// the trigger runs at the host's next dpkg or apt run (or
-/// `dpkg --triggers-only --pending`), and the package is installed as far
-/// as the run goes. The interested packages are reported
-/// (`triggers_pending`).
+/// the trigger runs when the host processes pending triggers (apt at its
+/// end, `dpkg --triggers-only --pending`), and the package is installed as
+/// far as the run goes. The interested packages are reported
+/// (`triggers_pending`; docs/bundle-format.md says what waits meanwhile).
 const DEFERRED_TRIGGER_STATE: &str = "triggers-awaited";
 
 /// dpkg's database, as `rollguard bundle build` derives it.
@@ -682,7 +682,7 @@ fn record(
     if !outcome.triggers_pending.is_empty() {
         tracing::info!(
             packages = %outcome.triggers_pending.join(", "),
-            "triggers pending, deferred to the host's next dpkg run (dpkg --triggers-only --pending)"
+            "triggers pending, not run: apt runs them at its end, or dpkg --triggers-only --pending"
         );
     }
     report.triggers_pending = outcome.triggers_pending;
