@@ -100,12 +100,7 @@ pub fn conffile_text(version: &str) -> String {
 pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
     let root = out.join(format!("deb-{version}-tree"));
     let _ = fs::remove_dir_all(&root);
-    let write = |rel: &str, text: &str, mode: u32| {
-        let p = root.join(rel.trim_start_matches('/'));
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, text).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
-    };
+    let write = |rel: &str, text: &str, mode: u32| write_in(&root, rel, text, mode);
     write(
         "DEBIAN/control",
         &format!("Package: {NAME}\nVersion: {version}\nArchitecture: all\nMaintainer: rollguard tests <tests@example.invalid>\nDescription: rollguard test package\n"),
@@ -150,18 +145,32 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
     if variant.lib_file {
         write(LIB_FILE, &format!("plugin {version}\n"), 0o644);
     }
-    // Directories as packages ship them: root:root 0755.
-    for dir in walk_dirs(&root) {
+    let deb = out.join(format!("{NAME}_{version}_all.deb"));
+    dpkg_deb_build(&root, &deb);
+    deb
+}
+
+/// Write `text` at `rel` (absolute or relative) beneath `root` with
+/// `mode`, making the directories above it.
+fn write_in(root: &Path, rel: &str, text: &str, mode: u32) {
+    let p = root.join(rel.trim_start_matches('/'));
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(&p, text).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Build the package tree `root` into `deb`, its directories as packages
+/// ship them (root:root 0755).
+fn dpkg_deb_build(root: &Path, deb: &Path) {
+    for dir in walk_dirs(root) {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let deb = out.join(format!("{NAME}_{version}_all.deb"));
     run_ok(
         Command::new("dpkg-deb")
             .args(["--root-owner-group", "-Zgzip", "--build"])
-            .arg(&root)
-            .arg(&deb),
+            .arg(root)
+            .arg(deb),
     );
-    deb
 }
 
 /// A package interested in a file trigger on the test package's
@@ -172,12 +181,7 @@ pub fn build_deb(out: &Path, version: &str, variant: &Variant) -> PathBuf {
 pub fn build_trigger_consumer(out: &Path) -> PathBuf {
     let root = out.join("trigger-consumer-tree");
     let _ = fs::remove_dir_all(&root);
-    let write = |rel: &str, text: &str, mode: u32| {
-        let p = root.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, text).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
-    };
+    let write = |rel: &str, text: &str, mode: u32| write_in(&root, rel, text, mode);
     write(
         "DEBIAN/control",
         &format!("Package: {TRIGGER_CONSUMER}\nVersion: 1.0\nArchitecture: all\nMaintainer: rollguard tests <tests@example.invalid>\nDescription: rollguard test trigger consumer\n"),
@@ -195,16 +199,8 @@ pub fn build_trigger_consumer(out: &Path) -> PathBuf {
             .unwrap(),
     )
     .unwrap();
-    for dir in walk_dirs(&root) {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-    }
     let deb = out.join(format!("{TRIGGER_CONSUMER}_1.0_all.deb"));
-    run_ok(
-        Command::new("dpkg-deb")
-            .args(["--root-owner-group", "-Zgzip", "--build"])
-            .arg(&root)
-            .arg(&deb),
-    );
+    dpkg_deb_build(&root, &deb);
     deb
 }
 
