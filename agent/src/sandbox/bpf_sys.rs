@@ -252,14 +252,29 @@ fn load_once(
         expected_attach_type: attach as u32,
         ..Default::default()
     };
-    // SAFETY: `insns` (8-byte `#[repr(C)]` instructions, the kernel's
-    // `struct bpf_insn` layout), the NUL-terminated license and the log
-    // buffer (of `log_size` bytes, exclusively borrowed) all outlive the
-    // call; the kernel copies the program in and writes at most `log_size`
-    // bytes of log.
-    let ret = unsafe { bpf(BPF_PROG_LOAD, &mut attr) }?;
-    owned(ret)
+    // The verifier gives up with EAGAIN when the loading thread has a
+    // signal pending (it checks between instructions): a SIGCHLD from
+    // another run's exit is enough, as in a daemon running many at once.
+    // The program is not at fault, so try again, as libbpf does (up to
+    // five times).
+    let mut attempts = PROG_LOAD_ATTEMPTS;
+    loop {
+        // SAFETY: `insns` (8-byte `#[repr(C)]` instructions, the kernel's
+        // `struct bpf_insn` layout), the NUL-terminated license and the log
+        // buffer (of `log_size` bytes, exclusively borrowed) all outlive the
+        // call; the kernel copies the program in and writes at most
+        // `log_size` bytes of log.
+        match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
+            Ok(ret) => return owned(ret),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && attempts > 1 => attempts -= 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
+
+/// How many times a program load that the verifier broke off (EAGAIN) is
+/// tried in all.
+const PROG_LOAD_ATTEMPTS: u32 = 5;
 
 /// Attach `prog` to the cgroup `cgroup` (a directory fd) at `attach`.
 /// `flags` 0: the only program at this hook of this cgroup, and no cgroup
