@@ -286,6 +286,18 @@ struct Installed {
     error: Option<String>,
 }
 
+impl Installed {
+    /// A package as dpkg's status file has it, and its file list.
+    fn found(f: dpkg_db::Found) -> (Installed, PathBuf) {
+        let installed = Installed {
+            version: Some(f.version),
+            state: f.state,
+            error: None,
+        };
+        (installed, f.list)
+    }
+}
+
 /// The database before the run: versions, and the identity of every
 /// non-directory file the installed packages own.
 pub struct Snapshot {
@@ -329,10 +341,10 @@ impl Snapshot {
         Snapshot { before, files }
     }
 
-    pub fn finish(self, p: &Packages) -> PackagesOutcome {
+    pub fn finish(mut self, p: &Packages) -> PackagesOutcome {
         let states = read_states(p);
         let after = states.each.into_iter().map(|(state, _)| state).collect();
-        let files = self.files.clone();
+        let files = std::mem::take(&mut self.files);
         let mut outcome = self.compare(p, after, states.triggers_pending);
         outcome.replaced = files
             .into_iter()
@@ -465,14 +477,7 @@ impl PreviewAfter {
                 packages: db
                     .packages
                     .into_iter()
-                    .map(|f| match f {
-                        Some(f) => Installed {
-                            version: Some(f.version),
-                            state: f.state,
-                            error: None,
-                        },
-                        None => Installed::default(),
-                    })
+                    .map(|f| f.map_or_else(Installed::default, |f| Installed::found(f).0))
                     .collect(),
                 triggers_pending: db.triggers_pending,
             },
@@ -532,14 +537,10 @@ fn read_states(p: &Packages) -> States {
                     .packages
                     .into_iter()
                     .map(|f| match f {
-                        Some(f) => (
-                            Installed {
-                                version: Some(f.version),
-                                state: f.state,
-                                error: None,
-                            },
-                            FileList::Dpkg(f.list),
-                        ),
+                        Some(f) => {
+                            let (installed, list) = Installed::found(f);
+                            (installed, FileList::Dpkg(list))
+                        }
                         None => (Installed::default(), FileList::Query),
                     })
                     .collect();
