@@ -195,8 +195,9 @@ fn create_dirs(path: &Path) -> std::io::Result<()> {
 
 /// The sandbox's command: `dpkg -i` (or `rpm -U`) of the packages, then the
 /// bundle's own command (`exec`), if any, only when the install succeeded.
-/// A small `/bin/sh` script: every maintainer script needs the shell
-/// anyway, and each argument is single-quoted.
+/// With a command, a small `/bin/sh` script (each argument single-quoted);
+/// without one, the package manager itself, with no shell in between (a
+/// shell's start is a millisecond of the install's cost).
 pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
     let install = match p.kind {
         // --force-confdef/--force-confold: never prompt; keep a conffile
@@ -240,22 +241,25 @@ pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
             "--ignoresize".into(),
         ],
     };
-    let mut script = String::from("DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND; ");
-    script.push_str(&quote_all(&install));
-    script.push_str(" -- \"$@\" || exit $?");
-    if !command.is_empty() {
-        script.push_str("; exec ");
-        script.push_str(&quote_all(command));
+    // Relative to the payload directory (the working directory), always
+    // with `./` (and after `--`) so no name can read as an option.
+    let files = p.install.iter().map(|pkg| format!("./{}", pkg.file));
+    if command.is_empty() {
+        let mut argv = install;
+        argv.push("--".into());
+        argv.extend(files);
+        return argv;
     }
+    let mut script = quote_all(&install);
+    script.push_str(" -- \"$@\" || exit $?; exec ");
+    script.push_str(&quote_all(command));
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".to_string(),
         script,
         "rollguard-packages".to_string(),
     ];
-    // Relative to the payload directory (the working directory), always
-    // with `./` so no name can read as an option.
-    argv.extend(p.install.iter().map(|pkg| format!("./{}", pkg.file)));
+    argv.extend(files);
     argv
 }
 
@@ -774,8 +778,10 @@ mod tests {
     }
 
     #[test]
-    fn without_a_command_only_the_install_runs() {
+    fn without_a_command_only_the_install_runs_with_no_shell() {
         let argv = sandbox_command(&packages(PackageKind::Deb), &[]);
-        assert!(!argv[2].contains("exec"));
+        assert_eq!(argv[0], "/usr/bin/dpkg");
+        assert_eq!(argv[argv.len() - 2..], ["--", "./debs/it's.deb"]);
+        assert!(argv.iter().all(|a| !a.contains("exec")));
     }
 }

@@ -73,6 +73,13 @@ pub(super) fn prepare(
     .into_iter()
     .chain(opts.rollout_id.clone().map(|r| ("ROLLGUARD_ROLLOUT", r)))
     .map(|(k, v)| (k.to_string(), v))
+    .chain(
+        admission
+            .packages
+            .iter()
+            .flat_map(|_| crate::sandbox::spec::FIXED_ENV)
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    )
     .collect();
     // Resolved again: name resolution in `admit` may have taken seconds,
     // and a protected symlink re-pointed meanwhile must count from this

@@ -20,6 +20,11 @@ pub const NETWORK_LANDLOCK_ABI: u32 = 4;
 const MAX_RUN_ID: usize = 64;
 const MAX_ENV_VARS: usize = 64;
 const MAX_ENV_VALUE: usize = 4096;
+/// Variables the sandbox sets beyond `ROLLGUARD_*`, each only with exactly
+/// this value: a package install's debconf never prompts (there is no one
+/// to answer). Nothing else, so no variable can change what a program
+/// loads (`LD_PRELOAD`, `PATH`, ...).
+pub const FIXED_ENV: [(&str, &str); 1] = [("DEBIAN_FRONTEND", "noninteractive")];
 const MAX_PROTECTED: usize = 1024;
 /// Most network rules in one run (every address a name resolved to is one).
 pub const MAX_NET_RULES: usize = 1024;
@@ -113,7 +118,8 @@ pub struct SandboxSpec {
     pub run_dir: PathBuf,
     /// `command[0]` is absolute (`/bin/sh`) or a payload file (`./apply.sh`).
     pub command: Vec<String>,
-    /// Extra environment (`ROLLGUARD_*` only) on top of the fixed clean set.
+    /// Extra environment (`ROLLGUARD_*`, and [`FIXED_ENV`] with its exact
+    /// values) on top of the fixed clean set.
     pub env: BTreeMap<String, String>,
     pub scope: SandboxScope,
     /// Host-protected paths, canonicalized by the caller: nothing at all is
@@ -204,7 +210,8 @@ impl SandboxSpec {
                 && key
                     .bytes()
                     .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-            if !key_ok || value.contains('\0') || value.len() > MAX_ENV_VALUE {
+            let fixed = FIXED_ENV.contains(&(key.as_str(), value.as_str()));
+            if !(key_ok || fixed) || value.contains('\0') || value.len() > MAX_ENV_VALUE {
                 return Err(SpecError::BadEnv(key.clone()));
             }
         }
@@ -319,6 +326,13 @@ mod tests {
         assert!(matches!(s.validate(), Err(SpecError::BadPath { .. })));
         let mut s = spec();
         s.env.insert("LD_PRELOAD".into(), "/tmp/x.so".into());
+        assert!(matches!(s.validate(), Err(SpecError::BadEnv(_))));
+        // A fixed variable only with its value.
+        let mut s = spec();
+        s.env
+            .insert("DEBIAN_FRONTEND".into(), "noninteractive".into());
+        assert!(s.validate().is_ok());
+        s.env.insert("DEBIAN_FRONTEND".into(), "dialog".into());
         assert!(matches!(s.validate(), Err(SpecError::BadEnv(_))));
         let mut s = spec();
         s.command = vec![];
