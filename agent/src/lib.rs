@@ -21,5 +21,4 @@ pub mod runner;
 pub mod sandbox;
 pub mod services;
 pub mod state;
-pub mod terminal;
 pub mod trust_path;

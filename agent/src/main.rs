@@ -8,10 +8,10 @@ use rollguard_agent::cli::{AgentCli, AgentCommand, RunLogCommand};
 use rollguard_agent::policy::HostPolicy;
 use rollguard_agent::runner::{run_bundle, RunOptions};
 use rollguard_agent::sandbox::{KernelSupport, Launcher};
-use rollguard_agent::terminal::printable;
 use rollguard_agent::{run_log, state::StateDir};
 use rollguard_shared::exit::{self, Exit};
 use rollguard_shared::report::{RunReport, RunStatus};
+use rollguard_shared::terminal::printable;
 
 fn main() -> ExitCode {
     let cli: AgentCli = exit::parse(rollguard_agent::cli::command());
@@ -136,16 +136,7 @@ fn print_report(r: &RunReport) {
         }
     }
     for c in &r.packages {
-        println!(
-            "  package: {} {} -> {}{}",
-            printable(&c.name),
-            printable(c.before.as_deref().unwrap_or("(none)")),
-            printable(c.after.as_deref().unwrap_or("(none)")),
-            c.state
-                .as_deref()
-                .map(|s| format!(" ({})", printable(s)))
-                .unwrap_or_default()
-        );
+        println!("  package: {}", printable(&c.summary()));
     }
     if !r.triggers_pending.is_empty() {
         println!(

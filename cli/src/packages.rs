@@ -46,10 +46,7 @@ use rollguard_shared::manifest::packages::PackageToken;
 use rollguard_shared::manifest::{Derivation, DerivedPackage, PackageKind, PackageRequest};
 use rollguard_shared::path::ScopePath;
 
-/// The dpkg database (`--admindir`) the agent installs into.
-pub const DPKG_ADMINDIR: &str = "/var/lib/dpkg";
-/// dpkg's log as the agent passes it (`--log`).
-pub const DPKG_LOG: &str = "/var/log/dpkg.log";
+pub use rollguard_shared::manifest::packages::{DPKG_ADMINDIR, DPKG_LOG};
 /// Where `update-alternatives` keeps its links.
 const ALTERNATIVES: &str = "/etc/alternatives";
 /// Where `deb-systemd-helper` records which units it enabled.

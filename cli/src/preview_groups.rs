@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use rollguard_shared::protocol::{HostRun, RolloutStatus};
-use rollguard_shared::report::RunStatus;
+use rollguard_shared::report::{PathChange, Preview, RunReport, RunStatus};
+use rollguard_shared::terminal::printable;
 use serde::Serialize;
 
 /// Hosts whose findings are the same, line for line.
@@ -27,6 +28,34 @@ pub struct Group {
 /// with the same `+1 −1` are two groups).
 type Key = (Vec<String>, bool, String);
 
+/// Files every dpkg run rewrites whole, holding the host's own records:
+/// its database of every package, the journal of it, its log with times.
+/// On a preview of a package bundle their sizes and bytes differ from
+/// host to host whatever the bundle does, so hosts would never share a
+/// group. They group by path and change alone; what the install changes
+/// in them is the packages' versions and states, which are listed (and
+/// grouped on). Anything else beneath the database (a package's file
+/// list, its maintainer scripts) is compared in full like any file.
+fn host_records(r: &RunReport, path: &str) -> bool {
+    use rollguard_shared::manifest::packages::{DPKG_ADMINDIR, DPKG_LOG};
+    if !r.packages.iter().any(|p| p.manager == "dpkg") {
+        return false;
+    }
+    if path == DPKG_LOG {
+        return true;
+    }
+    let Some(rest) = path
+        .strip_prefix(DPKG_ADMINDIR)
+        .and_then(|p| p.strip_prefix('/'))
+    else {
+        return false;
+    };
+    matches!(rest, "status" | "status-old")
+        || rest
+            .strip_prefix("updates/")
+            .is_some_and(|n| !n.is_empty() && !n.contains('/'))
+}
+
 /// One host's findings, as lines, and whether they are clean.
 fn findings(h: &HostRun) -> Key {
     let Some(r) = &h.report else {
@@ -36,12 +65,34 @@ fn findings(h: &HostRun) -> Key {
             String::new(),
         );
     };
+    // The host's own records by path and change only (see `host_records`).
+    let preview = r.preview.as_ref().map(|p| Preview {
+        changes: p
+            .changes
+            .iter()
+            .map(|c| {
+                if host_records(r, &c.path) {
+                    PathChange {
+                        before: None,
+                        after: None,
+                        diff: None,
+                        ..c.clone()
+                    }
+                } else {
+                    c.clone()
+                }
+            })
+            .collect(),
+        ..p.clone()
+    });
     let exact = serde_json::json!([
         r.status,
         r.denials,
         r.denial_count,
         r.limits_hit,
-        r.preview,
+        preview,
+        r.packages,
+        r.triggers_pending,
         r.services,
         r.services_captured,
     ])
@@ -84,7 +135,28 @@ fn findings(h: &HostRun) -> Key {
         }
         None => clean = false,
         Some(p) => {
-            lines.extend(p.changes.iter().map(|c| c.summary()));
+            lines.extend(
+                r.packages
+                    .iter()
+                    .map(|c| format!("package {}", c.summary())),
+            );
+            if !r.triggers_pending.is_empty() {
+                lines.push(format!(
+                    "triggers left pending in {}",
+                    r.triggers_pending.join(", ")
+                ));
+            }
+            lines.extend(p.changes.iter().map(|c| {
+                if host_records(r, &c.path) {
+                    format!(
+                        "{} {} (this host's package records)",
+                        c.change.as_str(),
+                        c.path
+                    )
+                } else {
+                    c.summary()
+                }
+            }));
             if p.changes_dropped > 0 {
                 lines.push(format!("... and {} more change(s)", p.changes_dropped));
             }
@@ -130,8 +202,16 @@ pub fn groups(status: &RolloutStatus) -> Vec<Group> {
 const HOSTS_SHOWN: usize = 5;
 
 pub fn print(status: &RolloutStatus, groups: &[Group]) {
+    print!("{}", render(status, groups));
+}
+
+/// What [`print`] shows.
+fn render(status: &RolloutStatus, groups: &[Group]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let unclean: usize = groups.iter().filter(|g| !g.clean).map(|g| g.count).sum();
-    println!(
+    let _ = writeln!(
+        out,
         "preview {} of {} v{}: {} host(s) in {} group(s), {unclean} NOT CLEAN{}",
         status.id,
         status.plan.bundle.name,
@@ -145,33 +225,35 @@ pub fn print(status: &RolloutStatus, groups: &[Group]) {
         }
     );
     for g in groups {
+        // Everything below is what hosts reported (paths a bundle chose,
+        // reasons quoting them): printed escaped (see `terminal`).
         let mut names = g
             .hosts
             .iter()
             .take(HOSTS_SHOWN)
-            .cloned()
+            .map(|h| printable(h))
             .collect::<Vec<_>>();
         if g.count > HOSTS_SHOWN {
             names.push(format!("and {} more", g.count - HOSTS_SHOWN));
         }
-        println!(
+        let _ = writeln!(
+            out,
             "{} host(s){}: {}",
             g.count,
             if g.clean { "" } else { " [NOT CLEAN]" },
             names.join(", ")
         );
         for line in &g.lines {
-            println!("    {line}");
+            let _ = writeln!(out, "    {}", printable(line));
         }
     }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rollguard_shared::report::{
-        ChangeKind, Denial, FileKind, FileMeta, PathChange, Preview, RunReport,
-    };
+    use rollguard_shared::report::{ChangeKind, Denial, FileKind, FileMeta, PackageChange};
 
     fn host(name: &str, changes: &[&str], denied: &[&str]) -> HostRun {
         let meta = FileMeta {
@@ -217,9 +299,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hosts_with_the_same_findings_are_one_group_largest_first() {
-        let status: RolloutStatus = serde_json::from_value(serde_json::json!({
+    fn preview_status() -> RolloutStatus {
+        serde_json::from_value(serde_json::json!({
             "id": "r-1", "state": "completed",
             "phase": "dispatching", "current_wave": 1, "wave_count": 1,
             "plan": {"bundle": {"sha256": "0".repeat(64), "name": "b", "version": 1, "size": 1},
@@ -227,8 +308,12 @@ mod tests {
                      "max_failures": 0, "halt_on": {}, "waves": [], "out_of_scope": 0, "preview": true},
             "hosts": [], "created_at": "x", "updated_at": "x"
         }))
-        .unwrap_or_else(|e| panic!("fixture: {e}"));
-        let mut status = status;
+        .unwrap_or_else(|e| panic!("fixture: {e}"))
+    }
+
+    #[test]
+    fn hosts_with_the_same_findings_are_one_group_largest_first() {
+        let mut status = preview_status();
         status.hosts = vec![
             host("m3", &["/etc/main.cf"], &[]),
             host("m1", &["/etc/main.cf"], &[]),
@@ -256,5 +341,109 @@ mod tests {
                 "modify /etc/main.cf (+1 \u{2212}1)"
             ]
         );
+    }
+
+    /// A host previewing `rgtest` from `before` to 2.0: its own package
+    /// records (`status`, the log) of `records` bytes, and the package's
+    /// file list with `list` in it.
+    fn package_host(name: &str, before: &str, records: u64, list: &str) -> HostRun {
+        let mut h = host(
+            name,
+            &[
+                "/usr/bin/rgtest",
+                "/var/lib/dpkg/info/rgtest.list",
+                "/var/lib/dpkg/status",
+                "/var/lib/dpkg/status-old",
+                "/var/lib/dpkg/updates/0001",
+                "/var/log/dpkg.log",
+            ],
+            &[],
+        );
+        let r = h.report.as_mut().unwrap();
+        r.packages = vec![PackageChange {
+            manager: "dpkg".into(),
+            name: "rgtest".into(),
+            version: "2.0".into(),
+            before: Some(before.into()),
+            after: Some("2.0".into()),
+            state: None,
+            error: None,
+        }];
+        for c in &mut r.preview.as_mut().unwrap().changes {
+            if c.path.ends_with(".list") {
+                c.diff = Some(format!("--- a\n+++ b\n@@ -1 +1 @@\n-/x\n+{list}\n"));
+            } else if !c.path.starts_with("/usr") {
+                // The host's own: sizes and a log line with its time.
+                c.after.as_mut().unwrap().size = records;
+                c.diff = Some(format!("--- a\n+++ b\n@@ -0,0 +1 @@\n+{records} upgrade\n"));
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn a_package_preview_groups_on_the_packages_not_on_each_hosts_own_records() {
+        let mut status = preview_status();
+        status.hosts = vec![
+            package_host("m1", "1.0", 790_000, "/usr/bin/rgtest"),
+            package_host("m2", "1.0", 8_100_000, "/usr/bin/rgtest"),
+            // Another version before: another install.
+            package_host("m3", "0.9", 790_000, "/usr/bin/rgtest"),
+            // A file list of its own is not the host's records: compared.
+            package_host("m4", "1.0", 790_000, "/usr/bin/other"),
+        ];
+        let g = groups(&status);
+        assert_eq!(g.len(), 3, "{g:#?}");
+        assert_eq!(g[0].hosts, ["m1", "m2"]);
+        assert!(g[0].clean);
+        assert_eq!(
+            g[0].lines,
+            [
+                "package rgtest 1.0 -> 2.0",
+                "modify /usr/bin/rgtest (+1 \u{2212}1)",
+                "modify /var/lib/dpkg/info/rgtest.list (+1 \u{2212}1)",
+                "modify /var/lib/dpkg/status (this host's package records)",
+                "modify /var/lib/dpkg/status-old (this host's package records)",
+                "modify /var/lib/dpkg/updates/0001 (this host's package records)",
+                "modify /var/log/dpkg.log (this host's package records)",
+            ]
+        );
+        assert_eq!(g[1].hosts, ["m3"]);
+        assert_eq!(g[1].lines[0], "package rgtest 0.9 -> 2.0");
+        assert_eq!(g[2].hosts, ["m4"]);
+        assert_eq!(g[2].lines, g[0].lines);
+
+        // Without packages in the report, the same paths are files like
+        // any other, compared in full: m1 and m2 differ.
+        for h in &mut status.hosts {
+            h.report.as_mut().unwrap().packages.clear();
+        }
+        let g = groups(&status);
+        assert!(g
+            .iter()
+            .all(|g| !g.hosts.contains(&"m2".to_string()) || g.count == 1));
+    }
+
+    #[test]
+    fn what_hosts_reported_is_shown_escaped() {
+        let mut status = preview_status();
+        // A bundle's chosen path, quoted by its host's report: a line that
+        // would move the cursor up and print a clean verdict over the
+        // denial above it.
+        status.hosts = vec![host(
+            "m1",
+            &["/etc/x\u{1b}[1A\u{1b}[2K1 host(s): clean\r"],
+            &["/home"],
+        )];
+        let shown = render(&status, &groups(&status));
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n'),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("/etc/x\\x1b[1A\\x1b[2K1 host(s): clean\\r"),
+            "{shown}"
+        );
+        assert!(shown.contains("DENIED erofs.unlinkat /home"), "{shown}");
     }
 }

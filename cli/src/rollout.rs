@@ -1,6 +1,7 @@
 //! `rollguard rollout ...` and `rollguard agents`: plan, start and follow
 //! rollouts.
 
+use rollguard_shared::terminal::printable;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -392,8 +393,10 @@ fn print_status(s: &RolloutStatus) {
         "bundle  {} version {}",
         s.plan.bundle.name, s.plan.bundle.version
     );
+    // Host names, reasons and halt reasons quote what hosts reported
+    // (paths a bundle chose): printed escaped (see `terminal`).
     if let Some(r) = &s.halt_reason {
-        println!("halted  {r}");
+        println!("halted  {}", printable(r));
     }
     for (i, wave) in s.plan.waves.iter().enumerate() {
         println!("wave {} ({} host(s))", i + 1, wave.len());
@@ -401,10 +404,15 @@ fn print_status(s: &RolloutStatus) {
             let detail = h
                 .report
                 .as_ref()
-                .and_then(|r| r.reason.clone())
-                .map(|r| format!("  {r}"))
+                .and_then(|r| r.reason.as_deref())
+                .map(|r| format!("  {}", printable(r)))
                 .unwrap_or_default();
-            println!("  {:<32} {}{}", h.host, h.state, detail);
+            println!(
+                "  {:<32} {}{}",
+                printable(&h.host),
+                printable(&h.state),
+                detail
+            );
         }
     }
 }
@@ -430,7 +438,12 @@ fn print_retry(a: &RetryResponse) {
     if !a.skipped.is_empty() {
         println!("not retried: {} host(s)", a.skipped.len());
         for s in &a.skipped {
-            println!("  {:<32} {:<12} {}", s.host, s.state, s.why);
+            println!(
+                "  {:<32} {:<12} {}",
+                printable(&s.host),
+                printable(&s.state),
+                printable(&s.why)
+            );
         }
     }
     println!(
@@ -800,7 +813,7 @@ fn watch(client: &Client, id: &RolloutId) -> Result<ExitCode> {
             let bad: Vec<String> = hosts
                 .iter()
                 .filter(|h| !matches!(h.state.as_str(), "pending" | "dispatched" | "succeeded"))
-                .map(|h| format!("{}={}", h.host, h.state))
+                .map(|h| printable(&format!("{}={}", h.host, h.state)))
                 .collect();
             bar.set_position(done as u64);
             let dispatched = hosts.iter().any(|h| h.state != "pending");
@@ -818,7 +831,7 @@ fn watch(client: &Client, id: &RolloutId) -> Result<ExitCode> {
                 b.abandon();
             }
             match &s.halt_reason {
-                Some(r) => eprintln!("rollout {} HALTED: {r}", s.id),
+                Some(r) => eprintln!("rollout {} HALTED: {}", s.id, printable(r)),
                 None => eprintln!("rollout {} completed", s.id),
             }
             return Ok(crate::rollout_events::exit_of(&s).into());

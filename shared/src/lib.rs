@@ -19,6 +19,7 @@ pub mod report;
 pub mod services;
 pub mod signature;
 pub mod targets;
+pub mod terminal;
 pub mod tls_client;
 pub mod validated;
 pub mod version;

@@ -322,6 +322,27 @@ pub struct PackageChange {
     pub error: Option<String>,
 }
 
+impl PackageChange {
+    /// One line: `rgtest 1.0 -> 2.0`, `(none)` where it is not installed,
+    /// dpkg's state when it is not `installed`, and why the database could
+    /// not be read.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "{} {} -> {}",
+            self.name,
+            self.before.as_deref().unwrap_or("(none)"),
+            self.after.as_deref().unwrap_or("(none)")
+        );
+        if let Some(state) = &self.state {
+            line.push_str(&format!(" ({state})"));
+        }
+        if let Some(error) = &self.error {
+            line.push_str(&format!(" [unknown: {error}]"));
+        }
+        line
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

@@ -41,10 +41,7 @@ use rollguard_shared::ScopePath;
 /// (`triggers_pending`; docs/bundle-format.md says what waits meanwhile).
 const DEFERRED_TRIGGER_STATE: &str = "triggers-awaited";
 
-/// dpkg's database, as `rollguard bundle build` derives it.
-pub const DPKG_ADMINDIR: &str = "/var/lib/dpkg";
-/// dpkg's log, as derived; passed to dpkg so the derived fact holds.
-pub const DPKG_LOG: &str = "/var/log/dpkg.log";
+pub use rollguard_shared::manifest::packages::{DPKG_ADMINDIR, DPKG_LOG};
 
 /// The top-level directories a merged-/usr host makes symlinks into
 /// `/usr` (Debian 12, Fedora...).

@@ -64,6 +64,12 @@ impl fmt::Display for PackageKind {
     }
 }
 
+/// The dpkg database (`--admindir`) the agent installs into, and that
+/// `rollguard bundle build` derives for a `.deb`.
+pub const DPKG_ADMINDIR: &str = "/var/lib/dpkg";
+/// dpkg's log as the agent passes it (`--log`), derived likewise.
+pub const DPKG_LOG: &str = "/var/log/dpkg.log";
+
 /// `[packages]` of a source manifest: what the author asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PackageRequest {

@@ -1,7 +1,8 @@
-//! Text from a bundle, printed on an operator's terminal.
+//! Text from a bundle or a host, printed on an operator's terminal.
 //!
 //! A bundle writes its own stdout and stderr, and names the files it
-//! touches: printed raw, an escape sequence (`ESC [ 2 J`, cursor moves, an
+//! touches; a host's report quotes them, and the controller's halt reasons
+//! quote the report (`rollout status`, `rollout changes`): printed raw, an escape sequence (`ESC [ 2 J`, cursor moves, an
 //! OSC title or hyperlink), a carriage return or backspaces could erase or
 //! overwrite the report's DENIED block above it, and a bidirectional
 //! override could reorder what the operator reads. So every such string is
