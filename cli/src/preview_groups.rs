@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use rollguard_shared::protocol::{HostRun, RolloutStatus};
-use rollguard_shared::report::{PathChange, Preview, RunReport, RunStatus};
+use rollguard_shared::report::{ChangeKind, FileMeta, PathChange, Preview, RunStatus};
 use rollguard_shared::terminal::printable;
 use serde::Serialize;
 
@@ -30,21 +30,25 @@ type Key = (Vec<String>, bool, String);
 
 /// Files every dpkg run rewrites whole, holding the host's own records:
 /// its database of every package, the journal of it, its log with times.
-/// On a preview of a package bundle their sizes and bytes differ from
-/// host to host whatever the bundle does, so hosts would never share a
-/// group. They group by path and change alone; what the install changes
-/// in them is the packages' versions and states, which are listed (and
-/// grouped on). Anything else beneath the database (a package's file
-/// list, its maintainer scripts) is compared in full like any file.
-fn host_records(r: &RunReport, path: &str) -> bool {
+/// On a preview of a .deb bundle (as the signed plan says, not as a host
+/// reports) their sizes and bytes differ from host to host whatever the
+/// bundle does, so hosts would never share a group. A modification of one
+/// groups by path, type, mode and owner, not by size or contents; what the
+/// install changes in them is the packages' versions and states, which are
+/// listed (and grouped on). Created or deleted, it is compared in full like
+/// any file, and so is everything else beneath the database (a package's
+/// file list, its maintainer scripts, a journal entry not named as dpkg
+/// names them: digits only).
+fn host_records(deb_plan: bool, c: &PathChange) -> bool {
     use rollguard_shared::manifest::packages::{DPKG_ADMINDIR, DPKG_LOG};
-    if !r.packages.iter().any(|p| p.manager == "dpkg") {
+    if !deb_plan || c.change != ChangeKind::Modified {
         return false;
     }
-    if path == DPKG_LOG {
+    if c.path == DPKG_LOG {
         return true;
     }
-    let Some(rest) = path
+    let Some(rest) = c
+        .path
         .strip_prefix(DPKG_ADMINDIR)
         .and_then(|p| p.strip_prefix('/'))
     else {
@@ -53,11 +57,28 @@ fn host_records(r: &RunReport, path: &str) -> bool {
     matches!(rest, "status" | "status-old")
         || rest
             .strip_prefix("updates/")
-            .is_some_and(|n| !n.is_empty() && !n.contains('/'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `c` with what [`host_records`] does not compare taken out: the sizes
+/// and the diff.
+fn without_contents(c: &PathChange) -> PathChange {
+    let size = |m: &Option<FileMeta>| m.map(|m| FileMeta { size: 0, ..m });
+    PathChange {
+        before: size(&c.before),
+        after: size(&c.after),
+        diff: None,
+        ..c.clone()
+    }
+}
+
+/// Whether the rollout's signed plan installs .deb packages.
+fn deb_plan(status: &RolloutStatus) -> bool {
+    status.plan.scope["packages"]["kind"] == "deb"
 }
 
 /// One host's findings, as lines, and whether they are clean.
-fn findings(h: &HostRun) -> Key {
+fn findings(h: &HostRun, deb_plan: bool) -> Key {
     let Some(r) = &h.report else {
         return (
             vec![format!("no result ({})", h.state)],
@@ -71,13 +92,8 @@ fn findings(h: &HostRun) -> Key {
             .changes
             .iter()
             .map(|c| {
-                if host_records(r, &c.path) {
-                    PathChange {
-                        before: None,
-                        after: None,
-                        diff: None,
-                        ..c.clone()
-                    }
+                if host_records(deb_plan, c) {
+                    without_contents(c)
                 } else {
                     c.clone()
                 }
@@ -147,11 +163,10 @@ fn findings(h: &HostRun) -> Key {
                 ));
             }
             lines.extend(p.changes.iter().map(|c| {
-                if host_records(r, &c.path) {
+                if host_records(deb_plan, c) {
                     format!(
-                        "{} {} (this host's package records)",
-                        c.change.as_str(),
-                        c.path
+                        "{} (this host's package records: contents not compared)",
+                        without_contents(c).summary()
                     )
                 } else {
                     c.summary()
@@ -179,8 +194,9 @@ fn findings(h: &HostRun) -> Key {
 /// first (then by first host).
 pub fn groups(status: &RolloutStatus) -> Vec<Group> {
     let mut by: BTreeMap<Key, Vec<String>> = BTreeMap::new();
+    let deb = deb_plan(status);
     for h in &status.hosts {
-        by.entry(findings(h)).or_default().push(h.host.clone());
+        by.entry(findings(h, deb)).or_default().push(h.host.clone());
     }
     let mut out: Vec<Group> = by
         .into_iter()
@@ -253,7 +269,7 @@ fn render(status: &RolloutStatus, groups: &[Group]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rollguard_shared::report::{ChangeKind, Denial, FileKind, FileMeta, PackageChange};
+    use rollguard_shared::report::{Denial, FileKind, PackageChange, RunReport};
 
     fn host(name: &str, changes: &[&str], denied: &[&str]) -> HostRun {
         let meta = FileMeta {
@@ -384,6 +400,37 @@ mod tests {
     #[test]
     fn a_package_preview_groups_on_the_packages_not_on_each_hosts_own_records() {
         let mut status = preview_status();
+        status.plan.scope = serde_json::json!({"packages": {"kind": "deb"}});
+        // The status file made setuid: compared, whatever its contents.
+        let mut m5 = package_host("m5", "1.0", 790_000, "/usr/bin/rgtest");
+        for c in &mut m5
+            .report
+            .as_mut()
+            .unwrap()
+            .preview
+            .as_mut()
+            .unwrap()
+            .changes
+        {
+            if c.path == "/var/lib/dpkg/status" {
+                c.after.as_mut().unwrap().mode = 0o4777;
+            }
+        }
+        // A journal entry dpkg would not name so: compared in full.
+        let mut m6 = package_host("m6", "1.0", 790_000, "/usr/bin/rgtest");
+        for c in &mut m6
+            .report
+            .as_mut()
+            .unwrap()
+            .preview
+            .as_mut()
+            .unwrap()
+            .changes
+        {
+            if c.path == "/var/lib/dpkg/updates/0001" {
+                c.path = "/var/lib/dpkg/updates/0001.sh".into();
+            }
+        }
         status.hosts = vec![
             package_host("m1", "1.0", 790_000, "/usr/bin/rgtest"),
             package_host("m2", "1.0", 8_100_000, "/usr/bin/rgtest"),
@@ -391,9 +438,11 @@ mod tests {
             package_host("m3", "0.9", 790_000, "/usr/bin/rgtest"),
             // A file list of its own is not the host's records: compared.
             package_host("m4", "1.0", 790_000, "/usr/bin/other"),
+            m5,
+            m6,
         ];
         let g = groups(&status);
-        assert_eq!(g.len(), 3, "{g:#?}");
+        assert_eq!(g.len(), 5, "{g:#?}");
         assert_eq!(g[0].hosts, ["m1", "m2"]);
         assert!(g[0].clean);
         assert_eq!(
@@ -402,26 +451,32 @@ mod tests {
                 "package rgtest 1.0 -> 2.0",
                 "modify /usr/bin/rgtest (+1 \u{2212}1)",
                 "modify /var/lib/dpkg/info/rgtest.list (+1 \u{2212}1)",
-                "modify /var/lib/dpkg/status (this host's package records)",
-                "modify /var/lib/dpkg/status-old (this host's package records)",
-                "modify /var/lib/dpkg/updates/0001 (this host's package records)",
-                "modify /var/log/dpkg.log (this host's package records)",
+                "modify /var/lib/dpkg/status (this host's package records: contents not compared)",
+                "modify /var/lib/dpkg/status-old (this host's package records: contents not compared)",
+                "modify /var/lib/dpkg/updates/0001 (this host's package records: contents not compared)",
+                "modify /var/log/dpkg.log (this host's package records: contents not compared)",
             ]
         );
-        assert_eq!(g[1].hosts, ["m3"]);
-        assert_eq!(g[1].lines[0], "package rgtest 0.9 -> 2.0");
-        assert_eq!(g[2].hosts, ["m4"]);
-        assert_eq!(g[2].lines, g[0].lines);
+        let alone = |name: &str| {
+            g.iter()
+                .find(|g| g.hosts == [name])
+                .unwrap_or_else(|| panic!("{name} alone: {g:#?}"))
+        };
+        assert_eq!(alone("m3").lines[0], "package rgtest 0.9 -> 2.0");
+        assert_eq!(alone("m4").lines, g[0].lines);
+        assert!(alone("m5").lines.contains(
+            &"modify /var/lib/dpkg/status (mode 644 -> 4777) (this host's package records: contents not compared)"
+                .to_string()
+        ));
+        assert!(alone("m6")
+            .lines
+            .contains(&"modify /var/lib/dpkg/updates/0001.sh (+1 \u{2212}0)".to_string()));
 
-        // Without packages in the report, the same paths are files like
-        // any other, compared in full: m1 and m2 differ.
-        for h in &mut status.hosts {
-            h.report.as_mut().unwrap().packages.clear();
-        }
+        // A plan without packages (whatever a host's report says): the same
+        // paths are files like any other, compared in full.
+        status.plan.scope = serde_json::json!({});
         let g = groups(&status);
-        assert!(g
-            .iter()
-            .all(|g| !g.hosts.contains(&"m2".to_string()) || g.count == 1));
+        assert_eq!(g.len(), 6, "{g:#?}");
     }
 
     #[test]

@@ -722,7 +722,7 @@ fn print_agents(agents: &[AgentInfo]) {
     for a in agents {
         let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         table.add_row(vec![
-            a.name.clone(),
+            printable(&a.name),
             if a.connected { "connected" } else { "OFFLINE" }.to_string(),
             or_dash(a.first_seen.as_deref().map(short_time)),
             if a.connected {
@@ -730,8 +730,9 @@ fn print_agents(agents: &[AgentInfo]) {
             } else {
                 or_dash(a.last_seen.as_deref().map(short_time))
             },
-            or_dash(a.agent_version.as_deref()),
-            or_dash(a.kernel.as_deref()),
+            // What the agent reported about itself: escaped.
+            printable(&or_dash(a.agent_version.as_deref())),
+            printable(&or_dash(a.kernel.as_deref())),
             match (a.landlock_abi, &a.agent_version) {
                 (Some(v), _) => format!("ABI {v}"),
                 (None, Some(_)) => "none".to_string(),

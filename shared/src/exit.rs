@@ -116,7 +116,10 @@ pub fn error(error: &dyn std::fmt::Display) -> ExitCode {
     if json_requested(std::env::args_os()) {
         println!("{}", json_error(Exit::Error, &message));
     } else {
-        eprintln!("error: {message}");
+        // A refusal may quote what hosts reported (a controller's reason
+        // naming a denied path a bundle chose): escaped, line by line.
+        let shown: Vec<String> = message.lines().map(crate::terminal::printable).collect();
+        eprintln!("error: {}", shown.join("\n"));
     }
     Exit::Error.into()
 }
