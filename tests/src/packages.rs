@@ -187,7 +187,11 @@ pub fn build_trigger_consumer(out: &Path) -> PathBuf {
         &format!("Package: {TRIGGER_CONSUMER}\nVersion: 1.0\nArchitecture: all\nMaintainer: rollguard tests <tests@example.invalid>\nDescription: rollguard test trigger consumer\n"),
         0o644,
     );
-    write("DEBIAN/triggers", "interest /usr/lib/rgpkgtest\n", 0o644);
+    write(
+        "DEBIAN/triggers",
+        &format!("interest /usr/lib/rgpkgtest\ninterest-noawait {TRIGGER_NAME}\n"),
+        0o644,
+    );
     write(
         "DEBIAN/postinst",
         &format!("#!/bin/sh\nset -e\nif [ \"$1\" = triggered ]; then\n  echo \"$2\" >> {TRIGGER_RAN}\nfi\n"),
@@ -206,8 +210,11 @@ pub fn build_trigger_consumer(out: &Path) -> PathBuf {
 
 /// The package [`build_trigger_consumer`] makes.
 pub const TRIGGER_CONSUMER: &str = "rgpkgtest-trigger-consumer";
+/// An explicit trigger it is interested in (besides the test package's
+/// directory): `dpkg-trigger` in a postinst activates it.
+pub const TRIGGER_NAME: &str = "rgpkgtest-trig";
 /// Where its trigger writes when it runs.
-pub const TRIGGER_RAN: &str = "/var/lib/rgpkgtest-trigger/ran";
+pub const TRIGGER_RAN: &str = "/usr/lib/rgpkgtest-trigger/ran";
 
 fn walk_dirs(root: &Path) -> Vec<PathBuf> {
     let mut out = vec![root.to_path_buf()];
@@ -308,16 +315,31 @@ pub fn host(keys: &Keys) -> Host {
 }
 
 /// A bundle source installing `package` (copied into the payload), with
-/// `command` (a `run.sh` script) if given.
+/// no command.
 pub fn bundle_source(host: &Host, label: &str, version: u64, package: &Path) -> PathBuf {
-    let file = package.file_name().unwrap().to_str().unwrap();
+    bundle_source_of(host, label, version, &[package])
+}
+
+/// A bundle source installing `packages`, in that order, with no command.
+pub fn bundle_source_of(host: &Host, label: &str, version: u64, packages: &[&Path]) -> PathBuf {
+    let files: Vec<&str> = packages
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap())
+        .collect();
+    let install = files
+        .iter()
+        .map(|f| format!("\"pkgs/{f}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let manifest = format!(
-        "[bundle]\nname = \"patch-{NAME}\"\nversion = {version}\ndescription = \"upgrade the test package\"\nexpires = 2099-01-01T00:00:00Z\n\n[targets]\nhosts = [\"pkg-01.tokyo\"]\n\n[packages]\ninstall = [\"pkgs/{file}\"]\n\n[run]\ntimeout = \"120s\"\n"
+        "[bundle]\nname = \"patch-{NAME}\"\nversion = {version}\ndescription = \"upgrade the test package\"\nexpires = 2099-01-01T00:00:00Z\n\n[targets]\nhosts = [\"pkg-01.tokyo\"]\n\n[packages]\ninstall = [{install}]\n\n[run]\ntimeout = \"120s\"\n"
     );
     let src = host.bundle_source(label, &manifest, "#!/bin/sh\nexit 0\n");
     fs::remove_file(src.join("run.sh")).unwrap();
     fs::create_dir_all(src.join("pkgs")).unwrap();
-    fs::copy(package, src.join("pkgs").join(file)).unwrap();
+    for (package, file) in packages.iter().zip(&files) {
+        fs::copy(package, src.join("pkgs").join(file)).unwrap();
+    }
     src
 }
 

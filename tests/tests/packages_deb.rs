@@ -649,3 +649,59 @@ fn triggers_in_other_packages_are_deferred_to_the_host_and_reported() {
         ("2.0".to_string(), "install ok installed".to_string())
     );
 }
+
+/// A trigger one package of the bundle activates in another package of
+/// the bundle is the bundle's own: run in the sandbox right after the
+/// install (the consumer's postinst writes in its own directory, which the
+/// derived scope grants), so both packages end installed. Triggers in
+/// packages outside the bundle stay deferred (the test above).
+///
+/// A file trigger from unpacking one package into another being unpacked
+/// in the same run is no trigger at all (its configure covers it), so the
+/// second package's postinst activates an explicit trigger after dpkg
+/// configured the first: the consumer is left `triggers-pending`.
+#[test]
+fn a_trigger_between_two_packages_of_the_bundle_runs_in_the_sandbox() {
+    let (_turn, keys, host, out) = setup();
+    let consumer = pkg::build_trigger_consumer(&out);
+    let v1 = pkg::build_deb(&out, "1.0", &quiet());
+    let v2 = pkg::build_deb(
+        &out,
+        "2.0",
+        &Variant {
+            postinst: format!("  dpkg-trigger --no-await {}", pkg::TRIGGER_NAME),
+            ..quiet()
+        },
+    );
+    install_bare(&v1);
+    let _ = fs::remove_file(pkg::TRIGGER_RAN);
+
+    let src = pkg::bundle_source_of(&host, "own-trigger", 1, &[&consumer, &v2]);
+    let (bundle, _) = pkg::build_bundle(&src);
+    sign(&bundle, &keys);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["denials"], json!([]), "{report:#}");
+    for p in report["packages"].as_array().unwrap() {
+        assert_eq!(p["after"], p["version"], "{report:#}");
+        assert!(p.get("state").is_none(), "{report:#}");
+    }
+    // The consumer's trigger ran, inside the run.
+    assert_eq!(
+        fs::read_to_string(pkg::TRIGGER_RAN).unwrap(),
+        format!("{}\n", pkg::TRIGGER_NAME)
+    );
+    // Nothing left pending on this machine (the field is left out).
+    assert!(report.get("triggers_pending").is_none(), "{report:#}");
+    assert_eq!(
+        pkg::dpkg_status().unwrap(),
+        ("2.0".to_string(), "install ok installed".to_string())
+    );
+    let o = run_ok(Command::new("dpkg-query").args([
+        "--show",
+        "--showformat=${Status}",
+        pkg::TRIGGER_CONSUMER,
+    ]));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "install ok installed");
+}

@@ -241,15 +241,23 @@ pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
     // Relative to the payload directory (the working directory), always
     // with `./` (and after `--`) so no name can read as an option.
     let files = p.install.iter().map(|pkg| format!("./{}", pkg.file));
-    if command.is_empty() {
+    let own_triggers = p.kind == PackageKind::Deb && p.install.len() > 1;
+    if command.is_empty() && !own_triggers {
         let mut argv = install;
         argv.push("--".into());
         argv.extend(files);
         return argv;
     }
     let mut script = quote_all(&install);
-    script.push_str(" -- \"$@\" || exit $?; exec ");
-    script.push_str(&quote_all(command));
+    script.push_str(" -- \"$@\" || exit $?");
+    if own_triggers {
+        script.push_str("; ");
+        script.push_str(&own_triggers_script(p));
+    }
+    if !command.is_empty() {
+        script.push_str("; exec ");
+        script.push_str(&quote_all(command));
+    }
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".to_string(),
@@ -258,6 +266,42 @@ pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
     ];
     argv.extend(files);
     argv
+}
+
+/// A trigger one package of the bundle activates in another package of
+/// the bundle is the bundle's own: deferred by `--no-triggers` like any
+/// other, it would leave that package `triggers-pending` (not installed:
+/// the run fails) and the activating one `triggers-awaited`. So after the
+/// install, the bundle's packages still pending have their triggers run,
+/// by name only (`--triggers-only NAME`, never `--pending`, which would run
+/// the host's too): their postinst, whose writes are the bundle's derived
+/// scope. Still with `--no-triggers`, so what that activates elsewhere is
+/// deferred to the host as before. dpkg refuses `--triggers-only` for a
+/// package with nothing pending, hence the query first. Names are
+/// package tokens (letters, digits, `.+~:_-`): safe unquoted in the
+/// shell's word splitting.
+fn own_triggers_script(p: &Packages) -> String {
+    let names: Vec<String> = p.install.iter().map(|pkg| pkg.name.to_string()).collect();
+    let query = quote_all(&[
+        "/usr/bin/dpkg-query".to_string(),
+        format!("--admindir={DPKG_ADMINDIR}"),
+        "--show".into(),
+        "--showformat=${db:Status-Status}=${binary:Package}\\n".into(),
+        "--".into(),
+    ]);
+    let run = quote_all(&[
+        "/usr/bin/dpkg".to_string(),
+        format!("--admindir={DPKG_ADMINDIR}"),
+        format!("--log={DPKG_LOG}"),
+        "--no-triggers".into(),
+        "--triggers-only".into(),
+        "--".into(),
+    ]);
+    format!(
+        "pending=; for s in $({query} {}); do case $s in triggers-pending=*) pending=\"$pending ${{s#*=}}\";; esac; done; \
+         [ -z \"$pending\" ] || {run} $pending || exit $?",
+        quote_all(&names)
+    )
 }
 
 /// Whether the run must be able to list every directory
@@ -772,6 +816,34 @@ mod tests {
         let err = create_dirs(&real.join("link/x/y")).unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
         assert!(!real.join("a/x").exists());
+    }
+
+    #[test]
+    fn two_debs_get_their_own_pending_triggers_run_by_name() {
+        let mut p = packages(PackageKind::Deb);
+        let mut other = p.install[0].clone();
+        other.name = PackageToken::parse("rgother").unwrap();
+        p.install.push(other);
+        let argv = sandbox_command(&p, &[]);
+        assert_eq!(argv[0], "/bin/sh");
+        let script = &argv[2];
+        assert!(
+            script.contains(
+                "'--showformat=${db:Status-Status}=${binary:Package}\\n' '--' 'rgtest' 'rgother')"
+            ),
+            "{script}"
+        );
+        assert!(
+            script.ends_with(
+                "'/usr/bin/dpkg' '--admindir=/var/lib/dpkg' '--log=/var/log/dpkg.log' '--no-triggers' '--triggers-only' '--' $pending || exit $?"
+            ),
+            "{script}"
+        );
+        assert!(!script.contains("--pending"), "{script}");
+        // An rpm bundle has no such step.
+        let mut r = p.clone();
+        r.kind = PackageKind::Rpm;
+        assert_eq!(sandbox_command(&r, &[])[0], "/usr/bin/rpm");
     }
 
     #[test]
