@@ -46,7 +46,7 @@ use rollguard_shared::manifest::packages::PackageToken;
 use rollguard_shared::manifest::{Derivation, DerivedPackage, PackageKind, PackageRequest};
 use rollguard_shared::path::ScopePath;
 
-pub use rollguard_shared::manifest::packages::{DPKG_ADMINDIR, DPKG_LOG};
+use rollguard_shared::manifest::packages::{DPKG_ADMINDIR, DPKG_LOG};
 /// Where `update-alternatives` keeps its links.
 const ALTERNATIVES: &str = "/etc/alternatives";
 /// Where `deb-systemd-helper` records which units it enabled.

@@ -86,20 +86,21 @@ fn findings(h: &HostRun, deb_plan: bool) -> Key {
             String::new(),
         );
     };
-    // The host's own records by path and change only (see `host_records`).
+    // Each change as compared, and whether it is the host's own records
+    // (see `host_records`), whose contents are not.
+    let compared: Vec<(PathChange, bool)> = r
+        .preview
+        .iter()
+        .flat_map(|p| &p.changes)
+        .map(|c| match host_records(deb_plan, c) {
+            true => (without_contents(c), true),
+            false => (c.clone(), false),
+        })
+        .collect();
     let preview = r.preview.as_ref().map(|p| Preview {
-        changes: p
-            .changes
-            .iter()
-            .map(|c| {
-                if host_records(deb_plan, c) {
-                    without_contents(c)
-                } else {
-                    c.clone()
-                }
-            })
-            .collect(),
-        ..p.clone()
+        changes: compared.iter().map(|(c, _)| c.clone()).collect(),
+        changes_dropped: p.changes_dropped,
+        complete: p.complete,
     });
     let exact = serde_json::json!([
         r.status,
@@ -162,15 +163,12 @@ fn findings(h: &HostRun, deb_plan: bool) -> Key {
                     r.triggers_pending.join(", ")
                 ));
             }
-            lines.extend(p.changes.iter().map(|c| {
-                if host_records(deb_plan, c) {
-                    format!(
-                        "{} (this host's package records: contents not compared)",
-                        without_contents(c).summary()
-                    )
-                } else {
+            lines.extend(compared.iter().map(|(c, records)| match records {
+                true => format!(
+                    "{} (this host's package records: contents not compared)",
                     c.summary()
-                }
+                ),
+                false => c.summary(),
             }));
             if p.changes_dropped > 0 {
                 lines.push(format!("... and {} more change(s)", p.changes_dropped));
