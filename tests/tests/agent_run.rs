@@ -62,6 +62,56 @@ fn threads_are_not_denials() {
     assert_eq!(report["denials"], serde_json::json!([]), "{report:#}");
 }
 
+/// The run's audit rules (keyed on its audit session, which the bundle
+/// reads from `/proc/self/sessionid`) are gone soon after the run: while
+/// one is left, every system call on the host takes audit's slow path.
+/// Their removal is handed to a detached process after the denials are
+/// collected; the run's report waits only for that hand-over.
+#[test]
+fn the_runs_audit_rules_are_removed_after_it() {
+    use rollguard_agent::kernel_audit::exit_rules::sessions_with_rules;
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let src = host.bundle_source(
+        "session",
+        &manifest(
+            "session",
+            1,
+            "\"mail-*.tokyo\"",
+            "write = [\"@ROOT@/etc/mail\"]",
+        ),
+        "#!/bin/sh\nset -eu\necho \"session=$(cat /proc/self/sessionid)\"\n",
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0, "{report:#}");
+    // Known to be none: the run's rules were in place (without them the
+    // count would be unknown).
+    assert_eq!(report["denial_count"], 0, "{report:#}");
+    let tail = report["stdout_tail"].as_str().unwrap();
+    let session: u32 = tail
+        .trim()
+        .strip_prefix("session=")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no session in {tail:?}"));
+    assert!(session != 0 && session != u32::MAX, "{tail}");
+    // The detached removal waits for a kernel grace period: polled, with
+    // a bound far above it (this is no timing assertion).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = sessions_with_rules().expect("list the audit rules");
+        if !left.contains(&session) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rules of session {session} are still there: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The 2012 incident, replayed: a mail fix that creates a flag file on
 /// targets, with a stray line deleting customer data and backups.
 #[test]

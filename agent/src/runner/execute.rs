@@ -33,7 +33,44 @@ pub(super) struct Executed {
     pub packages_after_preview: Option<crate::packages::PreviewAfter>,
     /// The run's service-request directory, handed over by stage 2.
     pub service_requests: Option<Arc<OwnedFd>>,
+    /// The run's audit rules being removed; joined when dropped.
+    pub rules_removal: RulesRemoval,
     pub report: RunReport,
+}
+
+/// The run's audit rules (see [`crate::sandbox::ExitRules`]) being removed
+/// on a thread of their own, once the denials are collected: the removal
+/// forks a detached process and waits for the middle one, a millisecond
+/// on an idle machine, several when both cores are busy, and nothing after
+/// the collection depends on it. Dropping this joins the thread, so a
+/// one-shot run cannot exit before the removal is handed over (a rule left
+/// behind would slow every system call on the host until a sweep). The
+/// caller keeps it to the end of the run's result.
+#[must_use = "dropping it waits for the removal"]
+pub(super) struct RulesRemoval(Option<std::thread::JoinHandle<()>>);
+
+impl RulesRemoval {
+    fn none() -> RulesRemoval {
+        RulesRemoval(None)
+    }
+
+    fn start(rules: crate::sandbox::ExitRules) -> RulesRemoval {
+        // When no thread can be had, the closure is dropped unrun, and
+        // with it the rules: removed here and now, as before.
+        let thread = std::thread::Builder::new()
+            .name("audit-rules".into())
+            .spawn(move || drop(rules));
+        RulesRemoval(thread.ok())
+    }
+}
+
+impl Drop for RulesRemoval {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            // `ExitRules`' drop logs its errors and does not panic.
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Release the prepared run and wait for it.
@@ -50,7 +87,7 @@ pub(super) fn execute(prepared: Prepared, opts: &RunOptions) -> Executed {
         // Unknown until read from the layers (`complete` false).
         report.preview = Some(Preview::default());
     }
-    let (service_requests, packages_after_preview) =
+    let (service_requests, packages_after_preview, rules_removal) =
         release_and_wait(held, audit, run_id.as_str(), &admission, opts, &mut report);
     Executed {
         admission,
@@ -58,6 +95,7 @@ pub(super) fn execute(prepared: Prepared, opts: &RunOptions) -> Executed {
         packages_before,
         packages_after_preview,
         service_requests,
+        rules_removal,
         report,
     }
 }
@@ -73,7 +111,11 @@ fn release_and_wait(
     admission: &Admission,
     opts: &RunOptions,
     report: &mut RunReport,
-) -> (Option<Arc<OwnedFd>>, Option<crate::packages::PreviewAfter>) {
+) -> (
+    Option<Arc<OwnedFd>>,
+    Option<crate::packages::PreviewAfter>,
+    RulesRemoval,
+) {
     let timeout = admission.manifest.run.timeout;
     let kernel = &admission.kernel;
     let packages = admission.packages.as_ref();
@@ -89,7 +131,7 @@ fn release_and_wait(
         Err(e) => {
             report.status = RunStatus::Failed;
             report.reason = Some(format!("could not start the sandbox: {e}"));
-            return (None, None);
+            return (None, None, RulesRemoval::none());
         }
     };
     if let Some(on_start) = &opts.on_start {
@@ -107,7 +149,7 @@ fn release_and_wait(
             // unknown, never zero (and so never retried).
             report.denials = None;
             report.denial_count = None;
-            return (None, None);
+            return (None, None, RulesRemoval::none());
         }
     };
     report.leftover_processes = outcome.leftover_processes as u32;
@@ -243,7 +285,7 @@ fn release_and_wait(
     add_filter_denials(outcome.filter_denials.as_ref(), &outcome.run_id, report);
     // Collected: the rules go now, not after a preview's walk of its
     // layers, which may take a while on a large change set.
-    drop(exit_rules);
+    let rules_removal = RulesRemoval::start(exit_rules);
     let packages_after = if opts.preview {
         read_preview(&outcome, report);
         match (packages, &outcome.preview_layers) {
@@ -253,7 +295,7 @@ fn release_and_wait(
     } else {
         None
     };
-    (outcome.service_requests, packages_after)
+    (outcome.service_requests, packages_after, rules_removal)
 }
 
 /// A preview's changes, read from its layers into the report. Without

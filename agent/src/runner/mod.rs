@@ -178,6 +178,9 @@ fn finish(
         packages_before,
         packages_after_preview,
         service_requests,
+        // Kept to the end: the report is returned once the run's audit
+        // rules are handed over for removal.
+        rules_removal: _rules_removal,
         mut report,
     } = run;
     if report.preview.is_some() {

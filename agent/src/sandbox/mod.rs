@@ -67,7 +67,8 @@ pub use cgroup::{CgroupError, RunCgroup};
 pub use cgroup_filters::{FilterDenial, FilterDenials};
 pub use kernel::{KernelSupport, KernelUnsupported};
 pub use launch::{
-    ConfinedChild, HeldChild, KillHandle, Launcher, RunOutcome, SandboxError, Termination,
+    ConfinedChild, ExitRules, HeldChild, KillHandle, Launcher, RunOutcome, SandboxError,
+    Termination,
 };
 pub use spec::{NetRule, SandboxScope, SandboxSpec, SpecError};
 pub use stage2::stage2_command;
