@@ -276,12 +276,12 @@ pub fn sweep_orphans() -> Result<usize, AuditUnavailable> {
     Ok(removed)
 }
 
-/// The sessions of the rules with our key prefix (AUDIT_LIST_RULES dump).
 /// The audit sessions that have rules of ours in the kernel now.
 pub fn sessions_with_rules() -> Result<Vec<u32>, AuditUnavailable> {
     list_sessions(&mut Control::open()?)
 }
 
+/// The sessions of the rules with our key prefix (AUDIT_LIST_RULES dump).
 fn list_sessions(control: &mut Control) -> Result<Vec<u32>, AuditUnavailable> {
     let what = "list the audit rules";
     let seq = control.send(what, AUDIT_LIST_RULES, NLM_F_REQUEST | NLM_F_DUMP, &[])?;

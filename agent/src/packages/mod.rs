@@ -277,18 +277,31 @@ pub fn sandbox_command(p: &Packages, command: &[String]) -> Vec<String> {
 /// the host's too): their postinst, whose writes are the bundle's derived
 /// scope. Still with `--no-triggers`, so what that activates elsewhere is
 /// deferred to the host as before. dpkg refuses `--triggers-only` for a
-/// package with nothing pending, hence the query first. Names are
-/// package tokens (letters, digits, `.+~:_-`): safe unquoted in the
-/// shell's word splitting.
+/// package with nothing pending, hence the query first; a query that fails
+/// ends the run with its status.
+///
+/// Only an instance at the bundle's own name *and* version is taken (a
+/// `case` pattern per package, from the signed table): not another
+/// version the database may hold under that name. Names and versions are
+/// package tokens (letters, digits, `.+~:_-`): no glob character in a
+/// pattern, and safe unquoted in the shell's word splitting. One pass: a
+/// trigger that activates another of the bundle's leaves that one pending,
+/// and the run fails on it.
 fn own_triggers_script(p: &Packages) -> String {
     let names: Vec<String> = p.install.iter().map(|pkg| pkg.name.to_string()).collect();
     let query = quote_all(&[
         "/usr/bin/dpkg-query".to_string(),
         format!("--admindir={DPKG_ADMINDIR}"),
         "--show".into(),
-        "--showformat=${db:Status-Status}=${binary:Package}\\n".into(),
+        "--showformat=${db:Status-Status}=${Package}=${Version}=${binary:Package}\\n".into(),
         "--".into(),
     ]);
+    let patterns = p
+        .install
+        .iter()
+        .map(|pkg| quote_all(&[format!("triggers-pending={}={}=", pkg.name, pkg.version)]) + "*")
+        .collect::<Vec<_>>()
+        .join("|");
     let run = quote_all(&[
         "/usr/bin/dpkg".to_string(),
         format!("--admindir={DPKG_ADMINDIR}"),
@@ -298,7 +311,8 @@ fn own_triggers_script(p: &Packages) -> String {
         "--".into(),
     ]);
     format!(
-        "pending=; for s in $({query} {}); do case $s in triggers-pending=*) pending=\"$pending ${{s#*=}}\";; esac; done; \
+        "states=$({query} {}) || exit $?; pending=; \
+         for s in $states; do case $s in {patterns}) pending=\"$pending ${{s##*=}}\";; esac; done; \
          [ -z \"$pending\" ] || {run} $pending || exit $?",
         quote_all(&names)
     )
@@ -829,7 +843,14 @@ mod tests {
         let script = &argv[2];
         assert!(
             script.contains(
-                "'--showformat=${db:Status-Status}=${binary:Package}\\n' '--' 'rgtest' 'rgother')"
+                "'--showformat=${db:Status-Status}=${Package}=${Version}=${binary:Package}\\n' '--' 'rgtest' 'rgother') || exit $?"
+            ),
+            "{script}"
+        );
+        // The bundle's own name and version only.
+        assert!(
+            script.contains(
+                "case $s in 'triggers-pending=rgtest=2.0='*|'triggers-pending=rgother=2.0='*) pending=\"$pending ${s##*=}\""
             ),
             "{script}"
         );

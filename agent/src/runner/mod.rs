@@ -178,9 +178,9 @@ fn finish(
         packages_before,
         packages_after_preview,
         service_requests,
-        // Kept to the end: the report is returned once the run's audit
-        // rules are handed over for removal.
-        rules_removal: _rules_removal,
+        // Kept until the marker goes (below): the report is returned once
+        // the run's audit rules are handed over for removal.
+        rules_removal,
         mut report,
     } = run;
     if report.preview.is_some() {
@@ -247,6 +247,12 @@ fn finish(
         record_outcome(&report);
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
+
+    // The audit rules' removal handed over before the in-progress marker
+    // goes: an agent killed before the hand-over leaves the marker, and
+    // recovery removes the rules of a marked run (on a host without the
+    // daemon, nothing else would).
+    drop(rules_removal);
 
     // The scratch directory goes on another thread: removing it is not
     // state (see `StateDir::remove_run_dir`) and on a journaling file
