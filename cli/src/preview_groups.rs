@@ -357,6 +357,11 @@ mod tests {
         );
     }
 
+    /// The changes of `h`'s preview report.
+    fn changes(h: &mut HostRun) -> &mut Vec<PathChange> {
+        &mut h.report.as_mut().unwrap().preview.as_mut().unwrap().changes
+    }
+
     /// A host previewing `rgtest` from `before` to 2.0: its own package
     /// records (`status`, the log) of `records` bytes, and the package's
     /// file list with `list` in it.
@@ -373,8 +378,7 @@ mod tests {
             ],
             &[],
         );
-        let r = h.report.as_mut().unwrap();
-        r.packages = vec![PackageChange {
+        h.report.as_mut().unwrap().packages = vec![PackageChange {
             manager: "dpkg".into(),
             name: "rgtest".into(),
             version: "2.0".into(),
@@ -383,7 +387,7 @@ mod tests {
             state: None,
             error: None,
         }];
-        for c in &mut r.preview.as_mut().unwrap().changes {
+        for c in changes(&mut h) {
             if c.path.ends_with(".list") {
                 c.diff = Some(format!("--- a\n+++ b\n@@ -1 +1 @@\n-/x\n+{list}\n"));
             } else if !c.path.starts_with("/usr") {
@@ -401,30 +405,14 @@ mod tests {
         status.plan.scope = serde_json::json!({"packages": {"kind": "deb"}});
         // The status file made setuid: compared, whatever its contents.
         let mut m5 = package_host("m5", "1.0", 790_000, "/usr/bin/rgtest");
-        for c in &mut m5
-            .report
-            .as_mut()
-            .unwrap()
-            .preview
-            .as_mut()
-            .unwrap()
-            .changes
-        {
+        for c in changes(&mut m5) {
             if c.path == "/var/lib/dpkg/status" {
                 c.after.as_mut().unwrap().mode = 0o4777;
             }
         }
         // A journal entry dpkg would not name so: compared in full.
         let mut m6 = package_host("m6", "1.0", 790_000, "/usr/bin/rgtest");
-        for c in &mut m6
-            .report
-            .as_mut()
-            .unwrap()
-            .preview
-            .as_mut()
-            .unwrap()
-            .changes
-        {
+        for c in changes(&mut m6) {
             if c.path == "/var/lib/dpkg/updates/0001" {
                 c.path = "/var/lib/dpkg/updates/0001.sh".into();
             }
