@@ -1,7 +1,6 @@
 //! `rollguard rollout ...` and `rollguard agents`: plan, start and follow
 //! rollouts.
 
-use rollguard_shared::terminal::printable;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,6 +15,7 @@ use rollguard_shared::protocol::{
 
 use crate::client::{Client, ConnectArgs};
 use rollguard_shared::targets::HostPattern;
+use rollguard_shared::terminal::printable;
 
 #[derive(Debug, Args)]
 pub struct WaveArgs {

@@ -45,7 +45,9 @@ pub(super) struct Executed {
 /// the collection depends on it. Dropping this joins the thread, so a
 /// one-shot run cannot exit before the removal is handed over (a rule left
 /// behind would slow every system call on the host until a sweep). The
-/// caller keeps it to the end of the run's result.
+/// caller keeps it until just before the run's in-progress marker goes
+/// (`finish`), so recovery still covers an agent killed before the
+/// hand-over.
 #[must_use = "dropping it waits for the removal"]
 pub(super) struct RulesRemoval(Option<std::thread::JoinHandle<()>>);
 
