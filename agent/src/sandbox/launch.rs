@@ -898,13 +898,23 @@ fn receive_requests_dir(gate: &UnixStream, preview: bool) -> Option<Vec<OwnedFd>
     let mut byte = [0u8; 1];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = recvmsg(
-        gate,
-        &mut [io::IoSliceMut::new(&mut byte)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .ok()?;
+    // The gate has a receive timeout (see `read_session_from`), and a
+    // socket call with one is never restarted after a signal handler ran,
+    // SA_RESTART or not (signal(7)): a child of another run exiting
+    // (SIGCHLD) would otherwise end this wait, the run would be released
+    // without its directory and stage 2 fail on a closed gate. Nothing is
+    // received when it is interrupted: ask again.
+    let msg = loop {
+        match recvmsg(
+            gate,
+            &mut [io::IoSliceMut::new(&mut byte)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            received => break received.ok()?,
+        }
+    };
     let mut fds: Vec<OwnedFd> = Vec::new();
     for message in control.drain() {
         if let RecvAncillaryMessage::ScmRights(received) = message {
@@ -988,6 +998,55 @@ mod tests {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
         }
         (root, agent)
+    }
+
+    /// Seen at scale: with many runs in one agent process, another run's
+    /// child exiting interrupted the wait for stage 2's directory (a timed
+    /// socket wait is never restarted), the run was released without it
+    /// and stage 2 failed on a closed gate ("mounts: EPIPE").
+    #[test]
+    fn a_signal_does_not_end_the_wait_for_stage_2s_directory() {
+        use nix::sys::signal::Signal;
+        use std::os::fd::AsRawFd;
+        // A handler for SIGUSR1 (tokio's, installed with SA_RESTART, as a
+        // SIGCHLD handler is in the agent).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _handler = runtime
+            .block_on(async {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+            })
+            .unwrap();
+        let (gate, stage2_end) = UnixStream::pair().unwrap();
+        gate.set_read_timeout(Some(SESSION_WAIT)).unwrap();
+        let (waiting_tx, waiting_rx) = mpsc::channel();
+        let receiver = std::thread::spawn(move || {
+            waiting_tx.send(nix::sys::pthread::pthread_self()).unwrap();
+            receive_requests_dir(&gate, false)
+        });
+        let thread = waiting_rx.recv().unwrap();
+        // Interrupt it many times while it waits; without a retry, the
+        // first interruption ends the wait with nothing.
+        for _ in 0..100 {
+            nix::sys::pthread::pthread_kill(thread, Signal::SIGUSR1).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let dir = File::open("/").unwrap();
+        let sent = nix::sys::socket::sendmsg::<()>(
+            stage2_end.as_raw_fd(),
+            &[io::IoSlice::new(&[REQUESTS_DIR_BYTE])],
+            &[nix::sys::socket::ControlMessage::ScmRights(&[
+                dir.as_raw_fd()
+            ])],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(sent, 1);
+        let received = receiver.join().unwrap();
+        assert_eq!(received.map(|dirs| dirs.len()), Some(1));
     }
 
     #[test]
