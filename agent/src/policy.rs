@@ -46,6 +46,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use rollguard_shared::endpoint::{EndpointHost, IpNet, NetworkEndpoint, Protocol};
@@ -207,6 +208,12 @@ pub enum ProtectionReason {
     /// apply to every service): a bundle that could write them would
     /// decide how the agent starts next. Readable, never writable.
     ServiceUnit,
+    /// The agent unit's enablement links that exist (`systemctl enable`'s
+    /// `rollguard-agent.service` in a `.wants`, `.requires` or `.upholds`
+    /// directory of a unit directory): a bundle that removed one would keep
+    /// the agent from starting at the next boot. Pinned as links inside a
+    /// scope; readable, never writable.
+    ServiceEnablement,
 }
 
 impl ProtectionReason {
@@ -221,6 +228,7 @@ impl ProtectionReason {
                 | ProtectionReason::AgentConfigDir
                 | ProtectionReason::DynamicLoader
                 | ProtectionReason::ServiceUnit
+                | ProtectionReason::ServiceEnablement
         )
     }
 }
@@ -268,6 +276,41 @@ const SYSTEMD_UNIT_NAMES: [&str; 4] = [
     "service.d",
 ];
 
+/// The suffixes of the directories whose links `systemctl enable` makes
+/// from a unit's `[Install]` (`WantedBy=`, `RequiredBy=`, `UpheldBy=`).
+pub const ENABLEMENT_DIR_SUFFIXES: [&str; 3] = [".wants", ".requires", ".upholds"];
+
+/// The agent's enablement links that exist now in `unit_dirs` (as each
+/// directory is spelled there; see [`ProtectionReason::ServiceEnablement`]).
+/// One that does not exist is not protected: making it would only enable
+/// the agent. A unit directory that cannot be read is left out: it has
+/// none this agent could see either.
+fn agent_unit_links(unit_dirs: &[&str]) -> Vec<PathBuf> {
+    let mut links = Vec::new();
+    for dir in unit_dirs {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let is_enablement_dir = name.to_str().is_some_and(|n| {
+                ENABLEMENT_DIR_SUFFIXES
+                    .iter()
+                    .any(|suffix| n.len() > suffix.len() && n.ends_with(suffix))
+            });
+            if !is_enablement_dir || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let link = entry.path().join(AGENT_UNIT);
+            if fs::symlink_metadata(&link).is_ok() {
+                links.push(link);
+            }
+        }
+    }
+    links.sort();
+    links
+}
+
 impl fmt::Display for ProtectionReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -281,6 +324,7 @@ impl fmt::Display for ProtectionReason {
             ProtectionReason::AgentConfigDir => "the agent's configuration directory",
             ProtectionReason::DynamicLoader => "the dynamic loader's configuration",
             ProtectionReason::ServiceUnit => "the agent's systemd unit",
+            ProtectionReason::ServiceEnablement => "the agent's unit enablement link",
         })
     }
 }
@@ -475,10 +519,11 @@ impl HostPolicy {
     /// Protect (from writes) what every run trusts besides the policy: the
     /// programs installed with the agent binary `agent_exe` (its directory,
     /// each place the stage-2 program is looked for, those directories),
-    /// the agent's configuration directory, the dynamic loader's files and
-    /// the agent's systemd unit with its drop-ins. Paths that do not exist
-    /// are protected too: a bundle must not create a stage-2 program where
-    /// the agent would look for one first, or a drop-in.
+    /// the agent's configuration directory, the dynamic loader's files,
+    /// the agent's systemd unit with its drop-ins and its enablement links.
+    /// Paths that do not exist are protected too (a bundle must not create
+    /// a stage-2 program where the agent would look for one first, or a
+    /// drop-in), except enablement links: only those there now.
     pub fn protect_agent_programs(&mut self, agent_exe: &Path) {
         let mut programs: Vec<PathBuf> = agent_exe
             .parent()
@@ -502,7 +547,12 @@ impl HostPolicy {
             SYSTEMD_UNIT_NAMES
                 .iter()
                 .map(move |name| (Path::new(dir).join(name), ProtectionReason::ServiceUnit))
-        }));
+        }))
+        .chain(
+            agent_unit_links(&SYSTEMD_UNIT_DIRS)
+                .into_iter()
+                .map(|link| (link, ProtectionReason::ServiceEnablement)),
+        );
         let all = programs
             .into_iter()
             .map(|p| (p, ProtectionReason::AgentPrograms))

@@ -699,3 +699,98 @@ fn an_alias_of_the_agents_unit_made_by_the_run_is_removed_reported_and_fails_it(
     );
     assert!(fs::symlink_metadata(unit_dir.join("x.service")).is_err());
 }
+
+/// `systemctl enable` makes the agent start at boot with a link
+/// `multi-user.target.wants/rollguard-agent.service`. A bundle allowed to
+/// write that directory (a package's first install enabling its own unit
+/// needs it) must not remove or retarget the agent's link: it is pinned as
+/// the link itself, and the rest of the directory stays writable. A scope
+/// above it cannot carry the directory away either.
+#[test]
+fn the_agents_enablement_link_is_pinned_as_a_link_in_a_scope() {
+    let _one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let unit_dir = Path::new(UNIT_DIR);
+    assert!(
+        !unit_dir.exists(),
+        "{UNIT_DIR} exists on this machine: the test would change it"
+    );
+    let _cleanup = RemoveUnitDir;
+    let wants = unit_dir.join("multi-user.target.wants");
+    fs::create_dir_all(&wants).unwrap();
+    let unit = unit_dir.join("rollguard-agent.service");
+    fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
+    let link = wants.join("rollguard-agent.service");
+    std::os::unix::fs::symlink("../rollguard-agent.service", &link).unwrap();
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let policy = fs::read_to_string(host.policy()).unwrap().replace(
+        "allow_scopes = [",
+        &format!("allow_scopes = [{UNIT_DIR:?}, "),
+    );
+    fs::write(host.policy(), policy).unwrap();
+    let script = format!(
+        "#!/bin/sh\n\
+         W={}\n\
+         rm -f $W/rollguard-agent.service\n\
+         mv $W/rollguard-agent.service $W/moved.service\n\
+         ln -sfn /dev/null $W/rollguard-agent.service\n\
+         ln -s ../rgtest.service $W/rgtest.service\n\
+         mv $W {UNIT_DIR}/gone.wants\n\
+         echo done\n",
+        wants.display()
+    );
+    let unchanged = || {
+        assert_eq!(
+            fs::read_link(&link).unwrap(),
+            Path::new("../rollguard-agent.service"),
+            "the agent's enablement link changed"
+        );
+        assert!(!wants.join("moved.service").exists());
+        assert!(!unit_dir.join("gone.wants").exists());
+    };
+
+    // The directory itself as the scope (what `bundle build` derives for a
+    // package whose unit is WantedBy=multi-user.target).
+    let scope = format!(
+        "write = [{0:?}]\ndelete = [{0:?}]",
+        wants.display().to_string()
+    );
+    let src = host.bundle_source("en-1", &manifest("en", 1, "\"mail-*\"", &scope), &script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(code, 1, "a run with denials is not a success: {report:#}");
+    assert!(
+        report["stdout_tail"].as_str().unwrap().contains("done"),
+        "{report:#}"
+    );
+    unchanged();
+    assert_eq!(
+        fs::read_link(wants.join("rgtest.service")).unwrap(),
+        Path::new("../rgtest.service"),
+        "the rest of the directory is writable"
+    );
+    let d = denials(&report);
+    let has = |prefix: &str, path: &Path| {
+        d.iter()
+            .any(|(a, p)| a.starts_with(prefix) && Path::new(p.trim_end_matches('/')) == path)
+    };
+    assert!(has("ebusy.unlink", &link), "{report:#}");
+    assert!(has("ebusy.rename", &link), "{report:#}");
+    fs::remove_file(wants.join("rgtest.service")).unwrap();
+
+    // A scope above it: the directory is a mount point too, so it cannot
+    // be renamed away with the link.
+    let scope = format!("write = [{UNIT_DIR:?}]\ndelete = [{UNIT_DIR:?}]");
+    let src = host.bundle_source("en-2", &manifest("en", 2, "\"mail-*\"", &scope), &script);
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(code, 1, "a run with denials is not a success: {report:#}");
+    unchanged();
+    let d = denials(&report);
+    assert!(
+        d.iter()
+            .any(|(a, p)| a.starts_with("ebusy.rename")
+                && Path::new(p.trim_end_matches('/')) == wants),
+        "{report:#}"
+    );
+}

@@ -1024,3 +1024,49 @@ fn only_the_units_drop_in_directories_may_be_created_as_placeholders() {
         .all(|d| d.as_path().to_str().unwrap().ends_with(".d")));
     assert!(pins.drop_in_dirs.iter().all(|d| pins.paths.contains(d)));
 }
+
+#[test]
+fn the_agents_enablement_links_that_exist_are_found_in_each_unit_directory() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc");
+    let lib = root.path().join("lib");
+    for dir in [
+        "etc/multi-user.target.wants",
+        "etc/sockets.target.wants",
+        "etc/x.requires",
+        "etc/y.upholds",
+        "etc/.wants",
+        "etc/other.d",
+        "lib/graphical.target.wants",
+    ] {
+        fs::create_dir_all(root.path().join(dir)).unwrap();
+    }
+    for dir in [
+        "etc/multi-user.target.wants",
+        "etc/x.requires",
+        "etc/y.upholds",
+        "etc/.wants",
+        "etc/other.d",
+        "lib/graphical.target.wants",
+    ] {
+        symlink("/dev/null", root.path().join(dir).join(AGENT_UNIT)).unwrap();
+    }
+    // A file with an enablement directory's name holds nothing.
+    fs::write(etc.join("file.wants"), "").unwrap();
+    let links = agent_unit_links(&[
+        etc.to_str().unwrap(),
+        lib.to_str().unwrap(),
+        root.path().join("missing").to_str().unwrap(),
+    ]);
+    let expected: Vec<PathBuf> = [
+        "etc/multi-user.target.wants",
+        "etc/x.requires",
+        "etc/y.upholds",
+        "lib/graphical.target.wants",
+    ]
+    .iter()
+    .map(|d| root.path().join(d).join(AGENT_UNIT))
+    .collect();
+    assert_eq!(links, expected);
+}

@@ -27,18 +27,27 @@
 //!   `/usr/local/lib/systemd` would carry the inner scope and its pins
 //!   away, and the bundle could make a fresh unit directory in its place.
 //!
-//! A pin that does not exist, or whose last component is a symlink (a mount
-//! cannot be placed on a symlink: `mount` follows it), cannot be bound. Its
-//! nearest existing real directory is pinned instead (read-only as a
-//! whole), so the path cannot be created there; when that directory is the
-//! scope itself, the run is refused: the bundle could create the path.
+//! Every bind is made with `open_tree(OPEN_TREE_CLONE | AT_RECURSIVE |
+//! AT_SYMLINK_NOFOLLOW)` and `move_mount` onto the same path, which never
+//! follows a symlink at the last component (`mount(MS_BIND)` would bind the
+//! link's target instead). So a pin that is itself a symlink (an
+//! enablement link of the agent's unit in a `.wants` directory, a unit
+//! masked or linked from elsewhere) is pinned as the link: a mount point,
+//! it cannot be removed, renamed or replaced (`EBUSY`), and a link's target
+//! cannot be changed in place. What it points to is protected under its
+//! own (resolved) name.
+//!
+//! A pin that does not exist cannot be bound. Its nearest existing real
+//! directory is pinned instead (read-only as a whole), so the path cannot
+//! be created there; when that directory is the scope itself, the run is
+//! refused: the bundle could create the path.
 //! Except for a drop-in directory of the agent's unit: the agent creates it
 //! beforehand, empty ([`plan_with_placeholders`], [`create_placeholder`];
 //! `policy::Pins::drop_in_dirs` says which pins qualify), and it is then
 //! pinned like any existing directory. Stage 2 only ever uses [`plan`].
-//! A component inside the scope that is a symlink or a file ends the walk
-//! the same way (the file is pinned itself: it cannot then be replaced by a
-//! directory).
+//! A component inside the scope above the pin that is a symlink or a file
+//! ends the walk the same way (the file is pinned itself: it cannot then be
+//! replaced by a directory).
 //!
 //! The bundle cannot undo any of this: it has no `CAP_SYS_ADMIN`, and
 //! seccomp refuses `mount`, `umount2`, `move_mount`, `open_tree`,
@@ -49,8 +58,6 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-
-use nix::mount::{mount, MsFlags};
 
 use super::mount_setattr::{self, Depth, MOUNT_ATTR_RDONLY};
 use super::mountinfo;
@@ -260,6 +267,8 @@ fn target_of(scope: &Path, pin: &Path) -> Result<PathBuf, PinError> {
     for component in rest.components() {
         let next = at.join(component);
         let what = match fs::symlink_metadata(&next) {
+            // The pin itself: bound as the link (see the module docs).
+            Ok(m) if m.file_type().is_symlink() && next == pin => return Ok(next),
             Ok(m) if m.file_type().is_symlink() => "is a symlink",
             Ok(m) if m.is_dir() => {
                 at = next;
@@ -310,17 +319,10 @@ pub enum PinMountError {
 /// Returns how many mounts were made.
 pub fn apply(plan: &PinPlan) -> Result<usize, PinMountError> {
     let bind = |path: &Path, what: &'static str| {
-        mount(
-            Some(path),
-            path,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| PinMountError::Mount {
+        bind_onto_itself(path).map_err(|source| PinMountError::Mount {
             what,
             path: path.to_path_buf(),
-            source: e.into(),
+            source,
         })
     };
     // Shallowest first: a recursive bind copies the mounts beneath it, and
@@ -353,6 +355,34 @@ pub fn apply(plan: &PinPlan) -> Result<usize, PinMountError> {
         }
     }
     Ok(plan.ancestors.len() + plan.read_only.len())
+}
+
+/// Bind `path` onto itself with the mounts beneath it, never following a
+/// symlink at its last component: `open_tree` clones the mount tree at the
+/// path itself (`AT_SYMLINK_NOFOLLOW`: a symlink stays the link), and
+/// `move_mount` without `MOVE_MOUNT_T_SYMLINKS` attaches the clone at that
+/// same path. The components above are the host's own directories, as
+/// `plan` found them (the bundle does not exist yet); `apply` checks the
+/// result in the mount table.
+fn bind_onto_itself(path: &Path) -> io::Result<()> {
+    use rustix::fs::CWD;
+    use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
+    let tree = open_tree(
+        CWD,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_RECURSIVE
+            | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+    )?;
+    move_mount(
+        &tree,
+        "",
+        CWD,
+        path,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -427,11 +457,12 @@ mod tests {
             e.to_string().contains("could create it") && e.to_string().contains("system"),
             "{e}"
         );
-        // A symlink cannot carry a mount.
+        // A symlink above the pin ends the walk: what is beneath it is
+        // elsewhere.
         let e = plan(&scopes, &[r.join("usr/lib/link/x")]).unwrap();
         assert_eq!(e.read_only, vec![r.join("usr/lib")]);
         assert!(e.ancestors.is_empty());
-        let e = plan(&[r.join("usr/lib")], &[r.join("usr/lib/link")]).unwrap_err();
+        let e = plan(&[r.join("usr/lib")], &[r.join("usr/lib/link/x")]).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -442,6 +473,11 @@ mod tests {
             ),
             "{e}"
         );
+        // A pin that is a symlink is pinned as the link, even directly in
+        // its scope.
+        let p = plan(&[r.join("usr/lib")], &[r.join("usr/lib/link")]).unwrap();
+        assert_eq!(p.read_only, vec![r.join("usr/lib/link")]);
+        assert!(p.ancestors.is_empty());
         // A file on the way is pinned itself.
         let p = plan(&scopes, &[r.join("usr/sbin/agent/x")]).unwrap();
         assert_eq!(p.read_only, vec![r.join("usr/sbin/agent")]);
