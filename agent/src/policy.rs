@@ -133,6 +133,17 @@ pub enum ScopeViolation {
         /// was found, when it differs from what the bundle wrote.
         via: Option<String>,
     },
+    /// A protected symlink inside a scope is pinned as the link; what it
+    /// points to is protected under its resolved name. Another symlink on
+    /// the way there that the bundle could replace would redirect it.
+    #[error("scope.{key} path {path} holds the symlink {link}, through which protected path {protected} ({reason}) resolves: the bundle could redirect it")]
+    RedirectablePin {
+        key: &'static str,
+        path: ScopePath,
+        link: PathBuf,
+        protected: ScopePath,
+        reason: ProtectionReason,
+    },
     #[error("scope.{key} path {path} is outside this host's allow_scopes ceiling {ceiling:?}{}", via_note(.via))]
     ScopeCeiling {
         key: &'static str,
@@ -160,7 +171,9 @@ fn via_note(via: &Option<String>) -> String {
 impl ScopeViolation {
     pub fn refusal_kind(&self) -> RefusalKind {
         match self {
-            ScopeViolation::ProtectedPath { .. } => RefusalKind::ProtectedPath,
+            ScopeViolation::ProtectedPath { .. } | ScopeViolation::RedirectablePin { .. } => {
+                RefusalKind::ProtectedPath
+            }
             ScopeViolation::ScopeCeiling { .. } | ScopeViolation::NetworkCeiling { .. } => {
                 RefusalKind::ScopeCeiling
             }
@@ -208,11 +221,12 @@ pub enum ProtectionReason {
     /// apply to every service): a bundle that could write them would
     /// decide how the agent starts next. Readable, never writable.
     ServiceUnit,
-    /// The agent unit's enablement links that exist (`systemctl enable`'s
+    /// The agent unit's enablement links (`systemctl enable`'s
     /// `rollguard-agent.service` in a `.wants`, `.requires` or `.upholds`
-    /// directory of a unit directory): a bundle that removed one would keep
-    /// the agent from starting at the next boot. Pinned as links inside a
-    /// scope; readable, never writable.
+    /// directory of a unit directory) and their names in the unit
+    /// directories that would override them: a bundle that removed one, or
+    /// masked it, would keep the agent from starting at the next boot.
+    /// Pinned as links inside a scope; readable, never writable.
     ServiceEnablement,
 }
 
@@ -246,18 +260,20 @@ pub const DYNAMIC_LOADER_PATHS: [&str; 4] = [
 ];
 
 /// Where systemd looks for the agent's unit and drop-ins (`systemd.unit(5)`
-/// load path, system manager: configuration, runtime, control, attached
-/// (portable services), transient, local and vendor directories; systemd
+/// load path, system manager: control, transient, configuration, attached
+/// (portable services), runtime, local and vendor directories; systemd
 /// 252's `systemd-analyze unit-paths` lists them, with the generator
-/// directories under `/run`, which the sandbox replaces).
+/// directories under `/run`, which the sandbox replaces), **highest
+/// priority first**, as systemd orders them: an entry in an earlier one
+/// overrides the same name in a later one.
 pub const SYSTEMD_UNIT_DIRS: [&str; 10] = [
-    "/etc/systemd/system",
     "/etc/systemd/system.control",
+    "/run/systemd/system.control",
+    "/run/systemd/transient",
+    "/etc/systemd/system",
     "/etc/systemd/system.attached",
     "/run/systemd/system",
-    "/run/systemd/system.control",
     "/run/systemd/system.attached",
-    "/run/systemd/transient",
     "/usr/local/lib/systemd/system",
     "/usr/lib/systemd/system",
     "/lib/systemd/system",
@@ -280,35 +296,64 @@ const SYSTEMD_UNIT_NAMES: [&str; 4] = [
 /// from a unit's `[Install]` (`WantedBy=`, `RequiredBy=`, `UpheldBy=`).
 pub const ENABLEMENT_DIR_SUFFIXES: [&str; 3] = [".wants", ".requires", ".upholds"];
 
-/// The agent's enablement links that exist now in `unit_dirs` (as each
-/// directory is spelled there; see [`ProtectionReason::ServiceEnablement`]).
-/// One that does not exist is not protected: making it would only enable
-/// the agent. A unit directory that cannot be read is left out: it has
-/// none this agent could see either.
+/// The agent's enablement links (see [`ProtectionReason::ServiceEnablement`])
+/// in `unit_dirs` (highest priority first): every `rollguard-agent.service`
+/// in a `.wants`, `.requires` or `.upholds` directory that exists now (as
+/// the directory is spelled there; systemd follows a symlinked one), and
+/// the same name in the directory of that name in **every unit directory
+/// of higher priority**, whether it exists or not: there an entry linking
+/// to `/dev/null` (or an empty file) would mask the dependency (systemd
+/// 233+), which is as good as removing the link. A link's name in a
+/// directory of lower priority is not protected (the link overrides it),
+/// nor in a target that has none (making one only enables the agent).
+/// What cannot be read is logged and skipped.
 fn agent_unit_links(unit_dirs: &[&str]) -> Vec<PathBuf> {
-    let mut links = Vec::new();
-    for dir in unit_dirs {
-        let Ok(entries) = fs::read_dir(dir) else {
-            continue;
+    let mut links = std::collections::BTreeSet::new();
+    let skipped = |path: &Path, e: &std::io::Error| {
+        tracing::warn!(path = %path.display(), "cannot look for the agent's enablement links here: {e}");
+    };
+    for (rank, dir) in unit_dirs.iter().enumerate() {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                skipped(Path::new(dir), &e);
+                continue;
+            }
         };
-        for entry in entries.flatten() {
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    skipped(Path::new(dir), &e);
+                    continue;
+                }
+            };
             let name = entry.file_name();
-            let is_enablement_dir = name.to_str().is_some_and(|n| {
+            let Some(name) = name.to_str().filter(|n| {
                 ENABLEMENT_DIR_SUFFIXES
                     .iter()
                     .any(|suffix| n.len() > suffix.len() && n.ends_with(suffix))
-            });
-            if !is_enablement_dir || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            }) else {
+                continue;
+            };
+            if !fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
                 continue;
             }
             let link = entry.path().join(AGENT_UNIT);
-            if fs::symlink_metadata(&link).is_ok() {
-                links.push(link);
+            match fs::symlink_metadata(&link) {
+                Ok(_) => {
+                    links.insert(link);
+                    for higher in &unit_dirs[..rank] {
+                        links.insert(Path::new(higher).join(name).join(AGENT_UNIT));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => skipped(&link, &e),
             }
         }
     }
-    links.sort();
-    links
+    links.into_iter().collect()
 }
 
 impl fmt::Display for ProtectionReason {
@@ -924,6 +969,7 @@ impl ProtectedNow<'_> {
         }
         pins.sort();
         pins.dedup();
+        self.check_pins_not_redirectable(scope, &pins)?;
         // The agent's unit drop-in directories: the ones the runner may
         // create, empty, when missing directly in a scope (see
         // [`Pins::drop_in_dirs`]).
@@ -942,6 +988,57 @@ impl ProtectedNow<'_> {
             paths: pins,
             drop_in_dirs,
         })
+    }
+}
+
+impl ProtectedNow<'_> {
+    /// A pin that is a symlink is pinned as the link (`sandbox::pins`), and
+    /// what it points to is protected under its resolved name. No other
+    /// symlink on the way from the link to its target may lie in a write
+    /// or delete scope: the bundle could replace it and so redirect the
+    /// link to a place of its own.
+    fn check_pins_not_redirectable(
+        &self,
+        scope: &Scope,
+        pins: &[ScopePath],
+    ) -> Result<(), ScopeViolation> {
+        let changing: Vec<(&'static str, &ScopePath)> = scope
+            .write
+            .iter()
+            .map(|p| ("write", p))
+            .chain(scope.delete.iter().map(|p| ("delete", p)))
+            .collect();
+        for pin in pins {
+            let Ok(target) = fs::read_link(pin.as_path()) else {
+                continue;
+            };
+            let Some(parent) = pin.as_path().parent() else {
+                continue;
+            };
+            let mut met = Vec::new();
+            let _ = resolve_path_noting(&parent.join(target), &mut Lookups::default(), &mut met);
+            for link in met {
+                let Some((key, path)) =
+                    changing.iter().find(|(_, s)| link.starts_with(s.as_path()))
+                else {
+                    continue;
+                };
+                let protected = self
+                    .forms
+                    .iter()
+                    .find(|(_, form)| form == pin)
+                    .map(|(p, _)| *p)
+                    .expect("a pin is one of the protected forms");
+                return Err(ScopeViolation::RedirectablePin {
+                    key,
+                    path: (*path).clone(),
+                    link,
+                    protected: protected.path.clone(),
+                    reason: protected.reason,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1184,6 +1281,12 @@ pub fn resolve_symlinks(path: &ScopePath) -> ResolvedPath {
 }
 
 fn resolve_symlinks_with(path: &ScopePath, lookups: &mut Lookups) -> ResolvedPath {
+    resolve_path_noting(path.as_path(), lookups, &mut Vec::new())
+}
+
+/// [`resolve_symlinks_with`] for any absolute path, noting in `met` every
+/// symlink it follows (as the path it was found at).
+fn resolve_path_noting(path: &Path, lookups: &mut Lookups, met: &mut Vec<PathBuf>) -> ResolvedPath {
     use std::collections::VecDeque;
     use std::ffi::OsString;
     use std::path::Component;
@@ -1203,7 +1306,7 @@ fn resolve_symlinks_with(path: &ScopePath, lookups: &mut Lookups) -> ResolvedPat
     }
 
     let mut pending = VecDeque::new();
-    push_components(&mut pending, path.as_path());
+    push_components(&mut pending, path);
     let mut resolved = PathBuf::from("/");
     let mut hops = 0;
     while let Some(c) = pending.pop_front() {
@@ -1214,6 +1317,7 @@ fn resolve_symlinks_with(path: &ScopePath, lookups: &mut Lookups) -> ResolvedPat
         let candidate = resolved.join(&c);
         match lookups.look(&candidate) {
             Lookup::Symlink(target) => {
+                met.push(candidate);
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
                     return ResolvedPath::Unresolvable;

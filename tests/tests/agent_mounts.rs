@@ -723,9 +723,12 @@ fn the_agents_enablement_link_is_pinned_as_a_link_in_a_scope() {
     std::os::unix::fs::symlink("../rollguard-agent.service", &link).unwrap();
     let keys = Keys::new(&["alice"]);
     let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    // This machine's own `multi-user.target.wants` in /etc overrides the
+    // test's (lower-priority) one: allowed too, for the last step.
+    let etc_wants = "/etc/systemd/system/multi-user.target.wants";
     let policy = fs::read_to_string(host.policy()).unwrap().replace(
         "allow_scopes = [",
-        &format!("allow_scopes = [{UNIT_DIR:?}, "),
+        &format!("allow_scopes = [{UNIT_DIR:?}, {etc_wants:?}, "),
     );
     fs::write(host.policy(), policy).unwrap();
     let script = format!(
@@ -793,4 +796,40 @@ fn the_agents_enablement_link_is_pinned_as_a_link_in_a_scope() {
                 && Path::new(p.trim_end_matches('/')) == wants),
         "{report:#}"
     );
+
+    // The same directory in a unit directory of higher priority: an entry
+    // of the agent's name there (a link to /dev/null) would mask the link,
+    // so the name is protected there too; missing, directly in the scope,
+    // the bundle is refused before anything runs.
+    {
+        struct RemoveIfMade(bool);
+        impl Drop for RemoveIfMade {
+            fn drop(&mut self) {
+                if self.0 {
+                    let _ = fs::remove_dir("/etc/systemd/system/multi-user.target.wants");
+                }
+            }
+        }
+        let _made = RemoveIfMade(!Path::new(etc_wants).exists());
+        fs::create_dir_all(etc_wants).unwrap();
+        let scope = format!("write = [{etc_wants:?}]\ndelete = [{etc_wants:?}]");
+        let mask = format!("#!/bin/sh\nln -s /dev/null {etc_wants}/rollguard-agent.service\n");
+        let src = host.bundle_source("en-3", &manifest("en", 3, "\"mail-*\"", &scope), &mask);
+        let bundle = host.build_signed(&src, &keys, &["alice"]);
+        let (report, code) = host.run(&bundle);
+        assert_eq!(
+            (report["status"].as_str(), code),
+            (Some("refused"), 2),
+            "{report:#}"
+        );
+        assert_eq!(report["refusal"], "protected_path", "{report:#}");
+        assert!(
+            report["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{etc_wants}/rollguard-agent.service")),
+            "{report:#}"
+        );
+        assert!(fs::symlink_metadata(format!("{etc_wants}/rollguard-agent.service")).is_err());
+    }
 }

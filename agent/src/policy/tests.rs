@@ -1054,19 +1054,56 @@ fn the_agents_enablement_links_that_exist_are_found_in_each_unit_directory() {
     }
     // A file with an enablement directory's name holds nothing.
     fs::write(etc.join("file.wants"), "").unwrap();
+    // A symlinked enablement directory is one (systemd follows it).
+    fs::create_dir_all(root.path().join("elsewhere")).unwrap();
+    symlink("/dev/null", root.path().join("elsewhere").join(AGENT_UNIT)).unwrap();
+    symlink(root.path().join("elsewhere"), etc.join("z.target.wants")).unwrap();
     let links = agent_unit_links(&[
         etc.to_str().unwrap(),
         lib.to_str().unwrap(),
         root.path().join("missing").to_str().unwrap(),
     ]);
+    // The link in the lower-priority `lib` is also protected by name in
+    // `etc`, where an entry would override (mask) it; not the other way.
     let expected: Vec<PathBuf> = [
+        "etc/graphical.target.wants",
         "etc/multi-user.target.wants",
         "etc/x.requires",
         "etc/y.upholds",
+        "etc/z.target.wants",
         "lib/graphical.target.wants",
     ]
     .iter()
     .map(|d| root.path().join(d).join(AGENT_UNIT))
     .collect();
     assert_eq!(links, expected);
+}
+
+#[test]
+fn a_symlink_pin_whose_target_a_scope_could_redirect_is_refused() {
+    use std::os::unix::fs::symlink;
+    let f = Fixture::new();
+    // The agent's directory is a link `opt/rg/bin -> ../cur/bin`, and
+    // `opt/cur -> v1` another one on the way to the real directory.
+    f.mkdir("opt/v1/bin");
+    f.mkdir("opt/rg");
+    symlink("v1", f.p("opt/cur")).unwrap();
+    symlink("../cur/bin", f.p("opt/rg/bin")).unwrap();
+    let mut policy = f.policy(&[], &["opt"]);
+    policy.protect_agent_programs(Path::new(&f.p("opt/rg/bin/rollguard-agent")));
+    // A scope holding the link only: the link is a pin (as the link), its
+    // target another, and the bundle cannot reach `opt/cur`.
+    let pins = policy.check_scope(&f.scope(&["opt/rg"], &[], &[])).unwrap();
+    assert!(pins.paths.contains(&f.sp("opt/rg/bin")), "{pins:?}");
+    // A scope holding `opt/cur` too: replacing it would redirect the link.
+    for (write, delete) in [(vec!["opt"], vec![]), (vec!["opt/rg"], vec!["opt"])] {
+        let e = policy
+            .check_scope(&f.scope(&write, &delete, &[]))
+            .unwrap_err();
+        assert!(
+            matches!(&e, ScopeViolation::RedirectablePin { link, .. } if *link == Path::new(&f.p("opt/cur"))),
+            "{e}"
+        );
+        assert_eq!(e.refusal_kind(), RefusalKind::ProtectedPath);
+    }
 }

@@ -871,6 +871,7 @@ fn termination_from(events: &[Event], status: ExitStatus, stderr: &Path) -> Term
 /// itself); `None` if it failed before, or sent nothing in time.
 fn read_session_from(gate: &mut UnixStream) -> Option<u32> {
     use std::io::Read;
+    let deadline = Instant::now() + SESSION_WAIT;
     gate.set_read_timeout(Some(SESSION_WAIT)).ok()?;
     let mut line = Vec::with_capacity(12);
     let mut byte = [0u8; 1];
@@ -880,7 +881,13 @@ fn read_session_from(gate: &mut UnixStream) -> Option<u32> {
                 return std::str::from_utf8(&line).ok()?.parse().ok();
             }
             Ok(1) => line.push(byte[0]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Interrupted by a signal (see `receive_requests_dir`): again,
+            // for what is left of the wait.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                let left = deadline.checked_duration_since(Instant::now())?;
+                gate.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .ok()?;
+            }
             _ => return None,
         }
     }
@@ -898,12 +905,16 @@ fn receive_requests_dir(gate: &UnixStream, preview: bool) -> Option<Vec<OwnedFd>
     let mut byte = [0u8; 1];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    // The gate has a receive timeout (see `read_session_from`), and a
+    // The gate has a receive timeout (set here), and a
     // socket call with one is never restarted after a signal handler ran,
     // SA_RESTART or not (signal(7)): a child of another run exiting
     // (SIGCHLD) would otherwise end this wait, the run would be released
     // without its directory and stage 2 fail on a closed gate. Nothing is
-    // received when it is interrupted: ask again.
+    // received when it is interrupted: ask again, for what is left of the
+    // wait (each call would start the timeout afresh, and a steady stream
+    // of signals must not make the wait endless).
+    let deadline = Instant::now() + SESSION_WAIT;
+    gate.set_read_timeout(Some(SESSION_WAIT)).ok()?;
     let msg = loop {
         match recvmsg(
             gate,
@@ -911,7 +922,12 @@ fn receive_requests_dir(gate: &UnixStream, preview: bool) -> Option<Vec<OwnedFd>
             &mut control,
             RecvFlags::CMSG_CLOEXEC,
         ) {
-            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::INTR) => {
+                let left = deadline.checked_duration_since(Instant::now())?;
+                // A zero timeout would mean none at all.
+                gate.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .ok()?;
+            }
             received => break received.ok()?,
         }
     };
