@@ -25,10 +25,17 @@
 //!   snippet, in nearly every Debian package shipping a service). On an
 //!   upgrade it rewrites its state files there (a temporary file renamed
 //!   over `UNIT.dsh-also`) whether or not anything changes; without this
-//!   every service package's upgrade would be denied. The enablement links
-//!   themselves (`/etc/systemd/system/*.wants/`) are not derived: an
-//!   upgrade of an enabled unit finds them in place and writes none, and a
-//!   first install's enabling stays denied (agents protect that directory).
+//!   every service package's upgrade would be denied;
+//! - **unit enablement links**, write and delete: `/etc/systemd/system/
+//!   TARGET.wants` (`.requires`, `.upholds`) for each `WantedBy=`
+//!   (`RequiredBy=`, `UpheldBy=`) in the `[Install]` section of a unit the
+//!   .deb ships in a systemd unit directory, when its maintainer scripts
+//!   call `deb-systemd-helper` (whose `enable`, on a first install, links
+//!   the unit there). Those directories only: an `Alias=` (a link directly
+//!   in `/etc/systemd/system`) is warned about and not derived, and agents
+//!   pin their own enablement link inside such a directory. rpm scriptlets
+//!   enable units with `systemctl preset`, which the sandbox's `systemctl`
+//!   answers without acting (docs/services.md), so nothing is derived.
 //!
 //! Nothing else: what a maintainer script writes beyond this is denied by
 //! the kernel and reported, which is the point. The agent creates missing
@@ -46,11 +53,18 @@ use rollguard_shared::manifest::packages::PackageToken;
 use rollguard_shared::manifest::{Derivation, DerivedPackage, PackageKind, PackageRequest};
 use rollguard_shared::path::ScopePath;
 
-use rollguard_shared::manifest::packages::{DPKG_ADMINDIR, DPKG_LOG};
+use rollguard_shared::manifest::packages::{DEB_SYSTEMD_HELPER_STATE, DPKG_ADMINDIR, DPKG_LOG};
 /// Where `update-alternatives` keeps its links.
 const ALTERNATIVES: &str = "/etc/alternatives";
-/// Where `deb-systemd-helper` records which units it enabled.
-pub const DEB_SYSTEMD_HELPER_STATE: &str = "/var/lib/systemd/deb-systemd-helper-enabled";
+/// Where `deb-systemd-helper enable` (like `systemctl enable`) makes a
+/// unit's enablement links.
+const ENABLEMENT_ROOT: &str = "/etc/systemd/system";
+/// The vendor unit directories `deb-systemd-helper` reads units from.
+const VENDOR_UNIT_DIRS: [&str; 2] = ["/lib/systemd/system", "/usr/lib/systemd/system"];
+/// A unit file larger than this is not read for its `[Install]` section
+/// (a unit is a few hundred bytes; this bounds what a hostile package
+/// makes `build` hold).
+const MAX_UNIT_BYTES: u64 = 64 * 1024;
 
 /// Directories where agents protect files of their own, so a write scope
 /// on (or above) them is refused by every agent: a package writing there
@@ -97,6 +111,7 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
     let mut dirs = BTreeSet::new();
     let mut alternatives = false;
     let mut systemd_helper = false;
+    let mut enablement: BTreeSet<ScopePath> = BTreeSet::new();
     let mut warnings = Vec::new();
     for file in &req.install {
         let path = src_dir.join(file.as_str());
@@ -105,7 +120,13 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
         if !meta.is_file() {
             bail!("[packages] {} is not a regular file", path.display());
         }
-        let (name, version, entries, scripts) = match req.kind {
+        let PackageFacts {
+            name,
+            version,
+            entries,
+            scripts,
+            units,
+        } = match req.kind {
             PackageKind::Deb => read_deb(&path)?,
             PackageKind::Rpm => read_rpm(&path)?,
         };
@@ -137,7 +158,25 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
         }
         dirs.extend(pkg_dirs);
         alternatives |= scripts.contains("update-alternatives");
-        systemd_helper |= req.kind == PackageKind::Deb && scripts.contains("deb-systemd-helper");
+        let helper = req.kind == PackageKind::Deb && scripts.contains("deb-systemd-helper");
+        systemd_helper |= helper;
+        if helper {
+            for unit in &units {
+                enablement.extend(unit.install.enablement_dirs.iter().cloned());
+                for alias in &unit.install.aliases {
+                    warnings.push(format!(
+                        "{file}: unit {} has Alias={alias}: its link {ENABLEMENT_ROOT}/{alias} is not in the derived scope (agents deny it)",
+                        unit.path
+                    ));
+                }
+                for bad in &unit.install.unusable {
+                    warnings.push(format!(
+                        "{file}: unit {}: [Install] {bad}: not a plain unit name, no enablement directory derived for it",
+                        unit.path
+                    ));
+                }
+            }
+        }
     }
     let database = match req.kind {
         PackageKind::Deb => ScopePath::parse(DPKG_ADMINDIR).expect("constant"),
@@ -160,6 +199,8 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
         write.insert(state.clone());
         delete.insert(state);
     }
+    write.extend(enablement.iter().cloned());
+    delete.extend(enablement);
     Ok(Derived {
         derivation: Derivation {
             kind: req.kind,
@@ -259,7 +300,99 @@ fn member_path(raw: &Path) -> Result<Option<ScopePath>> {
     })?))
 }
 
-type PackageFacts = (String, String, Vec<Entry>, String);
+/// What `build` reads from one package.
+struct PackageFacts {
+    name: String,
+    version: String,
+    entries: Vec<Entry>,
+    /// The maintainer scripts (scriptlets), concatenated.
+    scripts: String,
+    /// The units it ships in a vendor unit directory (.deb only).
+    units: Vec<ShippedUnit>,
+}
+
+/// A unit file a package ships, with what its `[Install]` section asks of
+/// `deb-systemd-helper enable`.
+struct ShippedUnit {
+    path: ScopePath,
+    install: InstallSection,
+}
+
+/// The parts of a unit's `[Install]` section that decide where
+/// `deb-systemd-helper enable` makes links (systemd.unit(5)).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct InstallSection {
+    /// `/etc/systemd/system/TARGET.wants` for `WantedBy=TARGET`,
+    /// `.requires` for `RequiredBy=`, `.upholds` for `UpheldBy=`.
+    enablement_dirs: BTreeSet<ScopePath>,
+    /// `Alias=` names (links directly in `/etc/systemd/system`).
+    aliases: Vec<String>,
+    /// Values that are not plain unit names (specifiers, paths), as
+    /// `KEY=VALUE`.
+    unusable: Vec<String>,
+}
+
+/// Parse the `[Install]` section of a unit file. Comments (`#`, `;`) and
+/// other sections are skipped; an empty assignment resets the key's list,
+/// as systemd does. A value is kept only if it is a plain unit name
+/// (`[A-Za-z0-9:_.@-]`, with a dot, no specifier), so it can only ever
+/// name a directory directly in `/etc/systemd/system`.
+fn parse_install(text: &str) -> InstallSection {
+    let mut lists: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut aliases = Vec::new();
+    let mut in_install = false;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') {
+            in_install = line == "[Install]";
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=').filter(|_| in_install) else {
+            continue;
+        };
+        let key = key.trim();
+        let value = value.trim();
+        match key {
+            "WantedBy" | "RequiredBy" | "UpheldBy" => {
+                let list = lists.entry(key).or_default();
+                if value.is_empty() {
+                    list.clear();
+                }
+                list.extend(value.split_whitespace());
+            }
+            "Alias" => aliases.extend(value.split_whitespace().map(String::from)),
+            _ => {}
+        }
+    }
+    let mut install = InstallSection {
+        aliases,
+        ..InstallSection::default()
+    };
+    for (key, names) in lists {
+        let suffix = match key {
+            "WantedBy" => ".wants",
+            "RequiredBy" => ".requires",
+            _ => ".upholds",
+        };
+        for name in names {
+            let plain = name.len() <= 255
+                && name.contains('.')
+                && !name.starts_with('.')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ":_.@-".contains(c));
+            match ScopePath::parse(&format!("{ENABLEMENT_ROOT}/{name}{suffix}")) {
+                Ok(dir) if plain => {
+                    install.enablement_dirs.insert(dir);
+                }
+                _ => install.unusable.push(format!("{key}={name}")),
+            }
+        }
+    }
+    install
+}
 
 fn read_deb(path: &Path) -> Result<PackageFacts> {
     let fields = run(Command::new("dpkg-deb")
@@ -273,13 +406,28 @@ fn read_deb(path: &Path) -> Result<PackageFacts> {
         .with_context(|| format!("{}: unexpected dpkg-deb --show output", path.display()))?;
     let data = run(Command::new("dpkg-deb").arg("--fsys-tarfile").arg(path))?;
     let mut entries = Vec::new();
+    let mut units = Vec::new();
     let mut archive = tar::Archive::new(&data[..]);
     for entry in archive.entries().context("reading the package's data")? {
-        let entry = entry.context("reading the package's data")?;
-        let header = entry.header();
+        let mut entry = entry.context("reading the package's data")?;
         let Some(p) = member_path(&entry.path().context("member path")?)? else {
             continue;
         };
+        let in_unit_dir = p
+            .as_path()
+            .parent()
+            .is_some_and(|d| VENDOR_UNIT_DIRS.iter().any(|u| d == Path::new(u)));
+        if in_unit_dir && entry.header().entry_type().is_file() && entry.size() <= MAX_UNIT_BYTES {
+            let mut bytes = Vec::new();
+            entry
+                .read_to_end(&mut bytes)
+                .with_context(|| format!("reading {p} in the package"))?;
+            units.push(ShippedUnit {
+                path: p.clone(),
+                install: parse_install(&String::from_utf8_lossy(&bytes)),
+            });
+        }
+        let header = entry.header();
         let name_or_id = |n: Option<&str>, id: u64| n.map_or_else(|| id.to_string(), String::from);
         entries.push(Entry {
             path: p,
@@ -314,7 +462,13 @@ fn read_deb(path: &Path) -> Result<PackageFacts> {
             scripts.push_str(&text);
         }
     }
-    Ok((name.to_string(), version.to_string(), entries, scripts))
+    Ok(PackageFacts {
+        name: name.to_string(),
+        version: version.to_string(),
+        entries,
+        scripts,
+        units,
+    })
 }
 
 fn read_rpm(path: &Path) -> Result<PackageFacts> {
@@ -354,12 +508,13 @@ fn read_rpm(path: &Path) -> Result<PackageFacts> {
     let scripts = run(Command::new("rpm")
         .args(["-qp", "--nosignature", "--scripts", "--triggers"])
         .arg(path))?;
-    Ok((
-        name.to_string(),
-        version.to_string(),
+    Ok(PackageFacts {
+        name: name.to_string(),
+        version: version.to_string(),
         entries,
-        String::from_utf8_lossy(&scripts).into_owned(),
-    ))
+        scripts: String::from_utf8_lossy(&scripts).into_owned(),
+        units: Vec::new(),
+    })
 }
 
 /// rpm's database directory on this machine (`rpm -E %_dbpath`).
@@ -402,6 +557,54 @@ mod tests {
             .map(|p| p.to_string())
             .collect();
         assert_eq!(dirs, ["/etc/foo", "/usr/bin", "/var/lib/foo"]);
+    }
+
+    #[test]
+    fn the_install_section_names_the_enablement_directories() {
+        let unit = "[Unit]\nDescription=x\nWantedBy=ignored.target\n\n\
+                    [Install]\n# WantedBy=commented.target\n\
+                    WantedBy=multi-user.target  graphical.target\n\
+                    RequiredBy=foo@bar.service\nUpheldBy=up.target\n\
+                    Alias=web.service\nAlso=other.socket\n\
+                    WantedBy=%i.target ../../etc.target /abs.target .hidden\n\
+                    [Service]\nWantedBy=ignored-too.target\n";
+        let install = parse_install(unit);
+        let dirs: Vec<String> = install
+            .enablement_dirs
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(
+            dirs,
+            [
+                "/etc/systemd/system/foo@bar.service.requires",
+                "/etc/systemd/system/graphical.target.wants",
+                "/etc/systemd/system/multi-user.target.wants",
+                "/etc/systemd/system/up.target.upholds",
+            ]
+        );
+        assert_eq!(install.aliases, ["web.service"]);
+        assert_eq!(
+            install.unusable,
+            [
+                "WantedBy=%i.target",
+                "WantedBy=../../etc.target",
+                "WantedBy=/abs.target",
+                "WantedBy=.hidden"
+            ]
+        );
+        // An empty assignment resets the list.
+        let reset = parse_install("[Install]\nWantedBy=a.target\nWantedBy=\nWantedBy=b.target\n");
+        let dirs: Vec<String> = reset
+            .enablement_dirs
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(dirs, ["/etc/systemd/system/b.target.wants"]);
+        assert_eq!(
+            parse_install("[Service]\nExecStart=/bin/true\n"),
+            InstallSection::default()
+        );
     }
 
     #[test]

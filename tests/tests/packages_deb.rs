@@ -86,7 +86,12 @@ fn assert_expected_denials_are_typed(report: &Value) {
     for d in report["expected_denials"].as_array().into_iter().flatten() {
         let reason = d["reason"].as_str().unwrap();
         assert!(
-            ["glibc-nscd-probe", "dpkg-new-cleanup"].contains(&reason),
+            [
+                "glibc-nscd-probe",
+                "dpkg-new-cleanup",
+                "deb-systemd-helper-cleanup"
+            ]
+            .contains(&reason),
             "{report:#}"
         );
     }
@@ -448,6 +453,7 @@ fn a_service_package_gets_the_unit_enablement_state_in_its_scope() {
     let out = host.root().join("debs");
     fs::create_dir_all(&out).unwrap();
     let service = Variant {
+        unit_in_systemd_dir: true,
         systemd_helper: true,
         ..quiet()
     };
@@ -457,17 +463,128 @@ fn a_service_package_gets_the_unit_enablement_state_in_its_scope() {
     let state = "/var/lib/systemd/deb-systemd-helper-enabled".to_string();
     assert!(strings(&p["write"]).contains(&state), "{p:#}");
     assert!(strings(&p["delete"]).contains(&state), "{p:#}");
-    assert!(
-        !strings(&p["write"])
-            .iter()
-            .any(|w| w.starts_with("/etc/systemd")),
-        "{p:#}"
-    );
+    // Its unit's `WantedBy=multi-user.target`: where `enable` links it,
+    // and nothing else of /etc/systemd.
+    for key in ["write", "delete"] {
+        let systemd: Vec<String> = strings(&p[key])
+            .into_iter()
+            .filter(|w| w.starts_with("/etc/systemd"))
+            .collect();
+        assert_eq!(
+            systemd,
+            ["/etc/systemd/system/multi-user.target.wants"],
+            "{p:#}"
+        );
+    }
     // Without the helper in its scripts, the directory is not derived.
     let plain = pkg::build_deb(&out, "2.1", &quiet());
     let (built, _) = bundle(&host, &keys, "plain", 1, &plain);
     let p = &pkg::inspect(&built)["packages"];
     assert!(!strings(&p["write"]).contains(&state), "{p:#}");
+}
+
+/// What [`a_first_install_enables_its_unit_and_leaves_the_agents_link`]
+/// puts on this machine as a packaged agent's host has it (the agent's
+/// unit, its enablement link), removed again with what the run made for
+/// them (the drop-in directories the agent creates empty to pin them, an
+/// enablement or state directory that was missing).
+struct AgentUnitOnThisMachine {
+    made: Vec<PathBuf>,
+}
+
+const VENDOR_UNITS: &str = "/usr/lib/systemd/system";
+const MULTI_USER_WANTS: &str = "/etc/systemd/system/multi-user.target.wants";
+
+impl AgentUnitOnThisMachine {
+    fn install() -> Self {
+        let unit = Path::new(VENDOR_UNITS).join("rollguard-agent.service");
+        let link = Path::new(MULTI_USER_WANTS).join("rollguard-agent.service");
+        let mut made = Vec::new();
+        for path in [
+            &unit,
+            &link,
+            &Path::new(VENDOR_UNITS).join("rollguard-agent.service.d"),
+            &Path::new(VENDOR_UNITS).join("rollguard-.service.d"),
+            &Path::new(VENDOR_UNITS).join("service.d"),
+            Path::new(MULTI_USER_WANTS),
+            Path::new("/var/lib/systemd/deb-systemd-helper-enabled"),
+        ] {
+            match fs::symlink_metadata(path) {
+                Ok(_) if *path == unit || *path == link => {
+                    panic!(
+                        "{} exists on this machine: the test would change it",
+                        path.display()
+                    )
+                }
+                Ok(_) => {}
+                Err(_) => made.push(path.to_path_buf()),
+            }
+        }
+        fs::create_dir_all(MULTI_USER_WANTS).unwrap();
+        fs::write(
+            &unit,
+            "[Service]\nExecStart=/bin/true\n\n[Install]\nWantedBy=multi-user.target\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&unit, &link).unwrap();
+        AgentUnitOnThisMachine { made }
+    }
+}
+
+impl Drop for AgentUnitOnThisMachine {
+    fn drop(&mut self) {
+        // The package first: its postrm's `deb-systemd-helper purge`
+        // removes its link by the helper's state, which may go below.
+        let _ = Command::new("dpkg").args(["--purge", pkg::NAME]).status();
+        // Then the files, then the directories, deepest first.
+        for path in &self.made {
+            let _ = fs::remove_file(path);
+        }
+        for path in self.made.iter().rev() {
+            let _ = fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// A first install of a service package as debhelper builds it: the
+/// postinst's `deb-systemd-helper enable` links the unit into
+/// `multi-user.target.wants`, which the build derived from the unit's
+/// `WantedBy=`; the run succeeds with no denial. The agent's own link in
+/// that directory is pinned as a link, and stays.
+#[test]
+fn a_first_install_enables_its_unit_and_leaves_the_agents_link() {
+    let (_turn, keys, host, out) = setup();
+    let _agent_unit = AgentUnitOnThisMachine::install();
+    let policy = fs::read_to_string(host.policy()).unwrap().replace(
+        "allow_scopes = [",
+        "allow_scopes = [\"/var/lib/systemd/deb-systemd-helper-enabled\", ",
+    );
+    fs::write(host.policy(), policy).unwrap();
+    let service = Variant {
+        unit_in_systemd_dir: true,
+        systemd_helper: true,
+        ..quiet()
+    };
+    let deb = pkg::build_deb(&out, "1.0", &service);
+    assert!(pkg::dpkg_status().is_none(), "a first install");
+    let (bundle, _) = bundle(&host, &keys, "first", 1, &deb);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["denials"], json!([]), "{report:#}");
+    assert_expected_denials_are_typed(&report);
+    assert_eq!(pkg::dpkg_status().unwrap().0, "1.0");
+    let enabled = Path::new(MULTI_USER_WANTS).join("rgpkgtest.service");
+    assert_eq!(
+        fs::read_link(&enabled).ok(),
+        Some(PathBuf::from("/lib/systemd/system/rgpkgtest.service")),
+        "the unit was not enabled"
+    );
+    assert_eq!(
+        fs::read_link(Path::new(MULTI_USER_WANTS).join("rollguard-agent.service")).ok(),
+        Some(Path::new(VENDOR_UNITS).join("rollguard-agent.service")),
+        "the agent's link changed"
+    );
 }
 
 /// The derived scope on disk: every path of it with its type, mode,

@@ -26,19 +26,38 @@
 //!   dpkg whose directory is a proper ancestor of one of the derived
 //!   package directories (`/`, `/usr`, `/usr/lib` for `/usr/lib/foo`):
 //!   those can never be removed by a package's install, as they hold it.
+//! - [`DSH_MASKED_CLEANUP`]: `deb-systemd-helper unmask`, which debhelper's
+//!   postinst snippet runs on every configure of a service package, then
+//!   removes its masked-state directories if empty
+//!   (`/var/lib/systemd/deb-systemd-helper-masked` and the user one),
+//!   which are usually absent. `/var/lib/systemd` lies outside the derived
+//!   scope (only its `deb-systemd-helper-enabled` is in it), so the
+//!   read-only mount answers `EROFS` before the name is looked up, and the
+//!   call is recorded. Recognised: an `erofs.rmdir` by `/usr/bin/perl` (the
+//!   helper's interpreter) in exactly `/var/lib/systemd/`, when the derived
+//!   scope holds the helper's state directory (the packages' scripts call
+//!   it). The audit record names the directory only, not the entry: a
+//!   maintainer script's own perl removing another empty directory there
+//!   is not told apart, and is refused all the same.
 
 use std::path::Path;
 
+use rollguard_shared::manifest::packages::DEB_SYSTEMD_HELPER_STATE;
 use rollguard_shared::manifest::{PackageKind, Packages};
 use rollguard_shared::report::Denial;
 
 pub const GLIBC_NSCD_PROBE: &str = "glibc-nscd-probe";
 pub const DPKG_NEW_CLEANUP: &str = "dpkg-new-cleanup";
+pub const DSH_MASKED_CLEANUP: &str = "deb-systemd-helper-cleanup";
 
 /// The package manager's programs whose nscd probe is expected.
 const DEB_PROGRAMS: &[&str] = &["/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/tar"];
 const RPM_PROGRAMS: &[&str] = &["/usr/bin/rpm"];
 const DPKG: &str = "/usr/bin/dpkg";
+/// `deb-systemd-helper`'s interpreter (`#!/usr/bin/perl`).
+const PERL: &str = "/usr/bin/perl";
+/// The directory `deb-systemd-helper unmask` removes its state from.
+const SYSTEMD_STATE: &str = "/var/lib/systemd/";
 
 /// Recognise an expected denial of an install of `p`.
 pub fn explain(p: &Packages, d: &Denial) -> Option<&'static str> {
@@ -67,6 +86,18 @@ pub fn explain(p: &Packages, d: &Denial) -> Option<&'static str> {
         if holds_a_package_dir {
             return Some(DPKG_NEW_CLEANUP);
         }
+    }
+    let helper_state = p
+        .write
+        .iter()
+        .any(|w| w.as_path() == Path::new(DEB_SYSTEMD_HELPER_STATE));
+    if p.kind == PackageKind::Deb
+        && d.access == "erofs.rmdir"
+        && exe == PERL
+        && d.path.as_deref() == Some(SYSTEMD_STATE)
+        && helper_state
+    {
+        return Some(DSH_MASKED_CLEANUP);
     }
     None
 }
@@ -130,6 +161,29 @@ mod tests {
         ];
         for d in &no {
             assert!(explain(&p, d).is_none(), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn the_helpers_masked_state_cleanup_is_expected_only_with_its_state_in_scope() {
+        let cleanup = denial("erofs.rmdir", Some("/var/lib/systemd/"), "/usr/bin/perl");
+        let mut p = deb();
+        assert_eq!(explain(&p, &cleanup), None, "the scripts do not call it");
+        p.write
+            .push(ScopePath::parse(DEB_SYSTEMD_HELPER_STATE).unwrap());
+        assert_eq!(explain(&p, &cleanup), Some(DSH_MASKED_CLEANUP));
+        for other in [
+            denial("erofs.rmdir", Some("/var/lib/"), "/usr/bin/perl"),
+            denial(
+                "erofs.rmdir",
+                Some("/var/lib/systemd/timers/"),
+                "/usr/bin/perl",
+            ),
+            denial("erofs.unlink", Some("/var/lib/systemd/"), "/usr/bin/perl"),
+            denial("erofs.rmdir", Some("/var/lib/systemd/"), "/bin/rm"),
+            denial("fs.remove_dir", Some("/var/lib/systemd/"), "/usr/bin/perl"),
+        ] {
+            assert_eq!(explain(&p, &other), None, "{other:?}");
         }
     }
 }

@@ -126,6 +126,32 @@ const IGNORED_VERBS: &[&str] = &[
     "reset-failed",
 ];
 
+/// Unit-file verbs that `systemctl --root=DIR` performs on the file system
+/// itself, talking to no service manager: `deb-systemd-helper enable`
+/// runs `systemctl --root=/ preset UNIT` on a package's first install.
+/// With `--root`, the shim records the call and then runs the real
+/// `systemctl` ([`REAL_SYSTEMCTL`]) with the same arguments, inside the
+/// sandbox: the links it makes are files like any other, confined by the
+/// scope (a package's derived scope holds its units' `.wants`
+/// directories). This gives a bundle nothing it lacks: it could run the
+/// real program by its path.
+const OFFLINE_UNIT_FILE_VERBS: &[&str] = &[
+    "enable",
+    "disable",
+    "reenable",
+    "preset",
+    "preset-all",
+    "mask",
+    "unmask",
+    "link",
+    "revert",
+    "add-wants",
+    "add-requires",
+];
+
+/// Where the real `systemctl` is installed (Debian, Fedora).
+const REAL_SYSTEMCTL: [&str; 2] = ["/usr/bin/systemctl", "/bin/systemctl"];
+
 /// What the agent does with a recorded verb.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerbClass {
@@ -181,6 +207,10 @@ enum Call {
     Answer(String, u8),
     /// Usage error: message on stderr, exit 1 (nothing recorded).
     Usage(String),
+    /// Record these, then run the real `systemctl` with the same
+    /// arguments (a unit-file verb with `--root`, see
+    /// [`OFFLINE_UNIT_FILE_VERBS`]).
+    RecordThenOffline(Vec<Record>),
 }
 
 /// systemctl options that take a separate value.
@@ -216,6 +246,7 @@ fn parse_systemctl(via: &str, args: &[String]) -> Call {
     let mut words = Vec::new();
     let mut quiet = false;
     let mut user = false;
+    let mut root = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--" {
@@ -232,6 +263,11 @@ fn parse_systemctl(via: &str, args: &[String]) -> Call {
             quiet = true;
         } else if a == "--user" || a == "--global" {
             user = true;
+        } else if a == "--root" || a.starts_with("--root=") {
+            root = true;
+            if a == "--root" {
+                it.next();
+            }
         } else if SYSTEMCTL_VALUE_OPTIONS.contains(&a.as_str()) {
             it.next();
         } else if !a.starts_with('-') {
@@ -264,6 +300,9 @@ fn parse_systemctl(via: &str, args: &[String]) -> Call {
             })
             .collect()
     };
+    if root && OFFLINE_UNIT_FILE_VERBS.contains(&verb.as_str()) {
+        return Call::RecordThenOffline(records);
+    }
     Call::Record(records, 0)
 }
 
@@ -399,6 +438,27 @@ pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsStrin
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     match parse_call(via, &args) {
+        Call::RecordThenOffline(records) => {
+            if let Err(e) = append(&records) {
+                eprintln!("{via}: cannot record the request in {REQUESTS_FILE}: {e} (this program only works inside a rollguard run)");
+                return ExitCode::from(1);
+            }
+            // The real program, never this shim (which is not at these
+            // paths: it lives in SHIM_DIR). Without one there is nothing
+            // to apply the change with: answered as before, recorded.
+            for real in REAL_SYSTEMCTL {
+                if Path::new(real).is_file() {
+                    use std::os::unix::process::CommandExt;
+                    let error = std::process::Command::new(real)
+                        .arg0(via)
+                        .args(&args)
+                        .exec();
+                    eprintln!("{via}: cannot run {real}: {error}");
+                    return ExitCode::from(1);
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Call::Answer(out, code) => {
             print!("{out}");
             ExitCode::from(code)
@@ -646,6 +706,28 @@ mod tests {
                 &["postfix".to_string(), "restart start".to_string()]
             ),
             Call::Record(vec![rec("policy-rc.d", "restart", "postfix.service")], 101)
+        );
+        // Unit-file verbs on a root directory: recorded, then applied by
+        // the real systemctl (deb-systemd-helper's first-install preset).
+        assert_eq!(
+            parse_call(
+                "systemctl",
+                &args("--root=/ --system --preset-mode=enable-only preset foo.service")
+            ),
+            Call::RecordThenOffline(vec![rec("systemctl", "preset", "foo.service")])
+        );
+        assert_eq!(
+            parse_call("systemctl", &args("--root / enable foo")),
+            Call::RecordThenOffline(vec![rec("systemctl", "enable", "foo.service")])
+        );
+        // Not without a root, nor another verb with one.
+        assert_eq!(
+            parse_call("systemctl", &args("preset foo.service")),
+            Call::Record(vec![rec("systemctl", "preset", "foo.service")], 0)
+        );
+        assert_eq!(
+            parse_call("systemctl", &args("--root=/ restart foo.service")),
+            Call::Record(vec![rec("systemctl", "restart", "foo.service")], 0)
         );
         assert!(matches!(parse_call("systemctl", &[]), Call::Usage(_)));
         assert!(matches!(

@@ -69,6 +69,9 @@ impl fmt::Display for PackageKind {
 pub const DPKG_ADMINDIR: &str = "/var/lib/dpkg";
 /// dpkg's log as the agent passes it (`--log`), derived likewise.
 pub const DPKG_LOG: &str = "/var/log/dpkg.log";
+/// Where `deb-systemd-helper` records which units it enabled, derived
+/// when a .deb's maintainer scripts call it.
+pub const DEB_SYSTEMD_HELPER_STATE: &str = "/var/lib/systemd/deb-systemd-helper-enabled";
 
 /// `[packages]` of a source manifest: what the author asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
