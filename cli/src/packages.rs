@@ -26,16 +26,21 @@
 //!   upgrade it rewrites its state files there (a temporary file renamed
 //!   over `UNIT.dsh-also`) whether or not anything changes; without this
 //!   every service package's upgrade would be denied;
-//! - **unit enablement links**, write and delete: `/etc/systemd/system/
+//! - **unit enablement links**, write only: `/etc/systemd/system/
 //!   TARGET.wants` (`.requires`, `.upholds`) for each `WantedBy=`
 //!   (`RequiredBy=`, `UpheldBy=`) in the `[Install]` section of a unit the
-//!   .deb ships in a systemd unit directory, when its maintainer scripts
-//!   call `deb-systemd-helper` (whose `enable`, on a first install, links
-//!   the unit there). Those directories only: an `Alias=` (a link directly
-//!   in `/etc/systemd/system`) is warned about and not derived, and agents
-//!   pin their own enablement link inside such a directory. rpm scriptlets
-//!   enable units with `systemctl preset`, which the sandbox's `systemctl`
-//!   answers without acting (docs/services.md), so nothing is derived.
+//!   .deb ships in a vendor unit directory and names in its maintainer
+//!   scripts, when they call `deb-systemd-helper` (whose `enable` links
+//!   the unit there: on a first install through `systemctl --root=/
+//!   preset`, on an upgrade for a link that is missing). Creating a link
+//!   is all either does, so no delete: other units' links there stay out
+//!   of reach. Those directories only: an `Alias=` (a link directly in
+//!   `/etc/systemd/system`) is warned about and not derived, nor is a
+//!   target named after the agent's own unit, and agents pin their own
+//!   enablement link inside such a directory. rpm scriptlets enable units
+//!   with `systemctl preset` without `--root`, which the sandbox's
+//!   `systemctl` records without acting (docs/services.md), so nothing is
+//!   derived for them.
 //!
 //! Nothing else: what a maintainer script writes beyond this is denied by
 //! the kernel and reported, which is the point. The agent creates missing
@@ -65,6 +70,10 @@ const VENDOR_UNIT_DIRS: [&str; 2] = ["/lib/systemd/system", "/usr/lib/systemd/sy
 /// (a unit is a few hundred bytes; this bounds what a hostile package
 /// makes `build` hold).
 const MAX_UNIT_BYTES: u64 = 64 * 1024;
+/// The agent's own unit: no package's `[Install]` derives a directory of
+/// it (`RequiredBy=rollguard-agent.service` would make the agent's start
+/// depend on the package's unit).
+const AGENT_UNIT: &str = "rollguard-agent.service";
 
 /// Directories where agents protect files of their own, so a write scope
 /// on (or above) them is refused by every agent: a package writing there
@@ -162,6 +171,24 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
         systemd_helper |= helper;
         if helper {
             for unit in &units {
+                if unit.too_large {
+                    warnings.push(format!(
+                        "{file}: unit {} is larger than {MAX_UNIT_BYTES} bytes: its [Install] section is not read, no enablement directory derived for it",
+                        unit.path
+                    ));
+                    continue;
+                }
+                // Only the units the scripts name (debhelper's snippet
+                // quotes each: `deb-systemd-helper enable 'foo.service'`).
+                let named = unit
+                    .path
+                    .as_path()
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| scripts.contains(n));
+                if !named {
+                    continue;
+                }
                 enablement.extend(unit.install.enablement_dirs.iter().cloned());
                 for alias in &unit.install.aliases {
                     warnings.push(format!(
@@ -171,7 +198,7 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
                 }
                 for bad in &unit.install.unusable {
                     warnings.push(format!(
-                        "{file}: unit {}: [Install] {bad}: not a plain unit name, no enablement directory derived for it",
+                        "{file}: unit {}: [Install] {bad}: not a plain unit name (or the agent's own unit), no enablement directory derived for it",
                         unit.path
                     ));
                 }
@@ -199,8 +226,7 @@ pub fn derive(src_dir: &Path, req: &PackageRequest) -> Result<Derived> {
         write.insert(state.clone());
         delete.insert(state);
     }
-    write.extend(enablement.iter().cloned());
-    delete.extend(enablement);
+    write.extend(enablement);
     Ok(Derived {
         derivation: Derivation {
             kind: req.kind,
@@ -316,6 +342,8 @@ struct PackageFacts {
 struct ShippedUnit {
     path: ScopePath,
     install: InstallSection,
+    /// Larger than [`MAX_UNIT_BYTES`]: not read.
+    too_large: bool,
 }
 
 /// The parts of a unit's `[Install]` section that decide where
@@ -333,15 +361,34 @@ struct InstallSection {
 }
 
 /// Parse the `[Install]` section of a unit file. Comments (`#`, `;`) and
-/// other sections are skipped; an empty assignment resets the key's list,
-/// as systemd does. A value is kept only if it is a plain unit name
-/// (`[A-Za-z0-9:_.@-]`, with a dot, no specifier), so it can only ever
-/// name a directory directly in `/etc/systemd/system`.
+/// other sections are skipped; a line ending in `\` continues on the next;
+/// an empty assignment resets the key's list, as systemd does; a value in
+/// double quotes is unquoted. A value is kept only if it is a plain unit
+/// name (`[A-Za-z0-9:_.@-]`, with a dot, no specifier) and not the agent's
+/// own unit, so it can only ever name a directory directly in
+/// `/etc/systemd/system`, and never one that configures the agent.
 fn parse_install(text: &str) -> InstallSection {
+    let mut joined: Vec<String> = Vec::new();
+    let mut continued = false;
+    for raw in text.lines() {
+        let line = raw.trim();
+        let (body, continues) = match line.strip_suffix('\\') {
+            Some(body) => (body, true),
+            None => (line, false),
+        };
+        match joined.last_mut() {
+            Some(last) if continued => {
+                last.push(' ');
+                last.push_str(body);
+            }
+            _ => joined.push(body.to_string()),
+        }
+        continued = continues;
+    }
     let mut lists: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut aliases = Vec::new();
     let mut in_install = false;
-    for line in text.lines().map(str::trim) {
+    for line in joined.iter().map(|l| l.trim()) {
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
@@ -360,9 +407,9 @@ fn parse_install(text: &str) -> InstallSection {
                 if value.is_empty() {
                     list.clear();
                 }
-                list.extend(value.split_whitespace());
+                list.extend(value.split_whitespace().map(unquote));
             }
-            "Alias" => aliases.extend(value.split_whitespace().map(String::from)),
+            "Alias" => aliases.extend(value.split_whitespace().map(|a| unquote(a).to_string())),
             _ => {}
         }
     }
@@ -380,6 +427,7 @@ fn parse_install(text: &str) -> InstallSection {
             let plain = name.len() <= 255
                 && name.contains('.')
                 && !name.starts_with('.')
+                && name != AGENT_UNIT
                 && name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || ":_.@-".contains(c));
@@ -392,6 +440,13 @@ fn parse_install(text: &str) -> InstallSection {
         }
     }
     install
+}
+
+/// A word of a unit file's value without the double quotes around it.
+fn unquote(word: &str) -> &str {
+    word.strip_prefix('"')
+        .and_then(|w| w.strip_suffix('"'))
+        .unwrap_or(word)
 }
 
 fn read_deb(path: &Path) -> Result<PackageFacts> {
@@ -417,14 +472,18 @@ fn read_deb(path: &Path) -> Result<PackageFacts> {
             .as_path()
             .parent()
             .is_some_and(|d| VENDOR_UNIT_DIRS.iter().any(|u| d == Path::new(u)));
-        if in_unit_dir && entry.header().entry_type().is_file() && entry.size() <= MAX_UNIT_BYTES {
+        if in_unit_dir && entry.header().entry_type().is_file() {
+            let too_large = entry.size() > MAX_UNIT_BYTES;
             let mut bytes = Vec::new();
-            entry
-                .read_to_end(&mut bytes)
-                .with_context(|| format!("reading {p} in the package"))?;
+            if !too_large {
+                entry
+                    .read_to_end(&mut bytes)
+                    .with_context(|| format!("reading {p} in the package"))?;
+            }
             units.push(ShippedUnit {
                 path: p.clone(),
                 install: parse_install(&String::from_utf8_lossy(&bytes)),
+                too_large,
             });
         }
         let header = entry.header();
@@ -593,6 +652,19 @@ mod tests {
                 "WantedBy=.hidden"
             ]
         );
+        // Quotes, continuation lines, and never the agent's unit.
+        let odd = parse_install(
+            "[Install]\nWantedBy=\"multi-user.target\" \\\n  sockets.target\nRequiredBy=rollguard-agent.service\n",
+        );
+        let dirs: Vec<String> = odd.enablement_dirs.iter().map(|d| d.to_string()).collect();
+        assert_eq!(
+            dirs,
+            [
+                "/etc/systemd/system/multi-user.target.wants",
+                "/etc/systemd/system/sockets.target.wants"
+            ]
+        );
+        assert_eq!(odd.unusable, ["RequiredBy=rollguard-agent.service"]);
         // An empty assignment resets the list.
         let reset = parse_install("[Install]\nWantedBy=a.target\nWantedBy=\nWantedBy=b.target\n");
         let dirs: Vec<String> = reset

@@ -464,18 +464,20 @@ fn a_service_package_gets_the_unit_enablement_state_in_its_scope() {
     assert!(strings(&p["write"]).contains(&state), "{p:#}");
     assert!(strings(&p["delete"]).contains(&state), "{p:#}");
     // Its unit's `WantedBy=multi-user.target`: where `enable` links it,
-    // and nothing else of /etc/systemd.
-    for key in ["write", "delete"] {
-        let systemd: Vec<String> = strings(&p[key])
+    // to write only (a link is made, none removed), and nothing else of
+    // /etc/systemd.
+    let under_etc_systemd = |key: &str| -> Vec<String> {
+        strings(&p[key])
             .into_iter()
             .filter(|w| w.starts_with("/etc/systemd"))
-            .collect();
-        assert_eq!(
-            systemd,
-            ["/etc/systemd/system/multi-user.target.wants"],
-            "{p:#}"
-        );
-    }
+            .collect()
+    };
+    assert_eq!(
+        under_etc_systemd("write"),
+        ["/etc/systemd/system/multi-user.target.wants"],
+        "{p:#}"
+    );
+    assert!(under_etc_systemd("delete").is_empty(), "{p:#}");
     // Without the helper in its scripts, the directory is not derived.
     let plain = pkg::build_deb(&out, "2.1", &quiet());
     let (built, _) = bundle(&host, &keys, "plain", 1, &plain);
@@ -485,63 +487,87 @@ fn a_service_package_gets_the_unit_enablement_state_in_its_scope() {
 
 /// What [`a_first_install_enables_its_unit_and_leaves_the_agents_link`]
 /// puts on this machine as a packaged agent's host has it (the agent's
-/// unit, its enablement link), removed again with what the run made for
-/// them (the drop-in directories the agent creates empty to pin them, an
-/// enablement or state directory that was missing).
+/// unit, its enablement link), removed again with what the run made (the
+/// drop-in directories the agent creates empty to pin them, the test
+/// package's enablement, a directory that was missing), whatever happens.
 struct AgentUnitOnThisMachine {
-    made: Vec<PathBuf>,
+    /// Directories that did not exist before, deepest last.
+    made_dirs: Vec<PathBuf>,
 }
 
 const VENDOR_UNITS: &str = "/usr/lib/systemd/system";
 const MULTI_USER_WANTS: &str = "/etc/systemd/system/multi-user.target.wants";
+const DSH_STATE: &str = "/var/lib/systemd/deb-systemd-helper-enabled";
+
+fn agent_unit() -> PathBuf {
+    Path::new(VENDOR_UNITS).join("rollguard-agent.service")
+}
+
+fn agent_link() -> PathBuf {
+    Path::new(MULTI_USER_WANTS).join("rollguard-agent.service")
+}
 
 impl AgentUnitOnThisMachine {
     fn install() -> Self {
-        let unit = Path::new(VENDOR_UNITS).join("rollguard-agent.service");
-        let link = Path::new(MULTI_USER_WANTS).join("rollguard-agent.service");
-        let mut made = Vec::new();
-        for path in [
-            &unit,
-            &link,
-            &Path::new(VENDOR_UNITS).join("rollguard-agent.service.d"),
-            &Path::new(VENDOR_UNITS).join("rollguard-.service.d"),
-            &Path::new(VENDOR_UNITS).join("service.d"),
-            Path::new(MULTI_USER_WANTS),
-            Path::new("/var/lib/systemd/deb-systemd-helper-enabled"),
-        ] {
-            match fs::symlink_metadata(path) {
-                Ok(_) if *path == unit || *path == link => {
-                    panic!(
-                        "{} exists on this machine: the test would change it",
-                        path.display()
-                    )
-                }
-                Ok(_) => {}
-                Err(_) => made.push(path.to_path_buf()),
-            }
+        for path in [agent_unit(), agent_link()] {
+            assert!(
+                fs::symlink_metadata(&path).is_err(),
+                "{} exists on this machine: the test would change it",
+                path.display()
+            );
         }
+        let made_dirs = [
+            MULTI_USER_WANTS.to_string(),
+            DSH_STATE.to_string(),
+            format!("{DSH_STATE}/multi-user.target.wants"),
+            format!("{VENDOR_UNITS}/rollguard-agent.service.d"),
+            format!("{VENDOR_UNITS}/rollguard-.service.d"),
+            format!("{VENDOR_UNITS}/service.d"),
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .filter(|d| fs::symlink_metadata(d).is_err())
+        .collect();
+        // Made before anything is created, so a failure below cleans up.
+        let guard = AgentUnitOnThisMachine { made_dirs };
         fs::create_dir_all(MULTI_USER_WANTS).unwrap();
         fs::write(
-            &unit,
+            agent_unit(),
             "[Service]\nExecStart=/bin/true\n\n[Install]\nWantedBy=multi-user.target\n",
         )
         .unwrap();
-        std::os::unix::fs::symlink(&unit, &link).unwrap();
-        AgentUnitOnThisMachine { made }
+        std::os::unix::fs::symlink(agent_unit(), agent_link()).unwrap();
+        guard
     }
 }
 
 impl Drop for AgentUnitOnThisMachine {
     fn drop(&mut self) {
         // The package first: its postrm's `deb-systemd-helper purge`
-        // removes its link by the helper's state, which may go below.
-        let _ = Command::new("dpkg").args(["--purge", pkg::NAME]).status();
-        // Then the files, then the directories, deepest first.
-        for path in &self.made {
-            let _ = fs::remove_file(path);
+        // removes its link by the helper's state. Then what the purge
+        // should have removed, in case it could not run.
+        let purged = Command::new("dpkg")
+            .args(["--purge", pkg::NAME])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !purged {
+            eprintln!(
+                "could not purge {}; removing its enablement by hand",
+                pkg::NAME
+            );
         }
-        for path in self.made.iter().rev() {
-            let _ = fs::remove_dir_all(path);
+        for file in [
+            agent_link(),
+            agent_unit(),
+            Path::new(MULTI_USER_WANTS).join("rgpkgtest.service"),
+            Path::new(DSH_STATE).join("rgpkgtest.service.dsh-also"),
+            Path::new(DSH_STATE).join("multi-user.target.wants/rgpkgtest.service"),
+        ] {
+            let _ = fs::remove_file(file);
+        }
+        // Only if empty: anything else put there meanwhile stays.
+        for dir in self.made_dirs.iter().rev() {
+            let _ = fs::remove_dir(dir);
         }
     }
 }
@@ -581,8 +607,8 @@ fn a_first_install_enables_its_unit_and_leaves_the_agents_link() {
         "the unit was not enabled"
     );
     assert_eq!(
-        fs::read_link(Path::new(MULTI_USER_WANTS).join("rollguard-agent.service")).ok(),
-        Some(Path::new(VENDOR_UNITS).join("rollguard-agent.service")),
+        fs::read_link(agent_link()).ok(),
+        Some(agent_unit()),
         "the agent's link changed"
     );
 }

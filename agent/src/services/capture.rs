@@ -5,7 +5,11 @@
 //! `invoke-rc.d`, `service`, or Debian's `/usr/sbin/policy-rc.d`
 //! convention. Inside the sandbox there is no bus to reach systemd, and
 //! there must not be: a request is *recorded*, not performed, and the agent
-//! decides after the run what to do with it.
+//! decides after the run what to do with it. The one exception changes
+//! files only: a unit-file verb given `--root` (`systemctl --root=/ preset
+//! UNIT`, which `deb-systemd-helper` runs on a first install) is recorded
+//! and then run by the real `systemctl`, confined like any write
+//! ([`OFFLINE_UNIT_FILE_VERBS`]).
 //!
 //! How: stage 2 puts a read-only directory first on the bundle's `PATH`,
 //! [`SHIM_DIR`], holding symbolic links named after those programs to the
@@ -263,11 +267,11 @@ fn parse_systemctl(via: &str, args: &[String]) -> Call {
             quiet = true;
         } else if a == "--user" || a == "--global" {
             user = true;
-        } else if a == "--root" || a.starts_with("--root=") {
-            root = true;
-            if a == "--root" {
-                it.next();
-            }
+        } else if a == "--root" {
+            // An empty value is no root to systemctl either.
+            root = it.next().is_some_and(|v| !v.is_empty());
+        } else if let Some(value) = a.strip_prefix("--root=") {
+            root = !value.is_empty();
         } else if SYSTEMCTL_VALUE_OPTIONS.contains(&a.as_str()) {
             it.next();
         } else if !a.starts_with('-') {
@@ -430,24 +434,29 @@ fn parse_call(via: &str, args: &[String]) -> Call {
     }
 }
 
-/// The shim: `via` is its name (one of [`SHIMS`]). Never performs
-/// anything; records and answers.
+/// The shim: `via` is its name (one of [`SHIMS`]). Records and answers;
+/// performs nothing itself (a unit-file verb with `--root` is handed to
+/// the real `systemctl`, see [`OFFLINE_UNIT_FILE_VERBS`]).
 pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
     let args: Vec<String> = args
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     match parse_call(via, &args) {
-        Call::RecordThenOffline(records) => {
+        Call::RecordThenOffline(mut records) => {
+            // A name the record cannot hold (a template `foo@.service`,
+            // a unit file's path for `link`) is the real systemctl's to
+            // judge; the verb is never performed by the agent anyway.
+            records.retain(|r| r.unit.is_empty() || UnitName::parse(&r.unit).is_ok());
             if let Err(e) = append(&records) {
                 eprintln!("{via}: cannot record the request in {REQUESTS_FILE}: {e} (this program only works inside a rollguard run)");
                 return ExitCode::from(1);
             }
-            // The real program, never this shim (which is not at these
-            // paths: it lives in SHIM_DIR). Without one there is nothing
-            // to apply the change with: answered as before, recorded.
+            // The real program, never this shim again (a package could
+            // have made one of these paths a link to it). Without one there
+            // is nothing to apply the change with: answered as before.
             for real in REAL_SYSTEMCTL {
-                if Path::new(real).is_file() {
+                if Path::new(real).is_file() && !is_this_program(Path::new(real)) {
                     use std::os::unix::process::CommandExt;
                     let error = std::process::Command::new(real)
                         .arg0(via)
@@ -491,6 +500,16 @@ pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsStrin
                 }
             }
         }
+    }
+}
+
+/// Whether `path` is the program running now (same file, followed).
+fn is_this_program(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), std::fs::metadata("/proc/self/exe")) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        // Cannot tell: do not run it.
+        _ => true,
     }
 }
 
@@ -719,6 +738,11 @@ mod tests {
         assert_eq!(
             parse_call("systemctl", &args("--root / enable foo")),
             Call::RecordThenOffline(vec![rec("systemctl", "enable", "foo.service")])
+        );
+        // An empty root is none.
+        assert_eq!(
+            parse_call("systemctl", &args("--root= preset foo.service")),
+            Call::Record(vec![rec("systemctl", "preset", "foo.service")], 0)
         );
         // Not without a root, nor another verb with one.
         assert_eq!(
