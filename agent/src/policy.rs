@@ -279,8 +279,8 @@ pub const SYSTEMD_UNIT_DIRS: [&str; 10] = [
     "/lib/systemd/system",
 ];
 
-/// The agent's own systemd unit.
-pub const AGENT_UNIT: &str = "rollguard-agent.service";
+pub use rollguard_shared::services::AGENT_UNIT;
+use rollguard_shared::services::ENABLEMENT_DIRS;
 
 /// Unit file and drop-in directories that configure `rollguard-agent.service`:
 /// its own, the prefix drop-ins (`rollguard-.service.d`) and the drop-ins
@@ -291,10 +291,6 @@ const SYSTEMD_UNIT_NAMES: [&str; 4] = [
     "rollguard-.service.d",
     "service.d",
 ];
-
-/// The suffixes of the directories whose links `systemctl enable` makes
-/// from a unit's `[Install]` (`WantedBy=`, `RequiredBy=`, `UpheldBy=`).
-pub const ENABLEMENT_DIR_SUFFIXES: [&str; 3] = [".wants", ".requires", ".upholds"];
 
 /// The agent's enablement links (see [`ProtectionReason::ServiceEnablement`])
 /// in `unit_dirs` (highest priority first): every `rollguard-agent.service`
@@ -331,9 +327,9 @@ fn agent_unit_links(unit_dirs: &[&str]) -> Vec<PathBuf> {
             };
             let name = entry.file_name();
             let Some(name) = name.to_str().filter(|n| {
-                ENABLEMENT_DIR_SUFFIXES
+                ENABLEMENT_DIRS
                     .iter()
-                    .any(|suffix| n.len() > suffix.len() && n.ends_with(suffix))
+                    .any(|(_, suffix)| n.len() > suffix.len() && n.ends_with(suffix))
             }) else {
                 continue;
             };

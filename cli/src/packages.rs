@@ -57,6 +57,7 @@ use anyhow::{bail, Context, Result};
 use rollguard_shared::manifest::packages::PackageToken;
 use rollguard_shared::manifest::{Derivation, DerivedPackage, PackageKind, PackageRequest};
 use rollguard_shared::path::ScopePath;
+use rollguard_shared::services::{UnitName, AGENT_UNIT, ENABLEMENT_DIRS};
 
 use rollguard_shared::manifest::packages::{DEB_SYSTEMD_HELPER_STATE, DPKG_ADMINDIR, DPKG_LOG};
 /// Where `update-alternatives` keeps its links.
@@ -70,10 +71,6 @@ const VENDOR_UNIT_DIRS: [&str; 2] = ["/lib/systemd/system", "/usr/lib/systemd/sy
 /// (a unit is a few hundred bytes; this bounds what a hostile package
 /// makes `build` hold).
 const MAX_UNIT_BYTES: u64 = 64 * 1024;
-/// The agent's own unit: no package's `[Install]` derives a directory of
-/// it (`RequiredBy=rollguard-agent.service` would make the agent's start
-/// depend on the package's unit).
-const AGENT_UNIT: &str = "rollguard-agent.service";
 
 /// Directories where agents protect files of their own, so a write scope
 /// on (or above) them is refused by every agent: a package writing there
@@ -363,9 +360,9 @@ struct InstallSection {
 /// Parse the `[Install]` section of a unit file. Comments (`#`, `;`) and
 /// other sections are skipped; a line ending in `\` continues on the next;
 /// an empty assignment resets the key's list, as systemd does; a value in
-/// double quotes is unquoted. A value is kept only if it is a plain unit
-/// name (`[A-Za-z0-9:_.@-]`, with a dot, no specifier) and not the agent's
-/// own unit, so it can only ever name a directory directly in
+/// double quotes is unquoted. A value is kept only if it is a unit name
+/// by systemd's grammar ([`UnitName`]: no `/`, no specifier) and not the
+/// agent's own unit, so it can only ever name a directory directly in
 /// `/etc/systemd/system`, and never one that configures the agent.
 fn parse_install(text: &str) -> InstallSection {
     let mut joined: Vec<String> = Vec::new();
@@ -385,7 +382,7 @@ fn parse_install(text: &str) -> InstallSection {
         }
         continued = continues;
     }
-    let mut lists: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut lists: BTreeMap<&'static str, Vec<&str>> = BTreeMap::new();
     let mut aliases = Vec::new();
     let mut in_install = false;
     for line in joined.iter().map(|l| l.trim()) {
@@ -401,36 +398,24 @@ fn parse_install(text: &str) -> InstallSection {
         };
         let key = key.trim();
         let value = value.trim();
-        match key {
-            "WantedBy" | "RequiredBy" | "UpheldBy" => {
-                let list = lists.entry(key).or_default();
-                if value.is_empty() {
-                    list.clear();
-                }
-                list.extend(value.split_whitespace().map(unquote));
+        if let Some((key, _)) = ENABLEMENT_DIRS.iter().find(|(k, _)| *k == key) {
+            let list = lists.entry(key).or_default();
+            if value.is_empty() {
+                list.clear();
             }
-            "Alias" => aliases.extend(value.split_whitespace().map(|a| unquote(a).to_string())),
-            _ => {}
+            list.extend(value.split_whitespace().map(unquote));
+        } else if key == "Alias" {
+            aliases.extend(value.split_whitespace().map(|a| unquote(a).to_string()));
         }
     }
     let mut install = InstallSection {
         aliases,
         ..InstallSection::default()
     };
-    for (key, names) in lists {
-        let suffix = match key {
-            "WantedBy" => ".wants",
-            "RequiredBy" => ".requires",
-            _ => ".upholds",
-        };
-        for name in names {
-            let plain = name.len() <= 255
-                && name.contains('.')
-                && !name.starts_with('.')
-                && name != AGENT_UNIT
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ":_.@-".contains(c));
+    for (key, suffix) in ENABLEMENT_DIRS {
+        for &name in lists.get(key).into_iter().flatten() {
+            // systemd's own grammar: no `/`, no specifier.
+            let plain = UnitName::parse(name).is_ok() && name != AGENT_UNIT;
             match ScopePath::parse(&format!("{ENABLEMENT_ROOT}/{name}{suffix}")) {
                 Ok(dir) if plain => {
                     install.enablement_dirs.insert(dir);

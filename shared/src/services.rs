@@ -12,6 +12,17 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// The agent's own systemd unit.
+pub const AGENT_UNIT: &str = "rollguard-agent.service";
+
+/// The `[Install]` keys whose values `systemctl enable` turns into links,
+/// with the suffix of the directory (`TARGET.wants`...) each goes in.
+pub const ENABLEMENT_DIRS: [(&str, &str); 3] = [
+    ("WantedBy", ".wants"),
+    ("RequiredBy", ".requires"),
+    ("UpheldBy", ".upholds"),
+];
+
 /// Longest unit name systemd accepts (`UNIT_NAME_MAX`).
 const UNIT_NAME_MAX: usize = 256;
 
