@@ -564,7 +564,8 @@ impl HostPolicy {
     /// the agent's systemd unit with its drop-ins and its enablement links.
     /// Paths that do not exist are protected too (a bundle must not create
     /// a stage-2 program where the agent would look for one first, or a
-    /// drop-in), except enablement links: only those there now.
+    /// drop-in); of the enablement links, those there now and their names
+    /// where an entry would override them ([`agent_unit_links`]).
     pub fn protect_agent_programs(&mut self, agent_exe: &Path) {
         let mut programs: Vec<PathBuf> = agent_exe
             .parent()
@@ -936,12 +937,7 @@ impl ProtectedNow<'_> {
             .iter()
             .flat_map(|c| std::iter::once(c.clone()).chain(resolved_forms(c)))
             .collect();
-        let changing = scope
-            .write
-            .iter()
-            .map(|p| ("write", p))
-            .chain(scope.delete.iter().map(|p| ("delete", p)));
-        for (key, path) in changing {
+        for (key, path) in scope.changing_paths() {
             let violation = |via: Option<String>| ScopeViolation::ScopeCeiling {
                 key,
                 path: path.clone(),
@@ -985,9 +981,7 @@ impl ProtectedNow<'_> {
             drop_in_dirs,
         })
     }
-}
 
-impl ProtectedNow<'_> {
     /// A pin that is a symlink is pinned as the link (`sandbox::pins`), and
     /// what it points to is protected under its resolved name. No other
     /// symlink on the way from the link to its target may lie in a write
@@ -998,12 +992,6 @@ impl ProtectedNow<'_> {
         scope: &Scope,
         pins: &[ScopePath],
     ) -> Result<(), ScopeViolation> {
-        let changing: Vec<(&'static str, &ScopePath)> = scope
-            .write
-            .iter()
-            .map(|p| ("write", p))
-            .chain(scope.delete.iter().map(|p| ("delete", p)))
-            .collect();
         for pin in pins {
             let Ok(target) = fs::read_link(pin.as_path()) else {
                 continue;
@@ -1014,8 +1002,9 @@ impl ProtectedNow<'_> {
             let mut met = Vec::new();
             let _ = resolve_path_noting(&parent.join(target), &mut Lookups::default(), &mut met);
             for link in met {
-                let Some((key, path)) =
-                    changing.iter().find(|(_, s)| link.starts_with(s.as_path()))
+                let Some((key, path)) = scope
+                    .changing_paths()
+                    .find(|(_, s)| link.starts_with(s.as_path()))
                 else {
                     continue;
                 };
@@ -1027,7 +1016,7 @@ impl ProtectedNow<'_> {
                     .expect("a pin is one of the protected forms");
                 return Err(ScopeViolation::RedirectablePin {
                     key,
-                    path: (*path).clone(),
+                    path: path.clone(),
                     link,
                     protected: protected.path.clone(),
                     reason: protected.reason,

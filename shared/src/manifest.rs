@@ -246,11 +246,17 @@ impl Scope {
 
     /// Every path the bundle names, with the key it came from.
     pub fn all_paths(&self) -> impl Iterator<Item = (&'static str, &ScopePath)> {
+        self.changing_paths()
+            .chain(self.read.iter().map(|p| ("read", p)))
+    }
+
+    /// The paths the bundle may change (write and delete), with the key
+    /// each came from.
+    pub fn changing_paths(&self) -> impl Iterator<Item = (&'static str, &ScopePath)> {
         self.write
             .iter()
             .map(|p| ("write", p))
             .chain(self.delete.iter().map(|p| ("delete", p)))
-            .chain(self.read.iter().map(|p| ("read", p)))
     }
 }
 

@@ -883,15 +883,22 @@ fn read_session_from(gate: &mut UnixStream) -> Option<u32> {
             Ok(1) => line.push(byte[0]),
             // Interrupted by a signal (see `receive_requests_dir`): again,
             // for what is left of the wait.
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                let left = deadline.checked_duration_since(Instant::now())?;
-                gate.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                    .ok()?;
-            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => wait_until(gate, deadline)?,
             _ => return None,
         }
     }
     None
+}
+
+/// Set the gate's receive timeout to what is left until `deadline`, for
+/// another try after a signal interrupted a wait (each call would start
+/// the whole timeout afresh, and a steady stream of signals must not make
+/// the wait endless); `None` once it has passed.
+fn wait_until(gate: &UnixStream, deadline: Instant) -> Option<()> {
+    let left = deadline.checked_duration_since(Instant::now())?;
+    // A zero timeout would mean none at all.
+    gate.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .ok()
 }
 
 /// The descriptors stage 2 sends on the gate after its session line (see
@@ -905,14 +912,12 @@ fn receive_requests_dir(gate: &UnixStream, preview: bool) -> Option<Vec<OwnedFd>
     let mut byte = [0u8; 1];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    // The gate has a receive timeout (set here), and a
-    // socket call with one is never restarted after a signal handler ran,
-    // SA_RESTART or not (signal(7)): a child of another run exiting
-    // (SIGCHLD) would otherwise end this wait, the run would be released
-    // without its directory and stage 2 fail on a closed gate. Nothing is
-    // received when it is interrupted: ask again, for what is left of the
-    // wait (each call would start the timeout afresh, and a steady stream
-    // of signals must not make the wait endless).
+    // The gate has a receive timeout (set here), and a socket call with one
+    // is never restarted after a signal handler ran, SA_RESTART or not
+    // (signal(7)): a child of another run exiting (SIGCHLD) would otherwise
+    // end this wait, the run would be released without its directory and
+    // stage 2 fail on a closed gate. Nothing is received when it is
+    // interrupted: ask again, for what is left of the wait.
     let deadline = Instant::now() + SESSION_WAIT;
     gate.set_read_timeout(Some(SESSION_WAIT)).ok()?;
     let msg = loop {
@@ -922,12 +927,7 @@ fn receive_requests_dir(gate: &UnixStream, preview: bool) -> Option<Vec<OwnedFd>
             &mut control,
             RecvFlags::CMSG_CLOEXEC,
         ) {
-            Err(rustix::io::Errno::INTR) => {
-                let left = deadline.checked_duration_since(Instant::now())?;
-                // A zero timeout would mean none at all.
-                gate.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                    .ok()?;
-            }
+            Err(rustix::io::Errno::INTR) => wait_until(gate, deadline)?,
             received => break received.ok()?,
         }
     };

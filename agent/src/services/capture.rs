@@ -449,8 +449,7 @@ pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsStrin
             // judge; the verb is never performed by the agent anyway.
             records.retain(|r| r.unit.is_empty() || UnitName::parse(&r.unit).is_ok());
             if let Err(e) = append(&records) {
-                eprintln!("{via}: cannot record the request in {REQUESTS_FILE}: {e} (this program only works inside a rollguard run)");
-                return ExitCode::from(1);
+                return cannot_record(via, &e);
             }
             // The real program, never this shim again (a package could
             // have made one of these paths a link to it). Without one there
@@ -494,13 +493,15 @@ pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsStrin
                     }
                     ExitCode::from(code)
                 }
-                Err(e) => {
-                    eprintln!("{via}: cannot record the request in {REQUESTS_FILE}: {e} (this program only works inside a rollguard run)");
-                    ExitCode::from(1)
-                }
+                Err(e) => cannot_record(via, &e),
             }
         }
     }
+}
+
+fn cannot_record(via: &str, e: &std::io::Error) -> ExitCode {
+    eprintln!("{via}: cannot record the request in {REQUESTS_FILE}: {e} (this program only works inside a rollguard run)");
+    ExitCode::from(1)
 }
 
 /// Whether `path` is the program running now (same file, followed).
