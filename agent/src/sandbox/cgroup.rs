@@ -8,6 +8,7 @@
 //! `cgroup.kill` (Linux 5.14), which SIGKILLs every member atomically, with
 //! no race against forks; without it we refuse to run.
 
+use super::mountinfo::{self, MountEntry, MountinfoError};
 use rollguard_shared::PathIoError;
 use std::fs;
 use std::io;
@@ -27,6 +28,8 @@ pub enum CgroupError {
     NoCgroupKill(PathBuf),
     #[error(transparent)]
     Io(#[from] PathIoError),
+    #[error(transparent)]
+    Mountinfo(#[from] MountinfoError),
     #[error("the {0} controller is available neither in cgroup v2 (for the runs' parent) nor in a cgroup v1 hierarchy; refusing to run without resource limits")]
     NoController(&'static str),
     #[error("cgroup {path} still has processes after {waited:?}")]
@@ -36,48 +39,21 @@ pub enum CgroupError {
 /// The mount point of the cgroup v2 hierarchy, and the path of the
 /// hierarchy's root within it (`/` unless mounted from a sub-cgroup).
 pub fn cgroup2_mount() -> Result<(PathBuf, String), CgroupError> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(PathIoError::at("reading", "/proc/self/mountinfo"))?;
-    parse_cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2)
+    cgroup2_of(&mountinfo::read_self()?).ok_or(CgroupError::NoCgroup2)
 }
 
-/// `/proc/self/mountinfo`: `id parent maj:min root mount-point opts [optional...] - fstype source superopts`.
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, String)> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let mut fields = left.split_whitespace();
-        let root = unescape_mountinfo(fields.nth(3)?);
-        let mount_point = unescape_mountinfo(fields.next()?);
-        Some((PathBuf::from(mount_point), root))
-    })
+/// The first cgroup v2 mount of `mounts`: its mount point and root.
+fn cgroup2_of(mounts: &[MountEntry]) -> Option<(PathBuf, String)> {
+    mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(mount_point_and_root)
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-pub(crate) fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let digits = &bytes[i + 1..i + 4];
-            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let value = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                if let Ok(v) = u8::try_from(value) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A cgroup mount's point, and its root as the text `/proc/self/cgroup`
+/// paths are compared with.
+pub(crate) fn mount_point_and_root(m: &MountEntry) -> (PathBuf, String) {
+    (m.mount_point.clone(), m.root.to_string_lossy().into_owned())
 }
 
 /// This process's cgroup v2 path (the `0::` line of `/proc/self/cgroup`).
@@ -330,18 +306,16 @@ mod tests {
 25 1 0:23 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
 ";
+        let of = |text: &str| cgroup2_of(&mountinfo::parse(text).unwrap());
         assert_eq!(
-            parse_cgroup2_mount(info),
+            of(info),
             Some((PathBuf::from("/sys/fs/cgroup/unified"), "/".to_string()))
         );
         assert_eq!(
-            parse_cgroup2_mount("25 1 0:23 / /sys/fs/cgroup rw - cgroup cgroup rw\n"),
+            of("25 1 0:23 / /sys/fs/cgroup rw - cgroup cgroup rw\n"),
             None
         );
         let escaped = "41 31 0:38 / /mnt/cg\\040two rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            parse_cgroup2_mount(escaped).unwrap().0,
-            PathBuf::from("/mnt/cg two")
-        );
+        assert_eq!(of(escaped).unwrap().0, PathBuf::from("/mnt/cg two"));
     }
 }

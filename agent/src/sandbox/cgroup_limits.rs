@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use super::cgroup::{self, CgroupError, RunCgroup, RUNS_DIR};
 use super::limits::{LimitHit, RunLimits};
+use super::mountinfo::{self, MountEntry};
 
 /// The controllers every run needs.
 pub const CONTROLLERS: [&str; 3] = ["pids", "memory", "cpu"];
@@ -161,15 +162,14 @@ fn enable_v2(run_dir: &Path) -> Result<bool, CgroupError> {
 /// The per-run v1 cgroup of each controller for `run_id`; an error if a
 /// controller is in no v1 hierarchy either.
 fn v1_run_dirs(run_id: &str) -> Result<Vec<(&'static str, PathBuf)>, CgroupError> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(PathIoError::at("reading", "/proc/self/mountinfo"))?;
+    let mounts = mountinfo::read_self()?;
     let own = fs::read_to_string("/proc/self/cgroup")
         .map_err(PathIoError::at("reading", "/proc/self/cgroup"))?;
     CONTROLLERS
         .iter()
         .map(|controller| {
             let (mount, root) =
-                v1_mount(&mountinfo, controller).ok_or(CgroupError::NoController(controller))?;
+                v1_mount(&mounts, controller).ok_or(CgroupError::NoController(controller))?;
             let path =
                 own_v1_path(&own, controller).ok_or(CgroupError::NoController(controller))?;
             let relative = if root == "/" {
@@ -186,23 +186,13 @@ fn v1_run_dirs(run_id: &str) -> Result<Vec<(&'static str, PathBuf)>, CgroupError
         .collect()
 }
 
-/// Mount point and root of the v1 hierarchy carrying `controller`.
-fn v1_mount(mountinfo: &str, controller: &str) -> Option<(PathBuf, String)> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut right = right.split_whitespace();
-        if right.next()? != "cgroup" {
-            return None;
-        }
-        let options = right.nth(1)?;
-        if !options.split(',').any(|o| o == controller) {
-            return None;
-        }
-        let mut fields = left.split_whitespace();
-        let root = cgroup::unescape_mountinfo(fields.nth(3)?);
-        let mount_point = cgroup::unescape_mountinfo(fields.next()?);
-        Some((PathBuf::from(mount_point), root))
-    })
+/// Mount point and root of the v1 hierarchy carrying `controller` (one
+/// of its superblock options).
+fn v1_mount(mounts: &[MountEntry], controller: &str) -> Option<(PathBuf, String)> {
+    mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup" && m.super_options.iter().any(|o| o == controller))
+        .map(cgroup::mount_point_and_root)
 }
 
 /// This process's path in the v1 hierarchy of `controller`
@@ -313,11 +303,12 @@ mod tests {
 35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
+        let mounts = mountinfo::parse(info).unwrap();
         assert_eq!(
-            v1_mount(info, "cpu"),
+            v1_mount(&mounts, "cpu"),
             Some((PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"), "/".into()))
         );
-        assert_eq!(v1_mount(info, "pids"), None);
+        assert_eq!(v1_mount(&mounts, "pids"), None);
         let own = "4:memory:/process_api/x\n2:cpu,cpuacct:/\n0::/\n";
         assert_eq!(
             own_v1_path(own, "memory").as_deref(),

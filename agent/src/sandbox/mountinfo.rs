@@ -1,5 +1,8 @@
 //! `/proc/self/mountinfo`, parsed into typed entries, and the question the
 //! sandbox asks of it: where else is a protected path's data mounted?
+//! The agent's one reader of the table: the cgroup hierarchies are found
+//! through it too (`cgroup::cgroup2_mount`, `cgroup_limits`), so every
+//! part reads escapes and fields alike, and strictly.
 //!
 //! A protected tree can be reachable through a second mount of the same
 //! file system (a bind mount, or the whole volume mounted twice). Landlock
@@ -32,6 +35,9 @@ pub struct MountEntry {
     pub options: Vec<String>,
     pub fstype: String,
     pub source: String,
+    /// Per-superblock options (a cgroup v1 hierarchy's controllers are
+    /// among them: `rw,cpu,cpuacct`).
+    pub super_options: Vec<String>,
 }
 
 impl MountEntry {
@@ -99,6 +105,9 @@ fn parse_line(line: &str) -> Result<MountEntry, &'static str> {
     }
     let fstype = next("fstype")?.to_string();
     let source = next("source").map(str::to_string).unwrap_or_default();
+    let super_options = next("super options")
+        .map(|o| o.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
     Ok(MountEntry {
         id,
         parent,
@@ -109,6 +118,7 @@ fn parse_line(line: &str) -> Result<MountEntry, &'static str> {
         options,
         fstype,
         source,
+        super_options,
     })
 }
 
