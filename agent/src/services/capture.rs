@@ -111,24 +111,11 @@ const QUERY_VERBS: &[&str] = &[
     "show-environment",
 ];
 
-/// Verbs with no effect on running code: recorded, never performed,
-/// never a denial (enabling or masking changes what starts at boot; a
-/// `daemon-reload` is made by systemd itself when the agent acts).
-const IGNORED_VERBS: &[&str] = &[
-    "daemon-reload",
-    "enable",
-    "disable",
-    "reenable",
-    "preset",
-    "preset-all",
-    "mask",
-    "unmask",
-    "link",
-    "revert",
-    "add-wants",
-    "add-requires",
-    "reset-failed",
-];
+/// Verbs with no effect on running code beyond the unit-file verbs
+/// ([`OFFLINE_UNIT_FILE_VERBS`], which are ignored too): recorded, never
+/// performed, never a denial (enabling or masking changes what starts at
+/// boot; a `daemon-reload` is made by systemd itself when the agent acts).
+const IGNORED_VERBS: &[&str] = &["daemon-reload", "reset-failed"];
 
 /// Unit-file verbs that `systemctl --root=DIR` performs on the file system
 /// itself, talking to no service manager: `deb-systemd-helper enable`
@@ -185,7 +172,9 @@ pub fn classify_verb(verb: &str) -> VerbClass {
         | "reload-or-restart"
         | "try-reload-or-restart"
         | "reload-or-try-restart" => VerbClass::Perform(ServiceAction::TryRestart),
-        v if IGNORED_VERBS.contains(&v) => VerbClass::Ignored,
+        v if IGNORED_VERBS.contains(&v) || OFFLINE_UNIT_FILE_VERBS.contains(&v) => {
+            VerbClass::Ignored
+        }
         _ => VerbClass::NotPerformed,
     }
 }
