@@ -24,6 +24,18 @@ fn stat(path: &Path) -> (u32, u32, u32, i64, i64, i64, i64) {
     )
 }
 
+/// The run was refused before anything ran, for a protected path (exit
+/// status 2); the reason it gives.
+fn refused_for_protected_path(report: &Value, code: i32) -> &str {
+    assert_eq!(
+        (report["status"].as_str(), code),
+        (Some("refused"), 2),
+        "{report:#}"
+    );
+    assert_eq!(report["refusal"], "protected_path", "{report:#}");
+    report["reason"].as_str().unwrap()
+}
+
 #[test]
 fn metadata_changes_on_protected_and_out_of_scope_files_fail_and_are_reported() {
     let keys = Keys::new(&["alice"]);
@@ -131,10 +143,7 @@ fn another_mount_of_etc_inside_a_write_scope_is_refused() {
         !escaped,
         "the bundle wrote into /etc through the bind: {report:#}"
     );
-    assert_eq!(report["status"], "refused", "{report:#}");
-    assert_eq!(report["refusal"], "protected_path", "{report:#}");
-    assert_eq!(code, 2);
-    let reason = report["reason"].as_str().unwrap();
+    let reason = refused_for_protected_path(&report, code);
     assert!(reason.contains(alias.to_str().unwrap()), "{reason}");
 }
 
@@ -157,10 +166,7 @@ fn a_protected_tree_mounted_beneath_a_delete_scope_is_refused_naming_both_mounts
     );
     let bundle = host.build_signed(&src, &keys, &["alice"]);
     let (report, code) = host.run(&bundle);
-    assert_eq!(report["status"], "refused", "{report:#}");
-    assert_eq!(report["refusal"], "protected_path", "{report:#}");
-    assert_eq!(code, 2);
-    let reason = report["reason"].as_str().unwrap();
+    let reason = refused_for_protected_path(&report, code);
     assert!(reason.contains(alias.to_str().unwrap()), "{reason}");
     assert!(
         reason.contains(host.root().join("backup").to_str().unwrap()),
@@ -249,13 +255,7 @@ fn the_agents_programs_inside_a_write_scope_are_pinned_and_attacks_on_them_repor
     let src = host.bundle_source("pin-1", &manifest("pin", 1, "\"mail-*\"", scope), script);
     let bundle = host.build_signed(&src, &keys, &["alice"]);
     let (report, code) = run_with(&host, &agent, &bundle);
-    assert_eq!(
-        (report["status"].as_str(), code),
-        (Some("refused"), 2),
-        "{report:#}"
-    );
-    assert_eq!(report["refusal"], "protected_path", "{report:#}");
-    let reason = report["reason"].as_str().unwrap();
+    let reason = refused_for_protected_path(&report, code);
     assert!(
         reason.contains("libexec/rollguard") && reason.contains("could create it"),
         "{reason}"
@@ -314,13 +314,7 @@ fn an_operators_protected_path_inside_a_write_scope_is_still_refused() {
     );
     let bundle = host.build_signed(&src, &keys, &["alice"]);
     let (report, code) = host.run(&bundle);
-    assert_eq!(
-        (report["status"].as_str(), code),
-        (Some("refused"), 2),
-        "{report:#}"
-    );
-    assert_eq!(report["refusal"], "protected_path", "{report:#}");
-    let reason = report["reason"].as_str().unwrap();
+    let reason = refused_for_protected_path(&report, code);
     assert!(
         reason.contains(host.root().join("backup").to_str().unwrap())
             && reason.contains("listed in [protect]"),
@@ -337,9 +331,26 @@ const UNIT_DIR: &str = "/usr/local/lib/systemd/system";
 /// The tests that use [`UNIT_DIR`], one at a time.
 static UNIT_DIR_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-struct RemoveUnitDir;
+/// A test's turn at [`UNIT_DIR`], taken only where this machine has no
+/// such directory; the directory is removed when the turn ends.
+struct UnitDirTurn {
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
 
-impl Drop for RemoveUnitDir {
+impl UnitDirTurn {
+    fn take() -> UnitDirTurn {
+        let one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            !Path::new(UNIT_DIR).exists(),
+            "{UNIT_DIR} exists on this machine: the test would change it"
+        );
+        UnitDirTurn {
+            _one_at_a_time: one_at_a_time,
+        }
+    }
+}
+
+impl Drop for UnitDirTurn {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(UNIT_DIR);
         let _ = fs::remove_dir("/usr/local/lib/systemd");
@@ -348,13 +359,8 @@ impl Drop for RemoveUnitDir {
 
 #[test]
 fn a_missing_drop_in_directory_of_the_agents_unit_in_a_scope_is_created_empty_and_pinned() {
-    let _one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = UnitDirTurn::take();
     let unit_dir = Path::new(UNIT_DIR);
-    assert!(
-        !unit_dir.exists(),
-        "{UNIT_DIR} exists on this machine: the test would change it"
-    );
-    let _cleanup = RemoveUnitDir;
     fs::create_dir_all(unit_dir).unwrap();
     let keys = Keys::new(&["alice"]);
     let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
@@ -385,13 +391,7 @@ fn a_missing_drop_in_directory_of_the_agents_unit_in_a_scope_is_created_empty_an
     let src = host.bundle_source("ph-1", &manifest("ph", 1, "\"mail-*\"", &scope), &script);
     let bundle = host.build_signed(&src, &keys, &["alice"]);
     let (report, code) = host.run(&bundle);
-    assert_eq!(
-        (report["status"].as_str(), code),
-        (Some("refused"), 2),
-        "{report:#}"
-    );
-    assert_eq!(report["refusal"], "protected_path", "{report:#}");
-    let reason = report["reason"].as_str().unwrap();
+    let reason = refused_for_protected_path(&report, code);
     assert!(
         reason.contains("rollguard-agent.service ") && reason.contains("could create it"),
         "{reason}"
@@ -461,20 +461,21 @@ fn a_directory_between_two_nested_scopes_above_a_pin_cannot_be_renamed() {
     // `/usr/local/lib/systemd` between the two scopes must not be
     // renamable either, or the bundle moves the whole unit directory
     // away and writes a fresh one with a drop-in for the agent's unit.
-    let _one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let unit_dir = Path::new(UNIT_DIR);
     let moved = Path::new("/usr/local/lib/systemd.old");
     assert!(
-        !unit_dir.exists() && !moved.exists(),
-        "{UNIT_DIR} exists on this machine: the test would change it"
+        !moved.exists(),
+        "{} exists on this machine: the test would change it",
+        moved.display()
     );
+    let _turn = UnitDirTurn::take();
+    let unit_dir = Path::new(UNIT_DIR);
     struct RemoveMoved;
     impl Drop for RemoveMoved {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all("/usr/local/lib/systemd.old");
         }
     }
-    let _cleanup = (RemoveUnitDir, RemoveMoved);
+    let _cleanup = RemoveMoved;
     fs::create_dir_all(unit_dir).unwrap();
     let unit = unit_dir.join("rollguard-agent.service");
     fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
@@ -617,13 +618,8 @@ echo done
 /// refuses the next bundle that could write that directory.
 #[test]
 fn an_alias_of_the_agents_unit_made_by_the_run_is_removed_reported_and_fails_it() {
-    let _one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = UnitDirTurn::take();
     let unit_dir = Path::new(UNIT_DIR);
-    assert!(
-        !unit_dir.exists(),
-        "{UNIT_DIR} exists on this machine: the test would change it"
-    );
-    let _cleanup = RemoveUnitDir;
     fs::create_dir_all(unit_dir).unwrap();
     let unit = unit_dir.join("rollguard-agent.service");
     fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
@@ -687,16 +683,8 @@ fn an_alias_of_the_agents_unit_made_by_the_run_is_removed_reported_and_fails_it(
     let src = host.bundle_source("al-2", &manifest("al", 2, "\"mail-*\"", &scope), &script);
     let bundle = host.build_signed(&src, &keys, &["alice"]);
     let (report, code) = host.run(&bundle);
-    assert_eq!(
-        (report["status"].as_str(), code),
-        (Some("refused"), 2),
-        "{report:#}"
-    );
-    assert_eq!(report["refusal"], "protected_path", "{report:#}");
-    assert!(
-        report["reason"].as_str().unwrap().contains("z.service"),
-        "{report:#}"
-    );
+    let reason = refused_for_protected_path(&report, code);
+    assert!(reason.contains("z.service"), "{reason}");
     assert!(fs::symlink_metadata(unit_dir.join("x.service")).is_err());
 }
 
@@ -708,13 +696,8 @@ fn an_alias_of_the_agents_unit_made_by_the_run_is_removed_reported_and_fails_it(
 /// above it cannot carry the directory away either.
 #[test]
 fn the_agents_enablement_link_is_pinned_as_a_link_in_a_scope() {
-    let _one_at_a_time = UNIT_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = UnitDirTurn::take();
     let unit_dir = Path::new(UNIT_DIR);
-    assert!(
-        !unit_dir.exists(),
-        "{UNIT_DIR} exists on this machine: the test would change it"
-    );
-    let _cleanup = RemoveUnitDir;
     let wants = unit_dir.join("multi-user.target.wants");
     fs::create_dir_all(&wants).unwrap();
     let unit = unit_dir.join("rollguard-agent.service");
@@ -817,18 +800,10 @@ fn the_agents_enablement_link_is_pinned_as_a_link_in_a_scope() {
         let src = host.bundle_source("en-3", &manifest("en", 3, "\"mail-*\"", &scope), &mask);
         let bundle = host.build_signed(&src, &keys, &["alice"]);
         let (report, code) = host.run(&bundle);
-        assert_eq!(
-            (report["status"].as_str(), code),
-            (Some("refused"), 2),
-            "{report:#}"
-        );
-        assert_eq!(report["refusal"], "protected_path", "{report:#}");
+        let reason = refused_for_protected_path(&report, code);
         assert!(
-            report["reason"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("{etc_wants}/rollguard-agent.service")),
-            "{report:#}"
+            reason.contains(&format!("{etc_wants}/rollguard-agent.service")),
+            "{reason}"
         );
         assert!(fs::symlink_metadata(format!("{etc_wants}/rollguard-agent.service")).is_err());
     }
