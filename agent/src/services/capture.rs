@@ -648,6 +648,37 @@ mod tests {
         s.split_whitespace().map(String::from).collect()
     }
 
+    #[test]
+    fn verbs_are_classified_as_docs_services_md_says() {
+        assert_eq!(
+            classify_verb("reload"),
+            VerbClass::Perform(ServiceAction::Reload)
+        );
+        for verb in [
+            "restart",
+            "try-restart",
+            "force-reload",
+            "reload-or-restart",
+        ] {
+            assert_eq!(
+                classify_verb(verb),
+                VerbClass::Perform(ServiceAction::TryRestart),
+                "{verb}"
+            );
+        }
+        // Every unit-file verb the shim may hand to the real systemctl is
+        // ignored as a request, and so are these two.
+        for verb in OFFLINE_UNIT_FILE_VERBS
+            .iter()
+            .chain(["daemon-reload", "reset-failed"].iter())
+        {
+            assert_eq!(classify_verb(verb), VerbClass::Ignored, "{verb}");
+        }
+        for verb in ["start", "stop", "kill", "reboot", "isolate", ""] {
+            assert_eq!(classify_verb(verb), VerbClass::NotPerformed, "{verb}");
+        }
+    }
+
     fn rec(via: &str, verb: &str, unit: &str) -> Record {
         Record {
             via: via.into(),
