@@ -229,8 +229,12 @@ pub fn join_v1(dirs: &[PathBuf]) -> Result<(), CgroupError> {
 /// Remove the per-run v1 cgroups of `run_id`, once its processes are gone
 /// (a dying task can keep a v1 cgroup busy for a moment: retried).
 pub fn remove_v1(run_id: &str, grace: std::time::Duration) -> Result<(), CgroupError> {
-    let Ok(dirs) = v1_run_dirs(run_id) else {
-        return Ok(());
+    let dirs = match v1_run_dirs(run_id) {
+        Ok(dirs) => dirs,
+        // No v1 hierarchy for a controller: the run made no v1 cgroups.
+        Err(CgroupError::NoController(_)) => return Ok(()),
+        // The tables could not be read: said, not taken for "none".
+        Err(e) => return Err(e),
     };
     let deadline = std::time::Instant::now() + grace;
     for (_, dir) in dirs {

@@ -26,6 +26,11 @@ pub struct KernelSupport {
     pub seccomp_errno_logged: bool,
     /// Mount point of the cgroup v2 hierarchy.
     pub cgroup2_mount: Option<PathBuf>,
+    /// Why the cgroup v2 hierarchy could not be looked up, when the mount
+    /// table itself could not be read or parsed (not said when it was
+    /// read and holds no such mount).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup2_unreadable: Option<String>,
     /// `cgroup.kill` exists (Linux 5.14+).
     pub cgroup_kill: bool,
     pub mount_namespaces: bool,
@@ -63,7 +68,11 @@ impl KernelSupport {
             Err(e) => (None, Some(e)),
         };
         let seccomp_dir = Path::new("/proc/sys/kernel/seccomp");
-        let cgroup2_mount = super::cgroup::cgroup2_mount().ok().map(|(m, _)| m);
+        let (cgroup2_mount, cgroup2_unreadable) = match super::cgroup::cgroup2_mount() {
+            Ok((mount, _)) => (Some(mount), None),
+            Err(super::cgroup::CgroupError::NoCgroup2) => (None, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
         let cgroup_kill = cgroup2_mount.as_deref().is_some_and(has_cgroup_kill);
         KernelSupport {
             kernel_release: kernel_release(),
@@ -72,6 +81,7 @@ impl KernelSupport {
             seccomp_filter: seccomp_dir.join("actions_avail").exists(),
             seccomp_errno_logged: seccomp_errno_logged(),
             cgroup2_mount,
+            cgroup2_unreadable,
             cgroup_kill,
             mount_namespaces: Path::new("/proc/self/ns/mnt").exists(),
             network_namespaces: Path::new("/proc/self/ns/net").exists(),
@@ -111,7 +121,10 @@ impl KernelSupport {
             missing.push("seccomp filters are unavailable (CONFIG_SECCOMP_FILTER)".into());
         }
         if self.cgroup2_mount.is_none() {
-            missing.push("no cgroup v2 hierarchy is mounted".into());
+            missing.push(match &self.cgroup2_unreadable {
+                Some(why) => format!("the cgroup v2 hierarchy cannot be looked up: {why}"),
+                None => "no cgroup v2 hierarchy is mounted".into(),
+            });
         } else if !self.cgroup_kill {
             missing
                 .push("cgroup.kill is missing (Linux 5.14+ needed to kill a run reliably)".into());

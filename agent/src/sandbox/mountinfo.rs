@@ -131,12 +131,17 @@ fn unescape(field: &str) -> PathBuf {
         let octal = b
             .get(i + 1..i + 4)
             .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                let v = u32::from(d[0] - b'0') * 64
-                    + u32::from(d[1] - b'0') * 8
-                    + u32::from(d[2] - b'0');
-                out.push(v as u8);
+        // An escape only when it is a byte (the kernel writes `\ooo` of
+        // one byte); anything else is kept as written.
+        let byte = octal.and_then(|d| {
+            u8::try_from(
+                u32::from(d[0] - b'0') * 64 + u32::from(d[1] - b'0') * 8 + u32::from(d[2] - b'0'),
+            )
+            .ok()
+        });
+        match (b[i], byte) {
+            (b'\\', Some(v)) => {
+                out.push(v);
                 i += 4;
             }
             (c, _) => {
@@ -291,12 +296,13 @@ mod tests {
 62 27 254:0 /srv/backup/daily /var/spool/tmp/d rw - ext4 /dev/vda rw
 63 27 0:40 / /srv/backup/extra rw - tmpfs tmpfs rw
 64 27 254:0 /home /mnt/with\\040space rw - ext4 /dev/vda rw
+65 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:9 master:3 - cgroup  rw,cpu,cpuacct
 ";
 
     #[test]
     fn parses_fields_and_escapes() {
         let m = parse(TABLE).unwrap();
-        assert_eq!(m.len(), 7);
+        assert_eq!(m.len(), 8);
         assert_eq!(m[2].id, 60);
         assert_eq!(m[2].root, PathBuf::from("/srv/backup"));
         assert_eq!(m[2].mount_point, PathBuf::from("/mnt/b"));
@@ -305,6 +311,18 @@ mod tests {
         assert!(m[2].is_rw());
         assert!(!m[3].is_rw());
         assert_eq!(m[6].mount_point, PathBuf::from("/mnt/with space"));
+        // Optional fields skipped, an empty source, the superblock options
+        // (a cgroup v1 hierarchy's controllers).
+        assert_eq!(m[7].fstype, "cgroup");
+        assert_eq!(m[7].source, "");
+        assert_eq!(m[7].super_options, ["rw", "cpu", "cpuacct"]);
+        assert_eq!(
+            m[7].mount_point,
+            PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")
+        );
+        // An octal escape beyond a byte is not one: kept as written.
+        assert_eq!(unescape("/a\\777b"), PathBuf::from("/a\\777b"));
+        assert_eq!(unescape("/a\\134b"), PathBuf::from("/a\\b"));
         assert!(parse("27 1 x / / rw - ext4 a rw").is_err());
         assert!(parse("27 1 1:2 / / rw").is_err());
     }
