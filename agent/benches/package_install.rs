@@ -19,8 +19,8 @@
 //! once, then the same .deb is reinstalled, alternately (A B B A ...):
 //!
 //! - bare: `setsid --wait dpkg --admindir=/var/lib/dpkg
-//!   --log=/var/log/dpkg.log --force-confdef --force-confold --install
-//!   FILE` with `DEBIAN_FRONTEND=noninteractive`: exactly the agent's dpkg
+//!   --log=/var/log/dpkg.log --force-confdef --force-confold --no-triggers
+//!   --install FILE` with `DEBIAN_FRONTEND=noninteractive`: exactly the agent's dpkg
 //!   command line, in a session of its own as the sandbox puts the bundle
 //!   (with autogroup scheduling a session is a CPU scheduling group);
 //! - sandboxed: `rollguard-agent run --policy P BUNDLE` of a signed bundle
@@ -34,6 +34,15 @@
 //! Twice: with the agent's state directory on the disk (the real
 //! configuration), and on a tmpfs, which takes the agent's own durable
 //! writes and the payload's trip through the disk out of the figure.
+//!
+//! With the state on the disk, each round also runs a trivial bundle
+//! (`#!/bin/sh` then `true`, declaring the package bundle's derived scope
+//! as its write scope) through the same agent and policy, and that script
+//! bare: the fixed cost of any confined run (verification, cgroup,
+//! namespaces, Landlock, seccomp, audit, the durable records), measured
+//! in the same rounds as the install, so that the install's own share of
+//! the added latency (package's added minus trivial's added, per round)
+//! is not a difference between two runs on a machine whose speed moves.
 //!
 //! dpkg itself writes to the real root: `/usr/share/rgbench`,
 //! `/etc/rgbench` and `/var/lib/dpkg` on this machine's disk, on both
@@ -88,6 +97,7 @@ const DPKG: &[&str] = &[
     "--log=/var/log/dpkg.log",
     "--force-confdef",
     "--force-confold",
+    "--no-triggers",
     "--install",
 ];
 
@@ -221,6 +231,10 @@ fn main() {
         "the .deb compressed the random data: {deb_size} bytes"
     );
     let bundles = build_bundles(&cli, &scratch, &key, &deb, runs + 1);
+    let trivial_bundles = build_trivial_bundles(&cli, &scratch, &key, runs + 1);
+    let trivial_script = scratch.join("trivial.sh");
+    fs::write(&trivial_script, TRIVIAL_SCRIPT).unwrap();
+    fs::set_permissions(&trivial_script, fs::Permissions::from_mode(0o755)).unwrap();
 
     let denials = std::cell::RefCell::new(Vec::<String>::new());
     let sandboxed = |policy: &Path, bundle: &Path| {
@@ -275,14 +289,47 @@ fn main() {
         sample
     };
 
+    let bare_trivial = || {
+        let cpu = children_cpu();
+        let t = Instant::now();
+        let status = Command::new(&trivial_script).status().unwrap();
+        assert!(status.success());
+        Sample {
+            wall: t.elapsed(),
+            cpu: children_cpu() - cpu,
+        }
+    };
+
     // v1 installed bare once (not counted), then one warm-up of each kind
     // (page cache, first-run effects), not counted either.
     bare();
     bare();
     sandboxed(&policy_disk, &bundles[0]);
     sandboxed(&policy_tmpfs, &bundles[0]);
+    sandboxed(&policy_disk, &trivial_bundles[0]);
+    bare_trivial();
 
-    let disk = Pairs::measure(runs, |i| sandboxed(&policy_disk, &bundles[i]), |_| bare());
+    // Each round's trivial pair runs right after its package pair.
+    let trivial = std::cell::RefCell::new(Pairs {
+        sandboxed: vec![],
+        bare: vec![],
+    });
+    let disk = Pairs::measure(
+        runs,
+        |i| {
+            let s = sandboxed(&policy_disk, &bundles[i]);
+            let t = sandboxed(&policy_disk, &trivial_bundles[i]);
+            trivial.borrow_mut().sandboxed.push(t);
+            s
+        },
+        |_| {
+            let b = bare();
+            let t = bare_trivial();
+            trivial.borrow_mut().bare.push(t);
+            b
+        },
+    );
+    let trivial = trivial.into_inner();
     let tmpfs = Pairs::measure(runs, |i| sandboxed(&policy_tmpfs, &bundles[i]), |_| bare());
 
     let wall = |s: &Sample| s.wall;
@@ -327,6 +374,30 @@ fn main() {
             stat(&p.ratios(cpu), "")
         );
     }
+    println!("the same rounds (state on disk): a trivial bundle (`true`, the package's scope)");
+    println!(
+        "  rollguard-agent run, wall clock        {}",
+        ms(&Pairs::wall(&trivial.sandboxed))
+    );
+    println!(
+        "  added latency (fixed cost), per round  {}",
+        stat(&trivial.differences_ms(), " ms")
+    );
+    println!(
+        "  rollguard-agent run, CPU time (tree)   {}",
+        ms(&Pairs::cpu(&trivial.sandboxed))
+    );
+    let own: Vec<f64> = disk
+        .differences_ms()
+        .iter()
+        .zip(trivial.differences_ms())
+        .map(|(package, fixed)| package - fixed)
+        .collect();
+    println!(
+        "  the install's own share, per round     {}",
+        stat(&own, " ms")
+    );
+    println!("    (the package's added latency minus the trivial bundle's)");
     let denials = denials.borrow();
     if !denials.is_empty() {
         println!("denials reported by the sandboxed runs (each would halt a rollout):");
@@ -454,24 +525,57 @@ fn build_bundles(cli: &Path, out: &Path, key: &Path, deb: &Path, count: usize) -
             )
             .unwrap();
             let bundle = out.join(format!("packages-{v}.bundle"));
-            run_ok(
-                Command::new(cli)
-                    .args(["bundle", "build"])
-                    .arg(&src)
-                    .arg("-o")
-                    .arg(&bundle),
-            );
-            run_ok(
-                Command::new(cli)
-                    .args(["bundle", "sign"])
-                    .arg(&bundle)
-                    .arg("--key")
-                    .arg(key)
-                    .args(["--signer", "bench"]),
-            );
+            sign_built(cli, &src, &bundle, key);
             bundle
         })
         .collect()
+}
+
+/// The trivial bundle's command, and the bare side's script.
+const TRIVIAL_SCRIPT: &str = "#!/bin/sh\ntrue\n";
+
+/// Signed trivial bundles with versions 1..=count (`run.sh`:
+/// [`TRIVIAL_SCRIPT`]), declaring as their write scope what `bundle build`
+/// derives for the package, so that stage 2 confines them the same way.
+fn build_trivial_bundles(cli: &Path, out: &Path, key: &Path, count: usize) -> Vec<PathBuf> {
+    let src = out.join("trivial-src");
+    fs::create_dir_all(&src).unwrap();
+    let run = src.join("run.sh");
+    fs::write(&run, TRIVIAL_SCRIPT).unwrap();
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+    (1..=count)
+        .map(|v| {
+            fs::write(
+                src.join("bundle.toml"),
+                format!(
+                    "[bundle]\nname = \"bench-trivial\"\nversion = {v}\ndescription = \"the fixed cost\"\nexpires = 2099-01-01T00:00:00Z\n[targets]\nhosts = [\"bench-*\"]\n[scope]\nwrite = [\"/etc/{NAME}\", \"/usr/share/{NAME}\", \"/var/lib/dpkg\", \"/var/log/dpkg.log\"]\n[run]\ncommand = [\"./run.sh\"]\ntimeout = \"5m\"\n"
+                ),
+            )
+            .unwrap();
+            let bundle = out.join(format!("trivial-{v}.bundle"));
+            sign_built(cli, &src, &bundle, key);
+            bundle
+        })
+        .collect()
+}
+
+/// `rollguard bundle build SRC -o BUNDLE`, then `bundle sign`.
+fn sign_built(cli: &Path, src: &Path, bundle: &Path, key: &Path) {
+    run_ok(
+        Command::new(cli)
+            .args(["bundle", "build"])
+            .arg(src)
+            .arg("-o")
+            .arg(bundle),
+    );
+    run_ok(
+        Command::new(cli)
+            .args(["bundle", "sign"])
+            .arg(bundle)
+            .arg("--key")
+            .arg(key)
+            .args(["--signer", "bench"]),
+    );
 }
 
 fn run_ok(cmd: &mut Command) {
