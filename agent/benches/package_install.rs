@@ -345,47 +345,38 @@ fn main() {
     );
     for (label, p) in [("state on disk", &disk), ("state on tmpfs", &tmpfs)] {
         println!("agent {label}");
-        println!(
-            "  bare dpkg -i, wall clock               {}",
-            ms(&Pairs::wall(&p.bare))
+        row("bare dpkg -i, wall clock", ms(&Pairs::wall(&p.bare)));
+        row(
+            "rollguard-agent run, wall clock",
+            ms(&Pairs::wall(&p.sandboxed)),
         );
-        println!(
-            "  rollguard-agent run, wall clock        {}",
-            ms(&Pairs::wall(&p.sandboxed))
+        row(
+            "ratio sandboxed/bare, wall, per pair",
+            stat(&p.ratios(wall), ""),
         );
-        println!(
-            "  ratio sandboxed/bare, wall, per pair   {}",
-            stat(&p.ratios(wall), "")
+        row("added latency, per pair", stat(&p.differences_ms(), " ms"));
+        row("bare dpkg -i, CPU time (tree)", ms(&Pairs::cpu(&p.bare)));
+        row(
+            "rollguard-agent run, CPU time (tree)",
+            ms(&Pairs::cpu(&p.sandboxed)),
         );
-        println!(
-            "  added latency, per pair                {}",
-            stat(&p.differences_ms(), " ms")
-        );
-        println!(
-            "  bare dpkg -i, CPU time (tree)          {}",
-            ms(&Pairs::cpu(&p.bare))
-        );
-        println!(
-            "  rollguard-agent run, CPU time (tree)   {}",
-            ms(&Pairs::cpu(&p.sandboxed))
-        );
-        println!(
-            "  ratio sandboxed/bare, CPU, per pair    {}",
-            stat(&p.ratios(cpu), "")
+        row(
+            "ratio sandboxed/bare, CPU, per pair",
+            stat(&p.ratios(cpu), ""),
         );
     }
     println!("the same rounds (state on disk): a trivial bundle (`true`, the package's scope)");
-    println!(
-        "  rollguard-agent run, wall clock        {}",
-        ms(&Pairs::wall(&trivial.sandboxed))
+    row(
+        "rollguard-agent run, wall clock",
+        ms(&Pairs::wall(&trivial.sandboxed)),
     );
-    println!(
-        "  added latency (fixed cost), per round  {}",
-        stat(&trivial.differences_ms(), " ms")
+    row(
+        "added latency (fixed cost), per round",
+        stat(&trivial.differences_ms(), " ms"),
     );
-    println!(
-        "  rollguard-agent run, CPU time (tree)   {}",
-        ms(&Pairs::cpu(&trivial.sandboxed))
+    row(
+        "rollguard-agent run, CPU time (tree)",
+        ms(&Pairs::cpu(&trivial.sandboxed)),
     );
     let own: Vec<f64> = disk
         .differences_ms()
@@ -393,10 +384,7 @@ fn main() {
         .zip(trivial.differences_ms())
         .map(|(package, fixed)| package - fixed)
         .collect();
-    println!(
-        "  the install's own share, per round     {}",
-        stat(&own, " ms")
-    );
+    row("the install's own share, per round", stat(&own, " ms"));
     println!("    (the package's added latency minus the trivial bundle's)");
     let denials = denials.borrow();
     if !denials.is_empty() {
@@ -576,6 +564,11 @@ fn sign_built(cli: &Path, src: &Path, bundle: &Path, key: &Path) {
             .arg(key)
             .args(["--signer", "bench"]),
     );
+}
+
+/// One figure of the report: its label, padded, then the value.
+fn row(label: &str, value: String) {
+    println!("  {label:<38} {value}");
 }
 
 fn run_ok(cmd: &mut Command) {
