@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo build --release -p rollguard-cli --bin rollguard
-//! sudo ROLLGUARD_BENCH_RUNS=15 cargo bench -p rollguard-agent --bench package_install
+//! sudo ROLLGUARD_BENCH_RUNS=21 cargo bench -p rollguard-agent --bench package_install
 //! ```
 //!
 //! The bench builds the bundles with the `rollguard` CLI (`bundle build`
