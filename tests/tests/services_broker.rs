@@ -221,6 +221,39 @@ fn failures_are_outcomes_and_do_not_stop_the_next_unit() {
     assert!(!out[0].succeeded());
 }
 
+/// The broker acts on a unit's own name only: `allow` was checked against
+/// the name asked for, and an alias (a symlink a package can ship in a
+/// unit directory) would act on a unit that was not checked.
+#[test]
+fn an_alias_is_not_acted_upon() {
+    let ct = SystemdContainer::boot();
+    ct.install_unit("demo.service", DEMO_UNIT);
+    ct.sh(
+        "ln -s /etc/systemd/system/demo.service /etc/systemd/system/php9-fpm.service \
+         && systemctl daemon-reload && systemctl start demo.service",
+    );
+    let pid = ct.main_pid("demo.service");
+    let out = perform(
+        &ct,
+        &[act(
+            "php9-fpm.service",
+            ServiceAction::Restart,
+            ActionSource::Captured,
+        )],
+    );
+    assert!(
+        out[0].result.starts_with("error: ") && out[0].result.contains("alias of demo.service"),
+        "{:?}",
+        out[0]
+    );
+    assert!(!out[0].succeeded());
+    assert_eq!(
+        ct.main_pid("demo.service"),
+        pid,
+        "demo.service was restarted"
+    );
+}
+
 /// A job that never finishes (its start never completes) ends in the
 /// broker's timeout: the result says `timeout`, whatever the machine's
 /// speed, and the job is left to systemd, not cancelled.

@@ -17,9 +17,17 @@ use super::{perform_all, Bus, ServiceRun, DEFAULT_JOB_TIMEOUT};
 use crate::policy::ServicesPolicy;
 
 /// Before anything runs: every declared unit must be allowed by the host,
-/// or the bundle is refused (the host outranks the bundle).
+/// or the bundle is refused (the host outranks the bundle); and none may
+/// be the agent's own unit, whatever `allow` says (see
+/// [`super::own_units`]).
 pub fn check_declared(services: &Services, allow: &ServicesPolicy) -> Result<(), String> {
+    let own = super::own_units();
     for (key, unit) in services.declared() {
+        if own.contains(unit) {
+            return Err(format!(
+                "services.{key} unit {unit} is the agent's own unit: a run never reloads or restarts it (that would stop the run that reports); restart it after the run"
+            ));
+        }
         if !allow.allows(unit) {
             return Err(format!(
                 "services.{key} unit {unit} is not allowed by this host's policy ([services] allow = {:?})",
@@ -64,6 +72,18 @@ pub fn after_run(
     };
     let allowed = |u: &UnitName| allow.allows(u);
     let mut classified = capture::classify(&records, &allowed);
+    let own = classified.set_aside_own(&super::own_units());
+    if !own.is_empty() {
+        let units: Vec<&str> = own.iter().map(UnitName::as_str).collect();
+        tracing::warn!(units = ?units, "a package script asked to reload or restart the agent's own unit: not performed (it would stop the run that reports)");
+        note(
+            report,
+            format!(
+                "not performed: the requests for the agent's own unit {} (a run never stops the agent; restart it after the run)",
+                units.join(", ")
+            ),
+        );
+    }
     let denied: Vec<String> = classified
         .denied()
         .map(|c| {
@@ -131,11 +151,18 @@ pub fn after_run(
         }
         return;
     }
-    report.services_captured = classified.captured;
     if perform == Perform::PreviewOnly {
+        // Nothing is performed: what would be is in `services`.
+        for c in &mut classified.captured {
+            if c.disposition == "performed" {
+                c.disposition = ServiceOutcome::PREVIEW.to_string();
+            }
+        }
+        report.services_captured = classified.captured;
         report.services = would_perform(&plan);
         return;
     }
+    report.services_captured = classified.captured;
     let bus = Bus::from_env();
     let run = ServiceRun {
         bus: &bus,
@@ -169,30 +196,22 @@ pub enum Perform {
     PreviewOnly,
 }
 
-/// A preview's service step: each unit once, with the strongest action
-/// the run asked for, as [`perform_all`] would do it; result
+/// A preview's service step: the plan merged as [`perform_all`] merges it
+/// (one action per unit, the strongest: [`super::broker::merge`]); result
 /// [`ServiceOutcome::PREVIEW`], nothing performed.
 fn would_perform(plan: &[PlannedAction]) -> Vec<ServiceOutcome> {
-    let mut out: Vec<ServiceOutcome> = Vec::new();
-    for p in plan {
-        match out.iter_mut().find(|o| o.unit == p.unit) {
-            Some(o) if o.action < p.action => {
-                o.action = p.action;
-                o.source = p.source.clone();
-            }
-            Some(_) => {}
-            None => out.push(ServiceOutcome {
-                unit: p.unit.clone(),
-                action: p.action,
-                source: p.source.clone(),
-                result: ServiceOutcome::PREVIEW.to_string(),
-                main_pid_before: None,
-                main_pid_after: None,
-                duration_ms: 0,
-            }),
-        }
-    }
-    out
+    super::broker::merge(plan)
+        .into_iter()
+        .map(|p| ServiceOutcome {
+            unit: p.unit,
+            action: p.action,
+            source: p.source,
+            result: ServiceOutcome::PREVIEW.to_string(),
+            main_pid_before: None,
+            main_pid_after: None,
+            duration_ms: 0,
+        })
+        .collect()
 }
 
 fn declared_plan(services: &Services) -> Vec<PlannedAction> {
@@ -246,19 +265,114 @@ mod tests {
     }
 
     fn step(policy: &str, perform: Perform, report: &mut RunReport) {
+        // An empty request directory: the run captured nothing. The
+        // services step must not need a request to refuse.
+        step_with(policy, &restart_postfix(), &[], perform, report);
+    }
+
+    /// The service step after a run whose shims recorded `requests`
+    /// (`(via, verb, unit)`).
+    fn step_with(
+        policy: &str,
+        services: &Services,
+        requests: &[(&str, &str, &str)],
+        perform: Perform,
+        report: &mut RunReport,
+    ) {
         let allow = ServicesPolicy::from_toml(policy).unwrap();
-        // No request directory: the run captured nothing. The services
-        // step must not need one to refuse.
         let dir = tempfile::tempdir().unwrap();
+        if !requests.is_empty() {
+            let lines: String = requests
+                .iter()
+                .map(|(via, verb, unit)| {
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"via": via, "verb": verb, "unit": unit})
+                    )
+                })
+                .collect();
+            std::fs::write(dir.path().join(capture::REQUESTS_NAME), lines).unwrap();
+        }
         let fd = OwnedFd::from(std::fs::File::open(dir.path()).unwrap());
         after_run(
-            &restart_postfix(),
+            services,
             &allow,
             Some(&fd),
             &BTreeSet::new(),
             perform,
             report,
         );
+    }
+
+    fn observed_success() -> RunReport {
+        let mut report = unobserved_success();
+        report.denials = Some(vec![]);
+        report.denial_count = Some(0);
+        report
+    }
+
+    /// The preview says what the run would do: a declared restart and a
+    /// package script's try-restart of the same unit merge into the
+    /// restart, as the broker merges them; the captured request reads
+    /// `preview`, since nothing was performed.
+    #[test]
+    fn a_preview_merges_as_the_run_would_and_performs_nothing() {
+        let mut report = observed_success();
+        step_with(
+            "[services]\nallow = [\"postfix.service\"]",
+            &restart_postfix(),
+            &[("deb-systemd-invoke", "try-restart", "postfix.service")],
+            Perform::PreviewOnly,
+            &mut report,
+        );
+        assert_eq!(report.services.len(), 1, "{report:?}");
+        assert_eq!(report.services[0].action, ServiceAction::Restart);
+        assert_eq!(report.services[0].result, ServiceOutcome::PREVIEW);
+        assert_eq!(report.services_captured.len(), 1, "{report:?}");
+        assert_eq!(report.services_captured[0].disposition, "preview");
+        assert_eq!(report.status, RunStatus::Succeeded);
+    }
+
+    /// Whatever `allow` says, the agent's own unit is never declared, and a
+    /// package script's request for it (the agent's own package, upgraded)
+    /// is not performed: it would stop the run that reports.
+    #[test]
+    fn the_agents_own_unit_is_never_acted_upon() {
+        let policy = "[services]\nallow = [\"*.service\"]";
+        let own = Services {
+            reload: vec![],
+            restart: vec![UnitName::parse(rollguard_shared::services::AGENT_UNIT).unwrap()],
+            restart_stale: false,
+        };
+        let why = check_declared(&own, &ServicesPolicy::from_toml(policy).unwrap()).unwrap_err();
+        assert!(why.contains("the agent's own unit"), "{why}");
+
+        let mut report = observed_success();
+        step_with(
+            policy,
+            &Services {
+                reload: vec![],
+                restart: vec![],
+                restart_stale: false,
+            },
+            &[
+                ("deb-systemd-invoke", "restart", "rollguard-agent.service"),
+                ("deb-systemd-invoke", "restart", "postfix.service"),
+            ],
+            Perform::PreviewOnly,
+            &mut report,
+        );
+        let units: Vec<&str> = report.services.iter().map(|o| o.unit.as_str()).collect();
+        assert_eq!(units, ["postfix.service"], "{report:?}");
+        let dispositions: Vec<&str> = report
+            .services_captured
+            .iter()
+            .map(|c| c.disposition.as_str())
+            .collect();
+        assert_eq!(dispositions, ["skipped", "preview"], "{report:?}");
+        assert_eq!(report.status, RunStatus::Succeeded);
+        let reason = report.reason.unwrap_or_default();
+        assert!(reason.contains("rollguard-agent.service"), "{reason}");
     }
 
     #[test]

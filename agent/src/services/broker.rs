@@ -86,6 +86,10 @@ trait Manager {
 trait Unit {
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    /// The unit's own name, which differs from the one it was loaded by
+    /// when that is an alias.
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
 }
 
 #[zbus::proxy(
@@ -213,6 +217,8 @@ async fn connect(bus: &Bus, timeout: Duration) -> zbus::Result<ManagerProxy<'sta
 enum Stop {
     Call(zbus::Error),
     NotLoaded(String),
+    /// The name is an alias of this unit.
+    Alias(String),
     SignalStreamEnded,
 }
 
@@ -241,6 +247,10 @@ async fn perform_one(
         Ok(Err(Stop::NotLoaded(state))) => {
             format!("error: systemd has no loadable unit {} ({state})", a.unit)
         }
+        Ok(Err(Stop::Alias(id))) => format!(
+            "error: {} is an alias of {id}; the host's [services] allow was checked against the name asked for, so only a unit's own name is acted upon",
+            a.unit
+        ),
         Ok(Err(Stop::SignalStreamEnded)) => {
             "error: the bus closed before the job finished".to_string()
         }
@@ -281,6 +291,13 @@ async fn run_job(
     let load_state = unit.load_state().await.map_err(Stop::Call)?;
     if load_state != "loaded" {
         return Err(Stop::NotLoaded(load_state));
+    }
+    // The name was checked against `allow` (and against the agent's own
+    // units); an alias would act on another unit, which was not. A bundle
+    // can make one: a symlink in a unit directory its packages write.
+    let id = unit.id().await.map_err(Stop::Call)?;
+    if id != name {
+        return Err(Stop::Alias(id));
     }
     let service = ServiceProxy::builder(conn)
         .path(unit_path)

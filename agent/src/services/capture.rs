@@ -604,6 +604,29 @@ impl Classified {
     pub fn denied(&self) -> impl Iterator<Item = &CapturedRequest> {
         self.captured.iter().filter(|c| c.is_denied())
     }
+
+    /// Take the actions on the agent's own units (`own`, see
+    /// [`super::own_units`]) out of the plan: their requests become
+    /// `skipped`, not denied (a package of the agent itself asks for its
+    /// restart on upgrade, rightly). Returns those units, for the report's
+    /// reason.
+    pub fn set_aside_own(&mut self, own: &[UnitName]) -> Vec<UnitName> {
+        let mut set_aside: Vec<UnitName> = Vec::new();
+        self.plan.retain(|p| {
+            let mine = own.contains(&p.unit);
+            if mine && !set_aside.contains(&p.unit) {
+                set_aside.push(p.unit.clone());
+            }
+            !mine
+        });
+        for c in &mut self.captured {
+            let mine = UnitName::parse(&c.unit).is_ok_and(|u| own.contains(&u));
+            if mine && c.disposition == "performed" {
+                c.disposition = "skipped".to_string();
+            }
+        }
+        set_aside
+    }
 }
 
 /// Decide each request against `allow`: a verb to perform on an allowed

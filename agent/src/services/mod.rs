@@ -19,9 +19,25 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rollguard_shared::services::{PlannedAction, ServiceOutcome, StaleService, UnitName};
+use rollguard_shared::services::{
+    PlannedAction, ServiceOutcome, StaleService, UnitName, AGENT_UNIT,
+};
 
 pub use broker::{perform, Bus, DEFAULT_JOB_TIMEOUT};
+
+/// The agent's own units: `rollguard-agent.service`, as packaged, and the
+/// unit this process runs in if it is another (a renamed copy of the
+/// unit). A run never reloads or restarts them, whoever asks and whatever
+/// `allow` says: stopping the agent would end the run that is reporting,
+/// after its outcome was recorded and before its report was sent.
+pub fn own_units() -> Vec<UnitName> {
+    let mut own: Vec<UnitName> = UnitName::parse(AGENT_UNIT).into_iter().collect();
+    let current = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| stale::unit_from_cgroup(&c));
+    own.extend(current.filter(|u| !own.contains(u)));
+    own
+}
 
 /// What [`perform_all`] needs besides the plan.
 pub struct ServiceRun<'a> {

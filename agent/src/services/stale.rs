@@ -265,22 +265,20 @@ fn scan_process(proc: &Path, pid: u32, replaced: &BTreeSet<PathBuf>) -> Option<S
 
 /// A try-restart for each unit in `stale` that `allow` permits, one per
 /// unit, sorted by name. Try-restart, not restart: a unit that stopped in
-/// the meantime stays stopped. Never the agent's own unit: restarting it
-/// would kill the run that is reporting (it is still listed as stale).
+/// the meantime stays stopped. Never the agent's own units
+/// ([`super::own_units`]): restarting one would kill the run that is
+/// reporting (it is still listed as stale).
 pub fn restart_plan(
     stale: &[StaleService],
     allow: &dyn Fn(&UnitName) -> bool,
 ) -> Vec<PlannedAction> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|c| unit_from_cgroup(&c));
-    restart_plan_except(stale, allow, own.as_ref())
+    restart_plan_except(stale, allow, &super::own_units())
 }
 
 fn restart_plan_except(
     stale: &[StaleService],
     allow: &dyn Fn(&UnitName) -> bool,
-    own: Option<&UnitName>,
+    own: &[UnitName],
 ) -> Vec<PlannedAction> {
     let units: BTreeSet<UnitName> = stale
         .iter()
@@ -289,7 +287,7 @@ fn restart_plan_except(
     units
         .into_iter()
         .filter(|u| {
-            if Some(u) == own {
+            if own.contains(u) {
                 tracing::warn!(unit = %u, "the agent's own unit maps replaced files; not restarting it");
                 return false;
             }
@@ -436,8 +434,11 @@ mod tests {
             s(Some("sshd.service"), 14),
             s(Some("rollguard-agent.service"), 15),
         ];
-        let own = UnitName::parse("rollguard-agent.service").unwrap();
-        let plan = restart_plan_except(&stale, &|u| u.as_str() != "sshd.service", Some(&own));
+        let plan = restart_plan_except(
+            &stale,
+            &|u| u.as_str() != "sshd.service",
+            &super::super::own_units(),
+        );
         let units: Vec<_> = plan.iter().map(|p| p.unit.as_str()).collect();
         assert_eq!(units, ["dovecot.service", "postfix.service"]);
         assert!(plan
