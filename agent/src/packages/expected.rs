@@ -15,17 +15,24 @@
 //!   sandbox's seccomp filter refuses every `AF_UNIX` socket, so the probe
 //!   is refused and glibc falls back to `/etc/passwd`. Recognised: a
 //!   `syscall.socket` denial by dpkg, dpkg-deb, tar or rpm. The same call
-//!   from any other program stays a denial; these programs started by a
-//!   maintainer script are not told apart (the record names the program,
-//!   not its parent), and all they could do is the same refused probe.
+//!   from any other program stays a denial. The record names the program
+//!   file, not its parent nor the code in it: these programs started by a
+//!   maintainer script, or a script's own code preloaded into them or put
+//!   in their place, are not told apart; such a refused `socket()` (of any
+//!   family: the record has no arguments) is listed as expected, not as a
+//!   denial (docs/bundle-format.md, "The limit of that recognition").
 //! - [`DPKG_NEW_CLEANUP`]: for each directory in the archive dpkg removes a
 //!   stale `DIR/.dpkg-new` left by an interrupted run (`rmdir`, result
 //!   ignored when absent). Outside the write scope the read-only mount
 //!   answers `EROFS` before the name is even looked up, so the call is
 //!   recorded although nothing was there. Recognised: an `erofs.rmdir` by
 //!   dpkg whose directory is a proper ancestor of one of the derived
-//!   package directories (`/`, `/usr`, `/usr/lib` for `/usr/lib/foo`):
-//!   those can never be removed by a package's install, as they hold it.
+//!   package directories (`/`, `/usr`, `/usr/lib` for `/usr/lib/foo`)
+//!   and lies outside the write scope. The record names the directory, not
+//!   the entry: another `rmdir` by dpkg there (a script's own dpkg, with an
+//!   admin directory of its own) is not told apart, refused all the same.
+//!   Inside the scope no read-only mount answers, so an `EROFS` there came
+//!   through a link the run made, and stays a denial.
 //! - [`DSH_MASKED_CLEANUP`]: `deb-systemd-helper unmask`, which debhelper's
 //!   postinst snippet runs on every configure of a service package, then
 //!   removes its masked-state directories if empty
@@ -83,7 +90,12 @@ pub fn explain(p: &Packages, d: &Denial) -> Option<&'static str> {
                 w.as_path() != p.database.as_path() && w.as_path() != Path::new(super::DPKG_LOG)
             })
             .any(|w| w.as_path() != dir && w.as_path().starts_with(dir));
-        if holds_a_package_dir {
+        // Only outside the write scope does a read-only mount answer. A
+        // directory inside it that answers EROFS was reached another way
+        // (a symlink the run made there, or a pinned path): not dpkg's
+        // cleanup, whatever names it.
+        let in_scope = p.write.iter().any(|w| dir.starts_with(w.as_path()));
+        if holds_a_package_dir && !in_scope {
             return Some(DPKG_NEW_CLEANUP);
         }
     }
@@ -118,7 +130,7 @@ mod tests {
                 version: PackageToken::parse("1").unwrap(),
             }],
             database: ScopePath::parse("/var/lib/dpkg").unwrap(),
-            write: ["/etc/a", "/usr/lib/a", "/var/lib/dpkg"]
+            write: ["/etc/a", "/usr/lib/a", "/usr/lib/a/s/t", "/var/lib/dpkg"]
                 .iter()
                 .map(|p| ScopePath::parse(p).unwrap())
                 .collect(),
@@ -153,6 +165,11 @@ mod tests {
             denial("syscall.connect", None, "/usr/bin/dpkg"),
             // Not an ancestor of a package directory.
             denial("erofs.rmdir", Some("/srv/"), "/usr/bin/dpkg"),
+            // An ancestor of one package directory inside another, or
+            // inside it: in the scope, no read-only mount answers, so the
+            // path led elsewhere (a symlink the run made).
+            denial("erofs.rmdir", Some("/usr/lib/a/s/"), "/usr/bin/dpkg"),
+            denial("erofs.rmdir", Some("/usr/lib/a/"), "/usr/bin/dpkg"),
             // The database's ancestors do not count.
             denial("erofs.rmdir", Some("/var/lib/"), "/usr/bin/dpkg"),
             denial("erofs.unlinkat", Some("/usr/"), "/usr/bin/dpkg"),
