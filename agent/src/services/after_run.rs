@@ -110,9 +110,10 @@ pub fn after_run(
         if let Some(count) = report.denial_count.as_mut() {
             *count += list.len() as u64;
         }
-        if let Some(d) = report.denials.as_mut() {
-            d.extend(list);
-        }
+        // Known for certain, whatever the audit could see: an unknown
+        // list becomes these (the count stays unknown), as the alias scan
+        // does (`runner::unit_alias`).
+        report.denials.get_or_insert_with(Vec::new).extend(list);
         fail(
             report,
             format!(
@@ -331,6 +332,28 @@ mod tests {
         assert_eq!(report.services_captured.len(), 1, "{report:?}");
         assert_eq!(report.services_captured[0].disposition, "preview");
         assert_eq!(report.status, RunStatus::Succeeded);
+    }
+
+    /// A captured request outside `allow` is a denial known for certain:
+    /// listed even when the kernel's denials could not be observed (the
+    /// count stays unknown), and the run fails.
+    #[test]
+    fn a_denied_request_is_listed_even_when_other_denials_are_unknown() {
+        let mut report = unobserved_success();
+        step_with(
+            "[services]\nallow = [\"postfix.service\"]",
+            &restart_postfix(),
+            &[("deb-systemd-invoke", "restart", "sshd.service")],
+            Perform::Yes,
+            &mut report,
+        );
+        let denials = report.denials.as_deref().unwrap_or_default();
+        assert_eq!(denials.len(), 1, "{report:?}");
+        assert_eq!(denials[0].access, "service.restart");
+        assert_eq!(denials[0].path.as_deref(), Some("sshd.service"));
+        assert_eq!(report.denial_count, None);
+        assert_eq!(report.status, RunStatus::Failed);
+        assert!(report.services.is_empty(), "{report:?}");
     }
 
     /// Whatever `allow` says, the agent's own unit is never declared, and a
