@@ -162,8 +162,10 @@ pub struct CapturedRequest {
     /// `deb-systemd-invoke`, `service`.
     pub via: String,
     /// What the agent did with it: `performed`, `denied` (unit outside the
-    /// host's allow list: an alert), or `ignored` (a verb with no effect on
-    /// running code, e.g. `enable`, `daemon-reload`; see docs).
+    /// host's allow list: an alert), `ignored` (a verb with no effect on
+    /// running code, e.g. `enable`, `daemon-reload`; see docs), `skipped`
+    /// (the agent performed nothing, or the unit is the agent's own), or
+    /// `preview` (a preview, which performs nothing).
     pub disposition: String,
 }
 
