@@ -25,8 +25,14 @@ fn bus(ct: &SystemdContainer) -> Bus {
     Bus::Address(ct.bus_address())
 }
 
+/// Every unit permitted (the plans' names stand for the host's allow list
+/// here; an alias's unit is checked by `permits`).
+fn permit_all(_: &UnitName) -> bool {
+    true
+}
+
 fn perform(ct: &SystemdContainer, plan: &[PlannedAction]) -> Vec<ServiceOutcome> {
-    services::perform(&bus(ct), plan, DEFAULT_JOB_TIMEOUT)
+    services::perform(&bus(ct), plan, DEFAULT_JOB_TIMEOUT, &permit_all)
 }
 
 /// A long-running service whose reload appends its MainPID to a marker.
@@ -221,11 +227,11 @@ fn failures_are_outcomes_and_do_not_stop_the_next_unit() {
     assert!(!out[0].succeeded());
 }
 
-/// The broker acts on a unit's own name only: `allow` was checked against
-/// the name asked for, and an alias (a symlink a package can ship in a
-/// unit directory) would act on a unit that was not checked.
+/// An alias acts on another unit, which `allow` did not check (a package
+/// can ship the symlink in a unit directory): the broker acts only when
+/// that unit is permitted too.
 #[test]
-fn an_alias_is_not_acted_upon() {
+fn an_alias_is_acted_upon_only_when_its_unit_is_permitted() {
     let ct = SystemdContainer::boot();
     ct.install_unit("demo.service", DEMO_UNIT);
     ct.sh(
@@ -233,14 +239,13 @@ fn an_alias_is_not_acted_upon() {
          && systemctl daemon-reload && systemctl start demo.service",
     );
     let pid = ct.main_pid("demo.service");
-    let out = perform(
-        &ct,
-        &[act(
-            "php9-fpm.service",
-            ServiceAction::Restart,
-            ActionSource::Captured,
-        )],
-    );
+    let plan = [act(
+        "php9-fpm.service",
+        ServiceAction::Restart,
+        ActionSource::Captured,
+    )];
+    let only_php = |u: &UnitName| u.as_str().starts_with("php");
+    let out = services::perform(&bus(&ct), &plan, DEFAULT_JOB_TIMEOUT, &only_php);
     assert!(
         out[0].result.starts_with("error: ") && out[0].result.contains("alias of demo.service"),
         "{:?}",
@@ -251,6 +256,15 @@ fn an_alias_is_not_acted_upon() {
         ct.main_pid("demo.service"),
         pid,
         "demo.service was restarted"
+    );
+
+    // Permitted (as `sshd.service` for `ssh.service` on Debian): done.
+    let out = perform(&ct, &plan);
+    assert_eq!(out[0].result, "done", "{:?}", out[0]);
+    assert_ne!(
+        ct.main_pid("demo.service"),
+        pid,
+        "demo.service was not restarted"
     );
 }
 
@@ -272,6 +286,7 @@ fn a_job_that_never_finishes_times_out() {
             ActionSource::Declared,
         )],
         Duration::from_millis(500),
+        &permit_all,
     );
     assert_eq!(out[0].result, "timeout", "{:?}", out[0]);
     assert!(!out[0].succeeded());
@@ -338,6 +353,7 @@ fn a_service_still_running_a_replaced_binary_is_stale_until_restarted() {
         timeout: DEFAULT_JOB_TIMEOUT,
         replaced: &replaced,
         restart_stale: Some(&deny_all),
+        permits: &permit_all,
     };
     let (outcomes, still) = services::perform_all(&run, &[]);
     assert!(outcomes.is_empty(), "{outcomes:?}");

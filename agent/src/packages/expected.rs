@@ -31,8 +31,9 @@
 //!   and lies outside the write scope. The record names the directory, not
 //!   the entry: another `rmdir` by dpkg there (a script's own dpkg, with an
 //!   admin directory of its own) is not told apart, refused all the same.
-//!   Inside the scope no read-only mount answers, so an `EROFS` there came
-//!   through a link the run made, and stays a denial.
+//!   Inside the scope only the agent's pins are read-only, and they hold
+//!   no package's directory, so an `EROFS` there came through a pin or a
+//!   link the run made, and stays a denial.
 //! - [`DSH_MASKED_CLEANUP`]: `deb-systemd-helper unmask`, which debhelper's
 //!   postinst snippet runs on every configure of a service package, then
 //!   removes its masked-state directories if empty

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use rollguard_shared::manifest::Services;
 use rollguard_shared::report::{Denial, RunReport, RunStatus};
 use rollguard_shared::services::{
-    ActionSource, PlannedAction, ServiceAction, ServiceOutcome, UnitName,
+    ActionSource, PlannedAction, ServiceAction, ServiceOutcome, UnitName, AGENT_UNIT,
 };
 
 use super::capture;
@@ -25,7 +25,7 @@ pub fn check_declared(services: &Services, allow: &ServicesPolicy) -> Result<(),
     for (key, unit) in services.declared() {
         if own.contains(unit) {
             return Err(format!(
-                "services.{key} unit {unit} is the agent's own unit: a run never reloads or restarts it (that would stop the run that reports); restart it after the run"
+                "services.{key} unit {unit} is the agent's own unit ({AGENT_UNIT}, or the unit the agent runs in): a run never reloads or restarts it (that would stop the run that reports); restart it after the run"
             ));
         }
         if !allow.allows(unit) {
@@ -110,10 +110,12 @@ pub fn after_run(
         if let Some(count) = report.denial_count.as_mut() {
             *count += list.len() as u64;
         }
-        // Known for certain, whatever the audit could see: an unknown
-        // list becomes these (the count stays unknown), as the alias scan
-        // does (`runner::unit_alias`).
-        report.denials.get_or_insert_with(Vec::new).extend(list);
+        // An unknown list stays unknown (the controller and the CLI say
+        // "unknown" on `None` alone): the request is in
+        // `services_captured`, which halts the rollout all the same.
+        if let Some(d) = report.denials.as_mut() {
+            d.extend(list);
+        }
         fail(
             report,
             format!(
@@ -165,6 +167,8 @@ pub fn after_run(
     }
     report.services_captured = classified.captured;
     let bus = Bus::from_env();
+    let own_units = super::own_units();
+    let permits = |u: &UnitName| allow.allows(u) && !own_units.contains(u);
     let run = ServiceRun {
         bus: &bus,
         timeout: DEFAULT_JOB_TIMEOUT,
@@ -172,6 +176,7 @@ pub fn after_run(
         restart_stale: services
             .restart_stale
             .then_some(&allowed as &dyn Fn(&UnitName) -> bool),
+        permits: &permits,
     };
     let (outcomes, stale) = perform_all(&run, &plan);
     let failed: Vec<String> = outcomes
@@ -334,12 +339,27 @@ mod tests {
         assert_eq!(report.status, RunStatus::Succeeded);
     }
 
-    /// A captured request outside `allow` is a denial known for certain:
-    /// listed even when the kernel's denials could not be observed (the
-    /// count stays unknown), and the run fails.
+    /// A captured request outside `allow` fails the run and is an alert
+    /// through `services_captured`; it joins `denials` only when those are
+    /// known (an unknown list stays unknown, never a partial one).
     #[test]
-    fn a_denied_request_is_listed_even_when_other_denials_are_unknown() {
+    fn a_denied_request_fails_the_run_and_leaves_unknown_denials_unknown() {
         let mut report = unobserved_success();
+        step_with(
+            "[services]\nallow = [\"postfix.service\"]",
+            &restart_postfix(),
+            &[("deb-systemd-invoke", "restart", "sshd.service")],
+            Perform::Yes,
+            &mut report,
+        );
+        assert_eq!(report.denials, None, "{report:?}");
+        assert_eq!(report.denial_count, None);
+        assert_eq!(report.status, RunStatus::Failed);
+        assert!(report.services.is_empty(), "{report:?}");
+        assert!(report.is_alert());
+        assert_eq!(report.services_captured[0].disposition, "denied");
+
+        let mut report = observed_success();
         step_with(
             "[services]\nallow = [\"postfix.service\"]",
             &restart_postfix(),
@@ -351,9 +371,7 @@ mod tests {
         assert_eq!(denials.len(), 1, "{report:?}");
         assert_eq!(denials[0].access, "service.restart");
         assert_eq!(denials[0].path.as_deref(), Some("sshd.service"));
-        assert_eq!(report.denial_count, None);
-        assert_eq!(report.status, RunStatus::Failed);
-        assert!(report.services.is_empty(), "{report:?}");
+        assert_eq!(report.denial_count, Some(1));
     }
 
     /// Whatever `allow` says, the agent's own unit is never declared, and a
@@ -396,6 +414,18 @@ mod tests {
         assert_eq!(report.status, RunStatus::Succeeded);
         let reason = report.reason.unwrap_or_default();
         assert!(reason.contains("rollguard-agent.service"), "{reason}");
+
+        // Outside `allow`, it is a denial like any other unit.
+        let mut report = observed_success();
+        step_with(
+            "[services]\nallow = [\"postfix.service\"]",
+            &restart_postfix(),
+            &[("deb-systemd-invoke", "restart", "rollguard-agent.service")],
+            Perform::PreviewOnly,
+            &mut report,
+        );
+        assert_eq!(report.services_captured[0].disposition, "denied");
+        assert_eq!(report.status, RunStatus::Failed);
     }
 
     #[test]

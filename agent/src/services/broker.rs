@@ -142,7 +142,16 @@ pub fn merge(plan: &[PlannedAction]) -> Vec<PlannedAction> {
 /// that fails, or a bus that cannot be reached, is an outcome whose result
 /// says so, and the next unit is still tried (each restart is independent;
 /// the caller fails the run on any unsuccessful outcome).
-pub fn perform(bus: &Bus, plan: &[PlannedAction], timeout: Duration) -> Vec<ServiceOutcome> {
+///
+/// `permits` decides a unit a name turns out to be an alias of: the plan's
+/// names were checked against the host's allow list, the unit an alias
+/// leads to was not (the host's allow list less the agent's own units).
+pub fn perform(
+    bus: &Bus,
+    plan: &[PlannedAction],
+    timeout: Duration,
+    permits: &dyn Fn(&UnitName) -> bool,
+) -> Vec<ServiceOutcome> {
     let actions = merge(plan);
     if actions.is_empty() {
         return Vec::new();
@@ -157,13 +166,14 @@ pub fn perform(bus: &Bus, plan: &[PlannedAction], timeout: Duration) -> Vec<Serv
             return actions.iter().map(|a| failed(a, &why, None, 0)).collect();
         }
     };
-    runtime.block_on(perform_async(bus, &actions, timeout))
+    runtime.block_on(perform_async(bus, &actions, timeout, permits))
 }
 
 async fn perform_async(
     bus: &Bus,
     actions: &[PlannedAction],
     timeout: Duration,
+    permits: &dyn Fn(&UnitName) -> bool,
 ) -> Vec<ServiceOutcome> {
     let started = Instant::now();
     let manager = match tokio::time::timeout(timeout, connect(bus, timeout)).await {
@@ -185,7 +195,7 @@ async fn perform_async(
     };
     let mut out = Vec::with_capacity(actions.len());
     for a in actions {
-        let outcome = perform_one(&manager, a, timeout).await;
+        let outcome = perform_one(&manager, a, timeout, permits).await;
         tracing::info!(
             unit = %outcome.unit,
             action = outcome.action.as_str(),
@@ -226,6 +236,7 @@ async fn perform_one(
     manager: &ManagerProxy<'static>,
     a: &PlannedAction,
     timeout: Duration,
+    permits: &dyn Fn(&UnitName) -> bool,
 ) -> ServiceOutcome {
     let started = Instant::now();
     if !a.unit.is_service() {
@@ -240,7 +251,7 @@ async fn perform_one(
     // what was known.
     let mut before: Option<u32> = None;
     let mut after: Option<u32> = None;
-    let job = run_job(manager, a, &mut before, &mut after);
+    let job = run_job(manager, a, permits, &mut before, &mut after);
     let result = match tokio::time::timeout(timeout, job).await {
         Ok(Ok(result)) => result,
         Ok(Err(Stop::Call(e))) => format!("error: {e}"),
@@ -248,7 +259,7 @@ async fn perform_one(
             format!("error: systemd has no loadable unit {} ({state})", a.unit)
         }
         Ok(Err(Stop::Alias(id))) => format!(
-            "error: {} is an alias of {id}; the host's [services] allow was checked against the name asked for, so only a unit's own name is acted upon",
+            "error: {} is an alias of {id}, which this host's [services] allow does not permit (or which is the agent's own unit)",
             a.unit
         ),
         Ok(Err(Stop::SignalStreamEnded)) => {
@@ -273,6 +284,7 @@ async fn perform_one(
 async fn run_job(
     manager: &ManagerProxy<'static>,
     a: &PlannedAction,
+    permits: &dyn Fn(&UnitName) -> bool,
     before: &mut Option<u32>,
     after: &mut Option<u32>,
 ) -> Result<String, Stop> {
@@ -293,11 +305,16 @@ async fn run_job(
         return Err(Stop::NotLoaded(load_state));
     }
     // The name was checked against `allow` (and against the agent's own
-    // units); an alias would act on another unit, which was not. A bundle
-    // can make one: a symlink in a unit directory its packages write.
+    // units); an alias acts on another unit, which was not. Hosts have
+    // legitimate ones (`sshd.service` for `ssh.service`, an init script's
+    // name), and a bundle can make one: a symlink in a unit directory its
+    // packages write. So the unit itself must be permitted too.
     let id = unit.id().await.map_err(Stop::Call)?;
     if id != name {
-        return Err(Stop::Alias(id));
+        if !UnitName::parse(&id).is_ok_and(|u| permits(&u)) {
+            return Err(Stop::Alias(id));
+        }
+        tracing::info!(alias = name, unit = %id, "acting on an alias of a permitted unit");
     }
     let service = ServiceProxy::builder(conn)
         .path(unit_path)
@@ -432,7 +449,7 @@ mod tests {
             act("b.service", ServiceAction::Reload, ActionSource::Captured),
         ];
         let bus = Bus::Address("unix:path=/nonexistent/rollguard-test-bus".into());
-        let out = perform(&bus, &plan, DEFAULT_JOB_TIMEOUT);
+        let out = perform(&bus, &plan, DEFAULT_JOB_TIMEOUT, &|_| true);
         assert_eq!(out.len(), 2);
         for o in &out {
             assert!(o.result.starts_with("error: cannot reach systemd"), "{o:?}");
@@ -460,6 +477,7 @@ mod tests {
                     &Bus::Address("unix:path=/nonexistent/rollguard-test-bus".into()),
                     &plan,
                     DEFAULT_JOB_TIMEOUT,
+                    &|_| true,
                 )
             })
             .await

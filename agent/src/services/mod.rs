@@ -50,6 +50,9 @@ pub struct ServiceRun<'a> {
     /// `restart_stale`: the host's allow list, to restart the stale units
     /// it permits; `None` when the bundle did not ask for it.
     pub restart_stale: Option<&'a dyn Fn(&UnitName) -> bool>,
+    /// The units an alias in the plan may lead to: the host's allow list
+    /// less the agent's own units (see [`broker::perform`]).
+    pub permits: &'a dyn Fn(&UnitName) -> bool,
 }
 
 /// The whole after-run step: find the processes still mapping replaced
@@ -71,7 +74,7 @@ pub fn perform_all(
             plan.extend(stale::restart_plan(&found, allow));
         }
     }
-    let outcomes = perform(run.bus, &plan, run.timeout);
+    let outcomes = perform(run.bus, &plan, run.timeout, run.permits);
     let still = if run.replaced.is_empty() {
         Vec::new()
     } else {

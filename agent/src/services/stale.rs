@@ -434,11 +434,8 @@ mod tests {
             s(Some("sshd.service"), 14),
             s(Some("rollguard-agent.service"), 15),
         ];
-        let plan = restart_plan_except(
-            &stale,
-            &|u| u.as_str() != "sshd.service",
-            &super::super::own_units(),
-        );
+        let own = [UnitName::parse("rollguard-agent.service").unwrap()];
+        let plan = restart_plan_except(&stale, &|u| u.as_str() != "sshd.service", &own);
         let units: Vec<_> = plan.iter().map(|p| p.unit.as_str()).collect();
         assert_eq!(units, ["dovecot.service", "postfix.service"]);
         assert!(plan
