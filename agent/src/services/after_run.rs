@@ -310,6 +310,18 @@ mod tests {
         );
     }
 
+    /// The step on a host allowing postfix only, after a run whose package
+    /// script asked to restart `unit`.
+    fn script_restarts(unit: &str, perform: Perform, report: &mut RunReport) {
+        step_with(
+            "[services]\nallow = [\"postfix.service\"]",
+            &restart_postfix(),
+            &[("deb-systemd-invoke", "restart", unit)],
+            perform,
+            report,
+        );
+    }
+
     fn observed_success() -> RunReport {
         let mut report = unobserved_success();
         report.denials = Some(vec![]);
@@ -345,13 +357,7 @@ mod tests {
     #[test]
     fn a_denied_request_fails_the_run_and_leaves_unknown_denials_unknown() {
         let mut report = unobserved_success();
-        step_with(
-            "[services]\nallow = [\"postfix.service\"]",
-            &restart_postfix(),
-            &[("deb-systemd-invoke", "restart", "sshd.service")],
-            Perform::Yes,
-            &mut report,
-        );
+        script_restarts("sshd.service", Perform::Yes, &mut report);
         assert_eq!(report.denials, None, "{report:?}");
         assert_eq!(report.denial_count, None);
         assert_eq!(report.status, RunStatus::Failed);
@@ -360,13 +366,7 @@ mod tests {
         assert_eq!(report.services_captured[0].disposition, "denied");
 
         let mut report = observed_success();
-        step_with(
-            "[services]\nallow = [\"postfix.service\"]",
-            &restart_postfix(),
-            &[("deb-systemd-invoke", "restart", "sshd.service")],
-            Perform::Yes,
-            &mut report,
-        );
+        script_restarts("sshd.service", Perform::Yes, &mut report);
         let denials = report.denials.as_deref().unwrap_or_default();
         assert_eq!(denials.len(), 1, "{report:?}");
         assert_eq!(denials[0].access, "service.restart");
@@ -417,13 +417,7 @@ mod tests {
 
         // Outside `allow`, it is a denial like any other unit.
         let mut report = observed_success();
-        step_with(
-            "[services]\nallow = [\"postfix.service\"]",
-            &restart_postfix(),
-            &[("deb-systemd-invoke", "restart", "rollguard-agent.service")],
-            Perform::PreviewOnly,
-            &mut report,
-        );
+        script_restarts("rollguard-agent.service", Perform::PreviewOnly, &mut report);
         assert_eq!(report.services_captured[0].disposition, "denied");
         assert_eq!(report.status, RunStatus::Failed);
     }
