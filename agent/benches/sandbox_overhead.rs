@@ -61,7 +61,7 @@
 
 mod common;
 
-use common::{children_cpu, ms, stat, Pairs, Sample};
+use common::{children_cpu, ms, stat, timed, Pairs, Sample};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -597,17 +597,6 @@ fn best(v: &[Duration]) -> f64 {
     v.iter()
         .map(Duration::as_secs_f64)
         .fold(f64::INFINITY, f64::min)
-}
-
-fn timed(cmd: &mut Command) -> Sample {
-    let cpu = children_cpu();
-    let t = Instant::now();
-    let status = cmd.stdout(Stdio::null()).status().unwrap();
-    assert!(status.success());
-    Sample {
-        wall: t.elapsed(),
-        cpu: children_cpu() - cpu,
-    }
 }
 
 /// Build `count` signed bundles with versions 1..=count (each run needs a

@@ -94,3 +94,15 @@ pub fn ms(v: &[Duration]) -> String {
     let v: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     stat(&v, " ms")
 }
+
+/// Run `cmd` (its stdout discarded), which must succeed, and time it.
+pub fn timed(cmd: &mut std::process::Command) -> Sample {
+    let cpu = children_cpu();
+    let t = std::time::Instant::now();
+    let status = cmd.stdout(std::process::Stdio::null()).status().unwrap();
+    assert!(status.success());
+    Sample {
+        wall: t.elapsed(),
+        cpu: children_cpu() - cpu,
+    }
+}
