@@ -72,7 +72,8 @@ pub fn after_run(
     };
     let allowed = |u: &UnitName| allow.allows(u);
     let mut classified = capture::classify(&records, &allowed);
-    let own = classified.set_aside_own(&super::own_units());
+    let own_units = super::own_units();
+    let own = classified.set_aside_own(&own_units);
     if !own.is_empty() {
         let units: Vec<&str> = own.iter().map(UnitName::as_str).collect();
         tracing::warn!(units = ?units, "a package script asked to reload or restart the agent's own unit: not performed (it would stop the run that reports)");
@@ -137,11 +138,7 @@ pub fn after_run(
     let mut plan: Vec<PlannedAction> = declared_plan(services);
     plan.append(&mut classified.plan);
     if !clean {
-        for c in &mut classified.captured {
-            if c.disposition == "performed" {
-                c.disposition = "skipped".to_string();
-            }
-        }
+        classified.mark_unperformed("skipped");
         report.services_captured = classified.captured;
         if !plan.is_empty() {
             let why = if report.status == RunStatus::Succeeded && no_denial {
@@ -156,18 +153,13 @@ pub fn after_run(
     }
     if perform == Perform::PreviewOnly {
         // Nothing is performed: what would be is in `services`.
-        for c in &mut classified.captured {
-            if c.disposition == "performed" {
-                c.disposition = ServiceOutcome::PREVIEW.to_string();
-            }
-        }
+        classified.mark_unperformed(ServiceOutcome::PREVIEW);
         report.services_captured = classified.captured;
         report.services = would_perform(&plan);
         return;
     }
     report.services_captured = classified.captured;
     let bus = Bus::from_env();
-    let own_units = super::own_units();
     let permits = |u: &UnitName| allow.allows(u) && !own_units.contains(u);
     let run = ServiceRun {
         bus: &bus,

@@ -605,6 +605,16 @@ impl Classified {
         self.captured.iter().filter(|c| c.is_denied())
     }
 
+    /// Nothing will be performed (the caller drops the plan): the requests
+    /// that were to be say `disposition` instead (`skipped`, `preview`).
+    pub fn mark_unperformed(&mut self, disposition: &str) {
+        for c in &mut self.captured {
+            if c.disposition == "performed" {
+                c.disposition = disposition.to_string();
+            }
+        }
+    }
+
     /// Take the actions on the agent's own units (`own`, see
     /// [`super::own_units`]) out of the plan: their requests become
     /// `skipped`, not denied (a package of the agent itself asks for its
