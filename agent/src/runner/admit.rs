@@ -36,18 +36,29 @@ pub(super) struct Admission {
     pub launcher: Launcher,
 }
 
+/// The protected paths as this run's checks resolved them, handed to
+/// [`super::prepare`] for the sandbox: one resolution, so the sandbox's
+/// protected list and its pins are those the checks passed.
+pub(super) struct Resolution<'p> {
+    pub protected: ProtectedNow<'p>,
+    pub pins: Pins,
+    /// Missing drop-in directories of the agent's unit directly in a
+    /// scope, created empty before the run ([`check_pins`]).
+    pub placeholders: Vec<Placeholder>,
+}
+
 /// Run every check, in order; `known` is filled in as soon as the
 /// manifest parsed, so a refusal after that names the bundle. Returns the
 /// bundle positioned at its payload, unpacked (digests checked) in
 /// [`super::prepare`].
-pub(super) fn admit(
-    policy: &HostPolicy,
+pub(super) fn admit<'p>(
+    policy: &'p HostPolicy,
     state: &StateDir,
     log: &RunLog,
     bundle_path: &Path,
     opts: &RunOptions,
     known: &mut Option<Known>,
-) -> Result<(OpenedBundle<'static>, Admission), Refusal> {
+) -> Result<(OpenedBundle<'static>, Admission, Resolution<'p>), Refusal> {
     let host = policy.identity();
     // Runs of a dead agent first: their leftovers killed, their end logged.
     // A leftover that cannot be killed is a host error: nothing new runs
@@ -139,18 +150,6 @@ pub(super) fn admit(
         .targets
         .check(&host)
         .map_err(|e| Refusal::new(RefusalKind::NotTarget, e))?;
-    // The protected paths resolved once for the checks (`prepare` resolves
-    // them again, just before the run, for the sandbox).
-    let protected = policy.protected_now();
-    let pins = protected
-        .check_scope(&scope)
-        .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
-    // Missing drop-in directories of the agent's unit are created in
-    // `prepare`, not now: nothing is written before every check has passed.
-    check_pins(&scope, &pins, true)?;
-    check_mount_aliases(&protected, &scope)?;
-    super::unit_alias::check_none(&scope)
-        .map_err(|e| Refusal::new(RefusalKind::ProtectedPath, e))?;
     // Declared service actions: each unit allowed by the host, or refused.
     crate::services::after_run::check_declared(&manifest.services, policy.services())
         .map_err(|e| Refusal::new(RefusalKind::ScopeCeiling, e))?;
@@ -178,15 +177,6 @@ pub(super) fn admit(
         &manifest_sha256,
     )
     .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
-    // Names in the network scope are resolved now, once: the kernel then
-    // enforces the addresses they had at the start of the run, and the
-    // report shows them. A name that does not resolve refuses the run.
-    let network = net_scope::resolve(&manifest.scope.network, net_scope::system_lookup)
-        .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
-    // The host's ceiling applies to what the names resolved to.
-    policy
-        .check_network(&network.by_entry)
-        .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
     // The stage-2 program, found (and checked) before anything is written:
     // without it nothing can be confined, and the version must not be used
     // up by a run that cannot start.
@@ -195,6 +185,31 @@ pub(super) fn admit(
         None => Launcher::beside(&opts.agent_exe)
             .map_err(|e| Refusal::new(RefusalKind::HostError, e))?,
     };
+    // Names in the network scope are resolved now, once: the kernel
+    // enforces the addresses they had at the start of the run, and the
+    // report shows them. A name that does not resolve refuses the run.
+    // After the local checks above (a lookup may take seconds, and a
+    // bundle they refuse needs none), before the protected paths.
+    let network = net_scope::resolve(&manifest.scope.network, net_scope::system_lookup)
+        .map_err(|e| Refusal::new(RefusalKind::HostError, e))?;
+    // The host's ceiling applies to what the names resolved to.
+    policy
+        .check_network(&network.by_entry)
+        .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
+    // Last, the protected paths, resolved once for the checks here and
+    // for the sandbox's list (`prepare`): between this resolution and the
+    // sandbox's start comes only the agent's local work (the run
+    // directory, missing package directories), no name lookup.
+    let protected = policy.protected_now();
+    let pins = protected
+        .check_scope(&scope)
+        .map_err(|e| Refusal::new(e.refusal_kind(), e))?;
+    // Missing drop-in directories of the agent's unit are created in
+    // `prepare`, not now: nothing is written before every check has passed.
+    let placeholders = check_pins(&scope, &pins, true)?;
+    check_mount_aliases(&protected, &scope)?;
+    super::unit_alias::check_none(&scope)
+        .map_err(|e| Refusal::new(RefusalKind::ProtectedPath, e))?;
     let admission = Admission {
         manifest,
         packages,
@@ -207,7 +222,12 @@ pub(super) fn admit(
         network,
         launcher,
     };
-    Ok((opened, admission))
+    let resolution = Resolution {
+        protected,
+        pins,
+        placeholders,
+    };
+    Ok((opened, admission, resolution))
 }
 
 /// Every pin must be one stage 2 can mount: a protected path that does not

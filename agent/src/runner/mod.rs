@@ -7,15 +7,17 @@
 //!    force; the bundle opened as hostile input (manifest and signatures
 //!    only); signatures (distinct principals ≥ the host's threshold, the
 //!    stricter `delete_threshold` when the bundle deletes); expiry; this
-//!    host in `[targets]`; the scopes (the author's and the one derived
-//!    from `[packages]`) against protected paths, pins, mount aliases and
-//!    the host's ceiling; declared service actions against `[services]
+//!    host in `[targets]`; declared service actions against `[services]
 //!    allow`; resource limits; the kernel able to confine it; the version
-//!    newer than any run here; network names resolved within the ceiling;
-//!    the sandbox's stage-2 program installed and safe.
+//!    newer than any run here; the sandbox's stage-2 program installed and
+//!    safe; network names resolved within the ceiling (after the local
+//!    checks: a lookup may take seconds); last, the scopes (the author's
+//!    and the one derived from `[packages]`) against the protected paths
+//!    resolved now, pins, mount aliases and the host's ceiling.
 //! 2. [`prepare`]: the audit listener started on another thread; a private
-//!    run directory; the protected paths resolved again and the sandbox
-//!    spec built; missing package and drop-in directories created; the
+//!    run directory; the sandbox spec built from the protected paths as
+//!    `admit` resolved them (one resolution for the checks and the
+//!    sandbox); missing package and drop-in directories created; the
 //!    sandbox started *held* (stage 2 confines itself, executes nothing);
 //!    the payload unpacked (digests checked); then the point of no return:
 //!    the version recorded as started (the atomic rollback check, and for a

@@ -8,7 +8,7 @@ use std::time::Instant;
 use rollguard_shared::archive::OpenedBundle;
 use rollguard_shared::report::{RefusalKind, RunReport};
 
-use super::admit::{check_pins, Admission};
+use super::admit::{check_pins, Admission, Resolution};
 use super::{empty_report, remove_run_dir, Refusal, RunOptions};
 use crate::kernel_audit::AuditListener;
 use crate::policy::HostPolicy;
@@ -33,7 +33,7 @@ pub(super) fn prepare(
     policy: &HostPolicy,
     state: &StateDir,
     log: &RunLog,
-    (opened, admission): (OpenedBundle<'static>, Admission),
+    (opened, admission, resolution): (OpenedBundle<'static>, Admission, Resolution<'_>),
     opts: &RunOptions,
     started: Instant,
 ) -> Result<Prepared, Refusal> {
@@ -81,17 +81,15 @@ pub(super) fn prepare(
             .map(|(k, v)| (k.to_string(), v.to_string())),
     )
     .collect();
-    // Resolved again: name resolution in `admit` may have taken seconds,
-    // and a protected symlink re-pointed meanwhile must count from this
-    // run. The pins come from the same resolution as the sandbox's
-    // protected list, so a path that became protected inside a scope is
-    // pinned (or the run refused) too.
+    // The protected paths as the checks resolved them (after the network
+    // names, the one slow step of `admit`); the pins come from the same
+    // resolution as the sandbox's protected list.
     let scope = &admission.scope;
-    let now = policy.protected_now();
-    let pins = now
-        .check_scope(scope)
-        .map_err(|e| cleanup(Refusal::new(e.refusal_kind(), e)))?;
-    let placeholders = check_pins(scope, &pins, true).map_err(cleanup)?;
+    let Resolution {
+        protected: now,
+        pins,
+        placeholders,
+    } = resolution;
     let spec = SandboxSpec {
         run_id: run_id.to_string(),
         payload_dir: payload_dir.clone(),
