@@ -43,6 +43,12 @@
 //! in the same rounds as the install, so that the install's own share of
 //! the added latency (package's added minus trivial's added, per round)
 //! is not a difference between two runs on a machine whose speed moves.
+//! Its bare side also installs the package bare once more while the run's
+//! audit syscall-exit rules exist (`kernel_audit::exit_rules`, for an audit
+//! session nobody has): while any such rule exists, every system call on
+//! the host takes audit's slow path, so this is what observing the
+//! read-only mounts' refusals costs dpkg's own system calls (about 8,500
+//! per install here), with nothing else of the sandbox around it.
 //!
 //! dpkg itself writes to the real root: `/usr/share/rgbench`,
 //! `/etc/rgbench` and `/var/lib/dpkg` on this machine's disk, on both
@@ -76,6 +82,7 @@
 mod common;
 
 use common::{children_cpu, ms, stat, timed, Pairs, Sample};
+use rollguard_agent::kernel_audit::exit_rules;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -88,6 +95,10 @@ const VERSION: &str = "1.0";
 /// The payload: this many files of this many random bytes (5 MiB).
 const DATA_FILES: usize = 4;
 const DATA_FILE_BYTES: usize = 5 * 1024 * 1024 / DATA_FILES;
+/// The audit session the bare install's audit rules name: none of the
+/// machine's (sessions count up from 1 and this is the last valid one), so
+/// the rules report nothing and cost what any run's rules cost everyone.
+const UNUSED_AUDIT_SESSION: u32 = u32::MAX - 1;
 const DPKG_CFG: &str = "/etc/dpkg/dpkg.cfg.d/zz-rollguard-bench";
 /// The agent's dpkg command line (agent/src/packages/mod.rs), less the
 /// files.
@@ -291,6 +302,16 @@ fn main() {
     };
 
     let bare_trivial = || timed(&mut Command::new(&trivial_script));
+    // The bare install while the run's audit syscall-exit rules exist (for
+    // an audit session no process has): while any such rule exists, every
+    // system call on the host takes audit's slow path, dpkg's included.
+    // Removing them waits for an RCU grace period: outside the timed part.
+    let bare_audited = || {
+        exit_rules::install(UNUSED_AUDIT_SESSION).expect("adding the audit rules");
+        let sample = bare();
+        exit_rules::remove(UNUSED_AUDIT_SESSION).expect("removing the audit rules");
+        sample
+    };
 
     // v1 installed bare once (not counted), then one warm-up of each kind
     // (page cache, first-run effects), not counted either.
@@ -300,9 +321,15 @@ fn main() {
     sandboxed(&policy_tmpfs, &bundles[0]);
     sandboxed(&policy_disk, &trivial_bundles[0]);
     bare_trivial();
+    bare_audited();
 
-    // Each round's trivial pair runs right after its package pair.
+    // Each round's trivial pair runs right after its package pair, and
+    // the bare install under the audit rules beside the bare one.
     let trivial = std::cell::RefCell::new(Pairs {
+        sandboxed: vec![],
+        bare: vec![],
+    });
+    let audited = std::cell::RefCell::new(Pairs {
         sandboxed: vec![],
         bare: vec![],
     });
@@ -314,14 +341,24 @@ fn main() {
             trivial.borrow_mut().sandboxed.push(t);
             s
         },
-        |_| {
-            let b = bare();
+        |i| {
+            // Alternately first, as the pairs are.
+            let (b, a) = if i % 2 == 0 {
+                let a = bare_audited();
+                (bare(), a)
+            } else {
+                (bare(), bare_audited())
+            };
             let t = bare_trivial();
             trivial.borrow_mut().bare.push(t);
+            let mut audited = audited.borrow_mut();
+            audited.sandboxed.push(a);
+            audited.bare.push(b);
             b
         },
     );
     let trivial = trivial.into_inner();
+    let audited = audited.into_inner();
     let tmpfs = Pairs::measure(runs, |i| sandboxed(&policy_tmpfs, &bundles[i]), |_| bare());
 
     let wall = |s: &Sample| s.wall;
@@ -378,6 +415,23 @@ fn main() {
         .collect();
     row("the install's own share, per round", stat(&own, " ms"));
     println!("    (the package's added latency minus the trivial bundle's)");
+    println!("the same rounds: the bare install while the run's audit exit rules exist");
+    row(
+        "bare dpkg -i, wall clock",
+        ms(&Pairs::wall(&audited.sandboxed)),
+    );
+    row(
+        "audit's slow path on it, per round",
+        stat(&audited.differences_ms(), " ms"),
+    );
+    row(
+        "bare dpkg -i, CPU time (tree)",
+        ms(&Pairs::cpu(&audited.sandboxed)),
+    );
+    row(
+        "ratio to bare, CPU, per round",
+        stat(&audited.ratios(cpu), ""),
+    );
     let denials = denials.borrow();
     if !denials.is_empty() {
         println!("denials reported by the sandboxed runs (each would halt a rollout):");
