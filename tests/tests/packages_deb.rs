@@ -356,8 +356,14 @@ fn the_replaced_files_are_those_the_upgrade_swapped() {
 
     // The host only for its directory (kept alive with it).
     let (_turn, _keys, _host, out) = setup();
-    let v1 = pkg::build_deb(&out, "1.0", &Variant::default());
-    let v2 = pkg::build_deb(&out, "2.0", &Variant::default());
+    // With a file beneath `/lib`: named as processes map it, through its
+    // real directory (`/usr/lib` on a merged-/usr host).
+    let lib = Variant {
+        lib_file: true,
+        ..Variant::default()
+    };
+    let v1 = pkg::build_deb(&out, "1.0", &lib);
+    let v2 = pkg::build_deb(&out, "2.0", &lib);
     install_bare(&v1);
     let packages = Packages {
         kind: PackageKind::Deb,
@@ -378,10 +384,65 @@ fn the_replaced_files_are_those_the_upgrade_swapped() {
         .iter()
         .map(|p| p.to_str().unwrap())
         .collect();
-    assert_eq!(replaced, [pkg::CONFFILE, pkg::PROGRAM, pkg::UNIT]);
+    let lib_file = Path::new(pkg::LIB_FILE);
+    let mapped = fs::canonicalize(lib_file.parent().unwrap())
+        .unwrap()
+        .join(lib_file.file_name().unwrap());
+    let mut expected = vec![
+        pkg::CONFFILE,
+        pkg::PROGRAM,
+        pkg::UNIT,
+        mapped.to_str().unwrap(),
+    ];
+    expected.sort_by(|a, b| Path::new(a).cmp(Path::new(b)));
+    assert_eq!(replaced, expected);
     assert_eq!(outcome.mismatch, None);
     assert_eq!(outcome.changes[0].before.as_deref(), Some("1.0"));
     assert_eq!(outcome.changes[0].after.as_deref(), Some("2.0"));
+}
+
+/// Removes a file when dropped (also when the test panics).
+struct RemoveOnDrop(&'static str);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.0);
+    }
+}
+
+/// After the run the agent reads dpkg's database only directly. When that
+/// read declines (here: an entry the postinst leaves in dpkg's journal
+/// directory, which dpkg itself ignores), the packages' state is unknown
+/// and the run fails, instead of dpkg-query being run, as root and outside
+/// the sandbox, on a database (and, where the scope holds them, with a
+/// program and libraries) the run could have changed.
+#[test]
+fn after_the_run_a_database_the_direct_read_declines_is_unknown_not_queried() {
+    let (_turn, keys, host, out) = setup();
+    // Dropped before the turn (declared after it): gone before the purge.
+    let stray = RemoveOnDrop("/var/lib/dpkg/updates/rollguard-test-stray");
+    let v1 = pkg::build_deb(&out, "1.0", &quiet());
+    let v2 = pkg::build_deb(
+        &out,
+        "2.0",
+        &Variant {
+            postinst: format!("  touch {}\n", stray.0),
+            ..quiet()
+        },
+    );
+    install_bare(&v1);
+    let (bundle, _) = bundle(&host, &keys, "stray", 1, &v2);
+    let (report, _) = host.run(&bundle);
+    assert!(Path::new(stray.0).exists(), "{report:#}");
+    assert_eq!(report["status"], "failed", "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("rgpkgtest is unknown after the run"),
+        "{report:#}"
+    );
+    let error = report["packages"][0]["error"].as_str().unwrap();
+    assert!(error.contains("does not run dpkg-query"), "{report:#}");
+    assert_eq!(report["packages"][0]["after"], Value::Null, "{report:#}");
 }
 
 /// A package naming `/lib/...` (as most Debian 12 packages still do) on a

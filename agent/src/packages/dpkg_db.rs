@@ -15,11 +15,16 @@
 //!   in `updates/` (names of digits), which dpkg-query applies on top. We
 //!   do not: if `updates/` holds anything but dpkg's own temporary file,
 //!   before or after `status` is read, [`lookup`] returns
-//!   [`DbError::Journal`] and the caller asks dpkg-query instead;
+//!   [`DbError::Journal`] and, before the run, the caller asks dpkg-query
+//!   instead (after it, the packages' state is unknown and the run fails:
+//!   dpkg-query would run as root outside the sandbox on a database, and
+//!   where the scope holds them with a program and libraries, the run
+//!   could have changed);
 //! - the parser is strict (see [`parse`]): anything it does not expect is
-//!   an error, and the caller asks dpkg-query instead. So is a package
-//!   with more than one installed instance (Multi-Arch: same), where
-//!   "the" version is not one line.
+//!   an error, handled the same way. So is a package with more than one
+//!   installed instance (Multi-Arch: same), where "the" version is not
+//!   one line; a state dpkg does not write; a version that is not a plain
+//!   one (the report and the run log carry it).
 //!
 //! Hostile input: during a run the bundle may write anything into the
 //! database (it is in the derived write scope), including a symlink or a
@@ -29,13 +34,14 @@
 //! dpkg-query), files without blocking (`O_NONBLOCK`, `O_NOCTTY`); they
 //! must be regular files and are read up to a bound; the parser's work is
 //! linear in the input (n log n for a paragraph's field names); no content
-//! of them goes into an error message. The worst a forged database can do
-//! is make the report's versions wrong, which it could do to dpkg-query's
-//! answer too.
+//! of them goes into an error message, and what goes into the report is
+//! bounded (a version of at most 128 plain characters, a state of dpkg's
+//! own). The worst a forged database can do is make the report's versions
+//! wrong (or unknown), which it could do to dpkg-query's answer too.
 //!
 //! A small parser rather than a deb822 crate: we need four fields of a
-//! few paragraphs, must reject rather than repair anything unusual (the
-//! fallback is always there), and read bytes (descriptions in `status`
+//! few paragraphs, must reject rather than repair anything unusual, and
+//! read bytes (descriptions in `status`
 //! need not be UTF-8).
 
 use std::fs::File;
@@ -129,6 +135,25 @@ const TRIGGERS_PENDING: &[u8] = b"triggers-pending";
 /// Most packages listed as having triggers pending (the rest are not
 /// named: a forged status file must not make the report large).
 pub const MAX_TRIGGERS_PENDING: usize = 64;
+
+/// dpkg's package states other than `not-installed` and `config-files`
+/// (`dpkg-query(1)`, "Package states"): the package is there, fully or
+/// not. Any other word is not dpkg's.
+pub const INSTALLED_STATES: [&str; 6] = [
+    "installed",
+    "half-installed",
+    "unpacked",
+    "half-configured",
+    "triggers-awaited",
+    "triggers-pending",
+];
+
+/// A version as the report may carry it: what a manifest's package
+/// version may be (`PackageToken`: 1-128 characters of
+/// `[A-Za-z0-9.+~:_-]`, which every Debian and rpm version fits).
+pub fn is_plain_version(version: &str) -> bool {
+    rollguard_shared::manifest::packages::PackageToken::parse(version).is_some()
+}
 
 /// A package name as dpkg makes them (`[a-z0-9][a-z0-9+.-]*`, at most 128
 /// bytes; upper case and `_` tolerated, as `found` does).
@@ -276,13 +301,18 @@ impl Paragraph<'_> {
         };
         match state {
             "not-installed" | "config-files" => return Ok(None),
-            "" => return Err(bad("Status has an empty state")),
-            _ => {}
+            s if INSTALLED_STATES.contains(&s) => {}
+            _ => return Err(bad("Status has a state dpkg does not write")),
         }
         let version = self.version.ok_or_else(|| bad("no Version field"))?;
         let version = std::str::from_utf8(version).map_err(|_| bad("Version is not UTF-8"))?;
-        if version.is_empty() || version.contains(char::is_whitespace) {
-            return Err(bad("Version is empty or holds whitespace"));
+        // The version goes into the report and the run log: the run may
+        // have written this file, and a version of megabytes would make
+        // every later log line unreadable.
+        if !is_plain_version(version) {
+            return Err(bad(
+                "Version is not a plain version (1-128 characters of A-Z a-z 0-9 . + ~ : _ -)",
+            ));
         }
         let list_name = match self.multi_arch {
             Some(b"same") => {
@@ -609,6 +639,15 @@ Status: purge ok not-installed
             "Package: ../a\nStatus: install ok installed\nVersion: 1\n",
             "Package: a\nStatus: install ok installed\nVersion: 1\nMulti-Arch: same\n",
             "Package: a\nStatus: install ok installed\nVersion: 1\nArchitecture: x/y\nMulti-Arch: same\n",
+            // A state dpkg does not write, and versions no report may
+            // carry (the run may have written this file).
+            "Package: a\nStatus: install ok configured-by-bundle\nVersion: 1\n",
+            "Package: a\nStatus: install ok installed\nVersion: 1;rm\n",
+            "Package: a\nStatus: install ok installed\nVersion: -1\n",
+            &format!(
+                "Package: a\nStatus: install ok installed\nVersion: {}\n",
+                "9".repeat(129)
+            ),
         ];
         for text in odd {
             let dir = admindir(text);

@@ -105,13 +105,25 @@ pub fn prepare(p: &Packages) -> Result<(), PrepareError> {
     for path in missing(p) {
         let path = path.as_path();
         if path == Path::new(DPKG_LOG) {
-            // dpkg creates its log 0644 root:root; so do we.
-            std::fs::OpenOptions::new()
+            // dpkg creates its log 0644 root:root; so do we, whatever the
+            // umask (the packaged unit's is 0077). Never through a link
+            // or into a FIFO planted meanwhile.
+            let host = |e: std::io::Error| PrepareError::Host(format!("{}: {e}", path.display()));
+            let log = std::fs::OpenOptions::new()
                 .append(true)
                 .create(true)
                 .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(path)
-                .map_err(|e| PrepareError::Host(format!("{}: {e}", path.display())))?;
+                .map_err(host)?;
+            if !log.metadata().map_err(host)?.is_file() {
+                return Err(PrepareError::Host(format!(
+                    "{}: not a regular file",
+                    path.display()
+                )));
+            }
+            log.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .map_err(host)?;
             continue;
         }
         create_dirs(path).map_err(|e| PrepareError::Host(format!("{}: {e}", path.display())))?;
@@ -357,8 +369,26 @@ impl Installed {
     }
 }
 
+/// `path` with the symlinks of its directory resolved, as
+/// `/proc/PID/maps` names what a process maps: on a merged-/usr host
+/// dpkg's list says `/lib/x86_64-linux-gnu/libc.so.6` (libc6, zlib1g and
+/// dozens more still list `/lib`), the kernel `/usr/lib/...`, and a
+/// replaced file would match no mapping. The name itself is kept (it may
+/// be a symlink the package ships); a directory that cannot be resolved
+/// is kept as listed. `dirs` remembers each directory resolved.
+fn as_mapped(path: &Path, dirs: &mut std::collections::HashMap<PathBuf, PathBuf>) -> PathBuf {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return path.to_path_buf();
+    };
+    let real = dirs
+        .entry(dir.to_path_buf())
+        .or_insert_with(|| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
+    real.join(name)
+}
+
 /// The database before the run: versions, and the identity of every
-/// non-directory file the installed packages own.
+/// non-directory file the installed packages own (named as processes
+/// map them: [`as_mapped`]).
 pub struct Snapshot {
     before: Vec<Installed>,
     files: Vec<(PathBuf, u64, u64)>,
@@ -380,7 +410,8 @@ pub struct PackagesOutcome {
 impl Snapshot {
     pub fn take(p: &Packages) -> Snapshot {
         let mut files = Vec::new();
-        let before = read_states(p)
+        let mut real_dirs = std::collections::HashMap::new();
+        let before = read_states(p, Fallback::Query)
             .each
             .into_iter()
             .zip(&p.install)
@@ -389,6 +420,7 @@ impl Snapshot {
                     for path in owned_files(p, pkg.name.as_str(), list) {
                         if let Ok(m) = std::fs::symlink_metadata(&path) {
                             if !m.is_dir() {
+                                let path = as_mapped(&path, &mut real_dirs);
                                 files.push((path, m.dev(), m.ino()));
                             }
                         }
@@ -401,7 +433,7 @@ impl Snapshot {
     }
 
     pub fn finish(mut self, p: &Packages) -> PackagesOutcome {
-        let states = read_states(p);
+        let states = read_states(p, Fallback::Unknown);
         let after = states.each.into_iter().map(|(state, _)| state).collect();
         let files = std::mem::take(&mut self.files);
         let mut outcome = self.compare(p, after, states.triggers_pending);
@@ -440,10 +472,11 @@ impl Snapshot {
                 mismatch.push(format!(
                     "{} is {} after the run, not {} installed",
                     pkg.name,
-                    match (&after.version, &after.state) {
-                        (Some(v), Some(s)) => format!("{v} ({s})"),
-                        (Some(v), None) => v.clone(),
-                        (None, _) => "not installed".into(),
+                    match (&after.version, &after.state, &after.error) {
+                        (Some(v), Some(s), _) => format!("{v} ({s})"),
+                        (Some(v), None, _) => v.clone(),
+                        (None, _, Some(_)) => "unknown".into(),
+                        (None, _, None) => "not installed".into(),
                     },
                     pkg.version
                 ));
@@ -520,7 +553,8 @@ impl PreviewAfter {
             }
             // The run left the database alone: the host's answers.
             Ok(crate::preview::FileAfter::Unchanged) => {
-                let states = read_states(p);
+                // The preview left the host's database alone.
+                let states = read_states(p, Fallback::Query);
                 return PreviewAfter {
                     packages: states.each.into_iter().map(|(s, _)| s).collect(),
                     triggers_pending: states.triggers_pending,
@@ -545,6 +579,9 @@ impl PreviewAfter {
     }
 }
 
+/// The most of a query tool's stderr an error quotes.
+const MAX_TOOL_ERROR: usize = 1024;
+
 /// Run a query tool: `Ok(Some(stdout))` on success, `Ok(None)` when it
 /// exits 1 (not installed), `Err` otherwise.
 fn query(cmd: &mut Command) -> Result<Option<String>, String> {
@@ -558,10 +595,12 @@ fn query(cmd: &mut Command) -> Result<Option<String>, String> {
     match out.status.code() {
         Some(0) => Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())),
         Some(1) => Ok(None),
+        // Bounded: it goes into the report, and the tool may have read a
+        // database the run wrote.
         _ => Err(format!(
             "{shown}: {}: {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&out.stderr[..out.stderr.len().min(MAX_TOOL_ERROR)]).trim()
         )),
     }
 }
@@ -587,7 +626,22 @@ struct States {
     triggers_pending: Vec<String>,
 }
 
-fn read_states(p: &Packages) -> States {
+/// What [`read_states`] does when dpkg's database cannot be read
+/// directly.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fallback {
+    /// Ask dpkg-query: before the run (or after a preview, which left the
+    /// database alone), the tool and the database are the host's.
+    Query,
+    /// The packages' state is unknown, each package's error: after the
+    /// run, which could have written the database (a symlink to a file
+    /// it may not read, which dpkg-query, run as root outside the
+    /// sandbox, would open and quote back) and, where its scope holds
+    /// them, dpkg-query's program and libraries. The run then fails.
+    Unknown,
+}
+
+fn read_states(p: &Packages, fallback: Fallback) -> States {
     if p.kind == PackageKind::Deb {
         let names: Vec<&str> = p.install.iter().map(|pkg| pkg.name.as_str()).collect();
         match dpkg_db::lookup_all(Path::new(DPKG_ADMINDIR), &names) {
@@ -606,6 +660,26 @@ fn read_states(p: &Packages) -> States {
                 return States {
                     each,
                     triggers_pending: db.triggers_pending,
+                };
+            }
+            Err(e) if fallback == Fallback::Unknown => {
+                let why = format!(
+                    "dpkg's database could not be read after the run ({e}); the agent does not run dpkg-query on a database the run could write, so the packages' state is unknown"
+                );
+                tracing::warn!("{why}");
+                return States {
+                    each: p
+                        .install
+                        .iter()
+                        .map(|_| {
+                            let unknown = Installed {
+                                error: Some(why.clone()),
+                                ..Installed::default()
+                            };
+                            (unknown, FileList::Query)
+                        })
+                        .collect(),
+                    triggers_pending: Vec::new(),
                 };
             }
             Err(e) => tracing::info!("dpkg's database is read with dpkg-query: {e}"),
@@ -641,6 +715,12 @@ fn installed(p: &Packages, name: &str) -> Installed {
                     _ => Some((version.to_string(), Some(state))),
                 }
             })
+        })
+        .and_then(|found| match found {
+            Some((_, Some(state))) if !dpkg_db::INSTALLED_STATES.contains(&state.as_str()) => Err(
+                format!("dpkg-query reports {name} in a state dpkg does not write"),
+            ),
+            other => Ok(other),
         }),
         PackageKind::Rpm => query(
             Command::new("rpm")
@@ -655,6 +735,13 @@ fn installed(p: &Packages, name: &str) -> Installed {
         )
         .map(|out| out.and_then(|text| text.lines().last().map(|v| (v.to_string(), None)))),
     };
+    let result = result.and_then(|found| match found {
+        // Into the report and the run log: bounded, as the direct read's.
+        Some((version, _)) if !dpkg_db::is_plain_version(&version) => Err(format!(
+            "the database's version of {name} is not a plain version (1-128 characters of A-Z a-z 0-9 . + ~ : _ -)"
+        )),
+        other => Ok(other),
+    });
     match result {
         Ok(Some((version, state))) => Installed {
             version: Some(version),
@@ -779,6 +866,32 @@ pub fn log_changes(changes: &[PackageChange]) {
 mod tests {
     use super::*;
     use rollguard_shared::manifest::packages::PackageToken;
+
+    /// A file listed beneath a symlinked directory (merged /usr) is named
+    /// by its real directory, as `/proc/PID/maps` names it; the name
+    /// itself is not followed, and what cannot be resolved stays as is.
+    #[test]
+    fn replaced_files_are_named_as_processes_map_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("usr-lib")).unwrap();
+        std::os::unix::fs::symlink("usr-lib", root.join("lib")).unwrap();
+        std::fs::write(root.join("usr-lib/libx.so.1.2"), b"").unwrap();
+        std::os::unix::fs::symlink("libx.so.1.2", root.join("usr-lib/libx.so.1")).unwrap();
+        let mut dirs = std::collections::HashMap::new();
+        assert_eq!(
+            as_mapped(&root.join("lib/libx.so.1.2"), &mut dirs),
+            root.join("usr-lib/libx.so.1.2")
+        );
+        assert_eq!(
+            as_mapped(&root.join("lib/libx.so.1"), &mut dirs),
+            root.join("usr-lib/libx.so.1")
+        );
+        assert_eq!(
+            as_mapped(&root.join("gone/libx.so"), &mut dirs),
+            root.join("gone/libx.so")
+        );
+    }
     use rollguard_shared::manifest::{DerivedPackage, PayloadPath};
     use rollguard_shared::ScopePath;
 
