@@ -34,6 +34,8 @@ struct Turn {
 /// key, the test host, and a directory for the packages it builds.
 fn setup() -> (Turn, Keys, Host, PathBuf) {
     let db = pkg::lock();
+    // Left by a test killed before its cleanup: every deb run would fail.
+    let _ = fs::remove_file(STRAY_JOURNAL_ENTRY);
     let turn = Turn {
         _cleanup: Cleanup { rpm: false },
         _db: db,
@@ -401,6 +403,11 @@ fn the_replaced_files_are_those_the_upgrade_swapped() {
     assert_eq!(outcome.changes[0].after.as_deref(), Some("2.0"));
 }
 
+/// A file in dpkg's journal directory that dpkg does not write (its
+/// entries are named by digits) and ignores, which the agent's direct
+/// read declines.
+const STRAY_JOURNAL_ENTRY: &str = "/var/lib/dpkg/updates/rollguard-test-stray";
+
 /// Removes a file when dropped (also when the test panics).
 struct RemoveOnDrop(&'static str);
 
@@ -420,7 +427,7 @@ impl Drop for RemoveOnDrop {
 fn after_the_run_a_database_the_direct_read_declines_is_unknown_not_queried() {
     let (_turn, keys, host, out) = setup();
     // Dropped before the turn (declared after it): gone before the purge.
-    let stray = RemoveOnDrop("/var/lib/dpkg/updates/rollguard-test-stray");
+    let stray = RemoveOnDrop(STRAY_JOURNAL_ENTRY);
     let v1 = pkg::build_deb(&out, "1.0", &quiet());
     let v2 = pkg::build_deb(
         &out,

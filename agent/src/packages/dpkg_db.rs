@@ -21,17 +21,18 @@
 //!   where the scope holds them with a program and libraries, the run
 //!   could have changed);
 //! - the parser is strict (see [`parse`]): anything it does not expect is
-//!   an error, handled the same way. So is a package with more than one
-//!   installed instance (Multi-Arch: same), where "the" version is not
-//!   one line; a state dpkg does not write; a version that is not a plain
-//!   one (the report and the run log carry it).
+//!   an error, handled the same way. So are instances of one package
+//!   (Multi-Arch: same) at different versions or states, where "the"
+//!   version is not one line; a state dpkg does not write; a version that
+//!   is not 1-128 printable characters (the report and the run log carry
+//!   it).
 //!
 //! Hostile input: during a run the bundle may write anything into the
 //! database (it is in the derived write scope), including a symlink or a
 //! FIFO in place of `status`, `updates/` or `info/`. Every path is opened
 //! with `openat2(RESOLVE_NO_SYMLINKS)`, so no component of it may be a
-//! symlink (a host whose database is reached through one is read with
-//! dpkg-query), files without blocking (`O_NONBLOCK`, `O_NOCTTY`); they
+//! symlink (before a run, a host whose database is reached through one is
+//! read with dpkg-query), files without blocking (`O_NONBLOCK`, `O_NOCTTY`); they
 //! must be regular files and are read up to a bound; the parser's work is
 //! linear in the input (n log n for a paragraph's field names); no content
 //! of them goes into an error message, and what goes into the report is
@@ -73,6 +74,8 @@ pub enum DbError {
     TooLarge(PathBuf),
     #[error("dpkg's journal ({0}) holds changes not yet in the status file")]
     Journal(PathBuf),
+    #[error("dpkg's journal ({0}) holds an entry dpkg does not write (only digits name its entries): remove it")]
+    ForeignJournalEntry(PathBuf),
     #[error("status file line {0}: {1}")]
     Syntax(usize, &'static str),
     #[error("package {0}: {1}")]
@@ -148,12 +151,18 @@ pub const INSTALLED_STATES: [&str; 6] = [
     "triggers-pending",
 ];
 
-/// A version as the report may carry it: what a manifest's package
-/// version may be (`PackageToken`: 1-128 characters of
-/// `[A-Za-z0-9.+~:_-]`, which every Debian and rpm version fits).
+/// A version as the report and the run log may carry it: 1-128 printable
+/// ASCII characters, no space. Every Debian and rpm version fits (rpm's
+/// `^`, and the looser versions dpkg accepts with a warning, included),
+/// and no forged one can be large.
 pub fn is_plain_version(version: &str) -> bool {
-    rollguard_shared::manifest::packages::PackageToken::parse(version).is_some()
+    (1..=MAX_VERSION_BYTES).contains(&version.len())
+        && version.bytes().all(|b| b.is_ascii_graphic())
 }
+
+/// The longest version [`is_plain_version`] accepts (a manifest's may be
+/// as long: `PackageToken`).
+pub const MAX_VERSION_BYTES: usize = 128;
 
 /// A package name as dpkg makes them (`[a-z0-9][a-z0-9+.-]*`, at most 128
 /// bytes; upper case and `_` tolerated, as `found` does).
@@ -191,13 +200,22 @@ fn find(status: &[u8], admindir: &Path, names: &[&str]) -> Result<Lookup, DbErro
                 .iter()
                 .filter(|p| p.package == name.as_bytes())
                 .filter_map(|p| p.found(admindir).transpose());
-            match (found.next().transpose()?, found.next()) {
-                (first, None) => Ok(first),
-                (_, Some(_)) => Err(DbError::Ambiguous(
-                    name.to_string(),
-                    "more than one installed instance",
-                )),
+            let Some(first) = found.next().transpose()? else {
+                return Ok(None);
+            };
+            // Multi-Arch: same instances (libssl3:amd64 and :i386): dpkg
+            // keeps them at one version; the first's file list stands for
+            // them (the other's files are its own copies).
+            for other in found {
+                let other = other?;
+                if (&other.version, &other.state) != (&first.version, &first.state) {
+                    return Err(DbError::Ambiguous(
+                        name.to_string(),
+                        "installed instances at different versions or states",
+                    ));
+                }
             }
+            Ok(Some(first))
         })
         .collect::<Result<_, _>>()?;
     Ok(Lookup {
@@ -248,9 +266,13 @@ fn journal_empty(updates: &Path) -> Result<(), DbError> {
     let dir = open_no_symlinks(updates, OFlags::DIRECTORY)?;
     for entry in rustix::fs::Dir::new(dir).map_err(io)? {
         let name = entry.map_err(io)?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." && name != JOURNAL_TMP.as_bytes() {
+        if name == b"." || name == b".." || name == JOURNAL_TMP.as_bytes() {
+            continue;
+        }
+        if name.iter().all(u8::is_ascii_digit) {
             return Err(DbError::Journal(updates.into()));
         }
+        return Err(DbError::ForeignJournalEntry(updates.into()));
     }
     Ok(())
 }
@@ -311,7 +333,7 @@ impl Paragraph<'_> {
         // every later log line unreadable.
         if !is_plain_version(version) {
             return Err(bad(
-                "Version is not a plain version (1-128 characters of A-Z a-z 0-9 . + ~ : _ -)",
+                "Version is not 1-128 printable ASCII characters without a space",
             ));
         }
         let list_name = match self.multi_arch {
@@ -608,6 +630,14 @@ Status: purge ok not-installed
             lookup(dir.path(), &["a"]),
             Err(DbError::Journal(_))
         ));
+        // A name dpkg does not write: said so (dpkg --configure -a would
+        // not remove it).
+        std::fs::remove_file(dir.path().join("updates/0000")).unwrap();
+        std::fs::write(dir.path().join("updates/stray"), "").unwrap();
+        assert!(matches!(
+            lookup(dir.path(), &["a"]),
+            Err(DbError::ForeignJournalEntry(_))
+        ));
     }
 
     #[test]
@@ -642,8 +672,7 @@ Status: purge ok not-installed
             // A state dpkg does not write, and versions no report may
             // carry (the run may have written this file).
             "Package: a\nStatus: install ok configured-by-bundle\nVersion: 1\n",
-            "Package: a\nStatus: install ok installed\nVersion: 1;rm\n",
-            "Package: a\nStatus: install ok installed\nVersion: -1\n",
+            "Package: a\nStatus: install ok installed\nVersion: 1\u{e9}\n",
             &format!(
                 "Package: a\nStatus: install ok installed\nVersion: {}\n",
                 "9".repeat(129)
@@ -662,15 +691,25 @@ Status: purge ok not-installed
     }
 
     #[test]
-    fn two_installed_instances_defer_to_dpkg_query() {
+    fn instances_at_one_version_are_one_answer_and_at_two_defer() {
         let dir = admindir(
             "Package: a\nStatus: install ok installed\nArchitecture: amd64\nMulti-Arch: same\nVersion: 1\n\n\
              Package: a\nStatus: install ok installed\nArchitecture: i386\nMulti-Arch: same\nVersion: 1\n\n\
              Package: b\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1\n\n\
-             Package: b\nStatus: deinstall ok config-files\nArchitecture: i386\nVersion: 1\n",
+             Package: b\nStatus: deinstall ok config-files\nArchitecture: i386\nVersion: 1\n\n\
+             Package: c\nStatus: install ok installed\nArchitecture: amd64\nMulti-Arch: same\nVersion: 1\n\n\
+             Package: c\nStatus: install ok unpacked\nArchitecture: i386\nMulti-Arch: same\nVersion: 2\n",
+        );
+        assert_eq!(
+            lookup(dir.path(), &["a"]).unwrap()[0],
+            Some(Found {
+                version: "1".into(),
+                state: None,
+                list: dir.path().join("info/a:amd64.list"),
+            })
         );
         assert!(matches!(
-            lookup(dir.path(), &["a"]),
+            lookup(dir.path(), &["c"]),
             Err(DbError::Ambiguous(..))
         ));
         assert_eq!(

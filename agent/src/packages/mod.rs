@@ -15,8 +15,9 @@
 //! - the package database read before and after the run: the versions
 //!   for the report, and the files the run replaced or removed
 //!   ([`Snapshot`]), for the stale-services scan. dpkg's is read directly
-//!   ([`dpkg_db`], which says why and when it defers), rpm's and any dpkg
-//!   database the direct read declines with the manager's own query tool.
+//!   ([`dpkg_db`], which says why and when it declines), rpm's with
+//!   `rpm`; before the run, a dpkg database the direct read declines is
+//!   read with dpkg-query, after it never ([`Fallback`]).
 //!
 //! dpkg and rpm and every maintainer script run confined: what they change
 //! beyond the signed scope is denied by the kernel and reported.
@@ -113,7 +114,7 @@ pub fn prepare(p: &Packages) -> Result<(), PrepareError> {
                 .append(true)
                 .create(true)
                 .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
                 .open(path)
                 .map_err(host)?;
             if !log.metadata().map_err(host)?.is_file() {
@@ -579,7 +580,7 @@ impl PreviewAfter {
     }
 }
 
-/// The most of a query tool's stderr an error quotes.
+/// The most of a query tool's stderr the log quotes.
 const MAX_TOOL_ERROR: usize = 1024;
 
 /// Run a query tool: `Ok(Some(stdout))` on success, `Ok(None)` when it
@@ -595,13 +596,22 @@ fn query(cmd: &mut Command) -> Result<Option<String>, String> {
     match out.status.code() {
         Some(0) => Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())),
         Some(1) => Ok(None),
-        // Bounded: it goes into the report, and the tool may have read a
-        // database the run wrote.
-        _ => Err(format!(
-            "{shown}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr[..out.stderr.len().min(MAX_TOOL_ERROR)]).trim()
-        )),
+        // The tool's words go to the log only (bounded), not into the
+        // report: it may have parsed a database an earlier run wrote (a
+        // symlink to a file no bundle may read), and its parse errors
+        // quote what they read.
+        _ => {
+            let stderr = &out.stderr[..out.stderr.len().min(MAX_TOOL_ERROR)];
+            tracing::warn!(
+                command = %shown,
+                stderr = %String::from_utf8_lossy(stderr).trim(),
+                "package database query failed"
+            );
+            Err(format!(
+                "{shown}: {} (its messages are in the agent's log)",
+                out.status
+            ))
+        }
     }
 }
 
@@ -622,7 +632,7 @@ struct States {
     /// comes from.
     each: Vec<(Installed, FileList)>,
     /// Packages whose triggers are pending; empty when dpkg's database was
-    /// read with dpkg-query (the report then lists none).
+    /// read with dpkg-query or not at all (the report then lists none).
     triggers_pending: Vec<String>,
 }
 
@@ -738,7 +748,7 @@ fn installed(p: &Packages, name: &str) -> Installed {
     let result = result.and_then(|found| match found {
         // Into the report and the run log: bounded, as the direct read's.
         Some((version, _)) if !dpkg_db::is_plain_version(&version) => Err(format!(
-            "the database's version of {name} is not a plain version (1-128 characters of A-Z a-z 0-9 . + ~ : _ -)"
+            "the database's version of {name} is not 1-128 printable ASCII characters without a space"
         )),
         other => Ok(other),
     });
@@ -866,6 +876,8 @@ pub fn log_changes(changes: &[PackageChange]) {
 mod tests {
     use super::*;
     use rollguard_shared::manifest::packages::PackageToken;
+    use rollguard_shared::manifest::{DerivedPackage, PayloadPath};
+    use rollguard_shared::ScopePath;
 
     /// A file listed beneath a symlinked directory (merged /usr) is named
     /// by its real directory, as `/proc/PID/maps` names it; the name
@@ -892,8 +904,6 @@ mod tests {
             root.join("gone/libx.so")
         );
     }
-    use rollguard_shared::manifest::{DerivedPackage, PayloadPath};
-    use rollguard_shared::ScopePath;
 
     fn packages(kind: PackageKind) -> Packages {
         Packages {
