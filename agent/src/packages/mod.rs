@@ -26,7 +26,7 @@ pub mod dpkg_db;
 pub mod expected;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -176,29 +176,64 @@ pub fn check_host(p: &Packages) -> Result<(), PrepareError> {
 
 /// Create `path` and its missing ancestors, each root:root 0755 whatever
 /// the umask. Never through a symlink: the deepest existing ancestor must
-/// be its own real path (the sandbox would refuse such a scope anyway, and
-/// nothing is created elsewhere meanwhile).
+/// be its own real path (the sandbox would refuse such a scope anyway),
+/// and the walk from it goes by descriptor (`openat2` with no symlink
+/// resolution, `mkdirat`, `fchmod`): a link planted meanwhile by another
+/// writer of an ancestor (a concurrent run with a scope there, a local
+/// user who owns it) is refused, never followed, and an entry made
+/// meanwhile counts only if it is a root-owned directory.
 fn create_dirs(path: &Path) -> std::io::Result<()> {
     let missing: Vec<&Path> = path
         .ancestors()
         .take_while(|a| std::fs::symlink_metadata(a).is_err())
         .collect();
-    if let Some(existing) = path.ancestors().nth(missing.len()) {
-        if std::fs::canonicalize(existing)? != existing {
+    let Some(existing) = path.ancestors().nth(missing.len()) else {
+        return Ok(());
+    };
+    if std::fs::canonicalize(existing)? != existing {
+        return Err(std::io::Error::other(format!(
+            "{} is reached through a symlink; no package directory is created there",
+            existing.display()
+        )));
+    }
+    let top_down: Vec<&Path> = missing.into_iter().rev().collect();
+    create_beneath(existing, &top_down)
+}
+
+/// Create `missing` (each the child of the one before, the first a child
+/// of `existing`) by descriptor from `existing`: see [`create_dirs`].
+fn create_beneath(existing: &Path, missing: &[&Path]) -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let open = |dir: Option<&std::os::fd::OwnedFd>, name: &Path| {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        match dir {
+            Some(dir) => rustix::fs::openat2(dir, name, flags, Mode::empty(), resolve),
+            None => rustix::fs::openat2(rustix::fs::CWD, name, flags, Mode::empty(), resolve),
+        }
+        .map_err(std::io::Error::from)
+    };
+    let mut parent = open(None, existing)?;
+    for &dir in missing {
+        let name = Path::new(dir.file_name().ok_or_else(|| {
+            std::io::Error::other(format!("{}: no directory name", dir.display()))
+        })?);
+        match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let made = open(Some(&parent), name)?;
+        let st = rustix::fs::fstat(&made)?;
+        if st.st_uid != 0 {
             return Err(std::io::Error::other(format!(
-                "{} is reached through a symlink; no package directory is created there",
-                existing.display()
+                "{} appeared meanwhile, owned by uid {}; no package directory is created there",
+                dir.display(),
+                st.st_uid
             )));
         }
-    }
-    for dir in missing.into_iter().rev() {
-        match std::fs::DirBuilder::new().mode(0o755).create(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        rustix::fs::fchmod(&made, Mode::from_raw_mode(0o755))?;
         tracing::info!(dir = %dir.display(), "created a package directory the derived scope names");
+        parent = made;
     }
     Ok(())
 }
@@ -953,6 +988,23 @@ mod tests {
         let err = create_dirs(&real.join("link/x/y")).unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
         assert!(!real.join("a/x").exists());
+        // What the walk meets is opened without following links: a link
+        // where a directory is to be made (planted between the check and
+        // the mkdir) is refused, and nothing is made through it.
+        std::fs::create_dir(real.join("elsewhere")).unwrap();
+        let racy = real.join("a/b/c/d");
+        std::fs::create_dir(&racy).unwrap();
+        std::fs::remove_dir(&racy).unwrap();
+        std::os::unix::fs::symlink(real.join("elsewhere"), &racy).unwrap();
+        let err = create_beneath(&real.join("a/b/c"), &[&racy, &racy.join("e")]).unwrap_err();
+        assert!(!real.join("elsewhere/e").exists(), "{err}");
+        // A directory made meanwhile by someone else is not taken over.
+        let theirs = real.join("a/b/c/theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let err = create_beneath(&real.join("a/b/c"), &[&theirs, &theirs.join("e")]).unwrap_err();
+        assert!(err.to_string().contains("uid 65534"), "{err}");
+        assert!(!theirs.join("e").exists());
     }
 
     #[test]
