@@ -213,26 +213,52 @@ fn create_beneath(existing: &Path, missing: &[&Path]) -> std::io::Result<()> {
         }
         .map_err(std::io::Error::from)
     };
-    let mut parent = open(None, existing)?;
+    let refused = |dir: &Path, e: std::io::Error| match e.raw_os_error() {
+        Some(libc::ENOTDIR) | Some(libc::ELOOP) => std::io::Error::other(format!(
+            "{} is a symlink or not a directory; no package directory is created there",
+            dir.display()
+        )),
+        _ => e,
+    };
+    let not_root = |dir: &Path, uid: u32| {
+        std::io::Error::other(format!(
+            "{} appeared meanwhile, owned by uid {uid}; no package directory is created there",
+            dir.display()
+        ))
+    };
+    let mut parent = open(None, existing).map_err(|e| refused(existing, e))?;
+    if missing.is_empty() {
+        // The directory itself appeared since it was found missing.
+        let uid = rustix::fs::fstat(&parent)?.st_uid;
+        if uid != 0 {
+            return Err(not_root(existing, uid));
+        }
+    }
     for &dir in missing {
         let name = Path::new(dir.file_name().ok_or_else(|| {
             std::io::Error::other(format!("{}: no directory name", dir.display()))
         })?);
-        match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        let created = match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
             Err(e) => return Err(e.into()),
+        };
+        let made = open(Some(&parent), name).map_err(|e| refused(dir, e))?;
+        let uid = rustix::fs::fstat(&made)?.st_uid;
+        if uid != 0 {
+            return Err(not_root(dir, uid));
         }
-        let made = open(Some(&parent), name)?;
-        let st = rustix::fs::fstat(&made)?;
-        if st.st_uid != 0 {
-            return Err(std::io::Error::other(format!(
-                "{} appeared meanwhile, owned by uid {}; no package directory is created there",
-                dir.display(),
-                st.st_uid
-            )));
-        }
+        // root:root whatever the parent (a setgid parent gives its group)
+        // and the umask, as `bundle build` checked the package ships it.
+        rustix::fs::fchown(
+            &made,
+            Some(rustix::fs::Uid::ROOT),
+            Some(rustix::fs::Gid::ROOT),
+        )?;
         rustix::fs::fchmod(&made, Mode::from_raw_mode(0o755))?;
-        tracing::info!(dir = %dir.display(), "created a package directory the derived scope names");
+        if created {
+            tracing::info!(dir = %dir.display(), "created a package directory the derived scope names");
+        }
         parent = made;
     }
     Ok(())
@@ -1005,6 +1031,24 @@ mod tests {
         let err = create_beneath(&real.join("a/b/c"), &[&theirs, &theirs.join("e")]).unwrap_err();
         assert!(err.to_string().contains("uid 65534"), "{err}");
         assert!(!theirs.join("e").exists());
+        // ... nor one that appeared where the last one was to be made.
+        let err = create_beneath(&theirs, &[]).unwrap_err();
+        assert!(err.to_string().contains("uid 65534"), "{err}");
+        // Beneath a setgid directory of another group: still root:root.
+        let shared = real.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::os::unix::fs::chown(&shared, Some(0), Some(65534)).unwrap();
+        std::fs::set_permissions(
+            &shared,
+            std::os::unix::fs::PermissionsExt::from_mode(0o2775),
+        )
+        .unwrap();
+        create_dirs(&shared.join("pkg")).unwrap();
+        let made = std::fs::metadata(shared.join("pkg")).unwrap();
+        assert_eq!(
+            (made.uid(), made.gid(), made.mode() & 0o7777),
+            (0, 0, 0o755)
+        );
     }
 
     #[test]
