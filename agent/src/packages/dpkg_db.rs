@@ -30,7 +30,9 @@
 //! Hostile input: during a run the bundle may write anything into the
 //! database (it is in the derived write scope), including a symlink or a
 //! FIFO in place of `status`, `updates/` or `info/`. Every path is opened
-//! with `openat2(RESOLVE_NO_SYMLINKS)`, so no component of it may be a
+//! with no symlink resolution (`openat2(RESOLVE_NO_SYMLINKS)`, or the
+//! same walk by hand where the agent's unit refuses `openat2`:
+//! `no_symlinks`), so no component of it may be a
 //! symlink (before a run, a host whose database is reached through one is
 //! read with dpkg-query), files without blocking (`O_NONBLOCK`, `O_NOCTTY`); they
 //! must be regular files and are read up to a bound; the parser's work is
@@ -51,7 +53,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+use rustix::fs::OFlags;
 
 /// Largest `status` or `.list` file read (a big Debian host's `status` is
 /// about 10 MB); beyond it, dpkg-query answers.
@@ -242,19 +244,14 @@ pub fn list_files(list: &Path) -> Result<Vec<PathBuf>, DbError> {
 
 /// `path` opened with no symlink in any of its components (nor a
 /// `/proc` magic link), never blocking (a FIFO), never becoming a
-/// controlling terminal. Through rustix, whose `openat2` is safe code:
-/// std has no way to say "no symlink anywhere".
+/// controlling terminal ([`super::no_symlinks`]: `openat2`, or a walk
+/// where the agent's unit refuses it).
 fn open_no_symlinks(path: &Path, flags: OFlags) -> Result<OwnedFd, DbError> {
-    rustix::fs::openat2(
-        CWD,
-        path,
-        flags | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY,
-        Mode::empty(),
-        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::NOENT => DbError::Missing(path.into()),
-        e => DbError::Io(path.into(), std::io::Error::from(e).to_string()),
+    super::no_symlinks::open(None, path, flags | OFlags::RDONLY | OFlags::NOCTTY).map_err(|e| {
+        match e {
+            rustix::io::Errno::NOENT => DbError::Missing(path.into()),
+            e => DbError::Io(path.into(), std::io::Error::from(e).to_string()),
+        }
     })
 }
 

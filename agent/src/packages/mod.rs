@@ -24,6 +24,7 @@
 
 pub mod dpkg_db;
 pub mod expected;
+mod no_symlinks;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -177,8 +178,8 @@ pub fn check_host(p: &Packages) -> Result<(), PrepareError> {
 /// Create `path` and its missing ancestors, each root:root 0755 whatever
 /// the umask. Never through a symlink: the deepest existing ancestor must
 /// be its own real path (the sandbox would refuse such a scope anyway),
-/// and the walk from it goes by descriptor (`openat2` with no symlink
-/// resolution, `mkdirat`, `fchmod`): a link planted meanwhile by another
+/// and the walk from it goes by descriptor (no symlink resolution:
+/// [`no_symlinks`], `mkdirat`, `fchmod`): a link planted meanwhile by another
 /// writer of an ancestor (a concurrent run with a scope there, a local
 /// user who owns it) is refused, never followed, and an entry made
 /// meanwhile counts only if it is a root-owned directory.
@@ -203,14 +204,14 @@ fn create_dirs(path: &Path) -> std::io::Result<()> {
 /// Create `missing` (each the child of the one before, the first a child
 /// of `existing`) by descriptor from `existing`: see [`create_dirs`].
 fn create_beneath(existing: &Path, missing: &[&Path]) -> std::io::Result<()> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::fs::{Mode, OFlags};
     let open = |dir: Option<&std::os::fd::OwnedFd>, name: &Path| {
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        match dir {
-            Some(dir) => rustix::fs::openat2(dir, name, flags, Mode::empty(), resolve),
-            None => rustix::fs::openat2(rustix::fs::CWD, name, flags, Mode::empty(), resolve),
-        }
+        use std::os::fd::AsFd;
+        no_symlinks::open(
+            dir.map(|d| d.as_fd()),
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+        )
         .map_err(std::io::Error::from)
     };
     let refused = |dir: &Path, e: std::io::Error| match e.raw_os_error() {
