@@ -38,8 +38,8 @@
 //! must be regular files and are read up to a bound; the parser's work is
 //! linear in the input (n log n for a paragraph's field names); no content
 //! of them goes into an error message, and what goes into the report is
-//! bounded (a version of at most 128 plain characters, a state of dpkg's
-//! own). The worst a forged database can do is make the report's versions
+//! bounded (a version of at most 128 printable characters, a state of
+//! dpkg's own). The worst a forged database can do is make the report's versions
 //! wrong (or unknown), which it could do to dpkg-query's answer too.
 //!
 //! A small parser rather than a deb822 crate: we need four fields of a

@@ -44,21 +44,22 @@ fn walk(dir: Option<BorrowedFd<'_>>, path: &Path, flags: OFlags) -> Result<Owned
         }
     }
     let through = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let Some((last, on_the_way)) = names.split_last() else {
-        // The start itself.
-        return match dir.filter(|_| path.is_relative()) {
-            Some(dir) => rustix::fs::openat(dir, ".", flags, Mode::empty()),
-            None => rustix::fs::openat(rustix::fs::CWD, "/", flags, Mode::empty()),
-        };
-    };
+    // The start: opened with `flags` itself when it is what was asked for.
+    let start_flags = if names.is_empty() { flags } else { through };
     let mut at = match dir.filter(|_| path.is_relative()) {
-        Some(dir) => rustix::fs::openat(dir, ".", through, Mode::empty())?,
-        None => rustix::fs::openat(rustix::fs::CWD, "/", through, Mode::empty())?,
+        Some(dir) => rustix::fs::openat(dir, ".", start_flags, Mode::empty())?,
+        None => rustix::fs::openat(rustix::fs::CWD, "/", start_flags, Mode::empty())?,
     };
-    for name in on_the_way {
-        at = rustix::fs::openat(&at, *name, through, Mode::empty())?;
+    for (i, name) in names.iter().enumerate() {
+        let last = i + 1 == names.len();
+        at = rustix::fs::openat(
+            &at,
+            *name,
+            if last { flags } else { through },
+            Mode::empty(),
+        )?;
     }
-    rustix::fs::openat(&at, *last, flags, Mode::empty())
+    Ok(at)
 }
 
 #[cfg(test)]
