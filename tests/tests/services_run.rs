@@ -405,6 +405,79 @@ exit 0
             && reason.contains("no service action was performed"),
         "{reason}"
     );
+    // An attempt: the record the agent cannot read is a denial itself.
+    let denials = report["denials"].as_array().expect("denials known");
+    assert!(
+        denials
+            .iter()
+            .any(|x| x["access"] == "service.unreadable_record"),
+        "{report:#}"
+    );
     assert!(report["services"].is_null(), "{report:#}");
     assert_eq!(s.ct.main_pid("capt-a.service"), a, "nothing was restarted");
+}
+
+/// The record is append-only for the bundle: once a shim has recorded a
+/// request outside `allow`, nothing the bundle does removes it (truncate,
+/// overwrite in place, remove, rename, clear the flag, create another
+/// file), and a request for another machine's manager (`-M`) is itself a
+/// denial, never performed on the host's unit of the same name.
+#[test]
+fn a_denied_request_cannot_be_erased_from_the_record() {
+    let s = setup("\"capt-a.service\"", &["capt-a.service", "other.service"]);
+    let a = s.ct.main_pid("capt-a.service");
+    let other = s.ct.main_pid("other.service");
+    let script = r#"#!/bin/sh
+R=/run/rollguard/requests
+F=$R/requests.jsonl
+systemctl stop other.service
+# Each attempt in a subshell: a failed redirection ends a POSIX shell.
+systemctl -M ctr restart capt-a.service && echo REMOTE
+( : > $F ) 2>/dev/null && echo TRUNCATED
+( truncate -s 0 $F ) 2>/dev/null && echo TRUNCATED
+( echo '{"via":"systemctl","verb":"restart","unit":"capt-a.service"}' > $F ) 2>/dev/null && echo OVERWROTE
+( printf '{"via":"systemctl","verb":"restart","unit":"capt-a.service"}  ' | dd of=$F conv=notrunc status=none ) 2>/dev/null && echo INPLACE
+( rm -f $F ) 2>/dev/null; [ -e $F ] || echo REMOVED
+( mv $F $R/x ) 2>/dev/null && echo RENAMED
+( chattr -a $F ) 2>/dev/null && echo CLEARED
+( touch $R/other ) 2>/dev/null && echo CREATED
+echo "lines=$(grep -c other.service $F)"
+exit 0
+"#;
+    let (report, code) = s.run("erase", &with_services("erase", 1, ""), script);
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert_ne!(code, 0);
+    let out = report["stdout_tail"].as_str().unwrap_or("");
+    for marker in [
+        "REMOTE",
+        "TRUNCATED",
+        "OVERWROTE",
+        "INPLACE",
+        "REMOVED",
+        "RENAMED",
+        "CLEARED",
+        "CREATED",
+    ] {
+        assert!(!out.contains(marker), "{marker}: {report:#}");
+    }
+    assert!(
+        out.contains("lines=1"),
+        "the script ran to its end: {report:#}"
+    );
+    let denials = report["denials"].as_array().expect("denials known");
+    assert!(
+        denials
+            .iter()
+            .any(|x| x["access"] == "service.stop" && x["path"] == "other.service"),
+        "{report:#}"
+    );
+    assert!(
+        denials
+            .iter()
+            .any(|x| x["access"] == "service.restart" && x["path"] == ""),
+        "the -M request: {report:#}"
+    );
+    assert!(report["services"].is_null(), "{report:#}");
+    assert_eq!(s.ct.main_pid("capt-a.service"), a);
+    assert_eq!(s.ct.main_pid("other.service"), other);
 }

@@ -561,8 +561,9 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
         }
     }
     // Service capture (`services::capture`): the links' target, this
-    // program, executable whatever the read scope; the request directory
-    // writable (new regular files and appends, nothing else).
+    // program, executable whatever the read scope; in the request
+    // directory, writes to the record stage 2 made there (append-only)
+    // and nothing else: no new file, no truncation.
     if let Ok(exe) = std::env::current_exe() {
         if exe.is_file() && !spec.protected.iter().any(|p| exe.starts_with(p)) {
             b.add("service capture program", &exe, rights.read)?;
@@ -573,11 +574,7 @@ pub fn restrict_self(spec: &SandboxSpec) -> Result<Enforced, LandlockError> {
         b.add(
             "service request directory",
             Path::new(requests),
-            (AccessFs::ReadFile
-                | AccessFs::ReadDir
-                | AccessFs::WriteFile
-                | AccessFs::MakeReg
-                | AccessFs::Truncate)
+            (AccessFs::ReadFile | AccessFs::ReadDir | AccessFs::WriteFile)
                 & AccessFs::from_all(abi),
         )?;
     }

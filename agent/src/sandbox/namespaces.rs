@@ -328,5 +328,31 @@ pub fn mount_service_capture(stage2: &Path) -> Result<fs::File, NamespaceError> 
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         &format!("mode=0755,size={REQUESTS_TMPFS_BYTES},nr_inodes={REQUESTS_TMPFS_INODES}"),
     )?;
-    Ok(fs::File::open(REQUESTS_DIR).map_err(PathIoError::at("opening", REQUESTS_DIR))?)
+    let dir = fs::File::open(REQUESTS_DIR).map_err(PathIoError::at("opening", REQUESTS_DIR))?;
+    create_append_only_record(&dir)?;
+    Ok(dir)
+}
+
+/// The record, created empty and append-only (`FS_APPEND_FL`) in the
+/// request directory `dir`: the bundle may add lines (the shims do, and so
+/// may the bundle itself, which is no more than calling a shim) but never
+/// truncate, overwrite, rename or remove what is there, a denied request
+/// above all. Clearing the flag takes `CAP_LINUX_IMMUTABLE`, which the
+/// bundle does not keep ([`super::capabilities::KEEP`]), and Landlock lets
+/// it create nothing else in the directory. tmpfs has the flag since
+/// Linux 6.0; a kernel without it refuses the run (never a record the
+/// bundle can rewrite).
+fn create_append_only_record(dir: &fs::File) -> Result<(), NamespaceError> {
+    use crate::services::capture::{REQUESTS_FILE, REQUESTS_NAME};
+    use rustix::fs::{ioctl_setflags, openat, IFlags, Mode, OFlags};
+    let record = openat(
+        dir,
+        REQUESTS_NAME,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .map_err(|e| PathIoError::new("creating", REQUESTS_FILE, e.into()))?;
+    ioctl_setflags(&record, IFlags::APPEND)
+        .map_err(|e| PathIoError::new("making append-only", REQUESTS_FILE, e.into()))?;
+    Ok(())
 }

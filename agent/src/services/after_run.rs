@@ -16,6 +16,10 @@ use super::capture;
 use super::{perform_all, Bus, ServiceRun, DEFAULT_JOB_TIMEOUT};
 use crate::policy::ServicesPolicy;
 
+/// The denial's `access` for a service request record the agent could
+/// not read in full (see [`capture::Parsed`]).
+pub const UNREADABLE_RECORD: &str = "service.unreadable_record";
+
 /// Before anything runs: every declared unit must be allowed by the host,
 /// or the bundle is refused (the host outranks the bundle); and none may
 /// be the agent's own unit, whatever `allow` says (see
@@ -51,25 +55,24 @@ pub fn after_run(
     perform: Perform,
     report: &mut RunReport,
 ) {
-    let read = match requests {
+    let parsed = match requests {
         Some(dir) => capture::read_records(dir.as_fd()),
         // Stage 2 hands it over before the bundle starts: without it the
         // run did not start (its status says why), and nothing is
         // performed below.
-        None if report.status != RunStatus::Succeeded => Ok(Vec::new()),
-        None => Err(format!(
-            "the sandbox did not hand over its service request directory {}",
-            capture::REQUESTS_DIR
-        )),
-    };
-    let records = match read {
-        Ok(r) => r,
-        Err(e) => {
-            // Fail closed: a record we cannot read may hide any request.
-            fail(report, format!("{e}; no service action was performed"));
+        None if report.status != RunStatus::Succeeded => capture::Parsed::default(),
+        None => {
+            fail(
+                report,
+                format!(
+                    "the sandbox did not hand over its service request directory {}; no service action was performed",
+                    capture::REQUESTS_DIR
+                ),
+            );
             return;
         }
     };
+    let records = parsed.records;
     let allowed = |u: &UnitName| allow.allows(u);
     let mut classified = capture::classify(&records, &allowed);
     let own_units = super::own_units();
@@ -98,6 +101,25 @@ pub fn after_run(
         .collect();
     for c in classified.denied() {
         tracing::warn!(unit = %c.unit, verb = %c.verb, via = %c.via, "service request outside [services] allow");
+    }
+    if let Some(why) = &parsed.unreadable {
+        // Fail closed, and loudly: shims write only lines that parse, so
+        // the bundle wrote this itself, and what it could not say in a
+        // readable line may be a request it wanted to hide. An attempt
+        // like any other: a denial, which halts the rollout.
+        tracing::warn!(record = capture::REQUESTS_FILE, %why, "the run's service request record cannot be read in full");
+        let unreadable = Denial {
+            access: UNREADABLE_RECORD.to_string(),
+            path: Some(capture::REQUESTS_FILE.to_string()),
+            exe: None,
+        };
+        if let Some(count) = report.denial_count.as_mut() {
+            *count += 1;
+        }
+        if let Some(d) = report.denials.as_mut() {
+            d.push(unreadable);
+        }
+        fail(report, format!("{why}; no service action was performed"));
     }
     if !denied.is_empty() {
         let list: Vec<Denial> = classified
@@ -364,6 +386,45 @@ mod tests {
         assert_eq!(denials[0].access, "service.restart");
         assert_eq!(denials[0].path.as_deref(), Some("sshd.service"));
         assert_eq!(report.denial_count, Some(1));
+    }
+
+    /// A line the agent cannot read hides none of the others, and is an
+    /// attempt by itself: the denied request before it and the unreadable
+    /// record are both denials (the run is an alert, never a retryable
+    /// failure), and nothing is performed, not even the declared restart.
+    #[test]
+    fn an_unreadable_line_is_a_denial_and_hides_no_denied_request() {
+        let mut report = observed_success();
+        step_with(
+            "[services]\nallow = [\"postfix.service\"]",
+            &restart_postfix(),
+            &[
+                ("systemctl", "stop", "sshd.service"),
+                ("service", "try_restart", "postfix.service"),
+            ],
+            Perform::Yes,
+            &mut report,
+        );
+        assert_eq!(report.status, RunStatus::Failed);
+        let access: Vec<&str> = report
+            .denials
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|d| d.access.as_str())
+            .collect();
+        assert_eq!(access, [UNREADABLE_RECORD, "service.stop"], "{report:?}");
+        assert_eq!(report.denial_count, Some(2));
+        assert!(report.is_alert());
+        assert!(report.services.is_empty(), "{report:?}");
+        assert!(
+            report.reason.as_deref().unwrap().contains("line 2"),
+            "{report:?}"
+        );
+        assert_eq!(
+            crate::state::VersionOutcome::of_report(&report),
+            crate::state::VersionOutcome::Denied
+        );
     }
 
     /// Whatever `allow` says, the agent's own unit is never declared, and a

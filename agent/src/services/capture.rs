@@ -22,14 +22,19 @@
 //!
 //! Each request is one JSON line appended to [`REQUESTS_FILE`], on a small
 //! tmpfs of the run's own ([`REQUESTS_TMPFS_BYTES`]; never a directory of
-//! the host's file systems, which the bundle could fill). Stage 2 hands
-//! that directory, opened, to the agent before the bundle starts; the agent
-//! reads the record through it after the run ([`read_records`]). The file
-//! is bundle data: a bundle could write any line into it, which is no
-//! more than calling a shim. The agent parses it strictly
-//! ([`parse_records`]): bounded size and count, known fields only, a valid
-//! unit name; anything else fails the run (no service action is performed
-//! on a record it could not read).
+//! the host's file systems, which the bundle could fill). Stage 2 creates
+//! the file before the bundle starts and makes it append-only
+//! (`FS_APPEND_FL`; clearing it takes `CAP_LINUX_IMMUTABLE`, which the
+//! bundle does not have), and Landlock lets the bundle create nothing else
+//! there: so a bundle can add lines, which is no more than calling a shim,
+//! but never truncate, overwrite, rename or remove the lines before, a
+//! denied request above all. Stage 2 hands that directory, opened, to the
+//! agent before the bundle starts; the agent reads the record through it
+//! after the run ([`read_records`]) and parses it strictly
+//! ([`parse_records`]): bounded size and count, known fields only, a plain
+//! verb, a valid unit name. A record it cannot read in full fails the run
+//! and is itself reported as a denial (a line it cannot read may have been
+//! written to hide a request), and no service action is performed.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -117,6 +122,35 @@ const QUERY_VERBS: &[&str] = &[
 /// boot; a `daemon-reload` is made by systemd itself when the agent acts).
 const IGNORED_VERBS: &[&str] = &["daemon-reload", "reset-failed"];
 
+/// Verbs on the whole system, not on the unit named (power, the default
+/// target, the manager itself): never performed, and a denial whatever
+/// unit is given (`systemctl isolate ALLOWED.service` stops everything
+/// else).
+const SYSTEM_VERBS: &[&str] = &[
+    "isolate",
+    "halt",
+    "poweroff",
+    "reboot",
+    "soft-reboot",
+    "kexec",
+    "exit",
+    "switch-root",
+    "rescue",
+    "emergency",
+    "default",
+    "suspend",
+    "hibernate",
+    "hybrid-sleep",
+    "suspend-then-hibernate",
+    "sleep",
+    "daemon-reexec",
+    "set-default",
+    "set-environment",
+    "unset-environment",
+    "import-environment",
+    "set-property",
+];
+
 /// Unit-file verbs that `systemctl --root=DIR` performs on the file system
 /// itself, talking to no service manager: `deb-systemd-helper enable`
 /// runs `systemctl --root=/ preset UNIT` on a package's first install.
@@ -150,10 +184,13 @@ pub enum VerbClass {
     Perform(ServiceAction),
     /// Recorded, never performed, never a denial.
     Ignored,
-    /// Any other verb (`start`, `stop`, `kill`, `reboot`...): not
-    /// performed; a denial unless the unit is allowed (then ignored). A
-    /// patch reloads or restarts what runs; it does not change what runs.
+    /// Any other verb (`start`, `stop`, `kill`...): not performed; a
+    /// denial unless the unit is allowed (then ignored). A patch reloads
+    /// or restarts what runs; it does not change what runs.
     NotPerformed,
+    /// A verb on the whole system ([`SYSTEM_VERBS`]): never performed, a
+    /// denial whatever the unit.
+    System,
 }
 
 /// The mapping (docs/services.md). Every restart-like verb becomes
@@ -175,8 +212,20 @@ pub fn classify_verb(verb: &str) -> VerbClass {
         v if IGNORED_VERBS.contains(&v) || OFFLINE_UNIT_FILE_VERBS.contains(&v) => {
             VerbClass::Ignored
         }
+        v if SYSTEM_VERBS.contains(&v) => VerbClass::System,
         _ => VerbClass::NotPerformed,
     }
+}
+
+/// A verb the record can hold: 1-64 of `a-z`, `0-9` and `-`, as
+/// systemctl's verbs are. The shims refuse any other (systemctl would
+/// too), so a script's typo never makes the record unreadable.
+pub fn is_plain_verb(verb: &str) -> bool {
+    !verb.is_empty()
+        && verb.len() <= 64
+        && verb
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 // ---- the shim ----------------------------------------------------------------
@@ -204,26 +253,24 @@ enum Call {
     /// arguments (a unit-file verb with `--root`, see
     /// [`OFFLINE_UNIT_FILE_VERBS`]).
     RecordThenOffline(Vec<Record>),
+    /// Record these, then fail with this message (exit 1): a request the
+    /// shim refuses is still an attempt the agent reports.
+    Refuse(Vec<Record>, String),
 }
 
-/// systemctl options that take a separate value.
+/// systemctl's short options that take a value (attached, or the next
+/// argument).
+const SHORT_VALUE_OPTIONS: &[char] = &['p', 'P', 't', 's', 'H', 'M', 'o', 'n'];
+
+/// systemctl's long options that take a separate value (`--host` and
+/// `--machine` are handled on their own).
 const SYSTEMCTL_VALUE_OPTIONS: &[&str] = &[
-    "-p",
     "--property",
-    "-P",
-    "-t",
     "--type",
-    "-s",
     "--signal",
-    "-H",
-    "--host",
-    "-M",
-    "--machine",
     "--state",
     "--job-mode",
-    "-o",
     "--output",
-    "-n",
     "--lines",
     "--root",
     "--kill-whom",
@@ -240,6 +287,7 @@ fn parse_systemctl(via: &str, args: &[String]) -> Call {
     let mut quiet = false;
     let mut user = false;
     let mut root = false;
+    let mut remote = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--" {
@@ -261,6 +309,30 @@ fn parse_systemctl(via: &str, args: &[String]) -> Call {
             root = it.next().is_some_and(|v| !v.is_empty());
         } else if let Some(value) = a.strip_prefix("--root=") {
             root = !value.is_empty();
+        } else if a == "--host" || a == "--machine" {
+            // Another machine's manager: see below.
+            remote = true;
+            it.next();
+        } else if a.starts_with("--host=") || a.starts_with("--machine=") {
+            remote = true;
+        } else if let Some(cluster) = a
+            .strip_prefix('-')
+            .filter(|c| !c.is_empty() && !c.starts_with('-'))
+        {
+            // Short options, possibly clustered (`-qH host`, `-Mctr`,
+            // `-pMainPID`): one that takes a value takes the rest of the
+            // cluster, or the next argument.
+            for (i, c) in cluster.char_indices() {
+                if SHORT_VALUE_OPTIONS.contains(&c) {
+                    // -H/-M: another machine's manager (see below).
+                    remote |= c == 'H' || c == 'M';
+                    if i + c.len_utf8() == cluster.len() {
+                        it.next();
+                    }
+                    break;
+                }
+                quiet |= c == 'q';
+            }
         } else if SYSTEMCTL_VALUE_OPTIONS.contains(&a.as_str()) {
             it.next();
         } else if !a.starts_with('-') {
@@ -276,6 +348,20 @@ fn parse_systemctl(via: &str, args: &[String]) -> Call {
     if user {
         // A user manager's units: nothing of the host's services.
         return Call::Record(Vec::new(), 0);
+    }
+    if remote {
+        // Reaching another machine's or a container's manager from a
+        // run is an attempt: recorded as the verb on no unit (a denial,
+        // see `classify`), never performed on the host's unit of the same
+        // name, and refused here.
+        return Call::Refuse(
+            vec![Record {
+                via: via.into(),
+                verb: verb.clone(),
+                unit: String::new(),
+            }],
+            format!("{via}: -H/-M: another machine's service manager cannot be reached from a rollguard run"),
+        );
     }
     let records = if units.is_empty() {
         vec![Record {
@@ -401,7 +487,8 @@ fn parse_policy_rc_d(args: &[String]) -> Call {
         return Call::Answer(String::new(), 101);
     }
     let verb = words[1].split_whitespace().next().unwrap_or("").to_string();
-    if verb.is_empty() {
+    if !is_plain_verb(&verb) {
+        // Forbidden, and nothing the record could hold.
         return Call::Answer(String::new(), 101);
     }
     Call::Record(
@@ -457,20 +544,49 @@ pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsStrin
             ExitCode::SUCCESS
         }
         Call::Answer(out, code) => {
-            print!("{out}");
+            // A closed stdout (`systemctl is-active x | head -0`) is no
+            // reason to fail, and never a panic.
+            let _ = std::io::stdout().write_all(out.as_bytes());
             ExitCode::from(code)
         }
         Call::Usage(msg) => {
             eprintln!("{msg}");
             ExitCode::from(1)
         }
-        Call::Record(records, code) => {
-            for r in &records {
-                // A unit name systemd would refuse is refused here too.
-                if !r.unit.is_empty() && UnitName::parse(&r.unit).is_err() {
-                    eprintln!("{via}: invalid unit name {:?}", r.unit);
-                    return ExitCode::from(1);
+        Call::Refuse(records, msg) => {
+            if let Err(e) = append(&records) {
+                return cannot_record(via, &e);
+            }
+            eprintln!("{msg}");
+            ExitCode::from(1)
+        }
+        Call::Record(mut records, code) => {
+            // A verb systemctl would not know is refused here too, and
+            // recorded as nothing: the record holds plain verbs only.
+            if let Some(r) = records.iter().find(|r| !is_plain_verb(&r.verb)) {
+                eprintln!("{via}: unknown verb {:?}", r.verb);
+                return ExitCode::from(1);
+            }
+            // A unit name systemd would refuse (a glob, a path) is refused
+            // here too; the request is still an attempt, recorded without
+            // its unit (on no unit, a verb with effect is a denial).
+            let invalid: Vec<String> = records
+                .iter()
+                .filter(|r| !r.unit.is_empty() && UnitName::parse(&r.unit).is_err())
+                .map(|r| r.unit.clone())
+                .collect();
+            if !invalid.is_empty() {
+                for r in &mut records {
+                    if UnitName::parse(&r.unit).is_err() {
+                        r.unit.clear();
+                    }
                 }
+                records.dedup();
+                if let Err(e) = append(&records) {
+                    return cannot_record(via, &e);
+                }
+                eprintln!("{via}: invalid unit name {:?}", invalid[0]);
+                return ExitCode::from(1);
             }
             match append(&records) {
                 Ok(()) => {
@@ -512,9 +628,9 @@ fn append(records: &[Record]) -> std::io::Result<()> {
     if text.is_empty() {
         return Ok(());
     }
+    // Stage 2 created it, append-only: never created here.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
-        .create(true)
         .open(REQUESTS_FILE)?;
     // One write: appends of a few hundred bytes do not interleave.
     f.write_all(text.as_bytes())
@@ -522,71 +638,108 @@ fn append(records: &[Record]) -> std::io::Result<()> {
 
 // ---- the agent's side --------------------------------------------------------
 
+/// The record as read: every request on a line that could be read, and
+/// why the record could not be read in full, if it could not (the first
+/// problem: too large, not UTF-8, too many lines, a line that is not
+/// exactly a [`Record`] with a known shim, a plain verb and a valid unit
+/// name). Shims write only lines that parse, so an unreadable record is
+/// one the bundle wrote itself, perhaps to hide a request: the agent
+/// reports it as a denial and performs nothing; the requests it could
+/// read are reported all the same.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub records: Vec<Record>,
+    pub unreadable: Option<String>,
+}
+
+impl Parsed {
+    fn unreadable(why: String) -> Self {
+        Parsed {
+            records: Vec::new(),
+            unreadable: Some(why),
+        }
+    }
+}
+
 /// Read the record the run left in `requests`, the run's [`REQUESTS_DIR`]
 /// as stage 2 handed it over (opened before the bundle started; the
 /// bundle's processes are all gone when this is called). No file: no
-/// requests. Strict: a file that is not a regular file, too large, not
-/// UTF-8, with too many lines, or a line that is not exactly a [`Record`]
-/// with a known shim, a plain verb and a valid unit name, is an error
-/// naming the line.
-pub fn read_records(requests: std::os::fd::BorrowedFd<'_>) -> Result<Vec<Record>, String> {
+/// requests. Never follows a link, never waits on a FIFO, reads at most
+/// [`MAX_RECORD_BYTES`] and one more; then [`parse_records`].
+pub fn read_records(requests: std::os::fd::BorrowedFd<'_>) -> Parsed {
     use rustix::fs::{openat, Mode, OFlags};
     let what = format!("{REQUESTS_FILE} (the run's record)");
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let file = match openat(requests, REQUESTS_NAME, flags, Mode::empty()) {
         Ok(fd) => std::fs::File::from(fd),
-        Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{what}: {e}")),
+        Err(rustix::io::Errno::NOENT) => return Parsed::default(),
+        Err(e) => return Parsed::unreadable(format!("{what}: {e}")),
     };
-    let meta = file.metadata().map_err(|e| format!("{what}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{what} is not a regular file"));
+    match file.metadata() {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return Parsed::unreadable(format!("{what} is not a regular file")),
+        Err(e) => return Parsed::unreadable(format!("{what}: {e}")),
     }
     let mut bytes = Vec::new();
-    file.take(MAX_RECORD_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("{what}: {e}"))?;
+    if let Err(e) = file.take(MAX_RECORD_BYTES + 1).read_to_end(&mut bytes) {
+        return Parsed::unreadable(format!("{what}: {e}"));
+    }
     parse_records(&bytes)
 }
 
-/// Parse the record's bytes (see [`read_records`]).
-pub fn parse_records(bytes: &[u8]) -> Result<Vec<Record>, String> {
-    if bytes.len() as u64 > MAX_RECORD_BYTES {
-        return Err(format!(
+/// Parse the record's bytes (see [`Parsed`]): line by line, so that a bad
+/// line hides none of the others.
+pub fn parse_records(bytes: &[u8]) -> Parsed {
+    let mut out = Parsed::default();
+    let bytes = if bytes.len() as u64 > MAX_RECORD_BYTES {
+        out.unreadable = Some(format!(
             "the service request record is larger than {MAX_RECORD_BYTES} bytes"
         ));
-    }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| "the service request record is not UTF-8".to_string())?;
-    let mut out = Vec::new();
+        &bytes[..MAX_RECORD_BYTES as usize]
+    } else {
+        bytes
+    };
+    // Lossy: a line that is not UTF-8 is a bad line like any other.
+    let text = String::from_utf8_lossy(bytes);
+    let mut problem = |why: String| {
+        out.unreadable.get_or_insert(why);
+    };
+    let mut records = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.is_empty() {
             continue;
         }
-        if out.len() == MAX_RECORDS {
-            return Err(format!(
+        if records.len() == MAX_RECORDS {
+            problem(format!(
                 "the service request record has more than {MAX_RECORDS} requests"
             ));
+            break;
         }
         let bad = |why: String| format!("service request record line {}: {why}", i + 1);
-        let r: Record = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-        if !SHIMS.contains(&r.via.as_str()) {
-            return Err(bad(format!("unknown program {:?}", r.via)));
+        match parse_line(line) {
+            Ok(r) => records.push(r),
+            Err(why) => problem(bad(why)),
         }
-        let verb_ok = !r.verb.is_empty()
-            && r.verb.len() <= 64
-            && r.verb
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !verb_ok {
-            return Err(bad(format!("invalid verb {:?}", r.verb)));
-        }
-        if !r.unit.is_empty() {
-            UnitName::parse(&r.unit).map_err(|e| bad(e.to_string()))?;
-        }
-        out.push(r);
     }
-    Ok(out)
+    out.records = records;
+    out
+}
+
+fn parse_line(line: &str) -> Result<Record, String> {
+    if line.contains(char::REPLACEMENT_CHARACTER) {
+        return Err("not UTF-8".into());
+    }
+    let r: Record = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    if !SHIMS.contains(&r.via.as_str()) {
+        return Err(format!("unknown program {:?}", r.via));
+    }
+    if !is_plain_verb(&r.verb) {
+        return Err(format!("invalid verb {:?}", r.verb));
+    }
+    if !r.unit.is_empty() {
+        UnitName::parse(&r.unit).map_err(|e| e.to_string())?;
+    }
+    Ok(r)
 }
 
 /// What the captured requests come to, before anything is performed.
@@ -650,6 +803,7 @@ pub fn classify(records: &[Record], allow: &dyn Fn(&UnitName) -> bool) -> Classi
         let allowed = unit.as_ref().is_some_and(allow);
         let disposition = match classify_verb(&r.verb) {
             VerbClass::Ignored => "ignored",
+            VerbClass::System => "denied",
             _ if !allowed => "denied",
             VerbClass::NotPerformed => "ignored",
             VerbClass::Perform(action) => {
@@ -707,8 +861,11 @@ mod tests {
         {
             assert_eq!(classify_verb(verb), VerbClass::Ignored, "{verb}");
         }
-        for verb in ["start", "stop", "kill", "reboot", "isolate", ""] {
+        for verb in ["start", "stop", "kill", ""] {
             assert_eq!(classify_verb(verb), VerbClass::NotPerformed, "{verb}");
+        }
+        for verb in ["reboot", "isolate", "set-environment", "daemon-reexec"] {
+            assert_eq!(classify_verb(verb), VerbClass::System, "{verb}");
         }
     }
 
@@ -819,31 +976,98 @@ mod tests {
     #[test]
     fn records_parse_strictly() {
         let ok = b"{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"a.service\"}\n\n{\"via\":\"systemctl\",\"verb\":\"daemon-reload\",\"unit\":\"\"}\n";
-        assert_eq!(parse_records(ok).unwrap().len(), 2);
-        assert!(parse_records(b"").unwrap().is_empty());
+        let parsed = parse_records(ok);
+        assert_eq!((parsed.records.len(), parsed.unreadable), (2, None));
+        assert_eq!(parse_records(b""), Parsed::default());
         for bad in [
             &b"{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"a.service\",\"x\":1}"[..],
             b"{\"via\":\"sh\",\"verb\":\"restart\",\"unit\":\"a.service\"}",
             b"{\"via\":\"systemctl\",\"verb\":\"re start\",\"unit\":\"a.service\"}",
+            b"{\"via\":\"systemctl\",\"verb\":\"Restart\",\"unit\":\"a.service\"}",
             b"{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"../a.service\"}",
             b"{\"via\":\"systemctl\",\"verb\":\"\",\"unit\":\"a.service\"}",
             b"not json",
             b"\xff\xfe",
+            b"{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"a\xff.service\"}",
             b"{\"via\":\"systemctl\"}",
         ] {
+            let parsed = parse_records(bad);
             assert!(
-                parse_records(bad).is_err(),
+                parsed.records.is_empty() && parsed.unreadable.is_some(),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
         let line = "{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"a.service\"}\n";
         let many = line.repeat(MAX_RECORDS + 1);
-        assert!(parse_records(many.as_bytes())
-            .unwrap_err()
-            .contains("more than"));
+        let parsed = parse_records(many.as_bytes());
+        assert_eq!(parsed.records.len(), MAX_RECORDS);
+        assert!(parsed.unreadable.unwrap().contains("more than"));
         let huge = vec![b' '; MAX_RECORD_BYTES as usize + 1];
-        assert!(parse_records(&huge).unwrap_err().contains("larger"));
+        assert!(parse_records(&huge).unreadable.unwrap().contains("larger"));
+    }
+
+    #[test]
+    fn a_bad_line_hides_none_of_the_others() {
+        let text = "{\"via\":\"systemctl\",\"verb\":\"stop\",\"unit\":\"sshd.service\"}\n\
+                    {\"via\":\"service\",\"verb\":\"try_restart\",\"unit\":\"a.service\"}\n\
+                    garbage\n\
+                    {\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"b.service\"}\n";
+        let parsed = parse_records(text.as_bytes());
+        let units: Vec<&str> = parsed.records.iter().map(|r| r.unit.as_str()).collect();
+        assert_eq!(units, ["sshd.service", "b.service"]);
+        assert!(
+            parsed.unreadable.as_deref().unwrap().contains("line 2"),
+            "the first problem is named: {parsed:?}"
+        );
+    }
+
+    #[test]
+    fn the_shims_record_only_what_the_record_can_hold() {
+        // A verb systemctl would not know: refused, nothing recorded.
+        for via in ["systemctl", "service", "invoke-rc.d", "deb-systemd-invoke"] {
+            let call = match via {
+                "systemctl" | "deb-systemd-invoke" => parse_call(via, &args("Restart a")),
+                _ => parse_call(via, &args("a try_restart")),
+            };
+            if let Call::Record(records, _) = call {
+                assert!(records.iter().any(|r| !is_plain_verb(&r.verb)), "{via}");
+            }
+        }
+        assert!(matches!(
+            parse_call("policy-rc.d", &args("a try_restart")),
+            Call::Answer(_, 101)
+        ));
+        assert!(is_plain_verb("try-restart") && !is_plain_verb("try_restart"));
+    }
+
+    #[test]
+    fn another_machines_manager_is_refused_and_recorded_on_no_unit() {
+        for line in [
+            "-M ctr restart postfix",
+            "--machine=ctr restart postfix",
+            "--host root@h restart postfix",
+            "-qHh restart postfix",
+            "-Mctr restart postfix",
+        ] {
+            match parse_call("systemctl", &args(line)) {
+                Call::Refuse(records, _) => assert_eq!(
+                    records,
+                    [Record {
+                        via: "systemctl".into(),
+                        verb: "restart".into(),
+                        unit: String::new()
+                    }],
+                    "{line}"
+                ),
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+        // A value that merely contains M or H is not a machine.
+        assert!(matches!(
+            parse_call("systemctl", &args("-pMainPID restart postfix")),
+            Call::Record(ref r, 0) if r[0].unit == "postfix.service"
+        ));
     }
 
     #[test]
@@ -860,6 +1084,7 @@ mod tests {
                 rec("systemctl", "stop", "sshd.service"),
                 rec("systemctl", "reboot", ""),
                 rec("systemctl", "restart", "postfix.socket"),
+                rec("systemctl", "isolate", "postfix.service"),
             ],
             &allow,
         );
@@ -875,12 +1100,17 @@ mod tests {
                 "ignored",
                 "denied",
                 "denied",
+                "denied",
                 "denied"
             ]
         );
         assert_eq!(c.plan.len(), 2);
         assert_eq!(c.plan[0].action, ServiceAction::TryRestart);
         assert_eq!(c.plan[1].action, ServiceAction::Reload);
-        assert_eq!(c.denied().count(), 4);
+        assert_eq!(
+            c.denied().count(),
+            5,
+            "a system verb on an allowed unit too"
+        );
     }
 }
