@@ -750,10 +750,11 @@ impl StateDir {
                 continue;
             };
             let path = entry.path();
-            let marker: RunMarker = read_json(&path)?.ok_or_else(|| StateError::Corrupt {
-                path: path.clone(),
-                why: "vanished while listing".into(),
-            })?;
+            // Gone since the listing: its run ended and removed it (a
+            // concurrent run of the daemon), so it was not interrupted.
+            let Some(marker): Option<RunMarker> = read_json(&path)? else {
+                continue;
+            };
             if marker.run_id.as_str() != stem {
                 return Err(StateError::Corrupt {
                     path,

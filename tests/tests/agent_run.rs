@@ -778,3 +778,56 @@ fn network_outside_the_hosts_ceiling_is_refused() {
     assert!(!host.root().join("etc/mail/ran").exists());
     assert!(matches!(listener.accept(), Err(ref e) if e.kind() == ErrorKind::WouldBlock));
 }
+
+/// A kill that comes while a run is being admitted and prepared (the
+/// daemon remembers it on the run's signal) takes effect before the
+/// bundle executes: the runner attaches the kill switch to the held
+/// stage 2, which dies there. The run ends `killed` and the bundle's
+/// script never ran.
+#[test]
+fn a_kill_before_the_bundle_is_released_means_it_never_executes() {
+    use rollguard_agent::kill_switch::KillSignal;
+    use rollguard_agent::runner::{run_bundle, RunOptions};
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let src = host.bundle_source(
+        "early-kill",
+        &manifest(
+            "early-kill",
+            1,
+            "\"mail-*.tokyo\"",
+            "write = [\"@ROOT@/etc/mail\"]",
+        ),
+        "#!/bin/sh\necho ran > @ROOT@/etc/mail/ran\n",
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let policy = rollguard_agent::policy::HostPolicy::load(&host.policy()).unwrap();
+    let signal = KillSignal::new();
+    signal.kill();
+    let hook = signal.sandbox_hook();
+    // Slow to attach: were the hook called after the release, the bundle
+    // would have written its file by the time the kill lands.
+    let slow_hook: rollguard_agent::runner::OnStart =
+        std::sync::Arc::new(move |run_id: &str, handle| {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            hook(run_id, handle)
+        });
+    let opts = RunOptions {
+        agent_exe: rollguard_tests::bin("rollguard-agent"),
+        rollout_id: None,
+        on_start: Some(slow_hook),
+        launcher: None,
+        preview: false,
+        retry: false,
+    };
+    let report = run_bundle(&policy, &bundle, &opts);
+    assert_eq!(
+        report.status,
+        rollguard_shared::report::RunStatus::Killed,
+        "{report:?}"
+    );
+    assert!(
+        !host.root().join("etc/mail/ran").exists(),
+        "the bundle executed: {report:?}"
+    );
+}

@@ -243,7 +243,6 @@ impl Daemon {
             }
             Err(e) => Err(e.into()),
         };
-        self.kill.unregister(&id);
         match result {
             Ok(report) => {
                 // The record is several fsyncs: off the thread that reads
@@ -270,6 +269,11 @@ impl Daemon {
                 tracing::error!(rollout = %id, error = %e, "could not start the run; the controller will re-send the order")
             }
         }
+        // Only now, with the outcome durable: while the run is registered
+        // a re-sent order is answered "its report will come"; unregistered
+        // earlier, the order would find the record still `Started` and
+        // report the run interrupted, racing the real report.
+        self.kill.unregister(&id);
     }
 
     async fn run_inner<F, Fut>(
@@ -288,7 +292,7 @@ impl Daemon {
         if let Some(order) = self.kill.covering(id) {
             return Ok(refused_report(&self.identity.name, &order));
         }
-        let path = self.records.bundle_path(sha);
+        let path = self.records.bundle_path(id);
         fetch(path.clone()).await?;
         if let Some(order) = self.kill.covering(id) {
             let _ = std::fs::remove_file(&path);

@@ -109,8 +109,12 @@ impl Records {
         self.root.join("rollouts")
     }
 
-    pub fn bundle_path(&self, sha: &Sha256Hex) -> PathBuf {
-        self.root.join("bundles").join(format!("{sha}.bundle"))
+    /// Where the rollout's bundle is downloaded to. One file per rollout,
+    /// not per bundle: two rollouts of the same bundle (a preview and its
+    /// run) may be under way at once, and one's removal or download must
+    /// not touch the other's file.
+    pub fn bundle_path(&self, id: &RolloutId) -> PathBuf {
+        self.root.join("bundles").join(format!("{id}.bundle"))
     }
 
     pub fn get(&self, id: &RolloutId) -> Result<Option<HostRolloutRecord>, RecordError> {

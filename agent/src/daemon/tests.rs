@@ -114,7 +114,7 @@ async fn each_rollout_runs_at_most_once() {
         "and its report is sent again"
     );
     assert!(
-        !d.records.bundle_path(&sha).exists(),
+        !d.records.bundle_path(&id("r-1")).exists(),
         "the downloaded bundle is removed after the run"
     );
 }

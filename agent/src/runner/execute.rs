@@ -128,6 +128,13 @@ fn release_and_wait(
         tracing::warn!("denials cannot be observed on this host: {e}");
         e
     });
+    // The kill switch is attached before the release: a kill that came
+    // while the run was admitted and prepared (remembered by the daemon's
+    // signal) kills the held stage 2 here, before the bundle executes,
+    // and one that comes from now on is the cgroup's `cgroup.kill`.
+    if let Some(on_start) = &opts.on_start {
+        on_start(run_id, held.kill_handle());
+    }
     let child = match held.release() {
         Ok(c) => c,
         Err(e) => {
@@ -136,9 +143,6 @@ fn release_and_wait(
             return (None, None, RulesRemoval::none());
         }
     };
-    if let Some(on_start) = &opts.on_start {
-        on_start(run_id, child.kill_handle());
-    }
     // The run's audit rules stay until its denials are collected (the
     // end of this function): the kernel answers no audit request while it
     // removes a rule.

@@ -54,8 +54,10 @@ use crate::run_log::{RunLog, RunLogEvent};
 use crate::sandbox::{KillHandle, Launcher};
 use crate::state::{RunId, StateDir};
 
-/// Called with the run's kill handle as soon as the bundle is running (the
-/// daemon keeps it for kill-switch orders).
+/// Called with the run's kill handle once stage 2 is held in the run's
+/// cgroup, just before the bundle is released (the daemon keeps it for
+/// kill-switch orders; a kill it remembered from earlier kills the held
+/// stage 2, and the bundle never executes).
 pub type OnStart = Arc<dyn Fn(&str, KillHandle) + Send + Sync>;
 
 /// Options of one run.

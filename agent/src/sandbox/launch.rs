@@ -365,6 +365,13 @@ impl HeldChild {
         self.child.pid
     }
 
+    /// The run's kill switch, before the release: a kill now kills the
+    /// held stage 2 (in the run's cgroup already), so the bundle never
+    /// executes, and the run ends `killed`.
+    pub fn kill_handle(&self) -> KillHandle {
+        self.child.kill_handle()
+    }
+
     /// Let stage 2 execute the bundle (once its confinement is complete;
     /// if its setup failed, [`ConfinedChild::wait`] reports why). The
     /// timeout counts from here.
