@@ -10,7 +10,9 @@
 //! declares a service action is refused and a captured request is a
 //! denial. Patterns are globs (`*`, `?`, `[...]`, `{a,b}`) matched against
 //! the whole unit name, case-sensitively as systemd names are; each must
-//! end in `.service`, so a pattern can never reach another unit type.
+//! end in `.service`, so a pattern can never reach another unit type. A
+//! template's instance (`getty@tty1.service`) matches only patterns that
+//! contain `@`.
 //!
 //! ```toml
 //! [services]
@@ -54,7 +56,10 @@ pub(super) struct RawServicesPolicy {
 #[derive(Debug, Clone)]
 pub struct ServicesPolicy {
     patterns: Vec<String>,
-    set: GlobSet,
+    /// The patterns without `@`, for plain names.
+    plain: GlobSet,
+    /// The patterns with `@`, for template instances.
+    instances: GlobSet,
     perform_when_denials_unknown: bool,
 }
 
@@ -63,7 +68,8 @@ impl Default for ServicesPolicy {
     fn default() -> Self {
         ServicesPolicy {
             patterns: Vec::new(),
-            set: GlobSet::empty(),
+            plain: GlobSet::empty(),
+            instances: GlobSet::empty(),
             perform_when_denials_unknown: false,
         }
     }
@@ -75,7 +81,13 @@ impl ServicesPolicy {
         if raw.allow.len() > MAX_PATTERNS {
             return Err(ServicesPolicyError::TooMany);
         }
-        let mut builder = GlobSetBuilder::new();
+        // Two sets: an instance of a template (`getty@tty1.service`)
+        // matches only the patterns that name one (contain `@`), so that a
+        // `*` meant for part of a plain name (`php*-fpm.service`) never
+        // lets a signer start any instance, with any instance string, of a
+        // template whose name happens to fit.
+        let mut plain = GlobSetBuilder::new();
+        let mut instances = GlobSetBuilder::new();
         for p in &raw.allow {
             let bad = |why: &str| ServicesPolicyError::BadPattern {
                 pattern: p.clone(),
@@ -99,24 +111,35 @@ impl ServicesPolicy {
                 .backslash_escape(false)
                 .build()
                 .map_err(|e| bad(&e.kind().to_string()))?;
-            builder.add(glob);
+            if p.contains('@') {
+                instances.add(glob);
+            } else {
+                plain.add(glob);
+            }
         }
-        let set = builder
-            .build()
-            .map_err(|e| ServicesPolicyError::BadPattern {
+        let build = |b: GlobSetBuilder| {
+            b.build().map_err(|e| ServicesPolicyError::BadPattern {
                 pattern: raw.allow.join(", "),
                 why: e.to_string(),
-            })?;
+            })
+        };
+        let (plain, instances) = (build(plain)?, build(instances)?);
         Ok(ServicesPolicy {
             patterns: raw.allow,
-            set,
+            plain,
+            instances,
             perform_when_denials_unknown: raw.perform_when_denials_unknown,
         })
     }
 
     /// Whether bundles may have the agent act on `unit`.
     pub fn allows(&self, unit: &UnitName) -> bool {
-        unit.is_service() && self.set.is_match(unit.as_str())
+        let set = if unit.as_str().contains('@') {
+            &self.instances
+        } else {
+            &self.plain
+        };
+        unit.is_service() && set.is_match(unit.as_str())
     }
 
     /// A policy's `[services]` alone, from TOML text (tests elsewhere).
@@ -165,6 +188,21 @@ mod tests {
         assert!(!p.allows(&unit("dovecot.service")));
         assert!(!p.allows(&unit("postfix.socket")));
         assert_eq!(p.patterns().len(), 2);
+    }
+
+    #[test]
+    fn an_instance_matches_only_patterns_that_name_instances() {
+        let p = parse(
+            "[services]\nallow = [\"php*-fpm.service\", \"postfix*.service\", \"getty@tty*.service\"]",
+        )
+        .unwrap();
+        assert!(p.allows(&unit("php8.2-fpm.service")));
+        assert!(p.allows(&unit("postfix-out.service")));
+        assert!(!p.allows(&unit("php-x@-fpm.service")));
+        assert!(!p.allows(&unit("postfix@evil.service")));
+        assert!(p.allows(&unit("getty@tty1.service")));
+        assert!(!p.allows(&unit("getty@ttyS0x.socket")));
+        assert!(!p.allows(&unit("serial-getty@ttyS0.service")));
     }
 
     #[test]
