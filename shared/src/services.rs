@@ -192,6 +192,11 @@ pub struct ServiceOutcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub main_pid_after: Option<u32>,
     pub duration_ms: u64,
+    /// systemd reloaded its unit files before this action (`systemctl
+    /// daemon-reload`), because the unit's file or a drop-in had changed
+    /// on disk: a package replaced it (docs/services.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub daemon_reloaded: bool,
 }
 
 impl ServiceOutcome {

@@ -266,6 +266,7 @@ fn cap_number(name: &str) -> u32 {
         "cap_setgid" => 6,
         "cap_setuid" => 7,
         "cap_setpcap" => 8,
+        "cap_linux_immutable" => 9,
         "cap_net_bind_service" => 10,
         "cap_net_admin" => 12,
         "cap_mknod" => 27,

@@ -481,3 +481,45 @@ exit 0
     assert_eq!(s.ct.main_pid("capt-a.service"), a);
     assert_eq!(s.ct.main_pid("other.service"), other);
 }
+
+/// A package changed the unit's file (here: edited in the container, not
+/// reloaded, as a dpkg upgrade leaves it): before the restart the agent
+/// has systemd reload its unit files, so the new `ExecStart=` runs, and
+/// the outcome says so (`daemon_reloaded`).
+#[test]
+fn a_restart_after_the_unit_file_changed_runs_the_new_definition() {
+    let s = setup("\"demo.service\"", &["demo.service"]);
+    s.ct.sh("sed -i 's|^ExecStart=.*|ExecStart=/bin/sleep 4242|' /etc/systemd/system/demo.service");
+    assert_eq!(
+        s.ct.unit_property("demo.service", "NeedDaemonReload"),
+        "yes"
+    );
+    let (report, code) = s.run(
+        "unit-changed",
+        &with_services("unit-changed", 1, "restart = [\"demo.service\"]"),
+        "#!/bin/sh\necho patched\n",
+    );
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0);
+    let o = outcome(&report, "demo.service");
+    assert_eq!(o["result"], "done", "{report:#}");
+    assert_eq!(o["daemon_reloaded"], true, "{report:#}");
+    assert_eq!(s.ct.unit_property("demo.service", "NeedDaemonReload"), "no");
+    let pid = s.ct.main_pid("demo.service");
+    assert_eq!(
+        s.ct.sh(&format!("cat /proc/{pid}/cmdline | tr '\\0' ' '"))
+            .trim(),
+        "/bin/sleep 4242",
+        "the new ExecStart= runs"
+    );
+    // Unchanged since: no reload the next time.
+    let (report, _) = s.run(
+        "unit-same",
+        &with_services("unit-same", 2, "restart = [\"demo.service\"]"),
+        "#!/bin/sh\necho patched\n",
+    );
+    assert!(
+        outcome(&report, "demo.service")["daemon_reloaded"].is_null(),
+        "{report:#}"
+    );
+}

@@ -230,6 +230,7 @@ fn would_perform(plan: &[PlannedAction]) -> Vec<ServiceOutcome> {
             main_pid_before: None,
             main_pid_after: None,
             duration_ms: 0,
+            daemon_reloaded: false,
         })
         .collect()
 }

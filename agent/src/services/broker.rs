@@ -27,6 +27,17 @@ use zbus::zvariant::OwnedObjectPath;
 /// and stop timeouts are 90 s each (`DefaultTimeoutStartSec=`).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How long all of one run's actions may take together: each job has
+/// [`DEFAULT_JOB_TIMEOUT`] (or what is left of this), and the actions not
+/// yet begun when it is over are not performed (their result says so, and
+/// the run fails). A plan is one action per unit, but an allow list of
+/// globs may hold many units, and a run must not hold its slot for hours.
+pub const PLAN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// The result of an action not begun because [`PLAN_TIMEOUT`] was over.
+pub const NOT_BEGUN: &str =
+    "error: not performed: the run's service actions took longer than 15 minutes altogether";
+
 /// The job mode: queue after, or replace, conflicting jobs, as `systemctl`
 /// does by default. "fail" would refuse a restart while an unrelated job
 /// for the unit is queued.
@@ -72,9 +83,9 @@ trait Manager {
     fn subscribe(&self) -> zbus::Result<()>;
     /// The unit's object, loading its file if it is not loaded yet.
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
-    fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn try_restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    /// `systemctl daemon-reload`: every unit file read again; the reply
+    /// comes once that is done.
+    fn reload(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String);
 }
@@ -90,6 +101,14 @@ trait Unit {
     /// when that is an alias.
     #[zbus(property)]
     fn id(&self) -> zbus::Result<String>;
+    /// Its file (or a drop-in) changed on disk since systemd read it.
+    #[zbus(property)]
+    fn need_daemon_reload(&self) -> zbus::Result<bool>;
+    // The jobs, on the unit object itself: on the unit whose `Id` was
+    // checked, never on whatever its name points to by then.
+    fn reload(&self, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn restart(&self, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn try_restart(&self, mode: &str) -> zbus::Result<OwnedObjectPath>;
 }
 
 #[zbus::proxy(
@@ -193,9 +212,15 @@ async fn perform_async(
                 .collect();
         }
     };
+    let deadline = started + PLAN_TIMEOUT;
     let mut out = Vec::with_capacity(actions.len());
     for a in actions {
-        let outcome = perform_one(&manager, a, timeout, permits).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let outcome = if left.is_zero() {
+            failed(a, NOT_BEGUN, None, 0)
+        } else {
+            perform_one(&manager, a, timeout.min(left), permits).await
+        };
         tracing::info!(
             unit = %outcome.unit,
             action = outcome.action.as_str(),
@@ -247,11 +272,8 @@ async fn perform_one(
             0,
         );
     }
-    // Written by the job below as it goes, so that a timeout still reports
-    // what was known.
-    let mut before: Option<u32> = None;
-    let mut after: Option<u32> = None;
-    let job = run_job(manager, a, permits, &mut before, &mut after);
+    let mut progress = Progress::default();
+    let job = run_job(manager, a, permits, &mut progress);
     let result = match tokio::time::timeout(timeout, job).await {
         Ok(Ok(result)) => result,
         Ok(Err(Stop::Call(e))) => format!("error: {e}"),
@@ -275,9 +297,10 @@ async fn perform_one(
         action: a.action,
         source: a.source.clone(),
         result,
-        main_pid_before: before,
-        main_pid_after: after,
+        main_pid_before: progress.before,
+        main_pid_after: progress.after,
         duration_ms: started.elapsed().as_millis() as u64,
+        daemon_reloaded: progress.daemon_reloaded,
     }
 }
 
@@ -285,19 +308,29 @@ async fn run_job(
     manager: &ManagerProxy<'static>,
     a: &PlannedAction,
     permits: &dyn Fn(&UnitName) -> bool,
-    before: &mut Option<u32>,
-    after: &mut Option<u32>,
+    progress: &mut Progress,
 ) -> Result<String, Stop> {
     let name = a.unit.as_str();
     let conn = manager.inner().connection();
-    let unit_path = manager.load_unit(name).await.map_err(Stop::Call)?;
-    let unit = UnitProxy::builder(conn)
-        .path(unit_path.clone())
-        .map_err(Stop::Call)?
-        .cache_properties(CacheProperties::No)
-        .build()
-        .await
-        .map_err(Stop::Call)?;
+    let mut unit_path = manager.load_unit(name).await.map_err(Stop::Call)?;
+    let mut unit = unit_proxy(conn, &unit_path).await?;
+    // The run's packages changed the unit's file (or a drop-in): systemd
+    // keeps the definition it read until its unit files are reloaded, so
+    // a restart now would start the old `ExecStart=`, perhaps a program
+    // the upgrade removed. What `apt` does (the maintainer scripts' own
+    // `systemctl daemon-reload`, captured and not performed in the
+    // sandbox): reload them first. Only what the bundle's scope allowed
+    // it to write, and what the next boot would read anyway, is read.
+    if unit.need_daemon_reload().await.map_err(Stop::Call)? {
+        tracing::info!(
+            unit = name,
+            "its unit file changed on disk: systemd reloads its unit files first"
+        );
+        manager.reload().await.map_err(Stop::Call)?;
+        progress.daemon_reloaded = true;
+        unit_path = manager.load_unit(name).await.map_err(Stop::Call)?;
+        unit = unit_proxy(conn, &unit_path).await?;
+    }
     // "not-found", "masked", "bad-setting", "error": systemd would refuse
     // the job; say what the unit is instead of relaying its refusal.
     let load_state = unit.load_state().await.map_err(Stop::Call)?;
@@ -308,7 +341,9 @@ async fn run_job(
     // units); an alias acts on another unit, which was not. Hosts have
     // legitimate ones (`sshd.service` for `ssh.service`, an init script's
     // name), and a bundle can make one: a symlink in a unit directory its
-    // packages write. So the unit itself must be permitted too.
+    // packages write. So the unit itself must be permitted too. The job
+    // is then asked of this unit object, not of the name (which a reload
+    // could point elsewhere in between).
     let id = unit.id().await.map_err(Stop::Call)?;
     if id != name {
         if !UnitName::parse(&id).is_ok_and(|u| permits(&u)) {
@@ -323,15 +358,15 @@ async fn run_job(
         .build()
         .await
         .map_err(Stop::Call)?;
-    *before = main_pid(&service).await;
+    progress.before = main_pid(&service).await;
     // Subscribed (the match rule is in place) before the job exists, so its
     // JobRemoved cannot be missed however fast it completes.
     let mut removed = manager.receive_job_removed().await.map_err(Stop::Call)?;
     let call = async {
         match a.action {
-            ServiceAction::Reload => manager.reload_unit(name, JOB_MODE).await,
-            ServiceAction::Restart => manager.restart_unit(name, JOB_MODE).await,
-            ServiceAction::TryRestart => manager.try_restart_unit(name, JOB_MODE).await,
+            ServiceAction::Reload => unit.reload(JOB_MODE).await,
+            ServiceAction::Restart => unit.restart(JOB_MODE).await,
+            ServiceAction::TryRestart => unit.try_restart(JOB_MODE).await,
         }
     };
     tokio::pin!(call);
@@ -361,8 +396,33 @@ async fn run_job(
             }
         },
     };
-    *after = main_pid(&service).await;
+    // Unsubscribed before the next call, for the reason above: signals
+    // queued behind it would stall the reply.
+    drop(removed);
+    progress.after = main_pid(&service).await;
     Ok(result)
+}
+
+async fn unit_proxy(
+    conn: &zbus::Connection,
+    path: &OwnedObjectPath,
+) -> Result<UnitProxy<'static>, Stop> {
+    UnitProxy::builder(conn)
+        .path(path.clone())
+        .map_err(Stop::Call)?
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .map_err(Stop::Call)
+}
+
+/// What one action's job got to, written as it goes, so that a timeout
+/// still reports what was known.
+#[derive(Default)]
+struct Progress {
+    before: Option<u32>,
+    after: Option<u32>,
+    daemon_reloaded: bool,
 }
 
 /// A `JobRemoved` signal's job and result. Not ours to judge: a signal
@@ -400,6 +460,7 @@ fn failed(a: &PlannedAction, result: &str, before: Option<u32>, ms: u64) -> Serv
         main_pid_before: before,
         main_pid_after: None,
         duration_ms: ms,
+        daemon_reloaded: false,
     }
 }
 
