@@ -220,6 +220,15 @@ impl KillSwitch {
 
     /// Write the kill state in force (daemon record, then the state
     /// directory's kill switch), durably. Blocking.
+    ///
+    /// Every change (fleet or local) is written through here, one writer
+    /// at a time, from its read of the state to its last write: writers
+    /// that interleaved could leave the files older than memory (a fleet
+    /// lift written from a snapshot taken before a local kill could clear
+    /// the state directory's kill switch after the local kill set it, and
+    /// a manual `rollguard-agent run`, which reads only that file, would
+    /// run). The last writer reads the newest state, so the files always
+    /// end where memory is.
     pub fn persist(&self) -> anyhow::Result<()> {
         let _one_writer = lock(&self.persist);
         let (kill, epoch) = {
@@ -241,10 +250,12 @@ impl KillSwitch {
 
     // ---- this host's own kill ------------------------------------------
 
-    /// `rollguard-agent kill --reason`: put a local kill in force (durably:
-    /// written before this returns), then kill every covered bundle.
-    /// Returns how many. On an error the kill is still in force in memory;
-    /// the caller still kills ([`KillSwitch::kill_covered`]).
+    /// `rollguard-agent kill --reason`: put a local kill in force, kill
+    /// every covered bundle at once (a kill does not wait for the disk, as
+    /// in [`KillSwitch::enforce_fleet`]), then write it down durably
+    /// before returning. Returns how many were killed. On an error the
+    /// kill is in force in memory and its bundles are killed; new runs
+    /// wait until it is durable ([`KillSwitch::durable`]).
     pub fn local_kill(&self, reason: String) -> anyhow::Result<u32> {
         {
             let mut kill = lock(&self.kill);
@@ -253,21 +264,24 @@ impl KillSwitch {
                 by: "local".into(),
                 at: now(),
             });
-            store::save_daemon_kill(&self.daemon_dir, &kill)?;
+            self.changes.fetch_add(1, Ordering::SeqCst);
         }
-        self.sync_host_kill()?;
-        Ok(self.kill_covered())
+        let killed = self.kill_covered();
+        self.persist()?;
+        Ok(killed)
     }
 
     /// `rollguard-agent kill --lift`: lift the local kill (a fleet kill
-    /// stays until the controller lifts it).
+    /// stays until the controller lifts it). Runs wait until the lift is
+    /// durable, so none starts that the state directory's kill switch
+    /// would still refuse.
     pub fn lift_local(&self) -> anyhow::Result<()> {
         {
             let mut kill = lock(&self.kill);
             kill.local = None;
-            store::save_daemon_kill(&self.daemon_dir, &kill)?;
+            self.changes.fetch_add(1, Ordering::SeqCst);
         }
-        self.sync_host_kill()
+        self.persist()
     }
 }
 
