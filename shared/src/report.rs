@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::services::{CapturedRequest, ServiceOutcome, StaleService};
 
+mod fit;
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

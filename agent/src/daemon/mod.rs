@@ -44,7 +44,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::Method;
 use rollguard_shared::protocol::{
-    AgentReport, KillAck, Order, Register, RolloutId, Sha256Hex, MAX_ORDER_LINE, PING_INTERVAL_SECS,
+    AgentReport, KillAck, Order, Register, RolloutId, Sha256Hex, MAX_JSON_BODY, MAX_ORDER_LINE,
+    PING_INTERVAL_SECS,
 };
 use rollguard_shared::report::{RefusalKind, RunReport, RunStatus};
 use rollguard_shared::targets::HostIdentity;
@@ -61,6 +62,10 @@ use transport::{ControllerSession, Transport, TransportError};
 
 /// Largest bundle the agent downloads.
 pub const MAX_BUNDLE_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Largest report recorded and sent: the controller's body limit, less
+/// room for the envelope ([`AgentReport`]'s rollout id and field names).
+const MAX_REPORT_BYTES: usize = MAX_JSON_BODY - 4096;
 
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
@@ -176,7 +181,13 @@ impl Daemon {
         &self.kill
     }
 
-    fn finish(&self, id: &RolloutId, sha: &Sha256Hex, report: RunReport) {
+    fn finish(&self, id: &RolloutId, sha: &Sha256Hex, mut report: RunReport) {
+        // What is recorded is what the controller will accept: a report it
+        // refused for its size would be retried forever, holding back
+        // every later one (a denial among them would never halt anything).
+        if report.fit(MAX_REPORT_BYTES) {
+            tracing::warn!(rollout = %id, "the run's report was cut to fit the controller's body limit");
+        }
         let rec = HostRolloutRecord {
             rollout_id: id.clone(),
             bundle_sha256: sha.clone(),
@@ -347,7 +358,8 @@ impl Daemon {
                 Ok(_) => {}
                 Err(TransportError::Status { status, body })
                     if status == hyper::StatusCode::NOT_FOUND
-                        || status == hyper::StatusCode::BAD_REQUEST =>
+                        || status == hyper::StatusCode::BAD_REQUEST
+                        || status == hyper::StatusCode::PAYLOAD_TOO_LARGE =>
                 {
                     tracing::error!(rollout = %id, %status, %body, "controller rejected the report; dropping it");
                 }

@@ -375,3 +375,31 @@ async fn a_wrong_bundle_from_the_controller_is_refused_not_run() {
         .await;
     assert_eq!(report_of(&d, "r-9").unwrap().status, RunStatus::Succeeded);
 }
+
+/// A report larger than the controller accepts is cut before it is
+/// recorded (and so before it is sent): the record holds what the
+/// controller will take, and it is still an alert.
+#[test]
+fn a_report_too_large_for_the_controller_is_recorded_cut_to_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let d = Daemon::open(identity(), dir.path(), exec).unwrap();
+    let mut report = base_report("web-01", RunStatus::Failed);
+    report.denials = Some(
+        (0..256)
+            .map(|i| rollguard_shared::report::Denial {
+                access: "fs.write_file".into(),
+                path: Some(format!("{}{i}", "/a".repeat(2000))),
+                exe: None,
+            })
+            .collect(),
+    );
+    report.denial_count = Some(256);
+    assert!(report.json_len() > MAX_JSON_BODY);
+    d.finish(&id("big-1"), &Sha256Hex::of(b"b"), report);
+    let rec = d.records.get(&id("big-1")).unwrap().unwrap();
+    let kept = rec.report.unwrap();
+    assert!(kept.json_len() <= MAX_REPORT_BYTES);
+    assert!(kept.is_alert());
+    assert_eq!(kept.denial_count, Some(256));
+}
