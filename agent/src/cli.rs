@@ -153,6 +153,15 @@ pub struct LocalKillArgs {
         default_value = "/run/rollguard/agent.sock"
     )]
     pub socket: PathBuf,
+    /// The host policy, read only when no daemon answers the socket: its
+    /// state directory's kill switch is then set (or lifted) directly.
+    #[arg(
+        short,
+        long,
+        env = "ROLLGUARD_POLICY",
+        default_value = "/etc/rollguard/agent.toml"
+    )]
+    pub policy: PathBuf,
     #[arg(long)]
     pub json: bool,
 }

@@ -354,14 +354,29 @@ fn enroll(args: rollguard_agent::cli::EnrollArgs) -> anyhow::Result<ExitCode> {
 
 /// `rollguard-agent kill`: ask the running daemon over its local socket.
 fn local_kill(args: rollguard_agent::cli::LocalKillArgs) -> anyhow::Result<ExitCode> {
-    use rollguard_agent::daemon::local::{request, LocalRequest};
+    use rollguard_agent::daemon::local::{request, LocalError, LocalRequest};
     let req = match (args.reason, args.lift) {
         (_, true) => LocalRequest::Lift,
         (Some(reason), false) if !reason.trim().is_empty() => LocalRequest::Kill { reason },
         (Some(_), false) => anyhow::bail!("--reason must not be empty"),
         (None, false) => LocalRequest::Status,
     };
-    let resp = request(&args.socket, &req)?;
+    let resp = match request(&args.socket, &req) {
+        Ok(resp) => resp,
+        // No daemon: the same request on the state directory's files, so
+        // the kill switch works whatever state the daemon is in.
+        Err(LocalError::Connect { path, error })
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            let policy = rollguard_agent::policy::HostPolicy::load(&args.policy)?;
+            tracing::warn!(socket = %path.display(), %error, state = %policy.state_dir().display(), "no agent daemon answers; acting on the state directory's kill switch directly");
+            rollguard_agent::kill_switch::offline::request(policy.state_dir(), &req)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&resp)?);
     } else {

@@ -831,3 +831,48 @@ fn a_kill_before_the_bundle_is_released_means_it_never_executes() {
         "the bundle executed: {report:?}"
     );
 }
+
+/// `rollguard-agent kill` with no daemon answering its socket (stopped, or
+/// crash-looping) sets the state directory's kill switch itself: a manual
+/// run is refused until `kill --lift`, which clears it the same way.
+#[test]
+fn a_local_kill_without_a_daemon_refuses_runs_until_lifted() {
+    let keys = Keys::new(&["alice"]);
+    let host = Host::new("mail-01.tokyo", &keys, PolicyOptions::default());
+    let socket = host.root().join("no-daemon.sock");
+    let kill = |args: &[&str]| {
+        let out = run(agent()
+            .arg("kill")
+            .args(args)
+            .arg("--json")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--policy")
+            .arg(host.policy()));
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let resp = kill(&["--reason", "daemon down, disk failing"]);
+    assert_eq!(resp["kill"]["local"]["reason"], "daemon down, disk failing");
+    let src = host.bundle_source(
+        "offline-kill",
+        &manifest(
+            "offline-kill",
+            1,
+            "\"mail-*.tokyo\"",
+            "write = [\"@ROOT@/etc/mail\"]",
+        ),
+        "#!/bin/sh\necho ran > @ROOT@/etc/mail/ran\n",
+    );
+    let bundle = host.build_signed(&src, &keys, &["alice"]);
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["refusal"], "kill_switch", "{report:#}");
+    assert_ne!(code, 0);
+    assert!(!host.root().join("etc/mail/ran").exists());
+    let resp = kill(&["--lift"]);
+    assert!(resp["kill"]["local"].is_null(), "{resp:#}");
+    let (report, code) = host.run(&bundle);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(code, 0);
+}

@@ -84,10 +84,13 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
         })
 }
 
+/// The daemon's directory in the state directory.
+pub const DAEMON_DIR: &str = "daemon";
+
 impl Records {
     /// Open (creating, mode 0700) `<state dir>/daemon`.
     pub fn open(state_dir: &Path) -> Result<Self, RecordError> {
-        let root = state_dir.join("daemon");
+        let root = state_dir.join(DAEMON_DIR);
         for sub in ["", "rollouts", "bundles"] {
             let p = root.join(sub);
             fs::DirBuilder::new()

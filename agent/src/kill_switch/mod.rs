@@ -25,6 +25,7 @@
 //! here. The kill mechanism itself (`cgroup.kill` of a run's cgroup) is the
 //! sandbox's ([`crate::sandbox::KillHandle`]).
 
+pub mod offline;
 pub mod signal;
 pub mod store;
 
