@@ -175,7 +175,9 @@ pub struct Preview {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub changes_dropped: u64,
     /// `false`: the changes could not all be read (the report's reason
-    /// says why, and the run failed): what is listed is not everything.
+    /// says why, and the run failed), or the report was cut to fit the
+    /// controller's limit (`RunReport::fit`; the reason says what was
+    /// cut): what is listed is not everything, or not in full.
     pub complete: bool,
 }
 

@@ -150,6 +150,17 @@ impl Daemon {
             Err(e) => tracing::warn!("cannot check for audit rules left behind: {e}"),
         }
         let records = Records::open(state_dir).context("opening the daemon records")?;
+        // Downloads of a previous process (a crash mid-download or mid-run;
+        // up to 1 GiB each): no run of this process has begun, and none of
+        // them runs again (their rollouts are reported interrupted below).
+        match records.remove_downloads() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                count = n,
+                "removed downloads left by a previous agent process"
+            ),
+            Err(e) => tracing::warn!("cannot remove downloads left behind: {e}"),
+        }
         let kill = KillSwitch::open(&state, &records)?;
         let mut unacked = BTreeSet::new();
         for mut rec in records.all()? {
@@ -248,12 +259,18 @@ impl Daemon {
                     None => Ok(None),
                 };
                 match shared {
-                    Ok(_shared) => self.clone().run_inner(&id, &sha, kind, signal, fetch).await,
+                    Ok(_shared) => {
+                        self.clone()
+                            .run_inner(&id, &sha, kind, signal.clone(), fetch)
+                            .await
+                    }
                     Err(e) => Err(e.into()),
                 }
             }
             Err(e) => Err(e.into()),
         };
+        // Over: a kill from now on has nothing left to kill.
+        signal.finish();
         match result {
             Ok(report) => {
                 // The record is several fsyncs: off the thread that reads

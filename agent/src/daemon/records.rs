@@ -5,7 +5,8 @@
 //!                             started → finished (with the report) → acked
 //! kill.json                   the fleet kill state last received + any local kill
 //!                             (read and written by `kill_switch::store`)
-//! bundles/<sha256>.bundle     downloads in progress (removed after the run)
+//! bundles/<rollout id>.bundle downloads in progress (removed after the run,
+//!                             and all of them when the daemon starts)
 //! ```
 //!
 //! "Started" is written (fsync'd, atomically renamed) before the bundle
@@ -100,6 +101,20 @@ impl Records {
                 .map_err(PathIoError::at("creating", &p))?;
         }
         Ok(Records { root })
+    }
+
+    /// Remove every file of the download directory (`bundles/`); how many.
+    /// Only when no run of this process has begun.
+    pub fn remove_downloads(&self) -> std::io::Result<usize> {
+        let mut n = 0;
+        for entry in fs::read_dir(self.root.join("bundles"))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                fs::remove_file(entry.path())?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// `<state dir>/daemon`, where the kill switch keeps its record too

@@ -168,9 +168,14 @@ impl KillSwitch {
         lock(&self.running).remove(id);
     }
 
-    /// The rollouts running now.
+    /// The rollouts running now (not those whose run is over and whose
+    /// outcome is being recorded).
     pub fn running(&self) -> Vec<RolloutId> {
-        lock(&self.running).keys().cloned().collect()
+        lock(&self.running)
+            .iter()
+            .filter(|(_, s)| !s.is_finished())
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Kill every running bundle covered by the current kill state;
@@ -180,7 +185,7 @@ impl KillSwitch {
         let running = lock(&self.running);
         let mut n = 0;
         for (id, signal) in running.iter() {
-            if kill.covering(id).is_some() {
+            if kill.covering(id).is_some() && !signal.is_finished() {
                 tracing::warn!(rollout = %id, "killing running bundle (kill order in force)");
                 signal.kill();
                 n += 1;
@@ -255,8 +260,8 @@ impl KillSwitch {
     /// every covered bundle at once (a kill does not wait for the disk, as
     /// in [`KillSwitch::enforce_fleet`]), then write it down durably
     /// before returning. Returns how many were killed. On an error the
-    /// kill is in force in memory and its bundles are killed; new runs
-    /// wait until it is durable ([`KillSwitch::durable`]).
+    /// kill is in force in memory (the daemon refuses every run) and its
+    /// bundles are killed; the error says the files could not be written.
     pub fn local_kill(&self, reason: String) -> anyhow::Result<u32> {
         {
             let mut kill = lock(&self.kill);
@@ -265,7 +270,6 @@ impl KillSwitch {
                 by: "local".into(),
                 at: now(),
             });
-            self.changes.fetch_add(1, Ordering::SeqCst);
         }
         let killed = self.kill_covered();
         self.persist()?;
@@ -273,15 +277,11 @@ impl KillSwitch {
     }
 
     /// `rollguard-agent kill --lift`: lift the local kill (a fleet kill
-    /// stays until the controller lifts it). Runs wait until the lift is
-    /// durable, so none starts that the state directory's kill switch
-    /// would still refuse.
+    /// stays until the controller lifts it), then write it down. If that
+    /// fails, the state directory's switch still refuses manual runs (the
+    /// safe side), and the error says so.
     pub fn lift_local(&self) -> anyhow::Result<()> {
-        {
-            let mut kill = lock(&self.kill);
-            kill.local = None;
-            self.changes.fetch_add(1, Ordering::SeqCst);
-        }
+        lock(&self.kill).local = None;
         self.persist()
     }
 }

@@ -19,6 +19,8 @@ type Killer = Box<dyn Fn() + Send + Sync>;
 struct Slot {
     killed: bool,
     killer: Option<Killer>,
+    /// The run is over (its outcome is being recorded): nothing to kill.
+    finished: bool,
 }
 
 /// The kill switch of one run. The daemon holds it from before the run
@@ -44,10 +46,25 @@ impl KillSignal {
 
     pub fn kill(&self) {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.finished {
+            return;
+        }
         slot.killed = true;
         if let Some(k) = &slot.killer {
             k();
         }
+    }
+
+    /// The run is over: its sandbox (and cgroup) are gone, so a kill from
+    /// now on has nothing to kill and does not count as one.
+    pub fn finish(&self) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        slot.finished = true;
+        slot.killer = None;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).finished
     }
 
     pub fn is_killed(&self) -> bool {
@@ -90,5 +107,19 @@ mod tests {
         assert!(s.is_killed());
         let fresh = KillSignal::new();
         assert!(!fresh.is_killed());
+    }
+
+    #[test]
+    fn a_finished_run_has_nothing_to_kill() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let s = KillSignal::new();
+        let h = hits.clone();
+        s.attach(Box::new(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+        }));
+        s.finish();
+        s.kill();
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "its cgroup is gone");
+        assert!(s.is_finished() && !s.is_killed());
     }
 }

@@ -106,6 +106,23 @@ impl ServicesPolicy {
             {
                 return Err(bad(&format!("character {c:?} cannot occur in a unit name")));
             }
+            // Which set a pattern goes to is decided by its `@`; inside
+            // `{a,b}` it would hold for one alternative only
+            // (`{php*-fpm,getty@tty*}.service` would let `php*-fpm` match
+            // instances).
+            let mut depth = 0usize;
+            for c in p.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth = depth.saturating_sub(1),
+                    '@' if depth > 0 => {
+                        return Err(bad(
+                            "'@' inside {...}: write a template's instances as a pattern of their own (\"getty@tty*.service\")",
+                        ))
+                    }
+                    _ => {}
+                }
+            }
             let glob = GlobBuilder::new(p)
                 .literal_separator(false)
                 .backslash_escape(false)
@@ -223,6 +240,10 @@ mod tests {
             ("[services]\nallow = [\"a/b.service\"]", "character"),
             ("[services]\nallow = [\"\"]", "empty"),
             ("[services]\nallow = [\"[a.service\"]", "services.allow"),
+            (
+                "[services]\nallow = [\"{php*-fpm,getty@tty*}.service\"]",
+                "inside {...}",
+            ),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(want), "{text}: {err}");

@@ -161,7 +161,7 @@ pub fn after_run(
     plan.append(&mut classified.plan);
     if !clean {
         classified.mark_unperformed("skipped");
-        report.services_captured = classified.captured;
+        set_captured(report, classified.captured);
         if !plan.is_empty() {
             let why = if report.status == RunStatus::Succeeded && no_denial {
                 "no service action was performed: the run's denials are unknown \
@@ -176,11 +176,11 @@ pub fn after_run(
     if perform == Perform::PreviewOnly {
         // Nothing is performed: what would be is in `services`.
         classified.mark_unperformed(ServiceOutcome::PREVIEW);
-        report.services_captured = classified.captured;
+        set_captured(report, classified.captured);
         report.services = would_perform(&plan);
         return;
     }
-    report.services_captured = classified.captured;
+    set_captured(report, classified.captured);
     let bus = Bus::from_env();
     let permits = |u: &UnitName| allow.allows(u) && !own_units.contains(u);
     let run = ServiceRun {
@@ -249,6 +249,32 @@ fn declared_plan(services: &Services) -> Vec<PlannedAction> {
         .map(entry(ServiceAction::Reload))
         .chain(services.restart.iter().map(entry(ServiceAction::Restart)))
         .collect()
+}
+
+/// The captured requests into the report: at most
+/// [`capture::MAX_LISTED`], the denied ones first (each request was decided
+/// all the same; the reason says how many are not listed).
+fn set_captured(
+    report: &mut RunReport,
+    captured: Vec<rollguard_shared::services::CapturedRequest>,
+) {
+    if captured.len() <= capture::MAX_LISTED {
+        report.services_captured = captured;
+        return;
+    }
+    let total = captured.len();
+    let (mut listed, other): (Vec<_>, Vec<_>) = captured.into_iter().partition(|c| c.is_denied());
+    listed.truncate(capture::MAX_LISTED);
+    let room = capture::MAX_LISTED - listed.len();
+    listed.extend(other.into_iter().take(room));
+    note(
+        report,
+        format!(
+            "{} of the {total} captured service requests are not listed (the denied ones are listed first)",
+            total - listed.len()
+        ),
+    );
+    report.services_captured = listed;
 }
 
 fn note(report: &mut RunReport, what: String) {

@@ -6,8 +6,8 @@
 //! people; the unit's `MainPID` is read the same way; and there is no
 //! child process, PATH or locale between the agent and systemd.
 //!
-//! Why a client of our own and not a crate of systemd bindings: six calls
-//! and one signal are all the broker uses; zbus's `#[proxy]` macro types
+//! Why a client of our own and not a crate of systemd bindings: a few
+//! calls and one signal are all the broker uses; zbus's `#[proxy]` macro types
 //! them here, in one screen.
 //!
 //! The runner is synchronous (the daemon calls it on a blocking thread), so
@@ -319,9 +319,14 @@ async fn run_job(
     // a restart now would start the old `ExecStart=`, perhaps a program
     // the upgrade removed. What `apt` does (the maintainer scripts' own
     // `systemctl daemon-reload`, captured and not performed in the
-    // sandbox): reload them first. Only what the bundle's scope allowed
-    // it to write, and what the next boot would read anyway, is read.
+    // sandbox): reload them first, once the name is known to lead to a
+    // permitted unit; then check again, as the reload may have changed
+    // where it leads. A reload reads every unit file changed on the host
+    // meanwhile: what the bundle's signed scope let it write, and what an
+    // operator edited without reloading; the next boot would read them
+    // anyway.
     if unit.need_daemon_reload().await.map_err(Stop::Call)? {
+        check_unit(&unit, name, permits).await?;
         tracing::info!(
             unit = name,
             "its unit file changed on disk: systemd reloads its unit files first"
@@ -331,26 +336,7 @@ async fn run_job(
         unit_path = manager.load_unit(name).await.map_err(Stop::Call)?;
         unit = unit_proxy(conn, &unit_path).await?;
     }
-    // "not-found", "masked", "bad-setting", "error": systemd would refuse
-    // the job; say what the unit is instead of relaying its refusal.
-    let load_state = unit.load_state().await.map_err(Stop::Call)?;
-    if load_state != "loaded" {
-        return Err(Stop::NotLoaded(load_state));
-    }
-    // The name was checked against `allow` (and against the agent's own
-    // units); an alias acts on another unit, which was not. Hosts have
-    // legitimate ones (`sshd.service` for `ssh.service`, an init script's
-    // name), and a bundle can make one: a symlink in a unit directory its
-    // packages write. So the unit itself must be permitted too. The job
-    // is then asked of this unit object, not of the name (which a reload
-    // could point elsewhere in between).
-    let id = unit.id().await.map_err(Stop::Call)?;
-    if id != name {
-        if !UnitName::parse(&id).is_ok_and(|u| permits(&u)) {
-            return Err(Stop::Alias(id));
-        }
-        tracing::info!(alias = name, unit = %id, "acting on an alias of a permitted unit");
-    }
+    check_unit(&unit, name, permits).await?;
     let service = ServiceProxy::builder(conn)
         .path(unit_path)
         .map_err(Stop::Call)?
@@ -401,6 +387,35 @@ async fn run_job(
     drop(removed);
     progress.after = main_pid(&service).await;
     Ok(result)
+}
+
+/// The unit `name` led to may be acted upon: loaded, and, when the name is
+/// an alias, the unit itself permitted.
+async fn check_unit(
+    unit: &UnitProxy<'static>,
+    name: &str,
+    permits: &dyn Fn(&UnitName) -> bool,
+) -> Result<(), Stop> {
+    // "not-found", "masked", "bad-setting", "error": systemd would refuse
+    // the job; say what the unit is instead of relaying its refusal.
+    let load_state = unit.load_state().await.map_err(Stop::Call)?;
+    if load_state != "loaded" {
+        return Err(Stop::NotLoaded(load_state));
+    }
+    // The name was checked against `allow` (and against the agent's own
+    // units); an alias acts on another unit, which was not. Hosts have
+    // legitimate ones (`sshd.service` for `ssh.service`, an init script's
+    // name), and a bundle can make one: a symlink in a unit directory its
+    // packages write. So the unit itself must be permitted too. The job
+    // is then asked of this unit object, not of the name.
+    let id = unit.id().await.map_err(Stop::Call)?;
+    if id != name {
+        if !UnitName::parse(&id).is_ok_and(|u| permits(&u)) {
+            return Err(Stop::Alias(id));
+        }
+        tracing::info!(alias = name, unit = %id, "acting on an alias of a permitted unit");
+    }
+    Ok(())
 }
 
 async fn unit_proxy(

@@ -67,10 +67,12 @@ pub const SHIMS: [&str; 5] = [
     "service",
     "policy-rc.d",
 ];
-/// Largest record file read (a few hundred requests).
+/// Largest record file read (a thousand requests or so: the size bounds
+/// their number).
 pub const MAX_RECORD_BYTES: u64 = 64 * 1024;
-/// Most requests read.
-pub const MAX_RECORDS: usize = 256;
+/// Most requests listed in a report (the denied ones first); every one is
+/// decided all the same.
+pub const MAX_LISTED: usize = 256;
 
 /// One recorded request, as a line of [`REQUESTS_FILE`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,7 +150,6 @@ const SYSTEM_VERBS: &[&str] = &[
     "set-environment",
     "unset-environment",
     "import-environment",
-    "set-property",
 ];
 
 /// Unit-file verbs that `systemctl --root=DIR` performs on the file system
@@ -464,7 +465,11 @@ fn parse_name_action(via: &str, args: &[String]) -> Call {
     if words.len() < 2 {
         return Call::Usage(format!("{via}: usage: {via} NAME ACTION"));
     }
-    let verb = words[1].clone();
+    // `service NAME --full-restart`: a stop and a start, a restart.
+    let verb = match words[1].as_str() {
+        "--full-restart" if via == "service" => "restart".to_string(),
+        v => v.to_string(),
+    };
     if verb == "status" {
         return Call::Answer(String::new(), 0);
     }
@@ -537,7 +542,7 @@ pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsStrin
                         .arg0(via)
                         .args(&args)
                         .exec();
-                    eprintln!("{via}: cannot run {real}: {error}");
+                    say(&format!("{via}: cannot run {real}: {error}"));
                     return ExitCode::from(1);
                 }
             }
@@ -550,62 +555,73 @@ pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsStrin
             ExitCode::from(code)
         }
         Call::Usage(msg) => {
-            eprintln!("{msg}");
+            say(&msg);
             ExitCode::from(1)
         }
-        Call::Refuse(records, msg) => {
+        Call::Refuse(mut records, msg) => {
+            let _ = holdable(&mut records);
             if let Err(e) = append(&records) {
                 return cannot_record(via, &e);
             }
-            eprintln!("{msg}");
+            say(&msg);
             ExitCode::from(1)
         }
         Call::Record(mut records, code) => {
-            // A verb systemctl would not know is refused here too, and
-            // recorded as nothing: the record holds plain verbs only.
-            if let Some(r) = records.iter().find(|r| !is_plain_verb(&r.verb)) {
-                eprintln!("{via}: unknown verb {:?}", r.verb);
-                return ExitCode::from(1);
+            let refused = holdable(&mut records);
+            if let Err(e) = append(&records) {
+                return cannot_record(via, &e);
             }
-            // A unit name systemd would refuse (a glob, a path) is refused
-            // here too; the request is still an attempt, recorded without
-            // its unit (on no unit, a verb with effect is a denial).
-            let invalid: Vec<String> = records
-                .iter()
-                .filter(|r| !r.unit.is_empty() && UnitName::parse(&r.unit).is_err())
-                .map(|r| r.unit.clone())
-                .collect();
-            if !invalid.is_empty() {
-                for r in &mut records {
-                    if UnitName::parse(&r.unit).is_err() {
-                        r.unit.clear();
-                    }
-                }
-                records.dedup();
-                if let Err(e) = append(&records) {
-                    return cannot_record(via, &e);
-                }
-                eprintln!("{via}: invalid unit name {:?}", invalid[0]);
-                return ExitCode::from(1);
+            if let Some(why) = refused {
+                say(&format!("{via}: {why}"));
+                // policy-rc.d's callers read 101 as "forbidden": never
+                // anything that could mean "go ahead".
+                return ExitCode::from(if code == 101 { 101 } else { 1 });
             }
-            match append(&records) {
-                Ok(()) => {
-                    for r in &records {
-                        eprintln!(
-                            "{via}: {} {} captured by rollguard; the agent acts on it after the run if the host allows it",
-                            r.verb, r.unit
-                        );
-                    }
-                    ExitCode::from(code)
-                }
-                Err(e) => cannot_record(via, &e),
+            for r in &records {
+                say(&format!(
+                    "{via}: {} {} captured by rollguard; the agent acts on it after the run if the host allows it",
+                    r.verb, r.unit
+                ));
             }
+            ExitCode::from(code)
         }
     }
 }
 
+/// The verb recorded for one the record cannot hold (not 1-64 of `a-z`,
+/// `0-9`, `-`): not performed, a denial unless the unit is allowed.
+pub const UNRECOGNIZED_VERB: &str = "unrecognized";
+
+/// Make `records` what the record can hold, and say what the shim refuses
+/// (it exits non-zero then, as systemctl would): a verb it cannot hold is
+/// recorded as [`UNRECOGNIZED_VERB`], a unit name systemd would refuse (a
+/// glob, a path) as no unit. Either way the request is still an attempt
+/// the agent decides on (on no unit, a verb with effect is a denial), and
+/// a script's `|| true` cannot make it vanish.
+fn holdable(records: &mut Vec<Record>) -> Option<String> {
+    let mut refused = None;
+    for r in records.iter_mut() {
+        if !is_plain_verb(&r.verb) {
+            refused.get_or_insert_with(|| format!("unknown verb {:?}", r.verb));
+            r.verb = UNRECOGNIZED_VERB.to_string();
+        }
+        if !r.unit.is_empty() && UnitName::parse(&r.unit).is_err() {
+            refused.get_or_insert_with(|| format!("invalid unit name {:?}", r.unit));
+            r.unit.clear();
+        }
+    }
+    records.dedup();
+    refused
+}
+
+/// A message on stderr; a closed stderr is no reason to panic (the request
+/// is recorded by then).
+fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
 fn cannot_record(via: &str, e: &std::io::Error) -> ExitCode {
-    eprintln!("{via}: cannot record the request in {REQUESTS_FILE}: {e} (this program only works inside a rollguard run)");
+    say(&format!("{via}: cannot record the request in {REQUESTS_FILE}: {e} (this program only works inside a rollguard run)"));
     ExitCode::from(1)
 }
 
@@ -708,12 +724,6 @@ pub fn parse_records(bytes: &[u8]) -> Parsed {
     for (i, line) in text.lines().enumerate() {
         if line.is_empty() {
             continue;
-        }
-        if records.len() == MAX_RECORDS {
-            problem(format!(
-                "the service request record has more than {MAX_RECORDS} requests"
-            ));
-            break;
         }
         let bad = |why: String| format!("service request record line {}: {why}", i + 1);
         match parse_line(line) {
@@ -998,11 +1008,12 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        // Many requests are not a problem: a large package set writes a
+        // few per package; the size bounds them.
         let line = "{\"via\":\"systemctl\",\"verb\":\"restart\",\"unit\":\"a.service\"}\n";
-        let many = line.repeat(MAX_RECORDS + 1);
+        let many = line.repeat(1000);
         let parsed = parse_records(many.as_bytes());
-        assert_eq!(parsed.records.len(), MAX_RECORDS);
-        assert!(parsed.unreadable.unwrap().contains("more than"));
+        assert_eq!((parsed.records.len(), parsed.unreadable), (1000, None));
         let huge = vec![b' '; MAX_RECORD_BYTES as usize + 1];
         assert!(parse_records(&huge).unreadable.unwrap().contains("larger"));
     }
@@ -1024,21 +1035,43 @@ mod tests {
 
     #[test]
     fn the_shims_record_only_what_the_record_can_hold() {
-        // A verb systemctl would not know: refused, nothing recorded.
-        for via in ["systemctl", "service", "invoke-rc.d", "deb-systemd-invoke"] {
-            let call = match via {
-                "systemctl" | "deb-systemd-invoke" => parse_call(via, &args("Restart a")),
-                _ => parse_call(via, &args("a try_restart")),
+        // A verb systemctl would not know, a name systemd would refuse:
+        // refused by the shim, recorded as what the record can hold (an
+        // unrecognized verb, no unit), never lost.
+        for (via, line) in [
+            ("systemctl", "Restart a"),
+            ("deb-systemd-invoke", "Restart a"),
+            ("service", "a try_restart"),
+            ("invoke-rc.d", "a try_restart"),
+        ] {
+            let Call::Record(mut records, _) = parse_call(via, &args(line)) else {
+                panic!("{via}")
             };
-            if let Call::Record(records, _) = call {
-                assert!(records.iter().any(|r| !is_plain_verb(&r.verb)), "{via}");
-            }
+            assert!(holdable(&mut records).unwrap().contains("unknown verb"));
+            assert_eq!(records[0].verb, UNRECOGNIZED_VERB, "{via}");
+            assert_eq!(records[0].unit, "a.service", "{via}");
         }
+        let Call::Record(mut records, _) = parse_call("systemctl", &args("stop ssh*")) else {
+            panic!()
+        };
+        assert!(holdable(&mut records)
+            .unwrap()
+            .contains("invalid unit name"));
+        assert_eq!(
+            (records[0].verb.as_str(), records[0].unit.as_str()),
+            ("stop", "")
+        );
         assert!(matches!(
             parse_call("policy-rc.d", &args("a try_restart")),
             Call::Answer(_, 101)
         ));
         assert!(is_plain_verb("try-restart") && !is_plain_verb("try_restart"));
+        // `service NAME --full-restart` is a restart.
+        let Call::Record(records, 0) = parse_call("service", &args("postfix --full-restart"))
+        else {
+            panic!()
+        };
+        assert_eq!(records[0].verb, "restart");
     }
 
     #[test]

@@ -52,6 +52,11 @@ impl RunReport {
                 break;
             }
         }
+        // A preview cut is not a preview in full: the controller's gate
+        // before a rollout must not take it for one.
+        if let Some(p) = self.preview.as_mut() {
+            p.complete = false;
+        }
         let note = format!(
             "this report was cut to fit the controller's limit of {max} bytes: {}",
             cut.join(", ")
@@ -70,10 +75,17 @@ type Step = fn(&mut RunReport) -> bool;
 
 /// In order: first what is there for people to read, last what is left of
 /// the lists an alert rests on.
-const STEPS: [(&str, Step); 10] = [
+const STEPS: [(&str, Step); 11] = [
     ("the preview's diffs", drop_larger_diffs),
     ("long paths and names", cut_long_strings),
     ("the output tails", cut_tails),
+    ("the reason", |r| match r.reason.as_mut() {
+        Some(reason) if reason.len() > LONG_STRING * 8 + 3 => {
+            *reason = cut_str(reason, LONG_STRING * 8);
+            true
+        }
+        _ => false,
+    }),
     ("the preview's list of changes", |r| {
         r.preview.as_mut().is_some_and(|p| {
             let n = halve(&mut p.changes, 0);
@@ -219,8 +231,10 @@ fn cut_denials(r: &mut RunReport) -> bool {
     };
     let listed = denials.len() as u64;
     let cut = halve(denials, 1);
-    if cut > 0 {
-        r.denial_count = Some(r.denial_count.unwrap_or(0).max(listed));
+    // Unknown stays unknown: only a known count is raised to what was
+    // listed.
+    if let Some(count) = r.denial_count.as_mut() {
+        *count = (*count).max(listed);
     }
     cut > 0
 }
@@ -285,6 +299,7 @@ mod tests {
         assert!(r.services_captured.iter().any(|c| c.is_denied()));
         let p = r.preview.as_ref().unwrap();
         assert_eq!(p.changes.len() as u64 + p.changes_dropped, 200);
+        assert!(!p.complete, "a cut preview is not complete");
         assert!(r.reason.as_deref().unwrap().contains("cut to fit"));
     }
 
