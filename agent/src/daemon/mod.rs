@@ -327,14 +327,17 @@ impl Daemon {
             return Ok(refused_report(&self.identity.name, &order));
         }
         // Durable before anything runs: from here on this rollout never
-        // runs again on this host.
-        self.records.put(&HostRolloutRecord {
+        // runs again on this host. (Its fsyncs off the thread that reads
+        // the orders.)
+        let started = HostRolloutRecord {
             rollout_id: id.clone(),
             bundle_sha256: sha.clone(),
             phase: Phase::Started,
             report: None,
             acked: false,
-        })?;
+        };
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.records.put(&started)).await??;
         tracing::info!(rollout = %id, bundle = %sha, ?kind, "running bundle");
         let me = self.clone();
         let id2 = id.clone();
@@ -741,16 +744,21 @@ async fn download(
             Err(e) => return Err(e.into()),
         }
     };
-    if Sha256Hex::of(&bytes) != sha {
-        return Err(BadDownload(format!(
-            "the controller sent a bundle that does not have SHA-256 {sha}"
-        ))
-        .into());
-    }
-    let tmp = path.with_extension("part");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", path.display()))?;
-    Ok(())
+    // Hashing and writing up to 1 GiB take seconds: off the thread that
+    // reads the orders (a kill must not wait behind them).
+    tokio::task::spawn_blocking(move || {
+        if Sha256Hex::of(&bytes) != sha {
+            return Err(BadDownload(format!(
+                "the controller sent a bundle that does not have SHA-256 {sha}"
+            ))
+            .into());
+        }
+        let tmp = path.with_extension("part");
+        std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", path.display()))?;
+        Ok(())
+    })
+    .await?
 }
 
 fn base_report(host: &str, status: RunStatus) -> RunReport {
