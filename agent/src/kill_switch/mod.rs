@@ -77,33 +77,7 @@ impl KillSwitch {
     /// daemon; then write both files so they agree.
     pub fn open(state: &StateDir, records: &Records) -> anyhow::Result<Self> {
         let daemon_dir = records.dir().to_path_buf();
-        let mut kill = match store::load_daemon_kill(&daemon_dir) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::error!(error = %e, "kill state unreadable: treating it as a local kill in force");
-                KillFile {
-                    fleet: KillState::default(),
-                    local: Some(KillOrder {
-                        reason: format!("unreadable kill state ({e})"),
-                        by: "local".into(),
-                        at: now(),
-                    }),
-                }
-            }
-        };
-        // A host-wide kill set without the daemon (e.g. `rollguard-agent kill`
-        // while it was stopped) is adopted, never silently cleared.
-        if kill.host_wide().is_none() {
-            if let Some(order) =
-                store::host_kill_in_force(state).context("reading the kill switch")?
-            {
-                kill.local = Some(KillOrder {
-                    reason: order.reason,
-                    by: "local".into(),
-                    at: now(),
-                });
-            }
-        }
+        let kill = in_force(state, &daemon_dir)?;
         store::save_daemon_kill(&daemon_dir, &kill)?;
         let switch = KillSwitch {
             state: state.clone(),
@@ -284,6 +258,39 @@ impl KillSwitch {
         lock(&self.kill).local = None;
         self.persist()
     }
+}
+
+/// What is in force on this host, from its two files: the daemon's record
+/// in `daemon_dir` (a corrupt one counts as a local kill in force), plus a
+/// host-wide switch set without the daemon (`rollguard-agent kill` while it
+/// was stopped), adopted as a local kill, never silently cleared. What the
+/// daemon recovers at its start, and what `kill` without a daemon acts on
+/// ([`offline`]).
+pub(crate) fn in_force(state: &StateDir, daemon_dir: &std::path::Path) -> anyhow::Result<KillFile> {
+    let mut kill = match store::load_daemon_kill(daemon_dir) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "kill state unreadable: treating it as a local kill in force");
+            KillFile {
+                fleet: KillState::default(),
+                local: Some(KillOrder {
+                    reason: format!("unreadable kill state ({e})"),
+                    by: "local".into(),
+                    at: now(),
+                }),
+            }
+        }
+    };
+    if kill.host_wide().is_none() {
+        if let Some(order) = store::host_kill_in_force(state).context("reading the kill switch")? {
+            kill.local = Some(KillOrder {
+                reason: order.reason,
+                by: "local".into(),
+                at: now(),
+            });
+        }
+    }
+    Ok(kill)
 }
 
 /// The report of a run refused because `order` is in force.

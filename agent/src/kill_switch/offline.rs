@@ -19,32 +19,20 @@ use std::path::Path;
 use crate::daemon::local::{LocalRequest, LocalResponse};
 use crate::state::StateDir;
 
-use super::store;
-use super::{now, KillFile, KillOrder};
+use super::{in_force, store};
 
 /// Make `req` on the files of the state directory `state_dir` (see the
-/// module docs).
+/// module docs); a record that cannot be read is a local kill in force, as
+/// for the daemon ([`in_force`]).
 pub fn request(state_dir: &Path, req: &LocalRequest) -> anyhow::Result<LocalResponse> {
     let state = StateDir::open(state_dir)?;
     let daemon_dir = state_dir.join(crate::daemon::records::DAEMON_DIR);
-    // Fail closed as the daemon does: a record that cannot be read is a
-    // local kill in force.
-    let mut kill = match store::load_daemon_kill(&daemon_dir) {
-        Ok(k) => k,
-        Err(e) => KillFile {
-            local: Some(KillOrder {
-                reason: format!("unreadable kill state ({e})"),
-                by: "local".into(),
-                at: now(),
-            }),
-            ..KillFile::default()
-        },
-    };
     match req {
         LocalRequest::Kill { reason } => {
             store::set_host_kill(&state, reason)?;
         }
         LocalRequest::Lift => {
+            let mut kill = in_force(&state, &daemon_dir)?;
             kill.local = None;
             if daemon_dir.is_dir() {
                 store::save_daemon_kill(&daemon_dir, &kill)?;
@@ -55,29 +43,21 @@ pub fn request(state_dir: &Path, req: &LocalRequest) -> anyhow::Result<LocalResp
         }
         LocalRequest::Status => {}
     }
-    // What is in force now: the record, and the switch as a local kill if
-    // the record does not account for it (as the next daemon would adopt it).
-    if kill.host_wide().is_none() {
-        if let Some(order) = store::host_kill_in_force(&state)? {
-            kill.local = Some(KillOrder {
-                reason: order.reason,
-                by: "local".into(),
-                at: order.since.map_or_else(now, |t| t.to_string()),
-            });
-        }
-    }
+    // What is in force now, as the next daemon would recover it.
     Ok(LocalResponse {
         ok: true,
         error: None,
         killed: 0,
         running: Vec::new(),
-        kill,
+        kill: in_force(&state, &daemon_dir)?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kill_switch::{now, KillFile};
+    use rollguard_shared::protocol::KillOrder;
 
     fn kill(reason: &str) -> LocalRequest {
         LocalRequest::Kill {

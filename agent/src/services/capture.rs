@@ -31,8 +31,8 @@
 //! denied request above all. Stage 2 hands that directory, opened, to the
 //! agent before the bundle starts; the agent reads the record through it
 //! after the run ([`read_records`]) and parses it strictly
-//! ([`parse_records`]): bounded size and count, known fields only, a plain
-//! verb, a valid unit name. A record it cannot read in full fails the run
+//! ([`parse_records`]): bounded size, known fields only, a plain verb, a
+//! valid unit name. A record it cannot read in full fails the run
 //! and is itself reported as a denial (a line it cannot read may have been
 //! written to hide a request), and no service action is performed.
 
@@ -558,19 +558,18 @@ pub fn shim_main(via: &'static str, args: impl Iterator<Item = std::ffi::OsStrin
             say(&msg);
             ExitCode::from(1)
         }
-        Call::Refuse(mut records, msg) => {
-            let _ = holdable(&mut records);
-            if let Err(e) = append(&records) {
+        Call::Refuse(records, msg) => {
+            if let Err(e) = record(records) {
                 return cannot_record(via, &e);
             }
             say(&msg);
             ExitCode::from(1)
         }
-        Call::Record(mut records, code) => {
-            let refused = holdable(&mut records);
-            if let Err(e) = append(&records) {
-                return cannot_record(via, &e);
-            }
+        Call::Record(records, code) => {
+            let (records, refused) = match record(records) {
+                Ok(recorded) => recorded,
+                Err(e) => return cannot_record(via, &e),
+            };
             if let Some(why) = refused {
                 say(&format!("{via}: {why}"));
                 // policy-rc.d's callers read 101 as "forbidden": never
@@ -612,6 +611,14 @@ fn holdable(records: &mut Vec<Record>) -> Option<String> {
     }
     records.dedup();
     refused
+}
+
+/// Append `records` as the record can hold them ([`holdable`]): what was
+/// recorded, and what the shim refuses, if anything.
+fn record(mut records: Vec<Record>) -> std::io::Result<(Vec<Record>, Option<String>)> {
+    let refused = holdable(&mut records);
+    append(&records)?;
+    Ok((records, refused))
 }
 
 /// A message on stderr; a closed stderr is no reason to panic (the request
@@ -656,7 +663,7 @@ fn append(records: &[Record]) -> std::io::Result<()> {
 
 /// The record as read: every request on a line that could be read, and
 /// why the record could not be read in full, if it could not (the first
-/// problem: too large, not UTF-8, too many lines, a line that is not
+/// problem: too large, a line not in UTF-8 or that is not
 /// exactly a [`Record`] with a known shim, a plain verb and a valid unit
 /// name). Shims write only lines that parse, so an unreadable record is
 /// one the bundle wrote itself, perhaps to hide a request: the agent

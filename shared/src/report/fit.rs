@@ -40,15 +40,18 @@ impl RunReport {
         }
         let target = max.saturating_sub(NOTE_ROOM);
         let mut cut: Vec<&'static str> = Vec::new();
+        // One serialization per cut, not two.
+        let mut len = self.json_len();
         for (what, step) in STEPS {
             let mut any = false;
-            while self.json_len() > target && step(self) {
+            while len > target && step(self) {
                 any = true;
+                len = self.json_len();
             }
             if any {
                 cut.push(what);
             }
-            if self.json_len() <= target {
+            if len <= target {
                 break;
             }
         }
