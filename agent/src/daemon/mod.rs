@@ -82,6 +82,8 @@ impl Default for DaemonOptions {
 }
 
 pub struct Daemon {
+    /// Held for the daemon's life: one daemon per state directory.
+    _instance: records::InstanceLock,
     identity: HostIdentity,
     records: Records,
     executor: Arc<dyn BundleExecutor>,
@@ -126,6 +128,12 @@ impl Daemon {
         shared_slots: Option<Arc<tokio::sync::Semaphore>>,
     ) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(state_dir).context("opening the state directory")?;
+        let records = Records::open(state_dir).context("opening the daemon records")?;
+        // First of all: a second daemon on this state directory would
+        // report the first one's runs interrupted and delete its downloads
+        // (below), and both would follow the controller's orders, each
+        // free to run a rollout the other has not recorded yet.
+        let instance = records.lock_instance()?;
         // Bundles left running by a previous agent process are killed and
         // logged now, not at the next run. If that fails the daemon still
         // starts (kill switch and reporting keep working) and every run is
@@ -149,7 +157,6 @@ impl Daemon {
             ),
             Err(e) => tracing::warn!("cannot check for audit rules left behind: {e}"),
         }
-        let records = Records::open(state_dir).context("opening the daemon records")?;
         // Downloads of a previous process (a crash mid-download or mid-run;
         // up to 1 GiB each): no run of this process has begun, and none of
         // them runs again (their rollouts are reported interrupted below).
@@ -176,6 +183,7 @@ impl Daemon {
             }
         }
         Ok(Arc::new(Daemon {
+            _instance: instance,
             identity,
             records,
             executor,

@@ -3,6 +3,7 @@
 //! ```text
 //! rollouts/<rollout id>.json  one per rollout this host was ordered to run:
 //!                             started → finished (with the report) → acked
+//! serve.lock                  flock'd by the running daemon (its pid inside)
 //! kill.json                   the fleet kill state last received + any local kill
 //!                             (read and written by `kill_switch::store`)
 //! bundles/<rollout id>.bundle downloads in progress (removed after the run,
@@ -14,9 +15,10 @@
 //! reports it `interrupted` instead of running it again; "finished" is
 //! written before the report is sent, so no report is lost.
 
+use nix::fcntl::{Flock, FlockArg};
 use rollguard_shared::PathIoError;
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rollguard_shared::protocol::{RolloutId, Sha256Hex};
@@ -29,6 +31,10 @@ pub enum RecordError {
     Io(#[from] PathIoError),
     #[error("daemon record {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error(
+        "another rollguard-agent serve (pid {holder}) is using this state directory ({path} is locked); one daemon per host"
+    )]
+    Busy { path: PathBuf, holder: String },
     /// From the one durable-write helper shared with the state directory.
     #[error(transparent)]
     Write(#[from] crate::state::StateError),
@@ -52,6 +58,11 @@ pub struct HostRolloutRecord {
     /// The controller accepted the report.
     #[serde(default)]
     pub acked: bool,
+}
+
+/// The daemon's claim on its state directory; dropped, the claim ends.
+pub struct InstanceLock {
+    _file: Flock<fs::File>,
 }
 
 pub struct Records {
@@ -101,6 +112,38 @@ impl Records {
                 .map_err(PathIoError::at("creating", &p))?;
         }
         Ok(Records { root })
+    }
+
+    /// Take `daemon/serve.lock` (an exclusive `flock`, released when the
+    /// process exits, however it exits), or say which process holds it.
+    pub fn lock_instance(&self) -> Result<InstanceLock, RecordError> {
+        use std::io::{Seek, Write};
+        let path = self.root.join("serve.lock");
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(PathIoError::at("opening", &path))?;
+        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => f,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                return Err(RecordError::Busy {
+                    path,
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err((_, e)) => return Err(PathIoError::new("locking", &path, e.into()).into()),
+        };
+        // The holder's pid, for the message above; advisory only.
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        Ok(InstanceLock { _file: file })
     }
 
     /// Remove every file of the download directory (`bundles/`); how many.
@@ -213,6 +256,21 @@ mod tests {
         let r = Records::open(dir.path()).unwrap();
         assert_eq!(r.get(&id).unwrap().unwrap().phase, Phase::Started);
         assert_eq!(r.all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn one_daemon_per_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Records::open(dir.path()).unwrap();
+        let held = r.lock_instance().unwrap();
+        let again = Records::open(dir.path()).unwrap().lock_instance();
+        let Err(RecordError::Busy { holder, .. }) = again else {
+            panic!("a second daemon must be refused");
+        };
+        assert_eq!(holder, std::process::id().to_string());
+        drop(held);
+        r.lock_instance()
+            .expect("free again once the first is gone");
     }
 
     #[test]

@@ -119,6 +119,34 @@ async fn each_rollout_runs_at_most_once() {
     );
 }
 
+/// A second daemon on the same state directory is refused before it
+/// touches anything: it would report the first one's running bundle
+/// interrupted, delete its downloads, and could run an order twice.
+#[test]
+fn a_second_daemon_on_the_same_state_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let first = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
+    let running = HostRolloutRecord {
+        rollout_id: id("r-live"),
+        bundle_sha256: Sha256Hex::of(b"bundle"),
+        phase: Phase::Started,
+        report: None,
+        acked: false,
+    };
+    first.records.put(&running).unwrap();
+    let second = Daemon::open(identity(), dir.path(), exec.clone());
+    let err = format!("{:#}", second.err().expect("refused"));
+    assert!(err.contains("another rollguard-agent serve"), "{err}");
+    assert_eq!(
+        first.records.get(&id("r-live")).unwrap().unwrap(),
+        running,
+        "the first daemon's run is left alone"
+    );
+    drop(first);
+    Daemon::open(identity(), dir.path(), exec).expect("the next daemon starts");
+}
+
 #[tokio::test]
 async fn a_run_in_progress_at_restart_is_reported_interrupted_not_rerun() {
     let dir = tempfile::tempdir().unwrap();
