@@ -80,6 +80,12 @@ impl Sha256Hex {
         use sha2::Digest;
         Sha256Hex::from_trusted(hex::encode(sha2::Sha256::digest(bytes)))
     }
+
+    /// The digest a hasher fed piece by piece has computed.
+    pub fn from_digest(hasher: sha2::Sha256) -> Self {
+        use sha2::Digest;
+        Sha256Hex::from_trusted(hex::encode(hasher.finalize()))
+    }
 }
 
 // ---- agent side -------------------------------------------------------------

@@ -29,6 +29,7 @@
 //! running bundle, to stay small on every host.
 
 pub mod config;
+mod download;
 pub mod executor;
 pub mod local;
 pub mod records;
@@ -40,7 +41,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::Method;
 use rollguard_shared::protocol::{
@@ -55,13 +55,12 @@ pub use crate::kill_switch::KillSignal;
 use crate::kill_switch::{refused_report, KillSwitch};
 use crate::state::StateDir;
 pub use config::ControllerSection;
+pub use download::MAX_BUNDLE_BYTES;
+use download::{download, BadDownload};
 pub use executor::{BundleExecutor, RunKind, RunnerExecutor};
 use local::{LocalControl, LocalRequest, LocalResponse};
 use records::{HostRolloutRecord, Phase, Records};
 use transport::{ControllerSession, Transport, TransportError};
-
-/// Largest bundle the agent downloads.
-pub const MAX_BUNDLE_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// Largest report recorded and sent: the controller's body limit, less
 /// room for the envelope ([`AgentReport`]'s rollout id and field names).
@@ -716,57 +715,6 @@ fn jitter(d: Duration) -> Duration {
         .map(|t| t.subsec_nanos())
         .unwrap_or(0);
     d.mul_f64((nanos % 1000) as f64 / 4000.0)
-}
-
-/// What the controller sent is not the bundle it named: a refusal, not a
-/// network hiccup to retry.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadDownload(String);
-
-async fn download(
-    session: ControllerSession,
-    sha: Sha256Hex,
-    size: u64,
-    path: PathBuf,
-) -> anyhow::Result<()> {
-    if size > MAX_BUNDLE_BYTES {
-        return Err(BadDownload(format!(
-            "bundle of {size} bytes exceeds the agent's limit of {MAX_BUNDLE_BYTES}"
-        ))
-        .into());
-    }
-    let url = format!("/v1/bundles/{sha}");
-    let mut attempt = 0;
-    let bytes: Bytes = loop {
-        attempt += 1;
-        match session
-            .call(Method::GET, &url, None, size as usize + 1)
-            .await
-        {
-            Ok(b) => break b,
-            Err(e) if attempt < 3 => {
-                tracing::warn!(bundle = %sha, error = %e, "bundle download failed; retrying");
-                tokio::time::sleep(Duration::from_secs(attempt)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    // Hashing and writing up to 1 GiB take seconds: off the thread that
-    // reads the orders (a kill must not wait behind them).
-    tokio::task::spawn_blocking(move || {
-        if Sha256Hex::of(&bytes) != sha {
-            return Err(BadDownload(format!(
-                "the controller sent a bundle that does not have SHA-256 {sha}"
-            ))
-            .into());
-        }
-        let tmp = path.with_extension("part");
-        std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", path.display()))?;
-        Ok(())
-    })
-    .await?
 }
 
 fn base_report(host: &str, status: RunStatus) -> RunReport {
