@@ -143,19 +143,22 @@ pub struct Tally {
 pub fn tally(dispatches: &[DispatchRecord]) -> Tally {
     let mut t = Tally::default();
     for d in dispatches {
-        match &d.outcome {
-            Outcome::Dispatched => {}
-            Outcome::TimedOut => {
+        // A timeout counts for good, even once a late report has come: an
+        // operator may have resumed past it (acknowledging the count).
+        let timed_out = d.outcome == Outcome::TimedOut || d.reported_late;
+        if timed_out {
+            t.failures += 1;
+            t.alarms += 1;
+        }
+        if let Outcome::Reported(r) = &d.outcome {
+            // One failed host is one failure, however it failed...
+            if r.status != RunStatus::Succeeded && !timed_out {
                 t.failures += 1;
-                t.alarms += 1;
             }
-            Outcome::Reported(r) => {
-                if r.status != RunStatus::Succeeded {
-                    t.failures += 1;
-                }
-                if r.is_alert() {
-                    t.alarms += 1;
-                }
+            // ...but a late report's alarm (a denial) is an alarm of its
+            // own: it must halt, not hide behind the timeout's count.
+            if r.is_alert() {
+                t.alarms += 1;
             }
         }
     }
@@ -203,6 +206,10 @@ fn describe_alarm(d: &DispatchRecord) -> Option<String> {
                 }
             }
         }),
+        Outcome::Reported(r) if d.reported_late => Some(format!(
+            "{} sent no result in time (then reported {:?})",
+            d.host, r.status
+        )),
         Outcome::Reported(_) => None,
     }
 }
@@ -1059,6 +1066,7 @@ impl Engine {
                                 wave: 0,
                                 outcome: Outcome::Reported(r.clone()),
                                 dispatched_at: 0,
+                                reported_late: false,
                             }) {
                                 Some(why) => why,
                                 None => format!(

@@ -392,10 +392,15 @@ async fn a_late_report_replaces_a_timeout(storage: Storage) {
     );
     // A report is never turned back into a timeout.
     store.mark_timed_out(&id, &["a".into()]).await.unwrap();
-    assert!(matches!(
-        store.dispatches(&id).await.unwrap()[0].outcome,
-        Outcome::Reported(_)
-    ));
+    let a = store.dispatches(&id).await.unwrap().remove(0);
+    assert!(matches!(a.outcome, Outcome::Reported(_)));
+    // ...and the timeout it followed still counts.
+    assert!(a.reported_late);
+    store
+        .record_report(&id, "b", &report("b", RunStatus::Succeeded), 40)
+        .await
+        .unwrap();
+    assert!(!store.dispatches(&id).await.unwrap()[1].reported_late);
 }
 
 async fn kill_state_is_durable_and_versioned(storage: Storage) {

@@ -389,6 +389,60 @@ async fn a_host_that_never_answers_times_out_and_halts() {
     assert_eq!(host_state(&s, "web-2"), "pending");
 }
 
+/// A timeout counts for good. An operator who resumed past a host's
+/// timeout acknowledged one alarm; that host's late report must not take
+/// the count back, or the next host's denial would be absorbed by the
+/// acknowledgement and halt nothing. A late denial is an alarm of its own.
+#[test]
+fn a_late_report_never_takes_back_the_timeout_it_followed() {
+    let id = RolloutId::parse("r-1").unwrap();
+    let at = |host: &str, outcome: Outcome, reported_late: bool| DispatchRecord {
+        rollout_id: id.clone(),
+        host: host.into(),
+        wave: 0,
+        dispatched_at: 0,
+        outcome,
+        reported_late,
+    };
+    let reported = |host: &str, status| Outcome::Reported(Box::new(report(host, status)));
+    let timed_out = [at("web-1", Outcome::TimedOut, false)];
+    let acked = tally(&timed_out);
+    assert_eq!(
+        acked,
+        Tally {
+            failures: 1,
+            alarms: 1
+        }
+    );
+    let late_success = at("web-1", reported("web-1", RunStatus::Succeeded), true);
+    assert_eq!(tally(std::slice::from_ref(&late_success)), acked);
+    let mut denied = report("web-2", RunStatus::Failed);
+    denied.denials = Some(vec![Denial {
+        access: "fs.remove".into(),
+        path: Some("/var/backups".into()),
+        exe: None,
+    }]);
+    denied.denial_count = Some(1);
+    let then_a_denial = [
+        late_success,
+        at("web-2", Outcome::Reported(Box::new(denied.clone())), false),
+    ];
+    assert!(
+        tally(&then_a_denial).alarms > acked.alarms,
+        "the next denial halts after a resume"
+    );
+    denied.host = "web-1".into();
+    let late_denial = at("web-1", Outcome::Reported(Box::new(denied)), true);
+    assert_eq!(
+        tally(&[late_denial]),
+        Tally {
+            failures: 1,
+            alarms: 2
+        },
+        "a late denial is an alarm beside the timeout, the host one failure"
+    );
+}
+
 #[tokio::test]
 async fn restart_resumes_from_the_database_without_rerunning() {
     let mut f = fleet(&["web-1", "web-2", "web-3"], "1m", Duration::from_secs(60)).await;

@@ -167,7 +167,7 @@ pub(super) fn dispatch(row: &impl Fields) -> Result<DispatchRecord> {
     let outcome = match row.text("outcome")?.as_str() {
         "dispatched" => Outcome::Dispatched,
         "timed_out" => Outcome::TimedOut,
-        "reported" => {
+        "reported" | "reported_late" => {
             let text = row
                 .opt_text("report")?
                 .ok_or_else(|| corrupt("reported dispatch without report"))?;
@@ -175,12 +175,14 @@ pub(super) fn dispatch(row: &impl Fields) -> Result<DispatchRecord> {
         }
         other => return Err(corrupt(format!("outcome {other:?}"))),
     };
+    let reported_late = row.text("outcome")? == "reported_late";
     Ok(DispatchRecord {
         rollout_id: RolloutId::parse(&row.text("rollout_id")?).map_err(corrupt)?,
         host: row.text("host")?,
         wave: count(row, "wave")?,
         dispatched_at: row.int("dispatched_at")?,
         outcome,
+        reported_late,
     })
 }
 

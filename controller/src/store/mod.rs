@@ -168,6 +168,11 @@ pub struct DispatchRecord {
     pub wave: u32,
     pub dispatched_at: Millis,
     pub outcome: Outcome,
+    /// Its report came after the deadline: it counted as a timeout then,
+    /// and still does (an operator's resume acknowledged that count; the
+    /// late report must not take it back, or a later alarm would be
+    /// absorbed by it).
+    pub reported_late: bool,
 }
 
 /// A run order still owed to a host (its rollout is running and it has not

@@ -367,11 +367,14 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            // A late report after a timeout is still recorded (the timeout
-            // has already counted), so the status shows what really happened.
+            // A late report after a timeout is still recorded, so the
+            // status shows what really happened, as `reported_late`: the
+            // timeout keeps counting (`DispatchRecord::reported_late`).
             let done = sqlx::query(
-                "UPDATE dispatches SET outcome = 'reported', report = ?, reported_at = ?
-                 WHERE rollout_id = ? AND host = ? AND outcome != 'reported'",
+                "UPDATE dispatches
+                 SET outcome = CASE outcome WHEN 'timed_out' THEN 'reported_late' ELSE 'reported' END,
+                     report = ?, reported_at = ?
+                 WHERE rollout_id = ? AND host = ? AND outcome IN ('dispatched', 'timed_out')",
             )
             .bind(json(&item.report)?)
             .bind(item.at)
