@@ -58,6 +58,9 @@ fn print_response(r: &KillResponse, json: bool) -> Result<()> {
             r.replicas_silent
         );
     }
+    for e in &r.halt_errors {
+        println!("NOT halted (the kill is in force and was sent all the same): {e}");
+    }
     Ok(())
 }
 
@@ -111,9 +114,11 @@ pub fn run(args: KillArgs) -> Result<ExitCode> {
     };
     let r: KillResponse = client.post("/v1/kill", &KillRequest { scope, reason })?;
     print_response(&r, args.json)?;
-    Ok(if r.agents_pending.is_empty() && r.replicas_silent == 0 {
-        ExitCode::SUCCESS
-    } else {
-        Exit::Failed.into()
-    })
+    Ok(
+        if r.agents_pending.is_empty() && r.replicas_silent == 0 && r.halt_errors.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            Exit::Failed.into()
+        },
+    )
 }

@@ -1277,27 +1277,49 @@ impl Engine {
         // dispatched and the halt reason is the kill, not the `killed`
         // reports that follow; then push to the agents, every replica's at
         // once; then the halts' bookkeeping, while the agents act.
+        // The kill is in force once stored: nothing after this may keep it
+        // from the agents. A halt the database fails is reported in the
+        // answer, not returned as an error before the push (the agents
+        // refuse and kill the rollout's runs anyway, and their `killed`
+        // reports halt it).
         let halt_reason = format!("kill switch by {actor}: {reason}");
         let mut halted = Vec::new();
-        let running = self.store.rollouts_in_state(RolloutState::Running).await?;
-        for r in running {
-            let covered = match &scope {
-                KillScope::All => true,
-                KillScope::Rollout(id) => *id == r.id,
-            };
-            if covered && self.store.halt(&r.id, &halt_reason).await? {
-                halted.push(r.id.clone());
+        let mut halt_errors = Vec::new();
+        match self.store.rollouts_in_state(RolloutState::Running).await {
+            Err(e) => halt_errors.push(format!("listing the running rollouts: {e}")),
+            Ok(running) => {
+                for r in running {
+                    let covered = match &scope {
+                        KillScope::All => true,
+                        KillScope::Rollout(id) => *id == r.id,
+                    };
+                    if !covered {
+                        continue;
+                    }
+                    match self.store.halt(&r.id, &halt_reason).await {
+                        Ok(true) => halted.push(r.id.clone()),
+                        Ok(false) => {}
+                        Err(e) => halt_errors.push(format!("halting rollout {}: {e}", r.id)),
+                    }
+                }
             }
         }
         let push = self.push_kill_state(&state).await;
         tracing::warn!(?scope, %reason, by = %actor, agents = push.sent.len(), "kill order sent");
         for id in &halted {
-            self.after_halt(id, &halt_reason).await?;
+            if let Err(e) = self.after_halt(id, &halt_reason).await {
+                halt_errors.push(format!("recording the halt of rollout {id}: {e}"));
+            }
+        }
+        for e in &halt_errors {
+            tracing::error!(error = %e, "the kill is in force and sent, but a halt failed");
         }
         let acks = push.acknowledged(self).await;
         self.metrics.kill_orders.inc();
         tracing::warn!(?scope, %reason, by = %actor, agents = acks.sent, pending = acks.pending_count, replicas_silent = acks.replicas_silent, "kill order acknowledged");
-        Ok(acks.response(state, halted))
+        let mut response = acks.response(state, halted);
+        response.halt_errors = halt_errors;
+        Ok(response)
     }
 
     pub async fn lift(&self, scope: Option<KillScope>, actor: &str) -> Result<KillResponse> {
@@ -1514,6 +1536,7 @@ impl KillAcks {
             agents_acked: self.sent.saturating_sub(self.pending_count) as u32,
             agents_pending: self.pending,
             replicas_silent: self.replicas_silent as u32,
+            halt_errors: Vec::new(),
         }
     }
 }

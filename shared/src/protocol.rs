@@ -585,6 +585,11 @@ pub struct KillResponse {
     /// agents took the order: their agents are in none of the counts above.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub replicas_silent: u32,
+    /// Covered rollouts the controller could not mark halted (its database
+    /// failed). The kill is in force and was sent all the same: their
+    /// agents refuse and kill their runs. `rollout halt` them, or retry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub halt_errors: Vec<String>,
 }
 
 fn is_zero_u32(n: &u32) -> bool {

@@ -546,6 +546,45 @@ async fn a_preview_is_only_ever_sent_as_a_preview_and_never_halts() {
     assert!(refused.to_string().contains("web-1"), "{refused}");
 }
 
+/// Once a kill is stored it reaches the agents, whatever fails after: here
+/// the database refuses to mark the rollout halted (a trigger, on the real
+/// SQLite file). The answer says so; the agents get the kill all the same.
+#[tokio::test]
+async fn a_kill_reaches_the_agents_even_when_its_halts_fail() {
+    use sqlx::Connection;
+    let mut f = fleet(&["web-1"], "1m", Duration::from_secs(60)).await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "100%", 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    drain(&mut f, "web-1");
+    let mut db = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", f.path.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER no_halt BEFORE UPDATE ON rollouts WHEN NEW.state = 'halted'
+         BEGIN SELECT RAISE(ABORT, 'the disk is failing'); END",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let resp = f
+        .engine
+        .kill(KillScope::All, "stop everything", "admin")
+        .await
+        .expect("a stored kill is answered, not an error");
+    assert!(resp.state.all.is_some());
+    assert!(resp.halted_rollouts.is_empty());
+    assert_eq!(resp.halt_errors.len(), 1, "{:?}", resp.halt_errors);
+    assert!(resp.halt_errors[0].contains(id.as_str()));
+    assert!(drain(&mut f, "web-1")
+        .iter()
+        .any(|o| matches!(o, Order::KillState(k) if k.all.is_some())));
+}
+
 #[tokio::test]
 async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
     let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
