@@ -22,7 +22,7 @@ use rollguard_shared::manifest::Manifest;
 use rollguard_shared::protocol::{
     AfterPreview, AgentReport, AlertResponse, BundleSummary, HostRun, KillOrder, KillResponse,
     KillScope, KillState, Matchers, Order, Plan, RolloutId, RolloutRequest, RolloutState,
-    RolloutStatus, Sha256Hex, WavePhase, WaveSize,
+    RolloutStatus, Sha256Hex, WavePhase, WaveSize, MAX_BAKE_SECS,
 };
 use rollguard_shared::report::RunStatus;
 use rollguard_shared::targets::{HostIdentity, HostPattern};
@@ -708,7 +708,8 @@ impl Engine {
                     return Ok(EngineStep::Again);
                 }
                 if pending.is_empty() {
-                    let until = now + (r.plan.bake_secs as i64) * 1000;
+                    let bake_ms = r.plan.bake_secs.min(MAX_BAKE_SECS) as i64 * 1000;
+                    let until = now.saturating_add(bake_ms);
                     self.store
                         .update_progress(id, WavePhase::Baking, wave as u32, Some(until))
                         .await?;
@@ -896,6 +897,12 @@ impl Engine {
             return Err(EngineError::BadRequest(
                 "a preview cannot follow a preview (--preview with --after-preview)".into(),
             ));
+        }
+        if req.bake_secs > MAX_BAKE_SECS {
+            return Err(EngineError::BadRequest(format!(
+                "a bake of {} s is longer than the longest allowed ({MAX_BAKE_SECS} s, 30 days)",
+                req.bake_secs
+            )));
         }
         // A preview goes to every in-scope host at once: it changes nothing.
         let waves = if req.preview {

@@ -215,12 +215,37 @@ pub struct KillAck {
 // ---- operator side ------------------------------------------------------------
 
 /// One wave size as the operator wrote it: an absolute count or a percentage
-/// of the in-scope hosts; sizes are cumulative.
+/// of the in-scope hosts; sizes are cumulative. Only ever a count of at
+/// least 1 or a percentage from 1 to 100, from JSON too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    try_from = "UncheckedWaveSize"
+)]
 pub enum WaveSize {
     Count(u32),
     Percent(u8),
+}
+
+/// [`WaveSize`]'s wire form, before its bounds are checked.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum UncheckedWaveSize {
+    Count(u32),
+    Percent(u8),
+}
+
+impl TryFrom<UncheckedWaveSize> for WaveSize {
+    type Error = BadWaveSize;
+    fn try_from(raw: UncheckedWaveSize) -> Result<Self, BadWaveSize> {
+        match raw {
+            UncheckedWaveSize::Count(0) => Err(BadWaveSize("0".into())),
+            UncheckedWaveSize::Count(n) => Ok(WaveSize::Count(n)),
+            UncheckedWaveSize::Percent(p) if p == 0 || p > 100 => Err(BadWaveSize(format!("{p}%"))),
+            UncheckedWaveSize::Percent(p) => Ok(WaveSize::Percent(p)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -256,7 +281,7 @@ impl WaveSize {
     pub fn cumulative(&self, total: usize) -> usize {
         match *self {
             WaveSize::Count(n) => (n as usize).min(total),
-            WaveSize::Percent(p) => (total * p as usize).div_ceil(100),
+            WaveSize::Percent(p) => (total * p as usize).div_ceil(100).min(total),
         }
     }
 }
@@ -270,13 +295,17 @@ impl fmt::Display for WaveSize {
     }
 }
 
+/// Longest bake between two waves: 30 days.
+pub const MAX_BAKE_SECS: u64 = 30 * 24 * 3600;
+
 /// Body of `POST /v1/rollouts` and `POST /v1/rollouts/plan`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutRequest {
     pub bundle_sha256: Sha256Hex,
     pub waves: Vec<WaveSize>,
-    /// Seconds to watch halt conditions after a wave before the next.
+    /// Seconds to watch halt conditions after a wave before the next; at
+    /// most [`MAX_BAKE_SECS`].
     pub bake_secs: u64,
     pub max_failures: u32,
     #[serde(default)]
@@ -721,6 +750,25 @@ mod tests {
         assert_eq!(WaveSize::Count(50).cumulative(10), 10);
         for bad in ["0", "0%", "101%", "x", "", "-1", "5 %%"] {
             assert!(WaveSize::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A request's JSON is held to the same bounds as the CLI's text: a
+    /// 200% wave would have been twice the hosts, and a panic.
+    #[test]
+    fn wave_sizes_from_json_are_checked_too() {
+        for good in [r#"{"count":3}"#, r#"{"percent":100}"#] {
+            let w: WaveSize = serde_json::from_str(good).unwrap();
+            assert_eq!(serde_json::to_string(&w).unwrap(), good);
+        }
+        for bad in [
+            r#"{"percent":200}"#,
+            r#"{"percent":0}"#,
+            r#"{"count":0}"#,
+            r#"{"percent":300}"#,
+            r#"{"share":5}"#,
+        ] {
+            assert!(serde_json::from_str::<WaveSize>(bad).is_err(), "{bad}");
         }
     }
 

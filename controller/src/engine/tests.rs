@@ -546,6 +546,20 @@ async fn a_preview_is_only_ever_sent_as_a_preview_and_never_halts() {
     assert!(refused.to_string().contains("web-1"), "{refused}");
 }
 
+/// Out-of-range numbers from a request are refused, not wrapped: a bake of
+/// u64::MAX seconds would have overflowed into the past and skipped the
+/// bake altogether.
+#[tokio::test]
+async fn a_bake_beyond_thirty_days_is_refused() {
+    let f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
+    let mut req = request(&f.sha, "1,100%", 0);
+    req.bake_secs = u64::MAX;
+    let e = f.engine.start(&req, "admin").await.unwrap_err();
+    assert!(matches!(e, EngineError::BadRequest(_)), "{e}");
+    req.bake_secs = MAX_BAKE_SECS;
+    f.engine.start(&req, "admin").await.unwrap();
+}
+
 /// Once a kill is stored it reaches the agents, whatever fails after: here
 /// the database refuses to mark the rollout halted (a trigger, on the real
 /// SQLite file). The answer says so; the agents get the kill all the same.
