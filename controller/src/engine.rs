@@ -787,6 +787,24 @@ impl Engine {
         }
     }
 
+    /// Called after a rollout was made running (started, resumed, retried)
+    /// and before its task is spawned. A kill that committed after this
+    /// call's own kill check came first read its list of running rollouts
+    /// before this one was running, and so did not halt it; read again
+    /// now (after the write), that kill is found, and the rollout halted
+    /// before it dispatches anything.
+    pub(crate) async fn halt_if_killed_meanwhile(&self, id: &RolloutId) -> Result<()> {
+        let Some(k) = self.store.kill_state().await?.covering(id).cloned() else {
+            return Ok(());
+        };
+        self.halt_internal(id, &format!("kill switch by {}: {}", k.by, k.reason))
+            .await?;
+        Err(EngineError::Conflict(format!(
+            "rollout {id} is halted: a kill order came in meanwhile ({}, by {})",
+            k.reason, k.by
+        )))
+    }
+
     async fn halt_internal(&self, id: &RolloutId, reason: &str) -> Result<bool> {
         let halted = self.store.halt(id, reason).await?;
         if halted {
@@ -998,6 +1016,7 @@ impl Engine {
             )
             .await?;
         self.store.create_rollout(&record).await?;
+        self.halt_if_killed_meanwhile(&id).await?;
         tracing::info!(rollout = %id, bundle = %meta.name, version = meta.version, "rollout started");
         self.notifier.send(Event::RolloutStarted {
             rollout: id.to_string(),
@@ -1206,6 +1225,7 @@ impl Engine {
                 "rollout {id} changed state; try again"
             )));
         }
+        self.halt_if_killed_meanwhile(id).await?;
         tracing::info!(rollout = %id, by = %actor, "rollout resumed");
         self.spawn(id.clone());
         self.cluster

@@ -240,6 +240,7 @@ impl Engine {
             )
             .await?;
         self.store.create_rollout(&record).await?;
+        self.halt_if_killed_meanwhile(&new_id).await?;
         tracing::info!(rollout = %new_id, retry_of = %id, hosts = retried.len(), by = %actor, "retry rollout started");
         self.notifier.send(Event::RolloutStarted {
             rollout: new_id.to_string(),

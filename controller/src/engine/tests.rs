@@ -560,6 +560,40 @@ async fn a_bake_beyond_thirty_days_is_refused() {
     f.engine.start(&req, "admin").await.unwrap();
 }
 
+/// A kill that commits while a rollout is being resumed (after resume's
+/// own check, before its write) lists the running rollouts too early to
+/// see it; the check after the write finds the kill and halts the rollout
+/// before its task dispatches anything. The interleaving is played here
+/// step by step: the store's state as it is just after such a write.
+#[tokio::test]
+async fn a_rollout_made_running_under_a_kill_is_halted_before_it_dispatches() {
+    let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "1,100%", 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    drain(&mut f, "web-1");
+    let order = KillOrder {
+        reason: "incident".into(),
+        by: "oncall".into(),
+        at: "2026-12-08T00:00:00Z".into(),
+    };
+    f.engine
+        .store
+        .add_kill(&KillScope::All, &order)
+        .await
+        .unwrap();
+    let e = f.engine.halt_if_killed_meanwhile(&id).await.unwrap_err();
+    assert!(matches!(e, EngineError::Conflict(_)), "{e}");
+    let s = f.engine.status(&id).await.unwrap();
+    assert_eq!(s.state, RolloutState::Halted);
+    assert!(s.halt_reason.unwrap().contains("kill switch by oncall"));
+    assert_eq!(runs(&drain(&mut f, "web-2")), 0);
+}
+
 /// Once a kill is stored it reaches the agents, whatever fails after: here
 /// the database refuses to mark the rollout halted (a trigger, on the real
 /// SQLite file). The answer says so; the agents get the kill all the same.
