@@ -254,7 +254,13 @@ impl Cluster {
         }
         self.leader.store(true, Ordering::SeqCst);
         tracing::info!("leader: driving rollouts");
-        engine.became_leader().await;
+        // Beside the lock's pings, not before them: it retries until the
+        // database answers, and the lock may be lost meanwhile (then it is
+        // aborted when this returns).
+        let _taking_over = crate::http_out::AbortOnDrop(tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.became_leader().await }
+        }));
         loop {
             tokio::time::sleep(LEADER_CHECK).await;
             let alive = tokio::time::timeout(LEADER_CHECK, conn.ping()).await;

@@ -458,15 +458,22 @@ impl Engine {
     /// current waves are announced again (a leader that died between
     /// recording a wave and announcing it leaves hosts owed an order; an
     /// agent that already has it answers from its record).
+    ///
+    /// The read is retried until it succeeds: given up, no rollout would be
+    /// driven (nothing would halt, time out or finish) for as long as this
+    /// replica leads, and alone (SQLite) until a restart. The leadership
+    /// loop aborts it when it steps down.
     pub async fn became_leader(self: &Arc<Self>) {
         self.started_at.store(now_ms(), AtomicOrdering::SeqCst);
-        let running = match self.store.rollouts_in_state(RolloutState::Running).await {
-            Ok(r) => r,
-            Err(e) => {
-                // The leadership loop notices the database is gone, too;
-                // until it steps down, nothing is driven from here.
-                tracing::error!(error = %e, "cannot read the running rollouts");
-                return;
+        let mut backoff = Duration::from_millis(500);
+        let running = loop {
+            match self.store.rollouts_in_state(RolloutState::Running).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot read the running rollouts; no rollout is driven until it can be");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
             }
         };
         for r in running {

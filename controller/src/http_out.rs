@@ -94,10 +94,11 @@ where
     Ok((status, body))
 }
 
-/// Aborts the connection task when the exchange is done or abandoned (a
-/// timeout drops the exchange's future; without this the detached task
-/// would keep a hung connection open).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+/// Aborts a task when its owner is dropped. Here: the connection task, when
+/// the exchange is done or abandoned (a timeout drops the exchange's
+/// future; without this the detached task would keep a hung connection
+/// open).
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();

@@ -476,6 +476,50 @@ async fn restart_resumes_from_the_database_without_rerunning() {
     assert_eq!(runs(&engine2.greeting("web-2").await.unwrap()), 1);
 }
 
+/// A new leader whose first read of the running rollouts fails (its
+/// database busy with a fleet reconnecting) reads again until it can,
+/// instead of driving nothing for as long as it leads. The failure is a
+/// real one: the table is renamed away on the SQLite file meanwhile.
+#[tokio::test]
+async fn a_leader_whose_first_read_fails_drives_the_rollouts_once_it_can() {
+    use sqlx::Connection;
+    let mut f = fleet(&["web-1", "web-2", "web-3"], "1m", Duration::from_secs(60)).await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "1,100%", 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    assert_eq!(runs(&next_orders(&mut f, "web-1").await), 1);
+    f.engine.stepped_down();
+    let mut db = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", f.path.display()))
+        .await
+        .unwrap();
+    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+    sqlx::query(&rename("rollouts", "rollouts_away"))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let engine2 = engine_on(&f.path, Duration::from_secs(60)).await;
+    let taking_over = tokio::spawn({
+        let e = engine2.clone();
+        async move { e.became_leader().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::query(&rename("rollouts_away", "rollouts"))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    taking_over.await.unwrap();
+    let r = AgentReport {
+        rollout_id: id.clone(),
+        report: report("web-1", RunStatus::Succeeded),
+    };
+    engine2.ingest_report("web-1", r).await.unwrap();
+    wait_status(&engine2, &id, |s| host_state(s, "web-3") == "dispatched").await;
+}
+
 fn previews(orders: &[Order]) -> usize {
     orders
         .iter()
