@@ -647,7 +647,12 @@ async fn alertmanager(State(app): S, Extension(peer): P, body: Bytes) -> ApiResu
     let me = require(&app, &peer, may::ALERT)?;
     let payload = AlertmanagerPayload::parse(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-    Ok(json(&app.engine.alert(&payload, &me.name).await?))
+    // To completion like an operator's halt: a webhook that outlasts
+    // Alertmanager's timeout must not stop halfway through its halts.
+    let engine = app.engine.clone();
+    Ok(json(
+        &to_completion(async move { engine.alert(&payload, &me.name).await }).await?,
+    ))
 }
 
 async fn metrics(State(app): S, Extension(peer): P) -> ApiResult<Response> {
