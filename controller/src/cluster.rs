@@ -57,6 +57,9 @@ pub enum Event {
     Reported { ids: Vec<RolloutId> },
     /// The kill state changed (its new generation).
     Kill { generation: u64 },
+    /// This agent's record changed (new labels, or removed): what a
+    /// replica remembers of it is stale.
+    Agent { name: String },
     /// How the sender's agents took kill state `generation`: to how many it
     /// was sent, and which had not acknowledged within the kill
     /// acknowledgement timeout (at most [`PENDING_NAMES`] names, all counted).

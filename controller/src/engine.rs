@@ -500,6 +500,8 @@ impl Engine {
     /// After this replica missed events (its listening connection was
     /// lost): push the kill state and the owed orders to its agents again.
     pub async fn resync(self: &Arc<Self>) {
+        // Agent records other replicas changed meanwhile: read again.
+        *self.known_agents.lock().await = None;
         match self.store.kill_state().await {
             Ok(state) => {
                 self.hub.broadcast(encode(&Order::KillState(state)));
@@ -537,6 +539,15 @@ impl Engine {
             ClusterEvent::Rollout { id } => {
                 self.spawn(id.clone());
                 self.wake(&id);
+            }
+            // Another replica wrote this agent's record: the next
+            // registration here compares with the database, not with what
+            // this replica saw last (a label set back to that would not be
+            // written; a re-enrolled agent would not be listed again).
+            ClusterEvent::Agent { name } => {
+                if let Some(cache) = self.known_agents.lock().await.as_mut() {
+                    cache.remove(&name);
+                }
             }
             ClusterEvent::Reported { ids } => {
                 for id in ids {
@@ -1452,6 +1463,11 @@ impl Engine {
             if let Some(cache) = self.known_agents.lock().await.as_mut() {
                 cache.insert(name.to_string(), labels.clone());
             }
+            self.cluster
+                .publish(ClusterEvent::Agent {
+                    name: name.to_string(),
+                })
+                .await;
         }
         Ok(())
     }

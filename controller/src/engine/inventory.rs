@@ -3,7 +3,7 @@
 
 use rollguard_shared::protocol::{AgentInfo, AgentRemoved};
 
-use super::{Engine, EngineError, Result};
+use super::{ClusterEvent, Engine, EngineError, Result};
 use crate::store::{now_ms, rfc3339};
 
 impl Engine {
@@ -121,6 +121,11 @@ impl Engine {
         if let Some(cache) = self.known_agents.lock().await.as_mut() {
             cache.remove(name);
         }
+        self.cluster
+            .publish(ClusterEvent::Agent {
+                name: name.to_string(),
+            })
+            .await;
         let was_connected = self.hub.disconnect(name);
         tracing::warn!(agent = %name, by = %actor, revoked = ?serials, "agent removed");
         Ok(AgentRemoved {

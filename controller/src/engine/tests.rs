@@ -520,6 +520,35 @@ async fn a_leader_whose_first_read_fails_drives_the_rollouts_once_it_can() {
     wait_status(&engine2, &id, |s| host_state(s, "web-3") == "dispatched").await;
 }
 
+/// Two replicas on one database: what one remembers of an agent's labels
+/// is dropped when the other says it wrote them, so labels set back to
+/// what the first saw last are written, not skipped as unchanged.
+#[tokio::test]
+async fn a_replica_forgets_an_agent_another_replica_wrote() {
+    let f = fleet(&["web-1"], "1m", Duration::from_secs(60)).await;
+    let (a, b) = (
+        f.engine.clone(),
+        engine_on(&f.path, Duration::from_secs(60)).await,
+    );
+    let labels = |v: &str| BTreeMap::from([("role".to_string(), v.to_string())]);
+    let stored = |e: Arc<Engine>| async move {
+        let all = e.store.list_agents().await.unwrap();
+        all.into_iter().find(|x| x.name == "web-1").unwrap().labels
+    };
+    a.register_agent("web-1", &labels("one")).await.unwrap();
+    b.register_agent("web-1", &labels("two")).await.unwrap();
+    // What b published, as a's listener receives it.
+    a.on_event(
+        7,
+        ClusterEvent::Agent {
+            name: "web-1".into(),
+        },
+    )
+    .await;
+    a.register_agent("web-1", &labels("one")).await.unwrap();
+    assert_eq!(stored(a.clone()).await, labels("one"));
+}
+
 fn previews(orders: &[Order]) -> usize {
     orders
         .iter()
