@@ -59,7 +59,7 @@ pub use download::MAX_BUNDLE_BYTES;
 use download::{download, BadDownload};
 pub use executor::{BundleExecutor, RunKind, RunnerExecutor};
 use local::{LocalControl, LocalRequest, LocalResponse};
-use records::{HostRolloutRecord, Phase, Records};
+use records::{HostRolloutRecord, Phase, RecordError, Records};
 use transport::{ControllerSession, Transport, TransportError};
 
 /// Largest report recorded and sent: the controller's body limit, less
@@ -169,7 +169,12 @@ impl Daemon {
         }
         let kill = KillSwitch::open(&state, &records)?;
         let mut unacked = BTreeSet::new();
-        for mut rec in records.all()? {
+        let all = records.all()?;
+        for (id, why) in all.corrupt {
+            replace_unreadable(&records, &identity.name, &id, &why)?;
+            unacked.insert(id);
+        }
+        for mut rec in all.readable {
             if rec.phase == Phase::Started {
                 tracing::warn!(rollout = %rec.rollout_id, "run was in progress when the agent stopped; reporting it interrupted");
                 rec.phase = Phase::Finished;
@@ -208,7 +213,7 @@ impl Daemon {
         }
         let rec = HostRolloutRecord {
             rollout_id: id.clone(),
-            bundle_sha256: sha.clone(),
+            bundle_sha256: Some(sha.clone()),
             phase: Phase::Finished,
             report: Some(report),
             acked: false,
@@ -234,7 +239,13 @@ impl Daemon {
         // Not registered if already running in this process (its report
         // will come), or if the record says it was handled.
         let mut interrupted = false;
+        let mut unreadable = None;
         let registered = self.kill.register(&id, || match self.records.get(&id) {
+            Err(RecordError::Corrupt { why, .. }) => {
+                // Reported below, once the run registry is unlocked.
+                unreadable = Some(why);
+                false
+            }
             Err(e) => {
                 tracing::error!(rollout = %id, error = %e, "cannot read the rollout record; not running it");
                 false
@@ -256,6 +267,17 @@ impl Daemon {
         let Some(signal) = registered else {
             if interrupted {
                 self.finish(&id, &sha, interrupted_report(&self.identity.name));
+            }
+            if let Some(why) = unreadable {
+                match replace_unreadable(&self.records, &self.identity.name, &id, &why) {
+                    Ok(()) => {
+                        lock(&self.unacked).insert(id.clone());
+                        self.outbox.notify_one();
+                    }
+                    Err(e) => {
+                        tracing::error!(rollout = %id, error = %e, "cannot replace the unreadable rollout record; not running it")
+                    }
+                }
             }
             return;
         };
@@ -338,7 +360,7 @@ impl Daemon {
         // the orders.)
         let started = HostRolloutRecord {
             rollout_id: id.clone(),
-            bundle_sha256: sha.clone(),
+            bundle_sha256: Some(sha.clone()),
             phase: Phase::Started,
             report: None,
             acked: false,
@@ -715,6 +737,33 @@ fn jitter(d: Duration) -> Duration {
         .map(|t| t.subsec_nanos())
         .unwrap_or(0);
     d.mul_f64((nanos % 1000) as f64 / 4000.0)
+}
+
+/// A rollout record that cannot be read (a disk error, a hand edit): whether
+/// its run happened is unknown. It is moved aside for the operator
+/// (`<id>.json.corrupt`) and replaced by a finished record whose report
+/// says so, `interrupted` (an alarm: it halts the rollout). The rollout is
+/// never run; before, the daemon refused to start at all.
+fn replace_unreadable(
+    records: &Records,
+    host: &str,
+    id: &RolloutId,
+    why: &str,
+) -> Result<(), RecordError> {
+    let kept = records.quarantine(id)?;
+    tracing::error!(rollout = %id, kept = %kept.display(), %why, "the rollout's record is unreadable; reporting the rollout interrupted, never running it");
+    let mut report = interrupted_report(host);
+    report.reason = Some(format!(
+        "the agent's record of this rollout could not be read ({why}; kept as {}): whether it ran is unknown, and it is not run again",
+        kept.display()
+    ));
+    records.put(&HostRolloutRecord {
+        rollout_id: id.clone(),
+        bundle_sha256: None,
+        phase: Phase::Finished,
+        report: Some(report),
+        acked: false,
+    })
 }
 
 fn base_report(host: &str, status: RunStatus) -> RunReport {

@@ -3,6 +3,8 @@
 //! ```text
 //! rollouts/<rollout id>.json  one per rollout this host was ordered to run:
 //!                             started → finished (with the report) → acked
+//! rollouts/<id>.json.corrupt  a record that could not be read, kept aside;
+//!                             its rollout is reported interrupted, never run
 //! serve.lock                  flock'd by the running daemon (its pid inside)
 //! kill.json                   the fleet kill state last received + any local kill
 //!                             (read and written by `kill_switch::store`)
@@ -51,13 +53,21 @@ pub enum Phase {
 #[serde(deny_unknown_fields)]
 pub struct HostRolloutRecord {
     pub rollout_id: RolloutId,
-    pub bundle_sha256: Sha256Hex,
+    /// None only in the record that replaced an unreadable one.
+    pub bundle_sha256: Option<Sha256Hex>,
     pub phase: Phase,
     #[serde(default)]
     pub report: Option<RunReport>,
     /// The controller accepted the report.
     #[serde(default)]
     pub acked: bool,
+}
+
+/// [`Records::all`]: the records read, and each corrupt one as its rollout
+/// id and why.
+pub struct AllRecords {
+    pub readable: Vec<HostRolloutRecord>,
+    pub corrupt: Vec<(RolloutId, String)>,
 }
 
 /// The daemon's claim on its state directory; dropped, the claim ends.
@@ -205,10 +215,21 @@ impl Records {
         Ok(())
     }
 
+    /// Move a corrupt record aside (`<id>.json.corrupt`, kept for the
+    /// operator; never read again), so a new record can take its place.
+    pub fn quarantine(&self, id: &RolloutId) -> Result<PathBuf, RecordError> {
+        let from = self.rollouts_dir().join(format!("{id}.json"));
+        let to = self.rollouts_dir().join(format!("{id}.json.corrupt"));
+        fs::rename(&from, &to).map_err(PathIoError::at("moving aside", &from))?;
+        crate::state::fsync_dir(&self.rollouts_dir())?;
+        Ok(to)
+    }
+
     /// Every record, in file-name order.
-    pub fn all(&self) -> Result<Vec<HostRolloutRecord>, RecordError> {
+    pub fn all(&self) -> Result<AllRecords, RecordError> {
         let dir = self.rollouts_dir();
         let mut out = Vec::new();
+        let mut corrupt = Vec::new();
         let mut names: Vec<String> = fs::read_dir(&dir)
             .map_err(PathIoError::at("listing", &dir))?
             .filter_map(|e| e.ok())
@@ -225,11 +246,17 @@ impl Records {
             let Ok(id) = RolloutId::parse(id) else {
                 continue;
             };
-            if let Some(rec) = self.get(&id)? {
-                out.push(rec);
+            match self.get(&id) {
+                Ok(Some(rec)) => out.push(rec),
+                Ok(None) => {}
+                Err(RecordError::Corrupt { why, .. }) => corrupt.push((id, why)),
+                Err(e) => return Err(e),
             }
         }
-        Ok(out)
+        Ok(AllRecords {
+            readable: out,
+            corrupt,
+        })
     }
 }
 
@@ -246,7 +273,7 @@ mod tests {
             assert!(r.get(&id).unwrap().is_none());
             r.put(&HostRolloutRecord {
                 rollout_id: id.clone(),
-                bundle_sha256: Sha256Hex::of(b"x"),
+                bundle_sha256: Some(Sha256Hex::of(b"x")),
                 phase: Phase::Started,
                 report: None,
                 acked: false,
@@ -255,7 +282,7 @@ mod tests {
         }
         let r = Records::open(dir.path()).unwrap();
         assert_eq!(r.get(&id).unwrap().unwrap().phase, Phase::Started);
-        assert_eq!(r.all().unwrap().len(), 1);
+        assert_eq!(r.all().unwrap().readable.len(), 1);
     }
 
     #[test]

@@ -129,7 +129,7 @@ fn a_second_daemon_on_the_same_state_directory_is_refused() {
     let first = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
     let running = HostRolloutRecord {
         rollout_id: id("r-live"),
-        bundle_sha256: Sha256Hex::of(b"bundle"),
+        bundle_sha256: Some(Sha256Hex::of(b"bundle")),
         phase: Phase::Started,
         report: None,
         acked: false,
@@ -147,6 +147,49 @@ fn a_second_daemon_on_the_same_state_directory_is_refused() {
     Daemon::open(identity(), dir.path(), exec).expect("the next daemon starts");
 }
 
+/// A rollout record that cannot be read (a disk error, a hand edit) no
+/// longer keeps the daemon from starting (and its kill switch socket from
+/// answering). Whether the run happened is unknown: it is reported
+/// interrupted, which halts the rollout, and never run; the record is kept
+/// aside for the operator. The same holds for one found by a re-sent order.
+#[tokio::test]
+async fn an_unreadable_rollout_record_is_reported_interrupted_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let rollouts = dir.path().join("daemon/rollouts");
+    std::fs::create_dir_all(&rollouts).unwrap();
+    std::fs::write(rollouts.join("r-3.json"), b"{\"rollout_id\": \"r-3\", garb").unwrap();
+    let d = Daemon::open(identity(), dir.path(), exec.clone()).expect("the daemon starts");
+    let check = |d: &Daemon, rollout: &str| {
+        let r = report_of(d, rollout).unwrap();
+        assert_eq!(r.status, RunStatus::Interrupted);
+        assert!(r.is_alert(), "it halts the rollout");
+        assert!(r.reason.unwrap().contains("could not be read"));
+        assert!(rollouts.join(format!("{rollout}.json.corrupt")).exists());
+        assert!(lock(&d.unacked).contains(&id(rollout)), "and is sent");
+    };
+    check(&d, "r-3");
+    d.clone()
+        .run_order(
+            id("r-3"),
+            Sha256Hex::of(b"bundle"),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
+        .await;
+    std::fs::write(rollouts.join("r-4.json"), b"\xff\xfe").unwrap();
+    d.clone()
+        .run_order(
+            id("r-4"),
+            Sha256Hex::of(b"bundle"),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
+        .await;
+    check(&d, "r-4");
+    assert_eq!(exec.runs.load(Ordering::SeqCst), 0, "neither ran");
+}
+
 #[tokio::test]
 async fn a_run_in_progress_at_restart_is_reported_interrupted_not_rerun() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,7 +199,7 @@ async fn a_run_in_progress_at_restart_is_reported_interrupted_not_rerun() {
         records
             .put(&HostRolloutRecord {
                 rollout_id: id("r-7"),
-                bundle_sha256: Sha256Hex::of(b"bundle"),
+                bundle_sha256: Some(Sha256Hex::of(b"bundle")),
                 phase: Phase::Started,
                 report: None,
                 acked: false,
