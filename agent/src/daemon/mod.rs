@@ -90,6 +90,11 @@ pub struct Daemon {
     kill: KillSwitch,
     /// Finished runs whose report the controller has not accepted yet.
     unacked: Mutex<BTreeSet<RolloutId>>,
+    /// Reports whose record could not be written (a full disk: a bundle
+    /// may have filled it). Sent from here rather than lost; after a
+    /// restart the record still says started, so the rollout is reported
+    /// interrupted then (the controller keeps the first report).
+    undurable: Mutex<std::collections::HashMap<RolloutId, RunReport>>,
     outbox: Notify,
     /// Bounds concurrent downloads and runs: the controller is trusted to
     /// order, not to exhaust the host.
@@ -193,6 +198,7 @@ impl Daemon {
             executor,
             kill,
             unacked: Mutex::new(unacked),
+            undurable: Mutex::default(),
             outbox: Notify::new(),
             run_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_RUNS),
             shared_slots,
@@ -219,7 +225,10 @@ impl Daemon {
             acked: false,
         };
         if let Err(e) = self.records.put(&rec) {
-            tracing::error!(rollout = %id, error = %e, "cannot record the run's report");
+            tracing::error!(rollout = %id, error = %e, "cannot record the run's report; sending it from memory");
+            if let Some(report) = rec.report {
+                lock(&self.undurable).insert(id.clone(), report);
+            }
         }
         lock(&self.unacked).insert(id.clone());
         self.outbox.notify_one();
@@ -384,15 +393,23 @@ impl Daemon {
         Ok(report)
     }
 
+    /// The report to send for `id`: its record's, or, if that could not be
+    /// written, the one kept in memory. With the record, when there is one.
+    fn report_to_send(&self, id: &RolloutId) -> Option<(RunReport, Option<HostRolloutRecord>)> {
+        if let Some(report) = lock(&self.undurable).get(id) {
+            return Some((report.clone(), None));
+        }
+        match self.records.get(id) {
+            Ok(Some(r)) if r.phase == Phase::Finished => Some((r.report.clone()?, Some(r))),
+            _ => None,
+        }
+    }
+
     /// Send every report the controller has not accepted yet.
     async fn flush_reports(&self, session: &ControllerSession) -> Result<(), TransportError> {
         let pending: Vec<RolloutId> = lock(&self.unacked).iter().cloned().collect();
         for id in pending {
-            let rec = match self.records.get(&id) {
-                Ok(Some(r)) if r.phase == Phase::Finished => r,
-                _ => continue,
-            };
-            let Some(report) = rec.report.clone() else {
+            let Some((report, rec)) = self.report_to_send(&id) else {
                 continue;
             };
             let body = serde_json::to_vec(&AgentReport {
@@ -414,11 +431,13 @@ impl Daemon {
                 }
                 Err(e) => return Err(e),
             }
-            let mut acked = rec;
-            acked.acked = true;
-            if let Err(e) = self.records.put(&acked) {
-                tracing::error!(rollout = %id, error = %e, "cannot record the report as delivered");
+            if let Some(mut acked) = rec {
+                acked.acked = true;
+                if let Err(e) = self.records.put(&acked) {
+                    tracing::error!(rollout = %id, error = %e, "cannot record the report as delivered");
+                }
             }
+            lock(&self.undurable).remove(&id);
             lock(&self.unacked).remove(&id);
         }
         Ok(())

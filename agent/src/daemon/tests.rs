@@ -474,3 +474,21 @@ fn a_report_too_large_for_the_controller_is_recorded_cut_to_fit() {
     assert!(kept.is_alert());
     assert_eq!(kept.denial_count, Some(256));
 }
+
+/// A report whose record cannot be written (a full disk; here the record's
+/// name is taken by a directory, so the write's rename fails) is sent from
+/// memory, not held back until a restart turns it into `interrupted`.
+#[test]
+fn a_report_whose_record_cannot_be_written_is_still_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = Arc::new(FakeExecutor::default());
+    let d = Daemon::open(identity(), dir.path(), exec).unwrap();
+    std::fs::create_dir(dir.path().join("daemon/rollouts/r-5.json")).unwrap();
+    let mut report = base_report("web-1", RunStatus::Failed);
+    report.exit_code = Some(3);
+    d.finish(&id("r-5"), &Sha256Hex::of(b"b"), report);
+    assert!(lock(&d.unacked).contains(&id("r-5")));
+    let (sent, record) = d.report_to_send(&id("r-5")).expect("still sent");
+    assert_eq!((sent.status, sent.exit_code), (RunStatus::Failed, Some(3)));
+    assert!(record.is_none());
+}
