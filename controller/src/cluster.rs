@@ -167,7 +167,9 @@ impl Cluster {
     /// only makes the engine the leader.
     pub async fn run(self: Arc<Self>, engine: Arc<Engine>) {
         let Some(pool) = self.pool.clone() else {
-            engine.became_leader().await;
+            // Spawned: it retries until the database answers, and the
+            // server must listen meanwhile (the kill switch above all).
+            tokio::spawn(async move { engine.became_leader().await });
             return;
         };
         tokio::spawn(self.clone().listen(pool.clone(), engine.clone()));

@@ -680,6 +680,12 @@ impl Engine {
         let now = now_ms();
         match r.phase {
             WavePhase::Dispatching => {
+                // Every wave, whoever made the rollout running: a kill may
+                // have missed it (see `halt_if_killed_meanwhile`).
+                if let Some(k) = self.store.kill_state().await?.covering(id) {
+                    self.halt_internal(id, &kill_halt_reason(k)).await?;
+                    return Ok(EngineStep::Done);
+                }
                 let gate = if r.plan.preview {
                     Ok(())
                 } else {
@@ -811,12 +817,25 @@ impl Engine {
     /// before this one was running, and so did not halt it; read again
     /// now (after the write), that kill is found, and the rollout halted
     /// before it dispatches anything.
+    ///
+    /// A database error here is only logged: the rollout is running, and
+    /// its task must be spawned all the same; the task checks the kill
+    /// state again before each wave ([`Engine::step`]).
     pub(crate) async fn halt_if_killed_meanwhile(&self, id: &RolloutId) -> Result<()> {
-        let Some(k) = self.store.kill_state().await?.covering(id).cloned() else {
-            return Ok(());
+        let k = match self.store.kill_state().await {
+            Ok(state) => match state.covering(id) {
+                Some(k) => k.clone(),
+                None => return Ok(()),
+            },
+            Err(e) => {
+                tracing::error!(rollout = %id, error = %e, "cannot read the kill state again; the rollout's task checks it before dispatching");
+                return Ok(());
+            }
         };
-        self.halt_internal(id, &format!("kill switch by {}: {}", k.by, k.reason))
-            .await?;
+        if let Err(e) = self.halt_internal(id, &kill_halt_reason(&k)).await {
+            tracing::error!(rollout = %id, error = %e, "cannot halt a rollout a kill covers; its task halts it before dispatching");
+            return Ok(());
+        }
         Err(EngineError::Conflict(format!(
             "rollout {id} is halted: a kill order came in meanwhile ({}, by {})",
             k.reason, k.by
@@ -1327,7 +1346,7 @@ impl Engine {
         // answer, not returned as an error before the push (the agents
         // refuse and kill the rollout's runs anyway, and their `killed`
         // reports halt it).
-        let halt_reason = format!("kill switch by {actor}: {reason}");
+        let halt_reason = kill_halt_reason(&order);
         let mut halted = Vec::new();
         let mut halt_errors = Vec::new();
         match self.store.rollouts_in_state(RolloutState::Running).await {
@@ -1444,31 +1463,34 @@ impl Engine {
         name: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<()> {
-        let known = {
-            let mut cache = self.known_agents.lock().await;
-            if cache.is_none() {
-                let all = self.store.list_agents().await?;
-                *cache = Some(all.into_iter().map(|a| (a.name, a.labels)).collect());
-            }
-            cache.as_ref().and_then(|c| c.get(name).cloned())
-        };
-        if known.as_ref() != Some(labels) {
-            self.store
-                .upsert_agent(&AgentRecord {
-                    name: name.to_string(),
-                    labels: labels.clone(),
-                    inventory: Default::default(),
-                })
-                .await?;
-            if let Some(cache) = self.known_agents.lock().await.as_mut() {
-                cache.insert(name.to_string(), labels.clone());
-            }
-            self.cluster
-                .publish(ClusterEvent::Agent {
-                    name: name.to_string(),
-                })
-                .await;
+        // The cache is held across the write: a removal or another
+        // replica's event that came in between would otherwise be undone
+        // by the insert below (the cache saying "known" of a deleted row).
+        // Misses are rare (labels changed, a new agent); hits stay cheap.
+        let mut cache = self.known_agents.lock().await;
+        if cache.is_none() {
+            let all = self.store.list_agents().await?;
+            *cache = Some(all.into_iter().map(|a| (a.name, a.labels)).collect());
         }
+        if cache.as_ref().and_then(|c| c.get(name)) == Some(labels) {
+            return Ok(());
+        }
+        self.store
+            .upsert_agent(&AgentRecord {
+                name: name.to_string(),
+                labels: labels.clone(),
+                inventory: Default::default(),
+            })
+            .await?;
+        if let Some(c) = cache.as_mut() {
+            c.insert(name.to_string(), labels.clone());
+        }
+        drop(cache);
+        self.cluster
+            .publish(ClusterEvent::Agent {
+                name: name.to_string(),
+            })
+            .await;
         Ok(())
     }
 
@@ -1589,6 +1611,11 @@ impl KillAcks {
             halt_errors: Vec::new(),
         }
     }
+}
+
+/// Why a kill halted a rollout, as its halt reason says.
+fn kill_halt_reason(k: &KillOrder) -> String {
+    format!("kill switch by {}: {}", k.by, k.reason)
 }
 
 /// A new rollout's id: its start time and the bundle's digest.

@@ -176,7 +176,11 @@ impl Daemon {
         let mut unacked = BTreeSet::new();
         let all = records.all()?;
         for (id, why) in all.corrupt {
-            replace_unreadable(&records, &identity.name, &id, &why)?;
+            // If even that fails, the record stays corrupt: the rollout is
+            // never run (an order finds it unreadable and tries again).
+            if let Err(e) = replace_unreadable(&records, &identity.name, &id, &why) {
+                tracing::error!(rollout = %id, error = %e, "cannot replace the unreadable rollout record; not running it");
+            }
             unacked.insert(id);
         }
         for mut rec in all.readable {
@@ -227,7 +231,10 @@ impl Daemon {
         if let Err(e) = self.records.put(&rec) {
             tracing::error!(rollout = %id, error = %e, "cannot record the run's report; sending it from memory");
             if let Some(report) = rec.report {
-                lock(&self.undurable).insert(id.clone(), report);
+                // The first one kept is the run's: an `interrupted` one a
+                // re-sent order makes later (the record still says
+                // started) must not replace it.
+                lock(&self.undurable).entry(id.clone()).or_insert(report);
             }
         }
         lock(&self.unacked).insert(id.clone());
@@ -759,17 +766,18 @@ fn jitter(d: Duration) -> Duration {
 }
 
 /// A rollout record that cannot be read (a disk error, a hand edit): whether
-/// its run happened is unknown. It is moved aside for the operator
-/// (`<id>.json.corrupt`) and replaced by a finished record whose report
-/// says so, `interrupted` (an alarm: it halts the rollout). The rollout is
-/// never run; before, the daemon refused to start at all.
+/// its run happened is unknown. It is copied aside for the operator
+/// (`<id>.json.corrupt`) and replaced, atomically, by a finished record
+/// whose report says so, `interrupted` (an alarm: it halts the rollout).
+/// At every moment `<id>.json` exists, corrupt or replaced, so the rollout
+/// is never run; before, the daemon refused to start at all.
 fn replace_unreadable(
     records: &Records,
     host: &str,
     id: &RolloutId,
     why: &str,
 ) -> Result<(), RecordError> {
-    let kept = records.quarantine(id)?;
+    let kept = records.keep_aside(id);
     tracing::error!(rollout = %id, kept = %kept.display(), %why, "the rollout's record is unreadable; reporting the rollout interrupted, never running it");
     let mut report = interrupted_report(host);
     report.reason = Some(format!(
@@ -859,13 +867,16 @@ pub fn serve(
     executor: Arc<dyn BundleExecutor>,
     opts: &DaemonOptions,
 ) -> anyhow::Result<()> {
-    let transport = Transport::new(controller)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
+        // The daemon first (it takes the state directory's lock): the
+        // transport finishes an interrupted certificate renewal, which
+        // must not happen under a running daemon's feet.
         let daemon = Daemon::open(identity, state_dir, executor)?;
+        let transport = Transport::new(controller)?;
         let listener = local::bind(&opts.socket)
             .with_context(|| format!("binding {}", opts.socket.display()))?;
         tokio::spawn(local::serve(listener, daemon.clone()));

@@ -215,14 +215,18 @@ impl Records {
         Ok(())
     }
 
-    /// Move a corrupt record aside (`<id>.json.corrupt`, kept for the
-    /// operator; never read again), so a new record can take its place.
-    pub fn quarantine(&self, id: &RolloutId) -> Result<PathBuf, RecordError> {
+    /// Copy a corrupt record aside (`<id>.json.corrupt`, for the operator;
+    /// never read again) before a new record replaces it. A copy, not a
+    /// rename: the record must exist at every moment, or a crash between
+    /// the two would leave the rollout with none, free to run again. Best
+    /// effort (the bytes may be unreadable): a failure is logged.
+    pub fn keep_aside(&self, id: &RolloutId) -> PathBuf {
         let from = self.rollouts_dir().join(format!("{id}.json"));
         let to = self.rollouts_dir().join(format!("{id}.json.corrupt"));
-        fs::rename(&from, &to).map_err(PathIoError::at("moving aside", &from))?;
-        crate::state::fsync_dir(&self.rollouts_dir())?;
-        Ok(to)
+        if let Err(e) = fs::copy(&from, &to).and_then(|_| fs::File::open(&to)?.sync_all()) {
+            tracing::warn!(rollout = %id, error = %e, "cannot keep a copy of the unreadable record");
+        }
+        to
     }
 
     /// Every record, in file-name order.

@@ -491,4 +491,13 @@ fn a_report_whose_record_cannot_be_written_is_still_sent() {
     let (sent, record) = d.report_to_send(&id("r-5")).expect("still sent");
     assert_eq!((sent.status, sent.exit_code), (RunStatus::Failed, Some(3)));
     assert!(record.is_none());
+    // An order re-sent meanwhile finds no finished record and reports the
+    // run interrupted: that must not replace the run's own report.
+    d.finish(
+        &id("r-5"),
+        &Sha256Hex::of(b"b"),
+        interrupted_report("web-1"),
+    );
+    let (sent, _) = d.report_to_send(&id("r-5")).unwrap();
+    assert_eq!(sent.status, RunStatus::Failed);
 }

@@ -667,6 +667,37 @@ async fn a_rollout_made_running_under_a_kill_is_halted_before_it_dispatches() {
     assert_eq!(runs(&drain(&mut f, "web-2")), 0);
 }
 
+/// The rollout's task checks the kill state before every wave, whatever
+/// made the rollout running: here a kill stored without the kill call's
+/// halts (as one that missed the rollout would be) stops the next wave.
+#[tokio::test]
+async fn no_wave_is_dispatched_under_a_kill() {
+    let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
+    let id = f
+        .engine
+        .start(&request(&f.sha, "1,100%", 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    drain(&mut f, "web-1");
+    let order = KillOrder {
+        reason: "incident".into(),
+        by: "oncall".into(),
+        at: "2026-12-08T00:00:00Z".into(),
+    };
+    f.engine
+        .store
+        .add_kill(&KillScope::Rollout(id.clone()), &order)
+        .await
+        .unwrap();
+    succeed(&f, &id, "web-1").await;
+    let s = wait_status(&f.engine, &id, |s| s.state == RolloutState::Halted).await;
+    assert_eq!(host_state(&s, "web-2"), "pending");
+    assert!(s.halt_reason.unwrap().contains("kill switch by oncall"));
+    assert_eq!(runs(&drain(&mut f, "web-2")), 0);
+}
+
 /// Once a kill is stored it reaches the agents, whatever fails after: here
 /// the database refuses to mark the rollout halted (a trigger, on the real
 /// SQLite file). The answer says so; the agents get the kill all the same.
