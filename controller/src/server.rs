@@ -213,6 +213,7 @@ fn require(app: &App, peer: &PeerInfo, roles: &[Role]) -> ApiResult<Peer> {
             format!("certificate of {} has been revoked", peer.name),
         ));
     }
+    unexpired(&peer, crate::store::now_ms())?;
     if !roles.contains(&peer.role) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -223,6 +224,23 @@ fn require(app: &App, peer: &PeerInfo, roles: &[Role]) -> ApiResult<Peer> {
         ));
     }
     Ok(peer)
+}
+
+/// The handshake checked the certificate's validity once; a connection kept
+/// open (HTTP/2 pings) outlives it. An expired certificate is refused on
+/// every request, so it can neither act nor renew itself into a new one.
+fn unexpired(peer: &Peer, now: crate::store::Millis) -> ApiResult<()> {
+    if peer.not_after <= now {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "certificate of {} expired at {}",
+                peer.name,
+                crate::store::rfc3339(peer.not_after)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Who may call what (the table at [`Role`]): one place for every
@@ -309,6 +327,7 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
         ticker: tokio::time::Interval,
         app: Arc<App>,
         serial: String,
+        not_after: i64,
         revocations: tokio::sync::watch::Receiver<u64>,
     }
     let mut ticker = tokio::time::interval(Duration::from_secs(PING_INTERVAL_SECS));
@@ -319,6 +338,7 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
         ticker,
         app: app.clone(),
         serial: me.serial,
+        not_after: me.not_after,
         revocations: app.revocations.subscribe(),
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
@@ -337,6 +357,10 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
             _ = st.ticker.tick() => {
                 if st.app.revocations.is_revoked(&st.serial) {
                     tracing::warn!("closing the order stream of a revoked certificate");
+                    return None;
+                }
+                if st.not_after <= crate::store::now_ms() {
+                    tracing::warn!("closing the order stream of an expired certificate");
                     return None;
                 }
                 Some((Ok(encode(&Order::Ping)), st))
@@ -960,5 +984,23 @@ impl Server {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expired_certificate_is_refused_on_a_connection_that_outlived_it() {
+        let peer = Peer {
+            role: Role::Agent,
+            name: "web-1".into(),
+            serial: "01".into(),
+            not_after: 1_000_000,
+        };
+        assert!(unexpired(&peer, 999_999).is_ok());
+        let e = unexpired(&peer, 1_000_000).unwrap_err();
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
     }
 }
