@@ -97,13 +97,19 @@ impl Revocations {
     /// re-check when they changed. A database error keeps the last list
     /// (a revocation is never forgotten because the database blinked).
     pub async fn refresh_shared(&self, store: &dyn crate::store::Store) {
-        let serials = match store.revoked_serials().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the revoked serials from the database");
-                return;
-            }
-        };
+        if let Err(e) = self.load_shared(store).await {
+            tracing::warn!(error = %e, "cannot read the revoked serials from the database");
+        }
+    }
+
+    /// [`Revocations::refresh_shared`], with the database's error. The
+    /// server's first load, before it listens: until then the list is
+    /// empty, and a certificate revoked in the database would pass.
+    pub async fn load_shared(
+        &self,
+        store: &dyn crate::store::Store,
+    ) -> Result<(), crate::store::StoreError> {
+        let serials = store.revoked_serials().await?;
         let serials: std::collections::HashSet<String> = serials
             .into_iter()
             .map(|s| s.to_ascii_lowercase())
@@ -119,6 +125,7 @@ impl Revocations {
             tracing::info!("revoked serials in the database changed");
             self.reloaded.send_modify(|n| *n += 1);
         }
+        Ok(())
     }
 
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -825,6 +832,11 @@ impl Server {
             }
         })?;
         let opened = crate::store::open(&config.storage).await?;
+        // Before anything listens: a revocation only the database holds
+        // (`agents remove`, `revoke --config`) must apply from the first
+        // request. A database that cannot say is a controller that does
+        // not start (systemd starts it again).
+        revocations.load_shared(opened.store.as_ref()).await?;
         // How the inventory names this controller: host name and port.
         let name = format!("{}:{}", crate::presence::host_name(), config.listen.port());
         let cluster = match opened.postgres {
