@@ -249,22 +249,34 @@ impl Issuer {
     }
 }
 
+/// Write `path` whole or not at all, with `mode`. The contents go to a file
+/// of a fresh random name beside it, created exclusively (`O_EXCL`: never a
+/// file or symlink planted there beforehand, as in a shared `--out /tmp/x`,
+/// which a fixed name like `NAME.tmp` allowed), synced, then renamed over
+/// `path` (a symlink at `path` is replaced, not followed).
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io(parent))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).map_err(io(parent))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".rollguard-")
+        .suffix(".tmp")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(parent)
+        .map_err(io(parent))?;
+    let at = tmp.path().to_path_buf();
+    tmp.write_all(contents.as_bytes()).map_err(io(&at))?;
+    // On the descriptor (the umask may have narrowed the mode asked for).
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io(&at))?;
+    tmp.as_file().sync_all().map_err(io(&at))?;
+    tmp.persist(path).map_err(|e| PkiError::Io {
+        path: path.to_path_buf(),
+        error: e.error,
+    })?;
     Ok(())
 }
 
@@ -612,10 +624,14 @@ pub fn revoke(ca: &CaDir, name: &str) -> Result<Vec<String>, PkiError> {
         for entry in entries {
             let entry = entry.map_err(io(&dir))?;
             let file = entry.file_name().to_string_lossy().into_owned();
-            if let Some(rest) = file.strip_prefix(&format!("{name}.")) {
-                if let Some(serial) = rest.strip_suffix(".crt") {
-                    serials.push(serial.to_string());
-                }
+            // Exactly `NAME.<hex serial>.crt`: names may hold dots, and
+            // `web.example.com.<serial>.crt` is not one of `web`'s.
+            let serial = file
+                .strip_prefix(&format!("{name}."))
+                .and_then(|rest| rest.strip_suffix(".crt"))
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()));
+            if let Some(serial) = serial {
+                serials.push(serial.to_string());
             }
         }
     }
@@ -623,7 +639,33 @@ pub fn revoke(ca: &CaDir, name: &str) -> Result<Vec<String>, PkiError> {
         return Err(PkiError::UnknownHost(name.to_string(), ca.issued_dir()));
     }
     let path = ca.revoked_list();
-    let mut text = fs::read_to_string(&path).unwrap_or_else(|_| REVOKED_HEADER.to_string());
+    // One revoker at a time: two reading the same list and each writing it
+    // back with only its own serials would lose the other's.
+    let lock_path = path.with_extension("lock");
+    let lock_file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(
+        |(_, e)| PkiError::Io {
+            path: lock_path.clone(),
+            error: e.into(),
+        },
+    )?;
+    // Only a missing list starts afresh: a list that cannot be read (EIO, a
+    // hand edit that is not UTF-8) written back with the new serials alone
+    // would un-revoke every earlier one.
+    let mut text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => REVOKED_HEADER.to_string(),
+        Err(e) => return Err(PkiError::Io { path, error: e }),
+    };
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
     let already = RevocationList::parse(&text);
     for s in &serials {
         if !already.serials.contains_key(s) {
@@ -824,6 +866,47 @@ mod tests {
             revoke(&ca, "nobody"),
             Err(PkiError::UnknownHost(..))
         ));
+    }
+
+    /// `web` is not `web.example.com`; a list that cannot be read is an
+    /// error, not a fresh start that would un-revoke what it held.
+    #[test]
+    fn revoke_takes_only_the_name_and_never_forgets_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CaDir::new(dir.path());
+        init(&ca, &InitOptions::default()).unwrap();
+        issue(&ca, Role::Agent, "web.example.com").unwrap();
+        assert!(matches!(revoke(&ca, "web"), Err(PkiError::UnknownHost(..))));
+        issue(&ca, Role::Agent, "web").unwrap();
+        assert_eq!(revoke(&ca, "web").unwrap().len(), 1);
+        let before = fs::read(ca.revoked_list()).unwrap();
+        fs::write(ca.revoked_list(), [&before[..], b"\xff\n"].concat()).unwrap();
+        assert!(matches!(
+            revoke(&ca, "web.example.com"),
+            Err(PkiError::Io { .. })
+        ));
+    }
+
+    /// A file or symlink planted under the name a certificate or key used
+    /// to be staged at (`NAME.tmp`, in a shared `--out` directory) is never
+    /// written through; a symlink at the destination is replaced.
+    #[test]
+    fn issued_files_are_never_written_through_a_planted_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CaDir::new(dir.path().join("ca"));
+        init(&ca, &InitOptions::default()).unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("alice.tmp")).unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("alice.key")).unwrap();
+        let (_, key) = issue_to(&ca, Role::Admin, "alice", &out).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = fs::symlink_metadata(&key).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"));
     }
 
     fn csr_for(key: &KeyPair, cn: &str, ou: &str) -> String {

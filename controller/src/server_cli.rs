@@ -287,6 +287,19 @@ pub fn run(cli: ControllerCli) -> Result<()> {
                         anyhow::bail!("no certificate was issued to {name2:?}");
                     }
                     store.add_revocations(&name2, &all).await?;
+                    // A renewal signed meanwhile recorded its serial before
+                    // checking its caller, who was not revoked yet: read
+                    // again now (as `agents remove` does), or it escapes.
+                    let late: Vec<String> = store
+                        .issued_serials(&name2)
+                        .await?
+                        .into_iter()
+                        .filter(|s| !all.contains(s))
+                        .collect();
+                    if !late.is_empty() {
+                        store.add_revocations(&name2, &late).await?;
+                        all.extend(late);
+                    }
                     anyhow::Ok(all)
                 })?;
                 serials = issued;
