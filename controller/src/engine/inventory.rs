@@ -76,20 +76,27 @@ impl Engine {
     /// Deregister `name` and revoke the certificate it last connected with
     /// (recorded in the database, so every replica refuses it within a
     /// second). The caller closes its stream here. Its run history stays.
+    /// A name that never connected but was issued certificates here (an
+    /// enrollment whose host never came up) has those revoked all the same.
     pub async fn remove_agent(&self, name: &str, actor: &str) -> Result<AgentRemoved> {
         let agents = self.store.list_agents().await?;
-        let Some(agent) = agents.into_iter().find(|a| a.name == name) else {
-            return Err(EngineError::NotFound(format!(
-                "no registered agent {name:?}"
-            )));
-        };
+        let agent = agents.into_iter().find(|a| a.name == name);
         // The certificate it last connected with, and every one a serving
         // controller issued to it (enrollment, renewal).
-        let mut serials: Vec<String> = agent.inventory.cert_serial.clone().into_iter().collect();
+        let mut serials: Vec<String> = agent
+            .as_ref()
+            .and_then(|a| a.inventory.cert_serial.clone())
+            .into_iter()
+            .collect();
         for s in self.store.issued_serials(name).await? {
             if !serials.contains(&s) {
                 serials.push(s);
             }
+        }
+        if agent.is_none() && serials.is_empty() {
+            return Err(EngineError::NotFound(format!(
+                "no registered agent {name:?}, and no certificate issued to it here"
+            )));
         }
         // Revoked first: a removed agent whose certificate still worked
         // would simply register again at its next connect.

@@ -698,6 +698,32 @@ async fn no_wave_is_dispatched_under_a_kill() {
     assert_eq!(runs(&drain(&mut f, "web-2")), 0);
 }
 
+/// A host enrolled here that never connected has no inventory row; its
+/// removal still revokes what was issued to it (before, "no registered
+/// agent" and nothing revoked). A name with neither is still unknown.
+#[tokio::test]
+async fn removing_a_name_that_never_connected_revokes_what_it_was_issued() {
+    let f = fleet(&["web-1"], "1m", Duration::from_secs(60)).await;
+    f.engine
+        .store
+        .record_issued_cert("0abc", "ghost", i64::MAX)
+        .await
+        .unwrap();
+    let removed = f.engine.remove_agent("ghost", "admin").await.unwrap();
+    assert_eq!(removed.revoked_serials, vec!["0abc".to_string()]);
+    assert!(f
+        .engine
+        .store
+        .revoked_serials()
+        .await
+        .unwrap()
+        .contains(&"0abc".to_string()));
+    assert!(matches!(
+        f.engine.remove_agent("nobody", "admin").await,
+        Err(EngineError::NotFound(_))
+    ));
+}
+
 /// Once a kill is stored it reaches the agents, whatever fails after: here
 /// the database refuses to mark the rollout halted (a trigger, on the real
 /// SQLite file). The answer says so; the agents get the kill all the same.
