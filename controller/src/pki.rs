@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -640,18 +640,13 @@ pub fn revoke(ca: &CaDir, name: &str) -> Result<Vec<String>, PkiError> {
     }
     let path = ca.revoked_list();
     // One revoker at a time: two reading the same list and each writing it
-    // back with only its own serials would lose the other's.
-    let lock_path = path.with_extension("lock");
-    let lock_file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(io(&lock_path))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(
+    // back with only its own serials would lose the other's. The lock is
+    // on the CA directory itself: no lock file, whose owner (root, once)
+    // could keep the service user from revoking later.
+    let ca_dir = fs::File::open(&ca.dir).map_err(io(&ca.dir))?;
+    let _lock = nix::fcntl::Flock::lock(ca_dir, nix::fcntl::FlockArg::LockExclusive).map_err(
         |(_, e)| PkiError::Io {
-            path: lock_path.clone(),
+            path: ca.dir.clone(),
             error: e.into(),
         },
     )?;

@@ -266,9 +266,17 @@ pub fn run(cli: ControllerCli) -> Result<()> {
                     "note: certificates a serving controller issued itself (token enrollment, renewals) are recorded only in its database: pass --config to revoke those too"
                 );
             }
+            // With the database to revoke in too, a CA directory that
+            // fails (an unreadable revoked.list) does not hold that back:
+            // its error is returned once the database's revocations are in.
+            let mut file_error = None;
             let mut serials = match pki::revoke(&CaDir::new(&dir), &name) {
                 Ok(s) => s,
                 Err(pki::PkiError::UnknownHost(..)) if config.is_some() => Vec::new(),
+                Err(e) if config.is_some() => {
+                    file_error = Some(e);
+                    Vec::new()
+                }
                 Err(e) => return Err(e.into()),
             };
             if let Some(config) = config {
@@ -301,8 +309,21 @@ pub fn run(cli: ControllerCli) -> Result<()> {
                         all.extend(late);
                     }
                     anyhow::Ok(all)
-                })?;
-                serials = issued;
+                });
+                serials = match (issued, file_error.take()) {
+                    (Ok(s), None) => s,
+                    (Ok(s), Some(e)) => {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "revoked in the database ({}), but the CA directory's revoked.list was not updated",
+                            s.join(", ")
+                        )))
+                    }
+                    (Err(db), Some(e)) => {
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("nothing revoked; the database: {db:#}")))
+                    }
+                    (Err(db), None) => return Err(db),
+                };
             }
             if json {
                 println!(
