@@ -238,6 +238,19 @@ impl Enroller {
         self.store
             .record_issued_cert(&issued.serial, name, issued.not_after)
             .await?;
+        // A serial is the key's: a key already certified for another name
+        // keeps that name's record, and this certificate would escape
+        // revoking `name`. Never handed out.
+        if !self
+            .store
+            .issued_serials(name)
+            .await?
+            .contains(&issued.serial)
+        {
+            return Err(EnrollError::BadRequest(format!(
+                "this key is already certified for another name; {name} needs a key of its own"
+            )));
+        }
         Ok(issued)
     }
 
@@ -498,6 +511,41 @@ mod tests {
         let resp = call("POST", "/v1/enroll", &body("")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
         assert_eq!(store.issued_serials("web-1").await.unwrap().len(), 1);
+    }
+
+    /// A key certified for one name is not certified again for another:
+    /// its serial (the key's) stays recorded under the first, so revoking
+    /// the second would miss it.
+    #[tokio::test]
+    async fn one_key_is_never_certified_for_two_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::pki::CaDir::new(dir.path());
+        crate::pki::init(&ca, &crate::pki::InitOptions::default()).unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("c.db"))
+                .await
+                .unwrap(),
+        );
+        let config = Enrollment {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            agents_ca_key: dir.path().join("ca/agents-ca.key"),
+            ca: dir.path().join("ca.crt"),
+            cert_lifetime: Duration::from_secs(3600),
+        };
+        let enroller = Enroller::load(&config, &ca.agents_ca_cert(), store.clone()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        enroller.renew("web-2", "00", &csr).await.unwrap();
+        assert!(matches!(
+            enroller.renew("web-1", "01", &csr).await,
+            Err(EnrollError::BadRequest(_))
+        ));
+        assert!(store.issued_serials("web-1").await.unwrap().is_empty());
     }
 
     #[test]
