@@ -299,6 +299,57 @@ pub(crate) fn enroll_error_response(e: EnrollError) -> Response {
 
 /// Enrollment connections served at once; more are closed at accept.
 const MAX_ENROLL_CONNECTIONS: usize = 64;
+/// Of those, from one address: one client cannot hold them all idle and
+/// keep every host from enrolling (many addresses still can; the listener
+/// is for the fleet's network, not the internet).
+const MAX_ENROLL_CONNECTIONS_PER_SOURCE: usize = 4;
+
+/// Connections open per source address, bounded.
+#[derive(Clone)]
+struct PerSource {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    max: usize,
+}
+
+/// One connection counted against its address until dropped.
+struct SourceSlot {
+    of: PerSource,
+    ip: std::net::IpAddr,
+}
+
+impl PerSource {
+    fn new(max: usize) -> Self {
+        PerSource {
+            open: Arc::default(),
+            max,
+        }
+    }
+
+    fn enter(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            of: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 
 async fn get_ca(State(e): State<Arc<Enroller>>) -> Response {
     (
@@ -368,6 +419,7 @@ impl EnrollListener {
     pub async fn run(self) {
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "enrollment listening");
         let connections = Arc::new(tokio::sync::Semaphore::new(MAX_ENROLL_CONNECTIONS));
+        let per_source = PerSource::new(MAX_ENROLL_CONNECTIONS_PER_SOURCE);
         loop {
             let (tcp, addr) = match self.listener.accept().await {
                 Ok(x) => x,
@@ -379,6 +431,11 @@ impl EnrollListener {
             };
             // A bounded number of enrollment connections at once: nobody
             // is authenticated here yet, so nobody gets to open thousands.
+            let Some(from_source) = per_source.enter(addr.ip()) else {
+                tracing::warn!(%addr, "too many enrollment connections from this address; refused");
+                drop(tcp);
+                continue;
+            };
             let Ok(permit) = connections.clone().try_acquire_owned() else {
                 tracing::warn!(%addr, "too many enrollment connections; refused");
                 drop(tcp);
@@ -387,7 +444,7 @@ impl EnrollListener {
             let tls = self.tls.clone();
             let router = self.router.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, from_source);
                 let stream =
                     match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
                         Ok(Ok(s)) => s,
@@ -546,6 +603,22 @@ mod tests {
             Err(EnrollError::BadRequest(_))
         ));
         assert!(store.issued_serials("web-1").await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_address_holds_only_a_few_enrollment_connections() {
+        let limit = PerSource::new(2);
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let first = limit.enter(a).unwrap();
+        let _second = limit.enter(a).unwrap();
+        assert!(limit.enter(a).is_none());
+        assert!(limit.enter(b).is_some(), "another address is not held back");
+        drop(first);
+        assert!(
+            limit.enter(a).is_some(),
+            "a closed connection frees its slot"
+        );
     }
 
     #[test]
