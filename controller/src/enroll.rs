@@ -301,8 +301,9 @@ pub(crate) fn enroll_error_response(e: EnrollError) -> Response {
 const MAX_ENROLL_CONNECTIONS: usize = 64;
 /// Of those, from one address: one client cannot hold them all idle and
 /// keep every host from enrolling (many addresses still can; the listener
-/// is for the fleet's network, not the internet).
-const MAX_ENROLL_CONNECTIONS_PER_SOURCE: usize = 4;
+/// is for the fleet's network, not the internet). A quarter, so hosts
+/// enrolling together from behind one NAT are not refused for it.
+const MAX_ENROLL_CONNECTIONS_PER_SOURCE: usize = 16;
 
 /// Connections open per source address, bounded.
 #[derive(Clone)]
