@@ -20,9 +20,9 @@ use std::time::Duration;
 use rollguard_shared::alert_matcher::Matcher;
 use rollguard_shared::manifest::Manifest;
 use rollguard_shared::protocol::{
-    AfterPreview, AgentReport, AlertResponse, BundleSummary, HostRun, KillOrder, KillResponse,
-    KillScope, KillState, Matchers, Order, Plan, RolloutId, RolloutRequest, RolloutState,
-    RolloutStatus, Sha256Hex, WavePhase, WaveSize, MAX_BAKE_SECS,
+    AfterPreview, AgentReport, AlertResponse, BundleSummary, HostRun, Matchers, Order, Plan,
+    RolloutId, RolloutRequest, RolloutState, RolloutStatus, Sha256Hex, WavePhase, WaveSize,
+    MAX_BAKE_SECS,
 };
 use rollguard_shared::report::RunStatus;
 use rollguard_shared::targets::{HostIdentity, HostPattern};
@@ -129,117 +129,6 @@ pub fn compute_waves(
         }
     }
     Ok(waves)
-}
-
-/// Counters over a rollout's results, as the halt rules see them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tally {
-    /// Runs that did not succeed, timeouts included.
-    pub failures: u32,
-    /// Refusals, denials (or unknown denials) and timeouts: each halts.
-    pub alarms: u32,
-}
-
-pub fn tally(dispatches: &[DispatchRecord]) -> Tally {
-    let mut t = Tally::default();
-    for d in dispatches {
-        // A timeout counts for good, even once a late report has come: an
-        // operator may have resumed past it (acknowledging the count).
-        let timed_out = d.outcome == Outcome::TimedOut || d.reported_late;
-        if timed_out {
-            t.failures += 1;
-            t.alarms += 1;
-        }
-        if let Outcome::Reported(r) = &d.outcome {
-            // One failed host is one failure, however it failed...
-            if r.status != RunStatus::Succeeded && !timed_out {
-                t.failures += 1;
-            }
-            // ...but a late report's alarm (a denial) is an alarm of its
-            // own: it must halt, not hide behind the timeout's count.
-            if r.is_alert() {
-                t.alarms += 1;
-            }
-        }
-    }
-    t
-}
-
-fn describe_alarm(d: &DispatchRecord) -> Option<String> {
-    match &d.outcome {
-        Outcome::Dispatched => None,
-        Outcome::TimedOut => Some(format!("{} sent no result in time", d.host)),
-        Outcome::Reported(r) if r.is_alert() => Some(if r.status == RunStatus::Refused {
-            format!(
-                "{} refused the bundle: {}",
-                d.host,
-                r.reason.as_deref().unwrap_or("no reason given")
-            )
-        } else if r.services_captured.iter().any(|c| c.is_denied()) {
-            let denied: Vec<String> = r
-                .services_captured
-                .iter()
-                .filter(|c| c.is_denied())
-                .map(|c| format!("{} {}", c.verb, c.unit))
-                .collect();
-            format!(
-                "{} asked for service actions its policy does not allow: {}",
-                d.host,
-                denied.join(", ")
-            )
-        } else if !r.limits_hit.is_empty() && r.denial_count.unwrap_or(0) == 0 {
-            format!(
-                "{} hit resource limits: {}",
-                d.host,
-                r.limits_hit.join(", ")
-            )
-        } else {
-            match &r.denials {
-                None => format!("{} could not observe denials (unknown is not zero)", d.host),
-                Some(list) => {
-                    let first = list
-                        .first()
-                        .map(|x| format!(" ({} {})", x.access, x.path.as_deref().unwrap_or("")))
-                        .unwrap_or_default();
-                    let n = r.denial_count.unwrap_or(0).max(list.len() as u64);
-                    format!("{} reported {n} denied access(es){first}", d.host)
-                }
-            }
-        }),
-        Outcome::Reported(r) if d.reported_late => Some(format!(
-            "{} sent no result in time (then reported {:?})",
-            d.host, r.status
-        )),
-        Outcome::Reported(_) => None,
-    }
-}
-
-/// Why a rollout must halt now, if it must. Never a preview: nothing it
-/// finds can harm a host, and its point is to hear from every host.
-pub fn halt_reason(r: &RolloutRecord, dispatches: &[DispatchRecord]) -> Option<String> {
-    if r.plan.preview {
-        return None;
-    }
-    let t = tally(dispatches);
-    if t.alarms > r.ack_alarms() {
-        let what: Vec<String> = dispatches.iter().filter_map(describe_alarm).collect();
-        let shown = what
-            .iter()
-            .rev()
-            .take(5)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Some(format!("alarm: {shown}"));
-    }
-    let new_failures = t.failures.saturating_sub(r.ack_failures);
-    if new_failures > r.plan.max_failures {
-        return Some(format!(
-            "{new_failures} failed host(s) exceed --max-failures {}",
-            r.plan.max_failures
-        ));
-    }
-    None
 }
 
 impl RolloutRecord {
@@ -811,37 +700,6 @@ impl Engine {
         }
     }
 
-    /// Called after a rollout was made running (started, resumed, retried)
-    /// and before its task is spawned. A kill that committed after this
-    /// call's own kill check came first read its list of running rollouts
-    /// before this one was running, and so did not halt it; read again
-    /// now (after the write), that kill is found, and the rollout halted
-    /// before it dispatches anything.
-    ///
-    /// A database error here is only logged: the rollout is running, and
-    /// its task must be spawned all the same; the task checks the kill
-    /// state again before each wave ([`Engine::step`]).
-    pub(crate) async fn halt_if_killed_meanwhile(&self, id: &RolloutId) -> Result<()> {
-        let k = match self.store.kill_state().await {
-            Ok(state) => match state.covering(id) {
-                Some(k) => k.clone(),
-                None => return Ok(()),
-            },
-            Err(e) => {
-                tracing::error!(rollout = %id, error = %e, "cannot read the kill state again; the rollout's task checks it before dispatching");
-                return Ok(());
-            }
-        };
-        if let Err(e) = self.halt_internal(id, &kill_halt_reason(&k)).await {
-            tracing::error!(rollout = %id, error = %e, "cannot halt a rollout a kill covers; its task halts it before dispatching");
-            return Ok(());
-        }
-        Err(EngineError::Conflict(format!(
-            "rollout {id} is halted: a kill order came in meanwhile ({}, by {})",
-            k.reason, k.by
-        )))
-    }
-
     async fn halt_internal(&self, id: &RolloutId, reason: &str) -> Result<bool> {
         let halted = self.store.halt(id, reason).await?;
         if halted {
@@ -1307,120 +1165,6 @@ impl Engine {
         Ok(outcome)
     }
 
-    // ---- kill switch ----------------------------------------------------------
-
-    pub async fn kill(&self, scope: KillScope, reason: &str, actor: &str) -> Result<KillResponse> {
-        if reason.trim().is_empty() {
-            return Err(EngineError::BadRequest("a kill needs a --reason".into()));
-        }
-        if let KillScope::Rollout(id) = &scope {
-            if self.store.rollout(id).await?.is_none() {
-                return Err(EngineError::NotFound(format!("no rollout {id}")));
-            }
-        }
-        let order = KillOrder {
-            reason: reason.to_string(),
-            by: actor.to_string(),
-            at: jiff::Timestamp::now().to_string(),
-        };
-        // Durable first: a controller restart keeps the kill in force.
-        self.store
-            .append_operator_log(
-                actor,
-                "kill",
-                &serde_json::json!({ "scope": scope, "reason": reason }),
-            )
-            .await?;
-        let state = self.store.add_kill(&scope, &order).await?;
-        self.notifier.send(Event::KillIssued {
-            scope: serde_json::to_value(&scope).unwrap_or_default(),
-            reason: reason.to_string(),
-            by: actor.to_string(),
-        });
-        // Halt first (conditional updates only), so no further wave is
-        // dispatched and the halt reason is the kill, not the `killed`
-        // reports that follow; then push to the agents, every replica's at
-        // once; then the halts' bookkeeping, while the agents act.
-        // The kill is in force once stored: nothing after this may keep it
-        // from the agents. A halt the database fails is reported in the
-        // answer, not returned as an error before the push (the agents
-        // refuse and kill the rollout's runs anyway, and their `killed`
-        // reports halt it).
-        let halt_reason = kill_halt_reason(&order);
-        let mut halted = Vec::new();
-        let mut halt_errors = Vec::new();
-        match self.store.rollouts_in_state(RolloutState::Running).await {
-            Err(e) => halt_errors.push(format!("listing the running rollouts: {e}")),
-            Ok(running) => {
-                for r in running {
-                    let covered = match &scope {
-                        KillScope::All => true,
-                        KillScope::Rollout(id) => *id == r.id,
-                    };
-                    if !covered {
-                        continue;
-                    }
-                    match self.store.halt(&r.id, &halt_reason).await {
-                        Ok(true) => halted.push(r.id.clone()),
-                        Ok(false) => {}
-                        Err(e) => halt_errors.push(format!("halting rollout {}: {e}", r.id)),
-                    }
-                }
-            }
-        }
-        let push = self.push_kill_state(&state).await;
-        tracing::warn!(?scope, %reason, by = %actor, agents = push.sent.len(), "kill order sent");
-        for id in &halted {
-            if let Err(e) = self.after_halt(id, &halt_reason).await {
-                halt_errors.push(format!("recording the halt of rollout {id}: {e}"));
-            }
-        }
-        for e in &halt_errors {
-            tracing::error!(error = %e, "the kill is in force and sent, but a halt failed");
-        }
-        let acks = push.acknowledged(self).await;
-        self.metrics.kill_orders.inc();
-        tracing::warn!(?scope, %reason, by = %actor, agents = acks.sent, pending = acks.pending_count, replicas_silent = acks.replicas_silent, "kill order acknowledged");
-        let mut response = acks.response(state, halted);
-        response.halt_errors = halt_errors;
-        Ok(response)
-    }
-
-    pub async fn lift(&self, scope: Option<KillScope>, actor: &str) -> Result<KillResponse> {
-        self.store
-            .append_operator_log(actor, "kill.lift", &serde_json::json!({ "scope": scope }))
-            .await?;
-        let state = self.store.lift_kill(scope.as_ref()).await?;
-        self.notifier.send(Event::KillLifted {
-            scope: serde_json::to_value(&scope).unwrap_or_default(),
-            by: actor.to_string(),
-        });
-        let acks = self.push_kill_state(&state).await.acknowledged(self).await;
-        tracing::warn!(?scope, by = %actor, "kill order lifted");
-        Ok(acks.response(state, vec![]))
-    }
-
-    /// Push a new kill state to every agent: this replica's directly, the
-    /// other replicas' through them. [`KillPush::acknowledged`] then waits
-    /// (bounded) for the acknowledgements.
-    async fn push_kill_state(&self, state: &KillState) -> KillPush {
-        // Listening for the other replicas' answers before they can come.
-        let answers = self.peer_acks.subscribe();
-        let peers = self.cluster.live_peers().await;
-        self.cluster
-            .publish(ClusterEvent::Kill {
-                generation: state.generation,
-            })
-            .await;
-        let sent = self.hub.broadcast(encode(&Order::KillState(state.clone())));
-        KillPush {
-            generation: state.generation,
-            sent,
-            peers,
-            answers,
-        }
-    }
-
     // ---- alerts -----------------------------------------------------------------
 
     pub async fn alert(&self, payload: &AlertmanagerPayload, actor: &str) -> Result<AlertResponse> {
@@ -1536,88 +1280,6 @@ impl Engine {
     }
 }
 
-/// Another replica's answer to a kill this one took.
-#[derive(Debug, Clone)]
-pub struct PeerAcks {
-    from: u64,
-    generation: u64,
-    sent: u32,
-    pending: Vec<String>,
-    pending_count: u32,
-}
-
-/// A kill state on its way to the agents (see [`Engine::push_kill_state`]).
-struct KillPush {
-    generation: u64,
-    /// This replica's agents it was sent to.
-    sent: Vec<String>,
-    /// The other live replicas, whose answers are awaited.
-    peers: Vec<u64>,
-    answers: tokio::sync::broadcast::Receiver<PeerAcks>,
-}
-
-/// How the whole fleet took a kill state, as far as it answered in time.
-struct KillAcks {
-    sent: usize,
-    pending: Vec<String>,
-    pending_count: usize,
-    replicas_silent: usize,
-}
-
-impl KillPush {
-    /// Wait for this replica's agents and, a little longer, for the other
-    /// replicas' answers (each waits for its own agents as long).
-    async fn acknowledged(mut self, engine: &Engine) -> KillAcks {
-        let deadline =
-            tokio::time::Instant::now() + engine.kill_ack_timeout + Duration::from_millis(500);
-        let pending = engine
-            .hub
-            .wait_acks(&self.sent, self.generation, engine.kill_ack_timeout)
-            .await;
-        let mut acks = KillAcks {
-            sent: self.sent.len(),
-            pending_count: pending.len(),
-            pending,
-            replicas_silent: 0,
-        };
-        let mut waiting: HashSet<u64> = self.peers.iter().copied().collect();
-        while !waiting.is_empty() {
-            match tokio::time::timeout_at(deadline, self.answers.recv()).await {
-                Ok(Ok(a)) if a.generation == self.generation && waiting.remove(&a.from) => {
-                    acks.sent += a.sent as usize;
-                    acks.pending_count += a.pending_count as usize;
-                    acks.pending.extend(a.pending);
-                }
-                Ok(Ok(_)) => {}
-                // Lagged: answers were dropped; keep waiting for the rest.
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
-        acks.replicas_silent = waiting.len();
-        acks
-    }
-}
-
-impl KillAcks {
-    fn response(self, state: KillState, halted_rollouts: Vec<RolloutId>) -> KillResponse {
-        KillResponse {
-            state,
-            halted_rollouts,
-            agents_sent: self.sent as u32,
-            agents_acked: self.sent.saturating_sub(self.pending_count) as u32,
-            agents_pending: self.pending,
-            replicas_silent: self.replicas_silent as u32,
-            halt_errors: Vec::new(),
-        }
-    }
-}
-
-/// Why a kill halted a rollout, as its halt reason says.
-fn kill_halt_reason(k: &KillOrder) -> String {
-    format!("kill switch by {}: {}", k.by, k.reason)
-}
-
 /// A new rollout's id: its start time and the bundle's digest.
 fn new_rollout_id(now: Millis, sha: &Sha256Hex) -> Result<RolloutId> {
     let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
@@ -1696,8 +1358,15 @@ pub fn status_of(r: RolloutRecord, dispatches: Vec<DispatchRecord>) -> RolloutSt
     }
 }
 
+mod halt_rules;
 mod inventory;
+mod kill;
 mod retry;
+
+use halt_rules::describe_alarm;
+pub use halt_rules::{halt_reason, tally, Tally};
+use kill::kill_halt_reason;
+pub use kill::PeerAcks;
 pub use retry::{retry_selection, retry_waves};
 
 #[cfg(test)]

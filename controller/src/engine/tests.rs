@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use rollguard_shared::manifest::{PayloadFile, PayloadPath, SourceManifest};
-use rollguard_shared::protocol::{KillScope, Order, RolloutStatus};
+use rollguard_shared::protocol::{KillOrder, KillScope, Order, RolloutStatus};
 use rollguard_shared::report::{Denial, RunReport, RunStatus};
 
 use super::*;
