@@ -167,6 +167,37 @@ fn host_state<'a>(s: &'a RolloutStatus, host: &str) -> &'a str {
     &s.hosts.iter().find(|h| h.host == host).unwrap().state
 }
 
+/// A rollout of `waves` (no failure allowed), started and its first wave
+/// dispatched to web-1.
+async fn start_first_wave(f: &EngineFleet, waves: &str) -> RolloutId {
+    let id = f
+        .engine
+        .start(&request(&f.sha, waves, 0), "admin")
+        .await
+        .unwrap()
+        .id;
+    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    id
+}
+
+/// A kill order as an on-call operator would give it.
+fn oncall_kill() -> KillOrder {
+    KillOrder {
+        reason: "incident".into(),
+        by: "oncall".into(),
+        at: "2026-12-08T00:00:00Z".into(),
+    }
+}
+
+/// A connection of the test's own to the engine's SQLite file, to make the
+/// database fail for real (a trigger, a renamed table).
+async fn database_file(f: &EngineFleet) -> sqlx::sqlite::SqliteConnection {
+    use sqlx::Connection;
+    sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", f.path.display()))
+        .await
+        .unwrap()
+}
+
 async fn succeed(f: &EngineFleet, id: &RolloutId, host: &str) {
     let r = AgentReport {
         rollout_id: id.clone(),
@@ -446,13 +477,7 @@ fn a_late_report_never_takes_back_the_timeout_it_followed() {
 #[tokio::test]
 async fn restart_resumes_from_the_database_without_rerunning() {
     let mut f = fleet(&["web-1", "web-2", "web-3"], "1m", Duration::from_secs(60)).await;
-    let id = f
-        .engine
-        .start(&request(&f.sha, "1,100%", 0), "admin")
-        .await
-        .unwrap()
-        .id;
-    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    let id = start_first_wave(&f, "1,100%").await;
     assert_eq!(runs(&next_orders(&mut f, "web-1").await), 1);
     // "Crash": a second engine on the same database takes over (the first
     // one's task keeps running in this test, which is harmless: every step
@@ -482,20 +507,11 @@ async fn restart_resumes_from_the_database_without_rerunning() {
 /// real one: the table is renamed away on the SQLite file meanwhile.
 #[tokio::test]
 async fn a_leader_whose_first_read_fails_drives_the_rollouts_once_it_can() {
-    use sqlx::Connection;
     let mut f = fleet(&["web-1", "web-2", "web-3"], "1m", Duration::from_secs(60)).await;
-    let id = f
-        .engine
-        .start(&request(&f.sha, "1,100%", 0), "admin")
-        .await
-        .unwrap()
-        .id;
-    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    let id = start_first_wave(&f, "1,100%").await;
     assert_eq!(runs(&next_orders(&mut f, "web-1").await), 1);
     f.engine.stepped_down();
-    let mut db = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", f.path.display()))
-        .await
-        .unwrap();
+    let mut db = database_file(&f).await;
     let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
     sqlx::query(&rename("rollouts", "rollouts_away"))
         .execute(&mut db)
@@ -641,19 +657,9 @@ async fn a_bake_beyond_thirty_days_is_refused() {
 #[tokio::test]
 async fn a_rollout_made_running_under_a_kill_is_halted_before_it_dispatches() {
     let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
-    let id = f
-        .engine
-        .start(&request(&f.sha, "1,100%", 0), "admin")
-        .await
-        .unwrap()
-        .id;
-    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    let id = start_first_wave(&f, "1,100%").await;
     drain(&mut f, "web-1");
-    let order = KillOrder {
-        reason: "incident".into(),
-        by: "oncall".into(),
-        at: "2026-12-08T00:00:00Z".into(),
-    };
+    let order = oncall_kill();
     f.engine
         .store
         .add_kill(&KillScope::All, &order)
@@ -673,19 +679,9 @@ async fn a_rollout_made_running_under_a_kill_is_halted_before_it_dispatches() {
 #[tokio::test]
 async fn no_wave_is_dispatched_under_a_kill() {
     let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
-    let id = f
-        .engine
-        .start(&request(&f.sha, "1,100%", 0), "admin")
-        .await
-        .unwrap()
-        .id;
-    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    let id = start_first_wave(&f, "1,100%").await;
     drain(&mut f, "web-1");
-    let order = KillOrder {
-        reason: "incident".into(),
-        by: "oncall".into(),
-        at: "2026-12-08T00:00:00Z".into(),
-    };
+    let order = oncall_kill();
     f.engine
         .store
         .add_kill(&KillScope::Rollout(id.clone()), &order)
@@ -729,19 +725,10 @@ async fn removing_a_name_that_never_connected_revokes_what_it_was_issued() {
 /// SQLite file). The answer says so; the agents get the kill all the same.
 #[tokio::test]
 async fn a_kill_reaches_the_agents_even_when_its_halts_fail() {
-    use sqlx::Connection;
     let mut f = fleet(&["web-1"], "1m", Duration::from_secs(60)).await;
-    let id = f
-        .engine
-        .start(&request(&f.sha, "100%", 0), "admin")
-        .await
-        .unwrap()
-        .id;
-    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    let id = start_first_wave(&f, "100%").await;
     drain(&mut f, "web-1");
-    let mut db = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", f.path.display()))
-        .await
-        .unwrap();
+    let mut db = database_file(&f).await;
     sqlx::query(
         "CREATE TRIGGER no_halt BEFORE UPDATE ON rollouts WHEN NEW.state = 'halted'
          BEGIN SELECT RAISE(ABORT, 'the disk is failing'); END",
@@ -766,13 +753,7 @@ async fn a_kill_reaches_the_agents_even_when_its_halts_fail() {
 #[tokio::test]
 async fn kill_halts_rollouts_pushes_state_and_blocks_resume_until_lifted() {
     let mut f = fleet(&["web-1", "web-2"], "1m", Duration::from_secs(60)).await;
-    let id = f
-        .engine
-        .start(&request(&f.sha, "1,100%", 0), "admin")
-        .await
-        .unwrap()
-        .id;
-    wait_status(&f.engine, &id, |s| host_state(s, "web-1") == "dispatched").await;
+    let id = start_first_wave(&f, "1,100%").await;
     drain(&mut f, "web-1");
     let engine = f.engine.clone();
     let acker = tokio::spawn({
