@@ -77,6 +77,29 @@ async fn fake_fetch(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A real run order for `rollout`, whose bundle downloads at once.
+async fn run_ordered(d: &Arc<Daemon>, rollout: &str) {
+    d.clone()
+        .run_order(
+            id(rollout),
+            Sha256Hex::of(b"bundle"),
+            crate::daemon::RunKind::Real,
+            fake_fetch,
+        )
+        .await;
+}
+
+/// The record of a run that has started (and not finished).
+fn started(rollout: &str) -> HostRolloutRecord {
+    HostRolloutRecord {
+        rollout_id: id(rollout),
+        bundle_sha256: Some(Sha256Hex::of(b"bundle")),
+        phase: Phase::Started,
+        report: None,
+        acked: false,
+    }
+}
+
 fn report_of(d: &Daemon, rollout: &str) -> Option<RunReport> {
     d.records.get(&id(rollout)).unwrap().and_then(|r| r.report)
 }
@@ -86,24 +109,9 @@ async fn each_rollout_runs_at_most_once() {
     let dir = tempfile::tempdir().unwrap();
     let exec = Arc::new(FakeExecutor::default());
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
-    let sha = Sha256Hex::of(b"bundle");
-    d.clone()
-        .run_order(
-            id("r-1"),
-            sha.clone(),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-1").await;
     assert_eq!(report_of(&d, "r-1").unwrap().status, RunStatus::Succeeded);
-    d.clone()
-        .run_order(
-            id("r-1"),
-            sha.clone(),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-1").await;
     assert_eq!(
         exec.runs.load(Ordering::SeqCst),
         1,
@@ -127,13 +135,7 @@ fn a_second_daemon_on_the_same_state_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let exec = Arc::new(FakeExecutor::default());
     let first = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
-    let running = HostRolloutRecord {
-        rollout_id: id("r-live"),
-        bundle_sha256: Some(Sha256Hex::of(b"bundle")),
-        phase: Phase::Started,
-        report: None,
-        acked: false,
-    };
+    let running = started("r-live");
     first.records.put(&running).unwrap();
     let second = Daemon::open(identity(), dir.path(), exec.clone());
     let err = format!("{:#}", second.err().expect("refused"));
@@ -169,23 +171,9 @@ async fn an_unreadable_rollout_record_is_reported_interrupted_not_run() {
         assert!(lock(&d.unacked).contains(&id(rollout)), "and is sent");
     };
     check(&d, "r-3");
-    d.clone()
-        .run_order(
-            id("r-3"),
-            Sha256Hex::of(b"bundle"),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-3").await;
     std::fs::write(rollouts.join("r-4.json"), b"\xff\xfe").unwrap();
-    d.clone()
-        .run_order(
-            id("r-4"),
-            Sha256Hex::of(b"bundle"),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-4").await;
     check(&d, "r-4");
     assert_eq!(exec.runs.load(Ordering::SeqCst), 0, "neither ran");
 }
@@ -196,26 +184,11 @@ async fn a_run_in_progress_at_restart_is_reported_interrupted_not_rerun() {
     let exec = Arc::new(FakeExecutor::default());
     {
         let records = Records::open(dir.path()).unwrap();
-        records
-            .put(&HostRolloutRecord {
-                rollout_id: id("r-7"),
-                bundle_sha256: Some(Sha256Hex::of(b"bundle")),
-                phase: Phase::Started,
-                report: None,
-                acked: false,
-            })
-            .unwrap();
+        records.put(&started("r-7")).unwrap();
     }
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
     assert_eq!(report_of(&d, "r-7").unwrap().status, RunStatus::Interrupted);
-    d.clone()
-        .run_order(
-            id("r-7"),
-            Sha256Hex::of(b"bundle"),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-7").await;
     assert_eq!(exec.runs.load(Ordering::SeqCst), 0);
     assert!(
         report_of(&d, "r-7").unwrap().is_alert(),
@@ -264,14 +237,7 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
         "a fleet-wide kill arms the runner's own kill switch"
     );
 
-    d.clone()
-        .run_order(
-            id("r-2"),
-            sha.clone(),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-2").await;
     let refused = report_of(&d, "r-2").unwrap();
     assert_eq!(
         (refused.status, refused.refusal),
@@ -282,14 +248,7 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
     // Restarted during the kill: still refuses.
     drop(d);
     let d = Daemon::open(identity(), dir.path(), exec.clone()).unwrap();
-    d.clone()
-        .run_order(
-            id("r-3"),
-            sha.clone(),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-3").await;
     assert_eq!(report_of(&d, "r-3").unwrap().status, RunStatus::Refused);
 
     // Lifted by the controller: runs again, and the runner's switch is off.
@@ -308,9 +267,7 @@ async fn kill_state_kills_running_bundles_refuses_new_ones_and_survives_restart(
             .unwrap()
             .is_none()
     );
-    d.clone()
-        .run_order(id("r-4"), sha, crate::daemon::RunKind::Real, fake_fetch)
-        .await;
+    run_ordered(&d, "r-4").await;
     assert_eq!(report_of(&d, "r-4").unwrap().status, RunStatus::Succeeded);
 }
 
@@ -345,19 +302,10 @@ async fn local_kill_is_independent_of_the_fleet_state() {
             rollouts: vec![],
         })
         .unwrap();
-    d.clone()
-        .run_order(
-            id("r-5"),
-            sha.clone(),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-5").await;
     assert_eq!(report_of(&d, "r-5").unwrap().status, RunStatus::Refused);
     assert!(d.handle(LocalRequest::Lift).ok);
-    d.clone()
-        .run_order(id("r-6"), sha, crate::daemon::RunKind::Real, fake_fetch)
-        .await;
+    run_ordered(&d, "r-6").await;
     assert_eq!(report_of(&d, "r-6").unwrap().status, RunStatus::Succeeded);
 }
 
@@ -386,18 +334,8 @@ async fn rollout_scoped_kill_spares_other_rollouts() {
             .is_none(),
         "a rollout kill is not host-wide"
     );
-    let sha = Sha256Hex::of(b"bundle");
-    d.clone()
-        .run_order(
-            id("r-bad"),
-            sha.clone(),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
-    d.clone()
-        .run_order(id("r-good"), sha, crate::daemon::RunKind::Real, fake_fetch)
-        .await;
+    run_ordered(&d, "r-bad").await;
+    run_ordered(&d, "r-good").await;
     assert_eq!(report_of(&d, "r-bad").unwrap().status, RunStatus::Refused);
     assert_eq!(
         report_of(&d, "r-good").unwrap().status,
@@ -436,14 +374,7 @@ async fn a_wrong_bundle_from_the_controller_is_refused_not_run() {
         )
         .await;
     assert!(d.records.get(&id("r-9")).unwrap().is_none());
-    d.clone()
-        .run_order(
-            id("r-9"),
-            Sha256Hex::of(b"bundle"),
-            crate::daemon::RunKind::Real,
-            fake_fetch,
-        )
-        .await;
+    run_ordered(&d, "r-9").await;
     assert_eq!(report_of(&d, "r-9").unwrap().status, RunStatus::Succeeded);
 }
 
