@@ -490,24 +490,43 @@ impl EnrollListener {
 mod tests {
     use super::*;
 
-    /// The enrollment listener serves its two endpoints and nothing else
-    /// (no client certificate is asked for on it).
-    #[tokio::test]
-    async fn the_enrollment_listener_serves_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = crate::pki::CaDir::new(dir.path());
+    /// A CA directory, a SQLite store and an `[enrollment]` section, in `dir`.
+    async fn enrollment_in(
+        dir: &std::path::Path,
+    ) -> (crate::pki::CaDir, Arc<dyn Store>, Enrollment) {
+        let ca = crate::pki::CaDir::new(dir);
         crate::pki::init(&ca, &crate::pki::InitOptions::default()).unwrap();
         let store: Arc<dyn Store> = Arc::new(
-            crate::store::sqlite::SqliteStore::open(&dir.path().join("c.db"))
+            crate::store::sqlite::SqliteStore::open(&dir.join("c.db"))
                 .await
                 .unwrap(),
         );
         let config = Enrollment {
             listen: "127.0.0.1:0".parse().unwrap(),
-            agents_ca_key: dir.path().join("ca/agents-ca.key"),
-            ca: dir.path().join("ca.crt"),
+            agents_ca_key: dir.join("ca/agents-ca.key"),
+            ca: dir.join("ca.crt"),
             cert_lifetime: Duration::from_secs(3600),
         };
+        (ca, store, config)
+    }
+
+    /// A signing request for a fresh key.
+    fn new_csr() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
+    /// The enrollment listener serves its two endpoints and nothing else
+    /// (no client certificate is asked for on it).
+    #[tokio::test]
+    async fn the_enrollment_listener_serves_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, store, config) = enrollment_in(dir.path()).await;
         // The operators CA's key is not the agents CA's.
         let wrong = Enrollment {
             agents_ca_key: dir.path().join("ca/operators-ca.key"),
@@ -540,13 +559,7 @@ mod tests {
             assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} {path}");
         }
         // Unknown fields, garbage and oversized bodies are refused.
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
+        let csr = new_csr();
         let (token, _) = create_token(store.as_ref(), "web-1", Duration::from_secs(60))
             .await
             .unwrap();
@@ -577,27 +590,9 @@ mod tests {
     #[tokio::test]
     async fn one_key_is_never_certified_for_two_names() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::pki::CaDir::new(dir.path());
-        crate::pki::init(&ca, &crate::pki::InitOptions::default()).unwrap();
-        let store: Arc<dyn Store> = Arc::new(
-            crate::store::sqlite::SqliteStore::open(&dir.path().join("c.db"))
-                .await
-                .unwrap(),
-        );
-        let config = Enrollment {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            agents_ca_key: dir.path().join("ca/agents-ca.key"),
-            ca: dir.path().join("ca.crt"),
-            cert_lifetime: Duration::from_secs(3600),
-        };
+        let (ca, store, config) = enrollment_in(dir.path()).await;
         let enroller = Enroller::load(&config, &ca.agents_ca_cert(), store.clone()).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
+        let csr = new_csr();
         enroller.renew("web-2", "00", &csr).await.unwrap();
         assert!(matches!(
             enroller.renew("web-1", "01", &csr).await,
