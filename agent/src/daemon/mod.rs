@@ -178,11 +178,7 @@ impl Daemon {
         let mut unacked = BTreeSet::new();
         let all = records.all()?;
         for (id, why) in all.corrupt {
-            // If even that fails, the record stays corrupt: the rollout is
-            // never run (an order finds it unreadable and tries again).
-            if let Err(e) = replace_unreadable(&records, &identity.name, &id, &why) {
-                tracing::error!(rollout = %id, error = %e, "cannot replace the unreadable rollout record; not running it");
-            }
+            replace_unreadable(&records, &identity.name, &id, &why);
             unacked.insert(id);
         }
         for mut rec in all.readable {
@@ -287,15 +283,11 @@ impl Daemon {
                 self.finish(&id, &sha, interrupted_report(&self.identity.name));
             }
             if let Some(why) = unreadable {
-                match replace_unreadable(&self.records, &self.identity.name, &id, &why) {
-                    Ok(()) => {
-                        lock(&self.unacked).insert(id.clone());
-                        self.outbox.notify_one();
-                    }
-                    Err(e) => {
-                        tracing::error!(rollout = %id, error = %e, "cannot replace the unreadable rollout record; not running it")
-                    }
-                }
+                replace_unreadable(&self.records, &self.identity.name, &id, &why);
+                // Sent if it was replaced (a record still corrupt has no
+                // report to send).
+                lock(&self.unacked).insert(id.clone());
+                self.outbox.notify_one();
             }
             return;
         };
@@ -459,12 +451,10 @@ impl Daemon {
 /// whose report says so, `interrupted` (an alarm: it halts the rollout).
 /// At every moment `<id>.json` exists, corrupt or replaced, so the rollout
 /// is never run; before, the daemon refused to start at all.
-fn replace_unreadable(
-    records: &Records,
-    host: &str,
-    id: &RolloutId,
-    why: &str,
-) -> Result<(), RecordError> {
+///
+/// If even that fails (logged here), the record stays corrupt: the rollout
+/// is still never run, and an order finds it unreadable and tries again.
+fn replace_unreadable(records: &Records, host: &str, id: &RolloutId, why: &str) {
     let kept = records.keep_aside(id);
     tracing::error!(rollout = %id, kept = %kept.display(), %why, "the rollout's record is unreadable; reporting the rollout interrupted, never running it");
     let mut report = interrupted_report(host);
@@ -472,13 +462,16 @@ fn replace_unreadable(
         "the agent's record of this rollout could not be read ({why}; kept as {}): whether it ran is unknown, and it is not run again",
         kept.display()
     ));
-    records.put(&HostRolloutRecord {
+    let replaced = records.put(&HostRolloutRecord {
         rollout_id: id.clone(),
         bundle_sha256: None,
         phase: Phase::Finished,
         report: Some(report),
         acked: false,
-    })
+    });
+    if let Err(e) = replaced {
+        tracing::error!(rollout = %id, error = %e, "cannot replace the unreadable rollout record; not running it");
+    }
 }
 
 fn base_report(host: &str, status: RunStatus) -> RunReport {
