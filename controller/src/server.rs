@@ -333,8 +333,7 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
         greeting: std::vec::IntoIter<Bytes>,
         ticker: tokio::time::Interval,
         app: Arc<App>,
-        serial: String,
-        not_after: i64,
+        me: Peer,
         revocations: tokio::sync::watch::Receiver<u64>,
     }
     let mut ticker = tokio::time::interval(Duration::from_secs(PING_INTERVAL_SECS));
@@ -344,8 +343,7 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
         greeting: greeting.into_iter(),
         ticker,
         app: app.clone(),
-        serial: me.serial,
-        not_after: me.not_after,
+        me,
         revocations: app.revocations.subscribe(),
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
@@ -355,18 +353,18 @@ async fn agent_connect(State(app): S, Extension(peer): P, body: Bytes) -> ApiRes
         tokio::select! {
             line = st.registration.rx.recv() => line.map(|l| (Ok(l), st)),
             _ = st.revocations.changed() => {
-                if st.app.revocations.is_revoked(&st.serial) {
+                if st.app.revocations.is_revoked(&st.me.serial) {
                     tracing::warn!("closing the order stream of a revoked certificate");
                     return None;
                 }
                 Some((Ok(encode(&Order::Ping)), st))
             }
             _ = st.ticker.tick() => {
-                if st.app.revocations.is_revoked(&st.serial) {
+                if st.app.revocations.is_revoked(&st.me.serial) {
                     tracing::warn!("closing the order stream of a revoked certificate");
                     return None;
                 }
-                if st.not_after <= crate::store::now_ms() {
+                if unexpired(&st.me, crate::store::now_ms()).is_err() {
                     tracing::warn!("closing the order stream of an expired certificate");
                     return None;
                 }
