@@ -571,8 +571,7 @@ impl Engine {
             WavePhase::Dispatching => {
                 // Every wave, whoever made the rollout running: a kill may
                 // have missed it (see `halt_if_killed_meanwhile`).
-                if let Some(k) = self.store.kill_state().await?.covering(id) {
-                    self.halt_internal(id, &kill_halt_reason(k)).await?;
+                if self.halt_if_killed(id).await?.is_some() {
                     return Ok(EngineStep::Done);
                 }
                 let gate = if r.plan.preview {
@@ -1365,7 +1364,6 @@ mod retry;
 
 use halt_rules::describe_alarm;
 pub use halt_rules::{halt_reason, tally, Tally};
-use kill::kill_halt_reason;
 pub use kill::PeerAcks;
 pub use retry::{retry_selection, retry_waves};
 

@@ -27,24 +27,26 @@ impl Engine {
     /// its task must be spawned all the same; the task checks the kill
     /// state again before each wave ([`Engine::step`]).
     pub(crate) async fn halt_if_killed_meanwhile(&self, id: &RolloutId) -> Result<()> {
-        let k = match self.store.kill_state().await {
-            Ok(state) => match state.covering(id) {
-                Some(k) => k.clone(),
-                None => return Ok(()),
-            },
+        match self.halt_if_killed(id).await {
+            Ok(None) => Ok(()),
+            Ok(Some(k)) => Err(EngineError::Conflict(format!(
+                "rollout {id} is halted: a kill order came in meanwhile ({}, by {})",
+                k.reason, k.by
+            ))),
             Err(e) => {
-                tracing::error!(rollout = %id, error = %e, "cannot read the kill state again; the rollout's task checks it before dispatching");
-                return Ok(());
+                tracing::error!(rollout = %id, error = %e, "cannot check the kill state again; the rollout's task checks it before dispatching");
+                Ok(())
             }
-        };
-        if let Err(e) = self.halt_internal(id, &kill_halt_reason(&k)).await {
-            tracing::error!(rollout = %id, error = %e, "cannot halt a rollout a kill covers; its task halts it before dispatching");
-            return Ok(());
         }
-        Err(EngineError::Conflict(format!(
-            "rollout {id} is halted: a kill order came in meanwhile ({}, by {})",
-            k.reason, k.by
-        )))
+    }
+
+    /// Halt `id` if a kill order covers it; the order, if one does.
+    pub(super) async fn halt_if_killed(&self, id: &RolloutId) -> Result<Option<KillOrder>> {
+        let Some(k) = self.store.kill_state().await?.covering(id).cloned() else {
+            return Ok(None);
+        };
+        self.halt_internal(id, &kill_halt_reason(&k)).await?;
+        Ok(Some(k))
     }
 
     pub async fn kill(&self, scope: KillScope, reason: &str, actor: &str) -> Result<KillResponse> {
@@ -238,6 +240,6 @@ impl KillAcks {
 }
 
 /// Why a kill halted a rollout, as its halt reason says.
-pub(super) fn kill_halt_reason(k: &KillOrder) -> String {
+fn kill_halt_reason(k: &KillOrder) -> String {
     format!("kill switch by {}: {}", k.by, k.reason)
 }
